@@ -1,0 +1,8 @@
+"""``python compile.py ARGS`` is ``item-embeddings compile ARGS``."""
+
+import sys
+
+from item_embeddings.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["compile", *sys.argv[1:]]))

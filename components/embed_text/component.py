@@ -1,0 +1,68 @@
+"""The text-embedding component."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+
+def embed_text(
+    items_uri: str,
+    text_embeddings: Output[Dataset],
+    metrics: Output[Metrics],
+    id_column: str = "asin",
+    title_column: str = "title",
+    description_column: str = "description",
+    text_model: str = "sentence-transformers/all-MiniLM-L6-v2",
+    text_batch_size: int = 128,
+    experiment: str = "recsys-dev",
+    tracking_backend: str = "auto",
+    tracking_dir: str = "",
+    project: str = "",
+    location: str = "",
+    run_id: str = "",
+):
+    """Embeds each item's title and description with a sentence-transformers model.
+
+    Writes a directory with `txt.npy` ([N, 384] float32, L2-normalised, input row order),
+    `txt_items.parquet` (ids in the same order) and `txt_meta.json`, and logs an experiment
+    run `embed-text-<run id>`.
+
+    Args:
+        items_uri: Parquet file or folder of parquet files (local path or gs:// URI).
+        text_embeddings: Output directory with txt.npy, txt_items.parquet and txt_meta.json.
+        metrics: Count, throughput and encode time.
+        id_column: Column with the unique item id.
+        title_column: Column with the item title.
+        description_column: Column with the description (string or list of strings).
+        text_model: sentence-transformers model: hub id, local directory or gs:// directory.
+        text_batch_size: Texts per encoder batch.
+        experiment: Vertex AI Experiments experiment name.
+        tracking_backend: 'vertex', 'local', 'none' or 'auto'.
+        tracking_dir: Root of the local experiment store (local runs).
+        project: Google Cloud project (the pipeline passes the runtime placeholder).
+        location: Google Cloud region (the pipeline passes the runtime placeholder).
+        run_id: Pipeline run id, used in the experiment run name.
+    """
+    from item_embeddings.items import ItemColumns
+    from item_embeddings.progress import setup_logging
+    from item_embeddings.text import embed_items_text
+    from item_embeddings.tracking import make_tracker
+
+    setup_logging()
+    meta = embed_items_text(
+        items_uri,
+        text_embeddings.path,
+        columns=ItemColumns(id=id_column, title=title_column, description=description_column),
+        text_model=text_model,
+        batch_size=text_batch_size,
+        run_id=run_id,
+        tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
+                             location=location, tracking_dir=tracking_dir),
+    )
+    text_embeddings.metadata.update({k: meta[k] for k in ("count", "embed_dim", "encoder_name")})
+    for key in ("count", "throughput_items_per_sec", "encode_time_sec"):
+        metrics.log_metric(f"text_{key}", meta[key])
+
+
+def make_component(base_image: str):
+    """The component, to run in ``base_image`` (the project's image: no pip install at start)."""
+    return dsl.component(embed_text, base_image=base_image, install_kfp_package=False)

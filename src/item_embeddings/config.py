@@ -1,0 +1,162 @@
+"""Every pipeline knob, its type, default and meaning — in one place.
+
+The pipeline's parameters, the ``--set name=value`` names of the CLI and the keys of a YAML config
+file are the fields of :class:`PipelineParams`. A rerun from the Vertex AI UI can change any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _param(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Run-time parameters of the pipeline (all have defaults; only ``items_uri`` must be given)."""
+
+    # Items input
+    items_uri: str = _param("", "Parquet file or folder of parquet files (local path or gs:// URI).")
+    id_column: str = _param("asin", "Column with the unique item id.")
+    title_column: str = _param("title", "Column with the item title.")
+    description_column: str = _param(
+        "description", "Column with the description (a string or a list of strings).")
+    image_url_column: str = _param("image_url", "Column with the image URL (http/https).")
+    # Text step
+    text_model: str = _param(
+        DEFAULT_TEXT_MODEL,
+        "sentence-transformers model: hub id, local directory or gs:// directory.")
+    text_batch_size: int = _param(128, "Texts per encoder batch.")
+    text_backend: str = _param("torch", "Text encoder backend (torch = plain sentence-transformers).")
+    # Image step
+    image_model: str = _param("ViT-B-32", "open_clip model name.")
+    image_pretrained: str = _param(
+        "openai", "open_clip pretrained tag, local checkpoint file, gs:// checkpoint, or 'none'.")
+    image_batch_size: int = _param(32, "Images per encoder batch.")
+    max_items: int = _param(150000, "Cap on items whose image is downloaded and encoded (0 = no cap).")
+    download_concurrency: int = _param(64, "Image downloads in flight at once.")
+    download_timeout_s: float = _param(5.0, "Total time allowed per image download attempt (s).")
+    download_retries: int = _param(2, "Retries after a timeout, 5xx or 429 (with backoff).")
+    max_image_bytes: int = _param(10_000_000, "Largest image body accepted (bytes).")
+    allow_private_hosts: bool = _param(
+        False, "Allow image hosts on private/loopback addresses (tests, private CDNs).")
+    shard_size: int = _param(10000, "Items per durable image shard (resume unit after preemption).")
+    checkpoint_uri: str = _param(
+        "", "Where finished image shards are kept (local or gs://); empty = inside the step output.")
+    # Fusion step
+    fusion_hidden_dim: int = _param(256, "Hidden width of the fusion MLP.")
+    fusion_output_dim: int = _param(128, "Dimension of the fused embedding.")
+    fusion_epochs: int = _param(5, "Training epochs of the fusion MLP.")
+    fusion_lr: float = _param(1e-3, "Learning rate of the fusion MLP.")
+    fusion_batch_size: int = _param(512, "Mini-batch size of the fusion MLP.")
+    seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).")
+    # Publishing
+    publish_uri: str = _param("", "Stable prefix the final outputs are published to; empty = off.")
+    # Experiment tracking
+    experiment: str = _param("recsys-dev", "Vertex AI Experiments experiment (or local store name).")
+    tracking_backend: str = _param(
+        "auto", "Where step runs are logged: 'vertex', 'local', 'none' or 'auto' "
+        "(vertex when a Google Cloud project is known, else local when tracking_dir is set).")
+    tracking_dir: str = _param("", "Root of the local experiment store (local runs).")
+
+
+PARAM_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(PipelineParams)}
+
+
+class ConfigError(ValueError):
+    """A config file or ``--set`` override that cannot be used; the message says why."""
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = type(PARAM_FIELDS[name].default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"parameter {name!r} expects true/false, got {value!r}")
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"parameter {name!r} expects {kind.__name__}, got {value!r}")
+    try:
+        if kind is int and isinstance(value, str):
+            return int(value.replace("_", ""))
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def _check_name(name: str) -> None:
+    if name not in PARAM_FIELDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PARAM_FIELDS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown parameter {name!r}{hint}; "
+                          "run 'item-embeddings params' for the list")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["text_batch_size=64", ...]`` -> ``{"text_batch_size": 64}``, typed and validated."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--set expects name=value, got {pair!r}")
+        _check_name(name)
+        out[name] = _coerce(name, value)
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of parameters: either a flat mapping or one under a ``parameters:`` key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if isinstance(data, Mapping) and "parameters" in data:
+        data = data["parameters"] or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        _check_name(str(name))
+        out[str(name)] = _coerce(str(name), value)
+    return out
+
+
+def resolve_params(config_file: str | None = None, overrides: list[str] | None = None,
+                   **explicit: Any) -> PipelineParams:
+    """Defaults, then the config file, then ``--set`` overrides, then explicit keyword values."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update(parse_overrides(overrides or []))
+    for name, value in explicit.items():
+        if value is not None:
+            _check_name(name)
+            values[name] = _coerce(name, value)
+    return PipelineParams(**values)
+
+
+def param_help() -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for every parameter — for ``--help`` and docs."""
+    return [(f.name, type(f.default).__name__, f.default, f.metadata["help"])
+            for f in dataclasses.fields(PipelineParams)]

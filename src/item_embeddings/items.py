@@ -1,0 +1,171 @@
+"""The items table shared by every step: reading, validation and the text of an item.
+
+An items table is a parquet file or a folder of parquet files (local or ``gs://``) with an id,
+title, description (string or list of strings) and image URL column. :func:`validate_items` runs
+before any model is loaded and raises one :class:`ItemsError` that names the column and a few
+offending rows.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from .storage import arrow_filesystem
+
+MAX_EXAMPLES = 5
+
+
+class ItemsError(ValueError):
+    """The items table cannot be used; the message names the column and offending rows."""
+
+
+@dataclass(frozen=True)
+class ItemColumns:
+    id: str = "asin"
+    title: str = "title"
+    description: str = "description"
+    image_url: str = "image_url"
+
+
+@dataclass(frozen=True)
+class ItemsSummary:
+    uri: str
+    num_rows: int
+    schema: pa.Schema
+
+
+def open_items(uri: str) -> pads.Dataset:
+    """A pyarrow dataset over the parquet file(s) at ``uri``; files are read in path order."""
+    if not uri:
+        raise ItemsError("no items table given (items_uri is empty)")
+    fs, path = arrow_filesystem(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type.name == "NotFound":
+            raise ItemsError(f"items table not found: {uri}")
+        if info.type.name == "Directory":
+            import pyarrow.fs as pafs
+
+            files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                           if f.is_file and f.path.endswith(".parquet"))
+            if not files:
+                raise ItemsError(f"no .parquet files in {uri}")
+            return pads.dataset(files, filesystem=fs, format="parquet")
+        return pads.dataset(path, filesystem=fs, format="parquet")
+    except ItemsError:
+        raise
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ItemsError(f"cannot read items table {uri}: {exc}") from None
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_text_or_null(t: pa.DataType) -> bool:
+    return _is_string(t) or pa.types.is_null(t)
+
+
+def _is_text_or_list_of_text(t: pa.DataType) -> bool:
+    if _is_text_or_null(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _is_text_or_null(t.value_type)
+    return False
+
+
+def _rows(mask: pa.ChunkedArray | pa.Array) -> list[int]:
+    return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()
+
+
+def validate_items(uri: str, columns: ItemColumns, *, need_image_url: bool = False) -> ItemsSummary:
+    """Check the table's schema and ids before any model loads.
+
+    Raises:
+        ItemsError: empty table, missing column, a column of the wrong type, null or duplicate ids.
+    """
+    dataset = open_items(uri)
+    schema = dataset.schema
+    required = [columns.id, columns.title, columns.description]
+    if need_image_url:
+        required.append(columns.image_url)
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ItemsError(f"items table {uri} has no column(s) {', '.join(map(repr, missing))}; "
+                         f"columns present: {', '.join(schema.names)}")
+
+    checks = [
+        (columns.id, lambda t: _is_string(t) or pa.types.is_integer(t), "string or integer"),
+        (columns.title, _is_text_or_null, "string"),
+        (columns.description, _is_text_or_list_of_text, "string or list of strings"),
+    ]
+    if need_image_url:
+        checks.append((columns.image_url, _is_text_or_null, "string"))
+    for name, ok, expected in checks:
+        dtype = schema.field(name).type
+        if not ok(dtype):
+            raise ItemsError(f"column {name!r} must be {expected}, but its type is {dtype}")
+
+    ids = dataset.to_table(columns=[columns.id]).column(columns.id)
+    if len(ids) == 0:
+        raise ItemsError(f"items table {uri} is empty (no rows)")
+    null_rows = _rows(pc.is_null(ids))
+    if null_rows:
+        raise ItemsError(f"column {columns.id!r} has {len(null_rows)} null id(s), "
+                         f"at rows {null_rows[:MAX_EXAMPLES]}")
+    counts = pc.value_counts(ids)
+    dup_values = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dup_values):
+        first = dup_values[:MAX_EXAMPLES]
+        dup_rows = _rows(pc.is_in(ids, value_set=first))
+        raise ItemsError(f"column {columns.id!r} has {len(dup_values)} duplicated id(s), e.g. "
+                         f"{first.to_pylist()} at rows {dup_rows[:2 * MAX_EXAMPLES]}")
+    return ItemsSummary(uri=uri, num_rows=len(ids), schema=schema)
+
+
+def iter_batches(uri: str, column_names: Sequence[str], batch_size: int = 8192
+                 ) -> Iterator[pa.RecordBatch]:
+    """Stream the named columns in input row order, ``batch_size`` rows at most per batch."""
+    dataset = open_items(uri)
+    scanner = dataset.scanner(columns=list(column_names), batch_size=batch_size)
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            yield batch
+
+
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Remove HTML tags and entities and normalise whitespace."""
+    text = _TAG.sub(" ", text)
+    text = html.unescape(text)
+    text = _TAG.sub(" ", text)  # entities may have encoded tags (&lt;br&gt;)
+    return _SPACE.sub(" ", text).strip()
+
+
+def _as_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return " ".join(v for v in value if v)  # list of strings (Amazon metadata)
+
+
+def item_text(title, description) -> str:
+    """The text that is embedded for one item: title + " " + description, cleaned."""
+    return clean_text(f"{_as_text(title)} {_as_text(description)}")
+
+
+def batch_texts(batch: pa.RecordBatch, columns: ItemColumns) -> list[str]:
+    titles = batch.column(columns.title).to_pylist()
+    descriptions = batch.column(columns.description).to_pylist()
+    return [item_text(t, d) for t, d in zip(titles, descriptions)]

@@ -1,0 +1,67 @@
+"""Run the whole pipeline on this machine with ``kfp.local`` and gather its final files."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .config import PipelineParams
+from .items import ItemColumns, validate_items
+from .storage import atomic_path
+
+logger = logging.getLogger(__name__)
+
+KFP_ROOT = ".kfp"      # kfp.local's pipeline root inside the output directory
+RUNS_DIR = "runs"      # the local experiment store inside the output directory
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Put ``src`` at ``dest`` atomically: a hard link when possible (no copy), else a copy."""
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def run_local(params: PipelineParams, output_dir: str | os.PathLike,
+              image: str | None = None) -> dict[str, Path]:
+    """Run the pipeline with kfp.local (SubprocessRunner, no venv) and place its files in ``output_dir``.
+
+    The items table is validated first, so a bad table fails in seconds with a clear message.
+    Experiment runs go to ``<output_dir>/runs`` unless ``tracking_dir`` says otherwise.
+
+    Returns:
+        File name -> path of every final file placed flat in ``output_dir``.
+    """
+    from kfp import local
+
+    from item_embeddings.components import DEFAULT_IMAGE
+    from item_embeddings.pipeline import build_pipeline
+
+    out = Path(output_dir).resolve()
+    validate_items(params.items_uri, ItemColumns(params.id_column, params.title_column,
+                                                 params.description_column,
+                                                 params.image_url_column))
+    if params.tracking_backend in ("auto", "local") and not params.tracking_dir:
+        params = dataclasses.replace(params, tracking_backend="local",
+                                     tracking_dir=str(out / RUNS_DIR))
+    out.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / KFP_ROOT),
+               raise_on_error=True)
+    pipeline = build_pipeline("local", image or DEFAULT_IMAGE)
+    task = pipeline(**dataclasses.asdict(params))
+    artifacts = [task.output] if hasattr(task, "output") and task.output is not None else \
+        list(task.outputs.values())
+    placed: dict[str, Path] = {}
+    for artifact in artifacts:
+        src_dir = Path(artifact.path)
+        for src in sorted(src_dir.iterdir()):
+            if src.is_file():
+                _place(src, out / src.name)
+                placed[src.name] = out / src.name
+    return placed

@@ -1,0 +1,119 @@
+"""Local paths and ``gs://`` URIs: reading, atomic writing, and copying whole directories.
+
+Every file the pipeline produces is written to a temporary name beside its destination and
+renamed into place, so a reader (or a restarted task) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+GCS_FUSE_ROOT = "/gcs"
+
+
+def is_gcs_uri(uri: str) -> bool:
+    return uri.startswith("gs://")
+
+
+def split_gcs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_gcs_uri(uri):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, blob = uri[len("gs://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"gs:// URI without a bucket: {uri!r}")
+    return bucket, blob
+
+
+def gcs_client():
+    """A google-cloud-storage client; honours ``STORAGE_EMULATOR_HOST`` (tests, local emulator)."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "local"),
+                              credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def arrow_filesystem(uri: str):
+    """A ``pyarrow.fs`` filesystem and path for a local path or ``gs://`` URI."""
+    import pyarrow.fs as pafs
+
+    if is_gcs_uri(uri):
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:
+            scheme, _, host = emulator.rpartition("://")
+            fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=host or emulator,
+                                    scheme=scheme or "http")
+        else:
+            fs = pafs.GcsFileSystem()
+        bucket, blob = split_gcs_uri(uri)
+        return fs, f"{bucket}/{blob}".rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def download_gcs_prefix(uri: str, dest: Path) -> Path:
+    """Copy every object under a ``gs://`` prefix (a model directory, a checkpoint) to ``dest``."""
+    bucket_name, prefix = split_gcs_uri(uri)
+    client = gcs_client()
+    prefix = prefix.rstrip("/")
+    blobs = list(client.list_blobs(bucket_name, prefix=prefix))
+    if not blobs:
+        raise FileNotFoundError(f"nothing found under {uri}")
+    for blob in blobs:
+        rel = blob.name[len(prefix):].lstrip("/") or os.path.basename(blob.name)
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        blob.download_to_filename(str(tmp))
+        os.replace(tmp, target)
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
+
+    On error the temporary file is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(dest: str | os.PathLike, payload: Any) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet_atomic(dest: str | os.PathLike, table) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,183 @@
+"""Experiment tracking: one small interface, two real backends.
+
+* :class:`VertexTracker` logs to Vertex AI Experiments (``aiplatform.init`` + ``start_run``). It is
+  called from inside the step, so runs started by schedules and UI reruns are logged too.
+* :class:`LocalTracker` keeps one JSON file per run under ``<root>/<experiment>/`` — what local
+  runs use and what ``item-embeddings runs`` lists.
+
+Example::
+
+    tracker = make_tracker("local", experiment="recsys-dev", tracking_dir="out/runs")
+    with tracked_run(tracker, "embed-text-1234") as run:
+        run.log_params({"model_name": "all-MiniLM-L6-v2"})
+        run.log_metrics({"count": 2000})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
+
+from .storage import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+_UNRESOLVED = "{{$."  # a KFP placeholder that the local runner does not resolve
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_name(step: str, run_id: str) -> str:
+    """``embed-text-<run id>`` in the form Vertex accepts (lowercase, digits, hyphens, ≤128)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{step}-{run_id}".lower()).strip("-")
+    return name[:128].rstrip("-")
+
+
+class ExperimentTracker(Protocol):
+    def start_run(self, name: str) -> None: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float]) -> None: ...
+    def log_artifact(self, name: str, uri: str) -> None: ...
+    def end_run(self, status: str = "COMPLETE") -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off (``tracking_backend='none'``)."""
+
+    def start_run(self, name: str) -> None: ...
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float]) -> None: ...
+    def log_artifact(self, name: str, uri: str) -> None: ...
+    def end_run(self, status: str = "COMPLETE") -> None: ...
+
+
+class LocalTracker:
+    """One JSON file per run: ``<root>/<experiment>/<run>.json``, rewritten atomically on change."""
+
+    def __init__(self, root: str | Path, experiment: str):
+        self.root = Path(root)
+        self.experiment = experiment
+        self._record: dict[str, Any] | None = None
+        self._path: Path | None = None
+
+    def start_run(self, name: str) -> None:
+        self._path = self.root / self.experiment / f"{name}.json"
+        self._record = {"experiment": self.experiment, "run_name": name, "status": "RUNNING",
+                        "start_time": _now(), "end_time": None, "params": {}, "metrics": {},
+                        "artifacts": {}}
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self._record is not None and self._path is not None, "start_run() first"
+        write_json_atomic(self._path, self._record)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._record["params"].update(params)
+        self._flush()
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self._record["metrics"].update({k: float(v) for k, v in metrics.items()})
+        self._flush()
+
+    def log_artifact(self, name: str, uri: str) -> None:
+        self._record["artifacts"][name] = uri
+        self._flush()
+
+    def end_run(self, status: str = "COMPLETE") -> None:
+        self._record.update(status=status, end_time=_now())
+        self._flush()
+
+
+class VertexTracker:
+    """Vertex AI Experiments through ``google.cloud.aiplatform``."""
+
+    def __init__(self, project: str, location: str, experiment: str):
+        self.project = project
+        self.location = location
+        self.experiment = experiment
+        self._run = None
+
+    def start_run(self, name: str) -> None:
+        from google.cloud import aiplatform
+
+        aiplatform.init(project=self.project, location=self.location, experiment=self.experiment)
+        self._run = aiplatform.start_run(name, resume=False)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from google.cloud import aiplatform
+
+        # Experiments accept str/int/float params only.
+        aiplatform.log_params({k: v if isinstance(v, (int, float, str)) else str(v)
+                               for k, v in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        from google.cloud import aiplatform
+
+        aiplatform.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def log_artifact(self, name: str, uri: str) -> None:
+        from google.cloud import aiplatform
+
+        aiplatform.log_params({f"artifact_{name}": uri})
+
+    def end_run(self, status: str = "COMPLETE") -> None:
+        from google.cloud import aiplatform
+        from google.cloud.aiplatform.compat.types import execution
+
+        aiplatform.end_run(state=getattr(execution.Execution.State, status))
+
+
+def _known(value: str) -> bool:
+    return bool(value) and _UNRESOLVED not in value
+
+
+def make_tracker(backend: str, *, experiment: str, project: str = "", location: str = "",
+                 tracking_dir: str = "") -> ExperimentTracker:
+    """Pick the backend. ``auto``: Vertex when a project is known, else local if ``tracking_dir``."""
+    if backend == "auto":
+        backend = "vertex" if _known(project) else ("local" if tracking_dir else "none")
+    if backend == "vertex":
+        if not (_known(project) and _known(location)):
+            raise ValueError("tracking_backend 'vertex' needs a Google Cloud project and location")
+        return VertexTracker(project, location, experiment)
+    if backend == "local":
+        if not tracking_dir:
+            raise ValueError("tracking_backend 'local' needs tracking_dir")
+        return LocalTracker(tracking_dir, experiment)
+    if backend == "none":
+        return NullTracker()
+    raise ValueError(f"unknown tracking_backend {backend!r} (vertex, local, none or auto)")
+
+
+@contextlib.contextmanager
+def tracked_run(tracker: ExperimentTracker, name: str) -> Iterator[ExperimentTracker]:
+    """Start a run; end it COMPLETE on success and FAILED (then re-raise) on error."""
+    tracker.start_run(name)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.end_run("FAILED")
+        raise
+    tracker.end_run("COMPLETE")
+
+
+def list_local_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Every run in a local store, oldest first."""
+    runs = []
+    for path in sorted(Path(root).glob("*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            logger.warning("skipping unreadable run file %s", path)
+            continue
+        record["path"] = str(path)
+        runs.append(record)
+    runs.sort(key=lambda r: (r.get("start_time") or "", r.get("run_name") or ""))
+    return runs
