@@ -46,3 +46,53 @@ def write_items(path: Path, columns: dict[str, list], schema: pa.Schema | None =
 @pytest.fixture
 def items_path(tmp_path: Path) -> Path:
     return write_items(tmp_path / "items.parquet", catalogue(40))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_host():
+    """A real GCS JSON API (gcp-storage-emulator) on 127.0.0.1, stopped by pid at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start",
+                             "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:  # bounded: at most 30 s of readiness polls
+            try:
+                urllib.request.urlopen(f"{host}/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("gcp-storage-emulator did not start")
+                time.sleep(0.2)
+        yield host
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def gcs(gcs_emulator_host, monkeypatch):
+    """A storage client against the emulator, with STORAGE_EMULATOR_HOST set for the code under test."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_host)
+    from item_embeddings.storage import gcs_client
+
+    return gcs_client()

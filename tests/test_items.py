@@ -103,3 +103,19 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ItemsError, match="cannot read items table"):
         validate_items(str(bad), COLS)
+
+
+def test_gcs_folder_of_parquet_files(tmp_path, gcs):
+    import uuid
+
+    cat = catalogue(12)
+    bucket = gcs.create_bucket(f"items-{uuid.uuid4().hex[:8]}")
+    for part, (lo, hi) in enumerate([(0, 5), (5, 12)]):
+        local = write_items(tmp_path / f"p{part}.parquet", {k: v[lo:hi] for k, v in cat.items()})
+        bucket.blob(f"catalogue/part-{part}.parquet").upload_from_filename(str(local))
+    uri = f"gs://{bucket.name}/catalogue"
+    assert validate_items(uri, COLS).num_rows == 12
+    ids = [i for b in iter_batches(uri, ["asin"], 4) for i in b.column(0).to_pylist()]
+    assert ids == cat["asin"]
+    with pytest.raises(ItemsError, match="not found"):
+        validate_items(f"gs://{bucket.name}/nothing-here.parquet", COLS)

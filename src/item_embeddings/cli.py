@@ -45,12 +45,34 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     setup_logging()
     params = resolve_params(args.config, args.overrides, items_uri=args.items)
     placed = run_local(params, args.output_dir)
-    out = Path(args.output_dir).resolve()
+    _print_placed(Path(args.output_dir).resolve(), placed)
+    return 0
+
+
+def _print_placed(out: Path, placed: dict[str, Path]) -> None:
     print(f"\nlocal run finished; outputs in {out}:")
     for name, path in placed.items():
         print(f"  {name:24s} {path.stat().st_size:>12,d} bytes")
     print(f"experiment runs: {out / 'runs'} (list them: item-embeddings runs --output-dir {out})")
     print(f"kfp.local artifacts: {out / '.kfp'}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .local_run import run_local
+    from .progress import setup_logging
+    from .sample import SampleImageServer, write_sample_catalogue
+
+    setup_logging()
+    out = Path(args.output_dir).resolve()
+    with SampleImageServer() as server:
+        items = write_sample_catalogue(out / "sample_items.parquet", args.items_count,
+                                       server.base_url)
+        print(f"sample catalogue: {items} ({args.items_count} items; images at {server.base_url})")
+        # The sample's images are served on loopback, which the download guard refuses by default.
+        params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
+                                items_uri=str(items))
+        placed = run_local(params, out)
+    _print_placed(out, placed)
     return 0
 
 
@@ -112,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the files go")
     _add_param_options(p)
     p.set_defaults(func=_cmd_run_local)
+
+    p = sub.add_parser("demo", help="run the whole pipeline locally on the bundled sample",
+                       description="Generate the bundled sample catalogue, serve its images on "
+                                   "127.0.0.1 and run the whole pipeline locally (kfp.local).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_params_epilog())
+    p.add_argument("--output-dir", default="demo_out", metavar="DIR",
+                   help="where the files go (default: demo_out)")
+    p.add_argument("--items-count", type=int, default=120, metavar="N",
+                   help="items in the sample catalogue (default: 120)")
+    _add_param_options(p)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("runs", help="list local experiment runs",
                        description="Print the local experiment runs of an output directory.")
