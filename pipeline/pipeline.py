@@ -76,7 +76,6 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
             tracking_dir=p["tracking_dir"],
             project=project,
             location=location,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_display_name("Embed text")
         if on_vertex:
             text.set_cpu_limit("4").set_memory_limit("15G")

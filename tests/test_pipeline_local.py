@@ -51,15 +51,15 @@ def test_component_python_func(tmp_path, items_path):
 
     from item_embeddings.components.embed_text import embed_text
 
-    data = dsl.Dataset(name="text_embeddings", uri=str(tmp_path / "text"), metadata={})
-    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"), metadata={})
+    task_dir = tmp_path / "item-embeddings-20261125" / "embed-text"
+    data = dsl.Dataset(name="text_embeddings", uri=str(task_dir / "text_embeddings"), metadata={})
+    metrics = dsl.Metrics(name="metrics", uri=str(task_dir / "metrics"), metadata={})
     embed_text(items_uri=str(items_path), text_embeddings=data, metrics=metrics,
-               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"),
-               run_id="pyfunc")
-    assert np.load(tmp_path / "text" / "txt.npy").shape == (40, 384)
+               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+    assert np.load(task_dir / "text_embeddings" / "txt.npy").shape == (40, 384)
     assert metrics.metadata["text_count"] == 40
     assert data.metadata["embed_dim"] == 384
-    assert (tmp_path / "runs" / "recsys-dev" / "embed-text-pyfunc.json").exists()
+    assert (tmp_path / "runs" / "recsys-dev" / "embed-text-item-embeddings-20261125.json").exists()
 
 
 @pytest.mark.slow

@@ -11,6 +11,18 @@ def test_run_names_are_vertex_safe():
     assert len(run_name("embed-text", "x" * 300)) <= 128
 
 
+def test_run_id_from_output_uri():
+    from item_embeddings.tracking import run_id_from_output_uri
+
+    assert run_id_from_output_uri(
+        "gs://root/123456/item-embeddings-20261125101010/embed-text_-42/text_embeddings") == \
+        "item-embeddings-20261125101010"
+    assert run_id_from_output_uri(
+        "/out/.kfp/item-embeddings-2026-11-25-19-40-12-081839/embed-text/text_embeddings") == \
+        "item-embeddings-2026-11-25-19-40-12-081839"
+    assert run_id_from_output_uri("x") == ""
+
+
 def test_local_tracker_records_a_run(tmp_path):
     tracker = LocalTracker(tmp_path, "exp")
     with tracked_run(tracker, "embed-text-1"):

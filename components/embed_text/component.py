@@ -18,7 +18,6 @@ def embed_text(
     tracking_dir: str = "",
     project: str = "",
     location: str = "",
-    run_id: str = "",
 ):
     """Embeds each item's title and description with a sentence-transformers model.
 
@@ -40,12 +39,11 @@ def embed_text(
         tracking_dir: Root of the local experiment store (local runs).
         project: Google Cloud project (the pipeline passes the runtime placeholder).
         location: Google Cloud region (the pipeline passes the runtime placeholder).
-        run_id: Pipeline run id, used in the experiment run name.
     """
     from item_embeddings.items import ItemColumns
     from item_embeddings.progress import setup_logging
     from item_embeddings.text import embed_items_text
-    from item_embeddings.tracking import make_tracker
+    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
     meta = embed_items_text(
@@ -54,7 +52,7 @@ def embed_text(
         columns=ItemColumns(id=id_column, title=title_column, description=description_column),
         text_model=text_model,
         batch_size=text_batch_size,
-        run_id=run_id,
+        run_id=run_id_from_output_uri(text_embeddings.uri),
         tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
                              location=location, tracking_dir=tracking_dir),
     )

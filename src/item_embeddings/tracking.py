@@ -40,6 +40,18 @@ def run_name(step: str, run_id: str) -> str:
     return name[:128].rstrip("-")
 
 
+def run_id_from_output_uri(uri: str) -> str:
+    """The pipeline run an output artifact belongs to, read from its path.
+
+    KFP lays outputs out as ``<root>/<pipeline job>/<task>/<output>`` locally and
+    ``<root>/<project number>/<pipeline job>/<task>_<id>/<output>`` on Vertex, so the run is the
+    directory two levels above the output. Components use this instead of a run-id input, which
+    would change every run and defeat caching.
+    """
+    parts = [p for p in uri.rstrip("/").split("/") if p]
+    return parts[-3] if len(parts) >= 3 else ""
+
+
 class ExperimentTracker(Protocol):
     def start_run(self, name: str) -> None: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
