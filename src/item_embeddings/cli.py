@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="list the pipeline parameters with defaults")
     p.set_defaults(func=_cmd_params)
+    from .cli_ops import add_ops_commands  # here, not at the top: cli_ops imports cli
+    add_ops_commands(sub)
     return parser
 
 

@@ -1,0 +1,48 @@
+"""The publish component: copy the final outputs to a stable prefix with a manifest."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input
+
+
+def publish_outputs(
+    text_embeddings: Input[Dataset],
+    image_embeddings: Input[Dataset],
+    fused_embeddings: Input[Dataset],
+    publish_uri: str,
+    run_id: str = "",
+) -> str:
+    """Publishes the text, image and fused outputs to a stable prefix for the next stage.
+
+    The files of the three directories are uploaded under a temporary prefix, moved into
+    place, and `manifest.json` (files, sizes, sha256, run id, counts) is written last. Readers
+    read `manifest.json` first and use only the files it lists, checking their sha256
+    (docs/operations.md). An empty `publish_uri` publishes nothing.
+
+    Args:
+        text_embeddings: Directory with txt.npy, txt_items.parquet and txt_meta.json.
+        image_embeddings: Directory with img.npy, img_items.parquet, img_failures.parquet and
+            img_meta.json.
+        fused_embeddings: Directory with fused.npy, fused_items.parquet, fusion_config.json and
+            fusion_model.safetensors.
+        publish_uri: Stable prefix (gs://bucket/path or a local folder); empty = do nothing.
+        run_id: Pipeline run id, recorded in the manifest.
+
+    Returns:
+        The URI of the written manifest.json ("" when nothing was published).
+    """
+    from item_embeddings.progress import setup_logging
+    from item_embeddings.publish import manifest_uri
+    from item_embeddings.publish import publish_outputs as publish
+
+    setup_logging()
+    if not publish_uri:
+        return ""
+    sources = {"text": text_embeddings, "image": image_embeddings, "fused": fused_embeddings}
+    publish([a.path for a in sources.values()], publish_uri, run_id=run_id,
+            extra_meta={"sources": {name: a.uri for name, a in sources.items()}})
+    return manifest_uri(publish_uri)
+
+
+def make_component(base_image: str):
+    """The component, to run in ``base_image`` (the project's image: no pip install at start)."""
+    return dsl.component(publish_outputs, base_image=base_image, install_kfp_package=False)

@@ -1,0 +1,428 @@
+"""Vertex AI operations: submit a pipeline run, manage schedules, upload templates.
+
+Plain functions over ``google-cloud-aiplatform`` and ``kfp.registry``; the CLI (``cli_ops``) is a
+thin layer over them. A template is one of:
+
+* ``None``: the pipeline is compiled on the fly (``compile_pipeline(target="vertex")``);
+* a local ``.yaml``/``.json`` file produced by ``item-embeddings compile``;
+* an Artifact Registry URL ``https://REGION-kfp.pkg.dev/PROJECT/REPO/PACKAGE/TAG_OR_VERSION``
+  (what :func:`upload_template` prints). Runs created from such a URL keep the link to the
+  template, so the Vertex AI UI can rerun them with changed parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from .config import ConfigError
+
+PIPELINE_NAME = "item-embeddings"
+_AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
+_AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
+# Artifact Registry tags: lower-case letters, digits, '-', '.', '_' (no leading punctuation).
+_TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_TERMINAL_OK = {"PIPELINE_STATE_SUCCEEDED"}
+_TERMINAL_BAD = {"PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED"}
+
+
+class VertexOpsError(RuntimeError):
+    """A Vertex AI operation that did not succeed (failed run, unknown schedule, upload error)."""
+
+
+class PipelineRunFailed(VertexOpsError):
+    """The submitted run ended FAILED or CANCELLED (``--wait``)."""
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_name: str          # projects/P/locations/R/pipelineJobs/ID
+    job_id: str
+    dashboard_uri: str
+    state: str             # last state seen (PIPELINE_STATE_...)
+    template: str          # what the job was created from (path or registry URL)
+
+
+def is_registry_url(template: str) -> bool:
+    return bool(_AR_URL.match(template))
+
+
+def console_url(job_name: str) -> str:
+    """Console page of ``projects/P/locations/R/pipelineJobs/ID``."""
+    parts = job_name.split("/")
+    project, region, job_id = parts[1], parts[3], parts[5]
+    return (f"https://console.cloud.google.com/vertex-ai/locations/{region}/pipelines/runs/"
+            f"{job_id}?project={project}")
+
+
+@contextlib.contextmanager
+def template_source(template: str | None, image: str | None = None) -> Iterator[str]:
+    """Yield a template path/URL usable as ``PipelineJob(template_path=...)``.
+
+    ``None`` compiles the pipeline into a temporary file (removed afterwards).
+    """
+    if template is None:
+        from item_embeddings.pipeline import compile_pipeline
+
+        with tempfile.TemporaryDirectory(prefix="item-embeddings-") as tmp:
+            path = Path(tmp) / f"{PIPELINE_NAME}.yaml"
+            compile_pipeline(str(path), target="vertex", **({"image": image} if image else {}))
+            yield str(path)
+        return
+    if is_registry_url(template) or template.startswith("gs://"):
+        yield template  # the SDK downloads it
+        return
+    if template.startswith(("http://", "https://")):
+        raise ConfigError(f"template {template!r}: expected a local file, a gs:// file or an "
+                          "Artifact Registry URL "
+                          "https://REGION-kfp.pkg.dev/PROJECT/REPO/PACKAGE/TAG")
+    if not Path(template).is_file():
+        raise ConfigError(f"template file not found: {template}")
+    yield template
+
+
+def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    """``["team=recsys", "env=dev"]`` -> a dict, checked against Google Cloud's label rules."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label expects key=value, got {pair!r}")
+        # The SDK only checks types; the API would reject these after the template upload.
+        if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+            raise ConfigError(f"invalid labels: {pair!r} (keys: lower-case letter first, then "
+                              "lower-case letters, digits, '_' or '-', at most 63; values the "
+                              "same, may be empty or start with any of them)")
+        labels[key] = value
+    if len(labels) > 64:
+        raise ConfigError(f"invalid labels: {len(labels)} given, at most 64 allowed")
+    return labels
+
+
+def _make_job(*, template_path: str, project: str, region: str, pipeline_root: str | None,
+              parameter_values: Mapping[str, Any], display_name: str | None, job_id: str | None,
+              labels: Mapping[str, str] | None, enable_caching: bool | None, credentials):
+    from google.cloud import aiplatform
+
+    try:
+        job = aiplatform.PipelineJob(
+            display_name=display_name or PIPELINE_NAME,
+            template_path=template_path,
+            job_id=job_id,
+            pipeline_root=pipeline_root,
+            parameter_values=dict(parameter_values),
+            enable_caching=enable_caching,
+            labels=dict(labels or {}) or None,
+            credentials=credentials,
+            project=project,
+            location=region,
+        )
+    except ValueError as exc:
+        # The SDK validates parameter names and types against the template here.
+        raise ConfigError(f"template {template_path}: {exc}") from None
+    _require_items_uri(job, parameter_values)
+    return job
+
+
+def _require_items_uri(job, parameter_values: Mapping[str, Any]) -> None:
+    """A run without ``items_uri`` would fail minutes later inside the first step: refuse it now."""
+    if parameter_values.get("items_uri"):
+        return
+    spec = job.pipeline_spec
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    if "items_uri" in declared and not declared["items_uri"].get("defaultValue"):
+        raise ConfigError("items_uri is required: pass --set items_uri=gs://... or put it in "
+                          "--config")
+
+
+def submit_pipeline(
+    *,
+    project: str,
+    region: str,
+    parameter_values: Mapping[str, Any],
+    template: str | None = None,
+    image: str | None = None,
+    pipeline_root: str | None = None,
+    service_account: str | None = None,
+    network: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    experiment: str | None = None,
+    enable_caching: bool | None = None,
+    display_name: str | None = None,
+    job_id: str | None = None,
+    wait: bool = False,
+    poll_interval_s: float = 30.0,
+    timeout_s: float | None = None,
+    on_state: Callable[[str], None] | None = None,
+    credentials=None,
+) -> SubmitResult:
+    """Create a Vertex AI pipeline run, optionally wait for it to finish.
+
+    Args:
+        project: Google Cloud project id.
+        region: Vertex AI region, e.g. ``us-central1``.
+        parameter_values: Pipeline parameters to set (the rest keep the template defaults).
+        template: Local template file, Artifact Registry URL, or ``None`` to compile now.
+        image: Container image of the components when compiling on the fly.
+        pipeline_root: ``gs://`` prefix for the run's artifacts (default: the template's).
+        service_account: Service account the run's tasks use.
+        network: VPC network ``projects/NUMBER/global/networks/NAME`` to peer with.
+        labels: Labels on the PipelineJob (billing, filtering).
+        experiment: Vertex AI Experiments experiment the run is linked to (``None``: not linked).
+        enable_caching: ``True``/``False`` forces caching on/off for every task; ``None`` keeps
+            the template's per-task setting.
+        display_name: Name shown in the console (default ``item-embeddings``).
+        job_id: Explicit job id (default: ``item-embeddings-<timestamp>``).
+        wait: Poll the run's state until it ends; raise :class:`PipelineRunFailed` if it fails.
+        poll_interval_s: Seconds between state polls.
+        timeout_s: Give up waiting after this long (the run itself keeps going).
+        on_state: Called with each new state name while waiting (progress output).
+        credentials: Explicit credentials (default: application default credentials).
+
+    Returns:
+        The job's resource name, id, console link and last known state.
+    """
+    with template_source(template, image) as template_path:
+        job = _make_job(template_path=template_path, project=project, region=region,
+                        pipeline_root=pipeline_root, parameter_values=parameter_values,
+                        display_name=display_name, job_id=job_id, labels=labels,
+                        enable_caching=enable_caching, credentials=credentials)
+        job.submit(service_account=service_account, network=network,
+                   experiment=experiment or None)
+    result = SubmitResult(job_name=job.resource_name, job_id=job.job_id,
+                          dashboard_uri=console_url(job.resource_name),
+                          state=job.gca_resource.state.name, template=template or "compiled")
+    if not wait:
+        return result
+    state = wait_for_job(job, poll_interval_s=poll_interval_s, timeout_s=timeout_s,
+                         on_state=on_state)
+    return dataclasses.replace(result, state=state)
+
+
+def wait_for_job(job, *, poll_interval_s: float = 30.0, timeout_s: float | None = None,
+                 on_state: Callable[[str], None] | None = None) -> str:
+    """Poll ``job.state`` until it is terminal; return it, raise if the run failed."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while True:
+        state = job.state.name  # one GetPipelineJob call
+        if state != last:
+            last = state
+            if on_state:
+                on_state(state)
+        if state in _TERMINAL_OK:
+            return state
+        if state in _TERMINAL_BAD:
+            error = job.gca_resource.error
+            detail = f": {error.message}" if error and error.message else ""
+            raise PipelineRunFailed(f"pipeline run {job.resource_name} ended {state}{detail} "
+                                    f"(see {console_url(job.resource_name)})")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise VertexOpsError(f"gave up waiting after {timeout_s:g}s; run {job.resource_name}"
+                                 f" is still {state} (see {console_url(job.resource_name)})")
+        time.sleep(poll_interval_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _rfc3339(value: str | None, what: str) -> str | None:
+    """Accept ISO 8601 with a UTC offset (``2026-12-01T02:00:00+01:00`` or ``...Z``)."""
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{what} {value!r} is not an ISO 8601 time "
+                          "(e.g. 2026-12-01T02:00:00Z)") from None
+    if parsed.tzinfo is None:
+        raise ConfigError(f"{what} {value!r} needs a UTC offset or Z (e.g. 2026-12-01T02:00:00Z)")
+    return parsed.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cron_with_time_zone(cron: str, time_zone: str | None) -> str:
+    """``("0 3 * * *", "Europe/Berlin")`` -> ``"TZ=Europe/Berlin 0 3 * * *"`` (Vertex's syntax)."""
+    fields = cron.split()
+    if fields and fields[0].startswith(("TZ=", "CRON_TZ=")):
+        if time_zone:
+            raise ConfigError("give the time zone either in the cron (TZ=...) or as --time-zone")
+        time_zone = fields[0].partition("=")[2]
+        fields = fields[1:]
+    if len(fields) != 5:
+        raise ConfigError(f"cron {cron!r} must have 5 fields: minute hour day-of-month month "
+                          "day-of-week")
+    if time_zone:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"unknown time zone {time_zone!r} (use an IANA name such as "
+                              "Europe/Berlin)") from None
+        return f"TZ={time_zone} " + " ".join(fields)
+    return " ".join(fields)
+
+
+def create_schedule(
+    *,
+    project: str,
+    region: str,
+    cron: str,
+    parameter_values: Mapping[str, Any],
+    display_name: str,
+    time_zone: str | None = None,
+    template: str | None = None,
+    image: str | None = None,
+    pipeline_root: str | None = None,
+    service_account: str | None = None,
+    network: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    enable_caching: bool | None = None,
+    start_time: str | None = None,
+    end_time: str | None = None,
+    max_concurrent_runs: int = 1,
+    max_runs: int | None = None,
+    allow_queueing: bool = False,
+    credentials=None,
+) -> str:
+    """Create a schedule that starts a run of the template on a cron; return its resource name.
+
+    Scheduled runs are not linked to an experiment by Vertex; the steps log their own
+    experiment runs (``experiment`` pipeline parameter), so tracking still works.
+    """
+    if max_concurrent_runs < 1:
+        raise ConfigError("max concurrent runs must be >= 1")
+    if max_runs is not None and max_runs < 1:
+        raise ConfigError("max runs must be >= 1")
+    cron = cron_with_time_zone(cron, time_zone)
+    start, end = _rfc3339(start_time, "start time"), _rfc3339(end_time, "end time")
+    if start and end and end <= start:
+        raise ConfigError(f"end time {end} is not after start time {start}")
+    with template_source(template, image) as template_path:
+        job = _make_job(template_path=template_path, project=project, region=region,
+                        pipeline_root=pipeline_root, parameter_values=parameter_values,
+                        display_name=display_name, job_id=None, labels=labels,
+                        enable_caching=enable_caching, credentials=credentials)
+        schedule = job.create_schedule(
+            cron=cron, display_name=display_name, start_time=start, end_time=end,
+            allow_queueing=allow_queueing, max_run_count=max_runs,
+            max_concurrent_run_count=max_concurrent_runs, service_account=service_account,
+            network=network)
+    return schedule.resource_name
+
+
+def _schedule(name: str, project: str, region: str, credentials):
+    from google.api_core import exceptions
+    from google.cloud import aiplatform
+
+    try:
+        return aiplatform.PipelineJobSchedule.get(name, project=project, location=region,
+                                                  credentials=credentials)
+    except exceptions.NotFound:
+        raise VertexOpsError(f"schedule {name!r} not found in {project}/{region}") from None
+
+
+def list_schedules(*, project: str, region: str, filter: str | None = None,
+                   credentials=None) -> list[dict[str, Any]]:
+    """Schedules of the project/region (optionally filtered, Vertex filter syntax) as dicts."""
+    from google.cloud import aiplatform
+
+    rows = []
+    for s in aiplatform.PipelineJobSchedule.list(filter=filter, project=project, location=region,
+                                                 credentials=credentials):
+        g = s.gca_resource
+        rows.append({
+            "name": g.name, "display_name": g.display_name, "state": g.state.name,
+            "cron": g.cron, "max_concurrent_run_count": g.max_concurrent_run_count,
+            "started_run_count": g.started_run_count,
+            "next_run_time": _ts(g, "next_run_time"), "start_time": _ts(g, "start_time"),
+            "end_time": _ts(g, "end_time"),
+        })
+    return rows
+
+
+def _ts(resource, field: str) -> str:
+    return getattr(resource, field).isoformat() if field in resource else ""
+
+
+def pause_schedule(name: str, *, project: str, region: str, credentials=None) -> None:
+    """Pause a schedule (no new runs start until it is resumed)."""
+    _schedule(name, project, region, credentials).pause()
+
+
+def resume_schedule(name: str, *, project: str, region: str, catch_up: bool = False,
+                    credentials=None) -> None:
+    """Resume a paused schedule; ``catch_up`` also starts the runs missed while paused."""
+    schedule = _schedule(name, project, region, credentials)
+    # PipelineJobSchedule.resume() drops its catch_up argument: call the API directly.
+    schedule.api_client.resume_schedule(name=schedule.resource_name, catch_up=catch_up)
+
+
+def delete_schedule(name: str, *, project: str, region: str, credentials=None) -> None:
+    """Delete a schedule (runs it already started are kept)."""
+    _schedule(name, project, region, credentials).delete()
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifact Registry templates
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    package: str
+    version: str                  # sha256:...
+    version_url: str              # immutable: runs always get exactly this template
+    tag_urls: dict[str, str]      # moving: e.g. .../latest
+
+
+def registry_host(region: str, project: str, repository: str) -> str:
+    return f"https://{region}-kfp.pkg.dev/{project}/{repository}"
+
+
+def upload_template(host: str, *, template: str | None = None, image: str | None = None,
+                    tags: Sequence[str] = ("latest",), auth=None) -> UploadResult:
+    """Push a compiled template to an Artifact Registry KFP repository with version tags.
+
+    Args:
+        host: ``https://REGION-kfp.pkg.dev/PROJECT/REPO`` (the repository must exist, format KFP).
+        template: Local template file; ``None`` compiles the pipeline now.
+        image: Container image of the components when compiling on the fly.
+        tags: Tags to attach (e.g. ``v1.2.0``, ``latest``); a tag already on another version
+            moves to this one.
+        auth: ``requests`` auth or google credentials (default: application default credentials).
+
+    Returns:
+        Package, version and the URLs to pass as ``--template`` (or pick in the Vertex UI).
+    """
+    import requests
+    from kfp.registry import RegistryClient
+
+    if not _AR_HOST.match(host.rstrip("/") + "/"):
+        raise ConfigError(f"registry host {host!r} must look like "
+                          "https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY")
+    bad = [t for t in tags if not _TAG.match(t)]
+    if bad:
+        raise ConfigError(f"invalid tag(s) {bad}: use lower-case letters, digits, '.', '_', '-'")
+    if template is not None and is_registry_url(template):
+        raise ConfigError("upload needs a local template file (or none, to compile now)")
+    host = host.rstrip("/")
+    client = RegistryClient(host=host, auth=auth)
+    with template_source(template, image) as path:
+        try:
+            package, version = client.upload_pipeline(file_name=path, tags=list(tags) or None)
+        except requests.HTTPError as exc:
+            body = exc.response.text[:500] if exc.response is not None else ""
+            raise VertexOpsError(f"upload to {host} failed: {exc} {body}".rstrip()) from None
+    return UploadResult(package=package, version=version,
+                        version_url=f"{host}/{package}/{version}",
+                        tag_urls={t: f"{host}/{package}/{t}" for t in tags})

@@ -1,0 +1,182 @@
+"""publish_outputs against a local folder and a real GCS emulator (gcp-storage-emulator)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from google.cloud.storage import Blob
+
+from item_embeddings import publish as publish_mod
+from item_embeddings.publish import MANIFEST, PublishError, publish_outputs
+from item_embeddings.storage import sha256_file
+from item_embeddings.verify import verify_outputs
+from test_verify import make_output_set
+
+BUCKET = "embeddings-bucket"
+
+
+@pytest.fixture
+def bucket(gcs):
+    """A bucket in the GCS emulator (conftest's ``gcs`` fixture: real emulator on loopback)."""
+    found = gcs.lookup_bucket(BUCKET)
+    return found or gcs.create_bucket(BUCKET)
+
+
+def _sources(tmp_path: Path, with_images: bool = True) -> list[Path]:
+    """Split an output set into the step directories the pipeline hands over."""
+    full = make_output_set(tmp_path / "all", with_images=with_images)
+    dirs = {"text": ("txt",), "image": ("img",), "fusion": ("fused", "fusion")}
+    out = []
+    for step, prefixes in dirs.items():
+        d = tmp_path / step
+        d.mkdir()
+        for f in full.iterdir():
+            if f.name.startswith(prefixes):
+                f.rename(d / f.name)
+        if any(d.iterdir()):
+            out.append(d)
+    (out[0] / ".txt.npy.123.tmp").write_bytes(b"partial")  # leftovers are never published
+    return out
+
+
+def _check_manifest(manifest: dict, sources: list[Path]) -> None:
+    files = {f.name: f for d in sources for f in d.iterdir() if not f.name.startswith(".")}
+    assert set(manifest["files"]) == set(files)
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": files[name].stat().st_size, "sha256": sha256_file(files[name])}
+
+
+def test_publish_local_folder(tmp_path):
+    sources = _sources(tmp_path)
+    dest = tmp_path / "published"
+    manifest = publish_outputs(sources, str(dest), run_id="run-1", extra_meta={"git": "abc"})
+    _check_manifest(manifest, sources)
+    assert manifest["run_id"] == "run-1" and manifest["extra"] == {"git": "abc"}
+    assert manifest["counts"] == {
+        "text_count": 40, "text_embed_dim": 384, "image_count": 21, "image_failed_count": 5,
+        "image_attempted_count": 26, "image_no_url_count": 14, "image_embed_dim": 512,
+        "fused_count": 40, "items_with_images": 20, "fused_output_dim": 128}
+    assert json.loads((dest / MANIFEST).read_text()) == manifest
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*manifest["files"], MANIFEST])
+    assert verify_outputs(str(dest)).ok
+
+    # Republishing a text-only set replaces the files and drops the old set's extra files.
+    text_only = _sources(tmp_path / "second", with_images=False)
+    manifest2 = publish_outputs(text_only, str(dest), run_id="run-2")
+    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "txt.npy",
+                                                      "txt_items.parquet", "txt_meta.json"]
+    assert manifest2["run_id"] == "run-2" and verify_outputs(str(dest)).ok
+
+
+def test_local_manifest_removed_before_files_move_and_written_last(tmp_path, monkeypatch):
+    dest = tmp_path / "published"
+    publish_outputs(_sources(tmp_path / "a"), str(dest), run_id="old")
+    real_replace, moved = os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).parent == dest and Path(dst).name != MANIFEST:
+            assert not (dest / MANIFEST).exists(), "old manifest still visible while moving"
+            moved.append(Path(dst).name)
+            if len(moved) == 3:
+                raise OSError("disk full")  # a crash in the middle of moving files
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(publish_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        publish_outputs(_sources(tmp_path / "b", with_images=False), str(dest), run_id="new")
+    # Half moved: no manifest, so a reader waits instead of reading a mixed set.
+    assert not (dest / MANIFEST).exists()
+    assert not [p for p in dest.iterdir() if p.name.startswith(".staging-")]
+    monkeypatch.setattr(publish_mod.os, "replace", real_replace)
+    manifest = publish_outputs(_sources(tmp_path / "c"), str(dest), run_id="retry")
+    assert json.loads((dest / MANIFEST).read_text())["run_id"] == "retry"
+    assert verify_outputs(str(dest)).ok and len(manifest["files"]) == 12
+
+
+def test_publish_errors(tmp_path):
+    a = make_output_set(tmp_path / "a", with_images=False)
+    b = make_output_set(tmp_path / "b", with_images=False)
+    with pytest.raises(PublishError, match="'txt.npy' is in both"):
+        publish_outputs([a, b], str(tmp_path / "dest"))
+    with pytest.raises(PublishError, match="publish_uri is empty"):
+        publish_outputs([a], "")
+    with pytest.raises(PublishError, match="source directory not found"):
+        publish_outputs([tmp_path / "nope"], str(tmp_path / "dest"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PublishError, match="nothing to publish"):
+        publish_outputs([empty], str(tmp_path / "dest"))
+    (a / "txt_meta.json").write_text("{broken")
+    with pytest.raises(PublishError, match="txt_meta.json: unreadable meta file"):
+        publish_outputs([a], str(tmp_path / "dest"))
+    assert not (tmp_path / "dest").exists()
+
+
+def test_publish_gcs(bucket, tmp_path):
+    sources = _sources(tmp_path)
+    uri = f"gs://{BUCKET}/embeddings/prod"
+    manifest = publish_outputs(sources, uri, run_id="run-1")
+    _check_manifest(manifest, sources)
+    names = sorted(b.name for b in bucket.list_blobs(prefix="embeddings/prod/"))
+    assert names == sorted(f"embeddings/prod/{n}" for n in [*manifest["files"], MANIFEST])
+    stored = json.loads(bucket.blob(f"embeddings/prod/{MANIFEST}").download_as_bytes())
+    assert stored == manifest
+    # The published set reads back (download + hash check) through verify.
+    report = verify_outputs(uri)
+    assert report.ok, report.violations
+    assert "run_id='run-1'" in report.format()
+
+    text_only = _sources(tmp_path / "second", with_images=False)
+    publish_outputs(text_only, uri, run_id="run-2")
+    names = sorted(b.name.rsplit("/", 1)[1] for b in bucket.list_blobs(prefix="embeddings/prod/"))
+    assert names == ["manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+
+
+def test_gcs_failure_while_moving_leaves_no_manifest(bucket, tmp_path, monkeypatch):
+    uri = f"gs://{BUCKET}/embeddings/crash"
+    publish_outputs(_sources(tmp_path / "a"), uri, run_id="old")
+    real_rewrite, calls = Blob.rewrite, []
+
+    def rewrite(self, source, token=None, **kw):
+        assert not bucket.blob(f"embeddings/crash/{MANIFEST}").exists()
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise ConnectionError("network lost")
+        return real_rewrite(self, source, token=token, **kw)
+
+    monkeypatch.setattr(Blob, "rewrite", rewrite)
+    with pytest.raises(ConnectionError):
+        publish_outputs(_sources(tmp_path / "b"), uri, run_id="new")
+    names = [b.name for b in bucket.list_blobs(prefix="embeddings/crash/")]
+    assert f"embeddings/crash/{MANIFEST}" not in names
+    assert not [n for n in names if "/.staging-" in n]  # staging cleaned up
+
+
+def test_component_publishes_through_kfp_local(tmp_path):
+    """The KFP component end to end in kfp.local (importers hand it three step directories)."""
+    from kfp import dsl, local
+
+    from item_embeddings.components.publish_outputs import make_component
+
+    text, image, fused = _sources(tmp_path / "steps")
+    dest = tmp_path / "published"
+    publish_op = make_component("python:3.11")
+
+    @dsl.pipeline(name="publish-test")
+    def pipe(publish_uri: str) -> str:
+        imported = [dsl.importer(artifact_uri=str(d), artifact_class=dsl.Dataset).output
+                    for d in (text, image, fused)]
+        return publish_op(text_embeddings=imported[0], image_embeddings=imported[1],
+                          fused_embeddings=imported[2], publish_uri=publish_uri,
+                          run_id="local-1").output
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "kfp"))
+    assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 12
+    assert manifest["extra"]["sources"]["text"] == str(text)
+    assert verify_outputs(str(dest)).ok
+    # Empty publish_uri = publishing off: nothing happens, "" comes back.
+    assert pipe(publish_uri="").output == ""

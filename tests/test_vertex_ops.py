@@ -1,0 +1,424 @@
+"""Submit, schedule and upload against the real aiplatform / kfp SDKs, network intercepted.
+
+The aiplatform SDK builds real request protos and calls its GAPIC clients; the tests replace the
+GAPIC client methods (the transport boundary) with an in-memory Vertex AI that records each
+request and answers like the service. Anything not intercepted goes to a closed loopback port,
+so a missed call fails instead of reaching the internet. kfp's RegistryClient is intercepted at
+``requests``' HTTP adapter.
+"""
+
+
+import io
+from pathlib import Path
+
+import pytest
+import requests
+from google.api_core import exceptions, operation
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform
+from google.cloud.aiplatform.utils import gcs_utils, yaml_utils
+from google.cloud.aiplatform_v1.services.metadata_service import MetadataServiceClient
+from google.cloud.aiplatform_v1.services.pipeline_service import PipelineServiceClient
+from google.cloud.aiplatform_v1.services.schedule_service import ScheduleServiceClient
+from google.cloud.aiplatform_v1.types import context as gca_context
+from google.cloud.aiplatform_v1.types import metadata_store as gca_store
+from google.cloud.aiplatform_v1.types import pipeline_job as gca_job
+from google.cloud.aiplatform_v1.types import pipeline_state
+from google.cloud.aiplatform_v1.types import schedule as gca_schedule
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2
+from kfp import compiler, dsl
+from kfp.registry import ApiAuth
+
+from item_embeddings import vertex
+from item_embeddings.config import PARAM_FIELDS, ConfigError
+
+PROJECT, REGION = "test-proj", "us-central1"
+PARENT = f"projects/{PROJECT}/locations/{REGION}"
+SA = "runner@test-proj.iam.gserviceaccount.com"
+NETWORK = "projects/123/global/networks/vpc"
+ROOT = "gs://bucket/pipeline-root"
+S = pipeline_state.PipelineState
+
+
+@dsl.component(base_image="python:3.11")
+def _echo(items_uri: str, batch: int) -> str:
+    return f"{items_uri}:{batch}"
+
+
+@dsl.pipeline(name="item-embeddings")
+def _pipeline(items_uri: str = "", text_batch_size: int = 128, experiment: str = "recsys-dev",
+              publish_uri: str = ""):
+    _echo(items_uri=items_uri, batch=text_batch_size)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> str:
+    # A real compiled KFP template with the same pipeline name and some of the real parameters.
+    path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
+    compiler.Compiler().compile(_pipeline, str(path))
+    return str(path)
+
+
+class FakeVertex:
+    """In-memory Vertex AI behind the GAPIC clients: records requests, answers like the service."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.jobs: dict[str, gca_job.PipelineJob] = {}
+        self.contexts: dict[str, gca_context.Context] = {}
+        self.children: dict[str, list[str]] = {}
+        self.schedules: dict[str, gca_schedule.Schedule] = {}
+        self.job_states: list[int] = [S.PIPELINE_STATE_RUNNING, S.PIPELINE_STATE_SUCCEEDED]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    # PipelineService
+    def create_pipeline_job(self, parent, pipeline_job, pipeline_job_id, **_):
+        self.calls.append(("create_pipeline_job", {"parent": parent, "pipeline_job": pipeline_job,
+                                                   "pipeline_job_id": pipeline_job_id}))
+        job = gca_job.PipelineJob(pipeline_job)
+        job.name = f"{parent}/pipelineJobs/{pipeline_job_id}"
+        job.state = S.PIPELINE_STATE_PENDING
+        job.job_detail.pipeline_run_context = gca_context.Context(
+            name=f"{parent}/metadataStores/default/contexts/{pipeline_job_id}",
+            schema_title="system.PipelineRun")
+        self.jobs[job.name] = job
+        return job
+
+    def get_pipeline_job(self, name, **_):
+        self.calls.append(("get_pipeline_job", {"name": name}))
+        job = self.jobs[name]
+        if self.job_states:
+            job.state = self.job_states.pop(0)
+            if job.state == S.PIPELINE_STATE_FAILED:
+                job.error.message = "embed-images: out of memory"
+        return job
+
+    # MetadataService (experiments)
+    def get_metadata_store(self, name, **_):
+        self.calls.append(("get_metadata_store", {"name": name}))
+        return gca_store.MetadataStore(name=name)
+
+    def get_context(self, name, **_):
+        self.calls.append(("get_context", {"name": name}))
+        if name not in self.contexts:
+            raise exceptions.NotFound(name)
+        return self.contexts[name]
+
+    def create_context(self, parent, context, context_id, **_):
+        self.calls.append(("create_context", {"parent": parent, "context": context,
+                                              "context_id": context_id}))
+        created = gca_context.Context(context)
+        created.name = f"{parent}/contexts/{context_id}"
+        self.contexts[created.name] = created
+        return created
+
+    def add_context_children(self, context, child_contexts, **_):
+        self.calls.append(("add_context_children", {"context": context,
+                                                    "child_contexts": list(child_contexts)}))
+        self.children.setdefault(context, []).extend(child_contexts)
+
+    # ScheduleService
+    def create_schedule(self, parent, schedule, **_):
+        self.calls.append(("create_schedule", {"parent": parent, "schedule": schedule}))
+        created = gca_schedule.Schedule(schedule)
+        created.name = f"{parent}/schedules/{len(self.schedules) + 1}"
+        created.state = gca_schedule.Schedule.State.ACTIVE
+        self.schedules[created.name] = created
+        return created
+
+    def get_schedule(self, name, **_):
+        self.calls.append(("get_schedule", {"name": name}))
+        if name not in self.schedules:
+            raise exceptions.NotFound(name)
+        return self.schedules[name]
+
+    def list_schedules(self, request, **_):
+        self.calls.append(("list_schedules", {"request": request}))
+        return list(self.schedules.values())
+
+    def pause_schedule(self, name, **_):
+        self.calls.append(("pause_schedule", {"name": name}))
+        self.schedules[name].state = gca_schedule.Schedule.State.PAUSED
+
+    def resume_schedule(self, name, catch_up=None, **_):
+        self.calls.append(("resume_schedule", {"name": name, "catch_up": catch_up}))
+        self.schedules[name].state = gca_schedule.Schedule.State.ACTIVE
+
+    def delete_schedule(self, name, **_):
+        self.calls.append(("delete_schedule", {"name": name}))
+        del self.schedules[name]
+        done = operations_pb2.Operation(name=f"{name}/operations/1", done=True)
+        done.response.Pack(empty_pb2.Empty())
+        return operation.Operation(done, refresh=lambda: done, cancel=lambda: None,
+                                   result_type=empty_pb2.Empty)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    backend = FakeVertex()
+    for client in (PipelineServiceClient, MetadataServiceClient, ScheduleServiceClient):
+        for name in ("create_pipeline_job", "get_pipeline_job", "get_metadata_store",
+                     "get_context", "create_context", "add_context_children", "create_schedule",
+                     "get_schedule", "list_schedules", "pause_schedule", "resume_schedule",
+                     "delete_schedule"):
+            if hasattr(client, name):
+                method = getattr(backend, name)
+                monkeypatch.setattr(client, name,
+                                    lambda self, *a, _m=method, **k: _m(*a, **k))
+    # The SDK checks/creates the pipeline-root bucket over the GCS API before creating a job.
+    buckets = []
+    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
+                        lambda **kw: buckets.append(kw["output_artifacts_gcs_dir"]))
+    backend.buckets = buckets
+    # Any call not intercepted above goes to a closed loopback port, never to Google.
+    aiplatform.init(api_endpoint="127.0.0.1:9")
+    yield backend
+    aiplatform.initializer.global_config._api_endpoint = None  # init() cannot unset it
+
+
+def _submit(template, **kw):
+    args = dict(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+                parameter_values={"items_uri": "gs://data/items.parquet", "text_batch_size": 64},
+                credentials=AnonymousCredentials())
+    args.update(kw)
+    return vertex.submit_pipeline(**args)
+
+
+def test_submit_sends_template_parameters_and_run_settings(fake, template):
+    result = _submit(template, service_account=SA, network=NETWORK,
+                     labels={"team": "recsys", "env": "dev"}, enable_caching=False,
+                     experiment="recsys-dev", job_id="item-embeddings-t1")
+
+    (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    job = create["pipeline_job"]
+    assert create["parent"] == PARENT and create["pipeline_job_id"] == "item-embeddings-t1"
+    assert job.pipeline_spec["pipelineInfo"]["name"] == "item-embeddings"
+    assert job.runtime_config.gcs_output_directory == ROOT
+    params = job.runtime_config.parameter_values
+    assert params["items_uri"] == "gs://data/items.parquet"
+    assert params["text_batch_size"] == 64
+    assert "publish_uri" not in params  # not given: the template default applies
+    assert job.service_account == SA and job.network == NETWORK
+    assert dict(job.labels) == {"team": "recsys", "env": "dev"}
+    # enable_caching=False is written into every task of the submitted spec.
+    tasks = job.pipeline_spec["root"]["dag"]["tasks"]
+    assert tasks and all(t["cachingOptions"].get("enableCache", False) is False
+                         for t in tasks.values())
+    assert fake.buckets == [ROOT]
+    # The experiment is created (it did not exist) and the run's context is added to it.
+    (_, ctx), = [c for c in fake.calls if c[0] == "create_context"]
+    assert ctx["context_id"] == "recsys-dev"
+    assert ctx["context"].schema_title == "system.Experiment"
+    exp_name = f"{PARENT}/metadataStores/default/contexts/recsys-dev"
+    assert fake.children[exp_name] == [
+        f"{PARENT}/metadataStores/default/contexts/item-embeddings-t1"]
+    assert result.job_name == f"{PARENT}/pipelineJobs/item-embeddings-t1"
+    assert "console.cloud.google.com" in result.dashboard_uri
+
+
+def test_submit_without_experiment_makes_no_metadata_calls(fake, template):
+    _submit(template)
+    assert fake.names() == ["create_pipeline_job"]
+
+
+def test_submit_wait_polls_until_succeeded(fake, template):
+    seen = []
+    result = _submit(template, wait=True, poll_interval_s=0, on_state=seen.append)
+    assert seen == ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED"]
+    assert result.state == "PIPELINE_STATE_SUCCEEDED"
+    assert fake.names().count("get_pipeline_job") == 2
+
+
+def test_submit_wait_raises_when_run_fails(fake, template):
+    fake.job_states = [S.PIPELINE_STATE_RUNNING, S.PIPELINE_STATE_FAILED]
+    with pytest.raises(vertex.PipelineRunFailed, match="FAILED: embed-images: out of memory"):
+        _submit(template, wait=True, poll_interval_s=0)
+
+
+def test_submit_wait_timeout_names_the_run(fake, template):
+    fake.job_states = [S.PIPELINE_STATE_RUNNING] * 50
+    with pytest.raises(vertex.VertexOpsError, match="still PIPELINE_STATE_RUNNING"):
+        _submit(template, wait=True, poll_interval_s=0.01, timeout_s=0.05)
+
+
+def test_submit_rejects_parameters_the_template_does_not_declare(fake, template):
+    with pytest.raises(ConfigError, match="fusion_epochs"):
+        _submit(template, parameter_values={"items_uri": "gs://x", "fusion_epochs": 3})
+    with pytest.raises(ConfigError, match="items_uri is required"):
+        _submit(template, parameter_values={})
+    with pytest.raises(ConfigError, match="template file not found"):
+        _submit("/nonexistent/t.yaml")
+    assert "create_pipeline_job" not in fake.names()
+
+
+def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
+    image = "us-docker.pkg.dev/test-proj/ie/item-embeddings:1.0"
+    vertex.submit_pipeline(project=PROJECT, region=REGION, template=None, image=image,
+                           pipeline_root=ROOT, credentials=AnonymousCredentials(),
+                           parameter_values={"items_uri": "gs://d/items/", "seed": 7,
+                                             "publish_uri": "gs://out/emb"})
+    (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    spec = create["pipeline_job"].pipeline_spec
+    assert spec["pipelineInfo"]["name"] == "item-embeddings"
+    # Every pipeline parameter of the real template is a PipelineParams field.
+    declared = set(spec["root"]["inputDefinitions"]["parameters"])
+    assert declared == set(PARAM_FIELDS)
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
+              if "container" in e}
+    assert image in images
+    assert create["pipeline_job"].runtime_config.parameter_values["seed"] == 7
+
+
+def test_submit_from_artifact_registry_url(fake, template, monkeypatch):
+    url = f"https://{REGION}-kfp.pkg.dev/{PROJECT}/pipelines/item-embeddings/v1"
+    fetched = []
+
+    def urlopen(req):  # the SDK downloads AR templates with urllib
+        fetched.append(req.full_url)
+        return io.BytesIO(Path(template).read_bytes())
+
+    monkeypatch.setattr(yaml_utils.request, "urlopen", urlopen)
+    _submit(url)
+    assert fetched == [url]
+    (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    # template_uri keeps the link to the registry version: the UI can rerun from it.
+    assert create["pipeline_job"].template_uri == url
+
+
+def test_submit_from_gcs_template(fake, template, gcs):
+    # gcs: conftest's real GCS emulator on loopback; the SDK reads the template from it.
+    bucket = gcs.lookup_bucket("templates") or gcs.create_bucket("templates")
+    bucket.blob("t/item_embeddings.yaml").upload_from_filename(template)
+    _submit("gs://templates/t/item_embeddings.yaml")
+    (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    assert create["pipeline_job"].pipeline_spec["pipelineInfo"]["name"] == "item-embeddings"
+    with pytest.raises(ConfigError, match="expected a local file, a gs:// file or an Artifact"):
+        _submit("https://example.com/template")
+
+
+def test_create_schedule_request(fake, template):
+    name = vertex.create_schedule(
+        project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+        parameter_values={"items_uri": "gs://data/items.parquet"}, display_name="nightly",
+        cron="0 3 * * *", time_zone="Europe/Berlin", start_time="2026-12-01T00:00:00+01:00",
+        end_time="2027-06-01T00:00:00Z", max_concurrent_runs=2, max_runs=100,
+        service_account=SA, network=NETWORK, credentials=AnonymousCredentials())
+
+    (_, req), = [c for c in fake.calls if c[0] == "create_schedule"]
+    sched = req["schedule"]
+    assert req["parent"] == PARENT and name == f"{PARENT}/schedules/1"
+    assert sched.display_name == "nightly"
+    assert sched.cron == "TZ=Europe/Berlin 0 3 * * *"
+    assert sched.max_concurrent_run_count == 2 and sched.max_run_count == 100
+    assert sched.start_time.isoformat() == "2026-11-30T23:00:00+00:00"
+    assert sched.end_time.isoformat() == "2027-06-01T00:00:00+00:00"
+    job = sched.create_pipeline_job_request.pipeline_job
+    assert sched.create_pipeline_job_request.parent == PARENT
+    assert job.service_account == SA and job.network == NETWORK
+    assert job.runtime_config.parameter_values["items_uri"] == "gs://data/items.parquet"
+    assert job.pipeline_spec["pipelineInfo"]["name"] == "item-embeddings"
+
+
+def test_schedule_list_pause_resume_delete(fake, template):
+    name = vertex.create_schedule(
+        project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+        parameter_values={"items_uri": "gs://d/i.parquet"}, display_name="nightly",
+        cron="30 2 * * 1", credentials=AnonymousCredentials())
+    creds = dict(project=PROJECT, region=REGION, credentials=AnonymousCredentials())
+
+    rows = vertex.list_schedules(filter='display_name="nightly"', **creds)
+    assert [(r["name"], r["cron"], r["state"]) for r in rows] == [(name, "30 2 * * 1", "ACTIVE")]
+    (_, listed), = [c for c in fake.calls if c[0] == "list_schedules"]
+    assert listed["request"]["filter"] == 'display_name="nightly"'
+
+    vertex.pause_schedule("1", **creds)  # a bare id is expanded to the full resource name
+    assert fake.schedules[name].state == gca_schedule.Schedule.State.PAUSED
+    vertex.resume_schedule(name, catch_up=True, **creds)
+    assert fake.schedules[name].state == gca_schedule.Schedule.State.ACTIVE
+    assert ("resume_schedule", {"name": name, "catch_up": True}) in fake.calls
+    vertex.delete_schedule(name, **creds)
+    assert fake.schedules == {}
+    with pytest.raises(vertex.VertexOpsError, match="not found"):
+        vertex.pause_schedule(name, **creds)
+
+
+@pytest.mark.parametrize("cron,tz,msg", [
+    ("0 3 * *", None, "5 fields"),
+    ("0 3 * * *", "Mars/Olympus", "unknown time zone"),
+    ("TZ=UTC 0 3 * * *", "UTC", "either"),
+])
+def test_cron_validation(cron, tz, msg):
+    with pytest.raises(ConfigError, match=msg):
+        vertex.cron_with_time_zone(cron, tz)
+
+
+def test_cron_time_zone_prefix_kept():
+    assert vertex.cron_with_time_zone("CRON_TZ=America/New_York 0 1 * * *", None) == \
+        "TZ=America/New_York 0 1 * * *"
+
+
+def test_schedule_rejects_bad_times(fake, template):
+    common = dict(project=PROJECT, region=REGION, template=template, cron="0 3 * * *",
+                  parameter_values={"items_uri": "gs://d/i"}, display_name="n",
+                  credentials=AnonymousCredentials())
+    with pytest.raises(ConfigError, match="UTC offset"):
+        vertex.create_schedule(start_time="2026-12-01T00:00:00", **common)
+    with pytest.raises(ConfigError, match="not after"):
+        vertex.create_schedule(start_time="2026-12-02T00:00:00Z",
+                               end_time="2026-12-01T00:00:00Z", **common)
+    assert "create_schedule" not in fake.names()
+
+
+class _RegistryAdapter(requests.adapters.HTTPAdapter):
+    """Answers Artifact Registry's KFP upload API; records every request."""
+
+    seen: list = []
+    status = 200
+
+    def send(self, request, **kwargs):
+        type(self).seen.append(request)
+        resp = requests.Response()
+        resp.status_code = self.status
+        resp.url = request.url
+        resp.request = request
+        body = "item-embeddings/sha256:" + "ab" * 32 if self.status == 200 else "denied"
+        resp.raw = io.BytesIO(body.encode())
+        return resp
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    _RegistryAdapter.seen = []
+    _RegistryAdapter.status = 200
+    monkeypatch.setattr(requests.Session, "get_adapter", lambda self, url: _RegistryAdapter())
+    return _RegistryAdapter
+
+
+def test_upload_template_with_tags(registry, template):
+    host = f"https://{REGION}-kfp.pkg.dev/{PROJECT}/pipelines"
+    result = vertex.upload_template(host, template=template, tags=["v1.2.0", "latest"],
+                                    auth=ApiAuth("tok"))
+    (req,) = registry.seen
+    assert req.method == "POST" and req.url == host
+    assert req.headers["authorization"] == "Bearer tok"
+    body = req.body.decode("latin-1")
+    assert 'name="tags"' in body and "v1.2.0,latest" in body
+    assert "pipelineInfo" in body and "item-embeddings" in body  # the template file itself
+    assert result.package == "item-embeddings"
+    assert result.version_url == f"{host}/item-embeddings/sha256:{'ab' * 32}"
+    assert result.tag_urls["v1.2.0"] == f"{host}/item-embeddings/v1.2.0"
+
+
+def test_upload_errors(registry, template):
+    host = f"https://{REGION}-kfp.pkg.dev/{PROJECT}/pipelines"
+    registry.status = 403
+    with pytest.raises(vertex.VertexOpsError, match="403.*denied"):
+        vertex.upload_template(host, template=template, auth=ApiAuth("tok"))
+    with pytest.raises(ConfigError, match="REGION-kfp.pkg.dev"):
+        vertex.upload_template("https://example.com/x", template=template, auth=ApiAuth("t"))
+    with pytest.raises(ConfigError, match="invalid tag"):
+        vertex.upload_template(host, template=template, tags=["Bad Tag"], auth=ApiAuth("t"))
+
