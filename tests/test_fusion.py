@@ -1,0 +1,341 @@
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from item_embeddings.fusion import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
+                                    WEIGHTS_FILE, FusionInputError, fuse_item_embeddings,
+                                    load_fusion_inputs)
+from item_embeddings.fusion_model import FusionMLP, init_from_pca, load_fusion_model
+from item_embeddings.fusion_synthetic import write_synthetic_catalogue
+from item_embeddings.storage import sha256_file
+
+N = 2400
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine has two shared cores; one torch thread avoids oversubscription."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    cat = write_synthetic_catalogue(root / "text", root / "image", n=N, image_fraction=0.5,
+                                    seed=3)
+    return root, cat
+
+
+@pytest.fixture
+def inputs(tmp_path, synthetic):
+    """A private copy of the synthetic step outputs that a test may damage."""
+    root, cat = synthetic
+    shutil.copytree(root / "text", tmp_path / "text")
+    shutil.copytree(root / "image", tmp_path / "image")
+    return tmp_path / "text", tmp_path / "image", cat
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory, synthetic):
+    root, cat = synthetic
+    out = tmp_path_factory.mktemp("fused")
+    meta = fuse_item_embeddings(root / "text", root / "image", out, run_id="r1", seed=0)
+    return out, meta, cat
+
+
+def _label_purity(vectors: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Share of each item's top-k cosine neighbours (self excluded) with the same label."""
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    nb = np.argsort(-sim, axis=1)[:, :k]
+    return float((labels[nb] == labels[:, None]).mean())
+
+
+def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
+    out, meta, cat = fused
+    root, _ = synthetic
+    z = np.load(out / FUSED_ARRAY)
+    text = np.load(root / "text" / "txt.npy")
+    img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
+    # Image clusters exist only in the image vectors: the text space cannot see them (chance is
+    # 1/8), the fused space must.
+    assert _label_purity(text[img], cat.image_label[img]) < 0.25
+    assert _label_purity(z[img], cat.image_label[img]) >= 0.9
+    assert _label_purity(z[img], cat.text_label[img]) >= 0.9   # and the text side is kept
+    assert _label_purity(z[txt], cat.text_label[txt]) >= 0.95  # items without an image
+    assert meta["loss_history"][-1]["loss"] < meta["loss_history"][0]["loss"]
+
+
+def test_objective_alone_learns_both_modalities_from_random_init(tmp_path, synthetic):
+    root, cat = synthetic
+    fuse_item_embeddings(root / "text", root / "image", tmp_path, init="random", seed=0)
+    z = np.load(tmp_path / FUSED_ARRAY)
+    img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
+    assert _label_purity(z[img], cat.image_label[img]) >= 0.9
+    assert _label_purity(z[txt], cat.text_label[txt]) >= 0.95
+
+
+def test_output_files_and_config(fused, synthetic):
+    out, meta, cat = fused
+    z = np.load(out / FUSED_ARRAY)
+    assert z.shape == (N, 128) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    items = pq.read_table(out / FUSED_ITEMS)
+    assert items.column("id").to_pylist() == cat.ids  # the text step's order
+    assert items.column("has_image").to_pylist() == cat.has_image.tolist()
+    assert pq.read_table(out / FUSION_EXCLUSIONS).num_rows == 0
+    config = json.loads((out / FUSION_CONFIG).read_text())
+    assert config == json.loads(json.dumps(meta))
+    assert {k: config[k] for k in ("text_dim", "img_dim", "output_dim", "hidden_dim", "count",
+                                   "items_with_images", "run_id", "epochs", "lr", "seed",
+                                   "batch_size")} == {
+        "text_dim": 384, "img_dim": 512, "output_dim": 128, "hidden_dim": 256, "count": N,
+        "items_with_images": int(cat.has_image.sum()), "run_id": "r1", "epochs": 5, "lr": 1e-3,
+        "seed": 0, "batch_size": 512}
+    assert config["objective"] == "neighbourhood-kl+norm"
+    assert len(config["loss_history"]) == 5 and np.isfinite(config["final_loss"])
+    assert config["image_failures"] == 0 and config["image_vectors_excluded"] == 0
+    assert config["weights_sha256"] == sha256_file(out / WEIGHTS_FILE)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_saved_model_fuses_new_items_like_the_step(fused, synthetic):
+    out, _, cat = fused
+    root, _ = synthetic
+    model = load_fusion_model(out)
+    assert (model.text_dim, model.img_dim, model.hidden_dim, model.output_dim) == (384, 512,
+                                                                                   256, 128)
+    text = np.load(root / "text" / "txt.npy")
+    img_items = pq.read_table(root / "image" / "img_items.parquet").to_pydict()
+    img = np.load(root / "image" / "img.npy")
+    image = np.zeros((N, 512), dtype=np.float32)
+    index = {item: i for i, item in enumerate(cat.ids)}
+    for item, row in zip(img_items["id"], img_items["row"]):
+        image[index[item]] = img[row]
+    np.testing.assert_allclose(model.fuse(text, image, cat.has_image), np.load(out / FUSED_ARRAY),
+                               atol=1e-5)
+    # Without an image an item is fused from its text alone, exactly as in the step.
+    txt = np.flatnonzero(~cat.has_image)[:50]
+    np.testing.assert_allclose(model.fuse(text[txt]), np.load(out / FUSED_ARRAY)[txt], atol=1e-5)
+    with pytest.raises(ValueError, match=r"text vectors must be \[n, 384\]"):
+        model.fuse(text[:, :100])
+    bad = text[:3].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite or zero, at rows \[1\]"):
+        model.fuse(bad)
+    with pytest.raises(FileNotFoundError):
+        load_fusion_model(out / "missing.safetensors")
+
+
+def test_deterministic_for_a_seed(tmp_path, synthetic, fused):
+    root, _ = synthetic
+    out, _, _ = fused
+    fuse_item_embeddings(root / "text", root / "image", tmp_path / "a", run_id="r1", seed=0)
+    fuse_item_embeddings(root / "text", root / "image", tmp_path / "b", run_id="r1", seed=1)
+    assert sha256_file(tmp_path / "a" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
+    assert sha256_file(tmp_path / "a" / WEIGHTS_FILE) == sha256_file(out / WEIGHTS_FILE)
+    assert sha256_file(tmp_path / "b" / FUSED_ARRAY) != sha256_file(out / FUSED_ARRAY)
+
+
+def test_join_is_by_id_not_by_position(tmp_path, inputs, fused):
+    """Reordering the image step's files (ids and img.npy rows) changes nothing."""
+    text_dir, image_dir, _ = inputs
+    out, _, _ = fused
+    items = pq.read_table(image_dir / "img_items.parquet")
+    img = np.load(image_dir / "img.npy")
+    order = np.random.default_rng(7).permutation(items.num_rows)
+    new_row = np.empty(len(img), dtype=np.int64)
+    new_row[np.random.default_rng(8).permutation(len(img))] = np.arange(len(img))
+    rows = np.asarray(items.column("row").to_pylist())
+    reordered = np.empty_like(img)
+    reordered[new_row[rows]] = img[rows]
+    np.save(image_dir / "img.npy", reordered)
+    pq.write_table(items.take(order).set_column(
+        2, "row", pa.array(new_row[rows][order], pa.int64())), image_dir / "img_items.parquet")
+    fuse_item_embeddings(text_dir, image_dir, tmp_path / "out", run_id="r1", seed=0)
+    assert sha256_file(tmp_path / "out" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
+
+
+def test_empty_image_set_fuses_every_item_from_text(tmp_path, inputs):
+    text_dir, image_dir, cat = inputs
+    np.save(image_dir / "img.npy", np.zeros((0, 512), dtype=np.float32))
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "url": pa.array([], pa.string()),
+                             "row": pa.array([], pa.int64())}), image_dir / "img_items.parquet")
+    (image_dir / "img_meta.json").write_text(json.dumps({"embed_dim": 512, "count": 0}))
+    meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
+    z = np.load(tmp_path / "out" / FUSED_ARRAY)
+    assert meta["items_with_images"] == 0 and meta["items_without_images"] == N
+    assert np.isfinite(z).all() and z.shape == (N, 128)
+    assert _label_purity(z, cat.text_label) >= 0.95
+    assert not any(pq.read_table(tmp_path / "out" / FUSED_ITEMS).column("has_image").to_pylist())
+
+
+def test_non_finite_image_vector_is_a_counted_exclusion(tmp_path, inputs):
+    text_dir, image_dir, cat = inputs
+    items = pq.read_table(image_dir / "img_items.parquet").to_pydict()
+    img = np.load(image_dir / "img.npy")
+    img[items["row"][0], 3] = np.inf
+    img[items["row"][1]] = 0.0
+    np.save(image_dir / "img.npy", img)
+    meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
+    excluded = pq.read_table(tmp_path / "out" / FUSION_EXCLUSIONS).to_pydict()
+    assert sorted(excluded["id"]) == sorted(items["id"][:2])
+    assert set(excluded["reason"]) == {"non-finite or zero image vector"}
+    assert meta["image_vectors_excluded"] == 2
+    assert meta["items_with_images"] == int(cat.has_image.sum()) - 2
+    fused_items = pq.read_table(tmp_path / "out" / FUSED_ITEMS).to_pydict()
+    flags = dict(zip(fused_items["id"], fused_items["has_image"]))
+    assert not flags[items["id"][0]] and not flags[items["id"][1]] and flags[items["id"][2]]
+    assert np.isfinite(np.load(tmp_path / "out" / FUSED_ARRAY)).all()
+
+
+def _damage_text_nan(text_dir, image_dir):
+    text = np.load(text_dir / "txt.npy")
+    text[17, 5] = np.nan
+    np.save(text_dir / "txt.npy", text)
+
+
+def _damage_text_dim(text_dir, image_dir):
+    np.save(text_dir / "txt.npy", np.load(text_dir / "txt.npy")[:, :256].copy())
+
+
+def _damage_image_dim(text_dir, image_dir):
+    np.save(image_dir / "img.npy", np.load(image_dir / "img.npy")[:, :768 - 512].copy())
+
+
+def _damage_unknown_image_id(text_dir, image_dir):
+    items = pq.read_table(image_dir / "img_items.parquet")
+    ids = items.column("id").to_pylist()
+    ids[4] = "not-in-text"
+    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / "img_items.parquet")
+
+
+def _damage_duplicate_text_id(text_dir, image_dir):
+    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
+    ids[9] = ids[8]
+    pq.write_table(pa.table({"id": ids}), text_dir / "txt_items.parquet")
+
+
+def _damage_duplicate_image_id(text_dir, image_dir):
+    items = pq.read_table(image_dir / "img_items.parquet")
+    ids = items.column("id").to_pylist()
+    ids[1] = ids[0]
+    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / "img_items.parquet")
+
+
+def _damage_row_out_of_range(text_dir, image_dir):
+    items = pq.read_table(image_dir / "img_items.parquet")
+    rows = items.column("row").to_pylist()
+    rows[0] = 10**6
+    pq.write_table(items.set_column(2, "row", pa.array(rows, pa.int64())),
+                   image_dir / "img_items.parquet")
+
+
+def _damage_id_type(text_dir, image_dir):
+    n = pq.read_table(text_dir / "txt_items.parquet").num_rows
+    pq.write_table(pa.table({"id": pa.array(range(n), pa.int64())}),
+                   text_dir / "txt_items.parquet")
+
+
+def _damage_count(text_dir, image_dir):
+    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids[:-1]}), text_dir / "txt_items.parquet")
+
+
+def _damage_missing_meta(text_dir, image_dir):
+    (image_dir / "img_meta.json").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_damage_text_nan, r"1 text vector\(s\) .* non-finite or zero, e.g. ids \['item-0000017'\]"),
+    (_damage_text_dim, r"dimension mismatch: .*txt.npy has 256 columns .* embed_dim=384"),
+    (_damage_image_dim, r"dimension mismatch: .*img.npy has 256 columns .* embed_dim=512"),
+    (_damage_unknown_image_id, r"1 image id\(s\) .* not in the text step's ids .*'not-in-text'"),
+    (_damage_duplicate_text_id,
+     r"txt_items.parquet: 1 duplicated id\(s\), e.g. \['item-0000008'\]"),
+    (_damage_duplicate_image_id, r"img_items.parquet: 1 duplicated id\(s\)"),
+    (_damage_row_out_of_range, r"1 row index\(es\) outside img.npy"),
+    (_damage_id_type,
+     r"id types differ: txt_items.parquet has int64, img_items.parquet has string"),
+    (_damage_count, r"count mismatch: .*txt.npy has 2400 rows, txt_items.parquet 2399"),
+    (_damage_missing_meta, r"missing .*img_meta.json"),
+])
+def test_bad_inputs_fail_before_training_with_a_clear_error(tmp_path, inputs, damage, message):
+    text_dir, image_dir, _ = inputs
+    damage(text_dir, image_dir)
+    with pytest.raises(FusionInputError, match=message):
+        fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_inputs_are_memory_mapped(inputs):
+    text_dir, image_dir, _ = inputs
+    loaded = load_fusion_inputs(text_dir, image_dir)
+    assert isinstance(loaded.text, np.memmap) and isinstance(loaded.image, np.memmap)
+
+
+def test_pca_init_starts_as_the_linear_projection():
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 40), dim=1)
+    model = FusionMLP(16, 24, hidden_dim=20, output_dim=8)
+    k = init_from_pca(model, (x.T @ x / 300).numpy())
+    assert k == 8
+    _, h = model(x[:, :16], x[:, 16:], torch.arange(300))
+    eigvals, eigvecs = np.linalg.eigh((x.T @ x / 300).double().numpy())
+    top = eigvecs[:, np.argsort(eigvals)[::-1][:8]]
+    # Same 8-dimensional subspace as the principal directions (signs may differ per column).
+    proj = x.double().numpy() @ top
+    np.testing.assert_allclose(np.abs(h.detach().double().numpy()), np.abs(proj), atol=1e-5)
+
+
+def test_component_through_python_func(tmp_path, synthetic):
+    from kfp import dsl
+
+    from item_embeddings.components.fuse_embeddings import fuse_embeddings, make_component
+
+    root, cat = synthetic
+    fused = dsl.Dataset(uri=str(tmp_path / "fused"))
+    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    component = make_component("example.invalid/item-embeddings:test")
+    component.python_func(
+        text_embeddings=dsl.Dataset(uri=str(root / "text")),
+        image_embeddings=dsl.Dataset(uri=str(root / "image")),
+        fused_embeddings=fused, metrics=metrics, fusion_epochs=2, fusion_output_dim=64,
+        tracking_backend="local", tracking_dir=str(tmp_path / "runs"), experiment="exp",
+        run_id="Run_42")
+    assert component.python_func is fuse_embeddings
+    assert np.load(tmp_path / "fused" / FUSED_ARRAY).shape == (N, 64)
+    assert fused.metadata["count"] == N and fused.metadata["output_dim"] == 64
+    assert metrics.metadata["fusion_count"] == N
+    assert metrics.metadata["fusion_items_with_images"] == int(cat.has_image.sum())
+    assert all(k.startswith("fusion_") for k in metrics.metadata)
+    record = json.loads((tmp_path / "runs" / "exp" / "fuse-modal-run-42.json").read_text())
+    assert record["status"] == "COMPLETE"
+    assert {k: record["params"][k] for k in ("output_dim", "hidden_dim", "epochs", "lr")} == {
+        "output_dim": 64, "hidden_dim": 256, "epochs": 2, "lr": 1e-3}
+    assert record["metrics"]["count"] == N
+    assert record["metrics"]["items_with_images"] == int(cat.has_image.sum())
+    assert np.isfinite(record["metrics"]["final_loss"])
+    spec = component.component_spec
+    assert set(spec.inputs) >= {"text_embeddings", "image_embeddings", "fusion_hidden_dim",
+                                "fusion_output_dim", "fusion_epochs", "fusion_lr",
+                                "fusion_batch_size", "seed"}
+    assert set(spec.outputs) == {"fused_embeddings", "metrics"}
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from item_embeddings.fusion import lr_at
+
+    rates = [lr_at(step, 100, 1e-3) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-6
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
