@@ -1,0 +1,383 @@
+"""Guarded, concurrent image downloads with aiohttp.
+
+:class:`Downloader` fetches one URL per call to :meth:`Downloader.fetch` and never raises for a
+bad item: every outcome is a :class:`FetchResult`, either a body or a failure reason (see
+:data:`FAILURE_REASONS`). Many calls run at once on one event loop; a semaphore bounds the
+requests in flight and the connector bounds connections per host.
+
+Safety (an SSRF guard): only http/https URLs are fetched, redirects are followed by hand (at most
+``max_redirects``) so every hop is checked, and unless ``allow_private_hosts`` is set no
+connection is made to a private, loopback, link-local, multicast, reserved or cloud-metadata
+address. Host names are checked by :class:`GuardedResolver` when the connector resolves them (at
+connect time, so a DNS answer cannot be swapped after a check); IP literals, which aiohttp does
+not resolve, are checked before each request.
+
+Example::
+
+    async with Downloader(DownloadConfig(concurrency=64)) as downloader:
+        results = await asyncio.gather(*(downloader.fetch(url) for url in urls))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+DEFAULT_USER_AGENT = "item-embeddings/0.1 (image embedding pipeline; aiohttp)"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CHUNK_BYTES = 64 * 1024
+
+# Every reason a download can fail with (decoding adds its own, see image.py).
+UNSUPPORTED_SCHEME = "unsupported_scheme"
+INVALID_URL = "invalid_url"
+BLOCKED_ADDRESS = "blocked_address"
+DNS_ERROR = "dns_error"
+CONNECTION_ERROR = "connection_error"
+TIMEOUT = "timeout"
+HTTP_ERROR = "http_error"
+REDIRECT_LOOP = "redirect_loop"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+TOO_LARGE = "too_large"
+NOT_AN_IMAGE = "not_an_image"
+FAILURE_REASONS = (UNSUPPORTED_SCHEME, INVALID_URL, BLOCKED_ADDRESS, DNS_ERROR, CONNECTION_ERROR,
+                   TIMEOUT, HTTP_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, TOO_LARGE, NOT_AN_IMAGE)
+_RETRYABLE = frozenset({TIMEOUT, CONNECTION_ERROR})
+
+# Content types that may hold an image although they do not say so; anything else that is not
+# image/* (text/html error pages, JSON) is rejected before the body is read.
+_BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream",
+                           "application/binary", ""})
+
+# Cloud metadata endpoints that are not already covered by the private/link-local ranges.
+_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254"),
+                                 ipaddress.ip_address("100.100.100.200")})
+
+
+class BlockedAddressError(OSError):
+    """A host resolved to an address the guard refuses (private, loopback, metadata, ...)."""
+
+
+def is_forbidden_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for an address an image download must never connect to.
+
+    Private (RFC 1918, unique-local), loopback, link-local (which holds 169.254.169.254, the cloud
+    metadata server), multicast, reserved, unspecified, shared (CGNAT) and known metadata
+    addresses; IPv4-mapped and 6to4/NAT64-embedded IPv4 addresses are judged by their IPv4 part.
+    """
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_forbidden_address(embedded)
+    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+            or ip.is_reserved or ip.is_unspecified or ip in _METADATA_ADDRESSES
+            or (isinstance(ip, ipaddress.IPv4Address)
+                and ip in ipaddress.ip_network("100.64.0.0/10")))
+
+
+@dataclass(frozen=True)
+class AddressGuard:
+    """The address policy: refuse forbidden addresses unless disabled or explicitly exempted.
+
+    ``exempt`` lists networks that stay reachable with the guard on (a known private CDN; tests
+    use it to let a first hop reach loopback while a redirect to another range is refused).
+    """
+
+    enabled: bool = True
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def allows(self, address: str) -> bool:
+        if not self.enabled:
+            return True
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+        if any(ip in net for net in self.exempt):
+            return True
+        return not is_forbidden_address(ip)
+
+
+class GuardedResolver(AbstractResolver):
+    """Wraps a resolver and refuses a host if any of its addresses is forbidden.
+
+    Refusing when *any* address is forbidden (not only all) stops a name that mixes a public
+    and a private answer from reaching the private one on a retry or a second connection.
+    aiohttp's DNS cache stores this resolver's answers, so cached answers were checked too.
+    """
+
+    def __init__(self, guard: AddressGuard, inner: AbstractResolver | None = None):
+        self.guard = guard
+        self.inner = inner or aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        refused = [r["host"] for r in results if not self.guard.allows(r["host"])]
+        if refused:
+            raise BlockedAddressError(f"host {host!r} resolves to refused address(es) {refused}")
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Knobs of the downloader (the step passes the pipeline parameters through)."""
+
+    concurrency: int = 64
+    per_host_limit: int = 32
+    timeout_s: float = 5.0          # total per attempt, redirects and body included
+    retries: int = 2                # extra attempts after a timeout, 5xx, 429 or connection error
+    backoff_base_s: float = 0.5     # first retry waits about this long, doubling after
+    retry_after_cap_s: float = 10.0
+    max_redirects: int = 5
+    max_bytes: int = 10_000_000
+    user_agent: str = DEFAULT_USER_AGENT
+    allow_private_hosts: bool = False
+    exempt_networks: tuple[str, ...] = ()
+    dns_cache_ttl_s: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "per_host_limit", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.retries < 0 or self.max_redirects < 0:
+            raise ValueError("retries and max_redirects must be >= 0")
+
+    def guard(self) -> AddressGuard:
+        return AddressGuard(enabled=not self.allow_private_hosts,
+                            exempt=tuple(ipaddress.ip_network(n) for n in self.exempt_networks))
+
+
+@dataclass
+class FetchResult:
+    """One URL's outcome: ``body`` set on success, else ``reason`` (and ``detail``) set."""
+
+    url: str
+    body: bytes | None = None
+    reason: str | None = None
+    detail: str = ""
+    status: int | None = None       # last HTTP status seen (None if no response)
+    attempts: int = 0
+    content_type: str = ""
+    final_url: str = ""
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.body is not None
+
+
+@dataclass
+class _Attempt:
+    """One attempt's outcome, with what the retry loop needs to know."""
+
+    result: FetchResult
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def check_url(url: URL, guard: AddressGuard) -> tuple[str, str] | None:
+    """(reason, detail) if ``url`` must not be fetched, checked before every hop; else None."""
+    if url.scheme not in ("http", "https"):
+        return UNSUPPORTED_SCHEME, f"scheme {url.scheme!r} (only http/https)"
+    host = url.raw_host
+    if not host:
+        return INVALID_URL, "no host"
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None  # a name: GuardedResolver checks its addresses when the connector resolves it
+    if not guard.allows(host):
+        return BLOCKED_ADDRESS, f"address {host} is refused"
+    return None
+
+
+class Downloader:
+    """A shared aiohttp session with the guard, limits and retry policy of :class:`DownloadConfig`.
+
+    Use as ``async with Downloader(config) as d: await d.fetch(url)``. ``resolver`` replaces the
+    system DNS resolver (wrapped by the guard either way); tests inject a fixed map.
+    """
+
+    def __init__(self, config: DownloadConfig = DownloadConfig(),
+                 resolver: AbstractResolver | None = None, seed: int | None = None):
+        self.config = config
+        self._guard = config.guard()
+        self._inner_resolver = resolver
+        self._session: aiohttp.ClientSession | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._random = random.Random(seed)
+
+    async def __aenter__(self) -> "Downloader":
+        connector = aiohttp.TCPConnector(
+            limit=self.config.concurrency, limit_per_host=self.config.per_host_limit,
+            resolver=GuardedResolver(self._guard, self._inner_resolver),
+            use_dns_cache=True, ttl_dns_cache=self.config.dns_cache_ttl_s)
+        # The per-attempt deadline is enforced with asyncio.wait_for() around the whole attempt.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+            headers={"User-Agent": self.config.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            trust_env=False, auto_decompress=True)
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch(self, url: str) -> FetchResult:
+        """Download ``url`` with retries; never raises for a bad URL or server."""
+        assert self._session is not None and self._slots is not None, "use 'async with'"
+        started = time.perf_counter()
+        attempts = 0
+        while True:
+            attempts += 1
+            async with self._slots:
+                attempt = await self._attempt(url)
+            result = attempt.result
+            result.attempts = attempts
+            if result.ok or not attempt.retryable or attempts > self.config.retries:
+                result.elapsed_s = time.perf_counter() - started
+                return result
+            await asyncio.sleep(self._delay(attempts, attempt.retry_after_s))
+
+    def _delay(self, attempts: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(retry_after_s, self.config.retry_after_cap_s)
+        # Exponential backoff with jitter, so retries of one burst do not arrive together.
+        return self.config.backoff_base_s * (2 ** (attempts - 1)) * self._random.uniform(0.5, 1.5)
+
+    async def _attempt(self, url: str) -> _Attempt:
+        try:
+            parsed = URL(url)
+        except (ValueError, TypeError) as exc:
+            return _Attempt(FetchResult(url, reason=INVALID_URL, detail=str(exc)))
+        hops: list[str] = []  # URLs requested in this attempt; the last one is where it ended
+
+        def failed(reason: str, detail: str, retryable: bool = False) -> _Attempt:
+            return _Attempt(FetchResult(url, reason=reason, detail=detail,
+                                        final_url=hops[-1] if hops else url), retryable=retryable)
+
+        try:
+            return await asyncio.wait_for(self._follow(url, parsed, hops), self.config.timeout_s)
+        except asyncio.TimeoutError:
+            return failed(TIMEOUT, f"no complete response in {self.config.timeout_s}s", True)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedAddressError):
+                return failed(BLOCKED_ADDRESS, str(exc.os_error))
+            if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                return failed(DNS_ERROR, str(exc))
+            return failed(CONNECTION_ERROR, str(exc), True)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # Reset connections, malformed responses, bad chunked encoding, invalid Location.
+            return failed(CONNECTION_ERROR, f"{type(exc).__name__}: {exc}", True)
+
+    async def _follow(self, url: str, current: URL, hops: list[str]) -> _Attempt:
+        """One attempt: request, following redirects by hand so that every hop is checked."""
+        seen = {str(current)}
+        redirects = 0
+        while True:
+            hops.append(str(current))
+            refused = check_url(current, self._guard)
+            if refused:
+                return _Attempt(FetchResult(url, reason=refused[0], detail=refused[1],
+                                            final_url=str(current)))
+            async with self._session.get(current, allow_redirects=False) as resp:
+                if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+                    target = current.join(URL(resp.headers["Location"]))
+                    if str(target) in seen:
+                        return _Attempt(FetchResult(url, reason=REDIRECT_LOOP, status=resp.status,
+                                                    detail=f"{target} visited before",
+                                                    final_url=str(current)))
+                    redirects += 1
+                    if redirects > self.config.max_redirects:
+                        return _Attempt(FetchResult(
+                            url, reason=TOO_MANY_REDIRECTS, status=resp.status,
+                            detail=f"more than {self.config.max_redirects}",
+                            final_url=str(current)))
+                    seen.add(str(target))
+                    current = target
+                    continue
+                return await self._read(url, current, resp)
+
+    async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse) -> _Attempt:
+        status = resp.status
+        base = dict(url=url, status=status, final_url=str(current))
+        if status == 429 or status >= 500:
+            return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""),
+                            retryable=True,
+                            retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+        if status != 200:
+            return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""))
+        content_type = resp.content_type.lower() if "Content-Type" in resp.headers else ""
+        if not content_type.startswith("image/") and content_type not in _BINARY_TYPES:
+            return _Attempt(FetchResult(**base, reason=NOT_AN_IMAGE, content_type=content_type,
+                                        detail=f"content type {content_type!r}"))
+        limit = self.config.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
+                                        detail=f"Content-Length {resp.content_length} > {limit}"))
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:  # enforced while streaming: a lying or absent length is caught
+                return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
+                                            detail=f"body exceeds {limit} bytes"))
+        return _Attempt(FetchResult(**base, body=bytes(body), content_type=content_type))
+
+
+async def fetch_all(urls: Iterable[str], config: DownloadConfig = DownloadConfig(),
+                    resolver: AbstractResolver | None = None) -> list[FetchResult]:
+    """Fetch every URL concurrently (bounded by ``config.concurrency``); results in input order."""
+    async with Downloader(config, resolver=resolver) as downloader:
+        return list(await asyncio.gather(*(downloader.fetch(u) for u in urls)))
+
+
+@dataclass
+class StaticResolver(AbstractResolver):
+    """Resolves names from a fixed map (tests and benchmarks: never touches the network's DNS)."""
+
+    hosts: dict[str, str] = field(default_factory=dict)
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host not in self.hosts:
+            raise OSError(f"unknown host {host!r}")
+        address = self.hosts[host]
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [{"hostname": host, "host": address, "port": port, "family": fam,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,256 @@
+"""A real aiohttp image host on 127.0.0.1 with injectable faults (tests and benchmarks).
+
+Routes (``srv.url(path)`` gives the full URL):
+
+* ``/img/<name>``: a generated image (:func:`make_images`), with the server's latency and random
+  500 rate applied;
+* ``/status/<code>``; ``/flaky/<key>`` (500 once, then the image); ``/ratelimited/<key>`` (429
+  with ``Retry-After: 1`` once, then the image); ``/slow`` (answers after ``slow_s``);
+  ``/stall`` (half the body, then silence); ``/big`` (streams past any limit, no length);
+  ``/big-declared`` (a huge Content-Length); ``/html`` (a text/html page);
+  ``/loop/a`` <-> ``/loop/b``; ``/chain/<n>`` (n redirects, then the image);
+  ``/to?location=...`` (a redirect to anything).
+
+Every request is counted in ``hits`` (path -> count), so a test can prove that a refused URL
+never reached the server; ``max_in_flight`` is the most requests it served at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import random
+import threading
+
+import numpy as np
+from aiohttp import web
+from PIL import Image
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(size=(96, 64), seed: int = 0) -> Image.Image:
+    """A deterministic, non-trivial RGB picture."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)),
+                    rng.integers(0, 256, size=(h, w))], axis=-1).astype("uint8")
+    return Image.fromarray(arr, "RGB")
+
+
+def make_images() -> dict[str, tuple[bytes, str]]:
+    """name -> (body, content type) of real encoded images in many modes, plus broken ones."""
+    rgb = gradient((96, 64), seed=1)
+    palette = gradient((64, 64), seed=2).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    rgba = gradient((80, 80), seed=3).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((80, 80)))
+    frames = [gradient((48, 48), seed=s).convert("P", palette=Image.Palette.ADAPTIVE)
+              for s in (4, 5)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    grey16 = Image.fromarray(np.arange(64 * 64, dtype="uint16").reshape(64, 64) * 16)
+    big_jpeg = _jpeg(gradient((400, 300), seed=6))
+    return {
+        "rgb.jpg": (_jpeg(rgb), "image/jpeg"),
+        "cmyk.jpg": (_jpeg(gradient((64, 96), seed=7).convert("CMYK")), "image/jpeg"),
+        "grey.jpg": (_jpeg(gradient((50, 70), seed=8).convert("L")), "image/jpeg"),
+        "palette.png": (_save(palette, "PNG", transparency=0), "image/png"),
+        "rgba.png": (_save(rgba, "PNG"), "image/png"),
+        "grey16.png": (_save(grey16, "PNG"), "image/png"),
+        "photo.webp": (_save(gradient((72, 72), seed=9), "WEBP", quality=80), "image/webp"),
+        "anim.gif": (gif.getvalue(), "image/gif"),
+        "octet.jpg": (_jpeg(gradient((40, 40), seed=10)), "application/octet-stream"),
+        "truncated.jpg": (big_jpeg[: len(big_jpeg) // 2], "image/jpeg"),
+        # 8000 x 8000 = 64 M pixels in a few KB: refused on its header (limit 40 M).
+        "bomb.png": (_save(Image.new("1", (8000, 8000)), "PNG", optimize=True), "image/png"),
+        "notimage.jpg": (b"<html><body>not found</body></html>", "image/jpeg"),
+    }
+
+
+class ImageServer:
+    """Runs the fault-injecting host in a background thread; use as a context manager."""
+
+    def __init__(self, images: dict[str, tuple[bytes, str]] | None = None, *,
+                 latency_s: float = 0.0, fail_rate: float = 0.0, slow_s: float = 3.0,
+                 seed: int = 0):
+        self.images = images if images is not None else make_images()
+        self.latency_s = latency_s
+        self.fail_rate = fail_rate
+        self.slow_s = slow_s
+        self.hits: collections.Counter = collections.Counter()
+        self.times: dict[str, list[float]] = collections.defaultdict(list)
+        self.user_agents: set[str] = set()
+        self.in_flight = self.max_in_flight = 0
+        self._seen: set[str] = set()
+        self._random = random.Random(seed)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/{path.lstrip('/')}"
+
+    # -- handlers
+    def _image(self, name: str) -> web.Response:
+        body, ctype = self.images[name]
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def _img(self, request: web.Request) -> web.StreamResponse:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.fail_rate and self._random.random() < self.fail_rate:
+            return web.Response(status=500, text="injected failure")
+        name = request.match_info["name"]
+        if name not in self.images:
+            return web.Response(status=404, text="no such image")
+        return self._image(name)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="status")
+
+    def _first_time(self, key: str) -> bool:
+        first = key not in self._seen
+        self._seen.add(key)
+        return first
+
+    async def _flaky(self, request: web.Request) -> web.Response:
+        if self._first_time(request.path):
+            return web.Response(status=500, text="try again")
+        return self._image("rgb.jpg")
+
+    async def _ratelimited(self, request: web.Request) -> web.Response:
+        if self._first_time(request.path):
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
+        return self._image("photo.webp")
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.slow_s)
+        return self._image("rgb.jpg")
+
+    async def _stall(self, request: web.Request) -> web.StreamResponse:
+        body, ctype = self.images["rgb.jpg"]
+        resp = web.StreamResponse(headers={"Content-Type": ctype,
+                                           "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        await asyncio.sleep(self.slow_s)
+        return resp
+
+    async def _big(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"\xff" * 65536
+        for _ in range(int(request.query.get("chunks", "64"))):  # 4 MiB by default
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def _big_declared(self, request: web.Request) -> web.Response:
+        # 2 MiB with its Content-Length: refused on the header by a smaller max_bytes.
+        return web.Response(body=b"\xff" * (2 * 1024 * 1024),
+                            headers={"Content-Type": "image/jpeg"})
+
+    async def _html(self, request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>a page</body></html>", content_type="text/html")
+
+    async def _loop_route(self, request: web.Request) -> web.Response:
+        other = "b" if request.match_info["side"] == "a" else "a"
+        raise web.HTTPFound(f"/loop/{other}")
+
+    async def _chain(self, request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        if n <= 0:
+            return self._image("rgb.jpg")
+        raise web.HTTPFound(f"/chain/{n - 1}")
+
+    async def _to(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["location"])
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler):
+        self.hits[request.path] += 1
+        self.times[request.path].append(self._loop.time())
+        self.user_agents.add(request.headers.get("User-Agent", ""))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+    # -- lifecycle
+    async def _start(self) -> None:
+        app = web.Application(middlewares=[self._count])
+        app.add_routes([
+            web.get("/img/{name}", self._img), web.get("/status/{code}", self._status),
+            web.get("/flaky/{key}", self._flaky), web.get("/ratelimited/{key}", self._ratelimited),
+            web.get("/slow", self._slow), web.get("/stall", self._stall),
+            web.get("/big", self._big), web.get("/big-declared", self._big_declared),
+            web.get("/html", self._html), web.get("/loop/{side}", self._loop_route),
+            web.get("/chain/{n}", self._chain), web.get("/to", self._to),
+        ])
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def __enter__(self) -> "ImageServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+
+def _serve(images, latency_s, fail_rate, port_queue, stop_event) -> None:
+    with ImageServer(images, latency_s=latency_s, fail_rate=fail_rate) as srv:
+        port_queue.put(srv.port)
+        stop_event.wait()
+
+
+class ServerProcess:
+    """The host in a child process (benchmarks: its CPU time is not the client's).
+
+    ``with ServerProcess(images, latency_s=0.05) as port:`` serves ``/img/<name>`` on 127.0.0.1.
+    """
+
+    def __init__(self, images: dict[str, tuple[bytes, str]], latency_s: float = 0.0,
+                 fail_rate: float = 0.0):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._ports = ctx.Queue()
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_serve, daemon=True,
+                                 args=(images, latency_s, fail_rate, self._ports, self._stop))
+
+    def __enter__(self) -> int:
+        self._proc.start()
+        return self._ports.get(timeout=60)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()

@@ -1,0 +1,211 @@
+"""The guarded downloader against a real aiohttp server on 127.0.0.1 (and no other address)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+
+import pytest
+
+from item_embeddings import download as dl
+from item_embeddings.download import (AddressGuard, DownloadConfig, GuardedResolver,
+                                      StaticResolver, check_url, fetch_all, is_forbidden_address,
+                                      parse_retry_after)
+from yarl import URL
+
+from image_server import ImageServer, make_images
+
+FAST = dict(timeout_s=1.0, retries=2, backoff_base_s=0.01, allow_private_hosts=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images()
+
+
+@pytest.fixture()
+def server(images):
+    with ImageServer(images, slow_s=1.5) as srv:
+        yield srv
+
+
+def fetch(urls, resolver=None, **config):
+    return asyncio.run(fetch_all(urls, DownloadConfig(**{**FAST, **config}), resolver=resolver))
+
+
+# ----------------------------------------------------------------------------- the address guard
+
+@pytest.mark.parametrize("address", [
+    "10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "127.8.9.10", "169.254.169.254",
+    "224.0.0.1", "0.0.0.0", "100.64.0.1", "240.0.0.1", "255.255.255.255",
+    "::1", "fe80::1", "fc00::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+    "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "ff02::1", "::",
+])
+def test_forbidden_addresses(address):
+    assert is_forbidden_address(address)
+    assert not AddressGuard().allows(address)
+    assert AddressGuard(enabled=False).allows(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111",
+                                     "::ffff:93.184.216.34"])
+def test_public_addresses_allowed(address):
+    assert not is_forbidden_address(address)
+    assert AddressGuard().allows(address)
+
+
+def test_exempt_network_stays_reachable_with_guard_on():
+    import ipaddress
+
+    guard = AddressGuard(exempt=(ipaddress.ip_network("127.0.0.1/32"),))
+    assert guard.allows("127.0.0.1")
+    assert not guard.allows("127.0.0.2") and not guard.allows("10.0.0.1")
+
+
+def test_guarded_resolver_refuses_a_name_with_any_private_answer():
+    class TwoAnswers(StaticResolver):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            public = await super().resolve(host, port, family)
+            return public + [{**public[0], "host": "10.9.8.7"}]
+
+    async def run():
+        ok = await GuardedResolver(AddressGuard(), StaticResolver({"cdn.test": "93.184.216.34"})
+                                   ).resolve("cdn.test", 80)
+        assert ok[0]["host"] == "93.184.216.34"
+        with pytest.raises(dl.BlockedAddressError, match="10.0.0.5"):
+            await GuardedResolver(AddressGuard(), StaticResolver({"in.test": "10.0.0.5"})
+                                  ).resolve("in.test", 80)
+        with pytest.raises(dl.BlockedAddressError, match="10.9.8.7"):
+            await GuardedResolver(AddressGuard(), TwoAnswers({"mixed.test": "93.184.216.34"})
+                                  ).resolve("mixed.test", 80)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("url,reason", [
+    ("ftp://example.com/a.jpg", dl.UNSUPPORTED_SCHEME),
+    ("file:///etc/passwd", dl.UNSUPPORTED_SCHEME),
+    ("http:///nohost.jpg", dl.INVALID_URL),
+    ("http://169.254.169.254/latest/meta-data", dl.BLOCKED_ADDRESS),
+    ("http://[::1]:8080/x.jpg", dl.BLOCKED_ADDRESS),
+    ("http://10.1.2.3/x.jpg", dl.BLOCKED_ADDRESS),
+])
+def test_check_url_refuses_before_any_connection(url, reason):
+    assert check_url(URL(url), AddressGuard())[0] == reason
+
+
+def test_check_url_leaves_names_to_the_resolver():
+    assert check_url(URL("https://images.example.com/a.jpg"), AddressGuard()) is None
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    now = time.time()
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert 28 <= parse_retry_after(date, now=now) <= 31
+    assert parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0
+
+
+# ----------------------------------------------------------------------------- real downloads
+
+def test_images_download_with_their_bytes(server, images):
+    names = ["rgb.jpg", "palette.png", "photo.webp", "anim.gif", "octet.jpg"]
+    results = fetch([server.url(f"img/{n}") for n in names], user_agent="test-agent/1.0")
+    for name, result in zip(names, results):
+        assert result.ok, (name, result.reason, result.detail)
+        assert result.body == images[name][0]
+        assert (result.status, result.attempts) == (200, 1)
+    assert server.user_agents == {"test-agent/1.0"}
+
+
+@pytest.mark.parametrize("path,reason,status,attempts", [
+    ("status/404", dl.HTTP_ERROR, 404, 1),              # a 4xx is final
+    ("status/503", dl.HTTP_ERROR, 503, 3),              # 5xx: retried, then given up
+    ("slow", dl.TIMEOUT, None, 3),                      # slower than the timeout, every attempt
+    ("stall", dl.TIMEOUT, None, 3),                     # the body stops half way
+    ("big", dl.TOO_LARGE, 200, 1),                      # no length; cut while streaming
+    ("big-declared", dl.TOO_LARGE, 200, 1),             # refused on Content-Length
+    ("html", dl.NOT_AN_IMAGE, 200, 1),
+    ("loop/a", dl.REDIRECT_LOOP, 302, 1),
+    ("chain/6", dl.TOO_MANY_REDIRECTS, 302, 1),
+    ("to?location=file:///etc/passwd", dl.UNSUPPORTED_SCHEME, None, 1),
+])
+def test_faults_end_as_reasons(server, path, reason, status, attempts):
+    [result] = fetch([server.url(path)], max_bytes=1024 * 1024)
+    assert not result.ok
+    assert (result.reason, result.status, result.attempts) == (reason, status, attempts), \
+        result.detail
+    path_only = "/" + path.split("?")[0]
+    if reason == dl.TIMEOUT or path.startswith("status/503"):
+        assert server.hits[path_only] == attempts  # every attempt really reached the server
+
+
+def test_five_redirects_are_followed(server):
+    [result] = fetch([server.url("chain/5")])
+    assert result.ok and result.final_url.endswith("/chain/0")
+
+
+def test_500_then_200_is_retried(server, images):
+    [result] = fetch([server.url("flaky/k1")])
+    assert result.ok and result.attempts == 2 and result.body == images["rgb.jpg"][0]
+
+
+def test_429_honours_retry_after(server):
+    started = time.perf_counter()
+    [result] = fetch([server.url("ratelimited/k2")])
+    assert result.ok and result.attempts == 2
+    first, second = server.times["/ratelimited/k2"]
+    assert second - first >= 0.95  # Retry-After: 1, although the backoff would be 0.01 s
+    assert time.perf_counter() - started < 3
+
+
+def test_retry_after_is_capped(server):
+    [result] = fetch([server.url("ratelimited/k3")], retry_after_cap_s=0.1)
+    first, second = server.times["/ratelimited/k3"]
+    assert result.ok and second - first < 0.8
+
+
+def test_connection_refused_is_a_reason():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the fetch: nothing listens there
+    [result] = fetch([f"http://127.0.0.1:{port}/x.jpg"], retries=1)
+    assert result.reason == dl.CONNECTION_ERROR and result.attempts == 2
+
+
+def test_guard_refuses_loopback_before_connecting(server):
+    urls = [server.url("img/rgb.jpg"), server.url("img/rgb.jpg", host="localhost")]
+    results = fetch(urls, allow_private_hosts=False)
+    assert [r.reason for r in results] == [dl.BLOCKED_ADDRESS, dl.BLOCKED_ADDRESS]
+    assert server.hits["/img/rgb.jpg"] == 0  # refused before any connection
+
+
+def test_redirect_to_a_private_name_is_refused(server):
+    """First hop: a name resolving to an exempt address; second hop: a name in 10/8."""
+    resolver = StaticResolver({"public.test": "127.0.0.1", "internal.test": "10.20.30.40"})
+    guard_on = dict(allow_private_hosts=False, exempt_networks=("127.0.0.1/32",))
+    ok, refused, metadata = fetch([
+        server.url("img/rgb.jpg", host="public.test"),
+        server.url(f"to?location=http://internal.test:{server.port}/img/rgb.jpg",
+                   host="public.test"),
+        server.url("to?location=http://169.254.169.254/computeMetadata/v1/", host="public.test"),
+    ], resolver=resolver, **guard_on)
+    assert ok.ok
+    assert refused.reason == dl.BLOCKED_ADDRESS and "10.20.30.40" in refused.detail
+    assert metadata.reason == dl.BLOCKED_ADDRESS
+    assert refused.final_url.startswith("http://internal.test")  # the hop that was refused
+    assert metadata.final_url.startswith("http://169.254.169.254")
+    assert server.hits["/to"] == 2 and server.hits["/img/rgb.jpg"] == 1
+
+
+def test_concurrency_is_bounded_and_overlapping():
+    with ImageServer(latency_s=0.2) as srv:
+        started = time.perf_counter()
+        results = fetch([srv.url("img/rgb.jpg")] * 20, concurrency=5)
+        elapsed = time.perf_counter() - started
+        assert all(r.ok for r in results)
+        assert srv.max_in_flight == 5
+        assert 0.75 < elapsed < 2.5  # 4 waves of 0.2 s, not 20 sequential requests (4 s)

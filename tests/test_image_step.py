@@ -1,0 +1,443 @@
+"""The image step end to end: a real loopback image host, a tiny real open_clip model, resume."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from item_embeddings import download as dl
+from item_embeddings import image as im
+from item_embeddings.download import DownloadConfig
+from item_embeddings.items import ItemsError
+from item_embeddings.tracking import LocalTracker
+
+from image_server import ImageServer, make_images
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+FAST = DownloadConfig(timeout_s=0.6, retries=1, backoff_base_s=0.01, allow_private_hosts=True)
+# Keys of img_meta.json that are measurements of one attempt (or where it kept its shards).
+TIMING_KEYS = {"throughput_items_per_sec", "encode_only_items_per_sec", "encode_time_sec",
+               "download_time_sec_total", "downloaded_bytes", "wall_time_sec",
+               "encoded_this_attempt", "resumed_shards", "checkpoint_location"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny ViT open_clip config (registered from a JSON file) and a checkpoint of it."""
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    config = root / "tiny-vit-test.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit-test")
+    checkpoint = root / "tiny-vit-test.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint, model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    config, checkpoint, _ = tiny_model
+    return im.load_image_encoder(str(config), str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images()
+
+
+@pytest.fixture(scope="module")
+def server(images):
+    with ImageServer(images, slow_s=2.0) as srv:
+        yield srv
+
+
+def items_with_urls(path: Path, urls: list, ids: list | None = None) -> Path:
+    ids = ids if ids is not None else [f"item-{i:03d}" for i in range(len(urls))]
+    pq.write_table(pa.table({"asin": ids, "title": ["a title"] * len(ids),
+                             "description": [["a", "description"]] * len(ids),
+                             "image_url": pa.array(urls, pa.string())}), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- model loading
+
+def test_tiny_checkpoint_loads_through_open_clip(tiny_model, encoder):
+    import torch
+
+    config, checkpoint, state = tiny_model
+    assert encoder.resolved.model_name == "tiny-vit-test"
+    assert encoder.resolved.pretrained == str(checkpoint)
+    assert encoder.resolved.weights_sha256 == im.sha256_file(checkpoint)
+    assert encoder.dim == 32 and encoder.device == "cpu" and encoder.dtype == "float32"
+    loaded = encoder.model.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    # A registered name works as well as the config file.
+    assert im.resolve_image_model("tiny-vit-test", str(checkpoint)).model_name == "tiny-vit-test"
+
+
+def test_pretrained_none_and_bad_values(tiny_model):
+    config, checkpoint, _ = tiny_model
+    assert im.resolve_image_model(str(config), "none").pretrained is None
+    openai = im.resolve_image_model("ViT-B-32", "openai")
+    assert openai.pretrained == "openai" and openai.quick_gelu  # OpenAI weights use QuickGELU
+    with pytest.raises(ValueError, match="neither a pretrained tag"):
+        im.resolve_image_model("ViT-B-32", "/no/such/checkpoint.pt")
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        im.resolve_image_model("ViT-Nope", "none")
+    with pytest.raises(FileNotFoundError):
+        im.resolve_image_model("/no/such/config.json", "none")
+
+
+def test_gs_checkpoint_and_gs_shards(tiny_model, server, tmp_path, gcs, monkeypatch):
+    """A gs:// checkpoint is fetched and loaded; shards go to a gs:// checkpoint_uri and resume."""
+    config, checkpoint, _ = tiny_model
+    monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(tmp_path / "cache"))
+    name = f"img-step-{uuid.uuid4().hex[:8]}"
+    gcs.create_bucket(name).blob("models/tiny.pt").upload_from_filename(str(checkpoint))
+    encoder = im.load_image_encoder(str(config), f"gs://{name}/models/tiny.pt")
+    assert encoder.resolved.weights_sha256 == im.sha256_file(checkpoint)
+
+    items = items_with_urls(tmp_path / "items.parquet", [
+        server.url(f"img/{n}") for n in ("rgb.jpg", "photo.webp", "anim.gif")])
+    kwargs = dict(image_model=str(config), image_pretrained=f"gs://{name}/models/tiny.pt",
+                  shard_size=2, checkpoint_uri=f"gs://{name}/ckpt", download_config=FAST,
+                  run_id="gcs", encoder=encoder)
+    first = im.embed_items_images(str(items), tmp_path / "a", **kwargs)
+    names = sorted(b.name for b in gcs.list_blobs(name, prefix="ckpt/"))
+    assert [n.rsplit("/", 1)[1] for n in names] == ["manifest.json", "shard-00000.parquet",
+                                                     "shard-00001.parquet"]
+    second = im.embed_items_images(str(items), tmp_path / "b", **kwargs)
+    assert (first["count"], second["resumed_shards"]) == (3, 2)
+    assert _outputs(tmp_path / "a") == _outputs(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def test_preprocessing_matches_open_clip(encoder, images):
+    """uint8 from the decode pool + batched ToTensor/Normalize == open_clip's composed transform."""
+    import open_clip
+    import torch
+
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-vit-test")
+    for name in ("rgb.jpg", "photo.webp", "grey.jpg"):
+        body = images[name][0]
+        pixels = im.decode_image(body, encoder.pil_transform)
+        assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+        ours = encoder.encode(pixels[None])
+        with torch.inference_mode():
+            ref = encoder.model.encode_image(preprocess(Image.open(io.BytesIO(body)))[None])
+            ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-6)
+        assert ours.dtype == np.float32
+
+
+def test_modes_become_rgb(encoder, images):
+    for name in ("cmyk.jpg", "grey.jpg", "palette.png", "rgba.png", "grey16.png", "anim.gif",
+                 "octet.jpg"):
+        pixels = im.decode_image(images[name][0], encoder.pil_transform)
+        assert pixels.shape == (32, 32, 3), name
+    # 16-bit grey is scaled to 8 bits, not clipped to white.
+    grey16 = im.to_rgb(Image.open(io.BytesIO(images["grey16.png"][0])))
+    assert grey16.mode == "RGB" and 0 < np.asarray(grey16).mean() < 200
+    # Transparent pixels are composited on white.
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(im.to_rgb(clear)).tolist() == [[[255, 255, 255]] * 4] * 4
+    # An animated GIF gives its first frame.
+    gif = Image.open(io.BytesIO(images["anim.gif"][0]))
+    gif.seek(1)
+    first = np.asarray(im.to_rgb(gif))
+    gif.seek(0)
+    assert np.array_equal(first, np.asarray(gif.convert("RGB")))
+
+
+@pytest.mark.parametrize("name,reason", [("truncated.jpg", im.DECODE_ERROR),
+                                         ("bomb.png", im.DECOMPRESSION_BOMB),
+                                         ("notimage.jpg", im.NOT_AN_IMAGE)])
+def test_bad_bodies_are_reasons(encoder, images, name, reason):
+    with pytest.raises(im.ImageDecodeError) as info:
+        im.decode_image(images[name][0], encoder.pil_transform)
+    assert info.value.reason == reason
+
+
+def test_pillow_bomb_error_is_a_reason(encoder, images, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own guard trips first
+    with pytest.raises(im.ImageDecodeError) as info:
+        im.decode_image(images["rgb.jpg"][0], encoder.pil_transform, max_pixels=10**9)
+    assert info.value.reason == im.DECOMPRESSION_BOMB
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("https://x.com/a.jpg", "https://x.com/a.jpg"), ("  HTTP://x.com/a.jpg ", "HTTP://x.com/a.jpg"),
+    (None, None), ("", None), ("ftp://x.com/a.jpg", None), ("x.com/a.jpg", None),
+    ("http://", None)])
+def test_usable_url(value, expected):
+    assert im.usable_url(value) == expected
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+EXPECTED = {  # path -> failure reason (None: embedded)
+    "img/rgb.jpg": None, "img/cmyk.jpg": None, "img/grey.jpg": None, "img/palette.png": None,
+    "img/rgba.png": None, "img/grey16.png": None, "img/photo.webp": None,
+    "img/anim.gif": None, "img/octet.jpg": None, "flaky/step": None, "ratelimited/step": None,
+    "status/404": dl.HTTP_ERROR, "status/500": dl.HTTP_ERROR, "slow": dl.TIMEOUT,
+    "stall": dl.TIMEOUT, "big": dl.TOO_LARGE, "html": dl.NOT_AN_IMAGE,
+    "img/truncated.jpg": im.DECODE_ERROR, "img/bomb.png": im.DECOMPRESSION_BOMB,
+    "img/notimage.jpg": im.NOT_AN_IMAGE, "loop/a": dl.REDIRECT_LOOP,
+    "chain/6": dl.TOO_MANY_REDIRECTS, "to?location=file:///etc/passwd": dl.UNSUPPORTED_SCHEME,
+}
+NO_URL = [None, "", "ftp://example.com/a.jpg", "not a url"]
+
+
+def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
+    config, checkpoint, _ = tiny_model
+    paths = list(EXPECTED)
+    urls = [server.url(p) for p in paths]
+    urls[3:3] = NO_URL  # rows without a usable URL in the middle of the table
+    items = items_with_urls(tmp_path / "items.parquet", urls)
+    ids = [f"item-{i:03d}" for i in range(len(urls))]
+    tracker = LocalTracker(tmp_path / "runs", "recsys-test")
+    meta = im.embed_items_images(
+        str(items), tmp_path / "out", image_model=str(config), image_pretrained=str(checkpoint),
+        batch_size=3, shard_size=5, download_config=dataclass_replace(
+            FAST, max_bytes=1024 * 1024), run_id="run-42", tracker=tracker, encoder=encoder)
+    out = tmp_path / "out"
+
+    embedded = pq.read_table(out / im.IMG_ITEMS).to_pylist()
+    failures = pq.read_table(out / im.IMG_FAILURES).to_pylist()
+    vectors = np.load(out / im.IMG_ARRAY)
+    selected = [i for i, u in zip(ids, urls) if u not in NO_URL]
+    url_of = dict(zip(ids, urls))
+
+    # Every attempted id is in exactly one of the two tables; counts add up.
+    assert meta["attempted_count"] == len(selected) == meta["count"] + meta["failed_count"]
+    got_ids = [r["id"] for r in embedded] + [r["id"] for r in failures]
+    assert sorted(got_ids) == sorted(selected) and len(set(got_ids)) == len(got_ids)
+    assert meta["no_url_count"] == len(NO_URL) and meta["total_rows"] == len(urls)
+
+    # Each item ends as expected; failures carry reason, status and attempts.
+    reason_of = {r["id"]: r["reason"] for r in failures}
+    for item_id in selected:
+        path = url_of[item_id].split(f":{server.port}/", 1)[1]
+        assert reason_of.get(item_id) == EXPECTED[path], (path, reason_of.get(item_id))
+    by_path = {url_of[r["id"]].split(f":{server.port}/", 1)[1]: r for r in failures}
+    assert (by_path["status/404"]["http_status"], by_path["status/404"]["attempts"]) == (404, 1)
+    assert (by_path["status/500"]["http_status"], by_path["status/500"]["attempts"]) == (500, 2)
+    assert by_path["slow"]["attempts"] == 2 and by_path["slow"]["http_status"] is None
+    assert all(r["detail"] for r in failures)
+    expected_reasons = collections.Counter(r for r in EXPECTED.values() if r)
+    assert meta["failures_by_reason"] == dict(expected_reasons)
+
+    # img.npy is aligned with img_items (input order), float32, unit length, and holds the
+    # encoder's vector of each image.
+    assert [r["row"] for r in embedded] == list(range(len(embedded)))
+    assert [r["id"] for r in embedded] == [i for i in selected if i not in reason_of]
+    assert vectors.dtype == np.float32 and vectors.shape == (meta["count"], 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    for row in embedded:
+        path = row["url"].split(f":{server.port}/", 1)[1]
+        name = {"flaky/step": "rgb.jpg", "ratelimited/step": "photo.webp"}.get(path,
+                                                                             path[len("img/"):])
+        expected = encoder.encode(im.decode_image(images[name][0], encoder.pil_transform)[None])
+        np.testing.assert_allclose(vectors[row["row"]], expected[0], atol=1e-5)
+
+    # Metadata and the experiment run.
+    for key in ("encoder_name", "embed_dim", "count", "failed_count", "throughput_items_per_sec",
+                "encode_time_sec", "run_id", "device", "attempted_count", "max_items",
+                "no_url_count", "failures_by_reason"):
+        assert key in meta
+    assert json.loads((out / im.IMG_META).read_text()) == json.loads(json.dumps(meta))
+    assert meta["shards"] == 5 and meta["resumed_shards"] == 0 and meta["embed_dim"] == 32
+    record = json.loads((tmp_path / "runs" / "recsys-test" / "embed-image-run-42.json").read_text())
+    assert record["status"] == "COMPLETE"
+    assert {"model_name", "max_items", "download_concurrency",
+            "batch_size"} <= set(record["params"])
+    assert record["metrics"]["count"] == meta["count"]
+    assert record["metrics"]["failed_count"] == meta["failed_count"]
+    assert "throughput_items_per_sec" in record["metrics"]
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
+    """max_items caps the selection in input order; the default guard refuses 127.0.0.1."""
+    config, checkpoint, _ = tiny_model
+    urls = [server.url("img/rgb.jpg")] * 2 + [None] + [server.url("img/photo.webp")] * 5
+    items = items_with_urls(tmp_path / "items.parquet", urls)
+    hits_before = server.hits["/img/rgb.jpg"]
+    meta = im.embed_items_images(str(items), tmp_path / "out", image_model=str(config),
+                                 image_pretrained=str(checkpoint), max_items=4,
+                                 download_timeout_s=1, download_retries=0, encoder=encoder)
+    failures = pq.read_table(tmp_path / "out" / im.IMG_FAILURES).to_pylist()
+    assert [r["id"] for r in failures] == ["item-000", "item-001", "item-003", "item-004"]
+    assert {r["reason"] for r in failures} == {dl.BLOCKED_ADDRESS}
+    assert (meta["attempted_count"], meta["count"], meta["capped_count"]) == (4, 0, 3)
+    assert np.load(tmp_path / "out" / im.IMG_ARRAY).shape == (0, 32)
+    assert server.hits["/img/rgb.jpg"] == hits_before  # nothing reached the server
+
+
+def test_bad_items_table_fails_before_model_load(tmp_path):
+    items = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"asin": ["a"], "title": ["t"], "description": ["d"]}), items)
+    with pytest.raises(ItemsError, match="image_url"):
+        im.embed_items_images(str(items), tmp_path / "out", image_model="no-such-model")
+
+
+# ----------------------------------------------------------------------------- shards and resume
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes()
+            for name in (im.IMG_ARRAY, im.IMG_ITEMS, im.IMG_FAILURES)}
+
+
+def _stable_meta(out: Path) -> dict:
+    meta = json.loads((out / im.IMG_META).read_text())
+    return {k: v for k, v in meta.items() if k not in TIMING_KEYS}
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from item_embeddings.image import embed_items_images
+    embed_items_images(**json.loads(sys.argv[1]))
+""")
+
+
+def test_sigkill_then_resume_gives_identical_outputs(server, tiny_model, tmp_path):
+    config, checkpoint, _ = tiny_model
+    slow_server_paths = [f"img/{n}" for n in ("rgb.jpg", "photo.webp", "cmyk.jpg", "anim.gif")]
+    with ImageServer(make_images(), latency_s=0.08) as slow:
+        urls = [slow.url(slow_server_paths[i % 4]) if i % 7 else slow.url("img/missing.jpg")
+                for i in range(36)]
+        items = items_with_urls(tmp_path / "items.parquet", urls)
+        kwargs = dict(items_uri=str(items), output_dir=str(tmp_path / "killed"),
+                      image_model=str(config), image_pretrained=str(checkpoint), batch_size=2,
+                      shard_size=4, download_concurrency=2, download_timeout_s=5,
+                      download_retries=0, allow_private_hosts=True, run_id="resume")
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(kwargs)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        shards_dir = tmp_path / "killed" / im.SHARDS_DIR
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(shards_dir.glob("*/shard-*.parquet"))) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+        done = len(list(shards_dir.glob("*/shard-*.parquet")))
+        assert 2 <= done < 9 and not (tmp_path / "killed" / im.IMG_META).exists()
+
+        resumed = im.embed_items_images(**kwargs)
+        fresh = im.embed_items_images(**{**kwargs, "output_dir": str(tmp_path / "fresh")})
+    assert resumed["resumed_shards"] == done and fresh["resumed_shards"] == 0
+    assert resumed["count"] + resumed["failed_count"] == 36 and resumed["failed_count"] == 6
+    assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "fresh")
+    assert _stable_meta(tmp_path / "killed") == _stable_meta(tmp_path / "fresh")
+
+
+def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, tmp_path):
+    config, checkpoint, _ = tiny_model
+    urls = [server.url("img/rgb.jpg"), server.url("img/photo.webp")] * 3
+    items = items_with_urls(tmp_path / "items.parquet", urls)
+    common = dict(image_model=str(config), image_pretrained=str(checkpoint), shard_size=2,
+                  checkpoint_uri=str(tmp_path / "ckpt"), download_config=FAST, encoder=encoder)
+    assert im.embed_items_images(str(items), tmp_path / "o1", **common)["resumed_shards"] == 0
+    assert im.embed_items_images(str(items), tmp_path / "o2", **common)["resumed_shards"] == 3
+    # Another cap: a new fingerprint, nothing reused.
+    assert im.embed_items_images(str(items), tmp_path / "o3", max_items=5,
+                                 **common)["resumed_shards"] == 0
+    # Same settings, one URL of the second shard changed in place: only that shard is redone.
+    urls[2] = server.url("img/anim.gif")
+    items_with_urls(items, urls)
+    meta = im.embed_items_images(str(items), tmp_path / "o4", **common)
+    assert meta["resumed_shards"] == 2 and meta["count"] == 6
+    # A corrupt shard file is recomputed, not trusted.
+    (Path(meta["checkpoint_location"]) / "shard-00000.parquet").write_bytes(b"garbage")
+    assert im.embed_items_images(str(items), tmp_path / "o5", **common)["resumed_shards"] == 2
+    assert _outputs(tmp_path / "o4") == _outputs(tmp_path / "o5")
+
+
+# ----------------------------------------------------------------------------- the component
+
+def test_component_writes_outputs_and_metrics(server, tiny_model, tmp_path):
+    from kfp.dsl import Dataset, Metrics
+
+    from item_embeddings.components.embed_images import embed_images
+
+    config, checkpoint, _ = tiny_model
+    items = items_with_urls(tmp_path / "items.parquet",  # integer ids are kept as integers
+                            [server.url("img/rgb.jpg"), None, server.url("status/404")],
+                            ids=[10, 20, 30])
+    dataset = Dataset(name="image_embeddings", uri=str(tmp_path / "ds"))
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))
+    embed_images(items_uri=str(items), image_embeddings=dataset, metrics=metrics,
+                 image_model=str(config), image_pretrained=str(checkpoint),
+                 download_retries=0, allow_private_hosts=True, tracking_backend="local",
+                 tracking_dir=str(tmp_path / "runs"), run_id="comp")
+    assert dataset.metadata["count"] == 1 and dataset.metadata["embed_dim"] == 32
+    assert metrics.metadata["image_count"] == 1 and metrics.metadata["image_failed_count"] == 1
+    assert metrics.metadata["image_no_url_count"] == 1
+    assert all(k.startswith("image_") for k in metrics.metadata)
+    assert (tmp_path / "runs" / "recsys-dev" / "embed-image-comp.json").is_file()
+    assert pq.read_table(tmp_path / "ds" / im.IMG_ITEMS).column("id").to_pylist() == [10]
+    failed = pq.read_table(tmp_path / "ds" / im.IMG_FAILURES)
+    assert failed.schema.field("id").type == pa.int64() and failed.column("id").to_pylist() == [30]
+    assert {p.name for p in (tmp_path / "ds").iterdir()} >= {
+        im.IMG_ARRAY, im.IMG_ITEMS, im.IMG_FAILURES, im.IMG_META}
+
+
+def test_component_compiles(tmp_path):
+    import yaml
+    from kfp import compiler
+
+    from item_embeddings.components.embed_images import make_component
+
+    path = tmp_path / "embed_images.yaml"
+    compiler.Compiler().compile(make_component("example.com/image:1"), str(path))
+    spec = yaml.safe_load(path.read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["download_timeout_s"]["parameterType"] == "NUMBER_DOUBLE"
+    assert inputs["allow_private_hosts"]["defaultValue"] is False
+    assert inputs["max_items"]["defaultValue"] == 150000
+    outputs = spec["root"]["outputDefinitions"]["artifacts"]
+    assert set(outputs) == {"image_embeddings", "metrics"}
+
+
+def test_component_defaults_match_pipeline_params():
+    import inspect
+
+    from item_embeddings.components.embed_images import embed_images
+    from item_embeddings.config import PARAM_FIELDS
+
+    shared = {name: p.default for name, p in inspect.signature(embed_images).parameters.items()
+              if name in PARAM_FIELDS and name != "items_uri"}  # items_uri: required here
+    assert len(shared) >= 17
+    assert shared == {name: PARAM_FIELDS[name].default for name in shared}
