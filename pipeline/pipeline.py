@@ -1,30 +1,47 @@
-"""The item-embeddings pipeline.
+"""The item-embeddings pipeline: items → (text ∥ image) → fusion → optional publish.
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
-  placeholders).
-* ``local``: for ``kfp.local``; experiment runs go to the local store.
+  placeholders); the image step runs as a custom job on ``n1-standard-4`` + 1 × T4 whose
+  scheduling strategy (``SPOT`` by default) is the ``image_strategy`` parameter.
+* ``local``: for ``kfp.local``, which cannot run the custom-job wrapper: the image step is a plain
+  task on CPU; experiment runs go to the local store.
 """
-
 
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from kfp import compiler, dsl
 
 from item_embeddings.components import DEFAULT_IMAGE
+from item_embeddings.components.embed_images import make_component as make_embed_images
 from item_embeddings.components.embed_text import make_component as make_embed_text
+from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
+from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.config import PipelineParams
 
 PIPELINE_NAME = "item-embeddings"
 TARGETS = ("vertex", "local")
 PROJECT_PLACEHOLDER = "{{$.pipeline_google_cloud_project_id}}"
 LOCATION_PLACEHOLDER = "{{$.pipeline_google_cloud_location}}"
+
+# Vertex resources (issue: text and fusion on 4 vCPU / 15 GB, image on n1-standard-4 + T4 Spot).
+CPU_STEP_CPU, CPU_STEP_MEMORY = "4", "15G"
+IMAGE_MACHINE_TYPE, IMAGE_ACCELERATOR = "n1-standard-4", "NVIDIA_TESLA_T4"
+IMAGE_STEP_TIMEOUT = "86400s"
+STEP_RETRIES = 2
+IMAGE_STEP_RETRIES = 5  # Spot preemptions; each retry resumes from the finished shards
+
+
+class Outputs(NamedTuple):
+    text_embeddings: dsl.Dataset
+    image_embeddings: dsl.Dataset
+    fused_embeddings: dsl.Dataset
 
 
 def _docstring() -> str:
@@ -36,7 +53,7 @@ def _docstring() -> str:
 
 
 def _with_param_signature(fn: Callable) -> Callable:
-    """Give ``fn(**params)`` one typed keyword parameter per PipelineParams field."""
+    """Give ``fn(**params)`` one typed parameter per PipelineParams field."""
     fields = dataclasses.fields(PipelineParams)
     returns = inspect.signature(fn).return_annotation
     names = [f.name for f in fields]
@@ -54,37 +71,76 @@ def _with_param_signature(fn: Callable) -> Callable:
     return with_params
 
 
+def _image_job(component):
+    """The image component as a Vertex custom job on a T4 whose strategy is an input."""
+    from google_cloud_pipeline_components.v1.custom_job import \
+        create_custom_training_job_from_component
+
+    return create_custom_training_job_from_component(
+        component, display_name="embed-images", machine_type=IMAGE_MACHINE_TYPE,
+        accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1, strategy="SPOT",
+        timeout=IMAGE_STEP_TIMEOUT)
+
+
 def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
     """The pipeline function for ``target`` ('vertex' or 'local'), components running in ``image``."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    embed_text_op = make_embed_text(image)
     on_vertex = target == "vertex"
-    project = PROJECT_PLACEHOLDER if on_vertex else ""
-    location = LOCATION_PLACEHOLDER if on_vertex else ""
+    embed_text_op = make_embed_text(image)
+    embed_images_op = _image_job(make_embed_images(image)) if on_vertex else make_embed_images(image)
+    fuse_op = make_fuse_embeddings(image)
+    publish_op = make_publish_outputs(image)
 
-    def item_embeddings(**p) -> dsl.Dataset:
+    def item_embeddings(**p) -> Outputs:
+        tracking = dict(experiment=p["experiment"], tracking_backend=p["tracking_backend"],
+                        tracking_dir=p["tracking_dir"],
+                        project=PROJECT_PLACEHOLDER if on_vertex else "",
+                        location=LOCATION_PLACEHOLDER if on_vertex else "")
+        items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
+                             reimport=False).set_display_name("Items")
         text = embed_text_op(
-            items_uri=p["items_uri"],
-            id_column=p["id_column"],
-            title_column=p["title_column"],
-            description_column=p["description_column"],
-            text_model=p["text_model"],
-            text_batch_size=p["text_batch_size"],
-            experiment=p["experiment"],
-            tracking_backend=p["tracking_backend"],
-            tracking_dir=p["tracking_dir"],
-            project=project,
-            location=location,
+            items=items.output, id_column=p["id_column"], title_column=p["title_column"],
+            description_column=p["description_column"], text_model=p["text_model"],
+            text_batch_size=p["text_batch_size"], text_backend=p["text_backend"], **tracking,
         ).set_display_name("Embed text")
-        if on_vertex:
-            text.set_cpu_limit("4").set_memory_limit("15G")
-        return text.outputs["text_embeddings"]
+        image_args = {"strategy": p["image_strategy"]} if on_vertex else {}
+        images = embed_images_op(
+            items=items.output, id_column=p["id_column"], image_url_column=p["image_url_column"],
+            image_model=p["image_model"], image_pretrained=p["image_pretrained"],
+            image_batch_size=p["image_batch_size"], max_items=p["max_items"],
+            download_concurrency=p["download_concurrency"],
+            download_timeout_s=p["download_timeout_s"], download_retries=p["download_retries"],
+            max_image_bytes=p["max_image_bytes"], allow_private_hosts=p["allow_private_hosts"],
+            shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"], **image_args,
+            **tracking,
+        ).set_display_name("Embed images").set_retry(IMAGE_STEP_RETRIES, backoff_duration="60s")
+        fused = fuse_op(
+            text_embeddings=text.outputs["text_embeddings"],
+            image_embeddings=images.outputs["image_embeddings"],
+            fusion_hidden_dim=p["fusion_hidden_dim"], fusion_output_dim=p["fusion_output_dim"],
+            fusion_epochs=p["fusion_epochs"], fusion_lr=p["fusion_lr"],
+            fusion_batch_size=p["fusion_batch_size"], seed=p["seed"], **tracking,
+        ).set_display_name("Fuse embeddings")
+        for task in (text, fused):
+            task.set_retry(STEP_RETRIES)
+            if on_vertex:
+                task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
+        with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
+            publish_op(
+                text_embeddings=text.outputs["text_embeddings"],
+                image_embeddings=images.outputs["image_embeddings"],
+                fused_embeddings=fused.outputs["fused_embeddings"],
+                publish_uri=p["publish_uri"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            ).set_display_name("Publish outputs").set_caching_options(False)
+        return Outputs(text.outputs["text_embeddings"], images.outputs["image_embeddings"],
+                       fused.outputs["fused_embeddings"])
 
     return dsl.pipeline(name=PIPELINE_NAME)(_with_param_signature(item_embeddings))
 
 
-def compile_pipeline(output: "str | Path", target: str = "vertex", image: str = DEFAULT_IMAGE) -> Path:
+def compile_pipeline(output: "str | Path", target: str = "vertex", image: str = DEFAULT_IMAGE
+                     ) -> Path:
     """Compile the pipeline to a YAML template at ``output``."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

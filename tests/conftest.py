@@ -48,6 +48,32 @@ def items_path(tmp_path: Path) -> Path:
     return write_items(tmp_path / "items.parquet", catalogue(40))
 
 
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny ViT open_clip config (a JSON file, as ``image_model`` accepts) and a checkpoint."""
+    import json
+
+    import open_clip
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    config = root / "tiny-vit-test.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit-test")
+    checkpoint = root / "tiny-vit-test.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint, model.state_dict()
+
+
 def _free_port() -> int:
     import socket
 

@@ -303,17 +303,17 @@ def test_component_through_python_func(tmp_path, synthetic):
     from item_embeddings.components.fuse_embeddings import fuse_embeddings, make_component
 
     root, cat = synthetic
-    fused = dsl.Dataset(uri=str(tmp_path / "fused"))
-    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    task_dir = tmp_path / "Run_42" / "fuse-embeddings"
+    fused = dsl.Dataset(uri=str(task_dir / "fused"))
+    metrics = dsl.Metrics(uri=str(task_dir / "metrics"))
     component = make_component("example.invalid/item-embeddings:test")
     component.python_func(
         text_embeddings=dsl.Dataset(uri=str(root / "text")),
         image_embeddings=dsl.Dataset(uri=str(root / "image")),
         fused_embeddings=fused, metrics=metrics, fusion_epochs=2, fusion_output_dim=64,
-        tracking_backend="local", tracking_dir=str(tmp_path / "runs"), experiment="exp",
-        run_id="Run_42")
+        tracking_backend="local", tracking_dir=str(tmp_path / "runs"), experiment="exp")
     assert component.python_func is fuse_embeddings
-    assert np.load(tmp_path / "fused" / FUSED_ARRAY).shape == (N, 64)
+    assert np.load(task_dir / "fused" / FUSED_ARRAY).shape == (N, 64)
     assert fused.metadata["count"] == N and fused.metadata["output_dim"] == 64
     assert metrics.metadata["fusion_count"] == N
     assert metrics.metadata["fusion_items_with_images"] == int(cat.has_image.sum())

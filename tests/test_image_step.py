@@ -28,33 +28,11 @@ from item_embeddings.tracking import LocalTracker
 
 from image_server import ImageServer, make_images
 
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-}
 FAST = DownloadConfig(timeout_s=0.6, retries=1, backoff_base_s=0.01, allow_private_hosts=True)
 # Keys of img_meta.json that are measurements of one attempt (or where it kept its shards).
 TIMING_KEYS = {"throughput_items_per_sec", "encode_only_items_per_sec", "encode_time_sec",
                "download_time_sec_total", "downloaded_bytes", "wall_time_sec",
                "encoded_this_attempt", "resumed_shards", "checkpoint_location"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny ViT open_clip config (registered from a JSON file) and a checkpoint of it."""
-    import open_clip
-    import torch
-
-    root = tmp_path_factory.mktemp("tiny_model")
-    config = root / "tiny-vit-test.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-vit-test")
-    checkpoint = root / "tiny-vit-test.pt"
-    torch.save(model.state_dict(), checkpoint)
-    return config, checkpoint, model.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -396,21 +374,23 @@ def test_component_writes_outputs_and_metrics(server, tiny_model, tmp_path):
     items = items_with_urls(tmp_path / "items.parquet",  # integer ids are kept as integers
                             [server.url("img/rgb.jpg"), None, server.url("status/404")],
                             ids=[10, 20, 30])
-    dataset = Dataset(name="image_embeddings", uri=str(tmp_path / "ds"))
-    metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))
-    embed_images(items_uri=str(items), image_embeddings=dataset, metrics=metrics,
-                 image_model=str(config), image_pretrained=str(checkpoint),
+    task_dir = tmp_path / "item-embeddings-comp" / "embed-images"
+    dataset = Dataset(name="image_embeddings", uri=str(task_dir / "ds"))
+    metrics = Metrics(name="metrics", uri=str(task_dir / "metrics"))
+    embed_images(items=Dataset(name="items", uri=str(items)), image_embeddings=dataset,
+                 metrics=metrics, image_model=str(config), image_pretrained=str(checkpoint),
                  download_retries=0, allow_private_hosts=True, tracking_backend="local",
-                 tracking_dir=str(tmp_path / "runs"), run_id="comp")
+                 tracking_dir=str(tmp_path / "runs"), image_user_agent="test-agent/1")
     assert dataset.metadata["count"] == 1 and dataset.metadata["embed_dim"] == 32
     assert metrics.metadata["image_count"] == 1 and metrics.metadata["image_failed_count"] == 1
     assert metrics.metadata["image_no_url_count"] == 1
     assert all(k.startswith("image_") for k in metrics.metadata)
-    assert (tmp_path / "runs" / "recsys-dev" / "embed-image-comp.json").is_file()
-    assert pq.read_table(tmp_path / "ds" / im.IMG_ITEMS).column("id").to_pylist() == [10]
-    failed = pq.read_table(tmp_path / "ds" / im.IMG_FAILURES)
+    assert (tmp_path / "runs" / "recsys-dev" / "embed-image-item-embeddings-comp.json").is_file()
+    assert pq.read_table(task_dir / "ds" / im.IMG_ITEMS).column("id").to_pylist() == [10]
+    assert "test-agent/1" in server.user_agents
+    failed = pq.read_table(task_dir / "ds" / im.IMG_FAILURES)
     assert failed.schema.field("id").type == pa.int64() and failed.column("id").to_pylist() == [30]
-    assert {p.name for p in (tmp_path / "ds").iterdir()} >= {
+    assert {p.name for p in (task_dir / "ds").iterdir()} >= {
         im.IMG_ARRAY, im.IMG_ITEMS, im.IMG_FAILURES, im.IMG_META}
 
 

@@ -41,6 +41,15 @@ def test_missing_column_names_it(tmp_path):
         validate_items(str(path), COLS)
 
 
+def test_image_step_needs_no_text_columns(tmp_path):
+    cat = catalogue(5)
+    del cat["title"], cat["description"]
+    path = write_items(tmp_path / "i.parquet", cat)
+    assert validate_items(str(path), COLS, need_text=False, need_image_url=True).num_rows == 5
+    with pytest.raises(ItemsError, match="'title', 'description'"):
+        validate_items(str(path), COLS)
+
+
 def test_missing_image_column_only_when_needed(tmp_path):
     cat = catalogue(5)
     del cat["image_url"]

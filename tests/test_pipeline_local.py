@@ -29,11 +29,13 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     assert set(params) == set(PARAM_FIELDS)
     assert params["text_batch_size"]["defaultValue"] == 128
     assert params["id_column"]["defaultValue"] == "asin"
-    executors = spec["deploymentSpec"]["executors"]
-    images = {e["container"]["image"] for e in executors.values()}
-    assert images == {"example.com/img:1"}
+    containers = [e["container"] for e in spec["deploymentSpec"]["executors"].values()
+                  if "container" in e]
+    our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
+    assert len(our_tasks) == 3  # text, fusion, publish (the image step is inside a custom job)
+    assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
-    assert not any("pip install" in " ".join(e["container"]["command"]) for e in executors.values())
+    assert not any("pip install" in " ".join(c["command"]) for c in our_tasks)
     text_inputs = spec["root"]["dag"]["tasks"]["embed-text"]["inputs"]["parameters"]
     assert text_inputs["project"]["runtimeValue"]["constant"] == \
         "{{$.pipeline_google_cloud_project_id}}"
@@ -54,7 +56,8 @@ def test_component_python_func(tmp_path, items_path):
     task_dir = tmp_path / "item-embeddings-20261125" / "embed-text"
     data = dsl.Dataset(name="text_embeddings", uri=str(task_dir / "text_embeddings"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(task_dir / "metrics"), metadata={})
-    embed_text(items_uri=str(items_path), text_embeddings=data, metrics=metrics,
+    embed_text(items=dsl.Dataset(name="items", uri=str(items_path)), text_embeddings=data,
+               metrics=metrics,
                text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
     assert np.load(task_dir / "text_embeddings" / "txt.npy").shape == (40, 384)
     assert metrics.metadata["text_count"] == 40
@@ -62,28 +65,101 @@ def test_component_python_func(tmp_path, items_path):
     assert (tmp_path / "runs" / "recsys-dev" / "embed-text-item-embeddings-20261125.json").exists()
 
 
-@pytest.mark.slow
-def test_run_local_whole_pipeline(tmp_path, capsys):
-    items = write_items(tmp_path / "items.parquet", catalogue(25))
-    out = tmp_path / "out"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("text_batch_size: 8\nexperiment: test-exp\n")
-    rc = main(["run-local", "--items", str(items), "--output-dir", str(out), "--config", str(cfg)])
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory, tiny_model):
+    """The whole DAG with kfp.local: a generated catalogue, images served on 127.0.0.1."""
+    import pyarrow as pa
+
+    from item_embeddings.sample import SampleImageServer, make_sample_catalogue
+
+    root = tmp_path_factory.mktemp("dag")
+    config, checkpoint, _ = tiny_model
+    with SampleImageServer() as server:
+        table = make_sample_catalogue(36, server.base_url)
+        urls = table.column("image_url").to_pylist()
+        urls[1] = f"{server.base_url}/img/missing.png"   # 404: a counted failure
+        urls[2] = "ftp://example.invalid/x.jpg"          # not http(s): no usable URL
+        table = table.set_column(table.schema.get_field_index("image_url"), "image_url",
+                                 pa.array(urls))
+        items = root / "items.parquet"
+        pq.write_table(table, items)
+        cfg = root / "cfg.yaml"
+        cfg.write_text(f"text_batch_size: 8\nexperiment: test-exp\ntext_backend: torch\n"
+                       f"image_model: {config}\nimage_pretrained: {checkpoint}\n"
+                       "image_batch_size: 8\nshard_size: 10\ndownload_retries: 0\n"
+                       "fusion_epochs: 2\n")
+        out = root / "out"
+        rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
+                   "--config", str(cfg), "--set", "allow_private_hosts=true"])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "txt.npy" in printed and str(out) in printed
-    arr = np.load(out / "txt.npy")
-    assert arr.shape == (25, 384)
+    return items, out, urls
+
+
+@pytest.mark.slow
+def test_run_local_whole_dag(dag_run, capsys):
+    _, out, urls = dag_run
+    n = 36
+    expected = {"txt.npy", "txt_items.parquet", "txt_meta.json", "img.npy", "img_items.parquet",
+                "img_failures.parquet", "img_meta.json", "fused.npy", "fused_items.parquet",
+                "fusion_config.json", "fusion_model.safetensors"}
+    assert expected <= {p.name for p in out.iterdir()}
     ids = pq.read_table(out / "txt_items.parquet").column("id").to_pylist()
-    assert ids == catalogue(25)["asin"]
-    meta = json.loads((out / "txt_meta.json").read_text())
-    assert meta["count"] == 25 and meta["batch_size"] == 8
-    runs = list((out / "runs" / "test-exp").glob("embed-text-*.json"))
-    assert len(runs) == 1
-    assert json.loads(runs[0].read_text())["status"] == "COMPLETE"
+    assert np.load(out / "txt.npy").shape == (n, 384)
+    with_url = [u for u in urls if u and u.startswith("http")]
+    img = np.load(out / "img.npy")
+    img_meta = json.loads((out / "img_meta.json").read_text())
+    assert img.shape == (len(with_url) - 1, 32)
+    assert img_meta["failed_count"] == 1 and img_meta["no_url_count"] == n - len(with_url)
+    failures = pq.read_table(out / "img_failures.parquet").to_pylist()
+    assert [(f["id"], f["http_status"]) for f in failures] == [(ids[1], 404)]
+    fused = np.load(out / "fused.npy")
+    assert fused.shape == (n, 128)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-5)
+    fused_items = pq.read_table(out / "fused_items.parquet")
+    assert fused_items.column("id").to_pylist() == ids
+    assert sum(fused_items.column("has_image").to_pylist()) == img.shape[0]
+    runs = {p.name.split("-item-embeddings")[0] for p in (out / "runs" / "test-exp").glob("*.json")}
+    assert runs == {"embed-text", "embed-image", "fuse-modal"}
+    for record in (out / "runs" / "test-exp").glob("*.json"):
+        assert json.loads(record.read_text())["status"] == "COMPLETE"
     assert main(["runs", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "embed-text-" in table and "COMPLETE" in table and "count=25" in table
+    assert table.count("COMPLETE") == 3
+
+
+@pytest.mark.slow
+def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = dag_run
+    assert main(["verify", str(out)]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+
+    def corrupted(name, change):
+        copy = tmp_path / name
+        shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".kfp", "runs"))
+        change(copy)
+        assert main(["verify", str(copy)]) != 0
+        return capsys.readouterr()
+
+    def truncate(d):
+        arr = np.load(d / "fused.npy")
+        np.save(d / "fused.npy", arr[:-3])
+
+    def shuffle_ids(d):
+        t = pq.read_table(d / "txt_items.parquet")
+        pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)),
+                       d / "txt_items.parquet")
+
+    def nan_row(d):
+        arr = np.load(d / "img.npy")
+        arr[0] = np.nan
+        np.save(d / "img.npy", arr)
+
+    for name, change, word in [("truncated", truncate, "fused"), ("shuffled", shuffle_ids, "id"),
+                               ("nan", nan_row, "NaN")]:
+        result = corrupted(name, change)
+        assert word in result.out + result.err, name
 
 
 def test_run_local_bad_table_fails_fast_with_clear_error(tmp_path, capsys):

@@ -1,16 +1,14 @@
 """The image-embedding component."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Metrics, Output
+from kfp.dsl import Dataset, Input, Metrics, Output
 
 
 def embed_images(
-    items_uri: str,
+    items: Input[Dataset],
     image_embeddings: Output[Dataset],
     metrics: Output[Metrics],
     id_column: str = "asin",
-    title_column: str = "title",
-    description_column: str = "description",
     image_url_column: str = "image_url",
     image_model: str = "ViT-B-32",
     image_pretrained: str = "openai",
@@ -23,12 +21,12 @@ def embed_images(
     allow_private_hosts: bool = False,
     shard_size: int = 10000,
     checkpoint_uri: str = "",
+    image_user_agent: str = "",
     experiment: str = "recsys-dev",
     tracking_backend: str = "auto",
     tracking_dir: str = "",
     project: str = "",
     location: str = "",
-    run_id: str = "",
 ):
     """Downloads each item's image (guarded, concurrent) and embeds it with open_clip ViT-B/32.
 
@@ -38,13 +36,11 @@ def embed_images(
     shards are kept durably, so a task restarted after a Spot preemption resumes where it stopped.
 
     Args:
-        items_uri: Parquet file or folder of parquet files (local path or gs:// URI).
+        items: The items table (parquet file or folder, local or gs://), from the importer.
         image_embeddings: Output directory with img.npy, img_items.parquet,
             img_failures.parquet and img_meta.json.
         metrics: Counts, failures and throughput of the image step.
         id_column: Column with the unique item id.
-        title_column: Column with the item title (only validated here, as in every step).
-        description_column: Column with the description (only validated here).
         image_url_column: Column with the image URL (http/https).
         image_model: open_clip model name, or a model config .json file (local or gs://).
         image_pretrained: open_clip pretrained tag, local checkpoint file, gs:// checkpoint,
@@ -58,24 +54,24 @@ def embed_images(
         allow_private_hosts: Allow image hosts on private/loopback addresses (tests, private CDNs).
         shard_size: Items per durable shard (resume unit after preemption).
         checkpoint_uri: Where finished shards are kept (local or gs://); empty = inside the output.
+        image_user_agent: User-Agent header of image downloads; empty = the project's default.
         experiment: Vertex AI Experiments experiment name.
         tracking_backend: 'vertex', 'local', 'none' or 'auto'.
         tracking_dir: Root of the local experiment store (local runs).
         project: Google Cloud project (the pipeline passes the runtime placeholder).
         location: Google Cloud region (the pipeline passes the runtime placeholder).
-        run_id: Pipeline run id, used in the experiment run name and kept across retries.
     """
     from item_embeddings.image import embed_items_images
     from item_embeddings.items import ItemColumns
     from item_embeddings.progress import setup_logging
-    from item_embeddings.tracking import make_tracker
+    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
+    extra = {"user_agent": image_user_agent} if image_user_agent else {}
     meta = embed_items_images(
-        items_uri,
+        items.uri,
         image_embeddings.path,
-        columns=ItemColumns(id=id_column, title=title_column, description=description_column,
-                            image_url=image_url_column),
+        columns=ItemColumns(id=id_column, image_url=image_url_column),
         image_model=image_model,
         image_pretrained=image_pretrained,
         batch_size=image_batch_size,
@@ -87,7 +83,9 @@ def embed_images(
         allow_private_hosts=allow_private_hosts,
         shard_size=shard_size,
         checkpoint_uri=checkpoint_uri,
-        run_id=run_id,
+        # Same output URI on every retry of the task, so the same run id and checkpoints.
+        run_id=run_id_from_output_uri(image_embeddings.uri),
+        **extra,
         tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
                              location=location, tracking_dir=tracking_dir),
     )

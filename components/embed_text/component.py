@@ -1,11 +1,11 @@
 """The text-embedding component."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Metrics, Output
+from kfp.dsl import Dataset, Input, Metrics, Output
 
 
 def embed_text(
-    items_uri: str,
+    items: Input[Dataset],
     text_embeddings: Output[Dataset],
     metrics: Output[Metrics],
     id_column: str = "asin",
@@ -13,6 +13,7 @@ def embed_text(
     description_column: str = "description",
     text_model: str = "sentence-transformers/all-MiniLM-L6-v2",
     text_batch_size: int = 128,
+    text_backend: str = "auto",
     experiment: str = "recsys-dev",
     tracking_backend: str = "auto",
     tracking_dir: str = "",
@@ -26,7 +27,7 @@ def embed_text(
     run `embed-text-<run id>`.
 
     Args:
-        items_uri: Parquet file or folder of parquet files (local path or gs:// URI).
+        items: The items table (parquet file or folder, local or gs://), from the importer.
         text_embeddings: Output directory with txt.npy, txt_items.parquet and txt_meta.json.
         metrics: Count, throughput and encode time.
         id_column: Column with the unique item id.
@@ -34,6 +35,9 @@ def embed_text(
         description_column: Column with the description (string or list of strings).
         text_model: sentence-transformers model: hub id, local directory or gs:// directory.
         text_batch_size: Texts per encoder batch.
+        text_backend: 'auto' (fastest that passes the quality gate: torch-fp16 on a GPU,
+            onnx-int8 on CPU), 'torch' (fp32 sentence-transformers, exact), 'torch-fp16'
+            (CUDA), 'onnx' (fp32 ONNX Runtime) or 'onnx-int8' (int8 ONNX Runtime).
         experiment: Vertex AI Experiments experiment name.
         tracking_backend: 'vertex', 'local', 'none' or 'auto'.
         tracking_dir: Root of the local experiment store (local runs).
@@ -47,16 +51,18 @@ def embed_text(
 
     setup_logging()
     meta = embed_items_text(
-        items_uri,
+        items.uri,
         text_embeddings.path,
         columns=ItemColumns(id=id_column, title=title_column, description=description_column),
         text_model=text_model,
         batch_size=text_batch_size,
+        text_backend=text_backend,
         run_id=run_id_from_output_uri(text_embeddings.uri),
         tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
                              location=location, tracking_dir=tracking_dir),
     )
-    text_embeddings.metadata.update({k: meta[k] for k in ("count", "embed_dim", "encoder_name")})
+    text_embeddings.metadata.update(
+        {k: meta[k] for k in ("count", "embed_dim", "encoder_name", "text_backend")})
     for key in ("count", "throughput_items_per_sec", "encode_time_sec"):
         metrics.log_metric(f"text_{key}", meta[key])
 

@@ -20,7 +20,6 @@ def fuse_embeddings(
     tracking_dir: str = "",
     project: str = "",
     location: str = "",
-    run_id: str = "",
 ):
     """Fuses each item's text and image embeddings into one L2-normalised vector.
 
@@ -47,11 +46,10 @@ def fuse_embeddings(
         tracking_dir: Root of the local experiment store (local runs).
         project: Google Cloud project (the pipeline passes the runtime placeholder).
         location: Google Cloud region (the pipeline passes the runtime placeholder).
-        run_id: Pipeline run id, used in the experiment run name.
     """
     from item_embeddings.fusion import fuse_item_embeddings
     from item_embeddings.progress import setup_logging
-    from item_embeddings.tracking import make_tracker
+    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
     meta = fuse_item_embeddings(
@@ -64,7 +62,7 @@ def fuse_embeddings(
         lr=fusion_lr,
         batch_size=fusion_batch_size,
         seed=seed,
-        run_id=run_id,
+        run_id=run_id_from_output_uri(fused_embeddings.uri),
         tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
                              location=location, tracking_dir=tracking_dir),
     )

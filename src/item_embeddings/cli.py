@@ -29,6 +29,13 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE", help="override one pipeline parameter (repeatable)")
 
 
+def _add_local_caching_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-caching", dest="enable_caching", action="store_false",
+                        help="run every task again (by default a task whose parameters and items "
+                             "URI match an earlier run in --output-dir reuses its outputs; the "
+                             "cache does not look at the items file's contents)")
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from item_embeddings.pipeline import compile_pipeline
 
@@ -44,7 +51,7 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 
     setup_logging()
     params = resolve_params(args.config, args.overrides, items_uri=args.items)
-    placed = run_local(params, args.output_dir)
+    placed = run_local(params, args.output_dir, enable_caching=args.enable_caching)
     _print_placed(Path(args.output_dir).resolve(), placed)
     return 0
 
@@ -71,7 +78,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # The sample's images are served on loopback, which the download guard refuses by default.
         params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
                                 items_uri=str(items))
-        placed = run_local(params, out)
+        placed = run_local(params, out, enable_caching=args.enable_caching)
     _print_placed(out, placed)
     return 0
 
@@ -133,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items parquet file or folder (local or gs://); same as --set items_uri=")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the files go")
     _add_param_options(p)
+    _add_local_caching_option(p)
     p.set_defaults(func=_cmd_run_local)
 
     p = sub.add_parser("demo", help="run the whole pipeline locally on the bundled sample",
@@ -145,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items-count", type=int, default=120, metavar="N",
                    help="items in the sample catalogue (default: 120)")
     _add_param_options(p)
+    _add_local_caching_option(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("runs", help="list local experiment runs",

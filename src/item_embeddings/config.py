@@ -34,7 +34,10 @@ class PipelineParams:
         DEFAULT_TEXT_MODEL,
         "sentence-transformers model: hub id, local directory or gs:// directory.")
     text_batch_size: int = _param(128, "Texts per encoder batch.")
-    text_backend: str = _param("torch", "Text encoder backend (torch = plain sentence-transformers).")
+    text_backend: str = _param(
+        "auto", "Text encoder: 'auto' (fastest that passes the quality gate: onnx-int8 on CPU, "
+        "torch-fp16 on a GPU), 'torch' (exact fp32 sentence-transformers), 'torch-fp16', 'onnx' "
+        "(fp32) or 'onnx-int8'.")
     # Image step
     image_model: str = _param("ViT-B-32", "open_clip model name.")
     image_pretrained: str = _param(
@@ -43,13 +46,17 @@ class PipelineParams:
     max_items: int = _param(150000, "Cap on items whose image is downloaded and encoded (0 = no cap).")
     download_concurrency: int = _param(64, "Image downloads in flight at once.")
     download_timeout_s: float = _param(5.0, "Total time allowed per image download attempt (s).")
-    download_retries: int = _param(2, "Retries after a timeout, 5xx or 429 (with backoff).")
+    download_retries: int = _param(
+        2, "Retries after a timeout, connection error, 5xx or 429 (with backoff).")
     max_image_bytes: int = _param(10_000_000, "Largest image body accepted (bytes).")
     allow_private_hosts: bool = _param(
         False, "Allow image hosts on private/loopback addresses (tests, private CDNs).")
     shard_size: int = _param(10000, "Items per durable image shard (resume unit after preemption).")
     checkpoint_uri: str = _param(
         "", "Where finished image shards are kept (local or gs://); empty = inside the step output.")
+    image_user_agent: str = _param("", "User-Agent of image downloads; empty = the project's default.")
+    image_strategy: str = _param(
+        "SPOT", "Vertex scheduling of the image step's T4 machine: SPOT or STANDARD (ignored locally).")
     # Fusion step
     fusion_hidden_dim: int = _param(256, "Hidden width of the fusion MLP.")
     fusion_output_dim: int = _param(128, "Dimension of the fused embedding.")

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from .fusion_model import (NORM_WEIGHT, OBJECTIVE, TAU, WEIGHTS_FILE, FusionMLP,
                            fusion_loss, init_from_pca, load_fusion_model, save_fusion_model,
                            unit_rows, usable_rows)
 from .progress import Progress
+from .runtime import package_versions
 from .storage import atomic_path, sha256_file, write_json_atomic, write_parquet_atomic
 from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
 
@@ -264,14 +264,22 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
         yield perm[start:stop]
 
 
+# Below this many items one thread is used by default: on such small matrices thread hand-offs
+# cost more than they save, and with a busy second core spinning OpenMP threads made a 120-item
+# fusion take 19 s instead of 0.3 s.
+SINGLE_THREAD_BELOW_ITEMS = 20_000
+
+
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[int]:
+def _torch_threads(num_threads: int | None, count: int) -> Iterator[int]:
     """A fixed torch thread count for the step (results depend on it), restored afterwards.
 
     Every op used is deterministic on CPU for a fixed thread count (no atomics, no scatter
     races), so ``torch.use_deterministic_algorithms`` is not needed (it costs a 6 s import).
     """
     old_threads = torch.get_num_threads()
+    if num_threads is None and count < SINGLE_THREAD_BELOW_ITEMS:
+        num_threads = 1
     torch.set_num_threads(num_threads or old_threads)
     try:
         yield torch.get_num_threads()
@@ -339,14 +347,6 @@ def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path) -> None:
         del fused
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("item-embeddings", "torch", "numpy", "safetensors"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
 def fuse_item_embeddings(
     text_dir: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -383,8 +383,9 @@ def fuse_item_embeddings(
         seed: Seed of the initialisation sample, the shuffling and the weights.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
-        num_threads: torch CPU threads (None: torch's current setting). Outputs are
-            byte-identical for the same inputs, seed and thread count.
+        num_threads: torch CPU threads (None: 1 below SINGLE_THREAD_BELOW_ITEMS items, else
+            torch's current setting). Outputs are byte-identical for the same inputs, seed and
+            thread count.
         init: 'pca' (start from the linear PCA projection) or 'random'.
 
     Returns:
@@ -403,7 +404,7 @@ def fuse_item_embeddings(
     out.mkdir(parents=True, exist_ok=True)
 
     with tracked_run(tracker, run_name("fuse-modal", run_id)), \
-            _torch_threads(num_threads) as threads:
+            _torch_threads(num_threads, inputs.count) as threads:
         tracker.log_params({"output_dim": output_dim, "hidden_dim": hidden_dim, "epochs": epochs,
                             "lr": lr, "batch_size": batch_size, "seed": seed,
                             "objective": OBJECTIVE, "init": init})
@@ -458,7 +459,7 @@ def fuse_item_embeddings(
             "weights_sha256": sha256_file(out / WEIGHTS_FILE),
             "text_dir": str(text_dir),
             "image_dir": str(image_dir),
-            "versions": _versions(),
+            "versions": package_versions("torch", "numpy", "safetensors"),
         }
         write_json_atomic(out / FUSION_CONFIG, meta)
         tracker.log_metrics({"count": inputs.count, "items_with_images": inputs.items_with_images,

@@ -23,7 +23,6 @@ import asyncio
 import collections
 import concurrent.futures
 import hashlib
-import importlib.metadata
 import io
 import logging
 import os
@@ -43,9 +42,9 @@ from .download import (DEFAULT_USER_AGENT, NOT_AN_IMAGE, DownloadConfig, Downloa
 from .image_shards import ShardStore, content_hash, fingerprint, shard_schema
 from .items import ItemColumns, ItemsError, iter_batches, validate_items
 from .progress import Progress
+from .runtime import cache_dir, package_versions
 from .storage import (atomic_path, gcs_client, is_gcs_uri, sha256_file, split_gcs_uri,
                       write_json_atomic, write_parquet_atomic)
-from .text import _cache_dir
 from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
 
 if TYPE_CHECKING:
@@ -213,7 +212,7 @@ class ResolvedImageModel:
 def _gcs_file(uri: str, kind: str) -> Path:
     """A local copy of one gs:// object, cached by URI."""
     bucket_name, blob_name = split_gcs_uri(uri)
-    dest = (_cache_dir() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = (cache_dir() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
             / os.path.basename(blob_name))
     if not dest.is_file():
         logger.info("downloading %s to %s", uri, dest)
@@ -276,7 +275,8 @@ class ImageEncoder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _, preprocess = open_clip.create_model_and_transforms(
             self.resolved.model_name, pretrained=self.resolved.pretrained,
-            force_quick_gelu=self.resolved.quick_gelu, device=self.device)
+            force_quick_gelu=self.resolved.quick_gelu, device=self.device,
+            cache_dir=str(cache_dir() / "open_clip"))  # the image bakes the weights there
         self.model = model.eval()
         self.pil_transform, mean, std = split_preprocess(preprocess)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -554,16 +554,6 @@ def _assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str
             "retried_items": retried}
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("item-embeddings", "torch", "open-clip-torch", "pillow", "aiohttp", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def embed_items_images(
     items_uri: str,
     output_dir: str | os.PathLike,
@@ -628,7 +618,7 @@ def embed_items_images(
     """
     if batch_size < 1 or shard_size < 1 or max_items < 0:
         raise ValueError("batch_size and shard_size must be >= 1 and max_items >= 0")
-    summary = validate_items(items_uri, columns, need_image_url=True)  # before any model loads
+    summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)  # before any model loads
     run_id = run_id or uuid.uuid4().hex[:12]
     tracker = tracker or NullTracker()
     out = Path(output_dir)
@@ -721,7 +711,7 @@ def embed_items_images(
             "items_uri": items_uri,
             "id_column": columns.id,
             "image_url_column": columns.image_url,
-            "versions": _versions(),
+            "versions": package_versions("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"),
         }
         write_json_atomic(out / IMG_META, meta)
         tracker.log_metrics({"count": meta["count"], "failed_count": meta["failed_count"],

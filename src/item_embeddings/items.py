@@ -85,15 +85,21 @@ def _rows(mask: pa.ChunkedArray | pa.Array) -> list[int]:
     return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()
 
 
-def validate_items(uri: str, columns: ItemColumns, *, need_image_url: bool = False) -> ItemsSummary:
+def validate_items(uri: str, columns: ItemColumns, *, need_text: bool = True,
+                   need_image_url: bool = False) -> ItemsSummary:
     """Check the table's schema and ids before any model loads.
+
+    The id column is always checked; title/description only with ``need_text`` (the text step),
+    the image URL only with ``need_image_url`` (the image step).
 
     Raises:
         ItemsError: empty table, missing column, a column of the wrong type, null or duplicate ids.
     """
     dataset = open_items(uri)
     schema = dataset.schema
-    required = [columns.id, columns.title, columns.description]
+    required = [columns.id]
+    if need_text:
+        required += [columns.title, columns.description]
     if need_image_url:
         required.append(columns.image_url)
     missing = [c for c in required if c not in schema.names]
@@ -101,11 +107,10 @@ def validate_items(uri: str, columns: ItemColumns, *, need_image_url: bool = Fal
         raise ItemsError(f"items table {uri} has no column(s) {', '.join(map(repr, missing))}; "
                          f"columns present: {', '.join(schema.names)}")
 
-    checks = [
-        (columns.id, lambda t: _is_string(t) or pa.types.is_integer(t), "string or integer"),
-        (columns.title, _is_text_or_null, "string"),
-        (columns.description, _is_text_or_list_of_text, "string or list of strings"),
-    ]
+    checks = [(columns.id, lambda t: _is_string(t) or pa.types.is_integer(t), "string or integer")]
+    if need_text:
+        checks += [(columns.title, _is_text_or_null, "string"),
+                   (columns.description, _is_text_or_list_of_text, "string or list of strings")]
     if need_image_url:
         checks.append((columns.image_url, _is_text_or_null, "string"))
     for name, ok, expected in checks:

@@ -29,11 +29,13 @@ def _place(src: Path, dest: Path) -> None:
 
 
 def run_local(params: PipelineParams, output_dir: str | os.PathLike,
-              image: str | None = None) -> dict[str, Path]:
+              image: str | None = None, enable_caching: bool = True) -> dict[str, Path]:
     """Run the pipeline with kfp.local (SubprocessRunner, no venv) and place its files in ``output_dir``.
 
     The items table is validated first, so a bad table fails in seconds with a clear message.
-    Experiment runs go to ``<output_dir>/runs`` unless ``tracking_dir`` says otherwise.
+    Experiment runs go to ``<output_dir>/runs`` unless ``tracking_dir`` says otherwise. With
+    caching, a task whose inputs (parameters and the items URI — not the file's contents) match
+    an earlier run in the same ``output_dir`` reuses that run's outputs.
 
     Returns:
         File name -> path of every final file placed flat in ``output_dir``.
@@ -46,19 +48,17 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     out = Path(output_dir).resolve()
     validate_items(params.items_uri, ItemColumns(params.id_column, params.title_column,
                                                  params.description_column,
-                                                 params.image_url_column))
+                                                 params.image_url_column), need_image_url=True)
     if params.tracking_backend in ("auto", "local") and not params.tracking_dir:
         params = dataclasses.replace(params, tracking_backend="local",
                                      tracking_dir=str(out / RUNS_DIR))
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / KFP_ROOT),
-               raise_on_error=True)
+               raise_on_error=True, enable_caching=enable_caching)
     pipeline = build_pipeline("local", image or DEFAULT_IMAGE)
     task = pipeline(**dataclasses.asdict(params))
-    artifacts = [task.output] if hasattr(task, "output") and task.output is not None else \
-        list(task.outputs.values())
     placed: dict[str, Path] = {}
-    for artifact in artifacts:
+    for artifact in task.outputs.values():
         src_dir = Path(artifact.path)
         for src in sorted(src_dir.iterdir()):
             if src.is_file():

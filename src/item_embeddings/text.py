@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ import pyarrow as pa
 from .config import DEFAULT_TEXT_MODEL
 from .items import ItemColumns, batch_texts, iter_batches, validate_items
 from .progress import Progress
+from .runtime import cache_dir, package_versions
 from .storage import (atomic_path, download_gcs_prefix, is_gcs_uri, sha256_file,
                       write_json_atomic, write_parquet_atomic)
 from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
@@ -41,10 +41,6 @@ TXT_META = "txt_meta.json"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 _MINILM_NAMES = {DEFAULT_TEXT_MODEL, "all-MiniLM-L6-v2"}
 READ_BATCH_ROWS = 4096  # rows per streamed record batch; bounds memory independently of N
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ITEM_EMBEDDINGS_CACHE", Path.home() / ".cache" / "item_embeddings"))
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ def resolve_text_model(name: str) -> ResolvedModel:
     installed (offline, hash-checked); any other hub id is downloaded on first use.
     """
     if is_gcs_uri(name):
-        dest = _cache_dir() / "models" / hashlib.sha256(name.encode()).hexdigest()[:16]
+        dest = cache_dir() / "models" / hashlib.sha256(name.encode()).hexdigest()[:16]
         if not (dest / "modules.json").exists() and not (dest / "config.json").exists():
             logger.info("downloading text model %s to %s", name, dest)
             download_gcs_prefix(name, dest)
@@ -119,18 +115,26 @@ class TextEncoder:
 
 
 def load_text_encoder(name: str = DEFAULT_TEXT_MODEL, batch_size: int = 128,
-                      device: str | None = None) -> TextEncoder:
-    return TextEncoder(name, device=device, batch_size=batch_size)
+                      device: str | None = None, backend: str = "torch"):
+    """Load the encoder of ``backend`` (see :mod:`item_embeddings.text_backends`).
 
+    ``torch`` (the default here) is plain sentence-transformers in float32, exact on any device;
+    ``auto`` picks the fastest backend that passes the quality gate (``torch-fp16`` on CUDA,
+    ``onnx-int8`` on CPU); ``onnx`` / ``onnx-int8`` build their ONNX model once into the cache.
+    """
+    from .text_backends import ONNX_BACKENDS, OnnxTextEncoder, resolve_backend
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("item-embeddings", "torch", "sentence-transformers", "transformers", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    backend = resolve_backend(backend, device)
+    if backend in ONNX_BACKENDS:
+        if device is not None and device != "cpu":
+            raise ValueError(f"text_backend {backend!r} runs on cpu, got device {device!r}")
+        return OnnxTextEncoder(name, backend=backend, batch_size=batch_size)
+    encoder = TextEncoder(name, device=device or ("cuda" if backend == "torch-fp16" else None),
+                          batch_size=batch_size)
+    if backend == "torch-fp16":
+        encoder.model.half()
+        encoder.dtype, encoder.backend = "float16", backend
+    return encoder
 
 
 def embed_items_text(
@@ -143,6 +147,7 @@ def embed_items_text(
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
     encoder: TextEncoder | None = None,
+    text_backend: str = "auto",
 ) -> dict[str, Any]:
     """Embed every item's title + description and write the text step's outputs.
 
@@ -159,6 +164,8 @@ def embed_items_text(
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         encoder: An already-loaded encoder (tests, benchmarks); loaded from ``text_model`` if None.
+        text_backend: ``auto``, ``torch``, ``torch-fp16``, ``onnx`` or ``onnx-int8`` (see
+            :mod:`item_embeddings.text_backends`); ignored when ``encoder`` is given.
 
     Returns:
         The metadata written to ``txt_meta.json``.
@@ -174,9 +181,9 @@ def embed_items_text(
 
     with tracked_run(tracker, run_name("embed-text", run_id)):
         tracker.log_params({"model_name": text_model, "batch_size": batch_size,
-                            "items_uri": items_uri})
+                            "text_backend": text_backend, "items_uri": items_uri})
         if encoder is None:
-            encoder = load_text_encoder(text_model, batch_size=batch_size)
+            encoder = load_text_encoder(text_model, batch_size=batch_size, backend=text_backend)
         n = summary.num_rows
         ids: list[pa.Array] = []
         empty = null_title = null_description = 0
@@ -211,6 +218,8 @@ def embed_items_text(
             "encoder_name": text_model,
             "encoder_location": encoder.resolved.location,
             "text_backend": encoder.backend,
+            # sha256 of the ONNX model the onnx backends run (None for torch backends)
+            "fast_model_sha256": getattr(encoder, "model_sha256", None),
             "embed_dim": encoder.dim,
             "count": n,
             "throughput_items_per_sec": n / encode_time if encode_time > 0 else 0.0,
@@ -228,7 +237,8 @@ def embed_items_text(
             "items_uri": items_uri,
             "id_column": columns.id,
             "weights_sha256": encoder.resolved.weights_sha256,
-            "versions": _versions(),
+            "versions": package_versions("torch", "sentence-transformers", "transformers",
+                                          "onnxruntime", "numpy"),
         }
         write_json_atomic(out / TXT_META, meta)
         tracker.log_metrics({"count": n, "throughput_items_per_sec":

@@ -1,0 +1,121 @@
+"""The compiled Vertex template: DAG edges, resources, Spot, parameters — read back from YAML."""
+
+import json
+
+import pytest
+import yaml
+
+from item_embeddings.config import PARAM_FIELDS, PipelineParams
+from item_embeddings.pipeline import compile_pipeline
+
+IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings:1.2.3"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
+    compile_pipeline(path, target="vertex", image=IMAGE)
+    return path, yaml.safe_load(path.read_text())
+
+
+def _producers(task: dict) -> set[str]:
+    return {a["taskOutputArtifact"]["producerTask"]
+            for a in task.get("inputs", {}).get("artifacts", {}).values()}
+
+
+def test_dag_edges(template):
+    _, spec = template
+    tasks = spec["root"]["dag"]["tasks"]
+    assert _producers(tasks["embed-text"]) == {"importer"}
+    assert _producers(tasks["embed-images"]) == {"importer"}
+    assert set(tasks["embed-text"].get("dependentTasks", [])) <= {"importer"}
+    assert set(tasks["embed-images"].get("dependentTasks", [])) <= {"importer"}
+    assert _producers(tasks["fuse-embeddings"]) == {"embed-text", "embed-images"}
+    importer = tasks["importer"]["inputs"]["parameters"]["uri"]
+    assert importer == {"componentInputParameter": "items_uri"}
+    # publish runs under a condition on publish_uri, after fusion
+    condition = next(t for name, t in tasks.items() if name.startswith("condition"))
+    assert "publish_uri" in condition["triggerPolicy"]["condition"]
+    assert set(condition["dependentTasks"]) == {"embed-images", "embed-text", "fuse-embeddings"}
+
+
+def test_image_step_is_a_spot_t4_custom_job(template):
+    _, spec = template
+    task = spec["root"]["dag"]["tasks"]["embed-images"]
+    assert task["inputs"]["parameters"]["strategy"] == {"componentInputParameter": "image_strategy"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["image_strategy"]["defaultValue"] == "SPOT"
+    assert task["retryPolicy"]["maxRetryCount"] >= 3
+    comp = spec["components"][task["componentRef"]["name"]]
+    pools = comp["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+    machine = pools[0]["machine_spec"]
+    assert machine == {"machine_type": "n1-standard-4", "accelerator_type": "NVIDIA_TESLA_T4",
+                       "accelerator_count": 1}
+    container = pools[0]["container_spec"]
+    assert container["image_uri"] == IMAGE
+    assert "embed_images" in json.dumps(container["command"] + container.get("args", []))
+
+
+def test_cpu_steps_resources_and_images(template):
+    _, spec = template
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-embed-text", "exec-fuse-embeddings"):
+        container = executors[name]["container"]
+        assert container["image"] == IMAGE
+        assert container["resources"]["cpuLimit"] == 4
+        assert container["resources"]["memoryLimit"] == 15
+        assert not any("pip install" in c for c in container["command"])
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["embed-text"]["taskInfo"]["name"] == "Embed text"
+    assert tasks["embed-text"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_parameters_and_defaults(template):
+    _, spec = template
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(PARAM_FIELDS)
+    defaults = PipelineParams()
+    for name, field in PARAM_FIELDS.items():
+        got = params[name].get("defaultValue")
+        want = getattr(defaults, name)
+        assert got == want, name
+        assert params[name]["description"] == field.metadata["help"]
+
+
+def test_project_and_location_come_from_runtime_placeholders(template):
+    _, spec = template
+    text = spec["root"]["dag"]["tasks"]["embed-text"]["inputs"]["parameters"]
+    assert text["project"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_project_id}}"
+    assert text["location"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_location}}"
+
+
+def test_vertex_accepts_the_template_offline(template):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform
+
+    path, _ = template
+    job = aiplatform.PipelineJob(
+        display_name="item-embeddings-test", template_path=str(path),
+        pipeline_root="gs://bucket/root", project="proj", location="europe-west4",
+        credentials=AnonymousCredentials(),
+        parameter_values={"items_uri": "gs://bucket/items/", "max_items": 5000,
+                          "image_strategy": "STANDARD", "fusion_lr": 0.002,
+                          "allow_private_hosts": False})
+    runtime = job.runtime_config.parameter_values
+    assert runtime["items_uri"] == "gs://bucket/items/" and runtime["max_items"] == 5000
+    with pytest.raises(ValueError):
+        aiplatform.PipelineJob(display_name="x", template_path=str(path), project="proj",
+                               location="europe-west4", credentials=AnonymousCredentials(),
+                               pipeline_root="gs://bucket/root",
+                               parameter_values={"no_such_param": 1})
+
+
+def test_local_target_has_no_custom_job(tmp_path):
+    path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
+    spec = yaml.safe_load(path.read_text())
+    assert "custom_job" not in path.read_text()
+    assert "strategy" not in spec["root"]["dag"]["tasks"]["embed-images"]["inputs"]["parameters"]
+
+
+def test_unknown_target():
+    with pytest.raises(ValueError, match="unknown target"):
+        compile_pipeline("x.yaml", target="k8s")
