@@ -87,17 +87,17 @@ def dag_run(tmp_path_factory, tiny_model):
         cfg.write_text(f"text_batch_size: 8\nexperiment: test-exp\ntext_backend: torch\n"
                        f"image_model: {config}\nimage_pretrained: {checkpoint}\n"
                        "image_batch_size: 8\nshard_size: 10\ndownload_retries: 0\n"
-                       "fusion_epochs: 2\n")
+                       f"fusion_epochs: 2\npublish_uri: {root / 'published'}\n")
         out = root / "out"
         rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
                    "--config", str(cfg), "--set", "allow_private_hosts=true"])
     assert rc == 0
-    return items, out, urls
+    return items, out, urls, root / "published"
 
 
 @pytest.mark.slow
 def test_run_local_whole_dag(dag_run, capsys):
-    _, out, urls = dag_run
+    _, out, urls, _ = dag_run
     n = 36
     expected = {"txt.npy", "txt_items.parquet", "txt_meta.json", "img.npy", "img_items.parquet",
                 "img_failures.parquet", "img_meta.json", "fused.npy", "fused_items.parquet",
@@ -131,8 +131,13 @@ def test_run_local_whole_dag(dag_run, capsys):
 def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_path, capsys):
     import shutil
 
-    _, out, _ = dag_run
+    _, out, _, published = dag_run
     assert main(["verify", str(out)]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    # the optional publish step ran (publish_uri set): a complete set with its manifest
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert {"txt.npy", "img.npy", "fused.npy", "fusion_config.json"} <= set(manifest["files"])
+    assert main(["verify", str(published)]) == 0
     assert "all checks passed" in capsys.readouterr().out
 
     def corrupted(name, change):
