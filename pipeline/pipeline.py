@@ -114,7 +114,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
             max_image_bytes=p["max_image_bytes"], allow_private_hosts=p["allow_private_hosts"],
             shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"], **image_args,
             **tracking,
-        ).set_display_name("Embed images").set_retry(IMAGE_STEP_RETRIES, backoff_duration="60s")
+        ).set_display_name("Embed images")
         fused = fuse_op(
             text_embeddings=text.outputs["text_embeddings"],
             image_embeddings=images.outputs["image_embeddings"],
@@ -122,9 +122,10 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
             fusion_epochs=p["fusion_epochs"], fusion_lr=p["fusion_lr"],
             fusion_batch_size=p["fusion_batch_size"], seed=p["seed"], **tracking,
         ).set_display_name("Fuse embeddings")
-        for task in (text, fused):
-            task.set_retry(STEP_RETRIES)
-            if on_vertex:
+        if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
+            images.set_retry(IMAGE_STEP_RETRIES, backoff_duration="60s")
+            for task in (text, fused):
+                task.set_retry(STEP_RETRIES)
                 task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
         with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
             publish_op(

@@ -176,3 +176,17 @@ def test_run_local_bad_table_fails_fast_with_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'asin' has 1 null id(s), at rows [1]" in err
     assert not (tmp_path / "out" / "txt.npy").exists()
+
+
+def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
+    import time
+
+    items = write_items(tmp_path / "items.parquet", catalogue(4))
+    started = time.monotonic()
+    rc = main(["run-local", "--items", str(items), "--output-dir", str(tmp_path / "out"),
+               "--set", "image_pretrained=/nonexistent/weights.pt", "--set", "text_backend=torch"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "local pipeline run failed" in err and "embed-images" in err
+    assert time.monotonic() - started < 120  # no retry backoff locally
+    assert not (tmp_path / "out" / "fused.npy").exists()

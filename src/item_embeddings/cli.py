@@ -174,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .items import ItemsError
+    from .local_run import LocalPipelineError
 
     try:
         return args.func(args)
     except (ConfigError, ItemsError) as exc:
         print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except LocalPipelineError as exc:
+        print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -273,10 +273,18 @@ class ImageEncoder:
         self.pretrained = pretrained
         self.resolved = resolve_image_model(model_name, pretrained)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            self.resolved.model_name, pretrained=self.resolved.pretrained,
-            force_quick_gelu=self.resolved.quick_gelu, device=self.device,
-            cache_dir=str(cache_dir() / "open_clip"))  # the image bakes the weights there
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                self.resolved.model_name, pretrained=self.resolved.pretrained,
+                force_quick_gelu=self.resolved.quick_gelu, device=self.device,
+                cache_dir=str(cache_dir() / "open_clip"))  # the image bakes the weights there
+        except (RuntimeError, OSError) as exc:
+            if self.resolved.weights_sha256 is not None:  # a checkpoint file: nothing to add
+                raise
+            raise RuntimeError(
+                f"cannot load open_clip weights {pretrained!r} for {model_name!r}: {exc}. "
+                "They are downloaded on first use; offline, set image_pretrained to a local or "
+                "gs:// checkpoint file (or 'none' for random weights in smoke runs).") from exc
         self.model = model.eval()
         self.pil_transform, mean, std = split_preprocess(preprocess)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)

@@ -18,6 +18,10 @@ KFP_ROOT = ".kfp"      # kfp.local's pipeline root inside the output directory
 RUNS_DIR = "runs"      # the local experiment store inside the output directory
 
 
+class LocalPipelineError(RuntimeError):
+    """A task of the local run failed; its log (printed above by kfp.local) says why."""
+
+
 def _place(src: Path, dest: Path) -> None:
     """Put ``src`` at ``dest`` atomically: a hard link when possible (no copy), else a copy."""
     with atomic_path(dest) as tmp:
@@ -56,7 +60,11 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / KFP_ROOT),
                raise_on_error=True, enable_caching=enable_caching)
     pipeline = build_pipeline("local", image or DEFAULT_IMAGE)
-    task = pipeline(**dataclasses.asdict(params))
+    try:
+        task = pipeline(**dataclasses.asdict(params))
+    except RuntimeError as exc:  # kfp.local: "Task 'x' finished with status FAILURE" etc.
+        raise LocalPipelineError(f"local pipeline run failed: {exc} (the task's log is above; "
+                                 f"its files are under {out / KFP_ROOT})") from exc
     placed: dict[str, Path] = {}
     for artifact in task.outputs.values():
         src_dir = Path(artifact.path)
