@@ -112,7 +112,8 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
             download_concurrency=p["download_concurrency"],
             download_timeout_s=p["download_timeout_s"], download_retries=p["download_retries"],
             max_image_bytes=p["max_image_bytes"], allow_private_hosts=p["allow_private_hosts"],
-            shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"], **image_args,
+            shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"],
+            image_user_agent=p["image_user_agent"], **image_args,
             **tracking,
         ).set_display_name("Embed images")
         fused = fuse_op(

@@ -240,6 +240,18 @@ def _damage_row_out_of_range(text_dir, image_dir):
                    image_dir / "img_items.parquet")
 
 
+def _damage_duplicate_row(text_dir, image_dir):
+    items = pq.read_table(image_dir / "img_items.parquet")
+    rows = items.column("row").to_pylist()
+    rows[1] = rows[0]
+    pq.write_table(items.set_column(2, "row", pa.array(rows, pa.int64())),
+                   image_dir / "img_items.parquet")
+
+
+def _damage_image_count(text_dir, image_dir):
+    np.save(image_dir / "img.npy", np.load(image_dir / "img.npy")[:-1].copy())
+
+
 def _damage_id_type(text_dir, image_dir):
     n = pq.read_table(text_dir / "txt_items.parquet").num_rows
     pq.write_table(pa.table({"id": pa.array(range(n), pa.int64())}),
@@ -264,6 +276,8 @@ def _damage_missing_meta(text_dir, image_dir):
      r"txt_items.parquet: 1 duplicated id\(s\), e.g. \['item-0000008'\]"),
     (_damage_duplicate_image_id, r"img_items.parquet: 1 duplicated id\(s\)"),
     (_damage_row_out_of_range, r"1 row index\(es\) outside img.npy"),
+    (_damage_duplicate_row, r"img_items.parquet lists the same 'row' for several ids"),
+    (_damage_image_count, r"count mismatch: .*img.npy has \d+ rows, img_items.parquet \d+"),
     (_damage_id_type,
      r"id types differ: txt_items.parquet has int64, img_items.parquet has string"),
     (_damage_count, r"count mismatch: .*txt.npy has 2400 rows, txt_items.parquet 2399"),

@@ -120,3 +120,37 @@ def test_custom_column_names(tmp_path, encoder):
                             columns=ItemColumns(id="item_id", title="name", description="body"))
     assert meta["count"] == 6
     assert pq.read_table(tmp_path / "out" / TXT_ITEMS).column("id").to_pylist() == list(range(6))
+
+
+def test_large_string_ids_are_stored_as_string(tmp_path, encoder):
+    import pyarrow as pa
+
+    cat = catalogue(5)
+    schema = pa.schema([("asin", pa.large_string()), ("title", pa.large_string()),
+                        ("description", pa.list_(pa.large_string())),
+                        ("image_url", pa.large_string())])
+    path = write_items(tmp_path / "i.parquet", cat, schema=schema)
+    embed_items_text(str(path), tmp_path / "out", encoder=encoder)
+    ids = pq.read_table(tmp_path / "out" / TXT_ITEMS).column("id")
+    assert ids.type == pa.string() and ids.to_pylist() == cat["asin"]
+
+
+def test_gcs_model_directory_is_downloaded_whole_and_cached(tmp_path, gcs, monkeypatch):
+    import uuid
+    from pathlib import Path
+
+    monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(tmp_path / "cache"))
+    local = Path(resolve_text_model("all-MiniLM-L6-v2").location)
+    bucket = gcs.create_bucket(f"models-{uuid.uuid4().hex[:8]}")
+    for path in local.rglob("*"):
+        if path.is_file():
+            bucket.blob(f"minilm/{path.relative_to(local)}").upload_from_filename(str(path))
+    bucket.blob("minilm-v2/stray.txt").upload_from_string("a neighbour, not part of the model")
+    resolved = resolve_text_model(f"gs://{bucket.name}/minilm")
+    got = Path(resolved.location)
+    assert resolved.weights_sha256 == MINILM_SHA256
+    assert sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file()) == \
+        sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert not list((tmp_path / "cache" / "models").glob(".*"))  # no leftover partial folder
+    bucket.blob("minilm/config.json").delete()  # a second resolve uses the cache, no download
+    assert resolve_text_model(f"gs://{bucket.name}/minilm/").location == str(got)

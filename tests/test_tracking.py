@@ -83,3 +83,24 @@ def test_vertex_tracker_drives_the_aiplatform_api(monkeypatch):
         ("log_metrics", {"count": 5.0}),
         ("end_run", "COMPLETE"),
     ]
+
+
+def test_vertex_tracker_resumes_the_run_of_a_retried_task(monkeypatch):
+    from google.cloud import aiplatform
+
+    existing, calls = set(), []
+
+    def start_run(name, resume=False):
+        if name in existing and not resume:
+            raise RuntimeError(f"Experiment Run with name {name} already exists")
+        existing.add(name)
+        calls.append((name, resume))
+
+    monkeypatch.setattr(aiplatform, "init", lambda **kw: None)
+    monkeypatch.setattr(aiplatform, "start_run", start_run)
+    monkeypatch.setattr(aiplatform, "end_run", lambda state: None)
+    for _attempt in range(2):
+        tracker = make_tracker("vertex", experiment="e", project="p", location="us-central1")
+        with tracked_run(tracker, "embed-image-job-1"):
+            pass
+    assert calls == [("embed-image-job-1", False), ("embed-image-job-1", True)]

@@ -78,9 +78,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # The sample's images are served on loopback, which the download guard refuses by default.
         params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
                                 items_uri=str(items))
+        params = _demo_image_weights(params)
         placed = run_local(params, out, enable_caching=args.enable_caching)
     _print_placed(out, placed)
     return 0
+
+
+def _demo_image_weights(params):
+    """The demo's image weights: the default CLIP weights, or random ones (said loudly) offline."""
+    import dataclasses
+
+    from .image import prefetch_pretrained
+
+    try:
+        prefetch_pretrained(params.image_model, params.image_pretrained)
+    except Exception as exc:  # noqa: BLE001 - any download failure means: not available here
+        print(f"NOTE: open_clip weights {params.image_pretrained!r} for {params.image_model!r} "
+              f"cannot be downloaded here ({type(exc).__name__}); this demo run uses RANDOM "
+              "image weights (image_pretrained=none), so its image vectors carry no meaning. "
+              "Set --set image_pretrained=/path/to/checkpoint.pt for real ones.")
+        return dataclasses.replace(params, image_pretrained="none")
+    return params
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

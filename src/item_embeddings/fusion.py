@@ -35,6 +35,8 @@ import torch
 from .fusion_model import (NORM_WEIGHT, OBJECTIVE, TAU, WEIGHTS_FILE, FusionMLP,
                            fusion_loss, init_from_pca, load_fusion_model, save_fusion_model,
                            unit_rows, usable_rows)
+from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, IMG_ARRAY,
+                      IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS, TXT_META)
 from .progress import Progress
 from .runtime import package_versions
 from .storage import atomic_path, sha256_file, write_json_atomic, write_parquet_atomic
@@ -46,13 +48,6 @@ __all__ = ["FusionInputError", "FusionInputs", "load_fusion_inputs", "fuse_item_
 
 logger = logging.getLogger(__name__)
 
-TXT_ARRAY, TXT_ITEMS, TXT_META = "txt.npy", "txt_items.parquet", "txt_meta.json"
-IMG_ARRAY, IMG_ITEMS, IMG_META, IMG_FAILURES = ("img.npy", "img_items.parquet", "img_meta.json",
-                                                "img_failures.parquet")
-FUSED_ARRAY = "fused.npy"
-FUSED_ITEMS = "fused_items.parquet"
-FUSION_CONFIG = "fusion_config.json"
-FUSION_EXCLUSIONS = "fusion_exclusions.parquet"
 
 SCAN_ROWS = 8192        # rows per chunk when checking or fusing a whole memmap
 PCA_SAMPLE = 16384      # rows sampled for the principal directions of the initialisation
@@ -166,9 +161,14 @@ def load_fusion_inputs(text_dir: str | os.PathLike, image_dir: str | os.PathLike
                                f"{text_meta.get('count')}")
     if n < 2:
         raise FusionInputError(f"{text_dir / TXT_ARRAY} has {n} item(s); fusion needs at least 2")
-    if "count" in image_meta and int(image_meta["count"]) not in (m, img_items.num_rows):
-        raise FusionInputError(f"count mismatch: {IMG_META} count {image_meta['count']} but "
-                               f"{IMG_ARRAY} has {m} rows and {IMG_ITEMS} {img_items.num_rows}")
+    if img_items.num_rows != m or int(image_meta.get("count", m)) != m:
+        raise FusionInputError(f"count mismatch: {image_dir / IMG_ARRAY} has {m} rows, "
+                               f"{IMG_ITEMS} {img_items.num_rows}, {IMG_META} count "
+                               f"{image_meta.get('count')}")
+    img_rows = img_items.column("row").combine_chunks()
+    if len(pc.unique(img_rows)) != img_items.num_rows:
+        raise FusionInputError(f"{image_dir / IMG_ITEMS} lists the same 'row' for several ids: "
+                               "each image vector must belong to one item")
 
     ids = txt_items.column("id").combine_chunks()
     img_ids = img_items.column("id").combine_chunks()

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .outputs import FUSION_WEIGHTS
 from .storage import atomic_path
 
-WEIGHTS_FILE = "fusion_model.safetensors"
+WEIGHTS_FILE = FUSION_WEIGHTS
 _META_KEY = "fusion_model"  # safetensors metadata entry holding the architecture (JSON)
 OBJECTIVE = "neighbourhood-kl+norm"
 TAU = 0.05              # softmax temperature of target and fused similarities

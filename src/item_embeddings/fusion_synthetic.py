@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
+                      TXT_META)
 from .storage import atomic_path, write_json_atomic, write_parquet_atomic
 
 
@@ -59,36 +61,36 @@ def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.P
 
     t_centres = _unit_centres(seed + 1, text_clusters, text_dim)
     i_centres = _unit_centres(seed + 2, image_clusters, img_dim)
-    with atomic_path(text_dir / "txt.npy") as tmp:
+    with atomic_path(text_dir / TXT_ARRAY) as tmp:
         text = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, text_dim))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             text[start:stop] = _noisy(rng, t_centres[text_label[start:stop]], noise)
         text.flush()
         del text
-    write_parquet_atomic(text_dir / "txt_items.parquet", pa.table({"id": ids}))
-    write_json_atomic(text_dir / "txt_meta.json", {"embed_dim": text_dim, "count": n,
+    write_parquet_atomic(text_dir / TXT_ITEMS, pa.table({"id": ids}))
+    write_json_atomic(text_dir / TXT_META, {"embed_dim": text_dim, "count": n,
                                                    "run_id": "synthetic", "normalized": True})
 
     with_image = np.flatnonzero(has_image)
     listed = rng.permutation(with_image)             # img_items order != text order
     m = len(listed)
     rows = rng.permutation(m)                        # img.npy row order != img_items order
-    with atomic_path(image_dir / "img.npy") as tmp:
+    with atomic_path(image_dir / IMG_ARRAY) as tmp:
         image = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(m, img_dim))
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
             image[rows[start:stop]] = _noisy(rng, i_centres[image_label[listed[start:stop]]], noise)
         image.flush()
         del image
-    write_parquet_atomic(image_dir / "img_items.parquet", pa.table({
+    write_parquet_atomic(image_dir / IMG_ITEMS, pa.table({
         "id": [ids[i] for i in listed], "url": [f"http://127.0.0.1/{ids[i]}.jpg" for i in listed],
         "row": pa.array(rows, type=pa.int64())}))
-    write_parquet_atomic(image_dir / "img_failures.parquet", pa.table({
+    write_parquet_atomic(image_dir / IMG_FAILURES, pa.table({
         "id": pa.array([], pa.string()), "url": pa.array([], pa.string()),
         "reason": pa.array([], pa.string()), "http_status": pa.array([], pa.int32()),
         "attempts": pa.array([], pa.int32())}))
-    write_json_atomic(image_dir / "img_meta.json", {"embed_dim": img_dim, "count": m,
+    write_json_atomic(image_dir / IMG_META, {"embed_dim": img_dim, "count": m,
                                                     "run_id": "synthetic"})
     return SyntheticCatalogue(ids=ids, text_label=text_label, image_label=image_label,
                               has_image=has_image)

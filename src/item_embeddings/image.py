@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 from .download import (DEFAULT_USER_AGENT, NOT_AN_IMAGE, DownloadConfig, Downloader,
                        FetchResult)
 from .image_shards import ShardStore, content_hash, fingerprint, shard_schema
-from .items import ItemColumns, ItemsError, iter_batches, validate_items
+from .items import ItemColumns, ItemsError, id_type, iter_batches, validate_items
+from .outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META
 from .progress import Progress
 from .runtime import cache_dir, package_versions
 from .storage import (atomic_path, gcs_client, is_gcs_uri, sha256_file, split_gcs_uri,
@@ -52,10 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMG_ARRAY = "img.npy"
-IMG_ITEMS = "img_items.parquet"
-IMG_FAILURES = "img_failures.parquet"
-IMG_META = "img_meta.json"
 SHARDS_DIR = "img_shards"  # default checkpoint root, inside the step's output
 
 DEFAULT_IMAGE_MODEL = "ViT-B-32"
@@ -311,6 +308,22 @@ def load_image_encoder(model_name: str = DEFAULT_IMAGE_MODEL,
                        pretrained: str = DEFAULT_IMAGE_PRETRAINED,
                        device: str | None = None) -> ImageEncoder:
     return ImageEncoder(model_name, pretrained, device=device)
+
+
+def prefetch_pretrained(model_name: str = DEFAULT_IMAGE_MODEL,
+                        pretrained: str = DEFAULT_IMAGE_PRETRAINED) -> bool:
+    """Put a pretrained tag's weights in the cache the encoder reads, downloading them if needed.
+
+    Returns False when ``pretrained`` is not an open_clip tag (a file, 'none'): nothing to fetch.
+    Raises when they cannot be had (offline and not cached).
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        return False
+    open_clip.pretrained.download_pretrained(cfg, cache_dir=str(cache_dir() / "open_clip"))
+    return True
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -635,9 +648,7 @@ def embed_items_images(
         concurrency=download_concurrency, timeout_s=download_timeout_s,
         retries=download_retries, max_bytes=max_image_bytes, user_agent=user_agent,
         allow_private_hosts=allow_private_hosts)
-    id_type = summary.schema.field(columns.id).type
-    if pa.types.is_large_string(id_type) or pa.types.is_string_view(id_type):
-        id_type = pa.string()
+    ids_type = id_type(summary.schema.field(columns.id).type)
 
     with tracked_run(tracker, run_name("embed-image", run_id)):
         tracker.log_params({"model_name": image_model, "pretrained": image_pretrained,
@@ -671,14 +682,14 @@ def embed_items_images(
             selection = Selection()
             n_shards = _run_shards(
                 _iter_shards(iter_selected(items_uri, columns, max_items, selection), shard_size),
-                store, pipeline, encoder, batch_size=batch_size, window=window, id_type=id_type,
+                store, pipeline, encoder, batch_size=batch_size, window=window, id_type=ids_type,
                 progress=progress, stats=stats)
         if selection != counting:
             raise ItemsError(f"items table {items_uri} changed while it was read")
         process_time = time.perf_counter() - started
         totals = _assemble(store, _iter_shards(
             iter_selected(items_uri, columns, max_items, Selection()), shard_size),
-            stats.embedded_per_shard, out, encoder.dim, id_type)
+            stats.embedded_per_shard, out, encoder.dim, ids_type)
         wall = time.perf_counter() - started
 
         meta = {

@@ -135,6 +135,12 @@ def validate_items(uri: str, columns: ItemColumns, *, need_text: bool = True,
     return ItemsSummary(uri=uri, num_rows=len(ids), schema=schema)
 
 
+def id_type(dtype: pa.DataType) -> pa.DataType:
+    """The type ids are stored with in every step's id file: any string kind becomes ``string``
+    (so the text and image outputs always join), integers stay as they are."""
+    return pa.string() if _is_string(dtype) else dtype
+
+
 def iter_batches(uri: str, column_names: Sequence[str], batch_size: int = 8192
                  ) -> Iterator[pa.RecordBatch]:
     """Stream the named columns in input row order, ``batch_size`` rows at most per batch."""

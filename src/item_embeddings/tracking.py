@@ -120,7 +120,14 @@ class VertexTracker:
         from google.cloud import aiplatform
 
         aiplatform.init(project=self.project, location=self.location, experiment=self.experiment)
-        self._run = aiplatform.start_run(name, resume=False)
+        try:
+            self._run = aiplatform.start_run(name, resume=False)
+        except RuntimeError as exc:
+            # A retried task (Spot preemption) has the same run name: continue that run.
+            if "already exists" not in str(exc):
+                raise
+            logger.info("experiment run %s exists (a retried task): resuming it", name)
+            self._run = aiplatform.start_run(name, resume=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from google.cloud import aiplatform

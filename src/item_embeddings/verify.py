@@ -17,20 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS,
+                      GROUPS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
+                      TXT_META)
 from .publish import MANIFEST
 from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
 
 NORM_TOLERANCE = 1e-3
 _CHUNK_ROWS = 65536  # rows per pass over a memory-mapped array (bounded memory on 500k x 512)
 
-# file group -> (array, id file, meta file, other files)
-GROUPS = {
-    "text": ("txt.npy", "txt_items.parquet", "txt_meta.json", ()),
-    "image": ("img.npy", "img_items.parquet", "img_meta.json", ("img_failures.parquet",)),
-    "fusion": ("fused.npy", "fused_items.parquet", "fusion_config.json",
-               ("fusion_model.safetensors", "fusion_exclusions.parquet")),
-}
-_REQUIRED_EXTRA = {"img_failures.parquet"}  # the fusion extras are optional
+_REQUIRED_EXTRA = {IMG_FAILURES}  # the fusion extras are optional
 
 
 @dataclass
@@ -92,6 +88,9 @@ def _download_set(uri: str, dest: Path, report: Report) -> bool:
         report.fail(f"nothing found under {uri}")
         return False
     for name in names:
+        if not name or name != Path(name).name or name in (".", ".."):
+            report.fail(f"{MANIFEST}: file name {name!r} is not a plain name in the set")
+            continue
         blob = bucket.blob(prefix + name)
         if blob.exists():
             blob.download_to_filename(str(dest / name))
@@ -204,36 +203,36 @@ def _verify_dir(root: Path, report: Report) -> None:
 
 
 def _verify_text(root: Path, report: Report) -> list | None:
-    arr = _load_array(root / "txt.npy", report)
-    table = _load_table(root / "txt_items.parquet", ["id"], report)
-    meta = _load_json(root / "txt_meta.json", report)
+    arr = _load_array(root / TXT_ARRAY, report)
+    table = _load_table(root / TXT_ITEMS, ["id"], report)
+    meta = _load_json(root / TXT_META, report)
     if meta is not None:
-        report.facts.append(_meta_fact("txt_meta.json", meta))
+        report.facts.append(_meta_fact(TXT_META, meta))
     if arr is None or table is None:
         return None
-    ids = _ids(table, "txt_items.parquet", report)
+    ids = _ids(table, TXT_ITEMS, report)
     report.facts.append(f"text items: {len(ids):,d}")
     if table.num_rows != arr.shape[0]:
         report.fail(f"txt.npy has {arr.shape[0]} rows but txt_items.parquet has "
                     f"{table.num_rows} ids")
     if meta is not None:
-        _check_meta("txt_meta.json", meta, {"count": arr.shape[0], "embed_dim": arr.shape[1]},
+        _check_meta(TXT_META, meta, {"count": arr.shape[0], "embed_dim": arr.shape[1]},
                     report)
-    _check_values("txt.npy", arr, report)
+    _check_values(TXT_ARRAY, arr, report)
     return ids
 
 
 def _verify_image(root: Path, report: Report, txt_ids: list | None) -> set | None:
-    arr = _load_array(root / "img.npy", report)
-    table = _load_table(root / "img_items.parquet", ["id", "url", "row"], report)
-    failures = _load_table(root / "img_failures.parquet",
+    arr = _load_array(root / IMG_ARRAY, report)
+    table = _load_table(root / IMG_ITEMS, ["id", "url", "row"], report)
+    failures = _load_table(root / IMG_FAILURES,
                            ["id", "url", "reason", "http_status", "attempts"], report)
-    meta = _load_json(root / "img_meta.json", report)
+    meta = _load_json(root / IMG_META, report)
     if meta is not None:
-        report.facts.append(_meta_fact("img_meta.json", meta))
+        report.facts.append(_meta_fact(IMG_META, meta))
     if arr is None or table is None:
         return None
-    ids = _ids(table, "img_items.parquet", report)
+    ids = _ids(table, IMG_ITEMS, report)
     report.facts.append(f"items with images: {len(ids):,d}")
     rows = table.column("row").to_pylist()
     bad_rows = [r for r in rows if r is None or not 0 <= r < arr.shape[0]]
@@ -268,20 +267,20 @@ def _verify_image(root: Path, report: Report, txt_ids: list | None) -> set | Non
             # Every attempted item ends either embedded or recorded as a failure.
             expected["attempted_count"] = arr.shape[0] + len(failed_ids)
     if meta is not None:
-        _check_meta("img_meta.json", meta, expected, report)
-    _check_values("img.npy", arr, report)
+        _check_meta(IMG_META, meta, expected, report)
+    _check_values(IMG_ARRAY, arr, report)
     return set(ids)
 
 
 def _verify_fusion(root: Path, report: Report, txt_ids: list | None,
                    img_ids: set | None) -> None:
-    arr = _load_array(root / "fused.npy", report)
-    table = _load_table(root / "fused_items.parquet", ["id", "has_image"], report)
-    meta = _load_json(root / "fusion_config.json", report)
+    arr = _load_array(root / FUSED_ARRAY, report)
+    table = _load_table(root / FUSED_ITEMS, ["id", "has_image"], report)
+    meta = _load_json(root / FUSION_CONFIG, report)
     if meta is not None:
-        report.facts.append(_meta_fact("fusion_config.json", meta))
-    if (root / "fusion_model.safetensors").is_file():
-        size = (root / "fusion_model.safetensors").stat().st_size
+        report.facts.append(_meta_fact(FUSION_CONFIG, meta))
+    if (root / FUSION_WEIGHTS).is_file():
+        size = (root / FUSION_WEIGHTS).stat().st_size
         report.facts.append(f"fusion_model.safetensors: {size:,d} bytes")
     if arr is None or table is None:
         return
@@ -301,8 +300,8 @@ def _verify_fusion(root: Path, report: Report, txt_ids: list | None,
             report.fail(f"fused_items.parquet ids are not in txt_items.parquet order "
                         f"(first difference at row {first})")
     excluded: set = set()
-    if (root / "fusion_exclusions.parquet").is_file():
-        table_ex = _load_table(root / "fusion_exclusions.parquet", ["id", "reason"], report)
+    if (root / FUSION_EXCLUSIONS).is_file():
+        table_ex = _load_table(root / FUSION_EXCLUSIONS, ["id", "reason"], report)
         excluded = set(table_ex.column("id").to_pylist()) if table_ex is not None else set()
         report.facts.append(f"image vectors excluded from fusion: {len(excluded):,d}")
     if img_ids is not None:
@@ -315,13 +314,13 @@ def _verify_fusion(root: Path, report: Report, txt_ids: list | None,
                         f"{[str(w) for w in wrong[:3]]}")
         if excluded - img_ids:
             report.fail(f"fusion_exclusions.parquet: {len(excluded - img_ids)} id(s) not in "
-                        "img_items.parquet")
+                        f"{IMG_ITEMS}")
     report.facts.append(f"fused items: {len(ids):,d}, with images: {sum(map(bool, has_image)):,d}")
     if meta is not None:
-        _check_meta("fusion_config.json", meta,
+        _check_meta(FUSION_CONFIG, meta,
                     {"count": arr.shape[0], "items_with_images": sum(map(bool, has_image)),
                      "output_dim": arr.shape[1]}, report)
-    _check_values("fused.npy", arr, report)
+    _check_values(FUSED_ARRAY, arr, report)
 
 
 def _check_manifest(root: Path, present: set[str], report: Report) -> set[str] | None:

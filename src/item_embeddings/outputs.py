@@ -1,0 +1,30 @@
+"""The names of every file the pipeline produces, in one place (see docs/outputs.md).
+
+Each step writes one group: an array, an id file aligned with it, a meta file written last (its
+presence means the group is complete) and some extra files.
+"""
+
+from __future__ import annotations
+
+TXT_ARRAY = "txt.npy"
+TXT_ITEMS = "txt_items.parquet"
+TXT_META = "txt_meta.json"
+
+IMG_ARRAY = "img.npy"
+IMG_ITEMS = "img_items.parquet"
+IMG_FAILURES = "img_failures.parquet"
+IMG_META = "img_meta.json"
+
+FUSED_ARRAY = "fused.npy"
+FUSED_ITEMS = "fused_items.parquet"
+FUSION_CONFIG = "fusion_config.json"
+FUSION_EXCLUSIONS = "fusion_exclusions.parquet"
+FUSION_WEIGHTS = "fusion_model.safetensors"
+
+# group -> (array, id file, meta file, other files)
+GROUPS = {
+    "text": (TXT_ARRAY, TXT_ITEMS, TXT_META, ()),
+    "image": (IMG_ARRAY, IMG_ITEMS, IMG_META, (IMG_FAILURES,)),
+    "fusion": (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, (FUSION_WEIGHTS, FUSION_EXCLUSIONS)),
+}
+META_FILES = frozenset(meta for _, _, meta, _ in GROUPS.values())
