@@ -63,32 +63,37 @@ def embed_images(
     """
     from item_embeddings.image import embed_items_images
     from item_embeddings.items import ItemColumns
+    from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
+    from item_embeddings.storage import staged_output_dir
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
     extra = {"user_agent": image_user_agent} if image_user_agent else {}
-    meta = embed_items_images(
-        items.uri,
-        image_embeddings.path,
-        columns=ItemColumns(id=id_column, image_url=image_url_column),
-        image_model=image_model,
-        image_pretrained=image_pretrained,
-        batch_size=image_batch_size,
-        max_items=max_items,
-        download_concurrency=download_concurrency,
-        download_timeout_s=download_timeout_s,
-        download_retries=download_retries,
-        max_image_bytes=max_image_bytes,
-        allow_private_hosts=allow_private_hosts,
-        shard_size=shard_size,
-        checkpoint_uri=checkpoint_uri,
-        # Same output URI on every retry of the task, so the same run id and checkpoints.
-        run_id=run_id_from_output_uri(image_embeddings.uri),
-        **extra,
-        tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
-                             location=location, tracking_dir=tracking_dir),
-    )
+    # Shards stay in the task's durable output (or checkpoint_uri): a retried task finds them.
+    checkpoint = checkpoint_uri or f"{image_embeddings.path}/img_shards"
+    with staged_output_dir(image_embeddings.path, META_FILES) as out_dir:
+        meta = embed_items_images(
+            items.uri,
+            out_dir,
+            columns=ItemColumns(id=id_column, image_url=image_url_column),
+            image_model=image_model,
+            image_pretrained=image_pretrained,
+            batch_size=image_batch_size,
+            max_items=max_items,
+            download_concurrency=download_concurrency,
+            download_timeout_s=download_timeout_s,
+            download_retries=download_retries,
+            max_image_bytes=max_image_bytes,
+            allow_private_hosts=allow_private_hosts,
+            shard_size=shard_size,
+            checkpoint_uri=checkpoint,
+            # Same output URI on every retry of the task, so the same run id and checkpoints.
+            run_id=run_id_from_output_uri(image_embeddings.uri),
+            **extra,
+            tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
+                                 location=location, tracking_dir=tracking_dir),
+        )
     image_embeddings.metadata.update({k: meta[k] for k in ("count", "embed_dim", "encoder_name")})
     for key in ("count", "failed_count", "attempted_count", "no_url_count",
                 "throughput_items_per_sec", "encode_time_sec"):

@@ -45,22 +45,25 @@ def embed_text(
         location: Google Cloud region (the pipeline passes the runtime placeholder).
     """
     from item_embeddings.items import ItemColumns
+    from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
+    from item_embeddings.storage import staged_output_dir
     from item_embeddings.text import embed_items_text
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
-    meta = embed_items_text(
-        items.uri,
-        text_embeddings.path,
-        columns=ItemColumns(id=id_column, title=title_column, description=description_column),
-        text_model=text_model,
-        batch_size=text_batch_size,
-        text_backend=text_backend,
-        run_id=run_id_from_output_uri(text_embeddings.uri),
-        tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
-                             location=location, tracking_dir=tracking_dir),
-    )
+    with staged_output_dir(text_embeddings.path, META_FILES) as out_dir:
+        meta = embed_items_text(
+            items.uri,
+            out_dir,
+            columns=ItemColumns(id=id_column, title=title_column, description=description_column),
+            text_model=text_model,
+            batch_size=text_batch_size,
+            text_backend=text_backend,
+            run_id=run_id_from_output_uri(text_embeddings.uri),
+            tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
+                                 location=location, tracking_dir=tracking_dir),
+        )
     text_embeddings.metadata.update(
         {k: meta[k] for k in ("count", "embed_dim", "encoder_name", "text_backend")})
     for key in ("count", "throughput_items_per_sec", "encode_time_sec"):

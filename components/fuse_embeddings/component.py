@@ -48,24 +48,30 @@ def fuse_embeddings(
         location: Google Cloud region (the pipeline passes the runtime placeholder).
     """
     from item_embeddings.fusion import fuse_item_embeddings
+    from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
+    from item_embeddings.storage import local_input_dir, staged_output_dir
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
-    meta = fuse_item_embeddings(
-        text_embeddings.path,
-        image_embeddings.path,
-        fused_embeddings.path,
-        hidden_dim=fusion_hidden_dim,
-        output_dim=fusion_output_dim,
-        epochs=fusion_epochs,
-        lr=fusion_lr,
-        batch_size=fusion_batch_size,
-        seed=seed,
-        run_id=run_id_from_output_uri(fused_embeddings.uri),
-        tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
-                             location=location, tracking_dir=tracking_dir),
-    )
+    # Training reads random rows: on Vertex the inputs are copied off gcsfuse first.
+    with local_input_dir(text_embeddings.path) as text_dir, \
+            local_input_dir(image_embeddings.path) as image_dir, \
+            staged_output_dir(fused_embeddings.path, META_FILES) as out_dir:
+        meta = fuse_item_embeddings(
+            text_dir,
+            image_dir,
+            out_dir,
+            hidden_dim=fusion_hidden_dim,
+            output_dim=fusion_output_dim,
+            epochs=fusion_epochs,
+            lr=fusion_lr,
+            batch_size=fusion_batch_size,
+            seed=seed,
+            run_id=run_id_from_output_uri(fused_embeddings.uri),
+            tracker=make_tracker(tracking_backend, experiment=experiment, project=project,
+                                 location=location, tracking_dir=tracking_dir),
+        )
     fused_embeddings.metadata.update(
         {k: meta[k] for k in ("count", "output_dim", "items_with_images", "objective")})
     for key in ("count", "items_with_images", "image_vectors_excluded", "final_loss",

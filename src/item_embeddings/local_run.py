@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from .config import PipelineParams
 from .items import ItemColumns, validate_items
 from .outputs import META_FILES
-from .storage import atomic_path
+from .storage import place_files
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +20,6 @@ RUNS_DIR = "runs"      # the local experiment store inside the output directory
 
 class LocalPipelineError(RuntimeError):
     """A task of the local run failed; its log (printed above by kfp.local) says why."""
-
-
-def _place(src: Path, dest: Path) -> None:
-    """Put ``src`` at ``dest`` atomically: a hard link when possible (no copy), else a copy."""
-    with atomic_path(dest) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
 
 
 def run_local(params: PipelineParams, output_dir: str | os.PathLike,
@@ -69,12 +58,5 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     placed: dict[str, Path] = {}
     for artifact in task.outputs.values():
         files = sorted(p for p in Path(artifact.path).iterdir() if p.is_file())
-        # As in each step's own output: the group is complete once its meta file is there, so
-        # an earlier run's meta goes first and the new one is placed last.
-        metas = [p for p in files if p.name in META_FILES]
-        for meta in metas:
-            (out / meta.name).unlink(missing_ok=True)
-        for src in [p for p in files if p.name not in META_FILES] + metas:
-            _place(src, out / src.name)
-            placed[src.name] = out / src.name
+        placed.update(place_files(files, out, META_FILES, link=True))
     return placed

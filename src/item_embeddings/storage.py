@@ -117,6 +117,69 @@ def write_parquet_atomic(dest: str | os.PathLike, table) -> None:
         pq.write_table(table, tmp)
 
 
+def place_files(files: list[Path], dest_dir: str | os.PathLike, meta_files: frozenset[str],
+                link: bool = False) -> dict[str, Path]:
+    """Put ``files`` into ``dest_dir``, each atomically, as one group: an earlier meta file of the
+    group is removed first and the new ones are placed last, so a present meta file always means
+    a complete group. ``link`` hard-links instead of copying where the filesystem allows."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    metas = [f for f in files if f.name in meta_files]
+    for meta in metas:
+        (dest_dir / meta.name).unlink(missing_ok=True)
+    placed = {}
+    for src in [f for f in files if f.name not in meta_files] + metas:
+        with atomic_path(dest_dir / src.name) as tmp:
+            tmp.unlink()
+            try:
+                if not link:
+                    raise OSError("copy requested")
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+        placed[src.name] = dest_dir / src.name
+    return placed
+
+
+# Where Vertex AI mounts Cloud Storage (gcsfuse): artifact paths of pipeline tasks live there.
+FUSE_MOUNTS = ("/gcs/",)
+
+
+def on_fuse_mount(path: str | os.PathLike) -> bool:
+    return os.path.abspath(path).startswith(FUSE_MOUNTS)
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir: str | os.PathLike, meta_files: frozenset[str]
+                      ) -> Iterator[Path]:
+    """A local directory to write a step's outputs into, when ``output_dir`` is on gcsfuse.
+
+    Memory-mapped writes and many small writes are slow or unsupported on a FUSE mount of Cloud
+    Storage; the step writes to local disk and its files are copied over on success (meta last).
+    Elsewhere ``output_dir`` itself is used.
+    """
+    if not on_fuse_mount(output_dir):
+        yield Path(output_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="item-embeddings-stage-") as tmp:
+        yield Path(tmp)
+        place_files(sorted(p for p in Path(tmp).iterdir() if p.is_file()), output_dir,
+                    meta_files)
+
+
+@contextlib.contextmanager
+def local_input_dir(input_dir: str | os.PathLike) -> Iterator[Path]:
+    """``input_dir``, copied to local disk first when it is on gcsfuse (random row reads)."""
+    if not on_fuse_mount(input_dir):
+        yield Path(input_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="item-embeddings-input-") as tmp:
+        for src in Path(input_dir).iterdir():
+            if src.is_file():
+                shutil.copyfile(src, Path(tmp) / src.name)
+        yield Path(tmp)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

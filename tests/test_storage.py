@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+
+from item_embeddings import storage
+from item_embeddings.outputs import META_FILES
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    dest = tmp_path / "a.json"
+    storage.write_json_atomic(dest, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with storage.atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert json.loads(dest.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    (dest / "txt_meta.json").write_text('{"count": 1}')  # an earlier run's meta
+    for name in ("txt.npy", "txt_items.parquet", "txt_meta.json"):
+        (src / name).write_text(name)
+    order = []
+    real = storage.atomic_path
+
+    def spy(path):
+        order.append((path.name, (dest / "txt_meta.json").exists()))
+        return real(path)
+
+    storage.atomic_path = spy
+    try:
+        placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES, link=True)
+    finally:
+        storage.atomic_path = real
+    assert [name for name, _ in order][-1] == "txt_meta.json"
+    assert not any(meta_present for _, meta_present in order)  # old meta gone before data moved
+    assert set(placed) == {"txt.npy", "txt_items.parquet", "txt_meta.json"}
+    assert (dest / "txt_meta.json").read_text() == "txt_meta.json"
+
+
+def test_outputs_on_gcsfuse_are_staged_locally_and_inputs_copied(tmp_path, monkeypatch):
+    mount = tmp_path / "gcs"
+    monkeypatch.setattr(storage, "FUSE_MOUNTS", (f"{mount}/",))
+    artifact = mount / "bucket" / "run" / "task" / "out"
+    with storage.staged_output_dir(artifact, META_FILES) as out:
+        assert not str(out).startswith(str(mount))
+        np.save(out / "fused.npy", np.ones((2, 3), np.float32))
+        (out / "fusion_config.json").write_text("{}")
+        assert not artifact.exists()  # nothing reaches the mount before success
+    assert sorted(p.name for p in artifact.iterdir()) == ["fused.npy", "fusion_config.json"]
+    with storage.local_input_dir(artifact) as local:
+        assert not str(local).startswith(str(mount))
+        np.testing.assert_array_equal(np.load(local / "fused.npy"), np.ones((2, 3)))
+    plain = tmp_path / "plain"
+    with storage.staged_output_dir(plain, META_FILES) as out:
+        assert out == plain
+    with pytest.raises(ValueError):
+        with storage.staged_output_dir(mount / "failed", META_FILES) as out:
+            (out / "fused.npy").write_text("partial")
+            raise ValueError("step failed")
+    assert not (mount / "failed").exists()
