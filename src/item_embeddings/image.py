@@ -364,8 +364,12 @@ class FetchDecodePipeline:
 
     def __enter__(self) -> "FetchDecodePipeline":
         self._thread.start()
-        self._downloader = asyncio.run_coroutine_threadsafe(self._open_downloader(),
-                                                            self._loop).result()
+        try:
+            self._downloader = asyncio.run_coroutine_threadsafe(self._open_downloader(),
+                                                                self._loop).result()
+        except BaseException:
+            self._stop_threads()  # __exit__ does not run when __enter__ fails
+            raise
         return self
 
     async def _open_downloader(self) -> Downloader:
@@ -376,10 +380,13 @@ class FetchDecodePipeline:
             asyncio.run_coroutine_threadsafe(self._downloader.__aexit__(None, None, None),
                                              self._loop).result(timeout=30)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            self._loop.close()
-            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+            self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, url: str) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(self._process(url), self._loop)
