@@ -128,6 +128,20 @@ def test_run_local_whole_dag(dag_run, capsys):
 
 
 @pytest.mark.slow
+def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
+    items, out, _, _ = dag_run
+    runs_dir = out / "runs" / "test-exp"
+    before = sorted(p.name for p in runs_dir.glob("*.json"))
+    fused = np.load(out / "fused.npy")
+    args = ["run-local", "--items", str(items), "--output-dir", str(out),
+            "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true"]
+    assert main(args) == 0  # every step cached: no new experiment runs, same files
+    assert sorted(p.name for p in runs_dir.glob("*.json")) == before
+    np.testing.assert_array_equal(np.load(out / "fused.npy"), fused)
+    capsys.readouterr()
+
+
+@pytest.mark.slow
 def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_path, capsys):
     import shutil
 

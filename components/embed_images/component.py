@@ -66,7 +66,8 @@ def embed_images(
     from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
     from item_embeddings.storage import staged_output_dir
-    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
+    from item_embeddings.tracking import (make_tracker, run_id_from_output_uri,
+                                          write_metrics_artifact)
 
     setup_logging()
     extra = {"user_agent": image_user_agent} if image_user_agent else {}
@@ -95,9 +96,9 @@ def embed_images(
                                  location=location, tracking_dir=tracking_dir),
         )
     image_embeddings.metadata.update({k: meta[k] for k in ("count", "embed_dim", "encoder_name")})
-    for key in ("count", "failed_count", "attempted_count", "no_url_count",
-                "throughput_items_per_sec", "encode_time_sec"):
-        metrics.log_metric(f"image_{key}", meta[key])
+    write_metrics_artifact(metrics, "image", {
+        k: meta[k] for k in ("count", "failed_count", "attempted_count", "no_url_count",
+                             "throughput_items_per_sec", "encode_time_sec")})
 
 
 def make_component(base_image: str):

@@ -49,7 +49,8 @@ def embed_text(
     from item_embeddings.progress import setup_logging
     from item_embeddings.storage import staged_output_dir
     from item_embeddings.text import embed_items_text
-    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
+    from item_embeddings.tracking import (make_tracker, run_id_from_output_uri,
+                                          write_metrics_artifact)
 
     setup_logging()
     with staged_output_dir(text_embeddings.path, META_FILES) as out_dir:
@@ -66,8 +67,8 @@ def embed_text(
         )
     text_embeddings.metadata.update(
         {k: meta[k] for k in ("count", "embed_dim", "encoder_name", "text_backend")})
-    for key in ("count", "throughput_items_per_sec", "encode_time_sec"):
-        metrics.log_metric(f"text_{key}", meta[key])
+    write_metrics_artifact(metrics, "text", {
+        k: meta[k] for k in ("count", "throughput_items_per_sec", "encode_time_sec")})
 
 
 def make_component(base_image: str):

@@ -51,7 +51,8 @@ def fuse_embeddings(
     from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
     from item_embeddings.storage import local_input_dir, staged_output_dir
-    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
+    from item_embeddings.tracking import (make_tracker, run_id_from_output_uri,
+                                          write_metrics_artifact)
 
     setup_logging()
     # Training reads random rows: on Vertex the inputs are copied off gcsfuse first.
@@ -74,9 +75,9 @@ def fuse_embeddings(
         )
     fused_embeddings.metadata.update(
         {k: meta[k] for k in ("count", "output_dim", "items_with_images", "objective")})
-    for key in ("count", "items_with_images", "image_vectors_excluded", "final_loss",
-                "train_time_sec", "wall_time_sec"):
-        metrics.log_metric(f"fusion_{key}", meta[key])
+    write_metrics_artifact(metrics, "fusion", {
+        k: meta[k] for k in ("count", "items_with_images", "image_vectors_excluded", "final_loss",
+                             "train_time_sec", "wall_time_sec")})
 
 
 def make_component(base_image: str):

@@ -19,6 +19,7 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
@@ -185,6 +186,19 @@ def tracked_run(tracker: ExperimentTracker, name: str) -> Iterator[ExperimentTra
         tracker.end_run("FAILED")
         raise
     tracker.end_run("COMPLETE")
+
+
+def write_metrics_artifact(metrics, prefix: str, values: Mapping[str, float]) -> None:
+    """Log ``values`` on a KFP ``Metrics`` output as ``<prefix>_<key>`` and write them to its file.
+
+    The prefix keeps steps apart in the one experiment row Vertex merges them into. The file
+    matters too: kfp.local's cache treats an output artifact without a file as missing, so a
+    step whose Metrics had no file could never be served from the cache.
+    """
+    for key, value in values.items():
+        metrics.log_metric(f"{prefix}_{key}", float(value))
+    os.makedirs(os.path.dirname(metrics.path) or ".", exist_ok=True)
+    write_json_atomic(metrics.path, metrics.metadata)
 
 
 def list_local_runs(root: str | Path) -> list[dict[str, Any]]:
