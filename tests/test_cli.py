@@ -56,3 +56,20 @@ def test_submit_py_forwards_to_cli():
     done = subprocess.run([sys.executable, "submit.py", "--help"], capture_output=True, text=True)
     # submit arrives with the operations work; until then argparse names the valid commands.
     assert "usage: item-embeddings" in (done.stdout + done.stderr)
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-caching"], False)])
+def test_run_local_caching_flag(tmp_path, items_path, monkeypatch, flags, expected):
+    import item_embeddings.local_run as local_run
+
+    seen = {}
+
+    def fake_run_local(params, output_dir, enable_caching=True):
+        seen.update(params=params, enable_caching=enable_caching)
+        return {}
+
+    monkeypatch.setattr(local_run, "run_local", fake_run_local)
+    assert main(["run-local", "--items", str(items_path), "--output-dir", str(tmp_path),
+                 "--set", "seed=7", *flags]) == 0
+    assert seen["enable_caching"] is expected
+    assert seen["params"].seed == 7 and seen["params"].items_uri == str(items_path)
