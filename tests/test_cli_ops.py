@@ -154,3 +154,9 @@ def test_upload_cli(registry, template, monkeypatch, capsys):  # noqa: F811
     assert "https://us-central1-kfp.pkg.dev/test-proj/pipelines/item-embeddings/v1" in out
     (req,) = registry.seen
     assert req.headers["authorization"] == "Bearer adc-token"
+
+
+def test_compiling_for_vertex_without_an_image_is_refused(capsys):
+    rc = main(["submit", "--project", "test-proj", "--region", "us-central1", "--items", "gs://b/i"])
+    assert rc == 2
+    assert "needs --image URI" in capsys.readouterr().err

@@ -42,6 +42,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     kwargs = {"image": args.image} if args.image else {}
     path = compile_pipeline(args.output, target=args.target, **kwargs)
     print(f"compiled pipeline template ({args.target}) -> {path}")
+    if args.target == "vertex" and not args.image:
+        print("note: no --image given: the template names a placeholder image; build the "
+              "Dockerfile, push it, and compile with --image URI before running on Vertex",
+              file=sys.stderr)
     return 0
 
 

@@ -68,10 +68,16 @@ def console_url(job_name: str) -> str:
 def template_source(template: str | None, image: str | None = None) -> Iterator[str]:
     """Yield a template path/URL usable as ``PipelineJob(template_path=...)``.
 
-    ``None`` compiles the pipeline into a temporary file (removed afterwards).
+    ``None`` compiles the pipeline into a temporary file (removed afterwards); that needs the
+    components' image (a build of the Dockerfile) — the placeholder default cannot run on Vertex.
     """
     if template is None:
         from item_embeddings.pipeline import compile_pipeline
+
+        if not image:
+            raise ConfigError("compiling the pipeline for Vertex needs --image URI (the project's "
+                              "Dockerfile built and pushed to your registry), or pass "
+                              "--template FILE_OR_URL of a compiled template")
 
         with tempfile.TemporaryDirectory(prefix="item-embeddings-") as tmp:
             path = Path(tmp) / f"{PIPELINE_NAME}.yaml"
