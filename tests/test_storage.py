@@ -18,7 +18,7 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
-def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path):
+def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path, monkeypatch):
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
     dest.mkdir()
@@ -32,11 +32,8 @@ def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path):
         order.append((path.name, (dest / "txt_meta.json").exists()))
         return real(path)
 
-    storage.atomic_path = spy
-    try:
-        placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES, link=True)
-    finally:
-        storage.atomic_path = real
+    monkeypatch.setattr(storage, "atomic_path", spy)
+    placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES, link=True)
     assert [name for name, _ in order][-1] == "txt_meta.json"
     assert not any(meta_present for _, meta_present in order)  # old meta gone before data moved
     assert set(placed) == {"txt.npy", "txt_items.parquet", "txt_meta.json"}

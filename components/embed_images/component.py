@@ -49,7 +49,7 @@ def embed_images(
         max_items: Cap on items whose image is downloaded and encoded (0 = no cap).
         download_concurrency: Image downloads in flight at once.
         download_timeout_s: Total time allowed per image download attempt (s).
-        download_retries: Retries after a timeout, 5xx or 429 (with backoff).
+        download_retries: Retries after a timeout, connection error, 5xx or 429 (with backoff).
         max_image_bytes: Largest image body accepted (bytes).
         allow_private_hosts: Allow image hosts on private/loopback addresses (tests, private CDNs).
         shard_size: Items per durable shard (resume unit after preemption).

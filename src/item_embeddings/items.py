@@ -36,7 +36,6 @@ class ItemColumns:
 
 @dataclass(frozen=True)
 class ItemsSummary:
-    uri: str
     num_rows: int
     schema: pa.Schema
 
@@ -132,7 +131,7 @@ def validate_items(uri: str, columns: ItemColumns, *, need_text: bool = True,
         dup_rows = _rows(pc.is_in(ids, value_set=first))
         raise ItemsError(f"column {columns.id!r} has {len(dup_values)} duplicated id(s), e.g. "
                          f"{first.to_pylist()} at rows {dup_rows[:2 * MAX_EXAMPLES]}")
-    return ItemsSummary(uri=uri, num_rows=len(ids), schema=schema)
+    return ItemsSummary(num_rows=len(ids), schema=schema)
 
 
 def id_type(dtype: pa.DataType) -> pa.DataType:
