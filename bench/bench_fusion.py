@@ -76,7 +76,13 @@ def run_baseline(text_dir: str, image_dir: str, threads: int, epochs: int = 5,
     import pyarrow.parquet as pq
     import torch
 
-    from item_embeddings.fusion_model import NORM_WEIGHT, neighbourhood_kl
+    from item_embeddings.fusion_model import NORM_WEIGHT, TAU
+
+    def neighbourhood_kl(z, target):  # plain autograd: KL(softmax(target/tau) || softmax(zzᵀ/tau))
+        self_mask = torch.eye(len(z), dtype=torch.bool)
+        log_p = torch.log_softmax((target / TAU).masked_fill(self_mask, -1e9), dim=1)
+        log_q = torch.log_softmax((z @ z.T / TAU).masked_fill(self_mask, -1e9), dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -10,7 +10,8 @@ import torch
 from item_embeddings.fusion import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
                                     WEIGHTS_FILE, FusionInputError, fuse_item_embeddings,
                                     load_fusion_inputs)
-from item_embeddings.fusion_model import FusionMLP, init_from_pca, load_fusion_model
+from item_embeddings.fusion_model import (NORM_WEIGHT, TAU, FusionMLP, init_from_pca,
+                                          load_fusion_model, loss_and_gradients, training_batch)
 from item_embeddings.fusion_synthetic import write_synthetic_catalogue
 from item_embeddings.storage import sha256_file
 
@@ -144,6 +145,70 @@ def test_deterministic_for_a_seed(tmp_path, synthetic, fused):
     assert sha256_file(tmp_path / "a" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
     assert sha256_file(tmp_path / "a" / WEIGHTS_FILE) == sha256_file(out / WEIGHTS_FILE)
     assert sha256_file(tmp_path / "b" / FUSED_ARRAY) != sha256_file(out / FUSED_ARRAY)
+
+
+def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
+    """num_threads=2 builds targets in a second thread: deterministic, same codes as 1 thread.
+
+    Equal to the 1-thread run up to float rounding, not byte-equal: the PCA start and the final
+    pass use both threads.
+    """
+    root, _ = synthetic
+    out, _, _ = fused
+    for name in ("a", "b"):
+        meta = fuse_item_embeddings(root / "text", root / "image", tmp_path / name, run_id="r1",
+                                    seed=0, num_threads=2)
+        assert meta["torch_threads"] == 2
+        assert torch.get_num_threads() == 1  # the caller's setting is restored
+    assert sha256_file(tmp_path / "a" / FUSED_ARRAY) == sha256_file(tmp_path / "b" / FUSED_ARRAY)
+    cosine = (np.load(tmp_path / "a" / FUSED_ARRAY) * np.load(out / FUSED_ARRAY)).sum(axis=1)
+    assert cosine.min() > 0.9999
+
+
+@pytest.mark.parametrize("image_rows", [[1, 4, 5, 9], []])
+def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_rows):
+    """The hand-written loss and gradients equal autograd's on the dense concatenation."""
+    torch.manual_seed(0)
+    b, pos = 12, torch.tensor(image_rows, dtype=torch.int64)
+    text = torch.nn.functional.normalize(torch.randn(b, 6, dtype=torch.float64), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(len(pos), 5, dtype=torch.float64), dim=1)
+    model = FusionMLP(6, 5, hidden_dim=7, output_dim=4).double()
+    with torch.no_grad():
+        model.mask_in.normal_()
+    batch = training_batch(text, image, pos)
+    parts = loss_and_gradients(model, batch)
+    grads = {name: None if p.grad is None else p.grad.clone()
+             for name, p in model.named_parameters()}
+
+    # the plain definition: cosine in the zero-padded concatenated space, self excluded
+    has_image = torch.zeros(b, 1, dtype=torch.float64)
+    has_image[pos] = 1
+    concat = torch.cat([text, torch.zeros(b, 5, dtype=torch.float64), has_image], dim=1)
+    concat[pos, 6:11] = image
+    reference = torch.nn.functional.normalize(concat[:, :11], dim=1)
+    self_mask = torch.eye(b, dtype=torch.bool)
+    log_p = torch.log_softmax((reference @ reference.T / TAU).masked_fill(self_mask, -1e9), dim=1)
+    np.testing.assert_allclose(batch.target.numpy(), log_p.exp().numpy(), atol=1e-12)
+    weight = torch.cat([model.text_in.weight, model.image_in.weight,
+                        model.mask_in.unsqueeze(1)], dim=1)
+    h = torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(concat, weight, model.text_in.bias)),
+        model.out.weight, model.out.bias)
+    z = torch.nn.functional.normalize(h, dim=1)
+    log_q = torch.log_softmax((z @ z.T / TAU).masked_fill(self_mask, -1e9), dim=1)
+    sim = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    loss = sim + NORM_WEIGHT * (h.norm(dim=1) - 1).pow(2).mean()
+    assert parts["loss"] == pytest.approx(loss.item(), abs=1e-12)
+    assert parts["sim_loss"] == pytest.approx(sim.item(), abs=1e-12)
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name in ("image_in.weight", "mask_in") and not image_rows:
+            assert grads[name] is None  # unused, as autograd leaves it
+            continue
+        np.testing.assert_allclose(grads[name].numpy(), p.grad.numpy(), atol=1e-12,
+                                   err_msg=name)
 
 
 def test_join_is_by_id_not_by_position(tmp_path, inputs, fused):

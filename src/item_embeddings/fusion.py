@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,9 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .fusion_model import (NORM_WEIGHT, OBJECTIVE, TAU, WEIGHTS_FILE, FusionMLP,
-                           fusion_loss, init_from_pca, load_fusion_model, save_fusion_model,
-                           unit_rows, usable_rows)
+from .fusion_model import (NORM_WEIGHT, OBJECTIVE, TAU, WEIGHTS_FILE, FusionMLP, TrainingBatch,
+                           init_from_pca, load_fusion_model, loss_and_gradients,
+                           save_fusion_model, training_batch, unit_rows, usable_rows)
 from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, IMG_ARRAY,
                       IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS, TXT_META)
 from .progress import Progress
@@ -268,6 +270,7 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
 # cost more than they save, and with a busy second core spinning OpenMP threads made a 120-item
 # fusion take 19 s instead of 0.3 s.
 SINGLE_THREAD_BELOW_ITEMS = 20_000
+PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
 
 
 @contextlib.contextmanager
@@ -285,6 +288,38 @@ def _torch_threads(num_threads: int | None, count: int) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _training_batches(inputs: FusionInputs, batches: Iterator[np.ndarray], threads: int
+                      ) -> Iterator[TrainingBatch]:
+    """Gathered batches with their targets; with 2+ threads, built ahead in a second thread.
+
+    The targets do not depend on the model, so one thread (one torch intra-op thread) gathers
+    rows and computes them for the next batches while the trainer runs the current one on the
+    other ``threads - 1``. On two cores this is faster than splitting every op over both
+    threads: most ops here are too small to share well.
+    """
+    def prepare(idx: np.ndarray) -> TrainingBatch:
+        # Sorted rows read the memmaps front to back; the loss ignores the order.
+        return training_batch(*_gather(inputs, np.sort(idx)))
+
+    if threads < 2:
+        yield from map(prepare, batches)
+        return
+    trainer_threads = torch.get_num_threads()
+    torch.set_num_threads(threads - 1)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="fusion-targets",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending: collections.deque = collections.deque()
+            for idx in batches:
+                pending.append(pool.submit(prepare, idx))
+                if len(pending) > PREFETCH_BATCHES:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(trainer_threads)
 
 
 def _check_params(epochs: int, lr: float, batch_size: int, init: str) -> None:
@@ -313,21 +348,21 @@ def train_fusion_model(inputs: FusionInputs, *, hidden_dim: int = 256, output_di
     step = 0
     history: list[dict[str, float]] = []
     model.train()
+    threads = torch.get_num_threads()
     with Progress(epochs * inputs.count, "fuse-train") as progress:
         for epoch in range(epochs):
             sums = {"loss": 0.0, "sim_loss": 0.0, "norm_loss": 0.0}
-            for idx in _batches(inputs.count, batch_size, rng):
-                # Sorted rows read the memmaps front to back; the loss ignores the order.
-                loss, parts = fusion_loss(model, *_gather(inputs, np.sort(idx)))
+            for batch in _training_batches(inputs, _batches(inputs.count, batch_size, rng),
+                                           threads):
+                parts = loss_and_gradients(model, batch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, lr)
                 step += 1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 optimizer.step()
+                size = batch.text.shape[0]
                 for key in sums:
-                    sums[key] += parts[key] * len(idx)
-                progress.update(len(idx))
+                    sums[key] += parts[key] * size
+                progress.update(size)
             history.append({k: v / inputs.count for k, v in sums.items()})
             logger.info("fusion epoch %d/%d: loss %.5f", epoch + 1, epochs, history[-1]["loss"])
     model.eval()
