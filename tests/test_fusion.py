@@ -214,6 +214,15 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"epochs": 0}, "need epochs >= 1"), ({"batch_size": 1}, "batch_size >= 2"),
+    ({"lr": 0.0}, "lr > 0"), ({"batch_size": 50_000}, "batch_size=50000 is above 8192"),
+    ({"init": "zeros"}, "init must be 'pca' or 'random'")])
+def test_bad_training_parameters_are_refused_before_reading_inputs(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):  # the input dirs do not even exist
+        fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out", **bad)
+
+
 def test_fused_adam_is_torch_adam_byte_for_byte():
     """The direct kernel call equals torch.optim.Adam(fused=True), gradient-less steps included."""
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def fuse_embeddings(
         fusion_output_dim: Dimension of the fused embedding.
         fusion_epochs: Training epochs (full passes over all items).
         fusion_lr: Adam learning rate.
-        fusion_batch_size: Items per training minibatch.
+        fusion_batch_size: Items per training minibatch (2 to 8192).
         seed: Random seed; same inputs, seed and CPU thread count give identical outputs.
         experiment: Vertex AI Experiments experiment name.
         tracking_backend: 'vertex', 'local', 'none' or 'auto'.

@@ -62,7 +62,7 @@ class PipelineParams:
     fusion_output_dim: int = _param(128, "Dimension of the fused embedding.")
     fusion_epochs: int = _param(5, "Training epochs of the fusion MLP.")
     fusion_lr: float = _param(1e-3, "Learning rate of the fusion MLP.")
-    fusion_batch_size: int = _param(512, "Mini-batch size of the fusion MLP.")
+    fusion_batch_size: int = _param(512, "Mini-batch size of the fusion MLP (2 to 8192).")
     seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).")
     # Publishing
     publish_uri: str = _param("", "Stable prefix the final outputs are published to; empty = off.")

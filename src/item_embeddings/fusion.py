@@ -271,6 +271,7 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.n
 # fusion take 19 s instead of 0.3 s.
 SINGLE_THREAD_BELOW_ITEMS = 20_000
 PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
+MAX_BATCH_SIZE = 8192   # B x B similarity matrices: 256 MiB each at this size
 
 
 @contextlib.contextmanager
@@ -380,6 +381,10 @@ def _check_params(epochs: int, lr: float, batch_size: int, init: str) -> None:
     if epochs < 1 or batch_size < 2 or not lr > 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 2, lr > 0; got epochs={epochs}, "
                          f"batch_size={batch_size}, lr={lr}")
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size={batch_size} is above {MAX_BATCH_SIZE}: the objective holds "
+                         f"several batch_size x batch_size float32 matrices per batch "
+                         f"({4 * batch_size ** 2 / 2 ** 30:.1f} GiB each at this size)")
     if init not in ("pca", "random"):
         raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
 
