@@ -1,5 +1,7 @@
 import json
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -221,6 +223,38 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
 def test_bad_training_parameters_are_refused_before_reading_inputs(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):  # the input dirs do not even exist
         fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out", **bad)
+
+
+def test_gradient_is_the_same_whichever_thread_computes_the_text_block():
+    """With a helper thread the gradients are bitwise those computed inline, whether the helper
+    takes the task or is busy and the trainer withdraws it and computes it itself."""
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(64, 12), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(20, 10), dim=1)
+    model = FusionMLP(12, 10, hidden_dim=16, output_dim=8)
+    batch = training_batch(text, image)
+
+    def gradients(helper):
+        loss = loss_and_gradients(model, batch, helper=helper)
+        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    inline = gradients(None)
+    release = threading.Event()
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        assert _same(gradients(pool), inline)
+        busy = pool.submit(release.wait)  # the helper is busy: the task is withdrawn
+        safety = threading.Timer(60, release.set)  # a broken withdrawal waits, not hangs
+        safety.start()
+        withdrawn = gradients(pool)
+        assert not release.is_set()  # the trainer did not wait for the busy helper
+        release.set()
+        safety.cancel()
+        busy.result()
+    assert _same(withdrawn, inline)
+
+
+def _same(a, b) -> bool:
+    return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def test_fused_adam_is_torch_adam_byte_for_byte():
