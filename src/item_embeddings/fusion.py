@@ -348,8 +348,8 @@ class FusedAdam:
     alone and its step count does not advance.
     """
 
-    def __init__(self, params: Iterator[torch.nn.Parameter], betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(self, params: Iterator[torch.nn.Parameter],
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
         self.betas, self.eps = betas, eps
         self.state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
@@ -29,7 +29,7 @@ from torch import nn
 from .outputs import FUSION_WEIGHTS
 from .storage import atomic_path
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 WEIGHTS_FILE = FUSION_WEIGHTS
 _META_KEY = "fusion_model"  # safetensors metadata entry holding the architecture (JSON)
 OBJECTIVE = "neighbourhood-kl+norm"
@@ -332,11 +332,12 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     return {"loss": loss.item(), "sim_loss": sim_loss.item(), "norm_loss": norm_loss.item()}
 
 
-def _run_aside(executor: Executor | None, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+def _run_aside(executor: Executor | None, fn: Callable[..., _T], *args: Any
+               ) -> Callable[[], _T]:
     """Start ``fn(*args)`` on the executor's thread; the returned call gives its result.
 
-    If the thread has not taken the task by then (it is busy building a batch), the task is
-    withdrawn and run by the caller, so waiting never costs more than doing it here.
+    If the thread has not taken the task by then (it is still building a batch), the task is
+    withdrawn and run by the caller: the caller never waits for a batch to be built.
     """
     if executor is None:
         result = fn(*args)
