@@ -2,7 +2,7 @@
 
 import sys
 
-from item_embeddings.cli import main
+from item_embeddings.ops.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["compile", *sys.argv[1:]]))

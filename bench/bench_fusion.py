@@ -77,7 +77,7 @@ def run_baseline(text_dir: str, image_dir: str, threads: int, epochs: int = 5,
     import pyarrow.parquet as pq
     import torch
 
-    from item_embeddings.fusion_model import NORM_WEIGHT, TAU
+    from item_embeddings.fusion.model import NORM_WEIGHT, TAU
 
     def neighbourhood_kl(z, target):  # plain autograd: KL(softmax(target/tau) || softmax(zzᵀ/tau))
         self_mask = torch.eye(len(z), dtype=torch.bool)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from item_embeddings.fusion_synthetic import write_synthetic_catalogue
+    from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 
     print("| items | with image | run | wall s | process s | items x epochs / s | train s "
           "| peak anon MiB | peak RSS MiB |")

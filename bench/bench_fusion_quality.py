@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.items import clean_text, item_text
 from item_embeddings.storage import write_json_atomic, write_parquet_atomic
@@ -163,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             for epochs in args.epochs:
                 for seed in args.seeds:
                     name = f"MLP init={init} epochs={epochs} seed={seed}"
-                    meta = fuse_item_embeddings(text_dir, image_dir, Path(tmp) / name,
-                                                epochs=epochs, seed=seed, init=init,
-                                                num_threads=1)
+                    meta = fuse_item_embeddings(
+                        text_dir, image_dir, Path(tmp) / name,
+                        PipelineParams(fusion_epochs=epochs, seed=seed), init=init,
+                        num_threads=1)
                     spaces[name] = np.load(Path(tmp) / name / "fused.npy")
                     runs[name] = {"final_loss": meta["final_loss"],
                                   "train_time_sec": meta["train_time_sec"]}

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import ServerProcess  # noqa: E402
 
+from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import decode_image, embed_items_images, load_image_encoder  # noqa: E402
 
 
@@ -78,9 +79,11 @@ def main() -> None:
             "description": ["d"] * len(names),
             "image_url": [f"http://127.0.0.1:{port}/img/{n}" for n in names]}), items)
         started, cpu = time.perf_counter(), time.process_time()
-        meta = embed_items_images(str(items), Path(tmp) / "out", image_model="ViT-B-32",
-                                  image_pretrained="none", batch_size=args.batch_size,
-                                  allow_private_hosts=True, encoder=encoder, run_id="bench")
+        meta = embed_items_images(
+            str(items), Path(tmp) / "out",
+            PipelineParams(image_model="ViT-B-32", image_pretrained="none",
+                           image_batch_size=args.batch_size, allow_private_hosts=True),
+            encoder=encoder, run_id="bench")
         step = len(names) / (time.perf_counter() - started)
         step_cpu = (time.process_time() - cpu) / len(names)
     after, cpu_after = encode_only()  # before and after the step: a shared machine's load drifts

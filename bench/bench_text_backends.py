@@ -56,7 +56,7 @@ def main() -> None:
 
     from item_embeddings.items import item_text
     from item_embeddings.text import load_text_encoder, resolve_text_model
-    from item_embeddings.text_backends import quality_gate
+    from item_embeddings.text.quality import quality_gate
 
     table = pq.read_table(args.items, columns=["title", "description"]).to_pydict()
     texts = [item_text(t, d) for t, d in zip(table["title"], table["description"])]

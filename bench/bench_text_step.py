@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from item_embeddings.config import PipelineParams
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "amazon_electronics_2000.parquet"
 
@@ -48,9 +50,9 @@ def bench_speed(items: Path, limit: int, backend: str | None) -> dict:
     base = model.encode(texts, batch_size=128, normalize_embeddings=True)
     base_s = time.perf_counter() - t0
 
-    kwargs = {"text_backend": backend} if backend else {}
+    params = PipelineParams(text_backend=backend) if backend else PipelineParams()
     t0 = time.perf_counter()
-    meta = embed_items_text(str(tmp / "items.parquet"), tmp / "out", **kwargs)
+    meta = embed_items_text(str(tmp / "items.parquet"), tmp / "out", params)
     step_s = time.perf_counter() - t0  # includes model load and all I/O
     got = np.load(tmp / "out" / "txt.npy")
     cosine = (got * base).sum(axis=1)
@@ -65,8 +67,8 @@ def bench_speed(items: Path, limit: int, backend: str | None) -> dict:
 def rss_child(items: Path, backend: str | None) -> dict:
     from item_embeddings.text import embed_items_text
 
-    kwargs = {"text_backend": backend} if backend else {}
-    meta = embed_items_text(str(items), items.parent / "out", **kwargs)
+    params = PipelineParams(text_backend=backend) if backend else PipelineParams()
+    meta = embed_items_text(str(items), items.parent / "out", params)
     n = meta["count"]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"items": n, "peak_rss_mib": peak_kib / 1024,

@@ -21,11 +21,12 @@ import asyncio
 import collections
 import io
 import random
-import threading
 
 import numpy as np
 from aiohttp import web
 from PIL import Image
+
+from item_embeddings.loop_thread import LoopThread
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -96,8 +97,8 @@ class ImageServer:
         self.in_flight = self.max_in_flight = 0
         self._seen: set[str] = set()
         self._random = random.Random(seed)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop_thread = LoopThread("image-server")
+        self._loop = self._loop_thread.loop
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -211,16 +212,13 @@ class ImageServer:
         self.port = site._server.sockets[0].getsockname()[1]
 
     def __enter__(self) -> "ImageServer":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        self._loop_thread.start().run(self._start())
         return self
 
     def __exit__(self, *exc) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
+            self._loop_thread.run(self._runner.cleanup())
+        self._loop_thread.stop()
 
 
 def _serve(images, latency_s, fail_rate, port_queue, stop_event) -> None:

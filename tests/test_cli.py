@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from item_embeddings.cli import build_parser, main
+from item_embeddings.ops.cli import build_parser, main
 
 
 def _subcommands():
@@ -60,7 +60,7 @@ def test_submit_py_forwards_to_cli():
 
 @pytest.mark.parametrize("flags, expected", [([], True), (["--no-caching"], False)])
 def test_run_local_caching_flag(tmp_path, items_path, monkeypatch, flags, expected):
-    import item_embeddings.local_run as local_run
+    import item_embeddings.ops.local_run as local_run
 
     seen = {}
 

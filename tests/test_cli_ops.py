@@ -8,7 +8,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 from google.oauth2.credentials import Credentials
 
-from item_embeddings.cli import main
+from item_embeddings.ops.cli import main
 from test_vertex_ops import PARENT, S, fake, registry, template  # noqa: F401 (fixtures)
 
 COMMANDS = [["submit"], ["schedule"], ["schedule", "create"], ["schedule", "list"],

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from item_embeddings import download as dl
-from item_embeddings.download import (AddressGuard, DownloadConfig, GuardedResolver,
+from item_embeddings.image import download as dl
+from item_embeddings.image.download import (AddressGuard, DownloadConfig, GuardedResolver,
                                       StaticResolver, check_url, fetch_all, is_forbidden_address,
                                       parse_retry_after)
 from yarl import URL

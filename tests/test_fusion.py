@@ -9,12 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from item_embeddings.fusion import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                    WEIGHTS_FILE, FusedAdam, FusionInputError,
-                                    fuse_item_embeddings, load_fusion_inputs)
-from item_embeddings.fusion_model import (NORM_WEIGHT, TAU, FusionMLP, init_from_pca,
+from item_embeddings.config import PipelineParams
+from item_embeddings.fusion import (FusedAdam, FusionInputError, fuse_item_embeddings,
+                                    load_fusion_inputs)
+from item_embeddings.fusion.model import (NORM_WEIGHT, TAU, FusionMLP, init_from_pca,
                                           load_fusion_model, loss_and_gradients, training_batch)
-from item_embeddings.fusion_synthetic import write_synthetic_catalogue
+from item_embeddings.fusion.synthetic import write_synthetic_catalogue
+from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
+                                     FUSION_WEIGHTS as WEIGHTS_FILE)
 from item_embeddings.storage import sha256_file
 
 N = 2400
@@ -50,7 +52,8 @@ def inputs(tmp_path, synthetic):
 def fused(tmp_path_factory, synthetic):
     root, cat = synthetic
     out = tmp_path_factory.mktemp("fused")
-    meta = fuse_item_embeddings(root / "text", root / "image", out, run_id="r1", seed=0)
+    meta = fuse_item_embeddings(root / "text", root / "image", out, PipelineParams(seed=0),
+                                run_id="r1")
     return out, meta, cat
 
 
@@ -80,7 +83,8 @@ def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
 
 def test_objective_alone_learns_both_modalities_from_random_init(tmp_path, synthetic):
     root, cat = synthetic
-    fuse_item_embeddings(root / "text", root / "image", tmp_path, init="random", seed=0)
+    fuse_item_embeddings(root / "text", root / "image", tmp_path, PipelineParams(seed=0),
+                         init="random")
     z = np.load(tmp_path / FUSED_ARRAY)
     img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
     assert _label_purity(z[img], cat.image_label[img]) >= 0.9
@@ -142,8 +146,10 @@ def test_saved_model_fuses_new_items_like_the_step(fused, synthetic):
 def test_deterministic_for_a_seed(tmp_path, synthetic, fused):
     root, _ = synthetic
     out, _, _ = fused
-    fuse_item_embeddings(root / "text", root / "image", tmp_path / "a", run_id="r1", seed=0)
-    fuse_item_embeddings(root / "text", root / "image", tmp_path / "b", run_id="r1", seed=1)
+    fuse_item_embeddings(root / "text", root / "image", tmp_path / "a", PipelineParams(seed=0),
+                         run_id="r1")
+    fuse_item_embeddings(root / "text", root / "image", tmp_path / "b", PipelineParams(seed=1),
+                         run_id="r1")
     assert sha256_file(tmp_path / "a" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
     assert sha256_file(tmp_path / "a" / WEIGHTS_FILE) == sha256_file(out / WEIGHTS_FILE)
     assert sha256_file(tmp_path / "b" / FUSED_ARRAY) != sha256_file(out / FUSED_ARRAY)
@@ -158,8 +164,8 @@ def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
     root, _ = synthetic
     out, _, _ = fused
     for name in ("a", "b"):
-        meta = fuse_item_embeddings(root / "text", root / "image", tmp_path / name, run_id="r1",
-                                    seed=0, num_threads=2)
+        meta = fuse_item_embeddings(root / "text", root / "image", tmp_path / name,
+                                    PipelineParams(seed=0), run_id="r1", num_threads=2)
         assert meta["torch_threads"] == 2
         assert torch.get_num_threads() == 1  # the caller's setting is restored
     assert sha256_file(tmp_path / "a" / FUSED_ARRAY) == sha256_file(tmp_path / "b" / FUSED_ARRAY)
@@ -217,12 +223,15 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"epochs": 0}, "need epochs >= 1"), ({"batch_size": 1}, "batch_size >= 2"),
-    ({"lr": 0.0}, "lr > 0"), ({"batch_size": 50_000}, "batch_size=50000 is above 8192"),
+    ({"fusion_epochs": 0}, "need epochs >= 1"), ({"fusion_batch_size": 1}, "batch_size >= 2"),
+    ({"fusion_lr": 0.0}, "lr > 0"),
+    ({"fusion_batch_size": 50_000}, "batch_size=50000 is above 8192"),
     ({"init": "zeros"}, "init must be 'pca' or 'random'")])
 def test_bad_training_parameters_are_refused_before_reading_inputs(tmp_path, bad, message):
+    init = bad.pop("init", "pca")
     with pytest.raises(ValueError, match=message):  # the input dirs do not even exist
-        fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out", **bad)
+        fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out",
+                             PipelineParams(**bad), init=init)
 
 
 def test_gradient_is_the_same_whichever_thread_computes_the_text_block():
@@ -293,7 +302,8 @@ def test_join_is_by_id_not_by_position(tmp_path, inputs, fused):
     np.save(image_dir / "img.npy", reordered)
     pq.write_table(items.take(order).set_column(
         2, "row", pa.array(new_row[rows][order], pa.int64())), image_dir / "img_items.parquet")
-    fuse_item_embeddings(text_dir, image_dir, tmp_path / "out", run_id="r1", seed=0)
+    fuse_item_embeddings(text_dir, image_dir, tmp_path / "out", PipelineParams(seed=0),
+                         run_id="r1")
     assert sha256_file(tmp_path / "out" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
 
 

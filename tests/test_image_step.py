@@ -20,10 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from item_embeddings import download as dl
 from item_embeddings import image as im
-from item_embeddings.download import DownloadConfig
+from item_embeddings.config import PipelineParams
+from item_embeddings.image import download as dl
+from item_embeddings.image.download import DownloadConfig
 from item_embeddings.items import ItemsError
+from item_embeddings.outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META
+from item_embeddings.storage import sha256_file
 from item_embeddings.tracking import LocalTracker
 
 from image_server import ImageServer, make_images
@@ -68,7 +71,7 @@ def test_tiny_checkpoint_loads_through_open_clip(tiny_model, encoder):
     config, checkpoint, state = tiny_model
     assert encoder.resolved.model_name == "tiny-vit-test"
     assert encoder.resolved.pretrained == str(checkpoint)
-    assert encoder.resolved.weights_sha256 == im.sha256_file(checkpoint)
+    assert encoder.resolved.weights_sha256 == sha256_file(checkpoint)
     assert encoder.dim == 32 and encoder.device == "cpu" and encoder.dtype == "float32"
     loaded = encoder.model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
@@ -96,13 +99,14 @@ def test_gs_checkpoint_and_gs_shards(tiny_model, server, tmp_path, gcs, monkeypa
     name = f"img-step-{uuid.uuid4().hex[:8]}"
     gcs.create_bucket(name).blob("models/tiny.pt").upload_from_filename(str(checkpoint))
     encoder = im.load_image_encoder(str(config), f"gs://{name}/models/tiny.pt")
-    assert encoder.resolved.weights_sha256 == im.sha256_file(checkpoint)
+    assert encoder.resolved.weights_sha256 == sha256_file(checkpoint)
 
     items = items_with_urls(tmp_path / "items.parquet", [
         server.url(f"img/{n}") for n in ("rgb.jpg", "photo.webp", "anim.gif")])
-    kwargs = dict(image_model=str(config), image_pretrained=f"gs://{name}/models/tiny.pt",
-                  shard_size=2, checkpoint_uri=f"gs://{name}/ckpt", download_config=FAST,
-                  run_id="gcs", encoder=encoder)
+    kwargs = dict(params=PipelineParams(image_model=str(config),
+                                        image_pretrained=f"gs://{name}/models/tiny.pt",
+                                        shard_size=2, checkpoint_uri=f"gs://{name}/ckpt"),
+                  download_config=FAST, run_id="gcs", encoder=encoder)
     first = im.embed_items_images(str(items), tmp_path / "a", **kwargs)
     names = sorted(b.name for b in gcs.list_blobs(name, prefix="ckpt/"))
     assert [n.rsplit("/", 1)[1] for n in names] == ["manifest.json", "shard-00000.parquet",
@@ -153,7 +157,7 @@ def test_modes_become_rgb(encoder, images):
 
 @pytest.mark.parametrize("name,reason", [("truncated.jpg", im.DECODE_ERROR),
                                          ("bomb.png", im.DECOMPRESSION_BOMB),
-                                         ("notimage.jpg", im.NOT_AN_IMAGE)])
+                                         ("notimage.jpg", dl.NOT_AN_IMAGE)])
 def test_bad_bodies_are_reasons(encoder, images, name, reason):
     with pytest.raises(im.ImageDecodeError) as info:
         im.decode_image(images[name][0], encoder.pil_transform)
@@ -184,7 +188,7 @@ EXPECTED = {  # path -> failure reason (None: embedded)
     "status/404": dl.HTTP_ERROR, "status/500": dl.HTTP_ERROR, "slow": dl.TIMEOUT,
     "stall": dl.TIMEOUT, "big": dl.TOO_LARGE, "html": dl.NOT_AN_IMAGE,
     "img/truncated.jpg": im.DECODE_ERROR, "img/bomb.png": im.DECOMPRESSION_BOMB,
-    "img/notimage.jpg": im.NOT_AN_IMAGE, "loop/a": dl.REDIRECT_LOOP,
+    "img/notimage.jpg": dl.NOT_AN_IMAGE, "loop/a": dl.REDIRECT_LOOP,
     "chain/6": dl.TOO_MANY_REDIRECTS, "to?location=file:///etc/passwd": dl.UNSUPPORTED_SCHEME,
 }
 NO_URL = [None, "", "ftp://example.com/a.jpg", "not a url"]
@@ -199,14 +203,16 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
     ids = [f"item-{i:03d}" for i in range(len(urls))]
     tracker = LocalTracker(tmp_path / "runs", "recsys-test")
     meta = im.embed_items_images(
-        str(items), tmp_path / "out", image_model=str(config), image_pretrained=str(checkpoint),
-        batch_size=3, shard_size=5, download_config=dataclass_replace(
-            FAST, max_bytes=1024 * 1024), run_id="run-42", tracker=tracker, encoder=encoder)
+        str(items), tmp_path / "out",
+        PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                       image_batch_size=3, shard_size=5),
+        download_config=dataclass_replace(FAST, max_bytes=1024 * 1024), run_id="run-42",
+        tracker=tracker, encoder=encoder)
     out = tmp_path / "out"
 
-    embedded = pq.read_table(out / im.IMG_ITEMS).to_pylist()
-    failures = pq.read_table(out / im.IMG_FAILURES).to_pylist()
-    vectors = np.load(out / im.IMG_ARRAY)
+    embedded = pq.read_table(out / IMG_ITEMS).to_pylist()
+    failures = pq.read_table(out / IMG_FAILURES).to_pylist()
+    vectors = np.load(out / IMG_ARRAY)
     selected = [i for i, u in zip(ids, urls) if u not in NO_URL]
     url_of = dict(zip(ids, urls))
 
@@ -247,7 +253,7 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
                 "encode_time_sec", "run_id", "device", "attempted_count", "max_items",
                 "no_url_count", "failures_by_reason"):
         assert key in meta
-    assert json.loads((out / im.IMG_META).read_text()) == json.loads(json.dumps(meta))
+    assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
     assert meta["shards"] == 5 and meta["resumed_shards"] == 0 and meta["embed_dim"] == 32
     record = json.loads((tmp_path / "runs" / "recsys-test" / "embed-image-run-42.json").read_text())
     assert record["status"] == "COMPLETE"
@@ -270,14 +276,16 @@ def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
     urls = [server.url("img/rgb.jpg")] * 2 + [None] + [server.url("img/photo.webp")] * 5
     items = items_with_urls(tmp_path / "items.parquet", urls)
     hits_before = server.hits["/img/rgb.jpg"]
-    meta = im.embed_items_images(str(items), tmp_path / "out", image_model=str(config),
-                                 image_pretrained=str(checkpoint), max_items=4,
-                                 download_timeout_s=1, download_retries=0, encoder=encoder)
-    failures = pq.read_table(tmp_path / "out" / im.IMG_FAILURES).to_pylist()
+    meta = im.embed_items_images(str(items), tmp_path / "out",
+                                 PipelineParams(image_model=str(config),
+                                                image_pretrained=str(checkpoint), max_items=4,
+                                                download_timeout_s=1, download_retries=0),
+                                 encoder=encoder)
+    failures = pq.read_table(tmp_path / "out" / IMG_FAILURES).to_pylist()
     assert [r["id"] for r in failures] == ["item-000", "item-001", "item-003", "item-004"]
     assert {r["reason"] for r in failures} == {dl.BLOCKED_ADDRESS}
     assert (meta["attempted_count"], meta["count"], meta["capped_count"]) == (4, 0, 3)
-    assert np.load(tmp_path / "out" / im.IMG_ARRAY).shape == (0, 32)
+    assert np.load(tmp_path / "out" / IMG_ARRAY).shape == (0, 32)
     assert server.hits["/img/rgb.jpg"] == hits_before  # nothing reached the server
 
 
@@ -285,25 +293,28 @@ def test_bad_items_table_fails_before_model_load(tmp_path):
     items = tmp_path / "items.parquet"
     pq.write_table(pa.table({"asin": ["a"], "title": ["t"], "description": ["d"]}), items)
     with pytest.raises(ItemsError, match="image_url"):
-        im.embed_items_images(str(items), tmp_path / "out", image_model="no-such-model")
+        im.embed_items_images(str(items), tmp_path / "out",
+                              PipelineParams(image_model="no-such-model"))
 
 
 # ----------------------------------------------------------------------------- shards and resume
 
 def _outputs(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes()
-            for name in (im.IMG_ARRAY, im.IMG_ITEMS, im.IMG_FAILURES)}
+            for name in (IMG_ARRAY, IMG_ITEMS, IMG_FAILURES)}
 
 
 def _stable_meta(out: Path) -> dict:
-    meta = json.loads((out / im.IMG_META).read_text())
+    meta = json.loads((out / IMG_META).read_text())
     return {k: v for k, v in meta.items() if k not in TIMING_KEYS}
 
 
 DRIVER = textwrap.dedent("""
     import json, sys
+    from item_embeddings.config import PipelineParams
     from item_embeddings.image import embed_items_images
-    embed_items_images(**json.loads(sys.argv[1]))
+    kwargs = json.loads(sys.argv[1])
+    embed_items_images(params=PipelineParams(**kwargs.pop("params")), **kwargs)
 """)
 
 
@@ -314,10 +325,11 @@ def test_sigkill_then_resume_gives_identical_outputs(server, tiny_model, tmp_pat
         urls = [slow.url(slow_server_paths[i % 4]) if i % 7 else slow.url("img/missing.jpg")
                 for i in range(36)]
         items = items_with_urls(tmp_path / "items.parquet", urls)
-        kwargs = dict(items_uri=str(items), output_dir=str(tmp_path / "killed"),
-                      image_model=str(config), image_pretrained=str(checkpoint), batch_size=2,
-                      shard_size=4, download_concurrency=2, download_timeout_s=5,
-                      download_retries=0, allow_private_hosts=True, run_id="resume")
+        params = dict(image_model=str(config), image_pretrained=str(checkpoint),
+                      image_batch_size=2, shard_size=4, download_concurrency=2,
+                      download_timeout_s=5, download_retries=0, allow_private_hosts=True)
+        kwargs = dict(items_uri=str(items), output_dir=str(tmp_path / "killed"), params=params,
+                      run_id="resume")
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(kwargs)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         shards_dir = tmp_path / "killed" / im.SHARDS_DIR
@@ -331,8 +343,9 @@ def test_sigkill_then_resume_gives_identical_outputs(server, tiny_model, tmp_pat
         proc.wait(timeout=30)
         proc.stderr.close()
         done = len(list(shards_dir.glob("*/shard-*.parquet")))
-        assert 2 <= done < 9 and not (tmp_path / "killed" / im.IMG_META).exists()
+        assert 2 <= done < 9 and not (tmp_path / "killed" / IMG_META).exists()
 
+        kwargs["params"] = PipelineParams(**params)
         resumed = im.embed_items_images(**kwargs)
         fresh = im.embed_items_images(**{**kwargs, "output_dir": str(tmp_path / "fresh")})
     assert resumed["resumed_shards"] == done and fresh["resumed_shards"] == 0
@@ -345,13 +358,15 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
     config, checkpoint, _ = tiny_model
     urls = [server.url("img/rgb.jpg"), server.url("img/photo.webp")] * 3
     items = items_with_urls(tmp_path / "items.parquet", urls)
-    common = dict(image_model=str(config), image_pretrained=str(checkpoint), shard_size=2,
-                  checkpoint_uri=str(tmp_path / "ckpt"), download_config=FAST, encoder=encoder)
+    settings = dict(image_model=str(config), image_pretrained=str(checkpoint), shard_size=2,
+                    checkpoint_uri=str(tmp_path / "ckpt"))
+    common = dict(params=PipelineParams(**settings), download_config=FAST, encoder=encoder)
     assert im.embed_items_images(str(items), tmp_path / "o1", **common)["resumed_shards"] == 0
     assert im.embed_items_images(str(items), tmp_path / "o2", **common)["resumed_shards"] == 3
     # Another cap: a new fingerprint, nothing reused.
-    assert im.embed_items_images(str(items), tmp_path / "o3", max_items=5,
-                                 **common)["resumed_shards"] == 0
+    assert im.embed_items_images(str(items), tmp_path / "o3",
+                                 **{**common, "params": PipelineParams(**settings, max_items=5)}
+                                 )["resumed_shards"] == 0
     # Same settings, one URL of the second shard changed in place: only that shard is redone.
     urls[2] = server.url("img/anim.gif")
     items_with_urls(items, urls)
@@ -386,12 +401,12 @@ def test_component_writes_outputs_and_metrics(server, tiny_model, tmp_path):
     assert metrics.metadata["image_no_url_count"] == 1
     assert all(k.startswith("image_") for k in metrics.metadata)
     assert (tmp_path / "runs" / "recsys-dev" / "embed-image-item-embeddings-comp.json").is_file()
-    assert pq.read_table(task_dir / "ds" / im.IMG_ITEMS).column("id").to_pylist() == [10]
+    assert pq.read_table(task_dir / "ds" / IMG_ITEMS).column("id").to_pylist() == [10]
     assert "test-agent/1" in server.user_agents
-    failed = pq.read_table(task_dir / "ds" / im.IMG_FAILURES)
+    failed = pq.read_table(task_dir / "ds" / IMG_FAILURES)
     assert failed.schema.field("id").type == pa.int64() and failed.column("id").to_pylist() == [30]
     assert {p.name for p in (task_dir / "ds").iterdir()} >= {
-        im.IMG_ARRAY, im.IMG_ITEMS, im.IMG_FAILURES, im.IMG_META}
+        IMG_ARRAY, IMG_ITEMS, IMG_FAILURES, IMG_META}
 
 
 def test_component_compiles(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import catalogue, write_items
-from item_embeddings.cli import main
+from item_embeddings.ops.cli import main
 from item_embeddings.config import PARAM_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]

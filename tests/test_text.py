@@ -5,10 +5,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import catalogue, write_items
-from item_embeddings.items import ItemColumns, ItemsError, item_text
+from item_embeddings.config import PipelineParams
+from item_embeddings.items import ItemsError, item_text
+from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.storage import sha256_file
-from item_embeddings.text import (MINILM_SHA256, TXT_ARRAY, TXT_ITEMS, TXT_META, embed_items_text,
-                                  load_text_encoder, resolve_text_model)
+from item_embeddings.text import (MINILM_SHA256, embed_items_text, load_text_encoder,
+                                  resolve_text_model)
 from item_embeddings.tracking import LocalTracker
 
 
@@ -58,8 +60,8 @@ def test_rows_follow_ids_when_input_is_shuffled(tmp_path, encoder):
 
 def test_meta_file_and_local_experiment_run(tmp_path, items_path, encoder):
     tracker = LocalTracker(tmp_path / "runs", "exp")
-    embed_items_text(str(items_path), tmp_path / "out", encoder=encoder, run_id="abc123",
-                     tracker=tracker, batch_size=16)
+    embed_items_text(str(items_path), tmp_path / "out", PipelineParams(text_batch_size=16),
+                     encoder=encoder, run_id="abc123", tracker=tracker)
     meta = json.loads((tmp_path / "out" / TXT_META).read_text())
     for key in ("encoder_name", "embed_dim", "count", "throughput_items_per_sec", "encode_time_sec",
                 "run_id", "empty_text_count", "max_seq_length", "normalized", "device", "dtype",
@@ -80,12 +82,12 @@ def test_meta_file_and_local_experiment_run(tmp_path, items_path, encoder):
 
 
 def test_bad_input_fails_before_model_loads_and_writes_nothing(tmp_path, monkeypatch):
-    import item_embeddings.text as text
+    import item_embeddings.text.step as text_step
 
     def no_model(*a, **k):
         raise AssertionError("model must not load for a bad table")
 
-    monkeypatch.setattr(text, "load_text_encoder", no_model)
+    monkeypatch.setattr(text_step, "load_text_encoder", no_model)
     cat = catalogue(5)
     cat["asin"][3] = cat["asin"][0]
     path = write_items(tmp_path / "i.parquet", cat)
@@ -116,8 +118,9 @@ def test_custom_column_names(tmp_path, encoder):
     cat = catalogue(6)
     path = write_items(tmp_path / "i.parquet", {"item_id": list(range(6)), "name": cat["title"],
                                                 "body": cat["description"]})
-    meta = embed_items_text(str(path), tmp_path / "out", encoder=encoder,
-                            columns=ItemColumns(id="item_id", title="name", description="body"))
+    meta = embed_items_text(str(path), tmp_path / "out",
+                            PipelineParams(id_column="item_id", title_column="name",
+                                           description_column="body"), encoder=encoder)
     assert meta["count"] == 6
     assert pq.read_table(tmp_path / "out" / TXT_ITEMS).column("id").to_pylist() == list(range(6))
 

@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 from conftest import catalogue, write_items
 
+from item_embeddings.config import PipelineParams
+from item_embeddings.outputs import TXT_META
 from item_embeddings.storage import sha256_file
-from item_embeddings.text import (
-    TXT_META,
-    embed_items_text,
-    load_text_encoder,
-    resolve_text_model,
-)
-from item_embeddings.text_backends import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    ONNX_BACKENDS,
-    OnnxTextEncoder,
-    build_fast_model,
-    quality_gate,
-    resolve_backend,
-)
+from item_embeddings.text import embed_items_text, load_text_encoder, resolve_text_model
+from item_embeddings.text.encoders import resolve_backend
+from item_embeddings.text.onnx import (MANIFEST_FILE, MODEL_FILE, ONNX_BACKENDS, OnnxTextEncoder,
+                                       build_fast_model)
+from item_embeddings.text.quality import quality_gate
 
 CATEGORIES = {
     "headphones": (["over-ear headphones", "wireless earbuds", "studio monitor headphones"],
@@ -169,8 +161,9 @@ def test_build_is_cached_and_deterministic(cache, tmp_path, encoders):
 def test_step_records_backend_and_fast_model_hash(tmp_path, cache, monkeypatch, encoders):
     monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(cache))
     items = write_items(tmp_path / "items.parquet", catalogue(30))
-    meta = embed_items_text(str(items), tmp_path / "out", text_backend="onnx-int8",
-                            batch_size=16, run_id="r1")
+    meta = embed_items_text(str(items), tmp_path / "out",
+                            PipelineParams(text_backend="onnx-int8", text_batch_size=16),
+                            run_id="r1")
     on_disk = json.loads((tmp_path / "out" / TXT_META).read_text())
     assert on_disk == meta
     assert meta["text_backend"] == "onnx-int8" and meta["dtype"] == "int8"

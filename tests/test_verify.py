@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from item_embeddings.cli import main
+from item_embeddings.ops.cli import main
 from item_embeddings.publish import publish_outputs
 from item_embeddings.verify import verify_outputs
 

@@ -30,7 +30,7 @@ from google.protobuf import empty_pb2
 from kfp import compiler, dsl
 from kfp.registry import ApiAuth
 
-from item_embeddings import vertex
+from item_embeddings.ops import vertex
 from item_embeddings.config import PARAM_FIELDS, ConfigError
 
 PROJECT, REGION = "test-proj", "us-central1"

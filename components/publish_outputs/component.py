@@ -1,22 +1,25 @@
 """The publish component: copy the final outputs to a stable prefix with a manifest."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input
 
+from item_embeddings.components.shared import as_component, pipeline_inputs
 
+
+@pipeline_inputs
 def publish_outputs(
     text_embeddings: Input[Dataset],
     image_embeddings: Input[Dataset],
     fused_embeddings: Input[Dataset],
     publish_uri: str,
-    run_id: str = "",
+    run_id: str,
 ) -> str:
     """Publishes the text, image and fused outputs to a stable prefix for the next stage.
 
     The files of the three directories are uploaded under a temporary prefix, moved into
     place, and `manifest.json` (files, sizes, sha256, run id, counts) is written last. Readers
     read `manifest.json` first and use only the files it lists, checking their sha256
-    (docs/operations.md). An empty `publish_uri` publishes nothing.
+    (docs/operations.md). An empty `publish_uri` publishes nothing. Returns the URI of the
+    written manifest.json ("" when nothing was published).
 
     Args:
         text_embeddings: Directory with txt.npy, txt_items.parquet and txt_meta.json.
@@ -24,11 +27,6 @@ def publish_outputs(
             img_meta.json.
         fused_embeddings: Directory with fused.npy, fused_items.parquet, fusion_config.json and
             fusion_model.safetensors.
-        publish_uri: Stable prefix (gs://bucket/path or a local folder); empty = do nothing.
-        run_id: Pipeline run id, recorded in the manifest.
-
-    Returns:
-        The URI of the written manifest.json ("" when nothing was published).
     """
     from item_embeddings.progress import setup_logging
     from item_embeddings.publish import manifest_uri
@@ -44,5 +42,5 @@ def publish_outputs(
 
 
 def make_component(base_image: str):
-    """The component, to run in ``base_image`` (the project's image: no pip install at start)."""
-    return dsl.component(publish_outputs, base_image=base_image, install_kfp_package=False)
+    """The component, to run in ``base_image``."""
+    return as_component(publish_outputs, base_image)

@@ -149,9 +149,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def resolve_params(config_file: str | None = None, overrides: list[str] | None = None,
-                   **explicit: Any) -> PipelineParams:
-    """Defaults, then the config file, then ``--set`` overrides, then explicit keyword values."""
+def given_params(config_file: str | None = None, overrides: list[str] | None = None,
+                 **explicit: Any) -> dict[str, Any]:
+    """The parameters a user set: the config file, then ``--set`` overrides, then explicit
+    keyword values (None = not given); typed and validated, later ones winning."""
     values: dict[str, Any] = {}
     if config_file:
         values.update(load_config_file(config_file))
@@ -160,7 +161,13 @@ def resolve_params(config_file: str | None = None, overrides: list[str] | None =
         if value is not None:
             _check_name(name)
             values[name] = _coerce(name, value)
-    return PipelineParams(**values)
+    return values
+
+
+def resolve_params(config_file: str | None = None, overrides: list[str] | None = None,
+                   **explicit: Any) -> PipelineParams:
+    """Every parameter: the defaults, updated by :func:`given_params`."""
+    return PipelineParams(**given_params(config_file, overrides, **explicit))
 
 
 def param_help() -> list[tuple[str, str, Any, str]]:

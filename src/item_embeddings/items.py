@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from .config import PipelineParams
 from .storage import arrow_filesystem
 
 MAX_EXAMPLES = 5
@@ -26,12 +27,22 @@ class ItemsError(ValueError):
     """The items table cannot be used; the message names the column and offending rows."""
 
 
+_DEFAULTS = PipelineParams()
+
+
 @dataclass(frozen=True)
 class ItemColumns:
-    id: str = "asin"
-    title: str = "title"
-    description: str = "description"
-    image_url: str = "image_url"
+    """The names of the items table's columns (pipeline parameters ``*_column``)."""
+
+    id: str = _DEFAULTS.id_column
+    title: str = _DEFAULTS.title_column
+    description: str = _DEFAULTS.description_column
+    image_url: str = _DEFAULTS.image_url_column
+
+    @classmethod
+    def from_params(cls, params: PipelineParams) -> "ItemColumns":
+        return cls(id=params.id_column, title=params.title_column,
+                   description=params.description_column, image_url=params.image_url_column)
 
 
 @dataclass(frozen=True)
@@ -120,18 +131,29 @@ def validate_items(uri: str, columns: ItemColumns, *, need_text: bool = True,
     ids = dataset.to_table(columns=[columns.id]).column(columns.id)
     if len(ids) == 0:
         raise ItemsError(f"items table {uri} is empty (no rows)")
+    problems = id_problems(ids)
+    if problems:
+        raise ItemsError(f"column {columns.id!r} has {problems[0]}")
+    return ItemsSummary(num_rows=len(ids), schema=schema)
+
+
+def id_problems(ids: pa.Array | pa.ChunkedArray) -> list[str]:
+    """What is wrong with an id column: null ids and duplicated ids, each with example rows.
+
+    Every reader of ids (the items table, the steps' id files, ``verify``) reports with this.
+    """
+    problems = []
     null_rows = _rows(pc.is_null(ids))
     if null_rows:
-        raise ItemsError(f"column {columns.id!r} has {len(null_rows)} null id(s), "
-                         f"at rows {null_rows[:MAX_EXAMPLES]}")
-    counts = pc.value_counts(ids)
+        problems.append(f"{len(null_rows)} null id(s), at rows {null_rows[:MAX_EXAMPLES]}")
+    counts = pc.value_counts(ids.drop_null())
     dup_values = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     if len(dup_values):
         first = dup_values[:MAX_EXAMPLES]
         dup_rows = _rows(pc.is_in(ids, value_set=first))
-        raise ItemsError(f"column {columns.id!r} has {len(dup_values)} duplicated id(s), e.g. "
-                         f"{first.to_pylist()} at rows {dup_rows[:2 * MAX_EXAMPLES]}")
-    return ItemsSummary(num_rows=len(ids), schema=schema)
+        problems.append(f"{len(dup_values)} duplicated id(s), e.g. {first.to_pylist()} at rows "
+                        f"{dup_rows[:2 * MAX_EXAMPLES]}")
+    return problems
 
 
 def id_type(dtype: pa.DataType) -> pa.DataType:

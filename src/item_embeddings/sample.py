@@ -7,13 +7,13 @@ server so the image step downloads over real HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import random
-import threading
 from pathlib import Path
 
 import pyarrow as pa
+
+from .loop_thread import LoopThread
 
 CATEGORIES = {
     # category: (colour, shape, product nouns)
@@ -96,8 +96,7 @@ class SampleImageServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host, self.port = host, port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread: LoopThread | None = None
         self._runner = None
 
     @property
@@ -113,34 +112,29 @@ class SampleImageServer:
         body, content_type = render_sample_image(int(stem))
         return web.Response(body=body, content_type=content_type)
 
-    def start(self) -> "SampleImageServer":
+    async def _serve(self) -> None:
         from aiohttp import web
 
-        async def serve():
-            app = web.Application()
-            app.router.add_get("/img/{name}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.port)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
+        app = web.Application()
+        app.router.add_get("/img/{name}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
 
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="sample-image-server")
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=30)
+    def start(self) -> "SampleImageServer":
+        self._loop_thread = LoopThread("sample-image-server").start()
+        self._loop_thread.run(self._serve())
         return self
 
     def stop(self) -> None:
-        if self._loop is None:
+        if self._loop_thread is None:
             return
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        self._loop.close()
-        self._loop = None
+            self._loop_thread.run(self._runner.cleanup())
+        self._loop_thread.stop()
+        self._loop_thread = None
 
     def __enter__(self) -> "SampleImageServer":
         return self.start()

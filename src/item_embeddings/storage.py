@@ -9,11 +9,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+
+from .runtime import cache_dir
+
+logger = logging.getLogger(__name__)
+
 
 def is_gcs_uri(uri: str) -> bool:
     return uri.startswith("gs://")
@@ -103,6 +111,42 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_npy(dest: str | os.PathLike, shape: tuple[int, ...], dtype=np.float32
+               ) -> Iterator[np.ndarray]:
+    """A writable memory-mapped ``.npy`` of ``shape`` that becomes ``dest`` on success.
+
+    The rows are written through the map (memory stays bounded whatever the size); on leaving
+    the block the map is flushed and the file renamed into place as :func:`atomic_path` does.
+    """
+    with atomic_path(dest) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array
+
+
+def cached_gcs_copy(uri: str, kind: str, *, folder: bool = False) -> Path:
+    """A local copy of the ``gs://`` object (or, with ``folder``, folder) ``uri``, kept in
+    ``<cache>/<kind>/`` and downloaded only once; it appears whole or not at all."""
+    bucket_name, blob_name = split_gcs_uri(uri)
+    root = cache_dir() / kind / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    if folder:
+        if not root.is_dir():  # download_gcs_prefix renames a complete folder into place
+            logger.info("downloading %s to %s", uri, root)
+            download_gcs_prefix(uri, root)
+        return root
+    dest = root / os.path.basename(blob_name)
+    if not dest.is_file():
+        logger.info("downloading %s to %s", uri, dest)
+        blob = gcs_client().bucket(bucket_name).blob(blob_name)
+        if not blob.exists():
+            raise FileNotFoundError(f"{kind} not found: {uri}")
+        with atomic_path(dest) as tmp:
+            blob.download_to_filename(str(tmp))
+    return dest
 
 
 def write_json_atomic(dest: str | os.PathLike, payload: Any) -> None:

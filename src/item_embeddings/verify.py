@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .items import id_problems
 from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS,
                       GROUPS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
                       TXT_META)
@@ -157,13 +158,9 @@ def _check_values(name: str, arr: np.ndarray, report: Report) -> None:
 
 
 def _ids(table, name: str, report: Report) -> list | None:
-    ids = table.column("id").to_pylist()
-    if any(i is None for i in ids):
-        report.fail(f"{name}: {sum(i is None for i in ids)} null id(s)")
-    dups = [i for i, n in Counter(ids).items() if n > 1]
-    if dups:
-        report.fail(f"{name}: {len(dups)} duplicate id(s), e.g. {dups[:3]}")
-    return ids
+    for problem in id_problems(table.column("id")):
+        report.fail(f"{name}: {problem}")
+    return table.column("id").to_pylist()
 
 
 def _check_meta(meta_name: str, meta: dict, expected: dict[str, Any], report: Report) -> None:

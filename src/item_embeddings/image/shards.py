@@ -1,4 +1,5 @@
-"""Durable, atomic shards of the image step: the unit of resume after a preemption.
+"""Durable, atomic shards of the image step (the unit of resume after a preemption), and the
+assembly of the finished shards into the step's outputs.
 
 The selected items are cut into shards of ``shard_size`` items in input order. A finished shard
 is one parquet file (every item of the shard: its embedding or its failure), written atomically to
@@ -15,18 +16,23 @@ configuration never picks up a stale shard.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .storage import atomic_path, gcs_client, is_gcs_uri, split_gcs_uri, write_json_atomic
+from ..outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS
+from ..storage import (atomic_npy, atomic_path, gcs_client, is_gcs_uri, split_gcs_uri,
+                       write_json_atomic, write_parquet_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,24 @@ def shard_schema(id_type: pa.DataType, dim: int) -> pa.Schema:
         ("attempts", pa.int32()),
         ("embedding", pa.list_(pa.float32(), dim)),
     ])
+
+
+def shard_table(ids: Sequence[Any], urls: Sequence[str], reasons: Sequence[str | None],
+                details: Sequence[str], statuses: Sequence[int | None],
+                attempts: Sequence[int], vectors: Sequence[np.ndarray | None],
+                id_type: pa.DataType, dim: int) -> pa.Table:
+    """One shard's rows: every item with its outcome, ``embedding`` null for failed items."""
+    flat = np.zeros((len(ids), dim), dtype=np.float32)
+    valid = np.array([v is not None for v in vectors], dtype=bool)
+    for i, vector in enumerate(vectors):
+        if vector is not None:
+            flat[i] = vector
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), dim,
+                                                  mask=pa.array(~valid))
+    return pa.table([pa.array(ids, id_type), pa.array(urls, pa.string()),
+                     pa.array(reasons, pa.string()), pa.array(details, pa.string()),
+                     pa.array(statuses, pa.int32()), pa.array(attempts, pa.int32()),
+                     embedding], schema=shard_schema(id_type, dim))
 
 
 class ShardStore:
@@ -133,6 +157,66 @@ class ShardStore:
                            index, self.location)
             return None
         return table
+
+
+def iter_shards(selected: Iterator[tuple[Any, str]], shard_size: int
+                ) -> Iterator[tuple[int, list[Any], list[str]]]:
+    """Cut the selected (id, url) pairs into shards of ``shard_size``: (index, ids, urls)."""
+    ids: list[Any] = []
+    urls: list[str] = []
+    index = 0
+    for item_id, url in selected:
+        ids.append(item_id)
+        urls.append(url)
+        if len(ids) == shard_size:
+            yield index, ids, urls
+            index, ids, urls = index + 1, [], []
+    if ids:
+        yield index, ids, urls
+
+
+def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]]],
+             embedded_per_shard: dict[int, int], out: Path, dim: int,
+             id_type: pa.DataType) -> dict[str, Any]:
+    """Stream the finished shards into img.npy, img_items.parquet and img_failures.parquet.
+
+    One shard's embeddings are in memory at a time; ``embedded_per_shard`` (known from the run)
+    sizes img.npy up front.
+    """
+    count = sum(embedded_per_shard.values())
+    kept, failures = [], []
+    retried = 0  # items that needed more than one download attempt
+    with atomic_npy(out / IMG_ARRAY, (count, dim)) as array:
+        row = 0
+        for index, ids, urls in shards:
+            table = store.load(index, content_hash(index, ids, urls), len(ids))
+            if table is None:
+                raise RuntimeError(f"shard {index} missing at {store.location} after it was made")
+            ok = pc.is_null(table.column("reason"))
+            embedded = table.filter(ok)
+            n = embedded.num_rows
+            if n != embedded_per_shard[index]:
+                raise RuntimeError(f"shard {index} at {store.location} changed during the run")
+            vectors = embedded.column("embedding").combine_chunks().flatten()
+            array[row:row + n] = vectors.to_numpy(zero_copy_only=False).reshape(n, dim)
+            kept.append(embedded.select(["id", "url"]).replace_schema_metadata(None))
+            failures.append(table.filter(pc.invert(ok)).select(
+                ["id", "url", "reason", "detail", "http_status", "attempts"]
+            ).replace_schema_metadata(None))
+            retried += int(pc.sum(pc.greater(table.column("attempts"), 1)).as_py() or 0)
+            row += n
+    schema = shard_schema(id_type, dim)
+    items = pa.concat_tables(kept) if kept else schema.empty_table().select(["id", "url"])
+    failed = pa.concat_tables(failures) if failures else schema.empty_table().select(
+        ["id", "url", "reason", "detail", "http_status", "attempts"])
+    write_parquet_atomic(out / IMG_ITEMS, items.append_column(
+        "row", pa.array(np.arange(count, dtype=np.int64))))
+    write_parquet_atomic(out / IMG_FAILURES, failed)
+    by_reason = collections.Counter(failed.column("reason").to_pylist())
+    return {"count": count, "failed_count": failed.num_rows,
+            "attempted_count": count + failed.num_rows,
+            "failures_by_reason": dict(sorted(by_reason.items())),
+            "retried_items": retried}
 
 
 def _fsync_dir(path: Path) -> None:

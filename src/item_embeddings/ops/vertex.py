@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .config import ConfigError
-
-PIPELINE_NAME = "item-embeddings"
+from ..config import ConfigError
+from ..pipeline import PIPELINE_NAME
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
 _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
 # Artifact Registry tags: lower-case letters, digits, '-', '.', '_' (no leading punctuation).
@@ -72,7 +71,7 @@ def template_source(template: str | None, image: str | None = None) -> Iterator[
     components' image (a build of the Dockerfile) — the placeholder default cannot run on Vertex.
     """
     if template is None:
-        from item_embeddings.pipeline import compile_pipeline
+        from ..pipeline import compile_pipeline
 
         if not image:
             raise ConfigError("compiling the pipeline for Vertex needs --image URI (the project's "
@@ -81,7 +80,7 @@ def template_source(template: str | None, image: str | None = None) -> Iterator[
 
         with tempfile.TemporaryDirectory(prefix="item-embeddings-") as tmp:
             path = Path(tmp) / f"{PIPELINE_NAME}.yaml"
-            compile_pipeline(str(path), target="vertex", **({"image": image} if image else {}))
+            compile_pipeline(str(path), target="vertex", image=image)
             yield str(path)
         return
     if is_registry_url(template) or template.startswith("gs://"):

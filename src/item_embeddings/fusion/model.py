@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .outputs import FUSION_WEIGHTS
-from .storage import atomic_path
+from ..config import PipelineParams
+from ..outputs import FUSION_WEIGHTS
+from ..storage import atomic_path
 
 _T = TypeVar("_T")
-WEIGHTS_FILE = FUSION_WEIGHTS
 _META_KEY = "fusion_model"  # safetensors metadata entry holding the architecture (JSON)
 OBJECTIVE = "neighbourhood-kl+norm"
 TAU = 0.05              # softmax temperature of target and fused similarities
@@ -45,7 +45,9 @@ _LOG2E = 1.4426950408889634
 class FusionMLP(nn.Module):
     """``concat(text, image, has_image)`` -> hidden (ReLU) -> ``output_dim``, unit-length output."""
 
-    def __init__(self, text_dim: int, img_dim: int, hidden_dim: int = 256, output_dim: int = 128):
+    def __init__(self, text_dim: int, img_dim: int,
+                 hidden_dim: int = PipelineParams().fusion_hidden_dim,
+                 output_dim: int = PipelineParams().fusion_output_dim):
         super().__init__()
         for name, value in (("text_dim", text_dim), ("img_dim", img_dim),
                             ("hidden_dim", hidden_dim), ("output_dim", output_dim)):
@@ -217,7 +219,7 @@ def _shifted_logits(similarity: torch.Tensor, tau: float) -> torch.Tensor:
 
     Both softmaxes of the objective are over cosines, which are at most 1, so every shifted
     logit is <= 0 and >= -2 log2(e) / tau: exp2 cannot overflow and, for tau >= _MIN_TAU, stays
-    a normal float. No row-max pass is needed, and exp2 is about twice as fast as exp here.
+    a normal float. No row-max pass is needed, and exp2 is cheaper than exp (docs/fusion.md).
     """
     similarity.sub_(1.0).mul_(_LOG2E / tau)
     return similarity.fill_diagonal_(_MASKED)
@@ -276,8 +278,8 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     Objective: row mean of KL(P || softmax(z·zᵀ / tau)) with each item's self excluded
     (P from :func:`training_batch`), plus NORM_WEIGHT * mean((|h| - 1)²) on the code before
     normalisation. The backward pass is written out instead of left to autograd: it is short,
-    and autograd's graph and intermediates cost about a fifth of a step on two cores
-    (measured). tests/test_fusion.py checks it against autograd on the plain formula.
+    and autograd's graph and intermediates cost a sizeable share of a step (docs/fusion.md).
+    tests/test_fusion.py checks it against autograd on the plain formula.
 
     Args:
         model: The model; its parameters' ``.grad`` are replaced.
@@ -315,7 +317,7 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     # z = h / |h|; the norm term adds 2 NORM_WEIGHT (|h| - 1) / b * z
     grad_h = (grad_z - z * (z * grad_z).sum(dim=1, keepdim=True)).div_(norm)
     grad_h += z * ((2.0 * NORM_WEIGHT / b) * (norm - 1))
-    # ReLU's backward, the op autograd uses (a bool mask op is 20x slower here)
+    # ReLU's backward, the op autograd uses (a bool mask multiply is far slower: docs/fusion.md)
     grad_pre = torch.ops.aten.threshold_backward(grad_h @ model.out.weight, hidden, 0)
     text_weight_grad = _run_aside(helper, torch.mm, grad_pre.T, text)
     model.out.weight.grad = grad_h.T @ hidden
@@ -368,7 +370,7 @@ def load_fusion_model(path: str | os.PathLike) -> FusionMLP:
 
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS_FILE
+        path = path / FUSION_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no fusion weights at {path}")
     with safe_open(str(path), framework="pt") as fh:

@@ -7,10 +7,10 @@ import logging
 import os
 from pathlib import Path
 
-from .config import PipelineParams
-from .items import ItemColumns, validate_items
-from .outputs import META_FILES
-from .storage import place_files
+from ..config import PipelineParams
+from ..items import ItemColumns, validate_items
+from ..outputs import META_FILES
+from ..storage import place_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,11 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     """
     from kfp import local
 
-    from item_embeddings.components import DEFAULT_IMAGE
-    from item_embeddings.pipeline import build_pipeline
+    from ..components import DEFAULT_IMAGE
+    from ..pipeline import build_pipeline
 
     out = Path(output_dir).resolve()
-    validate_items(params.items_uri, ItemColumns(params.id_column, params.title_column,
-                                                 params.description_column,
-                                                 params.image_url_column), need_image_url=True)
+    validate_items(params.items_uri, ItemColumns.from_params(params), need_image_url=True)
     if params.tracking_backend in ("auto", "local") and not params.tracking_dir:
         params = dataclasses.replace(params, tracking_backend="local",
                                      tracking_dir=str(out / RUNS_DIR))

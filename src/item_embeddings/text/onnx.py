@@ -1,17 +1,11 @@
-"""Fast text backends: the same sentence-transformers model exported to ONNX and run by onnxruntime.
+"""The ``onnx`` and ``onnx-int8`` text backends: the sentence-transformers model exported to ONNX.
 
-Backends (``text_backend``):
-
-* ``torch``: plain sentence-transformers in float32, exact (the reference).
-* ``torch-fp16``: sentence-transformers with ``model.half()`` on CUDA (GPU only).
 * ``onnx``: the model exported to one ONNX graph (transformer + pooling + L2 norm), fused attention
   and layer norms, float32; equal to ``torch`` up to float rounding.
 * ``onnx-int8``: ``onnx`` with dynamic int8 quantisation (7-bit int8 weights, per output
   channel) of every projection except the feed-forward output projections of the first three
   layers, which stay float32 because their inputs (GELU outputs) carry the outliers that int8
   clips.
-* ``auto``: ``torch-fp16`` when CUDA is available, else ``onnx-int8`` (the fastest CPU backend
-  that passes the quality gate, see ``docs/text.md``).
 
 The fast model is built offline from the same weights, deterministically, into
 ``<cache>/text_fast/<key>`` where the key hashes the weights' sha256, the backend, the build recipe
@@ -19,7 +13,7 @@ and the versions of the tools that build it; a built model is reused.
 
 Example::
 
-    from item_embeddings.text_backends import OnnxTextEncoder
+    from item_embeddings.text.onnx import OnnxTextEncoder
     encoder = OnnxTextEncoder("sentence-transformers/all-MiniLM-L6-v2", backend="onnx-int8")
     vectors = encoder.encode(["USB-C cable 2 m", "Noise-cancelling headphones"])  # [2, 384]
 """
@@ -39,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .storage import sha256_file
+from ..config import PipelineParams
+from ..runtime import cache_dir as default_cache_dir
+from ..storage import sha256_file
+from .models import resolve_text_model
 
 logger = logging.getLogger(__name__)
 
-TORCH_BACKENDS = ("torch", "torch-fp16")
 ONNX_BACKENDS = ("onnx", "onnx-int8")
-BACKENDS = ("auto",) + TORCH_BACKENDS + ONNX_BACKENDS
+
 # Bump when the export/optimise/quantise recipe changes: it is part of the cache key.
 RECIPE_VERSION = "3"
 MODEL_FILE = "model.onnx"
@@ -53,23 +49,6 @@ MANIFEST_FILE = "fast_model.json"
 OPSET = 17
 DEFAULT_TOKENS_PER_BATCH = 4096
 FLOAT_FFN_OUTPUT_LAYERS = 3  # onnx-int8 keeps these layers' FFN output projections float32
-
-
-def resolve_backend(backend: str, device: str | None = None) -> str:
-    """Turn ``auto`` into a concrete backend and reject unknown names and impossible devices."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown text_backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend not in ("auto", "torch-fp16"):
-        return backend
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if backend == "auto":
-        return "torch-fp16" if device.startswith("cuda") else "onnx-int8"
-    if not device.startswith("cuda"):
-        raise ValueError(f"text_backend 'torch-fp16' needs a CUDA device, got {device!r}")
-    return backend
 
 
 def build_versions() -> dict[str, str]:
@@ -209,8 +188,6 @@ def build_fast_model(location: str, backend: str, weights_sha256: str | None = N
     if backend not in ONNX_BACKENDS:
         raise ValueError(f"no fast model for backend {backend!r}; expected one of {ONNX_BACKENDS}")
     if cache_dir is None:
-        from .runtime import cache_dir as default_cache_dir
-
         cache_dir = default_cache_dir()
     root = Path(cache_dir) / "text_fast"
     st_model = None
@@ -267,7 +244,7 @@ def _cpu_count() -> int:
 
 
 class OnnxTextEncoder:
-    """The ``onnx`` / ``onnx-int8`` backends: same interface and output as ``TextEncoder``.
+    """The ``onnx`` / ``onnx-int8`` backends (a :class:`~.encoders.TextEncoder`).
 
     ``encode`` removes duplicate texts, tokenises once, sorts by length and fills each batch up
     to ``tokens_per_batch`` tokens (at most ``batch_size`` rows), so short texts are not padded
@@ -276,13 +253,12 @@ class OnnxTextEncoder:
 
     device = "cpu"
 
-    def __init__(self, name: str, backend: str = "onnx-int8", batch_size: int = 128,
+    def __init__(self, name: str, backend: str = "onnx-int8",
+                 batch_size: int = PipelineParams().text_batch_size,
                  tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, threads: int | None = None,
                  cache_dir: Path | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer
-
-        from .text import resolve_text_model
 
         if batch_size < 1 or tokens_per_batch < 1:
             raise ValueError("batch_size and tokens_per_batch must be >= 1")
@@ -343,39 +319,3 @@ class OnnxTextEncoder:
             out[group] = self.session.run(None, {"input_ids": input_ids,
                                                  "attention_mask": mask})[0]
         return out[inverse.reshape(-1)]
-
-
-# The quality gate a fast backend must pass against the float32 reference on the same texts.
-GATE_MEAN_COSINE = 0.99
-GATE_MIN_COSINE = 0.97
-GATE_TOP10_OVERLAP = 0.90
-
-
-def _top_k(vectors: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Indices of each row's k nearest other rows by cosine (rows are unit vectors), blockwise."""
-    out = np.empty((len(vectors), k), dtype=np.int64)
-    for start in range(0, len(vectors), block):
-        sims = vectors[start:start + block] @ vectors.T
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not itself
-        out[start:start + len(sims)] = np.argpartition(-sims, k, axis=1)[:, :k]
-    return out
-
-
-def quality_gate(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> dict[str, Any]:
-    """Compare a backend's vectors with the float32 reference vectors of the same texts.
-
-    Returns mean and minimum row cosine, the mean top-``k`` neighbour overlap (the share of each
-    item's ``k`` nearest neighbours that both agree on) and ``passed`` (all three thresholds).
-    """
-    if reference.shape != candidate.shape or len(reference) <= k:
-        raise ValueError(f"need two [N, d] arrays of the same shape with N > {k}, got "
-                         f"{reference.shape} and {candidate.shape}")
-    cosine = (reference.astype(np.float64) * candidate).sum(axis=1)
-    ref_nn, cand_nn = _top_k(reference, k), _top_k(candidate, k)
-    overlap = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ref_nn, cand_nn)]))
-    result = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-              f"top{k}_overlap": overlap}
-    result["passed"] = bool(result["cosine_mean"] >= GATE_MEAN_COSINE
-                            and result["cosine_min"] >= GATE_MIN_COSINE
-                            and overlap >= GATE_TOP10_OVERLAP)
-    return result

@@ -1,43 +1,24 @@
-"""``item-embeddings``: compile, run locally, list local experiment runs.
-
-Run ``item-embeddings COMMAND --help`` for each command's options.
-"""
+"""Commands that work on this machine: ``compile``, ``run-local``, ``demo``, ``runs``, ``params``
+and ``verify``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, param_help, resolve_params
+from ..config import PipelineParams, resolve_params
+from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
+                       params_epilog)
 
-EXIT_USAGE = 2
-
-
-def _params_epilog() -> str:
-    lines = ["pipeline parameters (--set NAME=VALUE or keys of --config FILE.yaml):"]
-    for name, kind, default, help_text in param_help():
-        lines.append(f"  {name} ({kind}, default {default!r}): {help_text}")
-    return "\n".join(lines)
-
-
-def _add_param_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.yaml",
-                        help="YAML file of pipeline parameters (flat, or under 'parameters:')")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="NAME=VALUE", help="override one pipeline parameter (repeatable)")
-
-
-def _add_local_caching_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-caching", dest="enable_caching", action="store_false",
-                        help="run every task again (by default a task whose parameters and items "
-                             "URI match an earlier run in --output-dir reuses its outputs; the "
-                             "cache does not look at the items file's contents)")
+EXIT_FAILED = 1
+_RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from item_embeddings.pipeline import compile_pipeline
+    from ..pipeline import compile_pipeline
 
     kwargs = {"image": args.image} if args.image else {}
     path = compile_pipeline(args.output, target=args.target, **kwargs)
@@ -50,28 +31,30 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_local(args: argparse.Namespace) -> int:
-    from .local_run import run_local
-    from .progress import setup_logging
+    from ..progress import setup_logging
+    from . import local_run
 
     setup_logging()
-    params = resolve_params(args.config, args.overrides, items_uri=args.items)
-    placed = run_local(params, args.output_dir, enable_caching=args.enable_caching)
+    params = PipelineParams(**given_parameters(args))
+    placed = local_run.run_local(params, args.output_dir, enable_caching=args.enable_caching)
     _print_placed(Path(args.output_dir).resolve(), placed)
     return 0
 
 
 def _print_placed(out: Path, placed: dict[str, Path]) -> None:
+    from .local_run import KFP_ROOT, RUNS_DIR
+
     print(f"\nlocal run finished; outputs in {out}:")
     for name, path in placed.items():
         print(f"  {name:24s} {path.stat().st_size:>12,d} bytes")
-    print(f"experiment runs: {out / 'runs'} (list them: item-embeddings runs --output-dir {out})")
-    print(f"kfp.local artifacts: {out / '.kfp'}")
+    print(f"experiment runs: {out / RUNS_DIR} (list them: item-embeddings runs --output-dir {out})")
+    print(f"kfp.local artifacts: {out / KFP_ROOT}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..progress import setup_logging
+    from ..sample import SampleImageServer, write_sample_catalogue
     from .local_run import run_local
-    from .progress import setup_logging
-    from .sample import SampleImageServer, write_sample_catalogue
 
     setup_logging()
     out = Path(args.output_dir).resolve()
@@ -88,11 +71,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_image_weights(params):
+def _demo_image_weights(params: PipelineParams) -> PipelineParams:
     """The demo's image weights: the default CLIP weights, or random ones (said loudly) offline."""
-    import dataclasses
-
-    from .image import prefetch_pretrained
+    from ..image import prefetch_pretrained
 
     try:
         prefetch_pretrained(params.image_model, params.image_pretrained)
@@ -106,8 +87,8 @@ def _demo_image_weights(params):
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
+    from ..tracking import list_local_runs
     from .local_run import RUNS_DIR
-    from .tracking import list_local_runs
 
     root = Path(args.output_dir) / RUNS_DIR
     runs = list_local_runs(root)
@@ -129,21 +110,20 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    print(_params_epilog())
+    print(params_epilog())
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="item-embeddings",
-        description="Multimodal item embedding pipeline for Kubeflow Pipelines / Vertex AI.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  item-embeddings run-local --items items.parquet --output-dir out/\n"
-               "  item-embeddings compile --output item_embeddings.yaml\n"
-               "  item-embeddings runs --output-dir out/")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ..verify import verify_outputs
 
+    report = verify_outputs(args.location)
+    print(report.format())
+    return 0 if report.ok else EXIT_FAILED
+
+
+def add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``compile``, ``run-local``, ``demo``, ``runs``, ``params`` and ``verify``."""
     p = sub.add_parser("compile", help="compile the pipeline to a YAML template",
                        description="Compile the pipeline to a KFP YAML template.")
     p.add_argument("--output", required=True, metavar="FILE.yaml", help="template path to write")
@@ -156,26 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)",
                        description="Run the pipeline with kfp.local and place the final files "
                                    "flat in --output-dir.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_params_epilog())
+                       formatter_class=_RAW, epilog=params_epilog())
     p.add_argument("--items", metavar="PATH",
                    help="items parquet file or folder (local or gs://); same as --set items_uri=")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the files go")
-    _add_param_options(p)
-    _add_local_caching_option(p)
+    add_param_options(p)
+    add_local_caching_option(p)
     p.set_defaults(func=_cmd_run_local)
 
     p = sub.add_parser("demo", help="run the whole pipeline locally on the bundled sample",
                        description="Generate the bundled sample catalogue, serve its images on "
                                    "127.0.0.1 and run the whole pipeline locally (kfp.local).",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_params_epilog())
+                       formatter_class=_RAW, epilog=params_epilog())
     p.add_argument("--output-dir", default="demo_out", metavar="DIR",
                    help="where the files go (default: demo_out)")
     p.add_argument("--items-count", type=int, default=120, metavar="N",
                    help="items in the sample catalogue (default: 120)")
-    _add_param_options(p)
-    _add_local_caching_option(p)
+    add_param_options(p)
+    add_local_caching_option(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("runs", help="list local experiment runs",
@@ -187,26 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="list the pipeline parameters with defaults")
     p.set_defaults(func=_cmd_params)
-    from .cli_ops import add_ops_commands  # here, not at the top: cli_ops imports cli
-    add_ops_commands(sub)
-    return parser
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .items import ItemsError
-    from .local_run import LocalPipelineError
-
-    try:
-        return args.func(args)
-    except (ConfigError, ItemsError) as exc:
-        print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except LocalPipelineError as exc:
-        print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p = sub.add_parser(
+        "verify", help="check an output set (local directory or published gs:// prefix)",
+        formatter_class=_RAW,
+        description="Print shapes, dtypes, counts and meta fields of an output set and check "
+                    "its invariants (docs/outputs.md); exit 1 naming each violation.",
+        epilog="examples:\n  item-embeddings verify out/\n"
+               "  item-embeddings verify gs://B/embeddings/")
+    p.add_argument("location", metavar="DIR_OR_URI", help="directory or gs:// prefix")
+    p.set_defaults(func=_cmd_verify)

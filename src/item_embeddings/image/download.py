@@ -33,6 +33,10 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from ..config import PipelineParams
+
+_DEFAULTS = PipelineParams()
+
 DEFAULT_USER_AGENT = "item-embeddings/0.1 (image embedding pipeline; aiohttp)"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK_BYTES = 64 * 1024
@@ -133,20 +137,28 @@ class GuardedResolver(AbstractResolver):
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """Knobs of the downloader (the step passes the pipeline parameters through)."""
+    """Knobs of the downloader; the pipeline parameters set some (:meth:`from_params`)."""
 
-    concurrency: int = 64
+    concurrency: int = _DEFAULTS.download_concurrency
     per_host_limit: int = 32
-    timeout_s: float = 5.0          # total per attempt, redirects and body included
-    retries: int = 2                # extra attempts after a timeout, 5xx, 429 or connection error
+    timeout_s: float = _DEFAULTS.download_timeout_s  # per attempt, redirects and body included
+    retries: int = _DEFAULTS.download_retries  # after a timeout, 5xx, 429 or connection error
     backoff_base_s: float = 0.5     # first retry waits about this long, doubling after
     retry_after_cap_s: float = 10.0
     max_redirects: int = 5
-    max_bytes: int = 10_000_000
+    max_bytes: int = _DEFAULTS.max_image_bytes
     user_agent: str = DEFAULT_USER_AGENT
-    allow_private_hosts: bool = False
+    allow_private_hosts: bool = _DEFAULTS.allow_private_hosts
     exempt_networks: tuple[str, ...] = ()
     dns_cache_ttl_s: int = 300
+
+    @classmethod
+    def from_params(cls, params: PipelineParams) -> "DownloadConfig":
+        """The downloader the pipeline parameters ask for."""
+        return cls(concurrency=params.download_concurrency, timeout_s=params.download_timeout_s,
+                   retries=params.download_retries, max_bytes=params.max_image_bytes,
+                   user_agent=params.image_user_agent or DEFAULT_USER_AGENT,
+                   allow_private_hosts=params.allow_private_hosts)
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "per_host_limit", "max_bytes"):

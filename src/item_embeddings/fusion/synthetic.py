@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
+from ..outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
                       TXT_META)
-from .storage import atomic_path, write_json_atomic, write_parquet_atomic
+from ..storage import atomic_npy, write_json_atomic, write_parquet_atomic
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,10 @@ def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.P
 
     t_centres = _unit_centres(seed + 1, text_clusters, text_dim)
     i_centres = _unit_centres(seed + 2, image_clusters, img_dim)
-    with atomic_path(text_dir / TXT_ARRAY) as tmp:
-        text = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, text_dim))
+    with atomic_npy(text_dir / TXT_ARRAY, (n, text_dim)) as text:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             text[start:stop] = _noisy(rng, t_centres[text_label[start:stop]], noise)
-        text.flush()
-        del text
     write_parquet_atomic(text_dir / TXT_ITEMS, pa.table({"id": ids}))
     write_json_atomic(text_dir / TXT_META, {"embed_dim": text_dim, "count": n,
                                                    "run_id": "synthetic", "normalized": True})
@@ -76,13 +73,10 @@ def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.P
     listed = rng.permutation(with_image)             # img_items order != text order
     m = len(listed)
     rows = rng.permutation(m)                        # img.npy row order != img_items order
-    with atomic_path(image_dir / IMG_ARRAY) as tmp:
-        image = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(m, img_dim))
+    with atomic_npy(image_dir / IMG_ARRAY, (m, img_dim)) as image:
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
             image[rows[start:stop]] = _noisy(rng, i_centres[image_label[listed[start:stop]]], noise)
-        image.flush()
-        del image
     write_parquet_atomic(image_dir / IMG_ITEMS, pa.table({
         "id": [ids[i] for i in listed], "url": [f"http://127.0.0.1/{ids[i]}.jpg" for i in listed],
         "row": pa.array(rows, type=pa.int64())}))

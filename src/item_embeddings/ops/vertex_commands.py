@@ -1,64 +1,28 @@
-"""Operations subcommands: ``submit``, ``schedule``, ``upload``, ``verify``.
+"""Commands that drive Vertex AI: ``submit``, ``schedule`` (create, list, pause, resume, delete)
+and ``upload``.
 
-``cli.build_parser()`` calls :func:`add_ops_commands`. Parameter overrides work exactly as for
-``run-local`` (``--config FILE.yaml`` and repeated ``--set name=value``); only the parameters
-given there are sent, the others keep the template's defaults.
+Parameter overrides work exactly as for ``run-local`` (``--config FILE.yaml`` and repeated
+``--set name=value``); only the parameters given there are sent, the others keep the template's
+defaults. The commands are thin layers over :mod:`.vertex`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
-from .cli import _add_param_options, _params_epilog
-from .config import PipelineParams, load_config_file, parse_overrides
+from ..config import ConfigError, PipelineParams
+from .cli_args import add_param_options, given_parameters, params_epilog
 
-EXIT_FAILED = 1
 _RAW = argparse.RawDescriptionHelpFormatter
 
 
-def _handled(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map operational failures (failed run, API refusal, no credentials) to exit 1 + message.
-
-    ConfigError / ItemsError propagate to ``cli.main`` (exit 2: the command line is wrong).
-    """
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from google.api_core.exceptions import GoogleAPIError
-        from google.auth.exceptions import GoogleAuthError
-
-        from .publish import PublishError
-        from .vertex import VertexOpsError
-
-        try:
-            return func(args)
-        except (VertexOpsError, PublishError, GoogleAPIError, GoogleAuthError) as exc:
-            print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-
-    return wrapper
-
-
 def _project(args: argparse.Namespace) -> str:
-    from .config import ConfigError
-
     if not args.project:
         raise ConfigError("--project is required (or set GOOGLE_CLOUD_PROJECT)")
     return args.project
-
-
-def _parameter_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The parameters given on the command line: config file, then --set, then --items."""
-    values = load_config_file(args.config) if args.config else {}
-    values.update(parse_overrides(args.overrides))
-    if args.items:
-        values["items_uri"] = args.items
-    return values
 
 
 def _add_location(p: argparse.ArgumentParser) -> None:
@@ -97,20 +61,19 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                          const=False, help="run every task again")
     p.add_argument("--display-name", metavar="NAME", help="name shown in the console")
     p.add_argument("--items", metavar="URI", help="items parquet (same as --set items_uri=URI)")
-    _add_param_options(p)
+    add_param_options(p)
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from .vertex import parse_labels
 
     return dict(project=_project(args), region=args.region,
-                parameter_values=_parameter_values(args), template=args.template,
+                parameter_values=given_parameters(args), template=args.template,
                 image=args.image, pipeline_root=args.pipeline_root,
                 service_account=args.service_account, network=args.network,
                 labels=parse_labels(args.labels), enable_caching=args.enable_caching)
 
 
-@_handled
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .vertex import submit_pipeline
 
@@ -133,7 +96,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handled
 def _cmd_schedule_create(args: argparse.Namespace) -> int:
     from .vertex import create_schedule
 
@@ -147,7 +109,6 @@ def _cmd_schedule_create(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handled
 def _cmd_schedule_list(args: argparse.Namespace) -> int:
     from .vertex import list_schedules
 
@@ -163,7 +124,6 @@ def _cmd_schedule_list(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handled
 def _cmd_schedule_action(args: argparse.Namespace) -> int:
     from . import vertex
 
@@ -177,9 +137,7 @@ def _cmd_schedule_action(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handled
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from .config import ConfigError
     from .vertex import registry_host, upload_template
 
     if args.host:
@@ -196,17 +154,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handled
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_outputs
-
-    report = verify_outputs(args.location)
-    print(report.format())
-    return 0 if report.ok else EXIT_FAILED
-
-
-def add_ops_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``submit``, ``schedule``, ``upload`` and ``verify`` to the CLI's subparsers."""
+def _add_submit_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "submit", help="submit a pipeline run to Vertex AI Pipelines", formatter_class=_RAW,
         description="Create a Vertex AI pipeline run (compiling the pipeline first unless "
@@ -220,7 +168,7 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                "      --template https://us-central1-kfp.pkg.dev/P/pipelines/item-embeddings/"
                "latest\n\n"
                "exit status: 0 submitted (or succeeded with --wait), 1 failed run or API error, "
-               "2 bad arguments\n\n" + _params_epilog())
+               "2 bad arguments\n\n" + params_epilog())
     _add_run_settings(p)
     p.add_argument("--experiment", metavar="NAME",
                    help="Vertex AI experiment to link the run to (default: the 'experiment' "
@@ -235,6 +183,8 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                    help="stop waiting after S seconds (exit 1; the run keeps going)")
     p.set_defaults(func=_cmd_submit)
 
+
+def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="create, list, pause, resume or delete run schedules",
                        description="Manage Vertex AI pipeline schedules (cron-triggered runs).",
                        formatter_class=_RAW,
@@ -256,7 +206,7 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                "latest \\\n"
                "      --cron '0 3 * * *' --time-zone Europe/Berlin --config prod.yaml \\\n"
                "      --start-time 2026-12-01T00:00:00Z --max-concurrent-runs 1\n\n"
-               + _params_epilog())
+               + params_epilog())
     _add_run_settings(c)
     c.add_argument("--cron", required=True, metavar="'M H DOM MON DOW'",
                    help="5-field cron expression, e.g. '0 3 * * *' (daily 03:00)")
@@ -292,6 +242,8 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                            help="also start the runs missed while paused")
         c.set_defaults(func=_cmd_schedule_action)
 
+
+def _add_upload_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "upload", help="push the compiled template to Artifact Registry", formatter_class=_RAW,
         description="Upload the pipeline template to an Artifact Registry KFP repository with "
@@ -314,12 +266,9 @@ def add_ops_commands(sub: argparse._SubParsersAction) -> None:
                    help="version tag (repeatable; default: latest)")
     p.set_defaults(func=_cmd_upload)
 
-    p = sub.add_parser(
-        "verify", help="check an output set (local directory or published gs:// prefix)",
-        formatter_class=_RAW,
-        description="Print shapes, dtypes, counts and meta fields of an output set and check "
-                    "its invariants (docs/outputs.md); exit 1 naming each violation.",
-        epilog="examples:\n  item-embeddings verify out/\n"
-               "  item-embeddings verify gs://B/embeddings/")
-    p.add_argument("location", metavar="DIR_OR_URI", help="directory or gs:// prefix")
-    p.set_defaults(func=_cmd_verify)
+
+def add_vertex_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``submit``, ``schedule`` and ``upload``."""
+    _add_submit_command(sub)
+    _add_schedule_commands(sub)
+    _add_upload_command(sub)

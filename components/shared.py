@@ -1,0 +1,124 @@
+"""What every component shares (as google_cloud_pipeline_components keeps its shared utils):
+
+* :func:`pipeline_inputs`: a component's inputs named like pipeline parameters get their default
+  and their description from :class:`~item_embeddings.config.PipelineParams`, so each is stated
+  once for the pipeline, the components and the core;
+* :func:`component_step`: the parameters, the experiment tracker and the run id of a step, its
+  output staged off gcsfuse on Vertex, and its ``Metrics`` output;
+* :func:`as_component`: the KFP component of a function, in the project's image.
+
+A component then reads::
+
+    @pipeline_inputs
+    def embed_text(items: Input[Dataset], text_embeddings: Output[Dataset],
+                   metrics: Output[Metrics], text_model: str, ..., experiment: str, ...):
+        \"\"\"Embeds ... (the summary and the artifacts' Args; the rest is added).\"\"\"
+        from item_embeddings.components.shared import component_step
+        from item_embeddings.text import embed_items_text
+
+        with component_step(locals(), text_embeddings, metrics, "text") as step:
+            meta = embed_items_text(items.uri, step.out_dir, step.params, run_id=step.run_id,
+                                    tracker=step.tracker)
+            step.report(meta, metadata=("count",), metrics=("count",))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from item_embeddings.config import PARAM_FIELDS, PipelineParams
+from item_embeddings.tracking import ExperimentTracker
+
+# Component inputs that are not pipeline parameters: the pipeline binds them to runtime
+# placeholders (project and location of the Vertex run, the pipeline job's name).
+RUNTIME_INPUTS = {
+    "project": "Google Cloud project (the pipeline passes the runtime placeholder).",
+    "location": "Google Cloud region (the pipeline passes the runtime placeholder).",
+    "run_id": "Pipeline run id (the pipeline passes the job name placeholder).",
+}
+TRACKING_INPUTS = ("experiment", "tracking_backend", "tracking_dir", "project", "location")
+
+
+def pipeline_inputs(fn: Callable) -> Callable:
+    """Give ``fn``'s parameter inputs their defaults and docstring entries.
+
+    The artifacts come first (no default); every later parameter is a pipeline parameter (its
+    default and help from ``PipelineParams``) or one of :data:`RUNTIME_INPUTS` (default ``""``).
+    The function's own docstring holds the summary and the artifacts' ``Args`` entries; KFP
+    shows the completed docstring as the component's description in the Vertex AI UI.
+    """
+    parameters = list(inspect.signature(fn).parameters.values())
+    first = next(i for i, p in enumerate(parameters)
+                 if p.name in PARAM_FIELDS or p.name in RUNTIME_INPUTS)
+    defaults, docs = [], []
+    for p in parameters[first:]:
+        if p.name in PARAM_FIELDS:
+            defaults.append(PARAM_FIELDS[p.name].default)
+            docs.append(f"    {p.name}: {PARAM_FIELDS[p.name].metadata['help']}")
+        elif p.name in RUNTIME_INPUTS:
+            defaults.append("")
+            docs.append(f"    {p.name}: {RUNTIME_INPUTS[p.name]}")
+        else:
+            raise TypeError(f"{fn.__name__}: input {p.name!r} is neither an artifact (those come "
+                            "first) nor a pipeline parameter nor a runtime input")
+    fn.__defaults__ = tuple(defaults)
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "").rstrip() + "\n" + "\n".join(docs) + "\n"
+    return fn
+
+
+def as_component(fn: Callable, base_image: str):
+    """``fn`` as a lightweight KFP component in ``base_image`` (the project's image, which
+    carries the package: nothing is pip-installed when a task starts)."""
+    from kfp import dsl
+
+    return dsl.component(fn, base_image=base_image, install_kfp_package=False)
+
+
+@dataclass
+class ComponentStep:
+    """A core step as one component runs it."""
+
+    params: PipelineParams
+    tracker: ExperimentTracker
+    run_id: str                 # the pipeline run, read from the output's path (see tracking)
+    out_dir: Path               # where the core step writes (local disk when staged)
+    output: Any                 # the Output[Dataset]
+    metrics: Any                # the Output[Metrics]
+    prefix: str                 # metric key prefix: Vertex merges all steps' Metrics in one row
+    reported: dict[str, Any] = field(default_factory=dict)
+
+    def report(self, meta: Mapping[str, Any], *, metadata: Sequence[str],
+               metrics: Sequence[str]) -> None:
+        """Copy ``metadata`` keys of the step's meta onto the output artifact and ``metrics``
+        keys into the Metrics artifact (``<prefix>_<key>``)."""
+        from item_embeddings.tracking import write_metrics_artifact
+
+        self.output.metadata.update({k: meta[k] for k in metadata})
+        write_metrics_artifact(self.metrics, self.prefix, {k: meta[k] for k in metrics})
+
+
+@contextlib.contextmanager
+def component_step(inputs: Mapping[str, Any], output, metrics, prefix: str
+                   ) -> Iterator[ComponentStep]:
+    """Set up a step from a component's ``inputs`` (its ``locals()``): logging, the typed
+    parameters, the tracker and the run id; stage ``output`` off gcsfuse while the step writes
+    (the files are copied to the artifact, meta file last, when the block succeeds)."""
+    from item_embeddings.outputs import META_FILES
+    from item_embeddings.progress import setup_logging
+    from item_embeddings.storage import staged_output_dir
+    from item_embeddings.tracking import make_tracker, run_id_from_output_uri
+
+    setup_logging()
+    params = PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})
+    tracker = make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
+                           project=inputs["project"], location=inputs["location"],
+                           tracking_dir=inputs["tracking_dir"])
+    with staged_output_dir(output.path, META_FILES) as out_dir:
+        # Same output URI on every retry of the task, so the same run id (and checkpoints).
+        yield ComponentStep(params=params, tracker=tracker,
+                            run_id=run_id_from_output_uri(output.uri), out_dir=out_dir,
+                            output=output, metrics=metrics, prefix=prefix)

@@ -1,0 +1,237 @@
+"""Training the fusion MLP: the PCA start, shuffled batches with targets built ahead on a second
+thread, a direct fused Adam and a warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import PipelineParams
+from ..progress import Progress
+from .inputs import FusionInputs, gather
+from .model import (FusionMLP, TrainingBatch, init_from_pca, loss_and_gradients,
+                    training_batch)
+
+logger = logging.getLogger(__name__)
+
+PCA_SAMPLE = 16384      # rows sampled for the principal directions of the initialisation
+WARMUP_SHARE = 0.1      # share of all training steps with a linearly rising learning rate
+PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
+MAX_BATCH_SIZE = 8192   # B x B similarity matrices: 256 MiB each at this size
+# Below this many items one thread is used by default: on such small matrices thread hand-offs
+# cost more than they save, and a busy second core makes OpenMP's spinning threads very slow
+# (measured in docs/fusion.md).
+SINGLE_THREAD_BELOW_ITEMS = 20_000
+INITS = ("pca", "random")
+
+
+def _second_moment(inputs: FusionInputs, rng: np.random.Generator) -> np.ndarray:
+    """E[x xᵀ] of the unit-row input x = [text, image or 0] on a sample of rows."""
+    sample = np.sort(rng.choice(inputs.count, size=min(PCA_SAMPLE, inputs.count), replace=False))
+    text, image, pos = gather(inputs, sample)
+    td, idim = inputs.text.shape[1], inputs.image.shape[1]
+    x = torch.zeros(len(sample), td + idim)
+    x[:, :td] = text
+    x[pos, td:] = image
+    return (x.T @ x / len(sample)).numpy()
+
+
+def _batch_bounds(n: int, batch_size: int) -> list[int]:
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:  # a last batch of one item has no pair
+        del bounds[-2]
+    return bounds
+
+
+def _batch_count(n: int, batch_size: int) -> int:
+    return len(_batch_bounds(n, batch_size)) - 1
+
+
+def lr_at(step: int, total_steps: int, lr: float) -> float:
+    """Learning rate of ``step``: linear warm-up over the first WARMUP_SHARE, then cosine to 0.
+
+    Adam's first updates move every weight by about ``lr`` whatever its gradient; warming up
+    keeps them from scrambling the PCA start, and the decay lets the last epoch settle.
+    """
+    warmup = max(1, round(WARMUP_SHARE * total_steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """One epoch's shuffled batches; a last batch of one item joins the previous one."""
+    perm = rng.permutation(n)
+    bounds = _batch_bounds(n, batch_size)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        yield perm[start:stop]
+
+
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None, count: int) -> Iterator[int]:
+    """A fixed torch thread count for the step (results depend on it), restored afterwards.
+
+    Every op used is deterministic on CPU for a fixed thread count (no atomics, no scatter
+    races), so ``torch.use_deterministic_algorithms`` (and its slow import) is not needed.
+    """
+    old_threads = torch.get_num_threads()
+    if num_threads is None and count < SINGLE_THREAD_BELOW_ITEMS:
+        num_threads = 1
+    torch.set_num_threads(num_threads or old_threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@contextlib.contextmanager
+def _target_thread(threads: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A second thread (one torch thread) for work off the trainer; None with one thread.
+
+    The trainer keeps the other ``threads - 1`` torch threads meanwhile. On two cores this is
+    faster than splitting every op over both threads: most ops here are too small to share well.
+    """
+    if threads < 2:
+        yield None
+        return
+    trainer_threads = torch.get_num_threads()
+    torch.set_num_threads(threads - 1)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="fusion-targets",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(trainer_threads)
+
+
+def _training_batches(inputs: FusionInputs, batches: Iterator[np.ndarray],
+                      pool: ThreadPoolExecutor | None) -> Iterator[TrainingBatch]:
+    """Gathered batches with their targets; with a pool, built ahead on its thread.
+
+    The targets do not depend on the model, so the pool's thread gathers rows and computes them
+    for the next batches while the trainer runs the current one.
+    """
+    def prepare(idx: np.ndarray) -> TrainingBatch:
+        # The loss ignores the order of a batch: items with an image go first (training_batch's
+        # layout), each part in row order so that the memmaps are read front to back.
+        idx = np.sort(idx)
+        has_image = inputs.image_row[idx] >= 0
+        text, image, _ = gather(inputs, np.concatenate([idx[has_image], idx[~has_image]]))
+        return training_batch(text, image)
+
+    if pool is None:
+        yield from map(prepare, batches)
+        return
+    pending: collections.deque = collections.deque()
+    for idx in batches:
+        pending.append(pool.submit(prepare, idx))
+        if len(pending) > PREFETCH_BATCHES:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class FusedAdam:
+    """Adam, as ``torch.optim.Adam(params, fused=True)`` with default betas and eps.
+
+    The same per-parameter state and the same fused kernel, called directly: constructing
+    ``torch.optim.Adam`` imports ``torch._dynamo`` and its ``step`` adds Python overhead per
+    call, both measurable at this model's size (docs/fusion.md). tests/test_fusion.py checks
+    that both give byte-identical weights. As there, a parameter whose ``.grad`` is None is left
+    alone and its step count does not advance.
+    """
+
+    def __init__(self, params: Iterator[torch.nn.Parameter],
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.betas, self.eps = betas, eps
+        self.state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, lr: float) -> None:
+        """One update of every parameter that has a gradient, with learning rate ``lr``."""
+        params, grads, avgs, avg_squares, steps = [], [], [], [], []
+        for i, param in enumerate(self.params):
+            if param.grad is None:
+                continue
+            if i not in self.state:  # float32 step count, as torch's fused Adam keeps it
+                self.state[i] = (torch.zeros_like(param), torch.zeros_like(param),
+                                 torch.zeros((), dtype=torch.float32))
+            avg, avg_sq, count = self.state[i]
+            params.append(param)
+            grads.append(param.grad)
+            avgs.append(avg)
+            avg_squares.append(avg_sq)
+            steps.append(count)
+        if not params:
+            return
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, avgs, avg_squares, [], steps, lr=lr,
+                           beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0,
+                           eps=self.eps, amsgrad=False, maximize=False)
+
+
+def check_training_params(params: PipelineParams, init: str = "pca") -> None:
+    """Refuse training settings the objective cannot use, before any input is read."""
+    epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
+    if epochs < 1 or batch_size < 2 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 2, lr > 0; got epochs={epochs}, "
+                         f"batch_size={batch_size}, lr={lr}")
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size={batch_size} is above {MAX_BATCH_SIZE}: the objective holds "
+                         f"several batch_size x batch_size float32 matrices per batch "
+                         f"({4 * batch_size ** 2 / 2 ** 30:.1f} GiB each at this size)")
+    if init not in INITS:
+        raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
+
+
+def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelineParams(),
+                       init: str = "pca") -> tuple[FusionMLP, list[dict[str, float]]]:
+    """Train the MLP on every item for ``fusion_epochs`` full passes; returns it and per-epoch
+    losses (``loss``, ``sim_loss``, ``norm_loss``).
+
+    Each batch is a random set of items, gathered from the memmaps in row order. ``params``
+    gives the ``fusion_*`` settings and the ``seed``; ``init`` is 'pca' (start from the linear
+    PCA projection) or 'random'.
+    """
+    check_training_params(params, init)
+    epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
+    rng = np.random.default_rng(params.seed)
+    torch.manual_seed(params.seed)
+    model = FusionMLP(inputs.text.shape[1], inputs.image.shape[1], params.fusion_hidden_dim,
+                      params.fusion_output_dim)
+    if init == "pca":
+        init_from_pca(model, _second_moment(inputs, rng))
+    optimizer = FusedAdam(model.parameters())
+    total_steps = epochs * _batch_count(inputs.count, batch_size)
+    step = 0
+    history: list[dict[str, float]] = []
+    model.train()
+    threads = torch.get_num_threads()
+    with _target_thread(threads) as pool, Progress(epochs * inputs.count, "fuse-train") as progress:
+        # The trainer hands a product to the pool's thread only when both run one torch thread:
+        # the result must not depend on which thread computed it (determinism).
+        helper = pool if threads == 2 else None
+        for epoch in range(epochs):
+            sums = {"loss": 0.0, "sim_loss": 0.0, "norm_loss": 0.0}
+            for batch in _training_batches(inputs, _batches(inputs.count, batch_size, rng), pool):
+                parts = loss_and_gradients(model, batch, helper=helper)
+                optimizer.step(lr_at(step, total_steps, lr))
+                step += 1
+                size = batch.text.shape[0]
+                for key in sums:
+                    sums[key] += parts[key] * size
+                progress.update(size)
+            history.append({k: v / inputs.count for k, v in sums.items()})
+            logger.info("fusion epoch %d/%d: loss %.5f", epoch + 1, epochs, history[-1]["loss"])
+    model.eval()
+    return model, history

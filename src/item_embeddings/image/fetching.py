@@ -1,0 +1,104 @@
+"""Fetching: download each URL and decode its body, off the caller's thread.
+
+Downloads run on an asyncio loop in a background thread (:class:`~.download.Downloader`);
+decoding runs in a thread pool. The caller submits URLs and gets one
+``concurrent.futures.Future`` of an :class:`Outcome` per URL, so it can keep a bounded window of
+them in flight (back-pressure) and consume results in input order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..loop_thread import LoopThread
+from .decoding import MAX_PIXELS, ImageDecodeError, decode_image
+from .download import DownloadConfig, Downloader, FetchResult
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal_error"  # an unforeseen exception for one item (logged with traceback)
+
+
+@dataclass
+class Outcome:
+    """One item after download and decode: ``pixels`` on success, else a failure reason."""
+
+    pixels: np.ndarray | None
+    reason: str | None
+    detail: str
+    status: int | None
+    attempts: int
+
+
+class FetchDecodePool:
+    """Downloads (asyncio loop in a background thread) and decodes (thread pool) URLs.
+
+    :meth:`submit` returns a ``concurrent.futures.Future`` of an :class:`Outcome`. Use as a
+    context manager: the downloader's session opens on entry and closes on exit.
+    """
+
+    def __init__(self, config: DownloadConfig, pil_transform: Callable,
+                 decode_workers: int | None = None, max_pixels: int = MAX_PIXELS, resolver=None):
+        self._config = config
+        self._pil_transform = pil_transform
+        self._max_pixels = max_pixels
+        self._resolver = resolver
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=decode_workers or min(8, os.cpu_count() or 1),
+            thread_name_prefix="decode")
+        self._loop_thread = LoopThread("download-loop")
+        self._downloader: Downloader | None = None
+        self.download_time = 0.0
+        self.downloaded_bytes = 0
+
+    def __enter__(self) -> "FetchDecodePool":
+        self._loop_thread.start()
+        try:
+            self._downloader = self._loop_thread.run(self._open_downloader(), timeout=None)
+        except BaseException:
+            self._stop_threads()  # __exit__ does not run when __enter__ fails
+            raise
+        return self
+
+    async def _open_downloader(self) -> Downloader:
+        return await Downloader(self._config, resolver=self._resolver).__aenter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._loop_thread.run(self._downloader.__aexit__(None, None, None))
+        finally:
+            self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        self._loop_thread.stop()
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, url: str) -> concurrent.futures.Future:
+        return self._loop_thread.submit(self._process(url))
+
+    async def _process(self, url: str) -> Outcome:
+        try:
+            return await self._fetch_decode(url)
+        except Exception as exc:  # noqa: BLE001 - an unforeseen error fails this item, not the run
+            logger.exception("unexpected error for %s", url)
+            return Outcome(None, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", None, 0)
+
+    async def _fetch_decode(self, url: str) -> Outcome:
+        result: FetchResult = await self._downloader.fetch(url)
+        self.download_time += result.elapsed_s
+        if not result.ok:
+            return Outcome(None, result.reason, result.detail, result.status, result.attempts)
+        self.downloaded_bytes += len(result.body)
+        try:
+            pixels = await self._loop_thread.loop.run_in_executor(
+                self._decode_pool, decode_image, result.body, self._pil_transform,
+                self._max_pixels)
+        except ImageDecodeError as exc:
+            return Outcome(None, exc.reason, exc.detail, result.status, result.attempts)
+        return Outcome(pixels, None, "", result.status, result.attempts)

@@ -1,0 +1,52 @@
+"""Which items the image step fetches: rows with an http(s) URL, in input order, up to the cap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..items import ItemColumns, iter_batches
+
+READ_BATCH_ROWS = 4096
+
+
+@dataclass
+class Selection:
+    """Counts of the selection pass over the items table."""
+
+    total_rows: int = 0
+    no_url_count: int = 0
+    selected: int = 0
+    capped_count: int = 0  # items with a URL left out by max_items
+
+
+def usable_url(value: Any) -> str | None:
+    """The URL if it is an http(s) URL (after trimming spaces), else None."""
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest:
+        return None
+    return url
+
+
+def iter_selected(items_uri: str, columns: ItemColumns, max_items: int,
+                  selection: Selection) -> Iterator[tuple[Any, str]]:
+    """(id, url) of items with an http/https URL, in input order, at most ``max_items`` (0 = all).
+
+    Counts rows without a usable URL (and those left out by the cap) in ``selection``.
+    """
+    for batch in iter_batches(items_uri, [columns.id, columns.image_url], READ_BATCH_ROWS):
+        ids = batch.column(columns.id).to_pylist()
+        urls = batch.column(columns.image_url).to_pylist()
+        selection.total_rows += len(ids)
+        for item_id, raw in zip(ids, urls):
+            url = usable_url(raw)
+            if url is None:
+                selection.no_url_count += 1
+            elif max_items and selection.selected >= max_items:
+                selection.capped_count += 1
+            else:
+                selection.selected += 1
+                yield item_id, url

@@ -1,0 +1,284 @@
+"""The image step: select items, fetch and decode their images, encode them, keep durable shards.
+
+Stages overlap (the split of rom1504/img2dataset): the main thread reads the selection
+(:mod:`.selection`) and encodes (:mod:`.encoder`); an asyncio loop in a background thread
+downloads and a thread pool decodes (:mod:`.fetching`). A window of at most
+``4 * max(concurrency, batch size)`` items in flight bounds memory whatever the number of items.
+Results are consumed in input order, so encoder batches (and hence every float of the output) do
+not depend on download timing.
+
+Work is cut into shards (:mod:`.shards`); a restarted attempt skips finished shards and writes
+the same files as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import PipelineParams
+from ..items import ItemColumns, ItemsError, id_type, validate_items
+from ..outputs import IMG_META
+from ..progress import Progress
+from ..step import step_run
+from ..tracking import ExperimentTracker
+from .decoding import MAX_PIXELS
+from .download import DownloadConfig
+from .encoder import ImageEncoder, load_image_encoder
+from .fetching import FetchDecodePool, Outcome
+from .selection import Selection, iter_selected
+from .shards import ShardStore, assemble, content_hash, fingerprint, iter_shards, shard_table
+
+logger = logging.getLogger(__name__)
+
+SHARDS_DIR = "img_shards"  # default checkpoint root, inside the step's output
+
+
+@dataclass
+class _ShardWork:
+    """A shard being filled: its items and, in input order, their outcomes."""
+
+    index: int
+    content_sha256: str
+    ids: list[Any]
+    urls: list[str]
+    reasons: list[str | None] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    statuses: list[int | None] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    pending: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (position, pixels)
+
+    def add(self, outcome: Outcome) -> None:
+        self.reasons.append(outcome.reason)
+        self.details.append(outcome.detail)
+        self.statuses.append(outcome.status)
+        self.attempts.append(outcome.attempts)
+        self.vectors.append(None)
+        if outcome.pixels is not None:
+            self.pending.append((len(self.vectors) - 1, outcome.pixels))
+
+    def table(self, id_type: pa.DataType, dim: int) -> pa.Table:
+        return shard_table(self.ids, self.urls, self.reasons, self.details, self.statuses,
+                           self.attempts, self.vectors, id_type, dim)
+
+
+@dataclass
+class _Stats:
+    embedded_per_shard: dict[int, int] = field(default_factory=dict)
+    encoded: int = 0
+    encode_time: float = 0.0
+    resumed_shards: int = 0
+    computed_shards: int = 0
+
+
+def _encode_pending(work: _ShardWork, encoder: ImageEncoder, stats: _Stats) -> None:
+    if not work.pending:
+        return
+    t0 = time.perf_counter()
+    vectors = encoder.encode(np.stack([pixels for _, pixels in work.pending]))
+    stats.encode_time += time.perf_counter() - t0
+    stats.encoded += len(work.pending)
+    for (position, _), vector in zip(work.pending, vectors):
+        work.vectors[position] = vector
+    work.pending.clear()
+
+
+def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: ShardStore,
+                pool: FetchDecodePool, encoder: ImageEncoder, *, batch_size: int,
+                window: int, id_type: pa.DataType, progress: Progress, stats: _Stats) -> int:
+    """Compute every unfinished shard; returns the number of shards."""
+    in_flight: collections.deque = collections.deque()  # (work, position, future), input order
+    work_iter = _pending_items(shards, store, progress, stats)
+
+    def refill() -> None:
+        while len(in_flight) < window:
+            nxt = next(work_iter, None)
+            if nxt is None:
+                return
+            work, position = nxt
+            in_flight.append((work, position, pool.submit(work.urls[position])))
+
+    refill()
+    while in_flight:
+        work, position, future = in_flight.popleft()
+        outcome: Outcome = future.result()
+        refill()
+        work.add(outcome)
+        if len(work.pending) == batch_size:
+            _encode_pending(work, encoder, stats)
+        progress.update(1)
+        if position == len(work.ids) - 1:  # last item of the shard: finish and store it
+            _encode_pending(work, encoder, stats)
+            store.save(work.index, work.content_sha256, work.table(id_type, encoder.dim))
+            stats.embedded_per_shard[work.index] = sum(v is not None for v in work.vectors)
+            stats.computed_shards += 1
+    return stats.computed_shards + stats.resumed_shards
+
+
+def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats
+                   ) -> Iterator[tuple[_ShardWork, int]]:
+    """(shard, position) of every item of the shards not finished by an earlier attempt."""
+    for index, ids, urls in shards:
+        digest = content_hash(index, ids, urls)
+        done = store.load(index, digest, len(ids))
+        if done is not None:
+            stats.embedded_per_shard[index] = done.column("reason").null_count
+            stats.resumed_shards += 1
+            progress.update(len(ids))
+            logger.info("shard %d (%d items) already done; skipped", index, len(ids))
+            continue
+        work = _ShardWork(index, digest, ids, urls)
+        for position in range(len(ids)):
+            yield work, position
+
+
+def _shard_settings(items_uri: str, params: PipelineParams, encoder: ImageEncoder,
+                    config: DownloadConfig) -> dict[str, Any]:
+    """Everything that decides a shard's content: a changed value never reuses a shard."""
+    return {
+        "items_uri": items_uri, "id_column": params.id_column,
+        "url_column": params.image_url_column, "max_items": params.max_items,
+        "shard_size": params.shard_size, "image_model": params.image_model,
+        "image_pretrained": params.image_pretrained, "resolved_model": encoder.resolved.model_name,
+        "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
+        "device_dtype": encoder.dtype, "batch_size": params.image_batch_size,
+        "max_image_bytes": config.max_bytes, "max_redirects": config.max_redirects,
+        "allow_private_hosts": config.allow_private_hosts,
+        "exempt_networks": list(config.exempt_networks), "max_pixels": MAX_PIXELS,
+    }
+
+
+def embed_items_images(
+    items_uri: str,
+    output_dir: str | os.PathLike,
+    params: PipelineParams = PipelineParams(),
+    *,
+    run_id: str = "",
+    tracker: ExperimentTracker | None = None,
+    encoder: ImageEncoder | None = None,
+    download_config: DownloadConfig | None = None,
+    decode_workers: int | None = None,
+    resolver=None,
+) -> dict[str, Any]:
+    """Download, decode and embed the image of every selected item; write the image step's outputs.
+
+    Selects items with an http/https URL in input order (at most ``max_items``; 0 = all),
+    processes them in shards of ``shard_size`` (each stored durably under ``checkpoint_uri``, by
+    default ``<output_dir>/img_shards``; a rerun skips finished shards), then writes atomically:
+    ``img.npy`` [M, dim] float32 L2-normalised, ``img_items.parquet`` (id, url, row),
+    ``img_failures.parquet`` (id, url, reason, detail, http_status, attempts) and, last,
+    ``img_meta.json``. Logs an experiment run ``embed-image-<run id>``.
+
+    Args:
+        items_uri: Parquet file or folder (local or gs://).
+        output_dir: Directory for the outputs (created).
+        params: Pipeline parameters; this step reads the id and image URL column names, the
+            ``image_*`` and ``download_*`` parameters, ``max_items``, ``max_image_bytes``,
+            ``allow_private_hosts``, ``shard_size`` and ``checkpoint_uri``.
+        run_id: Pipeline run id (a fresh one when empty).
+        tracker: Experiment tracker; none logs nothing.
+        encoder: An already-loaded encoder (tests, benchmarks).
+        download_config: Full downloader settings instead of the parameters' (tests).
+        decode_workers: Decode threads (default min(8, CPUs)).
+        resolver: DNS resolver for the downloader (tests; wrapped by the guard).
+
+    Returns:
+        The metadata written to ``img_meta.json``.
+
+    Raises:
+        ItemsError: the items table is unusable (raised before the model loads).
+    """
+    if params.image_batch_size < 1 or params.shard_size < 1 or params.max_items < 0:
+        raise ValueError("batch_size and shard_size must be >= 1 and max_items >= 0")
+    columns = ItemColumns.from_params(params)
+    summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)
+    ids_type = id_type(summary.schema.field(columns.id).type)
+    config = download_config or DownloadConfig.from_params(params)
+    max_items = params.max_items
+
+    def selected(counts: Selection) -> Iterator[tuple[int, list[Any], list[str]]]:
+        return iter_shards(iter_selected(items_uri, columns, max_items, counts),
+                           params.shard_size)
+
+    with step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
+                  artifact="image_embeddings",
+                  params={"model_name": params.image_model, "pretrained": params.image_pretrained,
+                          "max_items": max_items, "download_concurrency": config.concurrency,
+                          "batch_size": params.image_batch_size, "items_uri": items_uri}) as run:
+        if encoder is None:
+            encoder = load_image_encoder(params.image_model, params.image_pretrained)
+        settings = _shard_settings(items_uri, params, encoder, config)
+        run_fingerprint = fingerprint(settings)
+        store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,
+                           settings)
+        store.write_manifest()
+
+        counting = Selection()
+        for _ in iter_selected(items_uri, columns, max_items, counting):
+            pass  # a cheap first pass (two columns) gives the progress total
+        window = 4 * max(config.concurrency, params.image_batch_size)
+        stats = _Stats()
+        started = time.perf_counter()
+        with FetchDecodePool(config, encoder.pil_transform, decode_workers,
+                             resolver=resolver) as pool, \
+                Progress(counting.selected, "embed-image") as progress:
+            selection = Selection()
+            n_shards = _run_shards(selected(selection), store, pool, encoder,
+                                   batch_size=params.image_batch_size, window=window,
+                                   id_type=ids_type, progress=progress, stats=stats)
+        if selection != counting:
+            raise ItemsError(f"items table {items_uri} changed while it was read")
+        process_time = time.perf_counter() - started
+        throughput = stats.encoded / process_time if process_time > 0 else 0.0
+        totals = assemble(store, selected(Selection()), stats.embedded_per_shard, run.out,
+                          encoder.dim, ids_type)
+        meta = run.finish(IMG_META, {
+            "encoder_name": params.image_model,
+            "pretrained": params.image_pretrained,
+            "resolved_model": encoder.resolved.model_name,
+            "weights_sha256": encoder.resolved.weights_sha256,
+            "embed_dim": encoder.dim,
+            **totals,
+            "no_url_count": selection.no_url_count,
+            "capped_count": selection.capped_count,
+            "total_rows": selection.total_rows,
+            "max_items": max_items,
+            # Rates of this attempt (shards finished by an earlier attempt are not re-timed).
+            "encoded_this_attempt": stats.encoded,
+            "throughput_items_per_sec": throughput,
+            "encode_only_items_per_sec":
+                stats.encoded / stats.encode_time if stats.encode_time > 0 else 0.0,
+            "encode_time_sec": stats.encode_time,
+            "download_time_sec_total": pool.download_time,
+            "downloaded_bytes": pool.downloaded_bytes,
+            "device": encoder.device,
+            "dtype": encoder.dtype,
+            "normalized": True,
+            "batch_size": params.image_batch_size,
+            "download_concurrency": config.concurrency,
+            "download_timeout_s": config.timeout_s,
+            "download_retries": config.retries,
+            "max_image_bytes": config.max_bytes,
+            "allow_private_hosts": config.allow_private_hosts,
+            "shard_size": params.shard_size,
+            "shards": n_shards,
+            "resumed_shards": stats.resumed_shards,
+            "checkpoint_location": store.location,
+            "fingerprint": run_fingerprint,
+            "items_uri": items_uri,
+            "id_column": columns.id,
+            "image_url_column": columns.image_url,
+        }, metrics={"count": totals["count"], "failed_count": totals["failed_count"],
+                    "throughput_items_per_sec": throughput, "encode_time_sec": stats.encode_time},
+            versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
+    logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
+                meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)
+    return meta

@@ -1,0 +1,67 @@
+"""``item-embeddings``: the command line (``item-embeddings COMMAND --help`` for each command).
+
+Exit status, for every command: 0 success; 1 the operation failed (a failed run, an API refusal,
+missing credentials, verify violations); 2 a bad command line (unknown flag or parameter,
+missing config file, bad value, unusable items table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .local_commands import add_local_commands
+from .vertex_commands import add_vertex_commands
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="item-embeddings",
+        description="Multimodal item embedding pipeline for Kubeflow Pipelines / Vertex AI.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  item-embeddings run-local --items items.parquet --output-dir out/\n"
+               "  item-embeddings compile --output item_embeddings.yaml\n"
+               "  item-embeddings runs --output-dir out/")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_local_commands(sub)
+    add_vertex_commands(sub)
+    return parser
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit status for an error a command reports as a message; None for a bug (re-raised)."""
+    from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
+
+    from ..config import ConfigError
+    from ..items import ItemsError
+    from ..publish import PublishError
+    from .local_run import LocalPipelineError
+    from .vertex import VertexOpsError
+
+    if isinstance(exc, (ConfigError, ItemsError)):
+        return EXIT_USAGE
+    if isinstance(exc, (LocalPipelineError, VertexOpsError, PublishError, GoogleAPIError,
+                        GoogleAuthError)):
+        return EXIT_FAILED
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"item-embeddings {args.command}: error: {exc}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

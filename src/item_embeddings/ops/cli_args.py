@@ -1,0 +1,35 @@
+"""Command-line options that several commands share: pipeline parameters and caching."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import given_params, param_help
+
+
+def params_epilog() -> str:
+    """Every pipeline parameter with its type, default and meaning (``--help`` epilogues)."""
+    lines = ["pipeline parameters (--set NAME=VALUE or keys of --config FILE.yaml):"]
+    for name, kind, default, help_text in param_help():
+        lines.append(f"  {name} ({kind}, default {default!r}): {help_text}")
+    return "\n".join(lines)
+
+
+def add_param_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of pipeline parameters (flat, or under 'parameters:')")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="NAME=VALUE", help="override one pipeline parameter (repeatable)")
+
+
+def given_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The parameters given on the command line: ``--config``, then ``--set``, then ``--items``."""
+    return given_params(args.config, args.overrides, items_uri=getattr(args, "items", None))
+
+
+def add_local_caching_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-caching", dest="enable_caching", action="store_false",
+                        help="run every task again (by default a task whose parameters and items "
+                             "URI match an earlier run in --output-dir reuses its outputs; the "
+                             "cache does not look at the items file's contents)")

@@ -1,0 +1,81 @@
+"""What every step shares: a run id, an experiment run, timing, the meta file written last.
+
+A step function then reads as its own work::
+
+    with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
+                  params={"model_name": ...}, artifact="text_embeddings") as run:
+        ...                                 # write the step's files into run.out
+        return run.finish(TXT_META, meta, metrics={"count": n}, versions=("torch",))
+
+The experiment run is named ``<step>-<run id>``; it ends FAILED (and the error propagates) when
+the block raises, COMPLETE otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from .runtime import package_versions
+from .storage import write_json_atomic
+from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRun:
+    """One running step: where it writes, what it logs to, and since when it runs."""
+
+    name: str                   # e.g. "embed-text": the experiment run is "<name>-<run_id>"
+    run_id: str                 # the pipeline run this step belongs to
+    out: Path                   # the directory the step writes its files into
+    tracker: ExperimentTracker
+    artifact: str               # the output's name in the experiment run
+    artifact_uri: str           # the output's URI in the experiment run (default: ``out``)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self, meta_file: str, meta: Mapping[str, Any], *, metrics: Mapping[str, float],
+               versions: Sequence[str] = ()) -> dict[str, Any]:
+        """Write ``meta`` (plus run id, wall time and package versions) as the step's meta file,
+        last, then log ``metrics`` and the output artifact. Returns what was written."""
+        written = {**meta, "run_id": self.run_id, "wall_time_sec": self.elapsed,
+                   "versions": package_versions(*versions)}
+        write_json_atomic(self.out / meta_file, written)
+        self.tracker.log_metrics(metrics)
+        self.tracker.log_artifact(self.artifact, self.artifact_uri or str(self.out))
+        return written
+
+
+@contextlib.contextmanager
+def step_run(name: str, output_dir: str | Path, *, params: Mapping[str, Any], artifact: str,
+             run_id: str = "", tracker: ExperimentTracker | None = None,
+             artifact_uri: str = "") -> Iterator[StepRun]:
+    """Create ``output_dir``, start the experiment run ``<name>-<run id>`` and log ``params``.
+
+    Args:
+        name: The step's name (``embed-text``, ``embed-image``, ``fuse-modal``).
+        output_dir: Directory for the step's files (created).
+        params: What the experiment run records as the step's parameters.
+        artifact: Name under which the output is logged.
+        run_id: Pipeline run id; a fresh one when empty.
+        tracker: Experiment tracker; none logs nothing.
+        artifact_uri: The output's durable URI (a ``gs://`` artifact on Vertex), if not
+            ``output_dir`` itself.
+    """
+    run = StepRun(name=name, run_id=run_id or uuid.uuid4().hex[:12], out=Path(output_dir),
+                  tracker=tracker or NullTracker(), artifact=artifact,
+                  artifact_uri=artifact_uri)
+    run.out.mkdir(parents=True, exist_ok=True)
+    with tracked_run(run.tracker, run_name(name, run.run_id)):
+        run.tracker.log_params(params)
+        yield run

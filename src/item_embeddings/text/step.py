@@ -1,0 +1,116 @@
+"""The text step: title + description of every item through the text encoder, into ``txt.npy``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import PipelineParams
+from ..items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
+from ..outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
+from ..progress import Progress
+from ..step import step_run
+from ..storage import atomic_npy, write_parquet_atomic
+from ..tracking import ExperimentTracker
+from .encoders import TextEncoder, load_text_encoder
+
+logger = logging.getLogger(__name__)
+
+READ_BATCH_ROWS = 4096  # rows per streamed record batch; bounds memory independently of N
+
+
+def embed_items_text(
+    items_uri: str,
+    output_dir: str | os.PathLike,
+    params: PipelineParams = PipelineParams(),
+    *,
+    run_id: str = "",
+    tracker: ExperimentTracker | None = None,
+    encoder: TextEncoder | None = None,
+) -> dict[str, Any]:
+    """Embed every item's title + description and write the text step's outputs.
+
+    Writes ``txt.npy`` [N, dim] float32 (L2-normalised, input row order), ``txt_items.parquet``
+    (ids in the same order) and ``txt_meta.json`` (written last) into ``output_dir``, each
+    atomically. Logs an experiment run ``embed-text-<run id>``.
+
+    Args:
+        items_uri: Parquet file or folder (local or gs://).
+        output_dir: Directory for the three files (created).
+        params: Pipeline parameters; this step reads the ``*_column`` names, ``text_model``,
+            ``text_batch_size`` and ``text_backend``.
+        run_id: Identifier of the pipeline run (a fresh one when empty).
+        tracker: Experiment tracker; none logs nothing.
+        encoder: An already-loaded encoder (tests, benchmarks); loaded from the parameters if
+            None.
+
+    Returns:
+        The metadata written to ``txt_meta.json``.
+
+    Raises:
+        ItemsError: the items table is unusable (raised before the model loads).
+    """
+    columns = ItemColumns.from_params(params)
+    n = validate_items(items_uri, columns).num_rows  # before any model loads
+    with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
+                  artifact="text_embeddings",
+                  params={"model_name": params.text_model, "batch_size": params.text_batch_size,
+                          "text_backend": params.text_backend, "items_uri": items_uri}) as run:
+        if encoder is None:
+            encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
+                                        backend=params.text_backend)
+        ids: list[pa.Array] = []
+        empty = null_title = null_description = 0
+        encode_time = 0.0
+        with atomic_npy(run.out / TXT_ARRAY, (n, encoder.dim)) as array, \
+                Progress(n, "embed-text") as progress:
+            row = 0
+            for batch in iter_batches(items_uri, [columns.id, columns.title,
+                                                  columns.description], READ_BATCH_ROWS):
+                texts = batch_texts(batch, columns)
+                null_title += batch.column(columns.title).null_count
+                null_description += batch.column(columns.description).null_count
+                empty += sum(1 for t in texts if not t)
+                t0 = time.perf_counter()
+                array[row:row + len(texts)] = encoder.encode(texts)
+                encode_time += time.perf_counter() - t0
+                ids.append(batch.column(columns.id))
+                row += len(texts)
+                progress.update(len(texts))
+            if row != n:
+                raise RuntimeError(f"read {row} rows from {items_uri}, expected {n}")
+        all_ids = pa.concat_arrays(ids)
+        write_parquet_atomic(run.out / TXT_ITEMS, pa.table(
+            {"id": all_ids.cast(id_type(all_ids.type))}))
+        throughput = n / encode_time if encode_time > 0 else 0.0
+        meta = run.finish(TXT_META, {
+            "encoder_name": params.text_model,
+            "encoder_location": encoder.resolved.location,
+            "text_backend": encoder.backend,
+            # sha256 of the ONNX model the onnx backends run (None for torch backends)
+            "fast_model_sha256": getattr(encoder, "model_sha256", None),
+            "weights_sha256": encoder.resolved.weights_sha256,
+            "embed_dim": encoder.dim,
+            "max_seq_length": encoder.max_seq_length,
+            "normalized": True,
+            "device": encoder.device,
+            "dtype": encoder.dtype,
+            "batch_size": params.text_batch_size,
+            "count": n,
+            "empty_text_count": empty,
+            "null_title_count": null_title,
+            "null_description_count": null_description,
+            "throughput_items_per_sec": throughput,
+            "encode_time_sec": encode_time,
+            "items_uri": items_uri,
+            "id_column": columns.id,
+        }, metrics={"count": n, "throughput_items_per_sec": throughput,
+                    "encode_time_sec": encode_time},
+            versions=("torch", "sentence-transformers", "transformers", "onnxruntime", "numpy"))
+    logger.info("embedded %d items in %.1fs (%.1f items/s) -> %s", n, encode_time, throughput,
+                run.out)
+    return meta
