@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from item_embeddings.config import PARAM_FIELDS, PipelineParams
+from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.tracking import ExperimentTracker
 
 # Component inputs that are not pipeline parameters: the pipeline binds them to runtime
@@ -58,7 +58,7 @@ def pipeline_inputs(fn: Callable) -> Callable:
     for p in parameters[first:]:
         if p.name in PARAM_FIELDS:
             defaults.append(PARAM_FIELDS[p.name].default)
-            docs.append(f"    {p.name}: {PARAM_FIELDS[p.name].metadata['help']}")
+            docs.append(f"    {p.name}: {param_description(p.name)}")
         elif p.name in RUNTIME_INPUTS:
             defaults.append("")
             docs.append(f"    {p.name}: {RUNTIME_INPUTS[p.name]}")

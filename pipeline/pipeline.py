@@ -23,7 +23,7 @@ from item_embeddings.components.embed_images import make_component as make_embed
 from item_embeddings.components.embed_text import make_component as make_embed_text
 from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
 from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
-from item_embeddings.config import PipelineParams
+from item_embeddings.config import PipelineParams, param_description
 
 PIPELINE_NAME = "item-embeddings"
 TARGETS = ("vertex", "local")
@@ -48,7 +48,7 @@ def _docstring() -> str:
     lines = ["Multimodal item embeddings: text, image and fused vectors for every item.", "",
              "Args:"]
     for f in dataclasses.fields(PipelineParams):
-        lines.append(f"    {f.name}: {f.metadata['help']}")
+        lines.append(f"    {f.name}: {param_description(f.name)}")
     return "\n".join(lines)
 
 

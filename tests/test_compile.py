@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from item_embeddings.config import PARAM_FIELDS, PipelineParams
+from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.pipeline import compile_pipeline
 
 IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings:1.2.3"
@@ -78,7 +78,9 @@ def test_parameters_and_defaults(template):
         got = params[name].get("defaultValue")
         want = getattr(defaults, name)
         assert got == want, name
-        assert params[name]["description"] == field.metadata["help"]
+        assert params[name]["description"] == param_description(name)
+        assert params[name]["description"].startswith(field.metadata["help"])
+    assert params["fusion_batch_size"]["description"].endswith("Allowed: >= 2 and <= 8192.")
 
 
 def test_project_and_location_come_from_runtime_placeholders(template):

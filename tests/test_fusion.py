@@ -223,9 +223,11 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"fusion_epochs": 0}, "need epochs >= 1"), ({"fusion_batch_size": 1}, "batch_size >= 2"),
-    ({"fusion_lr": 0.0}, "lr > 0"),
-    ({"fusion_batch_size": 50_000}, "batch_size=50000 is above 8192"),
+    ({"fusion_epochs": 0}, "'fusion_epochs' must be >= 1 and <= 10000, got 0"),
+    ({"fusion_batch_size": 1}, "'fusion_batch_size' must be >= 2 and <= 8192, got 1"),
+    ({"fusion_lr": 0.0}, "'fusion_lr' must be > 0 and <= 10, got 0.0"),
+    ({"fusion_batch_size": 50_000}, "'fusion_batch_size' must be >= 2 and <= 8192, got 50000"),
+    ({"fusion_output_dim": 0}, "'fusion_output_dim' must be >= 1"),
     ({"init": "zeros"}, "init must be 'pca' or 'random'")])
 def test_bad_training_parameters_are_refused_before_reading_inputs(tmp_path, bad, message):
     init = bad.pop("init", "pca")

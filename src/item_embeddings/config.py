@@ -7,78 +7,164 @@ file are the fields of :class:`PipelineParams`. A rerun from the Vertex AI UI ca
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TEXT_BACKENDS = ("auto", "torch", "torch-fp16", "onnx", "onnx-int8")
+STRATEGIES = ("SPOT", "STANDARD")  # Vertex AI custom-job scheduling strategies
+TRACKING_BACKENDS = ("auto", "vertex", "local", "none")
+# Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first.
+EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,127}"
 
 
-def _param(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _param(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+           above: float | None = None, choices: tuple[str, ...] | None = None,
+           pattern: str | None = None, nonempty: bool = False) -> Any:
+    """A parameter: its default, its help, and the values it allows (checked by
+    :func:`check_value`): ``low``/``high`` inclusive bounds, ``above`` an exclusive lower
+    bound, ``choices`` the allowed strings, ``pattern`` a full-match regular expression,
+    ``nonempty`` a string that may not be empty."""
+    allowed = {k: v for k, v in (("low", low), ("high", high), ("above", above),
+                                 ("choices", choices), ("pattern", pattern),
+                                 ("nonempty", nonempty or None)) if v is not None}
+    return field(default=default, metadata={"help": help, "allowed": allowed})
 
 
 @dataclass(frozen=True)
 class PipelineParams:
-    """Run-time parameters of the pipeline (all have defaults; only ``items_uri`` must be given)."""
+    """Run-time parameters of the pipeline (all have defaults; only ``items_uri`` must be given).
+
+    Constructing one checks every value against what its field allows and raises
+    :class:`ConfigError` naming the parameter, so a bad value never reaches a step.
+    """
 
     # Items input
     items_uri: str = _param("", "Parquet file or folder of parquet files (local path or gs:// URI).")
-    id_column: str = _param("asin", "Column with the unique item id.")
-    title_column: str = _param("title", "Column with the item title.")
+    id_column: str = _param("asin", "Column with the unique item id.", nonempty=True)
+    title_column: str = _param("title", "Column with the item title.", nonempty=True)
     description_column: str = _param(
-        "description", "Column with the description (a string or a list of strings).")
-    image_url_column: str = _param("image_url", "Column with the image URL (http/https).")
+        "description", "Column with the description (a string or a list of strings).",
+        nonempty=True)
+    image_url_column: str = _param("image_url", "Column with the image URL (http/https).",
+                                   nonempty=True)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,
-        "sentence-transformers model: hub id, local directory or gs:// directory.")
-    text_batch_size: int = _param(128, "Texts per encoder batch.")
+        "sentence-transformers model: hub id, local directory or gs:// directory.", nonempty=True)
+    text_batch_size: int = _param(128, "Texts per encoder batch.", low=1, high=65536)
     text_backend: str = _param(
         "auto", "Text encoder: 'auto' (fastest that passes the quality gate: onnx-int8 on CPU, "
         "torch-fp16 on a GPU), 'torch' (exact fp32 sentence-transformers), 'torch-fp16', 'onnx' "
-        "(fp32) or 'onnx-int8'.")
+        "(fp32) or 'onnx-int8'.", choices=TEXT_BACKENDS)
     # Image step
-    image_model: str = _param("ViT-B-32", "open_clip model name.")
+    image_model: str = _param("ViT-B-32", "open_clip model name.", nonempty=True)
     image_pretrained: str = _param(
         "openai", "open_clip pretrained tag, local checkpoint file, gs:// checkpoint, or 'none'.")
-    image_batch_size: int = _param(32, "Images per encoder batch.")
-    max_items: int = _param(150000, "Cap on items whose image is downloaded and encoded (0 = no cap).")
-    download_concurrency: int = _param(64, "Image downloads in flight at once.")
-    download_timeout_s: float = _param(5.0, "Total time allowed per image download attempt (s).")
+    image_batch_size: int = _param(32, "Images per encoder batch.", low=1, high=4096)
+    max_items: int = _param(150000, "Cap on items whose image is downloaded and encoded "
+                                    "(0 = no cap).", low=0)
+    download_concurrency: int = _param(64, "Image downloads in flight at once.", low=1, high=1024)
+    download_timeout_s: float = _param(5.0, "Total time allowed per image download attempt (s).",
+                                       above=0, high=600)
     download_retries: int = _param(
-        2, "Retries after a timeout, connection error, 5xx or 429 (with backoff).")
-    max_image_bytes: int = _param(10_000_000, "Largest image body accepted (bytes).")
+        2, "Retries after a timeout, connection error, 5xx or 429 (with backoff).", low=0, high=10)
+    max_image_bytes: int = _param(10_000_000, "Largest image body accepted (bytes).", low=1)
     allow_private_hosts: bool = _param(
         False, "Allow image hosts on private/loopback addresses (tests, private CDNs).")
-    shard_size: int = _param(10000, "Items per durable image shard (resume unit after preemption).")
+    shard_size: int = _param(10000, "Items per durable image shard (resume unit after "
+                                    "preemption).", low=1)
     checkpoint_uri: str = _param(
         "", "Where finished image shards are kept (local or gs://); empty = inside the step output.")
     image_user_agent: str = _param("", "User-Agent of image downloads; empty = the project's default.")
     image_strategy: str = _param(
-        "SPOT", "Vertex scheduling of the image step's T4 machine: SPOT or STANDARD (ignored locally).")
+        "SPOT", "Vertex scheduling of the image step's T4 machine: SPOT or STANDARD (ignored "
+        "locally).", choices=STRATEGIES)
     # Fusion step
-    fusion_hidden_dim: int = _param(256, "Hidden width of the fusion MLP.")
-    fusion_output_dim: int = _param(128, "Dimension of the fused embedding.")
-    fusion_epochs: int = _param(5, "Training epochs of the fusion MLP.")
-    fusion_lr: float = _param(1e-3, "Learning rate of the fusion MLP.")
-    fusion_batch_size: int = _param(512, "Mini-batch size of the fusion MLP (2 to 8192).")
-    seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).")
+    fusion_hidden_dim: int = _param(256, "Hidden width of the fusion MLP.", low=1, high=65536)
+    fusion_output_dim: int = _param(128, "Dimension of the fused embedding.", low=1, high=65536)
+    fusion_epochs: int = _param(5, "Training epochs of the fusion MLP.", low=1, high=10000)
+    fusion_lr: float = _param(1e-3, "Learning rate of the fusion MLP.", above=0, high=10)
+    fusion_batch_size: int = _param(
+        512, "Mini-batch size of the fusion MLP (its objective holds a few batch x batch float32 "
+        "matrices: 256 MiB each at 8192).", low=2, high=8192)
+    seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).", low=0)
     # Publishing
     publish_uri: str = _param("", "Stable prefix the final outputs are published to; empty = off.")
     # Experiment tracking
-    experiment: str = _param("recsys-dev", "Vertex AI Experiments experiment (or local store name).")
+    experiment: str = _param("recsys-dev", "Vertex AI Experiments experiment (or local store "
+                                           "name).", pattern=EXPERIMENT_NAME)
     tracking_backend: str = _param(
         "auto", "Where step runs are logged: 'vertex', 'local', 'none' or 'auto' "
-        "(vertex when a Google Cloud project is known, else local when tracking_dir is set).")
+        "(vertex when a Google Cloud project is known, else local when tracking_dir is set).",
+        choices=TRACKING_BACKENDS)
     tracking_dir: str = _param("", "Root of the local experiment store (local runs).")
+
+    def __post_init__(self) -> None:
+        problems = [problem for name in PARAM_FIELDS
+                    if (problem := check_value(name, getattr(self, name)))]
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 PARAM_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(PipelineParams)}
 
 
 class ConfigError(ValueError):
-    """A config file or ``--set`` override that cannot be used; the message says why."""
+    """A config file, ``--set`` override or parameter value that cannot be used; the message
+    names the parameter and says what is allowed."""
+
+
+def allowed_values(name: str) -> str:
+    """What parameter ``name`` allows, in words ('' when any value of its type)."""
+    allowed = PARAM_FIELDS[name].metadata["allowed"]
+    words = []
+    if "choices" in allowed:
+        words.append("one of " + ", ".join(allowed["choices"]))
+    if "pattern" in allowed:
+        words.append("lower-case letters, digits and '-', starting with a letter or digit, at "
+                     "most 128" if allowed["pattern"] == EXPERIMENT_NAME
+                     else f"matching {allowed['pattern']}")
+    if "nonempty" in allowed:
+        words.append("not empty")
+    bounds = []
+    if "above" in allowed:
+        bounds.append(f"> {allowed['above']:g}")
+    if "low" in allowed:
+        bounds.append(f">= {allowed['low']:g}")
+    if "high" in allowed:
+        bounds.append(f"<= {allowed['high']:g}")
+    if bounds:
+        words.append(" and ".join(bounds))
+    return "; ".join(words)
+
+
+def check_value(name: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed for parameter ``name`` (a message naming both), or None."""
+    allowed = PARAM_FIELDS[name].metadata["allowed"]
+    kind = type(PARAM_FIELDS[name].default)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+            return f"parameter {name!r} expects {kind.__name__}, got {value!r}"
+    ok = True
+    if "choices" in allowed:
+        ok = value in allowed["choices"]
+    if "pattern" in allowed:
+        ok = ok and re.fullmatch(allowed["pattern"], value) is not None
+    if "nonempty" in allowed:
+        ok = ok and bool(value.strip())
+    if "above" in allowed:
+        ok = ok and value > allowed["above"]
+    if "low" in allowed:
+        ok = ok and value >= allowed["low"]
+    if "high" in allowed:
+        ok = ok and value <= allowed["high"]
+    if kind is float and not math.isfinite(value):
+        ok = False
+    return None if ok else f"parameter {name!r} must be {allowed_values(name)}, got {value!r}"
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -170,7 +256,14 @@ def resolve_params(config_file: str | None = None, overrides: list[str] | None =
     return PipelineParams(**given_params(config_file, overrides, **explicit))
 
 
+def param_description(name: str) -> str:
+    """The help of parameter ``name`` with what it allows (``--help``, the Vertex AI UI)."""
+    allowed = allowed_values(name)
+    help_text = PARAM_FIELDS[name].metadata["help"]
+    return f"{help_text} Allowed: {allowed}." if allowed else help_text
+
+
 def param_help() -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every parameter — for ``--help`` and docs."""
-    return [(f.name, type(f.default).__name__, f.default, f.metadata["help"])
+    """(name, type, default, description) for every parameter — for ``--help`` and docs."""
+    return [(f.name, type(f.default).__name__, f.default, param_description(f.name))
             for f in dataclasses.fields(PipelineParams)]

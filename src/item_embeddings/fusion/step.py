@@ -19,7 +19,7 @@ from ..storage import atomic_npy, sha256_file, write_parquet_atomic
 from ..tracking import ExperimentTracker
 from .inputs import SCAN_ROWS, FusionInputs, gather, load_fusion_inputs
 from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, save_fusion_model
-from .training import WARMUP_SHARE, check_training_params, torch_threads, train_fusion_model
+from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def fuse_item_embeddings(
     Raises:
         FusionInputError: the inputs cannot be fused (raised before any training).
     """
-    check_training_params(params, init)
+    check_init(init)
     started = time.perf_counter()
     inputs = load_fusion_inputs(text_dir, image_dir)
     load_time = time.perf_counter() - started

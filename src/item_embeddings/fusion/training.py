@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 PCA_SAMPLE = 16384      # rows sampled for the principal directions of the initialisation
 WARMUP_SHARE = 0.1      # share of all training steps with a linearly rising learning rate
 PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
-MAX_BATCH_SIZE = 8192   # B x B similarity matrices: 256 MiB each at this size
 # Below this many items one thread is used by default: on such small matrices thread hand-offs
 # cost more than they save, and a busy second core makes OpenMP's spinning threads very slow
 # (measured in docs/fusion.md).
@@ -180,16 +179,9 @@ class FusedAdam:
                            eps=self.eps, amsgrad=False, maximize=False)
 
 
-def check_training_params(params: PipelineParams, init: str = "pca") -> None:
-    """Refuse training settings the objective cannot use, before any input is read."""
-    epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
-    if epochs < 1 or batch_size < 2 or not lr > 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 2, lr > 0; got epochs={epochs}, "
-                         f"batch_size={batch_size}, lr={lr}")
-    if batch_size > MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size={batch_size} is above {MAX_BATCH_SIZE}: the objective holds "
-                         f"several batch_size x batch_size float32 matrices per batch "
-                         f"({4 * batch_size ** 2 / 2 ** 30:.1f} GiB each at this size)")
+def check_init(init: str) -> None:
+    """The training parameters are checked with the others (PipelineParams); this is the one
+    setting that is not a pipeline parameter."""
     if init not in INITS:
         raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
 
@@ -203,7 +195,7 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     gives the ``fusion_*`` settings and the ``seed``; ``init`` is 'pca' (start from the linear
     PCA projection) or 'random'.
     """
-    check_training_params(params, init)
+    check_init(init)
     epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)

@@ -196,8 +196,6 @@ def embed_items_images(
     Raises:
         ItemsError: the items table is unusable (raised before the model loads).
     """
-    if params.image_batch_size < 1 or params.shard_size < 1 or params.max_items < 0:
-        raise ValueError("batch_size and shard_size must be >= 1 and max_items >= 0")
     columns = ItemColumns.from_params(params)
     summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)
     ids_type = id_type(summary.schema.field(columns.id).type)

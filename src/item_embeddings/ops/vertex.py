@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..config import ConfigError
+from ..config import PARAM_FIELDS, ConfigError, check_value
 from ..pipeline import PIPELINE_NAME
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
 _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
@@ -118,6 +118,12 @@ def _make_job(*, template_path: str, project: str, region: str, pipeline_root: s
               labels: Mapping[str, str] | None, enable_caching: bool | None, credentials):
     from google.cloud import aiplatform
 
+    # Values are checked here, before anything is sent: on Vertex a bad one would fail a task
+    # (or the custom job's creation) minutes later, and be retried.
+    problems = [p for name, value in parameter_values.items()
+                if name in PARAM_FIELDS and (p := check_value(name, value))]
+    if problems:
+        raise ConfigError("; ".join(problems))
     try:
         job = aiplatform.PipelineJob(
             display_name=display_name or PIPELINE_NAME,

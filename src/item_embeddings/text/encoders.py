@@ -24,13 +24,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..config import PipelineParams
+from ..config import TEXT_BACKENDS, PipelineParams
 from .models import ResolvedModel, resolve_text_model
 from .onnx import ONNX_BACKENDS, OnnxTextEncoder
 
 TORCH_BACKENDS = ("torch", "torch-fp16")
 _DEFAULTS = PipelineParams()
-BACKENDS = ("auto",) + TORCH_BACKENDS + ONNX_BACKENDS
+BACKENDS = TEXT_BACKENDS  # "auto" and the concrete ones (declared with the parameter)
 
 
 @runtime_checkable
