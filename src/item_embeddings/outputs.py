@@ -21,6 +21,15 @@ FUSION_CONFIG = "fusion_config.json"
 FUSION_EXCLUSIONS = "fusion_exclusions.parquet"
 FUSION_WEIGHTS = "fusion_model.safetensors"
 
+# kNN graphs (rows and neighbour indices follow txt_items.parquet; no id file of their own)
+KNN_TEXT = "knn_text.npy"
+KNN_TEXT_SCORES = "knn_text_scores.npy"
+KNN_FUSED = "knn_fused.npy"
+KNN_FUSED_SCORES = "knn_fused_scores.npy"
+KNN_META = "knn_meta.json"
+
+QA_REPORT = "qa_report.html"
+
 # group -> (array, id file, meta file, other files)
 GROUPS = {
     "text": (TXT_ARRAY, TXT_ITEMS, TXT_META, ()),
