@@ -77,7 +77,8 @@ def test_vertex_tracker_drives_the_aiplatform_api(monkeypatch):
         tracker.log_params({"model_name": "m", "batch_size": 128, "shape": [1, 2]})
         tracker.log_metrics({"count": 5})
     assert calls == [
-        ("init", {"project": "proj", "location": "europe-west4", "experiment": "recsys-dev"}),
+        ("init", {"project": "proj", "location": "europe-west4", "experiment": "recsys-dev",
+                  "experiment_tensorboard": False}),
         ("start_run", "embed-text-9"),
         ("log_params", {"model_name": "m", "batch_size": 128, "shape": "[1, 2]"}),
         ("log_metrics", {"count": 5.0}),
@@ -104,3 +105,77 @@ def test_vertex_tracker_resumes_the_run_of_a_retried_task(monkeypatch):
         with tracked_run(tracker, "embed-image-job-1"):
             pass
     assert calls == [("embed-image-job-1", False), ("embed-image-job-1", True)]
+
+
+@pytest.fixture
+def metadata_service(monkeypatch):
+    """Vertex AI's metadata service in memory, behind the real SDK's GAPIC clients; any
+    TensorBoard service call is recorded and refused (none may happen)."""
+    import google.auth
+    from google.api_core import exceptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import aiplatform
+    from google.cloud.aiplatform_v1.services.metadata_service import MetadataServiceClient
+    from google.cloud.aiplatform_v1.services.tensorboard_service import TensorboardServiceClient
+    from google.cloud.aiplatform_v1.types import context as gca_context
+
+    from test_vertex_ops import FakeVertex
+
+    backend = FakeVertex()
+    backend.updates, backend.tensorboard_calls, backend.race_on = [], [], set()
+    create = backend.create_context
+
+    def create_context(parent, context, context_id, **kw):
+        created = create(parent, context, context_id, **kw)
+        if context_id in backend.race_on:  # another step created it first
+            backend.race_on.discard(context_id)
+            raise exceptions.AlreadyExists(f"context {context_id} already exists")
+        return created
+
+    def update_context(context, **_):
+        backend.updates.append((context.name, dict(context.metadata)))
+        backend.contexts[context.name] = gca_context.Context(context)
+        return backend.contexts[context.name]
+
+    backend.create_context, backend.update_context = create_context, update_context
+    for name in ("get_metadata_store", "get_context", "create_context", "add_context_children",
+                 "update_context"):
+        monkeypatch.setattr(MetadataServiceClient, name,
+                            lambda self, *a, _m=getattr(backend, name), **k: _m(*a, **k))
+    for name in dir(TensorboardServiceClient):
+        if name.split("_")[0] in ("create", "get", "list", "update", "delete", "write", "read",
+                                  "batch") and not name.startswith(("get_transport", "get_mtls")):
+            def refuse(self, *a, _n=name, **k):
+                backend.tensorboard_calls.append(_n)
+                raise RuntimeError(f"unexpected TensorBoard call {_n}")
+            monkeypatch.setattr(TensorboardServiceClient, name, refuse)
+    monkeypatch.setattr(google.auth, "default",
+                        lambda *a, **k: (AnonymousCredentials(), "test-proj"))
+    aiplatform.init(api_endpoint="127.0.0.1:9")  # anything else: a closed loopback port
+    yield backend
+    aiplatform.initializer.global_config._api_endpoint = None
+
+
+@pytest.mark.parametrize("race", [False, True])
+def test_vertex_tracker_through_the_sdk_creates_no_tensorboard(metadata_service, race):
+    """The real SDK against an in-memory metadata service: the experiment and its run are
+    created and updated, no TensorBoard resource is touched, and an experiment created by a
+    step that started at the same moment (AlreadyExists on create) is simply used."""
+    if race:
+        metadata_service.race_on.add("exp-a")
+    tracker = make_tracker("vertex", experiment="exp-a", project="test-proj",
+                           location="us-central1")
+    with tracked_run(tracker, "embed-text-run-1"):
+        tracker.log_params({"items_uri": "gs://b/items/", "batch_size": 64})
+        tracker.log_metrics({"count": 40})
+    assert metadata_service.tensorboard_calls == []
+    store = "projects/test-proj/locations/us-central1/metadataStores/default/contexts"
+    assert f"{store}/exp-a" in metadata_service.contexts
+    assert metadata_service.children[f"{store}/exp-a"] == [f"{store}/exp-a-embed-text-run-1"]
+    logged = {}
+    for name, metadata in metadata_service.updates:
+        assert name == f"{store}/exp-a-embed-text-run-1"
+        logged.update(metadata)
+    assert logged["_params"]["items_uri"] == "gs://b/items/"
+    assert logged["_metrics"]["count"] == 40.0
+    assert logged["_state"] == "COMPLETE"

@@ -118,9 +118,20 @@ class VertexTracker:
         self._run = None
 
     def start_run(self, name: str) -> None:
+        from google.api_core.exceptions import AlreadyExists
         from google.cloud import aiplatform
 
-        aiplatform.init(project=self.project, location=self.location, experiment=self.experiment)
+        # No backing TensorBoard: without experiment_tensorboard=False the SDK creates a
+        # project-default TensorBoard (and its resources) and assigns it to the experiment.
+        init = dict(project=self.project, location=self.location, experiment=self.experiment,
+                    experiment_tensorboard=False)
+        try:
+            aiplatform.init(**init)
+        except AlreadyExists:
+            # The steps start together: another one created the experiment between this
+            # one's lookup and its create. It exists now, so a second lookup finds it.
+            logger.info("experiment %s was created concurrently; using it", self.experiment)
+            aiplatform.init(**init)
         try:
             self._run = aiplatform.start_run(name, resume=False)
         except RuntimeError as exc:
