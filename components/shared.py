@@ -33,12 +33,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.tracking import ExperimentTracker
 
-# Component inputs that are not pipeline parameters: the pipeline binds them to runtime
-# placeholders (project and location of the Vertex run, the pipeline job's name).
+# Component inputs that are not pipeline parameters, with their defaults: the pipeline binds
+# them to runtime placeholders (project and location of the Vertex run, the pipeline job's name)
+# or to what its compile target decides (whether the task's machine has a GPU).
 RUNTIME_INPUTS = {
-    "project": "Google Cloud project (the pipeline passes the runtime placeholder).",
-    "location": "Google Cloud region (the pipeline passes the runtime placeholder).",
-    "run_id": "Pipeline run id (the pipeline passes the job name placeholder).",
+    "project": ("", "Google Cloud project (the pipeline passes the runtime placeholder)."),
+    "location": ("", "Google Cloud region (the pipeline passes the runtime placeholder)."),
+    "run_id": ("", "Pipeline run id (the pipeline passes the job name placeholder)."),
+    "require_gpu": (False, "The task's machine has a GPU: fail if torch cannot use it (set by "
+                           "the pipeline)."),
+    "items_fingerprint": ("", "Content hash of the items table (from the fingerprint task): "
+                              "part of the cache key, so changed contents are recomputed."),
 }
 TRACKING_INPUTS = ("experiment", "tracking_backend", "tracking_dir", "project", "location")
 
@@ -47,7 +52,7 @@ def pipeline_inputs(fn: Callable) -> Callable:
     """Give ``fn``'s parameter inputs their defaults and docstring entries.
 
     The artifacts come first (no default); every later parameter is a pipeline parameter (its
-    default and help from ``PipelineParams``) or one of :data:`RUNTIME_INPUTS` (default ``""``).
+    default and help from ``PipelineParams``) or one of :data:`RUNTIME_INPUTS`.
     The function's own docstring holds the summary and the artifacts' ``Args`` entries; KFP
     shows the completed docstring as the component's description in the Vertex AI UI.
     """
@@ -60,8 +65,9 @@ def pipeline_inputs(fn: Callable) -> Callable:
             defaults.append(PARAM_FIELDS[p.name].default)
             docs.append(f"    {p.name}: {param_description(p.name)}")
         elif p.name in RUNTIME_INPUTS:
-            defaults.append("")
-            docs.append(f"    {p.name}: {RUNTIME_INPUTS[p.name]}")
+            default, help_text = RUNTIME_INPUTS[p.name]
+            defaults.append(default)
+            docs.append(f"    {p.name}: {help_text}")
         else:
             raise TypeError(f"{fn.__name__}: input {p.name!r} is neither an artifact (those come "
                             "first) nor a pipeline parameter nor a runtime input")
@@ -86,6 +92,7 @@ class ComponentStep:
     tracker: ExperimentTracker
     run_id: str                 # the pipeline run, read from the output's path (see tracking)
     out_dir: Path               # where the core step writes (local disk when staged)
+    artifact_uri: str           # the output's durable URI (gs:// on Vertex): what runs log
     output: Any                 # the Output[Dataset]
     metrics: Any                # the Output[Metrics]
     prefix: str                 # metric key prefix: Vertex merges all steps' Metrics in one row
@@ -117,8 +124,11 @@ def component_step(inputs: Mapping[str, Any], output, metrics, prefix: str
     tracker = make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
                            project=inputs["project"], location=inputs["location"],
                            tracking_dir=inputs["tracking_dir"])
+    if inputs.get("items_fingerprint"):  # lineage: which contents these outputs come from
+        output.metadata["items_fingerprint"] = inputs["items_fingerprint"]
     with staged_output_dir(output.path, META_FILES) as out_dir:
         # Same output URI on every retry of the task, so the same run id (and checkpoints).
         yield ComponentStep(params=params, tracker=tracker,
                             run_id=run_id_from_output_uri(output.uri), out_dir=out_dir,
-                            output=output, metrics=metrics, prefix=prefix)
+                            artifact_uri=output.uri, output=output, metrics=metrics,
+                            prefix=prefix)

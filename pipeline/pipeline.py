@@ -1,14 +1,20 @@
-"""The item-embeddings pipeline: items → (text ∥ image) → fusion → optional publish.
+"""The item-embeddings pipeline: items → fingerprint → (text ∥ image) → fusion → optional publish.
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
-  placeholders); the image step runs as a custom job on ``n1-standard-4`` + 1 × T4 whose
-  scheduling strategy (``SPOT`` by default) is the ``image_strategy`` parameter.
+  placeholders); the CPU steps run in the slim ``image``; the image step runs in ``gpu_image``
+  as a custom job on ``n1-standard-4`` + 1 × T4 whose scheduling strategy (``SPOT`` by default)
+  is the ``image_strategy`` parameter, as the pipeline's own service account, in its network,
+  with its CMEK key (runtime placeholders), and fails if the GPU is not usable.
 * ``local``: for ``kfp.local``, which cannot run the custom-job wrapper: the image step is a plain
   task on CPU; experiment runs go to the local store.
+
+Caching: the steps that read the items take the items' content fingerprint as an input (the
+fingerprint task itself is never cached), so a cached result is only reused for the same
+contents, on submit, schedules and UI reruns alike.
 """
 
 import dataclasses
@@ -21,6 +27,7 @@ from kfp import compiler, dsl
 from item_embeddings.components import DEFAULT_IMAGE
 from item_embeddings.components.embed_images import make_component as make_embed_images
 from item_embeddings.components.embed_text import make_component as make_embed_text
+from item_embeddings.components.fingerprint_items import make_component as make_fingerprint
 from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
 from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.config import PipelineParams, param_description
@@ -71,24 +78,43 @@ def _with_param_signature(fn: Callable) -> Callable:
     return with_params
 
 
-def _image_job(component):
-    """The image component as a Vertex custom job on a T4 whose strategy is an input."""
+def _gpu_job(component):
+    """``component`` as a Vertex custom job on a T4, whose strategy is a task input.
+
+    The wrapper would run the job as the Vertex custom-code service agent, outside the user's
+    VPC and without CMEK; the runtime placeholders give it the pipeline job's own service
+    account, network and encryption key instead (empty when the job has none). The run's
+    labels reach the job too: Vertex propagates pipeline run labels to its CustomJobs.
+    """
+    from google_cloud_pipeline_components import _placeholders
     from google_cloud_pipeline_components.v1.custom_job import \
         create_custom_training_job_from_component
 
     return create_custom_training_job_from_component(
         component, display_name="embed-images", machine_type=IMAGE_MACHINE_TYPE,
         accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1, strategy="SPOT",
-        timeout=IMAGE_STEP_TIMEOUT)
+        timeout=IMAGE_STEP_TIMEOUT, service_account=_placeholders.SERVICE_ACCOUNT_PLACEHOLDER,
+        network=_placeholders.NETWORK_PLACEHOLDER,
+        encryption_spec_key_name=_placeholders.ENCRYPTION_SPEC_KMS_KEY_NAME_PLACEHOLDER)
 
 
-def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
-    """The pipeline function for ``target`` ('vertex' or 'local'), components running in ``image``."""
+def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
+                   gpu_image: str | None = None, pipeline_root: str | None = None):
+    """The pipeline function for ``target`` ('vertex' or 'local').
+
+    Args:
+        target: Where the template runs.
+        image: The slim CPU image of every step except the GPU one.
+        gpu_image: The CUDA image of the image step on Vertex (default: ``image``).
+        pipeline_root: Default ``gs://`` root of the run's artifacts (the UI needs one).
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     on_vertex = target == "vertex"
+    fingerprint_op = make_fingerprint(image)
     embed_text_op = make_embed_text(image)
-    embed_images_op = _image_job(make_embed_images(image)) if on_vertex else make_embed_images(image)
+    embed_images_op = (_gpu_job(make_embed_images(gpu_image or image)) if on_vertex
+                       else make_embed_images(image))
     fuse_op = make_fuse_embeddings(image)
     publish_op = make_publish_outputs(image)
 
@@ -99,21 +125,25 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
                         location=LOCATION_PLACEHOLDER if on_vertex else "")
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
                              reimport=False).set_display_name("Items")
+        fingerprint = fingerprint_op(items=items.output).set_display_name("Fingerprint items")
+        fingerprint.set_caching_options(False)  # it is what tells a changed table apart
+        reads_items = dict(items=items.output, items_fingerprint=fingerprint.output,
+                           id_column=p["id_column"])
         text = embed_text_op(
-            items=items.output, id_column=p["id_column"], title_column=p["title_column"],
+            **reads_items, title_column=p["title_column"],
             description_column=p["description_column"], text_model=p["text_model"],
             text_batch_size=p["text_batch_size"], text_backend=p["text_backend"], **tracking,
         ).set_display_name("Embed text")
         image_args = {"strategy": p["image_strategy"]} if on_vertex else {}
         images = embed_images_op(
-            items=items.output, id_column=p["id_column"], image_url_column=p["image_url_column"],
+            **reads_items, image_url_column=p["image_url_column"],
             image_model=p["image_model"], image_pretrained=p["image_pretrained"],
             image_batch_size=p["image_batch_size"], max_items=p["max_items"],
             download_concurrency=p["download_concurrency"],
             download_timeout_s=p["download_timeout_s"], download_retries=p["download_retries"],
             max_image_bytes=p["max_image_bytes"], allow_private_hosts=p["allow_private_hosts"],
             shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"],
-            image_user_agent=p["image_user_agent"], **image_args,
+            image_user_agent=p["image_user_agent"], require_gpu=on_vertex, **image_args,
             **tracking,
         ).set_display_name("Embed images")
         fused = fuse_op(
@@ -138,13 +168,15 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE):
         return Outputs(text.outputs["text_embeddings"], images.outputs["image_embeddings"],
                        fused.outputs["fused_embeddings"])
 
-    return dsl.pipeline(name=PIPELINE_NAME)(_with_param_signature(item_embeddings))
+    return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=pipeline_root)(
+        _with_param_signature(item_embeddings))
 
 
-def compile_pipeline(output: "str | Path", target: str = "vertex", image: str = DEFAULT_IMAGE
-                     ) -> Path:
-    """Compile the pipeline to a YAML template at ``output``."""
+def compile_pipeline(output: "str | Path", target: str = "vertex", image: str = DEFAULT_IMAGE,
+                     gpu_image: str | None = None, pipeline_root: str | None = None) -> Path:
+    """Compile the pipeline to a YAML template at ``output`` (arguments as :func:`build_pipeline`)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(target, image), package_path=str(output))
+    compiler.Compiler().compile(build_pipeline(target, image, gpu_image, pipeline_root),
+                                package_path=str(output))
     return output

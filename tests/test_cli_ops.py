@@ -156,7 +156,17 @@ def test_upload_cli(registry, template, monkeypatch, capsys):  # noqa: F811
     assert req.headers["authorization"] == "Bearer adc-token"
 
 
-def test_compiling_for_vertex_without_an_image_is_refused(capsys):
+def test_compiling_for_vertex_without_an_image_is_refused(capsys, tmp_path):
     rc = main(["submit", "--project", "test-proj", "--region", "us-central1", "--items", "gs://b/i"])
     assert rc == 2
-    assert "needs --image URI" in capsys.readouterr().err
+    assert "needs --image and --gpu-image URI" in capsys.readouterr().err
+    out = tmp_path / "t.yaml"
+    assert main(["compile", "--output", str(out)]) == 2  # --target vertex is the default
+    assert "needs --image and --gpu-image URI" in capsys.readouterr().err
+    assert main(["compile", "--output", str(out), "--image", "r/cpu:1"]) == 2
+    assert "needs --gpu-image URI" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["compile", "--output", str(out), "--target", "local"]) == 0  # kfp.local: fine
+    assert main(["compile", "--output", str(out), "--image", "r/cpu:1", "--gpu-image",
+                 "r/gpu:1", "--pipeline-root", "gs://b/root"]) == 0
+    assert "defaultPipelineRoot: gs://b/root" in out.read_text()

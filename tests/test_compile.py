@@ -9,12 +9,13 @@ from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_descripti
 from item_embeddings.pipeline import compile_pipeline
 
 IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings:1.2.3"
+GPU_IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings-gpu:1.2.3"
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
-    compile_pipeline(path, target="vertex", image=IMAGE)
+    compile_pipeline(path, target="vertex", image=IMAGE, gpu_image=GPU_IMAGE)
     return path, yaml.safe_load(path.read_text())
 
 
@@ -28,8 +29,13 @@ def test_dag_edges(template):
     tasks = spec["root"]["dag"]["tasks"]
     assert _producers(tasks["embed-text"]) == {"importer"}
     assert _producers(tasks["embed-images"]) == {"importer"}
-    assert set(tasks["embed-text"].get("dependentTasks", [])) <= {"importer"}
-    assert set(tasks["embed-images"].get("dependentTasks", [])) <= {"importer"}
+    assert _producers(tasks["fingerprint-items"]) == {"importer"}
+    for step in ("embed-text", "embed-images"):
+        assert set(tasks[step].get("dependentTasks", [])) <= {"importer", "fingerprint-items"}
+        # the items' content hash is an input: a changed table cannot hit the cache
+        assert tasks[step]["inputs"]["parameters"]["items_fingerprint"] == {
+            "taskOutputParameter": {"outputParameterKey": "Output",
+                                    "producerTask": "fingerprint-items"}}
     assert _producers(tasks["fuse-embeddings"]) == {"embed-text", "embed-images"}
     importer = tasks["importer"]["inputs"]["parameters"]["uri"]
     assert importer == {"componentInputParameter": "items_uri"}
@@ -51,7 +57,7 @@ def test_image_step_is_a_spot_t4_custom_job(template):
     assert machine == {"machine_type": "n1-standard-4", "accelerator_type": "NVIDIA_TESLA_T4",
                        "accelerator_count": 1}
     container = pools[0]["container_spec"]
-    assert container["image_uri"] == IMAGE
+    assert container["image_uri"] == GPU_IMAGE  # the CUDA image; the CPU steps use the slim one
     assert "embed_images" in json.dumps(container["command"] + container.get("args", []))
 
 
@@ -143,3 +149,101 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
     if target == "local":
         unused.discard("image_strategy")  # Vertex scheduling only; documented as ignored locally
     assert unused == set()
+
+
+def test_steps_reading_items_are_cached_by_content(template):
+    """The fingerprint task is never cached; the steps that read the items are, keyed by it."""
+    _, spec = template
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["fingerprint-items"]["cachingOptions"] == {}  # = enableCache false
+    for name in ("embed-text", "embed-images", "fuse-embeddings"):
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    assert spec["deploymentSpec"]["executors"]["exec-fingerprint-items"]["container"][
+        "image"] == IMAGE
+
+
+def _resolve(template_text: str, values: dict) -> str:
+    """Fill ``{{$.inputs.parameters['x']}}`` as the KFP backend does: strings as they are,
+    everything else as JSON (the spec stores numbers as doubles; integral ones are written
+    without a fraction, as the backend's JSON does)."""
+    import re
+
+    def plain(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    def value(match):
+        v = values[match.group(1)]
+        return v if isinstance(v, str) else json.dumps(plain(v))
+
+    return re.sub(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", value, template_text)
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypatch, tmp_path,
+                                                               configured):
+    """The custom job GCPC's launcher creates from the compiled payload, with the pipeline's
+    runtime placeholders resolved as Vertex resolves them (empty when the run sets none)."""
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
+    from google.cloud.aiplatform_v1.types import custom_job as gca_custom_job
+    from google.cloud.aiplatform_v1.types import job_state
+    from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
+
+    _, spec = template
+    task = spec["root"]["dag"]["tasks"]["embed-images"]
+    comp = spec["components"][task["componentRef"]["name"]]
+    executor = spec["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
+    pipeline_defaults = {k: v.get("defaultValue") for k, v in
+                         spec["root"]["inputDefinitions"]["parameters"].items()}
+    values = {k: v.get("defaultValue") for k, v in comp["inputDefinitions"]["parameters"].items()}
+    for name, binding in task["inputs"]["parameters"].items():
+        if "componentInputParameter" in binding:
+            values[name] = pipeline_defaults[binding["componentInputParameter"]]
+        elif "runtimeValue" in binding:
+            values[name] = binding["runtimeValue"]["constant"]
+        else:  # the fingerprint task's output
+            values[name] = "0123abcd"
+    runtime = {"{{$.pipeline_service_account}}": SA if configured else "",
+               "{{$.pipeline_network}}": NETWORK if configured else "",
+               "{{$.pipeline_encryption_key_name}}": KEY if configured else "",
+               "{{$.pipeline_persistent_resource_id}}": ""}
+    payload = _resolve(executor["args"][executor["args"].index("--payload") + 1], values)
+    for placeholder, resolved in runtime.items():
+        payload = payload.replace(placeholder, resolved)
+
+    created = []
+
+    def create_custom_job(self, parent, custom_job, **_):
+        created.append(gca_custom_job.CustomJob(custom_job))  # validates against the proto
+        return gca_custom_job.CustomJob(name=f"{parent}/customJobs/1")
+
+    def get_custom_job(self, name, **_):
+        return gca_custom_job.CustomJob(name=name, state=job_state.JobState.JOB_STATE_SUCCEEDED)
+
+    monkeypatch.setattr(JobServiceClient, "create_custom_job", create_custom_job)
+    monkeypatch.setattr(JobServiceClient, "get_custom_job", get_custom_job)
+    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), "p"))
+    remote_runner.create_custom_job(type="CustomJob", project="proj", location="europe-west4",
+                                    payload=payload, gcp_resources=str(tmp_path / "res.json"))
+    (job,) = created
+    assert job.job_spec.service_account == (SA if configured else "")
+    assert job.job_spec.network == (NETWORK if configured else "")
+    assert job.encryption_spec.kms_key_name == (KEY if configured else "")
+    assert job.job_spec.scheduling.strategy.name == "SPOT"
+    (pool,) = job.job_spec.worker_pool_specs
+    assert pool.machine_spec.accelerator_type.name == "NVIDIA_TESLA_T4"
+    assert pool.container_spec.image_uri == GPU_IMAGE
+    assert "--require-gpu" not in pool.container_spec.args  # bound as an input, see below
+    assert values["require_gpu"] is True
+
+
+SA = "runner@proj.iam.gserviceaccount.com"
+NETWORK = "projects/123/global/networks/vpc"
+KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"

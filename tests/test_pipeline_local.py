@@ -21,7 +21,8 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     from kfp import components
 
     out = tmp_path / "pipeline.yaml"
-    assert main(["compile", "--output", str(out), "--image", "example.com/img:1"]) == 0
+    assert main(["compile", "--output", str(out), "--image", "example.com/img:1",
+                 "--gpu-image", "example.com/gpu:1"]) == 0
     spec = yaml.safe_load(out.read_text())
     loaded = components.load_component_from_file(str(out))
     assert loaded.name == "item-embeddings"
@@ -32,7 +33,8 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     containers = [e["container"] for e in spec["deploymentSpec"]["executors"].values()
                   if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
-    assert len(our_tasks) == 3  # text, fusion, publish (the image step is inside a custom job)
+    # fingerprint, text, fusion, publish (the image step is inside a custom job)
+    assert len(our_tasks) == 4
     assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
     assert not any("pip install" in " ".join(c["command"]) for c in our_tasks)

@@ -8,6 +8,7 @@ so a missed call fails instead of reaching the internet. kfp's RegistryClient is
 """
 
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -180,17 +181,23 @@ def fake(monkeypatch):
 
 
 def _submit(template, **kw):
-    args = dict(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
-                parameter_values={"items_uri": "gs://data/items.parquet", "text_batch_size": 64},
-                credentials=AnonymousCredentials())
-    args.update(kw)
-    return vertex.submit_pipeline(**args)
+    run_fields = {f.name for f in dataclasses.fields(vertex.RunSettings)}
+    run = dict(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+               parameter_values={"items_uri": "gs://data/items.parquet", "text_batch_size": 64},
+               credentials=AnonymousCredentials())
+    run.update({k: v for k, v in kw.items() if k in run_fields})
+    return vertex.submit_pipeline(vertex.RunSettings(**run),
+                                  **{k: v for k, v in kw.items() if k not in run_fields})
+
+
+KMS_KEY = f"projects/{PROJECT}/locations/{REGION}/keyRings/ring/cryptoKeys/key"
 
 
 def test_submit_sends_template_parameters_and_run_settings(fake, template):
     result = _submit(template, service_account=SA, network=NETWORK,
                      labels={"team": "recsys", "env": "dev"}, enable_caching=False,
-                     experiment="recsys-dev", job_id="item-embeddings-t1")
+                     encryption_key=KMS_KEY, experiment="recsys-dev",
+                     job_id="item-embeddings-t1")
 
     (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
     job = create["pipeline_job"]
@@ -202,6 +209,7 @@ def test_submit_sends_template_parameters_and_run_settings(fake, template):
     assert params["text_batch_size"] == 64
     assert "publish_uri" not in params  # not given: the template default applies
     assert job.service_account == SA and job.network == NETWORK
+    assert job.encryption_spec.kms_key_name == KMS_KEY
     assert dict(job.labels) == {"team": "recsys", "env": "dev"}
     # enable_caching=False is written into every task of the submitted spec.
     tasks = job.pipeline_spec["root"]["dag"]["tasks"]
@@ -256,10 +264,13 @@ def test_submit_rejects_parameters_the_template_does_not_declare(fake, template)
 
 def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
     image = "us-docker.pkg.dev/test-proj/ie/item-embeddings:1.0"
-    vertex.submit_pipeline(project=PROJECT, region=REGION, template=None, image=image,
-                           pipeline_root=ROOT, credentials=AnonymousCredentials(),
-                           parameter_values={"items_uri": "gs://d/items/", "seed": 7,
-                                             "publish_uri": "gs://out/emb"})
+    gpu_image = "us-docker.pkg.dev/test-proj/ie/item-embeddings-gpu:1.0"
+    vertex.submit_pipeline(vertex.RunSettings(
+        project=PROJECT, region=REGION, template=None,
+        images=vertex.Images(cpu=image, gpu=gpu_image), pipeline_root=ROOT,
+        credentials=AnonymousCredentials(),
+        parameter_values={"items_uri": "gs://d/items/", "seed": 7,
+                          "publish_uri": "gs://out/emb"}))
     (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
     spec = create["pipeline_job"].pipeline_spec
     assert spec["pipelineInfo"]["name"] == "item-embeddings"
@@ -269,7 +280,34 @@ def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
               if "container" in e}
     assert image in images
+    job_spec = type(create["pipeline_job"]).to_json(create["pipeline_job"])
+    assert gpu_image in job_spec  # inside the T4 custom job's worker pool spec
     assert create["pipeline_job"].runtime_config.parameter_values["seed"] == 7
+
+
+def test_compiling_for_vertex_needs_both_images(fake):
+    for images, missing in ((vertex.Images(), "--image and --gpu-image"),
+                            (vertex.Images(cpu="r/cpu:1"), "--gpu-image")):
+        with pytest.raises(ConfigError, match=f"needs {missing} URI"):
+            _submit(None, images=images)
+    with pytest.raises(ConfigError, match="a --template already names its images"):
+        _submit("t.yaml", images=vertex.Images(cpu="r/cpu:1"))
+    with pytest.raises(ConfigError, match="must look like projects/P/locations/L/keyRings"):
+        _submit(None, images=vertex.Images(cpu="r/c:1", gpu="r/g:1"), encryption_key="k1")
+    assert "create_pipeline_job" not in fake.names()
+
+
+@pytest.mark.parametrize("name,value", [("text_batch_size", 0), ("image_strategy", "spot"),
+                                        ("download_timeout_s", -1.0)])
+def test_submit_and_schedule_refuse_bad_values_before_sending(fake, template, name, value):
+    values = {"items_uri": "gs://d/i.parquet", name: value}
+    with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
+        _submit(template, parameter_values=values)
+    with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
+        vertex.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
+                                                  credentials=AnonymousCredentials()),
+                               cron="0 3 * * *", display_name="n")
+    assert fake.names() == []
 
 
 def test_submit_from_artifact_registry_url(fake, template, monkeypatch):
@@ -301,11 +339,14 @@ def test_submit_from_gcs_template(fake, template, gcs):
 
 def test_create_schedule_request(fake, template):
     name = vertex.create_schedule(
-        project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
-        parameter_values={"items_uri": "gs://data/items.parquet"}, display_name="nightly",
-        cron="0 3 * * *", time_zone="Europe/Berlin", start_time="2026-12-01T00:00:00+01:00",
-        end_time="2027-06-01T00:00:00Z", max_concurrent_runs=2, max_runs=100,
-        service_account=SA, network=NETWORK, credentials=AnonymousCredentials())
+        vertex.RunSettings(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+                           parameter_values={"items_uri": "gs://data/items.parquet"},
+                           service_account=SA, network=NETWORK, encryption_key=KMS_KEY,
+                           labels={"team": "recsys"}, enable_caching=False,
+                           credentials=AnonymousCredentials()),
+        display_name="nightly", cron="0 3 * * *", time_zone="Europe/Berlin",
+        start_time="2026-12-01T00:00:00+01:00", end_time="2027-06-01T00:00:00Z",
+        max_concurrent_runs=2, max_runs=100)
 
     (_, req), = [c for c in fake.calls if c[0] == "create_schedule"]
     sched = req["schedule"]
@@ -318,15 +359,21 @@ def test_create_schedule_request(fake, template):
     job = sched.create_pipeline_job_request.pipeline_job
     assert sched.create_pipeline_job_request.parent == PARENT
     assert job.service_account == SA and job.network == NETWORK
+    assert job.encryption_spec.kms_key_name == KMS_KEY
+    assert dict(job.labels) == {"team": "recsys"}  # a scheduled run keeps the labels
+    tasks = job.pipeline_spec["root"]["dag"]["tasks"]  # ...and the caching setting
+    assert tasks and all(t["cachingOptions"].get("enableCache", False) is False
+                         for t in tasks.values())
     assert job.runtime_config.parameter_values["items_uri"] == "gs://data/items.parquet"
     assert job.pipeline_spec["pipelineInfo"]["name"] == "item-embeddings"
 
 
 def test_schedule_list_pause_resume_delete(fake, template):
     name = vertex.create_schedule(
-        project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
-        parameter_values={"items_uri": "gs://d/i.parquet"}, display_name="nightly",
-        cron="30 2 * * 1", credentials=AnonymousCredentials())
+        vertex.RunSettings(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
+                           parameter_values={"items_uri": "gs://d/i.parquet"},
+                           credentials=AnonymousCredentials()),
+        display_name="nightly", cron="30 2 * * 1")
     creds = dict(project=PROJECT, region=REGION, credentials=AnonymousCredentials())
 
     rows = vertex.list_schedules(filter='display_name="nightly"', **creds)
@@ -361,13 +408,14 @@ def test_cron_time_zone_prefix_kept():
 
 
 def test_schedule_rejects_bad_times(fake, template):
-    common = dict(project=PROJECT, region=REGION, template=template, cron="0 3 * * *",
-                  parameter_values={"items_uri": "gs://d/i"}, display_name="n",
-                  credentials=AnonymousCredentials())
+    run = vertex.RunSettings(project=PROJECT, region=REGION, template=template,
+                             parameter_values={"items_uri": "gs://d/i"},
+                             credentials=AnonymousCredentials())
+    common = dict(cron="0 3 * * *", display_name="n")
     with pytest.raises(ConfigError, match="UTC offset"):
-        vertex.create_schedule(start_time="2026-12-01T00:00:00", **common)
+        vertex.create_schedule(run, start_time="2026-12-01T00:00:00", **common)
     with pytest.raises(ConfigError, match="not after"):
-        vertex.create_schedule(start_time="2026-12-02T00:00:00Z",
+        vertex.create_schedule(run, start_time="2026-12-02T00:00:00Z",
                                end_time="2026-12-01T00:00:00Z", **common)
     assert "create_schedule" not in fake.names()
 
@@ -421,4 +469,18 @@ def test_upload_errors(registry, template):
         vertex.upload_template("https://example.com/x", template=template, auth=ApiAuth("t"))
     with pytest.raises(ConfigError, match="invalid tag"):
         vertex.upload_template(host, template=template, tags=["Bad Tag"], auth=ApiAuth("t"))
+
+
+def test_upload_refuses_a_template_with_the_placeholder_image(registry, tmp_path):
+    from item_embeddings.pipeline import compile_pipeline
+
+    host = f"https://{REGION}-kfp.pkg.dev/{PROJECT}/pipelines"
+    placeholder = compile_pipeline(tmp_path / "p.yaml", target="vertex")  # no images given
+    with pytest.raises(ConfigError, match="names the placeholder image"):
+        vertex.upload_template(host, template=str(placeholder), auth=ApiAuth("t"))
+    assert registry.seen == []
+    good = compile_pipeline(tmp_path / "g.yaml", target="vertex", image="r/cpu:1",
+                            gpu_image="r/gpu:1")
+    vertex.upload_template(host, template=str(good), auth=ApiAuth("t"))
+    assert len(registry.seen) == 1
 

@@ -24,6 +24,8 @@ def embed_images(
     shard_size: int,
     checkpoint_uri: str,
     image_user_agent: str,
+    require_gpu: bool,
+    items_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
@@ -47,15 +49,18 @@ def embed_images(
 
     from item_embeddings.components.shared import component_step
     from item_embeddings.image import SHARDS_DIR, embed_items_images
+    from item_embeddings.runtime import require_cuda
 
     with component_step(locals(), image_embeddings, metrics, "image") as step:
+        device = require_cuda("the image step") if require_gpu else None
         # Shards stay in the task's durable output (or checkpoint_uri), not in the local
         # staging directory: a task retried after a preemption finds them.
         params = dataclasses.replace(
             step.params,
             checkpoint_uri=checkpoint_uri or f"{image_embeddings.path}/{SHARDS_DIR}")
         meta = embed_items_images(items.uri, step.out_dir, params, run_id=step.run_id,
-                                  tracker=step.tracker)
+                                  tracker=step.tracker, artifact_uri=step.artifact_uri,
+                                  device=device)
         step.report(meta, metadata=("count", "embed_dim", "encoder_name"),
                     metrics=("count", "failed_count", "attempted_count", "no_url_count",
                              "throughput_items_per_sec", "encode_time_sec"))

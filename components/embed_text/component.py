@@ -16,6 +16,7 @@ def embed_text(
     text_model: str,
     text_batch_size: int,
     text_backend: str,
+    items_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
@@ -38,7 +39,7 @@ def embed_text(
 
     with component_step(locals(), text_embeddings, metrics, "text") as step:
         meta = embed_items_text(items.uri, step.out_dir, step.params, run_id=step.run_id,
-                                tracker=step.tracker)
+                                tracker=step.tracker, artifact_uri=step.artifact_uri)
         step.report(meta, metadata=("count", "embed_dim", "encoder_name", "text_backend"),
                     metrics=("count", "throughput_items_per_sec", "encode_time_sec"))
 

@@ -47,7 +47,9 @@ def fuse_embeddings(
             local_input_dir(text_embeddings.path) as text_dir, \
             local_input_dir(image_embeddings.path) as image_dir:
         meta = fuse_item_embeddings(text_dir, image_dir, step.out_dir, step.params,
-                                    run_id=step.run_id, tracker=step.tracker)
+                                    run_id=step.run_id, tracker=step.tracker,
+                                    artifact_uri=step.artifact_uri,
+                                    input_uris=(text_embeddings.uri, image_embeddings.uri))
         step.report(meta, metadata=("count", "output_dim", "items_with_images", "objective"),
                     metrics=("count", "items_with_images", "image_vectors_excluded",
                              "final_loss", "train_time_sec", "wall_time_sec"))

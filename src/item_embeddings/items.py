@@ -8,9 +8,11 @@ offending rows.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import pyarrow as pa
@@ -73,6 +75,36 @@ def open_items(uri: str) -> pads.Dataset:
         raise
     except (OSError, pa.ArrowInvalid) as exc:
         raise ItemsError(f"cannot read items table {uri}: {exc}") from None
+
+
+def items_fingerprint(uri: str) -> str:
+    """A hash of the items table's contents, cheap enough to compute on every run.
+
+    Local files are hashed whole (local tables are small); ``gs://`` objects contribute their
+    name, size and CRC32C checksum from the object metadata (no download), which changes with
+    any change of their bytes. Used as a cache key: a rerun over the same URI whose contents
+    changed must not be served yesterday's outputs.
+    """
+    from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
+
+    digest = hashlib.sha256()
+    if is_gcs_uri(uri):
+        bucket, prefix = split_gcs_uri(uri)
+        blobs = sorted((b for b in gcs_client().list_blobs(bucket, prefix=prefix)
+                        if b.name == prefix or b.name.endswith(".parquet")), key=lambda b: b.name)
+        if not blobs:
+            raise ItemsError(f"items table not found: {uri}")
+        for blob in blobs:
+            digest.update(f"{blob.name}\x1f{blob.size}\x1f{blob.crc32c}\x1e".encode())
+        return digest.hexdigest()
+    root = Path(arrow_filesystem(uri)[1])
+    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
+    if not files or not files[0].is_file():
+        raise ItemsError(f"items table not found: {uri}")
+    for file in files:
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}\x1f"
+                      f"{sha256_file(file)}\x1e".encode())
+    return digest.hexdigest()
 
 
 def _is_string(t: pa.DataType) -> bool:

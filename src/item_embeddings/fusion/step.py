@@ -43,6 +43,8 @@ def fuse_item_embeddings(
     *,
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
+    artifact_uri: str = "",
+    input_uris: tuple[str, str] | None = None,
     num_threads: int | None = None,
     init: str = "pca",
 ) -> dict[str, Any]:
@@ -61,6 +63,9 @@ def fuse_item_embeddings(
         params: Pipeline parameters; this step reads the ``fusion_*`` settings and ``seed``.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
+        artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
+        input_uris: Where the text and image inputs came from (the artifacts' URIs, recorded in
+            the config); default the two directories.
         num_threads: torch CPU threads (None: 1 below SINGLE_THREAD_BELOW_ITEMS items, else
             torch's current setting). Outputs are byte-identical for the same inputs, seed and
             thread count.
@@ -76,12 +81,14 @@ def fuse_item_embeddings(
     started = time.perf_counter()
     inputs = load_fusion_inputs(text_dir, image_dir)
     load_time = time.perf_counter() - started
+    text_uri, image_uri = input_uris or (str(text_dir), str(image_dir))
     with step_run("fuse-modal", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="fused_embeddings",
+                  artifact="fused_embeddings", artifact_uri=artifact_uri,
                   params={"output_dim": params.fusion_output_dim,
                           "hidden_dim": params.fusion_hidden_dim, "epochs": params.fusion_epochs,
                           "lr": params.fusion_lr, "batch_size": params.fusion_batch_size,
-                          "seed": params.seed, "objective": OBJECTIVE, "init": init}) as run, \
+                          "seed": params.seed, "objective": OBJECTIVE, "init": init,
+                          "text_uri": text_uri, "image_uri": image_uri}) as run, \
             torch_threads(num_threads, inputs.count) as threads:
         t0 = time.perf_counter()
         model, history = train_fusion_model(inputs, params, init)
@@ -128,8 +135,8 @@ def fuse_item_embeddings(
             "write_time_sec": write_time,
             "weights_file": FUSION_WEIGHTS,
             "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS),
-            "text_dir": str(text_dir),
-            "image_dir": str(image_dir),
+            "text_uri": text_uri,
+            "image_uri": image_uri,
         }, metrics={"count": inputs.count, "items_with_images": inputs.items_with_images,
                     "final_loss": final["loss"], "train_time_sec": train_time},
             versions=("torch", "numpy", "safetensors"))

@@ -163,6 +163,8 @@ def embed_items_images(
     *,
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
+    artifact_uri: str = "",
+    device: str | None = None,
     encoder: ImageEncoder | None = None,
     download_config: DownloadConfig | None = None,
     decode_workers: int | None = None,
@@ -185,6 +187,8 @@ def embed_items_images(
             ``allow_private_hosts``, ``shard_size`` and ``checkpoint_uri``.
         run_id: Pipeline run id (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
+        artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
+        device: Where the encoder runs ('cuda', 'cpu'); default CUDA when available.
         encoder: An already-loaded encoder (tests, benchmarks).
         download_config: Full downloader settings instead of the parameters' (tests).
         decode_workers: Decode threads (default min(8, CPUs)).
@@ -207,12 +211,12 @@ def embed_items_images(
                            params.shard_size)
 
     with step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="image_embeddings",
+                  artifact="image_embeddings", artifact_uri=artifact_uri,
                   params={"model_name": params.image_model, "pretrained": params.image_pretrained,
                           "max_items": max_items, "download_concurrency": config.concurrency,
                           "batch_size": params.image_batch_size, "items_uri": items_uri}) as run:
         if encoder is None:
-            encoder = load_image_encoder(params.image_model, params.image_pretrained)
+            encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
         settings = _shard_settings(items_uri, params, encoder, config)
         run_fingerprint = fingerprint(settings)
         store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,

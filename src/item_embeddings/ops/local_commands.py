@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from ..config import PipelineParams, resolve_params
@@ -18,15 +17,15 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from ..components import DEFAULT_IMAGE
     from ..pipeline import compile_pipeline
+    from .vertex import Images
 
-    kwargs = {"image": args.image} if args.image else {}
-    path = compile_pipeline(args.output, target=args.target, **kwargs)
+    if args.target == "vertex":
+        Images(cpu=args.image, gpu=args.gpu_image).require()
+    path = compile_pipeline(args.output, target=args.target, image=args.image or DEFAULT_IMAGE,
+                            gpu_image=args.gpu_image, pipeline_root=args.pipeline_root)
     print(f"compiled pipeline template ({args.target}) -> {path}")
-    if args.target == "vertex" and not args.image:
-        print("note: no --image given: the template names a placeholder image; build the "
-              "Dockerfile, push it, and compile with --image URI before running on Vertex",
-              file=sys.stderr)
     return 0
 
 
@@ -130,7 +129,13 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["vertex", "local"], default="vertex",
                    help="where the template will run (default: vertex)")
     p.add_argument("--image", metavar="URI",
-                   help="container image of the components (the project's image)")
+                   help="image of the CPU steps: your build of Dockerfile (required for vertex)")
+    p.add_argument("--gpu-image", metavar="URI",
+                   help="image of the T4 image step: your build of Dockerfile.gpu (required for "
+                        "vertex)")
+    p.add_argument("--pipeline-root", metavar="gs://BUCKET/PATH",
+                   help="default root of the runs' artifacts, so that runs started from the "
+                        "Vertex AI UI have one (submit --pipeline-root overrides it)")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)",

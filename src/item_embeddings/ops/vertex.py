@@ -30,6 +30,7 @@ _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PR
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_KMS_KEY = re.compile(r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$")
 _TERMINAL_OK = {"PIPELINE_STATE_SUCCEEDED"}
 _TERMINAL_BAD = {"PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED"}
 
@@ -64,25 +65,27 @@ def console_url(job_name: str) -> str:
 
 
 @contextlib.contextmanager
-def template_source(template: str | None, image: str | None = None) -> Iterator[str]:
+def template_source(template: str | None, images: "Images | None" = None) -> Iterator[str]:
     """Yield a template path/URL usable as ``PipelineJob(template_path=...)``.
 
-    ``None`` compiles the pipeline into a temporary file (removed afterwards); that needs the
-    components' image (a build of the Dockerfile) — the placeholder default cannot run on Vertex.
+    ``None`` compiles the pipeline into a temporary file (removed afterwards); that needs both
+    images (builds of the Dockerfiles pushed to your registry): the placeholder default cannot
+    run on Vertex.
     """
     if template is None:
         from ..pipeline import compile_pipeline
 
-        if not image:
-            raise ConfigError("compiling the pipeline for Vertex needs --image URI (the project's "
-                              "Dockerfile built and pushed to your registry), or pass "
-                              "--template FILE_OR_URL of a compiled template")
-
+        images = images or Images()
+        images.require()
         with tempfile.TemporaryDirectory(prefix="item-embeddings-") as tmp:
             path = Path(tmp) / f"{PIPELINE_NAME}.yaml"
-            compile_pipeline(str(path), target="vertex", image=image)
+            compile_pipeline(str(path), target="vertex", image=images.cpu,
+                             gpu_image=images.gpu, pipeline_root=images.pipeline_root)
             yield str(path)
         return
+    if images and (images.cpu or images.gpu):
+        raise ConfigError("--image/--gpu-image are for compiling the pipeline now; a --template "
+                          "already names its images")
     if is_registry_url(template) or template.startswith("gs://"):
         yield template  # the SDK downloads it
         return
@@ -93,6 +96,64 @@ def template_source(template: str | None, image: str | None = None) -> Iterator[
     if not Path(template).is_file():
         raise ConfigError(f"template file not found: {template}")
     yield template
+
+
+@dataclass(frozen=True)
+class Images:
+    """The container images a template is compiled with (and its default pipeline root)."""
+
+    cpu: str | None = None          # every CPU step (the slim Dockerfile)
+    gpu: str | None = None          # the T4 image step (Dockerfile.gpu: CUDA 12.x torch)
+    pipeline_root: str | None = None
+
+    def require(self) -> None:
+        """Both images must be given to compile for Vertex."""
+        missing = [flag for flag, value in (("--image", self.cpu), ("--gpu-image", self.gpu))
+                   if not value]
+        if missing:
+            raise ConfigError(
+                f"compiling the pipeline for Vertex needs {' and '.join(missing)} URI (the "
+                "project's Dockerfile and Dockerfile.gpu built and pushed to your registry, "
+                "e.g. with cloudbuild.yaml), or pass --template FILE_OR_URL of a compiled "
+                "template")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one pipeline run is: submit and schedules take the same settings.
+
+    Attributes:
+        project: Google Cloud project id.
+        region: Vertex AI region, e.g. ``us-central1``.
+        parameter_values: Pipeline parameters to set (the rest keep the template defaults).
+        template: Local template file, ``gs://`` file, Artifact Registry URL, or ``None`` to
+            compile now with ``images``.
+        images: The images (and default pipeline root) to compile with when ``template`` is
+            None.
+        pipeline_root: ``gs://`` prefix for the run's artifacts (default: the template's).
+        service_account: Service account the run's tasks, and the T4 custom job, run as.
+        network: VPC network ``projects/NUMBER/global/networks/NAME`` the run (and the T4 job)
+            is peered with.
+        encryption_key: Cloud KMS key (CMEK) ``projects/P/locations/L/keyRings/R/cryptoKeys/K``
+            for the run's resources, the T4 job included.
+        labels: Labels on the run (Vertex propagates them to the T4 custom job).
+        enable_caching: ``True``/``False`` forces caching on/off for every task; ``None`` keeps
+            the template's per-task setting (cached steps are keyed by the items' contents).
+        credentials: Explicit credentials (default: application default credentials).
+    """
+
+    project: str
+    region: str
+    parameter_values: Mapping[str, Any]
+    template: str | None = None
+    images: Images = Images()
+    pipeline_root: str | None = None
+    service_account: str | None = None
+    network: str | None = None
+    encryption_key: str | None = None
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    enable_caching: bool | None = None
+    credentials: Any = None
 
 
 def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
@@ -113,34 +174,37 @@ def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
     return labels
 
 
-def _make_job(*, template_path: str, project: str, region: str, pipeline_root: str | None,
-              parameter_values: Mapping[str, Any], display_name: str | None, job_id: str | None,
-              labels: Mapping[str, str] | None, enable_caching: bool | None, credentials):
+def _make_job(template_path: str, run: RunSettings, *, display_name: str | None,
+              job_id: str | None):
     from google.cloud import aiplatform
 
     # Values are checked here, before anything is sent: on Vertex a bad one would fail a task
     # (or the custom job's creation) minutes later, and be retried.
-    problems = [p for name, value in parameter_values.items()
+    problems = [p for name, value in run.parameter_values.items()
                 if name in PARAM_FIELDS and (p := check_value(name, value))]
     if problems:
         raise ConfigError("; ".join(problems))
+    if run.encryption_key and not _KMS_KEY.match(run.encryption_key):
+        raise ConfigError(f"encryption key {run.encryption_key!r} must look like "
+                          "projects/P/locations/L/keyRings/R/cryptoKeys/K")
     try:
         job = aiplatform.PipelineJob(
             display_name=display_name or PIPELINE_NAME,
             template_path=template_path,
             job_id=job_id,
-            pipeline_root=pipeline_root,
-            parameter_values=dict(parameter_values),
-            enable_caching=enable_caching,
-            labels=dict(labels or {}) or None,
-            credentials=credentials,
-            project=project,
-            location=region,
+            pipeline_root=run.pipeline_root,
+            parameter_values=dict(run.parameter_values),
+            enable_caching=run.enable_caching,
+            encryption_spec_key_name=run.encryption_key or None,
+            labels=dict(run.labels) or None,
+            credentials=run.credentials,
+            project=run.project,
+            location=run.region,
         )
     except ValueError as exc:
         # The SDK validates parameter names and types against the template here.
         raise ConfigError(f"template {template_path}: {exc}") from None
-    _require_items_uri(job, parameter_values)
+    _require_items_uri(job, run.parameter_values)
     return job
 
 
@@ -156,62 +220,38 @@ def _require_items_uri(job, parameter_values: Mapping[str, Any]) -> None:
 
 
 def submit_pipeline(
+    run: RunSettings,
     *,
-    project: str,
-    region: str,
-    parameter_values: Mapping[str, Any],
-    template: str | None = None,
-    image: str | None = None,
-    pipeline_root: str | None = None,
-    service_account: str | None = None,
-    network: str | None = None,
-    labels: Mapping[str, str] | None = None,
     experiment: str | None = None,
-    enable_caching: bool | None = None,
     display_name: str | None = None,
     job_id: str | None = None,
     wait: bool = False,
     poll_interval_s: float = 30.0,
     timeout_s: float | None = None,
     on_state: Callable[[str], None] | None = None,
-    credentials=None,
 ) -> SubmitResult:
     """Create a Vertex AI pipeline run, optionally wait for it to finish.
 
     Args:
-        project: Google Cloud project id.
-        region: Vertex AI region, e.g. ``us-central1``.
-        parameter_values: Pipeline parameters to set (the rest keep the template defaults).
-        template: Local template file, Artifact Registry URL, or ``None`` to compile now.
-        image: Container image of the components when compiling on the fly.
-        pipeline_root: ``gs://`` prefix for the run's artifacts (default: the template's).
-        service_account: Service account the run's tasks use.
-        network: VPC network ``projects/NUMBER/global/networks/NAME`` to peer with.
-        labels: Labels on the PipelineJob (billing, filtering).
+        run: What the run is (project, template, parameters, identity, network, CMEK, ...).
         experiment: Vertex AI Experiments experiment the run is linked to (``None``: not linked).
-        enable_caching: ``True``/``False`` forces caching on/off for every task; ``None`` keeps
-            the template's per-task setting.
         display_name: Name shown in the console (default ``item-embeddings``).
         job_id: Explicit job id (default: ``item-embeddings-<timestamp>``).
         wait: Poll the run's state until it ends; raise :class:`PipelineRunFailed` if it fails.
         poll_interval_s: Seconds between state polls.
         timeout_s: Give up waiting after this long (the run itself keeps going).
         on_state: Called with each new state name while waiting (progress output).
-        credentials: Explicit credentials (default: application default credentials).
 
     Returns:
         The job's resource name, id, console link and last known state.
     """
-    with template_source(template, image) as template_path:
-        job = _make_job(template_path=template_path, project=project, region=region,
-                        pipeline_root=pipeline_root, parameter_values=parameter_values,
-                        display_name=display_name, job_id=job_id, labels=labels,
-                        enable_caching=enable_caching, credentials=credentials)
-        job.submit(service_account=service_account, network=network,
+    with template_source(run.template, run.images) as template_path:
+        job = _make_job(template_path, run, display_name=display_name, job_id=job_id)
+        job.submit(service_account=run.service_account, network=run.network,
                    experiment=experiment or None)
     result = SubmitResult(job_name=job.resource_name, job_id=job.job_id,
                           dashboard_uri=console_url(job.resource_name),
-                          state=job.gca_resource.state.name, template=template or "compiled")
+                          state=job.gca_resource.state.name, template=run.template or "compiled")
     if not wait:
         return result
     state = wait_for_job(job, poll_interval_s=poll_interval_s, timeout_s=timeout_s,
@@ -285,26 +325,16 @@ def cron_with_time_zone(cron: str, time_zone: str | None) -> str:
 
 
 def create_schedule(
+    run: RunSettings,
     *,
-    project: str,
-    region: str,
     cron: str,
-    parameter_values: Mapping[str, Any],
     display_name: str,
     time_zone: str | None = None,
-    template: str | None = None,
-    image: str | None = None,
-    pipeline_root: str | None = None,
-    service_account: str | None = None,
-    network: str | None = None,
-    labels: Mapping[str, str] | None = None,
-    enable_caching: bool | None = None,
     start_time: str | None = None,
     end_time: str | None = None,
     max_concurrent_runs: int = 1,
     max_runs: int | None = None,
     allow_queueing: bool = False,
-    credentials=None,
 ) -> str:
     """Create a schedule that starts a run of the template on a cron; return its resource name.
 
@@ -319,16 +349,13 @@ def create_schedule(
     start, end = _rfc3339(start_time, "start time"), _rfc3339(end_time, "end time")
     if start and end and end <= start:
         raise ConfigError(f"end time {end} is not after start time {start}")
-    with template_source(template, image) as template_path:
-        job = _make_job(template_path=template_path, project=project, region=region,
-                        pipeline_root=pipeline_root, parameter_values=parameter_values,
-                        display_name=display_name, job_id=None, labels=labels,
-                        enable_caching=enable_caching, credentials=credentials)
+    with template_source(run.template, run.images) as template_path:
+        job = _make_job(template_path, run, display_name=display_name, job_id=None)
         schedule = job.create_schedule(
             cron=cron, display_name=display_name, start_time=start, end_time=end,
             allow_queueing=allow_queueing, max_run_count=max_runs,
-            max_concurrent_run_count=max_concurrent_runs, service_account=service_account,
-            network=network)
+            max_concurrent_run_count=max_concurrent_runs, service_account=run.service_account,
+            network=run.network)
     return schedule.resource_name
 
 
@@ -396,18 +423,28 @@ class UploadResult:
     tag_urls: dict[str, str]      # moving: e.g. .../latest
 
 
+def _refuse_placeholder_image(template_path: str) -> None:
+    """A template naming the placeholder image cannot run anywhere: never publish one."""
+    from ..components import DEFAULT_IMAGE
+
+    if DEFAULT_IMAGE in Path(template_path).read_text():
+        raise ConfigError(f"template {template_path} names the placeholder image "
+                          f"{DEFAULT_IMAGE}: compile it with --image and --gpu-image (your "
+                          "builds of Dockerfile and Dockerfile.gpu) before uploading")
+
+
 def registry_host(region: str, project: str, repository: str) -> str:
     return f"https://{region}-kfp.pkg.dev/{project}/{repository}"
 
 
-def upload_template(host: str, *, template: str | None = None, image: str | None = None,
+def upload_template(host: str, *, template: str | None = None, images: Images | None = None,
                     tags: Sequence[str] = ("latest",), auth=None) -> UploadResult:
     """Push a compiled template to an Artifact Registry KFP repository with version tags.
 
     Args:
         host: ``https://REGION-kfp.pkg.dev/PROJECT/REPO`` (the repository must exist, format KFP).
         template: Local template file; ``None`` compiles the pipeline now.
-        image: Container image of the components when compiling on the fly.
+        images: The images (and default pipeline root) when compiling now.
         tags: Tags to attach (e.g. ``v1.2.0``, ``latest``); a tag already on another version
             moves to this one.
         auth: ``requests`` auth or google credentials (default: application default credentials).
@@ -428,7 +465,8 @@ def upload_template(host: str, *, template: str | None = None, image: str | None
         raise ConfigError("upload needs a local template file (or none, to compile now)")
     host = host.rstrip("/")
     client = RegistryClient(host=host, auth=auth)
-    with template_source(template, image) as path:
+    with template_source(template, images) as path:
+        _refuse_placeholder_image(path)
         try:
             package, version = client.upload_pipeline(file_name=path, tags=list(tags) or None)
         except requests.HTTPError as exc:

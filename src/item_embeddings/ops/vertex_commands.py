@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
 
 from ..config import ConfigError, PipelineParams
 from .cli_args import add_param_options, given_parameters, params_epilog
@@ -40,7 +39,19 @@ def _add_template(p: argparse.ArgumentParser) -> None:
                         "https://REGION-kfp.pkg.dev/PROJECT/REPO/item-embeddings/TAG; "
                         "default: compile the pipeline now")
     g.add_argument("--image", metavar="URI",
-                   help="component image used when compiling now (default: the project's)")
+                   help="when compiling now: the CPU steps' image (your build of Dockerfile); "
+                        "there is no default")
+    p.add_argument("--gpu-image", metavar="URI",
+                   help="when compiling now: the T4 image step's image (your build of "
+                        "Dockerfile.gpu); there is no default")
+    p.add_argument("--compile-pipeline-root", metavar="gs://BUCKET/PATH",
+                   help="when compiling now: the template's default pipeline root")
+
+
+def _images(args: argparse.Namespace):
+    from .vertex import Images
+
+    return Images(cpu=args.image, gpu=args.gpu_image, pipeline_root=args.compile_pipeline_root)
 
 
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
@@ -49,9 +60,12 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
     _add_template(p)
     p.add_argument("--pipeline-root", metavar="gs://BUCKET/PATH",
                    help="where the run's artifacts go (default: the template's)")
-    p.add_argument("--service-account", metavar="EMAIL", help="service account the tasks run as")
+    p.add_argument("--service-account", metavar="EMAIL",
+                   help="service account the tasks (and the T4 custom job) run as")
     p.add_argument("--network", metavar="projects/NUMBER/global/networks/NAME",
-                   help="VPC network to peer the run with")
+                   help="VPC network to peer the run (and its T4 custom job) with")
+    p.add_argument("--encryption-key", metavar="projects/P/locations/L/keyRings/R/cryptoKeys/K",
+                   help="Cloud KMS key (CMEK) for the run's resources, the T4 job included")
     p.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
                    help="label on the run (repeatable)")
     caching = p.add_mutually_exclusive_group()
@@ -64,28 +78,29 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
     add_param_options(p)
 
 
-def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from .vertex import parse_labels
+def _run_settings(args: argparse.Namespace):
+    from .vertex import RunSettings, parse_labels
 
-    return dict(project=_project(args), region=args.region,
-                parameter_values=given_parameters(args), template=args.template,
-                image=args.image, pipeline_root=args.pipeline_root,
-                service_account=args.service_account, network=args.network,
-                labels=parse_labels(args.labels), enable_caching=args.enable_caching)
+    return RunSettings(project=_project(args), region=args.region,
+                       parameter_values=given_parameters(args), template=args.template,
+                       images=_images(args), pipeline_root=args.pipeline_root,
+                       service_account=args.service_account, network=args.network,
+                       encryption_key=args.encryption_key, labels=parse_labels(args.labels),
+                       enable_caching=args.enable_caching)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .vertex import submit_pipeline
 
-    kwargs = _run_kwargs(args)
+    run = _run_settings(args)
     experiment = None
     if not args.no_experiment:
-        experiment = (args.experiment or kwargs["parameter_values"].get("experiment")
+        experiment = (args.experiment or run.parameter_values.get("experiment")
                       or PipelineParams().experiment)
         # The steps log their own runs to the same experiment the job is linked to.
-        kwargs["parameter_values"]["experiment"] = experiment
+        run.parameter_values["experiment"] = experiment
     result = submit_pipeline(
-        **kwargs, experiment=experiment, display_name=args.display_name, job_id=args.job_id,
+        run, experiment=experiment, display_name=args.display_name, job_id=args.job_id,
         wait=args.wait, poll_interval_s=args.poll_interval, timeout_s=args.timeout,
         on_state=lambda state: print(f"state: {state}", flush=True))
     print(f"submitted {result.job_name}\n  console: {result.dashboard_uri}")
@@ -100,7 +115,7 @@ def _cmd_schedule_create(args: argparse.Namespace) -> int:
     from .vertex import create_schedule
 
     name = create_schedule(
-        **_run_kwargs(args), cron=args.cron, time_zone=args.time_zone,
+        _run_settings(args), cron=args.cron, time_zone=args.time_zone,
         display_name=args.display_name or "item-embeddings-schedule",
         start_time=args.start_time, end_time=args.end_time,
         max_concurrent_runs=args.max_concurrent_runs, max_runs=args.max_runs,
@@ -146,7 +161,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         host = registry_host(args.region, _project(args), args.repository)
     else:
         raise ConfigError("give --host https://REGION-kfp.pkg.dev/PROJECT/REPO or --repository")
-    result = upload_template(host, template=args.template, image=args.image,
+    result = upload_template(host, template=args.template, images=_images(args),
                              tags=args.tags or ["latest"])
     print(f"uploaded {result.package} {result.version}\n  {result.version_url}")
     for url in result.tag_urls.values():

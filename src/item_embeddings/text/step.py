@@ -30,6 +30,7 @@ def embed_items_text(
     *,
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
+    artifact_uri: str = "",
     encoder: TextEncoder | None = None,
 ) -> dict[str, Any]:
     """Embed every item's title + description and write the text step's outputs.
@@ -45,6 +46,8 @@ def embed_items_text(
             ``text_batch_size`` and ``text_backend``.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
+        artifact_uri: The output's durable URI for the experiment run (the gs:// artifact on
+            Vertex, where ``output_dir`` is a local staging directory); default ``output_dir``.
         encoder: An already-loaded encoder (tests, benchmarks); loaded from the parameters if
             None.
 
@@ -57,7 +60,7 @@ def embed_items_text(
     columns = ItemColumns.from_params(params)
     n = validate_items(items_uri, columns).num_rows  # before any model loads
     with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="text_embeddings",
+                  artifact="text_embeddings", artifact_uri=artifact_uri,
                   params={"model_name": params.text_model, "batch_size": params.text_batch_size,
                           "text_backend": params.text_backend, "items_uri": items_uri}) as run:
         if encoder is None:
