@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -69,7 +70,8 @@ def test_component_python_func(tmp_path, items_path):
 
 @pytest.fixture(scope="module")
 def dag_run(tmp_path_factory, tiny_model):
-    """The whole DAG with kfp.local: a generated catalogue, images served on 127.0.0.1."""
+    """The whole DAG with kfp.local: a generated catalogue, images served on 127.0.0.1 (for
+    the whole module: some tests run the DAG again)."""
     import pyarrow as pa
 
     from item_embeddings.sample import SampleImageServer, make_sample_catalogue
@@ -93,8 +95,8 @@ def dag_run(tmp_path_factory, tiny_model):
         out = root / "out"
         rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
                    "--config", str(cfg), "--set", "allow_private_hosts=true"])
-    assert rc == 0
-    return items, out, urls, root / "published"
+        assert rc == 0
+        yield items, out, urls, root / "published"  # the host stays up for later reruns
 
 
 @pytest.mark.slow
@@ -140,6 +142,30 @@ def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
     assert main(args) == 0  # every step cached: no new experiment runs, same files
     assert sorted(p.name for p in runs_dir.glob("*.json")) == before
     np.testing.assert_array_equal(np.load(out / "fused.npy"), fused)
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_run, capsys):
+    """A nightly run over the same items_uri whose file changed must not be served the cache."""
+    items, out, _, _ = dag_run
+    runs_dir = out / "runs" / "test-exp"
+    before = set(p.name for p in runs_dir.glob("*.json"))
+    text_before = np.load(out / "txt.npy")
+    table = pq.read_table(items)
+    titles = table.column("title").to_pylist()
+    titles[0] = "A completely different product: a cast-iron frying pan"
+    pq.write_table(table.set_column(table.schema.get_field_index("title"), "title",
+                                    pa.array(titles)), items)  # same path, new contents
+    args = ["run-local", "--items", str(items), "--output-dir", str(out),
+            "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true"]
+    assert main(args) == 0  # caching is on (the default)
+    text_after = np.load(out / "txt.npy")
+    assert not np.array_equal(text_after[0], text_before[0])  # recomputed from the new title
+    np.testing.assert_allclose(text_after[1:], text_before[1:], atol=1e-6)
+    new_runs = {p.name.split("-item-embeddings")[0]
+                for p in runs_dir.glob("*.json") if p.name not in before}
+    assert new_runs == {"embed-text", "embed-image", "fuse-modal"}  # logged, not cached
     capsys.readouterr()
 
 
