@@ -1,3 +1,4 @@
+import os
 import json
 
 import numpy as np
@@ -61,3 +62,21 @@ def test_outputs_on_gcsfuse_are_staged_locally_and_inputs_copied(tmp_path, monke
             (out / "fused.npy").write_text("partial")
             raise ValueError("step failed")
     assert not (mount / "failed").exists()
+
+
+def test_written_files_are_readable_like_ordinary_files(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        storage.write_json_atomic(tmp_path / "a.json", {"v": 1})
+        with storage.atomic_npy(tmp_path / "a.npy", (2, 3)) as array:
+            array[:] = 1
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "txt_meta.json").write_text("{}")
+        storage.place_files([src / "txt_meta.json"], tmp_path / "placed", META_FILES)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.json", tmp_path / "a.npy", tmp_path / "placed" / "txt_meta.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

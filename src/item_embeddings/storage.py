@@ -92,15 +92,31 @@ def download_gcs_prefix(uri: str, dest: Path) -> Path:
     return dest
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (threads are running)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
 
-    On error the temporary file is removed and ``dest`` is left as it was.
+    The file gets ordinary permissions (0666 less the umask, e.g. 0644), not the 0600 of a
+    temporary file, so a shared output folder stays readable. On error the temporary file is
+    removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
