@@ -169,11 +169,48 @@ def test_step_records_backend_and_fast_model_hash(tmp_path, cache, monkeypatch, 
     assert meta["text_backend"] == "onnx-int8" and meta["dtype"] == "int8"
     assert meta["fast_model_sha256"] == encoders["onnx-int8"].model_sha256
     assert np.load(tmp_path / "out" / "txt.npy").shape == (30, 384)
+    # an approximation: recorded as such, with the gate it passed on this catalogue's texts
+    assert meta["exact"] is False
+    gate = meta["quality_gate"]
+    assert gate["passed"] and gate["sample"] == 30 and gate["cosine_mean"] > 0.99
+    assert "top10_overlap" in gate
+
+
+def test_default_backend_is_exact(tmp_path, cache, monkeypatch, encoders):
+    """What a user gets without choosing: the model's own vectors, not an approximation."""
+    from sentence_transformers import SentenceTransformer
+
+    from item_embeddings.items import item_text
+
+    monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(cache))
+    cat = catalogue(30)
+    items = write_items(tmp_path / "items.parquet", cat)
+    meta = embed_items_text(str(items), tmp_path / "out", run_id="r1")  # text_backend=auto
+    assert meta["text_backend"] == "onnx" and meta["exact"] is True
+    assert meta["quality_gate"] is None and meta["dtype"] == "float32"
+    texts = [item_text(t, d) for t, d in zip(cat["title"], cat["description"])]
+    plain = SentenceTransformer(resolve_text_model("all-MiniLM-L6-v2").location, device="cpu")
+    want = plain.encode(texts, normalize_embeddings=True)
+    got = np.load(tmp_path / "out" / "txt.npy")
+    assert (got * want).sum(axis=1).min() >= 0.9999
+
+
+def test_an_approximation_that_fails_the_gate_is_refused_before_encoding(
+        tmp_path, cache, monkeypatch, encoders):
+    from item_embeddings.text import quality
+
+    monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(cache))
+    monkeypatch.setattr(quality, "GATE_MEAN_COSINE", 0.99999)  # int8 cannot get this close
+    items = write_items(tmp_path / "items.parquet", catalogue(30))
+    with pytest.raises(quality.QualityGateError, match="'onnx-int8' fails the quality gate "
+                                                       "on 30 texts"):
+        embed_items_text(str(items), tmp_path / "out", PipelineParams(text_backend="onnx-int8"))
+    assert not (tmp_path / "out" / "txt.npy").exists()
 
 
 def test_backend_names_are_checked():
-    assert resolve_backend("auto", "cpu") == "onnx-int8"
-    assert resolve_backend("auto", "cuda") == "torch-fp16"
+    assert resolve_backend("auto", "cpu") == "onnx"  # exact by default
+    assert resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(ValueError, match="unknown text_backend 'onnx-fp8'"):
         load_text_encoder(backend="onnx-fp8")

@@ -57,9 +57,10 @@ class PipelineParams:
         "sentence-transformers model: hub id, local directory or gs:// directory.", nonempty=True)
     text_batch_size: int = _param(128, "Texts per encoder batch.", low=1, high=65536)
     text_backend: str = _param(
-        "auto", "Text encoder: 'auto' (fastest that passes the quality gate: onnx-int8 on CPU, "
-        "torch-fp16 on a GPU), 'torch' (exact fp32 sentence-transformers), 'torch-fp16', 'onnx' "
-        "(fp32) or 'onnx-int8'.", choices=TEXT_BACKENDS)
+        "auto", "Text encoder: 'auto' (exact and fastest: onnx fp32 on CPU, torch fp32 on a "
+        "GPU), 'torch' (fp32 sentence-transformers), 'onnx' (fp32), or the approximations "
+        "'onnx-int8' and 'torch-fp16' (opt-in; checked against the exact model on a sample "
+        "of the items first).", choices=TEXT_BACKENDS)
     # Image step
     image_model: str = _param("ViT-B-32", "open_clip model name.", nonempty=True)
     image_pretrained: str = _param(

@@ -8,8 +8,12 @@ Backends (``text_backend``):
 * ``torch``: plain sentence-transformers in float32, exact (the reference).
 * ``torch-fp16``: sentence-transformers with ``model.half()`` on CUDA (GPU only).
 * ``onnx`` / ``onnx-int8``: the same model exported to ONNX (:mod:`item_embeddings.text.onnx`).
-* ``auto``: ``torch-fp16`` when CUDA is available, else ``onnx-int8`` (the fastest CPU backend
-  that passes the quality gate, see ``docs/text.md``).
+* ``auto``: exact: ``torch`` (float32) on CUDA, else ``onnx`` (float32, the fastest exact CPU
+  backend, see ``docs/text.md``).
+
+``onnx-int8`` and ``torch-fp16`` approximate the model: they are used only when asked for by
+name, and the step checks them against the exact reference on a sample of the catalogue first
+(:data:`APPROXIMATE_BACKENDS`, :mod:`.quality`).
 
 Example::
 
@@ -29,6 +33,7 @@ from .models import ResolvedModel, resolve_text_model
 from .onnx import ONNX_BACKENDS, OnnxTextEncoder
 
 TORCH_BACKENDS = ("torch", "torch-fp16")
+APPROXIMATE_BACKENDS = ("onnx-int8", "torch-fp16")  # opt-in, gated (see the step)
 _DEFAULTS = PipelineParams()
 BACKENDS = TEXT_BACKENDS  # "auto" and the concrete ones (declared with the parameter)
 
@@ -89,8 +94,8 @@ def resolve_backend(backend: str, device: str | None = None) -> str:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if backend == "auto":
-        return "torch-fp16" if device.startswith("cuda") else "onnx-int8"
+    if backend == "auto":  # exact by default: approximations are opt-in
+        return "torch" if device.startswith("cuda") else "onnx"
     if not device.startswith("cuda"):
         raise ValueError(f"text_backend 'torch-fp16' needs a CUDA device, got {device!r}")
     return backend
@@ -102,8 +107,8 @@ def load_text_encoder(name: str = _DEFAULTS.text_model,
     """Load the encoder of ``backend``.
 
     ``torch`` (the default here) is plain sentence-transformers in float32, exact on any device;
-    ``auto`` picks the fastest backend that passes the quality gate (``torch-fp16`` on CUDA,
-    ``onnx-int8`` on CPU); ``onnx`` / ``onnx-int8`` build their ONNX model once into the cache.
+    ``auto`` picks the fastest exact backend (``torch`` on CUDA, ``onnx`` float32 on CPU);
+    ``onnx`` / ``onnx-int8`` build their ONNX model once into the cache.
     """
     backend = resolve_backend(backend, device)
     if backend in ONNX_BACKENDS:

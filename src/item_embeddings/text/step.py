@@ -16,11 +16,25 @@ from ..progress import Progress
 from ..step import step_run
 from ..storage import atomic_npy, write_parquet_atomic
 from ..tracking import ExperimentTracker
-from .encoders import TextEncoder, load_text_encoder
+from .encoders import APPROXIMATE_BACKENDS, TextEncoder, load_text_encoder
+from .quality import check_backend_on_sample
 
 logger = logging.getLogger(__name__)
 
 READ_BATCH_ROWS = 4096  # rows per streamed record batch; bounds memory independently of N
+
+
+def _gate_on_catalogue(items_uri: str, columns: ItemColumns, params: PipelineParams,
+                       encoder: TextEncoder) -> dict[str, Any]:
+    """Check an approximate backend against the exact model on this catalogue's first texts,
+    before encoding anything (a failure names the numbers and the exact alternative)."""
+    first = next(iter_batches(items_uri, [columns.title, columns.description], READ_BATCH_ROWS))
+    reference = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
+                                  device=encoder.device, backend="torch")
+    gate = check_backend_on_sample(batch_texts(first, columns), encoder, reference)
+    logger.info("text_backend %s passes the quality gate on %d texts: %s", encoder.backend,
+                gate["sample"], gate)
+    return gate
 
 
 def embed_items_text(
@@ -66,6 +80,8 @@ def embed_items_text(
         if encoder is None:
             encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
                                         backend=params.text_backend)
+        exact = encoder.backend not in APPROXIMATE_BACKENDS
+        gate = None if exact else _gate_on_catalogue(items_uri, columns, params, encoder)
         ids: list[pa.Array] = []
         empty = null_title = null_description = 0
         encode_time = 0.0
@@ -94,6 +110,10 @@ def embed_items_text(
             "encoder_name": params.text_model,
             "encoder_location": encoder.resolved.location,
             "text_backend": encoder.backend,
+            # exact: the model's own vectors (cosine >= 0.9999 to plain sentence-transformers);
+            # otherwise an opt-in approximation and the gate it passed on this catalogue
+            "exact": exact,
+            "quality_gate": gate,
             # sha256 of the ONNX model the onnx backends run (None for torch backends)
             "fast_model_sha256": getattr(encoder, "model_sha256", None),
             "weights_sha256": encoder.resolved.weights_sha256,
@@ -112,7 +132,8 @@ def embed_items_text(
             "items_uri": items_uri,
             "id_column": columns.id,
         }, metrics={"count": n, "throughput_items_per_sec": throughput,
-                    "encode_time_sec": encode_time},
+                    "encode_time_sec": encode_time,
+                    **{f"gate_{k}": v for k, v in (gate or {}).items() if k != "passed"}},
             versions=("torch", "sentence-transformers", "transformers", "onnxruntime", "numpy"))
     logger.info("embedded %d items in %.1fs (%.1f items/s) -> %s", n, encode_time, throughput,
                 run.out)
