@@ -1,0 +1,101 @@
+"""Components as they run on Vertex AI: artifacts are gs:// URIs whose files sit on a gcsfuse
+mount (simulated by a local folder), and the image step's machine has a GPU it must use."""
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from kfp import dsl
+from kfp.dsl.types import artifact_types
+
+from conftest import catalogue, write_items
+from item_embeddings import storage
+from item_embeddings.outputs import FUSION_CONFIG, TXT_ARRAY, TXT_META
+from item_embeddings.runtime import GpuUnavailableError, require_cuda
+
+
+@pytest.fixture
+def vertex_mount(tmp_path, monkeypatch):
+    """gs://B/x is read and written at <tmp>/gcs/B/x, as gcsfuse mounts it at /gcs/B/x."""
+    mount = tmp_path / "gcs"
+    mount.mkdir()
+    monkeypatch.setattr(artifact_types, "_GCS_LOCAL_MOUNT_PREFIX", f"{mount}/")
+    monkeypatch.setattr(storage, "FUSE_MOUNTS", (f"{mount}/",))
+    return mount
+
+
+def test_text_step_logs_the_gs_artifact_not_the_staging_dir(vertex_mount, gcs, tmp_path):
+    from item_embeddings.components.embed_text import embed_text
+
+    bucket = gcs.create_bucket(f"b-{uuid.uuid4().hex[:8]}")
+    local_items = write_items(tmp_path / "items.parquet", catalogue(12))
+    bucket.blob("items/items.parquet").upload_from_filename(str(local_items))
+    items_uri = f"gs://{bucket.name}/items/items.parquet"
+    out_uri = f"gs://{bucket.name}/root/123/item-embeddings-run7/embed-text_1/text_embeddings"
+    output = dsl.Dataset(name="text_embeddings", uri=out_uri, metadata={})
+    metrics = dsl.Metrics(name="metrics", uri=out_uri.replace("text_embeddings", "metrics"))
+    embed_text(items=dsl.Dataset(name="items", uri=items_uri), text_embeddings=output,
+               metrics=metrics, text_backend="torch", text_batch_size=8,
+               items_fingerprint="f00d", tracking_backend="local",
+               tracking_dir=str(tmp_path / "runs"))
+    on_mount = vertex_mount / out_uri[len("gs://"):]
+    assert np.load(on_mount / TXT_ARRAY).shape == (12, 384)  # staged, then copied
+    assert json.loads((on_mount / TXT_META).read_text())["items_uri"] == items_uri
+    record = json.loads((tmp_path / "runs" / "recsys-dev" /
+                         "embed-text-item-embeddings-run7.json").read_text())
+    assert record["artifacts"] == {"text_embeddings": out_uri}
+    assert record["params"]["items_uri"] == items_uri
+    assert output.metadata["items_fingerprint"] == "f00d"
+
+
+def test_fusion_records_its_inputs_gs_uris(vertex_mount, tmp_path):
+    from item_embeddings.components.fuse_embeddings import fuse_embeddings
+    from item_embeddings.fusion.synthetic import write_synthetic_catalogue
+
+    def artifact(name):
+        uri = f"gs://bucket/root/9/item-embeddings-run8/{name}_1/{name}"
+        return uri, vertex_mount / uri[len("gs://"):]
+
+    text_uri, text_dir = artifact("text")
+    image_uri, image_dir = artifact("image")
+    write_synthetic_catalogue(text_dir, image_dir, n=60, seed=1)
+    fused_uri, fused_dir = artifact("fused")
+    fuse_embeddings(text_embeddings=dsl.Dataset(name="t", uri=text_uri),
+                    image_embeddings=dsl.Dataset(name="i", uri=image_uri),
+                    fused_embeddings=dsl.Dataset(name="fused", uri=fused_uri, metadata={}),
+                    metrics=dsl.Metrics(name="m", uri=fused_uri + "-metrics"),
+                    fusion_epochs=1, tracking_backend="none")
+    config = json.loads((fused_dir / FUSION_CONFIG).read_text())
+    assert (config["text_uri"], config["image_uri"]) == (text_uri, image_uri)
+
+
+def test_image_step_on_a_gpu_machine_without_a_usable_gpu_fails_before_any_work(tmp_path):
+    """Not a silent fallback to 4 vCPUs: the task fails, so its retry gets another VM."""
+    from item_embeddings.components.embed_images import embed_images
+
+    items = write_items(tmp_path / "items.parquet", catalogue(6))
+    task = tmp_path / "item-embeddings-run9" / "embed-images"
+    output = dsl.Dataset(name="image_embeddings", uri=str(task / "out"), metadata={})
+    with pytest.raises(GpuUnavailableError, match="sees no usable GPU.*retry gets another VM"):
+        embed_images(items=dsl.Dataset(name="items", uri=str(items)), image_embeddings=output,
+                     metrics=dsl.Metrics(name="m", uri=str(task / "metrics")),
+                     require_gpu=True, tracking_backend="none")
+    assert not (task / "out").exists() or not any((task / "out").rglob("*.*"))
+
+
+def test_a_gpu_that_cannot_run_kernels_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    real_ones = torch.ones
+
+    def ones(*args, device=None, **kw):
+        if device == "cuda":
+            raise RuntimeError("CUDA error: no kernel image is available for execution")
+        return real_ones(*args, device=device, **kw)
+
+    monkeypatch.setattr(torch, "ones", ones)
+    with pytest.raises(GpuUnavailableError, match="cannot run a CUDA kernel.*Tesla T4.*no kernel"):
+        require_cuda("the image step")
