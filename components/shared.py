@@ -101,11 +101,13 @@ class ComponentStep:
     def report(self, meta: Mapping[str, Any], *, metadata: Sequence[str],
                metrics: Sequence[str]) -> None:
         """Copy ``metadata`` keys of the step's meta onto the output artifact and ``metrics``
-        keys into the Metrics artifact (``<prefix>_<key>``)."""
+        keys into the Metrics artifact (``<prefix>_<key>``); keys a step's mode does not
+        produce (e.g. a loss when the fusion model is applied, not trained) are left out."""
         from item_embeddings.tracking import write_metrics_artifact
 
         self.output.metadata.update({k: meta[k] for k in metadata})
-        write_metrics_artifact(self.metrics, self.prefix, {k: meta[k] for k in metrics})
+        write_metrics_artifact(self.metrics, self.prefix,
+                               {k: meta[k] for k in metrics if meta.get(k) is not None})
 
 
 @contextlib.contextmanager

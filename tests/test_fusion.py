@@ -497,3 +497,30 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-6
     assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+
+
+def test_training_that_makes_things_worse_keeps_the_start(tmp_path, synthetic):
+    """A learning rate far too high scrambles the PCA start: the step keeps the start (epoch
+    0) instead of finishing worse than it began; a sane one keeps a trained epoch."""
+    from item_embeddings.fusion.model import init_from_pca
+    from item_embeddings.fusion.training import _second_moment
+
+    root, _ = synthetic
+    bad = fuse_item_embeddings(root / "text", root / "image", tmp_path / "bad",
+                               PipelineParams(fusion_lr=5.0, fusion_epochs=2), run_id="r1")
+    assert bad["best_epoch"] == 0
+    assert all(h["eval_loss"] > bad["initial_eval_loss"] for h in bad["loss_history"])
+    assert bad["final_loss"] == bad["initial_eval_loss"]
+    # what was written is exactly the PCA start
+    inputs = load_fusion_inputs(root / "text", root / "image")
+    torch.manual_seed(0)
+    start = FusionMLP(384, 512)
+    init_from_pca(start, _second_moment(inputs, np.random.default_rng(0)))
+    kept = load_fusion_model(tmp_path / "bad")
+    for name, tensor in start.state_dict().items():
+        np.testing.assert_array_equal(kept.state_dict()[name].numpy(), tensor.numpy(), name)
+
+    good = fuse_item_embeddings(root / "text", root / "image", tmp_path / "good",
+                                PipelineParams(fusion_epochs=2), run_id="r1")
+    assert good["best_epoch"] >= 1 and good["final_loss"] < good["initial_eval_loss"]
+    assert good["final_loss"] == min(h["eval_loss"] for h in good["loss_history"])

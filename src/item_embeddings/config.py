@@ -17,6 +17,7 @@ DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_BACKENDS = ("auto", "torch", "torch-fp16", "onnx", "onnx-int8")
 STRATEGIES = ("SPOT", "STANDARD")  # Vertex AI custom-job scheduling strategies
 TRACKING_BACKENDS = ("auto", "vertex", "local", "none")
+FUSION_MODES = ("train", "apply")
 # Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first.
 EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,127}"
 
@@ -95,6 +96,19 @@ class PipelineParams:
     seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).", low=0)
     # Publishing
     publish_uri: str = _param("", "Stable prefix the final outputs are published to; empty = off.")
+    # Incremental runs
+    previous_uri: str = _param(
+        "", "An earlier output set (folder or gs:// prefix, e.g. the publish prefix) whose "
+        "vectors are reused for unchanged items; empty = full run.")
+    image_revalidate: bool = _param(
+        False, "With previous_uri: ask image hosts whether reused images changed (conditional "
+        "GET with the recorded ETag/Last-Modified); off = no request for unchanged URLs.")
+    retry_failed_images: bool = _param(
+        True, "With previous_uri: download again the images that failed in the previous set.")
+    fusion_mode: str = _param(
+        "train", "'train' a new fusion model, or 'apply' the previous set's fusion model "
+        "(needs previous_uri), so unchanged items keep identical fused vectors.",
+        choices=FUSION_MODES)
     # Experiment tracking
     experiment: str = _param("recsys-dev", "Vertex AI Experiments experiment (or local store "
                                            "name).", pattern=EXPERIMENT_NAME)
@@ -107,6 +121,9 @@ class PipelineParams:
     def __post_init__(self) -> None:
         problems = [problem for name in PARAM_FIELDS
                     if (problem := check_value(name, getattr(self, name)))]
+        if self.fusion_mode == "apply" and not self.previous_uri:
+            problems.append("fusion_mode 'apply' needs previous_uri (the set whose fusion "
+                            "model is applied)")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -46,6 +46,8 @@ class FusionInputs:
     image_meta: dict[str, Any]
     excluded_ids: list = field(default_factory=list)     # image excluded (non-finite / zero)
     image_failures: int | None = None                    # rows of img_failures.parquet
+    text_keys: pa.Array | None = None    # [N] content keys of the text rows (incremental runs)
+    image_keys: pa.Array | None = None   # [N] key of each item's used image, null without one
 
     @property
     def count(self) -> int:
@@ -54,6 +56,17 @@ class FusionInputs:
     @property
     def items_with_images(self) -> int:
         return int((self.image_row >= 0).sum())
+
+    def row_keys(self) -> pa.Array | None:
+        return fused_row_keys(self.text_keys, self.image_keys)
+
+
+def fused_row_keys(text_keys: pa.Array | None, image_keys: pa.Array | None) -> pa.Array | None:
+    """What decides an item's fused code for given weights: its text key and its image key
+    (or none); None when the rows carry no keys (sets made before keys existed)."""
+    if text_keys is None or image_keys is None:
+        return None
+    return pc.binary_join_element_wise(text_keys, pc.fill_null(image_keys, "-"), "|")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -178,8 +191,16 @@ def load_fusion_inputs(text_dir: str | os.PathLike, image_dir: str | os.PathLike
     failures = None
     if (image_dir / IMG_FAILURES).is_file():
         failures = pq.read_metadata(image_dir / IMG_FAILURES).num_rows
+    text_keys = image_keys = None
+    if "key" in txt_items.column_names and "key" in img_items.column_names:
+        text_keys = txt_items.column("key").combine_chunks()
+        keys = np.full(n, None, dtype=object)
+        used = image_ok.nonzero()[0]
+        keys[image_pos[used]] = np.asarray(img_items.column("key").to_pylist(), dtype=object)[used]
+        image_keys = pa.array(keys, pa.string())
     return FusionInputs(text=text, image=image, ids=ids, image_row=image_row, text_meta=text_meta,
-                        image_meta=image_meta, excluded_ids=excluded, image_failures=failures)
+                        image_meta=image_meta, excluded_ids=excluded, image_failures=failures,
+                        text_keys=text_keys, image_keys=image_keys)
 
 
 def gather(inputs: FusionInputs, idx: np.ndarray

@@ -380,5 +380,6 @@ def load_fusion_model(path: str | os.PathLike) -> FusionMLP:
         raise ValueError(f"{path} is not a fusion model: metadata lacks {missing}")
     model = FusionMLP(meta["text_dim"], meta["img_dim"], meta["hidden_dim"], meta["output_dim"])
     model.load_state_dict(load_file(str(path)))
+    model.metadata = meta  # what it was trained on (encoders' fingerprints, run id, seed)
     model.eval()
     return model

@@ -1,9 +1,11 @@
-"""The fusion step: join text and image vectors by id, train the fusion MLP, write 128-d codes."""
+"""The fusion step: join text and image vectors by id, then train the fusion MLP (``train``) or
+apply the previous set's (``apply``), and write the fused codes."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,14 @@ import pyarrow as pa
 import torch
 
 from ..config import PipelineParams
+from ..incremental import KeyIndex, PreviousGroup, open_previous
 from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS
 from ..step import step_run
-from ..storage import atomic_npy, sha256_file, write_parquet_atomic
+from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
 from ..tracking import ExperimentTracker
-from .inputs import SCAN_ROWS, FusionInputs, gather, load_fusion_inputs
-from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, save_fusion_model
+from .inputs import (SCAN_ROWS, FusionInputError, FusionInputs, fused_row_keys, gather,
+                     load_fusion_inputs)
+from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, load_fusion_model, save_fusion_model
 from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
 
 logger = logging.getLogger(__name__)
@@ -27,12 +31,52 @@ EXCLUSION_REASON = "non-finite or zero image vector"
 
 
 @torch.no_grad()
-def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path) -> None:
+def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path,
+                 reuse: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """Write every item's code; ``reuse`` = (previous row per item or -1, previous codes) copies
+    the rows the same weights already fused, byte for byte. Returns how many were copied."""
+    rows = reuse[0] if reuse else np.full(inputs.count, -1, dtype=np.int64)
     with atomic_npy(dest, (inputs.count, model.output_dim)) as fused:
         for start in range(0, inputs.count, SCAN_ROWS):
             stop = min(start + SCAN_ROWS, inputs.count)
-            z, _ = model(*gather(inputs, np.arange(start, stop)))
-            fused[start:stop] = z.numpy()
+            chunk = rows[start:stop]
+            copied = np.flatnonzero(chunk >= 0)
+            if copied.size:
+                fused[start + copied] = reuse[1][chunk[copied]]
+            todo = np.flatnonzero(chunk < 0)
+            if todo.size:
+                z, _ = model(*gather(inputs, start + todo))
+                fused[start + todo] = z.numpy()
+    return int((rows >= 0).sum())
+
+
+def _previous_model(previous: PreviousGroup, inputs: FusionInputs) -> FusionMLP:
+    """The previous set's fusion model, if it fits these inputs; else a clear error."""
+    model = load_fusion_model(previous.dir / FUSION_WEIGHTS)
+    dims = (inputs.text.shape[1], inputs.image.shape[1])
+    if (model.text_dim, model.img_dim) != dims:
+        raise FusionInputError(f"fusion_mode 'apply': the fusion model at {previous.uri} takes "
+                               f"text/image vectors of {model.text_dim}/{model.img_dim} "
+                               f"dimensions, these inputs have {dims[0]}/{dims[1]}")
+    for side, meta in (("text", inputs.text_meta), ("image", inputs.image_meta)):
+        trained_on = model.metadata.get(f"{side}_encoder_fingerprint")
+        if trained_on != meta.get("encoder_fingerprint"):
+            raise FusionInputError(
+                f"fusion_mode 'apply': the fusion model at {previous.uri} was trained on "
+                f"{side} vectors of another {side} encoder (fingerprint {trained_on}, these "
+                f"are {meta.get('encoder_fingerprint')}); retrain with fusion_mode 'train'")
+    return model
+
+
+def _reusable_rows(previous: PreviousGroup, inputs: FusionInputs) -> tuple[np.ndarray, np.ndarray]:
+    """Per item the previous fused row with the same text and image keys (-1 if none)."""
+    keys = inputs.row_keys()
+    table = previous.table(FUSED_ITEMS)
+    if keys is None or "text_key" not in table.column_names:
+        return np.full(inputs.count, -1, dtype=np.int64), previous.array(FUSED_ARRAY)
+    previous_keys = fused_row_keys(table.column("text_key").combine_chunks(),
+                                   table.column("image_key").combine_chunks())
+    return KeyIndex(previous_keys).rows(keys), previous.array(FUSED_ARRAY)
 
 
 def fuse_item_embeddings(
@@ -51,16 +95,22 @@ def fuse_item_embeddings(
     """Fuse every item's text and image vectors into one ``fusion_output_dim`` code.
 
     Writes into ``output_dir``, each atomically: ``fused.npy`` [N, output_dim] float32
-    (L2-normalised, the text step's item order), ``fused_items.parquet`` (``id``, ``has_image``),
-    ``fusion_model.safetensors`` (reload with :func:`~.model.load_fusion_model`),
-    ``fusion_exclusions.parquet`` (``id``, ``reason``: image vectors that could not be used) and
-    ``fusion_config.json`` (written last). Logs an experiment run ``fuse-modal-<run id>``.
+    (L2-normalised, the text step's item order), ``fused_items.parquet`` (``id``, ``has_image``,
+    ``text_key``, ``image_key``), ``fusion_model.safetensors`` (reload with
+    :func:`~.model.load_fusion_model`), ``fusion_exclusions.parquet`` (``id``, ``reason``: image
+    vectors that could not be used) and ``fusion_config.json`` (written last). Logs an
+    experiment run ``fuse-modal-<run id>``.
+
+    ``fusion_mode`` 'train' trains a model and keeps its best epoch (the start included);
+    'apply' takes the model of the set at ``previous_uri`` and copies the codes of the items
+    whose text and image keys are unchanged, so they stay identical across runs.
 
     Args:
         text_dir: The text step's output directory (txt.npy, txt_items.parquet, txt_meta.json).
         image_dir: The image step's output directory (img.npy, img_items.parquet, img_meta.json).
         output_dir: Directory for the outputs (created).
-        params: Pipeline parameters; this step reads the ``fusion_*`` settings and ``seed``.
+        params: Pipeline parameters; this step reads the ``fusion_*`` settings, ``seed`` and
+            ``previous_uri``.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
@@ -75,40 +125,77 @@ def fuse_item_embeddings(
         The metadata written to ``fusion_config.json``.
 
     Raises:
-        FusionInputError: the inputs cannot be fused (raised before any training).
+        FusionInputError: the inputs cannot be fused, or (apply) the previous model does not
+            fit them (raised before any output is written).
+        PreviousSetError: (apply) the previous set is missing or damaged.
     """
     check_init(init)
+    apply = params.fusion_mode == "apply"
     started = time.perf_counter()
     inputs = load_fusion_inputs(text_dir, image_dir)
     load_time = time.perf_counter() - started
     text_uri, image_uri = input_uris or (str(text_dir), str(image_dir))
-    with step_run("fuse-modal", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="fused_embeddings", artifact_uri=artifact_uri,
-                  params={"output_dim": params.fusion_output_dim,
-                          "hidden_dim": params.fusion_hidden_dim, "epochs": params.fusion_epochs,
-                          "lr": params.fusion_lr, "batch_size": params.fusion_batch_size,
-                          "seed": params.seed, "objective": OBJECTIVE, "init": init,
-                          "text_uri": text_uri, "image_uri": image_uri}) as run, \
+    with open_previous(params.previous_uri if apply else "", "fusion") as previous, \
+            step_run("fuse-modal", output_dir, run_id=run_id, tracker=tracker,
+                     artifact="fused_embeddings", artifact_uri=artifact_uri,
+                     params={"fusion_mode": params.fusion_mode,
+                             "output_dim": params.fusion_output_dim,
+                             "hidden_dim": params.fusion_hidden_dim,
+                             "epochs": params.fusion_epochs, "lr": params.fusion_lr,
+                             "batch_size": params.fusion_batch_size, "seed": params.seed,
+                             "objective": OBJECTIVE, "init": init, "text_uri": text_uri,
+                             "image_uri": image_uri,
+                             "previous_uri": params.previous_uri}) as run, \
             torch_threads(num_threads, inputs.count) as threads:
         t0 = time.perf_counter()
-        model, history = train_fusion_model(inputs, params, init)
+        if apply:
+            model, trained = _previous_model(previous, inputs), None
+            training = {"applied_from": previous.uri,
+                        "trained_by_run": model.metadata.get("run_id")}
+        else:
+            trained = train_fusion_model(inputs, params, init)
+            model = trained.model
+            training = {
+                "epochs": params.fusion_epochs, "lr": params.fusion_lr,
+                "batch_size": params.fusion_batch_size, "seed": params.seed, "init": init,
+                "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
+                                     "warmup_share": WARMUP_SHARE,
+                                     "schedule": "warmup-cosine"},
+                # the objective on a fixed sample: at the start, after each epoch, and of the
+                # kept weights (the best epoch; 0 = the start)
+                "initial_eval_loss": trained.initial_eval_loss,
+                "best_epoch": trained.best_epoch,
+                "final_loss": trained.eval_loss,
+                "loss_history": trained.history,
+            }
         train_time = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _write_fused(model, inputs, run.out / FUSED_ARRAY)
+        reused = _write_fused(model, inputs, run.out / FUSED_ARRAY,
+                              _reusable_rows(previous, inputs) if apply else None)
+        no_keys = pa.nulls(inputs.count, pa.string())
         write_parquet_atomic(run.out / FUSED_ITEMS, pa.table(
-            {"id": inputs.ids, "has_image": pa.array(inputs.image_row >= 0)}))
+            {"id": inputs.ids, "has_image": pa.array(inputs.image_row >= 0),
+             "text_key": no_keys if inputs.text_keys is None else inputs.text_keys,
+             "image_key": no_keys if inputs.image_keys is None else inputs.image_keys}))
         write_parquet_atomic(run.out / FUSION_EXCLUSIONS, pa.table(
             {"id": pa.array(inputs.excluded_ids, type=inputs.ids.type),
              "reason": pa.array([EXCLUSION_REASON] * len(inputs.excluded_ids), type=pa.string())}))
-        save_fusion_model(model, run.out / FUSION_WEIGHTS,
-                          {"run_id": run.run_id, "seed": params.seed})
+        if apply:  # the very same weights file, byte for byte
+            with atomic_path(run.out / FUSION_WEIGHTS) as tmp:
+                shutil.copyfile(previous.dir / FUSION_WEIGHTS, tmp)
+        else:
+            save_fusion_model(model, run.out / FUSION_WEIGHTS, {
+                "run_id": run.run_id, "seed": params.seed,
+                "text_encoder_fingerprint": inputs.text_meta.get("encoder_fingerprint"),
+                "image_encoder_fingerprint": inputs.image_meta.get("encoder_fingerprint")})
         write_time = time.perf_counter() - t0
-        final = history[-1]
         meta = run.finish(FUSION_CONFIG, {
+            "fusion_mode": params.fusion_mode,
+            **training,
             "text_dim": model.text_dim,
             "img_dim": model.img_dim,
-            "hidden_dim": params.fusion_hidden_dim,
-            "output_dim": params.fusion_output_dim,
+            "hidden_dim": model.hidden_dim,
+            "output_dim": model.output_dim,
             "count": inputs.count,
             "items_with_images": inputs.items_with_images,
             "items_without_images": inputs.count - inputs.items_with_images,
@@ -116,20 +203,11 @@ def fuse_item_embeddings(
             "image_failures": inputs.image_failures,
             "text_run_id": inputs.text_meta.get("run_id"),
             "image_run_id": inputs.image_meta.get("run_id"),
-            "epochs": params.fusion_epochs,
-            "lr": params.fusion_lr,
-            "batch_size": params.fusion_batch_size,
-            "seed": params.seed,
-            "init": init,
             "objective": OBJECTIVE,
-            "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
-                                 "warmup_share": WARMUP_SHARE, "schedule": "warmup-cosine"},
-            "final_loss": final["loss"],
-            "final_sim_loss": final["sim_loss"],
-            "final_norm_loss": final["norm_loss"],
-            "loss_history": history,
             "normalized": True,
             "torch_threads": threads,
+            "reused_count": reused,
+            "computed_count": inputs.count - reused,
             "load_time_sec": load_time,
             "train_time_sec": train_time,
             "write_time_sec": write_time,
@@ -137,9 +215,13 @@ def fuse_item_embeddings(
             "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS),
             "text_uri": text_uri,
             "image_uri": image_uri,
+            "previous_uri": params.previous_uri,
         }, metrics={"count": inputs.count, "items_with_images": inputs.items_with_images,
-                    "final_loss": final["loss"], "train_time_sec": train_time},
+                    "train_time_sec": train_time, "reused_count": reused,
+                    **({"final_loss": trained.eval_loss, "best_epoch": trained.best_epoch}
+                       if trained else {})},
             versions=("torch", "numpy", "safetensors"))
-    logger.info("fused %d items (%d with images) in %.1fs (training %.1fs) -> %s", inputs.count,
-                inputs.items_with_images, meta["wall_time_sec"], train_time, run.out)
+    logger.info("fused %d items (%d with images, %d codes reused) in %.1fs (%s %.1fs) -> %s",
+                inputs.count, inputs.items_with_images, reused, meta["wall_time_sec"],
+                "applying" if apply else "training", train_time, run.out)
     return meta

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +31,7 @@ PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memo
 # (measured in docs/fusion.md).
 SINGLE_THREAD_BELOW_ITEMS = 20_000
 INITS = ("pca", "random")
+EVAL_ITEMS = 8192       # the fixed sample the objective is measured on after each epoch
 
 
 def _second_moment(inputs: FusionInputs, rng: np.random.Generator) -> np.ndarray:
@@ -186,14 +189,48 @@ def check_init(init: str) -> None:
         raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
 
 
+@dataclass
+class TrainedModel:
+    """A trained fusion model and how it got there."""
+
+    model: FusionMLP
+    history: list[dict[str, float]]   # per epoch: mean training losses and ``eval_loss``
+    initial_eval_loss: float          # the objective of the start (PCA or random), same sample
+    best_epoch: int                   # the epoch whose weights were kept; 0 = the start
+
+    @property
+    def eval_loss(self) -> float:
+        """The objective of the kept model on the evaluation sample."""
+        return (self.initial_eval_loss if self.best_epoch == 0
+                else self.history[self.best_epoch - 1]["eval_loss"])
+
+
+def _evaluation_batches(inputs: FusionInputs, batch_size: int, seed: int
+                        ) -> list[TrainingBatch]:
+    """A fixed sample of at most EVAL_ITEMS items in batches, with their targets."""
+    rng = np.random.default_rng([seed, 1])  # its own stream: training's is left untouched
+    idx = rng.permutation(inputs.count)[:EVAL_ITEMS]
+    bounds = _batch_bounds(len(idx), batch_size)
+    return list(_training_batches(inputs, (idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])),
+                                  None))
+
+
+def _evaluate(model: FusionMLP, batches: list[TrainingBatch]) -> float:
+    """Mean objective over the evaluation batches (the gradients it computes are discarded:
+    the next training step replaces every parameter's gradient)."""
+    total = sum(loss_and_gradients(model, b)["loss"] * b.text.shape[0] for b in batches)
+    return total / sum(b.text.shape[0] for b in batches)
+
+
 def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelineParams(),
-                       init: str = "pca") -> tuple[FusionMLP, list[dict[str, float]]]:
-    """Train the MLP on every item for ``fusion_epochs`` full passes; returns it and per-epoch
-    losses (``loss``, ``sim_loss``, ``norm_loss``).
+                       init: str = "pca") -> TrainedModel:
+    """Train the MLP on every item for ``fusion_epochs`` full passes and keep the best weights.
 
     Each batch is a random set of items, gathered from the memmaps in row order. ``params``
     gives the ``fusion_*`` settings and the ``seed``; ``init`` is 'pca' (start from the linear
-    PCA projection) or 'random'.
+    PCA projection) or 'random'. After each epoch the objective is measured on a fixed sample;
+    the weights with the lowest value are kept, the start's included, so the step never ends
+    worse than it started (docs/fusion.md).
     """
     check_init(init)
     epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
@@ -207,13 +244,16 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     total_steps = epochs * _batch_count(inputs.count, batch_size)
     step = 0
     history: list[dict[str, float]] = []
+    evaluation = _evaluation_batches(inputs, batch_size, params.seed)
+    initial = best = _evaluate(model, evaluation)
+    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     model.train()
     threads = torch.get_num_threads()
     with _target_thread(threads) as pool, Progress(epochs * inputs.count, "fuse-train") as progress:
         # The trainer hands a product to the pool's thread only when both run one torch thread:
         # the result must not depend on which thread computed it (determinism).
         helper = pool if threads == 2 else None
-        for epoch in range(epochs):
+        for epoch in range(1, epochs + 1):
             sums = {"loss": 0.0, "sim_loss": 0.0, "norm_loss": 0.0}
             for batch in _training_batches(inputs, _batches(inputs.count, batch_size, rng), pool):
                 parts = loss_and_gradients(model, batch, helper=helper)
@@ -224,6 +264,16 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
                     sums[key] += parts[key] * size
                 progress.update(size)
             history.append({k: v / inputs.count for k, v in sums.items()})
-            logger.info("fusion epoch %d/%d: loss %.5f", epoch + 1, epochs, history[-1]["loss"])
+            history[-1]["eval_loss"] = current = _evaluate(model, evaluation)
+            if current < best:
+                best, best_epoch = current, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            logger.info("fusion epoch %d/%d: loss %.5f, objective on the evaluation sample %.5f",
+                        epoch, epochs, history[-1]["loss"], current)
+    if best_epoch != epochs:
+        logger.warning("fusion: epoch %d had the lowest objective (%.5f, start %.5f, last "
+                       "%.5f); keeping its weights", best_epoch, best, initial,
+                       history[-1]["eval_loss"])
+    model.load_state_dict(best_state)
     model.eval()
-    return model, history
+    return TrainedModel(model, history, initial, best_epoch)

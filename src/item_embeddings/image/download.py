@@ -187,6 +187,9 @@ class FetchResult:
     content_type: str = ""
     final_url: str = ""
     elapsed_s: float = 0.0
+    etag: str | None = None         # validators of a 200 answer, for a later revalidation
+    last_modified: str | None = None
+    not_modified: bool = False      # a conditional request answered 304: the image is unchanged
 
     @property
     def ok(self) -> bool:
@@ -268,15 +271,23 @@ class Downloader:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, url: str) -> FetchResult:
-        """Download ``url`` with retries; never raises for a bad URL or server."""
+    async def fetch(self, url: str, etag: str | None = None,
+                    last_modified: str | None = None) -> FetchResult:
+        """Download ``url`` with retries; never raises for a bad URL or server.
+
+        With ``etag`` / ``last_modified`` (validators recorded by an earlier fetch) the request
+        is conditional (``If-None-Match`` / ``If-Modified-Since``): a ``304`` answer gives a
+        result with ``not_modified`` set and no body.
+        """
         assert self._session is not None and self._slots is not None, "use 'async with'"
+        conditional = {k: v for k, v in (("If-None-Match", etag),
+                                         ("If-Modified-Since", last_modified)) if v}
         started = time.perf_counter()
         attempts = 0
         while True:
             attempts += 1
             async with self._slots:
-                attempt = await self._attempt(url)
+                attempt = await self._attempt(url, conditional)
             result = attempt.result
             result.attempts = attempts
             if result.ok or not attempt.retryable or attempts > self.config.retries:
@@ -290,7 +301,7 @@ class Downloader:
         # Exponential backoff with jitter, so retries of one burst do not arrive together.
         return self.config.backoff_base_s * (2 ** (attempts - 1)) * self._random.uniform(0.5, 1.5)
 
-    async def _attempt(self, url: str) -> _Attempt:
+    async def _attempt(self, url: str, conditional: dict[str, str]) -> _Attempt:
         try:
             parsed = URL(url)
         except (ValueError, TypeError) as exc:
@@ -302,7 +313,8 @@ class Downloader:
                                         final_url=hops[-1] if hops else url), retryable=retryable)
 
         try:
-            return await asyncio.wait_for(self._follow(url, parsed, hops), self.config.timeout_s)
+            return await asyncio.wait_for(self._follow(url, parsed, hops, conditional),
+                                          self.config.timeout_s)
         except asyncio.TimeoutError:
             return failed(TIMEOUT, f"no complete response in {self.config.timeout_s}s", True)
         except aiohttp.ClientConnectorError as exc:
@@ -315,7 +327,8 @@ class Downloader:
             # Reset connections, malformed responses, bad chunked encoding, invalid Location.
             return failed(CONNECTION_ERROR, f"{type(exc).__name__}: {exc}", True)
 
-    async def _follow(self, url: str, current: URL, hops: list[str]) -> _Attempt:
+    async def _follow(self, url: str, current: URL, hops: list[str],
+                      conditional: dict[str, str]) -> _Attempt:
         """One attempt: request, following redirects by hand so that every hop is checked."""
         seen = {str(current)}
         redirects = 0
@@ -325,7 +338,8 @@ class Downloader:
             if refused:
                 return _Attempt(FetchResult(url, reason=refused[0], detail=refused[1],
                                             final_url=str(current)))
-            async with self._session.get(current, allow_redirects=False) as resp:
+            async with self._session.get(current, allow_redirects=False,
+                                         headers=conditional) as resp:
                 if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
                     target = current.join(URL(resp.headers["Location"]))
                     if str(target) in seen:
@@ -346,6 +360,8 @@ class Downloader:
     async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse) -> _Attempt:
         status = resp.status
         base = dict(url=url, status=status, final_url=str(current))
+        if status == 304:
+            return _Attempt(FetchResult(**base, not_modified=True))
         if status == 429 or status >= 500:
             return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""),
                             retryable=True,
@@ -366,7 +382,9 @@ class Downloader:
             if len(body) > limit:  # enforced while streaming: a lying or absent length is caught
                 return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
                                             detail=f"body exceeds {limit} bytes"))
-        return _Attempt(FetchResult(**base, body=bytes(body), content_type=content_type))
+        return _Attempt(FetchResult(**base, body=bytes(body), content_type=content_type,
+                                    etag=resp.headers.get("ETag"),
+                                    last_modified=resp.headers.get("Last-Modified")))
 
 
 async def fetch_all(urls: Iterable[str], config: DownloadConfig = DownloadConfig(),

@@ -27,13 +27,17 @@ INTERNAL_ERROR = "internal_error"  # an unforeseen exception for one item (logge
 
 @dataclass
 class Outcome:
-    """One item after download and decode: ``pixels`` on success, else a failure reason."""
+    """One item after download and decode: ``pixels`` on success, ``not_modified`` when a
+    conditional request was answered 304, else a failure ``reason``."""
 
     pixels: np.ndarray | None
     reason: str | None
     detail: str
     status: int | None
     attempts: int
+    etag: str | None = None           # validators of the answer, kept for a later revalidation
+    last_modified: str | None = None
+    not_modified: bool = False
 
 
 class FetchDecodePool:
@@ -79,19 +83,25 @@ class FetchDecodePool:
         self._loop_thread.stop()
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, url: str) -> concurrent.futures.Future:
-        return self._loop_thread.submit(self._process(url))
+    def submit(self, url: str, etag: str | None = None,
+               last_modified: str | None = None) -> concurrent.futures.Future:
+        """Fetch and decode ``url``; with validators, only if it changed (see Downloader)."""
+        return self._loop_thread.submit(self._process(url, etag, last_modified))
 
-    async def _process(self, url: str) -> Outcome:
+    async def _process(self, url: str, etag: str | None, last_modified: str | None) -> Outcome:
         try:
-            return await self._fetch_decode(url)
+            return await self._fetch_decode(url, etag, last_modified)
         except Exception as exc:  # noqa: BLE001 - an unforeseen error fails this item, not the run
             logger.exception("unexpected error for %s", url)
             return Outcome(None, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", None, 0)
 
-    async def _fetch_decode(self, url: str) -> Outcome:
-        result: FetchResult = await self._downloader.fetch(url)
+    async def _fetch_decode(self, url: str, etag: str | None,
+                            last_modified: str | None) -> Outcome:
+        result: FetchResult = await self._downloader.fetch(url, etag, last_modified)
         self.download_time += result.elapsed_s
+        if result.not_modified:
+            return Outcome(None, None, "", result.status, result.attempts, etag=etag,
+                           last_modified=last_modified, not_modified=True)
         if not result.ok:
             return Outcome(None, result.reason, result.detail, result.status, result.attempts)
         self.downloaded_bytes += len(result.body)
@@ -101,4 +111,5 @@ class FetchDecodePool:
                 self._max_pixels)
         except ImageDecodeError as exc:
             return Outcome(None, exc.reason, exc.detail, result.status, result.attempts)
-        return Outcome(pixels, None, "", result.status, result.attempts)
+        return Outcome(pixels, None, "", result.status, result.attempts, etag=result.etag,
+                       last_modified=result.last_modified)

@@ -36,7 +36,7 @@ from ..storage import (atomic_npy, atomic_path, gcs_client, is_gcs_uri, split_gc
 
 logger = logging.getLogger(__name__)
 
-SHARD_FORMAT = "item-embeddings/image-shard/1"
+SHARD_FORMAT = "item-embeddings/image-shard/2"
 MANIFEST = "manifest.json"
 _META_FINGERPRINT = b"fingerprint"
 _META_CONTENT = b"content_sha256"
@@ -57,35 +57,49 @@ def content_hash(index: int, ids: Sequence[Any], urls: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+# Where an item's row came from, recorded per item (the meta file's counts are made from it).
+ENCODED = "encoded"              # downloaded and encoded by this run
+REUSED = "reused"                # the previous set's vector, no request made
+REVALIDATED = "revalidated"      # the previous set's vector, after a 304 from the host
+FAILED = "failed"                # failed in this run
+FAILURE_REUSED = "failure-reused"  # the previous set's failure, not tried again
+SOURCES = (ENCODED, REUSED, REVALIDATED, FAILED, FAILURE_REUSED)
+
+ITEM_COLUMNS = ["id", "url", "key", "etag", "last_modified"]  # img_items.parquet, before "row"
+FAILURE_COLUMNS = ["id", "url", "reason", "detail", "http_status", "attempts", "key"]
+
+
 def shard_schema(id_type: pa.DataType, dim: int) -> pa.Schema:
     """Columns of a shard file; ``embedding`` is null exactly for failed items."""
     return pa.schema([
         ("id", id_type),
         ("url", pa.string()),
+        ("key", pa.string()),             # sha256(image encoder fingerprint, url), see incremental
+        ("source", pa.string()),          # one of SOURCES
         ("reason", pa.string()),          # null for an embedded item
         ("detail", pa.string()),
         ("http_status", pa.int32()),
         ("attempts", pa.int32()),
+        ("etag", pa.string()),            # the host's validators, for a later revalidation
+        ("last_modified", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim)),
     ])
 
 
-def shard_table(ids: Sequence[Any], urls: Sequence[str], reasons: Sequence[str | None],
-                details: Sequence[str], statuses: Sequence[int | None],
-                attempts: Sequence[int], vectors: Sequence[np.ndarray | None],
+def shard_table(columns: Mapping[str, Sequence[Any]], vectors: Sequence[np.ndarray | None],
                 id_type: pa.DataType, dim: int) -> pa.Table:
-    """One shard's rows: every item with its outcome, ``embedding`` null for failed items."""
-    flat = np.zeros((len(ids), dim), dtype=np.float32)
+    """One shard's rows: every item with its outcome (``columns``: every column of
+    :func:`shard_schema` but ``embedding``), ``embedding`` null for failed items."""
+    flat = np.zeros((len(vectors), dim), dtype=np.float32)
     valid = np.array([v is not None for v in vectors], dtype=bool)
     for i, vector in enumerate(vectors):
         if vector is not None:
             flat[i] = vector
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), dim,
                                                   mask=pa.array(~valid))
-    return pa.table([pa.array(ids, id_type), pa.array(urls, pa.string()),
-                     pa.array(reasons, pa.string()), pa.array(details, pa.string()),
-                     pa.array(statuses, pa.int32()), pa.array(attempts, pa.int32()),
-                     embedding], schema=shard_schema(id_type, dim))
+    schema = shard_schema(id_type, dim)
+    arrays = [pa.array(columns[f.name], f.type) for f in schema if f.name != "embedding"]
+    return pa.table([*arrays, embedding], schema=schema)
 
 
 class ShardStore:
@@ -181,11 +195,12 @@ def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]
     """Stream the finished shards into img.npy, img_items.parquet and img_failures.parquet.
 
     One shard's embeddings are in memory at a time; ``embedded_per_shard`` (known from the run)
-    sizes img.npy up front.
+    sizes img.npy up front. Returns the counts for the meta file.
     """
     count = sum(embedded_per_shard.values())
     kept, failures = [], []
     retried = 0  # items that needed more than one download attempt
+    sources: collections.Counter = collections.Counter()
     with atomic_npy(out / IMG_ARRAY, (count, dim)) as array:
         row = 0
         for index, ids, urls in shards:
@@ -199,16 +214,16 @@ def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]
                 raise RuntimeError(f"shard {index} at {store.location} changed during the run")
             vectors = embedded.column("embedding").combine_chunks().flatten()
             array[row:row + n] = vectors.to_numpy(zero_copy_only=False).reshape(n, dim)
-            kept.append(embedded.select(["id", "url"]).replace_schema_metadata(None))
-            failures.append(table.filter(pc.invert(ok)).select(
-                ["id", "url", "reason", "detail", "http_status", "attempts"]
-            ).replace_schema_metadata(None))
+            kept.append(embedded.select(ITEM_COLUMNS).replace_schema_metadata(None))
+            failures.append(table.filter(pc.invert(ok)).select(FAILURE_COLUMNS)
+                            .replace_schema_metadata(None))
             retried += int(pc.sum(pc.greater(table.column("attempts"), 1)).as_py() or 0)
+            sources.update(table.column("source").to_pylist())
             row += n
     schema = shard_schema(id_type, dim)
-    items = pa.concat_tables(kept) if kept else schema.empty_table().select(["id", "url"])
-    failed = pa.concat_tables(failures) if failures else schema.empty_table().select(
-        ["id", "url", "reason", "detail", "http_status", "attempts"])
+    items = pa.concat_tables(kept) if kept else schema.empty_table().select(ITEM_COLUMNS)
+    failed = (pa.concat_tables(failures) if failures
+              else schema.empty_table().select(FAILURE_COLUMNS))
     write_parquet_atomic(out / IMG_ITEMS, items.append_column(
         "row", pa.array(np.arange(count, dtype=np.int64))))
     write_parquet_atomic(out / IMG_FAILURES, failed)
@@ -216,7 +231,10 @@ def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]
     return {"count": count, "failed_count": failed.num_rows,
             "attempted_count": count + failed.num_rows,
             "failures_by_reason": dict(sorted(by_reason.items())),
-            "retried_items": retried}
+            "retried_items": retried,
+            "encoded_count": sources[ENCODED], "reused_count": sources[REUSED],
+            "revalidated_count": sources[REVALIDATED],
+            "failures_reused_count": sources[FAILURE_REUSED]}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ the same files as an uninterrupted run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
+from ..incremental import content_keys, open_previous
 from ..items import ItemColumns, ItemsError, id_type, validate_items
 from ..outputs import IMG_META
 from ..progress import Progress
@@ -33,8 +35,10 @@ from .decoding import MAX_PIXELS
 from .download import DownloadConfig
 from .encoder import ImageEncoder, load_image_encoder
 from .fetching import FetchDecodePool, Outcome
+from .reuse import Carried, PreviousImages, encoder_fingerprint, previous_images
 from .selection import Selection, iter_selected
-from .shards import ShardStore, assemble, content_hash, fingerprint, iter_shards, shard_table
+from .shards import (ENCODED, FAILED, FAILURE_REUSED, REUSED, REVALIDATED, ShardStore, assemble,
+                     content_hash, fingerprint, iter_shards, shard_table)
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +53,42 @@ class _ShardWork:
     content_sha256: str
     ids: list[Any]
     urls: list[str]
-    reasons: list[str | None] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-    statuses: list[int | None] = field(default_factory=list)
-    attempts: list[int] = field(default_factory=list)
+    keys: pa.Array
+    carried: list[Carried | None]        # per item: what the previous set gives it
+    columns: dict[str, list] = field(default_factory=lambda: collections.defaultdict(list))
     vectors: list[np.ndarray | None] = field(default_factory=list)
     pending: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (position, pixels)
 
-    def add(self, outcome: Outcome) -> None:
-        self.reasons.append(outcome.reason)
-        self.details.append(outcome.detail)
-        self.statuses.append(outcome.status)
-        self.attempts.append(outcome.attempts)
-        self.vectors.append(None)
-        if outcome.pixels is not None:
-            self.pending.append((len(self.vectors) - 1, outcome.pixels))
+    def add(self, outcome: Outcome, previous: PreviousImages | None) -> None:
+        """Record the next item's outcome (items arrive in input order)."""
+        position = len(self.vectors)
+        carried = self.carried[position]
+        row = {"id": self.ids[position], "url": self.urls[position],
+               "key": self.keys[position].as_py(), "reason": outcome.reason,
+               "detail": outcome.detail, "http_status": outcome.status,
+               "attempts": outcome.attempts, "etag": outcome.etag,
+               "last_modified": outcome.last_modified}
+        vector = None
+        if carried is not None and carried.failure is not None:
+            row.update({k: carried.failure[k] for k in ("reason", "detail", "http_status",
+                                                        "attempts")},
+                       source=FAILURE_REUSED)
+        elif carried is not None and (outcome.not_modified or outcome.status is None
+                                      and outcome.reason is None):
+            vector = previous.vector(carried.vector_row)
+            row["source"] = REVALIDATED if outcome.not_modified else REUSED
+            row["etag"], row["last_modified"] = carried.etag, carried.last_modified
+        elif outcome.pixels is not None:
+            self.pending.append((position, outcome.pixels))
+            row["source"] = ENCODED
+        else:
+            row["source"] = FAILED
+        for name, value in row.items():
+            self.columns[name].append(value)
+        self.vectors.append(vector)
 
     def table(self, id_type: pa.DataType, dim: int) -> pa.Table:
-        return shard_table(self.ids, self.urls, self.reasons, self.details, self.statuses,
-                           self.attempts, self.vectors, id_type, dim)
+        return shard_table(self.columns, self.vectors, id_type, dim)
 
 
 @dataclass
@@ -91,12 +112,31 @@ def _encode_pending(work: _ShardWork, encoder: ImageEncoder, stats: _Stats) -> N
     work.pending.clear()
 
 
+_NO_REQUEST = Outcome(None, None, "", None, 0)  # an item served from the previous set
+
+
+def _start(work: _ShardWork, position: int, pool: FetchDecodePool,
+           previous: PreviousImages | None) -> concurrent.futures.Future:
+    """Fetch the item, revalidate it, or (no request) take it from the previous set."""
+    carried = work.carried[position]
+    url = work.urls[position]
+    if carried is None:
+        return pool.submit(url)
+    if (carried.failure is None and previous.revalidate
+            and (carried.etag or carried.last_modified)):
+        return pool.submit(url, carried.etag, carried.last_modified)
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result(_NO_REQUEST)
+    return done
+
+
 def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: ShardStore,
                 pool: FetchDecodePool, encoder: ImageEncoder, *, batch_size: int,
-                window: int, id_type: pa.DataType, progress: Progress, stats: _Stats) -> int:
+                window: int, id_type: pa.DataType, progress: Progress, stats: _Stats,
+                keys_fp: str, previous: PreviousImages | None) -> int:
     """Compute every unfinished shard; returns the number of shards."""
     in_flight: collections.deque = collections.deque()  # (work, position, future), input order
-    work_iter = _pending_items(shards, store, progress, stats)
+    work_iter = _pending_items(shards, store, progress, stats, keys_fp, previous)
 
     def refill() -> None:
         while len(in_flight) < window:
@@ -104,14 +144,14 @@ def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: Shard
             if nxt is None:
                 return
             work, position = nxt
-            in_flight.append((work, position, pool.submit(work.urls[position])))
+            in_flight.append((work, position, _start(work, position, pool, previous)))
 
     refill()
     while in_flight:
         work, position, future = in_flight.popleft()
         outcome: Outcome = future.result()
         refill()
-        work.add(outcome)
+        work.add(outcome, previous)
         if len(work.pending) == batch_size:
             _encode_pending(work, encoder, stats)
         progress.update(1)
@@ -123,8 +163,8 @@ def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: Shard
     return stats.computed_shards + stats.resumed_shards
 
 
-def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats
-                   ) -> Iterator[tuple[_ShardWork, int]]:
+def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats, keys_fp: str,
+                   previous: PreviousImages | None) -> Iterator[tuple[_ShardWork, int]]:
     """(shard, position) of every item of the shards not finished by an earlier attempt."""
     for index, ids, urls in shards:
         digest = content_hash(index, ids, urls)
@@ -135,15 +175,21 @@ def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats
             progress.update(len(ids))
             logger.info("shard %d (%d items) already done; skipped", index, len(ids))
             continue
-        work = _ShardWork(index, digest, ids, urls)
+        keys = content_keys(keys_fp, urls)
+        carried = previous.carried(keys) if previous else [None] * len(ids)
+        work = _ShardWork(index, digest, ids, urls, keys, carried)
         for position in range(len(ids)):
             yield work, position
 
 
 def _shard_settings(items_uri: str, params: PipelineParams, encoder: ImageEncoder,
-                    config: DownloadConfig) -> dict[str, Any]:
+                    config: DownloadConfig, previous: PreviousImages | None,
+                    previous_run: str | None) -> dict[str, Any]:
     """Everything that decides a shard's content: a changed value never reuses a shard."""
     return {
+        "previous": previous_run if previous else None,
+        "image_revalidate": params.image_revalidate,
+        "retry_failed_images": params.retry_failed_images,
         "items_uri": items_uri, "id_column": params.id_column,
         "url_column": params.image_url_column, "max_items": params.max_items,
         "shard_size": params.shard_size, "image_model": params.image_model,
@@ -175,16 +221,19 @@ def embed_items_images(
     Selects items with an http/https URL in input order (at most ``max_items``; 0 = all),
     processes them in shards of ``shard_size`` (each stored durably under ``checkpoint_uri``, by
     default ``<output_dir>/img_shards``; a rerun skips finished shards), then writes atomically:
-    ``img.npy`` [M, dim] float32 L2-normalised, ``img_items.parquet`` (id, url, row),
-    ``img_failures.parquet`` (id, url, reason, detail, http_status, attempts) and, last,
-    ``img_meta.json``. Logs an experiment run ``embed-image-<run id>``.
+    ``img.npy`` [M, dim] float32 L2-normalised, ``img_items.parquet`` (id, url, key, etag,
+    last_modified, row), ``img_failures.parquet`` (id, url, reason, detail, http_status,
+    attempts, key) and, last, ``img_meta.json``. Logs an experiment run
+    ``embed-image-<run id>``.
 
     Args:
         items_uri: Parquet file or folder (local or gs://).
         output_dir: Directory for the outputs (created).
         params: Pipeline parameters; this step reads the id and image URL column names, the
             ``image_*`` and ``download_*`` parameters, ``max_items``, ``max_image_bytes``,
-            ``allow_private_hosts``, ``shard_size`` and ``checkpoint_uri``.
+            ``allow_private_hosts``, ``shard_size``, ``checkpoint_uri``, and for incremental
+            runs ``previous_uri``, ``image_revalidate`` and ``retry_failed_images`` (see
+            :mod:`.reuse`).
         run_id: Pipeline run id (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
@@ -199,6 +248,7 @@ def embed_items_images(
 
     Raises:
         ItemsError: the items table is unusable (raised before the model loads).
+        PreviousSetError: ``previous_uri`` is set but that set is missing or damaged.
     """
     columns = ItemColumns.from_params(params)
     summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)
@@ -210,14 +260,24 @@ def embed_items_images(
         return iter_shards(iter_selected(items_uri, columns, max_items, counts),
                            params.shard_size)
 
-    with step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="image_embeddings", artifact_uri=artifact_uri,
-                  params={"model_name": params.image_model, "pretrained": params.image_pretrained,
-                          "max_items": max_items, "download_concurrency": config.concurrency,
-                          "batch_size": params.image_batch_size, "items_uri": items_uri}) as run:
+    with open_previous(params.previous_uri, "image") as previous_group, \
+            step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
+                     artifact="image_embeddings", artifact_uri=artifact_uri,
+                     params={"model_name": params.image_model,
+                             "pretrained": params.image_pretrained, "max_items": max_items,
+                             "download_concurrency": config.concurrency,
+                             "batch_size": params.image_batch_size, "items_uri": items_uri,
+                             "previous_uri": params.previous_uri,
+                             "image_revalidate": params.image_revalidate,
+                             "retry_failed_images": params.retry_failed_images}) as run:
         if encoder is None:
             encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
-        settings = _shard_settings(items_uri, params, encoder, config)
+        keys_fp = encoder_fingerprint(encoder)
+        previous = previous_images(previous_group, keys_fp, encoder.dim,
+                                   revalidate=params.image_revalidate,
+                                   retry_failed=params.retry_failed_images)
+        settings = _shard_settings(items_uri, params, encoder, config, previous,
+                                   previous_group and previous_group.meta.get("run_id"))
         run_fingerprint = fingerprint(settings)
         store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,
                            settings)
@@ -235,7 +295,8 @@ def embed_items_images(
             selection = Selection()
             n_shards = _run_shards(selected(selection), store, pool, encoder,
                                    batch_size=params.image_batch_size, window=window,
-                                   id_type=ids_type, progress=progress, stats=stats)
+                                   id_type=ids_type, progress=progress, stats=stats,
+                                   keys_fp=keys_fp, previous=previous)
         if selection != counting:
             raise ItemsError(f"items table {items_uri} changed while it was read")
         process_time = time.perf_counter() - started
@@ -278,8 +339,15 @@ def embed_items_images(
             "items_uri": items_uri,
             "id_column": columns.id,
             "image_url_column": columns.image_url,
+            # incremental runs: keys are sha256(encoder_fingerprint, url) in img_items.parquet
+            "encoder_fingerprint": keys_fp,
+            "previous_uri": params.previous_uri,
+            "image_revalidate": params.image_revalidate,
+            "retry_failed_images": params.retry_failed_images,
         }, metrics={"count": totals["count"], "failed_count": totals["failed_count"],
-                    "throughput_items_per_sec": throughput, "encode_time_sec": stats.encode_time},
+                    "throughput_items_per_sec": throughput, "encode_time_sec": stats.encode_time,
+                    **{k: totals[k] for k in ("encoded_count", "reused_count",
+                                              "revalidated_count", "failures_reused_count")}},
             versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
                 meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)

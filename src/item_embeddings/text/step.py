@@ -7,9 +7,12 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
+from ..incremental import (KeyIndex, PreviousGroup, PreviousSetError, content_keys, fingerprint,
+                           open_previous)
 from ..items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
 from ..outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from ..progress import Progress
@@ -37,6 +40,33 @@ def _gate_on_catalogue(items_uri: str, columns: ItemColumns, params: PipelinePar
     return gate
 
 
+def encoder_fingerprint(encoder: TextEncoder) -> str:
+    """What makes this encoder's vectors what they are: part of every text row's key."""
+    return fingerprint({
+        "kind": "text", "weights": encoder.resolved.weights_sha256 or encoder.resolved.location,
+        "backend": encoder.backend, "fast_model_sha256": getattr(encoder, "model_sha256", None),
+        "max_seq_length": encoder.max_seq_length, "dtype": encoder.dtype,
+        "device": encoder.device.split(":")[0], "normalized": True})
+
+
+def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
+              ) -> tuple[KeyIndex, np.ndarray] | None:
+    """The previous set's key index and vectors, if they come from this very encoder."""
+    if previous is None:
+        return None
+    if previous.meta.get("encoder_fingerprint") != encoder_fp:
+        logger.warning("previous text outputs at %s were made by another text encoder (%s, "
+                       "backend %s): everything is encoded again, nothing is reused",
+                       previous.uri, previous.meta.get("encoder_name"),
+                       previous.meta.get("text_backend"))
+        return None
+    vectors = previous.array(TXT_ARRAY)
+    if vectors.shape[1:] != (dim,):
+        raise PreviousSetError(f"previous text vectors at {previous.uri} are {vectors.shape}, "
+                               f"expected [N, {dim}]")
+    return KeyIndex(previous.table(TXT_ITEMS).column("key")), vectors
+
+
 def embed_items_text(
     items_uri: str,
     output_dir: str | os.PathLike,
@@ -57,7 +87,9 @@ def embed_items_text(
         items_uri: Parquet file or folder (local or gs://).
         output_dir: Directory for the three files (created).
         params: Pipeline parameters; this step reads the ``*_column`` names, ``text_model``,
-            ``text_batch_size`` and ``text_backend``.
+            ``text_batch_size``, ``text_backend`` and ``previous_uri`` (reuse the vectors of
+            rows whose key, the text and the encoder, is in that set; the outputs are those of
+            a full run).
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run (the gs:// artifact on
@@ -70,20 +102,27 @@ def embed_items_text(
 
     Raises:
         ItemsError: the items table is unusable (raised before the model loads).
+        PreviousSetError: ``previous_uri`` is set but that set is missing or damaged.
     """
     columns = ItemColumns.from_params(params)
     n = validate_items(items_uri, columns).num_rows  # before any model loads
-    with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="text_embeddings", artifact_uri=artifact_uri,
-                  params={"model_name": params.text_model, "batch_size": params.text_batch_size,
-                          "text_backend": params.text_backend, "items_uri": items_uri}) as run:
+    with open_previous(params.previous_uri, "text") as previous, \
+            step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
+                     artifact="text_embeddings", artifact_uri=artifact_uri,
+                     params={"model_name": params.text_model,
+                             "batch_size": params.text_batch_size,
+                             "text_backend": params.text_backend, "items_uri": items_uri,
+                             "previous_uri": params.previous_uri}) as run:
         if encoder is None:
             encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
                                         backend=params.text_backend)
         exact = encoder.backend not in APPROXIMATE_BACKENDS
         gate = None if exact else _gate_on_catalogue(items_uri, columns, params, encoder)
+        encoder_fp = encoder_fingerprint(encoder)
+        reusable = _reusable(previous, encoder_fp, encoder.dim)
         ids: list[pa.Array] = []
-        empty = null_title = null_description = 0
+        keys: list[pa.Array] = []
+        empty = null_title = null_description = reused = 0
         encode_time = 0.0
         with atomic_npy(run.out / TXT_ARRAY, (n, encoder.dim)) as array, \
                 Progress(n, "embed-text") as progress:
@@ -94,18 +133,29 @@ def embed_items_text(
                 null_title += batch.column(columns.title).null_count
                 null_description += batch.column(columns.description).null_count
                 empty += sum(1 for t in texts if not t)
-                t0 = time.perf_counter()
-                array[row:row + len(texts)] = encoder.encode(texts)
-                encode_time += time.perf_counter() - t0
+                batch_keys = content_keys(encoder_fp, texts)
+                previous_rows = (reusable[0].rows(batch_keys) if reusable
+                                 else np.full(len(texts), -1, dtype=np.int64))
+                hit = np.flatnonzero(previous_rows >= 0)
+                if hit.size:  # byte-identical copies of the previous vectors
+                    array[row + hit] = reusable[1][previous_rows[hit]]
+                    reused += hit.size
+                todo = np.flatnonzero(previous_rows < 0)
+                if todo.size:
+                    t0 = time.perf_counter()
+                    array[row + todo] = encoder.encode([texts[i] for i in todo])
+                    encode_time += time.perf_counter() - t0
                 ids.append(batch.column(columns.id))
+                keys.append(batch_keys)
                 row += len(texts)
                 progress.update(len(texts))
             if row != n:
                 raise RuntimeError(f"read {row} rows from {items_uri}, expected {n}")
         all_ids = pa.concat_arrays(ids)
         write_parquet_atomic(run.out / TXT_ITEMS, pa.table(
-            {"id": all_ids.cast(id_type(all_ids.type))}))
-        throughput = n / encode_time if encode_time > 0 else 0.0
+            {"id": all_ids.cast(id_type(all_ids.type)), "key": pa.concat_arrays(keys)}))
+        encoded = n - reused
+        throughput = encoded / encode_time if encode_time > 0 else 0.0
         meta = run.finish(TXT_META, {
             "encoder_name": params.text_model,
             "encoder_location": encoder.resolved.location,
@@ -131,8 +181,14 @@ def embed_items_text(
             "encode_time_sec": encode_time,
             "items_uri": items_uri,
             "id_column": columns.id,
+            # incremental runs: keys are sha256(encoder_fingerprint, text) in txt_items.parquet
+            "encoder_fingerprint": encoder_fp,
+            "previous_uri": params.previous_uri,
+            "reused_count": reused,
+            "encoded_count": encoded,
         }, metrics={"count": n, "throughput_items_per_sec": throughput,
-                    "encode_time_sec": encode_time,
+                    "encode_time_sec": encode_time, "reused_count": reused,
+                    "encoded_count": encoded,
                     **{f"gate_{k}": v for k, v in (gate or {}).items() if k != "passed"}},
             versions=("torch", "sentence-transformers", "transformers", "onnxruntime", "numpy"))
     logger.info("embedded %d items in %.1fs (%.1f items/s) -> %s", n, encode_time, throughput,
