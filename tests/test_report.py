@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from item_embeddings import report
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
@@ -24,7 +23,8 @@ from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IM
                                      IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED,
                                      KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
                                      QA_REPORT, TXT_ARRAY, TXT_ITEMS)
-from item_embeddings.report import ReportInputError, write_qa_report
+from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
+from item_embeddings.report.inputs import MISSING_CATEGORY
 from item_embeddings.sample import make_sample_catalogue
 from item_embeddings.text import embed_items_text, load_text_encoder
 
@@ -257,7 +257,7 @@ def rendered(tiny_run, tmp_path_factory):
 def test_every_section_in_order_with_inlined_png_plots(rendered):
     summary, text, page = rendered
     headings = [h.all_text() for h in page.root.find_all("h2")]
-    assert headings == [title for _, title in report.SECTIONS]
+    assert headings == [title for _, title in SECTIONS]
     assert [s.attrs["id"] for s in page.root.find_all("section")] == summary["sections"]
     assert summary["size_bytes"] == len(text.encode("utf-8"))
     assert summary["neighbours"] == "graph" and summary["has_categories"]
@@ -296,7 +296,7 @@ def test_item_data_is_escaped(rendered, tiny_run, tmp_path, monkeypatch):
     assert "<script>" not in text and "<deals>" not in text         # ... never as markup
     assert ODD_CATEGORY in page.section("maps").all_text()
     # every item in the neighbour table: the script title and the odd id appear, as text only
-    monkeypatch.setattr(report, "NEIGHBOUR_ITEMS", N_ITEMS)
+    monkeypatch.setattr(analysis, "NEIGHBOUR_ITEMS", N_ITEMS)
     _, text = tiny_run.render(tmp_path)
     page = Page(text)
     table = page.section("neighbours").all_text()
@@ -331,46 +331,75 @@ def _neighbour_rows(page: Page) -> list[tuple[str, list[str], list[str]]]:
 def _expected_titles(tiny_run: TinyRun, graph: np.ndarray, query: str) -> list[str]:
     ids = pq.read_table(tiny_run.text / TXT_ITEMS).column("id").to_pylist()
     title = _title_of(tiny_run)
-    return [title[ids[r]] for r in graph[ids.index(query)][:report.TOP_NEIGHBOURS]]
+    return [title[ids[r]] for r in graph[ids.index(query)][:analysis.TOP_NEIGHBOURS]]
 
 
 def test_neighbour_table_shows_the_graph_neighbours_side_by_side(rendered, tiny_run):
     _, _, page = rendered
     rows = _neighbour_rows(page)
-    assert len(rows) == report.NEIGHBOUR_ITEMS
-    assert len({q for q, _, _ in rows}) == report.NEIGHBOUR_ITEMS
+    assert len(rows) == analysis.NEIGHBOUR_ITEMS
+    assert len({q for q, _, _ in rows}) == analysis.NEIGHBOUR_ITEMS
     for query, text, fused in rows:
         assert text == _expected_titles(tiny_run, tiny_run.graphs["text"], query)
         assert fused == _expected_titles(tiny_run, tiny_run.graphs["fused"], query)
     # the graph here is exact: it shares every neighbour with the exact search
     note = page.section("neighbours").all_text()
-    total = report.NEIGHBOUR_ITEMS * report.TOP_NEIGHBOURS
+    total = analysis.NEIGHBOUR_ITEMS * analysis.TOP_NEIGHBOURS
     assert f"shares {total} of the {total} exact top-5 text" in note
 
 
-def test_a_wrong_graph_is_shown_as_it_is_and_flagged(tiny_run, tmp_path):
+def test_a_broken_run_is_shown_as_it_is_and_flagged(tiny_run, tmp_path):
     knn = tmp_path / "knn"
-    graphs = write_knn(knn, tiny_run.text, tiny_run.fused, skip=report.TOP_NEIGHBOURS)
-    summary, text = tiny_run.render(tmp_path, knn=knn)
-    page = Page(text)
+    graphs = write_knn(knn, tiny_run.text, tiny_run.fused, skip=analysis.TOP_NEIGHBOURS)
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_run.fused, fused)
+    array = np.load(fused / FUSED_ARRAY)
+    array[2] *= 3.0
+    array[4] = np.nan
+    np.save(fused / FUSED_ARRAY, array)
+    write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, fused, knn,
+                    tmp_path / QA_REPORT)
+    page = Page((tmp_path / QA_REPORT).read_text())
+    # the graph's neighbours are shown as they are, with how many the exact search shares
     for query, text_titles, _ in _neighbour_rows(page):
         assert text_titles == _expected_titles(tiny_run, graphs["text"], query)
-    total = report.NEIGHBOUR_ITEMS * report.TOP_NEIGHBOURS
+    total = analysis.NEIGHBOUR_ITEMS * analysis.TOP_NEIGHBOURS
     assert f"shares 0 of the {total} exact top-5 text" in page.section("neighbours").all_text()
+    # vectors that are not unit length or not finite
+    checks = {r[0]: r[1:] for r in table_rows(page.section("summary").find_all("table")[1])}
+    assert checks["fused vectors L2-normalised and finite"] == [
+        f"2 of {N_ITEMS} rows off", "WARN"]
+    assert checks["text vectors L2-normalised and finite"][1] == "OK"
+    dist = {r[0]: r for r in table_rows(page.section("distributions").find_all("table")[0])}
+    assert dist["fused"][5:7] == ["1", "1"] and dist["text"][5:7] == ["0", "0"]
 
 
-def test_without_knn_the_table_uses_exact_neighbours(tiny_run, tmp_path):
-    (tmp_path / "empty").mkdir()
-    for knn in (None, tmp_path / "empty"):
-        summary, text = tiny_run.render(tmp_path, knn=knn)
-        page = Page(text)
-        assert summary["neighbours"] == "exact"
-        assert "No kNN graph" in page.section("knn").all_text()
-        assert not page.section("knn").find_all("img")
-        assert "neighbours are exact" in page.section("neighbours").all_text()
-        for query, text_titles, fused_titles in _neighbour_rows(page):
-            assert text_titles == _expected_titles(tiny_run, tiny_run.graphs["text"], query)
-            assert fused_titles == _expected_titles(tiny_run, tiny_run.graphs["fused"], query)
+def test_without_knn_or_categories(tiny_run, tmp_path):
+    """No kNN graph: exact neighbours; no category column: one-colour maps, said so."""
+    table = pq.read_table(tiny_run.items).drop_columns(["main_category"])
+    pq.write_table(table, tmp_path / "items.parquet")
+    summary, text = tiny_run.render(tmp_path, items=tmp_path / "items.parquet", knn=None)
+    page = Page(text)
+    assert summary["neighbours"] == "exact" and not summary["has_categories"]
+    assert "No kNN graph" in page.section("knn").all_text()
+    assert not page.section("knn").find_all("img")
+    assert "neighbours are exact" in page.section("neighbours").all_text()
+    for query, text_titles, fused_titles in _neighbour_rows(page):
+        assert text_titles == _expected_titles(tiny_run, tiny_run.graphs["text"], query)
+        assert fused_titles == _expected_titles(tiny_run, tiny_run.graphs["fused"], query)
+    maps = page.section("maps")
+    assert "has no 'main_category' column" in maps.all_text()
+    assert not maps.find_all("table") and len(maps.find_all("img")) == 1
+    assert "[" not in page.section("neighbours").by_class("neighbours")[0].all_text()
+
+
+def test_empty_knn_dir_and_another_category_column(tiny_run, tmp_path):
+    (tmp_path / "knn").mkdir()
+    summary, text = tiny_run.render(tmp_path, knn=tmp_path / "knn",
+                                    params=PipelineParams(category_column="title"))
+    page = Page(text)
+    assert summary["neighbours"] == "exact" and summary["has_categories"]
+    assert "Coloured by 'title'" in page.section("maps").all_text()
 
 
 def test_category_legend_and_maps(rendered):
@@ -380,24 +409,10 @@ def test_category_legend_and_maps(rendered):
     labels = [label for label, _ in legend]
     # 6 sample categories + the odd one + missing, most frequent first
     assert set(labels) == {"Headphones", "Cables", "Keyboards", "Storage", "Cameras",
-                           "Chargers", ODD_CATEGORY, report.MISSING_CATEGORY}
+                           "Chargers", ODD_CATEGORY, MISSING_CATEGORY}
     counts = [int(c) for _, c in legend]
     assert counts == sorted(counts, reverse=True) and sum(counts) == N_ITEMS
     assert "Coloured by 'main_category'" in maps.all_text()
-
-
-def test_without_category_column_maps_are_one_colour(tiny_run, tmp_path):
-    table = pq.read_table(tiny_run.items).drop_columns(["main_category"])
-    pq.write_table(table, tmp_path / "items.parquet")
-    summary, text = tiny_run.render(tmp_path, items=tmp_path / "items.parquet")
-    maps = Page(text).section("maps")
-    assert not summary["has_categories"]
-    assert "has no 'main_category' column" in maps.all_text()
-    assert not maps.find_all("table") and len(maps.find_all("img")) == 1
-    # another column name is taken from the parameter
-    summary, text = tiny_run.render(tmp_path, params=PipelineParams(category_column="title"))
-    assert summary["has_categories"]
-    assert "Coloured by 'title'" in Page(text).section("maps").all_text()
 
 
 def test_recall_training_failures_and_run_figures(rendered, tiny_run):
@@ -420,23 +435,6 @@ def test_recall_training_failures_and_run_figures(rendered, tiny_run):
     assert all(result in ("OK", "INFO") for *_, result in checks), checks
     run = page.section("run").all_text()
     assert "category_column" in run and "main_category" in run and "matplotlib" in run
-
-
-def test_a_broken_vector_is_flagged(tiny_run, tmp_path):
-    fused = tmp_path / "fused"
-    shutil.copytree(tiny_run.fused, fused)
-    array = np.load(fused / FUSED_ARRAY)
-    array[2] *= 3.0
-    array[4] = np.nan
-    np.save(fused / FUSED_ARRAY, array)
-    write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, fused, tiny_run.knn,
-                    tmp_path / QA_REPORT)
-    page = Page((tmp_path / QA_REPORT).read_text())
-    checks = {r[0]: r[1:] for r in table_rows(page.section("summary").find_all("table")[1])}
-    assert checks["fused vectors L2-normalised and finite"] == [
-        f"2 of {N_ITEMS} rows off", "WARN"]
-    dist = {r[0]: r for r in table_rows(page.section("distributions").find_all("table")[0])}
-    assert dist["fused"][5:7] == ["1", "1"]
 
 
 def test_inputs_that_do_not_line_up_are_named(tiny_run, tmp_path):
@@ -464,18 +462,55 @@ def test_one_pass_scan_matches_brute_force_across_chunks(monkeypatch):
     x = _unit(rng.standard_normal((101, 16)))
     x[10] = 0.0                       # a zero row never becomes a neighbour
     x[20] *= 2.0                      # cosines, not dot products, rank the neighbours
-    monkeypatch.setattr(report, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(analysis, "CHUNK_ROWS", 7)
     sample = np.array([0, 6, 7, 50, 100])
     queries = np.array([3, 7, 64, 100])
-    scan = report.scan_space(x, sample, queries, "test")
+    scan = analysis.scan_space(x, sample, queries, "test")
     np.testing.assert_allclose(scan.norms, np.linalg.norm(x, axis=1), rtol=1e-6)
     np.testing.assert_array_equal(scan.sample, x[sample])
     with np.errstate(all="ignore"):
         unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = np.nan_to_num(unit[queries] @ unit.T, nan=-np.inf)
     sims[np.arange(len(queries)), queries] = -np.inf
-    expected = np.argsort(-sims, axis=1, kind="stable")[:, :report.TOP_NEIGHBOURS]
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :analysis.TOP_NEIGHBOURS]
     np.testing.assert_array_equal(scan.exact_rows, expected)
     np.testing.assert_allclose(scan.exact_scores, np.take_along_axis(sims, expected, 1),
                                rtol=1e-5)
     assert scan.off_unit == 2 and scan.nonfinite == 0
+
+
+def test_pca_axes_are_the_principal_ones():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 20)) * np.arange(20, 0, -1)).astype(np.float32)
+    x[7] = np.inf
+    coords, keep, share = analysis.pca_2d(x)
+    assert keep.sum() == 299 and coords.shape == (299, 2)
+    centred = x[keep].astype(np.float64) - x[keep].mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(coords), np.abs(centred @ vt[:2].T), atol=1e-6)
+    np.testing.assert_allclose(share, s[:2] ** 2 / (s ** 2).sum())
+
+
+def test_page_size_stays_bounded_above_the_sample_sizes(tmp_path):
+    """Past MAP_ROWS items every plot is drawn from fixed-size samples: the page is as large
+    as it gets (the 500k-item size is measured by bench/bench_report.py)."""
+    n = analysis.MAP_ROWS + 1000
+    cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=n, seed=1)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / FUSED_ARRAY, _unit(rng.standard_normal((n, 128))))
+    pq.write_table(pa.table({"id": cat.ids, "has_image": cat.has_image}),
+                   tmp_path / FUSED_ITEMS)
+    (tmp_path / FUSION_CONFIG).write_text(json.dumps(
+        {"count": n, "items_with_images": int(cat.has_image.sum()),
+         "loss_history": [{"loss": 1.0 / e, "sim_loss": 1.0 / e, "norm_loss": 0.0}
+                          for e in range(1, 6)]}))
+    categories = [f"category {label}" for label in cat.text_label]
+    pq.write_table(pa.table({"asin": cat.ids, "title": [f"title {i}" for i in cat.ids],
+                             "main_category": categories}), tmp_path / "items.parquet")
+    summary = write_qa_report(str(tmp_path / "items.parquet"), tmp_path / "text",
+                              tmp_path / "image", tmp_path, None, tmp_path / QA_REPORT)
+    assert summary["size_bytes"] < 2_000_000
+    page = Page((tmp_path / QA_REPORT).read_text())
+    legend = table_rows(page.section("maps").find_all("table")[0])
+    assert sum(int(c) for _, c in legend) == analysis.MAP_ROWS
+    assert len(page.root.find_all("img")) == 5   # no image failed: no failure chart
