@@ -32,7 +32,7 @@ N_ITEMS = 48
 K = 8
 SCRIPT_TITLE = '<script>alert("title")</script> Acme & <b>bold</b> cable'
 SCRIPT_ID = '<img src="http://evil.example/x.png">'
-ODD_CATEGORY = "Under $5 <deals> & more"
+ODD_CATEGORY = r"Sale $\bogus{5}$ <deals> & more"  # not math: \bogus would not parse
 RECALL = {"text": 0.9871, "fused": 0.9123}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -394,12 +394,18 @@ def test_without_knn_or_categories(tiny_run, tmp_path):
 
 
 def test_empty_knn_dir_and_another_category_column(tiny_run, tmp_path):
+    table = pq.read_table(tiny_run.items).drop_columns(["main_category"])
+    pq.write_table(table, tmp_path / "items.parquet")
     (tmp_path / "knn").mkdir()
-    summary, text = tiny_run.render(tmp_path, knn=tmp_path / "knn",
+    summary, text = tiny_run.render(tmp_path, items=tmp_path / "items.parquet",
+                                    knn=tmp_path / "knn",
                                     params=PipelineParams(category_column="title"))
-    page = Page(text)
+    maps = Page(text).section("maps")
     assert summary["neighbours"] == "exact" and summary["has_categories"]
-    assert "Coloured by 'title'" in page.section("maps").all_text()
+    assert "Coloured by 'title'" in maps.all_text()
+    legend = table_rows(maps.find_all("table")[0])
+    titles = set(_title_of(tiny_run).values()) | {MISSING_CATEGORY}
+    assert len(legend) == 9 and {label for label, _ in legend} <= titles
 
 
 def test_category_legend_and_maps(rendered):
@@ -514,3 +520,19 @@ def test_page_size_stays_bounded_above_the_sample_sizes(tmp_path):
     legend = table_rows(page.section("maps").find_all("table")[0])
     assert sum(int(c) for _, c in legend) == analysis.MAP_ROWS
     assert len(page.root.find_all("img")) == 5   # no image failed: no failure chart
+
+
+def test_image_rows_map_to_text_rows_by_id():
+    from item_embeddings.report.inputs import _image_text_rows
+
+    ids = pa.chunked_array([pa.array(["a", "b", "c", "d"])])
+    # img_items order differs from txt_items; 'c' and 'b' share img.npy row 1 (the first id
+    # listed names it); row 2 is listed by no id
+    img_items = pa.table({"id": ["c", "a", "b"], "row": pa.array([1, 0, 1], pa.int64())})
+    assert _image_text_rows(img_items, ids, Path(IMG_ITEMS)).tolist() == [0, 2, -1]
+    with pytest.raises(ReportInputError, match="1 id.* not in txt_items.parquet"):
+        _image_text_rows(pa.table({"id": ["z"], "row": pa.array([0], pa.int64())}), ids,
+                         Path(IMG_ITEMS))
+    with pytest.raises(ReportInputError, match=r"must be an img.npy row in \[0, 1\)"):
+        _image_text_rows(pa.table({"id": ["a"], "row": pa.array([1], pa.int64())}), ids,
+                         Path(IMG_ITEMS))
