@@ -52,6 +52,9 @@ class PipelineParams:
         nonempty=True)
     image_url_column: str = _param("image_url", "Column with the image URL (http/https).",
                                    nonempty=True)
+    category_column: str = _param(
+        "main_category", "Column with the item category: colours the QA report's 2-D maps "
+        "(a table without it gets one-colour maps).", nonempty=True)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,

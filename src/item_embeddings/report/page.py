@@ -1,0 +1,407 @@
+"""The QA report's HTML: one section per topic, every value escaped, every plot an inline PNG."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ..config import PipelineParams
+from ..outputs import FUSION_CONFIG, KNN_FUSED, KNN_TEXT
+from ..runtime import package_versions
+from ..verify import NORM_TOLERANCE
+from .analysis import (MAP_ROWS, PAIR_ROWS, SPACES, TOP_NEIGHBOURS, Findings, MapPanel,
+                       Neighbours, SpaceScan)
+from .inputs import MISSING_CATEGORY, ItemRows, RunInputs
+from .plots import (plot_coverage, plot_failures, plot_maps, plot_neighbour_scores,
+                    plot_norms, plot_pairwise, plot_training)
+
+SECTIONS = (
+    ("summary", "Summary and coverage"),
+    ("failures", "Image failures by reason"),
+    ("distributions", "Distributions per space"),
+    ("maps", "2-D maps per space"),
+    ("neighbours", "Neighbours: text vs fused"),
+    ("training", "Fusion training curve"),
+    ("knn", "kNN graph and recall"),
+    ("run", "Run parameters and versions"),
+)
+MAX_EPOCH_ROWS = 20      # the training table lists every epoch up to this many
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    """A value for a table cell (escaped)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not np.isfinite(value):
+            return _e(value)
+        return f"{value:,.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    if isinstance(value, (dict, list)):
+        return _e(json.dumps(value, sort_keys=True, default=str))
+    return _e(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
+    """An HTML table; every header and cell is escaped (cells formatted by :func:`_fmt`)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}"></figure>'
+
+
+def _p(text: str, cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    return f"<p{attr}>{_e(text)}</p>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+margin:0 auto;max-width:1400px;padding:0 24px 48px;color:#222;line-height:1.45}
+h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:40px}
+table{border-collapse:collapse;margin:12px 0;font-size:14px}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
+figure{margin:12px 0}img{max-width:100%;height:auto}
+nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 18px}
+.meta,.note{color:#555}.note{font-style:italic}
+.ok{color:#1a7f37;font-weight:600}.warn{color:#b3261e;font-weight:600}.info{color:#555}
+table.neighbours td{width:33%}table.neighbours ol{margin:0;padding-left:22px}
+.cat{color:#777;font-size:12px}.score{color:#777;font-size:12px}.both{font-weight:600}
+.id{color:#777;font-size:12px;font-family:ui-monospace,monospace}
+"""
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    status: str   # "ok", "warn" or "info"
+
+
+def _checks_table(checks: Sequence[Check]) -> str:
+    rows = "".join(f'<tr><td>{_e(c.name)}</td><td>{_e(c.value)}</td>'
+                   f'<td class="{c.status}">{c.status.upper()}</td></tr>' for c in checks)
+    return ("<table><thead><tr><th>check</th><th>found</th><th>result</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
+def _section(key: str, body: str) -> str:
+    title = dict(SECTIONS)[key]
+    return f'<section id="{key}"><h2>{_e(title)}</h2>\n{body}\n</section>\n'
+
+
+def _title_html(items: ItemRows, row: int) -> str:
+    title = items.titles.get(row)
+    text = f"{_e(title)}" if title else '<span class="note">(no title)</span>'
+    if items.categories is not None:
+        text += f' <span class="cat">[{_e(items.categories.get(row, MISSING_CATEGORY))}]</span>'
+    return text
+
+
+def _neighbour_list(items: ItemRows, rows: np.ndarray, scores: np.ndarray,
+                    other: set[int]) -> str:
+    entries = []
+    for row, score in zip(rows.tolist(), scores.tolist()):
+        if row < 0:
+            continue
+        cls = ' class="both"' if row in other else ""
+        entries.append(f"<li{cls}>{_title_html(items, row)} "
+                       f'<span class="score">{score:.3f}</span></li>')
+    return f"<ol>{''.join(entries)}</ol>" if entries else '<span class="note">none</span>'
+
+
+def neighbours_section(inputs: RunInputs, items: ItemRows, queries: np.ndarray,
+                       found: Neighbours) -> str:
+    if found.source == "graph":
+        source = (f"Neighbours are read from the kNN graph ({KNN_TEXT}, {KNN_FUSED}). On these "
+                  "items the graph shares " + " and ".join(
+                      f"{s} of the {c} exact top-{TOP_NEIGHBOURS} {space} neighbours"
+                      for space, (s, c) in found.exact_overlap.items()) + ".")
+    else:
+        source = (f"No kNN graph was given: neighbours are exact, found by brute force over all "
+                  f"{inputs.count:,} items.")
+    rows = []
+    for q, row in enumerate(queries.tolist()):
+        text, fused = found.rows["text"][q], found.rows["fused"][q]
+        shared = set(text[text >= 0].tolist()) & set(fused[fused >= 0].tolist())
+        image = "with image" if inputs.has_image[row] else "no image"
+        rows.append(
+            f"<tr><td>{_title_html(items, row)}<br>"
+            f"<span class=\"id\">{_e(inputs.ids[row].as_py())}</span> "
+            f"<span class=\"cat\">{image}; {len(shared)} of {TOP_NEIGHBOURS} shared</span></td>"
+            f"<td>{_neighbour_list(items, text, found.scores['text'][q], shared)}</td>"
+            f"<td>{_neighbour_list(items, fused, found.scores['fused'][q], shared)}</td></tr>")
+    table = ('<table class="neighbours"><thead><tr><th>item</th>'
+             f"<th>top-{TOP_NEIGHBOURS} in the text space</th>"
+             f"<th>top-{TOP_NEIGHBOURS} in the fused space</th></tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table>")
+    how = (f"{len(queries)} items drawn at random (seeded). Bold neighbours are in both lists; "
+           "the grey number is the cosine similarity; [brackets] hold the category.")
+    return _p(source) + _p(how, "note") + table
+
+
+def _image_counts(inputs: RunInputs) -> dict[str, int | None]:
+    meta = inputs.image_meta
+    embedded = inputs.arrays["image"].shape[0]
+    failed = inputs.failures.num_rows
+    return {"total": meta.get("total_rows", inputs.count), "embedded": embedded,
+            "failed": failed, "no_url": meta.get("no_url_count"),
+            "capped": meta.get("capped_count")}
+
+
+def summary_section(inputs: RunInputs, scans: dict[str, SpaceScan], checks: Sequence[Check]
+                    ) -> str:
+    n = inputs.count
+    img = _image_counts(inputs)
+    total = img["total"] or 0
+
+    def share(value: int | None, of: int) -> str:
+        return f"{100.0 * value / of:.1f}%" if value is not None and of else "–"
+
+    with_image = int(inputs.has_image.sum())
+    excluded = inputs.fusion_meta.get("image_vectors_excluded")
+    rows = [
+        ("items (text step)", n, share(n, n), "every item, embedded from title + description"),
+        ("items with empty text", inputs.text_meta.get("empty_text_count"),
+         share(inputs.text_meta.get("empty_text_count"), n), "embedded as the empty string"),
+        ("image: embedded", img["embedded"], share(img["embedded"], total),
+         "with-image coverage"),
+        ("image: failed", img["failed"], share(img["failed"], total), "see the next section"),
+        ("image: no URL", img["no_url"], share(img["no_url"], total), "not attempted"),
+        ("image: beyond the max_items cap", img["capped"], share(img["capped"], total),
+         f"max_items = {inputs.image_meta.get('max_items', '–')}"),
+        ("fused", scans["fused"].count, share(scans["fused"].count, n), "every text item"),
+        ("fused with an image vector", with_image, share(with_image, n),
+         f"{excluded if excluded is not None else '–'} unusable image vector(s) excluded"),
+    ]
+    if inputs.knn is not None:
+        rows.append(("kNN graph rows", inputs.knn.meta.get("count"),
+                     share(inputs.knn.meta.get("count"), n),
+                     f"k = {inputs.knn.meta.get('k')}, spaces: "
+                     f"{', '.join(inputs.knn.meta.get('spaces', {}))}"))
+    body = _table(("count", "items", "share", "note"), rows)
+    parts = [("embedded", img["embedded"]), ("failed", img["failed"])]
+    parts += [(label, img[key]) for label, key in (("no URL", "no_url"), ("capped", "capped"))
+              if img[key] is not None]
+    known = sum(v for _, v in parts)
+    if total > known:
+        parts.append(("not accounted for", total - known))
+    body += _img(plot_coverage(parts, total), "image outcome of every item")
+    return body + "<h3>Checks</h3>" + _checks_table(checks)
+
+
+def failures_section(inputs: RunInputs) -> str:
+    failures = inputs.failures
+    if failures.num_rows == 0:
+        return _p("No image failed: every attempted image was downloaded, decoded and embedded.")
+    counts = pc.value_counts(failures.column("reason").combine_chunks())
+    reasons = sorted(((str(r), int(c)) for r, c in zip(counts.field("values").to_pylist(),
+                                                       counts.field("counts").to_pylist())),
+                     key=lambda rc: (-rc[1], rc[0]))
+    attempted = inputs.arrays["image"].shape[0] + failures.num_rows
+    reason_col = failures.column("reason").to_pylist()
+    first = {}
+    for index, reason in enumerate(reason_col):
+        first.setdefault(str(reason), index)
+    rows = []
+    for reason, count in reasons:
+        example = failures.slice(first[reason], 1).to_pylist()[0]
+        detail = example.get("detail") or ""
+        status = example.get("http_status")
+        sample = " ".join(str(part) for part in (
+            example.get("id"), example.get("url") or "", f"HTTP {status}" if status else "",
+            detail) if part)
+        rows.append((reason, count, f"{100.0 * count / attempted:.1f}%", sample))
+    body = _table(("reason", "items", "% of attempted", "first example (id, URL, detail)"),
+                  rows)
+    return body + _img(plot_failures(reasons), "image failures by reason")
+
+
+def _spread(values: np.ndarray) -> list[Any]:
+    if not len(values):
+        return [None] * 4
+    p5, p50, p95 = np.percentile(values, (5, 50, 95))
+    return [float(values.mean()), float(p5), float(p50), float(p95)]
+
+
+def distributions_section(scans: dict[str, SpaceScan], cosines: dict[str, np.ndarray]) -> str:
+    rows = []
+    for space in SPACES:
+        scan = scans[space]
+        finite = scan.norms[np.isfinite(scan.norms)]
+        rows.append([space, scan.count, scan.dim,
+                     float(finite.min()) if len(finite) else None,
+                     float(finite.max()) if len(finite) else None,
+                     scan.off_unit, scan.nonfinite, len(cosines[space]),
+                     *_spread(cosines[space])])
+    body = _p(f"Norms are of every row; pairwise cosines of up to {PAIR_ROWS:,} rows sampled "
+              f"per space (every pair). Vectors are L2-normalised: every norm should be 1 "
+              f"within {NORM_TOLERANCE:g}.")
+    body += _table(("space", "rows", "dim", "min norm", "max norm",
+                    f"|norm − 1| > {NORM_TOLERANCE:g}", "non-finite rows", "pairs",
+                    "cosine mean", "p5", "median", "p95"), rows)
+    body += _img(plot_norms({s: scans[s].norms for s in SPACES}), "L2 norm per space")
+    return body + _img(plot_pairwise(cosines), "pairwise cosine similarity per space")
+
+
+def maps_section(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]],
+                 items: ItemRows) -> str:
+    if items.categories is None:
+        note = (f"The items table has no {items.category_column!r} column "
+                "(parameter category_column): the maps are drawn in one colour.")
+    else:
+        note = (f"Coloured by {items.category_column!r}: the {len(legend)} most frequent "
+                "categories among the sampled items, all others grey.")
+    body = _p(f"Up to {MAP_ROWS:,} items sampled per space (seeded), projected on the two "
+              "principal axes of the sample (PCA). Items of one category should gather.")
+    body += _p(note, "note")
+    body += _img(plot_maps(panels, legend), "2-D PCA map of sampled items per space")
+    if legend:
+        body += _table(("category", "sampled items"), legend)
+    return body
+
+
+def training_section(meta: dict[str, Any]) -> str:
+    history = meta.get("loss_history") or []
+    if not history:
+        return _p(f"{FUSION_CONFIG} has no loss_history.")
+    body = _p(f"{len(history)} epoch(s), objective {meta.get('objective', '–')}, "
+              f"lr {meta.get('lr', '–')}, batch size {meta.get('batch_size', '–')}, "
+              f"seed {meta.get('seed', '–')}; train time {_fmt(meta.get('train_time_sec'))} s. "
+              "Loss is sim_loss + norm_weight × norm_loss; it should fall and settle.")
+    body += _img(plot_training(history), "fusion training loss per epoch")
+    shown = list(enumerate(history, 1))
+    if len(shown) > MAX_EPOCH_ROWS:
+        shown = shown[:MAX_EPOCH_ROWS // 2] + shown[-MAX_EPOCH_ROWS // 2:]
+    return body + _table(("epoch", "loss", "sim_loss", "norm_loss"),
+                         [(e, h.get("loss"), h.get("sim_loss"), h.get("norm_loss"))
+                          for e, h in shown])
+
+
+def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
+    knn = inputs.knn
+    if knn is None:
+        return _p("No kNN graph (no knn_meta.json in the kNN directory, or none given): no "
+                  "recall figures. The neighbour table above is exact (brute force).")
+    k = knn.meta.get("k")
+    rows = []
+    for space, info in knn.meta.get("spaces", {}).items():
+        rows.append((space, info.get("method"), info.get("dim"), info.get("index_params"),
+                     info.get("recall_at_k"), info.get("recall_queries"),
+                     info.get("build_time_sec"), info.get("query_time_sec")))
+    body = _p(f"k = {k} neighbours per item over {knn.meta.get('count', 0):,} items; wall time "
+              f"{_fmt(knn.meta.get('wall_time_sec'))} s. recall@k is measured against exact "
+              "search on recall_queries random items.")
+    body += _table(("space", "method", "dim", "index parameters", f"recall@{k}",
+                    "recall queries", "build time (s)", "query time (s)"), rows)
+    if knn.scores:
+        scores = {s: np.asarray(a[sample_rows], np.float32) for s, a in knn.scores.items()}
+        body += _img(plot_neighbour_scores(scores, knn.scores[next(iter(knn.scores))].shape[1]),
+                     "cosine similarity to the first and k-th neighbour")
+    return body
+
+
+STEP_KEYS = {
+    "text": ("run_id", "wall_time_sec", "encoder_name", "text_backend", "device", "dtype",
+             "throughput_items_per_sec"),
+    "image": ("run_id", "wall_time_sec", "encoder_name", "pretrained", "device",
+              "throughput_items_per_sec", "resumed_shards"),
+    "fusion": ("run_id", "wall_time_sec", "objective", "epochs", "hidden_dim", "output_dim",
+               "final_loss"),
+    "knn": ("run_id", "wall_time_sec", "k"),
+}
+
+
+def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict[str, str]
+                ) -> str:
+    metas = {"text": inputs.text_meta, "image": inputs.image_meta, "fusion": inputs.fusion_meta}
+    if inputs.knn is not None:
+        metas["knn"] = inputs.knn.meta
+    steps = [(step, *(metas[step].get(key) for key in STEP_KEYS[step][:2]),
+              "; ".join(f"{key} = {metas[step][key]}" for key in STEP_KEYS[step][2:]
+                        if key in metas[step]))
+             for step in metas]
+    body = "<h3>Steps</h3>" + _table(("step", "run id", "wall time (s)", "details"), steps)
+    versions = {**{s: m.get("versions") or {} for s, m in metas.items()},
+                "report": render_versions}
+    packages = sorted({p for v in versions.values() for p in v})
+    body += "<h3>Versions</h3>" + _table(
+        ("package", *versions), [(p, *(v.get(p) for v in versions.values())) for p in packages])
+    body += "<h3>Parameters</h3>" + _table(
+        ("parameter", "value"), [(f.name, getattr(params, f.name))
+                                 for f in dataclasses.fields(params)])
+    return body
+
+
+def _checks(inputs: RunInputs, scans: dict[str, SpaceScan], found: Neighbours) -> list[Check]:
+    checks = []
+    for space in SPACES:
+        bad = scans[space].off_unit + scans[space].nonfinite
+        checks.append(Check(f"{space} vectors L2-normalised and finite",
+                            f"{bad:,} of {scans[space].count:,} rows off", "ok" if not bad
+                            else "warn"))
+    meta_counts = (("text", inputs.text_meta.get("count"), inputs.count),
+                   ("image", inputs.image_meta.get("count"), scans["image"].count),
+                   ("fused", inputs.fusion_meta.get("count"), inputs.count),
+                   ("fused with image", inputs.fusion_meta.get("items_with_images"),
+                    int(inputs.has_image.sum())),
+                   ("image failures", inputs.image_meta.get("failed_count"),
+                    inputs.failures.num_rows))
+    for name, said, found_count in meta_counts:
+        if said is not None:
+            checks.append(Check(f"{name}: meta file count = rows", f"{said:,} vs {found_count:,}",
+                                "ok" if said == found_count else "warn"))
+    for space, (shared, compared) in found.exact_overlap.items():
+        checks.append(Check(f"kNN {space} graph vs exact top-{TOP_NEIGHBOURS} on the sample "
+                            "items", f"{shared} of {compared} shared", "info"))
+    return checks
+
+
+def render_page(findings: Findings, params: PipelineParams, *, run_id: str, items_uri: str,
+                started: float) -> str:
+    """The whole page; ``started`` (a ``time.perf_counter()`` value) dates the render time."""
+    inputs, items, scans = findings.inputs, findings.items, findings.scans
+    found = findings.neighbours
+    run_id = run_id or inputs.fusion_meta.get("run_id", "")
+    body = "".join([
+        _section("summary", summary_section(inputs, scans, _checks(inputs, scans, found))),
+        _section("failures", failures_section(inputs)),
+        _section("distributions", distributions_section(scans, findings.cosines)),
+        _section("maps", maps_section(findings.panels, findings.legend, items)),
+        _section("neighbours", neighbours_section(inputs, items, findings.queries, found)),
+        _section("training", training_section(inputs.fusion_meta)),
+        _section("knn", knn_section(inputs, findings.text_sample)),
+        _section("run", run_section(inputs, params,
+                                    package_versions("numpy", "pyarrow", "matplotlib"))),
+    ])
+    elapsed = time.perf_counter() - started
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = "".join(f'<li><a href="#{key}">{_e(title)}</a></li>' for key, title in SECTIONS)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>QA report {_e(run_id)}</title><style>{CSS}</style></head><body>\n"
+            f"<h1>QA report</h1><p class=\"meta\">run {_e(run_id or '–')} · "
+            f"{inputs.count:,} items · written {now} in {elapsed:.1f} s · items "
+            f"{_e(items_uri)}</p><nav><ul>{nav}</ul></nav>\n{body}</body></html>\n")

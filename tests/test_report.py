@@ -1,0 +1,538 @@
+"""The QA report: rendered from a tiny real run, parsed back, every section and image checked."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from item_embeddings.config import PipelineParams
+from item_embeddings.fusion import fuse_item_embeddings
+from item_embeddings.fusion.synthetic import write_synthetic_catalogue
+from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IMG_ARRAY,
+                                     IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED,
+                                     KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
+                                     QA_REPORT, TXT_ARRAY, TXT_ITEMS)
+from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
+from item_embeddings.report.inputs import MISSING_CATEGORY
+from item_embeddings.sample import make_sample_catalogue
+from item_embeddings.text import embed_items_text, load_text_encoder
+
+N_ITEMS = 48
+K = 8
+SCRIPT_TITLE = '<script>alert("title")</script> Acme & <b>bold</b> cable'
+SCRIPT_ID = '<img src="http://evil.example/x.png">'
+ODD_CATEGORY = r"Sale $\bogus{5}$ <deals> & more"  # not math: \bogus would not parse
+RECALL = {"text": 0.9871, "fused": 0.9123}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------ a tiny real run
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_image_outputs(image_dir: Path, items: pa.Table, seed: int = 0) -> None:
+    """The image step's files in the format of docs/outputs.md: items with a URL are embedded
+    (a vector near their category's centre) or fail with a reason; img.npy rows are shuffled."""
+    rng = np.random.default_rng(seed)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    ids = items.column("asin").to_pylist()
+    urls = items.column("image_url").to_pylist()
+    categories = [str(c) for c in items.column("main_category").to_pylist()]
+    centres = dict(zip(sorted(set(categories)),
+                       _unit(rng.standard_normal((len(set(categories)), 512)))))
+    attempted = [i for i, url in enumerate(urls) if url]
+    failed = {attempted[0]: ("http_error", "Not Found", 404), attempted[1]: ("http_error", "", 500),
+              attempted[2]: ("timeout", "no answer in 5 s", None),
+              attempted[3]: ("decode_error", "<script>alert('detail')</script>", None)}
+    good = [i for i in attempted if i not in failed]
+    vectors = _unit(np.stack([centres[categories[i]] for i in good])
+                    + 0.05 * rng.standard_normal((len(good), 512)))
+    rows = rng.permutation(len(good))
+    img = np.empty_like(vectors)
+    img[rows] = vectors
+    np.save(image_dir / IMG_ARRAY, img)
+    pq.write_table(pa.table({"id": [ids[i] for i in good], "url": [urls[i] for i in good],
+                             "row": pa.array(rows, pa.int64())}), image_dir / IMG_ITEMS)
+    pq.write_table(pa.table({
+        "id": [ids[i] for i in failed], "url": [urls[i] for i in failed],
+        "reason": [r for r, _, _ in failed.values()],
+        "detail": [d for _, d, _ in failed.values()],
+        "http_status": pa.array([s for _, _, s in failed.values()], pa.int32()),
+        "attempts": pa.array([1] * len(failed), pa.int32())}), image_dir / IMG_FAILURES)
+    reasons: dict[str, int] = {}
+    for reason, _, _ in failed.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    (image_dir / IMG_META).write_text(json.dumps({
+        "count": len(good), "failed_count": len(failed), "attempted_count": len(attempted),
+        "no_url_count": len(ids) - len(attempted), "capped_count": 0, "total_rows": len(ids),
+        "max_items": 150000, "embed_dim": 512, "failures_by_reason": dict(sorted(reasons.items())),
+        "run_id": "tiny", "versions": {"item-embeddings": "0.1.0", "open-clip-torch": "3.3.0"}}))
+
+
+def write_knn(knn_dir: Path, text_dir: Path, fused_dir: Path, k: int = K,
+              skip: int = 0) -> dict[str, np.ndarray]:
+    """Exact kNN graphs (brute force) in the kNN step's format; ``skip`` drops the best
+    ``skip`` neighbours of every item (a deliberately wrong graph)."""
+    knn_dir.mkdir(parents=True, exist_ok=True)
+    graphs = {}
+    for space, array, index_file, score_file in (
+            ("text", text_dir / TXT_ARRAY, KNN_TEXT, KNN_TEXT_SCORES),
+            ("fused", fused_dir / FUSED_ARRAY, KNN_FUSED, KNN_FUSED_SCORES)):
+        x = _unit(np.load(array))
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, skip:skip + k].astype(np.int32)
+        np.save(knn_dir / index_file, order)
+        np.save(knn_dir / score_file, np.take_along_axis(sims, order, 1).astype(np.float32))
+        graphs[space] = order
+    n = len(graphs["text"])
+    spaces = {space: {"dim": int(np.load(path, mmap_mode="r").shape[1]), "method": "exact",
+                      "index_params": {"metric": "ip"}, "build_time_sec": 0.01,
+                      "query_time_sec": 0.02, "recall_at_k": RECALL[space],
+                      "recall_queries": 1000}
+              for space, path in (("text", text_dir / TXT_ARRAY),
+                                  ("fused", fused_dir / FUSED_ARRAY))}
+    (knn_dir / KNN_META).write_text(json.dumps({
+        "k": k, "count": n, "spaces": spaces, "run_id": "tiny", "wall_time_sec": 0.5,
+        "versions": {"item-embeddings": "0.1.0", "numpy": np.__version__}}))
+    return graphs
+
+
+@dataclass
+class TinyRun:
+    root: Path
+    items: Path
+    text: Path
+    image: Path
+    fused: Path
+    knn: Path
+    graphs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def render(self, out: Path, *, items: Path | None = None, knn: Path | None | str = "same",
+               params: PipelineParams = PipelineParams(seed=0)) -> tuple[dict, str]:
+        summary = write_qa_report(str(items or self.items), self.text, self.image, self.fused,
+                                  self.knn if knn == "same" else knn, out / QA_REPORT, params,
+                                  run_id="tiny-run")
+        return summary, (out / QA_REPORT).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """Real text and fusion steps on a generated catalogue; generated image step outputs with
+    failures; an exact kNN graph."""
+    root = tmp_path_factory.mktemp("run")
+    table = make_sample_catalogue(N_ITEMS, image_base_url="http://127.0.0.1:9")
+    titles = table.column("title").to_pylist()
+    titles[3] = SCRIPT_TITLE
+    titles[5] = None
+    ids = table.column("asin").to_pylist()
+    ids[7] = SCRIPT_ID
+    categories = table.column("main_category").to_pylist()
+    categories[11] = ODD_CATEGORY
+    categories[17] = None
+    table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles))
+    table = table.set_column(0, "asin", pa.array(ids))
+    table = table.set_column(table.schema.get_field_index("main_category"), "main_category",
+                             pa.array(categories, pa.string()))
+    items = root / "items.parquet"
+    pq.write_table(table, items)
+    run = TinyRun(root, items, root / "text", root / "image", root / "fused", root / "knn")
+    embed_items_text(str(items), run.text, encoder=load_text_encoder(batch_size=16),
+                     run_id="tiny")
+    write_image_outputs(run.image, table)
+    fuse_item_embeddings(run.text, run.image, run.fused, PipelineParams(seed=0, fusion_epochs=4,
+                                                                        fusion_batch_size=16),
+                         run_id="tiny")
+    run.graphs = write_knn(run.knn, run.text, run.fused)
+    return run
+
+
+# ------------------------------------------------------------------------ reading the page
+
+
+@dataclass
+class Element:
+    tag: str
+    attrs: dict[str, str]
+    text: str = ""
+    children: list["Element"] = field(default_factory=list)
+
+    def find_all(self, tag: str) -> list["Element"]:
+        found = [self] if self.tag == tag else []
+        for child in self.children:
+            found += child.find_all(tag)
+        return found
+
+    def by_class(self, cls: str) -> list["Element"]:
+        found = [self] if cls in self.attrs.get("class", "").split() else []
+        for child in self.children:
+            found += child.by_class(cls)
+        return found
+
+    def all_text(self) -> str:
+        return self.text + "".join(c.all_text() for c in self.children)
+
+
+VOID = {"meta", "img", "br", "link", "hr", "input"}
+
+
+class Page(HTMLParser):
+    """The page as a tree (the stdlib parser: what a browser would see as tags and text)."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.root = Element("document", {})
+        self.stack = [self.root]
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        element = Element(tag, {k: v or "" for k, v in attrs})
+        self.tags.append((tag, element.attrs))
+        self.stack[-1].children.append(element)
+        if tag not in VOID:
+            self.stack.append(element)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        assert self.stack[-1].tag == tag, f"</{tag}> closes <{self.stack[-1].tag}>"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        # Text after a child element: kept as a text-only child so order is preserved.
+        self.stack[-1].children.append(Element("#text", {}, data))
+
+    def section(self, key: str) -> Element:
+        sections = [s for s in self.root.find_all("section") if s.attrs.get("id") == key]
+        assert len(sections) == 1, key
+        return sections[0]
+
+
+def table_rows(table: Element) -> list[list[str]]:
+    return [[cell.all_text().strip() for cell in row.children if cell.tag == "td"]
+            for row in table.find_all("tr") if any(c.tag == "td" for c in row.children)]
+
+
+def decode_png(src: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:60]
+    png = base64.b64decode(src[len(prefix):], validate=True)
+    assert png.startswith(PNG_MAGIC)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        img.verify()
+        assert img.format == "PNG"
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size[0] >= 300 and img.size[1] >= 100
+    return png
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    summary, text = tiny_run.render(out)
+    return summary, text, Page(text)
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_every_section_in_order_with_inlined_png_plots(rendered):
+    summary, text, page = rendered
+    headings = [h.all_text() for h in page.root.find_all("h2")]
+    assert headings == [title for _, title in SECTIONS]
+    assert [s.attrs["id"] for s in page.root.find_all("section")] == summary["sections"]
+    assert summary["size_bytes"] == len(text.encode("utf-8"))
+    assert summary["neighbours"] == "graph" and summary["has_categories"]
+    # the plots each section must have
+    expected_images = {"summary": 1, "failures": 1, "distributions": 2, "maps": 1,
+                       "training": 1, "knn": 1}
+    for key, count in expected_images.items():
+        images = page.section(key).find_all("img")
+        assert len(images) == count, key
+        for img in images:
+            decode_png(img.attrs["src"])
+            assert img.attrs["alt"]
+    assert not page.section("neighbours").find_all("img")
+
+
+def test_page_is_self_contained(rendered):
+    _, text, page = rendered
+    tags = {tag for tag, _ in page.tags}
+    assert not tags & {"script", "link", "iframe", "object", "embed", "base"}
+    for tag, attrs in page.tags:
+        for name in ("src", "href", "srcset", "action", "poster"):
+            if name in attrs:
+                value = attrs[name]
+                assert value.startswith(("data:image/png;base64,", "#")), (tag, name, value)
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+    style = "".join(s.all_text() for s in page.root.find_all("style"))
+    assert "url(" not in style and "@import" not in style and "@font-face" not in style
+    # the only absolute URLs on the page are escaped item data shown as text
+    assert "evil.example" not in "".join(v for _, a in page.tags for v in a.values())
+
+
+def test_item_data_is_escaped(rendered, tiny_run, tmp_path, monkeypatch):
+    _, text, page = rendered
+    failures = page.section("failures").all_text()
+    assert "<script>alert('detail')</script>" in failures        # shown as text ...
+    assert "<script>" not in text and "<deals>" not in text         # ... never as markup
+    assert ODD_CATEGORY in page.section("maps").all_text()
+    # every item in the neighbour table: the script title and the odd id appear, as text only
+    monkeypatch.setattr(analysis, "NEIGHBOUR_ITEMS", N_ITEMS)
+    _, text = tiny_run.render(tmp_path)
+    page = Page(text)
+    table = page.section("neighbours").all_text()
+    assert SCRIPT_TITLE in table and SCRIPT_ID in table and "(no title)" in table
+    assert "<script>" not in text and "<b>bold" not in text and '<img src="http' not in text
+    assert {tag for tag, _ in page.tags} & {"script", "b"} == set()
+    assert len(page.root.find_all("img")) == 7
+
+
+def _title_of(tiny_run: TinyRun) -> dict[str, str]:
+    table = pq.read_table(tiny_run.items, columns=["asin", "title"]).to_pylist()
+    return {r["asin"]: r["title"] or "(no title)" for r in table}
+
+
+def _neighbour_rows(page: Page) -> list[tuple[str, list[str], list[str]]]:
+    """(query id, text neighbour titles, fused neighbour titles) per row of the table."""
+    table = page.section("neighbours").by_class("neighbours")[0]
+    rows = []
+    for tr in table.find_all("tr")[1:]:
+        cells = [c for c in tr.children if c.tag == "td"]
+        assert len(cells) == 3
+        query = cells[0].by_class("id")[0].all_text()
+
+        def titles(cell: Element) -> list[str]:
+            return [re.sub(r"\s*(\[[^\]]*\])?\s*-?\d\.\d{3}$", "", li.all_text().strip())
+                    for li in cell.find_all("li")]
+
+        rows.append((query, titles(cells[1]), titles(cells[2])))
+    return rows
+
+
+def _expected_titles(tiny_run: TinyRun, graph: np.ndarray, query: str) -> list[str]:
+    ids = pq.read_table(tiny_run.text / TXT_ITEMS).column("id").to_pylist()
+    title = _title_of(tiny_run)
+    return [title[ids[r]] for r in graph[ids.index(query)][:analysis.TOP_NEIGHBOURS]]
+
+
+def test_neighbour_table_shows_the_graph_neighbours_side_by_side(rendered, tiny_run):
+    _, _, page = rendered
+    rows = _neighbour_rows(page)
+    assert len(rows) == analysis.NEIGHBOUR_ITEMS
+    assert len({q for q, _, _ in rows}) == analysis.NEIGHBOUR_ITEMS
+    for query, text, fused in rows:
+        assert text == _expected_titles(tiny_run, tiny_run.graphs["text"], query)
+        assert fused == _expected_titles(tiny_run, tiny_run.graphs["fused"], query)
+    # the graph here is exact: it shares every neighbour with the exact search
+    note = page.section("neighbours").all_text()
+    total = analysis.NEIGHBOUR_ITEMS * analysis.TOP_NEIGHBOURS
+    assert f"shares {total} of the {total} exact top-5 text" in note
+
+
+def test_a_broken_run_is_shown_as_it_is_and_flagged(tiny_run, tmp_path):
+    knn = tmp_path / "knn"
+    graphs = write_knn(knn, tiny_run.text, tiny_run.fused, skip=analysis.TOP_NEIGHBOURS)
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_run.fused, fused)
+    array = np.load(fused / FUSED_ARRAY)
+    array[2] *= 3.0
+    array[4] = np.nan
+    np.save(fused / FUSED_ARRAY, array)
+    write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, fused, knn,
+                    tmp_path / QA_REPORT)
+    page = Page((tmp_path / QA_REPORT).read_text())
+    # the graph's neighbours are shown as they are, with how many the exact search shares
+    for query, text_titles, _ in _neighbour_rows(page):
+        assert text_titles == _expected_titles(tiny_run, graphs["text"], query)
+    total = analysis.NEIGHBOUR_ITEMS * analysis.TOP_NEIGHBOURS
+    assert f"shares 0 of the {total} exact top-5 text" in page.section("neighbours").all_text()
+    # vectors that are not unit length or not finite
+    checks = {r[0]: r[1:] for r in table_rows(page.section("summary").find_all("table")[1])}
+    assert checks["fused vectors L2-normalised and finite"] == [
+        f"2 of {N_ITEMS} rows off", "WARN"]
+    assert checks["text vectors L2-normalised and finite"][1] == "OK"
+    dist = {r[0]: r for r in table_rows(page.section("distributions").find_all("table")[0])}
+    assert dist["fused"][5:7] == ["1", "1"] and dist["text"][5:7] == ["0", "0"]
+
+
+def test_without_knn_or_categories(tiny_run, tmp_path):
+    """No kNN graph: exact neighbours; no category column: one-colour maps, said so."""
+    table = pq.read_table(tiny_run.items).drop_columns(["main_category"])
+    pq.write_table(table, tmp_path / "items.parquet")
+    summary, text = tiny_run.render(tmp_path, items=tmp_path / "items.parquet", knn=None)
+    page = Page(text)
+    assert summary["neighbours"] == "exact" and not summary["has_categories"]
+    assert "No kNN graph" in page.section("knn").all_text()
+    assert not page.section("knn").find_all("img")
+    assert "neighbours are exact" in page.section("neighbours").all_text()
+    for query, text_titles, fused_titles in _neighbour_rows(page):
+        assert text_titles == _expected_titles(tiny_run, tiny_run.graphs["text"], query)
+        assert fused_titles == _expected_titles(tiny_run, tiny_run.graphs["fused"], query)
+    maps = page.section("maps")
+    assert "has no 'main_category' column" in maps.all_text()
+    assert not maps.find_all("table") and len(maps.find_all("img")) == 1
+    assert "[" not in page.section("neighbours").by_class("neighbours")[0].all_text()
+
+
+def test_empty_knn_dir_and_another_category_column(tiny_run, tmp_path):
+    table = pq.read_table(tiny_run.items).drop_columns(["main_category"])
+    pq.write_table(table, tmp_path / "items.parquet")
+    (tmp_path / "knn").mkdir()
+    summary, text = tiny_run.render(tmp_path, items=tmp_path / "items.parquet",
+                                    knn=tmp_path / "knn",
+                                    params=PipelineParams(category_column="title"))
+    maps = Page(text).section("maps")
+    assert summary["neighbours"] == "exact" and summary["has_categories"]
+    assert "Coloured by 'title'" in maps.all_text()
+    legend = table_rows(maps.find_all("table")[0])
+    titles = set(_title_of(tiny_run).values()) | {MISSING_CATEGORY}
+    assert len(legend) == 9 and {label for label, _ in legend} <= titles
+
+
+def test_category_legend_and_maps(rendered):
+    _, _, page = rendered
+    maps = page.section("maps")
+    legend = table_rows(maps.find_all("table")[0])
+    labels = [label for label, _ in legend]
+    # 6 sample categories + the odd one + missing, most frequent first
+    assert set(labels) == {"Headphones", "Cables", "Keyboards", "Storage", "Cameras",
+                           "Chargers", ODD_CATEGORY, MISSING_CATEGORY}
+    counts = [int(c) for _, c in legend]
+    assert counts == sorted(counts, reverse=True) and sum(counts) == N_ITEMS
+    assert "Coloured by 'main_category'" in maps.all_text()
+
+
+def test_recall_training_failures_and_run_figures(rendered, tiny_run):
+    _, _, page = rendered
+    knn = table_rows(page.section("knn").find_all("table")[0])
+    assert [(r[0], r[1], r[4]) for r in knn] == [("text", "exact", "0.9871"),
+                                                 ("fused", "exact", "0.9123")]
+    epochs = table_rows(page.section("training").find_all("table")[0])
+    history = json.loads((tiny_run.fused / FUSION_CONFIG).read_text())["loss_history"]
+    assert [int(r[0]) for r in epochs] == list(range(1, len(history) + 1))
+    assert float(epochs[-1][1]) == pytest.approx(history[-1]["loss"], rel=1e-3)
+    failures = table_rows(page.section("failures").find_all("table")[0])
+    assert [(r[0], r[1]) for r in failures] == [("http_error", "2"), ("decode_error", "1"),
+                                                ("timeout", "1")]
+    summary = {r[0]: r[1:] for r in table_rows(page.section("summary").find_all("table")[0])}
+    n_url = sum(1 for u in pq.read_table(tiny_run.items).column("image_url").to_pylist() if u)
+    assert summary["image: embedded"][0] == str(n_url - 4)
+    assert summary["image: failed"][0] == "4"
+    checks = table_rows(page.section("summary").find_all("table")[1])
+    assert all(result in ("OK", "INFO") for *_, result in checks), checks
+    run = page.section("run").all_text()
+    assert "category_column" in run and "main_category" in run and "matplotlib" in run
+
+
+def test_inputs_that_do_not_line_up_are_named(tiny_run, tmp_path):
+    other = tmp_path / "other.parquet"
+    table = pq.read_table(tiny_run.items)
+    pq.write_table(table.slice(1), other)
+    with pytest.raises(ReportInputError, match="row 0 has id"):
+        write_qa_report(str(other), tiny_run.text, tiny_run.image, tiny_run.fused, None,
+                        tmp_path / QA_REPORT)
+    knn = tmp_path / "knn"
+    shutil.copytree(tiny_run.knn, knn)
+    meta = json.loads((knn / KNN_META).read_text())
+    (knn / KNN_META).write_text(json.dumps({**meta, "count": N_ITEMS + 1}))
+    with pytest.raises(ReportInputError, match="knn_meta.json count is 49"):
+        write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, tiny_run.fused, knn,
+                        tmp_path / QA_REPORT)
+    with pytest.raises(ReportInputError, match="fusion_config.json not found"):
+        write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, tmp_path, None,
+                        tmp_path / QA_REPORT)
+    assert not (tmp_path / QA_REPORT).exists()
+
+
+def test_one_pass_scan_matches_brute_force_across_chunks(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = _unit(rng.standard_normal((101, 16)))
+    x[10] = 0.0                       # a zero row never becomes a neighbour
+    x[20] *= 2.0                      # cosines, not dot products, rank the neighbours
+    monkeypatch.setattr(analysis, "CHUNK_ROWS", 7)
+    sample = np.array([0, 6, 7, 50, 100])
+    queries = np.array([3, 7, 64, 100])
+    scan = analysis.scan_space(x, sample, queries, "test")
+    np.testing.assert_allclose(scan.norms, np.linalg.norm(x, axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(scan.sample, x[sample])
+    with np.errstate(all="ignore"):
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = np.nan_to_num(unit[queries] @ unit.T, nan=-np.inf)
+    sims[np.arange(len(queries)), queries] = -np.inf
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :analysis.TOP_NEIGHBOURS]
+    np.testing.assert_array_equal(scan.exact_rows, expected)
+    np.testing.assert_allclose(scan.exact_scores, np.take_along_axis(sims, expected, 1),
+                               rtol=1e-5)
+    assert scan.off_unit == 2 and scan.nonfinite == 0
+
+
+def test_pca_axes_are_the_principal_ones():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 20)) * np.arange(20, 0, -1)).astype(np.float32)
+    x[7] = np.inf
+    coords, keep, share = analysis.pca_2d(x)
+    assert keep.sum() == 299 and coords.shape == (299, 2)
+    centred = x[keep].astype(np.float64) - x[keep].mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(coords), np.abs(centred @ vt[:2].T), atol=1e-6)
+    np.testing.assert_allclose(share, s[:2] ** 2 / (s ** 2).sum())
+
+
+def test_page_size_stays_bounded_above_the_sample_sizes(tmp_path):
+    """Past MAP_ROWS items every plot is drawn from fixed-size samples: the page is as large
+    as it gets (the 500k-item size is measured by bench/bench_report.py)."""
+    n = analysis.MAP_ROWS + 1000
+    cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=n, seed=1)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / FUSED_ARRAY, _unit(rng.standard_normal((n, 128))))
+    pq.write_table(pa.table({"id": cat.ids, "has_image": cat.has_image}),
+                   tmp_path / FUSED_ITEMS)
+    (tmp_path / FUSION_CONFIG).write_text(json.dumps(
+        {"count": n, "items_with_images": int(cat.has_image.sum()),
+         "loss_history": [{"loss": 1.0 / e, "sim_loss": 1.0 / e, "norm_loss": 0.0}
+                          for e in range(1, 6)]}))
+    categories = [f"category {label}" for label in cat.text_label]
+    pq.write_table(pa.table({"asin": cat.ids, "title": [f"title {i}" for i in cat.ids],
+                             "main_category": categories}), tmp_path / "items.parquet")
+    summary = write_qa_report(str(tmp_path / "items.parquet"), tmp_path / "text",
+                              tmp_path / "image", tmp_path, None, tmp_path / QA_REPORT)
+    assert summary["size_bytes"] < 2_000_000
+    page = Page((tmp_path / QA_REPORT).read_text())
+    legend = table_rows(page.section("maps").find_all("table")[0])
+    assert sum(int(c) for _, c in legend) == analysis.MAP_ROWS
+    assert len(page.root.find_all("img")) == 5   # no image failed: no failure chart
+
+
+def test_image_rows_map_to_text_rows_by_id():
+    from item_embeddings.report.inputs import _image_text_rows
+
+    ids = pa.chunked_array([pa.array(["a", "b", "c", "d"])])
+    # img_items order differs from txt_items; 'c' and 'b' share img.npy row 1 (the first id
+    # listed names it); row 2 is listed by no id
+    img_items = pa.table({"id": ["c", "a", "b"], "row": pa.array([1, 0, 1], pa.int64())})
+    assert _image_text_rows(img_items, ids, Path(IMG_ITEMS)).tolist() == [0, 2, -1]
+    with pytest.raises(ReportInputError, match="1 id.* not in txt_items.parquet"):
+        _image_text_rows(pa.table({"id": ["z"], "row": pa.array([0], pa.int64())}), ids,
+                         Path(IMG_ITEMS))
+    with pytest.raises(ReportInputError, match=r"must be an img.npy row in \[0, 1\)"):
+        _image_text_rows(pa.table({"id": ["a"], "row": pa.array([1], pa.int64())}), ids,
+                         Path(IMG_ITEMS))
