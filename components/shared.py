@@ -42,8 +42,9 @@ RUNTIME_INPUTS = {
     "run_id": ("", "Pipeline run id (the pipeline passes the job name placeholder)."),
     "require_gpu": (False, "The task's machine has a GPU: fail if torch cannot use it (set by "
                            "the pipeline)."),
-    "items_fingerprint": ("", "Content hash of the items table (from the fingerprint task): "
-                              "part of the cache key, so changed contents are recomputed."),
+    "inputs_fingerprint": ("", "Content hash of the items table and the previous output set "
+                               "(from the fingerprint task): part of the cache key, so changed "
+                               "contents are recomputed."),
 }
 TRACKING_INPUTS = ("experiment", "tracking_backend", "tracking_dir", "project", "location")
 
@@ -126,8 +127,8 @@ def component_step(inputs: Mapping[str, Any], output, metrics, prefix: str
     tracker = make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
                            project=inputs["project"], location=inputs["location"],
                            tracking_dir=inputs["tracking_dir"])
-    if inputs.get("items_fingerprint"):  # lineage: which contents these outputs come from
-        output.metadata["items_fingerprint"] = inputs["items_fingerprint"]
+    if inputs.get("inputs_fingerprint"):  # lineage: which contents these outputs come from
+        output.metadata["inputs_fingerprint"] = inputs["inputs_fingerprint"]
     with staged_output_dir(output.path, META_FILES) as out_dir:
         # Same output URI on every retry of the task, so the same run id (and checkpoints).
         yield ComponentStep(params=params, tracker=tracker,

@@ -27,7 +27,7 @@ from kfp import compiler, dsl
 from item_embeddings.components import DEFAULT_IMAGE
 from item_embeddings.components.embed_images import make_component as make_embed_images
 from item_embeddings.components.embed_text import make_component as make_embed_text
-from item_embeddings.components.fingerprint_items import make_component as make_fingerprint
+from item_embeddings.components.fingerprint_inputs import make_component as make_fingerprint
 from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
 from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.config import PipelineParams, param_description
@@ -125,10 +125,11 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
                         location=LOCATION_PLACEHOLDER if on_vertex else "")
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
                              reimport=False).set_display_name("Items")
-        fingerprint = fingerprint_op(items=items.output).set_display_name("Fingerprint items")
-        fingerprint.set_caching_options(False)  # it is what tells a changed table apart
-        reads_items = dict(items=items.output, items_fingerprint=fingerprint.output,
-                           id_column=p["id_column"])
+        fingerprint = fingerprint_op(items=items.output, previous_uri=p["previous_uri"]
+                                     ).set_display_name("Fingerprint inputs")
+        fingerprint.set_caching_options(False)  # it is what tells changed contents apart
+        reads_items = dict(items=items.output, inputs_fingerprint=fingerprint.output,
+                           id_column=p["id_column"], previous_uri=p["previous_uri"])
         text = embed_text_op(
             **reads_items, title_column=p["title_column"],
             description_column=p["description_column"], text_model=p["text_model"],
@@ -143,7 +144,8 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
             download_timeout_s=p["download_timeout_s"], download_retries=p["download_retries"],
             max_image_bytes=p["max_image_bytes"], allow_private_hosts=p["allow_private_hosts"],
             shard_size=p["shard_size"], checkpoint_uri=p["checkpoint_uri"],
-            image_user_agent=p["image_user_agent"], require_gpu=on_vertex, **image_args,
+            image_user_agent=p["image_user_agent"], image_revalidate=p["image_revalidate"],
+            retry_failed_images=p["retry_failed_images"], require_gpu=on_vertex, **image_args,
             **tracking,
         ).set_display_name("Embed images")
         fused = fuse_op(
@@ -151,7 +153,9 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
             image_embeddings=images.outputs["image_embeddings"],
             fusion_hidden_dim=p["fusion_hidden_dim"], fusion_output_dim=p["fusion_output_dim"],
             fusion_epochs=p["fusion_epochs"], fusion_lr=p["fusion_lr"],
-            fusion_batch_size=p["fusion_batch_size"], seed=p["seed"], **tracking,
+            fusion_batch_size=p["fusion_batch_size"], seed=p["seed"],
+            fusion_mode=p["fusion_mode"], previous_uri=p["previous_uri"],
+            inputs_fingerprint=fingerprint.output, **tracking,
         ).set_display_name("Fuse embeddings")
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
             images.set_retry(IMAGE_STEP_RETRIES, backoff_duration="60s")

@@ -103,3 +103,13 @@ def test_the_graph_sees_the_known_arrows():
     assert f"{PACKAGE}.pipeline.pipeline" in graph[f"{PACKAGE}.pipeline"]
     assert f"{PACKAGE}.components.shared" in graph[f"{PACKAGE}.components.embed_text.component"]
     assert f"{PACKAGE}.ops.local_run" in graph[f"{PACKAGE}.ops.local_commands"]  # lazy import
+
+
+def test_every_package_is_installed():
+    """A regular install (the images' ``pip install .``) ships only the listed packages."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert found == listed

@@ -29,13 +29,13 @@ def test_dag_edges(template):
     tasks = spec["root"]["dag"]["tasks"]
     assert _producers(tasks["embed-text"]) == {"importer"}
     assert _producers(tasks["embed-images"]) == {"importer"}
-    assert _producers(tasks["fingerprint-items"]) == {"importer"}
+    assert _producers(tasks["fingerprint-inputs"]) == {"importer"}
     for step in ("embed-text", "embed-images"):
-        assert set(tasks[step].get("dependentTasks", [])) <= {"importer", "fingerprint-items"}
+        assert set(tasks[step].get("dependentTasks", [])) <= {"importer", "fingerprint-inputs"}
         # the items' content hash is an input: a changed table cannot hit the cache
-        assert tasks[step]["inputs"]["parameters"]["items_fingerprint"] == {
+        assert tasks[step]["inputs"]["parameters"]["inputs_fingerprint"] == {
             "taskOutputParameter": {"outputParameterKey": "Output",
-                                    "producerTask": "fingerprint-items"}}
+                                    "producerTask": "fingerprint-inputs"}}
     assert _producers(tasks["fuse-embeddings"]) == {"embed-text", "embed-images"}
     importer = tasks["importer"]["inputs"]["parameters"]["uri"]
     assert importer == {"componentInputParameter": "items_uri"}
@@ -158,10 +158,10 @@ def test_steps_reading_items_are_cached_by_content(template):
     """The fingerprint task is never cached; the steps that read the items are, keyed by it."""
     _, spec = template
     tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["fingerprint-items"]["cachingOptions"] == {}  # = enableCache false
+    assert tasks["fingerprint-inputs"]["cachingOptions"] == {}  # = enableCache false
     for name in ("embed-text", "embed-images", "fuse-embeddings"):
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    assert spec["deploymentSpec"]["executors"]["exec-fingerprint-items"]["container"][
+    assert spec["deploymentSpec"]["executors"]["exec-fingerprint-inputs"]["container"][
         "image"] == IMAGE
 
 

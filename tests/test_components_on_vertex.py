@@ -37,7 +37,7 @@ def test_text_step_logs_the_gs_artifact_not_the_staging_dir(vertex_mount, gcs, t
     metrics = dsl.Metrics(name="metrics", uri=out_uri.replace("text_embeddings", "metrics"))
     embed_text(items=dsl.Dataset(name="items", uri=items_uri), text_embeddings=output,
                metrics=metrics, text_backend="torch", text_batch_size=8,
-               items_fingerprint="f00d", tracking_backend="local",
+               inputs_fingerprint="f00d", tracking_backend="local",
                tracking_dir=str(tmp_path / "runs"))
     on_mount = vertex_mount / out_uri[len("gs://"):]
     assert np.load(on_mount / TXT_ARRAY).shape == (12, 384)  # staged, then copied
@@ -46,7 +46,7 @@ def test_text_step_logs_the_gs_artifact_not_the_staging_dir(vertex_mount, gcs, t
                          "embed-text-item-embeddings-run7.json").read_text())
     assert record["artifacts"] == {"text_embeddings": out_uri}
     assert record["params"]["items_uri"] == items_uri
-    assert output.metadata["items_fingerprint"] == "f00d"
+    assert output.metadata["inputs_fingerprint"] == "f00d"
 
 
 def test_fusion_records_its_inputs_gs_uris(vertex_mount, tmp_path):

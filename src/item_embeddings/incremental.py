@@ -121,6 +121,29 @@ def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
     yield _verified(uri, root, group, names, meta_name)
 
 
+def previous_fingerprint(uri: str) -> str:
+    """A hash of what the previous set recorded about its files ('' without one), cheap: the
+    manifest of a published set, else the meta files. Part of the cache key of the steps that
+    reuse from it."""
+    if not uri:
+        return ""
+    metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())]
+    digest = hashlib.sha256()
+    if is_gcs_uri(uri):
+        bucket_name, prefix = split_gcs_uri(uri)
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        bucket = gcs_client().bucket(bucket_name)
+        for name in [MANIFEST, *metas]:
+            blob = bucket.blob(prefix + name)
+            digest.update(name.encode() + (blob.download_as_bytes() if blob.exists() else b""))
+    else:
+        root = Path(uri).expanduser()
+        for name in [MANIFEST, *metas]:
+            path = root / name
+            digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+    return digest.hexdigest()
+
+
 def _download(uri: str, names: list[str], dest: Path) -> None:
     bucket_name, prefix = split_gcs_uri(uri)
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""

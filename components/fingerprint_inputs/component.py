@@ -1,0 +1,38 @@
+"""The inputs-fingerprint component: a content hash that keys the caches of the steps reading
+the items (and the previous output set)."""
+
+from kfp.dsl import Dataset, Input
+
+from item_embeddings.components.shared import as_component, pipeline_inputs
+
+
+@pipeline_inputs
+def fingerprint_inputs(items: Input[Dataset], previous_uri: str) -> str:
+    """Hashes the items table's contents (local files whole; gs:// objects by their CRC32C) and
+    what the previous output set records about its files.
+
+    Vertex AI's cache key holds parameters and artifact ids, not the contents behind a URI, so
+    a scheduled run over an unchanged `items_uri` whose file changed would otherwise be served
+    the previous run's embeddings. This task is never cached; its output is an input of every
+    step that reads the items or the previous set, so changed contents mean a cache miss there.
+
+    Args:
+        items: The items table (parquet file or folder, local or gs://), from the importer.
+
+    Returns:
+        The fingerprint (hex sha256).
+    """
+    import hashlib
+
+    from item_embeddings.incremental import previous_fingerprint
+    from item_embeddings.items import items_fingerprint
+    from item_embeddings.progress import setup_logging
+
+    setup_logging()
+    both = f"{items_fingerprint(items.uri)}\x1f{previous_fingerprint(previous_uri)}"
+    return hashlib.sha256(both.encode()).hexdigest()
+
+
+def make_component(base_image: str):
+    """The component, to run in ``base_image``."""
+    return as_component(fingerprint_inputs, base_image)
