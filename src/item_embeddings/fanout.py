@@ -1,0 +1,266 @@
+"""Fan-out: the catalogue cut into ``shards`` contiguous row ranges, spread over worker tasks.
+
+A planning step cuts the items table (in input row order) into ``shards`` ranges of near-equal
+size and hands them to at most ``max_parallel_shards`` workers (worker ``w`` gets shards
+``w, w + P, w + 2P, ...``), so the parameter bounds how many machines run at once even though
+KFP's own loop parallelism is fixed at compile time. The image cap ``max_items`` applies to the
+whole catalogue: the plan gives each shard the number of its URL rows that a single run would
+select (the first ``max_items`` usable URLs in input order), so the same items are embedded.
+
+Merge steps then concatenate the shards' outputs in shard order: the files a single run writes.
+
+Example::
+
+    plan = plan_shards("items.parquet", PipelineParams(shards=4, max_parallel_shards=2))
+    plan.workers[0]  # {"worker": 0, "shards": [{"index": 0, "start": 0, ...}, {"index": 2, ...}]}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import PipelineParams
+from .image.selection import usable_url
+from .items import ItemColumns, iter_batches, validate_items
+from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
+                      TXT_META)
+from .step import step_run
+from .storage import atomic_npy, write_parquet_atomic
+from .tracking import ExperimentTracker
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shard-{:05d}"  # a worker's output holds one such folder per shard it ran
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, stop)`` of the items table, in input order."""
+
+    index: int
+    start: int
+    stop: int
+    image_quota: int | None   # URL rows of this shard the image step selects (None: no cap)
+
+    @property
+    def dirname(self) -> str:
+        return SHARD_DIR.format(self.index)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "Shard":
+        return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Every shard, and which worker runs which."""
+
+    rows: int
+    shards: list[Shard]
+    workers: list[dict[str, Any]]   # {"worker": w, "shards": [shard dicts]}: the loop's items
+
+    def to_json(self) -> str:
+        return json.dumps({"rows": self.rows, "shards": [s.as_dict() for s in self.shards],
+                           "workers": self.workers})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardPlan":
+        data = json.loads(text)
+        return cls(data["rows"], [Shard.from_dict(s) for s in data["shards"]], data["workers"])
+
+
+def _url_rows_per_shard(items_uri: str, columns: ItemColumns, bounds: list[int]) -> list[int]:
+    """How many rows with a usable image URL each range holds (one pass over two columns)."""
+    counts = [0] * (len(bounds) - 1)
+    row, shard = 0, 0
+    for batch in iter_batches(items_uri, [columns.image_url]):
+        for url in batch.column(0).to_pylist():
+            while row >= bounds[shard + 1]:
+                shard += 1
+            counts[shard] += usable_url(url) is not None
+            row += 1
+    return counts
+
+
+def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
+    """Cut the items into ``params.shards`` ranges and give them to the workers.
+
+    Ranges differ in size by at most one row; with more shards than rows, the extra shards are
+    empty (and produce empty outputs). Raises ItemsError for an unusable items table.
+    """
+    columns = ItemColumns.from_params(params)
+    n = validate_items(items_uri, columns, need_image_url=True).num_rows
+    k = params.shards
+    bounds = [i * n // k for i in range(k + 1)]
+    urls = _url_rows_per_shard(items_uri, columns, bounds)
+    shards, before = [], 0
+    for i in range(k):
+        quota = None
+        if params.max_items:  # the global cap: the first max_items URL rows in input order
+            quota = max(0, min(urls[i], params.max_items - before))
+        shards.append(Shard(i, bounds[i], bounds[i + 1], quota))
+        before += urls[i]
+    width = min(k, params.max_parallel_shards)
+    workers = [{"worker": w, "shards": [s.as_dict() for s in shards[w::width]]}
+               for w in range(width)]
+    return ShardPlan(n, shards, workers)
+
+
+def worker_shards(worker: dict[str, Any]) -> Iterator[Shard]:
+    """The shards one worker runs (the loop item the pipeline hands it)."""
+    for value in worker["shards"]:
+        yield Shard.from_dict(value)
+
+
+class MergeError(RuntimeError):
+    """The shard outputs do not make up the planned catalogue (missing, extra or mismatched)."""
+
+
+# How a merged meta file is made from the shards' meta files: these keys are summed, these must
+# be equal in every shard (the same encoder and settings), everything else is the first shard's.
+_TEXT_SUMS = ("count", "empty_text_count", "null_title_count", "null_description_count",
+              "reused_count", "encoded_count", "encode_time_sec")
+_IMAGE_SUMS = ("count", "failed_count", "attempted_count", "no_url_count", "capped_count",
+               "total_rows", "retried_items", "encoded_count", "reused_count",
+               "revalidated_count", "failures_reused_count", "encoded_this_attempt",
+               "encode_time_sec", "download_time_sec_total", "downloaded_bytes", "shards",
+               "resumed_shards")
+_SAME = ("encoder_fingerprint", "embed_dim", "encoder_name", "items_uri", "id_column")
+_PER_SHARD = ("files", "run_id", "wall_time_sec", "shard", "checkpoint_location", "fingerprint")
+
+
+def shard_dirs(parts: Sequence[str | os.PathLike], plan: ShardPlan, meta_name: str) -> list[Path]:
+    """The planned shards' output folders, in shard order, from the workers' outputs.
+
+    Raises:
+        MergeError: a planned shard is missing or incomplete, or a shard is there twice.
+    """
+    found: dict[int, Path] = {}
+    for part in parts:
+        for folder in sorted(Path(part).glob(SHARD_DIR.format(0).replace("00000", "*"))):
+            index = int(folder.name.rsplit("-", 1)[1])
+            if index in found:
+                raise MergeError(f"shard {index} is in two worker outputs: {found[index]} and "
+                                 f"{folder}")
+            found[index] = folder
+    missing = [s.index for s in plan.shards
+               if s.index not in found or not (found[s.index] / meta_name).is_file()]
+    if missing:
+        raise MergeError(f"shard(s) {missing[:10]} of {len(plan.shards)} have no complete "
+                         f"{meta_name} in the workers' outputs")
+    extra = sorted(set(found) - {s.index for s in plan.shards})
+    if extra:
+        raise MergeError(f"shard folder(s) {extra[:10]} are not in the plan")
+    return [found[s.index] for s in plan.shards]
+
+
+def _merged_meta(metas: list[dict[str, Any]], sums: Sequence[str]) -> dict[str, Any]:
+    for key in _SAME:
+        values = {json.dumps(m.get(key), sort_keys=True) for m in metas}
+        if len(values) > 1:
+            raise MergeError(f"the shards disagree on {key!r}: {sorted(values)[:3]} (made with "
+                             "other settings or code?)")
+    merged = {k: v for k, v in metas[0].items() if k not in _PER_SHARD}
+    for key in sums:
+        if key in merged:
+            merged[key] = sum(m.get(key) or 0 for m in metas)
+    return merged
+
+
+def _concat_arrays(dirs: list[Path], name: str, dest: Path, dim: int) -> int:
+    """Stream the shards' arrays into one, shard after shard (memory: one shard's map)."""
+    total = sum(np.load(d / name, mmap_mode="r").shape[0] for d in dirs)
+    with atomic_npy(dest, (total, dim)) as out:
+        row = 0
+        for d in dirs:
+            part = np.load(d / name, mmap_mode="r")
+            out[row:row + len(part)] = part
+            row += len(part)
+    return total
+
+
+def merge_text_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
+                      output_dir: str | os.PathLike, params: PipelineParams, *,
+                      run_id: str = "", tracker: ExperimentTracker | None = None,
+                      artifact_uri: str = "") -> dict[str, Any]:
+    """Concatenate the shards' text outputs into ``txt.npy``, ``txt_items.parquet`` and
+    ``txt_meta.json``: the files one text step over the whole catalogue writes."""
+    dirs = shard_dirs(parts, plan, TXT_META)
+    metas = [json.loads((d / TXT_META).read_text()) for d in dirs]
+    meta = _merged_meta(metas, _TEXT_SUMS)
+    with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
+                  artifact="text_embeddings", artifact_uri=artifact_uri,
+                  params={"model_name": params.text_model, "text_backend": params.text_backend,
+                          "shards": len(dirs), "items_uri": meta.get("items_uri"),
+                          "previous_uri": params.previous_uri}) as run:
+        count = _concat_arrays(dirs, TXT_ARRAY, run.out / TXT_ARRAY, meta["embed_dim"])
+        if count != plan.rows or count != meta["count"]:
+            raise MergeError(f"the shards hold {count} text rows, the plan {plan.rows}")
+        write_parquet_atomic(run.out / TXT_ITEMS, pa.concat_tables(
+            [pq.read_table(d / TXT_ITEMS) for d in dirs]))
+        encoded, seconds = meta.get("encoded_count", count), meta["encode_time_sec"]
+        meta.update(shards=len(dirs), batch_size=params.text_batch_size,
+                    throughput_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
+        return run.finish(TXT_META, meta, metrics={
+            k: meta[k] for k in ("count", "reused_count", "encoded_count", "encode_time_sec",
+                                 "throughput_items_per_sec")},
+            versions=("numpy", "pyarrow"))
+
+
+def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
+                       output_dir: str | os.PathLike, params: PipelineParams, *,
+                       run_id: str = "", tracker: ExperimentTracker | None = None,
+                       artifact_uri: str = "") -> dict[str, Any]:
+    """Concatenate the shards' image outputs (``img_items.parquet`` rows renumbered) into the
+    files one image step over the whole catalogue writes."""
+    dirs = shard_dirs(parts, plan, IMG_META)
+    metas = [json.loads((d / IMG_META).read_text()) for d in dirs]
+    meta = _merged_meta(metas, _IMAGE_SUMS)
+    with step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
+                  artifact="image_embeddings", artifact_uri=artifact_uri,
+                  params={"model_name": params.image_model, "max_items": params.max_items,
+                          "shards": len(dirs), "items_uri": meta.get("items_uri"),
+                          "previous_uri": params.previous_uri}) as run:
+        count = _concat_arrays(dirs, IMG_ARRAY, run.out / IMG_ARRAY, meta["embed_dim"])
+        items, offset = [], 0
+        for d in dirs:
+            table = pq.read_table(d / IMG_ITEMS)
+            rows = table.column("row").to_numpy() + offset
+            items.append(table.set_column(table.schema.get_field_index("row"), "row",
+                                          pa.array(rows, pa.int64())))
+            offset += np.load(d / IMG_ARRAY, mmap_mode="r").shape[0]
+        write_parquet_atomic(run.out / IMG_ITEMS, pa.concat_tables(items))
+        write_parquet_atomic(run.out / IMG_FAILURES, pa.concat_tables(
+            [pq.read_table(d / IMG_FAILURES) for d in dirs]))
+        by_reason: collections.Counter = collections.Counter()
+        for m in metas:
+            by_reason.update(m.get("failures_by_reason", {}))
+        encoded, seconds = meta.get("encoded_this_attempt", 0), meta["encode_time_sec"]
+        # a worker's rate: all encoded images over the time the workers spent on them
+        busy = sum(m["encoded_this_attempt"] / m["throughput_items_per_sec"] for m in metas
+                   if m.get("throughput_items_per_sec"))
+        meta.update(max_items=params.max_items, failures_by_reason=dict(sorted(by_reason.items())),
+                    fanout_shards=len(dirs),
+                    throughput_items_per_sec=encoded / busy if busy > 0 else 0.0,
+                    encode_only_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
+        if count != meta["count"]:
+            raise MergeError(f"the shards hold {count} image rows, their meta files {meta['count']}")
+        return run.finish(IMG_META, meta, metrics={
+            k: meta[k] for k in ("count", "failed_count", "encoded_count", "reused_count",
+                                 "revalidated_count")},
+            versions=("numpy", "pyarrow"))
+
