@@ -12,7 +12,10 @@ Measured here, each in a fresh interpreter where it matters (a shard task is a f
    helpers give today), and ``open_items(...).take(rows)``; once for a table written as one row
    group (pyarrow's default at this size) and once with 50,000-row groups;
 4. CPU cost of decoding one real product photo into the encoder's input (``decode_image`` with
-   open_clip's resize and crop), one thread: the CPU side of the T4 image step;
+   open_clip's resize and crop), one thread: the CPU side of the T4 image step. The sample
+   photos are 256-pixel thumbnails; catalogue photos are larger, so they are also decoded after
+   upscaling to ``--long-sides`` pixels (re-encoded as JPEG quality 90), as JPEG decoding costs
+   grow with the pixel count;
 5. bytes per item of an id file (the step's ``*_items.parquet``), for the publish copy;
 6. the CPU side of the text step on a GPU: batched tokenization of the real texts (batches of
    128, the encoder's maximum sequence length), and the tokens per item, from which the model's
@@ -128,20 +131,38 @@ def time_range_reads(uri: str, shards: int) -> dict:
     return out
 
 
-def decode_cpu_seconds(images_dir: str, limit: int) -> dict:
+def upscaled(body: bytes, long_side: int) -> bytes:
+    """The photo resized to ``long_side`` pixels on its long side, re-encoded as JPEG (q 90)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as img:
+        scale = long_side / max(img.size)
+        big = img.convert("RGB").resize((round(img.width * scale), round(img.height * scale)),
+                                        Image.LANCZOS)
+    out = io.BytesIO()
+    big.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def decode_cpu_seconds(images_dir: str, limit: int, long_side: int | None) -> dict:
+    """CPU seconds per photo of ``decode_image`` (one thread), at the files' size or upscaled."""
     from item_embeddings.image import decode_image, load_image_encoder
 
     transform = load_image_encoder("ViT-B-32", "none", device="cpu").pil_transform
     bodies = [Path(f).read_bytes() for f in sorted(glob.glob(f"{images_dir}/*.jpg"))[:limit]]
     if not bodies:
         sys.exit(f"no .jpg files in {images_dir}")
+    if long_side:
+        bodies = [upscaled(b, long_side) for b in bodies]
     decode_image(bodies[0], transform)  # first call: plugin registration
     c0, t0 = time.process_time(), time.perf_counter()
     for body in bodies:
         decode_image(body, transform)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    return {"images": len(bodies), "cpu_s_per_image": cpu / len(bodies),
-            "wall_s_per_image": wall / len(bodies),
+    return {"images": len(bodies), "long_side": long_side or "as stored",
+            "cpu_s_per_image": cpu / len(bodies), "wall_s_per_image": wall / len(bodies),
             "mean_jpeg_bytes": sum(map(len, bodies)) / len(bodies)}
 
 
@@ -177,21 +198,7 @@ def id_file_bytes_per_item(uri: str, tmp: Path) -> float:
     return path.stat().st_size / ids.num_rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--items", default=str(ROOT.parent / "shared" / "data"
-                                          / "amazon_electronics_2000.parquet"))
-    p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "abo_images"))
-    p.add_argument("--shards", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per import/load")
-    p.add_argument("--decode-limit", type=int, default=200)
-    p.add_argument("--json", default="", help="also write the results to this file")
-    args = p.parse_args()
-
-    result: dict = {"date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
-                    "cores": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-
+def fixed_costs(args: argparse.Namespace, result: dict) -> None:
     for step, imports in STEP_IMPORTS.items():
         med, runs = median_of(args.repeats, partial(process_wall_seconds, imports))
         result[f"import_{step}_s"] = med
@@ -205,6 +212,8 @@ def main() -> None:
         result[f"load_{name}_s"] = med
         print(f"model load {name}: {med:.2f} s (runs {runs})")
 
+
+def rows(args: argparse.Namespace, result: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for label, group in (("one_group", TOTAL_ROWS), ("groups_50k", 50_000)):
@@ -218,14 +227,45 @@ def main() -> None:
             str(tmp / "items_one_group.parquet"), tmp)
         print(f"id file: {result['id_file_bytes_per_item']:.1f} bytes per item")
 
-    result["text_tokens"] = text_tokens(args.items)
-    t = result["text_tokens"]
+
+def tokens(args: argparse.Namespace, result: dict) -> None:
+    result["text_tokens"] = t = text_tokens(args.items)
     print(f"tokenize (batches of 128): {t['tokenize_items_per_s']:.0f} items/s; "
           f"{t['mean_tokens']:.1f} tokens/item -> {t['gflop_per_item']:.2f} GFLOP/item")
-    result["decode"] = decode_cpu_seconds(args.images, args.decode_limit)
-    d = result["decode"]
-    print(f"decode + resize/crop, 1 thread: {1000 * d['cpu_s_per_image']:.1f} CPU ms/image "
-          f"({d['images']} photos, mean {d['mean_jpeg_bytes'] / 1024:.0f} KiB)")
+
+
+def decode(args: argparse.Namespace, result: dict) -> None:
+    for long_side in (None, *args.long_sides):
+        d = decode_cpu_seconds(args.images, args.decode_limit, long_side)
+        result[f"decode_{long_side or 'stored'}"] = d
+        print(f"decode + resize/crop, 1 thread, long side {d['long_side']}: "
+              f"{1000 * d['cpu_s_per_image']:.1f} CPU ms/image ({d['images']} photos, mean "
+              f"{d['mean_jpeg_bytes'] / 1024:.0f} KiB)")
+
+
+SECTIONS = {"fixed": fixed_costs, "rows": rows, "tokens": tokens, "decode": decode}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--items", default=str(ROOT.parent / "shared" / "data"
+                                          / "amazon_electronics_2000.parquet"))
+    p.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "abo_images"))
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per import/load")
+    p.add_argument("--decode-limit", type=int, default=200)
+    p.add_argument("--long-sides", type=int, nargs="*", default=[1000],
+                   help="also decode the photos upscaled to these long sides (pixels)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    args = p.parse_args()
+
+    result: dict = {"date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
+                    "cores": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    for name in args.sections.split(","):
+        SECTIONS[name.strip()](args, result)
     result["load_average_end"] = os.getloadavg()[0]
     print(f"load average at the end {result['load_average_end']:.2f}")
     if args.json:

@@ -136,11 +136,27 @@ def test_spot_and_machine_size():
     assert big.task_s == pytest.approx(120 + 500 / 40 + 0.768)
 
 
+@pytest.mark.parametrize("decode_s, download, expected_rate", [
+    (0.1, 1000, 40),      # decoding on 4 vCPUs: 4 / 0.1 s
+    (0.001, 500, 500),    # downloads
+    (0.001, 5000, 1000),  # the GPU: 1 TFLOP/s x share 1 / 1 GFLOP per image
+])
+def test_image_rate_is_the_slowest_of_downloads_decoding_and_gpu(decode_s, download,
+                                                                 expected_rate):
+    rates = toy()
+    rates.data["image"]["decode_cpu_s_per_image"] = q(decode_s)
+    rates.data["image"]["download_images_per_s"] = q(download)
+    image = rows(estimate(small(), rates))["image"]
+    assert image.task_s == pytest.approx(140 + 200 / expected_rate + 0.4096)
+
+
 def test_text_on_a_gpu():
     r = rows(estimate(small(text_machine_type="n1-standard-4",
                             text_accelerator="NVIDIA_TESLA_T4"), toy()))
-    # torch-fp16 load 2 s; rate = min(GPU 1e12 / 1e9 = 1000/s, tokenize 50 x 4 / 2 = 100/s).
-    assert r["text"].task_s == pytest.approx(100 + 10 + 2 + 5 + 500 / 100 + 0.768)
+    # torch-fp16 load 2 s; tokenizing (50 x 4 / 2 = 100/s) and the GPU (1e12 / 1e9 = 1000/s)
+    # take turns: 1 / (1/100 + 1/1000) = 90.9 items/s.
+    assert r["text"].task_s == pytest.approx(100 + 10 + 2 + 5 + 500 * (1 / 100 + 1 / 1000)
+                                             + 0.768)
     assert r["text"].cost_usd == pytest.approx(2 * r["text"].task_s / 3600 * (1.0 + 1.5))
 
 
@@ -260,7 +276,7 @@ def test_cli_table_and_json(capsys):
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
     assert re.search(r"^text\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
-    assert "assumptions:" in out and "rates and prices used" in out
+    assert "assumptions:" in out and "measured rates and published prices used" in out
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
                  "--json"]) == 0

@@ -37,6 +37,7 @@ from .config import STRATEGIES, TEXT_BACKENDS, ConfigError, PipelineParams
 
 RATES_FILE = "estimate_rates.json"
 BASES = ("measured", "list price", "published", "derived", "assumed")
+GUESSES = ("derived", "assumed")  # listed with the assumptions
 TEXT_DIM = 384     # all-MiniLM-L6-v2
 IMAGE_DIM = 512    # open_clip ViT-B-32
 FLOAT_BYTES = 4
@@ -77,7 +78,9 @@ class Quantity:
     note: str = ""
 
     def line(self) -> str:
-        value = f"{self.value:,.6g}" if isinstance(self.value, (int, float)) else self.value
+        value = self.value
+        if isinstance(value, (int, float)):
+            value = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.6g}"
         note = f" — {self.note}" if self.note else ""
         return f"{self.path} = {value} {self.unit} [{self.basis}, {self.date}] {self.source}{note}"
 
@@ -236,8 +239,8 @@ class Estimate:
         lines += ["", f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
                       f"{money(self.storage_usd_month)} per month until deleted", "",
                   "assumptions:", *(f"  - {a}" for a in self.assumptions), "",
-                  f"rates and prices used ({self.rates_origin}):",
-                  *(f"  - {q.line()}" for q in self.rates_used)]
+                  f"measured rates and published prices used ({self.rates_origin}):",
+                  *(f"  - {q.line()}" for q in self.rates_used if q.basis not in GUESSES)]
         return "\n".join(lines)
 
 
@@ -311,13 +314,11 @@ def _machine(rates: Rates, name: str, parameter: str, accelerator: str, spot: bo
                     str(rates.get(f"machines.{name}.cpu_kind").value), usd)
 
 
-def _gpu_rate(rates: Rates, accelerator: str, gflop_per_item: float,
-              cpu_side_per_s: float) -> float:
-    """Items/s of a GPU step: the GPU's share of its fp16 peak, or the CPU side, whichever is
-    slower."""
+def _gpu_items_per_s(rates: Rates, accelerator: str, gflop_per_item: float) -> float:
+    """Items/s the accelerator computes at its assumed sustained share of its fp16 peak."""
     peak = rates.number(f"accelerators.{accelerator}.fp16_peak_tflops") * 1e12
     share = rates.number(f"accelerators.{accelerator}.sustained_share_of_peak")
-    return min(peak * share / (gflop_per_item * 1e9), cpu_side_per_s)
+    return peak * share / (gflop_per_item * 1e9)
 
 
 def _text_rate(rates: Rates, c: Choices, machine: _Machine) -> tuple[str, float]:
@@ -328,9 +329,11 @@ def _text_rate(rates: Rates, c: Choices, machine: _Machine) -> tuple[str, float]
         if backend != "torch-fp16":
             raise ConfigError(f"text_backend {backend!r} has no rate on {c.text_accelerator}: "
                               "on a GPU the text step's rate is known for torch-fp16 (auto) only")
+        # sentence-transformers tokenizes a batch, then runs it on the GPU, on one thread: the
+        # two take turns.
         tokenize = _per_vcpus(rates, "text.tokenize_items_per_s", machine)
-        return backend, _gpu_rate(rates, c.text_accelerator,
-                                  rates.number("text.gflop_per_item"), tokenize)
+        gpu = _gpu_items_per_s(rates, c.text_accelerator, rates.number("text.gflop_per_item"))
+        return backend, 1 / (1 / tokenize + 1 / gpu)
     backend = "onnx-int8" if backend == "auto" else backend
     if backend == "torch-fp16":
         raise ConfigError("text_backend 'torch-fp16' needs a GPU: set text_accelerator")
@@ -344,9 +347,11 @@ def _per_vcpus(rates: Rates, path: str, machine: _Machine) -> float:
 
 
 def _image_rate(rates: Rates, machine: _Machine) -> float:
-    decode_per_s = machine.vcpus / rates.number("image.decode_cpu_s_per_image")  # 1 thread each
-    cpu_side = min(decode_per_s, rates.number("image.download_images_per_s"))
-    return _gpu_rate(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image"), cpu_side)
+    """Downloads and decoding (one thread per vCPU) overlap the encoder: the slowest sets the
+    rate."""
+    decode = machine.vcpus / rates.number("image.decode_cpu_s_per_image")
+    return min(decode, rates.number("image.download_images_per_s"),
+               _gpu_items_per_s(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image")))
 
 
 def _loop(name: str, machine: _Machine, items: int, c: Choices, fixed_s: float, rate: float,
@@ -416,8 +421,7 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                  + (output_bytes if c.publish else 0)) / 1e9
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    f"Text backend {c.text_backend!r} runs as {backend!r} on {text_m.label}.",
-                   *(f"{q.path}: {q.note or q.source}" for q in rates.used.values()
-                     if q.basis in ("assumed", "derived"))]
+                   *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb,
                     stored_gb * rates.number("prices.storage_usd_per_gb_month"), assumptions,
                     list(rates.used.values()), rates.origin)
