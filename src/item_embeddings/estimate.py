@@ -419,9 +419,9 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     # adds a copy of every output.
     stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * fused_bytes
                  + (output_bytes if c.publish else 0)) / 1e9
+    storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    f"Text backend {c.text_backend!r} runs as {backend!r} on {text_m.label}.",
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
-    return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb,
-                    stored_gb * rates.number("prices.storage_usd_per_gb_month"), assumptions,
-                    list(rates.used.values()), rates.origin)
+    return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
+                    assumptions, list(rates.used.values()), rates.origin)
