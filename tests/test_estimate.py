@@ -21,9 +21,9 @@ def q(value, unit="", basis="assumed"):
     return {"value": value, "unit": unit, "basis": basis, "source": "test", "date": "2026-12-04"}
 
 
-def machine(vcpus, on_demand, spot, cpu_kind="avx2"):
-    return {"vcpus": q(vcpus), "cpu_kind": q(cpu_kind), "on_demand_usd_per_hour": q(on_demand),
-            "spot_usd_per_hour": q(spot)}
+def machine(vcpus, on_demand, spot, cpu_kind="avx2", memory_gb=16):
+    return {"vcpus": q(vcpus), "memory_gb": q(memory_gb), "cpu_kind": q(cpu_kind),
+            "on_demand_usd_per_hour": q(on_demand), "spot_usd_per_hour": q(spot)}
 
 
 # Round numbers, so that every result below can be worked out by hand.
@@ -150,6 +150,16 @@ def test_image_rate_is_the_slowest_of_downloads_decoding_and_gpu(decode_s, downl
     assert image.task_s == pytest.approx(140 + 200 / expected_rate + 0.4096)
 
 
+def test_warns_when_fusion_inputs_outgrow_its_memory():
+    rates = toy()
+    # 1000 x 1536 + 400 x 2048 B = 2.35 MB of fusion inputs.
+    assert estimate(small(), rates).warnings == []
+    rates.data["machines"]["e2-standard-4"]["memory_gb"] = q(0.002)
+    est = estimate(small(), rates)
+    assert len(est.warnings) == 1 and "fusion's inputs (0.0 GB) exceed" in est.warnings[0]
+    assert "warnings:" in est.format()
+
+
 def test_text_on_a_gpu():
     r = rows(estimate(small(text_machine_type="n1-standard-4",
                             text_accelerator="NVIDIA_TESLA_T4"), toy()))
@@ -254,7 +264,8 @@ def test_packaged_rates_file_has_a_source_and_date_for_every_number():
         assert "unit" in entry, path
     # Every machine is complete, and its CPU kind has a measured rate for each CPU backend.
     for name, spec in rates.data["machines"].items():
-        for key in ("vcpus", "cpu_kind", "on_demand_usd_per_hour", "spot_usd_per_hour"):
+        for key in ("vcpus", "memory_gb", "cpu_kind", "on_demand_usd_per_hour",
+                    "spot_usd_per_hour"):
             assert "value" in spec[key], (name, key)
         kind = spec["cpu_kind"]["value"]
         for backend in ("torch", "onnx", "onnx-int8"):

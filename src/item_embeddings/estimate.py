@@ -203,6 +203,7 @@ class Estimate:
     assumptions: list[str] = field(default_factory=list)
     rates_used: list[Quantity] = field(default_factory=list)
     rates_origin: str = RATES_FILE
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         choices = {**asdict(self.choices), "selected_images": self.choices.selected_images}
@@ -211,6 +212,7 @@ class Estimate:
                 "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
                           "machine_hours": sum(s.machine_hours for s in self.steps)},
                 "storage": {"gb": self.storage_gb, "usd_per_month": self.storage_usd_month},
+                "warnings": self.warnings,
                 "assumptions": self.assumptions,
                 "rates_used": [asdict(q) for q in self.rates_used],
                 "rates_file": self.rates_origin}
@@ -237,7 +239,10 @@ class Estimate:
             lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
                                    for i, (v, w) in enumerate(zip(row, widths))).rstrip())
         lines += ["", f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
-                      f"{money(self.storage_usd_month)} per month until deleted", "",
+                      f"{money(self.storage_usd_month)} per month until deleted", ""]
+        if self.warnings:
+            lines += ["warnings:", *(f"  ! {w}" for w in self.warnings), ""]
+        lines += [
                   "assumptions:", *(f"  - {a}" for a in self.assumptions), "",
                   f"measured rates and published prices used ({self.rates_origin}):",
                   *(f"  - {q.line()}" for q in self.rates_used if q.basis not in GUESSES)]
@@ -290,6 +295,7 @@ def count_items(uri: str, image_url_column: str = _DEFAULTS.image_url_column) ->
 class _Machine:
     label: str
     vcpus: int
+    memory_gb: float
     cpu_kind: str
     usd_per_hour: float
 
@@ -311,6 +317,7 @@ def _machine(rates: Rates, name: str, parameter: str, accelerator: str, spot: bo
         label = f"{name} + {accelerator}"
     return _Machine(f"{label} ({'Spot' if spot else 'standard'})",
                     int(rates.number(f"machines.{name}.vcpus")),
+                    rates.number(f"machines.{name}.memory_gb"),
                     str(rates.get(f"machines.{name}.cpu_kind").value), usd)
 
 
@@ -420,8 +427,18 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * fused_bytes
                  + (output_bytes if c.publish else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
+    warnings = []
+    fusion_inputs_gb = (n * txt_bytes + m * img_bytes) / 1e9
+    if fusion_inputs_gb > fusion_m.memory_gb:
+        # Fusion gathers random rows of its memory-mapped inputs every epoch; its rate was
+        # measured with them in the page cache.
+        warnings.append(
+            f"fusion's inputs ({fusion_inputs_gb:.1f} GB) exceed the {fusion_m.memory_gb:g} GB "
+            f"of fusion_machine_type {c.fusion_machine_type}: its random row reads would go to "
+            "disk, which the measured rate does not include (not modelled); pick a machine "
+            "with more memory")
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    f"Text backend {c.text_backend!r} runs as {backend!r} on {text_m.label}.",
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
-                    assumptions, list(rates.used.values()), rates.origin)
+                    assumptions, list(rates.used.values()), rates.origin, warnings)
