@@ -82,18 +82,22 @@ def test_hand_checked_case():
     assert r["fusion"].task_s == pytest.approx(109.8672)
     assert "publish" not in r
     assert r["pipeline run fee"].cost_usd == 0.03
-    # Critical path: the slower of text (145.768 + 108.072) and image (145.4096 + 106.6384),
-    # then fusion.
-    assert est.wall_s == pytest.approx(145.768 + 108.072 + 109.8672)
+    assert r["fingerprint inputs"].task_s == 105  # a small task's fixed part only
+    # Critical path: the fingerprint, the slower of text (145.768 + 108.072) and image
+    # (145.4096 + 106.6384), then fusion.
+    assert est.wall_s == pytest.approx(105 + 145.768 + 108.072 + 109.8672)
     assert est.cost_usd == pytest.approx(sum(s.cost_usd for s in est.steps))
     assert est.cost_usd == pytest.approx(
-        (2 * 145.768 + 108.072 + 106.6384 + 109.8672) / 3600 + 2 * 145.4096 / 3600 * 5 + 0.03)
+        (105 + 2 * 145.768 + 108.072 + 106.6384 + 109.8672) / 3600 + 2 * 145.4096 / 3600 * 5
+        + 0.03)
 
 
 def test_publish_copies_every_output():
-    with_pub = rows(estimate(small(publish=True), toy()))
+    with_pub = estimate(small(publish=True), toy())
     # VM 100 + imports 5; txt 1000 x 1536 + img 400 x 2048 + fused 1000 x 512 B at 1 MB/s.
-    assert with_pub["publish"].task_s == pytest.approx(105 + 2.8672)
+    assert rows(with_pub)["publish"].task_s == pytest.approx(105 + 2.8672)
+    without = estimate(small(publish=False), toy())
+    assert with_pub.wall_s - without.wall_s == pytest.approx(105 + 2.8672)  # last, alone
 
 
 def test_max_items_caps_the_image_loop_only():
@@ -295,7 +299,8 @@ def test_cli_table_and_json(capsys):
     direct = estimate(Choices(items=200_000, image_items=100_000, shards=4))
     assert data["total"]["cost_usd"] == pytest.approx(direct.cost_usd)
     assert data["total"]["wall_s"] == pytest.approx(direct.wall_s)
-    assert [s["step"] for s in data["steps"]][:2] == ["text", "text merge"]
+    assert [s["step"] for s in data["steps"]][:3] == ["fingerprint inputs", "text",
+                                                      "text merge"]
     assert all(q["source"] and q["date"] for q in data["rates_used"])
 
 

@@ -7,7 +7,8 @@ those, or ``assumed``), its source and its date; the estimate prints the ones it
 The model (one run of the pipeline with the fan-out over ``shards``):
 
 * every task pays a fixed overhead: VM start and image pull (assumed), interpreter start and the
-  step's imports, its model load, reading its row range (measured);
+  step's imports, its model load, reading its row range (measured); the inputs' fingerprint task
+  runs first and is only that;
 * a text or image shard task then encodes its items at the step's rate on its machine, and
   copies its output to Cloud Storage;
 * the shard tasks of a loop run ``max_parallel_shards`` at a time, in waves of equal tasks;
@@ -53,6 +54,8 @@ STRUCTURAL_ASSUMPTIONS = (
     "http(s) URL, after the max_items cap) are spread evenly over the shards.",
     "The shard tasks of one loop run max_parallel_shards at a time (0 = all at once), in waves "
     "of equal tasks; the text and image loops run side by side and each has its own limit.",
+    "The never-cached 'Fingerprint inputs' task runs first and costs a small task's fixed part "
+    "(with items on gs:// it reads object metadata only: seconds, not modelled).",
     "One merge task per loop, also at shards=1; fusion waits for both merges; publishing is "
     "last.",
     "Each task is billed per second of its whole duration, VM start and image pull included; "
@@ -401,6 +404,7 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     small_fixed = vm_s + rates.number("imports_s.fusion")
     merge_bps = rates.number("merge.bytes_per_s")
 
+    fingerprint = _single("fingerprint inputs", small_m, n, small_fixed)
     text = _loop("text", text_m, n, c,
                  vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}")
                  + read_s, text_rate, txt_bytes, copy_bps)
@@ -413,15 +417,16 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                      vm_s + rates.number("imports_s.fusion")
                      + (n * txt_bytes + m * img_bytes + n * fused_bytes) / copy_bps
                      + n * c.fusion_epochs / rates.number("fusion.item_epochs_per_s"))
-    steps = [text, text_merge, image, image_merge, fusion]
     output_bytes = n * (txt_bytes + fused_bytes) + m * img_bytes
-    if c.publish:
-        steps.append(_single("publish", small_m, n, small_fixed + output_bytes / copy_bps))
-    fee = rates.number("prices.pipeline_run_usd")
-    steps.append(Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0, fee))
+    publish = _single("publish", small_m, n, small_fixed + output_bytes / copy_bps)
+    fee = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
+               rates.number("prices.pipeline_run_usd"))
+    steps = [fingerprint, text, text_merge, image, image_merge, fusion,
+             *([publish] if c.publish else []), fee]
 
-    wall = (max(text.wall_s + text_merge.wall_s, image.wall_s + image_merge.wall_s)
-            + fusion.wall_s + (steps[5].wall_s if c.publish else 0.0))
+    wall = (fingerprint.wall_s
+            + max(text.wall_s + text_merge.wall_s, image.wall_s + image_merge.wall_s)
+            + fusion.wall_s + (publish.wall_s if c.publish else 0.0))
     # The pipeline root keeps the shard outputs, the merged ones and the fused set; publishing
     # adds a copy of every output.
     stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * fused_bytes
