@@ -174,6 +174,15 @@ def test_text_on_a_gpu():
     assert r["text"].cost_usd == pytest.approx(2 * r["text"].task_s / 3600 * (1.0 + 1.5))
 
 
+def test_rates_used_are_those_of_each_estimate():
+    rates = toy()
+    on_gpu = estimate(small(text_machine_type="n1-standard-4",
+                            text_accelerator="NVIDIA_TESLA_T4"), rates)
+    assert "text.tokenize_items_per_s" in {q.path for q in on_gpu.rates_used}
+    on_cpu = estimate(small(), rates)
+    assert "text.tokenize_items_per_s" not in {q.path for q in on_cpu.rates_used}
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(items=0), "items must be >= 1"),
     (dict(image_items=1001), "image items must be between 0 and items"),

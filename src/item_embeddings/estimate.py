@@ -89,7 +89,7 @@ class Quantity:
 
 
 class Rates:
-    """The rates file, read once; :meth:`get` records every quantity an estimate uses."""
+    """The rates file; :meth:`get` records the quantities the latest estimate used."""
 
     def __init__(self, data: dict[str, Any], origin: str):
         self.data = data
@@ -108,6 +108,7 @@ class Rates:
             raise ConfigError(f"cannot read rates file {path}: {exc}") from None
 
     def node(self, path: str) -> Any:
+        """The entry at a dotted ``path`` (ConfigError naming it when absent)."""
         node: Any = self.data
         for key in path.split("."):
             if not isinstance(node, dict) or key not in node:
@@ -116,6 +117,7 @@ class Rates:
         return node
 
     def get(self, path: str) -> Quantity:
+        """The quantity at ``path``, recorded as used."""
         entry = self.node(path)
         if not isinstance(entry, dict) or "value" not in entry:
             raise ConfigError(f"{self.origin}: {path!r} is not a quantity")
@@ -125,9 +127,11 @@ class Rates:
         return quantity
 
     def number(self, path: str) -> float:
+        """The value of the quantity at ``path`` as a float."""
         return float(self.get(path).value)
 
     def machine(self, name: str, parameter: str) -> dict[str, Any]:
+        """Machine type ``name``'s entry (ConfigError naming ``parameter`` and the known ones)."""
         machines = self.node("machines")
         if name not in machines:
             raise ConfigError(f"{parameter} {name!r} has no price in {self.origin}; known: "
@@ -178,6 +182,7 @@ class Choices:
 
     @property
     def selected_images(self) -> int:
+        """Image items after the ``max_items`` cap (0 = no cap)."""
         return min(self.image_items, self.max_items) if self.max_items else self.image_items
 
 
@@ -197,6 +202,8 @@ class Step:
 
 @dataclass
 class Estimate:
+    """The steps' rows, the run's totals, and what the numbers rest on."""
+
     choices: Choices
     steps: list[Step]
     wall_s: float
@@ -209,6 +216,7 @@ class Estimate:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-able data (``estimate --json``)."""
         choices = {**asdict(self.choices), "selected_images": self.choices.selected_images}
         return {"choices": choices,
                 "steps": [asdict(s) for s in self.steps],
@@ -221,6 +229,7 @@ class Estimate:
                 "rates_file": self.rates_origin}
 
     def format(self) -> str:
+        """The table, the warnings, the assumptions and the rates used, as text."""
         c = self.choices
         header = ("step", "machine", "tasks", "items/task", "task", "wall", "machine-h", "cost")
         rows = [(s.step, s.machine, str(s.tasks) if s.tasks else "",
@@ -253,6 +262,7 @@ class Estimate:
 
 
 def duration(seconds: float) -> str:
+    """``42 s``, ``10.0 min`` or ``3 h 05 min``."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -262,6 +272,7 @@ def duration(seconds: float) -> str:
 
 
 def money(usd: float) -> str:
+    """Dollars: three decimals below $1, cents above."""
     return f"${usd:.3f}" if usd < 1 else f"${usd:,.2f}"
 
 
@@ -385,6 +396,7 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     c = choices
     c.check()
     rates = rates or Rates.load()
+    rates.used.clear()  # the quantities of this estimate only
     vm_s = rates.number("task.vm_start_s")
     copy_bps = rates.number("storage.copy_bytes_per_s")
     id_bytes = rates.number("rows.id_file_bytes_per_item")
