@@ -31,6 +31,8 @@ Run from the project root (wrap in ``flock /tmp/bench.lock`` on a shared machine
 
     python bench/bench_shard_overhead.py --items ../shared/data/amazon_electronics_2000.parquet \
         --images ../shared/data/abo_images --json shard_overhead.json
+
+``--sections fixed,rows,tokens,decode`` runs a subset (1-2, 3 and 5, 6, 4).
 """
 
 from __future__ import annotations
