@@ -1,5 +1,5 @@
-"""Commands that work on this machine: ``compile``, ``run-local``, ``demo``, ``runs``, ``params``
-and ``verify``."""
+"""Commands that work on this machine: ``compile``, ``run-local``, ``demo``, ``runs``, ``params``,
+``verify`` and ``estimate``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import PipelineParams, resolve_params
+from ..config import STRATEGIES, TEXT_BACKENDS, ConfigError, PipelineParams, resolve_params
+from ..estimate import (DEFAULT_FUSION_MACHINE, DEFAULT_IMAGE_MACHINE, DEFAULT_SHARDS,
+                        DEFAULT_TEXT_MACHINE, Choices, Rates, count_items, estimate, parse_count)
 from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
                        params_epilog)
 
@@ -121,8 +123,33 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    if args.items_file:
+        if args.image_fraction is not None:
+            raise ConfigError("--image-fraction goes with --items N; with --items-file the "
+                              "image URLs are counted")
+        items, image_items = count_items(args.items_file, args.image_url_column)
+    else:
+        items = parse_count(args.items)
+        fraction = 1.0 if args.image_fraction is None else args.image_fraction
+        if not 0 <= fraction <= 1:
+            raise ConfigError(f"--image-fraction must be between 0 and 1, got {fraction}")
+        image_items = round(items * fraction)
+    choices = Choices(
+        items=items, image_items=image_items, shards=args.shards,
+        max_parallel_shards=args.max_parallel_shards, text_machine_type=args.text_machine_type,
+        image_machine_type=args.image_machine_type, fusion_machine_type=args.fusion_machine_type,
+        text_accelerator=args.text_accelerator, text_backend=args.text_backend,
+        max_items=args.max_items, fusion_epochs=args.fusion_epochs,
+        image_strategy=args.image_strategy, publish=args.publish)
+    result = estimate(choices, Rates.load(args.rates))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    return 0
+
+
 def add_local_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``compile``, ``run-local``, ``demo``, ``runs``, ``params`` and ``verify``."""
+    """Add ``compile``, ``run-local``, ``demo``, ``runs``, ``params``, ``verify`` and
+    ``estimate``."""
     p = sub.add_parser("compile", help="compile the pipeline to a YAML template",
                        description="Compile the pipeline to a KFP YAML template.")
     p.add_argument("--output", required=True, metavar="FILE.yaml", help="template path to write")
@@ -180,3 +207,60 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
                "  item-embeddings verify gs://B/embeddings/")
     p.add_argument("location", metavar="DIR_OR_URI", help="directory or gs:// prefix")
     p.set_defaults(func=_cmd_verify)
+
+    _add_estimate(sub)
+
+
+def _add_estimate(sub: argparse._SubParsersAction) -> None:
+    defaults = PipelineParams()
+    p = sub.add_parser(
+        "estimate", help="expected wall time and cost of a Vertex AI run",
+        formatter_class=_RAW,
+        description="Print the expected wall time and cost of each step and of a Vertex AI run, "
+                    "from the per-item rates this project's benchmarks measured and dated list "
+                    "prices (src/item_embeddings/estimate_rates.json: every number with its "
+                    "basis, source and date; the output lists the ones used and every "
+                    "assumption). The option names are the pipeline parameters'.",
+        epilog="examples:\n"
+               "  item-embeddings estimate --items 500k --shards 4\n"
+               "  item-embeddings estimate --items 10M --image-fraction 0.8 --shards 32 \\\n"
+               "      --max-parallel-shards 16 --text-machine-type c3-standard-8\n"
+               "  item-embeddings estimate --items-file gs://B/items/ --shards 8 --json\n"
+               "  item-embeddings estimate --items 2M --text-accelerator NVIDIA_TESLA_T4 "
+               "--text-machine-type n1-standard-4")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--items", metavar="N", help="item count: 500000, 500k or 10M")
+    size.add_argument("--items-file", metavar="PATH",
+                      help="items parquet file or folder (local or gs://): rows and rows with "
+                           "an http(s) image URL are counted")
+    p.add_argument("--image-fraction", type=float, metavar="F",
+                   help="with --items: share of items with an image URL (default 1)")
+    p.add_argument("--image-url-column", default=defaults.image_url_column, metavar="NAME",
+                   help=f"with --items-file (default {defaults.image_url_column})")
+    p.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="N",
+                   help=f"row ranges the text and image steps fan out over (default "
+                        f"{DEFAULT_SHARDS})")
+    p.add_argument("--max-parallel-shards", type=int, default=0, metavar="N",
+                   help="shard tasks of a loop running at once (default 0 = all)")
+    p.add_argument("--text-machine-type", default=DEFAULT_TEXT_MACHINE, metavar="TYPE",
+                   help=f"default {DEFAULT_TEXT_MACHINE}")
+    p.add_argument("--image-machine-type", default=DEFAULT_IMAGE_MACHINE, metavar="TYPE",
+                   help=f"with one NVIDIA_TESLA_T4 (default {DEFAULT_IMAGE_MACHINE})")
+    p.add_argument("--fusion-machine-type", default=DEFAULT_FUSION_MACHINE, metavar="TYPE",
+                   help=f"default {DEFAULT_FUSION_MACHINE}")
+    p.add_argument("--text-accelerator", default="", metavar="TYPE",
+                   help="'' = CPU (default); NVIDIA_TESLA_T4 = the text step on a Spot T4")
+    p.add_argument("--text-backend", choices=TEXT_BACKENDS, default=defaults.text_backend,
+                   help=f"default {defaults.text_backend}")
+    p.add_argument("--max-items", type=int, default=defaults.max_items, metavar="N",
+                   help=f"cap on image items, 0 = none (default {defaults.max_items})")
+    p.add_argument("--fusion-epochs", type=int, default=defaults.fusion_epochs, metavar="N",
+                   help=f"default {defaults.fusion_epochs}")
+    p.add_argument("--image-strategy", choices=STRATEGIES, default=defaults.image_strategy,
+                   help=f"default {defaults.image_strategy}")
+    p.add_argument("--no-publish", dest="publish", action="store_false",
+                   help="leave out the publish step (publish_uri empty)")
+    p.add_argument("--rates", metavar="FILE.json",
+                   help="a copy of estimate_rates.json with your own rates or prices")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=_cmd_estimate)
