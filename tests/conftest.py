@@ -1,4 +1,5 @@
-"""Shared fixtures: generated item catalogues (tests never read ../shared)."""
+"""Shared fixtures: generated item catalogues (tests never read ../shared), and the network
+guard: no test, and no process a test starts, reaches an address outside loopback."""
 
 from __future__ import annotations
 
@@ -9,11 +10,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import network_guard
+
 # Keep test processes (and kfp.local subprocesses, which inherit the environment) off the network
 # and from oversubscribing the two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["pytester"]  # test_network_guard runs a test session of its own
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def network_guard_log(tmp_path_factory):
+    """Install the network guard for the session, here and (via PYTHONPATH) in subprocesses."""
+    log = tmp_path_factory.getbasetemp() / "network-refusals.log"
+    log.touch()
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS_DIR / "network_guard_site")] + ([old_path] if old_path else []))
+    uninstall = network_guard.install(str(log))
+    yield log
+    uninstall()
+    os.environ.pop(network_guard.LOG_ENV, None)
+    if old_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_path
+
+
+@pytest.fixture(autouse=True)
+def no_network(network_guard_log):
+    """Fail a test that tried to reach the network outside loopback, even if the code under test
+    caught the refusal (tests that provoke one on purpose take it with ``take_refusals``)."""
+    yield
+    refused = network_guard.take_refusals()
+    if refused:
+        pytest.fail("this test tried to leave the machine:\n" + "\n".join(refused),
+                    pytrace=False)
+
 
 BRANDS = ["Acme", "Volt", "Nimbus", "Orion", "Kestrel", "Lumen"]
 KINDS = ["USB-C cable", "wireless earbuds", "mechanical keyboard", "HDMI adapter",

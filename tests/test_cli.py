@@ -52,10 +52,11 @@ def test_runs_on_empty_dir(tmp_path, capsys):
     assert "no local runs" in capsys.readouterr().out
 
 
-def test_submit_py_forwards_to_cli():
+def test_submit_py_is_the_cli_submit():
     done = subprocess.run([sys.executable, "submit.py", "--help"], capture_output=True, text=True)
-    # submit arrives with the operations work; until then argparse names the valid commands.
-    assert "usage: item-embeddings" in (done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: item-embeddings submit ")
+    assert "--pipeline-root" in done.stdout  # submit's own options, not another command's
 
 
 @pytest.mark.parametrize("flags, expected", [([], True), (["--no-caching"], False)])
@@ -73,3 +74,77 @@ def test_run_local_caching_flag(tmp_path, items_path, monkeypatch, flags, expect
                  "--set", "seed=7", *flags]) == 0
     assert seen["enable_caching"] is expected
     assert seen["params"].seed == 7 and seen["params"].items_uri == str(items_path)
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """kfp.local must not start: a refused command line runs nothing."""
+    from kfp import local
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("kfp.local.init was called: the pipeline started")
+
+    monkeypatch.setattr(local, "init", refuse)
+
+
+BAD_VALUES = [  # (--set, what the message must say)
+    ("text_batch_size=0", "'text_batch_size' must be >= 1 and <= 65536, got 0"),
+    ("text_batch_size=-1", "'text_batch_size' must be >= 1 and <= 65536, got -1"),
+    ("download_concurrency=0", "'download_concurrency' must be >= 1 and <= 1024, got 0"),
+    ("download_timeout_s=-1", "'download_timeout_s' must be > 0 and <= 600, got -1.0"),
+    ("fusion_epochs=0", "'fusion_epochs' must be >= 1 and <= 10000, got 0"),
+    ("fusion_output_dim=0", "'fusion_output_dim' must be >= 1 and <= 65536, got 0"),
+    ("text_backend=bogus", "'text_backend' must be one of auto, torch, torch-fp16, onnx, "
+                           "onnx-int8, got 'bogus'"),
+    ("image_strategy=spot", "'image_strategy' must be one of SPOT, STANDARD, got 'spot'"),
+]
+
+
+@pytest.mark.parametrize("command", ["run-local", "demo"])
+@pytest.mark.parametrize("value, message", BAD_VALUES, ids=[v for v, _ in BAD_VALUES])
+def test_bad_parameter_value_exits_2_before_anything_runs(command, value, message, tmp_path,
+                                                         items_path, capsys, no_pipeline):
+    out = tmp_path / "out"
+    items = ["--items", str(items_path)] if command == "run-local" else []
+    assert main([command, *items, "--output-dir", str(out), "--set", value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"item-embeddings {command}: error: parameter {message}\n"
+    assert not out.exists()  # nothing written: no output directory, no demo catalogue
+
+
+@pytest.mark.parametrize("command", ["run-local", "demo"])
+def test_output_dir_that_is_a_file_exits_2(command, tmp_path, items_path, capsys, no_pipeline):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    items = ["--items", str(items_path)] if command == "run-local" else []
+    assert main([command, *items, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"item-embeddings {command}: error: output directory {out} is an existing "
+                   "file, not a directory\n")
+    assert out.read_text() == "a file"
+    assert main([command, *items, "--output-dir", str(out / "sub")]) == 2  # under a file
+    assert "cannot be written: Not a directory" in capsys.readouterr().err
+
+
+def test_read_only_output_dir_exits_2_with_one_line(tmp_path, items_path):
+    """A directory without write permission; as root (who ignores permissions) the CLI runs
+    without the capability that lets it (setpriv), so the permission bits apply."""
+    import os
+    import shutil
+
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permissions cannot be enforced")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "item_embeddings.ops.cli", "run-local",
+                           "--items", str(items_path), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    out.chmod(0o755)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (f"item-embeddings run-local: error: output directory {out} cannot "
+                           "be written: Permission denied\n")
+    assert list(out.iterdir()) == []

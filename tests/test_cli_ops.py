@@ -11,6 +11,10 @@ from google.oauth2.credentials import Credentials
 from item_embeddings.ops.cli import main
 from test_vertex_ops import PARENT, S, fake, registry, template  # noqa: F401 (fixtures)
 
+# Every test of the ops CLI runs behind the Vertex AI transport interceptor (a regression that
+# made a call where none is expected reaches the in-memory fake, never Google).
+pytestmark = pytest.mark.usefixtures("fake")
+
 COMMANDS = [["submit"], ["schedule"], ["schedule", "create"], ["schedule", "list"],
             ["schedule", "pause"], ["schedule", "resume"], ["schedule", "delete"], ["upload"],
             ["verify"]]
@@ -83,10 +87,11 @@ def test_config_errors_exit_2_with_message(anonymous, template, tmp_path, capsys
     assert "create_pipeline_job" not in anonymous.names()
 
 
-def test_missing_project(monkeypatch, capsys):
+def test_missing_project(fake, monkeypatch, capsys):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     assert main(["schedule", "list"]) == 2
     assert "--project is required" in capsys.readouterr().err
+    assert fake.calls == []  # refused before any call (a regression would reach the fake)
 
 
 @pytest.fixture
@@ -156,10 +161,11 @@ def test_upload_cli(registry, template, monkeypatch, capsys):  # noqa: F811
     assert req.headers["authorization"] == "Bearer adc-token"
 
 
-def test_compiling_for_vertex_without_an_image_is_refused(capsys, tmp_path):
+def test_compiling_for_vertex_without_an_image_is_refused(fake, capsys, tmp_path):
     rc = main(["submit", "--project", "test-proj", "--region", "us-central1", "--items", "gs://b/i"])
     assert rc == 2
     assert "needs --image and --gpu-image URI" in capsys.readouterr().err
+    assert fake.calls == [] and fake.buckets == []
     out = tmp_path / "t.yaml"
     assert main(["compile", "--output", str(out)]) == 2  # --target vertex is the default
     assert "needs --image and --gpu-image URI" in capsys.readouterr().err

@@ -66,6 +66,65 @@ def _label_purity(vectors: np.ndarray, labels: np.ndarray, k: int = 10) -> float
     return float((labels[nb] == labels[:, None]).mean())
 
 
+def _aligned_vectors(root, cat) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic text vectors and, row for row, the image vectors (zero without an image)."""
+    img_items = pq.read_table(root / "image" / "img_items.parquet").to_pydict()
+    img = np.load(root / "image" / "img.npy")
+    image = np.zeros((len(cat.ids), img.shape[1]), dtype=np.float32)
+    index = {item: i for i, item in enumerate(cat.ids)}
+    for item, row in zip(img_items["id"], img_items["row"]):
+        image[index[item]] = img[row]
+    return np.load(root / "text" / "txt.npy"), image
+
+
+def _top_k(vectors: np.ndarray, k: int = 10) -> torch.Tensor:
+    """[n, k] indices of each row's k nearest rows by cosine, self excluded (torch: one thread)."""
+    x = torch.nn.functional.normalize(torch.from_numpy(vectors).float(), dim=1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-torch.inf)
+    return sim.topk(k, dim=1).indices
+
+
+def _kept_neighbours(space: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean share of each item's top-k reference neighbours that are top-k in ``space``."""
+    return float((space[:, :, None] == reference[:, None, :]).any(dim=2).float().mean())
+
+
+def _pca_128(x: np.ndarray, centre: bool) -> np.ndarray:
+    """x projected on its top-128 principal directions (in torch, which honours the one thread;
+    numpy's BLAS may spin on every core)."""
+    t = torch.from_numpy(x).double()
+    t = t - t.mean(dim=0) if centre else t
+    eigvals, eigvecs = torch.linalg.eigh(t.T @ t)
+    return (t @ eigvecs[:, torch.argsort(eigvals, descending=True)[:128]]).numpy()
+
+
+def test_fused_space_keeps_neighbourhoods_better_than_pca_128(tmp_path, synthetic):
+    """The trained MLP against the linear baseline it starts from: PCA-128 of the (unit-row,
+    masked) concatenation, centred or not, on the share of top-10 neighbours kept.
+
+    20 epochs (100 optimiser steps on 2,400 items; a real catalogue gets thousands at the
+    default 5): over data seeds 0-4 x training seeds 0-1 the MLP kept 0.70-0.71 of all items'
+    neighbours against 0.64 for PCA-128, 0.84 against 0.75 for items with an image, 0.55-0.58
+    against 0.53 for items without. The untrained network (fusion_lr x 1e-6: the PCA start)
+    keeps 0.62-0.63 of all and 0.47-0.48 without an image, below PCA, and fails the test.
+    """
+    root, cat = synthetic
+    fuse_item_embeddings(root / "text", root / "image", tmp_path,
+                         PipelineParams(seed=0, fusion_epochs=20))
+    fused = np.load(tmp_path / FUSED_ARRAY)
+    text, image = _aligned_vectors(root, cat)
+    concat = np.concatenate([text, image], axis=1)
+    concat /= np.linalg.norm(concat, axis=1, keepdims=True)
+    pca = [_pca_128(concat, centre) for centre in (False, True)]
+    for rows, margin in [(np.arange(N), 0.04), (np.flatnonzero(cat.has_image), 0.04),
+                         (np.flatnonzero(~cat.has_image), 0.01)]:
+        reference = _top_k(concat[rows])
+        mlp = _kept_neighbours(_top_k(fused[rows]), reference)
+        baseline = max(_kept_neighbours(_top_k(p[rows]), reference) for p in pca)
+        assert mlp >= baseline + margin, (len(rows), mlp, baseline)
+
+
 def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
     out, meta, cat = fused
     root, _ = synthetic
@@ -121,13 +180,7 @@ def test_saved_model_fuses_new_items_like_the_step(fused, synthetic):
     model = load_fusion_model(out)
     assert (model.text_dim, model.img_dim, model.hidden_dim, model.output_dim) == (384, 512,
                                                                                    256, 128)
-    text = np.load(root / "text" / "txt.npy")
-    img_items = pq.read_table(root / "image" / "img_items.parquet").to_pydict()
-    img = np.load(root / "image" / "img.npy")
-    image = np.zeros((N, 512), dtype=np.float32)
-    index = {item: i for i, item in enumerate(cat.ids)}
-    for item, row in zip(img_items["id"], img_items["row"]):
-        image[index[item]] = img[row]
+    text, image = _aligned_vectors(root, cat)
     np.testing.assert_allclose(model.fuse(text, image, cat.has_image), np.load(out / FUSED_ARRAY),
                                atol=1e-5)
     # Without an image an item is fused from its text alone, exactly as in the step.
@@ -488,6 +541,23 @@ def test_component_through_python_func(tmp_path, synthetic):
                                 "fusion_output_dim", "fusion_epochs", "fusion_lr",
                                 "fusion_batch_size", "seed"}
     assert set(spec.outputs) == {"fused_embeddings", "metrics"}
+
+
+def test_component_bad_parameter_fails_before_reading_inputs(tmp_path):
+    from kfp import dsl
+
+    from item_embeddings.components.fuse_embeddings import fuse_embeddings
+    from item_embeddings.config import ConfigError
+
+    task_dir = tmp_path / "run" / "fuse-embeddings"
+    with pytest.raises(ConfigError, match="'fusion_epochs' must be >= 1 and <= 10000, got 0"):
+        fuse_embeddings(  # the input directories do not even exist
+            text_embeddings=dsl.Dataset(uri=str(tmp_path / "text")),
+            image_embeddings=dsl.Dataset(uri=str(tmp_path / "image")),
+            fused_embeddings=dsl.Dataset(uri=str(task_dir / "fused")),
+            metrics=dsl.Metrics(uri=str(task_dir / "metrics")), fusion_epochs=0,
+            tracking_backend="none")
+    assert not task_dir.exists()
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -276,11 +276,18 @@ def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
     urls = [server.url("img/rgb.jpg")] * 2 + [None] + [server.url("img/photo.webp")] * 5
     items = items_with_urls(tmp_path / "items.parquet", urls)
     hits_before = server.hits["/img/rgb.jpg"]
+    tracker = LocalTracker(tmp_path / "runs", "cap")
     meta = im.embed_items_images(str(items), tmp_path / "out",
                                  PipelineParams(image_model=str(config),
                                                 image_pretrained=str(checkpoint), max_items=4,
-                                                download_timeout_s=1, download_retries=0),
-                                 encoder=encoder)
+                                                download_timeout_s=1, download_retries=0,
+                                                download_concurrency=3, image_batch_size=2),
+                                 encoder=encoder, run_id="cap", tracker=tracker)
+    record = json.loads((tmp_path / "runs" / "cap" / "embed-image-cap.json").read_text())
+    assert record["params"] == {"model_name": str(config), "pretrained": str(checkpoint),
+                                "max_items": 4, "download_concurrency": 3, "batch_size": 2,
+                                "items_uri": str(items)}
+    assert meta["max_items"] == 4
     failures = pq.read_table(tmp_path / "out" / IMG_FAILURES).to_pylist()
     assert [r["id"] for r in failures] == ["item-000", "item-001", "item-003", "item-004"]
     assert {r["reason"] for r in failures} == {dl.BLOCKED_ADDRESS}
@@ -407,6 +414,69 @@ def test_component_writes_outputs_and_metrics(server, tiny_model, tmp_path):
     assert failed.schema.field("id").type == pa.int64() and failed.column("id").to_pylist() == [30]
     assert {p.name for p in (task_dir / "ds").iterdir()} >= {
         IMG_ARRAY, IMG_ITEMS, IMG_FAILURES, IMG_META}
+
+
+def _component_call(tmp_path: Path, task_dir: Path, items: Path, tiny_model, **inputs) -> dict:
+    """Run the image component's Python function as the pipeline would; returns img_meta.json."""
+    from kfp.dsl import Dataset, Metrics
+
+    from item_embeddings.components.embed_images import embed_images
+
+    config, checkpoint, _ = tiny_model
+    embed_images(items=Dataset(name="items", uri=str(items)),
+                 image_embeddings=Dataset(name="image_embeddings", uri=str(task_dir / "ds")),
+                 metrics=Metrics(name="metrics", uri=str(task_dir / "metrics")),
+                 image_model=str(config), image_pretrained=str(checkpoint), download_retries=0,
+                 allow_private_hosts=True, tracking_backend="none", **inputs)
+    return json.loads((task_dir / "ds" / IMG_META).read_text())
+
+
+def test_component_max_image_bytes_reaches_the_downloader(server, images, tiny_model, tmp_path):
+    small, large = "octet.jpg", "rgb.jpg"
+    limit = len(images[large][0]) - 1
+    assert len(images[small][0]) <= limit
+    items = items_with_urls(tmp_path / "items.parquet",
+                            [server.url(f"img/{small}"), server.url(f"img/{large}")])
+    meta = _component_call(tmp_path, tmp_path / "task", items, tiny_model, max_image_bytes=limit)
+    assert (meta["count"], meta["failures_by_reason"]) == (1, {dl.TOO_LARGE: 1})
+    assert meta["max_image_bytes"] == limit
+    [failure] = pq.read_table(tmp_path / "task" / "ds" / IMG_FAILURES).to_pylist()
+    assert failure["id"] == "item-001" and str(limit) in failure["detail"]
+
+
+def test_component_keeps_shards_in_the_durable_output_on_gcsfuse(server, tiny_model, tmp_path,
+                                                                monkeypatch):
+    """On Vertex the output is on gcsfuse and the step writes to a local staging directory; the
+    shards must still go to the artifact itself, where a retried task (same output) finds them."""
+    from item_embeddings import storage
+
+    mount = tmp_path / "gcs"
+    monkeypatch.setattr(storage, "FUSE_MOUNTS", (f"{mount}/",))
+    task_dir = mount / "bucket" / "root" / "item-embeddings-spot" / "embed-images"
+    items = items_with_urls(tmp_path / "items.parquet",
+                            [server.url(f"img/{n}") for n in ("rgb.jpg", "photo.webp",
+                                                               "grey.jpg")])
+    first = _component_call(tmp_path, task_dir, items, tiny_model, shard_size=2)
+    shards = sorted((task_dir / "ds" / im.SHARDS_DIR).glob("*/shard-*.parquet"))
+    assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert first["checkpoint_location"].startswith(str(task_dir / "ds" / im.SHARDS_DIR))
+    assert (first["shards"], first["resumed_shards"]) == (2, 0)
+    retried = _component_call(tmp_path, task_dir, items, tiny_model, shard_size=2)
+    assert retried["resumed_shards"] == 2 and retried["count"] == 3
+
+
+def test_component_bad_parameter_fails_before_any_work(tmp_path, tiny_model, monkeypatch):
+    from item_embeddings.config import ConfigError
+    import item_embeddings.image.step as image_step
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(image_step, "load_image_encoder", no_model)
+    items = items_with_urls(tmp_path / "items.parquet", [None, None])
+    with pytest.raises(ConfigError, match="'download_concurrency' must be >= 1 and <= 1024, got 0"):
+        _component_call(tmp_path, tmp_path / "task", items, tiny_model, download_concurrency=0)
+    assert not (tmp_path / "task").exists()
 
 
 def test_component_compiles(tmp_path):

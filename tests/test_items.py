@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import catalogue, write_items
@@ -128,3 +129,107 @@ def test_gcs_folder_of_parquet_files(tmp_path, gcs):
     assert ids == cat["asin"]
     with pytest.raises(ItemsError, match="not found"):
         validate_items(f"gs://{bucket.name}/nothing-here.parquet", COLS)
+
+
+# ----------------------------------------------------------------------------- folders: every file
+
+def _folder(tmp_path, *parts: dict, schemas=None) -> str:
+    """A folder of parquet files, one per part, in path order."""
+    for i, part in enumerate(parts):
+        schema = schemas[i] if schemas else None
+        write_items(tmp_path / "items" / f"part-{i}.parquet", part, schema=schema)
+    return str(tmp_path / "items")
+
+
+def _split(cat: dict, at: int) -> tuple[dict, dict]:
+    return {k: v[:at] for k, v in cat.items()}, {k: v[at:] for k, v in cat.items()}
+
+
+def test_folder_with_string_and_integer_ids_names_file_and_column(tmp_path):
+    first, second = _split(catalogue(6), 3)
+    second["asin"] = [4, 5, 6]
+    uri = _folder(tmp_path, first, second)
+    with pytest.raises(ItemsError, match=r"column 'asin' is int64 in file part-1.parquet but "
+                                         r"string in file part-0.parquet"):
+        validate_items(uri, COLS)
+
+
+def test_folder_with_a_file_missing_a_needed_column(tmp_path):
+    first, second = _split(catalogue(6), 3)
+    del second["image_url"]
+    uri = _folder(tmp_path, first, second)
+    with pytest.raises(ItemsError, match=r"file part-1.parquet has no column 'image_url'"):
+        validate_items(uri, COLS, need_image_url=True)
+    assert validate_items(uri, COLS).num_rows == 6  # the text step does not need it
+
+
+def test_folder_with_list_and_string_descriptions(tmp_path):
+    first, second = _split(catalogue(6), 3)
+    second["description"] = ["plain text", None, "more"]
+    uri = _folder(tmp_path, first, second)
+    with pytest.raises(ItemsError, match=r"column 'description' is string in file part-1.parquet "
+                                         r"but list<element: string> in file part-0.parquet"):
+        validate_items(uri, COLS)
+    assert validate_items(uri, COLS, need_text=False).num_rows == 6  # not needed: not checked
+
+
+def test_folder_types_that_read_unchanged_are_accepted(tmp_path):
+    """string vs large_string and an all-null column read unchanged with the first file's types;
+    an all-null first file does not (its type is null), and is refused."""
+    cat = catalogue(9)
+    parts = [{k: v[lo:lo + 3] for k, v in cat.items()} for lo in (0, 3, 6)]
+    parts[2]["title"] = [None, None, None]  # written with type null
+    large = pa.schema([("asin", pa.large_string()), ("title", pa.large_string()),
+                       ("description", pa.large_list(pa.large_string())),
+                       ("image_url", pa.large_string())])
+    uri = _folder(tmp_path, *parts, schemas=[None, large, None])
+    assert validate_items(uri, COLS, need_image_url=True).num_rows == 9
+    titles = [t for b in iter_batches(uri, ["title"]) for t in b.column(0).to_pylist()]
+    assert titles == cat["title"][:6] + [None] * 3
+
+    null_first = _folder(tmp_path / "b", parts[2], parts[0])
+    with pytest.raises(ItemsError, match=r"column 'title' is string in file part-1.parquet but "
+                                         r"null in file part-0.parquet"):
+        validate_items(null_first, COLS)
+
+
+def test_folder_with_a_corrupt_later_file_names_it(tmp_path):
+    uri = _folder(tmp_path, catalogue(4))
+    (tmp_path / "items" / "part-1.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ItemsError, match=r"cannot read items table .*part-1.parquet"):
+        validate_items(uri, COLS)
+
+
+def test_one_row_is_refused_up_front(tmp_path):
+    path = write_items(tmp_path / "i.parquet", catalogue(1))
+    with pytest.raises(ItemsError, match=r"has 1 row; at least 2 are needed \(the fusion step"):
+        validate_items(str(path), COLS, need_text=False)
+    assert validate_items(str(write_items(tmp_path / "j.parquet", catalogue(2))),
+                          COLS).num_rows == 2
+
+
+def _with_invalid_utf8(values: list, row: int, nested: bool = False) -> pa.Array:
+    """``values`` as strings, with bytes that are not UTF-8 at ``row`` (written unchecked)."""
+    raw = [None if v is None else [s.encode() for s in v] if nested else v.encode()
+           for v in values]
+    bad = b"caf\xe9 \xff"
+    raw[row] = [b"fine", bad] if nested else bad
+    if nested:
+        return pa.array(raw, pa.list_(pa.binary())).view(pa.list_(pa.string()))
+    return pa.array(raw, pa.binary()).view(pa.string())
+
+
+@pytest.mark.parametrize("column, nested", [("title", False), ("description", True),
+                                            ("asin", False), ("image_url", False)])
+def test_invalid_utf8_names_column_and_row(tmp_path, column, nested):
+    cat = catalogue(8)
+    cat["description"] = [d or [] for d in cat["description"]]
+    cat["image_url"] = [u or "" for u in cat["image_url"]]
+    first, second = _split(cat, 5)
+    uri = _folder(tmp_path, first)
+    pq.write_table(pa.table(second).set_column(
+        list(cat).index(column), column, _with_invalid_utf8(second[column], 1, nested)),
+        tmp_path / "items" / "part-1.parquet")
+    with pytest.raises(ItemsError, match=rf"column '{column}' has invalid UTF-8 \(not text\) "
+                                         r"at rows \[6\]"):
+        validate_items(uri, COLS, need_image_url=True)

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -81,19 +82,88 @@ def test_meta_file_and_local_experiment_run(tmp_path, items_path, encoder):
     assert run["metrics"]["throughput_items_per_sec"] > 0 and run["end_time"]
 
 
-def test_bad_input_fails_before_model_loads_and_writes_nothing(tmp_path, monkeypatch):
+def _duplicate_id(cat):
+    cat["asin"][3] = cat["asin"][0]
+    return pa.table(cat)
+
+
+def _one_row(cat):
+    return pa.table({k: v[:1] for k, v in cat.items()})
+
+
+def _invalid_utf8_title(cat):
+    titles = pa.array([(t or "").encode() for t in cat["title"][:4]] + [b"caf\xe9"], pa.binary())
+    return pa.table(cat).set_column(1, "title", titles.view(pa.string()))
+
+
+@pytest.fixture
+def no_text_model(monkeypatch):
     import item_embeddings.text.step as text_step
 
     def no_model(*a, **k):
         raise AssertionError("model must not load for a bad table")
 
     monkeypatch.setattr(text_step, "load_text_encoder", no_model)
-    cat = catalogue(5)
-    cat["asin"][3] = cat["asin"][0]
-    path = write_items(tmp_path / "i.parquet", cat)
-    with pytest.raises(ItemsError, match="duplicated"):
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_duplicate_id, "duplicated"), (_one_row, "has 1 row; at least 2 are needed"),
+    (_invalid_utf8_title, r"column 'title' has invalid UTF-8 \(not text\) at rows \[4\]")])
+def test_bad_input_fails_before_model_loads_and_writes_nothing(tmp_path, no_text_model, damage,
+                                                               message):
+    path = tmp_path / "i.parquet"
+    pq.write_table(damage(catalogue(5)), path)
+    with pytest.raises(ItemsError, match=message):
         embed_items_text(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_component_bad_parameter_fails_before_any_work(tmp_path, items_path, no_text_model):
+    from kfp import dsl
+
+    from item_embeddings.components.embed_text import embed_text
+    from item_embeddings.config import ConfigError
+
+    task_dir = tmp_path / "run" / "embed-text"
+    with pytest.raises(ConfigError, match="'text_backend' must be one of auto, torch, "
+                                          "torch-fp16, onnx, onnx-int8, got 'bogus'"):
+        embed_text(items=dsl.Dataset(name="items", uri=str(items_path)),
+                   text_embeddings=dsl.Dataset(name="t", uri=str(task_dir / "t")),
+                   metrics=dsl.Metrics(name="metrics", uri=str(task_dir / "metrics")),
+                   text_backend="bogus", tracking_backend="none")
+    assert not task_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def unnormalised_model(tmp_path_factory):
+    """A real custom sentence-transformers model: MiniLM without its Normalize module, so its
+    own vectors are not unit length (the step must normalise them itself)."""
+    from sentence_transformers import SentenceTransformer
+
+    minilm = SentenceTransformer(resolve_text_model("all-MiniLM-L6-v2").location, device="cpu")
+    assert type(minilm[-1]).__name__ == "Normalize"
+    custom = SentenceTransformer(modules=[minilm[0], minilm[1]], device="cpu")
+    path = tmp_path_factory.mktemp("models") / "minilm-no-normalize"
+    custom.save(str(path))
+    return path
+
+
+def test_vectors_are_unit_length_for_a_model_without_normalize(tmp_path, items_path,
+                                                                unnormalised_model):
+    from sentence_transformers import SentenceTransformer
+
+    cat = catalogue(40)
+    texts = [item_text(t, d) for t, d in zip(cat["title"], cat["description"])]
+    raw = SentenceTransformer(str(unnormalised_model), device="cpu").encode(texts)
+    assert np.linalg.norm(raw, axis=1).min() > 1.5  # the model's own output is far from unit
+    meta = embed_items_text(str(items_path), tmp_path / "out",
+                            PipelineParams(text_model=str(unnormalised_model),
+                                           text_backend="torch", text_batch_size=16))
+    got = np.load(tmp_path / "out" / TXT_ARRAY)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cosine = (got * (raw / np.linalg.norm(raw, axis=1, keepdims=True))).sum(axis=1)
+    assert cosine.min() > 0.9999  # the same directions, only normalised
+    assert meta["normalized"] is True and meta["encoder_location"] == str(unnormalised_model)
 
 
 def test_failed_encode_leaves_no_partial_array(tmp_path, items_path, encoder, monkeypatch):
@@ -126,8 +196,6 @@ def test_custom_column_names(tmp_path, encoder):
 
 
 def test_large_string_ids_are_stored_as_string(tmp_path, encoder):
-    import pyarrow as pa
-
     cat = catalogue(5)
     schema = pa.schema([("asin", pa.large_string()), ("title", pa.large_string()),
                         ("description", pa.list_(pa.large_string())),

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import html
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,8 @@ from .config import PipelineParams
 from .storage import arrow_filesystem
 
 MAX_EXAMPLES = 5
+MIN_ROWS = 2         # the fusion step learns from how items compare with each other
+SCAN_ROWS = 16384    # rows per batch of the validation scan (bounds its memory)
 
 
 class ItemsError(ValueError):
@@ -123,50 +126,145 @@ def _is_text_or_list_of_text(t: pa.DataType) -> bool:
     return False
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _readable_as(t: pa.DataType, first: pa.DataType) -> bool:
+    """True when a column of type ``t`` reads unchanged as ``first``: a folder is read with
+    its first file's schema, and other types would be cast silently (integer ids to strings)
+    or fail in the middle of a step."""
+    if pa.types.is_null(t) or t == first:
+        return True
+    if _is_string(t) and _is_string(first):
+        return True
+    return _is_list(t) and _is_list(first) and _readable_as(t.value_type, first.value_type)
+
+
+def _as_binary(t: pa.DataType) -> pa.DataType:
+    """The same nesting with bytes instead of strings (a cast that never decodes)."""
+    if _is_list(t):
+        return (pa.large_list if pa.types.is_large_list(t) else pa.list_)(_as_binary(t.value_type))
+    return {pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}.get(
+        t, pa.binary() if pa.types.is_string(t) else t)
+
+
+def _invalid_utf8_rows(array: pa.Array) -> list[int]:
+    """Rows of a string or list-of-strings array whose bytes are not valid UTF-8."""
+    def valid(value: bytes | None) -> bool:
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    return [row for row, value in enumerate(array.cast(_as_binary(array.type)).to_pylist())
+            if not all(map(valid, value if isinstance(value, list) else [value]))]
+
+
 def _rows(mask: pa.ChunkedArray | pa.Array) -> list[int]:
     return pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()
 
 
+def _file_schemas(dataset: pads.FileSystemDataset, uri: str) -> list[tuple[str, pa.Schema]]:
+    """(name relative to ``uri``, schema) of every file, footers read concurrently (gs://)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    files = dataset.files
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+
+    def read(path: str) -> tuple[str, pa.Schema]:
+        try:
+            return path[len(root):].lstrip("/"), pq.read_schema(path, filesystem=dataset.filesystem)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ItemsError(f"cannot read items table {uri}: file {path}: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(read, files))
+
+
+def _check_schema(uri: str, dataset: pads.FileSystemDataset,
+                  checks: list[tuple[str, Callable[[pa.DataType], bool], str]]) -> None:
+    """Every needed column present in every file, with an allowed type, the same in each file."""
+    names = [name for name, _, _ in checks]
+    (first_name, first), *others = _file_schemas(dataset, uri)
+    missing = [c for c in names if c not in first.names]
+    if missing:
+        where = f" (file {first_name})" if others else ""
+        raise ItemsError(f"items table {uri}{where} has no column(s) "
+                         f"{', '.join(map(repr, missing))}; columns present: "
+                         f"{', '.join(first.names)}")
+    for name, ok, expected in checks:
+        dtype = first.field(name).type
+        if not ok(dtype):
+            raise ItemsError(f"column {name!r} must be {expected}, but its type is {dtype}")
+    for file_name, schema in others:
+        for name in names:
+            if name not in schema.names:
+                raise ItemsError(f"items table {uri}: file {file_name} has no column {name!r} "
+                                 f"(file {first_name} has it); every file needs the same columns")
+            dtype, first_type = schema.field(name).type, first.field(name).type
+            if not _readable_as(dtype, first_type):
+                raise ItemsError(
+                    f"items table {uri}: column {name!r} is {dtype} in file {file_name} but "
+                    f"{first_type} in file {first_name}; every file must give a column the same "
+                    "type (the folder is read with its first file's types)")
+
+
+def _read_checked_ids(uri: str, dataset: pads.Dataset, id_column: str,
+                      names: list[str]) -> pa.ChunkedArray:
+    """The id column, read in one pass that also checks every string column for valid UTF-8
+    (an invalid byte would otherwise fail a step half way, naming no column or row)."""
+    text = [n for n in names if _is_text_or_list_of_text(dataset.schema.field(n).type)]
+    ids: list[pa.Array] = []
+    row = 0
+    for batch in dataset.scanner(columns=list(dict.fromkeys([id_column, *text])),
+                                 batch_size=SCAN_ROWS).to_batches():
+        for name in text:
+            try:
+                batch.column(name).validate(full=True)
+            except pa.ArrowInvalid:
+                bad = [row + i for i in _invalid_utf8_rows(batch.column(name))]
+                raise ItemsError(f"column {name!r} has invalid UTF-8 (not text) at rows "
+                                 f"{bad[:MAX_EXAMPLES]} of items table {uri}") from None
+        ids.append(batch.column(id_column))
+        row += batch.num_rows
+    return pa.chunked_array(ids, type=dataset.schema.field(id_column).type)
+
+
 def validate_items(uri: str, columns: ItemColumns, *, need_text: bool = True,
                    need_image_url: bool = False) -> ItemsSummary:
-    """Check the table's schema and ids before any model loads.
+    """Check the table's schema, text and ids before any model loads.
 
     The id column is always checked; title/description only with ``need_text`` (the text step),
-    the image URL only with ``need_image_url`` (the image step).
+    the image URL only with ``need_image_url`` (the image step). In a folder, every file's
+    schema is checked against the first file's. Every checked string column must be valid UTF-8.
 
     Raises:
-        ItemsError: empty table, missing column, a column of the wrong type, null or duplicate ids.
+        ItemsError: fewer than :data:`MIN_ROWS` rows, a missing column, a column of the wrong
+            type (or of another type in another file), invalid UTF-8, null or duplicate ids.
     """
     dataset = open_items(uri)
-    schema = dataset.schema
-    required = [columns.id]
-    if need_text:
-        required += [columns.title, columns.description]
-    if need_image_url:
-        required.append(columns.image_url)
-    missing = [c for c in required if c not in schema.names]
-    if missing:
-        raise ItemsError(f"items table {uri} has no column(s) {', '.join(map(repr, missing))}; "
-                         f"columns present: {', '.join(schema.names)}")
-
     checks = [(columns.id, lambda t: _is_string(t) or pa.types.is_integer(t), "string or integer")]
     if need_text:
         checks += [(columns.title, _is_text_or_null, "string"),
                    (columns.description, _is_text_or_list_of_text, "string or list of strings")]
     if need_image_url:
         checks.append((columns.image_url, _is_text_or_null, "string"))
-    for name, ok, expected in checks:
-        dtype = schema.field(name).type
-        if not ok(dtype):
-            raise ItemsError(f"column {name!r} must be {expected}, but its type is {dtype}")
+    _check_schema(uri, dataset, checks)
 
-    ids = dataset.to_table(columns=[columns.id]).column(columns.id)
+    ids = _read_checked_ids(uri, dataset, columns.id, [name for name, _, _ in checks])
     if len(ids) == 0:
         raise ItemsError(f"items table {uri} is empty (no rows)")
+    if len(ids) < MIN_ROWS:
+        raise ItemsError(f"items table {uri} has {len(ids)} row; at least {MIN_ROWS} are needed "
+                         "(the fusion step learns from how items compare with each other)")
     problems = id_problems(ids)
     if problems:
         raise ItemsError(f"column {columns.id!r} has {problems[0]}")
-    return ItemsSummary(num_rows=len(ids), schema=schema)
+    return ItemsSummary(num_rows=len(ids), schema=dataset.schema)
 
 
 def id_problems(ids: pa.Array | pa.ChunkedArray) -> list[str]:

@@ -221,8 +221,57 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _ipv4_number(part: str) -> int | None:
+    """One label of a numeric IPv4 host as the WHATWG URL standard reads it: ``0x`` hex,
+    leading-zero octal or decimal, ASCII only; None if it is not a number."""
+    if part[:2].lower() == "0x":
+        digits, base = part[2:] or "0", 16
+    elif len(part) > 1 and part.startswith("0"):
+        digits, base = part[1:], 8
+    else:
+        digits, base = part, 10
+    if not (digits.isascii() and digits.isalnum()):  # int() would accept '_', signs, spaces
+        return None
+    try:
+        return int(digits, base)
+    except ValueError:
+        return None
+
+
+def _host_labels(host: str) -> list[str]:
+    labels = host.split(".")
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()  # one trailing dot
+    return labels
+
+
+def is_numeric_host(host: str) -> bool:
+    """True when ``host``'s last label is a number: the URL standard then reads the host as an
+    IPv4 address (no DNS name has a numeric top-level label)."""
+    last = _host_labels(host)[-1]
+    return bool(last) and _ipv4_number(last) is not None
+
+
+def parse_numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The address a numeric host denotes in any of the legacy forms that browsers and
+    ``inet_aton`` accept (``2130706433``, ``0177.0.0.1``, ``127.1``, ``0x7f.1``; WHATWG URL
+    standard, IPv4 parser); None when it is no valid address."""
+    numbers = [_ipv4_number(label) if label else None for label in _host_labels(host)]
+    if len(numbers) > 4 or None in numbers or any(n > 255 for n in numbers[:-1]) \
+            or numbers[-1] >= 256 ** (5 - len(numbers)):
+        return None
+    value = numbers[-1] + sum(n * 256 ** (3 - i) for i, n in enumerate(numbers[:-1]))
+    return ipaddress.IPv4Address(value)
+
+
 def check_url(url: URL, guard: AddressGuard) -> tuple[str, str] | None:
-    """(reason, detail) if ``url`` must not be fetched, checked before every hop; else None."""
+    """(reason, detail) if ``url`` must not be fetched, checked before every hop; else None.
+
+    Only canonical IP literals and names are fetched. A host in a legacy numeric form (decimal,
+    octal, hex or short IPv4) is never fetched: resolvers disagree on what it means (aiohttp
+    refuses some forms, ``getaddrinfo`` maps others onto an address), so it is refused here,
+    as ``blocked_address`` when the address it denotes is refused, else as ``invalid_url``.
+    """
     if url.scheme not in ("http", "https"):
         return UNSUPPORTED_SCHEME, f"scheme {url.scheme!r} (only http/https)"
     host = url.raw_host
@@ -231,7 +280,15 @@ def check_url(url: URL, guard: AddressGuard) -> tuple[str, str] | None:
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return None  # a name: GuardedResolver checks its addresses when the connector resolves it
+        if not is_numeric_host(host):
+            return None  # a name: GuardedResolver checks its addresses when the connector resolves it
+        address = parse_numeric_ipv4(host)
+        if address is None:
+            return INVALID_URL, f"host {host!r} is numeric but not an IPv4 address"
+        if not guard.allows(str(address)):
+            return BLOCKED_ADDRESS, f"host {host!r} is a numeric form of {address}, which is refused"
+        return INVALID_URL, (f"host {host!r} is a non-canonical numeric form of {address} "
+                             "(only dotted-quad IPv4 hosts are fetched)")
     if not guard.allows(host):
         return BLOCKED_ADDRESS, f"address {host} is refused"
     return None
@@ -317,6 +374,8 @@ class Downloader:
                                           self.config.timeout_s)
         except asyncio.TimeoutError:
             return failed(TIMEOUT, f"no complete response in {self.config.timeout_s}s", True)
+        except aiohttp.InvalidURL as exc:  # the client refused the URL: final, not retried
+            return failed(INVALID_URL, f"{type(exc).__name__}: {exc}")
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, BlockedAddressError):
                 return failed(BLOCKED_ADDRESS, str(exc.os_error))

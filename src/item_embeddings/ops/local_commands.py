@@ -55,17 +55,18 @@ def _print_placed(out: Path, placed: dict[str, Path]) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..progress import setup_logging
     from ..sample import SampleImageServer, write_sample_catalogue
-    from .local_run import run_local
+    from .local_run import check_output_dir, run_local
 
     setup_logging()
-    out = Path(args.output_dir).resolve()
+    # Parameters, then the output directory, are checked before anything is written or served.
+    items_path = Path(args.output_dir).resolve() / "sample_items.parquet"
+    # The sample's images are served on loopback, which the download guard refuses by default.
+    params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
+                            items_uri=str(items_path))
+    out = check_output_dir(args.output_dir)
     with SampleImageServer() as server:
-        items = write_sample_catalogue(out / "sample_items.parquet", args.items_count,
-                                       server.base_url)
+        items = write_sample_catalogue(items_path, args.items_count, server.base_url)
         print(f"sample catalogue: {items} ({args.items_count} items; images at {server.base_url})")
-        # The sample's images are served on loopback, which the download guard refuses by default.
-        params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
-                                items_uri=str(items))
         params = _demo_image_weights(params)
         placed = run_local(params, out, enable_caching=args.enable_caching)
     _print_placed(out, placed)
