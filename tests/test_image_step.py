@@ -286,7 +286,8 @@ def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
     record = json.loads((tmp_path / "runs" / "cap" / "embed-image-cap.json").read_text())
     assert record["params"] == {"model_name": str(config), "pretrained": str(checkpoint),
                                 "max_items": 4, "download_concurrency": 3, "batch_size": 2,
-                                "items_uri": str(items)}
+                                "items_uri": str(items), "previous_uri": "",
+                                "image_revalidate": False, "retry_failed_images": True}
     assert meta["max_items"] == 4
     failures = pq.read_table(tmp_path / "out" / IMG_FAILURES).to_pylist()
     assert [r["id"] for r in failures] == ["item-000", "item-001", "item-003", "item-004"]
