@@ -240,6 +240,8 @@ def test_string_row_column_is_a_violation_not_a_traceback(damaged, capsys):
      "fused_items.parquet: column 'has_image' has type int64, expected bool"),
     ("img_failures.parquet", "http_status", lambda v: pa.array([str(s) for s in v]),
      "img_failures.parquet: column 'http_status' has type string, expected an integer type"),
+    ("fused_items.parquet", "has_image", lambda v: [None, *v[1:]],
+     "fused_items.parquet: 1 null has_image value(s)"),
     ("img_items.parquet", "id", lambda v: pa.array(list(range(len(v)))),
      "img_items.parquet: ids are int64 but txt_items.parquet ids are string: they cannot join"),
 ])
