@@ -235,3 +235,11 @@ def test_manifest_hashes_checked(good_set, tmp_path):
             "fused.npy: content does not match fusion_config.json",
             "manifest.json lists txt_meta.json but it is missing")
     shutil.rmtree(good_set)
+
+
+def test_recorded_size_is_checked_before_hashing(good_set):
+    size = (good_set / "fused_items.parquet").stat().st_size
+    with open(good_set / "fused_items.parquet", "ab") as fh:
+        fh.write(b"\0")
+    _expect(good_set, f"fused_items.parquet: content does not match fusion_config.json "
+                      f"(size {size + 1}, recorded {size})")

@@ -528,6 +528,9 @@ class _SetCheck:
         bad: dict[str, list[int]] = {key: [] for key in (
             "range", "self", "repeat", "finite", "bounds", "order", "cosine")}
         dim = vectors.shape[1] if vectors is not None and vectors.shape[0] == n else 0
+        if dim:
+            norms = np.concatenate([np.linalg.norm(np.asarray(vectors[s:s + _CHUNK_ROWS]), axis=1)
+                                    for s in range(0, n, _CHUNK_ROWS)])
         step = max(1, min(_CHUNK_ROWS, _GATHER_VALUES // max(1, k * dim)))
         for start in range(0, n, step):
             ix = np.asarray(idx[start:start + step], dtype=np.int64)
@@ -545,11 +548,10 @@ class _SetCheck:
                 "order": (np.diff(sc, axis=1) > _ORDER_SLACK).any(axis=1),
             }
             if dim:
-                anchor = np.asarray(vectors[start:start + len(ix)], dtype=np.float64)
-                linked = np.asarray(vectors[np.where(in_range, ix, 0)], dtype=np.float64)
-                cosine = np.einsum("rd,rkd->rk", anchor, linked) / np.maximum(
-                    np.linalg.norm(anchor, axis=1)[:, None] * np.linalg.norm(linked, axis=2),
-                    1e-12)
+                # float32 products (error ~1e-6, far below the tolerance): 6x faster than float64
+                linked = np.where(in_range, ix, 0)
+                dots = np.matmul(vectors[linked], np.asarray(vectors[rows])[:, :, None])[..., 0]
+                cosine = dots / np.maximum(norms[rows, None] * norms[linked], 1e-12)
                 found["cosine"] = (in_range & finite
                                    & (np.abs(cosine - sc) > SCORE_TOLERANCE)).any(axis=1)
             for key, hit in found.items():
