@@ -39,6 +39,10 @@ _EXAMPLES = 5
 
 _REQUIRED_EXTRA = {IMG_FAILURES}  # the fusion extras are required when its meta lists them
 KNN_FILES = (KNN_TEXT, KNN_TEXT_SCORES, KNN_FUSED, KNN_FUSED_SCORES, KNN_META)
+# group -> the files it must have, and its meta file
+_GROUP_FILES = {**{group: [arr, ids, meta, *(e for e in extra if e in _REQUIRED_EXTRA)]
+                   for group, (arr, ids, meta, extra) in GROUPS.items()}, "knn": list(KNN_FILES)}
+_GROUP_META = {**{group: meta for group, (_, _, meta, _) in GROUPS.items()}, "knn": KNN_META}
 # kNN space in knn_meta.json -> (neighbour indices, scores, the array whose rows they link)
 KNN_SPACES = {"text": (KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY),
               "fused": (KNN_FUSED, KNN_FUSED_SCORES, FUSED_ARRAY)}
@@ -233,8 +237,8 @@ class _SetCheck:
                       "not an item-embeddings output set")
             return
         complete = {group: self._group_complete(group, names)
-                    for group, names in self._group_files().items()}
-        for group, meta_name in [(g, GROUPS[g][2]) for g in GROUPS] + [("knn", KNN_META)]:
+                    for group, names in _GROUP_FILES.items()}
+        for group, meta_name in _GROUP_META.items():
             if complete[group]:
                 self._read_meta(meta_name, group)
         self._check_run_links()
@@ -247,11 +251,6 @@ class _SetCheck:
             self._verify_knn()
 
     # -- completeness and provenance
-
-    def _group_files(self) -> dict[str, list[str]]:
-        files = {group: [arr, ids, meta, *(e for e in extra if e in _REQUIRED_EXTRA)]
-                 for group, (arr, ids, meta, extra) in GROUPS.items()}
-        return {**files, "knn": list(KNN_FILES)}
 
     def _group_complete(self, group: str, names: list[str]) -> bool:
         have = [n for n in names if n in self.present]
@@ -281,7 +280,7 @@ class _SetCheck:
                       f"step): the alignment of its files cannot be proven")
             return
         if self._check_records(meta_name, records):
-            data_files = [n for n in self._group_files()[group] if n != meta_name]
+            data_files = [n for n in _GROUP_FILES[group] if n != meta_name]
             unrecorded = [n for n in data_files if n not in records]
             if unrecorded:
                 self.fail(f"{meta_name}: 'files' records no hash of {unrecorded}")
@@ -550,7 +549,8 @@ class _SetCheck:
             if dim:
                 # float32 products (error ~1e-6, far below the tolerance): 6x faster than float64
                 linked = np.where(in_range, ix, 0)
-                dots = np.matmul(vectors[linked], np.asarray(vectors[rows])[:, :, None])[..., 0]
+                anchors = np.asarray(vectors[start:start + len(ix)])
+                dots = np.matmul(vectors[linked], anchors[:, :, None])[..., 0]
                 cosine = dots / np.maximum(norms[rows, None] * norms[linked], 1e-12)
                 found["cosine"] = (in_range & finite
                                    & (np.abs(cosine - sc) > SCORE_TOLERANCE)).any(axis=1)
