@@ -66,7 +66,10 @@ def test_publish_local_folder(tmp_path):
     manifest2 = publish_outputs(text_only, str(dest), run_id="run-2")
     assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "txt.npy",
                                                       "txt_items.parquet", "txt_meta.json"]
-    assert manifest2["run_id"] == "run-2" and verify_outputs(str(dest)).ok
+    # It reads back whole (manifest and hashes agree) but is refused as a run that stopped early.
+    report = verify_outputs(str(dest))
+    assert manifest2["run_id"] == "run-2" and not report.ok
+    assert all("outputs missing" in v for v in report.violations), report.violations
 
 
 def test_local_manifest_removed_before_files_move_and_written_last(tmp_path, monkeypatch):

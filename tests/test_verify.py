@@ -13,7 +13,9 @@ import pytest
 
 from item_embeddings.ops.cli import main
 from item_embeddings.publish import publish_outputs
-from item_embeddings.verify import verify_outputs
+from item_embeddings.step import step_run
+from item_embeddings.storage import file_record
+from item_embeddings.verify import KNN_SPACES, verify_outputs
 
 
 def _unit(rng, n, d):
@@ -21,47 +23,88 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int = 0) -> Path:
-    """A consistent output set in the documented layout (docs/outputs.md)."""
+def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int = 0,
+                    run_id: str = "run-1") -> Path:
+    """A consistent output set in the documented layout (docs/outputs.md), each group written
+    through the step skeleton (``step_run``), so its meta file records run id and file hashes."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     ids = [f"B{i:05d}" for i in range(n)]
-    np.save(root / "txt.npy", _unit(rng, n, 384))
-    pq.write_table(pa.table({"id": ids}), root / "txt_items.parquet")
-    (root / "txt_meta.json").write_text(json.dumps(
-        {"count": n, "embed_dim": 384, "encoder_name": "all-MiniLM-L6-v2"}))
+    with step_run("embed-text", root, params={}, artifact="text", run_id=run_id) as run:
+        np.save(root / "txt.npy", _unit(rng, n, 384))
+        pq.write_table(pa.table({"id": ids}), root / "txt_items.parquet")
+        run.finish("txt_meta.json", {"count": n, "embed_dim": 384,
+                                     "encoder_name": "all-MiniLM-L6-v2"}, metrics={})
     if not with_images:
         return root
     # Every 3rd item has no URL, every 5th download failed, the rest have an image.
     no_url = [i for i in ids if int(i[1:]) % 3 == 0]
     failed = [i for i in ids if i not in no_url and int(i[1:]) % 5 == 0]
     good = [i for i in ids if i not in no_url and i not in failed]
-    order = rng.permutation(len(good))  # img.npy rows need not follow id order
-    np.save(root / "img.npy", _unit(rng, len(good), 512))
-    pq.write_table(pa.table({"id": good, "url": [f"http://img/{i}.jpg" for i in good],
-                             "row": order.astype(np.int64)}), root / "img_items.parquet")
-    pq.write_table(pa.table({
-        "id": failed, "url": [f"http://img/{i}.jpg" for i in failed],
-        "reason": ["http_status"] * (len(failed) - 1) + ["timeout"],
-        "detail": ["HTTP 404"] * (len(failed) - 1) + ["no response in 5 s"],
-        "http_status": pa.array([404] * (len(failed) - 1) + [None], pa.int32()),
-        "attempts": [1] * (len(failed) - 1) + [3]}), root / "img_failures.parquet")
-    (root / "img_meta.json").write_text(json.dumps(
-        {"count": len(good), "failed_count": len(failed), "embed_dim": 512,
-         "attempted_count": len(good) + len(failed), "no_url_count": len(no_url),
-         "failures_by_reason": {"http_status": len(failed) - 1, "timeout": 1}}))
-    np.save(root / "fused.npy", _unit(rng, n, 128))
-    # The fusion step may exclude an unusable image vector: that item is fused without image.
-    excluded = good[:1]
-    pq.write_table(pa.table({"id": ids, "has_image": [i in good and i not in excluded
-                                                      for i in ids]}),
-                   root / "fused_items.parquet")
-    pq.write_table(pa.table({"id": excluded, "reason": ["non-finite or zero image vector"]}),
-                   root / "fusion_exclusions.parquet")
-    (root / "fusion_config.json").write_text(json.dumps(
-        {"count": n, "items_with_images": len(good) - 1, "output_dim": 128, "hidden_dim": 256}))
-    (root / "fusion_model.safetensors").write_bytes(b"\x08" * 64)
+    with step_run("embed-image", root, params={}, artifact="image", run_id=run_id) as run:
+        order = rng.permutation(len(good))  # img.npy rows need not follow id order
+        np.save(root / "img.npy", _unit(rng, len(good), 512))
+        pq.write_table(pa.table({"id": good, "url": [f"http://img/{i}.jpg" for i in good],
+                                 "row": order.astype(np.int64)}), root / "img_items.parquet")
+        pq.write_table(pa.table({
+            "id": failed, "url": [f"http://img/{i}.jpg" for i in failed],
+            "reason": ["http_status"] * (len(failed) - 1) + ["timeout"],
+            "detail": ["HTTP 404"] * (len(failed) - 1) + ["no response in 5 s"],
+            "http_status": pa.array([404] * (len(failed) - 1) + [None], pa.int32()),
+            "attempts": [1] * (len(failed) - 1) + [3]}), root / "img_failures.parquet")
+        run.finish("img_meta.json", {
+            "count": len(good), "failed_count": len(failed), "embed_dim": 512,
+            "attempted_count": len(good) + len(failed), "no_url_count": len(no_url),
+            "failures_by_reason": {"http_status": len(failed) - 1, "timeout": 1}}, metrics={})
+    with step_run("fuse-modal", root, params={}, artifact="fused", run_id=run_id) as run:
+        np.save(root / "fused.npy", _unit(rng, n, 128))
+        # The fusion step may exclude an unusable image vector: that item is fused without image.
+        excluded = good[:1]
+        pq.write_table(pa.table({"id": ids, "has_image": [i in good and i not in excluded
+                                                          for i in ids]}),
+                       root / "fused_items.parquet")
+        pq.write_table(pa.table({"id": excluded, "reason": ["non-finite or zero image vector"]}),
+                       root / "fusion_exclusions.parquet")
+        (root / "fusion_model.safetensors").write_bytes(b"\x08" * 64)
+        run.finish("fusion_config.json", {
+            "count": n, "items_with_images": len(good) - 1, "output_dim": 128, "hidden_dim": 256,
+            "text_run_id": run_id, "image_run_id": run_id}, metrics={})
     return root
+
+
+def exact_knn(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force neighbours by cosine, most similar first, the row itself left out."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k].astype(np.int32)
+    return idx, np.take_along_axis(sims, idx, axis=1).astype(np.float32)
+
+
+def write_knn(root: Path, k: int = 5, run_id: str = "run-1") -> Path:
+    """The kNN graph files of the set in ``root`` (exact search), through the step skeleton."""
+    spaces = {}
+    with step_run("knn", root, params={}, artifact="knn", run_id=run_id) as run:
+        for space, (idx_name, score_name, source) in KNN_SPACES.items():
+            vectors = np.load(root / source)
+            idx, scores = exact_knn(vectors, k)
+            np.save(root / idx_name, idx)
+            np.save(root / score_name, scores)
+            spaces[space] = {"dim": vectors.shape[1], "method": "exact", "index_params": {},
+                             "build_time_sec": 0.0, "query_time_sec": 0.0, "recall_at_k": 1.0,
+                             "recall_queries": 0}
+        run.finish("knn_meta.json", {"k": k, "count": len(idx), "spaces": spaces}, metrics={})
+    return root
+
+
+def reseal(root: Path) -> None:
+    """Record the current hashes in every meta file, as if the step itself had written the
+    damaged files: what is left to catch the damage is the content checks."""
+    for meta_path in root.glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        if isinstance(meta.get("files"), dict):
+            meta["files"] = {name: file_record(root / name) for name in meta["files"]}
+            meta_path.write_text(json.dumps(meta))
 
 
 @pytest.fixture
@@ -81,12 +124,11 @@ def test_consistent_set_passes(good_set, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
-def test_text_only_set_passes_and_reports_missing(tmp_path):
+def test_text_only_set_is_refused_as_incomplete(tmp_path):
+    """No pipeline mode skips the image and fusion steps: text alone is a run that stopped."""
     root = make_output_set(tmp_path / "txt", with_images=False)
-    report = verify_outputs(str(root))
-    assert report.ok, report.violations
-    assert any(m.startswith("image outputs") for m in report.missing)
-    assert any(m.startswith("fusion outputs") for m in report.missing)
+    _expect(root, "image outputs missing (img.npy, img_items.parquet, img_meta.json, "
+            "img_failures.parquet)", "fusion outputs missing")
 
 
 def _expect(root: Path, *fragments: str) -> None:
@@ -189,6 +231,15 @@ def test_manifest_hashes_checked(good_set, tmp_path):
     arr[0] = -arr[0]  # same size, still unit norm: only the hash can tell
     np.save(published / "fused.npy", arr)
     (published / "txt_meta.json").unlink()
-    _expect(published, "fused.npy: sha256 does not match the manifest",
-            "manifest lists txt_meta.json but it is missing")
+    _expect(published, "fused.npy: content does not match manifest.json",
+            "fused.npy: content does not match fusion_config.json",
+            "manifest.json lists txt_meta.json but it is missing")
     shutil.rmtree(good_set)
+
+
+def test_recorded_size_is_checked_before_hashing(good_set):
+    size = (good_set / "fused_items.parquet").stat().st_size
+    with open(good_set / "fused_items.parquet", "ab") as fh:
+        fh.write(b"\0")
+    _expect(good_set, f"fused_items.parquet: content does not match fusion_config.json "
+                      f"(size {size + 1}, recorded {size})")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .outputs import FUSION_CONFIG, IMG_META, TXT_META
-from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri, write_json_atomic
+from .storage import file_record, gcs_client, is_gcs_uri, split_gcs_uri, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def build_manifest(files: Mapping[str, Path], *, publish_uri: str, run_id: str,
         "publish_uri": publish_uri,
         "run_id": run_id,
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": {name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                  for name, path in sorted(files.items())},
+        "files": {name: file_record(path) for name, path in sorted(files.items())},
         "counts": _counts(files),
         "extra": dict(extra_meta or {}),
     }

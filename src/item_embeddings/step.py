@@ -8,7 +8,9 @@ A step function then reads as its own work::
         return run.finish(TXT_META, meta, metrics={"count": n}, versions=("torch",))
 
 The experiment run is named ``<step>-<run id>``; it ends FAILED (and the error propagates) when
-the block raises, COMPLETE otherwise.
+the block raises, COMPLETE otherwise. The meta file records, under ``files``, the size and sha256
+of every file the step wrote into its directory, so ``verify`` can prove that no array row or id
+was moved, and no file swapped for another run's, after the step finished.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .runtime import package_versions
-from .storage import write_json_atomic
+from .storage import file_record, write_json_atomic
 from .tracking import ExperimentTracker, NullTracker, run_name, tracked_run
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class StepRun:
     artifact: str               # the output's name in the experiment run
     artifact_uri: str           # the output's URI in the experiment run (default: ``out``)
     started: float = field(default_factory=time.perf_counter)
+    # The directory's files when the step began: what differs at the end is what the step wrote.
+    before: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -46,9 +50,16 @@ class StepRun:
 
     def finish(self, meta_file: str, meta: Mapping[str, Any], *, metrics: Mapping[str, float],
                versions: Sequence[str] = ()) -> dict[str, Any]:
-        """Write ``meta`` (plus run id, wall time and package versions) as the step's meta file,
-        last, then log ``metrics`` and the output artifact. Returns what was written."""
-        written = {**meta, "run_id": self.run_id, "wall_time_sec": self.elapsed,
+        """Write ``meta`` (plus the written files' sizes and hashes, run id, wall time and package
+        versions) as the step's meta file, last, then log ``metrics`` and the output artifact.
+        Returns what was written."""
+        hashing = time.perf_counter()
+        written_now = [name for name, sig in sorted(_file_signatures(self.out).items())
+                       if name != meta_file and self.before.get(name) != sig]
+        files = {name: file_record(self.out / name) for name in written_now}
+        logger.info("%s: hashed %d file(s), %s bytes, in %.1f s", self.name, len(files),
+                    f"{sum(f['size'] for f in files.values()):,d}", time.perf_counter() - hashing)
+        written = {**meta, "files": files, "run_id": self.run_id, "wall_time_sec": self.elapsed,
                    "versions": package_versions(*versions)}
         write_json_atomic(self.out / meta_file, written)
         self.tracker.log_metrics(metrics)
@@ -76,6 +87,18 @@ def step_run(name: str, output_dir: str | Path, *, params: Mapping[str, Any], ar
                   tracker=tracker or NullTracker(), artifact=artifact,
                   artifact_uri=artifact_uri)
     run.out.mkdir(parents=True, exist_ok=True)
+    run.before = _file_signatures(run.out)
     with tracked_run(run.tracker, run_name(name, run.run_id)):
         run.tracker.log_params(params)
         yield run
+
+
+def _file_signatures(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """Name -> (inode, mtime, size) of the plain files of ``directory``; hidden files are the
+    temporaries of atomic writes, sub-folders (the image step's shards) are not outputs."""
+    signatures = {}
+    for path in directory.iterdir():
+        if not path.name.startswith(".") and path.is_file():
+            st = path.stat()
+            signatures[path.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return signatures

@@ -246,3 +246,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file: how a manifest or a meta file pins a file's content."""
+    return {"size": os.stat(path).st_size, "sha256": sha256_file(path)}
