@@ -96,6 +96,8 @@ def test_recall_of_a_degraded_graph():
     degraded = ids.copy()
     degraded[:, 15:] = worst
     assert recall_at_k(x, degraded, queries, exact_scores) == pytest.approx(15 / 20)
+    # the first 15 columns are untouched: as a k=15 graph it is perfect
+    assert recall_at_k(x, degraded[:, :15], queries, exact_scores[:, :15]) == 1.0
     repeated = ids.copy()
     repeated[:, 10:] = ids[:, :1]      # the first neighbour listed 11 times: 10 distinct hits
     assert recall_at_k(x, repeated, queries, exact_scores) == pytest.approx(10 / 20)
@@ -216,6 +218,8 @@ def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
         info = written["spaces"][space]
         assert info["dim"] == dim and info["method"] == method
         assert info["recall_queries"] == 300 and info["recall_at_k"] >= 0.95
+        assert set(info["recall_at"]) == {"1", "5", "10"}               # prefixes below k=12
+        assert min(info["recall_at"].values()) >= 0.9
         assert {"build_time_sec", "query_time_sec", "index_params"} <= set(info)
     assert {"wall_time_sec", "versions"} <= set(written)
     [run] = list_local_runs(tmp_path / "runs")
@@ -224,6 +228,7 @@ def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
     assert run["metrics"]["text_recall_at_k"] == written["spaces"]["text"]["recall_at_k"]
     assert run["metrics"]["fused_recall_at_k"] == written["spaces"]["fused"]["recall_at_k"]
     assert run["metrics"]["count"] == 2500
+    assert run["metrics"]["fused_recall_at_10"] == written["spaces"]["fused"]["recall_at"]["10"]
 
 
 def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):

@@ -44,6 +44,7 @@ TUNE_QUERIES = 1000         # tuning sample of the approximate path
 NPROBES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample: faiss asks for 30..256 points per centroid
 SEARCH_CHUNK = 16384        # queries per faiss search call (progress, bounded result memory)
+RECALL_PREFIXES = (1, 5, 10, 15)  # consumers read the first columns: their recall is measured too
 
 
 class KnnInputError(ValueError):
@@ -61,6 +62,7 @@ class KnnGraph:
     build_time_sec: float           # index training and adding (0 for exact search)
     query_time_sec: float           # the search of all N rows
     recall_at_k: float              # measured on ``recall_queries`` random rows
+    recall_by_prefix: dict[int, float]  # recall@j of the first j columns, j in RECALL_PREFIXES
     recall_queries: int
     recall_time_sec: float
     device: str
@@ -184,7 +186,7 @@ def exact_knn(x: np.ndarray, k: int, *, queries: np.ndarray | None = None,
     base = torch.from_numpy(x).to(device)
     out_ids = np.empty((len(rows), k), dtype=np.int64)
     out_scores = np.empty((len(rows), k), dtype=np.float32)
-    with Progress(len(rows), desc or "exact kNN", unit="query") as progress:
+    with Progress(len(rows), desc or "exact kNN", unit="row") as progress:
         for q0 in range(0, len(rows), query_block):
             q_rows = torch.from_numpy(rows[q0:q0 + query_block]).to(device)
             q = base[q_rows]
@@ -213,7 +215,8 @@ def recall_at_k(x: np.ndarray, neighbours: np.ndarray, queries: np.ndarray,
 
     Args:
         x: The unit rows the graph was built on.
-        neighbours: ``[N, k]`` (or ``[Q, k]`` listing the query rows' neighbours only).
+        neighbours: ``[N, k]`` (or ``[Q, k]`` listing the query rows' neighbours only); its
+            first ``j`` columns with the first ``j`` exact scores give recall@j.
         queries: Row indices of the sample.
         exact_scores: ``[Q, k]`` exact scores of the queries, best first (:func:`exact_knn`).
     """
@@ -258,7 +261,7 @@ def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = "
                 ) -> tuple[np.ndarray, np.ndarray]:
     ids = np.empty((len(queries), k), dtype=np.int64)
     scores = np.empty((len(queries), k), dtype=np.float32)
-    with Progress(len(queries), desc or "IVF kNN", unit="query") as progress:
+    with Progress(len(queries), desc or "IVF kNN", unit="row") as progress:
         for start in range(0, len(queries), SEARCH_CHUNK):
             q = queries[start:start + SEARCH_CHUNK]
             found_scores, found = index.search(x[q], k + 1)
@@ -359,10 +362,13 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
     _, exact_scores = exact_knn(x, k, queries=sample, device=device,
                                 desc=f"{what} recall sample")
     recall = recall_at_k(x, ids, sample, exact_scores)
+    by_prefix = {j: recall_at_k(x, ids[:, :j], sample, exact_scores[:, :j])
+                 for j in RECALL_PREFIXES if j < k}
     recall_time = time.perf_counter() - started
     logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
                 what, method, n, k, k, recall, len(sample), query_time)
     return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
                     method=method, index_params=params, build_time_sec=build_time,
-                    query_time_sec=query_time, recall_at_k=recall, recall_queries=len(sample),
+                    query_time_sec=query_time, recall_at_k=recall, recall_by_prefix=by_prefix,
+                    recall_queries=len(sample),
                     recall_time_sec=recall_time, device=str(device))

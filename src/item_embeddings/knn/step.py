@@ -56,7 +56,9 @@ def _write_graph(graph: KnnGraph, out: Path, ids_file: str, scores_file: str) ->
 def _space_meta(graph: KnnGraph, dim: int) -> dict[str, Any]:
     return {"dim": dim, "method": graph.method, "index_params": graph.index_params,
             "build_time_sec": graph.build_time_sec, "query_time_sec": graph.query_time_sec,
-            "recall_at_k": graph.recall_at_k, "recall_queries": graph.recall_queries,
+            "recall_at_k": graph.recall_at_k,
+            "recall_at": {str(j): r for j, r in graph.recall_by_prefix.items()},
+            "recall_queries": graph.recall_queries,
             "recall_time_sec": graph.recall_time_sec, "device": graph.device}
 
 
@@ -122,6 +124,7 @@ def build_knn_graphs(
                                     device=device, what=f"{space} vectors", labels=ids)
             _write_graph(graph, run.out, ids_file, scores_file)
             spaces[space] = _space_meta(graph, vectors.shape[1])
+            metrics.update({f"{space}_recall_at_{j}": r for j, r in graph.recall_by_prefix.items()})
             metrics.update({f"{space}_recall_at_k": graph.recall_at_k,
                             f"{space}_time_sec": graph.build_time_sec + graph.query_time_sec,
                             f"{space}_exact": float(graph.method == "exact")})

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def clustered_unit_vectors(n: int, dim: int, *, topics: int | None = None, latent_dim: int = 12,
-                           spread: float = 0.9, noise: float = 0.25, size_sigma: float = 1.0,
-                           seed: int = 0) -> np.ndarray:
+def clustered_unit_vectors(n: int, dim: int, *, topics: int | None = None, latent_dim: int = 32,
+                           spread: float = 0.9, noise: float = 0.5, size_sigma: float = 1.0,
+                           common: float = 0.55, seed: int = 0) -> np.ndarray:
     """``[n, dim]`` float32 unit rows with topic structure (rows in random topic order).
 
     Args:
@@ -29,6 +29,8 @@ def clustered_unit_vectors(n: int, dim: int, *, topics: int | None = None, laten
         noise: Norm of the isotropic noise added to every item.
         size_sigma: Log-normal sigma of the topic sizes (0: equal sizes; 1: a few large topics
             and many small ones, as in a catalogue).
+        common: Weight of one direction shared by every topic centre (sentence embeddings
+            share one: their mean cosine is well above 0).
         seed: Random seed; the same arguments give the same array.
     """
     rng = np.random.default_rng(seed)
@@ -39,11 +41,14 @@ def clustered_unit_vectors(n: int, dim: int, *, topics: int | None = None, laten
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(topics + 1))
     latent_scale = spread / np.sqrt(latent_dim)
+    shared = rng.standard_normal(dim).astype(np.float32)
+    shared *= common / np.linalg.norm(shared)
     for topic in range(topics):
         rows = order[bounds[topic]:bounds[topic + 1]]
         if not len(rows):
             continue
         centre = rng.standard_normal(dim).astype(np.float32)
+        centre = centre / np.linalg.norm(centre) + shared
         centre /= np.linalg.norm(centre)
         basis = rng.standard_normal((latent_dim, dim)).astype(np.float32) / np.sqrt(dim)
         steps = rng.standard_normal((len(rows), latent_dim)).astype(np.float32) * latent_scale
