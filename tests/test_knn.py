@@ -1,0 +1,261 @@
+"""kNN graphs: exact search against brute force, ties, the faiss path and its recall, bad inputs,
+and the step's files and experiment run."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from item_embeddings.config import PipelineParams
+from item_embeddings.knn import (KnnInputError, build_knn_graph, build_knn_graphs, exact_knn,
+                                 recall_at_k, unit_rows)
+from item_embeddings.knn import graph as knn_graph
+from item_embeddings.knn.synthetic import clustered_unit_vectors
+from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES,
+                                     KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS)
+from item_embeddings.storage import write_parquet_atomic
+from item_embeddings.tracking import LocalTracker, list_local_runs
+
+
+def brute_force(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 all-pairs scores, self excluded, ordered by (-score, index)."""
+    scores = x.astype(np.float64) @ x.astype(np.float64).T
+    np.fill_diagonal(scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, 1)
+
+
+def tied_vectors(n: int, seed: int = 0) -> np.ndarray:
+    """Copies of 6 unit rows whose every dot product is a multiple of 1/4, exact in float32
+    whatever the summation order: many exactly equal scores."""
+    base = np.zeros((6, 8), dtype=np.float32)
+    for row, cols in enumerate([(0, 1, 2, 3), (0, 1, 2, 4), (0, 1, 5, 6), (4, 5, 6, 7),
+                                (1, 3, 5, 7), (0, 2, 4, 6)]):
+        base[row, list(cols)] = 0.5
+    base[4, 3] = -0.5
+    return base[np.random.default_rng(seed).integers(0, 6, n)]
+
+
+@pytest.mark.parametrize("query_block,db_block", [(7, 13), (64, 100), (2048, 16384)])
+def test_exact_matches_brute_force(query_block, db_block):
+    x = unit_rows(clustered_unit_vectors(517, 16, topics=6, seed=1), 9)  # 517: no block fits
+    ids, scores = exact_knn(x, 9, query_block=query_block, db_block=db_block,
+                            device=torch.device("cpu"))
+    ref_ids, ref_scores = brute_force(x, 9)
+    assert ids.shape == scores.shape == (517, 9)
+    np.testing.assert_allclose(scores, ref_scores, atol=2e-6)
+    # every listed row truly has its listed score, and only near-ties may swap places
+    true = np.einsum("nd,nkd->nk", x.astype(np.float64), x[ids].astype(np.float64))
+    np.testing.assert_allclose(true, ref_scores, atol=2e-6)
+    assert (ids == ref_ids).mean() > 0.999
+    assert not (ids == np.arange(517)[:, None]).any()                 # self excluded
+    assert (np.diff(scores, axis=1) <= 0).all()                       # most similar first
+
+
+@pytest.mark.parametrize("query_block,db_block", [(5, 11), (16, 40), (2048, 16384)])
+def test_ties_keep_the_smaller_index_first(query_block, db_block):
+    x = tied_vectors(90)
+    ids, scores = exact_knn(x, 12, query_block=query_block, db_block=db_block)
+    ref_ids, ref_scores = brute_force(x, 12)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+    np.testing.assert_array_equal(ids, ref_ids)           # (-score, index) order, exactly
+    graph = build_knn_graph(x, 12, exact_max_items=1000, recall_queries=90)
+    np.testing.assert_array_equal(graph.neighbours, ref_ids)
+    assert graph.neighbours.dtype == np.int32 and graph.scores.dtype == np.float32
+    assert graph.recall_at_k == 1.0
+
+
+def test_exact_query_subset_equals_full_rows():
+    x = unit_rows(clustered_unit_vectors(300, 12, seed=2), 5)
+    all_ids, all_scores = exact_knn(x, 5, db_block=64)
+    rows = np.array([0, 17, 299, 150])
+    ids, scores = exact_knn(x, 5, queries=rows, db_block=64)
+    np.testing.assert_array_equal(ids, all_ids[rows])
+    np.testing.assert_array_equal(scores, all_scores[rows])
+
+
+def test_unnormalised_rows_are_normalised():
+    x = clustered_unit_vectors(200, 8, seed=4)
+    scaled = x * np.random.default_rng(0).uniform(0.1, 50, (200, 1)).astype(np.float32)
+    a = build_knn_graph(x, 6, exact_max_items=1000, recall_queries=10)
+    b = build_knn_graph(scaled, 6, exact_max_items=1000, recall_queries=10)
+    np.testing.assert_array_equal(a.neighbours, b.neighbours)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+
+def test_recall_of_a_degraded_graph():
+    x = unit_rows(clustered_unit_vectors(400, 16, topics=4, seed=5), 20)
+    ids, _ = exact_knn(x, 20)
+    queries = np.arange(0, 400, 7)
+    _, exact_scores = exact_knn(x, 20, queries=queries)
+    assert recall_at_k(x, ids, queries, exact_scores) == 1.0
+    shuffled = np.random.default_rng(0).permuted(ids, axis=1)          # order does not matter
+    assert recall_at_k(x, shuffled, queries, exact_scores) == 1.0
+    worst = np.argsort(x @ x.T, axis=1)[:, :5]                         # the 5 least similar
+    degraded = ids.copy()
+    degraded[:, 15:] = worst
+    assert recall_at_k(x, degraded, queries, exact_scores) == pytest.approx(15 / 20)
+    # the first 15 columns are untouched: as a k=15 graph it is perfect
+    assert recall_at_k(x, degraded[:, :15], queries, exact_scores[:, :15]) == 1.0
+    repeated = ids.copy()
+    repeated[:, 10:] = ids[:, :1]      # the first neighbour listed 11 times: 10 distinct hits
+    assert recall_at_k(x, repeated, queries, exact_scores) == pytest.approx(10 / 20)
+    with_self = ids.copy()
+    with_self[:, -1] = np.arange(400)                                  # self is never a hit
+    assert recall_at_k(x, with_self, queries, exact_scores) == pytest.approx(19 / 20)
+
+
+def test_recall_counts_an_equally_good_choice_among_ties():
+    x = tied_vectors(60, seed=3)
+    ids, exact_scores = exact_knn(x, 5)
+    group = [np.flatnonzero((x == x[q]).all(axis=1)) for q in range(60)]
+    # another copy of the same vector, not the one exact search listed, is just as near
+    swapped = ids.copy()
+    for q in range(60):
+        others = [r for r in group[q] if r != q and r not in ids[q]]
+        if others:
+            swapped[q, 0] = others[0]
+    assert (swapped != ids).any()
+    assert recall_at_k(x, swapped, np.arange(60), exact_scores) == 1.0
+
+
+def test_approximate_path_reaches_its_recall():
+    x = clustered_unit_vectors(4000, 32, topics=40, seed=6)
+    graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1)
+    assert graph.method == "ivf-flat"
+    assert graph.index_params["nprobe"] < graph.index_params["nlist"]  # not a disguised scan
+    assert graph.neighbours.shape == (4000, 10) and graph.neighbours.dtype == np.int32
+    assert not (graph.neighbours == np.arange(4000)[:, None]).any()
+    assert (np.diff(graph.scores, axis=1) <= 0).all()
+    assert graph.recall_at_k >= 0.95
+    # the sampled recall agrees with the recall over every row, computed by brute force
+    _, ref_scores = brute_force(unit_rows(x, 10), 10)
+    full = recall_at_k(unit_rows(x, 10), graph.neighbours, np.arange(4000),
+                       ref_scores.astype(np.float32))
+    assert full < 1.0                                   # approximate indeed
+    assert abs(full - graph.recall_at_k) < 0.02
+    np.testing.assert_allclose(
+        graph.scores, np.einsum("nd,nkd->nk", unit_rows(x, 10), unit_rows(x, 10)[
+            graph.neighbours]), atol=1e-5)
+
+
+def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch):
+    # one probed list of about 39 rows (nlist = N / 39) and k = 60: most rows are unfilled
+    monkeypatch.setattr(knn_graph, "NPROBES", (1,))
+    monkeypatch.setattr(knn_graph, "TUNE_RECALL", 0.0)
+    x = clustered_unit_vectors(2000, 16, topics=200, size_sigma=2.0, seed=7)
+    graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100)
+    assert graph.index_params["nprobe"] == 1
+    assert graph.index_params["exact_rows"] > 0
+    assert (graph.neighbours >= 0).all()
+    assert not (graph.neighbours == np.arange(2000)[:, None]).any()
+
+
+@pytest.mark.parametrize("vectors,k,message", [
+    (np.ones((5, 4), np.float32), 5, "k=5 needs at least 6 items"),
+    (np.ones((5, 4), np.float32), 0, "k must be a positive integer"),
+    (np.zeros((0, 4), np.float32), 1, "empty"),
+    (np.ones(4, np.float32), 1, "2-D"),
+    (np.ones((5, 4), np.float64), 1, "float32"),
+])
+def test_bad_inputs_are_refused(vectors, k, message):
+    with pytest.raises(KnnInputError, match=message):
+        build_knn_graph(vectors, k, exact_max_items=100)
+
+
+def test_nan_inf_and_zero_rows_are_named():
+    x = clustered_unit_vectors(50, 8, seed=8)
+    x[[3, 11]] = np.nan
+    x[20, 2] = np.inf
+    x[40] = 0
+    with pytest.raises(KnnInputError) as err:
+        build_knn_graph(x, 5, exact_max_items=100, what="text vectors",
+                        labels=[f"item-{i}" for i in range(50)])
+    text = str(err.value)
+    assert "text vectors: 3 rows with NaN or Inf values: 'item-3' (row 3), 'item-11' (row 11), " \
+           "'item-20' (row 20)" in text
+    assert "1 rows with all zeros (no direction): 'item-40' (row 40)" in text
+    with pytest.raises(KnnInputError, match="recall_queries"):
+        build_knn_graph(clustered_unit_vectors(50, 8), 5, exact_max_items=100, recall_queries=0)
+
+
+def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
+    ids = [f"item-{i:05d}" for i in range(n)]
+    text_dir.mkdir(parents=True, exist_ok=True)
+    fused_dir.mkdir(parents=True, exist_ok=True)
+    np.save(text_dir / TXT_ARRAY, clustered_unit_vectors(n, 48, topics=20, seed=9))
+    write_parquet_atomic(text_dir / TXT_ITEMS, pa.table({"id": ids}))
+    (text_dir / "txt_meta.json").write_text(json.dumps({"run_id": "text-run"}))
+    np.save(fused_dir / FUSED_ARRAY, clustered_unit_vectors(n, 16, topics=20, seed=10))
+    write_parquet_atomic(fused_dir / FUSED_ITEMS, pa.table(
+        {"id": fused_ids or ids, "has_image": [True] * n}))
+    return ids
+
+
+@pytest.mark.parametrize("exact_max_items,method", [(100_000, "exact"), (1000, "ivf-flat")])
+def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 2500)
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+    params = PipelineParams(knn_k=12, knn_exact_max_items=exact_max_items,
+                            knn_recall_queries=300)
+    meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out", params,
+                            run_id="r1", tracker=tracker)
+    out = tmp_path / "out"
+    for ids_file, scores_file in ((KNN_TEXT, KNN_TEXT_SCORES), (KNN_FUSED, KNN_FUSED_SCORES)):
+        ids = np.load(out / ids_file)
+        scores = np.load(out / scores_file)
+        assert ids.shape == scores.shape == (2500, 12)
+        assert ids.dtype == np.int32 and scores.dtype == np.float32
+        assert ((ids >= 0) & (ids < 2500)).all()
+        assert (np.diff(scores, axis=1) <= 0).all()
+    written = json.loads((out / KNN_META).read_text())
+    assert written == json.loads(json.dumps(meta))
+    assert (written["k"], written["count"], written["run_id"]) == (12, 2500, "r1")
+    assert written["text_run_id"] == "text-run" and written["fusion_run_id"] is None
+    for space, dim in (("text", 48), ("fused", 16)):
+        info = written["spaces"][space]
+        assert info["dim"] == dim and info["method"] == method
+        assert info["recall_queries"] == 300 and info["recall_at_k"] >= 0.95
+        assert set(info["recall_at"]) == {"1", "5", "10"}               # prefixes below k=12
+        assert min(info["recall_at"].values()) >= 0.9
+        assert {"build_time_sec", "query_time_sec", "index_params"} <= set(info)
+    assert {"wall_time_sec", "versions"} <= set(written)
+    [run] = list_local_runs(tmp_path / "runs")
+    assert run["run_name"] == "knn-graph-r1" and run["status"] == "COMPLETE"
+    assert run["params"]["k"] == 12
+    assert run["metrics"]["text_recall_at_k"] == written["spaces"]["text"]["recall_at_k"]
+    assert run["metrics"]["fused_recall_at_k"] == written["spaces"]["fused"]["recall_at_k"]
+    assert run["metrics"]["count"] == 2500
+    assert run["metrics"]["fused_recall_at_10"] == written["spaces"]["fused"]["recall_at"]["10"]
+
+
+def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):
+    ids = _write_inputs(tmp_path / "text", tmp_path / "fused", 40,
+                        fused_ids=[f"item-{i:05d}" for i in reversed(range(40))])
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+    with pytest.raises(KnnInputError, match="same order"):
+        build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                         tracker=tracker)
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
+    np.save(tmp_path / "fused" / FUSED_ARRAY, np.ones((39, 16), np.float32))
+    with pytest.raises(KnnInputError, match="shape \\(39, 16\\) but .* lists 40 ids"):
+        build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                         tracker=tracker)
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
+    with pytest.raises(KnnInputError, match="k=40 needs at least 41 items"):
+        build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                         PipelineParams(knn_k=40), tracker=tracker)
+    fused = np.load(tmp_path / "fused" / FUSED_ARRAY)
+    fused[7] = np.nan
+    np.save(tmp_path / "fused" / FUSED_ARRAY, fused)
+    with pytest.raises(KnnInputError, match=f"fused vectors: 1 rows with NaN .*'{ids[7]}'"):
+        build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                         tracker=tracker)
+    (tmp_path / "text" / TXT_ITEMS).unlink()
+    with pytest.raises(KnnInputError, match="txt_items.parquet not found"):
+        build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                         tracker=tracker)
+    assert list_local_runs(tmp_path / "runs") == []       # no run was started
+    assert not (tmp_path / "out").exists()
