@@ -361,6 +361,18 @@ def test_revalidation_304_keeps_the_vector_and_200_encodes_the_new_image(host, i
     assert stable(meta) == {**stable(full), "image_revalidate": True}
 
 
+def test_an_unasked_for_304_is_a_failure_not_a_reuse(host, image_encoder, tiny_model, tmp_path):
+    """A host answering 304 to a plain GET (no validators sent) fails that item; it must not
+    pass for 'not modified' (there is nothing to keep) nor break the step."""
+    items = write_items(tmp_path / "a.parquet", {
+        "asin": ["i0", "i1"], "title": ["t", "t"], "description": [["d"], ["d"]],
+        "image_url": [host.url("img/p0.jpg"), host.url("status/304")]})
+    meta = run_images(items, tmp_path / "A", image_encoder, tiny_model)
+    assert (meta["count"], meta["failed_count"]) == (1, 1)
+    failure = table(tmp_path / "A", IMG_FAILURES).to_pylist()[0]
+    assert (failure["id"], failure["reason"], failure["http_status"]) == ("i1", "http_error", 304)
+
+
 def test_another_image_checkpoint_fetches_everything_again(host, image_encoder, tiny_model,
                                                            tmp_path, caplog):
     import open_clip
