@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import random
 import sys
@@ -45,6 +46,7 @@ from test_text_backends import product_texts  # noqa: E402
 
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import embed_items_images  # noqa: E402
+from item_embeddings.progress import setup_logging  # noqa: E402
 from item_embeddings.text import embed_items_text  # noqa: E402
 
 CHANGED, ADDED, DELETED = 0.01, 0.005, 0.005
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-text", action="store_true")
     args = p.parse_args()
+    setup_logging(logging.INFO)  # progress lines on stderr
 
     load_start = os.getloadavg()
     result: dict = {"cpu": next((line.split(":", 1)[1].strip() for line in
