@@ -11,22 +11,33 @@ Routes (``srv.url(path)`` gives the full URL):
   ``/loop/a`` <-> ``/loop/b``; ``/chain/<n>`` (n redirects, then the image);
   ``/to?location=...`` (a redirect to anything).
 
+``/img/<name>`` answers carry an ``ETag`` (a hash of the body) and a ``Last-Modified`` (bumped by
+:meth:`ImageServer.set_image`), and a conditional request (``If-None-Match``, else
+``If-Modified-Since``) for an unchanged image is answered ``304 Not Modified``. Names in
+``fail_first`` answer 404 to their first request (an image missing for a while).
+
 Every request is counted in ``hits`` (path -> count), so a test can prove that a refused URL
-never reached the server; ``max_in_flight`` is the most requests it served at once.
+never reached the server; ``conditional`` and ``not_modified`` count the conditional requests
+and the 304 answers per path; ``max_in_flight`` is the most requests it served at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
+import hashlib
 import io
 import random
+from typing import Iterable
 
 import numpy as np
 from aiohttp import web
 from PIL import Image
 
 from item_embeddings.loop_thread import LoopThread
+
+FIRST_MODIFIED = 1_700_000_000  # Last-Modified of an image never replaced (a fixed date)
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -86,12 +97,16 @@ class ImageServer:
 
     def __init__(self, images: dict[str, tuple[bytes, str]] | None = None, *,
                  latency_s: float = 0.0, fail_rate: float = 0.0, slow_s: float = 3.0,
-                 seed: int = 0):
+                 seed: int = 0, fail_first: Iterable[str] = ()):
         self.images = images if images is not None else make_images()
+        self.fail_first = set(fail_first)
+        self._modified: dict[str, int] = {}  # name -> Last-Modified (seconds) once replaced
         self.latency_s = latency_s
         self.fail_rate = fail_rate
         self.slow_s = slow_s
         self.hits: collections.Counter = collections.Counter()
+        self.conditional: collections.Counter = collections.Counter()
+        self.not_modified: collections.Counter = collections.Counter()
         self.times: dict[str, list[float]] = collections.defaultdict(list)
         self.user_agents: set[str] = set()
         self.in_flight = self.max_in_flight = 0
@@ -105,6 +120,34 @@ class ImageServer:
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}/{path.lstrip('/')}"
 
+    def set_image(self, name: str, body: bytes, content_type: str = "image/jpeg") -> None:
+        """Add or replace an image: a new body gets a new ETag and a later Last-Modified."""
+        self.images[name] = (body, content_type)
+        self._modified[name] = self._modified.get(name, FIRST_MODIFIED) + 3600
+
+    def snapshot_hits(self) -> dict[str, int]:
+        """A copy of ``hits``, taken on the server's loop (safe while requests are served)."""
+        async def copy() -> dict[str, int]:
+            return dict(self.hits)
+        return self._loop_thread.run(copy())
+
+    def _validators(self, name: str) -> tuple[str, int]:
+        return (f'"{hashlib.sha256(self.images[name][0]).hexdigest()[:20]}"',
+                self._modified.get(name, FIRST_MODIFIED))
+
+    def _unchanged(self, request: web.Request, etag: str, modified: int) -> bool:
+        """RFC 9110 13.2.2: If-None-Match decides when present, else If-Modified-Since."""
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None:
+            return etag in [t.strip() for t in if_none_match.split(",")] or if_none_match == "*"
+        since = request.headers.get("If-Modified-Since")
+        if since is None:
+            return False
+        try:
+            return modified <= email.utils.parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False
+
     # -- handlers
     def _image(self, name: str) -> web.Response:
         body, ctype = self.images[name]
@@ -116,9 +159,20 @@ class ImageServer:
         if self.fail_rate and self._random.random() < self.fail_rate:
             return web.Response(status=500, text="injected failure")
         name = request.match_info["name"]
+        if name in self.fail_first and self._first_time(request.path):
+            return web.Response(status=404, text="not there yet")
         if name not in self.images:
             return web.Response(status=404, text="no such image")
-        return self._image(name)
+        etag, modified = self._validators(name)
+        validators = {"ETag": etag, "Last-Modified": email.utils.formatdate(modified, usegmt=True)}
+        if {"If-None-Match", "If-Modified-Since"} & set(request.headers):
+            self.conditional[request.path] += 1
+            if self._unchanged(request, etag, modified):
+                self.not_modified[request.path] += 1
+                return web.Response(status=304, headers=validators)
+        response = self._image(name)
+        response.headers.update(validators)
+        return response
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]), text="status")
@@ -221,34 +275,44 @@ class ImageServer:
         self._loop_thread.stop()
 
 
-def _serve(images, latency_s, fail_rate, port_queue, stop_event) -> None:
-    with ImageServer(images, latency_s=latency_s, fail_rate=fail_rate) as srv:
+def _serve(images, latency_s, fail_rate, fail_first, port_queue, commands, replies) -> None:
+    with ImageServer(images, latency_s=latency_s, fail_rate=fail_rate,
+                     fail_first=fail_first) as srv:
         port_queue.put(srv.port)
-        stop_event.wait()
+        while commands.get() == "hits":  # anything else stops the server
+            replies.put(srv.snapshot_hits())
 
 
 class ServerProcess:
     """The host in a child process (benchmarks: its CPU time is not the client's).
 
-    ``with ServerProcess(images, latency_s=0.05) as port:`` serves ``/img/<name>`` on 127.0.0.1.
+    ``with ServerProcess(images, latency_s=0.05) as port:`` serves ``/img/<name>`` on 127.0.0.1;
+    :meth:`hits` returns the requests it served so far (path -> count).
     """
 
     def __init__(self, images: dict[str, tuple[bytes, str]], latency_s: float = 0.0,
-                 fail_rate: float = 0.0):
+                 fail_rate: float = 0.0, fail_first: Iterable[str] = ()):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self._ports = ctx.Queue()
-        self._stop = ctx.Event()
+        self._commands = ctx.Queue()
+        self._replies = ctx.Queue()
         self._proc = ctx.Process(target=_serve, daemon=True,
-                                 args=(images, latency_s, fail_rate, self._ports, self._stop))
+                                 args=(images, latency_s, fail_rate, set(fail_first),
+                                       self._ports, self._commands, self._replies))
 
     def __enter__(self) -> int:
         self._proc.start()
         return self._ports.get(timeout=60)
 
+    def hits(self) -> dict[str, int]:
+        """Requests served so far, per path (counted by the server)."""
+        self._commands.put("hits")
+        return self._replies.get(timeout=60)
+
     def __exit__(self, *exc) -> None:
-        self._stop.set()
+        self._commands.put("stop")
         self._proc.join(timeout=30)
         if self._proc.is_alive():
             self._proc.terminate()

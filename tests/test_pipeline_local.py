@@ -13,7 +13,7 @@ import yaml
 
 from conftest import catalogue, write_items
 from item_embeddings.ops.cli import main
-from item_embeddings.config import PARAM_FIELDS
+from item_embeddings.config import PARAM_FIELDS, PipelineParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,3 +276,88 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     assert "local pipeline run failed" in err and "embed-images" in err
     assert time.monotonic() - started < 120  # no retry backoff locally
     assert not (tmp_path / "out" / "fused.npy").exists()
+
+
+@pytest.mark.slow
+def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tmp_path, capsys):
+    """The nightly flow under kfp.local: ``previous_uri`` = the published set (published back
+    to the same prefix), ``fusion_mode=apply``, on a catalogue with changed, added and deleted
+    items; the outputs are a full run's (core full runs on the same catalogue), reused rows are
+    the previous set's bytes, and ``verify`` passes."""
+    import shutil
+
+    from item_embeddings.image import embed_items_images, load_image_encoder
+    from item_embeddings.image.download import DownloadConfig
+    from item_embeddings.text import embed_items_text, load_text_encoder
+
+    items, _, urls, published = dag_run
+    previous = tmp_path / "previous"  # the set as it was, to compare with
+    shutil.copytree(published, previous)
+    rows = pq.read_table(items).to_pylist()  # the catalogue the published set was made from
+    base = urls[0].rsplit("/img/", 1)[0]
+    deleted = {rows[4]["asin"], rows[5]["asin"]}
+    rows[0]["title"] = "Nightly change: a cordless drill with two batteries"
+    rows[6]["title"] = "Nightly change: a garden hose reel, 30 m"
+    rows[8]["image_url"] = f"{base}/img/900.jpg"
+    rows = [r for r in rows if r["asin"] not in deleted]
+    rows.insert(3, {**rows[3], "asin": "S900001", "title": "Added: a ceramic tea pot",
+                    "image_url": f"{base}/img/901.png"})
+    rows.append({**rows[3], "asin": "S900002", "title": "Added: a yoga mat", "image_url": None})
+    changed = {rows[0]["asin"], "S000006", "S000008", "S900001", "S900002"}
+    items_b = tmp_path / "items_b.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(items)), items_b)
+
+    out = tmp_path / "out"
+    assert main(["run-local", "--items", str(items_b), "--output-dir", str(out),
+                 "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
+                 "--set", f"previous_uri={published}", "--set", "fusion_mode=apply"]) == 0
+    n = len(rows)
+    text_meta = json.loads((out / "txt_meta.json").read_text())
+    image_meta = json.loads((out / "img_meta.json").read_text())
+    fusion_meta = json.loads((out / "fusion_config.json").read_text())
+    selected = sum(1 for r in rows if (r["image_url"] or "").startswith("http"))
+    assert (text_meta["reused_count"], text_meta["encoded_count"]) == (n - 4, 4)
+    # new URLs encoded; the 404 of the previous set tried again (and failing again)
+    assert (image_meta["encoded_count"], image_meta["failed_count"],
+            image_meta["reused_count"]) == (2, 1, selected - 3)
+    assert (fusion_meta["reused_count"], fusion_meta["computed_count"]) == (n - 5, 5)
+    assert (out / "fusion_model.safetensors").read_bytes() == \
+        (previous / "fusion_model.safetensors").read_bytes()
+    record = next((out / "runs" / "test-exp").glob("embed-text-*.json"))
+    assert json.loads(record.read_text())["metrics"]["reused_count"] == n - 4
+
+    # What a full run writes, from the core steps on the same catalogue and settings.
+    config, checkpoint, _ = tiny_model
+    full = tmp_path / "full"
+    embed_items_text(str(items_b), full, encoder=load_text_encoder(batch_size=8))
+    embed_items_images(str(items_b), full, PipelineParams(image_model=str(config),
+                                                          image_pretrained=str(checkpoint)),
+                       encoder=load_image_encoder(str(config), str(checkpoint)),
+                       download_config=DownloadConfig(retries=0, allow_private_hosts=True))
+    for name, vectors, atol in [("txt", "txt.npy", 1e-5), ("img", "img.npy", 1e-6)]:
+        assert pq.read_table(out / f"{name}_items.parquet").equals(
+            pq.read_table(full / f"{name}_items.parquet"))
+        np.testing.assert_allclose(np.load(out / vectors), np.load(full / vectors), atol=atol)
+    assert pq.read_table(out / "img_failures.parquet").equals(
+        pq.read_table(full / "img_failures.parquet"))
+    assert pq.read_table(out / "txt_items.parquet").column("id").to_pylist() == \
+        [r["asin"] for r in rows]
+
+    # Reused rows are the previous set's bytes: text by key, fused codes by unchanged id.
+    prev_keys = pq.read_table(previous / "txt_items.parquet").column("key").to_pylist()
+    prev_txt = np.load(previous / "txt.npy")
+    txt = np.load(out / "txt.npy")
+    keys = pq.read_table(out / "txt_items.parquet").column("key").to_pylist()
+    for row, key in enumerate(keys):
+        if key in prev_keys:
+            assert txt[row].tobytes() == prev_txt[prev_keys.index(key)].tobytes()
+    prev_ids = pq.read_table(previous / "fused_items.parquet").column("id").to_pylist()
+    prev_fused, fused = np.load(previous / "fused.npy"), np.load(out / "fused.npy")
+    for row, r in enumerate(rows):
+        if r["asin"] not in changed:
+            assert fused[row].tobytes() == prev_fused[prev_ids.index(r["asin"])].tobytes()
+
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert manifest["counts"]["text_count"] == n  # the new set is the published one now
+    assert main(["verify", str(out)]) == 0 and main(["verify", str(published)]) == 0
+    assert capsys.readouterr().out.count("all checks passed") == 2

@@ -414,12 +414,13 @@ class Downloader:
                     seen.add(str(target))
                     current = target
                     continue
-                return await self._read(url, current, resp)
+                return await self._read(url, current, resp, bool(conditional))
 
-    async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse) -> _Attempt:
+    async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse,
+                    conditional: bool) -> _Attempt:
         status = resp.status
         base = dict(url=url, status=status, final_url=str(current))
-        if status == 304:
+        if status == 304 and conditional:  # unasked for, a 304 is an error like any other
             return _Attempt(FetchResult(**base, not_modified=True))
         if status == 429 or status >= 500:
             return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""),
