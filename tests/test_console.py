@@ -224,8 +224,14 @@ def hub_online_mode(monkeypatch, tmp_path):
 
 
 def _unreachable_hub(monkeypatch) -> list:
+    """The probe answers 'unreachable' without a connection; returns its calls' arguments."""
     probes = []
-    monkeypatch.setattr(runtime, "hub_reachable", lambda *a, **k: probes.append(a) or False)
+
+    def unreachable(*args, **kwargs) -> bool:
+        probes.append(args)
+        return False
+
+    monkeypatch.setattr(runtime, "hub_reachable", unreachable)
     return probes
 
 

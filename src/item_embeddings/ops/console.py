@@ -107,18 +107,16 @@ class RunConsole:
 
     Use as a context manager (it creates ``log_path``, replacing an earlier run's log, and says
     where it is), :meth:`say` for the command's own lines, and :meth:`capture` around kfp.local.
+    Console lines go to ``sys.stdout`` (a failed task's last lines to ``sys.stderr``) as they are
+    when the console is entered, before :meth:`capture` replaces them.
 
     Args:
         log_path: The run log (``<output dir>/run.log``).
-        out: Where console lines go (default: ``sys.stdout`` when entered).
-        err: Where a failed task's last lines go (default: ``sys.stderr`` when entered).
         clock: Seconds for the tasks' wall times (tests pass a fake one).
     """
 
-    def __init__(self, log_path: str | Path, out: TextIO | None = None, err: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, log_path: str | Path, clock: Callable[[], float] = time.monotonic):
         self.log_path = Path(log_path)
-        self._given = (out, err)
         self._out: TextIO = sys.stdout
         self._err: TextIO = sys.stderr
         self._clock = clock
@@ -129,8 +127,7 @@ class RunConsole:
         self.started = clock()
 
     def __enter__(self) -> "RunConsole":
-        self._out = self._given[0] or sys.stdout
-        self._err = self._given[1] or sys.stderr
+        self._out, self._err = sys.stdout, sys.stderr
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # line-buffered: a run that is killed leaves its log up to the last line
         self._log = open(self.log_path, "w", encoding="utf-8", errors="replace", buffering=1)
@@ -150,6 +147,7 @@ class RunConsole:
         return list(self._tasks.values())
 
     def elapsed(self) -> float:
+        """Seconds since the console was entered."""
         return self._clock() - self.started
 
     def say(self, text: str, error: bool = False) -> None:
