@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
-from item_embeddings.tracking import ExperimentTracker
+from item_embeddings.fanout import WHOLE_TABLE
+from item_embeddings.tracking import ExperimentTracker, NullTracker
 
 # Component inputs that are not pipeline parameters, with their defaults: the pipeline binds
 # them to runtime placeholders (project and location of the Vertex run, the pipeline job's name)
@@ -42,6 +43,11 @@ RUNTIME_INPUTS = {
     "run_id": ("", "Pipeline run id (the pipeline passes the job name placeholder)."),
     "require_gpu": (False, "The task's machine has a GPU: fail if torch cannot use it (set by "
                            "the pipeline)."),
+    "worker": (WHOLE_TABLE, "This worker's shards, from the plan task: row ranges of the "
+                            "items table (default: the whole table as one shard)."),
+    "workers": ([WHOLE_TABLE], "Every worker's shards: the plan task's output."),
+    "cpu_image": ("", "The CPU steps' container image (set by the pipeline at compile time)."),
+    "gpu_image": ("", "The GPU steps' container image (set by the pipeline at compile time)."),
     "inputs_fingerprint": ("", "Content hash of the items table and the previous output set "
                                "(from the fingerprint task): part of the cache key, so changed "
                                "contents are recomputed."),
@@ -112,11 +118,15 @@ class ComponentStep:
 
 
 @contextlib.contextmanager
-def component_step(inputs: Mapping[str, Any], output, metrics, prefix: str
-                   ) -> Iterator[ComponentStep]:
+def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str = "", *,
+                   stage: bool = True) -> Iterator[ComponentStep]:
     """Set up a step from a component's ``inputs`` (its ``locals()``): logging, the typed
     parameters, the tracker and the run id; stage ``output`` off gcsfuse while the step writes
-    (the files are copied to the artifact, meta file last, when the block succeeds)."""
+    (the files are copied to the artifact, meta file last, when the block succeeds).
+
+    ``stage=False`` (fan-out workers): ``out_dir`` is the artifact itself, and each shard is
+    staged on its own (:func:`shard_output`), so a retried task keeps the finished shards.
+    """
     from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
     from item_embeddings.storage import staged_output_dir
@@ -124,14 +134,46 @@ def component_step(inputs: Mapping[str, Any], output, metrics, prefix: str
 
     setup_logging()
     params = PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})
-    tracker = make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
-                           project=inputs["project"], location=inputs["location"],
-                           tracking_dir=inputs["tracking_dir"])
-    if inputs.get("inputs_fingerprint"):  # lineage: which contents these outputs come from
-        output.metadata["inputs_fingerprint"] = inputs["inputs_fingerprint"]
-    with staged_output_dir(output.path, META_FILES) as out_dir:
+    tracker = (make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
+                            project=inputs["project"], location=inputs["location"],
+                            tracking_dir=inputs["tracking_dir"])
+               if "tracking_backend" in inputs else NullTracker())  # a step that logs no run
+    # lineage: which contents these outputs come from (a worker has it in its loop item)
+    fingerprint = inputs.get("inputs_fingerprint") or dict(inputs.get("worker") or {}).get(
+        "inputs_fingerprint")
+    if fingerprint:
+        output.metadata["inputs_fingerprint"] = fingerprint
+
+    def step(out_dir: Path) -> ComponentStep:
         # Same output URI on every retry of the task, so the same run id (and checkpoints).
-        yield ComponentStep(params=params, tracker=tracker,
-                            run_id=run_id_from_output_uri(output.uri), out_dir=out_dir,
-                            artifact_uri=output.uri, output=output, metrics=metrics,
-                            prefix=prefix)
+        return ComponentStep(params=params, tracker=tracker,
+                             run_id=run_id_from_output_uri(output.uri), out_dir=out_dir,
+                             artifact_uri=output.uri, output=output, metrics=metrics,
+                             prefix=prefix)
+
+    if not stage:
+        Path(output.path).mkdir(parents=True, exist_ok=True)
+        yield step(Path(output.path))
+        return
+    with staged_output_dir(output.path, META_FILES) as out_dir:
+        yield step(out_dir)
+
+
+@contextlib.contextmanager
+def shard_output(output, shard, meta_name: str) -> Iterator[Path | None]:
+    """Where a worker writes one shard: a folder staged off gcsfuse and placed (meta last) into
+    ``<output>/shard-NNNNN`` when the block succeeds; None when an earlier attempt of this task
+    already placed that shard whole (its meta names the same rows), so it is skipped."""
+    import json
+
+    from item_embeddings.outputs import META_FILES
+    from item_embeddings.storage import staged_output_dir
+
+    durable = Path(output.path) / shard.dirname
+    if (durable / meta_name).is_file():
+        done = json.loads((durable / meta_name).read_text())
+        if done.get("rows") == (list(shard.rows) if shard.rows else None):
+            yield None
+            return
+    with staged_output_dir(durable, META_FILES) as out_dir:
+        yield out_dir

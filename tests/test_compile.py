@@ -1,6 +1,8 @@
-"""The compiled Vertex template: DAG edges, resources, Spot, parameters — read back from YAML."""
+"""The compiled Vertex template: DAG edges, fan-out, machines, Spot, identity, caching and
+parameters — read back from the YAML, and the custom jobs built as GCPC's launcher builds them."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -10,6 +12,9 @@ from item_embeddings.pipeline import compile_pipeline
 
 IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings:1.2.3"
 GPU_IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings-gpu:1.2.3"
+SA = "runner@proj.iam.gserviceaccount.com"
+NETWORK = "projects/123/global/networks/vpc"
+KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"
 
 
 @pytest.fixture(scope="module")
@@ -19,60 +24,113 @@ def template(tmp_path_factory):
     return path, yaml.safe_load(path.read_text())
 
 
+def _root(spec):
+    return spec["root"]["dag"]["tasks"]
+
+
+def _loop(spec):
+    """The workers' loop task and the tasks inside it."""
+    (name,) = [k for k in _root(spec) if k.startswith("for-loop")]
+    loop = _root(spec)[name]
+    return loop, spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def _producers(task: dict) -> set[str]:
     return {a["taskOutputArtifact"]["producerTask"]
-            for a in task.get("inputs", {}).get("artifacts", {}).values()}
+            for a in task.get("inputs", {}).get("artifacts", {}).values()
+            if "taskOutputArtifact" in a}
 
 
 def test_dag_edges(template):
     _, spec = template
-    tasks = spec["root"]["dag"]["tasks"]
-    assert _producers(tasks["embed-text"]) == {"importer"}
-    assert _producers(tasks["embed-images"]) == {"importer"}
+    tasks = _root(spec)
+    assert tasks["importer"]["inputs"]["parameters"]["uri"] == {
+        "componentInputParameter": "items_uri"}
     assert _producers(tasks["fingerprint-inputs"]) == {"importer"}
-    for step in ("embed-text", "embed-images"):
-        assert set(tasks[step].get("dependentTasks", [])) <= {"importer", "fingerprint-inputs"}
-        # the items' content hash is an input: a changed table cannot hit the cache
-        assert tasks[step]["inputs"]["parameters"]["inputs_fingerprint"] == {
+    assert _producers(tasks["plan-shards"]) == {"importer"}
+    loop, inner = _loop(spec)
+    # the loop runs one worker per item of the plan's output
+    assert loop["parameterIterator"]["items"] == {
+        "inputParameter": "pipelinechannel--plan-shards-Output"}
+    assert loop["taskInfo"]["name"] == "workers"
+    assert set(inner) == {"embed-text", "embed-images"}
+    for name in inner:  # each worker reads the items and its own loop item
+        params = inner[name]["inputs"]["parameters"]
+        assert params["worker"] == {
+            "componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item"}
+    # the merges collect the loop's outputs and get the whole plan
+    for merge, key in (("merge-text", "text_shards"), ("merge-images", "image_shards")):
+        art = tasks[merge]["inputs"]["artifacts"][key]["taskOutputArtifact"]
+        assert art["producerTask"] == loop["taskInfo"]["name"] or art["producerTask"].startswith(
+            "for-loop")
+        assert tasks[merge]["inputs"]["parameters"]["workers"] == {
             "taskOutputParameter": {"outputParameterKey": "Output",
-                                    "producerTask": "fingerprint-inputs"}}
-    assert _producers(tasks["fuse-embeddings"]) == {"embed-text", "embed-images"}
-    importer = tasks["importer"]["inputs"]["parameters"]["uri"]
-    assert importer == {"componentInputParameter": "items_uri"}
-    # publish runs under a condition on publish_uri, after fusion
+                                    "producerTask": "plan-shards"}}
+    assert _producers(tasks["fuse-embeddings"]) == {"merge-text", "merge-images"}
+    assert _producers(tasks["knn-graphs"]) == {"merge-text", "fuse-embeddings"}
+    assert _producers(tasks["qa-report"]) == {"importer", "merge-text", "merge-images",
+                                              "fuse-embeddings", "knn-graphs"}
     condition = next(t for name, t in tasks.items() if name.startswith("condition"))
     assert "publish_uri" in condition["triggerPolicy"]["condition"]
-    assert set(condition["dependentTasks"]) == {"embed-images", "embed-text", "fuse-embeddings"}
+    assert {"qa-report", "knn-graphs", "fuse-embeddings"} <= set(condition["dependentTasks"])
 
 
-def test_image_step_is_a_spot_t4_custom_job(template):
+def test_steps_reading_items_are_cached_by_content(template):
+    """The fingerprint task is never cached; the steps that read the items or the previous
+    set take its output, so changed contents are a cache miss there."""
     _, spec = template
-    task = spec["root"]["dag"]["tasks"]["embed-images"]
-    assert task["inputs"]["parameters"]["strategy"] == {"componentInputParameter": "image_strategy"}
-    assert spec["root"]["inputDefinitions"]["parameters"]["image_strategy"]["defaultValue"] == "SPOT"
-    assert task["retryPolicy"]["maxRetryCount"] >= 3
-    comp = spec["components"][task["componentRef"]["name"]]
-    pools = comp["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
-    machine = pools[0]["machine_spec"]
-    assert machine == {"machine_type": "n1-standard-4", "accelerator_type": "NVIDIA_TESLA_T4",
-                       "accelerator_count": 1}
-    container = pools[0]["container_spec"]
-    assert container["image_uri"] == GPU_IMAGE  # the CUDA image; the CPU steps use the slim one
-    assert "embed_images" in json.dumps(container["command"] + container.get("args", []))
+    tasks = _root(spec)
+    assert tasks["fingerprint-inputs"]["cachingOptions"] == {}  # = enableCache false
+    fingerprint = {"taskOutputParameter": {"outputParameterKey": "Output",
+                                           "producerTask": "fingerprint-inputs"}}
+    for name in ("plan-shards", "fuse-embeddings"):
+        assert tasks[name]["inputs"]["parameters"]["inputs_fingerprint"] == fingerprint, name
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    # the workers get it in their loop item, from the plan (which takes it as an input)
+    _, inner = _loop(spec)
+    for name in inner:
+        assert "inputs_fingerprint" not in inner[name]["inputs"]["parameters"]
 
 
-def test_cpu_steps_resources_and_images(template):
+def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template):
+    _, spec = template
+    _, inner = _loop(spec)
+    images = inner["embed-images"]["inputs"]["parameters"]
+    assert images["strategy"] == {"componentInputParameter": "pipelinechannel--image_strategy"}
+    (pool,) = images["worker_pool_specs"]["runtimeValue"]["constant"]
+    assert pool["machine_spec"] == {
+        "machine_type": "{{$.inputs.parameters['pipelinechannel--image_machine_type']}}",
+        "accelerator_type": "NVIDIA_TESLA_T4", "accelerator_count": 1}
+    assert pool["container_spec"]["image_uri"] == GPU_IMAGE
+    assert inner["embed-images"]["retryPolicy"]["maxRetryCount"] >= 3
+    text = inner["embed-text"]["inputs"]["parameters"]
+    assert text["strategy"] == {"componentInputParameter": "pipelinechannel--text_strategy"}
+    (pool,) = text["worker_pool_specs"]["runtimeValue"]["constant"]
+    assert pool["machine_spec"] == {
+        "machine_type": "{{$.inputs.parameters['pipelinechannel--text_machine_type']}}",
+        "accelerator_type": "{{$.inputs.parameters['pipelinechannel--text_accelerator']}}",
+        "accelerator_count":
+            "{{$.inputs.parameters['pipelinechannel--text-machine-accelerator_count']}}"}
+    assert pool["container_spec"]["image_uri"] == \
+        "{{$.inputs.parameters['pipelinechannel--text-machine-image']}}"
+    fuse = _root(spec)["fuse-embeddings"]["inputs"]["parameters"]
+    (pool,) = fuse["worker_pool_specs"]["runtimeValue"]["constant"]
+    assert pool["machine_spec"]["machine_type"] == \
+        "{{$.inputs.parameters['pipelinechannel--fusion_machine_type']}}"
+    assert pool["container_spec"]["image_uri"] == IMAGE
+
+
+def test_plain_steps_resources_and_images(template):
     _, spec = template
     executors = spec["deploymentSpec"]["executors"]
-    for name in ("exec-embed-text", "exec-fuse-embeddings"):
-        container = executors[name]["container"]
-        assert container["image"] == IMAGE
+    for name in ("plan-shards", "merge-text", "merge-images", "knn-graphs", "qa-report"):
+        container = executors[f"exec-{name}"]["container"]
+        assert container["image"] == IMAGE, name
         assert container["resources"]["cpuLimit"] == 4
         assert container["resources"]["memoryLimit"] == 15
         assert not any("pip install" in c for c in container["command"])
-    tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["embed-text"]["taskInfo"]["name"] == "Embed text"
-    assert tasks["embed-text"]["retryPolicy"]["maxRetryCount"] == 2
+    assert executors["exec-fingerprint-inputs"]["container"]["image"] == IMAGE
+    assert _root(spec)["merge-text"]["retryPolicy"]["maxRetryCount"] == 2
 
 
 def test_parameters_and_defaults(template):
@@ -87,13 +145,14 @@ def test_parameters_and_defaults(template):
         assert params[name]["description"] == param_description(name)
         assert params[name]["description"].startswith(field.metadata["help"])
     assert params["fusion_batch_size"]["description"].endswith("Allowed: >= 2 and <= 8192.")
+    assert params["max_parallel_shards"]["description"].endswith("Allowed: >= 1 and <= 100.")
 
 
 def test_project_and_location_come_from_runtime_placeholders(template):
     _, spec = template
-    text = spec["root"]["dag"]["tasks"]["embed-text"]["inputs"]["parameters"]
-    assert text["project"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_project_id}}"
-    assert text["location"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_location}}"
+    merge = _root(spec)["merge-text"]["inputs"]["parameters"]
+    assert merge["project"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_project_id}}"
+    assert merge["location"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_location}}"
 
 
 def test_vertex_accepts_the_template_offline(template):
@@ -106,10 +165,12 @@ def test_vertex_accepts_the_template_offline(template):
         pipeline_root="gs://bucket/root", project="proj", location="europe-west4",
         credentials=AnonymousCredentials(),
         parameter_values={"items_uri": "gs://bucket/items/", "max_items": 5000,
-                          "image_strategy": "STANDARD", "fusion_lr": 0.002,
+                          "image_strategy": "STANDARD", "fusion_lr": 0.002, "shards": 8,
+                          "text_machine_type": "c3-standard-8",
                           "allow_private_hosts": False})
     runtime = job.runtime_config.parameter_values
     assert runtime["items_uri"] == "gs://bucket/items/" and runtime["max_items"] == 5000
+    assert runtime["shards"] == 8 and runtime["text_machine_type"] == "c3-standard-8"
     with pytest.raises(ValueError):
         aiplatform.PipelineJob(display_name="x", template_path=str(path), project="proj",
                                location="europe-west4", credentials=AnonymousCredentials(),
@@ -121,12 +182,19 @@ def test_local_target_has_no_custom_job(tmp_path):
     path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
     spec = yaml.safe_load(path.read_text())
     assert "custom_job" not in path.read_text()
-    assert "strategy" not in spec["root"]["dag"]["tasks"]["embed-images"]["inputs"]["parameters"]
+    _, inner = _loop(spec)
+    assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
+    assert "text-machine" not in _root(spec)
 
 
 def test_unknown_target():
     with pytest.raises(ValueError, match="unknown target"):
         compile_pipeline("x.yaml", target="k8s")
+
+
+# Vertex-only knobs, ignored by kfp.local (documented): the machines and scheduling of the jobs.
+VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_machine_type",
+               "fusion_machine_type"}
 
 
 @pytest.mark.parametrize("target", ["vertex", "local"])
@@ -139,40 +207,24 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
         for task in dag.get("tasks", {}).values():
             for value in task.get("inputs", {}).get("parameters", {}).values():
                 used.add(value.get("componentInputParameter"))
+                used.update(re.findall(r"pipelinechannel--([a-z_]+)'", json.dumps(value)))
             condition = task.get("triggerPolicy", {}).get("condition", "")
             used.update(name for name in PARAM_FIELDS if f"parameters['{name}']" in condition)
 
     walk(spec["root"]["dag"])
     for comp in spec["components"].values():
         walk(comp.get("dag", {}))
+    used = {u.removeprefix("pipelinechannel--") for u in used if u}
     unused = set(PARAM_FIELDS) - used
-    # TEMPORARY (branch knn): the kNN graph step exists in the core but has no component yet;
-    # remove this line when the knn-graph task is wired into the pipeline.
-    unused -= {"knn_k", "knn_exact_max_items", "knn_recall_queries"}
     if target == "local":
-        unused.discard("image_strategy")  # Vertex scheduling only; documented as ignored locally
-    # TEMPORARY (report branch): category_column feeds the QA report task, which the lead wires
-    # into the pipeline next; remove this line then.
-    unused.discard("category_column")
+        unused -= VERTEX_ONLY
     assert unused == set()
-
-
-def test_steps_reading_items_are_cached_by_content(template):
-    """The fingerprint task is never cached; the steps that read the items are, keyed by it."""
-    _, spec = template
-    tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["fingerprint-inputs"]["cachingOptions"] == {}  # = enableCache false
-    for name in ("embed-text", "embed-images", "fuse-embeddings"):
-        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    assert spec["deploymentSpec"]["executors"]["exec-fingerprint-inputs"]["container"][
-        "image"] == IMAGE
 
 
 def _resolve(template_text: str, values: dict) -> str:
     """Fill ``{{$.inputs.parameters['x']}}`` as the KFP backend does: strings as they are,
     everything else as JSON (the spec stores numbers as doubles; integral ones are written
     without a fraction, as the backend's JSON does)."""
-    import re
 
     def plain(v):
         if isinstance(v, float) and v.is_integer():
@@ -190,11 +242,23 @@ def _resolve(template_text: str, values: dict) -> str:
     return re.sub(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", value, template_text)
 
 
-@pytest.mark.parametrize("configured", [True, False])
-def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypatch, tmp_path,
-                                                               configured):
-    """The custom job GCPC's launcher creates from the compiled payload, with the pipeline's
-    runtime placeholders resolved as Vertex resolves them (empty when the run sets none)."""
+def _resolve_nested(value, values):
+    """Placeholders inside a list/dict constant, as Vertex's backend resolves them: a string
+    that is exactly one placeholder becomes the parameter's typed value (an int stays an int;
+    kubeflow/pipelines#10883 runs accelerator_count this way), others are substituted as text."""
+    if isinstance(value, list):
+        return [_resolve_nested(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_nested(v, values) for k, v in value.items()}
+    if isinstance(value, str):
+        whole = re.fullmatch(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", value)
+        return values[whole.group(1)] if whole else _resolve(value, values)
+    return value
+
+
+def _launch(spec, task, component_name, values, runtime, monkeypatch, tmp_path):
+    """The CustomJob GCPC's launcher creates for ``task`` (the job's payload filled in with
+    ``values``, then Vertex's runtime placeholders with ``runtime``)."""
     import google.auth
     from google.auth.credentials import AnonymousCredentials
     from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
@@ -202,28 +266,17 @@ def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypa
     from google.cloud.aiplatform_v1.types import job_state
     from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
 
-    _, spec = template
-    task = spec["root"]["dag"]["tasks"]["embed-images"]
-    comp = spec["components"][task["componentRef"]["name"]]
+    comp = spec["components"][component_name]
     executor = spec["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
-    pipeline_defaults = {k: v.get("defaultValue") for k, v in
-                         spec["root"]["inputDefinitions"]["parameters"].items()}
-    values = {k: v.get("defaultValue") for k, v in comp["inputDefinitions"]["parameters"].items()}
+    filled = {k: v.get("defaultValue") for k, v in comp["inputDefinitions"]["parameters"].items()}
     for name, binding in task["inputs"]["parameters"].items():
-        if "componentInputParameter" in binding:
-            values[name] = pipeline_defaults[binding["componentInputParameter"]]
-        elif "runtimeValue" in binding:
-            values[name] = binding["runtimeValue"]["constant"]
-        else:  # the fingerprint task's output
-            values[name] = "0123abcd"
-    runtime = {"{{$.pipeline_service_account}}": SA if configured else "",
-               "{{$.pipeline_network}}": NETWORK if configured else "",
-               "{{$.pipeline_encryption_key_name}}": KEY if configured else "",
-               "{{$.pipeline_persistent_resource_id}}": ""}
-    payload = _resolve(executor["args"][executor["args"].index("--payload") + 1], values)
+        if "runtimeValue" in binding:  # a constant, maybe holding placeholders of its own
+            filled[name] = _resolve_nested(binding["runtimeValue"]["constant"], values)
+        else:
+            filled[name] = values[name]
+    payload = _resolve(executor["args"][executor["args"].index("--payload") + 1], filled)
     for placeholder, resolved in runtime.items():
         payload = payload.replace(placeholder, resolved)
-
     created = []
 
     def create_custom_job(self, parent, custom_job, **_):
@@ -239,17 +292,77 @@ def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypa
     remote_runner.create_custom_job(type="CustomJob", project="proj", location="europe-west4",
                                     payload=payload, gcp_resources=str(tmp_path / "res.json"))
     (job,) = created
+    return job
+
+
+def _runtime(configured: bool) -> dict:
+    return {"{{$.pipeline_service_account}}": SA if configured else "",
+            "{{$.pipeline_network}}": NETWORK if configured else "",
+            "{{$.pipeline_encryption_key_name}}": KEY if configured else "",
+            "{{$.pipeline_persistent_resource_id}}": ""}
+
+
+def _task_values(spec, task, overrides=None) -> dict:
+    """What the backend would feed ``task``: pipeline defaults (+ overrides) for the loop's
+    pipeline channels, made-up values for other tasks' outputs."""
+    defaults = {k: v.get("defaultValue") for k, v in
+                spec["root"]["inputDefinitions"]["parameters"].items()}
+    defaults.update(overrides or {})
+    values = {}
+    for name, binding in task["inputs"]["parameters"].items():
+        source = binding.get("componentInputParameter", "")
+        key = source.removeprefix("pipelinechannel--")
+        values[name] = defaults.get(key, "0123abcd")
+        values[f"pipelinechannel--{name}"] = values[name]
+    for key, value in defaults.items():
+        values[f"pipelinechannel--{key}"] = value
+    return values
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypatch, tmp_path,
+                                                               configured):
+    """The image workers' CustomJob, with the pipeline's runtime placeholders resolved as
+    Vertex resolves them (empty when the run sets none)."""
+    _, spec = template
+    _, inner = _loop(spec)
+    task = inner["embed-images"]
+    job = _launch(spec, task, task["componentRef"]["name"], _task_values(spec, task),
+                  _runtime(configured), monkeypatch, tmp_path)
     assert job.job_spec.service_account == (SA if configured else "")
     assert job.job_spec.network == (NETWORK if configured else "")
     assert job.encryption_spec.kms_key_name == (KEY if configured else "")
     assert job.job_spec.scheduling.strategy.name == "SPOT"
     (pool,) = job.job_spec.worker_pool_specs
+    assert pool.machine_spec.machine_type == "n1-standard-4"
     assert pool.machine_spec.accelerator_type.name == "NVIDIA_TESLA_T4"
     assert pool.container_spec.image_uri == GPU_IMAGE
-    assert "--require-gpu" not in pool.container_spec.args  # bound as an input, see below
-    assert values["require_gpu"] is True
+    assert task["inputs"]["parameters"]["require_gpu"] == {"runtimeValue": {"constant": True}}
 
 
-SA = "runner@proj.iam.gserviceaccount.com"
-NETWORK = "projects/123/global/networks/vpc"
-KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"
+@pytest.mark.parametrize("accelerator", ["", "NVIDIA_TESLA_T4"])
+def test_text_workers_get_the_machine_a_rerun_asks_for(template, monkeypatch, tmp_path,
+                                                       accelerator):
+    """A UI rerun's text_machine_type / text_accelerator reach the text workers' CustomJob;
+    with a GPU they run in the GPU image, without one in the slim CPU image."""
+    from item_embeddings.components.text_machine import text_machine
+
+    _, spec = template
+    _, inner = _loop(spec)
+    task = inner["embed-text"]
+    machine = text_machine(text_accelerator=accelerator, cpu_image=IMAGE, gpu_image=GPU_IMAGE)
+    values = _task_values(spec, task, {"text_machine_type": "n1-standard-8",
+                                       "text_accelerator": accelerator,
+                                       "text_strategy": "SPOT"})
+    values["pipelinechannel--text-machine-image"] = machine.image
+    values["pipelinechannel--text-machine-accelerator_count"] = machine.accelerator_count
+    job = _launch(spec, task, task["componentRef"]["name"], values, _runtime(True),
+                  monkeypatch, tmp_path)
+    (pool,) = job.job_spec.worker_pool_specs
+    assert pool.machine_spec.machine_type == "n1-standard-8"
+    assert pool.machine_spec.accelerator_count == (1 if accelerator else 0)
+    assert pool.machine_spec.accelerator_type.name == (accelerator or
+                                                       "ACCELERATOR_TYPE_UNSPECIFIED")
+    assert pool.container_spec.image_uri == (GPU_IMAGE if accelerator else IMAGE)
+    assert job.job_spec.scheduling.strategy.name == "SPOT"
+    assert job.job_spec.service_account == SA

@@ -11,6 +11,7 @@ from kfp.dsl.types import artifact_types
 
 from conftest import catalogue, write_items
 from item_embeddings import storage
+from item_embeddings.config import PipelineParams
 from item_embeddings.outputs import FUSION_CONFIG, TXT_ARRAY, TXT_META
 from item_embeddings.runtime import GpuUnavailableError, require_cuda
 
@@ -25,28 +26,49 @@ def vertex_mount(tmp_path, monkeypatch):
     return mount
 
 
-def test_text_step_logs_the_gs_artifact_not_the_staging_dir(vertex_mount, gcs, tmp_path):
+def test_text_steps_log_the_gs_artifacts_not_the_staging_dirs(vertex_mount, gcs, tmp_path):
+    """A text worker and the text merge on Vertex: files staged locally, then copied to the
+    gcsfuse artifact; the experiment runs name the gs:// URIs; the worker's finished shard is
+    durable (a retried worker skips it)."""
     from item_embeddings.components.embed_text import embed_text
+    from item_embeddings.components.merge_text import merge_text
+    from item_embeddings.fanout import plan_shards
 
     bucket = gcs.create_bucket(f"b-{uuid.uuid4().hex[:8]}")
     local_items = write_items(tmp_path / "items.parquet", catalogue(12))
     bucket.blob("items/items.parquet").upload_from_filename(str(local_items))
     items_uri = f"gs://{bucket.name}/items/items.parquet"
-    out_uri = f"gs://{bucket.name}/root/123/item-embeddings-run7/embed-text_1/text_embeddings"
+    root = f"gs://{bucket.name}/root/123/item-embeddings-run7"
+    plan = plan_shards(items_uri, PipelineParams(shards=2, max_parallel_shards=1))
+    shards = dsl.Dataset(name="text_shards", uri=f"{root}/embed-text_1/text_shards", metadata={})
+    call = dict(items=dsl.Dataset(name="items", uri=items_uri), text_shards=shards,
+                worker={**plan.workers[0], "inputs_fingerprint": "f00d"}, text_backend="torch",
+                text_batch_size=8, tracking_backend="local",
+                tracking_dir=str(tmp_path / "runs"))
+    embed_text(**call)
+    runs = tmp_path / "runs" / "recsys-dev"
+    record = json.loads((runs / "embed-text-item-embeddings-run7-shard-00001.json").read_text())
+    assert record["artifacts"] == {"text_embeddings": f"{shards.uri}/shard-00001"}
+    assert record["params"]["items_uri"] == items_uri
+    assert shards.metadata["inputs_fingerprint"] == "f00d"
+    embed_text(**call)  # a retried worker: both shards were placed, nothing is redone
+    assert sorted(p.name for p in runs.glob("embed-text-*shard*.json")) == [
+        "embed-text-item-embeddings-run7-shard-00000.json",
+        "embed-text-item-embeddings-run7-shard-00001.json"]
+    assert json.loads((runs / "embed-text-item-embeddings-run7-shard-00000.json").read_text())[
+        "status"] == "COMPLETE"
+
+    out_uri = f"{root}/merge-text_2/text_embeddings"
     output = dsl.Dataset(name="text_embeddings", uri=out_uri, metadata={})
-    metrics = dsl.Metrics(name="metrics", uri=out_uri.replace("text_embeddings", "metrics"))
-    embed_text(items=dsl.Dataset(name="items", uri=items_uri), text_embeddings=output,
-               metrics=metrics, text_backend="torch", text_batch_size=8,
-               inputs_fingerprint="f00d", tracking_backend="local",
+    merge_text(text_shards=[shards], text_embeddings=output,
+               metrics=dsl.Metrics(name="metrics", uri=f"{root}/merge-text_2/metrics"),
+               workers=plan.workers, tracking_backend="local",
                tracking_dir=str(tmp_path / "runs"))
     on_mount = vertex_mount / out_uri[len("gs://"):]
     assert np.load(on_mount / TXT_ARRAY).shape == (12, 384)  # staged, then copied
     assert json.loads((on_mount / TXT_META).read_text())["items_uri"] == items_uri
-    record = json.loads((tmp_path / "runs" / "recsys-dev" /
-                         "embed-text-item-embeddings-run7.json").read_text())
+    record = json.loads((runs / "embed-text-item-embeddings-run7.json").read_text())
     assert record["artifacts"] == {"text_embeddings": out_uri}
-    assert record["params"]["items_uri"] == items_uri
-    assert output.metadata["inputs_fingerprint"] == "f00d"
 
 
 def test_fusion_records_its_inputs_gs_uris(vertex_mount, tmp_path):
@@ -76,10 +98,9 @@ def test_image_step_on_a_gpu_machine_without_a_usable_gpu_fails_before_any_work(
 
     items = write_items(tmp_path / "items.parquet", catalogue(6))
     task = tmp_path / "item-embeddings-run9" / "embed-images"
-    output = dsl.Dataset(name="image_embeddings", uri=str(task / "out"), metadata={})
+    output = dsl.Dataset(name="image_shards", uri=str(task / "out"), metadata={})
     with pytest.raises(GpuUnavailableError, match="sees no usable GPU.*retry gets another VM"):
-        embed_images(items=dsl.Dataset(name="items", uri=str(items)), image_embeddings=output,
-                     metrics=dsl.Metrics(name="m", uri=str(task / "metrics")),
+        embed_images(items=dsl.Dataset(name="items", uri=str(items)), image_shards=output,
                      require_gpu=True, tracking_backend="none")
     assert not (task / "out").exists() or not any((task / "out").rglob("*.*"))
 

@@ -388,48 +388,56 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
 
 # ----------------------------------------------------------------------------- the component
 
-def test_component_writes_outputs_and_metrics(server, tiny_model, tmp_path):
+def test_worker_and_merge_components_write_outputs_and_metrics(server, tiny_model, tmp_path):
+    """The image worker (one shard: the whole table) and the merge step, as the pipeline runs
+    them: the merged files are the step's outputs, with the step's Metrics."""
     from kfp.dsl import Dataset, Metrics
 
     from item_embeddings.components.embed_images import embed_images
+    from item_embeddings.components.merge_images import merge_images
 
     config, checkpoint, _ = tiny_model
     items = items_with_urls(tmp_path / "items.parquet",  # integer ids are kept as integers
                             [server.url("img/rgb.jpg"), None, server.url("status/404")],
                             ids=[10, 20, 30])
     task_dir = tmp_path / "item-embeddings-comp" / "embed-images"
-    dataset = Dataset(name="image_embeddings", uri=str(task_dir / "ds"))
-    metrics = Metrics(name="metrics", uri=str(task_dir / "metrics"))
-    embed_images(items=Dataset(name="items", uri=str(items)), image_embeddings=dataset,
-                 metrics=metrics, image_model=str(config), image_pretrained=str(checkpoint),
+    shards = Dataset(name="image_shards", uri=str(task_dir / "shards"))
+    embed_images(items=Dataset(name="items", uri=str(items)), image_shards=shards,
+                 image_model=str(config), image_pretrained=str(checkpoint),
                  download_retries=0, allow_private_hosts=True, tracking_backend="local",
                  tracking_dir=str(tmp_path / "runs"), image_user_agent="test-agent/1")
+    assert "test-agent/1" in server.user_agents
+    assert (tmp_path / "runs" / "recsys-dev" /
+            "embed-image-item-embeddings-comp-shard-00000.json").is_file()
+    merge_dir = tmp_path / "item-embeddings-comp" / "merge-images"
+    dataset = Dataset(name="image_embeddings", uri=str(merge_dir / "ds"))
+    metrics = Metrics(name="metrics", uri=str(merge_dir / "metrics"))
+    merge_images(image_shards=[shards], image_embeddings=dataset, metrics=metrics,
+                 tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
     assert dataset.metadata["count"] == 1 and dataset.metadata["embed_dim"] == 32
     assert metrics.metadata["image_count"] == 1 and metrics.metadata["image_failed_count"] == 1
     assert metrics.metadata["image_no_url_count"] == 1
     assert all(k.startswith("image_") for k in metrics.metadata)
     assert (tmp_path / "runs" / "recsys-dev" / "embed-image-item-embeddings-comp.json").is_file()
-    assert pq.read_table(task_dir / "ds" / IMG_ITEMS).column("id").to_pylist() == [10]
-    assert "test-agent/1" in server.user_agents
-    failed = pq.read_table(task_dir / "ds" / IMG_FAILURES)
+    assert pq.read_table(merge_dir / "ds" / IMG_ITEMS).column("id").to_pylist() == [10]
+    failed = pq.read_table(merge_dir / "ds" / IMG_FAILURES)
     assert failed.schema.field("id").type == pa.int64() and failed.column("id").to_pylist() == [30]
-    assert {p.name for p in (task_dir / "ds").iterdir()} >= {
+    assert {p.name for p in (merge_dir / "ds").iterdir()} >= {
         IMG_ARRAY, IMG_ITEMS, IMG_FAILURES, IMG_META}
 
 
 def _component_call(tmp_path: Path, task_dir: Path, items: Path, tiny_model, **inputs) -> dict:
     """Run the image component's Python function as the pipeline would; returns img_meta.json."""
-    from kfp.dsl import Dataset, Metrics
+    from kfp.dsl import Dataset
 
     from item_embeddings.components.embed_images import embed_images
 
     config, checkpoint, _ = tiny_model
     embed_images(items=Dataset(name="items", uri=str(items)),
-                 image_embeddings=Dataset(name="image_embeddings", uri=str(task_dir / "ds")),
-                 metrics=Metrics(name="metrics", uri=str(task_dir / "metrics")),
+                 image_shards=Dataset(name="image_shards", uri=str(task_dir / "ds")),
                  image_model=str(config), image_pretrained=str(checkpoint), download_retries=0,
                  allow_private_hosts=True, tracking_backend="none", **inputs)
-    return json.loads((task_dir / "ds" / IMG_META).read_text())
+    return json.loads((task_dir / "ds" / "shard-00000" / IMG_META).read_text())
 
 
 def test_component_max_image_bytes_reaches_the_downloader(server, images, tiny_model, tmp_path):
@@ -441,7 +449,7 @@ def test_component_max_image_bytes_reaches_the_downloader(server, images, tiny_m
     meta = _component_call(tmp_path, tmp_path / "task", items, tiny_model, max_image_bytes=limit)
     assert (meta["count"], meta["failures_by_reason"]) == (1, {dl.TOO_LARGE: 1})
     assert meta["max_image_bytes"] == limit
-    [failure] = pq.read_table(tmp_path / "task" / "ds" / IMG_FAILURES).to_pylist()
+    [failure] = pq.read_table(tmp_path / "task" / "ds" / "shard-00000" / IMG_FAILURES).to_pylist()
     assert failure["id"] == "item-001" and str(limit) in failure["detail"]
 
 
@@ -462,8 +470,15 @@ def test_component_keeps_shards_in_the_durable_output_on_gcsfuse(server, tiny_mo
     assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet"]
     assert first["checkpoint_location"].startswith(str(task_dir / "ds" / im.SHARDS_DIR))
     assert (first["shards"], first["resumed_shards"]) == (2, 0)
+    # preempted after the checkpoints, before the worker placed its shard: the retry resumes
+    (task_dir / "ds" / "shard-00000" / IMG_META).unlink()
     retried = _component_call(tmp_path, task_dir, items, tiny_model, shard_size=2)
     assert retried["resumed_shards"] == 2 and retried["count"] == 3
+    # retried again after placing it: the whole shard is kept as it is, not redone
+    placed = task_dir / "ds" / "shard-00000" / IMG_META
+    before = placed.stat().st_mtime_ns
+    _component_call(tmp_path, task_dir, items, tiny_model, shard_size=2)
+    assert placed.stat().st_mtime_ns == before
 
 
 def test_component_bad_parameter_fails_before_any_work(tmp_path, tiny_model, monkeypatch):
@@ -494,7 +509,7 @@ def test_component_compiles(tmp_path):
     assert inputs["allow_private_hosts"]["defaultValue"] is False
     assert inputs["max_items"]["defaultValue"] == 150000
     outputs = spec["root"]["outputDefinitions"]["artifacts"]
-    assert set(outputs) == {"image_embeddings", "metrics"}
+    assert set(outputs) == {"image_shards"}
 
 
 def test_component_defaults_match_pipeline_params():

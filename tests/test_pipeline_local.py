@@ -38,12 +38,13 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     containers = [e["container"] for e in spec["deploymentSpec"]["executors"].values()
                   if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
-    # fingerprint, text, fusion, publish (the image step is inside a custom job)
-    assert len(our_tasks) == 4
+    # fingerprint, plan, merge text, merge images, kNN, QA report, publish (the text, image
+    # and fusion steps are inside custom jobs; the text machine picker needs no package code)
+    assert len(our_tasks) == 7
     assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
     assert not any("pip install" in " ".join(c["command"]) for c in our_tasks)
-    text_inputs = spec["root"]["dag"]["tasks"]["embed-text"]["inputs"]["parameters"]
+    text_inputs = spec["root"]["dag"]["tasks"]["merge-text"]["inputs"]["parameters"]
     assert text_inputs["project"]["runtimeValue"]["constant"] == \
         "{{$.pipeline_google_cloud_project_id}}"
 
@@ -56,20 +57,28 @@ def test_compile_py_is_the_cli_compile(tmp_path):
 
 
 def test_component_python_func(tmp_path, items_path):
+    """The text worker (no plan: the whole table as one shard) and the merge, called as
+    plain Python functions."""
     from kfp import dsl
 
     from item_embeddings.components.embed_text import embed_text
+    from item_embeddings.components.merge_text import merge_text
 
     task_dir = tmp_path / "item-embeddings-20261125" / "embed-text"
+    shards = dsl.Dataset(name="text_shards", uri=str(task_dir / "text_shards"), metadata={})
+    embed_text(items=dsl.Dataset(name="items", uri=str(items_path)), text_shards=shards,
+               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+    assert np.load(task_dir / "text_shards" / "shard-00000" / "txt.npy").shape == (40, 384)
     data = dsl.Dataset(name="text_embeddings", uri=str(task_dir / "text_embeddings"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(task_dir / "metrics"), metadata={})
-    embed_text(items=dsl.Dataset(name="items", uri=str(items_path)), text_embeddings=data,
-               metrics=metrics,
-               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+    merge_text(text_shards=[shards], text_embeddings=data, metrics=metrics,
+               tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
     assert np.load(task_dir / "text_embeddings" / "txt.npy").shape == (40, 384)
     assert metrics.metadata["text_count"] == 40
     assert data.metadata["embed_dim"] == 384
-    assert (tmp_path / "runs" / "recsys-dev" / "embed-text-item-embeddings-20261125.json").exists()
+    runs = tmp_path / "runs" / "recsys-dev"
+    assert (runs / "embed-text-item-embeddings-20261125.json").exists()
+    assert (runs / "embed-text-item-embeddings-20261125-shard-00000.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,9 @@ def test_run_local_whole_dag(dag_run, capsys):
     n = 36
     expected = {"txt.npy", "txt_items.parquet", "txt_meta.json", "img.npy", "img_items.parquet",
                 "img_failures.parquet", "img_meta.json", "fused.npy", "fused_items.parquet",
-                "fusion_config.json", "fusion_model.safetensors"}
+                "fusion_config.json", "fusion_model.safetensors", "knn_text.npy",
+                "knn_text_scores.npy", "knn_fused.npy", "knn_fused_scores.npy", "knn_meta.json",
+                "qa_report.html"}
     assert expected <= {p.name for p in out.iterdir()}
     ids = pq.read_table(out / "txt_items.parquet").column("id").to_pylist()
     assert np.load(out / "txt.npy").shape == (n, 384)
@@ -134,13 +145,46 @@ def test_run_local_whole_dag(dag_run, capsys):
     fused_items = pq.read_table(out / "fused_items.parquet")
     assert fused_items.column("id").to_pylist() == ids
     assert sum(fused_items.column("has_image").to_pylist()) == img.shape[0]
-    runs = {p.name.split("-item-embeddings")[0] for p in (out / "runs" / "test-exp").glob("*.json")}
-    assert runs == {"embed-text", "embed-image", "fuse-modal"}
+    assert np.load(out / "knn_text.npy").shape == (n, 20)
+    assert "<h2" in (out / "qa_report.html").read_text()
+    runs = sorted(p.name.split("-item-embeddings")[0] + ("-shard" if "-shard-" in p.name else "")
+                  for p in (out / "runs" / "test-exp").glob("*.json"))
+    # each step's run, and one run per shard of each worker (one shard here)
+    assert runs == ["embed-image", "embed-image-shard", "embed-text", "embed-text-shard",
+                    "fuse-modal", "knn-graph"]
     for record in (out / "runs" / "test-exp").glob("*.json"):
         assert json.loads(record.read_text())["status"] == "COMPLETE"
     assert main(["runs", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out
-    assert table.count("COMPLETE") == 3
+    assert table.count("COMPLETE") == 6
+
+
+@pytest.mark.slow
+def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
+    """shards=3 (two workers, one of them running two shards) writes the same files as the
+    single shard: same ids, failures and counts, vectors equal within float tolerance."""
+    items, out, _, _ = dag_run
+    sharded = tmp_path / "sharded"
+    assert main(["run-local", "--items", str(items), "--output-dir", str(sharded),
+                 "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
+                 "--set", "shards=3", "--set", "max_parallel_shards=2",
+                 "--set", "publish_uri="]) == 0
+    for name in ("txt_items.parquet", "img_items.parquet", "img_failures.parquet",
+                 "fused_items.parquet"):
+        one, three = pq.read_table(out / name), pq.read_table(sharded / name)
+        assert one.equals(three), name
+    for name in ("txt.npy", "img.npy"):
+        np.testing.assert_allclose(np.load(sharded / name), np.load(out / name), atol=1e-5)
+    one, three = (json.loads((d / "img_meta.json").read_text()) for d in (out, sharded))
+    for key in ("count", "failed_count", "attempted_count", "no_url_count", "capped_count",
+                "failures_by_reason", "total_rows"):
+        assert one[key] == three[key], key
+    assert three["fanout_shards"] == 3
+    workers = {p.name for p in (sharded / ".kfp").rglob("shard-0000*") if p.is_dir()
+               and p.parent.name == "text_shards"}
+    assert workers == {"shard-00000", "shard-00001", "shard-00002"}
+    assert main(["verify", str(sharded)]) == 0
+    capsys.readouterr()
 
 
 @pytest.mark.slow
@@ -191,7 +235,7 @@ def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_ru
     np.testing.assert_allclose(text_after[1:], text_before[1:], atol=1e-6)
     new_runs = {p.name.split("-item-embeddings")[0]
                 for p in runs_dir.glob("*.json") if p.name not in before}
-    assert new_runs == {"embed-text", "embed-image", "fuse-modal"}  # logged, not cached
+    assert new_runs == {"embed-text", "embed-image", "fuse-modal", "knn-graph"}  # not cached
     capsys.readouterr()
 
 

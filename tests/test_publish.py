@@ -163,22 +163,28 @@ def test_component_publishes_through_kfp_local(tmp_path):
     from item_embeddings.components.publish_outputs import make_component
 
     text, image, fused = _sources(tmp_path / "steps")
+    knn, report = tmp_path / "steps" / "knn", tmp_path / "steps" / "report"
+    knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
+    report.mkdir()
+    (report / "qa_report.html").write_text("<html><body><h2>QA</h2></body></html>")
     dest = tmp_path / "published"
     publish_op = make_component("python:3.11")
 
     @dsl.pipeline(name="publish-test")
     def pipe(publish_uri: str) -> str:
         imported = [dsl.importer(artifact_uri=str(d), artifact_class=dsl.Dataset).output
-                    for d in (text, image, fused)]
+                    for d in (text, image, fused, knn, report)]
         return publish_op(text_embeddings=imported[0], image_embeddings=imported[1],
-                          fused_embeddings=imported[2], publish_uri=publish_uri,
+                          fused_embeddings=imported[2], knn_graphs=imported[3],
+                          report=imported[4], publish_uri=publish_uri,
                           run_id="local-1").output
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(tmp_path / "kfp"))
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
-    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 12
+    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 13
+    assert "qa_report.html" in manifest["files"]
     assert manifest["extra"]["sources"]["text"] == str(text)
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.

@@ -128,8 +128,7 @@ def test_component_bad_parameter_fails_before_any_work(tmp_path, items_path, no_
     with pytest.raises(ConfigError, match="'text_backend' must be one of auto, torch, "
                                           "torch-fp16, onnx, onnx-int8, got 'bogus'"):
         embed_text(items=dsl.Dataset(name="items", uri=str(items_path)),
-                   text_embeddings=dsl.Dataset(name="t", uri=str(task_dir / "t")),
-                   metrics=dsl.Metrics(name="metrics", uri=str(task_dir / "metrics")),
+                   text_shards=dsl.Dataset(name="t", uri=str(task_dir / "t")),
                    text_backend="bogus", tracking_backend="none")
     assert not task_dir.exists()
 

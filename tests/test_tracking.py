@@ -21,6 +21,9 @@ def test_run_id_from_output_uri():
         "/out/.kfp/item-embeddings-2026-11-25-19-40-12-081839/embed-text/text_embeddings") == \
         "item-embeddings-2026-11-25-19-40-12-081839"
     assert run_id_from_output_uri("x") == ""
+    # kfp.local nests the tasks of a loop (the fan-out workers) one folder deeper
+    assert run_id_from_output_uri("/o/.kfp/item-embeddings-2026-12-04/for-loop-1-iteration-3/"
+                                  "embed-text/text_shards") == "item-embeddings-2026-12-04"
 
 
 def test_local_tracker_records_a_run(tmp_path):

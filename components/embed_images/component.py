@@ -1,6 +1,6 @@
-"""The image-embedding component."""
+"""The image-embedding component: one fan-out worker of the image step."""
 
-from kfp.dsl import Dataset, Input, Metrics, Output
+from kfp.dsl import Dataset, Input, Output
 
 from item_embeddings.components.shared import as_component, pipeline_inputs
 
@@ -8,8 +8,8 @@ from item_embeddings.components.shared import as_component, pipeline_inputs
 @pipeline_inputs
 def embed_images(
     items: Input[Dataset],
-    image_embeddings: Output[Dataset],
-    metrics: Output[Metrics],
+    image_shards: Output[Dataset],
+    worker: dict,
     id_column: str,
     image_url_column: str,
     image_model: str,
@@ -28,45 +28,48 @@ def embed_images(
     image_revalidate: bool,
     retry_failed_images: bool,
     require_gpu: bool,
-    inputs_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
     project: str,
     location: str,
 ):
-    """Downloads each item's image (guarded, concurrent) and embeds it with open_clip ViT-B/32.
+    """Downloads the images of this worker's shards (guarded, concurrent) and embeds them with
+    open_clip ViT-B/32.
 
-    Writes a directory with `img.npy` ([M, 512] float32, L2-normalised), `img_items.parquet`
-    (id, url, row in img.npy), `img_failures.parquet` (id, url, reason, detail, http_status,
-    attempts) and `img_meta.json`, and logs an experiment run `embed-image-<run id>`. Finished
-    shards are kept durably, so a task restarted after a Spot preemption resumes where it stopped.
+    For each shard (a row range of the items and its share of the `max_items` cap, from the
+    plan) writes a folder `shard-NNNNN` with `img.npy` ([M, 512] float32, L2-normalised),
+    `img_items.parquet`, `img_failures.parquet` and `img_meta.json`; the merge step assembles
+    them. Finished chunks of `shard_size` images are kept durably, so a task restarted after a
+    Spot preemption resumes where it stopped; on a GPU machine the task fails at once if torch
+    cannot use the GPU.
 
     Args:
         items: The items table (parquet file or folder, local or gs://), from the importer.
-        image_embeddings: Output directory with img.npy, img_items.parquet,
-            img_failures.parquet and img_meta.json.
-        metrics: Counts, failures and throughput of the image step.
+        image_shards: Output directory with one folder per shard (and the checkpoints).
     """
     import dataclasses
 
-    from item_embeddings.components.shared import component_step
+    from item_embeddings.components.shared import component_step, shard_output
+    from item_embeddings.fanout import worker_shards
     from item_embeddings.image import SHARDS_DIR, embed_items_images
+    from item_embeddings.outputs import IMG_META
     from item_embeddings.runtime import require_cuda
 
-    with component_step(locals(), image_embeddings, metrics, "image") as step:
+    with component_step(locals(), image_shards, stage=False) as step:
         device = require_cuda("the image step") if require_gpu else None
-        # Shards stay in the task's durable output (or checkpoint_uri), not in the local
+        # Checkpoints stay in the task's durable output (or checkpoint_uri), not in a local
         # staging directory: a task retried after a preemption finds them.
         params = dataclasses.replace(
-            step.params,
-            checkpoint_uri=checkpoint_uri or f"{image_embeddings.path}/{SHARDS_DIR}")
-        meta = embed_items_images(items.uri, step.out_dir, params, run_id=step.run_id,
-                                  tracker=step.tracker, artifact_uri=step.artifact_uri,
-                                  device=device)
-        step.report(meta, metadata=("count", "embed_dim", "encoder_name"),
-                    metrics=("count", "failed_count", "attempted_count", "no_url_count",
-                             "throughput_items_per_sec", "encode_time_sec"))
+            step.params, checkpoint_uri=checkpoint_uri or f"{image_shards.path}/{SHARDS_DIR}")
+        for shard in worker_shards(worker):
+            with shard_output(image_shards, shard, IMG_META) as out_dir:
+                if out_dir is not None:
+                    embed_items_images(items.uri, out_dir, params,
+                                       run_id=f"{step.run_id}-{shard.dirname}",
+                                       tracker=step.tracker, rows=shard.rows,
+                                       quota=shard.image_quota, device=device,
+                                       artifact_uri=f"{image_shards.uri}/{shard.dirname}")
 
 
 def make_component(base_image: str):

@@ -1,6 +1,6 @@
-"""The text-embedding component."""
+"""The text-embedding component: one fan-out worker of the text step."""
 
-from kfp.dsl import Dataset, Input, Metrics, Output
+from kfp.dsl import Dataset, Input, Output
 
 from item_embeddings.components.shared import as_component, pipeline_inputs
 
@@ -8,41 +8,50 @@ from item_embeddings.components.shared import as_component, pipeline_inputs
 @pipeline_inputs
 def embed_text(
     items: Input[Dataset],
-    text_embeddings: Output[Dataset],
-    metrics: Output[Metrics],
+    text_shards: Output[Dataset],
+    worker: dict,
     id_column: str,
     title_column: str,
     description_column: str,
     text_model: str,
     text_batch_size: int,
     text_backend: str,
+    text_accelerator: str,
     previous_uri: str,
-    inputs_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
     project: str,
     location: str,
 ):
-    """Embeds each item's title and description with a sentence-transformers model.
+    """Embeds the title and description of the items of this worker's shards.
 
-    Writes a directory with `txt.npy` ([N, 384] float32, L2-normalised, input row order),
-    `txt_items.parquet` (ids in the same order) and `txt_meta.json`, and logs an experiment
-    run `embed-text-<run id>`.
+    For each shard (a row range of the items, from the plan) writes a folder `shard-NNNNN`
+    with `txt.npy` ([rows, 384] float32, L2-normalised, input row order), `txt_items.parquet`
+    and `txt_meta.json`; the merge step assembles them. A retried task keeps the shards an
+    earlier attempt finished. On a GPU machine (`text_accelerator` set) the task fails at once
+    if torch cannot use the GPU.
 
     Args:
         items: The items table (parquet file or folder, local or gs://), from the importer.
-        text_embeddings: Output directory with txt.npy, txt_items.parquet and txt_meta.json.
-        metrics: Count, throughput and encode time.
+        text_shards: Output directory with one folder per shard.
     """
-    from item_embeddings.components.shared import component_step
+    from item_embeddings.components.shared import component_step, shard_output
+    from item_embeddings.fanout import worker_shards
+    from item_embeddings.outputs import TXT_META
+    from item_embeddings.runtime import require_cuda
     from item_embeddings.text import embed_items_text
 
-    with component_step(locals(), text_embeddings, metrics, "text") as step:
-        meta = embed_items_text(items.uri, step.out_dir, step.params, run_id=step.run_id,
-                                tracker=step.tracker, artifact_uri=step.artifact_uri)
-        step.report(meta, metadata=("count", "embed_dim", "encoder_name", "text_backend"),
-                    metrics=("count", "throughput_items_per_sec", "encode_time_sec"))
+    with component_step(locals(), text_shards, stage=False) as step:
+        device = require_cuda("the text step") if text_accelerator else None
+        for shard in worker_shards(worker):
+            with shard_output(text_shards, shard, TXT_META) as out_dir:
+                if out_dir is not None:
+                    embed_items_text(items.uri, out_dir, step.params,
+                                     run_id=f"{step.run_id}-{shard.dirname}",
+                                     tracker=step.tracker, rows=shard.rows,
+                                     artifact_uri=f"{text_shards.uri}/{shard.dirname}",
+                                     device=device)
 
 
 def make_component(base_image: str):

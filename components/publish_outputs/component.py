@@ -10,10 +10,13 @@ def publish_outputs(
     text_embeddings: Input[Dataset],
     image_embeddings: Input[Dataset],
     fused_embeddings: Input[Dataset],
+    knn_graphs: Input[Dataset],
+    report: Input[Dataset],
     publish_uri: str,
     run_id: str,
 ) -> str:
-    """Publishes the text, image and fused outputs to a stable prefix for the next stage.
+    """Publishes the text, image, fused and kNN outputs and the QA report to a stable prefix
+    for the next stage.
 
     The files of the three directories are uploaded under a temporary prefix, moved into
     place, and `manifest.json` (files, sizes, sha256, run id, counts) is written last. Readers
@@ -27,6 +30,8 @@ def publish_outputs(
             img_meta.json.
         fused_embeddings: Directory with fused.npy, fused_items.parquet, fusion_config.json and
             fusion_model.safetensors.
+        knn_graphs: Directory with the kNN graph files and knn_meta.json.
+        report: Directory with qa_report.html.
     """
     from item_embeddings.progress import setup_logging
     from item_embeddings.publish import manifest_uri
@@ -35,7 +40,8 @@ def publish_outputs(
     setup_logging()
     if not publish_uri:
         return ""
-    sources = {"text": text_embeddings, "image": image_embeddings, "fused": fused_embeddings}
+    sources = {"text": text_embeddings, "image": image_embeddings, "fused": fused_embeddings,
+               "knn": knn_graphs, "report": report}
     publish([a.path for a in sources.values()], publish_uri, run_id=run_id,
             extra_meta={"sources": {name: a.uri for name, a in sources.items()}})
     return manifest_uri(publish_uri)

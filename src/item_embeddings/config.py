@@ -18,6 +18,10 @@ TEXT_BACKENDS = ("auto", "torch", "torch-fp16", "onnx", "onnx-int8")
 STRATEGIES = ("SPOT", "STANDARD")  # Vertex AI custom-job scheduling strategies
 TRACKING_BACKENDS = ("auto", "vertex", "local", "none")
 FUSION_MODES = ("train", "apply")
+# A worker's outputs are one artifact each, collected by the merge step: Vertex refuses to
+# collect more than 100 artifacts from one loop ("Maximum number of artifacts exceeded").
+MAX_WORKERS = 100
+MAX_SHARDS = 10_000
 # Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first.
 EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,127}"
 
@@ -55,6 +59,26 @@ class PipelineParams:
     category_column: str = _param(
         "main_category", "Column with the item category: colours the QA report's 2-D maps "
         "(a table without it gets one-colour maps).", nonempty=True)
+    # Fan-out and machines (Vertex; ignored locally but for the shards themselves)
+    shards: int = _param(
+        1, "Contiguous row ranges the items are cut into; the text and image steps run each "
+        "on a worker task, merge steps assemble the same files as one run.", low=1,
+        high=MAX_SHARDS)
+    max_parallel_shards: int = _param(
+        16, "Worker tasks per step (at most this many machines at once); a worker runs several "
+        "shards one after another when there are more shards.", low=1, high=MAX_WORKERS)
+    text_machine_type: str = _param("e2-standard-4", "Vertex machine type of the text workers "
+                                    "(e.g. c3-standard-8: VNNI/AMX for onnx-int8).",
+                                    nonempty=True)
+    text_accelerator: str = _param(
+        "", "GPU of the text workers, e.g. NVIDIA_TESLA_T4 (needs an n1 machine type); empty = "
+        "CPU.")
+    text_strategy: str = _param("STANDARD", "Vertex scheduling of the text workers: SPOT "
+                                "(cheaper, preemptible) or STANDARD.", choices=STRATEGIES)
+    image_machine_type: str = _param("n1-standard-4", "Vertex machine type of the image workers "
+                                     "(n1: the T4 attaches to n1 machines).", nonempty=True)
+    fusion_machine_type: str = _param("e2-standard-4", "Vertex machine type of the fusion step "
+                                      "(memory: its inputs are memory-mapped).", nonempty=True)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,
@@ -135,6 +159,10 @@ class PipelineParams:
     def __post_init__(self) -> None:
         problems = [problem for name in PARAM_FIELDS
                     if (problem := check_value(name, getattr(self, name)))]
+        if self.shards > 1 and self.image_pretrained.strip().lower() in ("", "none"):
+            problems.append("image_pretrained 'none' draws random weights in every worker: "
+                            "their vectors could not be merged; with shards > 1 give a "
+                            "pretrained tag or a checkpoint")
         if self.fusion_mode == "apply" and not self.previous_uri:
             problems.append("fusion_mode 'apply' needs previous_uri (the set whose fusion "
                             "model is applied)")

@@ -42,6 +42,10 @@ from .tracking import ExperimentTracker
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shard-{:05d}"  # a worker's output holds one such folder per shard it ran
+_NONE = -1  # loop items are protobuf Structs, which hold no nulls: -1 stands for None
+# A worker given no plan (a component called on its own) runs the whole table as shard 0.
+WHOLE_TABLE = {"worker": 0, "shards": [{"index": 0, "start": 0, "stop": _NONE,
+                                        "image_quota": _NONE}]}
 
 
 @dataclass(frozen=True)
@@ -50,37 +54,47 @@ class Shard:
 
     index: int
     start: int
-    stop: int
+    stop: int | None          # None: the whole table (a worker run without a plan)
     image_quota: int | None   # URL rows of this shard the image step selects (None: no cap)
 
     @property
     def dirname(self) -> str:
         return SHARD_DIR.format(self.index)
 
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        """The row range for the steps; None for the whole table (``max_items`` applies)."""
+        return None if self.stop is None else (self.start, self.stop)
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: _NONE if v is None else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "Shard":
-        return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls)})
+        """Back from a loop item; KFP carries its numbers as floats (a protobuf Struct)."""
+        def number(key):
+            return None if value[key] in (None, _NONE) else int(value[key])
+
+        return cls(int(value["index"]), int(value["start"]), number("stop"),
+                   number("image_quota"))
 
 
 @dataclass(frozen=True)
 class ShardPlan:
     """Every shard, and which worker runs which."""
 
-    rows: int
+    rows: int | None          # None: the plan's last shard runs to the end of the table
     shards: list[Shard]
     workers: list[dict[str, Any]]   # {"worker": w, "shards": [shard dicts]}: the loop's items
 
-    def to_json(self) -> str:
-        return json.dumps({"rows": self.rows, "shards": [s.as_dict() for s in self.shards],
-                           "workers": self.workers})
-
     @classmethod
-    def from_json(cls, text: str) -> "ShardPlan":
-        data = json.loads(text)
-        return cls(data["rows"], [Shard.from_dict(s) for s in data["shards"]], data["workers"])
+    def from_workers(cls, workers: list[dict[str, Any]]) -> "ShardPlan":
+        """The plan back from the loop's items (what the merge steps are given)."""
+        shards = sorted((s for w in workers for s in worker_shards(w)), key=lambda s: s.index)
+        if [s.index for s in shards] != list(range(len(shards))):
+            raise MergeError(f"the plan's shards are not 0..{len(shards) - 1}: "
+                             f"{[s.index for s in shards][:10]}")
+        return cls(shards[-1].stop if shards else 0, shards, workers)  # stop None: unknown
 
 
 def _url_rows_per_shard(items_uri: str, columns: ItemColumns, bounds: list[int]) -> list[int]:
@@ -140,7 +154,8 @@ _IMAGE_SUMS = ("count", "failed_count", "attempted_count", "no_url_count", "capp
                "encode_time_sec", "download_time_sec_total", "downloaded_bytes", "shards",
                "resumed_shards")
 _SAME = ("encoder_fingerprint", "embed_dim", "encoder_name", "items_uri", "id_column")
-_PER_SHARD = ("files", "run_id", "wall_time_sec", "shard", "checkpoint_location", "fingerprint")
+_PER_SHARD = ("files", "run_id", "wall_time_sec", "rows", "image_quota", "checkpoint_location",
+              "fingerprint")
 
 
 def shard_dirs(parts: Sequence[str | os.PathLike], plan: ShardPlan, meta_name: str) -> list[Path]:
@@ -208,12 +223,12 @@ def merge_text_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
                           "shards": len(dirs), "items_uri": meta.get("items_uri"),
                           "previous_uri": params.previous_uri}) as run:
         count = _concat_arrays(dirs, TXT_ARRAY, run.out / TXT_ARRAY, meta["embed_dim"])
-        if count != plan.rows or count != meta["count"]:
+        if plan.rows not in (None, count) or count != meta["count"]:
             raise MergeError(f"the shards hold {count} text rows, the plan {plan.rows}")
         write_parquet_atomic(run.out / TXT_ITEMS, pa.concat_tables(
             [pq.read_table(d / TXT_ITEMS) for d in dirs]))
         encoded, seconds = meta.get("encoded_count", count), meta["encode_time_sec"]
-        meta.update(shards=len(dirs), batch_size=params.text_batch_size,
+        meta.update(fanout_shards=len(dirs), rows=[0, count], batch_size=params.text_batch_size,
                     throughput_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
         return run.finish(TXT_META, meta, metrics={
             k: meta[k] for k in ("count", "reused_count", "encoded_count", "encode_time_sec",
@@ -254,7 +269,7 @@ def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
         busy = sum(m["encoded_this_attempt"] / m["throughput_items_per_sec"] for m in metas
                    if m.get("throughput_items_per_sec"))
         meta.update(max_items=params.max_items, failures_by_reason=dict(sorted(by_reason.items())),
-                    fanout_shards=len(dirs),
+                    fanout_shards=len(dirs), rows=[0, meta["total_rows"]],
                     throughput_items_per_sec=encoded / busy if busy > 0 else 0.0,
                     encode_only_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
         if count != meta["count"]:

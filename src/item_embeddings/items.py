@@ -292,14 +292,35 @@ def id_type(dtype: pa.DataType) -> pa.DataType:
     return pa.string() if _is_string(dtype) else dtype
 
 
-def iter_batches(uri: str, column_names: Sequence[str], batch_size: int = 8192
-                 ) -> Iterator[pa.RecordBatch]:
-    """Stream the named columns in input row order, ``batch_size`` rows at most per batch."""
+def iter_batches(uri: str, column_names: Sequence[str], batch_size: int = 8192,
+                 rows: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the named columns in input row order, ``batch_size`` rows at most per batch.
+
+    ``rows`` = (start, stop) streams only those rows (a shard of a fan-out): parquet row groups
+    entirely outside the range are skipped without being read.
+    """
     dataset = open_items(uri)
-    scanner = dataset.scanner(columns=list(column_names), batch_size=batch_size)
-    for batch in scanner.to_batches():
-        if batch.num_rows:
-            yield batch
+    columns = list(column_names)
+    if rows is None:
+        for batch in dataset.scanner(columns=columns, batch_size=batch_size).to_batches():
+            if batch.num_rows:
+                yield batch
+        return
+    start, stop = rows
+    offset = 0  # the table row of the next row group's first row
+    for file_fragment in dataset.get_fragments():
+        for group in file_fragment.split_by_row_group():
+            first, offset = offset, offset + group.row_groups[0].num_rows
+            if offset <= start:
+                continue
+            if first >= stop:
+                return
+            position = first
+            for batch in group.to_batches(columns=columns, batch_size=batch_size):
+                lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
+                position += batch.num_rows
+                if hi > lo:
+                    yield batch.slice(lo, hi - lo)
 
 
 _TAG = re.compile(r"<[^>]*>")

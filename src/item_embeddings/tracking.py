@@ -29,6 +29,7 @@ from .storage import write_json_atomic
 logger = logging.getLogger(__name__)
 
 _UNRESOLVED = "{{$."  # a KFP placeholder that the local runner does not resolve
+_LOOP_ITERATION = re.compile(r"for-loop-\d+-iteration-\d+")
 
 
 def _now() -> str:
@@ -46,10 +47,12 @@ def run_id_from_output_uri(uri: str) -> str:
 
     KFP lays outputs out as ``<root>/<pipeline job>/<task>/<output>`` locally and
     ``<root>/<project number>/<pipeline job>/<task>_<id>/<output>`` on Vertex, so the run is the
-    directory two levels above the output. Components use this instead of a run-id input, which
-    would change every run and defeat caching.
+    directory two levels above the output; kfp.local nests the tasks of a loop in
+    ``for-loop-N-iteration-I`` folders, which are skipped. Components use this instead of a
+    run-id input, which would change every run and defeat caching.
     """
-    parts = [p for p in uri.rstrip("/").split("/") if p]
+    parts = [p for p in uri.rstrip("/").split("/")
+             if p and not _LOOP_ITERATION.fullmatch(p)]
     return parts[-3] if len(parts) >= 3 else ""
 
 

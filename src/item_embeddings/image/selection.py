@@ -31,13 +31,16 @@ def usable_url(value: Any) -> str | None:
     return url
 
 
-def iter_selected(items_uri: str, columns: ItemColumns, max_items: int,
-                  selection: Selection) -> Iterator[tuple[Any, str]]:
-    """(id, url) of items with an http/https URL, in input order, at most ``max_items`` (0 = all).
+def iter_selected(items_uri: str, columns: ItemColumns, cap: int | None,
+                  selection: Selection, rows: tuple[int, int] | None = None
+                  ) -> Iterator[tuple[Any, str]]:
+    """(id, url) of items with an http/https URL, in input order, at most ``cap`` (None = all).
 
-    Counts rows without a usable URL (and those left out by the cap) in ``selection``.
+    ``rows`` limits the pass to a row range (a shard). Counts rows without a usable URL (and
+    those left out by the cap) in ``selection``.
     """
-    for batch in iter_batches(items_uri, [columns.id, columns.image_url], READ_BATCH_ROWS):
+    for batch in iter_batches(items_uri, [columns.id, columns.image_url], READ_BATCH_ROWS,
+                              rows=rows):
         ids = batch.column(columns.id).to_pylist()
         urls = batch.column(columns.image_url).to_pylist()
         selection.total_rows += len(ids)
@@ -45,7 +48,7 @@ def iter_selected(items_uri: str, columns: ItemColumns, max_items: int,
             url = usable_url(raw)
             if url is None:
                 selection.no_url_count += 1
-            elif max_items and selection.selected >= max_items:
+            elif cap is not None and selection.selected >= cap:
                 selection.capped_count += 1
             else:
                 selection.selected += 1

@@ -210,6 +210,8 @@ def embed_items_images(
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
     artifact_uri: str = "",
+    rows: tuple[int, int] | None = None,
+    quota: int | None = None,
     device: str | None = None,
     encoder: ImageEncoder | None = None,
     download_config: DownloadConfig | None = None,
@@ -237,6 +239,11 @@ def embed_items_images(
         run_id: Pipeline run id (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
+        rows: Only these rows ``[start, stop)`` of the table (one shard of a fan-out,
+            :mod:`item_embeddings.fanout`); default all.
+        quota: With ``rows``: how many of the range's URL rows to select (the range's share of
+            the catalogue-wide ``max_items``; None = no cap). Without ``rows``, ``max_items``
+            applies.
         device: Where the encoder runs ('cuda', 'cpu'); default CUDA when available.
         encoder: An already-loaded encoder (tests, benchmarks).
         download_config: Full downloader settings instead of the parameters' (tests).
@@ -255,9 +262,10 @@ def embed_items_images(
     ids_type = id_type(summary.schema.field(columns.id).type)
     config = download_config or DownloadConfig.from_params(params)
     max_items = params.max_items
+    cap = quota if rows is not None else (max_items or None)
 
     def selected(counts: Selection) -> Iterator[tuple[int, list[Any], list[str]]]:
-        return iter_shards(iter_selected(items_uri, columns, max_items, counts),
+        return iter_shards(iter_selected(items_uri, columns, cap, counts, rows),
                            params.shard_size)
 
     with open_previous(params.previous_uri, "image") as previous_group, \
@@ -278,13 +286,14 @@ def embed_items_images(
                                    retry_failed=params.retry_failed_images)
         settings = _shard_settings(items_uri, params, encoder, config, previous,
                                    previous_group and previous_group.meta.get("run_id"))
+        settings.update(rows=rows, quota=quota)
         run_fingerprint = fingerprint(settings)
         store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,
                            settings)
         store.write_manifest()
 
         counting = Selection()
-        for _ in iter_selected(items_uri, columns, max_items, counting):
+        for _ in iter_selected(items_uri, columns, cap, counting, rows):
             pass  # a cheap first pass (two columns) gives the progress total
         window = 4 * max(config.concurrency, params.image_batch_size)
         stats = _Stats()
@@ -339,6 +348,8 @@ def embed_items_images(
             "items_uri": items_uri,
             "id_column": columns.id,
             "image_url_column": columns.image_url,
+            "rows": list(rows) if rows is not None else None,
+            "image_quota": quota if rows is not None else None,
             # incremental runs: keys are sha256(encoder_fingerprint, url) in img_items.parquet
             "encoder_fingerprint": keys_fp,
             "previous_uri": params.previous_uri,

@@ -70,6 +70,7 @@ def build_knn_graphs(
     *,
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
+    artifact_uri: str = "",
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Write the ``knn_k`` nearest other items of every item, in the text and fused spaces.
@@ -89,6 +90,7 @@ def build_knn_graphs(
             ``knn_recall_queries`` and ``seed``.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
+        artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
         device: torch device of exact search (default: the GPU when there is one).
 
     Returns:
@@ -110,7 +112,7 @@ def build_knn_graphs(
         check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=ids)
     device = device or default_device()
     with step_run("knn-graph", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="knn_graphs",
+                  artifact="knn_graphs", artifact_uri=artifact_uri,
                   params={"k": params.knn_k, "exact_max_items": params.knn_exact_max_items,
                           "recall_queries": params.knn_recall_queries, "seed": params.seed,
                           "device": str(device)}) as run:

@@ -75,6 +75,8 @@ def embed_items_text(
     run_id: str = "",
     tracker: ExperimentTracker | None = None,
     artifact_uri: str = "",
+    rows: tuple[int, int] | None = None,
+    device: str | None = None,
     encoder: TextEncoder | None = None,
 ) -> dict[str, Any]:
     """Embed every item's title + description and write the text step's outputs.
@@ -94,6 +96,9 @@ def embed_items_text(
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run (the gs:// artifact on
             Vertex, where ``output_dir`` is a local staging directory); default ``output_dir``.
+        rows: Only these rows ``[start, stop)`` of the table (one shard of a fan-out,
+            :mod:`item_embeddings.fanout`); default all.
+        device: Where the encoder runs ('cuda', 'cpu'); default CUDA when available.
         encoder: An already-loaded encoder (tests, benchmarks); loaded from the parameters if
             None.
 
@@ -105,7 +110,12 @@ def embed_items_text(
         PreviousSetError: ``previous_uri`` is set but that set is missing or damaged.
     """
     columns = ItemColumns.from_params(params)
-    n = validate_items(items_uri, columns).num_rows  # before any model loads
+    summary = validate_items(items_uri, columns)  # before any model loads
+    total, ids_type = summary.num_rows, id_type(summary.schema.field(columns.id).type)
+    start, stop = rows if rows is not None else (0, total)
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"rows [{start}, {stop}) are not within the table's {total} rows")
+    n = stop - start
     with open_previous(params.previous_uri, "text") as previous, \
             step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
                      artifact="text_embeddings", artifact_uri=artifact_uri,
@@ -115,7 +125,7 @@ def embed_items_text(
                              "previous_uri": params.previous_uri}) as run:
         if encoder is None:
             encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
-                                        backend=params.text_backend)
+                                        device=device, backend=params.text_backend)
         exact = encoder.backend not in APPROXIMATE_BACKENDS
         gate = None if exact else _gate_on_catalogue(items_uri, columns, params, encoder)
         encoder_fp = encoder_fingerprint(encoder)
@@ -128,7 +138,8 @@ def embed_items_text(
                 Progress(n, "embed-text") as progress:
             row = 0
             for batch in iter_batches(items_uri, [columns.id, columns.title,
-                                                  columns.description], READ_BATCH_ROWS):
+                                                  columns.description], READ_BATCH_ROWS,
+                                      rows=rows):
                 texts = batch_texts(batch, columns)
                 null_title += batch.column(columns.title).null_count
                 null_description += batch.column(columns.description).null_count
@@ -151,9 +162,10 @@ def embed_items_text(
                 progress.update(len(texts))
             if row != n:
                 raise RuntimeError(f"read {row} rows from {items_uri}, expected {n}")
-        all_ids = pa.concat_arrays(ids)
+        # an empty shard still writes the table's id type: the shards' files must concatenate
         write_parquet_atomic(run.out / TXT_ITEMS, pa.table(
-            {"id": all_ids.cast(id_type(all_ids.type)), "key": pa.concat_arrays(keys)}))
+            {"id": pa.concat_arrays([pa.array([], ids_type)] + [i.cast(ids_type) for i in ids]),
+             "key": pa.concat_arrays([pa.array([], pa.string())] + keys)}))
         encoded = n - reused
         throughput = encoded / encode_time if encode_time > 0 else 0.0
         meta = run.finish(TXT_META, {
@@ -181,6 +193,7 @@ def embed_items_text(
             "encode_time_sec": encode_time,
             "items_uri": items_uri,
             "id_column": columns.id,
+            "rows": [start, stop] if rows is not None else None,
             # incremental runs: keys are sha256(encoder_fingerprint, text) in txt_items.parquet
             "encoder_fingerprint": encoder_fp,
             "previous_uri": params.previous_uri,

@@ -1,0 +1,3 @@
+from .component import qa_report, make_component
+
+__all__ = ["qa_report", "make_component"]

@@ -1,0 +1,53 @@
+"""The QA report component: one self-contained HTML page of the run, shown in the Vertex UI."""
+
+from kfp.dsl import HTML, Dataset, Input, Output
+
+from item_embeddings.components.shared import as_component, pipeline_inputs
+
+
+@pipeline_inputs
+def qa_report(
+    items: Input[Dataset],
+    text_embeddings: Input[Dataset],
+    image_embeddings: Input[Dataset],
+    fused_embeddings: Input[Dataset],
+    knn_graphs: Input[Dataset],
+    report: Output[Dataset],
+    html: Output[HTML],
+    id_column: str,
+    title_column: str,
+    category_column: str,
+    seed: int,
+    run_id: str,
+):
+    """Renders the QA report: counts and coverage per step, image failures by reason, norm and
+    similarity distributions, 2-D maps coloured by `category_column`, sample items with their
+    nearest neighbours in the text and fused spaces, the fusion training curve, kNN recall, the
+    run's parameters and versions. Plots are inlined, so the page shows on the run page
+    ("View HTML") and opens offline.
+
+    Args:
+        items: The items table (titles and categories of the sample items).
+        text_embeddings: Text step output.
+        image_embeddings: Image step output.
+        fused_embeddings: Fusion step output.
+        knn_graphs: kNN step output.
+        report: Output directory with qa_report.html (published with the other files).
+        html: The same page as an HTML artifact (the Vertex AI UI shows it).
+    """
+    import shutil
+
+    from item_embeddings.components.shared import component_step
+    from item_embeddings.outputs import QA_REPORT
+    from item_embeddings.report import write_qa_report
+
+    with component_step(locals(), report) as step:
+        write_qa_report(items.uri, text_embeddings.path, image_embeddings.path,
+                        fused_embeddings.path, knn_graphs.path, step.out_dir / QA_REPORT,
+                        step.params, run_id=run_id)
+        shutil.copyfile(step.out_dir / QA_REPORT, html.path)
+
+
+def make_component(base_image: str):
+    """The component, to run in ``base_image``."""
+    return as_component(qa_report, base_image)

@@ -1,0 +1,112 @@
+"""Fan-out: planning (deterministic, the global image cap, empty shards, bounds) and the merges
+(the single-run files; missing, duplicated or unplanned shards refused)."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import catalogue, write_items
+from item_embeddings.config import ConfigError, PipelineParams
+from item_embeddings.fanout import (MergeError, ShardPlan, Shard, WHOLE_TABLE,
+                                    merge_text_shards, plan_shards, worker_shards)
+from item_embeddings.image.selection import Selection, iter_selected
+from item_embeddings.items import ItemColumns
+from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
+from item_embeddings.text import embed_items_text
+
+
+def _items(tmp_path, n=23):
+    cat = catalogue(n)
+    return write_items(tmp_path / "items.parquet", cat), cat
+
+
+def test_plan_is_deterministic_contiguous_and_balanced(tmp_path):
+    items, _ = _items(tmp_path)
+    params = PipelineParams(shards=5, max_parallel_shards=2, max_items=0)
+    plan = plan_shards(str(items), params)
+    assert plan == plan_shards(str(items), params)
+    assert [(s.start, s.stop) for s in plan.shards] == [(0, 4), (4, 9), (9, 13), (13, 18),
+                                                         (18, 23)]
+    assert plan.rows == 23 and all(s.image_quota is None for s in plan.shards)
+    # two workers: 0 runs shards 0, 2, 4 and 1 runs 1, 3
+    assert [[s.index for s in worker_shards(w)] for w in plan.workers] == [[0, 2, 4], [1, 3]]
+    assert ShardPlan.from_workers(plan.workers).shards == plan.shards
+
+
+def test_the_image_cap_selects_the_items_one_run_selects(tmp_path):
+    items, _ = _items(tmp_path, 40)
+    columns = ItemColumns()
+    whole = [i for i, _ in iter_selected(str(items), columns, 9, Selection())]
+    plan = plan_shards(str(items), PipelineParams(shards=4, max_items=9))
+    sharded = []
+    for shard in plan.shards:
+        sharded += [i for i, _ in iter_selected(str(items), columns, shard.image_quota,
+                                                Selection(), shard.rows)]
+    assert sharded == whole and len(whole) == 9
+    assert [s.image_quota for s in plan.shards][-1] == 0  # the cap is used up before the end
+
+
+def _three_items_in_five_shards(tmp_path):
+    """Worker output of 3 items in 5 shards (two empty), the plan, and the merged meta."""
+    items, cat = _items(tmp_path, 3)
+    plan = plan_shards(str(items), PipelineParams(shards=5, max_parallel_shards=5))
+    assert [s.stop - s.start for s in plan.shards] == [0, 1, 0, 1, 1]
+    from item_embeddings.text import load_text_encoder
+
+    encoder = load_text_encoder(batch_size=8)
+    part = tmp_path / "worker"
+    for shard in plan.shards:
+        embed_items_text(str(items), part / shard.dirname, rows=shard.rows, encoder=encoder)
+    meta = merge_text_shards([part], plan, tmp_path / "merged", PipelineParams())
+    assert meta["count"] == 3 and meta["fanout_shards"] == 5
+    assert pq.read_table(tmp_path / "merged" / TXT_ITEMS).column("id").to_pylist() == \
+        cat["asin"]
+    whole = embed_items_text(str(items), tmp_path / "whole", encoder=encoder)
+    np.testing.assert_allclose(np.load(tmp_path / "merged" / TXT_ARRAY),
+                               np.load(tmp_path / "whole" / TXT_ARRAY), atol=1e-6)
+    return part, plan, meta, whole
+
+
+def test_more_shards_than_items_gives_empty_shards_that_merge(tmp_path):
+    _, _, meta, whole = _three_items_in_five_shards(tmp_path)
+    for key in ("count", "empty_text_count", "null_title_count", "encoder_fingerprint"):
+        assert meta[key] == whole[key], key
+
+
+def test_merge_refuses_missing_duplicated_and_unplanned_shards(tmp_path):
+    import shutil
+
+    part, plan, _, _ = _three_items_in_five_shards(tmp_path)
+    (part / "shard-00003" / TXT_META).unlink()  # a worker that died before placing it
+    with pytest.raises(MergeError, match=r"shard\(s\) \[3\] of 5 have no complete txt_meta"):
+        merge_text_shards([part], plan, tmp_path / "m1", PipelineParams())
+    other = tmp_path / "other"
+    shutil.copytree(part / "shard-00001", other / "shard-00001")
+    with pytest.raises(MergeError, match="shard 1 is in two worker outputs"):
+        merge_text_shards([part, other], plan, tmp_path / "m2", PipelineParams())
+    shutil.copytree(part / "shard-00001", part / "shard-00007")
+    (part / "shard-00003" / TXT_META).write_text(json.dumps({}))
+    with pytest.raises(MergeError):
+        merge_text_shards([part], plan, tmp_path / "m3", PipelineParams())
+    assert not (tmp_path / "m1" / TXT_META).exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"shards": 0}, "'shards' must be >= 1 and <= 10000, got 0"),
+    ({"shards": 10_001}, "'shards' must be >= 1 and <= 10000"),
+    ({"max_parallel_shards": 101}, "'max_parallel_shards' must be >= 1 and <= 100, got 101"),
+    ({"shards": 2, "image_pretrained": "none"}, "random weights in every worker"),
+])
+def test_bad_fanout_settings_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelineParams(**values)
+
+
+def test_a_worker_without_a_plan_runs_the_whole_table():
+    (shard,) = worker_shards(WHOLE_TABLE)
+    assert shard == Shard(0, 0, None, None) and shard.rows is None
+    # loop items come back from KFP with float numbers
+    assert Shard.from_dict({"index": 2.0, "start": 10.0, "stop": 20.0, "image_quota": -1}) == \
+        Shard(2, 10, 20, None)
