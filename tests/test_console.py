@@ -41,6 +41,25 @@ def fail(n: int):
     raise ValueError(f"the failing task's own error, n={n}")
 
 
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def slow_talk(n: int):
+    import logging
+    import time
+
+    from item_embeddings.progress import setup_logging
+
+    setup_logging()
+    time.sleep(1.0)  # both workers are running before either says anything
+    logging.getLogger("item_embeddings.talk").info("worker says %d", n)
+    print(f"worker {n} chatter")
+
+
+@dsl.pipeline(name="tiny-workers")
+def workers(n: int = 3):
+    with dsl.ParallelFor([1, 2, 3], parallelism=2) as item:
+        slow_talk(n=item)
+
+
 @dsl.pipeline(name="tiny")
 def talk_then_fail(n: int = 3):
     fail(n=talk(n=n).output)
@@ -101,8 +120,36 @@ def test_cache_hits_are_shown(tmp_path, capsys):
         _run(talk_only, tmp_path / "kfp", console, caching=True)
         _run(talk_only, tmp_path / "kfp", console, caching=True)
     out = capsys.readouterr().out
-    assert "talk: reused from the cache of an earlier run" in out
-    assert console.tasks[0].status == "cached"
+    assert "talk#2: reused from the cache of an earlier run" in out  # the second execution
+    assert [(t.label, t.status) for t in console.tasks] == [("talk", "done"), ("talk#2", "cached")]
+
+
+def test_concurrent_workers_lines_go_to_their_own_task(tmp_path, capsys):
+    """kfp.local runs ParallelFor workers two at a time, in threads: each line belongs to the
+    task its thread started, and what kfp.local patches unlocked is put back afterwards."""
+    import builtins
+
+    print_before = builtins.print
+    with RunConsole(tmp_path / "run.log") as console:
+        _run(workers, tmp_path / "kfp", console)
+    out = capsys.readouterr().out
+    runs = [t for t in console.tasks if t.name == "slow-talk"]
+    assert sorted(t.label for t in runs) == ["slow-talk", "slow-talk#2", "slow-talk#3"]
+    said = {}
+    for task in runs:
+        lines = [line for line in task.tail if "item_embeddings.talk: worker says" in line]
+        assert len(lines) == 1, (task.label, list(task.tail))
+        n = lines[0].rsplit(" ", 1)[1]
+        said[n] = task.label
+        # (kfp.local's unlocked print patch can indent a worker's lines twice)
+        assert f"worker {n} chatter" in [line.strip() for line in task.tail]
+        assert re.search(rf"^\d\d:\d\d:\d\d {re.escape(task.label)} \| worker says {n}$", out,
+                         re.M)
+    assert sorted(said) == ["1", "2", "3"]
+    assert max(t.started for t in runs[:2]) < min(t.ended for t in runs[:2])  # they overlapped
+    assert builtins.print is print_before
+    assert re.search(r"^  slow-talk\s+done 3\s+\d+\.\d s$", "\n".join(
+        summary_lines(console.tasks, tmp_path, {}, tmp_path / "run.log", 1.0, {})), re.M)
 
 
 def test_parser_takes_step_records_in_the_progress_format(tmp_path, capsys):
@@ -144,13 +191,17 @@ def test_summary_lists_steps_counts_files_report_and_log(tmp_path):
         placed[name].write_text(json.dumps(meta))
     placed["qa_report.html"] = tmp_path / "qa_report.html"
     placed["qa_report.html"].write_text("<html></html>")
-    tasks = [TaskRecord("embed-text", "done", 0.0, 6.25), TaskRecord("knn-graph", "cached")]
+    tasks = [TaskRecord("embed-text", status="done", started=0.0, ended=6.25),
+             TaskRecord("knn-graph", status="cached"),
+             TaskRecord("worker", status="done", started=1.0, ended=3.0),  # two shard workers
+             TaskRecord("worker", status="failed", started=2.0, ended=5.5)]
     lines = summary_lines(tasks, tmp_path, placed, tmp_path / "run.log", 42.0,
                           {"experiment runs": "/x/runs"})
     text = "\n".join(lines)
     assert f"local run finished in 42.0 s; outputs in {tmp_path}" in text
     assert re.search(r"embed-text\s+done\s+6\.2 s", text)
     assert re.search(r"knn-graph\s+cached$", text, re.M)
+    assert re.search(r"worker\s+done 1, failed 1\s+4\.5 s$", text, re.M)  # first start to last end
     metas = [line.split()[0] for line in lines if line.startswith("  ") and "_meta" in line]
     assert metas == ["txt_meta.json", "img_meta.json", "knn_meta.json"]  # steps' order first
     assert "failures by reason: http_status 1" in text

@@ -15,10 +15,16 @@ the run log and through a small parser, which puts on the console
 * on a failure, the last lines the failed task printed, and where the full log is.
 
 Everything else (executor input/output JSON, library chatter, tracebacks) is in the log only.
+
+The shard workers of a ``ParallelFor`` run two at a time, each in a thread of kfp.local that logs
+the task's start and prints its subprocess's lines; so a line belongs to the task its thread
+started, and partial writes are joined per thread. Workers share a task name: the second
+``embed-text`` is shown as ``embed-text#2``, and the summary gives each name one row.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -28,7 +34,7 @@ import shutil
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TextIO
@@ -61,22 +67,31 @@ def strip_ansi(text: str) -> str:
 
 @dataclass
 class TaskRecord:
-    """One task of the run as the console saw it."""
+    """One execution of a task as the console saw it."""
 
     name: str
+    label: str = ""                    # name, or name#k for its k-th execution (shard workers)
     status: str = "running"            # running, done, failed, cached, skipped
     started: float | None = None       # the console's clock
-    seconds: float | None = None       # wall time, start to end, process start included
+    ended: float | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+
+    @property
+    def seconds(self) -> float | None:
+        """Wall time, start to end (the task process's start included)."""
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
 
 
 class _LineSplitter(io.TextIOBase):
-    """A text stream that hands each complete line to ``sink`` (stands in for sys.stdout/err)."""
+    """A text stream that hands each complete line to ``sink``, in the thread that wrote it
+    (stands in for sys.stdout/err; a line's parts are joined per thread)."""
 
     def __init__(self, sink: Callable[[str], None]):
         super().__init__()
         self._sink = sink
-        self._pending = ""
+        self._pending: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -87,19 +102,21 @@ class _LineSplitter(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
+        thread = threading.get_ident()
         with self._lock:
-            lines = (self._pending + text).split("\n")
-            self._pending = lines.pop()
-        for line in lines:
+            lines = (self._pending.pop(thread, "") + text).split("\n")
+            if lines[-1]:
+                self._pending[thread] = lines[-1]
+        for line in lines[:-1]:
             self._sink(line)
         return len(text)
 
     def finish(self) -> None:
-        """Hand over a last line that has no newline."""
+        """Hand over the last lines that have no newline."""
         with self._lock:
-            pending, self._pending = self._pending, ""
-        if pending:
-            self._sink(pending)
+            pending, self._pending = list(self._pending.values()), {}
+        for line in pending:
+            self._sink(line)
 
 
 class RunConsole:
@@ -122,8 +139,8 @@ class RunConsole:
         self._clock = clock
         self._log: TextIO | None = None
         self._lock = threading.RLock()
-        self._tasks: dict[str, TaskRecord] = {}
-        self._current: TaskRecord | None = None   # the task whose streamed lines come now
+        self._tasks: list[TaskRecord] = []
+        self._running: dict[int, TaskRecord] = {}   # thread -> the task it runs
         self.started = clock()
 
     def __enter__(self) -> "RunConsole":
@@ -143,8 +160,9 @@ class RunConsole:
 
     @property
     def tasks(self) -> list[TaskRecord]:
-        """The tasks seen so far, in the order they started (or were cached or skipped)."""
-        return list(self._tasks.values())
+        """The task executions seen so far, in the order they started (or were cached or
+        skipped)."""
+        return list(self._tasks)
 
     def elapsed(self) -> float:
         """Seconds since the console was entered."""
@@ -154,7 +172,8 @@ class RunConsole:
         """Show ``text`` on the console (stderr when ``error``) and write it to the log."""
         with self._lock:
             stream = self._err if error else self._out
-            print(text, file=stream, flush=True)
+            stream.write(text + "\n")  # not print(), which kfp.local patches while tasks run
+            stream.flush()
             self.log(text)
 
     def log(self, text: str) -> None:
@@ -169,69 +188,79 @@ class RunConsole:
         root = logging.getLogger()
         handler = logging.StreamHandler(splitters[0])
         handler.setFormatter(_KFP_FORMAT)
-        saved_level = root.level
-        saved_streams = sys.stdout, sys.stderr
+        saved_root = list(root.handlers), root.level
+        saved_streams, saved_print = (sys.stdout, sys.stderr), builtins.print
         sys.stdout, sys.stderr = splitters
         root.addHandler(handler)
         root.setLevel(logging.INFO)  # kfp.local's cache hits and skips are INFO records
         try:
             yield
         finally:
-            root.removeHandler(handler)
-            root.setLevel(saved_level)
+            # kfp.local's threads swap the root handlers and builtins.print without a lock (shard
+            # workers): what it leaves behind is put back as it was, not just ours removed
+            root.handlers[:], level = saved_root
+            root.setLevel(level)
             sys.stdout, sys.stderr = saved_streams
+            builtins.print = saved_print
             for splitter in splitters:
                 splitter.finish()
 
     def feed(self, raw: str) -> None:
-        """One line of kfp.local's output: to the log, and what matters to the console."""
+        """One line of kfp.local's output, in the thread that wrote it: to the log, and what
+        matters to the console."""
         with self._lock:
             line = strip_ansi(raw)  # kfp.local colours names and statuses, for terminals
             self.log(line)
             line = line.rstrip("\r")
             record = _KFP_RECORD.match(line)
+            task = self._running.get(threading.get_ident())
             if record:
                 self._kfp_record(record.group(1), record.group(2))
-            elif self._current is not None and line.startswith(_INDENT):
-                self._task_line(self._current, line[len(_INDENT):])
+            elif task is not None:
+                self._task_line(task, line[len(_INDENT):] if line.startswith(_INDENT) else line)
 
     def _stamp(self) -> str:
         return time.strftime("%H:%M:%S")
 
-    def _task(self, name: str) -> TaskRecord:
-        return self._tasks.setdefault(name, TaskRecord(name))
+    def _new(self, name: str, status: str) -> TaskRecord:
+        """A new execution of task ``name`` (labelled name#k from its second one on)."""
+        k = 1 + sum(t.name == name for t in self._tasks)
+        task = TaskRecord(name, name if k == 1 else f"{name}#{k}", status)
+        self._tasks.append(task)
+        return task
 
     def _kfp_record(self, level: str, message: str) -> None:
         if m := _EXECUTING.match(message):
-            task = self._task(m.group(1))
-            task.status, task.started = "running", self._clock()
-            self._current = task
-            self.say(f"{self._stamp()} {task.name}: started")
+            task = self._new(m.group(1), "running")
+            task.started = self._clock()
+            self._running[threading.get_ident()] = task
+            self.say(f"{self._stamp()} {task.label}: started")
         elif m := _FINISHED.match(message):
-            self._finished(self._task(m.group(1)), m.group(2))
+            task = self._running.pop(threading.get_ident(), None)
+            if task is None or task.name != m.group(1):  # not from the task's thread
+                task = next((t for t in reversed(self._tasks)
+                             if t.name == m.group(1) and t.status == "running"),
+                            None) or self._new(m.group(1), "running")
+            self._finished(task, m.group(2))
         elif m := _CACHE_HIT.match(message):
-            task = self._task(m.group(1))
-            task.status = "cached"
-            self.say(f"{self._stamp()} {task.name}: reused from the cache of an earlier run")
+            task = self._new(m.group(1), "cached")
+            self.say(f"{self._stamp()} {task.label}: reused from the cache of an earlier run")
         elif m := _SKIPPED.match(message):
-            task = self._task(m.group(1))
-            task.status = "skipped"
-            self.say(f"{self._stamp()} {task.name}: skipped ({m.group(2).strip('()')})")
+            task = self._new(m.group(1), "skipped")
+            self.say(f"{self._stamp()} {task.label}: skipped ({m.group(2).strip('()')})")
         elif _RETRY.match(message) or level in ("WARNING", "ERROR", "CRITICAL"):
             self.say(f"{self._stamp()} kfp.local {level}: {message}")
 
     def _finished(self, task: TaskRecord, status: str) -> None:
-        self._current = None
-        if task.started is not None:
-            task.seconds = self._clock() - task.started
+        task.ended = self._clock()
         took = f" in {task.seconds:.1f} s" if task.seconds is not None else ""
         if status == "SUCCESS":
             task.status = "done"
-            self.say(f"{self._stamp()} {task.name}: done{took}")
+            self.say(f"{self._stamp()} {task.label}: done{took}")
             return
         task.status = "failed"
-        self.say(f"{self._stamp()} {task.name}: FAILED{took}; the last {len(task.tail)} lines of "
-                 "its output:", error=True)
+        self.say(f"{self._stamp()} {task.label}: FAILED{took}; the last {len(task.tail)} lines "
+                 "of its output:", error=True)
         for line in task.tail:
             self.say(f"  | {line}", error=True)
         self.say(f"full log: {self.log_path}", error=True)
@@ -239,12 +268,12 @@ class RunConsole:
     def _task_line(self, task: TaskRecord, line: str) -> None:
         if line.strip() and not _CARETS.match(line):
             task.tail.append(line)
-        step = _STEP_RECORD.match(line)
+        step = _STEP_RECORD.match(line.strip())
         if step is None:
             return
         level, message = step.groups()
         shown = message if level == "INFO" else f"{level} {message}"
-        self.say(f"{self._stamp()} {task.name} | {shown}")
+        self.say(f"{self._stamp()} {task.label} | {shown}")
 
     def summary(self, out: Path, placed: Mapping[str, Path], extra: Mapping[str, str]) -> None:
         """Say the closing summary (see :func:`summary_lines`)."""
@@ -290,6 +319,18 @@ def _size(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
+def _step_row(runs: list[TaskRecord]) -> tuple[str, str]:
+    """A task's status and wall time in the summary; for a shard worker's several executions,
+    their statuses counted and the time from the first start to the last end."""
+    statuses = Counter(t.status for t in runs)
+    status = ", ".join(f"{st} {n}" if len(runs) > 1 else st for st, n in statuses.items())
+    timed = [t for t in runs if t.seconds is not None]
+    if not timed:
+        return status, ""
+    span = max(t.ended for t in timed) - min(t.started for t in timed)
+    return status, f"{span:7.1f} s"
+
+
 def summary_lines(tasks: list[TaskRecord], out: Path, placed: Mapping[str, Path], log_path: Path,
                   seconds: float, extra: Mapping[str, str]) -> list[str]:
     """The closing summary of a finished run.
@@ -304,10 +345,14 @@ def summary_lines(tasks: list[TaskRecord], out: Path, placed: Mapping[str, Path]
     """
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     lines = ["", f"local run finished in {seconds:.1f} s; outputs in {out}", "steps:"]
-    name_width = max([len(t.name) for t in tasks] + [4])
+    by_name: dict[str, list[TaskRecord]] = {}
     for task in tasks:
-        took = f"{task.seconds:7.1f} s" if task.seconds is not None else ""
-        lines.append(f"  {task.name:<{name_width}}  {task.status:<7}  {took}".rstrip())
+        by_name.setdefault(task.name, []).append(task)
+    rows = [(name, *_step_row(runs)) for name, runs in by_name.items()]
+    name_width = max([len(name) for name, _, _ in rows] + [4])
+    status_width = max([len(status) for _, status, _ in rows] + [7])
+    for name, status, took in rows:
+        lines.append(f"  {name:<{name_width}}  {status:<{status_width}}  {took}".rstrip())
     # the steps' meta files in the groups' order, then any others (kNN, later steps) by name
     order = {meta: i for i, (_, _, meta, _) in enumerate(GROUPS.values())}
     metas = sorted((name for name in placed if name in META_FILES),
