@@ -163,12 +163,17 @@ def test_run_local_whole_dag(dag_run, capsys):
 def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
     """shards=3 (two workers, one of them running two shards) writes the same files as the
     single shard: same ids, failures and counts, vectors equal within float tolerance."""
-    items, out, _, _ = dag_run
+    items, out, _, _, _ = dag_run
     sharded = tmp_path / "sharded"
     assert main(["run-local", "--items", str(items), "--output-dir", str(sharded),
                  "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
                  "--set", "shards=3", "--set", "max_parallel_shards=2",
                  "--set", "publish_uri="]) == 0
+    console = capsys.readouterr().out
+    check_console_of_a_run(console, sharded)
+    for worker in ("embed-text", "embed-images"):  # two workers each, told apart
+        assert re.search(rf"^\d\d:\d\d:\d\d {worker}#2: done in", console, re.M)
+        assert re.search(rf"^  {worker}\s+done 2\s+\d+\.\d s$", console, re.M)
     for name in ("txt_items.parquet", "img_items.parquet", "img_failures.parquet",
                  "fused_items.parquet"):
         one, three = pq.read_table(out / name), pq.read_table(sharded / name)

@@ -283,7 +283,8 @@ class RunConsole:
 
 def meta_counts(meta: Mapping[str, Any]) -> list[str]:
     """The counts in a step's meta file, read generically: ``count`` (the step's rows), every
-    ``*_count`` and every ``*_by_reason`` breakdown, and the step's own wall time."""
+    ``*_count`` and every ``*_by_reason`` breakdown. (Wall times come from the tasks: a meta
+    file assembled from shard workers records the merge's.)"""
     parts = [f"{meta['count']:,d} rows" if isinstance(meta.get("count"), int) else "rows: ?"]
     for key, value in meta.items():
         if key.endswith("_count") and isinstance(value, int) and not isinstance(value, bool):
@@ -291,8 +292,6 @@ def meta_counts(meta: Mapping[str, Any]) -> list[str]:
         elif key.endswith("_by_reason") and isinstance(value, Mapping) and value:
             reasons = ", ".join(f"{reason} {n:,d}" for reason, n in sorted(value.items()))
             parts.append(f"{key[:-len('_by_reason')].replace('_', ' ')} by reason: {reasons}")
-    if isinstance(meta.get("wall_time_sec"), (int, float)):
-        parts.append(f"step {meta['wall_time_sec']:.1f} s")
     return parts
 
 
