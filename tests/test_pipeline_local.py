@@ -1,6 +1,9 @@
 """Compile the pipeline and run it whole with kfp.local, as a new user would."""
 
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import catalogue, write_items
+from test_console import check_console_of_a_run
 from item_embeddings.ops.cli import main
 from item_embeddings.config import PARAM_FIELDS, PipelineParams
 
@@ -102,15 +106,23 @@ def dag_run(tmp_path_factory, tiny_model):
                        "image_batch_size: 8\nshard_size: 10\ndownload_retries: 0\n"
                        f"fusion_epochs: 2\npublish_uri: {root / 'published'}\n")
         out = root / "out"
-        rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
-                   "--config", str(cfg), "--set", "allow_private_hosts=true"])
-        assert rc == 0
-        yield items, out, urls, root / "published"  # the host stays up for later reruns
+        console, errors = io.StringIO(), io.StringIO()
+        with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(console), \
+                contextlib.redirect_stderr(errors):
+            # as on a user's machine: no hub offline mode, so a task that asked the model hub
+            # (the text step's packaged MiniLM must not) would be caught by the network guard
+            env.delenv("HF_HUB_OFFLINE", raising=False)
+            env.delenv("TRANSFORMERS_OFFLINE", raising=False)
+            rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
+                       "--config", str(cfg), "--set", "allow_private_hosts=true"])
+        assert rc == 0, errors.getvalue()
+        # the host stays up for later reruns
+        yield items, out, urls, root / "published", console.getvalue() + errors.getvalue()
 
 
 @pytest.mark.slow
 def test_run_local_whole_dag(dag_run, capsys):
-    _, out, urls, _ = dag_run
+    _, out, urls, _, _ = dag_run
     n = 36
     expected = {"txt.npy", "txt_items.parquet", "txt_meta.json", "img.npy", "img_items.parquet",
                 "img_failures.parquet", "img_meta.json", "fused.npy", "fused_items.parquet",
@@ -151,12 +163,17 @@ def test_run_local_whole_dag(dag_run, capsys):
 def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
     """shards=3 (two workers, one of them running two shards) writes the same files as the
     single shard: same ids, failures and counts, vectors equal within float tolerance."""
-    items, out, _, _ = dag_run
+    items, out, _, _, _ = dag_run
     sharded = tmp_path / "sharded"
     assert main(["run-local", "--items", str(items), "--output-dir", str(sharded),
                  "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
                  "--set", "shards=3", "--set", "max_parallel_shards=2",
                  "--set", "publish_uri="]) == 0
+    console = capsys.readouterr().out
+    check_console_of_a_run(console, sharded)
+    for worker in ("embed-text", "embed-images"):  # two workers each, told apart
+        assert re.search(rf"^\d\d:\d\d:\d\d {worker}#2: done in", console, re.M)
+        assert re.search(rf"^  {worker}\s+done 2\s+\d+\.\d s$", console, re.M)
     for name in ("txt_items.parquet", "img_items.parquet", "img_failures.parquet",
                  "fused_items.parquet"):
         one, three = pq.read_table(out / name), pq.read_table(sharded / name)
@@ -176,8 +193,19 @@ def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_run_local_console_summary_and_log(dag_run):
+    _, out, _, _, console = dag_run
+    check_console_of_a_run(console, out)
+    reasons = json.loads((out / "img_meta.json").read_text())["failures_by_reason"]
+    assert list(reasons.values()) == [1]  # the 404
+    assert f"failures by reason: {next(iter(reasons))} 1" in console
+    assert f"experiment runs: {out / 'runs'} (list them: item-embeddings runs" in console
+    assert "did not answer" not in console  # a checkpoint file needs no model hub: no probe
+
+
+@pytest.mark.slow
 def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
-    items, out, _, _ = dag_run
+    items, out, _, _, _ = dag_run
     runs_dir = out / "runs" / "test-exp"
     before = sorted(p.name for p in runs_dir.glob("*.json"))
     fused = np.load(out / "fused.npy")
@@ -186,13 +214,16 @@ def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
     assert main(args) == 0  # every step cached: no new experiment runs, same files
     assert sorted(p.name for p in runs_dir.glob("*.json")) == before
     np.testing.assert_array_equal(np.load(out / "fused.npy"), fused)
-    capsys.readouterr()
+    console = capsys.readouterr().out
+    for task in ("embed-text", "embed-images", "fuse-embeddings"):
+        assert f"{task}: reused from the cache of an earlier run" in console
+        assert re.search(rf"^  {task}\s+cached$", console, re.M)
 
 
 @pytest.mark.slow
 def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_run, capsys):
     """A nightly run over the same items_uri whose file changed must not be served the cache."""
-    items, out, _, _ = dag_run
+    items, out, _, _, _ = dag_run
     runs_dir = out / "runs" / "test-exp"
     before = set(p.name for p in runs_dir.glob("*.json"))
     text_before = np.load(out / "txt.npy")
@@ -217,7 +248,7 @@ def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_ru
 def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_path, capsys):
     import shutil
 
-    _, out, _, published = dag_run
+    _, out, _, published, _ = dag_run
     assert main(["verify", str(out)]) == 0
     assert "all checks passed" in capsys.readouterr().out
     # the optional publish step ran (publish_uri set): a complete set with its manifest
@@ -272,10 +303,19 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     rc = main(["run-local", "--items", str(items), "--output-dir", str(tmp_path / "out"),
                "--set", "image_pretrained=/nonexistent/weights.pt", "--set", "text_backend=torch"])
     assert rc == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "local pipeline run failed" in err and "embed-images" in err
     assert time.monotonic() - started < 120  # no retry backoff locally
     assert not (tmp_path / "out" / "fused.npy").exists()
+    # the console shows the failed task's own error and where the whole log is
+    log = tmp_path / "out" / "run.log"
+    assert re.search(r"embed-images: FAILED in \d+\.\d s; the last \d+ lines of its output:",
+                     err)
+    assert "  | ValueError: image_pretrained '/nonexistent/weights.pt' is neither" in err
+    assert f"full log: {log}" in err and f"(full log: {log};" in err
+    assert "Traceback" in log.read_text() and "executor_input" not in captured.out + err
+    assert len((captured.out + err).splitlines()) <= 60
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ import sys
 import time
 
 logger = logging.getLogger("item_embeddings")
+# One line per record; `run-local` finds a task's records (progress included) by this shape.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -14,7 +16,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("item_embeddings")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     root.setLevel(level)
 

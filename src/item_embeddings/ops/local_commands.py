@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..estimate import (DEFAULT_FUSION_MACHINE, DEFAULT_IMAGE_MACHINE, DEFAULT_S
                         DEFAULT_TEXT_MACHINE, Choices, Rates, count_items, estimate, parse_count)
 from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
                        params_epilog)
+from .console import RunConsole
 
 EXIT_FAILED = 1
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -37,25 +39,14 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 
     setup_logging()
     params = PipelineParams(**given_parameters(args))
-    placed = local_run.run_local(params, args.output_dir, enable_caching=args.enable_caching)
-    _print_placed(Path(args.output_dir).resolve(), placed)
+    local_run.run_local(params, args.output_dir, enable_caching=args.enable_caching)
     return 0
-
-
-def _print_placed(out: Path, placed: dict[str, Path]) -> None:
-    from .local_run import KFP_ROOT, RUNS_DIR
-
-    print(f"\nlocal run finished; outputs in {out}:")
-    for name, path in placed.items():
-        print(f"  {name:24s} {path.stat().st_size:>12,d} bytes")
-    print(f"experiment runs: {out / RUNS_DIR} (list them: item-embeddings runs --output-dir {out})")
-    print(f"kfp.local artifacts: {out / KFP_ROOT}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..progress import setup_logging
     from ..sample import SampleImageServer, write_sample_catalogue
-    from .local_run import check_output_dir, run_local
+    from .local_run import RUN_LOG, check_output_dir, needs_model_hub, probe_hub, run_local
 
     setup_logging()
     # Parameters, then the output directory, are checked before anything is written or served.
@@ -64,26 +55,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
                             items_uri=str(items_path))
     out = check_output_dir(args.output_dir)
-    with SampleImageServer() as server:
+    with RunConsole(out / RUN_LOG) as console, SampleImageServer() as server:
         items = write_sample_catalogue(items_path, args.items_count, server.base_url)
-        print(f"sample catalogue: {items} ({args.items_count} items; images at {server.base_url})")
-        params = _demo_image_weights(params)
-        placed = run_local(params, out, enable_caching=args.enable_caching)
-    _print_placed(out, placed)
+        console.say(f"sample catalogue: {items} ({args.items_count} items; images at "
+                    f"{server.base_url})")
+        hub_online = probe_hub(console) if needs_model_hub(params) else None
+        params = _demo_image_weights(params, console, hub_online)
+        run_local(params, out, enable_caching=args.enable_caching, console=console,
+                  hub_online=hub_online)
     return 0
 
 
-def _demo_image_weights(params: PipelineParams) -> PipelineParams:
-    """The demo's image weights: the default CLIP weights, or random ones (said loudly) offline."""
+def _demo_image_weights(params: PipelineParams, console: RunConsole,
+                        hub_online: bool | None) -> PipelineParams:
+    """The demo's image weights: the default CLIP weights (downloaded, or from the cache when the
+    hub is unreachable), or random ones, said loudly, when they cannot be had."""
     from ..image import prefetch_pretrained
+    from ..runtime import hub_offline
 
+    if hub_online is None:  # a checkpoint file or 'none': nothing to fetch
+        return params
     try:
-        prefetch_pretrained(params.image_model, params.image_pretrained)
+        with contextlib.nullcontext() if hub_online else hub_offline():
+            prefetch_pretrained(params.image_model, params.image_pretrained)
     except Exception as exc:  # noqa: BLE001 - any download failure means: not available here
-        print(f"NOTE: open_clip weights {params.image_pretrained!r} for {params.image_model!r} "
-              f"cannot be downloaded here ({type(exc).__name__}); this demo run uses RANDOM "
-              "image weights (image_pretrained=none), so its image vectors carry no meaning. "
-              "Set --set image_pretrained=/path/to/checkpoint.pt for real ones.")
+        where = "downloaded here" if hub_online else "found in the local cache (hub offline)"
+        console.say(f"NOTE: open_clip weights {params.image_pretrained!r} for "
+                    f"{params.image_model!r} cannot be {where} ({type(exc).__name__}); this "
+                    "demo run uses RANDOM image weights (image_pretrained=none), so its image "
+                    "vectors carry no meaning. Set --set image_pretrained=/path/to/checkpoint.pt "
+                    "for real ones.")
         return dataclasses.replace(params, image_pretrained="none")
     return params
 
