@@ -330,7 +330,7 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
     from item_embeddings.image.download import DownloadConfig
     from item_embeddings.text import embed_items_text, load_text_encoder
 
-    items, _, urls, published = dag_run
+    items, _, urls, published, _ = dag_run
     previous = tmp_path / "previous"  # the set as it was, to compare with
     shutil.copytree(published, previous)
     rows = pq.read_table(items).to_pylist()  # the catalogue the published set was made from
