@@ -9,9 +9,10 @@ Its parameters are generated from :class:`item_embeddings.config.PipelineParams`
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
-  placeholders). The text and image workers and fusion run as Vertex custom jobs whose machine
-  (``text_machine_type``, ``text_accelerator``, ``image_machine_type``, ``fusion_machine_type``)
-  and scheduling (``text_strategy``, ``image_strategy``: SPOT/STANDARD) are pipeline parameters;
+  placeholders). The text and image workers, fusion and the kNN graphs run as Vertex custom jobs
+  whose machine (``text_machine_type``, ``text_accelerator``, ``image_machine_type``,
+  ``fusion_machine_type``, ``knn_machine_type``) and scheduling (``text_strategy``,
+  ``image_strategy``: SPOT/STANDARD) are pipeline parameters;
   they run as the pipeline's own service account, in its network, with its CMEK key (runtime
   placeholders). The image workers run on a T4 in ``gpu_image`` and fail if the GPU is not
   usable; the other steps run in the slim ``image``.
@@ -52,7 +53,7 @@ PROJECT_PLACEHOLDER = "{{$.pipeline_google_cloud_project_id}}"
 LOCATION_PLACEHOLDER = "{{$.pipeline_google_cloud_location}}"
 
 # Vertex resources. The machines of the custom jobs are pipeline parameters; these are the
-# plain tasks' (fingerprint, plan, merges, kNN, report, publish) and the jobs' fixed parts.
+# plain tasks' (fingerprint, plan, merges, report, publish) and the jobs' fixed parts.
 CPU_STEP_CPU, CPU_STEP_MEMORY = "4", "15G"
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"
 JOB_TIMEOUT = "86400s"
@@ -155,16 +156,18 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
     gpu_image = gpu_image or image
     fingerprint_op, plan_op = make_fingerprint(image), make_plan_shards(image)
     merge_text_op, merge_images_op = make_merge_text(image), make_merge_images(image)
-    knn_op, report_op, publish_op = make_knn_graphs(image), make_qa_report(image), \
-        make_publish_outputs(image)
+    report_op, publish_op = make_qa_report(image), make_publish_outputs(image)
     if on_vertex:
         text_job = _custom_job(make_embed_text(image), "embed-text")
         image_job = _custom_job(make_embed_images(gpu_image), "embed-images")
         fuse_job = _custom_job(make_fuse_embeddings(image), "fuse-embeddings")
-        embed_text_op, embed_images_op, fuse_op = text_job.op, image_job.op, fuse_job.op
+        knn_job = _custom_job(make_knn_graphs(image), "knn-graphs")
+        embed_text_op, embed_images_op, fuse_op, knn_op = (
+            text_job.op, image_job.op, fuse_job.op, knn_job.op)
     else:
-        embed_text_op, embed_images_op, fuse_op = (
-            make_embed_text(image), make_embed_images(image), make_fuse_embeddings(image))
+        embed_text_op, embed_images_op, fuse_op, knn_op = (
+            make_embed_text(image), make_embed_images(image), make_fuse_embeddings(image),
+            make_knn_graphs(image))
 
     def item_embeddings(**p) -> Outputs:
         tracking = dict(experiment=p["experiment"], tracking_backend=p["tracking_backend"],
@@ -228,10 +231,12 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
             workers=plan.output, image_model=p["image_model"], max_items=p["max_items"],
             previous_uri=p["previous_uri"], **tracking,
         ).set_display_name("Merge images")
-        fuse_jobs = {}
+        fuse_jobs, knn_jobs = {}, {}
         if on_vertex:
             fuse_jobs = dict(worker_pool_specs=_worker_pool_specs(
                 fuse_job, machine_type=p["fusion_machine_type"]))
+            knn_jobs = dict(worker_pool_specs=_worker_pool_specs(
+                knn_job, machine_type=p["knn_machine_type"]))
         fused = fuse_op(
             text_embeddings=merged_text.outputs["text_embeddings"],
             image_embeddings=merged_images.outputs["image_embeddings"],
@@ -245,7 +250,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
             text_embeddings=merged_text.outputs["text_embeddings"],
             fused_embeddings=fused.outputs["fused_embeddings"], knn_k=p["knn_k"],
             knn_exact_max_items=p["knn_exact_max_items"],
-            knn_recall_queries=p["knn_recall_queries"], seed=p["seed"], **tracking,
+            knn_recall_queries=p["knn_recall_queries"], seed=p["seed"], **knn_jobs, **tracking,
         ).set_display_name("kNN graphs")
         report = report_op(
             items=items.output, text_embeddings=merged_text.outputs["text_embeddings"],
@@ -258,8 +263,9 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
             for task in (text, images):
                 task.set_retry(WORKER_RETRIES, backoff_duration="60s")
-            fused.set_retry(STEP_RETRIES)
-            for task in (plan, merged_text, merged_images, knn, report):
+            for task in (fused, knn):
+                task.set_retry(STEP_RETRIES)
+            for task in (plan, merged_text, merged_images, report):
                 task.set_retry(STEP_RETRIES)
                 task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
         with dsl.If(p["publish_uri"] != "", name="publish-enabled"):

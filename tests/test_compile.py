@@ -113,17 +113,20 @@ def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template)
             "{{$.inputs.parameters['pipelinechannel--text-machine-accelerator_count']}}"}
     assert pool["container_spec"]["image_uri"] == \
         "{{$.inputs.parameters['pipelinechannel--text-machine-image']}}"
-    fuse = _root(spec)["fuse-embeddings"]["inputs"]["parameters"]
-    (pool,) = fuse["worker_pool_specs"]["runtimeValue"]["constant"]
-    assert pool["machine_spec"]["machine_type"] == \
-        "{{$.inputs.parameters['pipelinechannel--fusion_machine_type']}}"
-    assert pool["container_spec"]["image_uri"] == IMAGE
+    for task, param in [("fuse-embeddings", "fusion_machine_type"),
+                        ("knn-graphs", "knn_machine_type")]:
+        job = _root(spec)[task]
+        (pool,) = job["inputs"]["parameters"]["worker_pool_specs"]["runtimeValue"]["constant"]
+        assert pool["machine_spec"]["machine_type"] == \
+            f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", task
+        assert pool["container_spec"]["image_uri"] == IMAGE
+        assert job["retryPolicy"]["maxRetryCount"] >= 1, task
 
 
 def test_plain_steps_resources_and_images(template):
     _, spec = template
     executors = spec["deploymentSpec"]["executors"]
-    for name in ("plan-shards", "merge-text", "merge-images", "knn-graphs", "qa-report"):
+    for name in ("plan-shards", "merge-text", "merge-images", "qa-report"):
         container = executors[f"exec-{name}"]["container"]
         assert container["image"] == IMAGE, name
         assert container["resources"]["cpuLimit"] == 4
@@ -194,7 +197,7 @@ def test_unknown_target():
 
 # Vertex-only knobs, ignored by kfp.local (documented): the machines and scheduling of the jobs.
 VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_machine_type",
-               "fusion_machine_type"}
+               "fusion_machine_type", "knn_machine_type"}
 
 
 @pytest.mark.parametrize("target", ["vertex", "local"])
@@ -366,3 +369,21 @@ def test_text_workers_get_the_machine_a_rerun_asks_for(template, monkeypatch, tm
     assert pool.container_spec.image_uri == (GPU_IMAGE if accelerator else IMAGE)
     assert job.job_spec.scheduling.strategy.name == "SPOT"
     assert job.job_spec.service_account == SA
+
+
+@pytest.mark.parametrize("task_name,param", [("fuse-embeddings", "fusion_machine_type"),
+                                             ("knn-graphs", "knn_machine_type")])
+def test_cpu_steps_get_the_machine_a_rerun_asks_for(template, monkeypatch, tmp_path, task_name,
+                                                    param):
+    """fusion_machine_type / knn_machine_type of a UI rerun reach the step's CustomJob (a 10M
+    catalogue's kNN graphs need a high-memory machine), which runs as the pipeline's identity."""
+    _, spec = template
+    task = _root(spec)[task_name]
+    values = _task_values(spec, task, {param: "e2-highmem-16"})
+    job = _launch(spec, task, task["componentRef"]["name"], values, _runtime(True),
+                  monkeypatch, tmp_path)
+    (pool,) = job.job_spec.worker_pool_specs
+    assert pool.machine_spec.machine_type == "e2-highmem-16"
+    assert pool.machine_spec.accelerator_count == 0
+    assert pool.container_spec.image_uri == IMAGE
+    assert job.job_spec.service_account == SA and job.job_spec.network == NETWORK

@@ -79,6 +79,10 @@ class PipelineParams:
                                      "(n1: the T4 attaches to n1 machines).", nonempty=True)
     fusion_machine_type: str = _param("e2-standard-4", "Vertex machine type of the fusion step "
                                       "(memory: its inputs are memory-mapped).", nonempty=True)
+    knn_machine_type: str = _param(
+        "e2-standard-4", "Vertex machine type of the kNN-graph step (memory: about 3 copies of "
+        "the 384-d text vectors, 4.6 GB per million items; e.g. e2-highmem-16 at 10M).",
+        nonempty=True)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,
