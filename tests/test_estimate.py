@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from item_embeddings.config import ConfigError
+from item_embeddings.config import ConfigError, PipelineParams
 from item_embeddings.estimate import (BASES, Choices, Rates, count_items, duration, estimate,
-                                      parse_count)
+                                      parse_count, shard_work)
+from item_embeddings.fanout import plan_shards
 from item_embeddings.items import ItemsError
 from item_embeddings.ops.cli import main
 
@@ -32,30 +33,37 @@ TOY = {
     "task": {"vm_start_s": q(100), "small_task_machine_type": q("e2-standard-4")},
     "storage": {"copy_bytes_per_s": q(1e6)},
     "merge": {"bytes_per_s": q(1e6)},
-    "imports_s": {"text": q(10), "image": q(20), "fusion": q(5)},
+    "imports_s": {"text": q(10), "image": q(20), "fusion": q(5), "knn": q(5)},
     "rows": {"range_read_s": q(5), "id_file_bytes_per_item": q(0)},
+    "plan": {"rows_per_s": q(1000)},
     "text": {"load_s": {"torch": q(1), "onnx": q(3), "onnx-int8": q(5), "torch-fp16": q(2)},
              "cpu_items_per_s": {"avx2": {"torch": q(5), "onnx": q(8), "onnx-int8": q(10)}},
              "tokenize_items_per_s": q(50), "gflop_per_item": q(1)},
     "image": {"load_s": q(15), "decode_cpu_s_per_image": q(0.1),
               "download_images_per_s": q(1000), "gflop_per_image": q(1)},
     "fusion": {"item_epochs_per_s": q(1000)},
+    "knn": {"exact_items": q(1000), "exact_s": {"text_384": q(4), "fused_128": q(2)},
+            "ivf_items": q(1000), "ivf_s": {"text_384": q(8), "fused_128": q(4)},
+            "ivf_exponent": q(1), "peak_bytes_per_item": q(1000)},
+    "report": {"fixed_s": q(1), "s_per_item": q(0.001)},
     "accelerators": {"NVIDIA_TESLA_T4": {
         "machine_families": q(["n1"]), "on_demand_usd_per_hour": q(3.0),
-        "spot_usd_per_hour": q(1.5), "fp16_peak_tflops": q(1), "sustained_share_of_peak": q(1)}},
+        "spot_usd_per_hour": q(1.5), "fp16_peak_tflops": q(1), "fp32_peak_tflops": q(0.5),
+        "sustained_share_of_peak": q(1)}},
     "machines": {"e2-standard-4": machine(4, 1.0, 0.5), "n1-standard-4": machine(4, 2.0, 1.0)},
     "prices": {"pipeline_run_usd": q(0.03), "storage_usd_per_gb_month": q(0.02)},
 }
+TEXT_B, IMAGE_B, FUSED_B, KNN_B = 1536, 2048, 512, 2 * 10 * 8  # bytes per row (knn_k=10)
 
 
 def toy() -> Rates:
     return Rates(copy.deepcopy(TOY), "toy")
 
 
-def small(**kw) -> Choices:
-    base = dict(items=1000, image_items=400, max_items=0, shards=2, fusion_epochs=2,
-                image_strategy="STANDARD", publish=False)
-    return Choices(**{**base, **kw})
+def small(items=1000, image_items=400, changed_fraction=1.0, **params) -> Choices:
+    base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10)
+    return Choices(items, image_items, PipelineParams(**{**base, **params}),
+                   changed_fraction=changed_fraction)
 
 
 def rows(result):
@@ -64,80 +72,118 @@ def rows(result):
 
 def test_hand_checked_case():
     r = rows(est := estimate(small(), toy()))
-    # text task: VM 100 + imports 10 + onnx-int8 load 5 + row range 5 = 120 s fixed; 500 items at
-    # 10 items/s per 2 vCPUs x 4 vCPUs = 20/s: 25 s; output 500 x 384 x 4 B at 1 MB/s: 0.768 s.
-    assert r["text"].items_per_task == 500
-    assert r["text"].task_s == pytest.approx(145.768)
-    assert r["text"].wall_s == pytest.approx(145.768)  # two shards, both at once
-    assert r["text"].cost_usd == pytest.approx(2 * 145.768 / 3600 * 1.0)
-    # text merge: VM 100 + imports 5, reads and writes 1000 x 1536 B at 1 MB/s.
-    assert r["text merge"].task_s == pytest.approx(105 + 3.072)
-    # image task: 140 s fixed; 200 images at min(GPU 1000/s, decode 4 vCPUs / 0.1 s = 40/s,
-    # downloads 1000/s) = 40/s: 5 s; output 200 x 2048 B: 0.4096 s. n1 $2 + T4 $3 per hour.
-    assert r["image"].task_s == pytest.approx(145.4096)
-    assert r["image"].cost_usd == pytest.approx(2 * 145.4096 / 3600 * 5.0)
-    assert r["image merge"].task_s == pytest.approx(105 + 1.6384)
-    # fusion: 105 s fixed; inputs (1000 x 1536 + 400 x 2048 B) and output 1000 x 512 B copied at
-    # 1 MB/s: 2.8672 s; 1000 items x 2 epochs at 1000 item-epochs/s: 2 s.
+    # Two shards, two text workers (max_parallel_shards 16). A worker: VM 100 + imports 10 +
+    # onnx load 3 (auto = exact onnx on a CPU) = 113 s once, then per shard its row range 5 s,
+    # 500 items at 8 items/s per 2 vCPUs x 4 vCPUs = 16/s: 31.25 s, output 500 x 1536 B at
+    # 1 MB/s: 0.768 s.
+    text = r["text workers"]
+    assert (text.tasks, text.items_per_task) == (2, 500)
+    assert text.task_s == text.wall_s == pytest.approx(113 + 5 + 31.25 + 0.768)
+    assert text.cost_usd == pytest.approx(2 * 150.018 / 3600 * 1.0)
+    # merge: a small task (VM 100 + imports 5), reads and writes 1000 x 1536 B at the copy
+    # rate, merges them at the merge rate.
+    assert r["text merge"].task_s == pytest.approx(105 + 3 * 1.536)
+    # image workers: 200 URL rows per shard; 135 s fixed; 5 s range, 200 images at min(GPU
+    # 1000/s, decode 4 vCPUs / 0.1 s = 40/s, downloads 1000/s) = 40/s: 5 s; output 0.4096 s.
+    assert r["image workers"].task_s == pytest.approx(135 + 5 + 5 + 0.4096)
+    assert r["image workers"].cost_usd == pytest.approx(2 * 145.4096 / 3600 * 5.0)
+    assert r["image merge"].task_s == pytest.approx(105 + 3 * 0.8192)
+    # fusion: 105 s fixed; inputs (1000 x 1536 + 400 x 2048 B) and output 1000 x 512 B copied:
+    # 2.8672 s; 1000 items x 2 epochs at 1000 item-epochs/s: 2 s.
     assert r["fusion"].task_s == pytest.approx(109.8672)
-    assert "publish" not in r
-    assert r["pipeline run fee"].cost_usd == 0.03
+    # kNN: 105 s fixed; text, fused and graph rows copied: 2.208 s; exact search (1000 items
+    # <= knn_exact_max_items), as measured at 1000 items (4 + 2 s on 2 vCPUs) on 4 vCPUs: 3 s.
+    assert r["kNN graphs"].task_s == pytest.approx(105 + 2.208 + 3)
+    # report: 105 s fixed + 1 s + 1000 x 1 ms + every output read (3.0272 s).
+    assert r["QA report"].task_s == pytest.approx(105 + 1 + 1 + 3.0272)
     assert r["fingerprint inputs"].task_s == 105  # a small task's fixed part only
-    # Critical path: the fingerprint, the slower of text (145.768 + 108.072) and image
-    # (145.4096 + 106.6384), then fusion.
-    assert est.wall_s == pytest.approx(105 + 145.768 + 108.072 + 109.8672)
+    assert r["plan shards"].task_s == pytest.approx(105 + 1)  # 1000 rows at 1000 rows/s
+    assert "publish" not in r  # publish_uri empty
+    assert r["pipeline run fee"].cost_usd == 0.03
+    # Critical path: fingerprint, plan, the slower of text (150.018 + 109.608) and image
+    # (145.4096 + 107.4576), fusion, kNN, report.
+    assert est.wall_s == pytest.approx(105 + 106 + 150.018 + 109.608 + 109.8672 + 110.208
+                                       + 110.0272)
     assert est.cost_usd == pytest.approx(sum(s.cost_usd for s in est.steps))
+    small_tasks = 105 + 106 + 109.608 + 107.4576 + 109.8672 + 110.208 + 110.0272
     assert est.cost_usd == pytest.approx(
-        (105 + 2 * 145.768 + 108.072 + 106.6384 + 109.8672) / 3600 + 2 * 145.4096 / 3600 * 5
-        + 0.03)
+        small_tasks / 3600 + 2 * 150.018 / 3600 + 2 * 145.4096 / 3600 * 5 + 0.03)
 
 
 def test_publish_copies_every_output():
-    with_pub = estimate(small(publish=True), toy())
-    # VM 100 + imports 5; txt 1000 x 1536 + img 400 x 2048 + fused 1000 x 512 B at 1 MB/s.
-    assert rows(with_pub)["publish"].task_s == pytest.approx(105 + 2.8672)
-    without = estimate(small(publish=False), toy())
-    assert with_pub.wall_s - without.wall_s == pytest.approx(105 + 2.8672)  # last, alone
+    with_pub = estimate(small(publish_uri="gs://b/set"), toy())
+    # VM 100 + imports 5; txt, fused and graph rows of 1000 items + 400 image rows.
+    assert rows(with_pub)["publish"].task_s == pytest.approx(105 + 3.0272)
+    without = estimate(small(), toy())
+    assert with_pub.wall_s - without.wall_s == pytest.approx(105 + 3.0272)  # last, alone
 
 
-def test_max_items_caps_the_image_loop_only():
-    r = rows(estimate(small(max_items=100), toy()))
-    assert r["image"].items_per_task == 50
-    assert r["text"].items_per_task == 500
+def test_shard_work_is_what_the_plan_deals_out(tmp_path):
+    """The estimator cuts rows and the global image cap as fanout.plan_shards does."""
+    items = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"asin": [f"A{i}" for i in range(23)], "title": ["t"] * 23,
+                             "description": ["d"] * 23,
+                             "image_url": [f"http://cdn.example/{i}.jpg" for i in range(23)]}),
+                   items)
+    for shards, cap in [(5, 7), (5, 0), (4, 23), (30, 3), (1, 5)]:
+        params = PipelineParams(shards=shards, max_items=cap, id_column="asin")
+        plan = plan_shards(str(items), params)
+        rows_, images = shard_work(Choices(23, 23, params))
+        assert rows_ == [s.stop - s.start for s in plan.shards]
+        assert images == [(s.stop - s.start) if s.image_quota is None else s.image_quota
+                          for s in plan.shards]
 
 
-def test_shards_cut_wall_time_at_the_same_cost_plus_fixed_overhead():
+def test_the_image_cap_is_global_and_sits_in_the_first_shards():
+    est = estimate(small(max_items=100), toy())
+    r = rows(est)
+    assert r["image workers"].items_per_task == 100  # shard 0: the first 100 URL rows
+    assert r["image workers"].task_s == pytest.approx(135 + 5 + 100 / 40 + 0.2048)
+    # the idle worker still starts, reads its range and finds nothing to encode
+    assert r["image workers"].cost_usd == pytest.approx(
+        (142.7048 + 140) / 3600 * 5.0)
+    assert r["text workers"].items_per_task == 500
+    assert any("1 of the 2 image workers encode" in w for w in est.warnings)
+
+
+def test_workers_run_their_shards_one_after_another():
+    rates = toy()
+    fixed, per_shard = 113, 5 + 125 / 16 + 125 * 1536 / 1e6  # 8 shards of 125 rows
+    for parallel, width, busiest in [(3, 3, 3), (4, 4, 2), (8, 8, 1), (16, 8, 1), (1, 1, 8)]:
+        text = rows(estimate(small(shards=8, max_parallel_shards=parallel), rates))[
+            "text workers"]
+        assert text.tasks == width
+        assert text.items_per_task == busiest * 125
+        assert text.wall_s == pytest.approx(fixed + busiest * per_shard)
+        # a worker pays its fixed part once, whatever the number of its shards
+        assert text.cost_usd == pytest.approx((width * fixed + 8 * per_shard) / 3600)
+
+
+def test_shards_cut_wall_time_and_add_a_fixed_part_per_worker():
     rates = toy()
     one = rows(estimate(small(items=8000, image_items=8000, shards=1), rates))
     eight = rows(estimate(small(items=8000, image_items=8000, shards=8), rates))
-    for step, fixed_s, usd_per_hour in (("text", 120, 1.0), ("image", 140, 5.0)):
-        # Each task keeps the fixed part and does an eighth of the work, all eight at once.
-        assert eight[step].wall_s == pytest.approx(fixed_s + (one[step].wall_s - fixed_s) / 8)
-        # The same items are encoded either way; the 7 extra tasks pay only the fixed part.
+    for step, fixed_s, usd_per_hour in (("text workers", 113, 1.0), ("image workers", 135, 5.0)):
+        work = one[step].wall_s - fixed_s - 5  # the encoding and the copy
+        assert eight[step].wall_s == pytest.approx(fixed_s + 5 + work / 8)
+        # The same items are encoded either way; 7 more workers pay the fixed part and read
+        # their row range.
         extra = eight[step].cost_usd - one[step].cost_usd
-        assert extra == pytest.approx(7 * fixed_s / 3600 * usd_per_hour)
-
-
-def test_max_parallel_shards_runs_tasks_in_waves():
-    rates = toy()
-    task_s = rows(estimate(small(shards=8), rates))["text"].task_s
-    for limit, waves in ((0, 1), (8, 1), (20, 1), (3, 3), (4, 2), (1, 8)):
-        text = rows(estimate(small(shards=8, max_parallel_shards=limit), rates))["text"]
-        assert text.task_s == pytest.approx(task_s)
-        assert text.wall_s == pytest.approx(waves * task_s)
-        assert text.cost_usd == pytest.approx(8 * task_s / 3600)  # waves cost nothing extra
+        assert extra == pytest.approx(7 * (fixed_s + 5) / 3600 * usd_per_hour)
 
 
 def test_spot_and_machine_size():
-    spot = rows(estimate(small(image_strategy="SPOT"), toy()))["image"]
-    standard = rows(estimate(small(image_strategy="STANDARD"), toy()))["image"]
+    spot = rows(estimate(small(image_strategy="SPOT"), toy()))["image workers"]
+    standard = rows(estimate(small(image_strategy="STANDARD"), toy()))["image workers"]
     assert spot.cost_usd == pytest.approx(standard.cost_usd * (1.0 + 1.5) / (2.0 + 3.0))
     assert "Spot" in spot.machine and "standard" in standard.machine
-    # Twice the vCPUs: the CPU-bound encode part of a text task halves.
+    text_spot = rows(estimate(small(text_strategy="SPOT"), toy()))["text workers"]
+    assert text_spot.cost_usd == pytest.approx(2 * 150.018 / 3600 * 0.5)
+    # Twice the vCPUs: the CPU-bound encode part of a text shard halves.
     rates = toy()
     rates.data["machines"]["e2-standard-8"] = machine(8, 2.0, 1.0)
-    big = rows(estimate(small(text_machine_type="e2-standard-8"), rates))["text"]
-    assert big.task_s == pytest.approx(120 + 500 / 40 + 0.768)
+    big = rows(estimate(small(text_machine_type="e2-standard-8"), rates))["text workers"]
+    assert big.task_s == pytest.approx(113 + 5 + 500 / 32 + 0.768)
 
 
 @pytest.mark.parametrize("decode_s, download, expected_rate", [
@@ -150,28 +196,64 @@ def test_image_rate_is_the_slowest_of_downloads_decoding_and_gpu(decode_s, downl
     rates = toy()
     rates.data["image"]["decode_cpu_s_per_image"] = q(decode_s)
     rates.data["image"]["download_images_per_s"] = q(download)
-    image = rows(estimate(small(), rates))["image"]
-    assert image.task_s == pytest.approx(140 + 200 / expected_rate + 0.4096)
+    image = rows(estimate(small(), rates))["image workers"]
+    assert image.task_s == pytest.approx(135 + 5 + 200 / expected_rate + 0.4096)
 
 
-def test_warns_when_fusion_inputs_outgrow_its_memory():
+def test_warns_when_fusion_or_knn_inputs_outgrow_memory():
     rates = toy()
-    # 1000 x 1536 + 400 x 2048 B = 2.35 MB of fusion inputs.
     assert estimate(small(), rates).warnings == []
+    # 1000 x 1536 + 400 x 2048 B = 2.35 MB of fusion inputs; kNN 1000 x 1000 B = 1 MB.
     rates.data["machines"]["e2-standard-4"]["memory_gb"] = q(0.002)
     est = estimate(small(), rates)
     assert len(est.warnings) == 1 and "fusion's inputs (0.0 GB) exceed" in est.warnings[0]
+    rates.data["machines"]["e2-standard-4"]["memory_gb"] = q(0.0009)
+    est = estimate(small(), rates)
+    assert any("the kNN step needs about" in w and "knn_machine_type" in w
+               for w in est.warnings)
     assert "warnings:" in est.format()
 
 
 def test_text_on_a_gpu():
-    r = rows(estimate(small(text_machine_type="n1-standard-4",
-                            text_accelerator="NVIDIA_TESLA_T4"), toy()))
-    # torch-fp16 load 2 s; tokenizing (50 x 4 / 2 = 100/s) and the GPU (1e12 / 1e9 = 1000/s)
-    # take turns: 1 / (1/100 + 1/1000) = 90.9 items/s.
-    assert r["text"].task_s == pytest.approx(100 + 10 + 2 + 5 + 500 * (1 / 100 + 1 / 1000)
-                                             + 0.768)
-    assert r["text"].cost_usd == pytest.approx(2 * r["text"].task_s / 3600 * (1.0 + 1.5))
+    gpu = dict(text_machine_type="n1-standard-4", text_accelerator="NVIDIA_TESLA_T4")
+    r = rows(estimate(small(**gpu), toy()))
+    # auto = exact torch float32 on a GPU: load 1 s; tokenizing (50 x 4 / 2 = 100/s) and the
+    # GPU (0.5e12 / 1e9 = 500/s) take turns.
+    task = 100 + 10 + 1 + 5 + 500 * (1 / 100 + 1 / 500) + 0.768
+    assert r["text workers"].task_s == pytest.approx(task)
+    assert r["text workers"].cost_usd == pytest.approx(2 * task / 3600 * (2.0 + 3.0))
+    fp16 = rows(estimate(small(**gpu, text_backend="torch-fp16"), toy()))["text workers"]
+    assert fp16.task_s == pytest.approx(100 + 10 + 2 + 5 + 500 * (1 / 100 + 1 / 1000) + 0.768)
+    # onnx runs on the machine's CPU even with a GPU attached
+    onnx = rows(estimate(small(**gpu, text_backend="onnx"), toy()))["text workers"]
+    assert onnx.task_s == pytest.approx(113 + 5 + 31.25 + 0.768)
+
+
+def test_incremental_run_encodes_only_the_changed_items():
+    full = rows(estimate(small(previous_uri="gs://b/prev"), toy()))
+    incr = rows(estimate(small(changed_fraction=0.1, previous_uri="gs://b/prev",
+                               fusion_mode="apply"), toy()))
+    # 50 of each shard's 500 rows encoded; the whole shard's output is still written
+    assert incr["text workers"].task_s == pytest.approx(113 + 5 + 50 / 16 + 0.768)
+    assert incr["image workers"].task_s == pytest.approx(135 + 5 + 20 / 40 + 0.4096)
+    # fusion apply: the 100 changed codes, one pass (costed as an epoch)
+    assert incr["fusion"].task_s == pytest.approx(105 + 2.8672 + 100 / 1000)
+    assert full["fusion"].task_s == pytest.approx(105 + 2.8672 + 2)
+    # the kNN graphs and the report cover every item either way
+    assert incr["kNN graphs"].task_s == full["kNN graphs"].task_s
+    with pytest.raises(ConfigError, match="set previous_uri"):
+        estimate(small(changed_fraction=0.1), toy())
+
+
+def test_knn_exact_up_to_the_threshold_then_ivf():
+    r = rows(estimate(small(items=2000, image_items=0), toy()))
+    # exact search grows as N^2: (4 + 2) s x 2^2 on 4 vCPUs
+    assert r["kNN graphs"].task_s == pytest.approx(105 + 2000 * (1536 + 512 + 160) / 1e6 + 12)
+    r = rows(estimate(small(items=2000, image_items=0, knn_exact_max_items=1999), toy()))
+    # IVF as measured at 1000 items (8 + 4 s), x (2000/1000)^1, on 4 vCPUs
+    assert r["kNN graphs"].task_s == pytest.approx(105 + 2000 * (1536 + 512 + 160) / 1e6 + 12)
+    r = rows(estimate(small(items=4000, image_items=0, knn_exact_max_items=0), toy()))
+    assert r["kNN graphs"].task_s == pytest.approx(105 + 4000 * 2208 / 1e6 + 24)
 
 
 def test_rates_used_are_those_of_each_estimate():
@@ -186,19 +268,13 @@ def test_rates_used_are_those_of_each_estimate():
 @pytest.mark.parametrize("kw, words", [
     (dict(items=0), "items must be >= 1"),
     (dict(image_items=1001), "image items must be between 0 and items"),
-    (dict(shards=0), "shards must be >= 1"),
-    (dict(shards=1001), "must not exceed items"),
-    (dict(max_parallel_shards=-1), "max_parallel_shards"),
-    (dict(fusion_epochs=0), "fusion_epochs"),
-    (dict(image_strategy="CHEAP"), "image_strategy must be one of SPOT, STANDARD"),
-    (dict(text_backend="fast"), "text_backend must be one of"),
+    (dict(changed_fraction=0, previous_uri="gs://b/p"), "changed fraction must be in (0, 1]"),
     (dict(text_machine_type="x9-huge-4"), "text_machine_type 'x9-huge-4' has no price"),
+    (dict(knn_machine_type="x9-huge-4"), "knn_machine_type 'x9-huge-4' has no price"),
     (dict(text_accelerator="NVIDIA_TESLA_T4"), "attaches to n1 machine types only"),
     (dict(text_accelerator="NVIDIA_B200", text_machine_type="n1-standard-4"),
      "accelerator 'NVIDIA_B200' has no price"),
     (dict(text_backend="torch-fp16"), "needs a GPU"),
-    (dict(text_backend="onnx", text_accelerator="NVIDIA_TESLA_T4",
-          text_machine_type="n1-standard-4"), "has no rate on NVIDIA_TESLA_T4"),
 ])
 def test_bad_choices_are_refused_by_name(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -207,19 +283,20 @@ def test_bad_choices_are_refused_by_name(kw, words):
 
 def test_missing_rate_names_the_entry():
     rates = toy()
-    del rates.data["text"]["cpu_items_per_s"]["avx2"]["onnx-int8"]
-    with pytest.raises(ConfigError, match=r"no entry 'text\.cpu_items_per_s\.avx2\.onnx-int8'"):
+    del rates.data["text"]["cpu_items_per_s"]["avx2"]["onnx"]
+    with pytest.raises(ConfigError, match=r"no entry 'text\.cpu_items_per_s\.avx2\.onnx'"):
         estimate(small(), rates)
 
 
 def test_output_lists_assumptions_and_every_rate_used():
     est = estimate(small(), toy())
     text = est.format()
-    assert "No kNN-graph step" in text
+    assert "Spot preemptions are not modelled" in text
     for quantity in est.rates_used:
         assert quantity.path in text
     assert {q.path for q in est.rates_used} >= {"task.vm_start_s", "image.decode_cpu_s_per_image",
-                                                 "fusion.item_epochs_per_s"}
+                                                 "fusion.item_epochs_per_s", "knn.exact_s.text_384",
+                                                 "merge.bytes_per_s", "report.fixed_s"}
     assert re.search(r"total \(critical path\).*\$", text)
 
 
@@ -285,32 +362,58 @@ def test_packaged_rates_file_has_a_source_and_date_for_every_number():
             assert rates.get(f"text.cpu_items_per_s.{kind}.{backend}").basis == "measured"
     # Nothing that is not a measurement here is presented as one.
     assert rates.get("task.vm_start_s").basis == "assumed"
-    assert rates.get("merge.bytes_per_s").basis == "assumed"
+    assert rates.get("merge.bytes_per_s").basis == "measured"
+    assert rates.get("knn.ivf_exponent").basis == "derived"
     assert rates.get("accelerators.NVIDIA_TESLA_T4.sustained_share_of_peak").basis == "assumed"
 
 
 def test_packaged_rates_give_a_500k_estimate():
-    est = estimate(Choices(items=500_000, image_items=500_000, shards=4))
+    est = estimate(Choices(500_000, 500_000, PipelineParams(shards=4)))
     assert 0 < est.wall_s < 24 * 3600 and 0 < est.cost_usd < 100
     assert est.rates_origin == "estimate_rates.json"
+    # the defaults of the run are the pipeline's: exact onnx text, 150k images, no publish
+    assert "Text backend 'auto' runs as 'onnx'" in est.format()
+    assert est.choices.selected_images == 150_000 and "publish" not in rows(est)
 
 
 def test_cli_table_and_json(capsys):
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4"]) == 0
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
-    assert re.search(r"^text\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
+    assert re.search(r"^text workers\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
     assert "assumptions:" in out and "measured rates and published prices used" in out
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    direct = estimate(Choices(items=200_000, image_items=100_000, shards=4))
+    direct = estimate(Choices(200_000, 100_000, PipelineParams(shards=4)))
     assert data["total"]["cost_usd"] == pytest.approx(direct.cost_usd)
     assert data["total"]["wall_s"] == pytest.approx(direct.wall_s)
-    assert [s["step"] for s in data["steps"]][:3] == ["fingerprint inputs", "text",
-                                                      "text merge"]
+    assert [s["step"] for s in data["steps"]][:4] == ["fingerprint inputs", "plan shards",
+                                                      "text workers", "text merge"]
+    assert data["choices"]["params"]["shards"] == 4
     assert all(q["source"] and q["date"] for q in data["rates_used"])
+
+
+def test_cli_takes_the_runs_config_file_and_overrides(tmp_path, capsys):
+    """The nightly run's own config file: its parameters, then --set, then the shortcut
+    options, as the pipeline would get them."""
+    config = tmp_path / "nightly.yaml"
+    config.write_text("parameters:\n  shards: 8\n  max_parallel_shards: 4\n"
+                      "  previous_uri: gs://b/prev\n  fusion_mode: apply\n"
+                      "  publish_uri: gs://b/prev\n  text_strategy: SPOT\n")
+    assert main(["estimate", "--items", "1M", "--config", str(config), "--set", "shards=12",
+                 "--max-parallel-shards", "6", "--changed-fraction", "0.02", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    params = PipelineParams(shards=12, max_parallel_shards=6, previous_uri="gs://b/prev",
+                            fusion_mode="apply", publish_uri="gs://b/prev", text_strategy="SPOT")
+    direct = estimate(Choices(1_000_000, 1_000_000, params, changed_fraction=0.02))
+    assert data["total"]["cost_usd"] == pytest.approx(direct.cost_usd)
+    assert data["choices"]["params"]["shards"] == 12
+    assert data["choices"]["params"]["max_parallel_shards"] == 6
+    steps = {s["step"]: s for s in data["steps"]}
+    assert steps["text workers"]["tasks"] == 6 and "publish" in steps
+    assert "Spot" in steps["text workers"]["machine"]
 
 
 def test_cli_items_file(tmp_path, capsys):
@@ -322,23 +425,27 @@ def test_cli_items_file(tmp_path, capsys):
     assert (choices["items"], choices["image_items"]) == (7, 3)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--items", "lots"],
-    ["--items", "100", "--shards", "0"],
-    ["--items", "100", "--image-fraction", "1.5"],
-    ["--items", "100", "--text-machine-type", "x9-huge-4"],
-    ["--items-file", "/nonexistent/items.parquet"],
+@pytest.mark.parametrize("argv, words", [
+    (["--items", "lots"], "expected a count"),
+    (["--items", "100", "--shards", "0"], "'shards' must be >= 1"),
+    (["--items", "100", "--max-parallel-shards", "101"], "'max_parallel_shards' must be"),
+    (["--items", "100", "--image-fraction", "1.5"], "--image-fraction"),
+    (["--items", "100", "--text-machine-type", "x9-huge-4"], "has no price"),
+    (["--items", "100", "--image-strategy", "CHEAP"], "one of SPOT, STANDARD"),
+    (["--items", "100", "--changed-fraction", "0.1"], "set previous_uri"),
+    (["--items", "100", "--set", "nonsense=1"], "nonsense"),
+    (["--items-file", "/nonexistent/items.parquet"], "items.parquet"),
 ])
-def test_cli_bad_values_exit_2(argv, capsys):
+def test_cli_bad_values_exit_2(argv, words, capsys):
     assert main(["estimate", *argv]) == 2
-    assert "item-embeddings estimate: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "item-embeddings estimate: error:" in err and words in err
 
 
 def test_cli_bad_usage_exits_2(tmp_path):
     path = tmp_path / "items.parquet"
     pq.write_table(pa.table({"asin": ["A"], "image_url": ["http://x.example/a.jpg"]}), path)
-    usage_errors = (["--items", "10", "--items-file", str(path)], [],
-                    ["--items", "10", "--shards", "two"])
+    usage_errors = (["--items", "10", "--items-file", str(path)], [])
     for argv in usage_errors:
         with pytest.raises(SystemExit) as exc:
             main(["estimate", *argv])

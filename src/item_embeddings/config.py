@@ -81,7 +81,7 @@ class PipelineParams:
                                       "(memory: its inputs are memory-mapped).", nonempty=True)
     knn_machine_type: str = _param(
         "e2-standard-4", "Vertex machine type of the kNN-graph step (memory: about 3 copies of "
-        "the 384-d text vectors, 4.6 GB per million items; e.g. e2-highmem-16 at 10M).",
+        "the 384-d text vectors, 5 GB per million items; e.g. e2-highmem-8 at 10M).",
         nonempty=True)
     # Text step
     text_model: str = _param(

@@ -4,37 +4,42 @@ Every number the model uses comes from ``estimate_rates.json`` (shipped with the
 each one carries its basis (``measured`` here, ``list price``, ``published``, ``derived`` from
 those, or ``assumed``), its source and its date; the estimate prints the ones it used.
 
-The model (one run of the pipeline with the fan-out over ``shards``):
+The model follows the DAG (``pipeline/pipeline.py``) and its fan-out (``fanout.plan_shards``):
 
-* every task pays a fixed overhead: VM start and image pull (assumed), interpreter start and the
-  step's imports, its model load, reading its row range (measured); the inputs' fingerprint task
-  runs first and is only that;
-* a text or image shard task then encodes its items at the step's rate on its machine, and
-  copies its output to Cloud Storage;
-* the shard tasks of a loop run ``max_parallel_shards`` at a time, in waves of equal tasks;
-* a merge task per loop concatenates the shard outputs (bytes read and written at the merge
-  rate); text and image loops run side by side, fusion waits for both merges (time linear in
-  items x epochs), publishing copies every output last;
+* every task pays a fixed part: VM start and image pull (assumed), interpreter start and the
+  step's imports, its model load (measured); the inputs' fingerprint and the plan run first;
+* the items are cut into ``shards`` row ranges dealt to ``min(shards, max_parallel_shards)``
+  worker tasks per loop, worker ``w`` running shards ``w, w + W, ...`` one after another: a
+  worker pays its fixed part once, then per shard its row range, the encoding at the step's
+  rate on its machine and the copy of the shard's output to Cloud Storage; a loop lasts as long
+  as its busiest worker. The image cap (``max_items``) is global: the first ``max_items`` URL
+  rows in input order, so with the cap the image work sits in the first shards;
+* a merge task per loop reads the shard outputs, concatenates and hashes them (measured merge
+  rate) and writes the result; text and image loops run side by side; fusion waits for both
+  merges (time linear in items x epochs), then the kNN graphs (measured at 100k and 500k, the
+  exact search up to ``knn_exact_max_items``), the QA report and publishing;
+* an incremental run (``changed_fraction`` < 1, with ``previous_uri``) encodes only the changed
+  items' text and images; fusion with ``fusion_mode=apply`` computes only their codes;
 * cost = each task's duration x its machine's (and accelerator's) price per hour, Spot or
   standard, plus the pipeline run fee.
 
 Example::
 
+    from item_embeddings.config import PipelineParams
     from item_embeddings.estimate import Choices, estimate
-    print(estimate(Choices(items=500_000, image_items=500_000, shards=8)).format())
+    print(estimate(Choices(500_000, 500_000, PipelineParams(shards=8))).format())
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import STRATEGIES, TEXT_BACKENDS, ConfigError, PipelineParams
+from .config import ConfigError, PipelineParams
 
 RATES_FILE = "estimate_rates.json"
 BASES = ("measured", "list price", "published", "derived", "assumed")
@@ -42,29 +47,30 @@ GUESSES = ("derived", "assumed")  # listed with the assumptions
 TEXT_DIM = 384     # all-MiniLM-L6-v2
 IMAGE_DIM = 512    # open_clip ViT-B-32
 FLOAT_BYTES = 4
-_DEFAULTS = PipelineParams()
-# The fan-out's pipeline parameters of the same names and defaults.
-DEFAULT_SHARDS = 1
-DEFAULT_TEXT_MACHINE = "e2-standard-4"
-DEFAULT_IMAGE_MACHINE = "n1-standard-4"
-DEFAULT_FUSION_MACHINE = "e2-standard-4"
+KNN_ID_BYTES = 4 + 4  # int32 neighbour + float32 score per listed pair
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image step always runs with one
+# The pipeline parameters the estimate depends on (the CLI's shortcut options).
+ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
+                   "text_strategy", "text_backend", "image_machine_type", "image_strategy",
+                   "max_items", "fusion_machine_type", "fusion_epochs", "fusion_mode",
+                   "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri")
+APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
+                    "costed as one training epoch over them (an upper bound).")
 STRUCTURAL_ASSUMPTIONS = (
-    "Items are split into `shards` equal contiguous row ranges; the image items (with an "
-    "http(s) URL, after the max_items cap) are spread evenly over the shards.",
-    "The shard tasks of one loop run max_parallel_shards at a time (0 = all at once), in waves "
-    "of equal tasks; the text and image loops run side by side and each has its own limit.",
-    "The never-cached 'Fingerprint inputs' task runs first and costs a small task's fixed part "
-    "(with items on gs:// it reads object metadata only: seconds, not modelled).",
-    "One merge task per loop, also at shards=1; fusion waits for both merges; publishing is "
-    "last.",
+    "Image URLs are spread evenly over the rows; the max_items cap takes the first URL rows in "
+    "input order, so the capped image work sits in the first shards (dealt round-robin to the "
+    "workers).",
+    "The 'Fingerprint inputs' task reads object metadata only (with items on gs://): its fixed "
+    "part. 'Plan shards' reads the id and URL columns once (measured validation rate).",
     "Each task is billed per second of its whole duration, VM start and image pull included; "
     "waiting in a queue before a VM is assigned is neither billed nor modelled.",
-    "Spot preemptions are not modelled (a preempted image task resumes from its last finished "
-    "durable shard; a preemption costs a VM start plus the unfinished shard).",
-    "CPU encode rates were measured on 2 vCPUs and are scaled linearly to the machine's vCPUs; "
-    "the fusion step uses 2 threads by design and is not scaled.",
-    "No kNN-graph step: it has no measured rate yet, so it is left out.",
+    "Spot preemptions are not modelled (a preempted worker resumes from its last finished "
+    "shard: a preemption costs a VM start plus the unfinished shard).",
+    "CPU rates were measured on 2 vCPUs and are scaled linearly to the machine's vCPUs (text "
+    "encoding, decoding, kNN search, tokenizing); the fusion step uses 2 threads by design and "
+    "is not scaled.",
+    "An incremental run re-downloads the previous set's failed images (retry_failed_images): "
+    "their count is not known here and not modelled.",
 )
 
 
@@ -141,21 +147,20 @@ class Rates:
 
 @dataclass(frozen=True)
 class Choices:
-    """What the estimate is for: the catalogue and the run's pipeline parameters."""
+    """What the estimate is for: the catalogue and the run's pipeline parameters.
+
+    Args:
+        items: Rows of the items table.
+        image_items: Rows with an http(s) image URL, before the ``max_items`` cap.
+        params: The run's pipeline parameters (validated when built).
+        changed_fraction: Share of the items whose text or image changed since the previous
+            set (an incremental run from ``previous_uri``); 1 = a full run.
+    """
 
     items: int
-    image_items: int  # items with an http(s) image URL, before the max_items cap
-    shards: int = DEFAULT_SHARDS
-    max_parallel_shards: int = 0  # 0 = every shard at once
-    text_machine_type: str = DEFAULT_TEXT_MACHINE
-    image_machine_type: str = DEFAULT_IMAGE_MACHINE
-    fusion_machine_type: str = DEFAULT_FUSION_MACHINE
-    text_accelerator: str = ""    # "" = CPU; an accelerator runs the text step on Spot
-    text_backend: str = _DEFAULTS.text_backend
-    max_items: int = _DEFAULTS.max_items
-    fusion_epochs: int = _DEFAULTS.fusion_epochs
-    image_strategy: str = _DEFAULTS.image_strategy
-    publish: bool = True
+    image_items: int
+    params: PipelineParams = field(default_factory=PipelineParams)
+    changed_fraction: float = 1.0
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first unusable choice."""
@@ -163,27 +168,38 @@ class Choices:
             (self.items >= 1, f"items must be >= 1, got {self.items}"),
             (0 <= self.image_items <= self.items,
              f"image items must be between 0 and items ({self.items}), got {self.image_items}"),
-            (self.shards >= 1, f"shards must be >= 1, got {self.shards}"),
-            (self.shards <= self.items,
-             f"shards ({self.shards}) must not exceed items ({self.items})"),
-            (self.max_parallel_shards >= 0,
-             f"max_parallel_shards must be >= 0 (0 = all), got {self.max_parallel_shards}"),
-            (self.max_items >= 0, f"max_items must be >= 0 (0 = no cap), got {self.max_items}"),
-            (self.fusion_epochs >= 1, f"fusion_epochs must be >= 1, got {self.fusion_epochs}"),
-            (self.text_backend in TEXT_BACKENDS,
-             f"text_backend must be one of {', '.join(TEXT_BACKENDS)}, got {self.text_backend!r}"),
-            (self.image_strategy in STRATEGIES,
-             f"image_strategy must be one of {', '.join(STRATEGIES)}, "
-             f"got {self.image_strategy!r}"),
+            (0 < self.changed_fraction <= 1,
+             f"changed fraction must be in (0, 1], got {self.changed_fraction}"),
+            (not self.incremental or bool(self.params.previous_uri),
+             "an incremental run (changed fraction < 1) reuses the set at previous_uri: set "
+             "previous_uri"),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
 
     @property
+    def incremental(self) -> bool:
+        return self.changed_fraction < 1
+
+    @property
     def selected_images(self) -> int:
         """Image items after the ``max_items`` cap (0 = no cap)."""
-        return min(self.image_items, self.max_items) if self.max_items else self.image_items
+        cap = self.params.max_items
+        return min(self.image_items, cap) if cap else self.image_items
+
+    def describe(self) -> str:
+        """One line: the catalogue and the parameters the estimate depends on."""
+        p = self.params
+        run = (f"incremental run, {self.changed_fraction:.1%} of the items changed"
+               if self.incremental else "full run")
+        return (f"{self.items:,} items, {self.image_items:,} with an image URL, "
+                f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
+                f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
+                f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
+                f"image_strategy={p.image_strategy}, fusion_mode={p.fusion_mode}, "
+                f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
+                f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +233,10 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able data (``estimate --json``)."""
-        choices = {**asdict(self.choices), "selected_images": self.choices.selected_images}
+        c = self.choices
+        choices = {"items": c.items, "image_items": c.image_items,
+                   "selected_images": c.selected_images, "changed_fraction": c.changed_fraction,
+                   "params": {name: getattr(c.params, name) for name in ESTIMATE_PARAMS}}
         return {"choices": choices,
                 "steps": [asdict(s) for s in self.steps],
                 "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
@@ -241,12 +260,7 @@ class Estimate:
                      f"{sum(s.machine_hours for s in self.steps):.2f}", money(self.cost_usd)))
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
         numeric = {2, 3, 4, 5, 6, 7}
-        lines = [
-            f"{c.items:,} items, {c.image_items:,} with an image URL, {c.selected_images:,} "
-            f"image items after max_items={c.max_items:,}; shards={c.shards}, "
-            f"max_parallel_shards={c.max_parallel_shards or 'all'}, "
-            f"text_backend={c.text_backend}, fusion_epochs={c.fusion_epochs}, "
-            f"image_strategy={c.image_strategy}", ""]
+        lines = [c.describe(), ""]
         for row in (header, *rows):
             lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
                                    for i, (v, w) in enumerate(zip(row, widths))).rstrip())
@@ -288,7 +302,7 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-def count_items(uri: str, image_url_column: str = _DEFAULTS.image_url_column) -> tuple[int, int]:
+def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column) -> tuple[int, int]:
     """(rows, rows with an http(s) image URL) of an items table (parquet file or folder)."""
     from .image.selection import READ_BATCH_ROWS, usable_url
     from .items import ItemsError, iter_batches, open_items
@@ -314,8 +328,9 @@ class _Machine:
     usd_per_hour: float
 
 
-def _machine(rates: Rates, name: str, parameter: str, accelerator: str, spot: bool) -> _Machine:
-    spec = rates.machine(name, parameter)
+def _machine(rates: Rates, name: str, parameter: str, accelerator: str = "",
+             spot: bool = False) -> _Machine:
+    rates.machine(name, parameter)  # ConfigError naming an unknown machine type
     price_key = "spot_usd_per_hour" if spot else "on_demand_usd_per_hour"
     usd = rates.number(f"machines.{name}.{price_key}")
     label = name
@@ -335,36 +350,37 @@ def _machine(rates: Rates, name: str, parameter: str, accelerator: str, spot: bo
                     str(rates.get(f"machines.{name}.cpu_kind").value), usd)
 
 
-def _gpu_items_per_s(rates: Rates, accelerator: str, gflop_per_item: float) -> float:
-    """Items/s the accelerator computes at its assumed sustained share of its fp16 peak."""
-    peak = rates.number(f"accelerators.{accelerator}.fp16_peak_tflops") * 1e12
+def _gpu_items_per_s(rates: Rates, accelerator: str, gflop_per_item: float,
+                     precision: str = "fp16") -> float:
+    """Items/s the accelerator computes at its assumed sustained share of its peak."""
+    peak = rates.number(f"accelerators.{accelerator}.{precision}_peak_tflops") * 1e12
     share = rates.number(f"accelerators.{accelerator}.sustained_share_of_peak")
     return peak * share / (gflop_per_item * 1e9)
-
-
-def _text_rate(rates: Rates, c: Choices, machine: _Machine) -> tuple[str, float]:
-    """(concrete backend, items/s) of the text step on ``machine``."""
-    backend = c.text_backend
-    if c.text_accelerator:
-        backend = "torch-fp16" if backend == "auto" else backend
-        if backend != "torch-fp16":
-            raise ConfigError(f"text_backend {backend!r} has no rate on {c.text_accelerator}: "
-                              "on a GPU the text step's rate is known for torch-fp16 (auto) only")
-        # sentence-transformers tokenizes a batch, then runs it on the GPU, on one thread: the
-        # two take turns.
-        tokenize = _per_vcpus(rates, "text.tokenize_items_per_s", machine)
-        gpu = _gpu_items_per_s(rates, c.text_accelerator, rates.number("text.gflop_per_item"))
-        return backend, 1 / (1 / tokenize + 1 / gpu)
-    backend = "onnx-int8" if backend == "auto" else backend
-    if backend == "torch-fp16":
-        raise ConfigError("text_backend 'torch-fp16' needs a GPU: set text_accelerator")
-    return backend, _per_vcpus(rates, f"text.cpu_items_per_s.{machine.cpu_kind}.{backend}",
-                               machine)
 
 
 def _per_vcpus(rates: Rates, path: str, machine: _Machine) -> float:
     """A rate measured on ``cpu.measured_vcpus`` vCPUs, scaled to ``machine``'s."""
     return rates.number(path) * machine.vcpus / rates.number("cpu.measured_vcpus")
+
+
+def _text_rate(rates: Rates, p: PipelineParams, machine: _Machine) -> tuple[str, float]:
+    """(concrete backend, items/s) of the text step on ``machine``, resolved as the step
+    resolves ``auto`` (exact: torch on a GPU, onnx float32 on a CPU)."""
+    on_gpu = bool(p.text_accelerator)
+    backend = p.text_backend
+    if backend == "auto":
+        backend = "torch" if on_gpu else "onnx"
+    if backend in ("torch", "torch-fp16") and on_gpu:
+        # sentence-transformers tokenizes a batch, then runs it on the GPU, on one thread: the
+        # two take turns.
+        tokenize = _per_vcpus(rates, "text.tokenize_items_per_s", machine)
+        gpu = _gpu_items_per_s(rates, p.text_accelerator, rates.number("text.gflop_per_item"),
+                               "fp16" if backend == "torch-fp16" else "fp32")
+        return backend, 1 / (1 / tokenize + 1 / gpu)
+    if backend == "torch-fp16":
+        raise ConfigError("text_backend 'torch-fp16' needs a GPU: set text_accelerator")
+    return backend, _per_vcpus(rates, f"text.cpu_items_per_s.{machine.cpu_kind}.{backend}",
+                               machine)
 
 
 def _image_rate(rates: Rates, machine: _Machine) -> float:
@@ -375,15 +391,33 @@ def _image_rate(rates: Rates, machine: _Machine) -> float:
                _gpu_items_per_s(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image")))
 
 
-def _loop(name: str, machine: _Machine, items: int, c: Choices, fixed_s: float, rate: float,
-          out_bytes_per_item: float, copy_bps: float) -> Step:
-    """The shard tasks of one loop: equal tasks in waves of max_parallel_shards."""
-    per_task = math.ceil(items / c.shards)
-    task_s = fixed_s + per_task / rate + per_task * out_bytes_per_item / copy_bps
-    waves = math.ceil(c.shards / (c.max_parallel_shards or c.shards))
-    hours = c.shards * task_s / 3600
-    return Step(name, machine.label, c.shards, per_task, task_s, waves * task_s, hours,
-                hours * machine.usd_per_hour)
+def shard_work(c: Choices) -> tuple[list[int], list[int]]:
+    """(rows, selected image rows) of each planned shard, as :func:`fanout.plan_shards` cuts
+    them, with the URL rows spread evenly over the rows."""
+    n, k, cap = c.items, c.params.shards, c.params.max_items
+    bounds = [i * n // k for i in range(k + 1)]
+    rows = [bounds[i + 1] - bounds[i] for i in range(k)]
+    images, before = [], 0
+    for i in range(k):
+        urls = c.image_items * bounds[i + 1] // n - c.image_items * bounds[i] // n
+        images.append(max(0, min(urls, cap - before)) if cap else urls)
+        before += urls
+    return rows, images
+
+
+def _worker_loop(name: str, machine: _Machine, c: Choices, work: list[int], fixed_s: float,
+                 per_shard_s: float, rate: float, out_bytes_per_item: float,
+                 copy_bps: float) -> Step:
+    """The worker tasks of one loop: worker w runs shards w, w + W, ... one after another."""
+    width = min(c.params.shards, c.params.max_parallel_shards)
+    workers = [work[w::width] for w in range(width)]
+    durations = [fixed_s + sum(per_shard_s + round(items * c.changed_fraction) / rate
+                               + items * out_bytes_per_item / copy_bps for items in shards)
+                 for shards in workers]
+    busiest = max(range(width), key=lambda w: durations[w])
+    hours = sum(durations) / 3600
+    return Step(name, machine.label, width, sum(workers[busiest]), durations[busiest],
+                durations[busiest], hours, hours * machine.usd_per_hour)
 
 
 def _single(name: str, machine: _Machine, items: int, task_s: float) -> Step:
@@ -391,9 +425,22 @@ def _single(name: str, machine: _Machine, items: int, task_s: float) -> Step:
     return Step(name, machine.label, 1, items, task_s, task_s, hours, hours * machine.usd_per_hour)
 
 
+def _knn_s(rates: Rates, n: int, space: str, exact_max: int, machine: _Machine) -> float:
+    """One kNN graph's compute time: the exact search grows as n^2 from its measurement at
+    ``knn.exact_items``, the IVF path as n^exponent from its measurement at ``knn.ivf_items``;
+    both scaled to the machine's vCPUs."""
+    scale = rates.number("cpu.measured_vcpus") / machine.vcpus
+    if n <= exact_max:
+        ref = rates.number("knn.exact_items")
+        return rates.number(f"knn.exact_s.{space}") * (n / ref) ** 2 * scale
+    ref = rates.number("knn.ivf_items")
+    exponent = rates.number("knn.ivf_exponent")
+    return rates.number(f"knn.ivf_s.{space}") * (n / ref) ** exponent * scale
+
+
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     """The expected wall time and cost of each step and of the run (see the module doc)."""
-    c = choices
+    c, p = choices, choices.params
     c.check()
     rates = rates or Rates.load()
     rates.used.clear()  # the quantities of this estimate only
@@ -403,46 +450,69 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     read_s = rates.number("rows.range_read_s")
     n, m = c.items, c.selected_images
     txt_bytes, img_bytes = TEXT_DIM * FLOAT_BYTES + id_bytes, IMAGE_DIM * FLOAT_BYTES + id_bytes
-    fused_bytes = _DEFAULTS.fusion_output_dim * FLOAT_BYTES + id_bytes
+    fused_bytes = p.fusion_output_dim * FLOAT_BYTES + id_bytes
+    knn_bytes = 2 * p.knn_k * KNN_ID_BYTES
 
-    text_m = _machine(rates, c.text_machine_type, "text_machine_type", c.text_accelerator,
-                      spot=bool(c.text_accelerator))
-    backend, text_rate = _text_rate(rates, c, text_m)
-    image_m = _machine(rates, c.image_machine_type, "image_machine_type", IMAGE_ACCELERATOR,
-                       spot=c.image_strategy == "SPOT")
-    fusion_m = _machine(rates, c.fusion_machine_type, "fusion_machine_type", "", spot=False)
+    text_m = _machine(rates, p.text_machine_type, "text_machine_type", p.text_accelerator,
+                      spot=p.text_strategy == "SPOT")
+    backend, text_rate = _text_rate(rates, p, text_m)
+    image_m = _machine(rates, p.image_machine_type, "image_machine_type", IMAGE_ACCELERATOR,
+                       spot=p.image_strategy == "SPOT")
+    fusion_m = _machine(rates, p.fusion_machine_type, "fusion_machine_type")
+    knn_m = _machine(rates, p.knn_machine_type, "knn_machine_type")
     small_m = _machine(rates, str(rates.get("task.small_task_machine_type").value),
-                       "small_task_machine_type", "", spot=False)
+                       "small_task_machine_type")
     small_fixed = vm_s + rates.number("imports_s.fusion")
     merge_bps = rates.number("merge.bytes_per_s")
+    rows, images = shard_work(c)
 
     fingerprint = _single("fingerprint inputs", small_m, n, small_fixed)
-    text = _loop("text", text_m, n, c,
-                 vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}")
-                 + read_s, text_rate, txt_bytes, copy_bps)
-    image = _loop("image", image_m, m, c,
-                  vm_s + rates.number("imports_s.image") + rates.number("image.load_s") + read_s,
-                  _image_rate(rates, image_m), img_bytes, copy_bps)
-    text_merge = _single("text merge", small_m, n, small_fixed + 2 * n * txt_bytes / merge_bps)
-    image_merge = _single("image merge", small_m, m, small_fixed + 2 * m * img_bytes / merge_bps)
+    plan = _single("plan shards", small_m, n,
+                   small_fixed + n / rates.number("plan.rows_per_s"))
+    text = _worker_loop(
+        "text workers", text_m, c, rows,
+        vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
+        read_s, text_rate, txt_bytes, copy_bps)
+    image = _worker_loop(
+        "image workers", image_m, c, images,
+        vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
+        read_s, _image_rate(rates, image_m), img_bytes, copy_bps)
+
+    def merge(name: str, count: int, row_bytes: float) -> Step:
+        data = count * row_bytes  # read from the workers' outputs, merged, written back
+        return _single(name, small_m, count, small_fixed + 2 * data / copy_bps + data / merge_bps)
+
+    text_merge, image_merge = merge("text merge", n, txt_bytes), merge("image merge", m, img_bytes)
+    fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
+    epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
     fusion = _single("fusion", fusion_m, n,
                      vm_s + rates.number("imports_s.fusion")
                      + (n * txt_bytes + m * img_bytes + n * fused_bytes) / copy_bps
-                     + n * c.fusion_epochs / rates.number("fusion.item_epochs_per_s"))
-    output_bytes = n * (txt_bytes + fused_bytes) + m * img_bytes
+                     + fused_rows * epochs / rates.number("fusion.item_epochs_per_s"))
+    knn = _single("kNN graphs", knn_m, n,
+                  vm_s + rates.number("imports_s.knn")
+                  + (n * txt_bytes + n * fused_bytes + n * knn_bytes) / copy_bps
+                  + sum(_knn_s(rates, n, space, p.knn_exact_max_items, knn_m)
+                        for space in ("text_384", "fused_128")))
+    report = _single("QA report", small_m, n,
+                     small_fixed + rates.number("report.fixed_s")
+                     + n * rates.number("report.s_per_item")
+                     + (n * (txt_bytes + fused_bytes + knn_bytes) + m * img_bytes) / copy_bps)
+    output_bytes = n * (txt_bytes + fused_bytes + knn_bytes) + m * img_bytes
     publish = _single("publish", small_m, n, small_fixed + output_bytes / copy_bps)
     fee = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
                rates.number("prices.pipeline_run_usd"))
-    steps = [fingerprint, text, text_merge, image, image_merge, fusion,
-             *([publish] if c.publish else []), fee]
+    steps = [fingerprint, plan, text, text_merge, image, image_merge, fusion, knn, report,
+             *([publish] if p.publish_uri else []), fee]
 
-    wall = (fingerprint.wall_s
+    wall = (fingerprint.wall_s + plan.wall_s
             + max(text.wall_s + text_merge.wall_s, image.wall_s + image_merge.wall_s)
-            + fusion.wall_s + (publish.wall_s if c.publish else 0.0))
-    # The pipeline root keeps the shard outputs, the merged ones and the fused set; publishing
-    # adds a copy of every output.
-    stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * fused_bytes
-                 + (output_bytes if c.publish else 0)) / 1e9
+            + fusion.wall_s + knn.wall_s + report.wall_s
+            + (publish.wall_s if p.publish_uri else 0.0))
+    # The pipeline root keeps the shard outputs, the merged ones, the fused set and the graphs;
+    # publishing adds a copy of every output.
+    stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * (fused_bytes + knn_bytes)
+                 + (output_bytes if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
     warnings = []
     fusion_inputs_gb = (n * txt_bytes + m * img_bytes) / 1e9
@@ -451,11 +521,26 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
         # measured with them in the page cache.
         warnings.append(
             f"fusion's inputs ({fusion_inputs_gb:.1f} GB) exceed the {fusion_m.memory_gb:g} GB "
-            f"of fusion_machine_type {c.fusion_machine_type}: its random row reads would go to "
+            f"of fusion_machine_type {p.fusion_machine_type}: its random row reads would go to "
             "disk, which the measured rate does not include (not modelled); pick a machine "
             "with more memory")
+    knn_gb = n * rates.number("knn.peak_bytes_per_item") / 1e9
+    if knn_gb > knn_m.memory_gb:
+        warnings.append(
+            f"the kNN step needs about {knn_gb:.0f} GB at {n:,} items (measured peak per item "
+            f"at 500k), more than the {knn_m.memory_gb:g} GB of knn_machine_type "
+            f"{p.knn_machine_type}: it would run out of memory; pick a high-memory machine")
+    width = min(p.shards, p.max_parallel_shards)
+    busy = len({i % width for i, count in enumerate(images) if count})
+    if m and busy < width:
+        warnings.append(
+            f"the max_items cap puts the {m:,} selected images in the first "
+            f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
+            f"{busy} of the {width} image workers encode; more shards than "
+            "max_parallel_shards (several per worker) spread them over more workers")
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
-                   f"Text backend {c.text_backend!r} runs as {backend!r} on {text_m.label}.",
+                   *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
+                   f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
                     assumptions, list(rates.used.values()), rates.origin, warnings)

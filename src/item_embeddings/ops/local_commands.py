@@ -9,9 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import STRATEGIES, TEXT_BACKENDS, ConfigError, PipelineParams, resolve_params
-from ..estimate import (DEFAULT_FUSION_MACHINE, DEFAULT_IMAGE_MACHINE, DEFAULT_SHARDS,
-                        DEFAULT_TEXT_MACHINE, Choices, Rates, count_items, estimate, parse_count)
+from ..config import ConfigError, PipelineParams, param_description, resolve_params
+from ..estimate import ESTIMATE_PARAMS, Choices, Rates, count_items, estimate, parse_count
 from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
                        params_epilog)
 from .console import RunConsole
@@ -137,13 +136,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         if not 0 <= fraction <= 1:
             raise ConfigError(f"--image-fraction must be between 0 and 1, got {fraction}")
         image_items = round(items * fraction)
-    choices = Choices(
-        items=items, image_items=image_items, shards=args.shards,
-        max_parallel_shards=args.max_parallel_shards, text_machine_type=args.text_machine_type,
-        image_machine_type=args.image_machine_type, fusion_machine_type=args.fusion_machine_type,
-        text_accelerator=args.text_accelerator, text_backend=args.text_backend,
-        max_items=args.max_items, fusion_epochs=args.fusion_epochs,
-        image_strategy=args.image_strategy, publish=args.publish)
+    params = resolve_params(args.config, args.overrides,
+                            **{name: getattr(args, name) for name in ESTIMATE_PARAMS})
+    choices = Choices(items, image_items, params, changed_fraction=args.changed_fraction)
     result = estimate(choices, Rates.load(args.rates))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
@@ -222,12 +217,16 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
                     "from the per-item rates this project's benchmarks measured and dated list "
                     "prices (src/item_embeddings/estimate_rates.json: every number with its "
                     "basis, source and date; the output lists the ones used and every "
-                    "assumption). The option names are the pipeline parameters'.",
+                    "assumption). The parameters are the pipeline's: take them from the run's "
+                    "--config file and --set overrides, or give the ones below directly.",
         epilog="examples:\n"
                "  item-embeddings estimate --items 500k --shards 4\n"
-               "  item-embeddings estimate --items 10M --image-fraction 0.8 --shards 32 \\\n"
-               "      --max-parallel-shards 16 --text-machine-type c3-standard-8\n"
-               "  item-embeddings estimate --items-file gs://B/items/ --shards 8 --json\n"
+               "  item-embeddings estimate --items 10M --image-fraction 0.8 --shards 64 \\\n"
+               "      --max-parallel-shards 32 --text-machine-type c3-standard-8\n"
+               "  item-embeddings estimate --items-file gs://B/items/ --config nightly.yaml "
+               "--json\n"
+               "  item-embeddings estimate --items 2M --config nightly.yaml "
+               "--changed-fraction 0.02\n"
                "  item-embeddings estimate --items 2M --text-accelerator NVIDIA_TESLA_T4 "
                "--text-machine-type n1-standard-4")
     size = p.add_mutually_exclusive_group(required=True)
@@ -239,29 +238,14 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
                    help="with --items: share of items with an image URL (default 1)")
     p.add_argument("--image-url-column", default=defaults.image_url_column, metavar="NAME",
                    help=f"with --items-file (default {defaults.image_url_column})")
-    p.add_argument("--shards", type=int, default=DEFAULT_SHARDS, metavar="N",
-                   help=f"row ranges the text and image steps fan out over (default "
-                        f"{DEFAULT_SHARDS})")
-    p.add_argument("--max-parallel-shards", type=int, default=0, metavar="N",
-                   help="shard tasks of a loop running at once (default 0 = all)")
-    p.add_argument("--text-machine-type", default=DEFAULT_TEXT_MACHINE, metavar="TYPE",
-                   help=f"default {DEFAULT_TEXT_MACHINE}")
-    p.add_argument("--image-machine-type", default=DEFAULT_IMAGE_MACHINE, metavar="TYPE",
-                   help=f"with one NVIDIA_TESLA_T4 (default {DEFAULT_IMAGE_MACHINE})")
-    p.add_argument("--fusion-machine-type", default=DEFAULT_FUSION_MACHINE, metavar="TYPE",
-                   help=f"default {DEFAULT_FUSION_MACHINE}")
-    p.add_argument("--text-accelerator", default="", metavar="TYPE",
-                   help="'' = CPU (default); NVIDIA_TESLA_T4 = the text step on a Spot T4")
-    p.add_argument("--text-backend", choices=TEXT_BACKENDS, default=defaults.text_backend,
-                   help=f"default {defaults.text_backend}")
-    p.add_argument("--max-items", type=int, default=defaults.max_items, metavar="N",
-                   help=f"cap on image items, 0 = none (default {defaults.max_items})")
-    p.add_argument("--fusion-epochs", type=int, default=defaults.fusion_epochs, metavar="N",
-                   help=f"default {defaults.fusion_epochs}")
-    p.add_argument("--image-strategy", choices=STRATEGIES, default=defaults.image_strategy,
-                   help=f"default {defaults.image_strategy}")
-    p.add_argument("--no-publish", dest="publish", action="store_false",
-                   help="leave out the publish step (publish_uri empty)")
+    p.add_argument("--changed-fraction", type=float, default=1.0, metavar="F",
+                   help="an incremental run (with previous_uri): share of the items whose text "
+                        "or image changed since the previous set (default 1 = a full run)")
+    add_param_options(p)
+    for name in ESTIMATE_PARAMS:
+        default = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
+                       help=f"{param_description(name)} (default {default!r})")
     p.add_argument("--rates", metavar="FILE.json",
                    help="a copy of estimate_rates.json with your own rates or prices")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
