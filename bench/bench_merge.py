@@ -1,4 +1,5 @@
-"""Merge of per-shard outputs (the fan-out's merge steps) against a plain copy of the same bytes.
+"""The fan-out's own work at 500k rows: the merge of per-shard outputs against a plain copy of
+the same bytes, and the planning step against a plain read of the columns it needs.
 
 For each size, ``--shards`` worker outputs are generated in the formats the text and image
 workers write (``shard-NNNNN/`` folders with ``txt.npy`` [n, 384], ``txt_items.parquet`` with
@@ -16,9 +17,14 @@ The inputs were just written, so both read from the page cache; on Vertex the sh
 are read through the Cloud Storage FUSE mount instead (not measured here). The estimator takes
 its merge rate (bytes of arrays merged per second) from the 500,000-row text merge.
 
+Planning: an items table of the same size (``--items-sample``, the real sample, tiled; one
+parquet file) and ``plan_shards`` (validation of the id,
+title, description and URL columns, then the URL rows per shard) in a fresh process, against
+``pyarrow.parquet.read_table`` of the id and URL columns.
+
 Usage::
 
-    flock /tmp/bench.lock python bench/bench_merge.py --sizes 500000 --shards 16
+    flock /tmp/bench.lock python bench/bench_merge.py --sizes 500000 --shards 16 --workers 16
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import pyarrow as pa
 from bench_fusion import PeakMemory, _anon_kib  # same folder: the script's own directory
 
 TEXT_DIM, IMAGE_DIM = 384, 512
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_electronics_2000.parquet"
 
 
 def make_shards(root: Path, n: int, shards: int, workers: int, image_fraction: float) -> list:
@@ -119,6 +126,37 @@ def run_copy(root: str, kind: str, out: str) -> dict:
     return {"wall_s": wall, "peak_anon_mib": mem.peak_anon / 1024}
 
 
+def make_items(path: Path, n: int, sample: str) -> None:
+    """``n`` rows of the real sample tiled (ids suffixed per copy so they stay unique), one
+    parquet file as pyarrow writes it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    base = pq.read_table(sample)
+    copies = []
+    for k in range(-(-n // base.num_rows)):
+        ids = pc.binary_join_element_wise(base["asin"], pa.scalar(f"-{k}"), "")
+        copies.append(base.set_column(base.schema.get_field_index("asin"), "asin", ids))
+    pq.write_table(pa.concat_tables(copies).slice(0, n), path)
+
+
+def run_plan(items: str, shards: str) -> dict:
+    from item_embeddings.config import PipelineParams
+    from item_embeddings.fanout import plan_shards
+
+    t0 = time.perf_counter()
+    plan = plan_shards(items, PipelineParams(shards=int(shards)))
+    return {"wall_s": time.perf_counter() - t0, "shards": len(plan.shards)}
+
+
+def run_read(items: str, _: str) -> dict:
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    table = pq.read_table(items, columns=["asin", "image_url"])
+    return {"wall_s": time.perf_counter() - t0, "rows": table.num_rows}
+
+
 def child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
                           text=True)
@@ -134,12 +172,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16,
                         help="worker folders the shards are dealt to (max_parallel_shards)")
     parser.add_argument("--image-fraction", type=float, default=0.3)
-    parser.add_argument("--child", nargs=4, metavar=("WHAT", "ROOT", "KIND", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--items-sample", default=str(SAMPLE),
+                        help="items parquet tiled for the planning run (default: %(default)s)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        what, root, kind, out = args.child
-        print(json.dumps((run_merge if what == "merge" else run_copy)(root, kind, out)))
+        what, *rest = args.child
+        run = {"merge": run_merge, "copy": run_copy, "plan": run_plan, "read": run_read}[what]
+        print(json.dumps(run(*rest)))
         return
     print(f"anon memory of this process at start: {_anon_kib()[0] / 1024:.0f} MiB", flush=True)
     for n in args.sizes:
@@ -164,6 +204,15 @@ def main() -> None:
                     "copy_peak_anon_mib": round(copy["peak_anon_mib"])}), flush=True)
                 shutil.rmtree(root / f"copy-{kind}")
                 shutil.rmtree(root / f"merged-{kind}")
+            items = root / "items.parquet"
+            make_items(items, n, args.items_sample)
+            read = child(["read", str(items), "0"])
+            plan = child(["plan", str(items), str(args.shards)])
+            print(json.dumps({
+                "items": n, "kind": "plan", "shards": plan["shards"],
+                "items_bytes": items.stat().st_size, "plan_s": round(plan["wall_s"], 2),
+                "read_id_url_s": round(read["wall_s"], 2),
+                "plan_rows_per_s": round(n / plan["wall_s"])}), flush=True)
 
 
 if __name__ == "__main__":

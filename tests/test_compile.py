@@ -53,6 +53,13 @@ def test_dag_edges(template):
     assert loop["parameterIterator"]["items"] == {
         "inputParameter": "pipelinechannel--plan-shards-Output"}
     assert loop["taskInfo"]["name"] == "workers"
+    # The loop's width is decided at run time: the plan makes min(shards, max_parallel_shards)
+    # loop items from the pipeline parameters (KFP's own ParallelFor parallelism is a
+    # compile-time constant, so it is left unset).
+    for name in ("shards", "max_parallel_shards"):
+        assert tasks["plan-shards"]["inputs"]["parameters"][name] == {
+            "componentInputParameter": name}
+    assert "parallelismLimit" not in loop.get("iteratorPolicy", {})
     assert set(inner) == {"embed-text", "embed-images"}
     for name in inner:  # each worker reads the items and its own loop item
         params = inner[name]["inputs"]["parameters"]
