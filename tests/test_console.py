@@ -336,7 +336,7 @@ def test_demo_offline_console_summary_and_log(hub_online_mode, monkeypatch, tmp_
     out_dir = tmp_path / "demo"
     started = time.monotonic()
     rc = main(["demo", "--output-dir", str(out_dir), "--items-count", "8",
-               "--set", "text_backend=torch", "--set", "fusion_epochs=2", "--set", "knn_k=3"])
+               "--set", "text_backend=torch", "--set", "fusion_epochs=2"])
     took = time.monotonic() - started
     captured = capfd.readouterr()
     assert rc == 0, captured.err
@@ -346,6 +346,9 @@ def test_demo_offline_console_summary_and_log(hub_online_mode, monkeypatch, tmp_
     assert "RANDOM image weights" in console
     assert "embed-images | embed-image: 6/6 items (100.0%)" in console  # the step's progress
     assert "8 rows" in console and "no url 2" in console  # every 4th sample item has no image
+    # the default knn_k (20) needs 21 items: the demo lowers it to what 8 items allow
+    assert "knn_k lowered to 7 for 8 items" in console
+    assert json.loads((out_dir / "knn_meta.json").read_text())["k"] == 7
     assert took < 120
 
 
@@ -372,3 +375,9 @@ def check_console_of_a_run(console: str, out_dir) -> None:
     text = log.read_text()
     assert text.count("Got executor_input:") >= 4 and "executor_input" not in console
     assert "Wrote executor output file" in text and "Wrote executor output" not in console
+
+
+def test_demo_refuses_fewer_than_two_items_before_writing(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), "--items-count", "1"]) == 2
+    assert "--items-count must be at least 2, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
