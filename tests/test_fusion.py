@@ -527,6 +527,9 @@ def test_component_through_python_func(tmp_path, synthetic):
     assert np.load(task_dir / "fused" / FUSED_ARRAY).shape == (N, 64)
     assert fused.metadata["count"] == N and fused.metadata["output_dim"] == 64
     assert metrics.metadata["fusion_count"] == N
+    # a trained model computes every code; an applied one reuses the unchanged (test_incremental)
+    assert (metrics.metadata["fusion_reused_count"], metrics.metadata["fusion_computed_count"]) \
+        == (0, N)
     assert metrics.metadata["fusion_items_with_images"] == int(cat.has_image.sum())
     assert all(k.startswith("fusion_") for k in metrics.metadata)
     record = json.loads((tmp_path / "runs" / "exp" / "fuse-modal-run-42.json").read_text())

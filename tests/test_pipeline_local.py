@@ -350,7 +350,7 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
     out = tmp_path / "out"
     assert main(["run-local", "--items", str(items_b), "--output-dir", str(out),
                  "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
-                 "--set", f"previous_uri={published}", "--set", "fusion_mode=apply"]) == 0
+                 "--previous", str(published), "--set", "fusion_mode=apply"]) == 0
     n = len(rows)
     text_meta = json.loads((out / "txt_meta.json").read_text())
     image_meta = json.loads((out / "img_meta.json").read_text())

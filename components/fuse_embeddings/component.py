@@ -55,7 +55,8 @@ def fuse_embeddings(
                                     input_uris=(text_embeddings.uri, image_embeddings.uri))
         step.report(meta, metadata=("count", "output_dim", "items_with_images", "objective"),
                     metrics=("count", "items_with_images", "image_vectors_excluded",
-                             "final_loss", "train_time_sec", "wall_time_sec"))
+                             "reused_count", "computed_count", "final_loss", "train_time_sec",
+                             "wall_time_sec"))
 
 
 def make_component(base_image: str):

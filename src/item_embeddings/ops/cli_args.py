@@ -24,8 +24,10 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
 
 
 def given_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The parameters given on the command line: ``--config``, then ``--set``, then ``--items``."""
-    return given_params(args.config, args.overrides, items_uri=getattr(args, "items", None))
+    """The parameters given on the command line: ``--config``, then ``--set``, then the
+    shorthands ``--items`` and ``--previous``."""
+    return given_params(args.config, args.overrides, items_uri=getattr(args, "items", None),
+                        previous_uri=getattr(args, "previous", None))
 
 
 def add_local_caching_option(parser: argparse.ArgumentParser) -> None:

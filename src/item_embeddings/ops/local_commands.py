@@ -179,6 +179,9 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", metavar="PATH",
                    help="items parquet file or folder (local or gs://); same as --set items_uri=")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the files go")
+    p.add_argument("--previous", metavar="DIR_OR_URI",
+                   help="an earlier output set (folder or gs:// publish prefix) whose vectors "
+                        "are reused for unchanged items; same as --set previous_uri=")
     add_param_options(p)
     add_local_caching_option(p)
     p.set_defaults(func=_cmd_run_local)
