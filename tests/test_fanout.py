@@ -110,3 +110,25 @@ def test_a_worker_without_a_plan_runs_the_whole_table():
     # loop items come back from KFP with float numbers
     assert Shard.from_dict({"index": 2.0, "start": 10.0, "stop": 20.0, "image_quota": -1}) == \
         Shard(2, 10, 20, None)
+
+
+@pytest.mark.parametrize("rows", [(20, 24), (5, 4), (-1, 3)])
+def test_a_shard_outside_the_table_is_refused_by_both_steps(tmp_path, rows, monkeypatch):
+    """A plan of another table (23 rows here) fails before any model loads, in either step."""
+    from item_embeddings.image import embed_items_images
+    from item_embeddings.image import step as image_step
+    from item_embeddings.items import ItemsError
+    from item_embeddings.text import step as text_step
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(text_step, "load_text_encoder", no_model)
+    monkeypatch.setattr(image_step, "load_image_encoder", no_model)
+    items, _ = _items(tmp_path)
+    message = rf"rows \[{rows[0]}, {rows[1]}\) are not within the table's 23 rows"
+    with pytest.raises(ItemsError, match=message):
+        embed_items_text(str(items), tmp_path / "txt", rows=rows)
+    with pytest.raises(ItemsError, match=message):
+        embed_items_images(str(items), tmp_path / "img", rows=rows, quota=None)
+    assert not (tmp_path / "txt").exists() and not (tmp_path / "img").exists()

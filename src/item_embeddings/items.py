@@ -55,6 +55,14 @@ class ItemsSummary:
     num_rows: int
     schema: pa.Schema
 
+    def row_range(self, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """``rows`` (a shard's ``[start, stop)``; None = every row), checked against the table."""
+        start, stop = rows if rows is not None else (0, self.num_rows)
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ItemsError(f"rows [{start}, {stop}) are not within the table's "
+                             f"{self.num_rows} rows")
+        return start, stop
+
 
 def open_items(uri: str) -> pads.Dataset:
     """A pyarrow dataset over the parquet file(s) at ``uri``; files are read in path order."""

@@ -260,6 +260,7 @@ def embed_items_images(
     columns = ItemColumns.from_params(params)
     summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)
     ids_type = id_type(summary.schema.field(columns.id).type)
+    summary.row_range(rows)  # a shard outside the table is refused before any model loads
     config = download_config or DownloadConfig.from_params(params)
     max_items = params.max_items
     cap = quota if rows is not None else (max_items or None)

@@ -111,10 +111,8 @@ def embed_items_text(
     """
     columns = ItemColumns.from_params(params)
     summary = validate_items(items_uri, columns)  # before any model loads
-    total, ids_type = summary.num_rows, id_type(summary.schema.field(columns.id).type)
-    start, stop = rows if rows is not None else (0, total)
-    if not 0 <= start <= stop <= total:
-        raise ValueError(f"rows [{start}, {stop}) are not within the table's {total} rows")
+    ids_type = id_type(summary.schema.field(columns.id).type)
+    start, stop = summary.row_range(rows)
     n = stop - start
     with open_previous(params.previous_uri, "text") as previous, \
             step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
