@@ -251,6 +251,24 @@ def test_hub_probe_true_when_the_host_answers():
         assert runtime.hub_reachable(f"http://127.0.0.1:{port}", timeout_s=2.0) is True
 
 
+@pytest.mark.parametrize("settings, needed", [
+    ({}, True),                                           # the open_clip tag 'openai'
+    ({"image_pretrained": "none"}, False),                # packaged MiniLM, random image weights
+    ({"image_pretrained": "/models/vit.pt"}, False),      # a checkpoint file
+    ({"image_pretrained": "none",
+      "text_model": "sentence-transformers/all-mpnet-base-v2"}, True),  # a text model on the hub
+    ({"image_pretrained": "none", "text_model": "TMP"}, False),         # a local model folder
+    ({"image_pretrained": "none", "text_model": "gs://b/models/minilm"}, False),
+])
+def test_the_hub_is_probed_when_a_step_downloads_from_it(settings, needed, tmp_path):
+    from item_embeddings.config import PipelineParams
+    from item_embeddings.ops.local_run import needs_model_hub
+
+    if settings.get("text_model") == "TMP":
+        settings = {**settings, "text_model": str(tmp_path)}
+    assert needs_model_hub(PipelineParams(**settings)) is needed
+
+
 def test_hub_offline_sets_and_restores_the_mode(monkeypatch):
     from huggingface_hub import constants
 

@@ -82,7 +82,7 @@ def _demo_image_weights(params: PipelineParams, console: RunConsole,
     from ..image import prefetch_pretrained
     from ..runtime import hub_offline
 
-    if hub_online is None:  # a checkpoint file or 'none': nothing to fetch
+    if hub_online is None:  # nothing of the run is on the hub: no image weights to fetch
         return params
     try:
         with contextlib.nullcontext() if hub_online else hub_offline():

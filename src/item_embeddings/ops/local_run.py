@@ -45,10 +45,15 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def needs_model_hub(params: PipelineParams) -> bool:
-    """Whether the image step downloads its weights from the model hub: ``image_pretrained`` is
-    an open_clip pretrained tag (tags are plain words; a name with '/' or '.' is a file)."""
+    """Whether a step downloads weights from the model hub: ``text_model`` is a hub id (not a
+    directory, nor the packaged all-MiniLM-L6-v2), or ``image_pretrained`` is an open_clip
+    pretrained tag (tags are plain words; a name with '/' or '.' is a file). Decided without
+    importing open_clip, which takes seconds."""
+    from ..text.models import is_hub_id
+
     tag = params.image_pretrained.strip()
-    return tag.lower() not in ("", "none") and not any(c in tag for c in "/.\\")
+    image_tag = tag.lower() not in ("", "none") and not any(c in tag for c in "/.\\")
+    return image_tag or is_hub_id(params.text_model)
 
 
 def probe_hub(console: RunConsole) -> bool:

