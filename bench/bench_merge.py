@@ -49,20 +49,20 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_elect
 
 def make_shards(root: Path, n: int, shards: int, workers: int, image_fraction: float) -> list:
     """Worker folders holding the shard outputs of ``n`` rows; returns the plan's workers."""
-    from item_embeddings.fanout import SHARD_DIR, Shard
+    from item_embeddings.fanout import SHARD_DIR, Shard, deal, shard_bounds
     from item_embeddings.outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
                                          TXT_ARRAY, TXT_ITEMS, TXT_META)
     from item_embeddings.storage import atomic_npy, write_json_atomic, write_parquet_atomic
 
     rng = np.random.default_rng(0)
-    bounds = [i * n // shards for i in range(shards + 1)]
+    bounds = shard_bounds(n, shards)
     plan = [Shard(i, bounds[i], bounds[i + 1], None) for i in range(shards)]
-    width = min(shards, workers)
+    dealt = deal(plan, workers)
     for shard in plan:
         rows = shard.stop - shard.start
         ids = [f"item-{i:08d}" for i in range(shard.start, shard.stop)]
         for kind in ("text", "image"):
-            out = root / f"{kind}-worker-{shard.index % width}" / SHARD_DIR.format(shard.index)
+            out = root / f"{kind}-worker-{shard.index % len(dealt)}" / SHARD_DIR.format(shard.index)
             out.mkdir(parents=True)
             if kind == "text":
                 with atomic_npy(out / TXT_ARRAY, (rows, TEXT_DIM)) as a:
@@ -92,7 +92,7 @@ def make_shards(root: Path, n: int, shards: int, workers: int, image_fraction: f
                 "encoded_count": len(picked), "failed_count": 0, "reused_count": 0,
                 "revalidated_count": 0, "failures_by_reason": {},
                 "encoder_fingerprint": "bench"})
-    return [{"worker": w, "shards": [s.as_dict() for s in plan[w::width]]} for w in range(width)]
+    return [{"worker": w, "shards": [s.as_dict() for s in mine]} for w, mine in enumerate(dealt)]
 
 
 def run_merge(root: str, kind: str, out: str) -> dict:

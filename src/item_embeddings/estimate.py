@@ -394,23 +394,24 @@ def _image_rate(rates: Rates, machine: _Machine) -> float:
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
     """(rows, selected image rows) of each planned shard, as :func:`fanout.plan_shards` cuts
     them, with the URL rows spread evenly over the rows."""
-    n, k, cap = c.items, c.params.shards, c.params.max_items
-    bounds = [i * n // k for i in range(k + 1)]
+    from .fanout import image_quotas, shard_bounds
+
+    n, k = c.items, c.params.shards
+    bounds = shard_bounds(n, k)
     rows = [bounds[i + 1] - bounds[i] for i in range(k)]
-    images, before = [], 0
-    for i in range(k):
-        urls = c.image_items * bounds[i + 1] // n - c.image_items * bounds[i] // n
-        images.append(max(0, min(urls, cap - before)) if cap else urls)
-        before += urls
-    return rows, images
+    urls = [c.image_items * bounds[i + 1] // n - c.image_items * bounds[i] // n for i in range(k)]
+    quotas = image_quotas(urls, c.params.max_items)
+    return rows, [u if q is None else q for u, q in zip(urls, quotas)]
 
 
 def _worker_loop(name: str, machine: _Machine, c: Choices, work: list[int], fixed_s: float,
                  per_shard_s: float, rate: float, out_bytes_per_item: float,
                  copy_bps: float) -> Step:
     """The worker tasks of one loop: worker w runs shards w, w + W, ... one after another."""
-    width = min(c.params.shards, c.params.max_parallel_shards)
-    workers = [work[w::width] for w in range(width)]
+    from .fanout import deal
+
+    workers = deal(work, c.params.max_parallel_shards)
+    width = len(workers)
     durations = [fixed_s + sum(per_shard_s + round(items * c.changed_fraction) / rate
                                + items * out_bytes_per_item / copy_bps for items in shards)
                  for shards in workers]

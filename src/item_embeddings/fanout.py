@@ -110,6 +110,31 @@ def _url_rows_per_shard(items_uri: str, columns: ItemColumns, bounds: list[int])
     return counts
 
 
+def shard_bounds(rows: int, shards: int) -> list[int]:
+    """The ``shards + 1`` row bounds of ``shards`` contiguous ranges of ``rows`` rows, whose
+    sizes differ by at most one (empty ranges when there are more shards than rows)."""
+    return [i * rows // shards for i in range(shards + 1)]
+
+
+def image_quotas(url_rows: Sequence[int], max_items: int) -> list[int | None]:
+    """Each shard's share of the catalogue-wide image cap, given its URL rows: the first
+    ``max_items`` URL rows in input order, as one run selects them (None each: no cap)."""
+    if not max_items:
+        return [None] * len(url_rows)
+    quotas, before = [], 0
+    for urls in url_rows:
+        quotas.append(max(0, min(urls, max_items - before)))
+        before += urls
+    return quotas
+
+
+def deal(shards: Sequence[Any], max_parallel_shards: int) -> list[list[Any]]:
+    """The shards of each of ``min(len(shards), max_parallel_shards)`` workers: worker ``w``
+    runs shards ``w, w + W, w + 2W, ...``."""
+    width = min(len(shards), max_parallel_shards)
+    return [list(shards[w::width]) for w in range(width)]
+
+
 def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
     """Cut the items into ``params.shards`` ranges and give them to the workers.
 
@@ -118,19 +143,11 @@ def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
     """
     columns = ItemColumns.from_params(params)
     n = validate_items(items_uri, columns, need_image_url=True).num_rows
-    k = params.shards
-    bounds = [i * n // k for i in range(k + 1)]
-    urls = _url_rows_per_shard(items_uri, columns, bounds)
-    shards, before = [], 0
-    for i in range(k):
-        quota = None
-        if params.max_items:  # the global cap: the first max_items URL rows in input order
-            quota = max(0, min(urls[i], params.max_items - before))
-        shards.append(Shard(i, bounds[i], bounds[i + 1], quota))
-        before += urls[i]
-    width = min(k, params.max_parallel_shards)
-    workers = [{"worker": w, "shards": [s.as_dict() for s in shards[w::width]]}
-               for w in range(width)]
+    bounds = shard_bounds(n, params.shards)
+    quotas = image_quotas(_url_rows_per_shard(items_uri, columns, bounds), params.max_items)
+    shards = [Shard(i, bounds[i], bounds[i + 1], quota) for i, quota in enumerate(quotas)]
+    workers = [{"worker": w, "shards": [s.as_dict() for s in dealt]}
+               for w, dealt in enumerate(deal(shards, params.max_parallel_shards))]
     return ShardPlan(n, shards, workers)
 
 
