@@ -404,13 +404,11 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
     return rows, [u if q is None else q for u, q in zip(urls, quotas)]
 
 
-def _worker_loop(name: str, machine: _Machine, c: Choices, work: list[int], fixed_s: float,
-                 per_shard_s: float, rate: float, out_bytes_per_item: float,
+def _worker_loop(name: str, machine: _Machine, c: Choices, workers: list[list[int]],
+                 fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
                  copy_bps: float) -> Step:
-    """The worker tasks of one loop: worker w runs shards w, w + W, ... one after another."""
-    from .fanout import deal
-
-    workers = deal(work, c.params.max_parallel_shards)
+    """The worker tasks of one loop, given each worker's shards (their items), which it runs
+    one after another."""
     width = len(workers)
     durations = [fixed_s + sum(per_shard_s + round(items * c.changed_fraction) / rate
                                + items * out_bytes_per_item / copy_bps for items in shards)
@@ -441,6 +439,8 @@ def _knn_s(rates: Rates, n: int, space: str, exact_max: int, machine: _Machine) 
 
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     """The expected wall time and cost of each step and of the run (see the module doc)."""
+    from .fanout import deal
+
     c, p = choices, choices.params
     c.check()
     rates = rates or Rates.load()
@@ -466,16 +466,17 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     small_fixed = vm_s + rates.number("imports_s.fusion")
     merge_bps = rates.number("merge.bytes_per_s")
     rows, images = shard_work(c)
+    text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
 
     fingerprint = _single("fingerprint inputs", small_m, n, small_fixed)
     plan = _single("plan shards", small_m, n,
                    small_fixed + n / rates.number("plan.rows_per_s"))
     text = _worker_loop(
-        "text workers", text_m, c, rows,
+        "text workers", text_m, c, text_work,
         vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
         read_s, text_rate, txt_bytes, copy_bps)
     image = _worker_loop(
-        "image workers", image_m, c, images,
+        "image workers", image_m, c, image_work,
         vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
         read_s, _image_rate(rates, image_m), img_bytes, copy_bps)
 
@@ -531,13 +532,12 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
             f"the kNN step needs about {knn_gb:.0f} GB at {n:,} items (measured peak per item "
             f"at 500k), more than the {knn_m.memory_gb:g} GB of knn_machine_type "
             f"{p.knn_machine_type}: it would run out of memory; pick a high-memory machine")
-    width = min(p.shards, p.max_parallel_shards)
-    busy = len({i % width for i, count in enumerate(images) if count})
-    if m and busy < width:
+    busy = sum(any(shards) for shards in image_work)
+    if m and busy < len(image_work):
         warnings.append(
             f"the max_items cap puts the {m:,} selected images in the first "
             f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
-            f"{busy} of the {width} image workers encode; more shards than "
+            f"{busy} of the {len(image_work)} image workers encode; more shards than "
             "max_parallel_shards (several per worker) spread them over more workers")
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
