@@ -51,7 +51,11 @@ def test_text_steps_log_the_gs_artifacts_not_the_staging_dirs(vertex_mount, gcs,
     assert record["artifacts"] == {"text_embeddings": f"{shards.uri}/shard-00001"}
     assert record["params"]["items_uri"] == items_uri
     assert shards.metadata["inputs_fingerprint"] == "f00d"
+    placed = [vertex_mount / shards.uri[len("gs://"):] / f"shard-0000{i}" / TXT_META
+              for i in (0, 1)]
+    before = [p.stat().st_mtime_ns for p in placed]
     embed_text(**call)  # a retried worker: both shards were placed, nothing is redone
+    assert [p.stat().st_mtime_ns for p in placed] == before
     assert sorted(p.name for p in runs.glob("embed-text-*shard*.json")) == [
         "embed-text-item-embeddings-run7-shard-00000.json",
         "embed-text-item-embeddings-run7-shard-00001.json"]
