@@ -263,10 +263,9 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
             for task in (text, images):
                 task.set_retry(WORKER_RETRIES, backoff_duration="60s")
-            for task in (fused, knn):
+            for task in (plan, merged_text, merged_images, fused, knn, report):
                 task.set_retry(STEP_RETRIES)
-            for task in (plan, merged_text, merged_images, report):
-                task.set_retry(STEP_RETRIES)
+            for task in (plan, merged_text, merged_images, report):  # the jobs have a machine
                 task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
         with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
             publish_op(
