@@ -46,6 +46,7 @@ from item_embeddings.components.publish_outputs import make_component as make_pu
 from item_embeddings.components.qa_report import make_component as make_qa_report
 from item_embeddings.components.text_machine import make_component as make_text_machine
 from item_embeddings.config import PipelineParams, param_description
+from item_embeddings.errors import UsageError
 
 PIPELINE_NAME = "item-embeddings"
 TARGETS = ("vertex", "local")
@@ -151,7 +152,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
         pipeline_root: Default ``gs://`` root of the run's artifacts (the UI needs one).
     """
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     on_vertex = target == "vertex"
     gpu_image = gpu_image or image
     fingerprint_op, plan_op = make_fingerprint(image), make_plan_shards(image)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import UsageError
+
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_BACKENDS = ("auto", "torch", "torch-fp16", "onnx", "onnx-int8")
 STRATEGIES = ("SPOT", "STANDARD")  # Vertex AI custom-job scheduling strategies
@@ -177,7 +179,7 @@ class PipelineParams:
 PARAM_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(PipelineParams)}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file, ``--set`` override or parameter value that cannot be used; the message
     names the parameter and says what is allowed."""
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import PipelineParams
+from .errors import ItemEmbeddingsError
 from .image.selection import usable_url
 from .items import ItemColumns, iter_batches, validate_items
 from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
@@ -157,7 +158,7 @@ def worker_shards(worker: dict[str, Any]) -> Iterator[Shard]:
         yield Shard.from_dict(value)
 
 
-class MergeError(RuntimeError):
+class MergeError(ItemEmbeddingsError, RuntimeError):
     """The shard outputs do not make up the planned catalogue (missing, extra or mismatched)."""
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import UsageError
 from .outputs import GROUPS
 from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
 
@@ -43,7 +44,7 @@ MANIFEST = "manifest.json"  # the publish manifest (publish.MANIFEST; publish im
 KEY_BYTES = 16              # 128-bit keys: collisions are out of the question at 10^8 rows
 
 
-class PreviousSetError(ValueError):
+class PreviousSetError(UsageError):
     """The previous output set is missing, incomplete or damaged: nothing is reused from it."""
 
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from .config import PipelineParams
+from .errors import UsageError
 from .storage import arrow_filesystem
 
 MAX_EXAMPLES = 5
@@ -28,7 +29,7 @@ MIN_ROWS = 2         # the fusion step learns from how items compare with each o
 SCAN_ROWS = 16384    # rows per batch of the validation scan (bounds its memory)
 
 
-class ItemsError(ValueError):
+class ItemsError(UsageError):
     """The items table cannot be used; the message names the column and offending rows."""
 
 

@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .errors import ItemEmbeddingsError
 from .outputs import FUSION_CONFIG, IMG_META, TXT_META
 from .storage import file_record, gcs_client, is_gcs_uri, split_gcs_uri, write_json_atomic
 
@@ -51,7 +52,7 @@ _COUNT_FIELDS = {
 }
 
 
-class PublishError(RuntimeError):
+class PublishError(ItemEmbeddingsError, RuntimeError):
     """The output set cannot be published (no files, name clash, unreadable meta file)."""
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from .errors import ItemEmbeddingsError
+
 HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt; huggingface_hub's own retries take ~1 min
 
 
@@ -31,7 +33,7 @@ def package_versions(*dists: str) -> dict[str, str]:
     return out
 
 
-class GpuUnavailableError(RuntimeError):
+class GpuUnavailableError(ItemEmbeddingsError, RuntimeError):
     """A step that runs on a GPU machine finds no GPU that torch can use."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import UsageError
 from .runtime import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"not a gs:// URI: {uri!r}")
     bucket, _, blob = uri[len("gs://"):].partition("/")
     if not bucket:
-        raise ValueError(f"gs:// URI without a bucket: {uri!r}")
+        raise UsageError(f"gs:// URI without a bucket: {uri!r}")
     return bucket, blob
 
 

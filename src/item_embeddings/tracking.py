@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
+from .config import ConfigError
 from .storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -179,15 +180,15 @@ def make_tracker(backend: str, *, experiment: str, project: str = "", location: 
         backend = "vertex" if _known(project) else ("local" if tracking_dir else "none")
     if backend == "vertex":
         if not (_known(project) and _known(location)):
-            raise ValueError("tracking_backend 'vertex' needs a Google Cloud project and location")
+            raise ConfigError("tracking_backend 'vertex' needs a Google Cloud project and location")
         return VertexTracker(project, location, experiment)
     if backend == "local":
         if not tracking_dir:
-            raise ValueError("tracking_backend 'local' needs tracking_dir")
+            raise ConfigError("tracking_backend 'local' needs tracking_dir")
         return LocalTracker(tracking_dir, experiment)
     if backend == "none":
         return NullTracker()
-    raise ValueError(f"unknown tracking_backend {backend!r} (vertex, local, none or auto)")
+    raise ConfigError(f"unknown tracking_backend {backend!r} (vertex, local, none or auto)")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import ItemEmbeddingsError
 from ..items import id_problems
 from ..outputs import (FUSION_EXCLUSIONS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
                        TXT_ARRAY, TXT_ITEMS, TXT_META)
@@ -30,7 +31,7 @@ SCAN_ROWS = 8192        # rows per chunk when checking or fusing a whole memmap
 MAX_EXAMPLES = 5
 
 
-class FusionInputError(ValueError):
+class FusionInputError(ItemEmbeddingsError, ValueError):
     """The text / image step outputs cannot be fused; the message names the file and items."""
 
 

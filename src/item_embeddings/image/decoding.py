@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..errors import ItemEmbeddingsError
 from .download import NOT_AN_IMAGE
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ DECODE_ERROR = "decode_error"
 DECOMPRESSION_BOMB = "decompression_bomb"
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(ItemEmbeddingsError):
     """A body that cannot become an image; ``reason`` is the failure reason recorded."""
 
     def __init__(self, reason: str, detail: str):

@@ -34,6 +34,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from ..config import PipelineParams
+from ..errors import ItemEmbeddingsError
 
 _DEFAULTS = PipelineParams()
 
@@ -67,7 +68,7 @@ _METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254"),
                                  ipaddress.ip_address("100.100.100.200")})
 
 
-class BlockedAddressError(OSError):
+class BlockedAddressError(ItemEmbeddingsError, OSError):
     """A host resolved to an address the guard refuses (private, loopback, metadata, ...)."""
 
 

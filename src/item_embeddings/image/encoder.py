@@ -21,7 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import PipelineParams
+from ..config import ConfigError, PipelineParams
+from ..errors import MissingFileError
 from ..runtime import cache_dir
 from ..storage import cached_gcs_copy, is_gcs_uri, sha256_file
 
@@ -73,12 +74,12 @@ def resolve_image_model(model_name: str, pretrained: str) -> ResolvedImageModel:
         path = cached_gcs_copy(model_name, "image_model_configs") if is_gcs_uri(model_name) \
             else Path(model_name).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"image_model config file not found: {model_name}")
+            raise MissingFileError(f"image_model config file not found: {model_name}")
         open_clip.add_model_config(str(path))
         model_name = path.stem
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r}; e.g. "
-                         f"{', '.join(open_clip.list_models()[:8])}, ... or a config .json file")
+        raise ConfigError(f"unknown open_clip model {model_name!r}; e.g. "
+                          f"{', '.join(open_clip.list_models()[:8])}, ... or a config .json file")
     tag = (pretrained or "").strip()
     if tag.lower() in ("", "none"):
         logger.warning("image_pretrained=%r: %s has random weights", pretrained, model_name)
@@ -90,8 +91,8 @@ def resolve_image_model(model_name: str, pretrained: str) -> ResolvedImageModel:
         else Path(tag).expanduser()
     if not path.is_file():
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name))
-        raise ValueError(f"image_pretrained {pretrained!r} is neither a pretrained tag of "
-                         f"{model_name} ({tags}) nor an existing checkpoint file")
+        raise ConfigError(f"image_pretrained {pretrained!r} is neither a pretrained tag of "
+                          f"{model_name} ({tags}) nor an existing checkpoint file")
     return ResolvedImageModel(model_name, str(path), sha256_file(path), False)
 
 

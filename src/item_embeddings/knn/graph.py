@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import ItemEmbeddingsError
 from ..progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ SEARCH_CHUNK = 16384        # queries per faiss search call (progress, bounded r
 RECALL_PREFIXES = (1, 5, 10, 15)  # consumers read the first columns: their recall is measured too
 
 
-class KnnInputError(ValueError):
+class KnnInputError(ItemEmbeddingsError, ValueError):
     """Vectors or ``k`` that no kNN graph can be built from; the message names the rows."""
 
 

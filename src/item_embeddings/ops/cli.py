@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import EXIT_FAILED, ItemEmbeddingsError
 from .local_commands import add_local_commands
 from .vertex_commands import add_vertex_commands
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,20 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def exit_code(exc: BaseException) -> int | None:
-    """The exit status for an error a command reports as a message; None for a bug (re-raised)."""
+    """The exit status for an error a command reports as a message; None for a bug (re-raised).
+
+    Every project error carries its own status (``errors.ItemEmbeddingsError.exit_status``);
+    Google API and credential errors are failed operations."""
     from google.api_core.exceptions import GoogleAPIError
     from google.auth.exceptions import GoogleAuthError
 
-    from ..config import ConfigError
-    from ..items import ItemsError
-    from ..publish import PublishError
-    from .local_run import LocalPipelineError
-    from .vertex import VertexOpsError
-
-    if isinstance(exc, (ConfigError, ItemsError)):
-        return EXIT_USAGE
-    if isinstance(exc, (LocalPipelineError, VertexOpsError, PublishError, GoogleAPIError,
-                        GoogleAuthError)):
+    if isinstance(exc, ItemEmbeddingsError):
+        return exc.exit_status
+    if isinstance(exc, (GoogleAPIError, GoogleAuthError)):
         return EXIT_FAILED
     return None
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ..config import (ConfigError, PipelineParams, given_params, param_description,
                       resolve_params)
+from ..errors import EXIT_FAILED
 from ..estimate import ESTIMATE_PARAMS, Choices, Rates, count_items, estimate, parse_count
 from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
                        params_epilog)
 from .console import RunConsole
 
-EXIT_FAILED = 1
 _RAW = argparse.RawDescriptionHelpFormatter
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..config import ConfigError, PipelineParams
+from ..errors import ItemEmbeddingsError
 from ..items import ItemColumns, validate_items
 from ..outputs import META_FILES
 from ..storage import place_files
@@ -24,7 +25,7 @@ RUNS_DIR = "runs"      # the local experiment store inside the output directory
 RUN_LOG = "run.log"    # the full output of the last run (kfp.local's and its tasks')
 
 
-class LocalPipelineError(RuntimeError):
+class LocalPipelineError(ItemEmbeddingsError, RuntimeError):
     """A task of the local run failed; the console showed its last lines, the run log has all."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..config import PARAM_FIELDS, ConfigError, check_value
+from ..errors import ItemEmbeddingsError
 from ..pipeline import PIPELINE_NAME
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
 _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
@@ -35,7 +36,7 @@ _TERMINAL_OK = {"PIPELINE_STATE_SUCCEEDED"}
 _TERMINAL_BAD = {"PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED"}
 
 
-class VertexOpsError(RuntimeError):
+class VertexOpsError(ItemEmbeddingsError, RuntimeError):
     """A Vertex AI operation that did not succeed (failed run, unknown schedule, upload error)."""
 
 

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import PipelineParams
+from ..errors import ItemEmbeddingsError
 from ..items import ItemsError, iter_batches, open_items
 from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IMG_ARRAY, IMG_FAILURES,
                        IMG_ITEMS, IMG_META, KNN_FUSED, KNN_FUSED_SCORES, KNN_META, KNN_TEXT,
@@ -24,7 +25,7 @@ from ..progress import Progress
 MISSING_CATEGORY = "(missing)"
 
 
-class ReportInputError(ValueError):
+class ReportInputError(ItemEmbeddingsError, ValueError):
     """The step outputs cannot be reported on; the message names the file and what is wrong."""
 
 

@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..config import TEXT_BACKENDS, PipelineParams
+from ..config import TEXT_BACKENDS, ConfigError, PipelineParams
 from .models import ResolvedModel, resolve_text_model
 from .onnx import ONNX_BACKENDS, OnnxTextEncoder
 
@@ -87,7 +87,7 @@ class SentenceTransformerEncoder:
 def resolve_backend(backend: str, device: str | None = None) -> str:
     """Turn ``auto`` into a concrete backend and reject unknown names and impossible devices."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown text_backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown text_backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend not in ("auto", "torch-fp16"):
         return backend
     if device is None:
@@ -97,7 +97,7 @@ def resolve_backend(backend: str, device: str | None = None) -> str:
     if backend == "auto":  # exact by default: approximations are opt-in
         return "torch" if device.startswith("cuda") else "onnx"
     if not device.startswith("cuda"):
-        raise ValueError(f"text_backend 'torch-fp16' needs a CUDA device, got {device!r}")
+        raise ConfigError(f"text_backend 'torch-fp16' needs a CUDA device, got {device!r}")
     return backend
 
 
@@ -113,7 +113,7 @@ def load_text_encoder(name: str = _DEFAULTS.text_model,
     backend = resolve_backend(backend, device)
     if backend in ONNX_BACKENDS:
         if device is not None and device != "cpu":
-            raise ValueError(f"text_backend {backend!r} runs on cpu, got device {device!r}")
+            raise ConfigError(f"text_backend {backend!r} runs on cpu, got device {device!r}")
         return OnnxTextEncoder(name, backend=backend, batch_size=batch_size)
     half = backend == "torch-fp16"
     return SentenceTransformerEncoder(name, device=device or ("cuda" if half else None),

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PipelineParams
+from ..config import ConfigError, PipelineParams
 from ..runtime import cache_dir as default_cache_dir
 from ..storage import sha256_file
 from .models import resolve_text_model
@@ -87,15 +87,15 @@ def _pooling_mode(st_model) -> str:
 
     modules = list(st_model)
     if not modules or not isinstance(modules[0], Transformer):
-        raise ValueError("the ONNX text backends need a sentence-transformers model whose first "
-                         f"module is a Transformer, got {[type(m).__name__ for m in modules]}")
+        raise ConfigError("the ONNX text backends need a sentence-transformers model whose first "
+                          f"module is a Transformer, got {[type(m).__name__ for m in modules]}")
     rest = [m for m in modules[1:] if not isinstance(m, Normalize)]
     if len(rest) != 1 or not isinstance(rest[0], Pooling):
-        raise ValueError("the ONNX text backends support Transformer + Pooling (+ Normalize) "
-                         f"models only, got {[type(m).__name__ for m in modules]}")
+        raise ConfigError("the ONNX text backends support Transformer + Pooling (+ Normalize) "
+                          f"models only, got {[type(m).__name__ for m in modules]}")
     mode = rest[0].pooling_mode
     if mode not in ("mean", "cls"):
-        raise ValueError(f"the ONNX text backends support mean or cls pooling, got {mode!r}")
+        raise ConfigError(f"the ONNX text backends support mean or cls pooling, got {mode!r}")
     return mode
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ItemEmbeddingsError
+
 # The quality gate a fast backend must pass against the float32 reference on the same texts.
 GATE_MEAN_COSINE = 0.99
 GATE_MIN_COSINE = 0.97
@@ -38,7 +40,7 @@ GATE_SAMPLE = 512      # texts of the catalogue an approximate backend is checke
 GATE_MIN_SAMPLE = 16   # below this the neighbour overlap says too little: cosines only
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(ItemEmbeddingsError, RuntimeError):
     """An approximate text backend drifted too far from the exact model on this catalogue."""
 
 
