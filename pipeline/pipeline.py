@@ -6,6 +6,8 @@
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
+Every component input named like a pipeline parameter is bound to it by name (:func:`_bind`);
+only artifacts and run-time inputs are passed by hand.
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
@@ -29,7 +31,7 @@ import copy
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from kfp import compiler, dsl
 
@@ -140,6 +142,100 @@ def _worker_pool_specs(job: _Job, *, machine_type, accelerator_type="", accelera
     return [pool]
 
 
+def _bind(component, p: Mapping[str, Any], **explicit):
+    """A task of ``component``: every input named like a pipeline parameter is bound to that
+    parameter, so none can silently keep its default; ``explicit`` gives the rest (artifacts,
+    run-time inputs, a job's machine), never a pipeline parameter."""
+    inputs = component.component_spec.inputs or {}
+    restated = sorted(name for name in explicit if name in p)
+    if restated:
+        raise TypeError(f"{component.name}: pipeline parameters are bound by name, not passed: "
+                        f"{restated}")
+    return component(**{name: p[name] for name in inputs if name in p}, **explicit)
+
+
+@dataclasses.dataclass
+class _Steps:
+    """The components of one compile target (the four jobs wrapped as custom jobs on Vertex)."""
+
+    fingerprint: Any
+    plan: Any
+    merge_text: Any
+    merge_images: Any
+    report: Any
+    publish: Any
+    embed_text: Any
+    embed_images: Any
+    fuse: Any
+    knn: Any
+    jobs: dict[str, _Job]  # Vertex only: the custom jobs above and their worker pools
+    text_machine: Any = None  # Vertex only: the text workers' image and accelerator count
+
+    @classmethod
+    def make(cls, on_vertex: bool, image: str, gpu_image: str) -> "_Steps":
+        plain = dict(fingerprint=make_fingerprint(image), plan=make_plan_shards(image),
+                     merge_text=make_merge_text(image), merge_images=make_merge_images(image),
+                     report=make_qa_report(image), publish=make_publish_outputs(image))
+        if not on_vertex:  # kfp.local runs every step as a plain task, in one image
+            return cls(**plain, embed_text=make_embed_text(image),
+                       embed_images=make_embed_images(image), fuse=make_fuse_embeddings(image),
+                       knn=make_knn_graphs(image), jobs={})
+        jobs = {"embed_text": _custom_job(make_embed_text(image), "embed-text"),
+                "embed_images": _custom_job(make_embed_images(gpu_image), "embed-images"),
+                "fuse": _custom_job(make_fuse_embeddings(image), "fuse-embeddings"),
+                "knn": _custom_job(make_knn_graphs(image), "knn-graphs")}
+        return cls(**plain, **{key: job.op for key, job in jobs.items()}, jobs=jobs,
+                   text_machine=make_text_machine(image))
+
+
+def _worker_machines(steps: _Steps, p: Mapping[str, Any], image: str, gpu_image: str
+                     ) -> tuple[dict, dict]:
+    """The text and image workers' custom-job inputs (Vertex): machine and scheduling from
+    pipeline parameters; the text workers' image and GPU count from the text-machine task."""
+    machine = _bind(steps.text_machine, p, cpu_image=image, gpu_image=gpu_image
+                    ).set_display_name("Text machine")
+    text = dict(strategy=p["text_strategy"], worker_pool_specs=_worker_pool_specs(
+        steps.jobs["embed_text"], machine_type=p["text_machine_type"],
+        accelerator_type=p["text_accelerator"],
+        accelerator_count=machine.outputs["accelerator_count"], image=machine.outputs["image"]))
+    images = dict(strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
+        steps.jobs["embed_images"], machine_type=p["image_machine_type"],
+        accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
+    return text, images
+
+
+def _workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
+             on_vertex: bool, image: str, gpu_image: str):
+    """The loop over the plan's workers: one text and one image worker task per loop item.
+    Their cache keys hold the inputs' fingerprint through the loop item (see the plan)."""
+    text_job, image_job = (_worker_machines(steps, p, image, gpu_image) if on_vertex
+                           else ({}, {}))
+    with dsl.ParallelFor(plan.output, name="workers") as worker:
+        text = _bind(steps.embed_text, p, items=items, worker=worker, **text_job, **runtime
+                     ).set_display_name("Embed text")
+        images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=on_vertex,
+                       **image_job, **runtime).set_display_name("Embed images")
+    return text, images
+
+
+def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str) -> dict:
+    """A CPU custom job's machine, from a pipeline parameter (Vertex; nothing locally)."""
+    if key not in steps.jobs:
+        return {}
+    return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=p[parameter]))
+
+
+def _vertex_policies(workers: Sequence, steps: Sequence, plain: Sequence) -> None:
+    """Retries (Spot preemptions of the workers, transient failures of the steps) and the
+    plain tasks' resources (the custom jobs have a machine of their own)."""
+    for task in workers:
+        task.set_retry(WORKER_RETRIES, backoff_duration="60s")
+    for task in steps:
+        task.set_retry(STEP_RETRIES)
+    for task in plain:
+        task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
+
+
 def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
                    gpu_image: str | None = None, pipeline_root: str | None = None):
     """The pipeline function for ``target`` ('vertex' or 'local').
@@ -155,130 +251,51 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     on_vertex = target == "vertex"
     gpu_image = gpu_image or image
-    fingerprint_op, plan_op = make_fingerprint(image), make_plan_shards(image)
-    merge_text_op, merge_images_op = make_merge_text(image), make_merge_images(image)
-    report_op, publish_op = make_qa_report(image), make_publish_outputs(image)
-    if on_vertex:
-        text_job = _custom_job(make_embed_text(image), "embed-text")
-        image_job = _custom_job(make_embed_images(gpu_image), "embed-images")
-        fuse_job = _custom_job(make_fuse_embeddings(image), "fuse-embeddings")
-        knn_job = _custom_job(make_knn_graphs(image), "knn-graphs")
-        embed_text_op, embed_images_op, fuse_op, knn_op = (
-            text_job.op, image_job.op, fuse_job.op, knn_job.op)
-    else:
-        embed_text_op, embed_images_op, fuse_op, knn_op = (
-            make_embed_text(image), make_embed_images(image), make_fuse_embeddings(image),
-            make_knn_graphs(image))
+    steps = _Steps.make(on_vertex, image, gpu_image)
+    # the run-time inputs of the steps that log experiment runs
+    runtime = dict(project=PROJECT_PLACEHOLDER if on_vertex else "",
+                   location=LOCATION_PLACEHOLDER if on_vertex else "")
 
     def item_embeddings(**p) -> Outputs:
-        tracking = dict(experiment=p["experiment"], tracking_backend=p["tracking_backend"],
-                        tracking_dir=p["tracking_dir"],
-                        project=PROJECT_PLACEHOLDER if on_vertex else "",
-                        location=LOCATION_PLACEHOLDER if on_vertex else "")
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
-                             reimport=False).set_display_name("Items")
-        fingerprint = fingerprint_op(items=items.output, previous_uri=p["previous_uri"]
-                                     ).set_display_name("Fingerprint inputs")
+                             reimport=False).set_display_name("Items").output
+        fingerprint = _bind(steps.fingerprint, p, items=items
+                            ).set_display_name("Fingerprint inputs")
         fingerprint.set_caching_options(False)  # it is what tells changed contents apart
-        plan = plan_op(
-            items=items.output, shards=p["shards"], max_parallel_shards=p["max_parallel_shards"],
-            id_column=p["id_column"], image_url_column=p["image_url_column"],
-            max_items=p["max_items"], inputs_fingerprint=fingerprint.output,
-        ).set_display_name("Plan shards")
-        # the workers' cache keys hold the fingerprint through their loop item (see the plan)
-        reads_items = dict(items=items.output, id_column=p["id_column"],
-                           previous_uri=p["previous_uri"])
-        text_jobs, image_jobs = {}, {}
-        if on_vertex:
-            machine = make_text_machine(image)(
-                text_accelerator=p["text_accelerator"], cpu_image=image, gpu_image=gpu_image
-            ).set_display_name("Text machine")
-            text_jobs = dict(strategy=p["text_strategy"], worker_pool_specs=_worker_pool_specs(
-                text_job, machine_type=p["text_machine_type"],
-                accelerator_type=p["text_accelerator"],
-                accelerator_count=machine.outputs["accelerator_count"],
-                image=machine.outputs["image"]))
-            image_jobs = dict(strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
-                image_job, machine_type=p["image_machine_type"],
-                accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
-        with dsl.ParallelFor(plan.output, name="workers") as worker:
-            text = embed_text_op(
-                **reads_items, worker=worker, title_column=p["title_column"],
-                description_column=p["description_column"], text_model=p["text_model"],
-                text_batch_size=p["text_batch_size"], text_backend=p["text_backend"],
-                text_accelerator=p["text_accelerator"], **text_jobs, **tracking,
-            ).set_display_name("Embed text")
-            images = embed_images_op(
-                **reads_items, worker=worker, image_url_column=p["image_url_column"],
-                image_model=p["image_model"], image_pretrained=p["image_pretrained"],
-                image_batch_size=p["image_batch_size"], max_items=p["max_items"],
-                download_concurrency=p["download_concurrency"],
-                download_timeout_s=p["download_timeout_s"],
-                download_retries=p["download_retries"], max_image_bytes=p["max_image_bytes"],
-                allow_private_hosts=p["allow_private_hosts"], shard_size=p["shard_size"],
-                checkpoint_uri=p["checkpoint_uri"], image_user_agent=p["image_user_agent"],
-                image_revalidate=p["image_revalidate"],
-                retry_failed_images=p["retry_failed_images"], require_gpu=on_vertex,
-                **image_jobs, **tracking,
-            ).set_display_name("Embed images")
-        merged_text = merge_text_op(
-            text_shards=dsl.Collected(text.outputs["text_shards"]),
-            workers=plan.output, text_model=p["text_model"],
-            text_backend=p["text_backend"], text_batch_size=p["text_batch_size"],
-            previous_uri=p["previous_uri"], **tracking,
-        ).set_display_name("Merge text")
-        merged_images = merge_images_op(
-            image_shards=dsl.Collected(images.outputs["image_shards"]),
-            workers=plan.output, image_model=p["image_model"], max_items=p["max_items"],
-            previous_uri=p["previous_uri"], **tracking,
-        ).set_display_name("Merge images")
-        fuse_jobs, knn_jobs = {}, {}
-        if on_vertex:
-            fuse_jobs = dict(worker_pool_specs=_worker_pool_specs(
-                fuse_job, machine_type=p["fusion_machine_type"]))
-            knn_jobs = dict(worker_pool_specs=_worker_pool_specs(
-                knn_job, machine_type=p["knn_machine_type"]))
-        fused = fuse_op(
-            text_embeddings=merged_text.outputs["text_embeddings"],
-            image_embeddings=merged_images.outputs["image_embeddings"],
-            fusion_hidden_dim=p["fusion_hidden_dim"], fusion_output_dim=p["fusion_output_dim"],
-            fusion_epochs=p["fusion_epochs"], fusion_lr=p["fusion_lr"],
-            fusion_batch_size=p["fusion_batch_size"], seed=p["seed"],
-            fusion_mode=p["fusion_mode"], previous_uri=p["previous_uri"],
-            inputs_fingerprint=fingerprint.output, **fuse_jobs, **tracking,
-        ).set_display_name("Fuse embeddings")
-        knn = knn_op(
-            text_embeddings=merged_text.outputs["text_embeddings"],
-            fused_embeddings=fused.outputs["fused_embeddings"], knn_k=p["knn_k"],
-            knn_exact_max_items=p["knn_exact_max_items"],
-            knn_recall_queries=p["knn_recall_queries"], seed=p["seed"], **knn_jobs, **tracking,
-        ).set_display_name("kNN graphs")
-        report = report_op(
-            items=items.output, text_embeddings=merged_text.outputs["text_embeddings"],
-            image_embeddings=merged_images.outputs["image_embeddings"],
-            fused_embeddings=fused.outputs["fused_embeddings"],
-            knn_graphs=knn.outputs["graphs"], id_column=p["id_column"],
-            title_column=p["title_column"], category_column=p["category_column"],
-            seed=p["seed"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        ).set_display_name("QA report")
+        plan = _bind(steps.plan, p, items=items, inputs_fingerprint=fingerprint.output
+                     ).set_display_name("Plan shards")
+        text, images = _workers(steps, p, items, plan, runtime, on_vertex=on_vertex,
+                                image=image, gpu_image=gpu_image)
+        merged_text = _bind(steps.merge_text, p, workers=plan.output, **runtime,
+                            text_shards=dsl.Collected(text.outputs["text_shards"])
+                            ).set_display_name("Merge text")
+        merged_images = _bind(steps.merge_images, p, workers=plan.output, **runtime,
+                              image_shards=dsl.Collected(images.outputs["image_shards"])
+                              ).set_display_name("Merge images")
+        text_out = merged_text.outputs["text_embeddings"]
+        image_out = merged_images.outputs["image_embeddings"]
+        fused = _bind(steps.fuse, p, text_embeddings=text_out, image_embeddings=image_out,
+                      inputs_fingerprint=fingerprint.output,
+                      **_machine(steps, "fuse", p, "fusion_machine_type"), **runtime
+                      ).set_display_name("Fuse embeddings")
+        fused_out = fused.outputs["fused_embeddings"]
+        knn = _bind(steps.knn, p, text_embeddings=text_out, fused_embeddings=fused_out,
+                    **_machine(steps, "knn", p, "knn_machine_type"), **runtime
+                    ).set_display_name("kNN graphs")
+        report = _bind(steps.report, p, items=items, text_embeddings=text_out,
+                       image_embeddings=image_out, fused_embeddings=fused_out,
+                       knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+                       ).set_display_name("QA report")
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
-            for task in (text, images):
-                task.set_retry(WORKER_RETRIES, backoff_duration="60s")
-            for task in (plan, merged_text, merged_images, fused, knn, report):
-                task.set_retry(STEP_RETRIES)
-            for task in (plan, merged_text, merged_images, report):  # the jobs have a machine
-                task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
+            _vertex_policies(workers=(text, images),
+                             steps=(plan, merged_text, merged_images, fused, knn, report),
+                             plain=(plan, merged_text, merged_images, report))
         with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
-            publish_op(
-                text_embeddings=merged_text.outputs["text_embeddings"],
-                image_embeddings=merged_images.outputs["image_embeddings"],
-                fused_embeddings=fused.outputs["fused_embeddings"],
-                knn_graphs=knn.outputs["graphs"], report=report.outputs["report"],
-                publish_uri=p["publish_uri"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            ).set_display_name("Publish outputs").set_caching_options(False)
-        return Outputs(merged_text.outputs["text_embeddings"],
-                       merged_images.outputs["image_embeddings"],
-                       fused.outputs["fused_embeddings"], knn.outputs["graphs"],
+            _bind(steps.publish, p, text_embeddings=text_out, image_embeddings=image_out,
+                  fused_embeddings=fused_out, knn_graphs=knn.outputs["graphs"],
+                  report=report.outputs["report"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                  ).set_display_name("Publish outputs").set_caching_options(False)
+        return Outputs(text_out, image_out, fused_out, knn.outputs["graphs"],
                        report.outputs["report"])
 
     return dsl.pipeline(name=PIPELINE_NAME, pipeline_root=pipeline_root)(

@@ -231,6 +231,44 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
     assert unused == set()
 
 
+
+@pytest.mark.parametrize("target", ["vertex", "local"])
+def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
+    """In every task (the loop's and the condition's included), each component input that has
+    a pipeline parameter's name takes that parameter: an input left unbound would silently run
+    with its default whatever the run sets."""
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", target=target).read_text())
+    checked, wrong = 0, []
+
+    def walk(dag):
+        nonlocal checked
+        for name, task in dag.get("tasks", {}).items():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:  # a loop or condition: check the tasks inside
+                walk(component["dag"])
+                continue
+            bound = task.get("inputs", {}).get("parameters", {})
+            for param in component.get("inputDefinitions", {}).get("parameters", {}):
+                if param not in PARAM_FIELDS:
+                    continue
+                checked += 1
+                source = bound.get(param, {}).get("componentInputParameter", "")
+                if source.removeprefix("pipelinechannel--") != param:
+                    wrong.append(f"{name}.{param}: {bound.get(param)}")
+
+    walk(spec["root"]["dag"])
+    assert wrong == []
+    assert checked >= 60  # every step's parameter inputs were seen (not an empty walk)
+
+
+def test_a_parameter_is_never_passed_by_hand():
+    """The pipeline binds parameters by name only: passing one explicitly is refused."""
+    from item_embeddings.components.plan_shards import make_component
+    from item_embeddings.pipeline.pipeline import _bind
+
+    with pytest.raises(TypeError, match=r"bound by name, not passed: \['shards'\]"):
+        _bind(make_component(IMAGE), {name: None for name in PARAM_FIELDS}, shards=3)
+
 def _resolve(template_text: str, values: dict) -> str:
     """Fill ``{{$.inputs.parameters['x']}}`` as the KFP backend does: strings as they are,
     everything else as JSON (the spec stores numbers as doubles; integral ones are written
