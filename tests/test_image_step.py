@@ -109,7 +109,7 @@ def test_gs_checkpoint_and_gs_shards(tiny_model, server, tmp_path, gcs, monkeypa
                   download_config=FAST, run_id="gcs", encoder=encoder)
     first = im.embed_items_images(str(items), tmp_path / "a", **kwargs)
     names = sorted(b.name for b in gcs.list_blobs(name, prefix="ckpt/"))
-    assert [n.rsplit("/", 1)[1] for n in names] == ["manifest.json", "shard-00000.parquet",
+    assert [n.rsplit("/", 1)[1] for n in names] == ["settings.json", "shard-00000.parquet",
                                                      "shard-00001.parquet"]
     second = im.embed_items_images(str(items), tmp_path / "b", **kwargs)
     assert (first["count"], second["resumed_shards"]) == (3, 2)

@@ -415,14 +415,18 @@ def _no_hashes(path: Path) -> None:
 
 
 @pytest.mark.parametrize("group,name,damage,message", [
-    ("text", TXT_ARRAY, _flip_byte, "txt.npy does not match its recorded size/sha256"),
-    ("text", TXT_ITEMS, _truncate, "txt_items.parquet does not match"),
+    ("text", TXT_ARRAY, _flip_byte,
+     r"txt.npy: content does not match txt_meta.json \(same size, sha256 differs\)"),
+    ("text", TXT_ITEMS, _truncate,
+     r"txt_items.parquet: content does not match txt_meta.json \(size \d+, recorded"),
     ("text", TXT_META, Path.unlink, "lacks the text step's txt_meta.json: incomplete"),
     ("text", TXT_META, _no_hashes, "records no file hashes"),
-    ("image", IMG_ARRAY, _flip_byte, "img.npy does not match its recorded size/sha256"),
+    ("image", IMG_ARRAY, _flip_byte,
+     r"img.npy: content does not match img_meta.json \(same size, sha256 differs\)"),
     ("image", IMG_META, Path.unlink, "lacks the image step's img_meta.json"),
     ("image", IMG_FAILURES, Path.unlink, "lacks the image step's img_failures.parquet"),
-    ("image", IMG_ITEMS, _truncate, "img_items.parquet does not match"),
+    ("image", IMG_ITEMS, _truncate,
+     r"img_items.parquet: content does not match img_meta.json \(size \d+, recorded"),
 ])
 def test_a_damaged_previous_set_is_an_error_and_nothing_is_written(
         sets, server, text_encoder, image_encoder, tiny_model, tmp_path, group, name, damage,
@@ -474,7 +478,7 @@ def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_en
     data = bytearray(blob.download_as_bytes())
     data[-1] ^= 0x01
     blob.upload_from_string(bytes(data))
-    with pytest.raises(PreviousSetError, match="txt.npy does not match"):
+    with pytest.raises(PreviousSetError, match="txt.npy: content does not match manifest.json"):
         embed_items_text(str(sets["items_b"]), tmp_path / "again",
                          PipelineParams(previous_uri=prefix), encoder=text_encoder)
     assert not (tmp_path / "again").exists()

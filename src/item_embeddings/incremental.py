@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -35,12 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .outputs import GROUPS
-from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
+from .outputs import GROUPS, MANIFEST
+from .storage import is_file_records, is_gcs_uri, local_folder, read_bytes, record_problems
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"  # the publish manifest (publish.MANIFEST; publish imports storage only)
 KEY_BYTES = 16              # 128-bit keys: collisions are out of the question at 10^8 rows
 
 
@@ -110,16 +108,11 @@ def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
         yield None
         return
     names, meta_name = group_files(group)
-    if is_gcs_uri(uri):
-        with tempfile.TemporaryDirectory(prefix="item-embeddings-previous-") as tmp:
-            _download(uri, names, Path(tmp))
-            yield _verified(uri, Path(tmp), group, names, meta_name)
-        return
-    root = Path(uri).expanduser()
-    if not root.is_dir():
+    if not is_gcs_uri(uri) and not Path(uri).expanduser().is_dir():
         raise PreviousSetError(f"previous output set not found: {uri} (previous_uri must be an "
                                "earlier run's output folder or publish prefix; empty = full run)")
-    yield _verified(uri, root, group, names, meta_name)
+    with local_folder(uri, [MANIFEST, *names]) as root:
+        yield _verified(uri, root, group, names, meta_name)
 
 
 def previous_fingerprint(uri: str) -> str:
@@ -130,29 +123,9 @@ def previous_fingerprint(uri: str) -> str:
         return ""
     metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())]
     digest = hashlib.sha256()
-    if is_gcs_uri(uri):
-        bucket_name, prefix = split_gcs_uri(uri)
-        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        bucket = gcs_client().bucket(bucket_name)
-        for name in [MANIFEST, *metas]:
-            blob = bucket.blob(prefix + name)
-            digest.update(name.encode() + (blob.download_as_bytes() if blob.exists() else b""))
-    else:
-        root = Path(uri).expanduser()
-        for name in [MANIFEST, *metas]:
-            path = root / name
-            digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+    for name in [MANIFEST, *metas]:
+        digest.update(name.encode() + (read_bytes(f"{uri.rstrip('/')}/{name}") or b""))
     return digest.hexdigest()
-
-
-def _download(uri: str, names: list[str], dest: Path) -> None:
-    bucket_name, prefix = split_gcs_uri(uri)
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    bucket = gcs_client().bucket(bucket_name)
-    for name in [MANIFEST, *names]:
-        blob = bucket.blob(prefix + name)
-        if blob.exists():
-            blob.download_to_filename(str(dest / name))
 
 
 def _verified(uri: str, root: Path, group: str, names: list[str],
@@ -167,28 +140,26 @@ def _verified(uri: str, root: Path, group: str, names: list[str],
     except ValueError as exc:
         raise PreviousSetError(f"previous output set {uri}: {meta_name} is not valid JSON: "
                                f"{exc}") from None
-    recorded = _recorded_files(uri, root, meta, meta_name)
-    for name in names:
-        if name == meta_name and name not in recorded:
-            continue  # a meta file cannot record its own hash
-        entry = recorded.get(name)
-        if entry is None:
-            raise PreviousSetError(f"previous output set {uri}: no recorded size and sha256 for "
-                                   f"{name}, so it cannot be verified")
-        size = (root / name).stat().st_size
-        if size != entry.get("size") or sha256_file(root / name) != entry.get("sha256"):
-            raise PreviousSetError(f"previous output set {uri}: {name} does not match its "
-                                   f"recorded size/sha256 (damaged or replaced)")
+    owner, recorded = _recorded_files(uri, root, meta, meta_name)
+    if is_file_records(recorded):  # a manifest records the other groups' files too
+        recorded = {name: entry for name, entry in recorded.items() if name in names}
+    # the meta file itself: checked when a manifest records it (a meta file cannot)
+    problems = record_problems({name: root / name for name in names}, recorded, owner,
+                               required=[name for name in names if name != meta_name])
+    if problems:
+        raise PreviousSetError(f"previous output set {uri}: {'; '.join(problems)}; nothing is "
+                               "reused")
     logger.info("previous %s outputs at %s verified (%d files)", group, uri, len(names))
     return PreviousGroup(uri=uri, dir=root, meta=meta)
 
 
-def _recorded_files(uri: str, root: Path, meta: dict[str, Any],
-                    meta_name: str) -> dict[str, dict[str, Any]]:
-    """Sizes and hashes the set recorded: the publish manifest, else the meta file's ``files``."""
+def _recorded_files(uri: str, root: Path, meta: dict[str, Any], meta_name: str
+                    ) -> tuple[str, Any]:
+    """Who recorded the sizes and hashes, and the record: the publish manifest, else the meta
+    file's ``files``."""
     if (root / MANIFEST).is_file():
         try:
-            return json.loads((root / MANIFEST).read_text())["files"]
+            return MANIFEST, json.loads((root / MANIFEST).read_text())["files"]
         except (ValueError, KeyError) as exc:
             raise PreviousSetError(f"previous output set {uri}: unreadable {MANIFEST}: "
                                    f"{exc}") from None
@@ -198,4 +169,4 @@ def _recorded_files(uri: str, root: Path, meta: dict[str, Any],
                                f"{meta_name} records no file hashes (made by an older "
                                "version?): it cannot be verified; run once without "
                                "previous_uri")
-    return files
+    return meta_name, files

@@ -30,6 +30,9 @@ KNN_META = "knn_meta.json"
 
 QA_REPORT = "qa_report.html"
 
+# A published set's list of its files with their size and sha256, written last (publish.py)
+MANIFEST = "manifest.json"
+
 # group -> (array, id file, meta file, other files)
 GROUPS = {
     "text": (TXT_ARRAY, TXT_ITEMS, TXT_META, ()),

@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ItemEmbeddingsError
-from .outputs import FUSION_CONFIG, IMG_META, TXT_META
-from .storage import file_record, gcs_client, is_gcs_uri, split_gcs_uri, write_json_atomic
+from .outputs import FUSION_CONFIG, IMG_META, MANIFEST, TXT_META
+from .storage import file_record, gcs_client, gcs_prefix, is_gcs_uri, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
 # Meta files whose counts are copied into the manifest: file -> {manifest key: meta key}.
@@ -164,9 +163,8 @@ class _LocalTarget:
 
 class _GcsTarget:
     def __init__(self, uri: str):
-        bucket, prefix = split_gcs_uri(uri)
+        bucket, self.prefix = gcs_prefix(uri)
         self.bucket = gcs_client().bucket(bucket)
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
 
     def _old_files(self) -> set[str]:
         blob = self.bucket.blob(self.prefix + MANIFEST)

@@ -1,4 +1,5 @@
-"""Local paths and ``gs://`` URIs: reading, atomic writing, and copying whole directories.
+"""Local paths and ``gs://`` URIs: reading, atomic writing, copying whole directories, and the
+size and sha256 records that pin a set's files.
 
 Every file the pipeline produces is written to a temporary name beside its destination and
 renamed into place, so a reader (or a restarted task) never sees a half-written file.
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -36,6 +37,14 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise UsageError(f"gs:// URI without a bucket: {uri!r}")
     return bucket, blob
+
+
+def gcs_prefix(uri: str) -> tuple[str, str]:
+    """A ``gs://`` folder as its bucket and the object-name prefix of its files:
+    ``gs://bucket/a/b/`` -> ``("bucket", "a/b/")``, the bucket's root -> ``("bucket", "")``."""
+    bucket, folder = split_gcs_uri(uri)
+    folder = folder.strip("/")
+    return bucket, folder + "/" if folder else ""
 
 
 def gcs_client():
@@ -65,6 +74,51 @@ def arrow_filesystem(uri: str):
         bucket, blob = split_gcs_uri(uri)
         return fs, f"{bucket}/{blob}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _file_info(uri: str):
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_filesystem(uri)
+    info = fs.get_file_info(path)
+    return fs, path, info.type == pafs.FileType.File
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The contents of the file at ``uri`` (local path or ``gs://``); None when there is none."""
+    fs, path, exists = _file_info(uri)
+    if not exists:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def list_files(folder: str) -> list[str]:
+    """The names of the files directly in ``folder`` (local path or ``gs://`` prefix), sorted."""
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+
+
+@contextlib.contextmanager
+def local_folder(uri: str, names: Iterable[str] | None = None) -> Iterator[Path]:
+    """The folder ``uri`` as a local directory, to read a set of files the same way wherever
+    it is: a local folder itself; a ``gs://`` prefix copied into a temporary directory (its
+    files ``names`` that exist, every file when None), removed afterwards. ``names`` must be
+    plain file names."""
+    if not is_gcs_uri(uri):
+        yield Path(uri).expanduser()
+        return
+    folder = uri.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="item-embeddings-fetch-") as tmp:
+        for name in list_files(uri) if names is None else names:
+            fs, path, exists = _file_info(f"{folder}/{name}")
+            if exists:
+                with fs.open_input_stream(path) as src, open(Path(tmp) / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        yield Path(tmp)
 
 
 def download_gcs_prefix(uri: str, dest: Path) -> Path:
@@ -252,3 +306,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
     """``{"size", "sha256"}`` of a file: how a manifest or a meta file pins a file's content."""
     return {"size": os.stat(path).st_size, "sha256": sha256_file(path)}
+
+
+def is_file_records(records: Any) -> bool:
+    """Whether ``records`` has the form of a ``files`` record: name -> ``{"size", "sha256"}``."""
+    return isinstance(records, dict) and all(isinstance(e, dict) for e in records.values())
+
+
+def record_problems(files: Mapping[str, Path], records: Any, owner: str, *,
+                    required: Iterable[str] = (),
+                    sha256: Callable[[Path], str] = sha256_file) -> list[str]:
+    """What differs between the available ``files`` (name -> path) and the ``records`` of
+    their size and sha256 that ``owner`` (a meta file, a manifest) wrote: a recorded file
+    missing or not as recorded, a ``required`` name without a record. Empty when all is as
+    recorded. The one check of recorded files: ``verify`` reports the problems, a run that
+    reuses a previous set refuses it on any."""
+    if not is_file_records(records):
+        return [f"{owner}: 'files' is not a mapping of file name to size and sha256"]
+    problems = [f"{owner} records no size and sha256 of {name}: it cannot be verified"
+                for name in required if name not in records]
+    for name, entry in sorted(records.items()):
+        if name not in files:
+            problems.append(f"{owner} lists {name} but it is missing")
+            continue
+        size = files[name].stat().st_size
+        if size != entry.get("size"):
+            differs = f"size {size}, recorded {entry.get('size')!r}"
+        elif sha256(files[name]) != entry.get("sha256"):
+            differs = "same size, sha256 differs"
+        else:
+            continue
+        problems.append(f"{name}: content does not match {owner} ({differs}): changed after it "
+                        f"was written, or from another run")
+    return problems

@@ -37,7 +37,7 @@ from ..storage import (atomic_npy, atomic_path, gcs_client, is_gcs_uri, split_gc
 logger = logging.getLogger(__name__)
 
 SHARD_FORMAT = "item-embeddings/image-shard/2"
-MANIFEST = "manifest.json"
+SETTINGS_FILE = "settings.json"  # what the shards of a fingerprint are made from, for people
 _META_FINGERPRINT = b"fingerprint"
 _META_CONTENT = b"content_sha256"
 _META_FORMAT = b"format"
@@ -121,16 +121,16 @@ class ShardStore:
     def _name(self, index: int) -> str:
         return f"shard-{index:05d}.parquet"
 
-    def write_manifest(self) -> None:
+    def write_settings(self) -> None:
         """Record what the shards are made from (for people; resume reads shard metadata)."""
         payload = {"format": SHARD_FORMAT, "fingerprint": self.fingerprint,
                    "settings": self._settings}
         if self.gcs:
-            blob = self._bucket.blob(f"{self._prefix}/{MANIFEST}")
+            blob = self._bucket.blob(f"{self._prefix}/{SETTINGS_FILE}")
             blob.upload_from_string(json.dumps(payload, indent=2, sort_keys=True, default=str),
                                     content_type="application/json")
         else:
-            write_json_atomic(Path(self.location) / MANIFEST, payload)
+            write_json_atomic(Path(self.location) / SETTINGS_FILE, payload)
 
     def save(self, index: int, content_sha256: str, table: pa.Table) -> None:
         table = table.replace_schema_metadata({_META_FINGERPRINT: self.fingerprint.encode(),

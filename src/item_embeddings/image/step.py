@@ -291,7 +291,7 @@ def embed_items_images(
         run_fingerprint = fingerprint(settings)
         store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,
                            settings)
-        store.write_manifest()
+        store.write_settings()
 
         counting = Selection()
         for _ in iter_selected(items_uri, columns, cap, counting, rows):

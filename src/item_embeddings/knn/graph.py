@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..blocks import row_blocks
 from ..errors import ItemEmbeddingsError
 from ..progress import Progress
 
@@ -106,14 +107,12 @@ def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
     out = np.empty((n, dim), dtype=np.float32) if normalise else None
     bad_finite: list[np.ndarray] = []
     bad_zero: list[np.ndarray] = []
-    for start in range(0, n, CHECK_ROWS):
-        chunk = np.asarray(vectors[start:start + CHECK_ROWS])
-        finite = np.isfinite(chunk).all(axis=1)
-        norms = np.linalg.norm(np.where(finite[:, None], chunk, 0), axis=1)
-        bad_finite.append(np.flatnonzero(~finite) + start)
-        bad_zero.append(np.flatnonzero(finite & (norms == 0)) + start)
+    for block in row_blocks(vectors, CHECK_ROWS):
+        bad_finite.append(np.flatnonzero(~block.finite) + block.start)
+        bad_zero.append(np.flatnonzero(block.finite & (block.norms == 0)) + block.start)
         if out is not None:
-            out[start:start + len(chunk)] = chunk / np.where(norms > 0, norms, 1)[:, None]
+            out[block.start:block.start + len(block.rows)] = (
+                block.rows / np.where(block.norms > 0, block.norms, 1)[:, None])
     problems = []
     for rows, kind in ((np.concatenate(bad_finite), "NaN or Inf values"),
                        (np.concatenate(bad_zero), "all zeros (no direction)")):
@@ -277,8 +276,19 @@ def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = "
     return ids, scores
 
 
+@dataclass(frozen=True)
+class _Search:
+    """Every row's neighbours as one search method found them, and how."""
+
+    ids: np.ndarray               # int64 [N, k]
+    scores: np.ndarray            # float32 [N, k]
+    index_params: dict[str, Any]
+    build_time_sec: float
+    query_time_sec: float
+
+
 def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.device,
-             desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], float, float]:
+             desc: str) -> _Search:
     """The approximate graph: train and fill an IVF index, tune nprobe, search every row."""
     import faiss
 
@@ -322,7 +332,7 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
               "tune_recall_by_nprobe": {str(p): r for p, r in tried.items()},
               "tune_time_sec": tune_time, "exact_rows": len(unfilled),
               "faiss_threads": faiss.omp_get_max_threads(), "faiss_version": faiss.__version__}
-    return ids, scores, params, build_time, query_time
+    return _Search(ids, scores, params, build_time, query_time)
 
 
 def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
@@ -353,17 +363,16 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
     n = len(x)
     rng = np.random.default_rng(seed)
     if n <= exact_max_items:
+        method = METHOD_EXACT
         started = time.perf_counter()
         ids, scores = exact_knn(x, k, device=device, desc=f"{what} exact kNN")
-        query_time, build_time = time.perf_counter() - started, 0.0
-        method = METHOD_EXACT
-        params: dict[str, Any] = {"query_block": QUERY_BLOCK, "db_block": DB_BLOCK,
-                                  "torch_threads": torch.get_num_threads()}
+        search = _Search(ids, scores, {"query_block": QUERY_BLOCK, "db_block": DB_BLOCK,
+                                       "torch_threads": torch.get_num_threads()},
+                         build_time_sec=0.0, query_time_sec=time.perf_counter() - started)
     else:
         method = METHOD_IVF
-        ids, scores, params, build_time, query_time = _ivf_knn(x, k, rng, device,
-                                                               f"{what} kNN")
-    ids, scores = _lexi_order(ids, scores)
+        search = _ivf_knn(x, k, rng, device, f"{what} kNN")
+    ids, scores = _lexi_order(search.ids, search.scores)
     started = time.perf_counter()
     sample = np.sort(rng.choice(n, min(recall_queries, n), replace=False))
     _, exact_scores = exact_knn(x, k, queries=sample, device=device,
@@ -373,9 +382,10 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
                  for j in RECALL_PREFIXES if j < k}
     recall_time = time.perf_counter() - started
     logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
-                what, method, n, k, k, recall, len(sample), query_time)
+                what, method, n, k, k, recall, len(sample), search.query_time_sec)
     return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
-                    method=method, index_params=params, build_time_sec=build_time,
-                    query_time_sec=query_time, recall_at_k=recall, recall_by_prefix=by_prefix,
+                    method=method, index_params=search.index_params,
+                    build_time_sec=search.build_time_sec, query_time_sec=search.query_time_sec,
+                    recall_at_k=recall, recall_by_prefix=by_prefix,
                     recall_queries=len(sample),
                     recall_time_sec=recall_time, device=str(device))

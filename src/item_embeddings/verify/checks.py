@@ -1,215 +1,71 @@
-"""Check a finished (local or published) output set: completeness, alignment, shapes, norms, hashes.
-
-``item-embeddings verify DIR_OR_URI`` prints what the set holds and every violated invariant;
-the exit status is non-zero when there is one. The files and the rules are described in
-docs/outputs.md ("What `verify` guarantees" lists the damage it refuses); a ``gs://`` prefix is
-downloaded to a temporary directory first (only the files of the manifest when there is one).
-
-Alignment is proven, not assumed: every meta file lists the size and sha256 of each file its step
-wrote (``step.StepRun.finish``), so a moved array row or id is a hash mismatch; the fusion meta
-names the text and image runs it was made from; kNN scores must be the cosine of the rows they
-link. Damaged files of any kind (wrong dtypes, truncated, not JSON) are reported, never raised.
-"""
+"""One pass over an output set: completeness, provenance, alignment, shapes, norms, hashes."""
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .items import id_problems
-from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, GROUPS,
-                      IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED, KNN_FUSED_SCORES,
-                      KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS, TXT_META)
-from .publish import MANIFEST
-from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
-
-NORM_TOLERANCE = 1e-3
-SCORE_TOLERANCE = 1e-3  # a kNN score vs the cosine of its two rows, and the [-1, 1] bounds
-_ORDER_SLACK = 1e-6     # float rounding allowed between neighbouring kNN scores
-_CHUNK_ROWS = 65536     # rows per pass over a memory-mapped array (bounded memory on 500k x 512)
-_GATHER_VALUES = 1 << 24  # neighbour vector values gathered at once by the kNN score check (64 MB)
-_EXAMPLES = 5
+from ..items import id_problems
+from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, GROUPS,
+                       IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_META, MANIFEST,
+                       TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..storage import (is_file_records, is_gcs_uri, list_files, local_folder, read_bytes,
+                       record_problems, sha256_file)
+from .graphs import KNN_FILES, KNN_SPACES, check_graph
+from .report import (EXAMPLES, Report, check_meta, check_values, load_array, load_json,
+                     load_table, meta_fact)
 
 _REQUIRED_EXTRA = {IMG_FAILURES}  # the fusion extras are required when its meta lists them
-KNN_FILES = (KNN_TEXT, KNN_TEXT_SCORES, KNN_FUSED, KNN_FUSED_SCORES, KNN_META)
 # group -> the files it must have, and its meta file
 _GROUP_FILES = {**{group: [arr, ids, meta, *(e for e in extra if e in _REQUIRED_EXTRA)]
                    for group, (arr, ids, meta, extra) in GROUPS.items()}, "knn": list(KNN_FILES)}
 _GROUP_META = {**{group: meta for group, (_, _, meta, _) in GROUPS.items()}, "knn": KNN_META}
-# kNN space in knn_meta.json -> (neighbour indices, scores, the array whose rows they link)
-KNN_SPACES = {"text": (KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY),
-              "fused": (KNN_FUSED, KNN_FUSED_SCORES, FUSED_ARRAY)}
-
-# Column kinds of the parquet files: a test of the arrow type and how a message names it.
-_KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
-    "id": (lambda t: pa.types.is_integer(t) or pa.types.is_string(t)
-           or pa.types.is_large_string(t), "string or integer ids"),
-    "int": (pa.types.is_integer, "an integer type"),
-    "str": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string type"),
-    "bool": (pa.types.is_boolean, "bool"),
-}
-
-
-@dataclass
-class Report:
-    """What ``verify_outputs`` found: printable facts and violations."""
-
-    source: str
-    facts: list[str] = field(default_factory=list)
-    violations: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def fail(self, message: str) -> None:
-        self.violations.append(message)
-
-    def format(self) -> str:
-        lines = [f"output set: {self.source}", *(f"  {f}" for f in self.facts)]
-        if self.violations:
-            lines.append(f"{len(self.violations)} violation(s):")
-            lines += [f"  VIOLATION: {v}" for v in self.violations]
-        else:
-            lines.append("all checks passed")
-        return "\n".join(lines)
 
 
 def verify_outputs(dir_or_uri: str) -> Report:
     """Read the output set at a local directory or ``gs://`` prefix and check its invariants."""
-    if is_gcs_uri(dir_or_uri):
-        with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
-            report = Report(source=dir_or_uri)
-            if _download_set(dir_or_uri, Path(tmp), report):
-                _SetCheck(Path(tmp), report).run()
-            return report
     report = Report(source=dir_or_uri)
-    if not Path(dir_or_uri).is_dir():
+    if is_gcs_uri(dir_or_uri):
+        names = _published_names(dir_or_uri, report)
+        if names is None:
+            return report
+    elif Path(dir_or_uri).is_dir():
+        names = None  # read in place
+    else:
         report.fail(f"directory not found: {dir_or_uri}")
         return report
-    _SetCheck(Path(dir_or_uri), report).run()
+    with local_folder(dir_or_uri, names) as root:
+        _SetCheck(root, report).run()
     return report
 
 
-def _download_set(uri: str, dest: Path, report: Report) -> bool:
-    bucket_name, prefix = split_gcs_uri(uri)
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    bucket = gcs_client().bucket(bucket_name)
-    manifest_blob = bucket.blob(prefix + MANIFEST)
-    if manifest_blob.exists():
-        manifest_blob.download_to_filename(str(dest / MANIFEST))
-        names = list(json.loads((dest / MANIFEST).read_text()).get("files", {}))
+def _published_names(uri: str, report: Report) -> list[str] | None:
+    """The files of a remote set to fetch: those its manifest lists (and the manifest), or
+    every file under the prefix when there is no manifest (a plain copy of a run's outputs, or
+    a publish in progress). None when there is nothing."""
+    import json
+
+    manifest = read_bytes(f"{uri.rstrip('/')}/{MANIFEST}")
+    if manifest is None:
+        names = list_files(uri)
     else:
-        # No manifest: a plain copy of a run's outputs (or a publish in progress).
-        names = [b.name[len(prefix):] for b in bucket.list_blobs(prefix=prefix, delimiter="/")]
+        try:
+            names = list(json.loads(manifest).get("files", {}))
+        except (ValueError, AttributeError):  # fetched alone: the check reports it unreadable
+            names = [MANIFEST]
     if not names:
         report.fail(f"nothing found under {uri}")
-        return False
+        return None
+    plain = [name for name in names if name and name == Path(name).name
+             and name not in (".", "..")]
     for name in names:
-        if not name or name != Path(name).name or name in (".", ".."):
+        if name not in plain:
             report.fail(f"{MANIFEST}: file name {name!r} is not a plain name in the set")
-            continue
-        blob = bucket.blob(prefix + name)
-        if blob.exists():
-            blob.download_to_filename(str(dest / name))
-    return True
-
-
-def _load_json(path: Path, report: Report) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        report.fail(f"{path.name}: unreadable JSON: {exc}")
-        return None
-    if not isinstance(data, dict):
-        report.fail(f"{path.name}: expected a JSON object")
-        return None
-    return data
-
-
-def _load_table(path: Path, columns: dict[str, str], report: Report) -> pa.Table | None:
-    """The table with ``columns`` (name -> kind in ``_KINDS``), or None after a violation."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # any pyarrow error: the file is unusable
-        report.fail(f"{path.name}: unreadable parquet: {exc}")
-        return None
-    absent = [c for c in columns if c not in table.column_names]
-    if absent:
-        report.fail(f"{path.name}: missing column(s) {absent} (has {table.column_names})")
-        return None
-    usable = True
-    for column, kind in columns.items():
-        accepts, expected = _KINDS[kind]
-        dtype = table.schema.field(column).type
-        if not accepts(dtype):
-            report.fail(f"{path.name}: column {column!r} has type {dtype}, expected {expected}")
-            usable = False
-    return table if usable else None
-
-
-def _load_array(path: Path, report: Report, dtype: type = np.float32) -> np.ndarray | None:
-    """The 2-D array at ``path`` (memory-mapped), or None when it cannot be checked further.
-
-    A wrong dtype of the right kind (float64 for float32) is a violation but still checked.
-    """
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # truncated header, wrong format: say so instead of crashing
-        report.fail(f"{path.name}: unreadable .npy: {exc}")
-        return None
-    report.facts.append(f"{path.name}: shape {list(arr.shape)}, dtype {arr.dtype}")
-    if arr.ndim != 2:
-        report.fail(f"{path.name}: expected a 2-D array, got shape {list(arr.shape)}")
-        return None
-    if arr.dtype != dtype:
-        report.fail(f"{path.name}: expected {np.dtype(dtype)}, got {arr.dtype}")
-        if arr.dtype.kind != np.dtype(dtype).kind:
-            return None
-    return arr
-
-
-def _rows_text(rows: list[int]) -> str:
-    return f"{len(rows)} row(s) (rows {rows[:_EXAMPLES]})"
-
-
-def _check_values(name: str, arr: np.ndarray, report: Report) -> None:
-    """No NaN/Inf and unit L2 norm on every row, in chunks (the array is memory-mapped)."""
-    bad_finite, bad_norm = [], []
-    for start in range(0, arr.shape[0], _CHUNK_ROWS):
-        block = np.asarray(arr[start:start + _CHUNK_ROWS], dtype=np.float64)
-        finite = np.isfinite(block).all(axis=1)
-        bad_finite += (np.flatnonzero(~finite) + start).tolist()
-        norms = np.linalg.norm(np.where(np.isfinite(block), block, 0.0), axis=1)
-        bad_norm += (np.flatnonzero(finite & (np.abs(norms - 1.0) > NORM_TOLERANCE))
-                     + start).tolist()
-    if bad_finite:
-        report.fail(f"{name}: {len(bad_finite)} row(s) with NaN/Inf (rows {bad_finite[:5]})")
-    if bad_norm:
-        report.fail(f"{name}: {len(bad_norm)} row(s) not unit-norm (tolerance {NORM_TOLERANCE}; "
-                    f"rows {bad_norm[:5]})")
-
-
-def _check_meta(meta_name: str, meta: dict, expected: dict[str, Any], report: Report) -> None:
-    for key, value in expected.items():
-        if key not in meta:
-            report.fail(f"{meta_name}: field {key!r} missing")
-        elif meta[key] != value:
-            report.fail(f"{meta_name}: {key} = {meta[key]!r} but the data says {value!r}")
-
-
-def _meta_fact(name: str, meta: dict) -> str:
-    shown = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
-    return f"{name}: " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+    return plain if manifest is None else [MANIFEST, *plain]
 
 
 class _SetCheck:
@@ -267,11 +123,11 @@ class _SetCheck:
         return False
 
     def _read_meta(self, meta_name: str, group: str) -> None:
-        meta = _load_json(self.root / meta_name, self.report)
+        meta = load_json(self.root / meta_name, self.report)
         if meta is None:
             return
         self.metas[meta_name] = meta
-        self.report.facts.append(_meta_fact(meta_name, meta))
+        self.report.facts.append(meta_fact(meta_name, meta))
         if not isinstance(meta.get("run_id"), str) or not meta["run_id"]:
             self.fail(f"{meta_name}: no run_id: which run wrote these files is unknown")
         records = meta.get("files")
@@ -286,30 +142,17 @@ class _SetCheck:
                 self.fail(f"{meta_name}: 'files' records no hash of {unrecorded}")
 
     def _check_records(self, owner: str, records: Any) -> bool:
-        """Check files against ``{name: {"size", "sha256"}}`` recorded in ``owner``."""
-        if not isinstance(records, dict) or not all(isinstance(e, dict)
-                                                    for e in records.values()):
-            self.fail(f"{owner}: 'files' is not a mapping of file name to size and sha256")
-            return False
-        for name, entry in sorted(records.items()):
-            if name not in self.present:
-                self.fail(f"{owner} lists {name} but it is missing")
-                continue
-            size = (self.root / name).stat().st_size
-            if size != entry.get("size"):
-                differs = f"size {size}, recorded {entry.get('size')!r}"
-            elif self._hash(name) != entry.get("sha256"):
-                differs = "same size, sha256 differs"
-            else:
-                continue
-            self.fail(f"{name}: content does not match {owner} ({differs}): changed after it "
-                      f"was written, or from another run")
-        return True
+        """Check the files against ``{name: {"size", "sha256"}}`` recorded in ``owner``;
+        False when ``records`` is not such a record."""
+        for problem in record_problems({name: self.root / name for name in self.present},
+                                       records, owner, sha256=self._hash):
+            self.fail(problem)
+        return is_file_records(records)
 
-    def _hash(self, name: str) -> str:
-        if name not in self._sha256:
-            self._sha256[name] = sha256_file(self.root / name)
-        return self._sha256[name]
+    def _hash(self, path: Path) -> str:
+        if path.name not in self._sha256:
+            self._sha256[path.name] = sha256_file(path)
+        return self._sha256[path.name]
 
     def _check_run_links(self) -> None:
         """The fusion step must have been made from the text and image outputs of this set."""
@@ -327,7 +170,7 @@ class _SetCheck:
         if MANIFEST not in self.present:
             self.report.facts.append("manifest.json: none (not a published set)")
             return None
-        manifest = _load_json(self.root / MANIFEST, self.report)
+        manifest = load_json(self.root / MANIFEST, self.report)
         if manifest is None:
             return None
         files = manifest.get("files", {})
@@ -344,7 +187,7 @@ class _SetCheck:
     # -- the groups' contents
 
     def _table(self, name: str, columns: dict[str, str]) -> pa.Table | None:
-        table = _load_table(self.root / name, columns, self.report)
+        table = load_table(self.root / name, columns, self.report)
         if table is None or "id" not in columns:
             return table
         if self.id_type is not None and table.schema.field("id").type != self.id_type:
@@ -355,7 +198,7 @@ class _SetCheck:
         return table
 
     def _array(self, name: str, dtype: type = np.float32) -> np.ndarray | None:
-        arr = _load_array(self.root / name, self.report, dtype)
+        arr = load_array(self.root / name, self.report, dtype)
         if arr is not None:
             self.arrays[name] = arr
         return arr
@@ -373,9 +216,9 @@ class _SetCheck:
             self.fail(f"txt.npy has {arr.shape[0]} rows but txt_items.parquet has "
                       f"{table.num_rows} ids")
         if meta is not None:
-            _check_meta(TXT_META, meta, {"count": arr.shape[0], "embed_dim": arr.shape[1]},
+            check_meta(TXT_META, meta, {"count": arr.shape[0], "embed_dim": arr.shape[1]},
                         self.report)
-        _check_values(TXT_ARRAY, arr, self.report)
+        check_values(TXT_ARRAY, arr, self.report)
 
     def _verify_image(self) -> set | None:
         arr = self._array(IMG_ARRAY)
@@ -395,7 +238,7 @@ class _SetCheck:
         shared = sorted(r for r, n in Counter(rows).items() if n > 1 and r is not None)
         if shared:
             self.fail(f"img_items.parquet: several ids point at the same img.npy row "
-                      f"(rows {shared[:_EXAMPLES]})")
+                      f"(rows {shared[:EXAMPLES]})")
         if table.num_rows != arr.shape[0]:
             self.fail(f"img.npy has {arr.shape[0]} rows but img_items.parquet has "
                       f"{table.num_rows} ids")
@@ -409,8 +252,8 @@ class _SetCheck:
             self._check_failures(ids, failures, meta, expected)
             expected["failed_count"] = failures.num_rows
         if meta is not None:
-            _check_meta(IMG_META, meta, expected, self.report)
-        _check_values(IMG_ARRAY, arr, self.report)
+            check_meta(IMG_META, meta, expected, self.report)
+        check_values(IMG_ARRAY, arr, self.report)
         return set(ids)
 
     def _check_failures(self, ids: list, failures: pa.Table, meta: dict | None,
@@ -475,10 +318,10 @@ class _SetCheck:
         with_images = sum(map(bool, has_image))
         self.report.facts.append(f"fused items: {len(ids):,d}, with images: {with_images:,d}")
         if meta is not None:
-            _check_meta(FUSION_CONFIG, meta, {"count": arr.shape[0],
+            check_meta(FUSION_CONFIG, meta, {"count": arr.shape[0],
                                               "items_with_images": with_images,
                                               "output_dim": arr.shape[1]}, self.report)
-        _check_values(FUSED_ARRAY, arr, self.report)
+        check_values(FUSED_ARRAY, arr, self.report)
 
     # -- kNN graphs
 
@@ -492,7 +335,7 @@ class _SetCheck:
                 self.fail(f"{KNN_META}: k = {k!r} is not a positive integer")
                 k = None
             if n is not None:
-                _check_meta(KNN_META, meta, {"count": n}, self.report)
+                check_meta(KNN_META, meta, {"count": n}, self.report)
             if not isinstance(spaces, dict) or not all(
                     isinstance(spaces.get(s), dict) for s in KNN_SPACES):
                 self.fail(f"{KNN_META}: 'spaces' must describe {sorted(KNN_SPACES)}")
@@ -503,7 +346,7 @@ class _SetCheck:
             vectors = self.arrays.get(source)
             if spaces is not None:
                 info = spaces[space]
-                self.report.facts.append(_meta_fact(f"{KNN_META} {space}", info))
+                self.report.facts.append(meta_fact(f"{KNN_META} {space}", info))
                 if vectors is not None and info.get("dim") != vectors.shape[1]:
                     self.fail(f"{KNN_META}: spaces.{space}.dim = {info.get('dim')!r} but "
                               f"{source} has {vectors.shape[1]} columns")
@@ -516,58 +359,4 @@ class _SetCheck:
                               f"(text items x k of {KNN_META})")
                     shapes_ok = False
             if shapes_ok:
-                self._check_graph(space, idx, scores, vectors)
-
-    def _check_graph(self, space: str, idx: np.ndarray, scores: np.ndarray,
-                     vectors: np.ndarray | None) -> None:
-        """Indices in range, not the row itself, no repeats; scores finite, within [-1, 1],
-        most similar first, and equal to the cosine of the two rows of ``vectors``."""
-        idx_name, score_name, source = KNN_SPACES[space]
-        n, k = idx.shape
-        bad: dict[str, list[int]] = {key: [] for key in (
-            "range", "self", "repeat", "finite", "bounds", "order", "cosine")}
-        dim = vectors.shape[1] if vectors is not None and vectors.shape[0] == n else 0
-        if dim:
-            norms = np.concatenate([np.linalg.norm(np.asarray(vectors[s:s + _CHUNK_ROWS]), axis=1)
-                                    for s in range(0, n, _CHUNK_ROWS)])
-        step = max(1, min(_CHUNK_ROWS, _GATHER_VALUES // max(1, k * dim)))
-        for start in range(0, n, step):
-            ix = np.asarray(idx[start:start + step], dtype=np.int64)
-            sc = np.asarray(scores[start:start + step], dtype=np.float64)
-            rows = np.arange(start, start + len(ix))
-            in_range = (ix >= 0) & (ix < n)
-            ordered = np.sort(ix, axis=1)
-            finite = np.isfinite(sc)
-            found = {
-                "range": ~in_range.all(axis=1),
-                "self": (ix == rows[:, None]).any(axis=1),
-                "repeat": (ordered[:, 1:] == ordered[:, :-1]).any(axis=1),
-                "finite": ~finite.all(axis=1),
-                "bounds": (finite & (np.abs(sc) > 1 + SCORE_TOLERANCE)).any(axis=1),
-                "order": (np.diff(sc, axis=1) > _ORDER_SLACK).any(axis=1),
-            }
-            if dim:
-                # float32 products (error ~1e-6, far below the tolerance): 6x faster than float64
-                linked = np.where(in_range, ix, 0)
-                anchors = np.asarray(vectors[start:start + len(ix)])
-                dots = np.matmul(vectors[linked], anchors[:, :, None])[..., 0]
-                cosine = dots / np.maximum(norms[rows, None] * norms[linked], 1e-12)
-                found["cosine"] = (in_range & finite
-                                   & (np.abs(cosine - sc) > SCORE_TOLERANCE)).any(axis=1)
-            for key, hit in found.items():
-                bad[key] += rows[hit].tolist()
-        messages = {
-            "range": f"{idx_name}: {{}} with neighbour indices outside [0, {n})",
-            "self": f"{idx_name}: {{}} listing the item itself as its neighbour",
-            "repeat": f"{idx_name}: {{}} listing a neighbour twice",
-            "finite": f"{score_name}: {{}} with NaN/Inf scores",
-            "bounds": f"{score_name}: {{}} with scores outside [-1, 1] "
-                      f"(tolerance {SCORE_TOLERANCE})",
-            "order": f"{score_name}: {{}} not sorted most similar first",
-            "cosine": f"{score_name}: {{}} whose scores are not the cosine of the {source} rows "
-                      f"they link (tolerance {SCORE_TOLERANCE}): built from other vectors, or "
-                      f"rows moved",
-        }
-        for key, rows in bad.items():
-            if rows:
-                self.fail(messages[key].format(_rows_text(rows)))
+                check_graph(space, idx, scores, vectors, self.report)
