@@ -123,6 +123,8 @@ def publish_outputs(source_dirs: Sequence[str | os.PathLike], publish_uri: str, 
     manifest = build_manifest(files, publish_uri=publish_uri, run_id=run_id,
                               extra_meta=extra_meta)
     token = f"{run_id or 'run'}-{uuid.uuid4().hex[:8]}"
+    # Writing keeps one target per store (reading a set does not, storage.local_folder): the
+    # protocol needs GCS's no-overwrite preconditions and server-side rewrites.
     target = _GcsTarget(publish_uri) if is_gcs_uri(publish_uri) else _LocalTarget(publish_uri)
     target.publish(files, manifest, token)
     log.info("published %d files (%s bytes) to %s", len(files),

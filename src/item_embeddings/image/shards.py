@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS
-from ..storage import (atomic_npy, atomic_path, gcs_client, is_gcs_uri, split_gcs_uri,
+from ..storage import (atomic_npy, atomic_path, gcs_client, gcs_prefix, is_gcs_uri,
                        write_json_atomic, write_parquet_atomic)
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class ShardStore:
         self._settings = dict(settings)
         self._bucket = None
         if self.gcs:
-            bucket_name, self._prefix = split_gcs_uri(self.location)
+            bucket_name, self._prefix = gcs_prefix(self.location)
             self._bucket = gcs_client().bucket(bucket_name)
         else:
             Path(self.location).mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ class ShardStore:
         payload = {"format": SHARD_FORMAT, "fingerprint": self.fingerprint,
                    "settings": self._settings}
         if self.gcs:
-            blob = self._bucket.blob(f"{self._prefix}/{SETTINGS_FILE}")
+            blob = self._bucket.blob(self._prefix + SETTINGS_FILE)
             blob.upload_from_string(json.dumps(payload, indent=2, sort_keys=True, default=str),
                                     content_type="application/json")
         else:
@@ -139,7 +139,7 @@ class ShardStore:
         if self.gcs:
             sink = io.BytesIO()
             pq.write_table(table, sink)
-            self._bucket.blob(f"{self._prefix}/{self._name(index)}").upload_from_string(
+            self._bucket.blob(self._prefix + self._name(index)).upload_from_string(
                 sink.getvalue(), content_type="application/octet-stream")
             return
         with atomic_path(Path(self.location) / self._name(index)) as tmp:
@@ -150,7 +150,7 @@ class ShardStore:
         """The finished shard, or None when absent, unreadable or made from something else."""
         try:
             if self.gcs:
-                blob = self._bucket.blob(f"{self._prefix}/{self._name(index)}")
+                blob = self._bucket.blob(self._prefix + self._name(index))
                 if not blob.exists():
                     return None
                 table = pq.read_table(io.BytesIO(blob.download_as_bytes()))
