@@ -14,12 +14,12 @@ A component then reads::
                    metrics: Output[Metrics], text_model: str, ..., experiment: str, ...):
         \"\"\"Embeds ... (the summary and the artifacts' Args; the rest is added).\"\"\"
         from item_embeddings.components.shared import component_step
-        from item_embeddings.text import embed_items_text
+        from item_embeddings.text.step import TEXT_STEP, embed_items_text
 
         with component_step(locals(), text_embeddings, metrics, "text") as step:
             meta = embed_items_text(items.uri, step.out_dir, step.params, run_id=step.run_id,
                                     tracker=step.tracker)
-            step.report(meta, metadata=("count",), metrics=("count",))
+            step.report(meta, TEXT_STEP, metadata=("count",))
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.fanout import WHOLE_TABLE
+from item_embeddings.step import StepKind
 from item_embeddings.tracking import ExperimentTracker, NullTracker
 
 # Component inputs that are not pipeline parameters, with their defaults: the pipeline binds
@@ -105,16 +106,15 @@ class ComponentStep:
     prefix: str                 # metric key prefix: Vertex merges all steps' Metrics in one row
     reported: dict[str, Any] = field(default_factory=dict)
 
-    def report(self, meta: Mapping[str, Any], *, metadata: Sequence[str],
-               metrics: Sequence[str]) -> None:
-        """Copy ``metadata`` keys of the step's meta onto the output artifact and ``metrics``
-        keys into the Metrics artifact (``<prefix>_<key>``); keys a step's mode does not
-        produce (e.g. a loss when the fusion model is applied, not trained) are left out."""
+    def report(self, meta: Mapping[str, Any], kind: StepKind, *,
+               metadata: Sequence[str]) -> None:
+        """Copy ``metadata`` keys of the step's meta onto the output artifact, and the step's
+        metrics (``kind.metrics``: what its experiment run logged) into the Metrics artifact
+        as ``<prefix>_<key>``."""
         from item_embeddings.tracking import write_metrics_artifact
 
         self.output.metadata.update({k: meta[k] for k in metadata})
-        write_metrics_artifact(self.metrics, self.prefix,
-                               {k: meta[k] for k in metrics if meta.get(k) is not None})
+        write_metrics_artifact(self.metrics, self.prefix, kind.metrics(meta))
 
 
 @contextlib.contextmanager
@@ -125,7 +125,8 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
     (the files are copied to the artifact, meta file last, when the block succeeds).
 
     ``stage=False`` (fan-out workers): ``out_dir`` is the artifact itself, and each shard is
-    staged on its own (:func:`shard_output`), so a retried task keeps the finished shards.
+    staged on its own (:func:`shard_output`), so a retried task keeps the finished shards
+    (:func:`pending_shards` leaves them out).
     """
     from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
@@ -159,21 +160,28 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
         yield step(out_dir)
 
 
-@contextlib.contextmanager
-def shard_output(output, shard, meta_name: str) -> Iterator[Path | None]:
-    """Where a worker writes one shard: a folder staged off gcsfuse and placed (meta last) into
-    ``<output>/shard-NNNNN`` when the block succeeds; None when an earlier attempt of this task
-    already placed that shard whole (its meta names the same rows), so it is skipped."""
+def pending_shards(output, shards: Iterable, meta_name: str) -> Iterator:
+    """The ``shards`` a worker still has to run: those an earlier attempt of this task has not
+    placed whole in ``output`` (a placed shard's meta file names the same rows)."""
     import json
+    import logging
 
+    for shard in shards:
+        placed = Path(output.path) / shard.dirname / meta_name
+        if placed.is_file() and json.loads(placed.read_text()).get("rows") == (
+                list(shard.rows) if shard.rows else None):
+            logging.getLogger(__name__).info("%s was placed by an earlier attempt: skipped",
+                                             shard.dirname)
+            continue
+        yield shard
+
+
+@contextlib.contextmanager
+def shard_output(output, shard) -> Iterator[Path]:
+    """Where a worker writes one shard: a folder staged off gcsfuse and placed (meta last) into
+    ``<output>/shard-NNNNN`` when the block succeeds."""
     from item_embeddings.outputs import META_FILES
     from item_embeddings.storage import staged_output_dir
 
-    durable = Path(output.path) / shard.dirname
-    if (durable / meta_name).is_file():
-        done = json.loads((durable / meta_name).read_text())
-        if done.get("rows") == (list(shard.rows) if shard.rows else None):
-            yield None
-            return
-    with staged_output_dir(durable, META_FILES) as out_dir:
+    with staged_output_dir(Path(output.path) / shard.dirname, META_FILES) as out_dir:
         yield out_dir

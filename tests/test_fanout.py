@@ -132,3 +132,25 @@ def test_a_shard_outside_the_table_is_refused_by_both_steps(tmp_path, rows, monk
     with pytest.raises(ItemsError, match=message):
         embed_items_images(str(items), tmp_path / "img", rows=rows, quota=None)
     assert not (tmp_path / "txt").exists() and not (tmp_path / "img").exists()
+
+
+def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path):
+    """A shard is left out only when an earlier attempt placed it whole for the same rows: a
+    folder without its meta file (killed while copying) or with other rows (another plan) is
+    run again."""
+    from types import SimpleNamespace
+
+    from item_embeddings.components.shared import pending_shards
+
+    output = SimpleNamespace(path=str(tmp_path))
+    shards = [Shard(i, 10 * i, 10 * i + 10, None) for i in range(4)]
+    for shard, rows in ((shards[0], [0, 10]), (shards[2], [0, 5])):  # 2: another plan's rows
+        (tmp_path / shard.dirname).mkdir()
+        (tmp_path / shard.dirname / TXT_META).write_text(json.dumps({"rows": rows}))
+    (tmp_path / shards[3].dirname).mkdir()  # 3: no meta file, the copy did not finish
+    assert [s.index for s in pending_shards(output, shards, TXT_META)] == [1, 2, 3]
+    whole = Shard(0, 0, None, None)  # a worker without a plan: the whole table, rows None
+    alone = tmp_path / "alone"
+    (alone / whole.dirname).mkdir(parents=True)
+    (alone / whole.dirname / TXT_META).write_text(json.dumps({"rows": None}))
+    assert list(pending_shards(SimpleNamespace(path=str(alone)), [whole], TXT_META)) == []

@@ -160,6 +160,31 @@ def test_run_local_whole_dag(dag_run, capsys):
 
 
 @pytest.mark.slow
+def test_each_steps_metrics_artifact_holds_its_experiment_runs_metrics(dag_run):
+    """A step's metrics are chosen once (``step.StepKind``): the Metrics artifact the pipeline
+    shows and the step's experiment run hold the same keys and values."""
+    _, out, _, _, _ = dag_run
+    runs = out / "runs" / "test-exp"
+    logged = {}
+    for task, prefix, run_name in (("merge-text", "text", "embed-text"),
+                                   ("merge-images", "image", "embed-image"),
+                                   ("fuse-embeddings", "fusion", "fuse-modal"),
+                                   ("knn-graphs", "knn", "knn-graph")):
+        (path,) = [p for p in runs.glob(f"{run_name}-item-embeddings-*.json")
+                   if "-shard-" not in p.name]
+        record = json.loads(path.read_text())
+        pipeline_run = record["run_name"][len(run_name) + 1:]
+        artifact = json.loads((out / ".kfp" / pipeline_run / task / "metrics").read_text())
+        assert artifact == {f"{prefix}_{k}": v for k, v in record["metrics"].items()}, task
+        logged[run_name] = set(record["metrics"])
+    # counts that once reached the Metrics artifact only, and times the run only
+    assert {"count", "attempted_count", "no_url_count", "failed_count"} <= logged["embed-image"]
+    assert {"count", "image_vectors_excluded", "computed_count", "wall_time_sec",
+            "best_epoch"} <= logged["fuse-modal"]
+    assert {"text_recall_at_k", "text_build_time_sec", "fused_exact"} <= logged["knn-graph"]
+
+
+@pytest.mark.slow
 def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
     """shards=3 (two workers, one of them running two shards) writes the same files as the
     single shard: same ids, failures and counts, vectors equal within float tolerance."""

@@ -38,3 +38,29 @@ def test_meta_keys_of_the_step_are_kept(tmp_path):
     assert meta["files"] == {} and meta["embed_dim"] == 8 and len(meta["run_id"]) == 12
     assert "item-embeddings" in meta["versions"]
 
+
+
+def test_a_step_kind_logs_its_settings_and_the_metrics_of_its_meta(tmp_path):
+    """A step states once which settings are its run's parameters and which meta keys are its
+    metrics; what the run logs is derived from the settings and the meta as written, and the
+    component reports the same metrics (StepKind.metrics)."""
+    from item_embeddings.step import StepKind
+    from item_embeddings.tracking import LocalTracker
+
+    kind = StepKind("demo", artifact="demo_out", meta_file="demo_meta.json",
+                    metric_keys=("count", "loss", "wall_time_sec"),
+                    logged_params={"model_name": "encoder_name", "batch_size": "batch_size"},
+                    nested_metrics=lambda meta: {f"part_{k}": v
+                                                 for k, v in meta["parts"].items()})
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+    settings = {"encoder_name": "m", "batch_size": 8, "items_uri": "x.parquet"}
+    with kind.run(tmp_path / "out", settings, run_id="r1", tracker=tracker, shards=2) as run:
+        meta = run.finish_step({**settings, "count": 3, "loss": None, "parts": {"a": 0.5}})
+    record = json.loads((tmp_path / "runs" / "exp" / "demo-r1.json").read_text())
+    assert record["params"] == {"model_name": "m", "batch_size": 8, "shards": 2}
+    # a key the step's mode did not produce (None) is left out; wall time is the meta's own
+    assert record["metrics"] == {"count": 3.0, "wall_time_sec": meta["wall_time_sec"],
+                                 "part_a": 0.5}
+    assert kind.metrics(meta) == record["metrics"]
+    assert json.loads((tmp_path / "out" / "demo_meta.json").read_text()) == meta
+    assert record["artifacts"] == {"demo_out": str(tmp_path / "out")}

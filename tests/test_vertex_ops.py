@@ -31,7 +31,7 @@ from google.protobuf import empty_pb2
 from kfp import compiler, dsl
 from kfp.registry import ApiAuth
 
-from item_embeddings.ops import vertex
+from item_embeddings.ops import schedules, vertex
 from item_embeddings.config import PARAM_FIELDS, ConfigError
 
 PROJECT, REGION = "test-proj", "us-central1"
@@ -304,7 +304,7 @@ def test_submit_and_schedule_refuse_bad_values_before_sending(fake, template, na
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
         _submit(template, parameter_values=values)
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
-        vertex.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
+        schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
                                                   credentials=AnonymousCredentials()),
                                cron="0 3 * * *", display_name="n")
     assert fake.names() == []
@@ -338,7 +338,7 @@ def test_submit_from_gcs_template(fake, template, gcs):
 
 
 def test_create_schedule_request(fake, template):
-    name = vertex.create_schedule(
+    name = schedules.create_schedule(
         vertex.RunSettings(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
                            parameter_values={"items_uri": "gs://data/items.parquet"},
                            service_account=SA, network=NETWORK, encryption_key=KMS_KEY,
@@ -369,27 +369,27 @@ def test_create_schedule_request(fake, template):
 
 
 def test_schedule_list_pause_resume_delete(fake, template):
-    name = vertex.create_schedule(
+    name = schedules.create_schedule(
         vertex.RunSettings(project=PROJECT, region=REGION, template=template, pipeline_root=ROOT,
                            parameter_values={"items_uri": "gs://d/i.parquet"},
                            credentials=AnonymousCredentials()),
         display_name="nightly", cron="30 2 * * 1")
     creds = dict(project=PROJECT, region=REGION, credentials=AnonymousCredentials())
 
-    rows = vertex.list_schedules(filter='display_name="nightly"', **creds)
+    rows = schedules.list_schedules(filter='display_name="nightly"', **creds)
     assert [(r["name"], r["cron"], r["state"]) for r in rows] == [(name, "30 2 * * 1", "ACTIVE")]
     (_, listed), = [c for c in fake.calls if c[0] == "list_schedules"]
     assert listed["request"]["filter"] == 'display_name="nightly"'
 
-    vertex.pause_schedule("1", **creds)  # a bare id is expanded to the full resource name
+    schedules.pause_schedule("1", **creds)  # a bare id is expanded to the full resource name
     assert fake.schedules[name].state == gca_schedule.Schedule.State.PAUSED
-    vertex.resume_schedule(name, catch_up=True, **creds)
+    schedules.resume_schedule(name, catch_up=True, **creds)
     assert fake.schedules[name].state == gca_schedule.Schedule.State.ACTIVE
     assert ("resume_schedule", {"name": name, "catch_up": True}) in fake.calls
-    vertex.delete_schedule(name, **creds)
+    schedules.delete_schedule(name, **creds)
     assert fake.schedules == {}
     with pytest.raises(vertex.VertexOpsError, match="not found"):
-        vertex.pause_schedule(name, **creds)
+        schedules.pause_schedule(name, **creds)
 
 
 @pytest.mark.parametrize("cron,tz,msg", [
@@ -399,11 +399,11 @@ def test_schedule_list_pause_resume_delete(fake, template):
 ])
 def test_cron_validation(cron, tz, msg):
     with pytest.raises(ConfigError, match=msg):
-        vertex.cron_with_time_zone(cron, tz)
+        schedules.cron_with_time_zone(cron, tz)
 
 
 def test_cron_time_zone_prefix_kept():
-    assert vertex.cron_with_time_zone("CRON_TZ=America/New_York 0 1 * * *", None) == \
+    assert schedules.cron_with_time_zone("CRON_TZ=America/New_York 0 1 * * *", None) == \
         "TZ=America/New_York 0 1 * * *"
 
 
@@ -413,9 +413,9 @@ def test_schedule_rejects_bad_times(fake, template):
                              credentials=AnonymousCredentials())
     common = dict(cron="0 3 * * *", display_name="n")
     with pytest.raises(ConfigError, match="UTC offset"):
-        vertex.create_schedule(run, start_time="2026-12-01T00:00:00", **common)
+        schedules.create_schedule(run, start_time="2026-12-01T00:00:00", **common)
     with pytest.raises(ConfigError, match="not after"):
-        vertex.create_schedule(run, start_time="2026-12-02T00:00:00Z",
+        schedules.create_schedule(run, start_time="2026-12-02T00:00:00Z",
                                end_time="2026-12-01T00:00:00Z", **common)
     assert "create_schedule" not in fake.names()
 

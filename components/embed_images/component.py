@@ -50,7 +50,7 @@ def embed_images(
     """
     import dataclasses
 
-    from item_embeddings.components.shared import component_step, shard_output
+    from item_embeddings.components.shared import component_step, pending_shards, shard_output
     from item_embeddings.fanout import worker_shards
     from item_embeddings.image import SHARDS_DIR, embed_items_images
     from item_embeddings.outputs import IMG_META
@@ -62,14 +62,12 @@ def embed_images(
         # staging directory: a task retried after a preemption finds them.
         params = dataclasses.replace(
             step.params, checkpoint_uri=checkpoint_uri or f"{image_shards.path}/{SHARDS_DIR}")
-        for shard in worker_shards(worker):
-            with shard_output(image_shards, shard, IMG_META) as out_dir:
-                if out_dir is not None:
-                    embed_items_images(items.uri, out_dir, params,
-                                       run_id=f"{step.run_id}-{shard.dirname}",
-                                       tracker=step.tracker, rows=shard.rows,
-                                       quota=shard.image_quota, device=device,
-                                       artifact_uri=f"{image_shards.uri}/{shard.dirname}")
+        for shard in pending_shards(image_shards, worker_shards(worker), IMG_META):
+            with shard_output(image_shards, shard) as out_dir:
+                embed_items_images(items.uri, out_dir, params,
+                                   run_id=f"{step.run_id}-{shard.dirname}", tracker=step.tracker,
+                                   rows=shard.rows, quota=shard.image_quota, device=device,
+                                   artifact_uri=f"{image_shards.uri}/{shard.dirname}")
 
 
 def make_component(base_image: str):

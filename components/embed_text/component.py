@@ -36,7 +36,7 @@ def embed_text(
         items: The items table (parquet file or folder, local or gs://), from the importer.
         text_shards: Output directory with one folder per shard.
     """
-    from item_embeddings.components.shared import component_step, shard_output
+    from item_embeddings.components.shared import component_step, pending_shards, shard_output
     from item_embeddings.fanout import worker_shards
     from item_embeddings.outputs import TXT_META
     from item_embeddings.runtime import require_cuda
@@ -44,14 +44,12 @@ def embed_text(
 
     with component_step(locals(), text_shards, stage=False) as step:
         device = require_cuda("the text step") if text_accelerator else None
-        for shard in worker_shards(worker):
-            with shard_output(text_shards, shard, TXT_META) as out_dir:
-                if out_dir is not None:
-                    embed_items_text(items.uri, out_dir, step.params,
-                                     run_id=f"{step.run_id}-{shard.dirname}",
-                                     tracker=step.tracker, rows=shard.rows,
-                                     artifact_uri=f"{text_shards.uri}/{shard.dirname}",
-                                     device=device)
+        for shard in pending_shards(text_shards, worker_shards(worker), TXT_META):
+            with shard_output(text_shards, shard) as out_dir:
+                embed_items_text(items.uri, out_dir, step.params,
+                                 run_id=f"{step.run_id}-{shard.dirname}", tracker=step.tracker,
+                                 rows=shard.rows, device=device,
+                                 artifact_uri=f"{text_shards.uri}/{shard.dirname}")
 
 
 def make_component(base_image: str):

@@ -43,6 +43,7 @@ def fuse_embeddings(
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.fusion import fuse_item_embeddings
+    from item_embeddings.fusion.step import FUSION_STEP
     from item_embeddings.storage import local_input_dir
 
     # Training reads random rows: on Vertex the inputs are copied off gcsfuse first.
@@ -53,10 +54,8 @@ def fuse_embeddings(
                                     run_id=step.run_id, tracker=step.tracker,
                                     artifact_uri=step.artifact_uri,
                                     input_uris=(text_embeddings.uri, image_embeddings.uri))
-        step.report(meta, metadata=("count", "output_dim", "items_with_images", "objective"),
-                    metrics=("count", "items_with_images", "image_vectors_excluded",
-                             "reused_count", "computed_count", "final_loss", "train_time_sec",
-                             "wall_time_sec"))
+        step.report(meta, FUSION_STEP,
+                    metadata=("count", "output_dim", "items_with_images", "objective"))
 
 
 def make_component(base_image: str):

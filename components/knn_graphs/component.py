@@ -37,6 +37,7 @@ def knn_graphs(
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.knn import build_knn_graphs
+    from item_embeddings.knn.step import KNN_STEP
     from item_embeddings.storage import local_input_dir
 
     # Exact search reads rows in blocks: on Vertex the inputs are copied off gcsfuse first.
@@ -46,10 +47,7 @@ def knn_graphs(
         meta = build_knn_graphs(text_dir, fused_dir, step.out_dir, step.params,
                                 run_id=step.run_id, tracker=step.tracker,
                                 artifact_uri=step.artifact_uri)
-        per_space = {f"{space}_{key}": values[key] for space, values in meta["spaces"].items()
-                     for key in ("recall_at_k", "build_time_sec", "query_time_sec")}
-        step.report({**meta, **per_space}, metadata=("count", "k"),
-                    metrics=("count", "k", *per_space))
+        step.report(meta, KNN_STEP, metadata=("count", "k"))
 
 
 def make_component(base_image: str):

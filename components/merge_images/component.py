@@ -35,14 +35,13 @@ def merge_images(
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.fanout import ShardPlan, merge_image_shards
+    from item_embeddings.image.step import IMAGE_STEP
 
     with component_step(locals(), image_embeddings, metrics, "image") as step:
         meta = merge_image_shards([p.path for p in image_shards], ShardPlan.from_workers(workers),
                                   step.out_dir, step.params, run_id=step.run_id,
                                   tracker=step.tracker, artifact_uri=step.artifact_uri)
-        step.report(meta, metadata=("count", "embed_dim", "encoder_name"),
-                    metrics=("count", "failed_count", "attempted_count", "no_url_count",
-                             "encoded_count", "reused_count", "revalidated_count"))
+        step.report(meta, IMAGE_STEP, metadata=("count", "embed_dim", "encoder_name"))
 
 
 def make_component(base_image: str):

@@ -34,14 +34,14 @@ def merge_text(
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.fanout import ShardPlan, merge_text_shards
+    from item_embeddings.text.step import TEXT_STEP
 
     with component_step(locals(), text_embeddings, metrics, "text") as step:
         meta = merge_text_shards([p.path for p in text_shards], ShardPlan.from_workers(workers),
                                  step.out_dir, step.params, run_id=step.run_id,
                                  tracker=step.tracker, artifact_uri=step.artifact_uri)
-        step.report(meta, metadata=("count", "embed_dim", "encoder_name", "text_backend"),
-                    metrics=("count", "reused_count", "encoded_count", "encode_time_sec",
-                             "throughput_items_per_sec"))
+        step.report(meta, TEXT_STEP,
+                    metadata=("count", "embed_dim", "encoder_name", "text_backend"))
 
 
 def make_component(base_image: str):

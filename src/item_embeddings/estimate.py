@@ -32,23 +32,21 @@ Example::
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, PipelineParams
+from .estimate_rates import (BASES, GUESSES, IMAGE_ACCELERATOR, RATES_FILE, Machine, Quantity,
+                             Rates, image_rate, knn_seconds, priced_machine, text_rate)
 
-RATES_FILE = "estimate_rates.json"
-BASES = ("measured", "list price", "published", "derived", "assumed")
-GUESSES = ("derived", "assumed")  # listed with the assumptions
+__all__ = ["BASES", "ESTIMATE_PARAMS", "Choices", "Estimate", "Quantity", "Rates", "Step",
+           "count_items", "duration", "estimate", "money", "parse_count", "shard_work"]
+
 TEXT_DIM = 384     # all-MiniLM-L6-v2
 IMAGE_DIM = 512    # open_clip ViT-B-32
 FLOAT_BYTES = 4
 KNN_ID_BYTES = 4 + 4  # int32 neighbour + float32 score per listed pair
-IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image step always runs with one
 # The pipeline parameters the estimate depends on (the CLI's shortcut options).
 ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
                    "text_strategy", "text_backend", "image_machine_type", "image_strategy",
@@ -72,77 +70,6 @@ STRUCTURAL_ASSUMPTIONS = (
     "An incremental run re-downloads the previous set's failed images (retry_failed_images): "
     "their count is not known here and not modelled.",
 )
-
-
-@dataclass(frozen=True)
-class Quantity:
-    """One number of the rates file, with where it came from."""
-
-    path: str
-    value: Any
-    unit: str
-    basis: str
-    source: str
-    date: str
-    note: str = ""
-
-    def line(self) -> str:
-        value = self.value
-        if isinstance(value, (int, float)):
-            value = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.6g}"
-        note = f" — {self.note}" if self.note else ""
-        return f"{self.path} = {value} {self.unit} [{self.basis}, {self.date}] {self.source}{note}"
-
-
-class Rates:
-    """The rates file; :meth:`get` records the quantities the latest estimate used."""
-
-    def __init__(self, data: dict[str, Any], origin: str):
-        self.data = data
-        self.origin = origin
-        self.used: dict[str, Quantity] = {}
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> "Rates":
-        """The packaged rates file, or ``path`` (a copy with your own prices)."""
-        if path is None:
-            text = resources.files("item_embeddings").joinpath(RATES_FILE).read_text()
-            return cls(json.loads(text), RATES_FILE)
-        try:
-            return cls(json.loads(Path(path).read_text()), str(path))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read rates file {path}: {exc}") from None
-
-    def node(self, path: str) -> Any:
-        """The entry at a dotted ``path`` (ConfigError naming it when absent)."""
-        node: Any = self.data
-        for key in path.split("."):
-            if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"{self.origin} has no entry {path!r}")
-            node = node[key]
-        return node
-
-    def get(self, path: str) -> Quantity:
-        """The quantity at ``path``, recorded as used."""
-        entry = self.node(path)
-        if not isinstance(entry, dict) or "value" not in entry:
-            raise ConfigError(f"{self.origin}: {path!r} is not a quantity")
-        quantity = Quantity(path, entry["value"], entry.get("unit", ""), entry.get("basis", ""),
-                            entry.get("source", ""), entry.get("date", ""), entry.get("note", ""))
-        self.used.setdefault(path, quantity)
-        return quantity
-
-    def number(self, path: str) -> float:
-        """The value of the quantity at ``path`` as a float."""
-        return float(self.get(path).value)
-
-    def machine(self, name: str, parameter: str) -> dict[str, Any]:
-        """Machine type ``name``'s entry (ConfigError naming ``parameter`` and the known ones)."""
-        machines = self.node("machines")
-        if name not in machines:
-            raise ConfigError(f"{parameter} {name!r} has no price in {self.origin}; known: "
-                              f"{', '.join(sorted(machines))}")
-        return machines[name]
 
 
 @dataclass(frozen=True)
@@ -319,78 +246,6 @@ def count_items(uri: str, image_url_column: str = PipelineParams().image_url_col
     return rows, with_url
 
 
-@dataclass(frozen=True)
-class _Machine:
-    label: str
-    vcpus: int
-    memory_gb: float
-    cpu_kind: str
-    usd_per_hour: float
-
-
-def _machine(rates: Rates, name: str, parameter: str, accelerator: str = "",
-             spot: bool = False) -> _Machine:
-    rates.machine(name, parameter)  # ConfigError naming an unknown machine type
-    price_key = "spot_usd_per_hour" if spot else "on_demand_usd_per_hour"
-    usd = rates.number(f"machines.{name}.{price_key}")
-    label = name
-    if accelerator:
-        if accelerator not in rates.node("accelerators"):
-            raise ConfigError(f"accelerator {accelerator!r} has no price in {rates.origin}; "
-                              f"known: {', '.join(sorted(rates.node('accelerators')))}")
-        families = rates.get(f"accelerators.{accelerator}.machine_families").value
-        if name.split("-")[0] not in families:
-            raise ConfigError(f"{parameter} {name!r} cannot take {accelerator}: it attaches to "
-                              f"{'/'.join(families)} machine types only")
-        usd += rates.number(f"accelerators.{accelerator}.{price_key}")
-        label = f"{name} + {accelerator}"
-    return _Machine(f"{label} ({'Spot' if spot else 'standard'})",
-                    int(rates.number(f"machines.{name}.vcpus")),
-                    rates.number(f"machines.{name}.memory_gb"),
-                    str(rates.get(f"machines.{name}.cpu_kind").value), usd)
-
-
-def _gpu_items_per_s(rates: Rates, accelerator: str, gflop_per_item: float,
-                     precision: str = "fp16") -> float:
-    """Items/s the accelerator computes at its assumed sustained share of its peak."""
-    peak = rates.number(f"accelerators.{accelerator}.{precision}_peak_tflops") * 1e12
-    share = rates.number(f"accelerators.{accelerator}.sustained_share_of_peak")
-    return peak * share / (gflop_per_item * 1e9)
-
-
-def _per_vcpus(rates: Rates, path: str, machine: _Machine) -> float:
-    """A rate measured on ``cpu.measured_vcpus`` vCPUs, scaled to ``machine``'s."""
-    return rates.number(path) * machine.vcpus / rates.number("cpu.measured_vcpus")
-
-
-def _text_rate(rates: Rates, p: PipelineParams, machine: _Machine) -> tuple[str, float]:
-    """(concrete backend, items/s) of the text step on ``machine``, resolved as the step
-    resolves ``auto`` (exact: torch on a GPU, onnx float32 on a CPU)."""
-    on_gpu = bool(p.text_accelerator)
-    backend = p.text_backend
-    if backend == "auto":
-        backend = "torch" if on_gpu else "onnx"
-    if backend in ("torch", "torch-fp16") and on_gpu:
-        # sentence-transformers tokenizes a batch, then runs it on the GPU, on one thread: the
-        # two take turns.
-        tokenize = _per_vcpus(rates, "text.tokenize_items_per_s", machine)
-        gpu = _gpu_items_per_s(rates, p.text_accelerator, rates.number("text.gflop_per_item"),
-                               "fp16" if backend == "torch-fp16" else "fp32")
-        return backend, 1 / (1 / tokenize + 1 / gpu)
-    if backend == "torch-fp16":
-        raise ConfigError("text_backend 'torch-fp16' needs a GPU: set text_accelerator")
-    return backend, _per_vcpus(rates, f"text.cpu_items_per_s.{machine.cpu_kind}.{backend}",
-                               machine)
-
-
-def _image_rate(rates: Rates, machine: _Machine) -> float:
-    """Downloads and decoding (one thread per vCPU) overlap the encoder: the slowest sets the
-    rate."""
-    decode = machine.vcpus / rates.number("image.decode_cpu_s_per_image")
-    return min(decode, rates.number("image.download_images_per_s"),
-               _gpu_items_per_s(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image")))
-
-
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
     """(rows, selected image rows) of each planned shard, as :func:`fanout.plan_shards` cuts
     them, with the URL rows spread evenly over the rows."""
@@ -404,7 +259,7 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
     return rows, [u if q is None else q for u, q in zip(urls, quotas)]
 
 
-def _worker_loop(name: str, machine: _Machine, c: Choices, workers: list[list[int]],
+def _worker_loop(name: str, machine: Machine, c: Choices, workers: list[list[int]],
                  fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
                  copy_bps: float) -> Step:
     """The worker tasks of one loop, given each worker's shards (their items), which it runs
@@ -419,28 +274,130 @@ def _worker_loop(name: str, machine: _Machine, c: Choices, workers: list[list[in
                 durations[busiest], hours, hours * machine.usd_per_hour)
 
 
-def _single(name: str, machine: _Machine, items: int, task_s: float) -> Step:
+def _single(name: str, machine: Machine, items: int, task_s: float) -> Step:
     hours = task_s / 3600
     return Step(name, machine.label, 1, items, task_s, task_s, hours, hours * machine.usd_per_hour)
 
 
-def _knn_s(rates: Rates, n: int, space: str, exact_max: int, machine: _Machine) -> float:
-    """One kNN graph's compute time: the exact search grows as n^2 from its measurement at
-    ``knn.exact_items``, the IVF path as n^exponent from its measurement at ``knn.ivf_items``;
-    both scaled to the machine's vCPUs."""
-    scale = rates.number("cpu.measured_vcpus") / machine.vcpus
-    if n <= exact_max:
-        ref = rates.number("knn.exact_items")
-        return rates.number(f"knn.exact_s.{space}") * (n / ref) ** 2 * scale
-    ref = rates.number("knn.ivf_items")
-    exponent = rates.number("knn.ivf_exponent")
-    return rates.number(f"knn.ivf_s.{space}") * (n / ref) ** exponent * scale
+@dataclass(frozen=True)
+class _Run:
+    """What every step's estimate reads: the choices, the rates, the machines and the sizes."""
+
+    c: Choices
+    rates: Rates
+    text_m: Machine
+    image_m: Machine
+    fusion_m: Machine
+    knn_m: Machine
+    small_m: Machine
+    vm_s: float           # a task's VM start and image pull
+    copy_bps: float       # to and from Cloud Storage
+    read_s: float         # a worker's read of its row range, per shard
+    txt_bytes: float      # per item of each output, its id file included
+    img_bytes: float
+    fused_bytes: float
+    knn_bytes: float
+
+    @property
+    def small_fixed(self) -> float:
+        """The fixed part of a small task: VM start, interpreter and imports."""
+        return self.vm_s + self.rates.number("imports_s.fusion")
+
+
+def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: list[int]
+           ) -> dict[str, Step]:
+    """Every step's row, in DAG order."""
+    from .fanout import deal
+
+    c, p, rates = r.c, r.c.params, r.rates
+    n, m = c.items, c.selected_images
+    small_fixed = r.small_fixed
+    merge_bps = rates.number("merge.bytes_per_s")
+    text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
+
+    def merge(name: str, count: int, row_bytes: float) -> Step:
+        data = count * row_bytes  # read from the workers' outputs, merged, written back
+        return _single(name, r.small_m, count,
+                       small_fixed + 2 * data / r.copy_bps + data / merge_bps)
+
+    steps = {
+        "fingerprint": _single("fingerprint inputs", r.small_m, n, small_fixed),
+        "plan": _single("plan shards", r.small_m, n,
+                        small_fixed + n / rates.number("plan.rows_per_s")),
+        "text": _worker_loop(
+            "text workers", r.text_m, c, text_work,
+            r.vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
+            r.read_s, text_per_s, r.txt_bytes, r.copy_bps),
+        "image": _worker_loop(
+            "image workers", r.image_m, c, image_work,
+            r.vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
+            r.read_s, image_rate(rates, r.image_m), r.img_bytes, r.copy_bps),
+    }
+    steps["text_merge"] = merge("text merge", n, r.txt_bytes)
+    steps["image_merge"] = merge("image merge", m, r.img_bytes)
+    fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
+    epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
+    steps["fusion"] = _single(
+        "fusion", r.fusion_m, n, r.vm_s + rates.number("imports_s.fusion")
+        + (n * r.txt_bytes + m * r.img_bytes + n * r.fused_bytes) / r.copy_bps
+        + fused_rows * epochs / rates.number("fusion.item_epochs_per_s"))
+    steps["knn"] = _single(
+        "kNN graphs", r.knn_m, n, r.vm_s + rates.number("imports_s.knn")
+        + (n * r.txt_bytes + n * r.fused_bytes + n * r.knn_bytes) / r.copy_bps
+        + sum(knn_seconds(rates, n, space, p.knn_exact_max_items, r.knn_m)
+              for space in ("text_384", "fused_128")))
+    steps["report"] = _single(
+        "QA report", r.small_m, n, small_fixed + rates.number("report.fixed_s")
+        + n * rates.number("report.s_per_item")
+        + (n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes) / r.copy_bps)
+    if p.publish_uri:
+        steps["publish"] = _single("publish", r.small_m, n,
+                                   small_fixed + _output_bytes(r) / r.copy_bps)
+    steps["fee"] = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
+                        rates.number("prices.pipeline_run_usd"))
+    return steps
+
+
+def _output_bytes(r: _Run) -> float:
+    n, m = r.c.items, r.c.selected_images
+    return n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes
+
+
+def _warnings(r: _Run, images: list[int]) -> list[str]:
+    """What would make the estimate, or the run, go wrong with these choices."""
+    from .fanout import deal
+
+    c, p = r.c, r.c.params
+    n, m = c.items, c.selected_images
+    warnings = []
+    fusion_inputs_gb = (n * r.txt_bytes + m * r.img_bytes) / 1e9
+    if fusion_inputs_gb > r.fusion_m.memory_gb:
+        # Fusion gathers random rows of its memory-mapped inputs every epoch; its rate was
+        # measured with them in the page cache.
+        warnings.append(
+            f"fusion's inputs ({fusion_inputs_gb:.1f} GB) exceed the {r.fusion_m.memory_gb:g} "
+            f"GB of fusion_machine_type {p.fusion_machine_type}: its random row reads would go "
+            "to disk, which the measured rate does not include (not modelled); pick a machine "
+            "with more memory")
+    knn_gb = n * r.rates.number("knn.peak_bytes_per_item") / 1e9
+    if knn_gb > r.knn_m.memory_gb:
+        warnings.append(
+            f"the kNN step needs about {knn_gb:.0f} GB at {n:,} items (measured peak per item "
+            f"at 500k), more than the {r.knn_m.memory_gb:g} GB of knn_machine_type "
+            f"{p.knn_machine_type}: it would run out of memory; pick a high-memory machine")
+    image_work = deal(images, p.max_parallel_shards)
+    busy = sum(any(shards) for shards in image_work)
+    if m and busy < len(image_work):
+        warnings.append(
+            f"the max_items cap puts the {m:,} selected images in the first "
+            f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
+            f"{busy} of the {len(image_work)} image workers encode; more shards than "
+            "max_parallel_shards (several per worker) spread them over more workers")
+    return warnings
 
 
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     """The expected wall time and cost of each step and of the run (see the module doc)."""
-    from .fanout import deal
-
     c, p = choices, choices.params
     c.check()
     rates = rates or Rates.load()
@@ -449,99 +406,38 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     copy_bps = rates.number("storage.copy_bytes_per_s")
     id_bytes = rates.number("rows.id_file_bytes_per_item")
     read_s = rates.number("rows.range_read_s")
-    n, m = c.items, c.selected_images
-    txt_bytes, img_bytes = TEXT_DIM * FLOAT_BYTES + id_bytes, IMAGE_DIM * FLOAT_BYTES + id_bytes
-    fused_bytes = p.fusion_output_dim * FLOAT_BYTES + id_bytes
-    knn_bytes = 2 * p.knn_k * KNN_ID_BYTES
-
-    text_m = _machine(rates, p.text_machine_type, "text_machine_type", p.text_accelerator,
-                      spot=p.text_strategy == "SPOT")
-    backend, text_rate = _text_rate(rates, p, text_m)
-    image_m = _machine(rates, p.image_machine_type, "image_machine_type", IMAGE_ACCELERATOR,
-                       spot=p.image_strategy == "SPOT")
-    fusion_m = _machine(rates, p.fusion_machine_type, "fusion_machine_type")
-    knn_m = _machine(rates, p.knn_machine_type, "knn_machine_type")
-    small_m = _machine(rates, str(rates.get("task.small_task_machine_type").value),
-                       "small_task_machine_type")
-    small_fixed = vm_s + rates.number("imports_s.fusion")
-    merge_bps = rates.number("merge.bytes_per_s")
+    text_m = priced_machine(rates, p.text_machine_type, "text_machine_type", p.text_accelerator,
+                            spot=p.text_strategy == "SPOT")
+    backend, text_per_s = text_rate(rates, p, text_m)
+    r = _Run(c, rates, text_m,
+             priced_machine(rates, p.image_machine_type, "image_machine_type",
+                            IMAGE_ACCELERATOR, spot=p.image_strategy == "SPOT"),
+             priced_machine(rates, p.fusion_machine_type, "fusion_machine_type"),
+             priced_machine(rates, p.knn_machine_type, "knn_machine_type"),
+             priced_machine(rates, str(rates.get("task.small_task_machine_type").value),
+                            "small_task_machine_type"),
+             vm_s, copy_bps, read_s, TEXT_DIM * FLOAT_BYTES + id_bytes,
+             IMAGE_DIM * FLOAT_BYTES + id_bytes, p.fusion_output_dim * FLOAT_BYTES + id_bytes,
+             2 * p.knn_k * KNN_ID_BYTES)
     rows, images = shard_work(c)
-    text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
-
-    fingerprint = _single("fingerprint inputs", small_m, n, small_fixed)
-    plan = _single("plan shards", small_m, n,
-                   small_fixed + n / rates.number("plan.rows_per_s"))
-    text = _worker_loop(
-        "text workers", text_m, c, text_work,
-        vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
-        read_s, text_rate, txt_bytes, copy_bps)
-    image = _worker_loop(
-        "image workers", image_m, c, image_work,
-        vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-        read_s, _image_rate(rates, image_m), img_bytes, copy_bps)
-
-    def merge(name: str, count: int, row_bytes: float) -> Step:
-        data = count * row_bytes  # read from the workers' outputs, merged, written back
-        return _single(name, small_m, count, small_fixed + 2 * data / copy_bps + data / merge_bps)
-
-    text_merge, image_merge = merge("text merge", n, txt_bytes), merge("image merge", m, img_bytes)
-    fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
-    epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
-    fusion = _single("fusion", fusion_m, n,
-                     vm_s + rates.number("imports_s.fusion")
-                     + (n * txt_bytes + m * img_bytes + n * fused_bytes) / copy_bps
-                     + fused_rows * epochs / rates.number("fusion.item_epochs_per_s"))
-    knn = _single("kNN graphs", knn_m, n,
-                  vm_s + rates.number("imports_s.knn")
-                  + (n * txt_bytes + n * fused_bytes + n * knn_bytes) / copy_bps
-                  + sum(_knn_s(rates, n, space, p.knn_exact_max_items, knn_m)
-                        for space in ("text_384", "fused_128")))
-    report = _single("QA report", small_m, n,
-                     small_fixed + rates.number("report.fixed_s")
-                     + n * rates.number("report.s_per_item")
-                     + (n * (txt_bytes + fused_bytes + knn_bytes) + m * img_bytes) / copy_bps)
-    output_bytes = n * (txt_bytes + fused_bytes + knn_bytes) + m * img_bytes
-    publish = _single("publish", small_m, n, small_fixed + output_bytes / copy_bps)
-    fee = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
-               rates.number("prices.pipeline_run_usd"))
-    steps = [fingerprint, plan, text, text_merge, image, image_merge, fusion, knn, report,
-             *([publish] if p.publish_uri else []), fee]
-
-    wall = (fingerprint.wall_s + plan.wall_s
-            + max(text.wall_s + text_merge.wall_s, image.wall_s + image_merge.wall_s)
-            + fusion.wall_s + knn.wall_s + report.wall_s
-            + (publish.wall_s if p.publish_uri else 0.0))
+    s = _steps(r, backend, text_per_s, rows, images)
+    wall = (s["fingerprint"].wall_s + s["plan"].wall_s
+            + max(s["text"].wall_s + s["text_merge"].wall_s,
+                  s["image"].wall_s + s["image_merge"].wall_s)
+            + s["fusion"].wall_s + s["knn"].wall_s + s["report"].wall_s
+            + (s["publish"].wall_s if "publish" in s else 0.0))
     # The pipeline root keeps the shard outputs, the merged ones, the fused set and the graphs;
     # publishing adds a copy of every output.
-    stored_gb = (2 * (n * txt_bytes + m * img_bytes) + n * (fused_bytes + knn_bytes)
-                 + (output_bytes if p.publish_uri else 0)) / 1e9
+    n, m = c.items, c.selected_images
+    stored_gb = (2 * (n * r.txt_bytes + m * r.img_bytes) + n * (r.fused_bytes + r.knn_bytes)
+                 + (_output_bytes(r) if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
-    warnings = []
-    fusion_inputs_gb = (n * txt_bytes + m * img_bytes) / 1e9
-    if fusion_inputs_gb > fusion_m.memory_gb:
-        # Fusion gathers random rows of its memory-mapped inputs every epoch; its rate was
-        # measured with them in the page cache.
-        warnings.append(
-            f"fusion's inputs ({fusion_inputs_gb:.1f} GB) exceed the {fusion_m.memory_gb:g} GB "
-            f"of fusion_machine_type {p.fusion_machine_type}: its random row reads would go to "
-            "disk, which the measured rate does not include (not modelled); pick a machine "
-            "with more memory")
-    knn_gb = n * rates.number("knn.peak_bytes_per_item") / 1e9
-    if knn_gb > knn_m.memory_gb:
-        warnings.append(
-            f"the kNN step needs about {knn_gb:.0f} GB at {n:,} items (measured peak per item "
-            f"at 500k), more than the {knn_m.memory_gb:g} GB of knn_machine_type "
-            f"{p.knn_machine_type}: it would run out of memory; pick a high-memory machine")
-    busy = sum(any(shards) for shards in image_work)
-    if m and busy < len(image_work):
-        warnings.append(
-            f"the max_items cap puts the {m:,} selected images in the first "
-            f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
-            f"{busy} of the {len(image_work)} image workers encode; more shards than "
-            "max_parallel_shards (several per worker) spread them over more workers")
+    warnings = _warnings(r, images)
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
-    return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
-                    assumptions, list(rates.used.values()), rates.origin, warnings)
+    steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
+                            "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
+    return Estimate(c, steps, wall, sum(step.cost_usd for step in steps), stored_gb,
+                    storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings)

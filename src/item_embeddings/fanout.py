@@ -33,11 +33,12 @@ import pyarrow.parquet as pq
 from .config import PipelineParams
 from .errors import ItemEmbeddingsError
 from .image.selection import usable_url
+from .image.step import IMAGE_STEP
 from .items import ItemColumns, iter_batches, validate_items
 from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
                       TXT_META)
-from .step import step_run
 from .storage import atomic_npy, write_parquet_atomic
+from .text.step import TEXT_STEP, text_settings
 from .tracking import ExperimentTracker
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ _IMAGE_SUMS = ("count", "failed_count", "attempted_count", "no_url_count", "capp
 _SAME = ("encoder_fingerprint", "embed_dim", "encoder_name", "items_uri", "id_column")
 _PER_SHARD = ("files", "run_id", "wall_time_sec", "rows", "image_quota", "checkpoint_location",
               "fingerprint")
+MERGE_VERSIONS = ("numpy", "pyarrow")  # what a merge's meta file records: it encodes nothing
 
 
 def shard_dirs(parts: Sequence[str | os.PathLike], plan: ShardPlan, meta_name: str) -> list[Path]:
@@ -235,11 +237,8 @@ def merge_text_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
     dirs = shard_dirs(parts, plan, TXT_META)
     metas = [json.loads((d / TXT_META).read_text()) for d in dirs]
     meta = _merged_meta(metas, _TEXT_SUMS)
-    with step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="text_embeddings", artifact_uri=artifact_uri,
-                  params={"model_name": params.text_model, "text_backend": params.text_backend,
-                          "shards": len(dirs), "items_uri": meta.get("items_uri"),
-                          "previous_uri": params.previous_uri}) as run:
+    with TEXT_STEP.run(output_dir, text_settings(params, meta.get("items_uri")), run_id=run_id,
+                       tracker=tracker, artifact_uri=artifact_uri, shards=len(dirs)) as run:
         count = _concat_arrays(dirs, TXT_ARRAY, run.out / TXT_ARRAY, meta["embed_dim"])
         if plan.rows not in (None, count) or count != meta["count"]:
             raise MergeError(f"the shards hold {count} text rows, the plan {plan.rows}")
@@ -248,10 +247,7 @@ def merge_text_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
         encoded, seconds = meta.get("encoded_count", count), meta["encode_time_sec"]
         meta.update(fanout_shards=len(dirs), rows=[0, count], batch_size=params.text_batch_size,
                     throughput_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
-        return run.finish(TXT_META, meta, metrics={
-            k: meta[k] for k in ("count", "reused_count", "encoded_count", "encode_time_sec",
-                                 "throughput_items_per_sec")},
-            versions=("numpy", "pyarrow"))
+        return run.finish_step(meta, versions=MERGE_VERSIONS)
 
 
 def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
@@ -263,11 +259,9 @@ def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
     dirs = shard_dirs(parts, plan, IMG_META)
     metas = [json.loads((d / IMG_META).read_text()) for d in dirs]
     meta = _merged_meta(metas, _IMAGE_SUMS)
-    with step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="image_embeddings", artifact_uri=artifact_uri,
-                  params={"model_name": params.image_model, "max_items": params.max_items,
-                          "shards": len(dirs), "items_uri": meta.get("items_uri"),
-                          "previous_uri": params.previous_uri}) as run:
+    # the run's parameters as the workers recorded them (this step is not given them all)
+    with IMAGE_STEP.run(output_dir, meta, run_id=run_id, tracker=tracker,
+                        artifact_uri=artifact_uri, shards=len(dirs)) as run:
         count = _concat_arrays(dirs, IMG_ARRAY, run.out / IMG_ARRAY, meta["embed_dim"])
         items, offset = [], 0
         for d in dirs:
@@ -292,8 +286,5 @@ def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
                     encode_only_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
         if count != meta["count"]:
             raise MergeError(f"the shards hold {count} image rows, their meta files {meta['count']}")
-        return run.finish(IMG_META, meta, metrics={
-            k: meta[k] for k in ("count", "failed_count", "encoded_count", "reused_count",
-                                 "revalidated_count")},
-            versions=("numpy", "pyarrow"))
+        return run.finish_step(meta, versions=MERGE_VERSIONS)
 

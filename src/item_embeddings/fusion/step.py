@@ -17,7 +17,7 @@ import torch
 from ..config import PipelineParams
 from ..incremental import KeyIndex, PreviousGroup, open_previous
 from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS
-from ..step import step_run
+from ..step import StepKind
 from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
 from ..tracking import ExperimentTracker
 from .inputs import (SCAN_ROWS, FusionInputError, FusionInputs, fused_row_keys, gather,
@@ -28,6 +28,18 @@ from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_mode
 logger = logging.getLogger(__name__)
 
 EXCLUSION_REASON = "non-finite or zero image vector"
+
+FUSION_STEP = StepKind(
+    "fuse-modal", artifact="fused_embeddings", meta_file=FUSION_CONFIG,
+    metric_keys=("count", "items_with_images", "image_vectors_excluded", "reused_count",
+                 "computed_count", "final_loss", "best_epoch", "train_time_sec",
+                 "wall_time_sec"),
+    logged_params={name: name for name in (
+        "fusion_mode", "output_dim", "hidden_dim", "epochs", "lr", "batch_size", "seed",
+        "objective", "init", "text_uri", "image_uri", "previous_uri")},
+    versions=("torch", "numpy", "safetensors"))
+# the settings only training reads (applying takes the previous model as it is)
+TRAINING_SETTINGS = ("epochs", "lr", "batch_size", "seed", "init")
 
 
 @torch.no_grad()
@@ -77,6 +89,74 @@ def _reusable_rows(previous: PreviousGroup, inputs: FusionInputs) -> tuple[np.nd
     previous_keys = fused_row_keys(table.column("text_key").combine_chunks(),
                                    table.column("image_key").combine_chunks())
     return KeyIndex(previous_keys).rows(keys), previous.array(FUSED_ARRAY)
+
+
+def fusion_settings(params: PipelineParams, init: str, text_uri: str, image_uri: str
+                    ) -> dict[str, Any]:
+    """What the fusion step is asked to do, by the names its meta file records them under."""
+    return {"fusion_mode": params.fusion_mode, "output_dim": params.fusion_output_dim,
+            "hidden_dim": params.fusion_hidden_dim, "epochs": params.fusion_epochs,
+            "lr": params.fusion_lr, "batch_size": params.fusion_batch_size, "seed": params.seed,
+            "objective": OBJECTIVE, "init": init, "text_uri": text_uri, "image_uri": image_uri,
+            "previous_uri": params.previous_uri}
+
+
+def _trained(inputs: FusionInputs, params: PipelineParams, settings: dict[str, Any]
+             ) -> tuple[FusionMLP, dict[str, Any]]:
+    """A model trained on ``inputs`` (its best epoch, the start included), and what the meta
+    file records of the training."""
+    trained = train_fusion_model(inputs, params, settings["init"])
+    return trained.model, {
+        **{key: settings[key] for key in TRAINING_SETTINGS},
+        "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
+                             "warmup_share": WARMUP_SHARE, "schedule": "warmup-cosine"},
+        # the objective on a fixed sample: at the start, after each epoch, and of the kept
+        # weights (the best epoch; 0 = the start)
+        "initial_eval_loss": trained.initial_eval_loss,
+        "best_epoch": trained.best_epoch,
+        "final_loss": trained.eval_loss,
+        "loss_history": trained.history,
+    }
+
+
+def _write_outputs(model: FusionMLP, inputs: FusionInputs, out: Path, run_id: str,
+                   params: PipelineParams, previous: PreviousGroup | None) -> int:
+    """Write the fused codes, their ids and keys, the exclusions and the weights (with
+    ``previous``, the codes of unchanged items and the weights are copied from that set).
+    Returns how many codes were copied."""
+    reused = _write_fused(model, inputs, out / FUSED_ARRAY,
+                          _reusable_rows(previous, inputs) if previous else None)
+    no_keys = pa.nulls(inputs.count, pa.string())
+    write_parquet_atomic(out / FUSED_ITEMS, pa.table(
+        {"id": inputs.ids, "has_image": pa.array(inputs.image_row >= 0),
+         "text_key": no_keys if inputs.text_keys is None else inputs.text_keys,
+         "image_key": no_keys if inputs.image_keys is None else inputs.image_keys}))
+    write_parquet_atomic(out / FUSION_EXCLUSIONS, pa.table(
+        {"id": pa.array(inputs.excluded_ids, type=inputs.ids.type),
+         "reason": pa.array([EXCLUSION_REASON] * len(inputs.excluded_ids), type=pa.string())}))
+    if previous:  # the very same weights file, byte for byte
+        with atomic_path(out / FUSION_WEIGHTS) as tmp:
+            shutil.copyfile(previous.dir / FUSION_WEIGHTS, tmp)
+    else:
+        save_fusion_model(model, out / FUSION_WEIGHTS, {
+            "run_id": run_id, "seed": params.seed,
+            "text_encoder_fingerprint": inputs.text_meta.get("encoder_fingerprint"),
+            "image_encoder_fingerprint": inputs.image_meta.get("encoder_fingerprint")})
+    return reused
+
+
+def _inputs_meta(model: FusionMLP, inputs: FusionInputs) -> dict[str, Any]:
+    """What the meta file records of the model's shape and of the inputs it fused."""
+    return {
+        "text_dim": model.text_dim, "img_dim": model.img_dim,
+        "hidden_dim": model.hidden_dim, "output_dim": model.output_dim,
+        "count": inputs.count, "items_with_images": inputs.items_with_images,
+        "items_without_images": inputs.count - inputs.items_with_images,
+        "image_vectors_excluded": len(inputs.excluded_ids),
+        "image_failures": inputs.image_failures,
+        "text_run_id": inputs.text_meta.get("run_id"),
+        "image_run_id": inputs.image_meta.get("run_id"),
+    }
 
 
 def fuse_item_embeddings(
@@ -134,93 +214,30 @@ def fuse_item_embeddings(
     started = time.perf_counter()
     inputs = load_fusion_inputs(text_dir, image_dir)
     load_time = time.perf_counter() - started
-    text_uri, image_uri = input_uris or (str(text_dir), str(image_dir))
+    settings = fusion_settings(params, init, *(input_uris or (str(text_dir), str(image_dir))))
     with open_previous(params.previous_uri if apply else "", "fusion") as previous, \
-            step_run("fuse-modal", output_dir, run_id=run_id, tracker=tracker,
-                     artifact="fused_embeddings", artifact_uri=artifact_uri,
-                     params={"fusion_mode": params.fusion_mode,
-                             "output_dim": params.fusion_output_dim,
-                             "hidden_dim": params.fusion_hidden_dim,
-                             "epochs": params.fusion_epochs, "lr": params.fusion_lr,
-                             "batch_size": params.fusion_batch_size, "seed": params.seed,
-                             "objective": OBJECTIVE, "init": init, "text_uri": text_uri,
-                             "image_uri": image_uri,
-                             "previous_uri": params.previous_uri}) as run, \
+            FUSION_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                            artifact_uri=artifact_uri) as run, \
             torch_threads(num_threads, inputs.count) as threads:
         t0 = time.perf_counter()
         if apply:
-            model, trained = _previous_model(previous, inputs), None
+            model = _previous_model(previous, inputs)
             training = {"applied_from": previous.uri,
                         "trained_by_run": model.metadata.get("run_id")}
         else:
-            trained = train_fusion_model(inputs, params, init)
-            model = trained.model
-            training = {
-                "epochs": params.fusion_epochs, "lr": params.fusion_lr,
-                "batch_size": params.fusion_batch_size, "seed": params.seed, "init": init,
-                "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
-                                     "warmup_share": WARMUP_SHARE,
-                                     "schedule": "warmup-cosine"},
-                # the objective on a fixed sample: at the start, after each epoch, and of the
-                # kept weights (the best epoch; 0 = the start)
-                "initial_eval_loss": trained.initial_eval_loss,
-                "best_epoch": trained.best_epoch,
-                "final_loss": trained.eval_loss,
-                "loss_history": trained.history,
-            }
+            model, training = _trained(inputs, params, settings)
         train_time = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reused = _write_fused(model, inputs, run.out / FUSED_ARRAY,
-                              _reusable_rows(previous, inputs) if apply else None)
-        no_keys = pa.nulls(inputs.count, pa.string())
-        write_parquet_atomic(run.out / FUSED_ITEMS, pa.table(
-            {"id": inputs.ids, "has_image": pa.array(inputs.image_row >= 0),
-             "text_key": no_keys if inputs.text_keys is None else inputs.text_keys,
-             "image_key": no_keys if inputs.image_keys is None else inputs.image_keys}))
-        write_parquet_atomic(run.out / FUSION_EXCLUSIONS, pa.table(
-            {"id": pa.array(inputs.excluded_ids, type=inputs.ids.type),
-             "reason": pa.array([EXCLUSION_REASON] * len(inputs.excluded_ids), type=pa.string())}))
-        if apply:  # the very same weights file, byte for byte
-            with atomic_path(run.out / FUSION_WEIGHTS) as tmp:
-                shutil.copyfile(previous.dir / FUSION_WEIGHTS, tmp)
-        else:
-            save_fusion_model(model, run.out / FUSION_WEIGHTS, {
-                "run_id": run.run_id, "seed": params.seed,
-                "text_encoder_fingerprint": inputs.text_meta.get("encoder_fingerprint"),
-                "image_encoder_fingerprint": inputs.image_meta.get("encoder_fingerprint")})
-        write_time = time.perf_counter() - t0
-        meta = run.finish(FUSION_CONFIG, {
-            "fusion_mode": params.fusion_mode,
-            **training,
-            "text_dim": model.text_dim,
-            "img_dim": model.img_dim,
-            "hidden_dim": model.hidden_dim,
-            "output_dim": model.output_dim,
-            "count": inputs.count,
-            "items_with_images": inputs.items_with_images,
-            "items_without_images": inputs.count - inputs.items_with_images,
-            "image_vectors_excluded": len(inputs.excluded_ids),
-            "image_failures": inputs.image_failures,
-            "text_run_id": inputs.text_meta.get("run_id"),
-            "image_run_id": inputs.image_meta.get("run_id"),
-            "objective": OBJECTIVE,
-            "normalized": True,
-            "torch_threads": threads,
-            "reused_count": reused,
-            "computed_count": inputs.count - reused,
-            "load_time_sec": load_time,
-            "train_time_sec": train_time,
-            "write_time_sec": write_time,
+        reused = _write_outputs(model, inputs, run.out, run.run_id, params, previous)
+        meta = run.finish_step({
+            **{key: settings[key] for key in ("fusion_mode", "objective", "text_uri",
+                                              "image_uri", "previous_uri")},
+            **training, **_inputs_meta(model, inputs), "normalized": True,
+            "torch_threads": threads, "reused_count": reused,
+            "computed_count": inputs.count - reused, "load_time_sec": load_time,
+            "train_time_sec": train_time, "write_time_sec": time.perf_counter() - t0,
             "weights_file": FUSION_WEIGHTS,
-            "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS),
-            "text_uri": text_uri,
-            "image_uri": image_uri,
-            "previous_uri": params.previous_uri,
-        }, metrics={"count": inputs.count, "items_with_images": inputs.items_with_images,
-                    "train_time_sec": train_time, "reused_count": reused,
-                    **({"final_loss": trained.eval_loss, "best_epoch": trained.best_epoch}
-                       if trained else {})},
-            versions=("torch", "numpy", "safetensors"))
+            "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS)})
     logger.info("fused %d items (%d with images, %d codes reused) in %.1fs (%s %.1fs) -> %s",
                 inputs.count, inputs.items_with_images, reused, meta["wall_time_sec"],
                 "applying" if apply else "training", train_time, run.out)

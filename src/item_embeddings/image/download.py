@@ -42,7 +42,7 @@ DEFAULT_USER_AGENT = "item-embeddings/0.1 (image embedding pipeline; aiohttp)"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK_BYTES = 64 * 1024
 
-# Every reason a download can fail with (decoding adds its own, see image.py).
+# Every reason a download can fail with (decoding adds its own, see decoding.py).
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 INVALID_URL = "invalid_url"
 BLOCKED_ADDRESS = "blocked_address"

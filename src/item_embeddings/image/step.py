@@ -29,7 +29,7 @@ from ..incremental import content_keys, open_previous
 from ..items import ItemColumns, ItemsError, id_type, validate_items
 from ..outputs import IMG_META
 from ..progress import Progress
-from ..step import step_run
+from ..step import StepKind
 from ..tracking import ExperimentTracker
 from .decoding import MAX_PIXELS
 from .download import DownloadConfig
@@ -182,23 +182,130 @@ def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats,
             yield work, position
 
 
-def _shard_settings(items_uri: str, params: PipelineParams, encoder: ImageEncoder,
-                    config: DownloadConfig, previous: PreviousImages | None,
-                    previous_run: str | None) -> dict[str, Any]:
-    """Everything that decides a shard's content: a changed value never reuses a shard."""
+IMAGE_STEP = StepKind(
+    "embed-image", artifact="image_embeddings", meta_file=IMG_META,
+    metric_keys=("count", "failed_count", "attempted_count", "no_url_count", "encoded_count",
+                 "reused_count", "revalidated_count", "failures_reused_count",
+                 "encode_time_sec", "throughput_items_per_sec"),
+    logged_params={"model_name": "encoder_name", "pretrained": "pretrained",
+                   "max_items": "max_items", "download_concurrency": "download_concurrency",
+                   "batch_size": "batch_size", "items_uri": "items_uri",
+                   "previous_uri": "previous_uri", "image_revalidate": "image_revalidate",
+                   "retry_failed_images": "retry_failed_images"},
+    versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
+
+
+def image_settings(params: PipelineParams, config: DownloadConfig, items_uri: str,
+                   rows: tuple[int, int] | None = None, quota: int | None = None
+                   ) -> dict[str, Any]:
+    """What the image step is asked to do, by the names its meta file records them under."""
     return {
-        "previous": previous_run if previous else None,
-        "image_revalidate": params.image_revalidate,
-        "retry_failed_images": params.retry_failed_images,
+        "encoder_name": params.image_model, "pretrained": params.image_pretrained,
+        "max_items": params.max_items, "batch_size": params.image_batch_size,
+        "download_concurrency": config.concurrency, "download_timeout_s": config.timeout_s,
+        "download_retries": config.retries, "max_image_bytes": config.max_bytes,
+        "allow_private_hosts": config.allow_private_hosts, "shard_size": params.shard_size,
         "items_uri": items_uri, "id_column": params.id_column,
-        "url_column": params.image_url_column, "max_items": params.max_items,
-        "shard_size": params.shard_size, "image_model": params.image_model,
-        "image_pretrained": params.image_pretrained, "resolved_model": encoder.resolved.model_name,
+        "image_url_column": params.image_url_column,
+        "rows": list(rows) if rows is not None else None,
+        "image_quota": quota if rows is not None else None,
+        "previous_uri": params.previous_uri, "image_revalidate": params.image_revalidate,
+        "retry_failed_images": params.retry_failed_images,
+    }
+
+
+# The settings that decide a shard's content, under the names its fingerprint has always
+# hashed (a new name would orphan every checkpoint): fingerprint name -> settings key.
+_SHARD_SETTINGS = {
+    "image_revalidate": "image_revalidate", "retry_failed_images": "retry_failed_images",
+    "items_uri": "items_uri", "id_column": "id_column", "url_column": "image_url_column",
+    "max_items": "max_items", "shard_size": "shard_size", "image_model": "encoder_name",
+    "image_pretrained": "pretrained", "batch_size": "batch_size",
+    "max_image_bytes": "max_image_bytes", "allow_private_hosts": "allow_private_hosts",
+    "rows": "rows", "quota": "image_quota",
+}
+
+
+def _shard_store(settings: dict[str, Any], encoder: ImageEncoder, config: DownloadConfig,
+                 previous_run: str | None, root: str) -> ShardStore:
+    """The store of this configuration's shards: everything that decides a shard's content is
+    in its fingerprint, so a changed value never reuses a shard. Its settings are recorded."""
+    decides = {name: settings[key] for name, key in _SHARD_SETTINGS.items()}
+    decides.update({
+        "previous": previous_run, "resolved_model": encoder.resolved.model_name,
         "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
-        "device_dtype": encoder.dtype, "batch_size": params.image_batch_size,
-        "max_image_bytes": config.max_bytes, "max_redirects": config.max_redirects,
-        "allow_private_hosts": config.allow_private_hosts,
+        "device_dtype": encoder.dtype, "max_redirects": config.max_redirects,
         "exempt_networks": list(config.exempt_networks), "max_pixels": MAX_PIXELS,
+    })
+    store = ShardStore(root, fingerprint(decides), decides)
+    store.write_settings()
+    return store
+
+
+@dataclass
+class _Fetched:
+    """What one pass of fetching and encoding did."""
+
+    shards: int
+    stats: _Stats
+    selection: Selection
+    seconds: float
+    download_time: float
+    downloaded_bytes: int
+
+
+def _embed_shards(items_uri: str, columns: ItemColumns, cap: int | None,
+                  rows: tuple[int, int] | None, store: ShardStore, encoder: ImageEncoder,
+                  config: DownloadConfig, params: PipelineParams, ids_type: pa.DataType,
+                  previous: PreviousImages | None, keys_fp: str, decode_workers: int | None,
+                  resolver) -> _Fetched:
+    """Fetch, decode and encode every selected item into the store's shards (finished shards
+    of an earlier attempt are skipped)."""
+    counting = Selection()
+    for _ in iter_selected(items_uri, columns, cap, counting, rows):
+        pass  # a cheap first pass (two columns) gives the progress total
+    stats, selection = _Stats(), Selection()
+    started = time.perf_counter()
+    with FetchDecodePool(config, encoder.pil_transform, decode_workers,
+                         resolver=resolver) as pool, \
+            Progress(counting.selected, "embed-image") as progress:
+        shards = _run_shards(
+            iter_shards(iter_selected(items_uri, columns, cap, selection, rows),
+                        params.shard_size), store, pool, encoder,
+            batch_size=params.image_batch_size,
+            window=4 * max(config.concurrency, params.image_batch_size), id_type=ids_type,
+            progress=progress, stats=stats, keys_fp=keys_fp, previous=previous)
+    if selection != counting:
+        raise ItemsError(f"items table {items_uri} changed while it was read")
+    return _Fetched(shards, stats, selection, time.perf_counter() - started,
+                    pool.download_time, pool.downloaded_bytes)
+
+
+def _encoder_meta(encoder: ImageEncoder, keys_fp: str) -> dict[str, Any]:
+    """What the meta file records of the encoder that ran."""
+    return {"resolved_model": encoder.resolved.model_name,
+            "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
+            "device": encoder.device, "dtype": encoder.dtype, "normalized": True,
+            # incremental runs: keys are sha256(encoder_fingerprint, url) in img_items.parquet
+            "encoder_fingerprint": keys_fp}
+
+
+def _run_meta(fetched: _Fetched, store: ShardStore) -> dict[str, Any]:
+    """What the meta file records of this attempt: selection counts, shards and rates
+    (shards finished by an earlier attempt are not re-timed)."""
+    stats, selection = fetched.stats, fetched.selection
+    return {
+        "no_url_count": selection.no_url_count, "capped_count": selection.capped_count,
+        "total_rows": selection.total_rows, "encoded_this_attempt": stats.encoded,
+        "throughput_items_per_sec":
+            stats.encoded / fetched.seconds if fetched.seconds > 0 else 0.0,
+        "encode_only_items_per_sec":
+            stats.encoded / stats.encode_time if stats.encode_time > 0 else 0.0,
+        "encode_time_sec": stats.encode_time,
+        "download_time_sec_total": fetched.download_time,
+        "downloaded_bytes": fetched.downloaded_bytes,
+        "shards": fetched.shards, "resumed_shards": stats.resumed_shards,
+        "checkpoint_location": store.location, "fingerprint": store.fingerprint,
     }
 
 
@@ -262,105 +369,27 @@ def embed_items_images(
     ids_type = id_type(summary.schema.field(columns.id).type)
     summary.row_range(rows)  # a shard outside the table is refused before any model loads
     config = download_config or DownloadConfig.from_params(params)
-    max_items = params.max_items
-    cap = quota if rows is not None else (max_items or None)
-
-    def selected(counts: Selection) -> Iterator[tuple[int, list[Any], list[str]]]:
-        return iter_shards(iter_selected(items_uri, columns, cap, counts, rows),
-                           params.shard_size)
-
+    settings = image_settings(params, config, items_uri, rows, quota)
+    cap = quota if rows is not None else (params.max_items or None)
     with open_previous(params.previous_uri, "image") as previous_group, \
-            step_run("embed-image", output_dir, run_id=run_id, tracker=tracker,
-                     artifact="image_embeddings", artifact_uri=artifact_uri,
-                     params={"model_name": params.image_model,
-                             "pretrained": params.image_pretrained, "max_items": max_items,
-                             "download_concurrency": config.concurrency,
-                             "batch_size": params.image_batch_size, "items_uri": items_uri,
-                             "previous_uri": params.previous_uri,
-                             "image_revalidate": params.image_revalidate,
-                             "retry_failed_images": params.retry_failed_images}) as run:
+            IMAGE_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                           artifact_uri=artifact_uri) as run:
         if encoder is None:
             encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
         keys_fp = encoder_fingerprint(encoder)
         previous = previous_images(previous_group, keys_fp, encoder.dim,
                                    revalidate=params.image_revalidate,
                                    retry_failed=params.retry_failed_images)
-        settings = _shard_settings(items_uri, params, encoder, config, previous,
-                                   previous_group and previous_group.meta.get("run_id"))
-        settings.update(rows=rows, quota=quota)
-        run_fingerprint = fingerprint(settings)
-        store = ShardStore(params.checkpoint_uri or str(run.out / SHARDS_DIR), run_fingerprint,
-                           settings)
-        store.write_settings()
-
-        counting = Selection()
-        for _ in iter_selected(items_uri, columns, cap, counting, rows):
-            pass  # a cheap first pass (two columns) gives the progress total
-        window = 4 * max(config.concurrency, params.image_batch_size)
-        stats = _Stats()
-        started = time.perf_counter()
-        with FetchDecodePool(config, encoder.pil_transform, decode_workers,
-                             resolver=resolver) as pool, \
-                Progress(counting.selected, "embed-image") as progress:
-            selection = Selection()
-            n_shards = _run_shards(selected(selection), store, pool, encoder,
-                                   batch_size=params.image_batch_size, window=window,
-                                   id_type=ids_type, progress=progress, stats=stats,
-                                   keys_fp=keys_fp, previous=previous)
-        if selection != counting:
-            raise ItemsError(f"items table {items_uri} changed while it was read")
-        process_time = time.perf_counter() - started
-        throughput = stats.encoded / process_time if process_time > 0 else 0.0
-        totals = assemble(store, selected(Selection()), stats.embedded_per_shard, run.out,
-                          encoder.dim, ids_type)
-        meta = run.finish(IMG_META, {
-            "encoder_name": params.image_model,
-            "pretrained": params.image_pretrained,
-            "resolved_model": encoder.resolved.model_name,
-            "weights_sha256": encoder.resolved.weights_sha256,
-            "embed_dim": encoder.dim,
-            **totals,
-            "no_url_count": selection.no_url_count,
-            "capped_count": selection.capped_count,
-            "total_rows": selection.total_rows,
-            "max_items": max_items,
-            # Rates of this attempt (shards finished by an earlier attempt are not re-timed).
-            "encoded_this_attempt": stats.encoded,
-            "throughput_items_per_sec": throughput,
-            "encode_only_items_per_sec":
-                stats.encoded / stats.encode_time if stats.encode_time > 0 else 0.0,
-            "encode_time_sec": stats.encode_time,
-            "download_time_sec_total": pool.download_time,
-            "downloaded_bytes": pool.downloaded_bytes,
-            "device": encoder.device,
-            "dtype": encoder.dtype,
-            "normalized": True,
-            "batch_size": params.image_batch_size,
-            "download_concurrency": config.concurrency,
-            "download_timeout_s": config.timeout_s,
-            "download_retries": config.retries,
-            "max_image_bytes": config.max_bytes,
-            "allow_private_hosts": config.allow_private_hosts,
-            "shard_size": params.shard_size,
-            "shards": n_shards,
-            "resumed_shards": stats.resumed_shards,
-            "checkpoint_location": store.location,
-            "fingerprint": run_fingerprint,
-            "items_uri": items_uri,
-            "id_column": columns.id,
-            "image_url_column": columns.image_url,
-            "rows": list(rows) if rows is not None else None,
-            "image_quota": quota if rows is not None else None,
-            # incremental runs: keys are sha256(encoder_fingerprint, url) in img_items.parquet
-            "encoder_fingerprint": keys_fp,
-            "previous_uri": params.previous_uri,
-            "image_revalidate": params.image_revalidate,
-            "retry_failed_images": params.retry_failed_images,
-        }, metrics={"count": totals["count"], "failed_count": totals["failed_count"],
-                    "throughput_items_per_sec": throughput, "encode_time_sec": stats.encode_time,
-                    **{k: totals[k] for k in ("encoded_count", "reused_count",
-                                              "revalidated_count", "failures_reused_count")}},
-            versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
+        store = _shard_store(settings, encoder, config,
+                             previous_group.meta.get("run_id") if previous else None,
+                             params.checkpoint_uri or str(run.out / SHARDS_DIR))
+        fetched = _embed_shards(items_uri, columns, cap, rows, store, encoder, config, params,
+                                ids_type, previous, keys_fp, decode_workers, resolver)
+        totals = assemble(store, iter_shards(iter_selected(items_uri, columns, cap, Selection(),
+                                                           rows), params.shard_size),
+                          fetched.stats.embedded_per_shard, run.out, encoder.dim, ids_type)
+        meta = run.finish_step({**settings, **_encoder_meta(encoder, keys_fp), **totals,
+                                **_run_meta(fetched, store)})
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
                 meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)
     return meta

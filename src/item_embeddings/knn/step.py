@@ -15,10 +15,11 @@ import torch
 from ..config import PipelineParams
 from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, KNN_FUSED, KNN_FUSED_SCORES,
                        KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS, TXT_META)
-from ..step import step_run
+from ..step import StepKind
 from ..storage import atomic_npy
 from ..tracking import ExperimentTracker
-from .graph import KnnGraph, KnnInputError, build_knn_graph, check_vectors, default_device
+from .graph import (METHOD_EXACT, KnnGraph, KnnInputError, build_knn_graph, check_vectors,
+                    default_device)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,27 @@ SPACES = {
     "text": (TXT_ARRAY, TXT_ITEMS, KNN_TEXT, KNN_TEXT_SCORES),
     "fused": (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES),
 }
+
+
+def _space_metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """Per space: recall@k and @j, search times, whether the graph is exact."""
+    metrics: dict[str, float] = {}
+    for space, info in meta["spaces"].items():
+        metrics.update({f"{space}_recall_at_{j}": r for j, r in info["recall_at"].items()})
+        metrics.update({f"{space}_recall_at_k": info["recall_at_k"],
+                        f"{space}_time_sec": info["build_time_sec"] + info["query_time_sec"],
+                        f"{space}_build_time_sec": info["build_time_sec"],
+                        f"{space}_query_time_sec": info["query_time_sec"],
+                        f"{space}_exact": float(info["method"] == METHOD_EXACT)})
+    return metrics
+
+
+KNN_STEP = StepKind("knn-graph", artifact="knn_graphs", meta_file=KNN_META,
+                    metric_keys=("count", "k"),
+                    logged_params={"k": "k", "exact_max_items": "exact_max_items",
+                                   "recall_queries": "recall_queries", "seed": "seed",
+                                   "device": "device"},
+                    versions=("numpy", "torch", "faiss-cpu"), nested_metrics=_space_metrics)
 
 
 def _open_space(folder: Path, array_file: str, ids_file: str) -> tuple[np.ndarray, list]:
@@ -111,13 +133,12 @@ def build_knn_graphs(
     for space, (vectors, _) in opened.items():
         check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=ids)
     device = device or default_device()
-    with step_run("knn-graph", output_dir, run_id=run_id, tracker=tracker,
-                  artifact="knn_graphs", artifact_uri=artifact_uri,
-                  params={"k": params.knn_k, "exact_max_items": params.knn_exact_max_items,
-                          "recall_queries": params.knn_recall_queries, "seed": params.seed,
-                          "device": str(device)}) as run:
+    settings = {"k": params.knn_k, "exact_max_items": params.knn_exact_max_items,
+                "recall_queries": params.knn_recall_queries, "seed": params.seed,
+                "device": str(device)}
+    with KNN_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                      artifact_uri=artifact_uri) as run:
         spaces: dict[str, dict[str, Any]] = {}
-        metrics: dict[str, float] = {"count": len(ids), "k": params.knn_k}
         for space, (_, _, ids_file, scores_file) in SPACES.items():
             vectors = opened[space][0]
             graph = build_knn_graph(vectors, params.knn_k,
@@ -126,11 +147,7 @@ def build_knn_graphs(
                                     device=device, what=f"{space} vectors", labels=ids)
             _write_graph(graph, run.out, ids_file, scores_file)
             spaces[space] = _space_meta(graph, vectors.shape[1])
-            metrics.update({f"{space}_recall_at_{j}": r for j, r in graph.recall_by_prefix.items()})
-            metrics.update({f"{space}_recall_at_k": graph.recall_at_k,
-                            f"{space}_time_sec": graph.build_time_sec + graph.query_time_sec,
-                            f"{space}_exact": float(graph.method == "exact")})
-        meta = run.finish(KNN_META, {
+        meta = run.finish_step({
             "k": params.knn_k,
             "count": len(ids),
             "spaces": spaces,
@@ -140,7 +157,7 @@ def build_knn_graphs(
             "fusion_run_id": _run_id(dirs["fused"] / FUSION_CONFIG),
             "text_dir": str(text_dir),
             "fused_dir": str(fused_dir),
-        }, metrics=metrics, versions=("numpy", "torch", "faiss-cpu"))
+        })
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
                 len(ids), params.knn_k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],
                 spaces["fused"]["recall_at_k"], run.out)

@@ -112,7 +112,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_create(args: argparse.Namespace) -> int:
-    from .vertex import create_schedule
+    from .schedules import create_schedule
 
     name = create_schedule(
         _run_settings(args), cron=args.cron, time_zone=args.time_zone,
@@ -125,7 +125,7 @@ def _cmd_schedule_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_list(args: argparse.Namespace) -> int:
-    from .vertex import list_schedules
+    from .schedules import list_schedules
 
     rows = list_schedules(project=_project(args), region=args.region, filter=args.filter)
     if args.json:
@@ -140,13 +140,13 @@ def _cmd_schedule_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_action(args: argparse.Namespace) -> int:
-    from . import vertex
+    from . import schedules
 
     where = dict(project=_project(args), region=args.region)
     if args.action == "resume":
-        vertex.resume_schedule(args.name, catch_up=args.catch_up, **where)
+        schedules.resume_schedule(args.name, catch_up=args.catch_up, **where)
     else:
-        {"pause": vertex.pause_schedule, "delete": vertex.delete_schedule}[args.action](
+        {"pause": schedules.pause_schedule, "delete": schedules.delete_schedule}[args.action](
             args.name, **where)
     print(f"{args.action}d schedule {args.name}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..incremental import (KeyIndex, PreviousGroup, PreviousSetError, content_ke
 from ..items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
 from ..outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from ..progress import Progress
-from ..step import step_run
+from ..step import StepKind
 from ..storage import atomic_npy, write_parquet_atomic
 from ..tracking import ExperimentTracker
 from .encoders import APPROXIMATE_BACKENDS, TextEncoder, load_text_encoder
@@ -67,6 +68,98 @@ def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
     return KeyIndex(previous.table(TXT_ITEMS).column("key")), vectors
 
 
+TEXT_STEP = StepKind(
+    "embed-text", artifact="text_embeddings", meta_file=TXT_META,
+    metric_keys=("count", "reused_count", "encoded_count", "encode_time_sec",
+                 "throughput_items_per_sec"),
+    logged_params={"model_name": "encoder_name", "batch_size": "batch_size",
+                   "text_backend": "text_backend", "items_uri": "items_uri",
+                   "previous_uri": "previous_uri"},
+    versions=("torch", "sentence-transformers", "transformers", "onnxruntime", "numpy"),
+    # an approximate backend's quality gate on this catalogue
+    nested_metrics=lambda meta: {f"gate_{key}": value for key, value
+                                 in (meta.get("quality_gate") or {}).items() if key != "passed"})
+
+
+def text_settings(params: PipelineParams, items_uri: str,
+                  rows: tuple[int, int] | None = None) -> dict[str, Any]:
+    """What the text step is asked to do, by the names its meta file records them under (the
+    backend asked for; the meta file records the one that ran)."""
+    return {"encoder_name": params.text_model, "text_backend": params.text_backend,
+            "batch_size": params.text_batch_size, "items_uri": items_uri,
+            "id_column": params.id_column, "rows": list(rows) if rows is not None else None,
+            "previous_uri": params.previous_uri}
+
+
+@dataclass
+class _Encoded:
+    """What encoding the rows found and did."""
+
+    ids: list[pa.Array] = field(default_factory=list)
+    keys: list[pa.Array] = field(default_factory=list)
+    rows: int = 0
+    empty: int = 0
+    null_title: int = 0
+    null_description: int = 0
+    reused: int = 0
+    encode_time: float = 0.0
+
+
+def _encode_rows(items_uri: str, columns: ItemColumns, rows: tuple[int, int] | None,
+                 array: np.ndarray, encoder: TextEncoder, encoder_fp: str,
+                 reusable: tuple[KeyIndex, np.ndarray] | None,
+                 progress: Progress) -> _Encoded:
+    """Fill ``array`` with every row's vector, in input order: the previous set's vector when
+    the row's key is there (byte-identical copies), the encoder's otherwise."""
+    done = _Encoded()
+    for batch in iter_batches(items_uri, [columns.id, columns.title, columns.description],
+                              READ_BATCH_ROWS, rows=rows):
+        texts = batch_texts(batch, columns)
+        done.null_title += batch.column(columns.title).null_count
+        done.null_description += batch.column(columns.description).null_count
+        done.empty += sum(1 for t in texts if not t)
+        batch_keys = content_keys(encoder_fp, texts)
+        previous_rows = (reusable[0].rows(batch_keys) if reusable
+                         else np.full(len(texts), -1, dtype=np.int64))
+        hit = np.flatnonzero(previous_rows >= 0)
+        if hit.size:
+            array[done.rows + hit] = reusable[1][previous_rows[hit]]
+            done.reused += hit.size
+        todo = np.flatnonzero(previous_rows < 0)
+        if todo.size:
+            t0 = time.perf_counter()
+            array[done.rows + todo] = encoder.encode([texts[i] for i in todo])
+            done.encode_time += time.perf_counter() - t0
+        done.ids.append(batch.column(columns.id))
+        done.keys.append(batch_keys)
+        done.rows += len(texts)
+        progress.update(len(texts))
+    return done
+
+
+def _encoder_meta(encoder: TextEncoder, exact: bool, gate: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    """What the meta file records of the encoder that ran."""
+    return {
+        "encoder_location": encoder.resolved.location,
+        "text_backend": encoder.backend,
+        # exact: the model's own vectors (cosine >= 0.9999 to plain sentence-transformers);
+        # otherwise an opt-in approximation and the gate it passed on this catalogue
+        "exact": exact,
+        "quality_gate": gate,
+        # sha256 of the ONNX model the onnx backends run (None for torch backends)
+        "fast_model_sha256": getattr(encoder, "model_sha256", None),
+        "weights_sha256": encoder.resolved.weights_sha256,
+        "embed_dim": encoder.dim,
+        "max_seq_length": encoder.max_seq_length,
+        "normalized": True,
+        "device": encoder.device,
+        "dtype": encoder.dtype,
+        # incremental runs: keys are sha256(encoder_fingerprint, text) in txt_items.parquet
+        "encoder_fingerprint": encoder_fingerprint(encoder),
+    }
+
+
 def embed_items_text(
     items_uri: str,
     output_dir: str | os.PathLike,
@@ -114,94 +207,36 @@ def embed_items_text(
     ids_type = id_type(summary.schema.field(columns.id).type)
     start, stop = summary.row_range(rows)
     n = stop - start
+    settings = text_settings(params, items_uri, None if rows is None else (start, stop))
     with open_previous(params.previous_uri, "text") as previous, \
-            step_run("embed-text", output_dir, run_id=run_id, tracker=tracker,
-                     artifact="text_embeddings", artifact_uri=artifact_uri,
-                     params={"model_name": params.text_model,
-                             "batch_size": params.text_batch_size,
-                             "text_backend": params.text_backend, "items_uri": items_uri,
-                             "previous_uri": params.previous_uri}) as run:
+            TEXT_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                          artifact_uri=artifact_uri) as run:
         if encoder is None:
             encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
                                         device=device, backend=params.text_backend)
         exact = encoder.backend not in APPROXIMATE_BACKENDS
         gate = None if exact else _gate_on_catalogue(items_uri, columns, params, encoder)
-        encoder_fp = encoder_fingerprint(encoder)
-        reusable = _reusable(previous, encoder_fp, encoder.dim)
-        ids: list[pa.Array] = []
-        keys: list[pa.Array] = []
-        empty = null_title = null_description = reused = 0
-        encode_time = 0.0
+        described = _encoder_meta(encoder, exact, gate)
+        reusable = _reusable(previous, described["encoder_fingerprint"], encoder.dim)
         with atomic_npy(run.out / TXT_ARRAY, (n, encoder.dim)) as array, \
                 Progress(n, "embed-text") as progress:
-            row = 0
-            for batch in iter_batches(items_uri, [columns.id, columns.title,
-                                                  columns.description], READ_BATCH_ROWS,
-                                      rows=rows):
-                texts = batch_texts(batch, columns)
-                null_title += batch.column(columns.title).null_count
-                null_description += batch.column(columns.description).null_count
-                empty += sum(1 for t in texts if not t)
-                batch_keys = content_keys(encoder_fp, texts)
-                previous_rows = (reusable[0].rows(batch_keys) if reusable
-                                 else np.full(len(texts), -1, dtype=np.int64))
-                hit = np.flatnonzero(previous_rows >= 0)
-                if hit.size:  # byte-identical copies of the previous vectors
-                    array[row + hit] = reusable[1][previous_rows[hit]]
-                    reused += hit.size
-                todo = np.flatnonzero(previous_rows < 0)
-                if todo.size:
-                    t0 = time.perf_counter()
-                    array[row + todo] = encoder.encode([texts[i] for i in todo])
-                    encode_time += time.perf_counter() - t0
-                ids.append(batch.column(columns.id))
-                keys.append(batch_keys)
-                row += len(texts)
-                progress.update(len(texts))
-            if row != n:
-                raise RuntimeError(f"read {row} rows from {items_uri}, expected {n}")
+            done = _encode_rows(items_uri, columns, rows, array, encoder,
+                                described["encoder_fingerprint"], reusable, progress)
+            if done.rows != n:
+                raise RuntimeError(f"read {done.rows} rows from {items_uri}, expected {n}")
         # an empty shard still writes the table's id type: the shards' files must concatenate
         write_parquet_atomic(run.out / TXT_ITEMS, pa.table(
-            {"id": pa.concat_arrays([pa.array([], ids_type)] + [i.cast(ids_type) for i in ids]),
-             "key": pa.concat_arrays([pa.array([], pa.string())] + keys)}))
-        encoded = n - reused
-        throughput = encoded / encode_time if encode_time > 0 else 0.0
-        meta = run.finish(TXT_META, {
-            "encoder_name": params.text_model,
-            "encoder_location": encoder.resolved.location,
-            "text_backend": encoder.backend,
-            # exact: the model's own vectors (cosine >= 0.9999 to plain sentence-transformers);
-            # otherwise an opt-in approximation and the gate it passed on this catalogue
-            "exact": exact,
-            "quality_gate": gate,
-            # sha256 of the ONNX model the onnx backends run (None for torch backends)
-            "fast_model_sha256": getattr(encoder, "model_sha256", None),
-            "weights_sha256": encoder.resolved.weights_sha256,
-            "embed_dim": encoder.dim,
-            "max_seq_length": encoder.max_seq_length,
-            "normalized": True,
-            "device": encoder.device,
-            "dtype": encoder.dtype,
-            "batch_size": params.text_batch_size,
-            "count": n,
-            "empty_text_count": empty,
-            "null_title_count": null_title,
-            "null_description_count": null_description,
-            "throughput_items_per_sec": throughput,
-            "encode_time_sec": encode_time,
-            "items_uri": items_uri,
-            "id_column": columns.id,
-            "rows": [start, stop] if rows is not None else None,
-            # incremental runs: keys are sha256(encoder_fingerprint, text) in txt_items.parquet
-            "encoder_fingerprint": encoder_fp,
-            "previous_uri": params.previous_uri,
-            "reused_count": reused,
-            "encoded_count": encoded,
-        }, metrics={"count": n, "throughput_items_per_sec": throughput,
-                    "encode_time_sec": encode_time, "reused_count": reused,
-                    "encoded_count": encoded,
-                    **{f"gate_{k}": v for k, v in (gate or {}).items() if k != "passed"}},
-            versions=("torch", "sentence-transformers", "transformers", "onnxruntime", "numpy"))
-    logger.info("embedded %d items in %.1fs (%.1f items/s) -> %s", n, encode_time, throughput,
-                run.out)
+            {"id": pa.concat_arrays([pa.array([], ids_type)]
+                                    + [i.cast(ids_type) for i in done.ids]),
+             "key": pa.concat_arrays([pa.array([], pa.string())] + done.keys)}))
+        encoded = n - done.reused
+        meta = run.finish_step({
+            **settings, **described, "count": n, "empty_text_count": done.empty,
+            "null_title_count": done.null_title,
+            "null_description_count": done.null_description,
+            "throughput_items_per_sec": encoded / done.encode_time if done.encode_time else 0.0,
+            "encode_time_sec": done.encode_time, "reused_count": done.reused,
+            "encoded_count": encoded})
+    logger.info("embedded %d items in %.1fs (%.1f items/s) -> %s", n, done.encode_time,
+                meta["throughput_items_per_sec"], run.out)
     return meta
