@@ -121,6 +121,18 @@ def _scan_usable(array: np.ndarray, rows: np.ndarray | None = None) -> np.ndarra
     return ok
 
 
+def _content_keys(txt_items: pa.Table, img_items: pa.Table, image_pos: np.ndarray,
+                  image_ok: np.ndarray) -> tuple[pa.Array | None, pa.Array | None]:
+    """Per text row its text key and the key of the image fused with it (None without one);
+    (None, None) for outputs without keys."""
+    if "key" not in txt_items.column_names or "key" not in img_items.column_names:
+        return None, None
+    keys = np.full(txt_items.num_rows, None, dtype=object)
+    used = image_ok.nonzero()[0]
+    keys[image_pos[used]] = np.asarray(img_items.column("key").to_pylist(), dtype=object)[used]
+    return txt_items.column("key").combine_chunks(), pa.array(keys, pa.string())
+
+
 def load_fusion_inputs(text_dir: str | os.PathLike, image_dir: str | os.PathLike) -> FusionInputs:
     """Open and check both steps' outputs and join them by id.
 
@@ -192,13 +204,7 @@ def load_fusion_inputs(text_dir: str | os.PathLike, image_dir: str | os.PathLike
     failures = None
     if (image_dir / IMG_FAILURES).is_file():
         failures = pq.read_metadata(image_dir / IMG_FAILURES).num_rows
-    text_keys = image_keys = None
-    if "key" in txt_items.column_names and "key" in img_items.column_names:
-        text_keys = txt_items.column("key").combine_chunks()
-        keys = np.full(n, None, dtype=object)
-        used = image_ok.nonzero()[0]
-        keys[image_pos[used]] = np.asarray(img_items.column("key").to_pylist(), dtype=object)[used]
-        image_keys = pa.array(keys, pa.string())
+    text_keys, image_keys = _content_keys(txt_items, img_items, image_pos, image_ok)
     return FusionInputs(text=text, image=image, ids=ids, image_row=image_row, text_meta=text_meta,
                         image_meta=image_meta, excluded_ids=excluded, image_failures=failures,
                         text_keys=text_keys, image_keys=image_keys)

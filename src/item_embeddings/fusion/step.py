@@ -101,6 +101,12 @@ def fusion_settings(params: PipelineParams, init: str, text_uri: str, image_uri:
             "previous_uri": params.previous_uri}
 
 
+def _applied(previous: PreviousGroup, inputs: FusionInputs) -> tuple[FusionMLP, dict[str, Any]]:
+    """The previous set's model, and what the meta file records of where it came from."""
+    model = _previous_model(previous, inputs)
+    return model, {"applied_from": previous.uri, "trained_by_run": model.metadata.get("run_id")}
+
+
 def _trained(inputs: FusionInputs, params: PipelineParams, settings: dict[str, Any]
              ) -> tuple[FusionMLP, dict[str, Any]]:
     """A model trained on ``inputs`` (its best epoch, the start included), and what the meta
@@ -220,12 +226,8 @@ def fuse_item_embeddings(
                             artifact_uri=artifact_uri) as run, \
             torch_threads(num_threads, inputs.count) as threads:
         t0 = time.perf_counter()
-        if apply:
-            model = _previous_model(previous, inputs)
-            training = {"applied_from": previous.uri,
-                        "trained_by_run": model.metadata.get("run_id")}
-        else:
-            model, training = _trained(inputs, params, settings)
+        model, training = (_applied(previous, inputs) if apply
+                           else _trained(inputs, params, settings))
         train_time = time.perf_counter() - t0
         t0 = time.perf_counter()
         reused = _write_outputs(model, inputs, run.out, run.run_id, params, previous)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
-from ..incremental import content_keys, open_previous
+from ..incremental import PreviousGroup, content_keys, open_previous
 from ..items import ItemColumns, ItemsError, id_type, validate_items
 from ..outputs import IMG_META
 from ..progress import Progress
@@ -227,12 +227,14 @@ _SHARD_SETTINGS = {
 
 
 def _shard_store(settings: dict[str, Any], encoder: ImageEncoder, config: DownloadConfig,
-                 previous_run: str | None, root: str) -> ShardStore:
+                 reused_from: PreviousGroup | None, root: str) -> ShardStore:
     """The store of this configuration's shards: everything that decides a shard's content is
-    in its fingerprint, so a changed value never reuses a shard. Its settings are recorded."""
+    in its fingerprint (the previous set reused from included), so a changed value never
+    reuses a shard. Its settings are recorded."""
     decides = {name: settings[key] for name, key in _SHARD_SETTINGS.items()}
     decides.update({
-        "previous": previous_run, "resolved_model": encoder.resolved.model_name,
+        "previous": reused_from.meta.get("run_id") if reused_from else None,
+        "resolved_model": encoder.resolved.model_name,
         "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
         "device_dtype": encoder.dtype, "max_redirects": config.max_redirects,
         "exempt_networks": list(config.exempt_networks), "max_pixels": MAX_PIXELS,
@@ -254,15 +256,48 @@ class _Fetched:
     downloaded_bytes: int
 
 
-def _embed_shards(items_uri: str, columns: ItemColumns, cap: int | None,
-                  rows: tuple[int, int] | None, store: ShardStore, encoder: ImageEncoder,
+@dataclass(frozen=True)
+class _Selected:
+    """The items one call selects (a row range and its image quota, or ``max_items``), in
+    shards, read again for each pass."""
+
+    uri: str
+    columns: ItemColumns
+    cap: int | None
+    rows: tuple[int, int] | None
+    shard_size: int
+
+    @classmethod
+    def of(cls, items_uri: str, columns: ItemColumns, params: PipelineParams,
+           rows: tuple[int, int] | None, quota: int | None) -> "_Selected":
+        """A row range takes its quota, the whole table ``max_items`` (0 = no cap)."""
+        cap = quota if rows is not None else (params.max_items or None)
+        return cls(items_uri, columns, cap, rows, params.shard_size)
+
+    def shards(self, counts: Selection) -> Iterator[tuple[int, list[Any], list[str]]]:
+        """(index, ids, URLs) of each shard; the selection counted in ``counts``."""
+        return iter_shards(iter_selected(self.uri, self.columns, self.cap, counts, self.rows),
+                           self.shard_size)
+
+
+def _reusable(previous_group: PreviousGroup | None, encoder: ImageEncoder,
+              params: PipelineParams) -> tuple[str, PreviousImages | None]:
+    """The encoder's fingerprint (part of every image row's key), and the previous set's images
+    if that set comes from this very encoder."""
+    keys_fp = encoder_fingerprint(encoder)
+    return keys_fp, previous_images(previous_group, keys_fp, encoder.dim,
+                                    revalidate=params.image_revalidate,
+                                    retry_failed=params.retry_failed_images)
+
+
+def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
                   config: DownloadConfig, params: PipelineParams, ids_type: pa.DataType,
                   previous: PreviousImages | None, keys_fp: str, decode_workers: int | None,
                   resolver) -> _Fetched:
     """Fetch, decode and encode every selected item into the store's shards (finished shards
     of an earlier attempt are skipped)."""
     counting = Selection()
-    for _ in iter_selected(items_uri, columns, cap, counting, rows):
+    for _ in selected.shards(counting):
         pass  # a cheap first pass (two columns) gives the progress total
     stats, selection = _Stats(), Selection()
     started = time.perf_counter()
@@ -270,13 +305,11 @@ def _embed_shards(items_uri: str, columns: ItemColumns, cap: int | None,
                          resolver=resolver) as pool, \
             Progress(counting.selected, "embed-image") as progress:
         shards = _run_shards(
-            iter_shards(iter_selected(items_uri, columns, cap, selection, rows),
-                        params.shard_size), store, pool, encoder,
-            batch_size=params.image_batch_size,
+            selected.shards(selection), store, pool, encoder, batch_size=params.image_batch_size,
             window=4 * max(config.concurrency, params.image_batch_size), id_type=ids_type,
             progress=progress, stats=stats, keys_fp=keys_fp, previous=previous)
     if selection != counting:
-        raise ItemsError(f"items table {items_uri} changed while it was read")
+        raise ItemsError(f"items table {selected.uri} changed while it was read")
     return _Fetched(shards, stats, selection, time.perf_counter() - started,
                     pool.download_time, pool.downloaded_bytes)
 
@@ -332,8 +365,7 @@ def embed_items_images(
     default ``<output_dir>/img_shards``; a rerun skips finished shards), then writes atomically:
     ``img.npy`` [M, dim] float32 L2-normalised, ``img_items.parquet`` (id, url, key, etag,
     last_modified, row), ``img_failures.parquet`` (id, url, reason, detail, http_status,
-    attempts, key) and, last, ``img_meta.json``. Logs an experiment run
-    ``embed-image-<run id>``.
+    attempts, key) and, last, ``img_meta.json``. Logs the experiment run ``embed-image-<run id>``.
 
     Args:
         items_uri: Parquet file or folder (local or gs://).
@@ -370,24 +402,19 @@ def embed_items_images(
     summary.row_range(rows)  # a shard outside the table is refused before any model loads
     config = download_config or DownloadConfig.from_params(params)
     settings = image_settings(params, config, items_uri, rows, quota)
-    cap = quota if rows is not None else (params.max_items or None)
+    selected = _Selected.of(items_uri, columns, params, rows, quota)
     with open_previous(params.previous_uri, "image") as previous_group, \
             IMAGE_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
                            artifact_uri=artifact_uri) as run:
         if encoder is None:
             encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
-        keys_fp = encoder_fingerprint(encoder)
-        previous = previous_images(previous_group, keys_fp, encoder.dim,
-                                   revalidate=params.image_revalidate,
-                                   retry_failed=params.retry_failed_images)
-        store = _shard_store(settings, encoder, config,
-                             previous_group.meta.get("run_id") if previous else None,
+        keys_fp, previous = _reusable(previous_group, encoder, params)
+        store = _shard_store(settings, encoder, config, previous_group if previous else None,
                              params.checkpoint_uri or str(run.out / SHARDS_DIR))
-        fetched = _embed_shards(items_uri, columns, cap, rows, store, encoder, config, params,
-                                ids_type, previous, keys_fp, decode_workers, resolver)
-        totals = assemble(store, iter_shards(iter_selected(items_uri, columns, cap, Selection(),
-                                                           rows), params.shard_size),
-                          fetched.stats.embedded_per_shard, run.out, encoder.dim, ids_type)
+        fetched = _embed_shards(selected, store, encoder, config, params, ids_type, previous,
+                                keys_fp, decode_workers, resolver)
+        totals = assemble(store, selected.shards(Selection()), fetched.stats.embedded_per_shard,
+                          run.out, encoder.dim, ids_type)
         meta = run.finish_step({**settings, **_encoder_meta(encoder, keys_fp), **totals,
                                 **_run_meta(fetched, store)})
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
