@@ -80,3 +80,58 @@ def test_written_files_are_readable_like_ordinary_files(tmp_path):
         os.umask(old)
     for path in (tmp_path / "a.json", tmp_path / "a.npy", tmp_path / "placed" / "txt_meta.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_set_is_read_the_same_way_wherever_it_is(where, tmp_path, request):
+    """read_bytes, list_files and local_folder on a local folder and on a gs:// prefix (the
+    GCS emulator): the files directly in the folder, not a sub-folder's, nor a neighbour's that
+    shares the prefix."""
+    files = {"a.json": b'{"x": 1}', "b.npy": b"\x93NUMPY", "sub/c.txt": b"nested"}
+    if where == "local":
+        root = tmp_path / "set"
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        (tmp_path / "set-2").mkdir()
+        (tmp_path / "set-2" / "d.txt").write_bytes(b"neighbour")
+        uri = str(root)
+    else:
+        import uuid
+
+        bucket = request.getfixturevalue("gcs").create_bucket(f"read-{uuid.uuid4().hex[:8]}")
+        for name, data in files.items():
+            bucket.blob(f"sets/set/{name}").upload_from_string(data)
+        bucket.blob("sets/set-2/d.txt").upload_from_string(b"neighbour")
+        uri = f"gs://{bucket.name}/sets/set/"
+    assert storage.list_files(uri) == ["a.json", "b.npy"]
+    assert storage.read_bytes(f"{uri.rstrip('/')}/a.json") == b'{"x": 1}'
+    assert storage.read_bytes(f"{uri.rstrip('/')}/missing.json") is None
+    with storage.local_folder(uri, ["b.npy", "missing.json"]) as folder:
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == (
+            ["a.json", "b.npy"] if where == "local" else ["b.npy"])  # local: the folder itself
+        assert (folder / "b.npy").read_bytes() == b"\x93NUMPY"
+    if where == "gs":
+        assert not folder.exists()  # the temporary copy is removed
+        assert storage.gcs_prefix(uri) == (bucket.name, "sets/set/")
+        assert storage.gcs_prefix(f"gs://{bucket.name}") == (bucket.name, "")
+
+
+def test_record_problems_names_each_file_that_is_not_as_recorded(tmp_path):
+    for name, data in {"a.npy": b"aaaa", "b.npy": b"bbbb", "c.npy": b"cc"}.items():
+        (tmp_path / name).write_bytes(data)
+    records = {name: storage.file_record(tmp_path / name) for name in ("a.npy", "b.npy", "c.npy")}
+    files = {p.name: p for p in tmp_path.iterdir()}
+    assert storage.record_problems(files, records, "m.json") == []
+    (tmp_path / "b.npy").write_bytes(b"bbbB")          # same size, other bytes
+    (tmp_path / "c.npy").write_bytes(b"ccc")           # other size
+    del files["a.npy"]                                  # missing
+    assert storage.record_problems(files, records, "m.json", required=["d.npy"]) == [
+        "m.json records no size and sha256 of d.npy: it cannot be verified",
+        "m.json lists a.npy but it is missing",
+        "b.npy: content does not match m.json (same size, sha256 differs): changed after it was "
+        "written, or from another run",
+        "c.npy: content does not match m.json (size 3, recorded 2): changed after it was "
+        "written, or from another run"]
+    assert storage.record_problems(files, {"a.npy": "x"}, "m.json") == [
+        "m.json: 'files' is not a mapping of file name to size and sha256"]

@@ -1,10 +1,12 @@
 """What every step shares: a run id, an experiment run, timing, the meta file written last.
 
 A step states once what it is (:class:`StepKind`: its run's name, its output, its meta file,
-which meta keys are its metrics), and its function then reads as its own work::
+which of its settings are the run's parameters, which meta keys are its metrics), and its
+function then reads as its own work::
 
     TEXT_STEP = StepKind("embed-text", artifact="text_embeddings", meta_file=TXT_META,
-                         metric_keys=("count", ...), versions=("torch", ...))
+                         metric_keys=("count", ...), versions=("torch", ...),
+                         logged_params={"model_name": "encoder_name", ...})
 
     def embed_items_text(...):
         ...                                 # validate the inputs before any model loads
