@@ -337,7 +337,8 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     log = tmp_path / "out" / "run.log"
     assert re.search(r"embed-images: FAILED in \d+\.\d s; the last \d+ lines of its output:",
                      err)
-    assert "  | ValueError: image_pretrained '/nonexistent/weights.pt' is neither" in err
+    assert ("  | item_embeddings.config.ConfigError: image_pretrained '/nonexistent/weights.pt' "
+            "is neither") in err
     assert f"full log: {log}" in err and f"(full log: {log};" in err
     assert "Traceback" in log.read_text() and "executor_input" not in captured.out + err
     assert len((captured.out + err).splitlines()) <= 60
