@@ -42,7 +42,8 @@ def merge_images(
                                   tracker=step.tracker, artifact_uri=step.artifact_uri)
         step.report(meta, metadata=("count", "embed_dim", "encoder_name"),
                     metrics=("count", "failed_count", "attempted_count", "no_url_count",
-                             "encoded_count", "reused_count", "revalidated_count"))
+                             "encoded_count", "reused_count", "revalidated_count",
+                             "download_wall_s", "decode_cpu_s", "encode_wall_s"))
 
 
 def make_component(base_image: str):

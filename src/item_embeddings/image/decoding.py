@@ -2,15 +2,26 @@
 
 Runs in the fetching pool's threads. Every failure is an :class:`ImageDecodeError` whose
 ``reason`` is recorded for the item (never a crash of the step).
+
+``image_decode`` (:data:`DECODE_MODES`) chooses how many pixels a JPEG is decoded to: ``exact``
+decodes every pixel; ``fast`` (the default) lets libjpeg scale by 1/2, 1/4 or 1/8 in the DCT
+domain (``Image.draft``) to the smallest size still at least the encoder's input size, so the
+resize that follows only ever shrinks, as it does from the full image. Most of the CPU of a
+1000-px photo is spent decoding pixels the resize to 224 throws away (docs/images.md, *Fast
+decode*). Other formats (PNG, WebP, GIF, ...) have no reduced decode in Pillow: both modes decode
+them in full.
 """
 
 from __future__ import annotations
 
 import io
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from ..config import IMAGE_DECODE_MODES
 from .download import NOT_AN_IMAGE
 
 if TYPE_CHECKING:
@@ -23,6 +34,9 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers M
 # cannot identify is download.NOT_AN_IMAGE, as for a non-image content type).
 DECODE_ERROR = "decode_error"
 DECOMPRESSION_BOMB = "decompression_bomb"
+
+DECODE_MODES = IMAGE_DECODE_MODES  # the values of the image_decode pipeline parameter
+FAST, EXACT = DECODE_MODES
 
 
 class ImageDecodeError(Exception):
@@ -53,8 +67,13 @@ def to_rgb(img) -> "Image.Image":
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(body: bytes, pil_transform: Callable, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(body: bytes, pil_transform: Callable, max_pixels: int = MAX_PIXELS,
+                 reduce_to: tuple[int, int] | None = None) -> np.ndarray:
     """Image bytes -> the encoder's input as uint8 [H, W, 3] (open_clip's resize and crop applied).
+
+    ``reduce_to`` (width, height): decode a JPEG at the smallest of its 1/1, 1/2, 1/4 and 1/8
+    scales whose width and height are both at least these (the ``fast`` mode); None decodes
+    every pixel. Other formats are always decoded in full.
 
     Raises:
         ImageDecodeError: not an image, a truncated or corrupt file, or more than ``max_pixels``.
@@ -68,6 +87,8 @@ def decode_image(body: bytes, pil_transform: Callable, max_pixels: int = MAX_PIX
             if width * height > max_pixels:  # checked on the header, before any pixel is decoded
                 raise ImageDecodeError(DECOMPRESSION_BOMB,
                                        f"{width}x{height} pixels > limit {max_pixels}")
+            if reduce_to is not None:
+                img.draft(img.mode, reduce_to)  # JPEG only; a no-op for the other formats
             img.load()
             rgb = to_rgb(img)
             out = pil_transform(rgb)
@@ -84,3 +105,38 @@ def decode_image(body: bytes, pil_transform: Callable, max_pixels: int = MAX_PIX
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageDecodeError(DECODE_ERROR, f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Bytes -> the encoder's uint8 input, the way ``image_decode`` asks (see the module doc).
+
+    ``input_size`` is the encoder's (width, height); ``pil_transform`` its resize and crop.
+    """
+
+    pil_transform: Callable
+    input_size: tuple[int, int]
+    mode: str = FAST
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"image_decode must be one of {', '.join(DECODE_MODES)}, "
+                             f"got {self.mode!r}")
+
+    def __call__(self, body: bytes) -> np.ndarray:
+        return decode_image(body, self.pil_transform, self.max_pixels,
+                            self.input_size if self.mode == FAST else None)
+
+    def timed(self, body: bytes) -> tuple[np.ndarray | None, ImageDecodeError | None, float]:
+        """(pixels, None) or (None, the failure), and the CPU seconds this thread spent on it.
+
+        Per-thread CPU time (not wall time): with several decode threads on a busy machine it
+        is the work done, not the time spent waiting for a core.
+        """
+        started = time.thread_time()
+        try:
+            pixels, error = self(body), None
+        except ImageDecodeError as exc:
+            pixels, error = None, exc
+        return pixels, error, time.thread_time() - started

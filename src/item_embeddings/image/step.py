@@ -193,6 +193,7 @@ def _shard_settings(items_uri: str, params: PipelineParams, encoder: ImageEncode
         "items_uri": items_uri, "id_column": params.id_column,
         "url_column": params.image_url_column, "max_items": params.max_items,
         "shard_size": params.shard_size, "image_model": params.image_model,
+        "image_decode": params.image_decode,
         "image_pretrained": params.image_pretrained, "resolved_model": encoder.resolved.model_name,
         "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
         "device_dtype": encoder.dtype, "batch_size": params.image_batch_size,
@@ -276,15 +277,17 @@ def embed_items_images(
                              "pretrained": params.image_pretrained, "max_items": max_items,
                              "download_concurrency": config.concurrency,
                              "batch_size": params.image_batch_size, "items_uri": items_uri,
+                             "image_decode": params.image_decode,
                              "previous_uri": params.previous_uri,
                              "image_revalidate": params.image_revalidate,
                              "retry_failed_images": params.retry_failed_images}) as run:
         if encoder is None:
             encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
-        keys_fp = encoder_fingerprint(encoder)
+        keys_fp = encoder_fingerprint(encoder, params.image_decode)
         previous = previous_images(previous_group, keys_fp, encoder.dim,
                                    revalidate=params.image_revalidate,
-                                   retry_failed=params.retry_failed_images)
+                                   retry_failed=params.retry_failed_images,
+                                   decode=params.image_decode)
         settings = _shard_settings(items_uri, params, encoder, config, previous,
                                    previous_group and previous_group.meta.get("run_id"))
         settings.update(rows=rows, quota=quota)
@@ -299,7 +302,7 @@ def embed_items_images(
         window = 4 * max(config.concurrency, params.image_batch_size)
         stats = _Stats()
         started = time.perf_counter()
-        with FetchDecodePool(config, encoder.pil_transform, decode_workers,
+        with FetchDecodePool(config, encoder.decoder(params.image_decode), decode_workers,
                              resolver=resolver) as pool, \
                 Progress(counting.selected, "embed-image") as progress:
             selection = Selection()
@@ -311,6 +314,11 @@ def embed_items_images(
             raise ItemsError(f"items table {items_uri} changed while it was read")
         process_time = time.perf_counter() - started
         throughput = stats.encoded / process_time if process_time > 0 else 0.0
+        # Where this attempt's time went: the stages overlap, so these do not add up to the
+        # wall time; the largest against it shows the bound (docs/images.md).
+        timings = {"download_wall_s": round(pool.download_wall_s, 3),
+                   "decode_cpu_s": round(pool.decode_cpu_s, 3),
+                   "encode_wall_s": round(stats.encode_time, 3)}
         totals = assemble(store, selected(Selection()), stats.embedded_per_shard, run.out,
                           encoder.dim, ids_type)
         meta = run.finish(IMG_META, {
@@ -319,6 +327,7 @@ def embed_items_images(
             "resolved_model": encoder.resolved.model_name,
             "weights_sha256": encoder.resolved.weights_sha256,
             "embed_dim": encoder.dim,
+            "image_decode": params.image_decode,
             **totals,
             "no_url_count": selection.no_url_count,
             "capped_count": selection.capped_count,
@@ -331,6 +340,7 @@ def embed_items_images(
                 stats.encoded / stats.encode_time if stats.encode_time > 0 else 0.0,
             "encode_time_sec": stats.encode_time,
             "download_time_sec_total": pool.download_time,
+            **timings,
             "downloaded_bytes": pool.downloaded_bytes,
             "device": encoder.device,
             "dtype": encoder.dtype,
@@ -358,6 +368,7 @@ def embed_items_images(
             "retry_failed_images": params.retry_failed_images,
         }, metrics={"count": totals["count"], "failed_count": totals["failed_count"],
                     "throughput_items_per_sec": throughput, "encode_time_sec": stats.encode_time,
+                    **timings,
                     **{k: totals[k] for k in ("encoded_count", "reused_count",
                                               "revalidated_count", "failures_reused_count")}},
             versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
