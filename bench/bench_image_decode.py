@@ -11,7 +11,8 @@ serve them. Measured in one run, both modes on the same photos:
    between the two modes' vectors, open_clip ViT-B-32 with random weights (``--pretrained``
    takes a tag or checkpoint instead);
 3. **the step**: ``embed_items_images`` over the photos served by a loopback host (a child
-   process, ``--latency`` per request), once per mode: its own ``decode_cpu_s``,
+   process, ``--latency`` per request), each mode twice, alternating, on the first
+   ``--step-photos``: its own ``decode_cpu_s``,
    ``download_wall_s`` and ``encode_wall_s`` (img_meta.json), the ratio fast / exact
    (target <= 0.40);
 4. **fetch only**: the step's download + decode pool without the encoder, fast mode: this
@@ -154,6 +155,8 @@ def main() -> None:
     p.add_argument("--pretrained", default="none", help="ViT-B-32 weights (default random)")
     p.add_argument("--latency", type=float, default=0.02, help="loopback host's latency (s)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--step-photos", type=int, default=100,
+                   help="photos of the step runs (default 100; each mode runs twice)")
     p.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--sections", default="cpu,quality,step",
                    help="comma-separated subset of cpu, quality, step")
@@ -176,8 +179,8 @@ def main() -> None:
     if "quality" in sections:
         result["quality_vit_b32"] = quality(encoder, bodies)
     if "step" in sections:
-        result["step"] = step_runs(encoder, bodies, args.latency, args.batch_size,
-                                   args.decode_workers)
+        result["step"] = step_runs(encoder, bodies[: args.step_photos], args.latency,
+                                   args.batch_size, args.decode_workers)
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
     print(text)

@@ -20,8 +20,10 @@ from item_embeddings.outputs import IMG_ARRAY, IMG_ITEMS, IMG_META
 
 from image_server import ImageServer, gradient, make_images, product_photo
 
-# (width, height) of the generated catalogue photos: landscape, portrait, square, wide, large.
-PHOTO_SIZES = [(1000, 750), (750, 1000), (1000, 1000), (1000, 600), (1600, 1200), (1000, 800)]
+# (width, height) of the generated catalogue photos: landscape, portrait, square, wide, large,
+# and sides that a 1/2 or 1/4 scale does not divide (the reduced image ends in a partial pixel).
+PHOTO_SIZES = [(1000, 750), (750, 1000), (1000, 1000), (1000, 600), (1600, 1200), (1000, 625),
+               (1000, 453), (871, 1000), (523, 1000), (997, 997)]
 
 
 def save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -72,6 +74,24 @@ def test_encoders_know_their_input_size(tiny, vit_b32):
     decoder = vit_b32.decoder()
     assert (decoder.mode, decoder.input_size) == ("fast", (224, 224))
     assert decoder.pil_transform is vit_b32.pil_transform
+    assert decoder.reduction.draft_size == (224, 224) and decoder.reduction.size == (224,)
+    assert decoder.reduction.resample == Image.BICUBIC  # open_clip's Resize filter
+    assert decoder.reduction.resized_size(1000, 625) == (358, 224)  # as torchvision computes
+    assert vit_b32.decoder("exact").reduction is None
+
+
+def test_fast_decodes_in_full_for_a_transform_it_cannot_follow(vit_b32, decoded_sizes):
+    """A first step other than torchvision's Resize (e.g. open_clip's resize_mode='longest'):
+    no reduction whose geometry could differ; fast decodes every pixel."""
+    import open_clip
+
+    longest = open_clip.image_transform(224, is_train=False, resize_mode="longest")
+    pil_part = im.encoder.split_preprocess(longest)[0]
+    decoder = im.ImageDecoder(pil_part, (224, 224), "fast")
+    assert decoder.reduction is None
+    body = save(gradient((1000, 625), seed=4), "JPEG", quality=90)
+    assert np.array_equal(decoder(body), im.ImageDecoder(pil_part, (224, 224), "exact")(body))
+    assert decoded_sizes == [(1000, 625), (1000, 625)]
 
 
 @pytest.mark.parametrize("size, decoded", [

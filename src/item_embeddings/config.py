@@ -107,7 +107,8 @@ class PipelineParams:
         choices=IMAGE_DECODE_MODES)
     max_items: int = _param(150000, "Cap on items whose image is downloaded and encoded "
                                     "(0 = no cap).", low=0)
-    download_concurrency: int = _param(64, "Image downloads in flight at once.", low=1, high=1024)
+    download_concurrency: int = _param(
+        128, "Image downloads in flight at once (at most 32 to one host).", low=1, high=1024)
     download_timeout_s: float = _param(5.0, "Total time allowed per image download attempt (s).",
                                        above=0, high=600)
     download_retries: int = _param(

@@ -52,7 +52,8 @@ IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image step always runs with one
 # The pipeline parameters the estimate depends on (the CLI's shortcut options).
 ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
                    "text_strategy", "text_backend", "image_machine_type", "image_strategy",
-                   "max_items", "fusion_machine_type", "fusion_epochs", "fusion_mode",
+                   "max_items", "image_decode", "download_concurrency",
+                   "fusion_machine_type", "fusion_epochs", "fusion_mode",
                    "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri")
 APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
                     "costed as one training epoch over them (an upper bound).")
@@ -71,6 +72,11 @@ STRUCTURAL_ASSUMPTIONS = (
     "is not scaled.",
     "An incremental run re-downloads the previous set's failed images (retry_failed_images): "
     "their count is not known here and not modelled.",
+    "An image worker's downloads, its CPU (decoding as image_decode asks, plus the downloads' "
+    "own CPU, on every vCPU) and its T4 overlap: the slowest sets its rate. Downloads keep "
+    "download_concurrency requests in flight, each taking the assumed latency; a catalogue on "
+    "fewer than download_concurrency / 32 hosts has fewer in flight (32 connections per host), "
+    "which is not modelled.",
 )
 
 
@@ -197,7 +203,8 @@ class Choices:
                 f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
                 f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
                 f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
-                f"image_strategy={p.image_strategy}, fusion_mode={p.fusion_mode}, "
+                f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
+                f"download_concurrency={p.download_concurrency}, fusion_mode={p.fusion_mode}, "
                 f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
                 f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}")
 
@@ -230,6 +237,12 @@ class Estimate:
     rates_used: list[Quantity] = field(default_factory=list)
     rates_origin: str = RATES_FILE
     warnings: list[str] = field(default_factory=list)
+    image_rates: dict[str, float] = field(default_factory=dict)  # images/s per worker stage
+
+    def image_worker(self) -> tuple[str, float]:
+        """(the stage that bounds an image worker, its images/s)."""
+        bound = min(self.image_rates, key=self.image_rates.get)
+        return bound, self.image_rates[bound]
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able data (``estimate --json``)."""
@@ -242,6 +255,9 @@ class Estimate:
                 "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
                           "machine_hours": sum(s.machine_hours for s in self.steps)},
                 "storage": {"gb": self.storage_gb, "usd_per_month": self.storage_usd_month},
+                "image_worker": {"images_per_s": self.image_worker()[1],
+                                 "bound_by": self.image_worker()[0],
+                                 "stages_images_per_s": self.image_rates},
                 "warnings": self.warnings,
                 "assumptions": self.assumptions,
                 "rates_used": [asdict(q) for q in self.rates_used],
@@ -264,8 +280,11 @@ class Estimate:
         for row in (header, *rows):
             lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
                                    for i, (v, w) in enumerate(zip(row, widths))).rstrip())
-        lines += ["", f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
-                      f"{money(self.storage_usd_month)} per month until deleted", ""]
+        bound, rate = self.image_worker()
+        stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.image_rates.items())
+        lines += ["", f"image worker: {rate:,.0f} images/s, bound by {bound} ({stages})",
+                  f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
+                  f"{money(self.storage_usd_month)} per month until deleted", ""]
         if self.warnings:
             lines += ["warnings:", *(f"  ! {w}" for w in self.warnings), ""]
         lines += [
@@ -383,12 +402,16 @@ def _text_rate(rates: Rates, p: PipelineParams, machine: _Machine) -> tuple[str,
                                machine)
 
 
-def _image_rate(rates: Rates, machine: _Machine) -> float:
-    """Downloads and decoding (one thread per vCPU) overlap the encoder: the slowest sets the
-    rate."""
-    decode = machine.vcpus / rates.number("image.decode_cpu_s_per_image")
-    return min(decode, rates.number("image.download_images_per_s"),
-               _gpu_items_per_s(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image")))
+def _image_rates(rates: Rates, p: PipelineParams, machine: _Machine) -> dict[str, float]:
+    """Images/s of an image worker's stages, which overlap (the slowest sets its rate):
+    downloads (``download_concurrency`` in flight), the CPU (decoding as ``image_decode`` asks
+    and the downloads' own CPU, one decode thread per vCPU) and the T4."""
+    cpu_s = (rates.number(f"image.decode_cpu_s_per_image.{p.image_decode}")
+             + rates.number("image.download_cpu_s_per_image"))
+    return {"downloads": p.download_concurrency / rates.number("image.download_latency_s"),
+            "CPU": machine.vcpus / cpu_s,
+            "T4": _gpu_items_per_s(rates, IMAGE_ACCELERATOR,
+                                   rates.number("image.gflop_per_image"))}
 
 
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
@@ -465,6 +488,7 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                        "small_task_machine_type")
     small_fixed = vm_s + rates.number("imports_s.fusion")
     merge_bps = rates.number("merge.bytes_per_s")
+    image_rates = _image_rates(rates, p, image_m)
     rows, images = shard_work(c)
     text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
 
@@ -478,7 +502,7 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     image = _worker_loop(
         "image workers", image_m, c, image_work,
         vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-        read_s, _image_rate(rates, image_m), img_bytes, copy_bps)
+        read_s, min(image_rates.values()), img_bytes, copy_bps)
 
     def merge(name: str, count: int, row_bytes: float) -> Step:
         data = count * row_bytes  # read from the workers' outputs, merged, written back
@@ -544,4 +568,4 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
-                    assumptions, list(rates.used.values()), rates.origin, warnings)
+                    assumptions, list(rates.used.values()), rates.origin, warnings, image_rates)
