@@ -404,12 +404,30 @@ def test_packaged_rates_give_a_500k_estimate():
     assert est.choices.selected_images == 150_000 and "publish" not in rows(est)
 
 
+def test_packaged_rates_image_worker_target():
+    """Issue 25: on the default machine (n1-standard-4 + T4) an image worker models at least
+    twice the images/s it did before (exact decoding, 64 downloads in flight); fast decoding
+    is needed for it (exact with 128 in flight is CPU-bound); n1-standard-8 with 512 downloads
+    in flight makes it GPU-bound."""
+    def worker(**params) -> tuple[str, float]:
+        return estimate(Choices(100_000, 100_000, PipelineParams(**params))).image_worker()
+
+    before = worker(image_decode="exact", download_concurrency=64)
+    now = worker()
+    assert before[0] == "downloads" and now[1] >= 2 * before[1]
+    assert worker(image_decode="exact")[0] == "CPU" and worker(image_decode="exact")[1] < now[1]
+    assert worker(image_machine_type="n1-standard-8", download_concurrency=512)[0] == "T4"
+    assert worker(download_concurrency=512)[0] == "CPU"  # 4 vCPUs cannot feed the T4
+
+
 def test_cli_table_and_json(capsys):
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4"]) == 0
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
     assert re.search(r"^text workers\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
     assert "assumptions:" in out and "measured rates and published prices used" in out
+    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, CPU "
+                     r"1,0\d\d, T4 1,474\)$", out, re.M)
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
                  "--json"]) == 0
@@ -420,6 +438,14 @@ def test_cli_table_and_json(capsys):
     assert [s["step"] for s in data["steps"]][:4] == ["fingerprint inputs", "plan shards",
                                                       "text workers", "text merge"]
     assert data["choices"]["params"]["shards"] == 4
+    assert data["image_worker"]["bound_by"] == "downloads"
+    # the image worker's knobs are options of their own
+    assert main(["estimate", "--items", "200k", "--image-decode", "exact",
+                 "--download-concurrency", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["choices"]["params"]["image_decode"] == "exact"
+    assert data["image_worker"]["stages_images_per_s"]["downloads"] == pytest.approx(256)
+    assert main(["estimate", "--items", "200k", "--image-decode", "slow"]) == 2
     assert all(q["source"] and q["date"] for q in data["rates_used"])
 
 
