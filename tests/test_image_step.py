@@ -377,6 +377,10 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
     assert im.embed_items_images(str(items), tmp_path / "o3",
                                  **{**common, "params": PipelineParams(**settings, max_items=5)}
                                  )["resumed_shards"] == 0
+    # Another image_decode: other pixels, nothing reused.
+    assert im.embed_items_images(str(items), tmp_path / "o3d", **{
+        **common, "params": PipelineParams(**settings, image_decode="exact")}
+                                 )["resumed_shards"] == 0
     # Same settings, one URL of the second shard changed in place: only that shard is redone.
     urls[2] = server.url("img/anim.gif")
     items_with_urls(items, urls)
