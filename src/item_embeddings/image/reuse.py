@@ -26,7 +26,7 @@ from .encoder import ImageEncoder
 logger = logging.getLogger(__name__)
 
 
-def encoder_fingerprint(encoder: ImageEncoder, decode: str = EXACT) -> str:
+def encoder_fingerprint(encoder: ImageEncoder, decode: str) -> str:
     """What makes this encoder's vectors what they are, with the ``image_decode`` mode that
     feeds it: part of every image row's key.
 
@@ -95,7 +95,7 @@ class PreviousImages:
 
 def previous_images(previous: PreviousGroup | None, encoder_fp: str, dim: int, *,
                     revalidate: bool, retry_failed: bool,
-                    decode: str = EXACT) -> PreviousImages | None:
+                    decode: str) -> PreviousImages | None:
     """The previous image outputs if they come from this very encoder and ``image_decode``
     mode, else None (logged)."""
     if previous is None:
