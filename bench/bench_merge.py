@@ -88,6 +88,7 @@ def make_shards(root: Path, n: int, shards: int, workers: int, image_fraction: f
             write_json_atomic(out / IMG_META, {
                 "embed_dim": IMAGE_DIM, "count": len(picked), "total_rows": rows,
                 "encode_time_sec": 1.0, "encoded_this_attempt": len(picked),
+                "download_wall_s": 1.0, "decode_cpu_s": 1.0, "encode_wall_s": 1.0,
                 "throughput_items_per_sec": float(len(picked) or 1),
                 "encoded_count": len(picked), "failed_count": 0, "reused_count": 0,
                 "revalidated_count": 0, "failures_by_reason": {},

@@ -62,6 +62,51 @@ def gradient(size=(96, 64), seed: int = 0) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def product_photo(size=(1000, 750), seed: int = 0) -> Image.Image:
+    """A natural-looking product photo: a shaded object with edges, fine detail and a soft
+    shadow on a light studio background, sensor noise, a lens's softness (the fast-decode
+    quality gate's fixture; tests may not read real photos)."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    backdrop = 235 + 15 * (y / h)[..., None] - 10 * (x / w)[..., None] * rng.uniform(0, 1, 3)
+    # A wooden table in the lower part: fine grain, a few pixels per period.
+    grain = np.sin(2 * np.pi * (x / 4.5 + 3 * np.sin(y / 37.0) + rng.normal(0, 0.2, (h, w))))
+    table = np.stack([150 + 25 * grain, 105 + 20 * grain, 70 + 15 * grain], axis=-1)
+    backdrop = np.where((y > 0.85 * h)[..., None], table, backdrop)
+    img = Image.fromarray(np.clip(backdrop, 0, 255).astype(np.uint8), "RGB")
+    shadow = Image.new("L", size, 0)
+    ImageDraw.Draw(shadow).ellipse((0.2 * w, 0.78 * h, 0.8 * w, 0.92 * h), fill=90)
+    img.paste((40, 40, 40), mask=shadow.filter(ImageFilter.GaussianBlur(w / 40)))
+    # The object: a body shaded by a radial gradient of a random colour.
+    colour = rng.uniform(30, 220, 3)
+    cx, cy, r = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.55), min(w, h) * 0.35
+    light = np.clip(1.25 - np.hypot(x - cx + r / 3, y - cy + r / 3) / (1.6 * r), 0.3, 1.2)
+    body = Image.fromarray(np.clip(colour * light[..., None], 0, 255).astype(np.uint8), "RGB")
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    draw.rounded_rectangle((cx - r, cy - 0.8 * r, cx + r, cy + 0.9 * r), radius=r / 4, fill=255)
+    draw.ellipse((cx - 0.6 * r, cy - 1.25 * r, cx + 0.6 * r, cy - 0.5 * r), fill=255)
+    img.paste(body, mask=mask)
+    # Details: a label with lines of "text", buttons, a specular highlight.
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((cx - 0.6 * r, cy, cx + 0.6 * r, cy + 0.5 * r), fill=(245, 245, 240))
+    for i in range(6):
+        top = cy + 0.06 * r + i * 0.07 * r
+        draw.line((cx - 0.5 * r, top, cx + rng.uniform(-0.3, 0.5) * r, top),
+                  fill=(20, 20, 20), width=max(1, w // 400))
+    for i in range(4):
+        bx = cx - 0.6 * r + i * 0.4 * r
+        draw.ellipse((bx, cy - 0.5 * r, bx + 0.2 * r, cy - 0.3 * r),
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw.ellipse((cx - 0.7 * r, cy - 0.7 * r, cx - 0.45 * r, cy - 0.5 * r), fill=(255, 255, 250))
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32)
+    arr += rng.normal(0, 3, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
 def make_images() -> dict[str, tuple[bytes, str]]:
     """name -> (body, content type) of real encoded images in many modes, plus broken ones."""
     rgb = gradient((96, 64), seed=1)

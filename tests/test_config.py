@@ -10,7 +10,7 @@ def test_defaults_match_the_design():
         "asin", "title", "description", "image_url")
     assert p.text_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert p.text_batch_size == 128 and p.experiment == "recsys-dev"
-    assert p.max_items == 150000 and p.download_concurrency == 64 and p.image_batch_size == 32
+    assert p.max_items == 150000 and p.download_concurrency == 128 and p.image_batch_size == 32
     assert (p.fusion_hidden_dim, p.fusion_output_dim, p.fusion_epochs) == (256, 128, 5)
     assert all(f.metadata.get("help") for f in PARAM_FIELDS.values())
 

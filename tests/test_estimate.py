@@ -39,8 +39,9 @@ TOY = {
     "text": {"load_s": {"torch": q(1), "onnx": q(3), "onnx-int8": q(5), "torch-fp16": q(2)},
              "cpu_items_per_s": {"avx2": {"torch": q(5), "onnx": q(8), "onnx-int8": q(10)}},
              "tokenize_items_per_s": q(50), "gflop_per_item": q(1)},
-    "image": {"load_s": q(15), "decode_cpu_s_per_image": q(0.1),
-              "download_images_per_s": q(1000), "gflop_per_image": q(1)},
+    "image": {"load_s": q(15), "decode_cpu_s_per_image": {"fast": q(0.1), "exact": q(0.4)},
+              "download_cpu_s_per_image": q(0), "download_latency_s": q(0.064),
+              "gflop_per_image": q(1)},
     "fusion": {"item_epochs_per_s": q(1000)},
     "knn": {"exact_items": q(1000), "exact_s": {"text_384": q(4), "fused_128": q(2)},
             "ivf_items": q(1000), "ivf_s": {"text_384": q(8), "fused_128": q(4)},
@@ -61,7 +62,8 @@ def toy() -> Rates:
 
 
 def small(items=1000, image_items=400, changed_fraction=1.0, **params) -> Choices:
-    base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10)
+    base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10,
+                download_concurrency=64)  # 64 in flight / 0.064 s: 1000 downloads/s
     return Choices(items, image_items, PipelineParams(**{**base, **params}),
                    changed_fraction=changed_fraction)
 
@@ -186,18 +188,42 @@ def test_spot_and_machine_size():
     assert big.task_s == pytest.approx(113 + 5 + 500 / 32 + 0.768)
 
 
-@pytest.mark.parametrize("decode_s, download, expected_rate", [
-    (0.1, 1000, 40),      # decoding on 4 vCPUs: 4 / 0.1 s
-    (0.001, 500, 500),    # downloads
-    (0.001, 5000, 1000),  # the GPU: 1 TFLOP/s x share 1 / 1 GFLOP per image
+@pytest.mark.parametrize("decode_s, download, expected_rate, bound", [
+    (0.1, 1000, 40, "CPU"),          # decoding on 4 vCPUs: 4 / 0.1 s
+    (0.001, 500, 500, "downloads"),  # 64 in flight / 0.128 s
+    (0.001, 5000, 1000, "T4"),       # the GPU: 1 TFLOP/s x share 1 / 1 GFLOP per image
 ])
 def test_image_rate_is_the_slowest_of_downloads_decoding_and_gpu(decode_s, download,
-                                                                 expected_rate):
+                                                                 expected_rate, bound):
     rates = toy()
-    rates.data["image"]["decode_cpu_s_per_image"] = q(decode_s)
-    rates.data["image"]["download_images_per_s"] = q(download)
-    image = rows(estimate(small(), rates))["image workers"]
+    rates.data["image"]["decode_cpu_s_per_image"]["fast"] = q(decode_s)
+    rates.data["image"]["download_latency_s"] = q(64 / download)
+    est = estimate(small(), rates)
+    image = rows(est)["image workers"]
     assert image.task_s == pytest.approx(135 + 5 + 200 / expected_rate + 0.4096)
+    assert est.image_worker() == (bound, pytest.approx(expected_rate))
+    assert f"image worker: {expected_rate:,} images/s, bound by {bound}" in est.format()
+    assert est.to_dict()["image_worker"]["bound_by"] == bound
+
+
+def test_image_decode_download_concurrency_and_download_cpu_set_the_image_rate():
+    def rate(rates=None, **params) -> dict[str, float]:
+        return estimate(small(**params), rates or toy()).image_rates
+
+    # exact decoding: 4 vCPUs / 0.4 s; fast: 4 / 0.1 s
+    assert rate(image_decode="exact")["CPU"] == pytest.approx(10)
+    assert rate()["CPU"] == pytest.approx(40)
+    # downloads: download_concurrency in flight, each 0.064 s
+    assert rate(download_concurrency=128)["downloads"] == pytest.approx(2000)
+    # the downloads' own CPU adds to decoding's: 4 / (0.1 + 0.1)
+    rates = toy()
+    rates.data["image"]["download_cpu_s_per_image"] = q(0.1)
+    assert rate(rates)["CPU"] == pytest.approx(20)
+    # an 8-vCPU machine doubles the CPU side, not the downloads or the T4
+    rates = toy()
+    rates.data["machines"]["n1-standard-8"] = machine(8, 4.0, 2.0)
+    big = rate(rates, image_machine_type="n1-standard-8")
+    assert big == pytest.approx({"downloads": 1000, "CPU": 80, "T4": 1000})
 
 
 def test_warns_when_fusion_or_knn_inputs_outgrow_memory():
@@ -294,7 +320,9 @@ def test_output_lists_assumptions_and_every_rate_used():
     assert "Spot preemptions are not modelled" in text
     for quantity in est.rates_used:
         assert quantity.path in text
-    assert {q.path for q in est.rates_used} >= {"task.vm_start_s", "image.decode_cpu_s_per_image",
+    assert {q.path for q in est.rates_used} >= {"task.vm_start_s",
+                                                 "image.decode_cpu_s_per_image.fast",
+                                                 "image.download_cpu_s_per_image",
                                                  "fusion.item_epochs_per_s", "knn.exact_s.text_384",
                                                  "merge.bytes_per_s", "report.fixed_s"}
     assert re.search(r"total \(critical path\).*\$", text)
@@ -376,12 +404,30 @@ def test_packaged_rates_give_a_500k_estimate():
     assert est.choices.selected_images == 150_000 and "publish" not in rows(est)
 
 
+def test_packaged_rates_image_worker_target():
+    """Issue 25: on the default machine (n1-standard-4 + T4) an image worker models at least
+    twice the images/s it did before (exact decoding, 64 downloads in flight); fast decoding
+    is needed for it (exact with 128 in flight is CPU-bound); n1-standard-8 with 512 downloads
+    in flight makes it GPU-bound."""
+    def worker(**params) -> tuple[str, float]:
+        return estimate(Choices(100_000, 100_000, PipelineParams(**params))).image_worker()
+
+    before = worker(image_decode="exact", download_concurrency=64)
+    now = worker()
+    assert before[0] == "downloads" and now[1] >= 2 * before[1]
+    assert worker(image_decode="exact")[0] == "CPU" and worker(image_decode="exact")[1] < now[1]
+    assert worker(image_machine_type="n1-standard-8", download_concurrency=512)[0] == "T4"
+    assert worker(download_concurrency=512)[0] == "CPU"  # 4 vCPUs cannot feed the T4
+
+
 def test_cli_table_and_json(capsys):
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4"]) == 0
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
     assert re.search(r"^text workers\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
     assert "assumptions:" in out and "measured rates and published prices used" in out
+    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, CPU "
+                     r"1,0\d\d, T4 1,474\)$", out, re.M)
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
                  "--json"]) == 0
@@ -392,6 +438,14 @@ def test_cli_table_and_json(capsys):
     assert [s["step"] for s in data["steps"]][:4] == ["fingerprint inputs", "plan shards",
                                                       "text workers", "text merge"]
     assert data["choices"]["params"]["shards"] == 4
+    assert data["image_worker"]["bound_by"] == "downloads"
+    # the image worker's knobs are options of their own
+    assert main(["estimate", "--items", "200k", "--image-decode", "exact",
+                 "--download-concurrency", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["choices"]["params"]["image_decode"] == "exact"
+    assert data["image_worker"]["stages_images_per_s"]["downloads"] == pytest.approx(256)
+    assert main(["estimate", "--items", "200k", "--image-decode", "slow"]) == 2
     assert all(q["source"] and q["date"] for q in data["rates_used"])
 
 

@@ -35,7 +35,8 @@ FAST = DownloadConfig(timeout_s=0.6, retries=1, backoff_base_s=0.01, allow_priva
 # Keys of img_meta.json that are measurements of one attempt (or where it kept its shards).
 TIMING_KEYS = {"throughput_items_per_sec", "encode_only_items_per_sec", "encode_time_sec",
                "download_time_sec_total", "downloaded_bytes", "wall_time_sec",
-               "encoded_this_attempt", "resumed_shards", "checkpoint_location"}
+               "encoded_this_attempt", "resumed_shards", "checkpoint_location",
+               "download_wall_s", "decode_cpu_s", "encode_wall_s"}
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
         path = row["url"].split(f":{server.port}/", 1)[1]
         name = {"flaky/step": "rgb.jpg", "ratelimited/step": "photo.webp"}.get(path,
                                                                              path[len("img/"):])
-        expected = encoder.encode(im.decode_image(images[name][0], encoder.pil_transform)[None])
+        expected = encoder.encode(encoder.decoder("fast")(images[name][0])[None])  # the default
         np.testing.assert_allclose(vectors[row["row"]], expected[0], atol=1e-5)
 
     # Metadata and the experiment run.
@@ -286,7 +287,8 @@ def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
     record = json.loads((tmp_path / "runs" / "cap" / "embed-image-cap.json").read_text())
     assert record["params"] == {"model_name": str(config), "pretrained": str(checkpoint),
                                 "max_items": 4, "download_concurrency": 3, "batch_size": 2,
-                                "items_uri": str(items), "previous_uri": "",
+                                "items_uri": str(items), "image_decode": "fast",
+                                "previous_uri": "",
                                 "image_revalidate": False, "retry_failed_images": True}
     assert meta["max_items"] == 4
     failures = pq.read_table(tmp_path / "out" / IMG_FAILURES).to_pylist()
@@ -374,6 +376,10 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
     # Another cap: a new fingerprint, nothing reused.
     assert im.embed_items_images(str(items), tmp_path / "o3",
                                  **{**common, "params": PipelineParams(**settings, max_items=5)}
+                                 )["resumed_shards"] == 0
+    # Another image_decode: other pixels, nothing reused.
+    assert im.embed_items_images(str(items), tmp_path / "o3d", **{
+        **common, "params": PipelineParams(**settings, image_decode="exact")}
                                  )["resumed_shards"] == 0
     # Same settings, one URL of the second shard changed in place: only that shard is redone.
     urls[2] = server.url("img/anim.gif")

@@ -45,7 +45,7 @@ RUN_KEYS = {"run_id", "wall_time_sec", "files", "throughput_items_per_sec", "enc
             "encode_only_items_per_sec", "download_time_sec_total", "downloaded_bytes",
             "encoded_this_attempt", "checkpoint_location", "fingerprint", "previous_uri",
             "reused_count", "encoded_count", "revalidated_count", "failures_reused_count",
-            "retried_items"}
+            "retried_items", "download_wall_s", "decode_cpu_s", "encode_wall_s"}
 
 # How catalogue B is made from catalogue A (row numbers of A).
 N = 48
@@ -350,7 +350,7 @@ def test_revalidation_304_keeps_the_vector_and_200_encodes_the_new_image(host, i
     vectors, previous = np.load(tmp_path / "inc" / IMG_ARRAY), np.load(tmp_path / "A" / IMG_ARRAY)
     for row in (0, 1, 3, 4, 5):
         assert vectors[row].tobytes() == previous[row].tobytes()
-    expected = image_encoder.encode(im.decode_image(jpeg(77), image_encoder.pil_transform)[None])
+    expected = image_encoder.encode(image_encoder.decoder("fast")(jpeg(77))[None])  # default
     np.testing.assert_allclose(vectors[2], expected[0], atol=1e-6)
     assert float(vectors[2] @ previous[2]) < 0.9999
     etags = table(tmp_path / "inc", IMG_ITEMS).column("etag").to_pylist()
@@ -394,6 +394,27 @@ def test_another_image_checkpoint_fetches_everything_again(host, image_encoder, 
     assert (meta["reused_count"], meta["encoded_count"]) == (0, 8)
     assert not np.allclose(np.load(tmp_path / "inc" / IMG_ARRAY),
                            np.load(tmp_path / "A" / IMG_ARRAY), atol=1e-3)
+
+
+def test_another_image_decode_fetches_everything_again_and_says_why(host, image_encoder,
+                                                                   tiny_model, tmp_path, caplog):
+    items = host_items(tmp_path / "a.parquet", host, A_NAMES[:8], A_IDS[:8])
+    assert run_images(items, tmp_path / "A", image_encoder, tiny_model,
+                      image_decode="exact")["image_decode"] == "exact"
+    before = host.snapshot_hits()
+    with caplog.at_level(logging.WARNING, logger="item_embeddings.image.reuse"):
+        meta = run_images(items, tmp_path / "fast", image_encoder, tiny_model,  # the default
+                          previous_uri=str(tmp_path / "A"))
+    assert ("decoded with image_decode=exact, this run uses image_decode=fast: every image is "
+            "fetched and encoded again (set image_decode=exact to reuse them)") in caplog.text
+    assert hit_diff(host.snapshot_hits(), before) == {f"/img/{n}": 1 for n in A_NAMES[:8]}
+    assert (meta["reused_count"], meta["encoded_count"]) == (0, 8)
+    # The same mode as the previous set reuses every vector, without a request.
+    before = host.snapshot_hits()
+    meta = run_images(items, tmp_path / "exact", image_encoder, tiny_model, image_decode="exact",
+                      previous_uri=str(tmp_path / "A"))
+    assert hit_diff(host.snapshot_hits(), before) == {}
+    assert (meta["reused_count"], meta["encoded_count"]) == (8, 0)
 
 
 # ----------------------------------------------------------------------------- a damaged set

@@ -80,7 +80,9 @@ def write_image_outputs(image_dir: Path, items: pa.Table, seed: int = 0) -> None
         "count": len(good), "failed_count": len(failed), "attempted_count": len(attempted),
         "no_url_count": len(ids) - len(attempted), "capped_count": 0, "total_rows": len(ids),
         "max_items": 150000, "embed_dim": 512, "failures_by_reason": dict(sorted(reasons.items())),
-        "run_id": "tiny", "versions": {"item-embeddings": "0.1.0", "open-clip-torch": "3.3.0"}}))
+        "run_id": "tiny", "versions": {"item-embeddings": "0.1.0", "open-clip-torch": "3.3.0"},
+        "image_decode": "fast", "encoded_this_attempt": 400, "throughput_items_per_sec": 200.0,
+        "download_wall_s": 1.5, "decode_cpu_s": 1.2, "encode_wall_s": 1.9}))
 
 
 def write_knn(knn_dir: Path, text_dir: Path, fused_dir: Path, k: int = K,
@@ -441,6 +443,13 @@ def test_recall_training_failures_and_run_figures(rendered, tiny_run):
     assert all(result in ("OK", "INFO") for *_, result in checks), checks
     run = page.section("run").all_text()
     assert "category_column" in run and "main_category" in run and "matplotlib" in run
+    # where the image step's time went: seconds and ms per image of each stage
+    stages = table_rows(page.section("run").find_all("table")[1])
+    assert [r[:3] for r in stages] == [["downloads", "1.5", "3.75"],
+                                       ["decoding, resize and crop", "1.2", "3"],
+                                       ["encoding", "1.9", "4.75"],
+                                       ["the whole processing", "2", "5"]]
+    assert "image_decode = fast; 400 images encoded" in run
 
 
 def test_inputs_that_do_not_line_up_are_named(tiny_run, tmp_path):

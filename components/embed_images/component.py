@@ -15,6 +15,7 @@ def embed_images(
     image_model: str,
     image_pretrained: str,
     image_batch_size: int,
+    image_decode: str,
     max_items: int,
     download_concurrency: int,
     download_timeout_s: float,

@@ -38,7 +38,7 @@ from typing import Any
 
 from .config import ConfigError, PipelineParams
 from .estimate_rates import (BASES, GUESSES, IMAGE_ACCELERATOR, RATES_FILE, Machine, Quantity,
-                             Rates, image_rate, knn_seconds, priced_machine, text_rate)
+                             Rates, image_rates, knn_seconds, priced_machine, text_rate)
 
 __all__ = ["BASES", "ESTIMATE_PARAMS", "Choices", "Estimate", "Quantity", "Rates", "Step",
            "count_items", "duration", "estimate", "money", "parse_count", "shard_work"]
@@ -50,7 +50,8 @@ KNN_ID_BYTES = 4 + 4  # int32 neighbour + float32 score per listed pair
 # The pipeline parameters the estimate depends on (the CLI's shortcut options).
 ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
                    "text_strategy", "text_backend", "image_machine_type", "image_strategy",
-                   "max_items", "fusion_machine_type", "fusion_epochs", "fusion_mode",
+                   "max_items", "image_decode", "download_concurrency", "fusion_machine_type",
+                   "fusion_epochs", "fusion_mode",
                    "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri")
 APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
                     "costed as one training epoch over them (an upper bound).")
@@ -69,6 +70,11 @@ STRUCTURAL_ASSUMPTIONS = (
     "is not scaled.",
     "An incremental run re-downloads the previous set's failed images (retry_failed_images): "
     "their count is not known here and not modelled.",
+    "An image worker's downloads, its CPU (decoding as image_decode asks, plus the downloads' "
+    "own CPU, on every vCPU) and its T4 overlap: the slowest sets its rate. Downloads keep "
+    "download_concurrency requests in flight, each taking the assumed latency; a catalogue on "
+    "fewer than download_concurrency / 32 hosts has fewer in flight (32 connections per host), "
+    "which is not modelled.",
 )
 
 
@@ -124,7 +130,8 @@ class Choices:
                 f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
                 f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
                 f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
-                f"image_strategy={p.image_strategy}, fusion_mode={p.fusion_mode}, "
+                f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
+                f"download_concurrency={p.download_concurrency}, fusion_mode={p.fusion_mode}, "
                 f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
                 f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}")
 
@@ -157,6 +164,12 @@ class Estimate:
     rates_used: list[Quantity] = field(default_factory=list)
     rates_origin: str = RATES_FILE
     warnings: list[str] = field(default_factory=list)
+    image_rates: dict[str, float] = field(default_factory=dict)  # images/s per worker stage
+
+    def image_worker(self) -> tuple[str, float]:
+        """(the stage that bounds an image worker, its images/s)."""
+        bound = min(self.image_rates, key=self.image_rates.get)
+        return bound, self.image_rates[bound]
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able data (``estimate --json``)."""
@@ -169,6 +182,9 @@ class Estimate:
                 "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
                           "machine_hours": sum(s.machine_hours for s in self.steps)},
                 "storage": {"gb": self.storage_gb, "usd_per_month": self.storage_usd_month},
+                "image_worker": {"images_per_s": self.image_worker()[1],
+                                 "bound_by": self.image_worker()[0],
+                                 "stages_images_per_s": self.image_rates},
                 "warnings": self.warnings,
                 "assumptions": self.assumptions,
                 "rates_used": [asdict(q) for q in self.rates_used],
@@ -191,8 +207,11 @@ class Estimate:
         for row in (header, *rows):
             lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
                                    for i, (v, w) in enumerate(zip(row, widths))).rstrip())
-        lines += ["", f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
-                      f"{money(self.storage_usd_month)} per month until deleted", ""]
+        bound, rate = self.image_worker()
+        stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.image_rates.items())
+        lines += ["", f"image worker: {rate:,.0f} images/s, bound by {bound} ({stages})",
+                  f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
+                  f"{money(self.storage_usd_month)} per month until deleted", ""]
         if self.warnings:
             lines += ["warnings:", *(f"  ! {w}" for w in self.warnings), ""]
         lines += [
@@ -331,7 +350,7 @@ def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: li
         "image": _worker_loop(
             "image workers", r.image_m, c, image_work,
             r.vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-            r.read_s, image_rate(rates, r.image_m), r.img_bytes, r.copy_bps),
+            r.read_s, min(image_rates(rates, p, r.image_m).values()), r.img_bytes, r.copy_bps),
     }
     steps["text_merge"] = merge("text merge", n, r.txt_bytes)
     steps["image_merge"] = merge("image merge", m, r.img_bytes)
@@ -440,4 +459,5 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
                             "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
     return Estimate(c, steps, wall, sum(step.cost_usd for step in steps), stored_gb,
-                    storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings)
+                    storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings,
+                    image_rates(rates, p, r.image_m))

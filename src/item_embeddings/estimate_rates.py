@@ -155,12 +155,16 @@ def text_rate(rates: Rates, p: PipelineParams, machine: Machine) -> tuple[str, f
                                machine)
 
 
-def image_rate(rates: Rates, machine: Machine) -> float:
-    """Downloads and decoding (one thread per vCPU) overlap the encoder: the slowest sets the
-    rate."""
-    decode = machine.vcpus / rates.number("image.decode_cpu_s_per_image")
-    return min(decode, rates.number("image.download_images_per_s"),
-               gpu_items_per_s(rates, IMAGE_ACCELERATOR, rates.number("image.gflop_per_image")))
+def image_rates(rates: Rates, p: PipelineParams, machine: Machine) -> dict[str, float]:
+    """Images/s of an image worker's stages, which overlap (the slowest sets its rate):
+    downloads (``download_concurrency`` in flight), the CPU (decoding as ``image_decode`` asks
+    and the downloads' own CPU, one decode thread per vCPU) and the T4."""
+    cpu_s = (rates.number(f"image.decode_cpu_s_per_image.{p.image_decode}")
+             + rates.number("image.download_cpu_s_per_image"))
+    return {"downloads": p.download_concurrency / rates.number("image.download_latency_s"),
+            "CPU": machine.vcpus / cpu_s,
+            "T4": gpu_items_per_s(rates, IMAGE_ACCELERATOR,
+                                  rates.number("image.gflop_per_image"))}
 
 
 def knn_seconds(rates: Rates, n: int, space: str, exact_max: int, machine: Machine) -> float:

@@ -171,7 +171,7 @@ _IMAGE_SUMS = ("count", "failed_count", "attempted_count", "no_url_count", "capp
                "total_rows", "retried_items", "encoded_count", "reused_count",
                "revalidated_count", "failures_reused_count", "encoded_this_attempt",
                "encode_time_sec", "download_time_sec_total", "downloaded_bytes", "shards",
-               "resumed_shards")
+               "resumed_shards", "download_wall_s", "decode_cpu_s", "encode_wall_s")
 _SAME = ("encoder_fingerprint", "embed_dim", "encoder_name", "items_uri", "id_column")
 _PER_SHARD = ("files", "run_id", "wall_time_sec", "rows", "image_quota", "checkpoint_location",
               "fingerprint")

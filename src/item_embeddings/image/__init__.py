@@ -16,14 +16,14 @@ Example::
     meta = embed_items_images("items.parquet", "out/images")
 """
 
-from .decoding import (DECODE_ERROR, DECOMPRESSION_BOMB, MAX_PIXELS, ImageDecodeError,
-                       decode_image, to_rgb)
+from .decoding import (DECODE_ERROR, DECODE_MODES, DECOMPRESSION_BOMB, MAX_PIXELS,
+                       ImageDecodeError, ImageDecoder, decode_image, to_rgb)
 from .encoder import (ImageEncoder, ResolvedImageModel, load_image_encoder, prefetch_pretrained,
                       resolve_image_model)
 from .selection import usable_url
 from .step import SHARDS_DIR, embed_items_images
 
-__all__ = ["DECODE_ERROR", "DECOMPRESSION_BOMB", "MAX_PIXELS", "SHARDS_DIR", "ImageDecodeError",
-           "ImageEncoder", "ResolvedImageModel", "decode_image", "embed_items_images",
-           "load_image_encoder", "prefetch_pretrained", "resolve_image_model", "to_rgb",
-           "usable_url"]
+__all__ = ["DECODE_ERROR", "DECODE_MODES", "DECOMPRESSION_BOMB", "MAX_PIXELS", "SHARDS_DIR",
+           "ImageDecodeError", "ImageDecoder", "ImageEncoder", "ResolvedImageModel", "decode_image",
+           "embed_items_images", "load_image_encoder", "prefetch_pretrained",
+           "resolve_image_model", "to_rgb", "usable_url"]

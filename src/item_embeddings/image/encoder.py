@@ -6,10 +6,10 @@ weights (benchmarks and smoke runs).
 
 Example::
 
-    from item_embeddings.image import decode_image, load_image_encoder
+    from item_embeddings.image import load_image_encoder
     encoder = load_image_encoder("ViT-B-32", "openai")
-    pixels = decode_image(jpeg_bytes, encoder.pil_transform)  # uint8 [224, 224, 3]
-    vectors = encoder.encode(pixels[None])                     # float32 [1, 512]
+    pixels = encoder.decoder("fast")(jpeg_bytes)  # uint8 [224, 224, 3]
+    vectors = encoder.encode(pixels[None])        # float32 [1, 512]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..config import ConfigError, PipelineParams
 from ..errors import MissingFileError
 from ..runtime import cache_dir
 from ..storage import cached_gcs_copy, is_gcs_uri, sha256_file
+from .decoding import FAST, ImageDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,13 @@ class ImageEncoder:
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.dim = int(model.visual.output_dim)
         self.dtype = "float16-autocast" if self.device.startswith("cuda") else "float32"
+        size = open_clip.get_model_preprocess_cfg(model)["size"]  # int or (height, width)
+        height, width = (size, size) if isinstance(size, int) else size
+        self.input_size = (int(width), int(height))
+
+    def decoder(self, mode: str = FAST) -> ImageDecoder:
+        """Bytes -> this encoder's uint8 input, decoded as ``mode`` (``image_decode``) asks."""
+        return ImageDecoder(self.pil_transform, self.input_size, mode)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         import torch

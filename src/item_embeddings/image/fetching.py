@@ -11,13 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from ..loop_thread import LoopThread
-from .decoding import MAX_PIXELS, ImageDecodeError, decode_image
+from .decoding import ImageDecoder
 from .download import DownloadConfig, Downloader, FetchResult
 
 logger = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ class FetchDecodePool:
 
     :meth:`submit` returns a ``concurrent.futures.Future`` of an :class:`Outcome`. Use as a
     context manager: the downloader's session opens on entry and closes on exit.
+    ``download_wall_s`` and ``decode_cpu_s`` say where the time went (docs/images.md).
     """
 
-    def __init__(self, config: DownloadConfig, pil_transform: Callable,
-                 decode_workers: int | None = None, max_pixels: int = MAX_PIXELS, resolver=None):
+    def __init__(self, config: DownloadConfig, decoder: ImageDecoder,
+                 decode_workers: int | None = None, resolver=None):
         self._config = config
-        self._pil_transform = pil_transform
-        self._max_pixels = max_pixels
+        self._decoder = decoder
         self._resolver = resolver
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=decode_workers or min(8, os.cpu_count() or 1),
@@ -60,6 +60,12 @@ class FetchDecodePool:
         self._downloader: Downloader | None = None
         self.download_time = 0.0
         self.downloaded_bytes = 0
+        # Where the time goes (updated on the loop thread only): seconds with at least one
+        # download in flight, and the decode threads' CPU seconds (time.thread_time).
+        self.download_wall_s = 0.0
+        self.decode_cpu_s = 0.0
+        self._downloading = 0
+        self._downloads_since = 0.0
 
     def __enter__(self) -> "FetchDecodePool":
         self._loop_thread.start()
@@ -97,7 +103,15 @@ class FetchDecodePool:
 
     async def _fetch_decode(self, url: str, etag: str | None,
                             last_modified: str | None) -> Outcome:
-        result: FetchResult = await self._downloader.fetch(url, etag, last_modified)
+        if not self._downloading:
+            self._downloads_since = time.perf_counter()
+        self._downloading += 1
+        try:
+            result: FetchResult = await self._downloader.fetch(url, etag, last_modified)
+        finally:
+            self._downloading -= 1
+            if not self._downloading:
+                self.download_wall_s += time.perf_counter() - self._downloads_since
         self.download_time += result.elapsed_s
         if result.not_modified:
             return Outcome(None, None, "", result.status, result.attempts, etag=etag,
@@ -105,11 +119,10 @@ class FetchDecodePool:
         if not result.ok:
             return Outcome(None, result.reason, result.detail, result.status, result.attempts)
         self.downloaded_bytes += len(result.body)
-        try:
-            pixels = await self._loop_thread.loop.run_in_executor(
-                self._decode_pool, decode_image, result.body, self._pil_transform,
-                self._max_pixels)
-        except ImageDecodeError as exc:
-            return Outcome(None, exc.reason, exc.detail, result.status, result.attempts)
+        pixels, error, cpu_s = await self._loop_thread.loop.run_in_executor(
+            self._decode_pool, self._decoder.timed, result.body)
+        self.decode_cpu_s += cpu_s
+        if error is not None:
+            return Outcome(None, error.reason, error.detail, result.status, result.attempts)
         return Outcome(pixels, None, "", result.status, result.attempts, etag=result.etag,
                        last_modified=result.last_modified)

@@ -20,14 +20,15 @@ import pyarrow as pa
 
 from ..incremental import KeyIndex, PreviousGroup, PreviousSetError, fingerprint
 from ..outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS
-from .decoding import ALLOWED_FORMATS, MAX_PIXELS
+from .decoding import ALLOWED_FORMATS, EXACT, MAX_PIXELS
 from .encoder import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
 
-def encoder_fingerprint(encoder: ImageEncoder) -> str:
-    """What makes this encoder's vectors what they are: part of every image row's key.
+def encoder_fingerprint(encoder: ImageEncoder, decode: str) -> str:
+    """What makes this encoder's vectors what they are, with the ``image_decode`` mode that
+    feeds it: part of every image row's key.
 
     Random weights (``image_pretrained=none``) differ at every load: their fingerprint is never
     the same twice, so nothing is ever reused from such a run.
@@ -35,10 +36,13 @@ def encoder_fingerprint(encoder: ImageEncoder) -> str:
     resolved = encoder.resolved
     weights = (resolved.weights_sha256 or resolved.pretrained
                or f"random-{uuid.uuid4().hex}")
+    # Sets made before image_decode existed were decoded exactly and hold no mode: "exact"
+    # keeps their fingerprint, so they stay reusable with image_decode=exact.
+    mode = {} if decode == EXACT else {"decode": decode}
     return fingerprint({
         "kind": "image", "model": resolved.model_name, "weights": weights,
         "quick_gelu": resolved.quick_gelu, "preprocess": repr(encoder.pil_transform),
-        "dtype": encoder.dtype, "max_pixels": MAX_PIXELS, "formats": ALLOWED_FORMATS})
+        "dtype": encoder.dtype, "max_pixels": MAX_PIXELS, "formats": ALLOWED_FORMATS, **mode})
 
 
 @dataclass
@@ -90,14 +94,23 @@ class PreviousImages:
 
 
 def previous_images(previous: PreviousGroup | None, encoder_fp: str, dim: int, *,
-                    revalidate: bool, retry_failed: bool) -> PreviousImages | None:
-    """The previous image outputs if they come from this very encoder, else None (logged)."""
+                    revalidate: bool, retry_failed: bool,
+                    decode: str) -> PreviousImages | None:
+    """The previous image outputs if they come from this very encoder and ``image_decode``
+    mode, else None (logged)."""
     if previous is None:
         return None
     if previous.meta.get("encoder_fingerprint") != encoder_fp:
-        logger.warning("previous image outputs at %s were made by another image encoder (%s, "
-                       "%s): every image is fetched and encoded again", previous.uri,
-                       previous.meta.get("encoder_name"), previous.meta.get("pretrained"))
+        before = previous.meta.get("image_decode", EXACT)  # older sets: exact decoding
+        if before != decode:
+            logger.warning("previous image outputs at %s were decoded with image_decode=%s, this "
+                           "run uses image_decode=%s: every image is fetched and encoded again "
+                           "(set image_decode=%s to reuse them)", previous.uri, before, decode,
+                           before)
+        else:
+            logger.warning("previous image outputs at %s were made by another image encoder "
+                           "(%s, %s): every image is fetched and encoded again", previous.uri,
+                           previous.meta.get("encoder_name"), previous.meta.get("pretrained"))
         return None
     return PreviousImages(previous, encoder_fp, dim, revalidate=revalidate,
                           retry_failed=retry_failed)

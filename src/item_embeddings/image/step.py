@@ -186,11 +186,12 @@ IMAGE_STEP = StepKind(
     "embed-image", artifact="image_embeddings", meta_file=IMG_META,
     metric_keys=("count", "failed_count", "attempted_count", "no_url_count", "encoded_count",
                  "reused_count", "revalidated_count", "failures_reused_count",
-                 "encode_time_sec", "throughput_items_per_sec"),
+                 "encode_time_sec", "throughput_items_per_sec", "download_wall_s",
+                 "decode_cpu_s", "encode_wall_s"),
     logged_params={"model_name": "encoder_name", "pretrained": "pretrained",
                    "max_items": "max_items", "download_concurrency": "download_concurrency",
                    "batch_size": "batch_size", "items_uri": "items_uri",
-                   "previous_uri": "previous_uri", "image_revalidate": "image_revalidate",
+                   "image_decode": "image_decode", "previous_uri": "previous_uri", "image_revalidate": "image_revalidate",
                    "retry_failed_images": "retry_failed_images"},
     versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
 
@@ -206,7 +207,7 @@ def image_settings(params: PipelineParams, config: DownloadConfig, items_uri: st
         "download_retries": config.retries, "max_image_bytes": config.max_bytes,
         "allow_private_hosts": config.allow_private_hosts, "shard_size": params.shard_size,
         "items_uri": items_uri, "id_column": params.id_column,
-        "image_url_column": params.image_url_column,
+        "image_url_column": params.image_url_column, "image_decode": params.image_decode,
         "rows": list(rows) if rows is not None else None,
         "image_quota": quota if rows is not None else None,
         "previous_uri": params.previous_uri, "image_revalidate": params.image_revalidate,
@@ -220,7 +221,7 @@ _SHARD_SETTINGS = {
     "image_revalidate": "image_revalidate", "retry_failed_images": "retry_failed_images",
     "items_uri": "items_uri", "id_column": "id_column", "url_column": "image_url_column",
     "max_items": "max_items", "shard_size": "shard_size", "image_model": "encoder_name",
-    "image_pretrained": "pretrained", "batch_size": "batch_size",
+    "image_pretrained": "pretrained", "image_decode": "image_decode", "batch_size": "batch_size",
     "max_image_bytes": "max_image_bytes", "allow_private_hosts": "allow_private_hosts",
     "rows": "rows", "quota": "image_quota",
 }
@@ -254,6 +255,8 @@ class _Fetched:
     seconds: float
     download_time: float
     downloaded_bytes: int
+    download_wall_s: float
+    decode_cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -284,10 +287,11 @@ def _reusable(previous_group: PreviousGroup | None, encoder: ImageEncoder,
               params: PipelineParams) -> tuple[str, PreviousImages | None]:
     """The encoder's fingerprint (part of every image row's key), and the previous set's images
     if that set comes from this very encoder."""
-    keys_fp = encoder_fingerprint(encoder)
+    keys_fp = encoder_fingerprint(encoder, params.image_decode)
     return keys_fp, previous_images(previous_group, keys_fp, encoder.dim,
                                     revalidate=params.image_revalidate,
-                                    retry_failed=params.retry_failed_images)
+                                    retry_failed=params.retry_failed_images,
+                                    decode=params.image_decode)
 
 
 def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
@@ -301,7 +305,7 @@ def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
         pass  # a cheap first pass (two columns) gives the progress total
     stats, selection = _Stats(), Selection()
     started = time.perf_counter()
-    with FetchDecodePool(config, encoder.pil_transform, decode_workers,
+    with FetchDecodePool(config, encoder.decoder(params.image_decode), decode_workers,
                          resolver=resolver) as pool, \
             Progress(counting.selected, "embed-image") as progress:
         shards = _run_shards(
@@ -311,7 +315,8 @@ def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
     if selection != counting:
         raise ItemsError(f"items table {selected.uri} changed while it was read")
     return _Fetched(shards, stats, selection, time.perf_counter() - started,
-                    pool.download_time, pool.downloaded_bytes)
+                    pool.download_time, pool.downloaded_bytes, pool.download_wall_s,
+                    pool.decode_cpu_s)
 
 
 def _encoder_meta(encoder: ImageEncoder, keys_fp: str) -> dict[str, Any]:
@@ -336,6 +341,11 @@ def _run_meta(fetched: _Fetched, store: ShardStore) -> dict[str, Any]:
             stats.encoded / stats.encode_time if stats.encode_time > 0 else 0.0,
         "encode_time_sec": stats.encode_time,
         "download_time_sec_total": fetched.download_time,
+        # Where this attempt's time went: the stages overlap, so these do not add up to the
+        # wall time; the largest against it shows the bound (docs/images.md).
+        "download_wall_s": round(fetched.download_wall_s, 3),
+        "decode_cpu_s": round(fetched.decode_cpu_s, 3),
+        "encode_wall_s": round(stats.encode_time, 3),
         "downloaded_bytes": fetched.downloaded_bytes,
         "shards": fetched.shards, "resumed_shards": stats.resumed_shards,
         "checkpoint_location": store.location, "fingerprint": store.fingerprint,

@@ -335,6 +335,32 @@ STEP_KEYS = {
 }
 
 
+IMAGE_STAGES = (("download_wall_s", "downloads", "wall-clock s with a download in flight"),
+                ("decode_cpu_s", "decoding, resize and crop", "CPU s, summed over the decode "
+                                                              "threads"),
+                ("encode_wall_s", "encoding", "wall-clock s in the encoder"))
+
+
+def _image_stages(meta: dict[str, Any]) -> str:
+    """Where the image step's time went (docs/images.md): its stages overlap, so the one
+    nearest the wall time is what bounds it."""
+    encoded = meta.get("encoded_this_attempt") or 0
+    rate = meta.get("throughput_items_per_sec") or 0
+    stages = [(key, stage, unit) for key, stage, unit in IMAGE_STAGES if key in meta]
+    if not stages:
+        return ""
+    busy = encoded / rate if rate else None  # processing time, summed over the shards
+    rows = [(stage, meta[key], 1000 * meta[key] / encoded if encoded else None, unit)
+            for key, stage, unit in stages]
+    rows.append(("the whole processing", busy, 1000 * busy / encoded if busy else None,
+                 "wall-clock s from the first download to the last batch"))
+    note = (f"image_decode = {meta.get('image_decode', 'exact')}; {encoded:,} images encoded "
+            "(the last attempt of each shard; seconds summed over the shards). The stages "
+            "overlap: the one nearest the whole processing time bounds the step.")
+    return ("<h3>Image step: where the time went</h3>" + _p(note, "note")
+            + _table(("stage", "seconds", "ms per image", "measured as"), rows))
+
+
 def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict[str, str]
                 ) -> str:
     metas = {"text": inputs.text_meta, "image": inputs.image_meta, "fusion": inputs.fusion_meta}
@@ -345,6 +371,7 @@ def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict
                         if key in metas[step]))
              for step in metas]
     body = "<h3>Steps</h3>" + _table(("step", "run id", "wall time (s)", "details"), steps)
+    body += _image_stages(inputs.image_meta)
     versions = {**{s: m.get("versions") or {} for s, m in metas.items()},
                 "report": render_versions}
     packages = sorted({p for v in versions.values() for p in v})
