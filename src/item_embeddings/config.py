@@ -22,8 +22,10 @@ FUSION_MODES = ("train", "apply")
 # collect more than 100 artifacts from one loop ("Maximum number of artifacts exceeded").
 MAX_WORKERS = 100
 MAX_SHARDS = 10_000
-# Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first.
-EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,127}"
+# Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first;
+# at most 64 here (Vertex allows 128), because the experiment and each of its run names share
+# 121 characters: the rest is left to the steps' run names (tracking.run_name).
+EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,63}"
 
 
 def _param(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -190,7 +192,7 @@ def allowed_values(name: str) -> str:
         words.append("one of " + ", ".join(allowed["choices"]))
     if "pattern" in allowed:
         words.append("lower-case letters, digits and '-', starting with a letter or digit, at "
-                     "most 128" if allowed["pattern"] == EXPERIMENT_NAME
+                     "most 64" if allowed["pattern"] == EXPERIMENT_NAME
                      else f"matching {allowed['pattern']}")
     if "nonempty" in allowed:
         words.append("not empty")
