@@ -10,6 +10,7 @@ so a missed call fails instead of reaching the internet. kfp's RegistryClient is
 
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,33 @@ def test_submit_and_schedule_refuse_bad_values_before_sending(fake, template, na
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
         _submit(template, parameter_values=values)
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
+        vertex.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
+                                                  credentials=AnonymousCredentials()),
+                               cron="0 3 * * *", display_name="n")
+    assert fake.names() == []
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"text_accelerator": "T4"}, "parameter 'text_accelerator' must be one of '' (empty), "
+                                 "NVIDIA_TESLA_T4,"),
+    ({"text_accelerator": "NVIDIA_TESLA_T4"}, "parameter 'text_accelerator' NVIDIA_TESLA_T4 "
+                                              "attaches to n1 machine types only, but "
+                                              "text_machine_type is 'e2-standard-4'"),
+    ({"text_accelerator": "NVIDIA_L4", "text_machine_type": "n1-standard-8"},
+     "NVIDIA_L4 attaches to g2-standard machine types of 4 to 32 vCPUs only"),
+    ({"fusion_machine_type": "g2-standard-8"}, "parameter 'fusion_machine_type' 'g2-standard-8' "
+                                               "is a GPU machine type"),
+    ({"image_machine_type": "c3-standard-8"}, "parameter 'image_machine_type' 'c3-standard-8' "
+                                              "cannot take the image workers' NVIDIA_TESLA_T4"),
+])
+def test_submit_and_schedule_refuse_machines_vertex_would_not_pair(fake, template, values,
+                                                                   message):
+    """The machines a run asks for are checked before anything is sent (they failed at the
+    custom job's creation, minutes into the run); a T4 on n1 is sent."""
+    values = {"items_uri": "gs://d/i.parquet", **values}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _submit(template, parameter_values=values)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         vertex.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
                                                   credentials=AnonymousCredentials()),
                                cron="0 3 * * *", display_name="n")

@@ -2,7 +2,7 @@
 
 Exit status, for every command: 0 success; 1 the operation failed (a failed run, an API refusal,
 missing credentials, verify violations); 2 a bad command line (unknown flag or parameter,
-missing config file, bad value, unusable items table).
+missing config file, bad value, unusable items table or previous set).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ def exit_code(exc: BaseException) -> int | None:
     from google.auth.exceptions import GoogleAuthError
 
     from ..config import ConfigError
+    from ..incremental import PreviousSetError
     from ..items import ItemsError
     from ..publish import PublishError
     from .local_run import LocalPipelineError
     from .vertex import VertexOpsError
 
-    if isinstance(exc, (ConfigError, ItemsError)):
+    if isinstance(exc, (ConfigError, ItemsError, PreviousSetError)):
         return EXIT_USAGE
     if isinstance(exc, (LocalPipelineError, VertexOpsError, PublishError, GoogleAPIError,
                         GoogleAuthError)):

@@ -46,7 +46,8 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..progress import setup_logging
     from ..sample import SampleImageServer, write_sample_catalogue
-    from .local_run import RUN_LOG, check_output_dir, needs_model_hub, probe_hub, run_local
+    from .local_run import (RUN_LOG, check_output_dir, check_params, needs_model_hub, probe_hub,
+                            run_local)
 
     setup_logging()
     # Parameters, then the output directory, are checked before anything is written or served.
@@ -60,6 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.items_count <= params.knn_k
     if small_knn:  # a kNN graph of k neighbours needs k + 1 items
         params = dataclasses.replace(params, knn_k=args.items_count - 1)
+    check_params(params)
     out = check_output_dir(args.output_dir)
     with RunConsole(out / RUN_LOG) as console, SampleImageServer() as server:
         items = write_sample_catalogue(items_path, args.items_count, server.base_url)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..config import PARAM_FIELDS, ConfigError, check_value
+from ..config import PARAM_FIELDS, ConfigError, PipelineParams, check_value, machine_problems
 from ..pipeline import PIPELINE_NAME
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
 _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
@@ -182,6 +182,9 @@ def _make_job(template_path: str, run: RunSettings, *, display_name: str | None,
     # (or the custom job's creation) minutes later, and be retried.
     problems = [p for name, value in run.parameter_values.items()
                 if name in PARAM_FIELDS and (p := check_value(name, value))]
+    if not problems:  # the given values with the defaults: machines Vertex would not pair
+        problems = machine_problems(PipelineParams(**{
+            k: v for k, v in run.parameter_values.items() if k in PARAM_FIELDS}))
     if problems:
         raise ConfigError("; ".join(problems))
     if run.encryption_key and not _KMS_KEY.match(run.encryption_key):

@@ -1,0 +1,108 @@
+"""Where a published set's files are: the pointer at a publish prefix, resolved once.
+
+A publish prefix holds immutable sets and one pointer (``publish.publish_outputs`` writes them)::
+
+    PREFIX/manifest.json              the pointer: the current set's manifest plus "set"
+    PREFIX/sets/<set id>/             one published set: its files and its own manifest.json
+
+A reader resolves the prefix once (one read of ``manifest.json``: one object generation on
+``gs://``, one atomic rename locally) and reads only the set that pointer names: a publish that
+starts meanwhile writes a new set beside it and swaps the pointer, and the sets before it are kept
+(:data:`KEEP_SETS`), so the reader never sees a half-published or mixed set. A folder without a
+pointer is read as it is: a set's own folder, an earlier run's output folder, or a prefix
+published by an older version (files beside ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .storage import gcs_client, is_gcs_uri, split_gcs_uri
+
+MANIFEST = "manifest.json"
+SETS_DIR = "sets"
+KEEP_SETS = 3  # sets kept under a prefix: the current one and the two before it (readers)
+
+
+class PublishedSetError(ValueError):
+    """A publish prefix whose pointer cannot be read."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A location resolved to the folder of one set's files."""
+
+    uri: str                         # what was asked for
+    root: str                        # the folder holding the set's files (no trailing '/')
+    manifest: dict[str, Any] | None  # the manifest read (None: no manifest, a run's folder)
+    generation: int | None = None    # the pointer object's generation (gs://), for a swap
+
+    @property
+    def pointed(self) -> bool:
+        """Whether ``uri`` is a publish prefix whose pointer named ``root``."""
+        return self.root != self.uri.rstrip("/")
+
+
+def join(uri: str, *names: str) -> str:
+    """``uri/name/...`` for a local folder or a ``gs://`` prefix."""
+    return "/".join([uri.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def _gcs_blob(uri: str):
+    bucket, name = split_gcs_uri(uri)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def read_manifest(uri: str) -> tuple[dict[str, Any] | None, int | None]:
+    """The manifest at ``uri/manifest.json`` and its generation (``gs://``; 0 when absent, None
+    locally); ``(None, ...)`` when there is none."""
+    path = join(uri, MANIFEST)
+    if is_gcs_uri(uri):
+        from google.api_core.exceptions import NotFound
+
+        blob = _gcs_blob(path)
+        try:
+            data = blob.download_as_bytes()  # one read: one generation, whatever comes next
+        except NotFound:
+            return None, 0
+        generation = blob.generation
+    else:
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except FileNotFoundError:
+            return None, None
+        generation = None
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:
+        raise PublishedSetError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise PublishedSetError(f"{path}: a manifest is a JSON object with 'files'")
+    return manifest, generation
+
+
+def resolve(uri: str) -> Resolved:
+    """``uri`` resolved once: the set its pointer names, or ``uri`` itself without one."""
+    manifest, generation = read_manifest(uri)
+    root = uri.rstrip("/")
+    if manifest is not None and manifest.get("set"):
+        name = str(manifest["set"]).strip("/")
+        if not name.startswith(f"{SETS_DIR}/") or ".." in name.split("/"):
+            raise PublishedSetError(f"{join(uri, MANIFEST)}: 'set' {name!r} is not a folder "
+                                    f"under {SETS_DIR}/")
+        root = join(uri, name)
+    return Resolved(uri=uri, root=root, manifest=manifest, generation=generation)
+
+
+def file_names(folder: str) -> set[str]:
+    """The plain file names directly in a local folder or under a ``gs://`` prefix."""
+    if is_gcs_uri(folder):
+        bucket, prefix = split_gcs_uri(folder)
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        return {b.name[len(prefix):] for b in blobs if b.name != prefix}
+    path = Path(folder).expanduser()
+    return {p.name for p in path.iterdir() if p.is_file()} if path.is_dir() else set()
