@@ -332,7 +332,8 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
 
     items, _, urls, published, _ = dag_run
     previous = tmp_path / "previous"  # the set as it was, to compare with
-    shutil.copytree(published, previous)
+    before = json.loads((published / "manifest.json").read_text())
+    shutil.copytree(published / before["set"], previous)
     rows = pq.read_table(items).to_pylist()  # the catalogue the published set was made from
     base = urls[0].rsplit("/img/", 1)[0]
     deleted = {rows[4]["asin"], rows[5]["asin"]}
@@ -399,5 +400,8 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
 
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["counts"]["text_count"] == n  # the new set is the published one now
+    # the run read the set the pointer named when it started (its first task pinned it)
+    assert text_meta["previous_uri"] == str(published / before["set"]).rstrip("/")
+    assert manifest["history"] == [manifest["set"], before["set"]]
     assert main(["verify", str(out)]) == 0 and main(["verify", str(published)]) == 0
     assert capsys.readouterr().out.count("all checks passed") == 2

@@ -61,14 +61,9 @@ def read_manifest(uri: str) -> tuple[dict[str, Any] | None, int | None]:
     locally); ``(None, ...)`` when there is none."""
     path = join(uri, MANIFEST)
     if is_gcs_uri(uri):
-        from google.api_core.exceptions import NotFound
-
-        blob = _gcs_blob(path)
-        try:
-            data = blob.download_as_bytes()  # one read: one generation, whatever comes next
-        except NotFound:
+        data, generation = _read_generation(path)
+        if data is None:
             return None, 0
-        generation = blob.generation
     else:
         try:
             data = Path(path).expanduser().read_bytes()
@@ -82,6 +77,25 @@ def read_manifest(uri: str) -> tuple[dict[str, Any] | None, int | None]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise PublishedSetError(f"{path}: a manifest is a JSON object with 'files'")
     return manifest, generation
+
+
+def _read_generation(path: str, attempts: int = 5) -> tuple[bytes | None, int]:
+    """An object's bytes and the generation they are ((None, 0) when it does not exist): its
+    metadata, then its contents pinned to that generation; a write in between is read again."""
+    from google.api_core.exceptions import NotFound, PreconditionFailed
+
+    for _ in range(attempts):
+        blob = _gcs_blob(path)
+        try:
+            blob.reload()
+            generation = blob.generation  # (a download resets it from its response headers)
+            return blob.download_as_bytes(if_generation_match=generation), generation
+        except NotFound:
+            if blob.generation is None:  # not there at all
+                return None, 0
+        except PreconditionFailed:
+            pass  # replaced between the two reads: read the new one
+    raise PublishedSetError(f"{path} changed on every one of {attempts} reads")
 
 
 def resolve(uri: str) -> Resolved:

@@ -27,7 +27,7 @@ from .items import id_problems
 from .outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, GROUPS,
                       IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED, KNN_FUSED_SCORES,
                       KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS, TXT_META)
-from .publish import MANIFEST
+from .published import MANIFEST, PublishedSetError, resolve
 from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
 
 NORM_TOLERANCE = 1e-3
@@ -83,18 +83,25 @@ class Report:
 
 
 def verify_outputs(dir_or_uri: str) -> Report:
-    """Read the output set at a local directory or ``gs://`` prefix and check its invariants."""
-    if is_gcs_uri(dir_or_uri):
-        with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
-            report = Report(source=dir_or_uri)
-            if _download_set(dir_or_uri, Path(tmp), report):
-                _SetCheck(Path(tmp), report).run()
-            return report
+    """Read the output set at a local directory or ``gs://`` prefix and check its invariants;
+    a publish prefix is checked as readers see it: the set its pointer names."""
     report = Report(source=dir_or_uri)
-    if not Path(dir_or_uri).is_dir():
+    if not is_gcs_uri(dir_or_uri) and not Path(dir_or_uri).is_dir():
         report.fail(f"directory not found: {dir_or_uri}")
         return report
-    _SetCheck(Path(dir_or_uri), report).run()
+    try:
+        found = resolve(dir_or_uri)
+    except PublishedSetError as exc:
+        report.fail(str(exc))
+        return report
+    if found.pointed:
+        report.facts.append(f"publish prefix: its pointer names the set {found.root}")
+    if is_gcs_uri(dir_or_uri):
+        with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+            if _download_set(found.root, Path(tmp), report):
+                _SetCheck(Path(tmp), report).run()
+            return report
+    _SetCheck(Path(found.root), report).run()
     return report
 
 
