@@ -70,7 +70,8 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                    help="label on the run (repeatable)")
     caching = p.add_mutually_exclusive_group()
     caching.add_argument("--caching", dest="enable_caching", action="store_const", const=True,
-                         help="reuse results of identical earlier tasks")
+                         help="reuse results of identical earlier tasks (never for 'Fingerprint "
+                              "inputs' and 'Publish outputs', which stay uncached)")
     caching.add_argument("--no-caching", dest="enable_caching", action="store_const",
                          const=False, help="run every task again")
     p.add_argument("--display-name", metavar="NAME", help="name shown in the console")
