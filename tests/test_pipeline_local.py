@@ -221,6 +221,56 @@ def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_editing_a_placed_file_cannot_poison_the_cache(dag_run, capsys):
+    """The placed files are copies of kfp.local's cached artifacts: a file edited in place
+    (as np.memmap or an editor writes) leaves the cache whole, and the next identical run,
+    served from the cache, places the right file again."""
+    import os
+
+    items, out, _, _, _ = dag_run
+    good = {name: (out / name).read_bytes() for name in ("txt.npy", "fused.npy")}
+    for name in good:
+        with open(out / name, "r+b") as fh:
+            fh.seek(-8, os.SEEK_END)
+            fh.write(b"\xff" * 8)
+    assert main(["verify", str(out)]) != 0  # damaged
+    capsys.readouterr()
+    assert main(["run-local", "--items", str(items), "--output-dir", str(out),
+                 "--config", str(items.parent / "cfg.yaml"),
+                 "--set", "allow_private_hosts=true"]) == 0
+    assert "merge-text: reused from the cache of an earlier run" in capsys.readouterr().out
+    for name, data in good.items():
+        assert (out / name).read_bytes() == data, name
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_a_catalogue_smaller_than_knn_k_plus_one_gets_k_lowered(tiny_model, tmp_path, capsys):
+    """Six items and the default knn_k (20): the run finishes, the kNN step says it lowered k
+    to 5 (on the console) and knn_meta.json records k=5 and k_requested=20."""
+    from item_embeddings.sample import SampleImageServer, make_sample_catalogue
+
+    config, checkpoint, _ = tiny_model
+    out = tmp_path / "out"
+    with SampleImageServer() as server:
+        items = tmp_path / "items.parquet"
+        pq.write_table(make_sample_catalogue(6, server.base_url), items)
+        rc = main(["run-local", "--items", str(items), "--output-dir", str(out),
+                   "--set", "allow_private_hosts=true", "--set", "text_backend=torch",
+                   "--set", f"image_model={config}", "--set", f"image_pretrained={checkpoint}",
+                   "--set", "fusion_epochs=2", "--set", "download_retries=0"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert re.search(r"^\d\d:\d\d:\d\d knn-graphs \| WARNING knn_k lowered to 5 for 6 items: ",
+                     captured.out, re.M)
+    meta = json.loads((out / "knn_meta.json").read_text())
+    assert (meta["k"], meta["k_requested"], meta["count"]) == (5, 20, 6)
+    assert np.load(out / "knn_text.npy").shape == np.load(out / "knn_fused.npy").shape == (6, 5)
+    assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.slow
 def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_run, capsys):
     """A nightly run over the same items_uri whose file changed must not be served the cache."""
     items, out, _, _, _ = dag_run
@@ -306,6 +356,10 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     captured = capsys.readouterr()
     err = captured.err
     assert "local pipeline run failed" in err and "embed-images" in err
+    # the closing line names the failed task and its exception, not kfp.local's chain
+    assert ("item-embeddings run-local: error: local pipeline run failed: task embed-images "
+            "failed: ValueError: image_pretrained '/nonexistent/weights.pt' is neither") in err
+    assert " inside '" not in err.splitlines()[-1]
     assert time.monotonic() - started < 120  # no retry backoff locally
     assert not (tmp_path / "out" / "fused.npy").exists()
     # the console shows the failed task's own error and where the whole log is

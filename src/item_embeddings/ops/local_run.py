@@ -16,7 +16,7 @@ from ..incremental import check_previous_set
 from ..items import ItemColumns, validate_items
 from ..outputs import META_FILES
 from ..storage import place_files
-from .console import RunConsole, strip_ansi
+from .console import RunConsole
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +129,13 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
                     **dataclasses.asdict(params))
         except RuntimeError as exc:  # kfp.local: "Task 'x' finished with status FAILURE" etc.
             raise LocalPipelineError(
-                f"local pipeline run failed: {strip_ansi(str(exc))} (full log: "
+                f"local pipeline run failed: {console.failure(str(exc))} (full log: "
                 f"{console.log_path}; the tasks' files are under {out / KFP_ROOT})") from exc
         placed: dict[str, Path] = {}
         for artifact in task.outputs.values():
             files = sorted(p for p in Path(artifact.path).iterdir() if p.is_file())
-            placed.update(place_files(files, out, META_FILES, link=True))
+            # copies: a placed file edited in place must not edit the cached artifact
+            placed.update(place_files(files, out, META_FILES))
         console.summary(out, placed, _where_else(params, out))
     return placed
 
