@@ -25,6 +25,7 @@ A component then reads::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
     from item_embeddings.storage import staged_output_dir
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
+    from item_embeddings.incremental import pinned_previous
+
     setup_logging()
     params = PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})
     tracker = (make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
@@ -144,6 +147,9 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
         "inputs_fingerprint")
     if fingerprint:
         output.metadata["inputs_fingerprint"] = fingerprint
+        # the previous set the first task resolved the publish prefix to: the whole run reads it
+        if params.previous_uri and pinned_previous(fingerprint):
+            params = dataclasses.replace(params, previous_uri=pinned_previous(fingerprint))
 
     def step(out_dir: Path) -> ComponentStep:
         # Same output URI on every retry of the task, so the same run id (and checkpoints).

@@ -97,6 +97,27 @@ BAD_VALUES = [  # (--set, what the message must say)
     ("text_backend=bogus", "'text_backend' must be one of auto, torch, torch-fp16, onnx, "
                            "onnx-int8, got 'bogus'"),
     ("image_strategy=spot", "'image_strategy' must be one of SPOT, STANDARD, got 'spot'"),
+    # only Vertex GPU types a worker can take one of, or empty
+    ("text_accelerator=T4", "'text_accelerator' must be one of '' (empty), NVIDIA_TESLA_T4, "
+                            "NVIDIA_TESLA_P4, NVIDIA_TESLA_P100, NVIDIA_TESLA_V100, NVIDIA_L4, "
+                            "NVIDIA_TESLA_A100, NVIDIA_A100_80GB, NVIDIA_H100_80GB, got 'T4'"),
+    ("text_accelerator=TPU_V3", "'text_accelerator' must be one of '' (empty), NVIDIA_TESLA_T4, "
+                                "NVIDIA_TESLA_P4, NVIDIA_TESLA_P100, NVIDIA_TESLA_V100, NVIDIA_L4,"
+                                " NVIDIA_TESLA_A100, NVIDIA_A100_80GB, NVIDIA_H100_80GB, got "
+                                "'TPU_V3'"),
+    ("text_machine_type=n1_standard_4", "'text_machine_type' must be a Vertex AI machine type "
+                                        "such as e2-standard-4 (family-series-size), got "
+                                        "'n1_standard_4'"),
+    # the pairings Vertex allows: a T4 needs n1, GPU machine families need their GPUs
+    ("text_accelerator=NVIDIA_TESLA_T4", "'text_accelerator' NVIDIA_TESLA_T4 attaches to n1 "
+                                         "machine types only, but text_machine_type is "
+                                         "'e2-standard-4' (e.g. text_machine_type=n1-standard-4)"),
+    ("image_machine_type=e2-standard-8", "'image_machine_type' 'e2-standard-8' cannot take the "
+                                         "image workers' NVIDIA_TESLA_T4: it attaches to n1 "
+                                         "machine types only (e.g. n1-standard-4)"),
+    ("knn_machine_type=a2-highgpu-1g", "'knn_machine_type' 'a2-highgpu-1g' is a GPU machine "
+                                       "type, which does not run without its GPUs; this step "
+                                       "takes a CPU machine type (e.g. e2-standard-4)"),
 ]
 
 
@@ -148,3 +169,53 @@ def test_read_only_output_dir_exits_2_with_one_line(tmp_path, items_path):
     assert done.stderr == (f"item-embeddings run-local: error: output directory {out} cannot "
                            "be written: Permission denied\n")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run-local", "demo"])
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "partial"])
+def test_unusable_previous_uri_exits_2_before_anything_runs(command, case, tmp_path, items_path,
+                                                           capsys, no_pipeline):
+    """previous_uri that does not exist, is a file, is empty or lacks a step's files: one line,
+    exit 2, before any model loads or anything is written."""
+    previous = tmp_path / "prev"
+    if case == "file":
+        previous.write_text("not a folder")
+    elif case in ("empty", "partial"):
+        previous.mkdir()
+        if case == "partial":
+            for name in ("txt.npy", "txt_items.parquet", "txt_meta.json"):
+                (previous / name).write_text("x")
+    out = tmp_path / "out"
+    items = ["--items", str(items_path)] if command == "run-local" else []
+    assert main([command, *items, "--output-dir", str(out),
+                 "--set", f"previous_uri={previous}"]) == 2
+    err = capsys.readouterr().err
+    words = {"missing": f"previous output set not found: {previous} (previous_uri must",
+             "file": f"previous output set {previous} is a file (previous_uri must",
+             "empty": f"previous output set {previous} is empty or not found (previous_uri",
+             "partial": f"previous output set {previous} lacks img.npy, img_items.parquet, "
+                        "img_failures.parquet, img_meta.json: not a complete output set "
+                        "(previous_uri)"}[case]
+    assert err.startswith(f"item-embeddings {command}: error: {words}"), err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("previous_uri: 123", "parameter 'previous_uri' expects a string, got 123 (int)"),
+    ("publish_uri:", "parameter 'publish_uri' expects a string, got None (null)"),
+    ("text_model: [a, b]", "parameter 'text_model' expects a string, got ['a', 'b'] (list)"),
+    ("experiment: true", "parameter 'experiment' expects a string, got True (bool)"),
+])
+def test_yaml_values_of_the_wrong_type_for_strings_exit_2(line, message, tmp_path, items_path,
+                                                         capsys, no_pipeline):
+    """YAML reads `previous_uri: 123` as a number: refused, not turned into the path "123"."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"parameters:\n  {line}\n")
+    out = tmp_path / "out"
+    assert main(["run-local", "--items", str(items_path), "--output-dir", str(out),
+                 "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"item-embeddings run-local: error: {message}; quote it in YAML, or write "
+                   "'' for empty\n")
+    assert not out.exists()

@@ -14,7 +14,8 @@ from kfp import dsl
 
 from item_embeddings import runtime
 from item_embeddings.ops.cli import main
-from item_embeddings.ops.console import RunConsole, TaskRecord, meta_counts, summary_lines
+from item_embeddings.ops.console import (RunConsole, TaskRecord, meta_counts, strip_ansi,
+                                         summary_lines)
 from item_embeddings.outputs import META_FILES, QA_REPORT
 from item_embeddings.progress import LOG_FORMAT
 
@@ -52,6 +53,33 @@ def slow_talk(n: int):
     time.sleep(1.0)  # both workers are running before either says anything
     logging.getLogger("item_embeddings.talk").info("worker says %d", n)
     print(f"worker {n} chatter")
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def fail_leaving_tasks(n: int):
+    """An IndexError in a process that leaves asyncio tasks pending (as an aiohttp download
+    pool does when its step fails): at exit Python prints, after the traceback, a "Task was
+    destroyed but it is pending!" and an "Exception ignored in:" block with a traceback of its
+    own for each of them."""
+    import asyncio
+
+    async def forever():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    for _ in range(12):
+        loop.create_task(forever())
+    loop.run_until_complete(asyncio.sleep(0))
+    print(["a", "b"][n])
+
+
+@dsl.pipeline(name="tiny-noise")
+def fail_in_a_loop(n: int = 3):
+    with dsl.ParallelFor([3]) as item:
+        fail_leaving_tasks(n=item)
 
 
 @dsl.pipeline(name="tiny-workers")
@@ -101,6 +129,30 @@ def test_capture_shows_steps_and_a_failed_tasks_error_and_logs_everything(tmp_pa
     assert "\x1b[" not in out + err  # kfp.local's colours are stripped
     assert [(t.name, t.status) for t in console.tasks] == [("talk", "done"), ("fail", "failed")]
     assert all(t.seconds > 0 for t in console.tasks)
+
+
+def test_a_failed_tasks_own_exception_is_shown_not_its_shutdown_noise(tmp_path, capsys):
+    """The real exception of a failed task, as printed: its traceback ends the shown lines,
+    the asyncio noise its process printed at exit (60 lines here) is only in the log, and the
+    run's error names the task, not kfp.local's "inside 'for-loop-...'" chain."""
+    log = tmp_path / "run.log"
+    with RunConsole(log) as console:
+        with pytest.raises(RuntimeError) as raised:
+            _run(fail_in_a_loop, tmp_path / "kfp", console)
+    err = capsys.readouterr().err
+    text = log.read_text()
+    assert text.count("Task was destroyed but it is pending!") == 12  # it happened: in the log
+    assert text.count("Exception ignored in:") == 12
+    assert "Task was destroyed" not in err and "Exception ignored" not in err
+    shown = [line for line in err.splitlines() if line.startswith("  | ")]
+    assert shown[0] == "  | Traceback (most recent call last):"
+    assert shown[-1] == "  | IndexError: list index out of range"
+    assert any("in fail_leaving_tasks" in line for line in shown)
+    assert re.search(r"fail-leaving-tasks: FAILED in \d+\.\d s; the last "
+                     rf"{len(shown)} lines of its output:", err)
+    assert "inside 'for-loop-" in strip_ansi(str(raised.value))  # what kfp.local says ...
+    assert console.failure(str(raised.value)) == (  # ... and what the run's error says
+        "task fail-leaving-tasks failed: IndexError: list index out of range")
 
 
 def test_capture_restores_streams_and_logging(tmp_path):

@@ -83,6 +83,10 @@ def test_cloud_build_builds_and_pushes_both_images():
     assert {t.rsplit("/", 1)[1].split(":")[0] for t in tags} == {"item-embeddings",
                                                                   "item-embeddings-gpu"}
     assert "_TORCH_CUDA" in build["substitutions"]
+    # tagged with the commit: the cache key of a Vertex task holds the image URI, so a moving
+    # tag rebuilt with new code would be served the old code's cached results
+    assert all(t.endswith(":${SHORT_SHA}") for t in tags), tags
+    assert not any(k in build["substitutions"] for k in ("_TAG", "SHORT_SHA"))
 
 
 def test_dockerignore_keeps_what_the_images_copy():

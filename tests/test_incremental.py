@@ -484,7 +484,7 @@ def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_en
     bucket = f"incr-{uuid.uuid4().hex[:8]}"
     gcs.create_bucket(bucket)
     prefix = f"gs://{bucket}/embeddings"
-    publish_outputs([sets["A"]], prefix, run_id="A")
+    published = publish_outputs([sets["A"]], prefix, run_id="A")
     before = server.snapshot_hits()
     run_all(sets["items_b"], tmp_path / "out", text_encoder, image_encoder, tiny_model,
             previous=prefix)
@@ -495,7 +495,7 @@ def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_en
     assert read_meta(tmp_path / "out", TXT_META)["previous_uri"] == prefix
 
     # A published file replaced underneath the manifest: refused, nothing written.
-    blob = gcs.bucket(bucket).blob("embeddings/txt.npy")
+    blob = gcs.bucket(bucket).blob(f"embeddings/{published['set']}txt.npy")
     data = bytearray(blob.download_as_bytes())
     data[-1] ^= 0x01
     blob.upload_from_string(bytes(data))
@@ -503,6 +503,38 @@ def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_en
         embed_items_text(str(sets["items_b"]), tmp_path / "again",
                          PipelineParams(previous_uri=prefix), encoder=text_encoder)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_run_reads_the_set_its_first_task_pinned(sets, tmp_path):
+    """previous_uri = a publish prefix: the first task (Fingerprint inputs) resolves the
+    pointer once and names that set in its fingerprint; a text worker that starts after another
+    run published a newer set still reads the pinned one (its reuse is set A's, not the newer
+    set's), so every step of a run reads one consistent set."""
+    from kfp import dsl
+
+    from item_embeddings.components.embed_text import embed_text
+    from item_embeddings.components.fingerprint_inputs import fingerprint_inputs
+    from item_embeddings.fanout import WHOLE_TABLE
+    from item_embeddings.incremental import pinned_previous
+
+    prefix = tmp_path / "published"
+    a = publish_outputs([sets["A"]], str(prefix), run_id="A")
+    items = dsl.Dataset(name="items", uri=str(sets["items_b"]))
+    fingerprint = fingerprint_inputs(items=items, previous_uri=str(prefix))
+    assert pinned_previous(fingerprint) == str(prefix / a["set"]).rstrip("/")
+    publish_outputs([sets["inc"]], str(prefix), run_id="inc")  # another run, meanwhile
+    assert fingerprint_inputs(items=items, previous_uri=str(prefix)) != fingerprint
+    task = tmp_path / "root" / "item-embeddings-pin" / "embed-text"
+    shards = dsl.Dataset(name="text_shards", uri=str(task / "text_shards"), metadata={})
+    embed_text(items=items, text_shards=shards, previous_uri=str(prefix), text_backend="torch",
+               worker={**WHOLE_TABLE, "inputs_fingerprint": fingerprint}, text_batch_size=16,
+               tracking_backend="none")
+    meta = read_meta(task / "text_shards" / "shard-00000", TXT_META)
+    assert meta["previous_uri"] == pinned_previous(fingerprint)
+    inc = read_meta(sets["inc"], TXT_META)  # what reading set A gives (the newer set: all)
+    assert (meta["reused_count"], meta["encoded_count"]) == (inc["reused_count"],
+                                                            inc["encoded_count"])
+    assert meta["encoded_count"] > 0
 
 
 # ----------------------------------------------------------------------------- fusion apply

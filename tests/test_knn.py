@@ -231,6 +231,20 @@ def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
     assert run["metrics"]["fused_recall_at_10"] == written["spaces"]["fused"]["recall_at"]["10"]
 
 
+def test_a_catalogue_smaller_than_k_plus_one_gets_k_lowered(tmp_path, caplog):
+    """knn_k=40 over 40 items (k neighbours need k + 1 items): the step lowers k to 39, says
+    so and records both in knn_meta.json (the step refused before, after every other step)."""
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
+    with caplog.at_level("WARNING", logger="item_embeddings"):
+        meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                                PipelineParams(knn_k=40))
+    assert "knn_k lowered to 39 for 40 items" in caplog.text
+    assert (meta["k"], meta["k_requested"], meta["count"]) == (39, 40, 40)
+    assert np.load(tmp_path / "out" / KNN_TEXT).shape == (40, 39)
+    assert (np.sort(np.load(tmp_path / "out" / KNN_FUSED), axis=1) ==
+            [[j for j in range(40) if j != i] for i in range(40)]).all()  # all the others
+
+
 def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):
     ids = _write_inputs(tmp_path / "text", tmp_path / "fused", 40,
                         fused_ids=[f"item-{i:05d}" for i in reversed(range(40))])
@@ -243,10 +257,11 @@ def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):
     with pytest.raises(KnnInputError, match="shape \\(39, 16\\) but .* lists 40 ids"):
         build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
                          tracker=tracker)
-    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
-    with pytest.raises(KnnInputError, match="k=40 needs at least 41 items"):
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 1)  # a kNN graph needs 2 items
+    with pytest.raises(KnnInputError, match="k=1 needs at least 2 items"):
         build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
                          PipelineParams(knn_k=40), tracker=tracker)
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
     fused = np.load(tmp_path / "fused" / FUSED_ARRAY)
     fused[7] = np.nan
     np.save(tmp_path / "fused" / FUSED_ARRAY, fused)

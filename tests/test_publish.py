@@ -8,7 +8,8 @@ import pytest
 from google.cloud.storage import Blob
 
 from item_embeddings import publish as publish_mod
-from item_embeddings.publish import MANIFEST, PublishError, publish_outputs
+from item_embeddings.publish import LOCK_FILE, MANIFEST, PublishError, publish_outputs
+from item_embeddings.published import KEEP_SETS, SETS_DIR, resolve
 from item_embeddings.storage import sha256_file
 from item_embeddings.verify import verify_outputs
 from test_verify import make_output_set
@@ -21,6 +22,80 @@ def bucket(gcs):
     """A bucket in the GCS emulator (conftest's ``gcs`` fixture: real emulator on loopback)."""
     found = gcs.lookup_bucket(BUCKET)
     return found or gcs.create_bucket(BUCKET)
+
+
+def _emulator_honours_preconditions(bucket) -> bool:
+    from google.api_core.exceptions import PreconditionFailed
+
+    blob = bucket.blob("probe/preconditions")
+    blob.upload_from_string(b"1")
+    try:
+        bucket.blob("probe/preconditions").upload_from_string(b"2", if_generation_match=0)
+    except PreconditionFailed:
+        return True
+    return False
+
+
+@pytest.fixture
+def preconditions(bucket, gcs_emulator_host, monkeypatch):
+    """GCS generation preconditions (``ifGenerationMatch``), enforced.
+
+    gcp-storage-emulator (2024.8.3, checked here) ignores them: an upload with
+    ``if_generation_match=0`` overwrites, one with a stale generation succeeds. So unless the
+    emulator honours them, the HTTP transport is intercepted: a request to the emulator that
+    carries ``ifGenerationMatch`` is answered 412, as GCS answers it, when the object's
+    generation (asked of the emulator) differs; otherwise it goes through. Check and request run
+    under one lock, so concurrent requests see the same order the emulator does.
+    """
+    import re
+    import threading
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import requests
+
+    if _emulator_honours_preconditions(bucket):
+        return "emulator"
+    real_send, lock = requests.adapters.HTTPAdapter.send, threading.Lock()
+
+    def generation(bucket_name: str, name: str) -> int:
+        url = (f"{gcs_emulator_host}/storage/v1/b/{bucket_name}/o/"
+               f"{urllib.parse.quote(name, safe='')}")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return int(json.loads(resp.read())["generation"])
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return 0
+            raise
+
+    def send(adapter, request, **kwargs):
+        url = urllib.parse.urlsplit(request.url)
+        wanted = urllib.parse.parse_qs(url.query).get("ifGenerationMatch")
+        if not wanted or not request.url.startswith(gcs_emulator_host):
+            return real_send(adapter, request, **kwargs)
+        path = urllib.parse.unquote(url.path)
+        bucket_name = path.split("/b/", 1)[1].split("/", 1)[0]
+        if "/o/" in path:
+            name = path.split("/o/", 1)[1]
+        else:  # a multipart upload names its object in the JSON part of the body
+            body = request.body.decode("latin-1") if isinstance(request.body, bytes) \
+                else str(request.body)
+            name = json.loads(re.search(r'\{"name": ?"[^"]*"[^}]*\}', body).group(0))["name"]
+        with lock:
+            if generation(bucket_name, name) != int(wanted[0]):
+                resp = requests.Response()
+                resp.status_code, resp.url, resp.request = 412, request.url, request
+                resp.headers["content-type"] = "application/json"
+                resp._content = json.dumps({"error": {"code": 412, "message":
+                                                      "conditionNotMet"}}).encode()
+                return resp
+            return real_send(adapter, request, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+    assert _emulator_honours_preconditions(bucket)  # the interception works as GCS would
+    return "intercepted"
 
 
 def _sources(tmp_path: Path, with_images: bool = True) -> list[Path]:
@@ -57,41 +132,51 @@ def test_publish_local_folder(tmp_path):
         "text_count": 40, "text_embed_dim": 384, "image_count": 21, "image_failed_count": 5,
         "image_attempted_count": 26, "image_no_url_count": 14, "image_embed_dim": 512,
         "fused_count": 40, "items_with_images": 20, "fused_output_dim": 128}
+    # the pointer is the set's manifest plus the set it names; the set holds its own manifest
     assert json.loads((dest / MANIFEST).read_text()) == manifest
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*manifest["files"], MANIFEST])
-    assert verify_outputs(str(dest)).ok
+    assert manifest["set"].startswith("sets/") and "-run-1-" in manifest["set"]
+    first = dest / manifest["set"]
+    assert sorted(p.name for p in first.iterdir()) == sorted([*manifest["files"], MANIFEST])
+    assert json.loads((first / MANIFEST).read_text()) == \
+        {k: v for k, v in manifest.items() if k not in ("set", "history")}
+    assert manifest["history"] == [manifest["set"]]
+    assert {p.name for p in dest.iterdir()} == {MANIFEST, SETS_DIR, LOCK_FILE}
+    assert verify_outputs(str(dest)).ok and verify_outputs(str(first)).ok
 
-    # Republishing a text-only set replaces the files and drops the old set's extra files.
+    # Republishing a text-only set: the pointer names a set of just those files; the first set
+    # stays (a reader that resolved the pointer before may still be reading it).
     text_only = _sources(tmp_path / "second", with_images=False)
     manifest2 = publish_outputs(text_only, str(dest), run_id="run-2")
-    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "txt.npy",
-                                                      "txt_items.parquet", "txt_meta.json"]
+    assert sorted(p.name for p in (dest / manifest2["set"]).iterdir()) == [
+        "manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+    assert json.loads((dest / MANIFEST).read_text())["set"] == manifest2["set"]
+    assert verify_outputs(str(first)).ok
     # It reads back whole (manifest and hashes agree) but is refused as a run that stopped early.
     report = verify_outputs(str(dest))
     assert manifest2["run_id"] == "run-2" and not report.ok
     assert all("outputs missing" in v for v in report.violations), report.violations
 
 
-def test_local_manifest_removed_before_files_move_and_written_last(tmp_path, monkeypatch):
+def test_local_crash_while_writing_a_set_leaves_the_current_one(tmp_path, monkeypatch):
+    """A publish that dies while copying its files changes nothing a reader sees: the pointer
+    still names the old, complete set; no partial set is left; a retry publishes."""
     dest = tmp_path / "published"
-    publish_outputs(_sources(tmp_path / "a"), str(dest), run_id="old")
-    real_replace, moved = os.replace, []
+    old = publish_outputs(_sources(tmp_path / "a"), str(dest), run_id="old")
+    real_copy, copied = publish_mod.shutil.copyfile, []
 
-    def replace(src, dst):
-        if Path(dst).parent == dest and Path(dst).name != MANIFEST:
-            assert not (dest / MANIFEST).exists(), "old manifest still visible while moving"
-            moved.append(Path(dst).name)
-            if len(moved) == 3:
-                raise OSError("disk full")  # a crash in the middle of moving files
-        return real_replace(src, dst)
+    def copyfile(src, dst):
+        copied.append(Path(dst).name)
+        if len(copied) == 3:
+            raise OSError("disk full")  # a crash in the middle of the set
+        return real_copy(src, dst)
 
-    monkeypatch.setattr(publish_mod.os, "replace", replace)
+    monkeypatch.setattr(publish_mod.shutil, "copyfile", copyfile)
     with pytest.raises(OSError, match="disk full"):
         publish_outputs(_sources(tmp_path / "b", with_images=False), str(dest), run_id="new")
-    # Half moved: no manifest, so a reader waits instead of reading a mixed set.
-    assert not (dest / MANIFEST).exists()
-    assert not [p for p in dest.iterdir() if p.name.startswith(".staging-")]
-    monkeypatch.setattr(publish_mod.os, "replace", real_replace)
+    assert json.loads((dest / MANIFEST).read_text()) == old
+    assert [p.name for p in (dest / SETS_DIR).iterdir()] == [old["set"].split("/")[1]]
+    assert verify_outputs(str(dest)).ok
+    monkeypatch.setattr(publish_mod.shutil, "copyfile", real_copy)
     manifest = publish_outputs(_sources(tmp_path / "c"), str(dest), run_id="retry")
     assert json.loads((dest / MANIFEST).read_text())["run_id"] == "retry"
     assert verify_outputs(str(dest)).ok and len(manifest["files"]) == 12
@@ -116,44 +201,53 @@ def test_publish_errors(tmp_path):
     assert not (tmp_path / "dest").exists()
 
 
+def _blobs(bucket, prefix: str) -> list[str]:
+    return sorted(b.name[len(prefix):] for b in bucket.list_blobs(prefix=prefix))
+
+
 def test_publish_gcs(bucket, tmp_path):
     sources = _sources(tmp_path)
     uri = f"gs://{BUCKET}/embeddings/prod"
     manifest = publish_outputs(sources, uri, run_id="run-1")
     _check_manifest(manifest, sources)
-    names = sorted(b.name for b in bucket.list_blobs(prefix="embeddings/prod/"))
-    assert names == sorted(f"embeddings/prod/{n}" for n in [*manifest["files"], MANIFEST])
+    set_name = manifest["set"]
+    assert _blobs(bucket, "embeddings/prod/") == sorted(
+        [MANIFEST, *(f"{set_name}{n}" for n in [*manifest["files"], MANIFEST])])
     stored = json.loads(bucket.blob(f"embeddings/prod/{MANIFEST}").download_as_bytes())
     assert stored == manifest
     # The published set reads back (download + hash check) through verify.
     report = verify_outputs(uri)
     assert report.ok, report.violations
     assert "run_id='run-1'" in report.format()
+    assert f"its pointer names the set {uri}/{set_name.rstrip('/')}" in report.format()
 
     text_only = _sources(tmp_path / "second", with_images=False)
-    publish_outputs(text_only, uri, run_id="run-2")
-    names = sorted(b.name.rsplit("/", 1)[1] for b in bucket.list_blobs(prefix="embeddings/prod/"))
-    assert names == ["manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+    second = publish_outputs(text_only, uri, run_id="run-2")
+    assert _blobs(bucket, f"embeddings/prod/{second['set']}") == [
+        "manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+    assert verify_outputs(f"{uri}/{set_name}").ok  # the first set is kept for its readers
 
 
-def test_gcs_failure_while_moving_leaves_no_manifest(bucket, tmp_path, monkeypatch):
+def test_gcs_failure_while_uploading_leaves_the_current_set(bucket, tmp_path, monkeypatch):
     uri = f"gs://{BUCKET}/embeddings/crash"
-    publish_outputs(_sources(tmp_path / "a"), uri, run_id="old")
-    real_rewrite, calls = Blob.rewrite, []
+    old = publish_outputs(_sources(tmp_path / "a"), uri, run_id="old")
+    real_upload, calls = Blob.upload_from_filename, []
 
-    def rewrite(self, source, token=None, **kw):
-        assert not bucket.blob(f"embeddings/crash/{MANIFEST}").exists()
+    def upload(self, filename, **kw):
         calls.append(self.name)
         if len(calls) == 2:
             raise ConnectionError("network lost")
-        return real_rewrite(self, source, token=token, **kw)
+        return real_upload(self, filename, **kw)
 
-    monkeypatch.setattr(Blob, "rewrite", rewrite)
+    monkeypatch.setattr(Blob, "upload_from_filename", upload)
     with pytest.raises(ConnectionError):
         publish_outputs(_sources(tmp_path / "b"), uri, run_id="new")
-    names = [b.name for b in bucket.list_blobs(prefix="embeddings/crash/")]
-    assert f"embeddings/crash/{MANIFEST}" not in names
-    assert not [n for n in names if "/.staging-" in n]  # staging cleaned up
+    assert json.loads(bucket.blob(f"embeddings/crash/{MANIFEST}").download_as_bytes()) == old
+    # the half-uploaded set is gone; the current one is whole
+    assert {n.split("/")[1] for n in _blobs(bucket, "embeddings/crash/") if "/" in n} == \
+        {old["set"].split("/")[1]}
+    monkeypatch.setattr(Blob, "upload_from_filename", real_upload)
+    assert verify_outputs(uri).ok
 
 
 def test_component_publishes_through_kfp_local(tmp_path):
@@ -189,3 +283,176 @@ def test_component_publishes_through_kfp_local(tmp_path):
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.
     assert pipe(publish_uri="").output == ""
+
+
+# ----------------------------------------------------------------------------- concurrent runs
+
+def _during_first(monkeypatch, owner, name: str, action):
+    """Run ``action`` once, the first time ``owner.name`` is called (inside a publish)."""
+    real, done = getattr(owner, name), []
+
+    def hooked(*args, **kwargs):
+        if not done:
+            done.append(True)
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, hooked)
+
+
+def test_local_publish_that_loses_the_race_is_refused_and_removed(tmp_path, monkeypatch):
+    """Two publishers on one local prefix: B starts, A publishes whole while B copies its
+    files; B's swap sees the pointer moved (under the lock), removes its set and says so;
+    A's set stays current and whole."""
+    dest = tmp_path / "published"
+    first = publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="first")
+    won = {}
+    _during_first(monkeypatch, publish_mod.shutil, "copyfile", lambda: won.update(
+        publish_outputs(_sources(tmp_path / "a"), str(dest), run_id="a")))
+    with pytest.raises(PublishError, match=r"another run published to .* while this one was "
+                                           r"publishing \(it now names .*-a-"):
+        publish_outputs(_sources(tmp_path / "b", with_images=False), str(dest), run_id="b")
+    assert json.loads((dest / MANIFEST).read_text()) == won
+    assert sorted(p.name for p in (dest / SETS_DIR).iterdir()) == sorted(
+        m["set"].split("/")[1] for m in (first, won))  # B's set removed, nothing half-made
+    assert verify_outputs(str(dest)).ok
+
+
+def test_local_concurrent_publishers_and_a_reader(tmp_path):
+    """Real threads: four publishers, three publishes each, on one local prefix while a reader
+    resolves the pointer and checks every file of the set it names against the pointer's
+    hashes. Every publish either becomes current or is refused as a lost race; the reader never
+    meets a missing or mixed file; old sets are pruned to KEEP_SETS."""
+    import threading
+
+    dest = tmp_path / "published"
+    sources = [_sources(tmp_path / f"s{i}", with_images=i % 2 == 0) for i in range(4)]
+    outcomes, problems, stop = [], [], threading.Event()
+
+    def publisher(i):
+        for round_ in range(3):
+            try:
+                publish_outputs(sources[i], str(dest), run_id=f"p{i}-{round_}")
+                outcomes.append("published")
+            except PublishError as exc:
+                assert "another run published" in str(exc)
+                outcomes.append("lost")
+
+    def reader():
+        reads = 0
+        while (not stop.is_set() or reads == 0) and reads < 10_000:
+            if (dest / MANIFEST).exists():
+                found = resolve(str(dest))
+                for name, entry in found.manifest["files"].items():
+                    path = Path(found.root) / name
+                    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                        problems.append((found.root, name))
+                reads += 1
+
+    threads = [threading.Thread(target=publisher, args=(i,)) for i in range(4)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    stop.set()
+    watcher.join(timeout=120)
+    assert problems == [] and len(outcomes) == 12 and "published" in outcomes
+    current = json.loads((dest / MANIFEST).read_text())
+    assert verify_outputs(str(dest / current["set"])).ok
+    sets = sorted(p.name for p in (dest / SETS_DIR).iterdir())
+    assert current["set"].split("/")[1] in sets and len(sets) <= KEEP_SETS
+    assert not [p for p in (dest / SETS_DIR).iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_made_from_an_older_set_does_not_replace_a_newer_one(tmp_path):
+    """The nightly and the weekly retrain both start from set S0 of one prefix; the weekly
+    publishes S1 first; the nightly, made from S0 (its text meta records the set the run read),
+    is refused before it uploads anything."""
+    dest = tmp_path / "published"
+    s0 = publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="s0")
+    publish_outputs(_sources(tmp_path / "weekly"), str(dest), run_id="weekly")
+    nightly = _sources(tmp_path / "nightly")
+    meta_path = nightly[0] / "txt_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "previous_uri": str(dest / s0["set"])}))
+    before = sorted((dest / SETS_DIR).iterdir())
+    with pytest.raises(PublishError, match=r"now names set .*-weekly-.*, not .*-s0-.* that this "
+                                           r"run started from"):
+        publish_outputs(nightly, str(dest), run_id="nightly")
+    assert sorted((dest / SETS_DIR).iterdir()) == before
+    # a run made from the current set publishes
+    meta_path.write_text(json.dumps({**meta, "previous_uri": resolve(str(dest)).root}))
+    assert publish_outputs(nightly, str(dest), run_id="nightly")["run_id"] == "nightly"
+
+
+def test_a_reader_keeps_its_set_while_later_publishes_come_and_go(tmp_path):
+    """A reader that resolved the prefix reads that set to the end, whatever is published
+    meanwhile, until KEEP_SETS newer publishes have pruned it."""
+    dest = tmp_path / "published"
+    publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="r0")
+    pinned = resolve(str(dest))
+    for i in range(1, KEEP_SETS):
+        publish_outputs(_sources(tmp_path / str(i), with_images=False), str(dest), run_id=f"r{i}")
+        assert resolve(str(dest)).root != pinned.root
+        assert verify_outputs(pinned.root).ok  # still whole
+    publish_outputs(_sources(tmp_path / "last", with_images=False), str(dest), run_id="last")
+    assert not Path(pinned.root).exists()  # KEEP_SETS newer sets: pruned
+
+
+def test_sets_never_made_current_are_left_alone_a_day_then_removed(tmp_path):
+    """A set folder no pointer ever named is a publish under way (newer: untouched) or the
+    leftover of a killed one (more than a day before the current set: removed)."""
+    dest = tmp_path / "published"
+    publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="r0")
+    killed = dest / SETS_DIR / "20200101T000000Z-killed-00000000"
+    under_way = dest / SETS_DIR / "29991231T235959Z-busy-00000000"
+    for folder in (killed, under_way):
+        folder.mkdir()
+        (folder / "txt.npy").write_bytes(b"half")
+    current = publish_outputs(_sources(tmp_path / "1"), str(dest), run_id="r1")
+    names = {p.name for p in (dest / SETS_DIR).iterdir()}
+    assert under_way.name in names and killed.name not in names
+    assert {s.split("/")[1] for s in current["history"]} <= names
+
+
+def test_gcs_publish_that_loses_the_race_is_refused_and_removed(bucket, preconditions, tmp_path,
+                                                                 monkeypatch):
+    """Two publishers on one gs:// prefix: B reads the pointer's generation, A publishes whole
+    while B uploads; B's pointer write carries if_generation_match of what it read, so GCS
+    refuses it (412): B removes its set and says so; A's set stays current."""
+    uri = f"gs://{BUCKET}/embeddings/race"
+    first = publish_outputs(_sources(tmp_path / "0"), uri, run_id="first")
+    won = {}
+    _during_first(monkeypatch, Blob, "upload_from_filename", lambda: won.update(
+        publish_outputs(_sources(tmp_path / "a"), uri, run_id="a")))
+    with pytest.raises(PublishError, match=r"another run published to gs://.* while this one "
+                                           r"was publishing \(it now names .*-a-"):
+        publish_outputs(_sources(tmp_path / "b", with_images=False), uri, run_id="b")
+    assert json.loads(bucket.blob(f"embeddings/race/{MANIFEST}").download_as_bytes()) == won
+    assert {n.split("/")[1] for n in _blobs(bucket, "embeddings/race/") if "/" in n} == \
+        {m["set"].split("/")[1] for m in (first, won)}  # B's set removed
+    assert verify_outputs(uri).ok
+
+
+def test_gcs_pointer_and_set_files_are_never_overwritten(bucket, preconditions, tmp_path):
+    """The requests themselves: the set's files are created with if_generation_match=0 and the
+    pointer with the generation read before (0 for the first publish), so a write that finds
+    another there fails instead of overwriting."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    uri = f"gs://{BUCKET}/embeddings/cas"
+    manifest = publish_outputs(_sources(tmp_path / "0"), uri, run_id="r0")
+    pointer = bucket.get_blob(f"embeddings/cas/{MANIFEST}")
+    with pytest.raises(PreconditionFailed):  # what a second first publish would send
+        bucket.blob(f"embeddings/cas/{MANIFEST}").upload_from_string(b"{}", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob(f"embeddings/cas/{manifest['set']}txt.npy").upload_from_string(
+            b"x", if_generation_match=0)
+    second = publish_outputs(_sources(tmp_path / "1"), uri, run_id="r1")
+    assert bucket.get_blob(f"embeddings/cas/{MANIFEST}").generation != pointer.generation
+    with pytest.raises(PreconditionFailed):  # the generation r1 replaced is stale now
+        bucket.blob(f"embeddings/cas/{MANIFEST}").upload_from_string(
+            b"{}", if_generation_match=pointer.generation)
+    assert resolve(uri).manifest == second

@@ -34,11 +34,17 @@ def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path, monkey
         return real(path)
 
     monkeypatch.setattr(storage, "atomic_path", spy)
-    placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES, link=True)
+    placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES)
     assert [name for name, _ in order][-1] == "txt_meta.json"
     assert not any(meta_present for _, meta_present in order)  # old meta gone before data moved
     assert set(placed) == {"txt.npy", "txt_items.parquet", "txt_meta.json"}
     assert (dest / "txt_meta.json").read_text() == "txt_meta.json"
+    # copies, not links: writing into a placed file leaves its source as it was
+    for name in placed:
+        assert os.stat(dest / name).st_ino != os.stat(src / name).st_ino
+    with open(dest / "txt.npy", "r+") as fh:
+        fh.write("edited")
+    assert (src / "txt.npy").read_text() == "txt.npy"
 
 
 def test_outputs_on_gcsfuse_are_staged_locally_and_inputs_copied(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -182,3 +183,46 @@ def test_vertex_tracker_through_the_sdk_creates_no_tensorboard(metadata_service,
     assert logged["_params"]["items_uri"] == "gs://b/items/"
     assert logged["_metrics"]["count"] == 40.0
     assert logged["_state"] == "COMPLETE"
+
+
+def test_long_job_ids_give_run_names_within_vertex_limit():
+    """Vertex keeps a run as ``<experiment>-<run name>``, at most 121 characters: a long
+    pipeline job id (``submit --job-id``, 128 allowed) is shortened deterministically, keeping
+    the step, the shard and a hash of the whole name."""
+    from google.cloud.aiplatform.metadata import experiment_run_resource as sdk
+
+    from item_embeddings.config import check_value
+
+    experiment = "e" * 64  # the longest the experiment parameter allows
+    assert check_value("experiment", experiment) is None
+    assert "at most 64" in check_value("experiment", "e" * 65)
+    job = "item-embeddings-" + "x" * 112  # a 128-character job id
+    names = {run_name("embed-text", f"{job}-shard-{k:05d}", experiment) for k in range(3)}
+    names.add(run_name("embed-image", f"{job}-shard-00000", experiment))
+    assert len(names) == 4
+    for name in names:
+        resource = sdk._format_experiment_run_resource_id(experiment, name)
+        sdk.ExperimentRun._validate_run_id(resource)  # the SDK's own check: raises if too long
+        assert len(resource) <= 121 and re.fullmatch(r"[a-z0-9][a-z0-9-]*[a-z0-9]", name)
+    shortened = run_name("embed-text", f"{job}-shard-00002", experiment)
+    assert shortened == run_name("embed-text", f"{job}-shard-00002", experiment)  # a retry
+    assert shortened.startswith("embed-text-item-embeddings-") and \
+        shortened.endswith("-shard-00002")
+    # short names are left as they were
+    assert run_name("embed-text", "job-1", experiment) == "embed-text-job-1"
+
+
+def test_a_step_of_a_long_job_id_logs_its_run_through_the_sdk(metadata_service, tmp_path):
+    """The path a step takes (step_run -> VertexTracker -> aiplatform.start_run) with a
+    128-character job id: the SDK accepts the run (it raised ValueError before)."""
+    from item_embeddings.step import step_run
+
+    job = "item-embeddings-" + "y" * 112
+    tracker = make_tracker("vertex", experiment="recsys-dev", project="test-proj",
+                           location="us-central1")
+    with step_run("embed-text", tmp_path, params={"batch": 1}, artifact="a", run_id=job,
+                  tracker=tracker):
+        pass
+    store = "projects/test-proj/locations/us-central1/metadataStores/default/contexts"
+    (run,) = metadata_service.children[f"{store}/recsys-dev"]
+    assert len(run.rsplit("/", 1)[1]) <= 121 and metadata_service.updates

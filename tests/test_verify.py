@@ -225,12 +225,13 @@ def test_incomplete_group_and_not_a_set(good_set, tmp_path):
 
 def test_manifest_hashes_checked(good_set, tmp_path):
     published = tmp_path / "pub"
-    publish_outputs([good_set], str(published), run_id="r1")
+    manifest = publish_outputs([good_set], str(published), run_id="r1")
     assert verify_outputs(str(published)).ok
-    arr = np.load(published / "fused.npy")
+    files = published / manifest["set"]  # the set the pointer names
+    arr = np.load(files / "fused.npy")
     arr[0] = -arr[0]  # same size, still unit norm: only the hash can tell
-    np.save(published / "fused.npy", arr)
-    (published / "txt_meta.json").unlink()
+    np.save(files / "fused.npy", arr)
+    (files / "txt_meta.json").unlink()
     _expect(published, "fused.npy: content does not match manifest.json",
             "fused.npy: content does not match fusion_config.json",
             "manifest.json lists txt_meta.json but it is missing")

@@ -10,6 +10,7 @@ so a missed call fails instead of reaching the internet. kfp's RegistryClient is
 
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,51 @@ def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
     assert create["pipeline_job"].runtime_config.parameter_values["seed"] == 7
 
 
+@pytest.fixture(scope="module")
+def real_template(tmp_path_factory) -> str:
+    """The project's pipeline compiled for Vertex, as `item-embeddings compile` writes it."""
+    from item_embeddings.pipeline import compile_pipeline
+
+    return str(compile_pipeline(tmp_path_factory.mktemp("real") / "t.yaml", target="vertex",
+                                image="r/cpu:1", gpu_image="r/gpu:1"))
+
+
+def _task_caching(spec) -> dict[str, bool]:
+    """Task name -> whether it is cached, over every DAG of a pipeline spec (loops included)."""
+    spec = type(spec).to_dict(spec) if hasattr(type(spec), "to_dict") else spec
+    found = {}
+    for component in [spec["root"], *spec["components"].values()]:
+        for name, task in component.get("dag", {}).get("tasks", {}).items():
+            if "componentRef" in task and not name.startswith(("condition-", "for-loop-")):
+                found[name] = bool(task.get("cachingOptions", {}).get("enableCache", False))
+    return found
+
+
+NEVER_CACHED = {"fingerprint-inputs", "publish-outputs"}
+
+
+@pytest.mark.parametrize("enable", [True, False, None])
+def test_caching_flag_never_caches_the_fingerprint_or_publish(fake, real_template, enable):
+    """submit and schedule create through the SDK's real PipelineJob (transport intercepted):
+    --caching turns on every step but Fingerprint inputs and Publish outputs, which stay
+    uncached (else a schedule re-serves old vectors); --no-caching turns everything off; no
+    flag keeps the template's own settings, the same two off."""
+    values = {"items_uri": "gs://d/items/", "publish_uri": "gs://d/out/"}
+    _submit(real_template, parameter_values=values, enable_caching=enable)
+    schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=real_template,
+                                              enable_caching=enable,
+                                              credentials=AnonymousCredentials()),
+                           cron="0 3 * * *", display_name="nightly")
+    (_, created), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    (_, scheduled), = [c for c in fake.calls if c[0] == "create_schedule"]
+    for job in (created["pipeline_job"],
+                scheduled["schedule"].create_pipeline_job_request.pipeline_job):
+        caching = _task_caching(job.pipeline_spec)
+        assert NEVER_CACHED <= set(caching) and {"embed-text", "embed-images"} <= set(caching)
+        assert {name for name, on in caching.items() if on} == (
+            set() if enable is False else set(caching) - NEVER_CACHED)
+
+
 def test_compiling_for_vertex_needs_both_images(fake):
     for images, missing in ((vertex.Images(), "--image and --gpu-image"),
                             (vertex.Images(cpu="r/cpu:1"), "--gpu-image")):
@@ -304,6 +350,33 @@ def test_submit_and_schedule_refuse_bad_values_before_sending(fake, template, na
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
         _submit(template, parameter_values=values)
     with pytest.raises(ConfigError, match=f"parameter '{name}' must be"):
+        schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
+                                                  credentials=AnonymousCredentials()),
+                               cron="0 3 * * *", display_name="n")
+    assert fake.names() == []
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"text_accelerator": "T4"}, "parameter 'text_accelerator' must be one of '' (empty), "
+                                 "NVIDIA_TESLA_T4,"),
+    ({"text_accelerator": "NVIDIA_TESLA_T4"}, "parameter 'text_accelerator' NVIDIA_TESLA_T4 "
+                                              "attaches to n1 machine types only, but "
+                                              "text_machine_type is 'e2-standard-4'"),
+    ({"text_accelerator": "NVIDIA_L4", "text_machine_type": "n1-standard-8"},
+     "NVIDIA_L4 attaches to g2-standard machine types of 4 to 32 vCPUs only"),
+    ({"fusion_machine_type": "g2-standard-8"}, "parameter 'fusion_machine_type' 'g2-standard-8' "
+                                               "is a GPU machine type"),
+    ({"image_machine_type": "c3-standard-8"}, "parameter 'image_machine_type' 'c3-standard-8' "
+                                              "cannot take the image workers' NVIDIA_TESLA_T4"),
+])
+def test_submit_and_schedule_refuse_machines_vertex_would_not_pair(fake, template, values,
+                                                                   message):
+    """The machines a run asks for are checked before anything is sent (they failed at the
+    custom job's creation, minutes into the run); a T4 on n1 is sent."""
+    values = {"items_uri": "gs://d/i.parquet", **values}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _submit(template, parameter_values=values)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=template,
                                                   credentials=AnonymousCredentials()),
                                cron="0 3 * * *", display_name="n")

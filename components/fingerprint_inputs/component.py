@@ -19,18 +19,20 @@ def fingerprint_inputs(items: Input[Dataset], previous_uri: str) -> str:
     Args:
         items: The items table (parquet file or folder, local or gs://), from the importer.
 
-    Returns:
-        The fingerprint (hex sha256).
-    """
-    import hashlib
+    When `previous_uri` is a publish prefix, this task resolves its pointer once and the
+    fingerprint names the set it found (`<sha256>:<set folder>`): every step of the run reads
+    that set, even if another run publishes a newer one meanwhile. A `previous_uri` that is not
+    there, empty or a file fails this task, before any model loads.
 
-    from item_embeddings.incremental import previous_fingerprint
+    Returns:
+        The fingerprint (hex sha256, and the pinned previous set).
+    """
+    from item_embeddings.incremental import inputs_fingerprint
     from item_embeddings.items import items_fingerprint
     from item_embeddings.progress import setup_logging
 
     setup_logging()
-    both = f"{items_fingerprint(items.uri)}\x1f{previous_fingerprint(previous_uri)}"
-    return hashlib.sha256(both.encode()).hexdigest()
+    return inputs_fingerprint(items_fingerprint(items.uri), previous_uri)
 
 
 def make_component(base_image: str):

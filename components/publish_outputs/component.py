@@ -18,11 +18,13 @@ def publish_outputs(
     """Publishes the text, image, fused and kNN outputs and the QA report to a stable prefix
     for the next stage.
 
-    The files of the three directories are uploaded under a temporary prefix, moved into
-    place, and `manifest.json` (files, sizes, sha256, run id, counts) is written last. Readers
-    read `manifest.json` first and use only the files it lists, checking their sha256
-    (docs/operations.md). An empty `publish_uri` publishes nothing. Returns the URI of the
-    written manifest.json ("" when nothing was published).
+    The files are uploaded into a new, immutable set folder `sets/<time>-<run id>-<random>/`
+    under the prefix (with its manifest: files, sizes, sha256, run id, counts), then the
+    prefix's `manifest.json` is swapped to name it, in one request that fails if another run
+    published meanwhile (this task then fails and removes its set; the other set stays current).
+    Readers read `manifest.json` once and the set it names (docs/operations.md). An empty
+    `publish_uri` publishes nothing. Returns the URI of the pointer, manifest.json ("" when
+    nothing was published).
 
     Args:
         text_embeddings: Directory with txt.npy, txt_items.parquet and txt_meta.json.

@@ -25,8 +25,32 @@ IMAGE_DECODE_MODES = ("fast", "exact")  # image.decoding: JPEG decoded near the 
 # collect more than 100 artifacts from one loop ("Maximum number of artifacts exceeded").
 MAX_WORKERS = 100
 MAX_SHARDS = 10_000
-# Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first.
-EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,127}"
+# Vertex AI machine types: family-series-size, e.g. e2-standard-4, n1-highmem-8, a2-highgpu-1g,
+# c3-standard-8-lssd.
+MACHINE_TYPE = r"[a-z][a-z0-9]*-[a-z]+-[0-9]+[a-z]*(-[a-z]+)?"
+# N1 machine types, the ones a T4 (and a P4, P100 or V100) attaches to.
+_N1 = r"n1-(standard|highmem|highcpu)-[0-9]+"
+# The Vertex AI GPUs a text worker can take, one per worker, with the machine types that carry
+# exactly one of them (cloud.google.com/vertex-ai/docs/training/configure-compute, GPUs). The
+# other accelerator types are TPUs (the text step runs torch on CUDA), K80s (end of support) or
+# come only in machines of 4 or 8 GPUs.
+_ON_N1 = (_N1, "n1 machine types", "n1-standard-4")
+TEXT_ACCELERATORS = {  # GPU -> (machine types with one of it, in words, an example)
+    "NVIDIA_TESLA_T4": _ON_N1, "NVIDIA_TESLA_P4": _ON_N1, "NVIDIA_TESLA_P100": _ON_N1,
+    "NVIDIA_TESLA_V100": _ON_N1,
+    "NVIDIA_L4": (r"g2-standard-(4|8|12|16|32)", "g2-standard machine types of 4 to 32 vCPUs",
+                  "g2-standard-8"),
+    "NVIDIA_TESLA_A100": (r"a2-highgpu-1g", "a2-highgpu-1g", "a2-highgpu-1g"),
+    "NVIDIA_A100_80GB": (r"a2-ultragpu-1g", "a2-ultragpu-1g", "a2-ultragpu-1g"),
+    "NVIDIA_H100_80GB": (r"a3-highgpu-1g", "a3-highgpu-1g", "a3-highgpu-1g"),
+}
+# Machine families that come with their GPUs attached: they cannot run without them.
+_GPU_FAMILIES = ("a2", "a3", "a4", "a4x", "g2", "g4")
+IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image workers' GPU (pipeline.py attaches it)
+# Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first;
+# at most 64 here (Vertex allows 128), because the experiment and each of its run names share
+# 121 characters: the rest is left to the steps' run names (tracking.run_name).
+EXPERIMENT_NAME = r"[a-z0-9][a-z0-9-]{0,63}"
 
 
 def _param(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -72,20 +96,20 @@ class PipelineParams:
         "shards one after another when there are more shards.", low=1, high=MAX_WORKERS)
     text_machine_type: str = _param("e2-standard-4", "Vertex machine type of the text workers "
                                     "(e.g. c3-standard-8: VNNI/AMX for onnx-int8).",
-                                    nonempty=True)
+                                    pattern=MACHINE_TYPE)
     text_accelerator: str = _param(
-        "", "GPU of the text workers, e.g. NVIDIA_TESLA_T4 (needs an n1 machine type); empty = "
-        "CPU.")
+        "", "GPU of the text workers, one per worker, e.g. NVIDIA_TESLA_T4 (needs an n1 "
+        "machine type); empty = CPU.", choices=("", *TEXT_ACCELERATORS))
     text_strategy: str = _param("STANDARD", "Vertex scheduling of the text workers: SPOT "
                                 "(cheaper, preemptible) or STANDARD.", choices=STRATEGIES)
     image_machine_type: str = _param("n1-standard-4", "Vertex machine type of the image workers "
-                                     "(n1: the T4 attaches to n1 machines).", nonempty=True)
+                                     "(n1: the T4 attaches to n1 machines).", pattern=MACHINE_TYPE)
     fusion_machine_type: str = _param("e2-standard-4", "Vertex machine type of the fusion step "
-                                      "(memory: its inputs are memory-mapped).", nonempty=True)
+                                      "(memory: its inputs are memory-mapped).", pattern=MACHINE_TYPE)
     knn_machine_type: str = _param(
         "e2-standard-4", "Vertex machine type of the kNN-graph step (memory: about 3 copies of "
         "the 384-d text vectors, 5 GB per million items; e.g. e2-highmem-8 at 10M).",
-        nonempty=True)
+        pattern=MACHINE_TYPE)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,
@@ -197,11 +221,13 @@ def allowed_values(name: str) -> str:
     allowed = PARAM_FIELDS[name].metadata["allowed"]
     words = []
     if "choices" in allowed:
-        words.append("one of " + ", ".join(allowed["choices"]))
+        words.append("one of " + ", ".join(c or "'' (empty)" for c in allowed["choices"]))
     if "pattern" in allowed:
-        words.append("lower-case letters, digits and '-', starting with a letter or digit, at "
-                     "most 128" if allowed["pattern"] == EXPERIMENT_NAME
-                     else f"matching {allowed['pattern']}")
+        words.append({EXPERIMENT_NAME: "lower-case letters, digits and '-', starting with a "
+                                       "letter or digit, at most 64",
+                      MACHINE_TYPE: "a Vertex AI machine type such as e2-standard-4 "
+                                    "(family-series-size)"}.get(allowed["pattern"],
+                                                                f"matching {allowed['pattern']}"))
     if "nonempty" in allowed:
         words.append("not empty")
     bounds = []
@@ -241,6 +267,43 @@ def check_value(name: str, value: Any) -> str | None:
     return None if ok else f"parameter {name!r} must be {allowed_values(name)}, got {value!r}"
 
 
+def machine_problems(params: PipelineParams) -> list[str]:
+    """Why the machines a run asks Vertex for cannot be had (one message each, naming the
+    parameters), from the pairings Vertex allows: a GPU attaches to its machine families only
+    (a T4 to n1), and the GPU machine families (a2, g2, ...) do not run without their GPUs.
+    Not part of ``PipelineParams`` itself: a component builds its params from its own inputs,
+    the other machine parameters being defaults there."""
+    problems = []
+    accelerator = params.text_accelerator
+    if accelerator:
+        pattern, words, example = TEXT_ACCELERATORS[accelerator]
+        if not re.fullmatch(pattern, params.text_machine_type):
+            problems.append(f"parameter 'text_accelerator' {accelerator} attaches to {words} "
+                            f"only, but text_machine_type is {params.text_machine_type!r} (e.g. "
+                            f"text_machine_type={example})")
+    if not re.fullmatch(_N1, params.image_machine_type):
+        problems.append(f"parameter 'image_machine_type' {params.image_machine_type!r} cannot take "
+                        f"the image workers' {IMAGE_ACCELERATOR}: it attaches to n1 machine types "
+                        "only (e.g. n1-standard-4)")
+    cpu_only = [("fusion_machine_type", params.fusion_machine_type),
+                ("knn_machine_type", params.knn_machine_type)]
+    if not accelerator:
+        cpu_only.insert(0, ("text_machine_type", params.text_machine_type))
+    for name, machine in cpu_only:
+        if machine.split("-")[0] in _GPU_FAMILIES:
+            problems.append(f"parameter {name!r} {machine!r} is a GPU machine type, which does "
+                            "not run without its GPUs; this step takes a CPU machine type "
+                            "(e.g. e2-standard-4)")
+    return problems
+
+
+def check_machines(params: PipelineParams) -> None:
+    """Raise :class:`ConfigError` with every :func:`machine_problems`."""
+    problems = machine_problems(params)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _coerce(name: str, value: Any) -> Any:
     kind = type(PARAM_FIELDS[name].default)
     if kind is bool:
@@ -252,6 +315,12 @@ def _coerce(name: str, value: Any) -> Any:
         if text in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"parameter {name!r} expects true/false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        # YAML reads `previous_uri: 123` as a number and `publish_uri:` as null: str() would
+        # turn them into "123" and "None", paths nobody meant.
+        raise ConfigError(f"parameter {name!r} expects a string, got {value!r} "
+                          f"({'null' if value is None else type(value).__name__}); quote it in "
+                          "YAML, or write '' for empty")
     if isinstance(value, bool) and kind is not bool:
         raise ConfigError(f"parameter {name!r} expects {kind.__name__}, got {value!r}")
     try:

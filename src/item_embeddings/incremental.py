@@ -9,7 +9,9 @@ no key matches (and the step says why it recomputes everything).
 The previous set is read only after it is verified: every file of the group must be there, with
 the size and sha256 the set's ``manifest.json`` (a published set) or its meta file's ``files``
 (a run's own output) records. A missing, partial or corrupted set is an error, never a silent
-reuse.
+reuse. A publish prefix is resolved once to the set its pointer names (:mod:`.published`); the
+pipeline's first task does it for the whole run (:func:`inputs_fingerprint`), so every step of
+a run reads the same set even when another run publishes meanwhile.
 
 Example::
 
@@ -35,11 +37,14 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .outputs import GROUPS, MANIFEST
-from .storage import is_file_records, is_gcs_uri, local_folder, read_bytes, record_problems
+from .published import PublishedSetError, Resolved, resolve
+from .storage import (is_file_records, is_gcs_uri, list_files, local_folder, read_bytes,
+                      record_problems, split_gcs_uri)
 
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 16              # 128-bit keys: collisions are out of the question at 10^8 rows
+_HASH_HEX = 64              # an inputs fingerprint: sha256 hex, then ':' and the pinned set
 
 
 class PreviousSetError(UsageError):
@@ -97,8 +102,9 @@ def group_files(group: str) -> tuple[list[str], str]:
 def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
     """The ``group`` ('text', 'image', 'fusion') of the previous set at ``uri``, verified.
 
-    Yields None when ``uri`` is empty (a full run). A ``gs://`` set is copied to a temporary
-    directory first (only the group's files).
+    Yields None when ``uri`` is empty (a full run). A publish prefix is resolved once to the set
+    its pointer names; a ``gs://`` set is copied to a temporary directory first (only the
+    group's files).
 
     Raises:
         PreviousSetError: the set or the group is missing, incomplete, or a file's size or
@@ -108,39 +114,104 @@ def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
         yield None
         return
     names, meta_name = group_files(group)
-    if not is_gcs_uri(uri) and not Path(uri).expanduser().is_dir():
-        raise PreviousSetError(f"previous output set not found: {uri} (previous_uri must be an "
-                               "earlier run's output folder or publish prefix; empty = full run)")
-    with local_folder(uri, [MANIFEST, *names]) as root:
-        yield _verified(uri, root, group, names, meta_name)
+    found = _resolve_existing(uri)
+    with local_folder(found.root, names) as root:
+        yield _verified(found, root, group, names, meta_name)
+
+
+def _resolve_existing(uri: str) -> Resolved:
+    """:func:`published.resolve`, or a one-line :class:`PreviousSetError` when ``uri`` is not
+    a folder or prefix holding something."""
+    if not is_gcs_uri(uri):
+        path = Path(uri).expanduser()
+        if path.is_file():
+            raise PreviousSetError(f"previous output set {uri} is a file (previous_uri must be "
+                                   "an earlier run's output folder or publish prefix; empty = "
+                                   "full run)")
+        if not path.is_dir():
+            raise PreviousSetError(f"previous output set not found: {uri} (previous_uri must "
+                                   "be an earlier run's output folder or publish prefix; empty "
+                                   "= full run)")
+    try:
+        return resolve(uri)
+    except PublishedSetError as exc:
+        raise PreviousSetError(f"previous_uri: {exc}") from None
+
+
+def check_previous_set(uri: str, groups: Sequence[str] = ("text", "image")) -> None:
+    """Refuse, before anything runs, a ``previous_uri`` that cannot be an output set: not found,
+    a file, empty, or without the files of ``groups`` (names only; the steps verify the hashes
+    when they read them). Empty ``uri``: a full run, nothing to check."""
+    if not uri:
+        return
+    if is_gcs_uri(uri):
+        if split_gcs_uri(uri)[1].strip("/") and read_bytes(uri.rstrip("/")) is not None:
+            raise PreviousSetError(f"previous output set {uri} is an object, a file "
+                                   "(previous_uri must be an earlier run's output folder or "
+                                   "publish prefix)")
+    found = _resolve_existing(uri)
+    present = set(list_files(found.root))
+    if not present:
+        raise PreviousSetError(f"previous output set {uri} is empty or not found (previous_uri "
+                               "must be an earlier run's output folder or publish prefix)")
+    missing = [name for group in groups for name in group_files(group)[0] if name not in present]
+    if missing:
+        where = f" (the set {found.root} its pointer names)" if found.pointed else ""
+        raise PreviousSetError(f"previous output set {uri}{where} lacks {', '.join(missing)}: "
+                               "not a complete output set (previous_uri)")
+
+
+def inputs_fingerprint(items_fingerprint: str, previous_uri: str) -> str:
+    """What the pipeline's first task hands the steps: a hash of the items' contents and of the
+    previous set's records (the cache key of every step reading them), followed by
+    ``:<the set's folder>`` when ``previous_uri`` is a publish prefix, so that every step of the
+    run reads the set this task resolved (:func:`pinned_previous`)."""
+    found = None
+    if previous_uri:
+        check_previous_set(previous_uri)
+        found = _resolve_existing(previous_uri)
+    digest = hashlib.sha256(f"{items_fingerprint}\x1f{_records_hash(found)}".encode())
+    pin = found.root if found is not None and found.pointed else ""
+    return digest.hexdigest() + (f":{pin}" if pin else "")
+
+
+def pinned_previous(fingerprint: str) -> str:
+    """The set folder an :func:`inputs_fingerprint` pinned ('' when none)."""
+    return fingerprint[_HASH_HEX + 1:] if fingerprint[_HASH_HEX:_HASH_HEX + 1] == ":" else ""
 
 
 def previous_fingerprint(uri: str) -> str:
     """A hash of what the previous set recorded about its files ('' without one), cheap: the
-    manifest of a published set, else the meta files. Part of the cache key of the steps that
-    reuse from it."""
-    if not uri:
+    manifest of a published set, else the meta files."""
+    return _records_hash(_resolve_existing(uri)) if uri else ""
+
+
+def _records_hash(found: Resolved | None) -> str:
+    if found is None:
         return ""
     metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())]
     digest = hashlib.sha256()
-    for name in [MANIFEST, *metas]:
-        digest.update(name.encode() + (read_bytes(f"{uri.rstrip('/')}/{name}") or b""))
+    digest.update(MANIFEST.encode() + (json.dumps(found.manifest, sort_keys=True).encode()
+                                       if found.manifest is not None else b""))
+    for name in metas:
+        digest.update(name.encode() + (read_bytes(f"{found.root}/{name}") or b""))
     return digest.hexdigest()
 
 
-def _verified(uri: str, root: Path, group: str, names: list[str],
+def _verified(found: Resolved, root: Path, group: str, names: list[str],
               meta_name: str) -> PreviousGroup:
+    uri = found.uri if not found.pointed else f"{found.uri} (set {found.root})"
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise PreviousSetError(f"previous output set {uri} lacks the {group} step's "
-                               f"{', '.join(missing)}: incomplete (a killed run, a publish in "
-                               "progress?); nothing is reused")
+                               f"{', '.join(missing)}: incomplete (a killed run?); nothing is "
+                               "reused")
     try:
         meta = json.loads((root / meta_name).read_text())
     except ValueError as exc:
         raise PreviousSetError(f"previous output set {uri}: {meta_name} is not valid JSON: "
                                f"{exc}") from None
-    owner, recorded = _recorded_files(uri, root, meta, meta_name)
+    owner, recorded = _recorded_files(uri, found, meta, meta_name)
     if is_file_records(recorded):  # a manifest records the other groups' files too
         recorded = {name: entry for name, entry in recorded.items() if name in names}
     # the meta file itself: checked when a manifest records it (a meta file cannot)
@@ -150,19 +221,15 @@ def _verified(uri: str, root: Path, group: str, names: list[str],
         raise PreviousSetError(f"previous output set {uri}: {'; '.join(problems)}; nothing is "
                                "reused")
     logger.info("previous %s outputs at %s verified (%d files)", group, uri, len(names))
-    return PreviousGroup(uri=uri, dir=root, meta=meta)
+    return PreviousGroup(uri=found.root, dir=root, meta=meta)
 
 
-def _recorded_files(uri: str, root: Path, meta: dict[str, Any], meta_name: str
+def _recorded_files(uri: str, found: Resolved, meta: dict[str, Any], meta_name: str
                     ) -> tuple[str, Any]:
     """Who recorded the sizes and hashes, and the record: the publish manifest, else the meta
     file's ``files``."""
-    if (root / MANIFEST).is_file():
-        try:
-            return MANIFEST, json.loads((root / MANIFEST).read_text())["files"]
-        except (ValueError, KeyError) as exc:
-            raise PreviousSetError(f"previous output set {uri}: unreadable {MANIFEST}: "
-                                   f"{exc}") from None
+    if found.manifest is not None:
+        return MANIFEST, found.manifest["files"]
     files = meta.get("files")
     if not isinstance(files, dict):
         raise PreviousSetError(f"previous output set {uri} has no {MANIFEST} and its "

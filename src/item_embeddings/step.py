@@ -148,7 +148,8 @@ def step_run(name: str, output_dir: str | Path, *, params: Mapping[str, Any], ar
                   artifact_uri=artifact_uri)
     run.out.mkdir(parents=True, exist_ok=True)
     run.before = _file_signatures(run.out)
-    with tracked_run(run.tracker, run_name(name, run.run_id)):
+    experiment = getattr(run.tracker, "experiment", "")  # Vertex counts both in one limit
+    with tracked_run(run.tracker, run_name(name, run.run_id, experiment)):
         run.tracker.log_params(params)
         yield run
 

@@ -232,11 +232,30 @@ def write_parquet_atomic(dest: str | os.PathLike, table) -> None:
         pq.write_table(table, tmp)
 
 
-def place_files(files: list[Path], dest_dir: str | os.PathLike, meta_files: frozenset[str],
-                link: bool = False) -> dict[str, Path]:
-    """Put ``files`` into ``dest_dir``, each atomically, as one group: an earlier meta file of the
-    group is removed first and the new ones are placed last, so a present meta file always means
-    a complete group. ``link`` hard-links instead of copying where the filesystem allows."""
+_FICLONE = 0x40049409  # ioctl of Linux: make a file a copy-on-write clone of another
+
+
+def clone_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` a copy of ``src`` that shares nothing a write could reach: a copy-on-write
+    clone (reflink, instant) where the filesystem makes one (btrfs, XFS), else a plain copy.
+    Never a hard link: editing the placed file would edit ``src`` too (for a local run, the
+    artifact kfp.local's cache hands the next identical run)."""
+    import fcntl
+
+    try:
+        with open(src, "rb") as source, open(dst, "wb") as target:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
+        return
+    except OSError:  # not a filesystem that clones (ext4, tmpfs), or across filesystems
+        pass
+    shutil.copyfile(src, dst)
+
+
+def place_files(files: list[Path], dest_dir: str | os.PathLike, meta_files: frozenset[str]
+                ) -> dict[str, Path]:
+    """Put copies of ``files`` into ``dest_dir`` (:func:`clone_file`), each atomically, as one
+    group: an earlier meta file of the group is removed first and the new ones are placed last,
+    so a present meta file always means a complete group."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     metas = [f for f in files if f.name in meta_files]
@@ -245,13 +264,7 @@ def place_files(files: list[Path], dest_dir: str | os.PathLike, meta_files: froz
     placed = {}
     for src in [f for f in files if f.name not in meta_files] + metas:
         with atomic_path(dest_dir / src.name) as tmp:
-            tmp.unlink()
-            try:
-                if not link:
-                    raise OSError("copy requested")
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
+            clone_file(src, tmp)
         placed[src.name] = dest_dir / src.name
     return placed
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -37,10 +38,26 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_name(step: str, run_id: str) -> str:
-    """``embed-text-<run id>`` in the form Vertex accepts (lowercase, digits, hyphens, ≤128)."""
+# Vertex AI Experiments keeps a run as the resource ``<experiment>-<run name>`` of at most 121
+# characters (128 less the "-tb-run" suffix of its TensorBoard run; the SDK refuses longer ones).
+EXPERIMENT_RUN_MAX = 121
+_HASH_CHARS = 8      # what keeps two shortened names apart
+_TAIL_CHARS = 12     # the end of a shortened name kept readable: "-shard-00003"
+
+
+def run_name(step: str, run_id: str, experiment: str = "") -> str:
+    """``embed-text-<run id>`` in the form Vertex accepts: lowercase, digits, hyphens, and with
+    ``experiment`` within Vertex's 121 characters. A longer name (a long pipeline job id) keeps
+    its start and its last characters (the shard) around a hash of the whole name, so it stays
+    the same on every retry of the task and differs between steps and shards."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"{step}-{run_id}".lower()).strip("-")
-    return name[:128].rstrip("-")
+    limit = min(128, EXPERIMENT_RUN_MAX - (len(experiment) + 1 if experiment else 0))
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]
+    tail = name[-_TAIL_CHARS:].strip("-")
+    head = name[:max(1, limit - len(digest) - len(tail) - 2)].rstrip("-")
+    return f"{head}-{digest}-{tail}"
 
 
 def run_id_from_output_uri(uri: str) -> str:

@@ -120,8 +120,10 @@ def build_knn_graphs(
 
     Raises:
         KnnInputError: missing files, row counts that differ from the id files, fused ids
-            that are not the text ids in the same order, ``knn_k`` not below the item count,
-            or NaN/Inf/zero vectors (all raised before the experiment run starts).
+            that are not the text ids in the same order, fewer than 2 items, or NaN/Inf/zero
+            vectors (all raised before the experiment run starts). A ``knn_k`` not below the
+            item count N is lowered to N - 1 (a warning; ``knn_meta.json`` records ``k`` and
+            ``k_requested``).
     """
     dirs = {"text": Path(text_dir), "fused": Path(fused_dir)}
     opened = {space: _open_space(dirs[space], array, ids)
@@ -130,10 +132,16 @@ def build_knn_graphs(
     if opened["fused"][1] != ids:
         raise KnnInputError(f"{dirs['fused'] / FUSED_ITEMS} does not list the ids of "
                             f"{dirs['text'] / TXT_ITEMS} in the same order")
+    # k neighbours need k + 1 items (self is excluded): a smaller catalogue gets them all
+    k = max(1, min(params.knn_k, len(ids) - 1))
+    if k < params.knn_k:
+        logger.warning("knn_k lowered to %d for %d items: a graph of k neighbours needs k + 1 "
+                       "items (self excluded); knn_meta.json records k=%d, k_requested=%d",
+                       k, len(ids), k, params.knn_k)
     for space, (vectors, _) in opened.items():
-        check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=ids)
+        check_vectors(vectors, k, what=f"{space} vectors", labels=ids)
     device = device or default_device()
-    settings = {"k": params.knn_k, "exact_max_items": params.knn_exact_max_items,
+    settings = {"k": k, "exact_max_items": params.knn_exact_max_items,
                 "recall_queries": params.knn_recall_queries, "seed": params.seed,
                 "device": str(device)}
     with KNN_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
@@ -141,14 +149,15 @@ def build_knn_graphs(
         spaces: dict[str, dict[str, Any]] = {}
         for space, (_, _, ids_file, scores_file) in SPACES.items():
             vectors = opened[space][0]
-            graph = build_knn_graph(vectors, params.knn_k,
+            graph = build_knn_graph(vectors, k,
                                     exact_max_items=params.knn_exact_max_items,
                                     recall_queries=params.knn_recall_queries, seed=params.seed,
                                     device=device, what=f"{space} vectors", labels=ids)
             _write_graph(graph, run.out, ids_file, scores_file)
             spaces[space] = _space_meta(graph, vectors.shape[1])
         meta = run.finish_step({
-            "k": params.knn_k,
+            "k": k,
+            "k_requested": params.knn_k,
             "count": len(ids),
             "spaces": spaces,
             "exact_max_items": params.knn_exact_max_items,
@@ -159,6 +168,6 @@ def build_knn_graphs(
             "fused_dir": str(fused_dir),
         })
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
-                len(ids), params.knn_k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],
+                len(ids), k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],
                 spaces["fused"]["recall_at_k"], run.out)
     return meta

@@ -2,7 +2,7 @@
 
 Exit status, for every command: 0 success; 1 the operation failed (a failed run, an API refusal,
 missing credentials, verify violations); 2 a bad command line (unknown flag or parameter,
-missing config file, bad value, unusable items table).
+missing config file, bad value, unusable items table or previous set).
 """
 
 from __future__ import annotations

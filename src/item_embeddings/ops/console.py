@@ -53,6 +53,18 @@ _KFP_FORMAT = logging.Formatter("%(asctime)s.%(msecs)03d - %(levelname)s - %(mes
 _STEP_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) "
                           r"item_embeddings(?:\.[\w.]+)?: (.*)$")
 _CARETS = re.compile(r"^\s*[\^~]+\s*$")  # a traceback's markers under the failing expression
+_TRACEBACK = "Traceback (most recent call last):"
+# What a task process prints while it shuts down after its error: asyncio tasks and aiohttp
+# sessions it left behind, and exceptions Python could not raise ("Exception ignored in:", each
+# with a traceback of its own). It would push the task's own error out of the shown tail.
+_SHUTDOWN_NOISE = re.compile(r"^(Task was destroyed but it is pending!|Exception ignored in: |"
+                             r"Unclosed client session|Unclosed connector|"
+                             r"Future exception was never retrieved|"
+                             r"(task|client_session|connector|connections|future): [<\[])")
+# kfp.local's message for a failed pipeline names the task through its enclosing DAGs
+_INNER_TASK = re.compile(r"Inner task failed: '([^']+)'")
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )")  # an exception's module
+_FAILED_TASK = re.compile(r"^Task '([^']+)' finished with status FAILURE")
 _EXECUTING = re.compile(r"^Executing task '([^']+)'$")
 _FINISHED = re.compile(r"^Task '([^']+)' finished with status (\w+)")
 _CACHE_HIT = re.compile(r"^Task (\S+) cache hit\b")
@@ -75,6 +87,9 @@ class TaskRecord:
     started: float | None = None       # the console's clock
     ended: float | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    error: str = ""                    # the exception line of its last traceback
+    traceback: list[str] = field(default_factory=list)  # that traceback, as printed
+    _reading: str = ""                 # "", "traceback", "ignored" (an unraisable's lines)
 
     @property
     def seconds(self) -> float | None:
@@ -82,6 +97,35 @@ class TaskRecord:
         if self.started is None or self.ended is None:
             return None
         return self.ended - self.started
+
+    def add(self, line: str) -> None:
+        """One line of the task's output: the tail keeps the last lines but the shutdown noise;
+        the task's own traceback (not those of "Exception ignored in:") is kept whole."""
+        if not line.strip() or _CARETS.match(line):
+            return
+        if _SHUTDOWN_NOISE.match(line):
+            if line.startswith("Exception ignored in: "):
+                self._reading = "ignored"  # its traceback and exception line follow
+            return
+        indented = line.startswith((" ", "\t"))
+        if self._reading == "ignored":
+            if not indented and not line.startswith(_TRACEBACK):
+                self._reading = ""  # the ignored exception's own line: the block's last
+            return
+        if line.startswith(_TRACEBACK):
+            self._reading, self.traceback = "traceback", [line]
+        elif self._reading == "traceback":
+            self.traceback.append(line)
+            if not indented:  # frames are indented; the exception line is not
+                # "pkg.module.SomeError: ..." reads as "SomeError: ..." on the console
+                self.error, self._reading = _QUALIFIED.sub("", line, count=1), ""
+        else:
+            self.tail.append(line)
+
+    def shown(self) -> list[str]:
+        """What the console shows of a failed task: the end of its traceback (the error
+        last), else the last lines it printed."""
+        return self.traceback[-TAIL_LINES:] if self.traceback else list(self.tail)
 
 
 class _LineSplitter(io.TextIOBase):
@@ -259,15 +303,28 @@ class RunConsole:
             self.say(f"{self._stamp()} {task.label}: done{took}")
             return
         task.status = "failed"
-        self.say(f"{self._stamp()} {task.label}: FAILED{took}; the last {len(task.tail)} lines "
+        shown = task.shown()
+        self.say(f"{self._stamp()} {task.label}: FAILED{took}; the last {len(shown)} lines "
                  "of its output:", error=True)
-        for line in task.tail:
+        for line in shown:
             self.say(f"  | {line}", error=True)
         self.say(f"full log: {self.log_path}", error=True)
 
+    def failure(self, kfp_message: str) -> str:
+        """The failed run in one line: the failed task by its name and its exception, rather
+        than kfp.local's "Inner task failed: 'x' inside 'for-loop-1-iteration-0' inside ...".
+        """
+        message = strip_ansi(kfp_message)
+        named = _INNER_TASK.search(message) or _FAILED_TASK.search(message)
+        failed = [t for t in self._tasks if t.status == "failed"]
+        task = next((t for t in failed if named and t.name == named.group(1)),
+                    failed[-1] if failed else None)
+        if task is None:
+            return message
+        return f"task {task.name} failed: {task.error or 'see its output above'}"
+
     def _task_line(self, task: TaskRecord, line: str) -> None:
-        if line.strip() and not _CARETS.match(line):
-            task.tail.append(line)
+        task.add(line)
         step = _STEP_RECORD.match(line.strip())
         if step is None:
             return

@@ -9,8 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import (ConfigError, PipelineParams, given_params, param_description,
-                      resolve_params)
+from ..config import ConfigError, PipelineParams, param_description, resolve_params
 from ..errors import EXIT_FAILED
 from ..estimate import ESTIMATE_PARAMS, Choices, Rates, count_items, estimate, parse_count
 from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
@@ -46,7 +45,8 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..progress import setup_logging
     from ..sample import SampleImageServer, write_sample_catalogue
-    from .local_run import RUN_LOG, check_output_dir, needs_model_hub, probe_hub, run_local
+    from .local_run import (RUN_LOG, check_output_dir, check_params, needs_model_hub, probe_hub,
+                            run_local)
 
     setup_logging()
     # Parameters, then the output directory, are checked before anything is written or served.
@@ -56,18 +56,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--items-count must be at least 2, got {args.items_count}")
     params = resolve_params(args.config, ["allow_private_hosts=true", *args.overrides],
                             items_uri=str(items_path))
-    small_knn = "knn_k" not in given_params(args.config, args.overrides) and \
-        args.items_count <= params.knn_k
-    if small_knn:  # a kNN graph of k neighbours needs k + 1 items
-        params = dataclasses.replace(params, knn_k=args.items_count - 1)
+    check_params(params)  # (a knn_k above the sample's size is lowered by the kNN step)
     out = check_output_dir(args.output_dir)
     with RunConsole(out / RUN_LOG) as console, SampleImageServer() as server:
         items = write_sample_catalogue(items_path, args.items_count, server.base_url)
         console.say(f"sample catalogue: {items} ({args.items_count} items; images at "
                     f"{server.base_url})")
-        if small_knn:
-            console.say(f"knn_k lowered to {params.knn_k} for {args.items_count} items (set "
-                        "--set knn_k=K to choose)")
         hub_online = probe_hub(console) if needs_model_hub(params) else None
         params = _demo_image_weights(params, console, hub_online)
         run_local(params, out, enable_caching=args.enable_caching, console=console,

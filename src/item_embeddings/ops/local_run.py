@@ -11,12 +11,13 @@ import tempfile
 from pathlib import Path
 
 from .. import runtime
-from ..config import ConfigError, PipelineParams
+from ..config import ConfigError, PipelineParams, check_machines
 from ..errors import ItemEmbeddingsError
+from ..incremental import check_previous_set
 from ..items import ItemColumns, validate_items
 from ..outputs import META_FILES
 from ..storage import place_files
-from .console import RunConsole, strip_ansi
+from .console import RunConsole
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
         raise ConfigError(f"output directory {out} cannot be written: "
                           f"{exc.strerror or exc}") from None
     return out
+
+
+def check_params(params: PipelineParams) -> None:
+    """What a run's parameters ask for that no value check alone can refuse, before anything
+    runs: machines Vertex would not pair (the same file configures local and Vertex runs) and a
+    ``previous_uri`` that is not an output set."""
+    check_machines(params)
+    check_previous_set(params.previous_uri,
+                       ("text", "image", "fusion") if params.fusion_mode == "apply"
+                       else ("text", "image"))
 
 
 def needs_model_hub(params: PipelineParams) -> bool:
@@ -96,6 +107,7 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     from ..components import DEFAULT_IMAGE
     from ..pipeline import build_pipeline
 
+    check_params(params)
     out = check_output_dir(output_dir)
     validate_items(params.items_uri, ItemColumns.from_params(params), need_image_url=True)
     if params.tracking_backend in ("auto", "local") and not params.tracking_dir:
@@ -118,12 +130,13 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
                     **dataclasses.asdict(params))
         except RuntimeError as exc:  # kfp.local: "Task 'x' finished with status FAILURE" etc.
             raise LocalPipelineError(
-                f"local pipeline run failed: {strip_ansi(str(exc))} (full log: "
+                f"local pipeline run failed: {console.failure(str(exc))} (full log: "
                 f"{console.log_path}; the tasks' files are under {out / KFP_ROOT})") from exc
         placed: dict[str, Path] = {}
         for artifact in task.outputs.values():
             files = sorted(p for p in Path(artifact.path).iterdir() if p.is_file())
-            placed.update(place_files(files, out, META_FILES, link=True))
+            # copies: a placed file edited in place must not edit the cached artifact
+            placed.update(place_files(files, out, META_FILES))
         console.summary(out, placed, _where_else(params, out))
     return placed
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..config import PARAM_FIELDS, ConfigError, check_value
+from ..config import PARAM_FIELDS, ConfigError, PipelineParams, check_value, machine_problems
 from ..errors import ItemEmbeddingsError
 from ..pipeline import PIPELINE_NAME
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
@@ -137,8 +137,10 @@ class RunSettings:
         encryption_key: Cloud KMS key (CMEK) ``projects/P/locations/L/keyRings/R/cryptoKeys/K``
             for the run's resources, the T4 job included.
         labels: Labels on the run (Vertex propagates them to the T4 custom job).
-        enable_caching: ``True``/``False`` forces caching on/off for every task; ``None`` keeps
-            the template's per-task setting (cached steps are keyed by the items' contents).
+        enable_caching: ``False`` turns caching off for every task; ``True`` on for every task
+            but those the template compiled uncached (the inputs' fingerprint, publish);
+            ``None`` keeps the template's per-task setting (cached steps are keyed by the
+            items' contents).
         credentials: Explicit credentials (default: application default credentials).
     """
 
@@ -182,6 +184,9 @@ def make_job(template_path: str, run: RunSettings, *, display_name: str | None,
     # (or the custom job's creation) minutes later, and be retried.
     problems = [p for name, value in run.parameter_values.items()
                 if name in PARAM_FIELDS and (p := check_value(name, value))]
+    if not problems:  # the given values with the defaults: machines Vertex would not pair
+        problems = machine_problems(PipelineParams(**{
+            k: v for k, v in run.parameter_values.items() if k in PARAM_FIELDS}))
     if problems:
         raise ConfigError("; ".join(problems))
     if run.encryption_key and not _KMS_KEY.match(run.encryption_key):
@@ -194,7 +199,7 @@ def make_job(template_path: str, run: RunSettings, *, display_name: str | None,
             job_id=job_id,
             pipeline_root=run.pipeline_root,
             parameter_values=dict(run.parameter_values),
-            enable_caching=run.enable_caching,
+            enable_caching=None,  # the SDK's would set every task alike: see _set_caching
             encryption_spec_key_name=run.encryption_key or None,
             labels=dict(run.labels) or None,
             credentials=run.credentials,
@@ -205,7 +210,36 @@ def make_job(template_path: str, run: RunSettings, *, display_name: str | None,
         # The SDK validates parameter names and types against the template here.
         raise ConfigError(f"template {template_path}: {exc}") from None
     _require_items_uri(job, run.parameter_values)
+    _set_caching(job, run.enable_caching)
     return job
+
+
+def _set_caching(job, enable: bool | None) -> None:
+    """``--caching`` / ``--no-caching`` applied task by task to the job's pipeline spec (which a
+    schedule copies into every run it starts).
+
+    Off turns every task off. On turns on the tasks the template compiled cached and never the
+    ones it compiled uncached: *Fingerprint inputs*, whose fresh hash of the items is what
+    keeps cached steps from serving old contents, and *Publish outputs*. The SDK's
+    ``PipelineJob(enable_caching=True)`` would cache those too, and a nightly schedule would
+    re-serve old vectors. None keeps the template as it is.
+    """
+    if enable is None:
+        return
+    from google.protobuf import json_format
+
+    # the job's request before it is sent (gca_resource refuses access until it is created);
+    # PipelineJobSchedule reads the same _gca_resource
+    resource = job._gca_resource
+    spec = json_format.MessageToDict(resource._pb.pipeline_spec)
+    for component in [spec["root"], *spec.get("components", {}).values()]:
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            compiled = task.get("cachingOptions")
+            # a DAG task (a loop, a condition) has no options; a task compiled uncached has
+            # them empty (enableCache false is the proto default)
+            cached = compiled is None or bool(compiled.get("enableCache"))
+            task["cachingOptions"] = {"enableCache": enable and cached}
+    resource.pipeline_spec = spec
 
 
 def _require_items_uri(job, parameter_values: Mapping[str, Any]) -> None:

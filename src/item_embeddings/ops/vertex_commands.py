@@ -16,6 +16,7 @@ from ..config import ConfigError, PipelineParams
 from .cli_args import add_param_options, given_parameters, params_epilog
 
 _RAW = argparse.RawDescriptionHelpFormatter
+EXIT_FAILED = 1
 
 
 def _project(args: argparse.Namespace) -> str:
@@ -70,7 +71,8 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                    help="label on the run (repeatable)")
     caching = p.add_mutually_exclusive_group()
     caching.add_argument("--caching", dest="enable_caching", action="store_const", const=True,
-                         help="reuse results of identical earlier tasks")
+                         help="reuse results of identical earlier tasks (never for 'Fingerprint "
+                              "inputs' and 'Publish outputs', which stay uncached)")
     caching.add_argument("--no-caching", dest="enable_caching", action="store_const",
                          const=False, help="run every task again")
     p.add_argument("--display-name", metavar="NAME", help="name shown in the console")
@@ -282,8 +284,61 @@ def _add_upload_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_upload)
 
 
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from ..config import check_machines
+    from .preflight import run_preflight
+
+    params = PipelineParams(**given_parameters(args))
+    check_machines(params)
+    project = _project(args)
+    print(f"preflight of a run in {project}/{args.region} (read-only)", flush=True)
+    checks = run_preflight(project, args.region, params, pipeline_root=args.pipeline_root,
+                           images=[i for i in (args.image, args.gpu_image) if i],
+                           service_account=args.service_account,
+                           on_check=lambda check: print(check.line(), flush=True))
+    counts = {s: sum(c.status == s for c in checks) for s in ("ok", "fail", "warn", "skip")}
+    print(f"{len(checks)} checks: {counts['ok']} ok, {counts['fail']} failed, "
+          f"{counts['warn']} could not tell, {counts['skip']} skipped")
+    return EXIT_FAILED if counts["fail"] else 0
+
+
+def _add_preflight_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "preflight", help="check, read-only, what makes a first Vertex run fail",
+        formatter_class=_RAW,
+        description="Check, without changing anything, what a run of these parameters needs in "
+                    "the project and region: the APIs enabled, the pipeline root (and the "
+                    "items/publish buckets) writable by the service account "
+                    "(testIamPermissions), the images present in Artifact Registry, and the "
+                    "Vertex AI custom-training quotas (vCPUs, T4 GPUs, Spot/preemptible) against "
+                    "what the parameters ask for at once. One line per check; docs/operations.md "
+                    "lists what each one calls.",
+        epilog="examples:\n"
+               "  item-embeddings preflight --project P --region us-central1 \\\n"
+               "      --pipeline-root gs://B/pipeline-root --config prod.yaml \\\n"
+               "      --image us-central1-docker.pkg.dev/P/item-embeddings/item-embeddings:abc1234"
+               " \\\n      --gpu-image us-central1-docker.pkg.dev/P/item-embeddings/"
+               "item-embeddings-gpu:abc1234 \\\n"
+               "      --service-account runner@P.iam.gserviceaccount.com\n\n"
+               "exit status: 0 every check passed (some may be skipped or undecided), 1 a check "
+               "failed, 2 bad arguments\n\n" + params_epilog())
+    _add_location(p)
+    p.add_argument("--pipeline-root", metavar="gs://BUCKET/PATH",
+                   help="the runs' pipeline root (checked for write access)")
+    p.add_argument("--image", metavar="URI", help="the CPU steps' image (checked in Artifact "
+                                                  "Registry)")
+    p.add_argument("--gpu-image", metavar="URI", help="the T4 image step's image")
+    p.add_argument("--service-account", metavar="EMAIL",
+                   help="the runs' service account: bucket access is checked as it (by "
+                        "impersonation); default: as you")
+    p.add_argument("--items", metavar="URI", help="items parquet (same as --set items_uri=URI)")
+    add_param_options(p)
+    p.set_defaults(func=_cmd_preflight)
+
+
 def add_vertex_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``submit``, ``schedule`` and ``upload``."""
+    """Add ``submit``, ``schedule``, ``upload`` and ``preflight``."""
     _add_submit_command(sub)
     _add_schedule_commands(sub)
     _add_upload_command(sub)
+    _add_preflight_command(sub)

@@ -13,6 +13,7 @@ from ..items import id_problems
 from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, GROUPS,
                        IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_META, MANIFEST,
                        TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..published import PublishedSetError, resolve
 from ..storage import (is_file_records, is_gcs_uri, list_files, local_folder, read_bytes,
                        record_problems, sha256_file)
 from .graphs import KNN_FILES, KNN_SPACES, check_graph
@@ -27,18 +28,25 @@ _GROUP_META = {**{group: meta for group, (_, _, meta, _) in GROUPS.items()}, "kn
 
 
 def verify_outputs(dir_or_uri: str) -> Report:
-    """Read the output set at a local directory or ``gs://`` prefix and check its invariants."""
+    """Read the output set at a local directory or ``gs://`` prefix and check its invariants;
+    a publish prefix is checked as readers see it: the set its pointer names."""
     report = Report(source=dir_or_uri)
-    if is_gcs_uri(dir_or_uri):
-        names = _published_names(dir_or_uri, report)
-        if names is None:
-            return report
-    elif Path(dir_or_uri).is_dir():
-        names = None  # read in place
-    else:
+    if not is_gcs_uri(dir_or_uri) and not Path(dir_or_uri).is_dir():
         report.fail(f"directory not found: {dir_or_uri}")
         return report
-    with local_folder(dir_or_uri, names) as root:
+    try:
+        found = resolve(dir_or_uri)
+    except PublishedSetError as exc:
+        report.fail(str(exc))
+        return report
+    if found.pointed:
+        report.facts.append(f"publish prefix: its pointer names the set {found.root}")
+    names = None  # a local folder is read in place
+    if is_gcs_uri(found.root):
+        names = _published_names(found.root, report)
+        if names is None:
+            return report
+    with local_folder(found.root, names) as root:
         _SetCheck(root, report).run()
     return report
 
