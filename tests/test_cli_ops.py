@@ -9,7 +9,7 @@ from google.cloud import aiplatform
 from google.oauth2.credentials import Credentials
 
 from item_embeddings.ops.cli import main
-from test_vertex_ops import PARENT, S, fake, registry, template  # noqa: F401 (fixtures)
+from vertex_fake import PARENT, S
 
 # Every test of the ops CLI runs behind the Vertex AI transport interceptor (a regression that
 # made a call where none is expected reaches the in-memory fake, never Google).

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_CONFIG, catalogue, write_items
+from helpers import TINY_CONFIG, catalogue, write_items
 from image_server import ImageServer, gradient
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams

@@ -8,10 +8,11 @@ import pytest
 from google.cloud.storage import Blob
 
 from item_embeddings import publish as publish_mod
+from item_embeddings.outputs import QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.publish import MANIFEST, PublishError, publish_outputs
 from item_embeddings.storage import sha256_file
 from item_embeddings.verify import verify_outputs
-from test_verify import make_output_set
+from helpers import make_output_set
 
 BUCKET = "embeddings-bucket"
 
@@ -64,8 +65,8 @@ def test_publish_local_folder(tmp_path):
     # Republishing a text-only set replaces the files and drops the old set's extra files.
     text_only = _sources(tmp_path / "second", with_images=False)
     manifest2 = publish_outputs(text_only, str(dest), run_id="run-2")
-    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "txt.npy",
-                                                      "txt_items.parquet", "txt_meta.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", TXT_ARRAY,
+                                                      TXT_ITEMS, TXT_META]
     # It reads back whole (manifest and hashes agree) but is refused as a run that stopped early.
     report = verify_outputs(str(dest))
     assert manifest2["run_id"] == "run-2" and not report.ok
@@ -110,7 +111,7 @@ def test_publish_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(PublishError, match="nothing to publish"):
         publish_outputs([empty], str(tmp_path / "dest"))
-    (a / "txt_meta.json").write_text("{broken")
+    (a / TXT_META).write_text("{broken")
     with pytest.raises(PublishError, match="txt_meta.json: unreadable meta file"):
         publish_outputs([a], str(tmp_path / "dest"))
     assert not (tmp_path / "dest").exists()
@@ -133,7 +134,7 @@ def test_publish_gcs(bucket, tmp_path):
     text_only = _sources(tmp_path / "second", with_images=False)
     publish_outputs(text_only, uri, run_id="run-2")
     names = sorted(b.name.rsplit("/", 1)[1] for b in bucket.list_blobs(prefix="embeddings/prod/"))
-    assert names == ["manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+    assert names == ["manifest.json", TXT_ARRAY, TXT_ITEMS, TXT_META]
 
 
 def test_gcs_failure_while_moving_leaves_no_manifest(bucket, tmp_path, monkeypatch):
@@ -166,7 +167,7 @@ def test_component_publishes_through_kfp_local(tmp_path):
     knn, report = tmp_path / "steps" / "knn", tmp_path / "steps" / "report"
     knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
     report.mkdir()
-    (report / "qa_report.html").write_text("<html><body><h2>QA</h2></body></html>")
+    (report / QA_REPORT).write_text("<html><body><h2>QA</h2></body></html>")
     dest = tmp_path / "published"
     publish_op = make_component("python:3.11")
 
@@ -184,7 +185,7 @@ def test_component_publishes_through_kfp_local(tmp_path):
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
     assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 13
-    assert "qa_report.html" in manifest["files"]
+    assert QA_REPORT in manifest["files"]
     assert manifest["extra"]["sources"]["text"] == str(text)
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.
