@@ -81,3 +81,188 @@ def test_written_files_are_readable_like_ordinary_files(tmp_path):
         os.umask(old)
     for path in (tmp_path / "a.json", tmp_path / "a.npy", tmp_path / "placed" / TXT_META):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# ----------------------------------------------------------------------------- gs:// URIs
+
+
+def test_gcs_uris_split_into_bucket_and_object_path():
+    assert storage.is_gcs_uri("gs://b/x") and not storage.is_gcs_uri("/data/gs://b")
+    assert storage.split_gcs_uri("gs://bucket/models/clip/") == ("bucket", "models/clip/")
+    with pytest.raises(ValueError) as exc:
+        storage.split_gcs_uri("/data/items.parquet")
+    assert str(exc.value) == "not a gs:// URI: '/data/items.parquet'"
+    with pytest.raises(ValueError) as exc:
+        storage.split_gcs_uri("gs:///items.parquet")
+    assert str(exc.value) == "gs:// URI without a bucket: 'gs:///items.parquet'"
+
+
+def test_gcs_client_talks_to_the_emulator_without_credentials(gcs, monkeypatch):
+    # Anonymous (no credentials lookup, which would try the metadata server): the bucket
+    # operations below work against the emulator as they do against Cloud Storage.
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    client = storage.gcs_client()
+    assert client.project == "local"
+    client.create_bucket("client-check").blob("a.txt").upload_from_string(b"x")
+    assert [b.name for b in client.list_blobs("client-check")] == ["a.txt"]
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+    assert storage.gcs_client().project == "my-project"
+
+
+def test_arrow_filesystem_reads_local_paths_and_gcs_objects(gcs, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fs, path = storage.arrow_filesystem("~/items.parquet")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "items.parquet")
+    table = pa.table({"asin": ["B1", "B2"]})
+    pq.write_table(table, tmp_path / "items.parquet")
+    gcs.create_bucket("arrow-check").blob("data/items.parquet").upload_from_filename(
+        str(tmp_path / "items.parquet"))
+    for uri in ("gs://arrow-check/data/items.parquet", "gs://arrow-check/data/"):
+        fs, path = storage.arrow_filesystem(uri)
+        assert isinstance(fs, pafs.GcsFileSystem) and not path.endswith("/"), path
+    fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
+    assert path == "arrow-check/data/items.parquet"
+    assert pq.read_table(path, filesystem=fs).equals(table)  # through the emulator
+
+
+def _upload(bucket, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        bucket.blob(name).upload_from_string(data)
+
+
+def test_download_gcs_prefix_copies_the_folder_and_nothing_beside_it(gcs, tmp_path):
+    bucket = gcs.create_bucket("folders")
+    _upload(bucket, {"models/clip/config.json": b"{}", "models/clip/weights/w.bin": b"w" * 10,
+                     "models/clip/": b"",  # the folder placeholder some tools write
+                     "models/clip-v2/config.json": b"other model"})
+    dest = storage.download_gcs_prefix("gs://folders/models/clip", tmp_path / "cache" / "clip")
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == ["config.json", "weights/w.bin"]
+    assert (dest / "weights" / "w.bin").read_bytes() == b"w" * 10
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["clip"]  # no work folder left
+    with pytest.raises(FileNotFoundError) as exc:
+        storage.download_gcs_prefix("gs://folders/models/none", tmp_path / "none")
+    assert str(exc.value) == "nothing found under gs://folders/models/none"
+
+
+def test_an_interrupted_folder_download_leaves_no_folder(gcs, tmp_path, monkeypatch):
+    from google.cloud.storage import Blob
+
+    bucket = gcs.create_bucket("interrupted")
+    _upload(bucket, {"m/a.bin": b"a", "m/b.bin": b"b"})
+    real, calls = Blob.download_to_filename, []
+
+    def download(self, filename, *args, **kwargs):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise ConnectionError("connection reset")
+        return real(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Blob, "download_to_filename", download)
+    with pytest.raises(ConnectionError):
+        storage.download_gcs_prefix("gs://interrupted/m", tmp_path / "cache" / "m")
+    # Never a half folder that a later run would take for a cached model.
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatch, caplog):
+    import hashlib
+    import logging
+
+    monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(tmp_path / "cache"))
+    bucket = gcs.create_bucket("cached")
+    _upload(bucket, {"ckpt/tiny.pt": b"weights", "cfg/model/config.json": b"{}"})
+    uri = "gs://cached/ckpt/tiny.pt"
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with caplog.at_level(logging.INFO, logger="item_embeddings.storage"):
+        path = storage.cached_gcs_copy(uri, "image_checkpoints")
+    assert path == tmp_path / "cache" / "image_checkpoints" / key / "tiny.pt"
+    assert path.read_bytes() == b"weights"
+    assert caplog.messages == [f"downloading {uri} to {path}"]
+    bucket.blob("ckpt/tiny.pt").delete()  # a second call must not ask the bucket again
+    caplog.clear()
+    assert storage.cached_gcs_copy(uri, "image_checkpoints") == path and not caplog.messages
+    with pytest.raises(FileNotFoundError) as exc:
+        storage.cached_gcs_copy("gs://cached/ckpt/missing.pt", "image_checkpoints")
+    assert str(exc.value) == "image_checkpoints not found: gs://cached/ckpt/missing.pt"
+
+    folder = "gs://cached/cfg/model/"  # a folder is the same cache entry with or without "/"
+    with caplog.at_level(logging.INFO, logger="item_embeddings.storage"):
+        root = storage.cached_gcs_copy(folder, "models", folder=True)
+    key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:16]
+    assert root == tmp_path / "cache" / "models" / key
+    assert (root / "config.json").read_bytes() == b"{}"
+    assert caplog.messages == [f"downloading {folder} to {root}"]
+    bucket.blob("cfg/model/config.json").delete()
+    assert storage.cached_gcs_copy(folder.rstrip("/"), "models", folder=True) == root
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def test_files_follow_the_umask_also_without_proc(tmp_path, monkeypatch):
+    """Where /proc is missing (macOS) the umask is read by setting it; it is restored."""
+    real_read_text = storage.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/self/status":
+            raise FileNotFoundError(self)
+        return real_read_text(self, *args, **kwargs)
+
+    old = os.umask(0o027)
+    try:
+        storage.write_json_atomic(tmp_path / "with-proc.json", {})
+        monkeypatch.setattr(storage.Path, "read_text", read_text)
+        storage.write_json_atomic(tmp_path / "without-proc.json", {})
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(old)
+    for name in ("with-proc.json", "without-proc.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_json_files_are_indented_sorted_and_end_with_a_newline(tmp_path):
+    from pathlib import Path
+
+    storage.write_json_atomic(tmp_path / "meta.json", {"b": 1, "a": Path("/data/items")})
+    assert (tmp_path / "meta.json").read_text() == '{\n  "a": "/data/items",\n  "b": 1\n}\n'
+
+
+def test_parquet_files_are_written_whole(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["B1", "B2"], "row": [0, 1]})
+    storage.write_parquet_atomic(tmp_path / TXT_ITEMS, table)
+    assert pq.read_table(tmp_path / TXT_ITEMS).equals(table)
+    assert [p.name for p in tmp_path.iterdir()] == [TXT_ITEMS]
+
+
+def test_place_files_copies_unless_asked_to_link(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in (TXT_ARRAY, TXT_META):
+        (src / name).write_text(name)
+    copied = storage.place_files(sorted(src.iterdir()), tmp_path / "copy", META_FILES)
+    linked = storage.place_files(sorted(src.iterdir()), tmp_path / "link", META_FILES, link=True)
+    assert copied == {TXT_ARRAY: tmp_path / "copy" / TXT_ARRAY,
+                      TXT_META: tmp_path / "copy" / TXT_META}
+    assert linked == {TXT_ARRAY: tmp_path / "link" / TXT_ARRAY,
+                      TXT_META: tmp_path / "link" / TXT_META}
+    for name in (TXT_ARRAY, TXT_META):
+        assert (tmp_path / "copy" / name).stat().st_ino != (src / name).stat().st_ino
+        assert (tmp_path / "link" / name).stat().st_ino == (src / name).stat().st_ino
+
+
+def test_file_record_is_size_and_sha256_of_the_whole_file(tmp_path):
+    import hashlib
+
+    data = os.urandom((1 << 20) * 2 + 123)  # over two read chunks
+    (tmp_path / TXT_ARRAY).write_bytes(data)
+    assert storage.file_record(tmp_path / TXT_ARRAY) == {
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert storage.sha256_file(tmp_path / TXT_ARRAY, chunk=1000) == hashlib.sha256(data).hexdigest()
