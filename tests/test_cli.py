@@ -32,6 +32,19 @@ def test_run_local_help_lists_parameters(capsys):
     assert "text_batch_size (int, default 128)" in out and "--set NAME=VALUE" in out
 
 
+@pytest.mark.parametrize("command", ["run-local", "demo"])
+def test_local_run_help_says_what_the_cache_looks_at(command, capsys):
+    # The fingerprint task hashes the items' contents, so the cache never serves stale vectors
+    # for a file changed in place; and a rerun into the same folder resumes a failed run.
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the contents of the items table and of the previous set" in out
+    assert "not look at" not in out
+    if command == "run-local":
+        assert "A failed run resumes when rerun into the same --output-dir" in out
+
+
 def test_bad_flag_and_unknown_parameter(tmp_path, capsys, items_path):
     with pytest.raises(SystemExit) as exc:
         main(["run-local", "--output-dir", str(tmp_path), "--bogus"])

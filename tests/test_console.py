@@ -58,9 +58,22 @@ def workers(n: int = 3):
         slow_talk(n=item)
 
 
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def fail_until_fixed(n: int, fixed_flag: str):
+    import os
+
+    if not os.path.exists(fixed_flag):
+        raise ValueError("not fixed yet")
+
+
 @dsl.pipeline(name="tiny")
 def talk_then_fail(n: int = 3):
     fail(n=talk(n=n).output)
+
+
+@dsl.pipeline(name="tiny-resume")
+def talk_then_check(n: int = 3, fixed_flag: str = ""):
+    fail_until_fixed(n=talk(n=n).output, fixed_flag=fixed_flag)
 
 
 @dsl.pipeline(name="tiny-ok")
@@ -120,6 +133,29 @@ def test_cache_hits_are_shown(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "talk#2: reused from the cache of an earlier run" in out  # the second execution
     assert [(t.label, t.status) for t in console.tasks] == [("talk", "done"), ("talk#2", "cached")]
+
+
+def test_a_failed_run_rerun_into_the_same_folder_resumes_at_the_failed_task(tmp_path, capsys):
+    """docs/operations.md, "Resuming a failed run": the finished tasks come from the cache."""
+    from kfp import local
+
+    flag = tmp_path / "fixed"
+    with RunConsole(tmp_path / "run.log") as console:
+        for attempt in range(2):
+            local.init(runner=local.SubprocessRunner(use_venv=False),
+                       pipeline_root=str(tmp_path / "kfp"), raise_on_error=True,
+                       enable_caching=True)
+            with console.capture():
+                if attempt == 0:
+                    with pytest.raises(RuntimeError, match="FAILURE"):
+                        talk_then_check(n=3, fixed_flag=str(flag))
+                    flag.touch()  # the cause is fixed (here: a file the task needs)
+                else:
+                    talk_then_check(n=3, fixed_flag=str(flag))
+    assert [(t.label, t.status) for t in console.tasks] == [
+        ("talk", "done"), ("fail-until-fixed", "failed"),
+        ("talk#2", "cached"), ("fail-until-fixed#2", "done")]
+    assert "talk#2: reused from the cache of an earlier run" in capsys.readouterr().out
 
 
 def test_concurrent_workers_lines_go_to_their_own_task(tmp_path, capsys):
