@@ -236,6 +236,7 @@ def test_manifest_uri_is_beside_the_files():
     assert publish_mod.manifest_uri("gs://b/embeddings/") == "gs://b/embeddings/manifest.json"
     assert publish_mod.manifest_uri("gs://b/embeddings") == "gs://b/embeddings/manifest.json"
     assert publish_mod.manifest_uri("/data/out/") == "/data/out/manifest.json"
+    assert publish_mod.manifest_uri("gs://b/v2/X") == "gs://b/v2/X/manifest.json"  # verbatim
 
 
 @pytest.mark.parametrize("run_id, staging", [("run-1", r"\.staging-run-1-[0-9a-f]{8}"),
@@ -281,7 +282,7 @@ def test_republish_when_a_file_of_the_old_set_was_already_removed(tmp_path):
 @pytest.mark.parametrize("uri_path, prefix", [
     ("", ""), ("/", ""), ("//", ""),                 # the bucket itself
     ("/nightly/sets", "nightly/sets/"), ("/nightly/sets//", "nightly/sets/"),
-    ("/v2/X", "v2/X/"),                              # kept verbatim, whatever its last letters
+    ("/v2/X", "v2/X/"), ("/X", "X/"),                # kept verbatim, whatever its letters
 ])
 def test_gcs_prefix_spellings(gcs, tmp_path, uri_path, prefix):
     import uuid
