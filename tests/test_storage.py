@@ -1,5 +1,6 @@
 import os
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,12 +122,22 @@ def test_arrow_filesystem_reads_local_paths_and_gcs_objects(gcs, tmp_path, monke
     pq.write_table(table, tmp_path / "items.parquet")
     gcs.create_bucket("arrow-check").blob("data/items.parquet").upload_from_filename(
         str(tmp_path / "items.parquet"))
-    for uri in ("gs://arrow-check/data/items.parquet", "gs://arrow-check/data/"):
+    for uri, want in [("gs://arrow-check/data/items.parquet", "arrow-check/data/items.parquet"),
+                      ("gs://arrow-check/data/", "arrow-check/data"),
+                      ("gs://arrow-check/BOX/", "arrow-check/BOX")]:  # names kept verbatim
         fs, path = storage.arrow_filesystem(uri)
-        assert isinstance(fs, pafs.GcsFileSystem) and not path.endswith("/"), path
+        assert isinstance(fs, pafs.GcsFileSystem) and path == want
     fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
-    assert path == "arrow-check/data/items.parquet"
     assert pq.read_table(path, filesystem=fs).equals(table)  # through the emulator
+    # An emulator address without a scheme is plain http, as the storage client takes it.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", os.environ["STORAGE_EMULATOR_HOST"].split("://")[1])
+    fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    # Without the emulator: Cloud Storage with the machine's credentials (looked up on first
+    # use, so nothing is contacted here).
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "arrow-check/data/items.parquet"
 
 
 def _upload(bucket, files: dict[str, bytes]) -> None:
@@ -136,14 +147,19 @@ def _upload(bucket, files: dict[str, bytes]) -> None:
 
 def test_download_gcs_prefix_copies_the_folder_and_nothing_beside_it(gcs, tmp_path):
     bucket = gcs.create_bucket("folders")
-    _upload(bucket, {"models/clip/config.json": b"{}", "models/clip/weights/w.bin": b"w" * 10,
-                     "models/clip/": b"",  # the folder placeholder some tools write
-                     "models/clip-v2/config.json": b"other model"})
-    dest = storage.download_gcs_prefix("gs://folders/models/clip", tmp_path / "cache" / "clip")
+    _upload(bucket, {"models/clip-X/config.json": b"{}",
+                     "models/clip-X/weights/fp32/w.bin": b"w" * 10,
+                     "models/clip-X/": b"",  # the folder placeholder some tools write
+                     "models/clip-X-v2/config.json": b"other model",
+                     "models/text/config.json": b"{}"})
+    cache = tmp_path / "cache" / "models"  # created on the way
+    dest = storage.download_gcs_prefix("gs://folders/models/clip-X", cache / "clip")
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert files == ["config.json", "weights/w.bin"]
-    assert (dest / "weights" / "w.bin").read_bytes() == b"w" * 10
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["clip"]  # no work folder left
+    assert files == ["config.json", "weights/fp32/w.bin"]
+    assert (dest / "weights" / "fp32" / "w.bin").read_bytes() == b"w" * 10
+    # a second model beside it (the cache folder exists now)
+    storage.download_gcs_prefix("gs://folders/models/text/", cache / "text")
+    assert sorted(p.name for p in cache.iterdir()) == ["clip", "text"]  # no work folder left
     with pytest.raises(FileNotFoundError) as exc:
         storage.download_gcs_prefix("gs://folders/models/none", tmp_path / "none")
     assert str(exc.value) == "nothing found under gs://folders/models/none"
@@ -157,7 +173,9 @@ def test_an_interrupted_folder_download_leaves_no_folder(gcs, tmp_path, monkeypa
     real, calls = Blob.download_to_filename, []
 
     def download(self, filename, *args, **kwargs):
-        calls.append(self.name)
+        # Downloaded beside the destination in a hidden folder, then renamed: the rename is
+        # atomic (same filesystem) and a lister of the cache never sees a half model.
+        calls.append(Path(filename).relative_to(tmp_path / "cache").parts[0])
         if len(calls) == 2:
             raise ConnectionError("connection reset")
         return real(self, filename, *args, **kwargs)
@@ -167,6 +185,7 @@ def test_an_interrupted_folder_download_leaves_no_folder(gcs, tmp_path, monkeypa
         storage.download_gcs_prefix("gs://interrupted/m", tmp_path / "cache" / "m")
     # Never a half folder that a later run would take for a cached model.
     assert list((tmp_path / "cache").iterdir()) == []
+    assert calls[0] == calls[1] and calls[0].startswith(".m.")
 
 
 def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatch, caplog):
@@ -175,7 +194,7 @@ def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatc
 
     monkeypatch.setenv("ITEM_EMBEDDINGS_CACHE", str(tmp_path / "cache"))
     bucket = gcs.create_bucket("cached")
-    _upload(bucket, {"ckpt/tiny.pt": b"weights", "cfg/model/config.json": b"{}"})
+    _upload(bucket, {"ckpt/tiny.pt": b"weights", "cfg/model-X/config.json": b"{}"})
     uri = "gs://cached/ckpt/tiny.pt"
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     with caplog.at_level(logging.INFO, logger="item_embeddings.storage"):
@@ -190,14 +209,14 @@ def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatc
         storage.cached_gcs_copy("gs://cached/ckpt/missing.pt", "image_checkpoints")
     assert str(exc.value) == "image_checkpoints not found: gs://cached/ckpt/missing.pt"
 
-    folder = "gs://cached/cfg/model/"  # a folder is the same cache entry with or without "/"
+    folder = "gs://cached/cfg/model-X/"  # a folder: the same cache entry with or without "/"
     with caplog.at_level(logging.INFO, logger="item_embeddings.storage"):
         root = storage.cached_gcs_copy(folder, "models", folder=True)
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:16]
     assert root == tmp_path / "cache" / "models" / key
     assert (root / "config.json").read_bytes() == b"{}"
     assert caplog.messages == [f"downloading {folder} to {root}"]
-    bucket.blob("cfg/model/config.json").delete()
+    bucket.blob("cfg/model-X/config.json").delete()
     assert storage.cached_gcs_copy(folder.rstrip("/"), "models", folder=True) == root
 
 
@@ -226,8 +245,6 @@ def test_files_follow_the_umask_also_without_proc(tmp_path, monkeypatch):
 
 
 def test_json_files_are_indented_sorted_and_end_with_a_newline(tmp_path):
-    from pathlib import Path
-
     storage.write_json_atomic(tmp_path / "meta.json", {"b": 1, "a": Path("/data/items")})
     assert (tmp_path / "meta.json").read_text() == '{\n  "a": "/data/items",\n  "b": 1\n}\n'
 
@@ -266,3 +283,20 @@ def test_file_record_is_size_and_sha256_of_the_whole_file(tmp_path):
     assert storage.file_record(tmp_path / TXT_ARRAY) == {
         "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert storage.sha256_file(tmp_path / TXT_ARRAY, chunk=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_hashing_streams_the_file(tmp_path):
+    """A multi-gigabyte array is hashed in 1 MiB reads, never held whole in memory."""
+    import hashlib
+    import tracemalloc
+
+    data = os.urandom(16 << 20)
+    (tmp_path / TXT_ARRAY).write_bytes(data)
+    tracemalloc.start()
+    try:
+        digest = storage.sha256_file(tmp_path / TXT_ARRAY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert peak < 4 << 20, f"peak {peak:,d} bytes while hashing a 16 MiB file"
