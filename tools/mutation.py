@@ -209,8 +209,10 @@ def read_outcome(target: Target, stage: Path) -> Outcome:
     cwd = os.getcwd()
     os.chdir(stage)  # mutmut reads its configuration and files relative to the stage
     try:
+        from mutmut.configuration import reset_config
         from mutmut.mutation.diff_apply import get_diff_for_mutant
 
+        reset_config()  # read this stage's configuration, not one read before
         for name, status in statuses.items():
             if status in NOT_KILLED:
                 outcome.diffs[name] = get_diff_for_mutant(name)
@@ -233,6 +235,18 @@ def listed_lines(mutation: str) -> str:
     return "\n".join(line[0] + line[1:].strip() for line in lines if line[0] in "+-")
 
 
+def import_name(rel: str) -> str:
+    """``components/shared.py`` -> ``item_embeddings.components.shared``."""
+    parts = Path(staged_path(rel)).with_suffix("").parts[1:]  # without "src"
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def module_of(mutant: str) -> str:
+    """``item_embeddings.publish.x_publish_outputs__mutmut_3`` -> ``item_embeddings.publish``."""
+    parts = mutant.split(".")
+    return ".".join(parts[:next(i for i, p in enumerate(parts) if p.startswith(("x_", "xǁ")))])
+
+
 def function_of(mutant: str) -> str:
     """``item_embeddings.publish.xǁ_LocalTargetǁpublish__mutmut_3`` -> ``_LocalTarget.publish``."""
     mangled = mutant.rpartition(".")[2].partition("__mutmut_")[0]
@@ -253,14 +267,23 @@ def load_equivalents() -> list[dict]:
     return entries
 
 
-def mark_equivalents(outcome: Outcome) -> None:
+def mark_equivalents(outcome: Outcome) -> list[dict]:
+    """Count the survivors listed as equivalent; return the module's entries that matched no
+    survivor (a test kills it now, or the code changed: the entry can go)."""
+    unused, target = [], outcome.target.source
     for entry in load_equivalents():
-        if entry["module"] != outcome.target.source:
+        if entry["module"] != target and not entry["module"].startswith(target + "/"):
             continue
-        wanted = listed_lines(entry["mutation"])
+        module = import_name(entry["module"])
+        wanted, matched = listed_lines(entry["mutation"]), False
         for mutant, diff in outcome.diffs.items():
-            if function_of(mutant) == entry["function"] and changed_lines(diff) == wanted:
+            if (module_of(mutant) == module and function_of(mutant) == entry["function"]
+                    and changed_lines(diff) == wanted):
                 outcome.equivalent[mutant] = entry["reason"].strip()
+                matched = True
+        if not matched:
+            unused.append(entry)
+    return unused
 
 
 def cpu_name() -> str:
@@ -334,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     run_mutmut(stage, args.jobs)
     outcome = read_outcome(target, stage)
     outcome.seconds = time.monotonic() - started
-    mark_equivalents(outcome)
+    unused = mark_equivalents(outcome)
     text = report(outcome, command, stage)
+    if unused:
+        text = "\n".join(
+            [f"{EQUIVALENTS_FILE.relative_to(ROOT)}: {len(unused)} entries of this module "
+             "matched no survivor (killed now, or the code changed): remove them", *(
+                 f"  {e['function']}: {' / '.join(listed_lines(e['mutation']).splitlines())}"
+                 for e in unused), "", text])
     (stage / "report.txt").write_text(text + "\n")
     (stage / "summary.json").write_text(json.dumps({
         "module": target.source, "tests": target.tests, "mutants": len(outcome.statuses),
