@@ -17,6 +17,19 @@ def test_console_script_help():
     assert "run-local" in done.stdout and "compile" in done.stdout
 
 
+def test_top_level_help_compile_example_runs(tmp_path, capsys):
+    """The compile example of `item-embeddings --help` works as shown (it once lacked the
+    images every Vertex template needs)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].splitlines()
+    (compile_example,) = [e.split() for e in examples if e.split()[1:2] == ["compile"]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main(compile_example[1:]) == 0
+    assert (tmp_path / "item_embeddings.yaml").is_file()
+
+
 @pytest.mark.parametrize("command", _subcommands())
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
