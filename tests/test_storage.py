@@ -110,6 +110,14 @@ def test_gcs_client_talks_to_the_emulator_without_credentials(gcs, monkeypatch):
     assert storage.gcs_client().project == "my-project"
 
 
+def _gcs_endpoint(fs) -> tuple[str, bool]:
+    """Where a pyarrow GcsFileSystem sends its requests, and whether anonymously. Checked before
+    any read: pyarrow's C++ client is out of the network guard's reach, so a test must not let
+    it talk to anything but the emulator."""
+    options = fs.__reduce__()[1][0]
+    return options["endpoint_override"], options["anonymous"]
+
+
 def test_arrow_filesystem_reads_local_paths_and_gcs_objects(gcs, tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -127,17 +135,21 @@ def test_arrow_filesystem_reads_local_paths_and_gcs_objects(gcs, tmp_path, monke
                       ("gs://arrow-check/BOX/", "arrow-check/BOX")]:  # names kept verbatim
         fs, path = storage.arrow_filesystem(uri)
         assert isinstance(fs, pafs.GcsFileSystem) and path == want
+    host = os.environ["STORAGE_EMULATOR_HOST"].split("://")[1]
     fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
+    assert _gcs_endpoint(fs) == (host, True)
     assert pq.read_table(path, filesystem=fs).equals(table)  # through the emulator
     # An emulator address without a scheme is plain http, as the storage client takes it.
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", os.environ["STORAGE_EMULATOR_HOST"].split("://")[1])
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
     fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
+    assert _gcs_endpoint(fs) == (host, True)
     assert pq.read_table(path, filesystem=fs).equals(table)
     # Without the emulator: Cloud Storage with the machine's credentials (looked up on first
     # use, so nothing is contacted here).
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
     fs, path = storage.arrow_filesystem("gs://arrow-check/data/items.parquet")
     assert isinstance(fs, pafs.GcsFileSystem) and path == "arrow-check/data/items.parquet"
+    assert _gcs_endpoint(fs) == ("", False)
 
 
 def _upload(bucket, files: dict[str, bytes]) -> None:

@@ -2,7 +2,7 @@
 
     tools/mutation.sh publish                                    # a name in tools/mutation_targets.toml
     tools/mutation.sh src/item_embeddings/publish.py tests/test_publish.py
-    tools/mutation.sh components/shared.py tests/test_fanout.py  # components/ and pipeline/ work too
+    tools/mutation.sh pipeline/pipeline.py tests/test_compile.py # components/ and pipeline/ work too
 
 mutmut imports the mutated copy of the code from ``mutants/src``, and names a mutant after the
 file's path there. This repository installs ``components/`` and ``pipeline/`` as
@@ -150,7 +150,7 @@ def build_stage(target: Target, stage: Path) -> None:
     (stage / "_mutation_basetemp.py").write_text(BASETEMP_PLUGIN)
     mutated = staged_path(target.source)
     only = mutated if mutated.endswith(".py") else mutated + "/*"
-    top_level = sorted({p.split("/")[0] for p in os.listdir(stage)} - {"src"})
+    top_level = sorted(set(os.listdir(stage)) - {"src"})
     config = {
         "source_paths": ["src"],
         "only_mutate": [only],
@@ -334,7 +334,10 @@ def report(outcome: Outcome, command: str, stage: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tools/mutation.sh", description=__doc__.split("\n\n")[0],
-        epilog="Names: " + ", ".join(sorted(load_targets())) + " (tools/mutation_targets.toml).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("\n\n")[1].rstrip() + "\n\nnames: "
+               + ", ".join(sorted(load_targets())) + " (tools/mutation_targets.toml); the "
+               "report: build/mutation/NAME/report.txt; docs/testing.md says how to read it")
     parser.add_argument("module", help="a name of tools/mutation_targets.toml, or the path of a "
                         "module (or package folder) under src/item_embeddings, components or "
                         "pipeline")
