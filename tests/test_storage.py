@@ -200,6 +200,10 @@ def test_an_interrupted_folder_download_leaves_no_folder(gcs, tmp_path, monkeypa
     assert calls[0] == calls[1] and calls[0].startswith(".m.")
 
 
+def _logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "item_embeddings.storage"]
+
+
 def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatch, caplog):
     import hashlib
     import logging
@@ -213,10 +217,10 @@ def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatc
         path = storage.cached_gcs_copy(uri, "image_checkpoints")
     assert path == tmp_path / "cache" / "image_checkpoints" / key / "tiny.pt"
     assert path.read_bytes() == b"weights"
-    assert caplog.messages == [f"downloading {uri} to {path}"]
+    assert _logged(caplog) == [f"downloading {uri} to {path}"]
     bucket.blob("ckpt/tiny.pt").delete()  # a second call must not ask the bucket again
     caplog.clear()
-    assert storage.cached_gcs_copy(uri, "image_checkpoints") == path and not caplog.messages
+    assert storage.cached_gcs_copy(uri, "image_checkpoints") == path and not _logged(caplog)
     with pytest.raises(FileNotFoundError) as exc:
         storage.cached_gcs_copy("gs://cached/ckpt/missing.pt", "image_checkpoints")
     assert str(exc.value) == "image_checkpoints not found: gs://cached/ckpt/missing.pt"
@@ -227,7 +231,7 @@ def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatc
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:16]
     assert root == tmp_path / "cache" / "models" / key
     assert (root / "config.json").read_bytes() == b"{}"
-    assert caplog.messages == [f"downloading {folder} to {root}"]
+    assert _logged(caplog) == [f"downloading {folder} to {root}"]
     bucket.blob("cfg/model-X/config.json").delete()
     assert storage.cached_gcs_copy(folder.rstrip("/"), "models", folder=True) == root
 
