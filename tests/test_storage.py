@@ -226,6 +226,7 @@ def test_cached_gcs_copy_downloads_once_into_the_cache(gcs, tmp_path, monkeypatc
     assert str(exc.value) == "image_checkpoints not found: gs://cached/ckpt/missing.pt"
 
     folder = "gs://cached/cfg/model-X/"  # a folder: the same cache entry with or without "/"
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="item_embeddings.storage"):
         root = storage.cached_gcs_copy(folder, "models", folder=True)
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:16]
