@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import network_guard
+from helpers import TINY_CONFIG, catalogue, free_port, write_items
 
 # Keep test processes (and kfp.local subprocesses, which inherit the environment) off the network
 # and from oversubscribing the two cores.
@@ -52,44 +51,9 @@ def no_network(network_guard_log):
                     pytrace=False)
 
 
-BRANDS = ["Acme", "Volt", "Nimbus", "Orion", "Kestrel", "Lumen"]
-KINDS = ["USB-C cable", "wireless earbuds", "mechanical keyboard", "HDMI adapter",
-         "portable SSD", "webcam", "phone charger", "bluetooth speaker"]
-
-
-def catalogue(n: int, *, seed: int = 0) -> dict[str, list]:
-    """A small realistic catalogue: list descriptions, HTML, some null/empty fields."""
-    import random
-
-    rng = random.Random(seed)
-    ids, titles, descriptions, urls = [], [], [], []
-    for i in range(n):
-        kind = KINDS[i % len(KINDS)]
-        ids.append(f"B{i:07d}")
-        titles.append(None if i % 17 == 5 else f"{rng.choice(BRANDS)} {kind} {rng.randint(1, 99)}")
-        body = [f"<p>A {kind} with {rng.choice(['fast', 'reliable', 'compact'])} design.</p>",
-                f"Works with laptops &amp; phones; {rng.randint(1, 5)} year warranty."]
-        descriptions.append(None if i % 13 == 7 else ([] if i % 11 == 3 else body))
-        urls.append(f"http://127.0.0.1:9/img/{i}.jpg" if i % 3 else None)
-    return {"asin": ids, "title": titles, "description": descriptions, "image_url": urls}
-
-
-def write_items(path: Path, columns: dict[str, list], schema: pa.Schema | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns, schema=schema), path)
-    return path
-
-
 @pytest.fixture
 def items_path(tmp_path: Path) -> Path:
     return write_items(tmp_path / "items.parquet", catalogue(40))
-
-
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="session")
@@ -111,14 +75,6 @@ def tiny_model(tmp_path_factory):
     return config, checkpoint, model.state_dict()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def gcs_emulator_host():
     """A real GCS JSON API (gcp-storage-emulator) on 127.0.0.1, stopped by pid at the end."""
@@ -128,7 +84,7 @@ def gcs_emulator_host():
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start",
                              "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,3 +115,30 @@ def gcs(gcs_emulator_host, monkeypatch):
     from item_embeddings.storage import gcs_client
 
     return gcs_client()
+
+
+# The ops tests' in-memory Vertex AI and Artifact Registry (tests/vertex_fake.py); imported when
+# used, so that a session without ops tests does not load the aiplatform SDK.
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> str:
+    """A real compiled KFP template with the pipeline's name and some of its parameters."""
+    from vertex_fake import compile_template
+
+    return compile_template(tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """An in-memory Vertex AI behind the aiplatform SDK's GAPIC clients."""
+    from vertex_fake import install_fake_vertex, uninstall_fake_vertex
+
+    yield install_fake_vertex(monkeypatch)
+    uninstall_fake_vertex()
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Artifact Registry's KFP upload API at ``requests``' HTTP adapter; records requests."""
+    from vertex_fake import install_fake_registry
+
+    return install_fake_registry(monkeypatch)

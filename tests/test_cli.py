@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from item_embeddings.ops.cli import build_parser, main
+from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 
 
 def _subcommands():
@@ -15,6 +16,19 @@ def _subcommands():
 def test_console_script_help():
     done = subprocess.run(["item-embeddings", "--help"], capture_output=True, text=True, check=True)
     assert "run-local" in done.stdout and "compile" in done.stdout
+
+
+def test_top_level_help_compile_example_runs(tmp_path, capsys):
+    """The compile example of `item-embeddings --help` works as shown (it once lacked the
+    images every Vertex template needs)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].splitlines()
+    (compile_example,) = [e.split() for e in examples if e.split()[1:2] == ["compile"]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main(compile_example[1:]) == 0
+    assert (tmp_path / "item_embeddings.yaml").is_file()
 
 
 @pytest.mark.parametrize("command", _subcommands())
@@ -30,6 +44,19 @@ def test_run_local_help_lists_parameters(capsys):
         main(["run-local", "--help"])
     out = capsys.readouterr().out
     assert "text_batch_size (int, default 128)" in out and "--set NAME=VALUE" in out
+
+
+@pytest.mark.parametrize("command", ["run-local", "demo"])
+def test_local_run_help_says_what_the_cache_looks_at(command, capsys):
+    # The fingerprint task hashes the items' contents, so the cache never serves stale vectors
+    # for a file changed in place; and a rerun into the same folder resumes a failed run.
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the contents of the items table and of the previous set" in out
+    assert "not look at" not in out
+    if command == "run-local":
+        assert "A failed run resumes when rerun into the same --output-dir" in out
 
 
 def test_bad_flag_and_unknown_parameter(tmp_path, capsys, items_path):
@@ -183,7 +210,7 @@ def test_unusable_previous_uri_exits_2_before_anything_runs(command, case, tmp_p
     elif case in ("empty", "partial"):
         previous.mkdir()
         if case == "partial":
-            for name in ("txt.npy", "txt_items.parquet", "txt_meta.json"):
+            for name in (TXT_ARRAY, TXT_ITEMS, TXT_META):
                 (previous / name).write_text("x")
     out = tmp_path / "out"
     items = ["--items", str(items_path)] if command == "run-local" else []

@@ -9,7 +9,7 @@ from google.cloud import aiplatform
 from google.oauth2.credentials import Credentials
 
 from item_embeddings.ops.cli import main
-from test_vertex_ops import PARENT, S, fake, registry, template  # noqa: F401 (fixtures)
+from vertex_fake import PARENT, S
 
 # Every test of the ops CLI runs behind the Vertex AI transport interceptor (a regression that
 # made a call where none is expected reaches the in-memory fake, never Google).
@@ -164,11 +164,16 @@ def test_upload_cli(registry, template, monkeypatch, capsys):  # noqa: F811
 def test_compiling_for_vertex_without_an_image_is_refused(fake, capsys, tmp_path):
     rc = main(["submit", "--project", "test-proj", "--region", "us-central1", "--items", "gs://b/i"])
     assert rc == 2
-    assert "needs --image and --gpu-image URI" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs --image and --gpu-image URI" in err
+    assert err.rstrip().endswith("or pass --template FILE_OR_URL of a compiled template")
     assert fake.calls == [] and fake.buckets == []
     out = tmp_path / "t.yaml"
     assert main(["compile", "--output", str(out)]) == 2  # --target vertex is the default
-    assert "needs --image and --gpu-image URI" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs --image and --gpu-image URI" in err
+    # compile has no --template: its hint is the option it does have
+    assert "--template" not in err and "or --target local for a template that kfp.local runs" in err
     assert main(["compile", "--output", str(out), "--image", "r/cpu:1"]) == 2
     assert "needs --gpu-image URI" in capsys.readouterr().err
     assert not out.exists()

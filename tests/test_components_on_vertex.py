@@ -9,7 +9,7 @@ import pytest
 from kfp import dsl
 from kfp.dsl.types import artifact_types
 
-from conftest import catalogue, write_items
+from helpers import catalogue, write_items
 from item_embeddings import storage
 from item_embeddings.config import PipelineParams
 from item_embeddings.outputs import FUSION_CONFIG, TXT_ARRAY, TXT_META

@@ -16,11 +16,9 @@ from item_embeddings import runtime
 from item_embeddings.ops.cli import main
 from item_embeddings.ops.console import (RunConsole, TaskRecord, meta_counts, strip_ansi,
                                          summary_lines)
-from item_embeddings.outputs import META_FILES, QA_REPORT
+from item_embeddings.outputs import IMG_META, KNN_META, QA_REPORT, TXT_META
 from item_embeddings.progress import LOG_FORMAT
-
-MAX_CONSOLE_LINES = 100  # two screenfuls; kfp.local's own output alone is over a thousand
-
+from helpers import check_console_of_a_run
 
 # A tiny pipeline for kfp.local: the real shapes of its output, in seconds rather than a minute.
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
@@ -88,9 +86,22 @@ def workers(n: int = 3):
         slow_talk(n=item)
 
 
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def fail_until_fixed(n: int, fixed_flag: str):
+    import os
+
+    if not os.path.exists(fixed_flag):
+        raise ValueError("not fixed yet")
+
+
 @dsl.pipeline(name="tiny")
 def talk_then_fail(n: int = 3):
     fail(n=talk(n=n).output)
+
+
+@dsl.pipeline(name="tiny-resume")
+def talk_then_check(n: int = 3, fixed_flag: str = ""):
+    fail_until_fixed(n=talk(n=n).output, fixed_flag=fixed_flag)
 
 
 @dsl.pipeline(name="tiny-ok")
@@ -176,6 +187,29 @@ def test_cache_hits_are_shown(tmp_path, capsys):
     assert [(t.label, t.status) for t in console.tasks] == [("talk", "done"), ("talk#2", "cached")]
 
 
+def test_a_failed_run_rerun_into_the_same_folder_resumes_at_the_failed_task(tmp_path, capsys):
+    """docs/operations.md, "Resuming a failed run": the finished tasks come from the cache."""
+    from kfp import local
+
+    flag = tmp_path / "fixed"
+    with RunConsole(tmp_path / "run.log") as console:
+        for attempt in range(2):
+            local.init(runner=local.SubprocessRunner(use_venv=False),
+                       pipeline_root=str(tmp_path / "kfp"), raise_on_error=True,
+                       enable_caching=True)
+            with console.capture():
+                if attempt == 0:
+                    with pytest.raises(RuntimeError, match="FAILURE"):
+                        talk_then_check(n=3, fixed_flag=str(flag))
+                    flag.touch()  # the cause is fixed (here: a file the task needs)
+                else:
+                    talk_then_check(n=3, fixed_flag=str(flag))
+    assert [(t.label, t.status) for t in console.tasks] == [
+        ("talk", "done"), ("fail-until-fixed", "failed"),
+        ("talk#2", "cached"), ("fail-until-fixed#2", "done")]
+    assert "talk#2: reused from the cache of an earlier run" in capsys.readouterr().out
+
+
 def test_concurrent_workers_lines_go_to_their_own_task(tmp_path, capsys):
     """kfp.local runs ParallelFor workers two at a time, in threads: each line belongs to the
     task its thread started, and what kfp.local patches unlocked is put back afterwards."""
@@ -235,14 +269,14 @@ def test_meta_counts_reads_any_meta_file():
 
 def test_summary_lists_steps_counts_files_report_and_log(tmp_path):
     placed = {}
-    for name, meta in [("knn_meta.json", {"count": 5, "wall_time_sec": 0.5}),
-                       ("img_meta.json", {"count": 4, "failed_count": 1,
+    for name, meta in [(KNN_META, {"count": 5, "wall_time_sec": 0.5}),
+                       (IMG_META, {"count": 4, "failed_count": 1,
                                           "failures_by_reason": {"http_status": 1}}),
-                       ("txt_meta.json", {"count": 5})]:
+                       (TXT_META, {"count": 5})]:
         placed[name] = tmp_path / name
         placed[name].write_text(json.dumps(meta))
-    placed["qa_report.html"] = tmp_path / "qa_report.html"
-    placed["qa_report.html"].write_text("<html></html>")
+    placed[QA_REPORT] = tmp_path / QA_REPORT
+    placed[QA_REPORT].write_text("<html></html>")
     tasks = [TaskRecord("embed-text", status="done", started=0.0, ended=6.25),
              TaskRecord("knn-graph", status="cached"),
              TaskRecord("worker", status="done", started=1.0, ended=3.0),  # two shard workers
@@ -255,12 +289,12 @@ def test_summary_lists_steps_counts_files_report_and_log(tmp_path):
     assert re.search(r"knn-graph\s+cached$", text, re.M)
     assert re.search(r"worker\s+done 1, failed 1\s+4\.5 s$", text, re.M)  # first start to last end
     metas = [line.split()[0] for line in lines if line.startswith("  ") and "_meta" in line]
-    assert metas == ["txt_meta.json", "img_meta.json", "knn_meta.json"]  # steps' order first
+    assert metas == [TXT_META, IMG_META, KNN_META]  # steps' order first
     assert "failures by reason: http_status 1" in text
-    assert f"QA report: {tmp_path / 'qa_report.html'}" in lines
+    assert f"QA report: {tmp_path / QA_REPORT}" in lines
     assert lines[-2:] == ["experiment runs: /x/runs", f"full log: {tmp_path / 'run.log'}"]
     assert "QA report" not in "\n".join(summary_lines(
-        tasks, tmp_path, {k: v for k, v in placed.items() if k != "qa_report.html"},
+        tasks, tmp_path, {k: v for k, v in placed.items() if k != QA_REPORT},
         tmp_path / "run.log", 1.0, {}))
 
 
@@ -418,33 +452,8 @@ def test_demo_offline_console_summary_and_log(hub_online_mode, monkeypatch, tmp_
     assert "8 rows" in console and "no url 2" in console  # every 4th sample item has no image
     # the default knn_k (20) needs 21 items: the demo lowers it to what 8 items allow
     assert "knn_k lowered to 7 for 8 items" in console
-    assert json.loads((out_dir / "knn_meta.json").read_text())["k"] == 7
+    assert json.loads((out_dir / KNN_META).read_text())["k"] == 7
     assert took < 120
-
-
-def check_console_of_a_run(console: str, out_dir) -> None:
-    """What the console of a successful run-local or demo shows: a screenful, each step with
-    its wall time, counts that agree with every meta file placed, where the files, the report
-    and the log are; and that the log holds what the console leaves out."""
-    lines = console.splitlines()
-    assert len(lines) <= MAX_CONSOLE_LINES, console
-    log = out_dir / "run.log"
-    assert lines[0] == f"full log of this run: {log}" and lines[-1] == f"full log: {log}"
-    for task in ["fingerprint-inputs", "embed-text", "embed-images", "fuse-embeddings"]:
-        assert re.search(rf"^\d\d:\d\d:\d\d {task}: done in", console, re.M), task
-        assert re.search(rf"^  {task}\s+done( \d+)?\s+\d+\.\d s$", console, re.M), task
-    flat = " ".join(console.split())  # the summary wraps long lines between counts
-    metas = [p for p in out_dir.iterdir() if p.name in META_FILES]
-    assert {p.name for p in metas} >= {"txt_meta.json", "img_meta.json", "fusion_config.json"}
-    for path in metas:
-        counts = meta_counts(json.loads(path.read_text()))
-        assert f"{path.name} {', '.join(counts)}" in flat, path.name
-    report = out_dir / QA_REPORT
-    assert (f"QA report: {report}" in lines) == report.exists()
-    assert f"outputs in {out_dir}" in console
-    text = log.read_text()
-    assert text.count("Got executor_input:") >= 4 and "executor_input" not in console
-    assert "Wrote executor output file" in text and "Wrote executor output" not in console
 
 
 def test_demo_refuses_fewer_than_two_items_before_writing(tmp_path, capsys):

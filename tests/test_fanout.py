@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import catalogue, write_items
+from helpers import catalogue, write_items
 from item_embeddings.config import ConfigError, PipelineParams
 from item_embeddings.fanout import (MergeError, ShardPlan, Shard, WHOLE_TABLE,
                                     merge_text_shards, plan_shards, worker_shards)

@@ -16,7 +16,8 @@ from item_embeddings.fusion.model import (NORM_WEIGHT, TAU, FusionMLP, init_from
                                           load_fusion_model, loss_and_gradients, training_batch)
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                     FUSION_WEIGHTS as WEIGHTS_FILE)
+                                     FUSION_WEIGHTS as WEIGHTS_FILE, IMG_ARRAY, IMG_ITEMS,
+                                     IMG_META, TXT_ARRAY, TXT_ITEMS)
 from item_embeddings.storage import sha256_file
 
 N = 2400
@@ -68,13 +69,13 @@ def _label_purity(vectors: np.ndarray, labels: np.ndarray, k: int = 10) -> float
 
 def _aligned_vectors(root, cat) -> tuple[np.ndarray, np.ndarray]:
     """The synthetic text vectors and, row for row, the image vectors (zero without an image)."""
-    img_items = pq.read_table(root / "image" / "img_items.parquet").to_pydict()
-    img = np.load(root / "image" / "img.npy")
+    img_items = pq.read_table(root / "image" / IMG_ITEMS).to_pydict()
+    img = np.load(root / "image" / IMG_ARRAY)
     image = np.zeros((len(cat.ids), img.shape[1]), dtype=np.float32)
     index = {item: i for i, item in enumerate(cat.ids)}
     for item, row in zip(img_items["id"], img_items["row"]):
         image[index[item]] = img[row]
-    return np.load(root / "text" / "txt.npy"), image
+    return np.load(root / "text" / TXT_ARRAY), image
 
 
 def _top_k(vectors: np.ndarray, k: int = 10) -> torch.Tensor:
@@ -129,7 +130,7 @@ def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
     out, meta, cat = fused
     root, _ = synthetic
     z = np.load(out / FUSED_ARRAY)
-    text = np.load(root / "text" / "txt.npy")
+    text = np.load(root / "text" / TXT_ARRAY)
     img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
     # Image clusters exist only in the image vectors: the text space cannot see them (chance is
     # 1/8), the fused space must.
@@ -346,17 +347,17 @@ def test_join_is_by_id_not_by_position(tmp_path, inputs, fused):
     """Reordering the image step's files (ids and img.npy rows) changes nothing."""
     text_dir, image_dir, _ = inputs
     out, _, _ = fused
-    items = pq.read_table(image_dir / "img_items.parquet")
-    img = np.load(image_dir / "img.npy")
+    items = pq.read_table(image_dir / IMG_ITEMS)
+    img = np.load(image_dir / IMG_ARRAY)
     order = np.random.default_rng(7).permutation(items.num_rows)
     new_row = np.empty(len(img), dtype=np.int64)
     new_row[np.random.default_rng(8).permutation(len(img))] = np.arange(len(img))
     rows = np.asarray(items.column("row").to_pylist())
     reordered = np.empty_like(img)
     reordered[new_row[rows]] = img[rows]
-    np.save(image_dir / "img.npy", reordered)
+    np.save(image_dir / IMG_ARRAY, reordered)
     pq.write_table(items.take(order).set_column(
-        2, "row", pa.array(new_row[rows][order], pa.int64())), image_dir / "img_items.parquet")
+        2, "row", pa.array(new_row[rows][order], pa.int64())), image_dir / IMG_ITEMS)
     fuse_item_embeddings(text_dir, image_dir, tmp_path / "out", PipelineParams(seed=0),
                          run_id="r1")
     assert sha256_file(tmp_path / "out" / FUSED_ARRAY) == sha256_file(out / FUSED_ARRAY)
@@ -364,10 +365,10 @@ def test_join_is_by_id_not_by_position(tmp_path, inputs, fused):
 
 def test_empty_image_set_fuses_every_item_from_text(tmp_path, inputs):
     text_dir, image_dir, cat = inputs
-    np.save(image_dir / "img.npy", np.zeros((0, 512), dtype=np.float32))
+    np.save(image_dir / IMG_ARRAY, np.zeros((0, 512), dtype=np.float32))
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "url": pa.array([], pa.string()),
-                             "row": pa.array([], pa.int64())}), image_dir / "img_items.parquet")
-    (image_dir / "img_meta.json").write_text(json.dumps({"embed_dim": 512, "count": 0}))
+                             "row": pa.array([], pa.int64())}), image_dir / IMG_ITEMS)
+    (image_dir / IMG_META).write_text(json.dumps({"embed_dim": 512, "count": 0}))
     meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
     z = np.load(tmp_path / "out" / FUSED_ARRAY)
     assert meta["items_with_images"] == 0 and meta["items_without_images"] == N
@@ -378,11 +379,11 @@ def test_empty_image_set_fuses_every_item_from_text(tmp_path, inputs):
 
 def test_non_finite_image_vector_is_a_counted_exclusion(tmp_path, inputs):
     text_dir, image_dir, cat = inputs
-    items = pq.read_table(image_dir / "img_items.parquet").to_pydict()
-    img = np.load(image_dir / "img.npy")
+    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
+    img = np.load(image_dir / IMG_ARRAY)
     img[items["row"][0], 3] = np.inf
     img[items["row"][1]] = 0.0
-    np.save(image_dir / "img.npy", img)
+    np.save(image_dir / IMG_ARRAY, img)
     meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
     excluded = pq.read_table(tmp_path / "out" / FUSION_EXCLUSIONS).to_pydict()
     assert sorted(excluded["id"]) == sorted(items["id"][:2])
@@ -396,72 +397,72 @@ def test_non_finite_image_vector_is_a_counted_exclusion(tmp_path, inputs):
 
 
 def _damage_text_nan(text_dir, image_dir):
-    text = np.load(text_dir / "txt.npy")
+    text = np.load(text_dir / TXT_ARRAY)
     text[17, 5] = np.nan
-    np.save(text_dir / "txt.npy", text)
+    np.save(text_dir / TXT_ARRAY, text)
 
 
 def _damage_text_dim(text_dir, image_dir):
-    np.save(text_dir / "txt.npy", np.load(text_dir / "txt.npy")[:, :256].copy())
+    np.save(text_dir / TXT_ARRAY, np.load(text_dir / TXT_ARRAY)[:, :256].copy())
 
 
 def _damage_image_dim(text_dir, image_dir):
-    np.save(image_dir / "img.npy", np.load(image_dir / "img.npy")[:, :768 - 512].copy())
+    np.save(image_dir / IMG_ARRAY, np.load(image_dir / IMG_ARRAY)[:, :768 - 512].copy())
 
 
 def _damage_unknown_image_id(text_dir, image_dir):
-    items = pq.read_table(image_dir / "img_items.parquet")
+    items = pq.read_table(image_dir / IMG_ITEMS)
     ids = items.column("id").to_pylist()
     ids[4] = "not-in-text"
-    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / "img_items.parquet")
+    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / IMG_ITEMS)
 
 
 def _damage_duplicate_text_id(text_dir, image_dir):
-    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
     ids[9] = ids[8]
-    pq.write_table(pa.table({"id": ids}), text_dir / "txt_items.parquet")
+    pq.write_table(pa.table({"id": ids}), text_dir / TXT_ITEMS)
 
 
 def _damage_duplicate_image_id(text_dir, image_dir):
-    items = pq.read_table(image_dir / "img_items.parquet")
+    items = pq.read_table(image_dir / IMG_ITEMS)
     ids = items.column("id").to_pylist()
     ids[1] = ids[0]
-    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / "img_items.parquet")
+    pq.write_table(items.set_column(0, "id", pa.array(ids)), image_dir / IMG_ITEMS)
 
 
 def _damage_row_out_of_range(text_dir, image_dir):
-    items = pq.read_table(image_dir / "img_items.parquet")
+    items = pq.read_table(image_dir / IMG_ITEMS)
     rows = items.column("row").to_pylist()
     rows[0] = 10**6
     pq.write_table(items.set_column(2, "row", pa.array(rows, pa.int64())),
-                   image_dir / "img_items.parquet")
+                   image_dir / IMG_ITEMS)
 
 
 def _damage_duplicate_row(text_dir, image_dir):
-    items = pq.read_table(image_dir / "img_items.parquet")
+    items = pq.read_table(image_dir / IMG_ITEMS)
     rows = items.column("row").to_pylist()
     rows[1] = rows[0]
     pq.write_table(items.set_column(2, "row", pa.array(rows, pa.int64())),
-                   image_dir / "img_items.parquet")
+                   image_dir / IMG_ITEMS)
 
 
 def _damage_image_count(text_dir, image_dir):
-    np.save(image_dir / "img.npy", np.load(image_dir / "img.npy")[:-1].copy())
+    np.save(image_dir / IMG_ARRAY, np.load(image_dir / IMG_ARRAY)[:-1].copy())
 
 
 def _damage_id_type(text_dir, image_dir):
-    n = pq.read_table(text_dir / "txt_items.parquet").num_rows
+    n = pq.read_table(text_dir / TXT_ITEMS).num_rows
     pq.write_table(pa.table({"id": pa.array(range(n), pa.int64())}),
-                   text_dir / "txt_items.parquet")
+                   text_dir / TXT_ITEMS)
 
 
 def _damage_count(text_dir, image_dir):
-    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
-    pq.write_table(pa.table({"id": ids[:-1]}), text_dir / "txt_items.parquet")
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids[:-1]}), text_dir / TXT_ITEMS)
 
 
 def _damage_missing_meta(text_dir, image_dir):
-    (image_dir / "img_meta.json").unlink()
+    (image_dir / IMG_META).unlink()
 
 
 @pytest.mark.parametrize("damage, message", [

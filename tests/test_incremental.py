@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_CONFIG, catalogue, write_items
+from helpers import TINY_CONFIG, catalogue, write_items
 from image_server import ImageServer, gradient
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
@@ -495,7 +495,7 @@ def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_en
     assert read_meta(tmp_path / "out", TXT_META)["previous_uri"] == prefix
 
     # A published file replaced underneath the manifest: refused, nothing written.
-    blob = gcs.bucket(bucket).blob(f"embeddings/{published['set']}txt.npy")
+    blob = gcs.bucket(bucket).blob(f"embeddings/{published['set']}{TXT_ARRAY}")
     data = bytearray(blob.download_as_bytes())
     data[-1] ^= 0x01
     blob.upload_from_string(bytes(data))

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import catalogue, write_items
+from helpers import catalogue, write_items
 from item_embeddings.items import (ItemColumns, ItemsError, clean_text, item_text, iter_batches,
                                    validate_items)
 

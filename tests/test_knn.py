@@ -14,7 +14,8 @@ from item_embeddings.knn import (KnnInputError, build_knn_graph, build_knn_graph
 from item_embeddings.knn import graph as knn_graph
 from item_embeddings.knn.synthetic import clustered_unit_vectors
 from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES,
-                                     KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS)
+                                     KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS,
+                                     TXT_META)
 from item_embeddings.storage import write_parquet_atomic
 from item_embeddings.tracking import LocalTracker, list_local_runs
 
@@ -187,7 +188,7 @@ def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
     fused_dir.mkdir(parents=True, exist_ok=True)
     np.save(text_dir / TXT_ARRAY, clustered_unit_vectors(n, 48, topics=20, seed=9))
     write_parquet_atomic(text_dir / TXT_ITEMS, pa.table({"id": ids}))
-    (text_dir / "txt_meta.json").write_text(json.dumps({"run_id": "text-run"}))
+    (text_dir / TXT_META).write_text(json.dumps({"run_id": "text-run"}))
     np.save(fused_dir / FUSED_ARRAY, clustered_unit_vectors(n, 16, topics=20, seed=10))
     write_parquet_atomic(fused_dir / FUSED_ITEMS, pa.table(
         {"id": fused_ids or ids, "has_image": [True] * n}))

@@ -85,7 +85,8 @@ def test_a_regressed_ssrf_guard_would_be_stopped_by_the_network_guard():
 
 def test_a_swallowed_refusal_still_fails_the_test_and_subprocesses_are_guarded(pytester):
     """A test that catches the refusal, and one whose subprocess tries, both end in an error."""
-    for name in ("conftest.py", "network_guard.py", "network_guard_site/sitecustomize.py"):
+    for name in ("conftest.py", "helpers.py", "network_guard.py",
+                 "network_guard_site/sitecustomize.py"):
         (pytester.path / name).parent.mkdir(exist_ok=True)
         (pytester.path / name).write_text((TESTS_DIR / name).read_text())
     pytester.makepyfile(textwrap.dedent(f"""

@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import catalogue, write_items
-from test_console import check_console_of_a_run
+from helpers import catalogue, check_console_of_a_run, write_items
 from item_embeddings.ops.cli import main
 from item_embeddings.config import PARAM_FIELDS, PipelineParams
+from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_WEIGHTS,
+                                     IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED,
+                                     KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
+                                     MANIFEST, QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,12 +71,12 @@ def test_component_python_func(tmp_path, items_path):
     shards = dsl.Dataset(name="text_shards", uri=str(task_dir / "text_shards"), metadata={})
     embed_text(items=dsl.Dataset(name="items", uri=str(items_path)), text_shards=shards,
                text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
-    assert np.load(task_dir / "text_shards" / "shard-00000" / "txt.npy").shape == (40, 384)
+    assert np.load(task_dir / "text_shards" / "shard-00000" / TXT_ARRAY).shape == (40, 384)
     data = dsl.Dataset(name="text_embeddings", uri=str(task_dir / "text_embeddings"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(task_dir / "metrics"), metadata={})
     merge_text(text_shards=[shards], text_embeddings=data, metrics=metrics,
                tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
-    assert np.load(task_dir / "text_embeddings" / "txt.npy").shape == (40, 384)
+    assert np.load(task_dir / "text_embeddings" / TXT_ARRAY).shape == (40, 384)
     assert metrics.metadata["text_count"] == 40
     assert data.metadata["embed_dim"] == 384
     runs = tmp_path / "runs" / "recsys-dev"
@@ -124,29 +127,29 @@ def dag_run(tmp_path_factory, tiny_model):
 def test_run_local_whole_dag(dag_run, capsys):
     _, out, urls, _, _ = dag_run
     n = 36
-    expected = {"txt.npy", "txt_items.parquet", "txt_meta.json", "img.npy", "img_items.parquet",
-                "img_failures.parquet", "img_meta.json", "fused.npy", "fused_items.parquet",
-                "fusion_config.json", "fusion_model.safetensors", "knn_text.npy",
-                "knn_text_scores.npy", "knn_fused.npy", "knn_fused_scores.npy", "knn_meta.json",
-                "qa_report.html"}
+    expected = {TXT_ARRAY, TXT_ITEMS, TXT_META, IMG_ARRAY, IMG_ITEMS,
+                IMG_FAILURES, IMG_META, FUSED_ARRAY, FUSED_ITEMS,
+                FUSION_CONFIG, FUSION_WEIGHTS, KNN_TEXT,
+                KNN_TEXT_SCORES, KNN_FUSED, KNN_FUSED_SCORES, KNN_META,
+                QA_REPORT}
     assert expected <= {p.name for p in out.iterdir()}
-    ids = pq.read_table(out / "txt_items.parquet").column("id").to_pylist()
-    assert np.load(out / "txt.npy").shape == (n, 384)
+    ids = pq.read_table(out / TXT_ITEMS).column("id").to_pylist()
+    assert np.load(out / TXT_ARRAY).shape == (n, 384)
     with_url = [u for u in urls if u and u.startswith("http")]
-    img = np.load(out / "img.npy")
-    img_meta = json.loads((out / "img_meta.json").read_text())
+    img = np.load(out / IMG_ARRAY)
+    img_meta = json.loads((out / IMG_META).read_text())
     assert img.shape == (len(with_url) - 1, 32)
     assert img_meta["failed_count"] == 1 and img_meta["no_url_count"] == n - len(with_url)
-    failures = pq.read_table(out / "img_failures.parquet").to_pylist()
+    failures = pq.read_table(out / IMG_FAILURES).to_pylist()
     assert [(f["id"], f["http_status"]) for f in failures] == [(ids[1], 404)]
-    fused = np.load(out / "fused.npy")
+    fused = np.load(out / FUSED_ARRAY)
     assert fused.shape == (n, 128)
     np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-5)
-    fused_items = pq.read_table(out / "fused_items.parquet")
+    fused_items = pq.read_table(out / FUSED_ITEMS)
     assert fused_items.column("id").to_pylist() == ids
     assert sum(fused_items.column("has_image").to_pylist()) == img.shape[0]
-    assert np.load(out / "knn_text.npy").shape == (n, 20)
-    assert "<h2" in (out / "qa_report.html").read_text()
+    assert np.load(out / KNN_TEXT).shape == (n, 20)
+    assert "<h2" in (out / QA_REPORT).read_text()
     runs = sorted(p.name.split("-item-embeddings")[0] + ("-shard" if "-shard-" in p.name else "")
                   for p in (out / "runs" / "test-exp").glob("*.json"))
     # each step's run, and one run per shard of each worker (one shard here)
@@ -180,14 +183,14 @@ def _fused_by(model_dir: Path, inputs: Path) -> np.ndarray:
     """The fused vectors the fusion model of ``model_dir`` gives the items of ``inputs``."""
     from item_embeddings.fusion.model import load_fusion_model
 
-    ids = pq.read_table(inputs / "txt_items.parquet").column("id").to_pylist()
-    img_items = pq.read_table(inputs / "img_items.parquet")
+    ids = pq.read_table(inputs / TXT_ITEMS).column("id").to_pylist()
+    img_items = pq.read_table(inputs / IMG_ITEMS)
     row_of = dict(zip(img_items.column("id").to_pylist(), img_items.column("row").to_pylist()))
-    img = np.load(inputs / "img.npy")
+    img = np.load(inputs / IMG_ARRAY)
     image = np.zeros((len(ids), img.shape[1]), np.float32)
     has = np.array([i in row_of for i in ids])
     image[has] = img[[row_of[i] for i in ids if i in row_of]]
-    return load_fusion_model(model_dir).fuse(np.load(inputs / "txt.npy"), image, has)
+    return load_fusion_model(model_dir).fuse(np.load(inputs / TXT_ARRAY), image, has)
 
 
 @pytest.mark.slow
@@ -231,18 +234,18 @@ def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
     for worker in ("embed-text", "embed-images"):  # two workers each, told apart
         assert re.search(rf"^\d\d:\d\d:\d\d {worker}#2: done in", console, re.M)
         assert re.search(rf"^  {worker}\s+done 2\s+\d+\.\d s$", console, re.M)
-    for name in ("txt_items.parquet", "img_items.parquet", "img_failures.parquet",
-                 "fused_items.parquet"):
+    for name in (TXT_ITEMS, IMG_ITEMS, IMG_FAILURES,
+                 FUSED_ITEMS):
         one, three = pq.read_table(out / name), pq.read_table(sharded / name)
         assert one.equals(three), name
-    for name in ("txt.npy", "img.npy"):
+    for name in (TXT_ARRAY, IMG_ARRAY):
         np.testing.assert_allclose(np.load(sharded / name), np.load(out / name), atol=1e-5)
-    for name in ("txt.npy", "img.npy", "fused.npy", "knn_text_scores.npy",
-                 "knn_fused_scores.npy"):
+    for name in (TXT_ARRAY, IMG_ARRAY, FUSED_ARRAY, KNN_TEXT_SCORES,
+                 KNN_FUSED_SCORES):
         np.testing.assert_allclose(np.load(sharded / name), np.load(out / name), rtol=0,
                                    atol=SHARD_TOLERANCE, err_msg=name)
-    for ids, scores in (("knn_text.npy", "knn_text_scores.npy"),
-                        ("knn_fused.npy", "knn_fused_scores.npy")):
+    for ids, scores in ((KNN_TEXT, KNN_TEXT_SCORES),
+                        (KNN_FUSED, KNN_FUSED_SCORES)):
         one, three = np.load(out / ids), np.load(sharded / ids)
         tied = _near_ties(np.load(out / scores), 2 * SHARD_TOLERANCE)
         assert (one[~tied] == three[~tied]).all(), ids
@@ -252,7 +255,7 @@ def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
     # elementwise: directions the 36 items do not span are left as PCA happened to start them)
     np.testing.assert_allclose(_fused_by(sharded, out), _fused_by(out, out), rtol=0,
                                atol=SHARD_TOLERANCE)
-    one, three = (json.loads((d / "img_meta.json").read_text()) for d in (out, sharded))
+    one, three = (json.loads((d / IMG_META).read_text()) for d in (out, sharded))
     for key in ("count", "failed_count", "attempted_count", "no_url_count", "capped_count",
                 "failures_by_reason", "total_rows"):
         assert one[key] == three[key], key
@@ -268,7 +271,7 @@ def test_three_shards_on_two_workers_equal_one(dag_run, tmp_path, capsys):
 def test_run_local_console_summary_and_log(dag_run):
     _, out, _, _, console = dag_run
     check_console_of_a_run(console, out)
-    reasons = json.loads((out / "img_meta.json").read_text())["failures_by_reason"]
+    reasons = json.loads((out / IMG_META).read_text())["failures_by_reason"]
     assert list(reasons.values()) == [1]  # the 404
     assert f"failures by reason: {next(iter(reasons))} 1" in console
     assert f"experiment runs: {out / 'runs'} (list them: item-embeddings runs" in console
@@ -280,12 +283,12 @@ def test_second_run_is_served_from_the_cache(dag_run, tmp_path, capsys):
     items, out, _, _, _ = dag_run
     runs_dir = out / "runs" / "test-exp"
     before = sorted(p.name for p in runs_dir.glob("*.json"))
-    fused = np.load(out / "fused.npy")
+    fused = np.load(out / FUSED_ARRAY)
     args = ["run-local", "--items", str(items), "--output-dir", str(out),
             "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true"]
     assert main(args) == 0  # every step cached: no new experiment runs, same files
     assert sorted(p.name for p in runs_dir.glob("*.json")) == before
-    np.testing.assert_array_equal(np.load(out / "fused.npy"), fused)
+    np.testing.assert_array_equal(np.load(out / FUSED_ARRAY), fused)
     console = capsys.readouterr().out
     for task in ("embed-text", "embed-images", "fuse-embeddings"):
         assert f"{task}: reused from the cache of an earlier run" in console
@@ -300,7 +303,7 @@ def test_editing_a_placed_file_cannot_poison_the_cache(dag_run, capsys):
     import os
 
     items, out, _, _, _ = dag_run
-    good = {name: (out / name).read_bytes() for name in ("txt.npy", "fused.npy")}
+    good = {name: (out / name).read_bytes() for name in (TXT_ARRAY, FUSED_ARRAY)}
     for name in good:
         with open(out / name, "r+b") as fh:
             fh.seek(-8, os.SEEK_END)
@@ -336,9 +339,9 @@ def test_a_catalogue_smaller_than_knn_k_plus_one_gets_k_lowered(tiny_model, tmp_
     assert rc == 0, captured.err
     assert re.search(r"^\d\d:\d\d:\d\d knn-graphs \| WARNING knn_k lowered to 5 for 6 items: ",
                      captured.out, re.M)
-    meta = json.loads((out / "knn_meta.json").read_text())
+    meta = json.loads((out / KNN_META).read_text())
     assert (meta["k"], meta["k_requested"], meta["count"]) == (5, 20, 6)
-    assert np.load(out / "knn_text.npy").shape == np.load(out / "knn_fused.npy").shape == (6, 5)
+    assert np.load(out / KNN_TEXT).shape == np.load(out / KNN_FUSED).shape == (6, 5)
     assert main(["verify", str(out)]) == 0
 
 
@@ -348,7 +351,7 @@ def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_ru
     items, out, _, _, _ = dag_run
     runs_dir = out / "runs" / "test-exp"
     before = set(p.name for p in runs_dir.glob("*.json"))
-    text_before = np.load(out / "txt.npy")
+    text_before = np.load(out / TXT_ARRAY)
     table = pq.read_table(items)
     titles = table.column("title").to_pylist()
     titles[0] = "A completely different product: a cast-iron frying pan"
@@ -357,7 +360,7 @@ def test_changed_contents_at_the_same_path_are_recomputed_with_caching_on(dag_ru
     args = ["run-local", "--items", str(items), "--output-dir", str(out),
             "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true"]
     assert main(args) == 0  # caching is on (the default)
-    text_after = np.load(out / "txt.npy")
+    text_after = np.load(out / TXT_ARRAY)
     assert not np.array_equal(text_after[0], text_before[0])  # recomputed from the new title
     np.testing.assert_allclose(text_after[1:], text_before[1:], atol=1e-6)
     new_runs = {p.name.split("-item-embeddings")[0]
@@ -374,8 +377,8 @@ def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_pat
     assert main(["verify", str(out)]) == 0
     assert "all checks passed" in capsys.readouterr().out
     # the optional publish step ran (publish_uri set): a complete set with its manifest
-    manifest = json.loads((published / "manifest.json").read_text())
-    assert {"txt.npy", "img.npy", "fused.npy", "fusion_config.json"} <= set(manifest["files"])
+    manifest = json.loads((published / MANIFEST).read_text())
+    assert {TXT_ARRAY, IMG_ARRAY, FUSED_ARRAY, FUSION_CONFIG} <= set(manifest["files"])
     assert main(["verify", str(published)]) == 0
     assert "all checks passed" in capsys.readouterr().out
 
@@ -387,18 +390,18 @@ def test_verify_passes_on_the_run_and_fails_on_corrupted_copies(dag_run, tmp_pat
         return capsys.readouterr()
 
     def truncate(d):
-        arr = np.load(d / "fused.npy")
-        np.save(d / "fused.npy", arr[:-3])
+        arr = np.load(d / FUSED_ARRAY)
+        np.save(d / FUSED_ARRAY, arr[:-3])
 
     def shuffle_ids(d):
-        t = pq.read_table(d / "txt_items.parquet")
+        t = pq.read_table(d / TXT_ITEMS)
         pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)),
-                       d / "txt_items.parquet")
+                       d / TXT_ITEMS)
 
     def nan_row(d):
-        arr = np.load(d / "img.npy")
+        arr = np.load(d / IMG_ARRAY)
         arr[0] = np.nan
-        np.save(d / "img.npy", arr)
+        np.save(d / IMG_ARRAY, arr)
 
     for name, change, word in [("truncated", truncate, "fused"), ("shuffled", shuffle_ids, "id"),
                                ("nan", nan_row, "NaN")]:
@@ -414,7 +417,7 @@ def test_run_local_bad_table_fails_fast_with_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "'asin' has 1 null id(s), at rows [1]" in err
-    assert not (tmp_path / "out" / "txt.npy").exists()
+    assert not (tmp_path / "out" / TXT_ARRAY).exists()
 
 
 def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
@@ -433,7 +436,7 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
             "failed: ConfigError: image_pretrained '/nonexistent/weights.pt' is neither") in err
     assert " inside '" not in err.splitlines()[-1]
     assert time.monotonic() - started < 120  # no retry backoff locally
-    assert not (tmp_path / "out" / "fused.npy").exists()
+    assert not (tmp_path / "out" / FUSED_ARRAY).exists()
     # the console shows the failed task's own error and where the whole log is
     log = tmp_path / "out" / "run.log"
     assert re.search(r"embed-images: FAILED in \d+\.\d s; the last \d+ lines of its output:",
@@ -459,7 +462,7 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
 
     items, _, urls, published, _ = dag_run
     previous = tmp_path / "previous"  # the set as it was, to compare with
-    before = json.loads((published / "manifest.json").read_text())
+    before = json.loads((published / MANIFEST).read_text())
     shutil.copytree(published / before["set"], previous)
     rows = pq.read_table(items).to_pylist()  # the catalogue the published set was made from
     base = urls[0].rsplit("/img/", 1)[0]
@@ -480,17 +483,17 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
                  "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
                  "--previous", str(published), "--set", "fusion_mode=apply"]) == 0
     n = len(rows)
-    text_meta = json.loads((out / "txt_meta.json").read_text())
-    image_meta = json.loads((out / "img_meta.json").read_text())
-    fusion_meta = json.loads((out / "fusion_config.json").read_text())
+    text_meta = json.loads((out / TXT_META).read_text())
+    image_meta = json.loads((out / IMG_META).read_text())
+    fusion_meta = json.loads((out / FUSION_CONFIG).read_text())
     selected = sum(1 for r in rows if (r["image_url"] or "").startswith("http"))
     assert (text_meta["reused_count"], text_meta["encoded_count"]) == (n - 4, 4)
     # new URLs encoded; the 404 of the previous set tried again (and failing again)
     assert (image_meta["encoded_count"], image_meta["failed_count"],
             image_meta["reused_count"]) == (2, 1, selected - 3)
     assert (fusion_meta["reused_count"], fusion_meta["computed_count"]) == (n - 5, 5)
-    assert (out / "fusion_model.safetensors").read_bytes() == \
-        (previous / "fusion_model.safetensors").read_bytes()
+    assert (out / FUSION_WEIGHTS).read_bytes() == \
+        (previous / FUSION_WEIGHTS).read_bytes()
     record = next((out / "runs" / "test-exp").glob("embed-text-*.json"))
     assert json.loads(record.read_text())["metrics"]["reused_count"] == n - 4
 
@@ -502,30 +505,30 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
                                                           image_pretrained=str(checkpoint)),
                        encoder=load_image_encoder(str(config), str(checkpoint)),
                        download_config=DownloadConfig(retries=0, allow_private_hosts=True))
-    for name, vectors, atol in [("txt", "txt.npy", 1e-5), ("img", "img.npy", 1e-6)]:
+    for name, vectors, atol in [("txt", TXT_ARRAY, 1e-5), ("img", IMG_ARRAY, 1e-6)]:
         assert pq.read_table(out / f"{name}_items.parquet").equals(
             pq.read_table(full / f"{name}_items.parquet"))
         np.testing.assert_allclose(np.load(out / vectors), np.load(full / vectors), atol=atol)
-    assert pq.read_table(out / "img_failures.parquet").equals(
-        pq.read_table(full / "img_failures.parquet"))
-    assert pq.read_table(out / "txt_items.parquet").column("id").to_pylist() == \
+    assert pq.read_table(out / IMG_FAILURES).equals(
+        pq.read_table(full / IMG_FAILURES))
+    assert pq.read_table(out / TXT_ITEMS).column("id").to_pylist() == \
         [r["asin"] for r in rows]
 
     # Reused rows are the previous set's bytes: text by key, fused codes by unchanged id.
-    prev_keys = pq.read_table(previous / "txt_items.parquet").column("key").to_pylist()
-    prev_txt = np.load(previous / "txt.npy")
-    txt = np.load(out / "txt.npy")
-    keys = pq.read_table(out / "txt_items.parquet").column("key").to_pylist()
+    prev_keys = pq.read_table(previous / TXT_ITEMS).column("key").to_pylist()
+    prev_txt = np.load(previous / TXT_ARRAY)
+    txt = np.load(out / TXT_ARRAY)
+    keys = pq.read_table(out / TXT_ITEMS).column("key").to_pylist()
     for row, key in enumerate(keys):
         if key in prev_keys:
             assert txt[row].tobytes() == prev_txt[prev_keys.index(key)].tobytes()
-    prev_ids = pq.read_table(previous / "fused_items.parquet").column("id").to_pylist()
-    prev_fused, fused = np.load(previous / "fused.npy"), np.load(out / "fused.npy")
+    prev_ids = pq.read_table(previous / FUSED_ITEMS).column("id").to_pylist()
+    prev_fused, fused = np.load(previous / FUSED_ARRAY), np.load(out / FUSED_ARRAY)
     for row, r in enumerate(rows):
         if r["asin"] not in changed:
             assert fused[row].tobytes() == prev_fused[prev_ids.index(r["asin"])].tobytes()
 
-    manifest = json.loads((published / "manifest.json").read_text())
+    manifest = json.loads((published / MANIFEST).read_text())
     assert manifest["counts"]["text_count"] == n  # the new set is the published one now
     # the run read the set the pointer named when it started (its first task pinned it)
     assert text_meta["previous_uri"] == str(published / before["set"]).rstrip("/")

@@ -1,18 +1,18 @@
 """publish_outputs against a local folder and a real GCS emulator (gcp-storage-emulator)."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from google.cloud.storage import Blob
 
 from item_embeddings import publish as publish_mod
+from item_embeddings.outputs import QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.publish import LOCK_FILE, MANIFEST, PublishError, publish_outputs
 from item_embeddings.published import KEEP_SETS, SETS_DIR, resolve
 from item_embeddings.storage import sha256_file
 from item_embeddings.verify import verify_outputs
-from test_verify import make_output_set
+from helpers import make_output_set
 
 BUCKET = "embeddings-bucket"
 
@@ -148,7 +148,7 @@ def test_publish_local_folder(tmp_path):
     text_only = _sources(tmp_path / "second", with_images=False)
     manifest2 = publish_outputs(text_only, str(dest), run_id="run-2")
     assert sorted(p.name for p in (dest / manifest2["set"]).iterdir()) == [
-        "manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+        MANIFEST, TXT_ARRAY, TXT_ITEMS, TXT_META]
     assert json.loads((dest / MANIFEST).read_text())["set"] == manifest2["set"]
     assert verify_outputs(str(first)).ok
     # It reads back whole (manifest and hashes agree) but is refused as a run that stopped early.
@@ -195,7 +195,7 @@ def test_publish_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(PublishError, match="nothing to publish"):
         publish_outputs([empty], str(tmp_path / "dest"))
-    (a / "txt_meta.json").write_text("{broken")
+    (a / TXT_META).write_text("{broken")
     with pytest.raises(PublishError, match="txt_meta.json: unreadable meta file"):
         publish_outputs([a], str(tmp_path / "dest"))
     assert not (tmp_path / "dest").exists()
@@ -224,7 +224,7 @@ def test_publish_gcs(bucket, tmp_path):
     text_only = _sources(tmp_path / "second", with_images=False)
     second = publish_outputs(text_only, uri, run_id="run-2")
     assert _blobs(bucket, f"embeddings/prod/{second['set']}") == [
-        "manifest.json", "txt.npy", "txt_items.parquet", "txt_meta.json"]
+        MANIFEST, TXT_ARRAY, TXT_ITEMS, TXT_META]
     assert verify_outputs(f"{uri}/{set_name}").ok  # the first set is kept for its readers
 
 
@@ -260,7 +260,7 @@ def test_component_publishes_through_kfp_local(tmp_path):
     knn, report = tmp_path / "steps" / "knn", tmp_path / "steps" / "report"
     knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
     report.mkdir()
-    (report / "qa_report.html").write_text("<html><body><h2>QA</h2></body></html>")
+    (report / QA_REPORT).write_text("<html><body><h2>QA</h2></body></html>")
     dest = tmp_path / "published"
     publish_op = make_component("python:3.11")
 
@@ -278,7 +278,7 @@ def test_component_publishes_through_kfp_local(tmp_path):
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
     assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 13
-    assert "qa_report.html" in manifest["files"]
+    assert QA_REPORT in manifest["files"]
     assert manifest["extra"]["sources"]["text"] == str(text)
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.
@@ -374,7 +374,7 @@ def test_a_run_made_from_an_older_set_does_not_replace_a_newer_one(tmp_path):
     s0 = publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="s0")
     publish_outputs(_sources(tmp_path / "weekly"), str(dest), run_id="weekly")
     nightly = _sources(tmp_path / "nightly")
-    meta_path = nightly[0] / "txt_meta.json"
+    meta_path = nightly[0] / TXT_META
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "previous_uri": str(dest / s0["set"])}))
     before = sorted((dest / SETS_DIR).iterdir())
@@ -410,7 +410,7 @@ def test_sets_never_made_current_are_left_alone_a_day_then_removed(tmp_path):
     under_way = dest / SETS_DIR / "29991231T235959Z-busy-00000000"
     for folder in (killed, under_way):
         folder.mkdir()
-        (folder / "txt.npy").write_bytes(b"half")
+        (folder / TXT_ARRAY).write_bytes(b"half")
     current = publish_outputs(_sources(tmp_path / "1"), str(dest), run_id="r1")
     names = {p.name for p in (dest / SETS_DIR).iterdir()}
     assert under_way.name in names and killed.name not in names
@@ -448,7 +448,7 @@ def test_gcs_pointer_and_set_files_are_never_overwritten(bucket, preconditions, 
     with pytest.raises(PreconditionFailed):  # what a second first publish would send
         bucket.blob(f"embeddings/cas/{MANIFEST}").upload_from_string(b"{}", if_generation_match=0)
     with pytest.raises(PreconditionFailed):
-        bucket.blob(f"embeddings/cas/{manifest['set']}txt.npy").upload_from_string(
+        bucket.blob(f"embeddings/cas/{manifest['set']}{TXT_ARRAY}").upload_from_string(
             b"x", if_generation_match=0)
     second = publish_outputs(_sources(tmp_path / "1"), uri, run_id="r1")
     assert bucket.get_blob(f"embeddings/cas/{MANIFEST}").generation != pointer.generation
@@ -456,3 +456,109 @@ def test_gcs_pointer_and_set_files_are_never_overwritten(bucket, preconditions, 
         bucket.blob(f"embeddings/cas/{MANIFEST}").upload_from_string(
             b"{}", if_generation_match=pointer.generation)
     assert resolve(uri).manifest == second
+
+
+# ----------------------------------------------------------------------------- what a reader sees
+
+
+def test_manifest_records_format_uri_time_and_the_counts_present(tmp_path):
+    import datetime as dt
+
+    text, image, fused = _sources(tmp_path)
+    dest = str(tmp_path / "published")
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    manifest = publish_outputs([image, fused], dest)  # no text group, no run id
+    published_at = dt.datetime.fromisoformat(manifest["published_at"])
+    assert published_at.utcoffset() == dt.timedelta(0)  # UTC, whole seconds
+    assert before <= published_at <= dt.datetime.now(dt.timezone.utc)
+    assert manifest["published_at"].endswith("+00:00") and "." not in manifest["published_at"]
+    assert manifest["format"] == publish_mod.MANIFEST_FORMAT == 2
+    assert manifest["publish_uri"] == dest and manifest["run_id"] == ""
+    assert "-run-" in manifest["set"]  # no run id: the set is named after "run"
+    # A missing meta file leaves its counts out; the other groups' counts are still there.
+    assert manifest["counts"] == {
+        "image_count": 21, "image_failed_count": 5, "image_attempted_count": 26,
+        "image_no_url_count": 14, "image_embed_dim": 512, "fused_count": 40,
+        "items_with_images": 20, "fused_output_dim": 128}
+    assert json.loads((Path(dest) / MANIFEST).read_text()) == manifest
+
+
+def test_publish_error_messages_name_the_problem(tmp_path):
+    with pytest.raises(PublishError) as exc:
+        publish_outputs([tmp_path], "")
+    assert str(exc.value) == "publish_uri is empty"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PublishError) as exc:
+        publish_outputs([empty], str(tmp_path / "dest"))
+    assert str(exc.value) == f"nothing to publish in {[str(empty)]}"
+    source = make_output_set(tmp_path / "set", with_images=False)
+    (source / MANIFEST).write_text("{}")  # e.g. a published folder handed back as a source
+    with pytest.raises(PublishError) as exc:
+        publish_outputs([source], str(tmp_path / "dest"))
+    assert str(exc.value) == f"{source / MANIFEST}: a source may not contain {MANIFEST} (reserved)"
+
+
+def test_manifest_uri_is_beside_the_sets():
+    assert publish_mod.manifest_uri("gs://b/embeddings/") == "gs://b/embeddings/manifest.json"
+    assert publish_mod.manifest_uri("gs://b/embeddings") == "gs://b/embeddings/manifest.json"
+    assert publish_mod.manifest_uri("/data/out/") == "/data/out/manifest.json"
+    assert publish_mod.manifest_uri("gs://b/v2/X") == "gs://b/v2/X/manifest.json"  # verbatim
+
+
+# ----------------------------------------------------------------------------- gs:// details
+
+
+@pytest.mark.parametrize("uri_path, prefix", [
+    ("", ""), ("/", ""), ("//", ""),                 # the bucket itself
+    ("/nightly/sets", "nightly/sets/"), ("/nightly/sets//", "nightly/sets/"),
+    ("/v2/X", "v2/X/"), ("/X", "X/"),                # kept verbatim, whatever its letters
+])
+def test_gcs_prefix_spellings(gcs, tmp_path, uri_path, prefix):
+    import uuid
+
+    bucket = gcs.create_bucket(f"spell-{uuid.uuid4().hex[:8]}")
+    manifest = publish_outputs(_sources(tmp_path, with_images=False),
+                               f"gs://{bucket.name}{uri_path}", run_id="r")
+    names = sorted(b.name for b in bucket.list_blobs())
+    assert names == sorted([prefix + MANIFEST, *(prefix + manifest["set"] + name
+                                                 for name in [*manifest["files"], MANIFEST])])
+
+
+def test_gcs_publish_requests(bucket, tmp_path, monkeypatch):
+    """What goes over the wire: the set's uploads never overwrite (ifGenerationMatch=0, which
+    also makes them safe to retry) and carry a crc32c the server checks; the pointer is one
+    upload conditioned on the generation it replaces, readable JSON with its content type."""
+    import requests
+
+    real_request, uploads = requests.Session.request, []
+
+    def request(self, method, url, *args, **kwargs):
+        if "/upload/storage/v1/" in url:
+            body = kwargs.get("data") or b""
+            meta = json.loads(body.split(b"\r\n\r\n", 1)[1].split(b"\r\n", 1)[0])
+            uploads.append((url, meta))
+        return real_request(self, method, url, *args, **kwargs)
+
+    uri = f"gs://{BUCKET}/embeddings/wire"
+    first = publish_outputs(_sources(tmp_path / "a"), uri, run_id="run-1")
+    generation = bucket.get_blob(f"embeddings/wire/{MANIFEST}").generation
+    monkeypatch.setattr(requests.Session, "request", request)
+    manifest = publish_outputs(_sources(tmp_path / "b"), uri, run_id="run-2")
+
+    in_set = [(url, meta) for url, meta in uploads
+              if meta["name"].startswith(f"embeddings/wire/{manifest['set']}")]
+    assert sorted(meta["name"].rsplit("/", 1)[1] for _, meta in in_set) == sorted(
+        [*manifest["files"], MANIFEST])
+    for url, meta in in_set:
+        assert "ifGenerationMatch=0" in url, url
+    for url, meta in in_set:
+        if not meta["name"].endswith(MANIFEST):
+            assert meta.get("crc32c"), meta
+    (pointer_url,) = [url for url, meta in uploads if meta["name"] == f"embeddings/wire/{MANIFEST}"]
+    assert f"ifGenerationMatch={generation}" in pointer_url
+    blob = bucket.get_blob(f"embeddings/wire/{MANIFEST}")
+    assert blob.content_type == "application/json"
+    assert blob.download_as_bytes().decode() == json.dumps(manifest, indent=2,
+                                                           sort_keys=True) + "\n"
+    assert manifest["history"] == [manifest["set"], first["set"]]

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import catalogue, write_items
+from helpers import catalogue, write_items
 from item_embeddings.config import PipelineParams
 from item_embeddings.items import ItemsError, item_text
 from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META

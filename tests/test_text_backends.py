@@ -8,10 +8,10 @@ import random
 
 import numpy as np
 import pytest
-from conftest import catalogue, write_items
+from helpers import catalogue, write_items
 
 from item_embeddings.config import PipelineParams
-from item_embeddings.outputs import TXT_META
+from item_embeddings.outputs import TXT_ARRAY, TXT_META
 from item_embeddings.storage import sha256_file
 from item_embeddings.text import embed_items_text, load_text_encoder, resolve_text_model
 from item_embeddings.text.encoders import resolve_backend
@@ -168,7 +168,7 @@ def test_step_records_backend_and_fast_model_hash(tmp_path, cache, monkeypatch, 
     assert on_disk == meta
     assert meta["text_backend"] == "onnx-int8" and meta["dtype"] == "int8"
     assert meta["fast_model_sha256"] == encoders["onnx-int8"].model_sha256
-    assert np.load(tmp_path / "out" / "txt.npy").shape == (30, 384)
+    assert np.load(tmp_path / "out" / TXT_ARRAY).shape == (30, 384)
     # an approximation: recorded as such, with the gate it passed on this catalogue's texts
     assert meta["exact"] is False
     gate = meta["quality_gate"]
@@ -191,7 +191,7 @@ def test_default_backend_is_exact(tmp_path, cache, monkeypatch, encoders):
     texts = [item_text(t, d) for t, d in zip(cat["title"], cat["description"])]
     plain = SentenceTransformer(resolve_text_model("all-MiniLM-L6-v2").location, device="cpu")
     want = plain.encode(texts, normalize_embeddings=True)
-    got = np.load(tmp_path / "out" / "txt.npy")
+    got = np.load(tmp_path / "out" / TXT_ARRAY)
     assert (got * want).sum(axis=1).min() >= 0.9999
 
 
@@ -205,7 +205,7 @@ def test_an_approximation_that_fails_the_gate_is_refused_before_encoding(
     with pytest.raises(quality.QualityGateError, match="'onnx-int8' fails the quality gate "
                                                        "on 30 texts"):
         embed_items_text(str(items), tmp_path / "out", PipelineParams(text_backend="onnx-int8"))
-    assert not (tmp_path / "out" / "txt.npy").exists()
+    assert not (tmp_path / "out" / TXT_ARRAY).exists()
 
 
 def test_backend_names_are_checked():

@@ -123,7 +123,7 @@ def metadata_service(monkeypatch):
     from google.cloud.aiplatform_v1.services.tensorboard_service import TensorboardServiceClient
     from google.cloud.aiplatform_v1.types import context as gca_context
 
-    from test_vertex_ops import FakeVertex
+    from vertex_fake import FakeVertex
 
     backend = FakeVertex()
     backend.updates, backend.tensorboard_calls, backend.race_on = [], [], set()

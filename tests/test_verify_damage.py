@@ -12,17 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import catalogue, write_items
 from image_server import ImageServer, make_images
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.image import embed_items_images, load_image_encoder
 from item_embeddings.ops.cli import main
-from item_embeddings.outputs import GROUPS, KNN_META, META_FILES
+from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
+                                     FUSION_WEIGHTS, GROUPS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS,
+                                     IMG_META, KNN_FUSED, KNN_FUSED_SCORES, KNN_META, KNN_TEXT,
+                                     KNN_TEXT_SCORES, META_FILES, TXT_ARRAY, TXT_ITEMS, TXT_META)
 from item_embeddings.publish import publish_outputs
 from item_embeddings.storage import place_files
 from item_embeddings.text import embed_items_text, load_text_encoder
-from test_verify import exact_knn, reseal, write_knn
+from helpers import catalogue, exact_knn, reseal, write_items, write_knn
 
 N = 24
 K = 4
@@ -127,13 +129,13 @@ def test_real_sets_pass_with_hashes_and_run_links(runs, tmp_path, capsys):
     for root in runs.values():
         rc, out = _verify(root, capsys)
         assert rc == 0 and "all checks passed" in out, out
-    meta = json.loads((runs["run-a"] / "txt_meta.json").read_text())
-    assert set(meta["files"]) == {"txt.npy", "txt_items.parquet"}
-    fusion = json.loads((runs["run-a"] / "fusion_config.json").read_text())
-    assert set(fusion["files"]) == {"fused.npy", "fused_items.parquet", "fusion_exclusions.parquet",
-                                    "fusion_model.safetensors"}
+    meta = json.loads((runs["run-a"] / TXT_META).read_text())
+    assert set(meta["files"]) == {TXT_ARRAY, TXT_ITEMS}
+    fusion = json.loads((runs["run-a"] / FUSION_CONFIG).read_text())
+    assert set(fusion["files"]) == {FUSED_ARRAY, FUSED_ITEMS, FUSION_EXCLUSIONS,
+                                    FUSION_WEIGHTS}
     assert (fusion["text_run_id"], fusion["image_run_id"]) == ("run-a", "run-a")
-    img = json.loads((runs["run-a"] / "img_meta.json").read_text())
+    img = json.loads((runs["run-a"] / IMG_META).read_text())
     assert img["count"] > 0 and img["failed_count"] > 0 and img["no_url_count"] > 0
     published = tmp_path / "published"
     publish_outputs([runs["run-a"]], str(published), run_id="run-a")
@@ -159,29 +161,29 @@ def test_text_only_folder_of_a_killed_run_is_refused(runs, tmp_path, capsys):
 
 
 def test_partial_knn_group_is_refused(damaged, capsys):
-    _delete(damaged, "knn_fused_scores.npy")
+    _delete(damaged, KNN_FUSED_SCORES)
     refused(damaged, capsys, "knn outputs incomplete: missing ['knn_fused_scores.npy']")
 
 
 # ----------------------------------------------------------------------------- alignment
 
-@pytest.mark.parametrize("name,meta", [("txt.npy", "txt_meta.json"), ("img.npy", "img_meta.json"),
-                                       ("fused.npy", "fusion_config.json"),
-                                       ("knn_text.npy", "knn_meta.json"),
-                                       ("knn_fused_scores.npy", "knn_meta.json")])
+@pytest.mark.parametrize("name,meta", [(TXT_ARRAY, TXT_META), (IMG_ARRAY, IMG_META),
+                                       (FUSED_ARRAY, FUSION_CONFIG),
+                                       (KNN_TEXT, KNN_META),
+                                       (KNN_FUSED_SCORES, KNN_META)])
 def test_swapped_rows_are_refused(damaged, capsys, name, meta):
     _swap_rows(damaged / name)
     refused(damaged, capsys, f"{name}: content does not match {meta}")
 
 
 def test_swapped_image_rows_of_two_ids_are_refused(damaged, capsys):
-    _edit_table(damaged / "img_items.parquet", "row",
+    _edit_table(damaged / IMG_ITEMS, "row",
                 lambda rows: [rows[1], rows[0], *rows[2:]])
     refused(damaged, capsys, "img_items.parquet: content does not match img_meta.json")
 
 
-@pytest.mark.parametrize("group,meta,key", [("text", "txt_meta.json", "text_run_id"),
-                                            ("image", "img_meta.json", "image_run_id")])
+@pytest.mark.parametrize("group,meta,key", [("text", TXT_META, "text_run_id"),
+                                            ("image", IMG_META, "image_run_id")])
 def test_groups_of_two_runs_are_refused(runs, damaged, capsys, group, meta, key):
     """The other run's files are intact and hold the same items: only the run ids tell."""
     for name in _group(group):
@@ -194,29 +196,29 @@ def test_groups_of_two_runs_are_refused(runs, damaged, capsys, group, meta, key)
 def test_knn_graph_of_other_vectors_is_refused(damaged, capsys):
     """A graph built on other vectors (a different run, or rows moved before the build) is
     refused by its scores even when every hash matches."""
-    txt = np.load(damaged / "txt.npy")
+    txt = np.load(damaged / TXT_ARRAY)
     idx, scores = exact_knn(txt[::-1].copy(), K)
-    np.save(damaged / "knn_text.npy", idx)
-    np.save(damaged / "knn_text_scores.npy", scores)
+    np.save(damaged / KNN_TEXT, idx)
+    np.save(damaged / KNN_TEXT_SCORES, scores)
     reseal(damaged)
     refused(damaged, capsys, "knn_text_scores.npy: ", "whose scores are not the cosine of the "
                                                       "txt.npy rows they link")
 
 
 def test_meta_without_hashes_is_refused(damaged, capsys):
-    meta = json.loads((damaged / "img_meta.json").read_text())
+    meta = json.loads((damaged / IMG_META).read_text())
     del meta["files"]
-    (damaged / "img_meta.json").write_text(json.dumps(meta))
-    files = json.loads((damaged / "txt_meta.json").read_text())["files"]
-    del files["txt.npy"]
-    _edit_meta(damaged / "txt_meta.json", files=files)
+    (damaged / IMG_META).write_text(json.dumps(meta))
+    files = json.loads((damaged / TXT_META).read_text())["files"]
+    del files[TXT_ARRAY]
+    _edit_meta(damaged / TXT_META, files=files)
     refused(damaged, capsys, "img_meta.json: no 'files' record",
             "txt_meta.json: 'files' records no hash of ['txt.npy']")
 
 
 def test_listed_file_missing_and_no_run_id(damaged, capsys):
-    _delete(damaged, "fusion_model.safetensors")
-    _edit_meta(damaged / "txt_meta.json", run_id="")
+    _delete(damaged, FUSION_WEIGHTS)
+    _edit_meta(damaged / TXT_META, run_id="")
     refused(damaged, capsys, "fusion_config.json lists fusion_model.safetensors but it is missing",
             "txt_meta.json: no run_id")
 
@@ -226,7 +228,7 @@ def test_listed_file_missing_and_no_run_id(damaged, capsys):
 # content check alone must catch the damage.
 
 def test_string_row_column_is_a_violation_not_a_traceback(damaged, capsys):
-    _edit_table(damaged / "img_items.parquet", "row",
+    _edit_table(damaged / IMG_ITEMS, "row",
                 lambda rows: pa.array([str(r) for r in rows]))
     reseal(damaged)
     refused(damaged, capsys,
@@ -234,15 +236,15 @@ def test_string_row_column_is_a_violation_not_a_traceback(damaged, capsys):
 
 
 @pytest.mark.parametrize("name,column,change,message", [
-    ("txt_items.parquet", "id", lambda v: pa.array([float(i) for i, _ in enumerate(v)]),
+    (TXT_ITEMS, "id", lambda v: pa.array([float(i) for i, _ in enumerate(v)]),
      "txt_items.parquet: column 'id' has type double, expected string or integer ids"),
-    ("fused_items.parquet", "has_image", lambda v: pa.array([int(h) for h in v]),
+    (FUSED_ITEMS, "has_image", lambda v: pa.array([int(h) for h in v]),
      "fused_items.parquet: column 'has_image' has type int64, expected bool"),
-    ("img_failures.parquet", "http_status", lambda v: pa.array([str(s) for s in v]),
+    (IMG_FAILURES, "http_status", lambda v: pa.array([str(s) for s in v]),
      "img_failures.parquet: column 'http_status' has type string, expected an integer type"),
-    ("fused_items.parquet", "has_image", lambda v: [None, *v[1:]],
+    (FUSED_ITEMS, "has_image", lambda v: [None, *v[1:]],
      "fused_items.parquet: 1 null has_image value(s)"),
-    ("img_items.parquet", "id", lambda v: pa.array(list(range(len(v)))),
+    (IMG_ITEMS, "id", lambda v: pa.array(list(range(len(v)))),
      "img_items.parquet: ids are int64 but txt_items.parquet ids are string: they cannot join"),
 ])
 def test_wrong_column_types_are_violations(damaged, capsys, name, column, change, message):
@@ -252,25 +254,25 @@ def test_wrong_column_types_are_violations(damaged, capsys, name, column, change
 
 
 def test_two_ids_on_one_image_row_are_refused(damaged, capsys):
-    _edit_table(damaged / "img_items.parquet", "row", lambda rows: [rows[1], *rows[1:]])
+    _edit_table(damaged / IMG_ITEMS, "row", lambda rows: [rows[1], *rows[1:]])
     reseal(damaged)
     refused(damaged, capsys, "img_items.parquet: several ids point at the same img.npy row")
 
 
 def test_unknown_image_id_is_refused(damaged, capsys):
-    _edit_table(damaged / "img_items.parquet", "id", lambda ids: ["not-an-item", *ids[1:]])
+    _edit_table(damaged / IMG_ITEMS, "id", lambda ids: ["not-an-item", *ids[1:]])
     reseal(damaged)
     refused(damaged, capsys, "img_items.parquet: 1 id(s) not in txt_items.parquet, "
                              "e.g. ['not-an-item']")
 
 
 def test_duplicate_text_id_is_refused(damaged, capsys):
-    _edit_table(damaged / "txt_items.parquet", "id", lambda ids: [ids[1], *ids[1:]])
+    _edit_table(damaged / TXT_ITEMS, "id", lambda ids: [ids[1], *ids[1:]])
     reseal(damaged)
     refused(damaged, capsys, "txt_items.parquet: 1 duplicated id(s)")
 
 
-@pytest.mark.parametrize("meta,real", [("txt_meta.json", 384), ("img_meta.json", 32)])
+@pytest.mark.parametrize("meta,real", [(TXT_META, 384), (IMG_META, 32)])
 def test_wrong_embed_dim_in_meta_is_refused(damaged, capsys, meta, real):
     _edit_meta(damaged / meta, embed_dim=real * 2)
     refused(damaged, capsys, f"{meta}: embed_dim = {real * 2} but the data says {real}")
@@ -279,11 +281,11 @@ def test_wrong_embed_dim_in_meta_is_refused(damaged, capsys, meta, real):
 # ----------------------------------------------------------------------------- kNN content
 
 def _knn_damage(damaged: Path, change) -> None:
-    idx = np.load(damaged / "knn_fused.npy")
-    scores = np.load(damaged / "knn_fused_scores.npy")
+    idx = np.load(damaged / KNN_FUSED)
+    scores = np.load(damaged / KNN_FUSED_SCORES)
     change(idx, scores)
-    np.save(damaged / "knn_fused.npy", idx)
-    np.save(damaged / "knn_fused_scores.npy", scores)
+    np.save(damaged / KNN_FUSED, idx)
+    np.save(damaged / KNN_FUSED_SCORES, scores)
     reseal(damaged)
 
 
@@ -317,8 +319,8 @@ def test_knn_graph_damage_is_refused(damaged, capsys, change, message):
 
 
 def test_knn_shape_dtype_and_meta_must_agree(damaged, capsys):
-    idx = np.load(damaged / "knn_text.npy")
-    np.save(damaged / "knn_text.npy", idx[:, :-1].astype(np.int64))
+    idx = np.load(damaged / KNN_TEXT)
+    np.save(damaged / KNN_TEXT, idx[:, :-1].astype(np.int64))
     meta = json.loads((damaged / KNN_META).read_text())
     meta["count"] = N + 1
     meta["spaces"]["fused"]["dim"] = 64
@@ -332,7 +334,7 @@ def test_knn_shape_dtype_and_meta_must_agree(damaged, capsys):
 
 def test_unreadable_meta_values_are_violations(damaged, capsys):
     _edit_meta(damaged / KNN_META, k="four", spaces=[])
-    _edit_meta(damaged / "img_meta.json", files=["img.npy"])
+    _edit_meta(damaged / IMG_META, files=[IMG_ARRAY])
     refused(damaged, capsys, "knn_meta.json: k = 'four' is not a positive integer",
             "knn_meta.json: 'spaces' must describe ['fused', 'text']",
             "img_meta.json: 'files' is not a mapping of file name to size and sha256")

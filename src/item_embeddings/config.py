@@ -344,7 +344,11 @@ def _check_name(name: str) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["text_batch_size=64", ...]`` -> ``{"text_batch_size": 64}``, typed and validated."""
+    """``--set`` pairs as parameter values, typed and validated.
+
+    >>> parse_overrides(["text_batch_size=64", "image_strategy=STANDARD"])
+    {'text_batch_size': 64, 'image_strategy': 'STANDARD'}
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")

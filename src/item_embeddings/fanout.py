@@ -114,13 +114,25 @@ def _url_rows_per_shard(items_uri: str, columns: ItemColumns, bounds: list[int])
 
 def shard_bounds(rows: int, shards: int) -> list[int]:
     """The ``shards + 1`` row bounds of ``shards`` contiguous ranges of ``rows`` rows, whose
-    sizes differ by at most one (empty ranges when there are more shards than rows)."""
+    sizes differ by at most one (empty ranges when there are more shards than rows).
+
+    >>> shard_bounds(10, 3)
+    [0, 3, 6, 10]
+    >>> shard_bounds(2, 4)
+    [0, 0, 1, 1, 2]
+    """
     return [i * rows // shards for i in range(shards + 1)]
 
 
 def image_quotas(url_rows: Sequence[int], max_items: int) -> list[int | None]:
     """Each shard's share of the catalogue-wide image cap, given its URL rows: the first
-    ``max_items`` URL rows in input order, as one run selects them (None each: no cap)."""
+    ``max_items`` URL rows in input order, as one run selects them (None each: no cap).
+
+    >>> image_quotas([40, 40, 40], max_items=100)
+    [40, 40, 20]
+    >>> image_quotas([40, 40], max_items=0)
+    [None, None]
+    """
     if not max_items:
         return [None] * len(url_rows)
     quotas, before = [], 0
@@ -132,7 +144,11 @@ def image_quotas(url_rows: Sequence[int], max_items: int) -> list[int | None]:
 
 def deal(shards: Sequence[Any], max_parallel_shards: int) -> list[list[Any]]:
     """The shards of each of ``min(len(shards), max_parallel_shards)`` workers: worker ``w``
-    runs shards ``w, w + W, w + 2W, ...``."""
+    runs shards ``w, w + W, w + 2W, ...``.
+
+    >>> deal([0, 1, 2, 3, 4], max_parallel_shards=2)
+    [[0, 2, 4], [1, 3]]
+    """
     width = min(len(shards), max_parallel_shards)
     return [list(shards[w::width]) for w in range(width)]
 

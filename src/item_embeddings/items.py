@@ -353,7 +353,13 @@ def _as_text(value) -> str:
 
 
 def item_text(title, description) -> str:
-    """The text that is embedded for one item: title + " " + description, cleaned."""
+    """The text that is embedded for one item: title + " " + description, cleaned.
+
+    >>> item_text("Acme <b>USB-C</b> cable", ["<p>2 m,&nbsp;braided</p>", "laptops &amp; phones"])
+    'Acme USB-C cable 2 m, braided laptops & phones'
+    >>> item_text(None, "Fast &lt;br&gt;charger")  # entities that encode tags go too
+    'Fast charger'
+    """
     return clean_text(f"{_as_text(title)} {_as_text(description)}")
 
 

@@ -149,6 +149,11 @@ def publish_outputs(source_dirs: Sequence[str | os.PathLike], publish_uri: str, 
 
 
 def manifest_uri(publish_uri: str) -> str:
+    """Where the manifest (the pointer) of the sets published to ``publish_uri`` is.
+
+    >>> manifest_uri("gs://bucket/embeddings/")
+    'gs://bucket/embeddings/manifest.json'
+    """
     return join(publish_uri, MANIFEST)
 
 

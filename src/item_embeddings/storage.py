@@ -30,7 +30,13 @@ def is_gcs_uri(uri: str) -> bool:
 
 
 def split_gcs_uri(uri: str) -> tuple[str, str]:
-    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    """The bucket and object path of a ``gs://`` URI.
+
+    >>> split_gcs_uri("gs://bucket/a/b")
+    ('bucket', 'a/b')
+    >>> split_gcs_uri("gs://bucket")
+    ('bucket', '')
+    """
     if not is_gcs_uri(uri):
         raise ValueError(f"not a gs:// URI: {uri!r}")
     bucket, _, blob = uri[len("gs://"):].partition("/")

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  item-embeddings run-local --items items.parquet --output-dir out/\n"
-               "  item-embeddings compile --output item_embeddings.yaml\n"
+               "  item-embeddings compile --output item_embeddings.yaml --image CPU_IMAGE "
+               "--gpu-image GPU_IMAGE\n"
                "  item-embeddings runs --output-dir out/")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_local_commands(sub)

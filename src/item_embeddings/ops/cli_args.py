@@ -32,6 +32,7 @@ def given_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_local_caching_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-caching", dest="enable_caching", action="store_false",
-                        help="run every task again (by default a task whose parameters and items "
-                             "URI match an earlier run in --output-dir reuses its outputs; the "
-                             "cache does not look at the items file's contents)")
+                        help="run every task again (by default a task whose inputs match a "
+                             "finished task of an earlier run in --output-dir reuses its "
+                             "outputs: its parameters, and the contents of the items table and "
+                             "of the previous set, which the fingerprint task hashes every run)")

@@ -25,7 +25,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .vertex import Images
 
     if args.target == "vertex":
-        Images(cpu=args.image, gpu=args.gpu_image).require()
+        Images(cpu=args.image, gpu=args.gpu_image).require(
+            instead="--target local for a template that kfp.local runs")
     path = compile_pipeline(args.output, target=args.target, image=args.image or DEFAULT_IMAGE,
                             gpu_image=args.gpu_image, pipeline_root=args.pipeline_root)
     print(f"compiled pipeline template ({args.target}) -> {path}")
@@ -168,7 +169,9 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)",
                        description="Run the pipeline with kfp.local and place the final files "
-                                   "flat in --output-dir.",
+                                   "flat in --output-dir.\nA failed run resumes when rerun into "
+                                   "the same --output-dir: its finished tasks come\nfrom the "
+                                   "cache (see --no-caching).",
                        formatter_class=_RAW, epilog=params_epilog())
     p.add_argument("--items", metavar="PATH",
                    help="items parquet file or folder (local or gs://); same as --set items_uri=")

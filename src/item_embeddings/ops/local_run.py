@@ -87,8 +87,10 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
     The output directory and the items table are checked first, so a bad one fails in seconds
     with a clear message.
     Experiment runs go to ``<output_dir>/runs`` unless ``tracking_dir`` says otherwise. With
-    caching, a task whose inputs (parameters and the items URI — not the file's contents) match
-    an earlier run in the same ``output_dir`` reuses that run's outputs.
+    caching, a task whose inputs match a finished task of an earlier run in the same
+    ``output_dir`` reuses that task's outputs: its parameters, and the contents of the items
+    table and of the previous set (hashed by the never-cached fingerprint task). So a failed run,
+    rerun into the same folder, resumes at the task that failed.
     The console shows each task's start, end and progress lines and a closing summary; the full
     output goes to ``<output_dir>/run.log`` (see :mod:`.console`).
 

@@ -25,7 +25,13 @@ def _rfc3339(value: str | None, what: str) -> str | None:
 
 
 def cron_with_time_zone(cron: str, time_zone: str | None) -> str:
-    """``("0 3 * * *", "Europe/Berlin")`` -> ``"TZ=Europe/Berlin 0 3 * * *"`` (Vertex's syntax)."""
+    """A cron and its time zone in Vertex's syntax.
+
+    >>> cron_with_time_zone("0 3 * * *", "Europe/Berlin")
+    'TZ=Europe/Berlin 0 3 * * *'
+    >>> cron_with_time_zone("CRON_TZ=America/New_York 0 1 * * *", None)
+    'TZ=America/New_York 0 1 * * *'
+    """
     fields = cron.split()
     if fields and fields[0].startswith(("TZ=", "CRON_TZ=")):
         if time_zone:

@@ -106,16 +106,17 @@ class Images:
     gpu: str | None = None          # the T4 image step (Dockerfile.gpu: CUDA 12.x torch)
     pipeline_root: str | None = None
 
-    def require(self) -> None:
-        """Both images must be given to compile for Vertex."""
+    def require(self, instead: str = "pass --template FILE_OR_URL of a compiled template"
+                ) -> None:
+        """Both images must be given to compile for Vertex; ``instead`` is the other way the
+        command offers (``compile`` has no ``--template``)."""
         missing = [flag for flag, value in (("--image", self.cpu), ("--gpu-image", self.gpu))
                    if not value]
         if missing:
             raise ConfigError(
                 f"compiling the pipeline for Vertex needs {' and '.join(missing)} URI (the "
                 "project's Dockerfile and Dockerfile.gpu built and pushed to your registry, "
-                "e.g. with cloudbuild.yaml), or pass --template FILE_OR_URL of a compiled "
-                "template")
+                f"e.g. with cloudbuild.yaml), or {instead}")
 
 
 @dataclass(frozen=True)
