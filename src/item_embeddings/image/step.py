@@ -199,6 +199,8 @@ def _shard_settings(items_uri: str, params: PipelineParams, encoder: ImageEncode
         "max_image_bytes": config.max_bytes, "max_redirects": config.max_redirects,
         "allow_private_hosts": config.allow_private_hosts,
         "exempt_networks": list(config.exempt_networks), "max_pixels": MAX_PIXELS,
+        "respect_opt_out": config.respect_opt_out,
+        "respect_robots_txt": config.respect_robots_txt,
     }
 
 
@@ -341,6 +343,11 @@ def embed_items_images(
             "download_retries": config.retries,
             "max_image_bytes": config.max_bytes,
             "allow_private_hosts": config.allow_private_hosts,
+            "download_rate_per_host": config.rate_per_host,
+            "host_failure_limit": config.host_failure_limit,
+            "respect_opt_out": config.respect_opt_out,
+            "respect_robots_txt": config.respect_robots_txt,
+            "user_agent": config.user_agent,
             "shard_size": params.shard_size,
             "shards": n_shards,
             "resumed_shards": stats.resumed_shards,
@@ -361,6 +368,11 @@ def embed_items_images(
                     **{k: totals[k] for k in ("encoded_count", "reused_count",
                                               "revalidated_count", "failures_reused_count")}},
             versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
+    if meta["unavailable_hosts"]:
+        logger.warning("image host(s) not answering, their remaining images skipped by the "
+                       "circuit breaker (reason host_unavailable; retried by the next run): %s",
+                       ", ".join(f"{host} ({n} images)" for host, n in
+                                 list(meta["unavailable_hosts"].items())[:5]))
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
                 meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)
     return meta
