@@ -26,7 +26,8 @@ Every request is counted in ``hits`` (path -> count), so a test can prove that a
 never reached the server; ``conditional`` and ``not_modified`` count the conditional requests
 and the 304 answers per path; ``max_in_flight`` is the most requests it served at once;
 ``host_times`` holds the arrival time of every request per host (``Host`` header, e.g.
-``127.0.0.2:41234``), for request counts and rates per host.
+``127.0.0.2:41234``), for request counts and rates per host. Addresses in ``down`` answer 503 to
+every request.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class ImageServer:
         self.robots_txt: str | None = None
         self.robots_status = 200
         self.robots_location: str | None = None  # robots.txt redirects there when set
+        self.down: set[str] = set()  # addresses that answer 503 to everything (a failing host)
         self.host_times: dict[str, list[float]] = collections.defaultdict(list)
         self.fail_first = set(fail_first)
         self._modified: dict[str, int] = {}  # name -> Last-Modified (seconds) once replaced
@@ -275,6 +277,8 @@ class ImageServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if request.host.rsplit(":", 1)[0] in self.down:
+                return web.Response(status=503, text="down")
             return await handler(request)
         finally:
             self.in_flight -= 1

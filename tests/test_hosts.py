@@ -5,14 +5,22 @@ hosts (127.0.0.1 and 127.0.0.2 are two hosts) that count and time every request 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
+from item_embeddings import image as im
+from item_embeddings.config import PipelineParams
 from item_embeddings.image import download as dl
 from item_embeddings.image.download import DownloadConfig, Downloader, StaticResolver
 from item_embeddings.image.hosts import (MIN_RATE, SLOWED_START_RATE, HostPolicy, Hosts,
                                          failures_by_host, host_of, unavailable_hosts)
+from item_embeddings.outputs import IMG_FAILURES, IMG_META
 
 from image_server import DeadServer, ImageServer
 
@@ -375,3 +383,104 @@ def test_robots_txt_goes_through_the_address_guard(two_hosts):
     assert "10.20.30.40" in results[1].detail
     # public.test's robots.txt redirected to the refused name: no rules (RFC 9309: unavailable)
     assert two_hosts.hits["/robots.txt"] == 1 and two_hosts.hits["/img/rgb.jpg"] == 1
+
+
+# ----------------------------------------------------------------------------- the user's path
+
+def _items(path, urls):
+    pq.write_table(pa.table({"asin": [f"item-{i:03d}" for i in range(len(urls))],
+                             "image_url": pa.array(urls, pa.string())}), path)
+    return path
+
+
+def _component(tiny_model, items, out, **parameters) -> dict:
+    """The image component's Python function, called as the pipeline calls it."""
+    from kfp.dsl import Dataset
+
+    from item_embeddings.components.embed_images import embed_images
+
+    config, checkpoint, _ = tiny_model
+    embed_images(items=Dataset(name="items", uri=str(items)),
+                 image_shards=Dataset(name="image_shards", uri=str(out)),
+                 image_model=str(config), image_pretrained=str(checkpoint),
+                 allow_private_hosts=True, tracking_backend="none", **parameters)
+    return json.loads((out / "shard-00000" / IMG_META).read_text())
+
+
+def test_component_breaker_and_opt_out_parameters(tiny_model, tmp_path):
+    with ImageServer() as good, DeadServer("127.0.0.2") as dead:
+        urls = ([good.url("img/rgb.jpg"), good.url("img/photo.webp?xrt=noai")]
+                + [dead.url(f"img/{i}.jpg") for i in range(40)] + [good.url("img/grey.jpg")])
+        meta = _component(tiny_model, _items(tmp_path / "items.parquet", urls),
+                          tmp_path / "task", host_failure_limit=3, download_concurrency=4,
+                          download_timeout_s=0.3, download_retries=0)
+        requests = dead.requests
+        failures = pq.read_table(tmp_path / "task" / "shard-00000" / IMG_FAILURES)
+    dead_host = f"127.0.0.2:{dead.port}"
+    assert requests <= 3 + 4  # the failures that opened it and those in flight then
+    by_reason = meta["failures_by_reason"]
+    assert by_reason[dl.HOST_UNAVAILABLE] == 40 - requests
+    assert by_reason == {dl.TIMEOUT: requests, dl.HOST_UNAVAILABLE: 40 - requests,
+                         dl.OPTED_OUT: 1}
+    assert meta["unavailable_hosts"] == {dead_host: 40 - requests}
+    assert (meta["count"], meta["host_failure_limit"], meta["respect_opt_out"]) == (2, 3, True)
+    assert meta["user_agent"] == dl.DEFAULT_USER_AGENT
+    assert good.user_agents == {dl.DEFAULT_USER_AGENT}
+    opted = failures.filter(pc.equal(failures.column("reason"), dl.OPTED_OUT)).to_pylist()
+    assert opted[0]["id"] == "item-001" and opted[0]["detail"] == "X-Robots-Tag: noai"
+
+
+def test_component_rate_and_robots_parameters(tiny_model, tmp_path):
+    rate = 5.0
+    with ImageServer() as srv:
+        srv.robots_txt = "User-agent: item-embeddings\nDisallow: /img/grey.jpg\n"
+        urls = [srv.url(f"img/rgb.jpg?i={i}") for i in range(6)] + [
+            srv.url("img/grey.jpg"), srv.url("img/photo.webp?xrt=noai")]
+        meta = _component(tiny_model, _items(tmp_path / "items.parquet", urls),
+                          tmp_path / "task", download_rate_per_host=rate,
+                          respect_robots_txt=True, respect_opt_out=False)
+        times = sorted(srv.host_times[f"127.0.0.1:{srv.port}"])
+        hits = dict(srv.hits)
+    assert meta["failures_by_reason"] == {dl.ROBOTS_DISALLOWED: 1} and meta["count"] == 7
+    assert (meta["download_rate_per_host"], meta["respect_robots_txt"]) == (rate, True)
+    assert hits["/robots.txt"] == 1 and "/img/grey.jpg" not in hits
+    assert len(times) == 8  # robots.txt and 7 images, spaced by the rate
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.8 / rate
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("download_rate_per_host", -1.0, "'download_rate_per_host' must be >= 0"),
+    ("host_failure_limit", -2, "'host_failure_limit' must be >= 0"),
+    ("image_user_agent", "bot/1\r\nX-Injected: 1", "printable ASCII on one line"),
+])
+def test_component_refuses_bad_values_before_any_work(tiny_model, tmp_path, name, value, message):
+    from item_embeddings.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _component(tiny_model, _items(tmp_path / "items.parquet", [None]), tmp_path / "task",
+                   **{name: value})
+    assert not (tmp_path / "task").exists()
+
+
+def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, tmp_path):
+    config, checkpoint, _ = tiny_model
+    encoder = im.load_image_encoder(str(config), str(checkpoint))
+    params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                            allow_private_hosts=True, host_failure_limit=3, download_retries=0,
+                            download_concurrency=1, download_rate_per_host=0.0)
+    with ImageServer(addresses=BOTH) as srv:
+        urls = [srv.url("img/rgb.jpg")] + [srv.url(f"img/grey.jpg?i={i}", host="127.0.0.2")
+                                           for i in range(12)]
+        items = _items(tmp_path / "items.parquet", urls)
+        srv.down.add("127.0.0.2")
+        first = im.embed_items_images(str(items), tmp_path / "A", params, encoder=encoder)
+        assert srv.host_hits("127.0.0.2") == 3 and first["count"] == 1
+        assert first["failures_by_reason"] == {dl.HTTP_ERROR: 3, dl.HOST_UNAVAILABLE: 9}
+        assert first["unavailable_hosts"] == {f"127.0.0.2:{srv.port}": 9}
+        srv.down.clear()
+        again = im.embed_items_images(
+            str(items), tmp_path / "B", dataclasses.replace(params, previous_uri=str(tmp_path / "A")),
+            encoder=encoder)
+        assert srv.host_hits("127.0.0.2") == 3 + 12 and srv.hits["/img/rgb.jpg"] == 1
+    assert (again["count"], again["failed_count"], again["reused_count"]) == (13, 0, 1)
+    assert again["unavailable_hosts"] == {}

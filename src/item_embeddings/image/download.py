@@ -472,17 +472,19 @@ class Downloader:
                 return _Attempt(FetchResult(url, reason=refused[0], detail=refused[1],
                                             final_url=str(current)))
             async with self.hosts.turn(host_key(current)) as turn:
-                if turn.refused:
-                    return _Attempt(FetchResult(url, reason=HOST_UNAVAILABLE, detail=turn.refused,
-                                                final_url=str(current)))
-                async with self._slots:
-                    await turn.host.space(turn)
-                    sent = time.monotonic()
-                    try:
-                        step = await asyncio.wait_for(
-                            self._hop(url, current, headers, read, turn), budget)
-                    finally:
-                        budget -= time.monotonic() - sent
+                if not turn.refused:
+                    async with self._slots:
+                        await turn.host.space(turn)
+                        if not turn.refused:
+                            sent = time.monotonic()
+                            try:
+                                step = await asyncio.wait_for(
+                                    self._hop(url, current, headers, read, turn), budget)
+                            finally:
+                                budget -= time.monotonic() - sent
+            if turn.refused:
+                return _Attempt(FetchResult(url, reason=HOST_UNAVAILABLE, detail=turn.refused,
+                                            final_url=str(current)))
             if isinstance(step, _Attempt):
                 return step
             target = step

@@ -153,8 +153,13 @@ class HostState:
             await asyncio.sleep(at - now)
 
     async def space(self, turn: Turn) -> None:
-        """Keep sent requests ``1 / rate`` apart (holding a global slot: a short wait, since
+        """Just before the request (holding a global slot): refuse the turn if the breaker
+        opened while it waited, else keep sent requests ``1 / rate`` apart (a short wait, since
         :meth:`pace` spread them already)."""
+        if not turn.probe:
+            self.admit(turn)
+        if turn.refused:
+            return
         now = self._clock()
         at = max(now, self._last_send + self.interval, self.paused_until)
         self._last_send = at
@@ -212,8 +217,9 @@ class Hosts:
     async def turn(self, key: str) -> AsyncIterator[Turn]:
         """A turn on host ``key`` (see the module doc). The caller sends no request when
         ``turn.refused`` is set; otherwise it takes a global slot, awaits
-        ``turn.host.space(turn)``, sends, and sets ``turn.status`` from the answer. The outcome
-        is recorded on exit: an exception that ``is_down`` or a 5xx status is a failure."""
+        ``turn.host.space(turn)`` (which may refuse the turn too), sends, and sets
+        ``turn.status`` from the answer. The outcome is recorded on exit: an exception that
+        ``is_down`` or a 5xx status is a failure."""
         host = self[key]
         turn = Turn(host)
         host.admit(turn)
@@ -224,11 +230,6 @@ class Hosts:
         try:
             async with host.slots:
                 await host.pace()
-                if not turn.probe:
-                    host.admit(turn)  # the breaker may have opened while this turn waited
-                if turn.refused:
-                    yield turn
-                    return
                 try:
                     yield turn
                 except Exception as exc:
