@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import ServerProcess, make_images  # noqa: E402
 
-from item_embeddings.image.download import DownloadConfig, Downloader, StaticResolver  # noqa: E402
+from item_embeddings.image.download import DownloadConfig, Downloader
+from item_embeddings.image.guard import StaticResolver  # noqa: E402
 
 HOSTS = [f"img{i}.bench.test" for i in range(4)]
 

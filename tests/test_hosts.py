@@ -17,7 +17,8 @@ import pytest
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
 from item_embeddings.image import download as dl
-from item_embeddings.image.download import DownloadConfig, Downloader, StaticResolver
+from item_embeddings.image.download import DownloadConfig, Downloader
+from item_embeddings.image.guard import StaticResolver
 from item_embeddings.image.hosts import (MIN_RATE, SLOWED_START_RATE, HostPolicy, Hosts,
                                          failures_by_host, host_of, unavailable_hosts)
 from item_embeddings.outputs import IMG_FAILURES, IMG_META
