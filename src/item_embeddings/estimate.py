@@ -542,6 +542,11 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
+                   *([f"Images come from several hosts: the images of one host download at "
+                      f"most download_rate_per_host = {p.download_rate_per_host:g}/s per image "
+                      "worker (docs/images.md)."]
+                     if 0 < p.download_rate_per_host < rates.number("image.download_images_per_s")
+                     else []),
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     return Estimate(c, steps, wall, sum(s.cost_usd for s in steps), stored_gb, storage_usd,
                     assumptions, list(rates.used.values()), rates.origin, warnings)
