@@ -69,7 +69,6 @@ OPTED_OUT = "opted_out"                  # X-Robots-Tag noai / noimageai: the bo
 FAILURE_REASONS = (UNSUPPORTED_SCHEME, INVALID_URL, BLOCKED_ADDRESS, DNS_ERROR, CONNECTION_ERROR,
                    TIMEOUT, HTTP_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, TOO_LARGE, NOT_AN_IMAGE,
                    HOST_UNAVAILABLE, ROBOTS_DISALLOWED, OPTED_OUT)
-_RETRYABLE = frozenset({TIMEOUT, CONNECTION_ERROR})
 
 # Content types that may hold an image although they do not say so; anything else that is not
 # image/* (text/html error pages, JSON) is rejected before the body is read.
