@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 
 import pyarrow as pa
@@ -408,7 +409,7 @@ def _component(tiny_model, items, out, **parameters) -> dict:
     return json.loads((out / "shard-00000" / IMG_META).read_text())
 
 
-def test_component_breaker_and_opt_out_parameters(tiny_model, tmp_path):
+def test_component_breaker_and_opt_out_parameters(tiny_model, tmp_path, caplog):
     with ImageServer() as good, DeadServer("127.0.0.2") as dead:
         urls = ([good.url("img/rgb.jpg"), good.url("img/photo.webp?xrt=noai")]
                 + [dead.url(f"img/{i}.jpg") for i in range(40)] + [good.url("img/grey.jpg")])
@@ -429,6 +430,11 @@ def test_component_breaker_and_opt_out_parameters(tiny_model, tmp_path):
     assert good.user_agents == {dl.DEFAULT_USER_AGENT}
     opted = failures.filter(pc.equal(failures.column("reason"), dl.OPTED_OUT)).to_pylist()
     assert opted[0]["id"] == "item-001" and opted[0]["detail"] == "X-Robots-Tag: noai"
+    # the log names the host: when its breaker opened, and its counts at the end
+    logged = caplog.text
+    assert f"image host {dead_host} is not answering: 3 failures in a row" in logged
+    assert re.search(rf"image host {re.escape(dead_host)}: requests \d+, breaker_opened 1, "
+                     rf"refused \d+, last_failure timeout", logged)
 
 
 def test_component_rate_and_robots_parameters(tiny_model, tmp_path):
