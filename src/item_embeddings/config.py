@@ -122,7 +122,7 @@ class PipelineParams:
     host_failure_limit: int = _param(
         20, "Circuit breaker: after this many consecutive connection errors, timeouts or 5xx "
         "from one host, its remaining images fail at once as host_unavailable (a probe after a "
-        "cool-down may reopen it); 0 = off.", low=0, high=1_000_000)
+        "cool-down may reopen it); 0 = off.", low=0, high=100_000)
     respect_opt_out: bool = _param(
         True, "Skip images whose response carries X-Robots-Tag noai or noimageai (reason "
         "opted_out).")
