@@ -4,7 +4,8 @@ A loopback image host in a child process adds 50 ms of latency to every request 
 10% of them with a 500 (seeded). The same :class:`Downloader` (same retry policy) runs once with
 one request at a time over a fixed number of URLs (the original design) and once with the step's
 concurrency; images/s are compared in the same run. Four host names resolve to 127.0.0.1 through
-an injected resolver, as a real catalogue spreads over a few CDN hosts. Only loopback is used.
+an injected resolver, as a real catalogue spreads over a few CDN hosts; the per-host request rate
+is off (``rate_per_host=0``), since this measures concurrency. Only loopback is used.
 
     flock /tmp/bench.lock python bench/bench_download.py
 """
@@ -24,7 +25,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import ServerProcess, make_images  # noqa: E402
 
-from item_embeddings.image.download import DownloadConfig, Downloader, StaticResolver  # noqa: E402
+from item_embeddings.image.download import DownloadConfig, Downloader
+from item_embeddings.image.guard import StaticResolver  # noqa: E402
 
 HOSTS = [f"img{i}.bench.test" for i in range(4)]
 
@@ -76,7 +78,8 @@ def main() -> None:
             return [f"http://{HOSTS[i % len(HOSTS)]}:{port}/img/photo.jpg?i={i}" for i in range(n)]
 
         for retries in (2, 0):
-            base = dict(retries=retries, allow_private_hosts=True)
+            # no per-host rate: this measures concurrency (four names on one loopback host)
+            base = dict(retries=retries, allow_private_hosts=True, rate_per_host=0.0)
             seq = measure(sequential, urls(args.sequential), DownloadConfig(concurrency=1, **base))
             con = measure(concurrent, urls(args.concurrent),
                           DownloadConfig(concurrency=args.concurrency, **base))

@@ -1,10 +1,16 @@
 """A real aiohttp image host on 127.0.0.1 with injectable faults (tests and benchmarks).
 
+``ImageServer(addresses=("127.0.0.1", "127.0.0.2"))`` listens on both loopback addresses with
+one port: two hosts for per-host behaviour (``srv.url(path, host="127.0.0.2")``).
+:class:`DeadServer` is a host that accepts connections and never answers.
+
 Routes (``srv.url(path)`` gives the full URL):
 
 * ``/img/<name>``: a generated image (:func:`make_images`), with the server's latency and random
-  500 rate applied;
-* ``/status/<code>``; ``/flaky/<key>`` (500 once, then the image); ``/ratelimited/<key>`` (429
+  500 rate applied; ``?xrt=<value>`` (repeatable) adds an ``X-Robots-Tag: <value>`` header;
+* ``/robots.txt``: :attr:`ImageServer.robots_txt` (404 when None; ``robots_status`` overrides the
+  status; ``robots_location`` makes it a redirect);
+* ``/status/<code>`` (``?retry_after=<s>`` adds a ``Retry-After``); ``/flaky/<key>`` (500 once, then the image); ``/ratelimited/<key>`` (429
   with ``Retry-After: 1`` once, then the image); ``/slow`` (answers after ``slow_s``);
   ``/stall`` (half the body, then silence); ``/big`` (streams past any limit, no length);
   ``/big-declared`` (a huge Content-Length); ``/html`` (a text/html page);
@@ -18,7 +24,10 @@ Routes (``srv.url(path)`` gives the full URL):
 
 Every request is counted in ``hits`` (path -> count), so a test can prove that a refused URL
 never reached the server; ``conditional`` and ``not_modified`` count the conditional requests
-and the 304 answers per path; ``max_in_flight`` is the most requests it served at once.
+and the 304 answers per path; ``max_in_flight`` is the most requests it served at once;
+``host_times`` holds the arrival time of every request per host (``Host`` header, e.g.
+``127.0.0.2:41234``), for request counts and rates per host. Addresses in ``down`` answer 503 to
+every request.
 """
 
 from __future__ import annotations
@@ -142,8 +151,15 @@ class ImageServer:
 
     def __init__(self, images: dict[str, tuple[bytes, str]] | None = None, *,
                  latency_s: float = 0.0, fail_rate: float = 0.0, slow_s: float = 3.0,
-                 seed: int = 0, fail_first: Iterable[str] = ()):
+                 seed: int = 0, fail_first: Iterable[str] = (),
+                 addresses: tuple[str, ...] = ("127.0.0.1",)):
         self.images = images if images is not None else make_images()
+        self.addresses = addresses
+        self.robots_txt: str | None = None
+        self.robots_status = 200
+        self.robots_location: str | None = None  # robots.txt redirects there when set
+        self.down: set[str] = set()  # addresses that answer 503 to everything (a failing host)
+        self.host_times: dict[str, list[float]] = collections.defaultdict(list)
         self.fail_first = set(fail_first)
         self._modified: dict[str, int] = {}  # name -> Last-Modified (seconds) once replaced
         self.latency_s = latency_s
@@ -198,6 +214,10 @@ class ImageServer:
         body, ctype = self.images[name]
         return web.Response(body=body, headers={"Content-Type": ctype})
 
+    def host_hits(self, host: str) -> int:
+        """Requests that reached ``host`` (an address; this server's port)."""
+        return len(self.host_times.get(f"{host}:{self.port}", []))
+
     async def _img(self, request: web.Request) -> web.StreamResponse:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -217,10 +237,22 @@ class ImageServer:
                 return web.Response(status=304, headers=validators)
         response = self._image(name)
         response.headers.update(validators)
+        for value in request.query.getall("xrt", ()):
+            response.headers.add("X-Robots-Tag", value)
         return response
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.Response(status=int(request.match_info["code"]), text="status")
+        headers = {"Retry-After": request.query["retry_after"]} if "retry_after" in request.query \
+            else {}
+        return web.Response(status=int(request.match_info["code"]), text="status",
+                            headers=headers)
+
+    async def _robots(self, request: web.Request) -> web.Response:
+        if self.robots_location:
+            raise web.HTTPFound(self.robots_location)
+        if self.robots_txt is None:
+            return web.Response(status=404, text="no robots.txt")
+        return web.Response(status=self.robots_status, text=self.robots_txt)
 
     def _first_time(self, key: str) -> bool:
         first = key not in self._seen
@@ -285,10 +317,13 @@ class ImageServer:
     async def _count(self, request: web.Request, handler):
         self.hits[request.path] += 1
         self.times[request.path].append(self._loop.time())
+        self.host_times[request.host].append(self._loop.time())
         self.user_agents.add(request.headers.get("User-Agent", ""))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if request.host.rsplit(":", 1)[0] in self.down:
+                return web.Response(status=503, text="down")
             return await handler(request)
         finally:
             self.in_flight -= 1
@@ -303,12 +338,14 @@ class ImageServer:
             web.get("/big", self._big), web.get("/big-declared", self._big_declared),
             web.get("/html", self._html), web.get("/loop/{side}", self._loop_route),
             web.get("/chain/{n}", self._chain), web.get("/to", self._to),
+            web.get("/robots.txt", self._robots),
         ])
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        for address in self.addresses:  # the first picks the port, the others share it
+            site = web.TCPSite(self._runner, address, self.port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
 
     def __enter__(self) -> "ImageServer":
         self._loop_thread.start().run(self._start())
@@ -361,3 +398,63 @@ class ServerProcess:
         self._proc.join(timeout=30)
         if self._proc.is_alive():
             self._proc.terminate()
+
+
+class DeadServer:
+    """A host that accepts connections, reads the requests and never answers (a hung server).
+
+    ``with DeadServer("127.0.0.2") as dead:`` listens on a free port (``dead.port``,
+    ``dead.url(path)``); ``requests`` counts the HTTP requests that reached it (each complete
+    request head), ``times`` their arrival. Leaving the block closes every connection.
+    """
+
+    def __init__(self, address: str = "127.0.0.2"):
+        self.address = address
+        self.port = 0
+        self.requests = 0
+        self.times: list[float] = []
+        self._transports: list[asyncio.Transport] = []
+        self._loop_thread = LoopThread("dead-server")
+        self._server: asyncio.AbstractServer | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://{self.address}:{self.port}/{path.lstrip('/')}"
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self
+
+        class Silent(asyncio.Protocol):
+            def __init__(self):
+                self.buffer = b""
+
+            def connection_made(self, transport):
+                server._transports.append(transport)
+
+            def data_received(self, data):
+                self.buffer += data
+                while b"\r\n\r\n" in self.buffer:  # one request head (GETs have no body)
+                    _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+                    server.requests += 1
+                    server.times.append(server._loop_thread.loop.time())
+
+        return Silent()
+
+    async def _start(self) -> None:
+        self._server = await self._loop_thread.loop.create_server(
+            self._protocol, self.address, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for transport in self._transports:
+            transport.abort()
+        await self._server.wait_closed()
+
+    def __enter__(self) -> "DeadServer":
+        self._loop_thread.start().run(self._start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._loop_thread.run(self._stop())
+        self._loop_thread.stop()

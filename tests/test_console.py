@@ -270,8 +270,11 @@ def test_meta_counts_reads_any_meta_file():
 def test_summary_lists_steps_counts_files_report_and_log(tmp_path):
     placed = {}
     for name, meta in [(KNN_META, {"count": 5, "wall_time_sec": 0.5}),
-                       (IMG_META, {"count": 4, "failed_count": 1,
-                                          "failures_by_reason": {"http_status": 1}}),
+                       (IMG_META, {"count": 4, "failed_count": 30001,
+                                          "failures_by_reason": {"http_status": 1,
+                                                                 "host_unavailable": 30000},
+                                          "unavailable_hosts": {"cdn.dead.example": 29990,
+                                                                "127.0.0.2:8080": 10}}),
                        (TXT_META, {"count": 5})]:
         placed[name] = tmp_path / name
         placed[name].write_text(json.dumps(meta))
@@ -290,7 +293,11 @@ def test_summary_lists_steps_counts_files_report_and_log(tmp_path):
     assert re.search(r"worker\s+done 1, failed 1\s+4\.5 s$", text, re.M)  # first start to last end
     metas = [line.split()[0] for line in lines if line.startswith("  ") and "_meta" in line]
     assert metas == [TXT_META, IMG_META, KNN_META]  # steps' order first
-    assert "failures by reason: http_status 1" in text
+    assert "failures by reason: host_unavailable 30,000, http_status 1" in text
+    # the hosts whose breaker opened are named, with the images they cost
+    assert re.search(r"^image hosts not answering \(circuit breaker opened.*retried by the next "
+                     r"run\): cdn\.dead\.example \(29,990 images\),\s+127\.0\.0\.2:8080 "
+                     r"\(10 images\)$", text, re.M | re.S)
     assert f"QA report: {tmp_path / QA_REPORT}" in lines
     assert lines[-2:] == ["experiment runs: /x/runs", f"full log: {tmp_path / 'run.log'}"]
     assert "QA report" not in "\n".join(summary_lines(

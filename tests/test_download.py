@@ -11,9 +11,10 @@ import time
 import pytest
 
 from item_embeddings.image import download as dl
-from item_embeddings.image.download import (AddressGuard, DownloadConfig, GuardedResolver,
-                                      StaticResolver, check_url, fetch_all, is_forbidden_address,
-                                      parse_retry_after)
+from item_embeddings.image import guard as gd
+from item_embeddings.image.download import DownloadConfig, fetch_all, parse_retry_after
+from item_embeddings.image.guard import (AddressGuard, GuardedResolver, StaticResolver, check_url,
+                                         is_forbidden_address)
 from yarl import URL
 
 from image_server import ImageServer, make_images
@@ -75,10 +76,10 @@ def test_guarded_resolver_refuses_a_name_with_any_private_answer():
         ok = await GuardedResolver(AddressGuard(), StaticResolver({"cdn.test": "93.184.216.34"})
                                    ).resolve("cdn.test", 80)
         assert ok[0]["host"] == "93.184.216.34"
-        with pytest.raises(dl.BlockedAddressError, match="10.0.0.5"):
+        with pytest.raises(gd.BlockedAddressError, match="10.0.0.5"):
             await GuardedResolver(AddressGuard(), StaticResolver({"in.test": "10.0.0.5"})
                                   ).resolve("in.test", 80)
-        with pytest.raises(dl.BlockedAddressError, match="10.9.8.7"):
+        with pytest.raises(gd.BlockedAddressError, match="10.9.8.7"):
             await GuardedResolver(AddressGuard(), TwoAnswers({"mixed.test": "93.184.216.34"})
                                   ).resolve("mixed.test", 80)
 
@@ -120,7 +121,7 @@ NUMERIC_HOSTS = [
 @pytest.mark.parametrize("host,address", NUMERIC_HOSTS)
 def test_numeric_hosts_are_classified_up_front(host, address):
     url = URL(f"http://{host}:8080/a.jpg")
-    assert dl.parse_numeric_ipv4(host) == ipaddress.ip_address(address)
+    assert gd.parse_numeric_ipv4(host) == ipaddress.ip_address(address)
     guarded = check_url(url, AddressGuard())
     expected = dl.BLOCKED_ADDRESS if is_forbidden_address(address) else dl.INVALID_URL
     assert guarded[0] == expected and address in guarded[1]
@@ -130,7 +131,7 @@ def test_numeric_hosts_are_classified_up_front(host, address):
 @pytest.mark.parametrize("host", ["1.2.3.4.5", "999.1.1.1", "08.1.1.1", "4294967296",
                                   "1.16777216", "example.123"])
 def test_numeric_hosts_that_are_no_address_are_invalid(host):
-    assert dl.parse_numeric_ipv4(host) is None
+    assert gd.parse_numeric_ipv4(host) is None
     for guard in (AddressGuard(), AddressGuard(enabled=False)):
         assert check_url(URL(f"http://{host}/a.jpg"), guard)[0] == dl.INVALID_URL
 

@@ -509,3 +509,11 @@ def test_cli_bad_usage_exits_2(tmp_path):
             main(["estimate", *argv])
         assert exc.value.code == 2
     assert main(["estimate", "--items-file", str(path), "--image-fraction", "0.5"]) == 2
+
+
+def test_the_per_host_rate_is_an_assumption_when_it_is_below_the_download_rate():
+    # the toy rates download 1000 images/s: the default 50 per host is named, 0 (no limit) not
+    text = estimate(small(), toy()).format()
+    assert "download_rate_per_host = 50/s per image worker" in text
+    unlimited = estimate(small(download_rate_per_host=0.0), toy()).format()
+    assert "download_rate_per_host" not in unlimited

@@ -289,7 +289,9 @@ def test_cap_and_guard_on(encoder, server, tmp_path, tiny_model):
                                 "max_items": 4, "download_concurrency": 3, "batch_size": 2,
                                 "items_uri": str(items), "image_decode": "fast",
                                 "previous_uri": "",
-                                "image_revalidate": False, "retry_failed_images": True}
+                                "image_revalidate": False, "retry_failed_images": True,
+                                "download_rate_per_host": 50.0, "host_failure_limit": 20,
+                                "respect_opt_out": True, "respect_robots_txt": False}
     assert meta["max_items"] == 4
     failures = pq.read_table(tmp_path / "out" / IMG_FAILURES).to_pylist()
     assert [r["id"] for r in failures] == ["item-000", "item-001", "item-003", "item-004"]

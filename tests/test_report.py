@@ -545,3 +545,28 @@ def test_image_rows_map_to_text_rows_by_id():
     with pytest.raises(ReportInputError, match=r"must be an img.npy row in \[0, 1\)"):
         _image_text_rows(pa.table({"id": ["a"], "row": pa.array([1], pa.int64())}), ids,
                          Path(IMG_ITEMS))
+
+
+def test_hosts_with_the_most_failures(tiny_run, tmp_path):
+    image = tmp_path / "image"
+    shutil.copytree(tiny_run.image, image)
+    failures = pq.read_table(image / IMG_FAILURES)
+    n = failures.num_rows  # all on the catalogue's host, 127.0.0.1:9
+    dead = [f"http://dead.example:8080/{i}.jpg" for i in range(n)]
+    urls = failures.column("url").to_pylist()
+    urls[:2] = dead[:2]
+    reasons = failures.column("reason").to_pylist()
+    reasons[:2] = ["host_unavailable", "timeout"]
+    failures = failures.set_column(failures.schema.get_field_index("url"), "url", pa.array(urls))
+    failures = failures.set_column(failures.schema.get_field_index("reason"), "reason",
+                                   pa.array(reasons))
+    pq.write_table(failures, image / IMG_FAILURES)
+    write_qa_report(str(tiny_run.items), tiny_run.text, image, tiny_run.fused, tiny_run.knn,
+                    tmp_path / QA_REPORT)
+    section = Page((tmp_path / QA_REPORT).read_text()).section("failures")
+    assert "Hosts with the most failures" in section.all_text()
+    hosts = table_rows(section.find_all("table")[1])
+    first, second = hosts
+    assert first[:2] == ["127.0.0.1:9", str(n - 2)] and second[:2] == ["dead.example:8080", "2"]
+    assert second[2] == "host_unavailable 1, timeout 1"
+    assert "circuit breaker" in section.all_text()

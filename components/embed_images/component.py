@@ -25,6 +25,10 @@ def embed_images(
     shard_size: int,
     checkpoint_uri: str,
     image_user_agent: str,
+    download_rate_per_host: float,
+    host_failure_limit: int,
+    respect_opt_out: bool,
+    respect_robots_txt: bool,
     previous_uri: str,
     image_revalidate: bool,
     retry_failed_images: bool,
@@ -35,8 +39,8 @@ def embed_images(
     project: str,
     location: str,
 ):
-    """Downloads the images of this worker's shards (guarded, concurrent) and embeds them with
-    open_clip ViT-B/32.
+    """Downloads the images of this worker's shards (guarded, concurrent, polite per host) and
+    embeds them with open_clip ViT-B/32.
 
     For each shard (a row range of the items and its share of the `max_items` cap, from the
     plan) writes a folder `shard-NNNNN` with `img.npy` ([M, 512] float32, L2-normalised),

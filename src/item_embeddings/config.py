@@ -146,7 +146,23 @@ class PipelineParams:
                                     "preemption).", low=1)
     checkpoint_uri: str = _param(
         "", "Where finished image shards are kept (local or gs://); empty = inside the step output.")
-    image_user_agent: str = _param("", "User-Agent of image downloads; empty = the project's default.")
+    image_user_agent: str = _param(
+        "", "User-Agent of image downloads; empty = the project's default, which names "
+        "item-embeddings and where to read about it (add your contact for third-party hosts).")
+    download_rate_per_host: float = _param(
+        50.0, "Image requests per second to one host, per image worker (0 = no limit); a host "
+        "that answers 429 (or 503 with Retry-After) is paused and slowed further.", low=0,
+        high=10000)
+    host_failure_limit: int = _param(
+        20, "Circuit breaker: after this many consecutive connection errors, timeouts or 5xx "
+        "from one host, its remaining images fail at once as host_unavailable (a probe after a "
+        "cool-down may reopen it); 0 = off.", low=0, high=100_000)
+    respect_opt_out: bool = _param(
+        True, "Skip images whose response carries X-Robots-Tag noai or noimageai (reason "
+        "opted_out).")
+    respect_robots_txt: bool = _param(
+        False, "Obey each image host's robots.txt (RFC 9309) for the image User-Agent (reason "
+        "robots_disallowed); off by default: a catalogue usually fetches its own CDN.")
     image_strategy: str = _param(
         "SPOT", "Vertex scheduling of the image step's T4 machine: SPOT or STANDARD (ignored "
         "locally).", choices=STRATEGIES)
@@ -201,6 +217,9 @@ class PipelineParams:
             problems.append("image_pretrained 'none' draws random weights in every worker: "
                             "their vectors could not be merged; with shards > 1 give a "
                             "pretrained tag or a checkpoint")
+        if not self.image_user_agent.isprintable() or not self.image_user_agent.isascii():
+            problems.append(f"parameter 'image_user_agent' must be printable ASCII on one line, "
+                            f"got {self.image_user_agent!r}")
         if self.fusion_mode == "apply" and not self.previous_uri:
             problems.append("fusion_mode 'apply' needs previous_uri (the set whose fusion "
                             "model is applied)")

@@ -462,12 +462,18 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                  + (_output_bytes(r) if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
     warnings = _warnings(r, images)
+    stages = image_rates(rates, p, r.image_m)
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
+                   *([f"Images come from several hosts: the images of one host download at "
+                      f"most download_rate_per_host = {p.download_rate_per_host:g}/s per image "
+                      "worker (docs/images.md)."]
+                     if 0 < p.download_rate_per_host < stages["downloads"]
+                     else []),
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
                             "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
     return Estimate(c, steps, wall, sum(step.cost_usd for step in steps), stored_gb,
                     storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings,
-                    image_rates(rates, p, r.image_m))
+                    stages)

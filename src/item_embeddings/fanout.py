@@ -290,13 +290,17 @@ def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
         write_parquet_atomic(run.out / IMG_FAILURES, pa.concat_tables(
             [pq.read_table(d / IMG_FAILURES) for d in dirs]))
         by_reason: collections.Counter = collections.Counter()
+        unavailable: collections.Counter = collections.Counter()
         for m in metas:
             by_reason.update(m.get("failures_by_reason", {}))
+            unavailable.update(m.get("unavailable_hosts", {}))
         encoded, seconds = meta.get("encoded_this_attempt", 0), meta["encode_time_sec"]
         # a worker's rate: all encoded images over the time the workers spent on them
         busy = sum(m["encoded_this_attempt"] / m["throughput_items_per_sec"] for m in metas
                    if m.get("throughput_items_per_sec"))
         meta.update(max_items=params.max_items, failures_by_reason=dict(sorted(by_reason.items())),
+                    unavailable_hosts=dict(sorted(unavailable.items(),
+                                                  key=lambda kv: (-kv[1], kv[0]))),
                     fanout_shards=len(dirs), rows=[0, meta["total_rows"]],
                     throughput_items_per_sec=encoded / busy if busy > 0 else 0.0,
                     encode_only_items_per_sec=encoded / seconds if seconds > 0 else 0.0)

@@ -2,7 +2,10 @@
 
 =================  =====================================================================
 :mod:`.selection`  which rows, which URLs, the ``max_items`` cap
-:mod:`.download`   guarded, concurrent aiohttp downloads with retries (the SSRF guard)
+:mod:`.download`   concurrent aiohttp downloads: retries, redirects, opt-outs, robots.txt
+:mod:`.guard`      the SSRF guard: which URLs and addresses may be fetched
+:mod:`.hosts`      per-host state: circuit breaker, request rate, slow-down on 429
+:mod:`.robots`     robots.txt (RFC 9309) and X-Robots-Tag parsing
 :mod:`.decoding`   image bytes to the encoder's uint8 input, failures as reasons
 :mod:`.fetching`   download + decode off the caller's thread (a loop thread and a pool)
 :mod:`.encoder`    the open_clip model: resolution, loading, batched encoding, device

@@ -1,9 +1,14 @@
-"""Guarded, concurrent image downloads with aiohttp.
+"""Guarded, polite, concurrent image downloads with aiohttp.
 
 :class:`Downloader` fetches one URL per call to :meth:`Downloader.fetch` and never raises for a
 bad item: every outcome is a :class:`FetchResult`, either a body or a failure reason (see
 :data:`FAILURE_REASONS`). Many calls run at once on one event loop; a semaphore bounds the
-requests in flight and the connector bounds connections per host.
+requests in flight, and each host has its own connections, request rate and circuit breaker
+(:mod:`.hosts`), so a dead or busy host costs its own URLs, not the run's.
+
+Politeness: an honest User-Agent (:data:`DEFAULT_USER_AGENT`), ``X-Robots-Tag`` ``noai`` /
+``noimageai`` honoured (``respect_opt_out``) and, when asked (``respect_robots_txt``), robots.txt
+(RFC 9309, :mod:`.robots`), fetched once per host through the same guard.
 
 Safety (an SSRF guard): only http/https URLs are fetched, redirects are followed by hand (at most
 ``max_redirects``) so every hop is checked, and unless ``allow_private_hosts`` is set no
@@ -22,30 +27,34 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import random
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from .. import __version__
 from ..config import PipelineParams
-from ..errors import ItemEmbeddingsError
+from .guard import (BLOCKED_ADDRESS, INVALID_URL, UNSUPPORTED_SCHEME, AddressGuard,
+                    BlockedAddressError, GuardedResolver, check_url)
+from .hosts import HostPolicy, Hosts, host_key
+from .robots import ALLOW_ALL, DISALLOW_ALL, ROBOTS_MAX_BYTES, RobotsRules, opt_out, product_token
 
 _DEFAULTS = PipelineParams()
 
-DEFAULT_USER_AGENT = "item-embeddings/0.1 (image embedding pipeline; aiohttp)"
+# Who we are and where a webmaster reads what we fetch and how to opt out (docs/images.md,
+# "Politeness"); a deployment adds its own contact with ``image_user_agent``.
+DEFAULT_USER_AGENT = (f"item-embeddings/{__version__} (catalogue image embeddings; about this "
+                      "robot and its opt-outs: the item-embeddings docs, images.md#politeness)")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK_BYTES = 64 * 1024
 
-# Every reason a download can fail with (decoding adds its own, see decoding.py).
-UNSUPPORTED_SCHEME = "unsupported_scheme"
-INVALID_URL = "invalid_url"
-BLOCKED_ADDRESS = "blocked_address"
+# Every reason a download can fail with (the guard's three from .guard; decoding adds its own).
 DNS_ERROR = "dns_error"
 CONNECTION_ERROR = "connection_error"
 TIMEOUT = "timeout"
@@ -54,94 +63,27 @@ REDIRECT_LOOP = "redirect_loop"
 TOO_MANY_REDIRECTS = "too_many_redirects"
 TOO_LARGE = "too_large"
 NOT_AN_IMAGE = "not_an_image"
+HOST_UNAVAILABLE = "host_unavailable"    # the host's circuit breaker is open: no request sent
+ROBOTS_DISALLOWED = "robots_disallowed"  # the host's robots.txt disallows it: no request sent
+OPTED_OUT = "opted_out"                  # X-Robots-Tag noai / noimageai: the body is not read
 FAILURE_REASONS = (UNSUPPORTED_SCHEME, INVALID_URL, BLOCKED_ADDRESS, DNS_ERROR, CONNECTION_ERROR,
-                   TIMEOUT, HTTP_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, TOO_LARGE, NOT_AN_IMAGE)
-_RETRYABLE = frozenset({TIMEOUT, CONNECTION_ERROR})
+                   TIMEOUT, HTTP_ERROR, REDIRECT_LOOP, TOO_MANY_REDIRECTS, TOO_LARGE, NOT_AN_IMAGE,
+                   HOST_UNAVAILABLE, ROBOTS_DISALLOWED, OPTED_OUT)
 
 # Content types that may hold an image although they do not say so; anything else that is not
 # image/* (text/html error pages, JSON) is rejected before the body is read.
 _BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream",
                            "application/binary", ""})
 
-# Cloud metadata endpoints that are not already covered by the private/link-local ranges.
-_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254"),
-                                 ipaddress.ip_address("100.100.100.200")})
-
-
-class BlockedAddressError(ItemEmbeddingsError, OSError):
-    """A host resolved to an address the guard refuses (private, loopback, metadata, ...)."""
-
-
-def is_forbidden_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for an address an image download must never connect to.
-
-    Private (RFC 1918, unique-local), loopback, link-local (which holds 169.254.169.254, the cloud
-    metadata server), multicast, reserved, unspecified, shared (CGNAT) and known metadata
-    addresses; IPv4-mapped and 6to4/NAT64-embedded IPv4 addresses are judged by their IPv4 part.
-    """
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return is_forbidden_address(embedded)
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified or ip in _METADATA_ADDRESSES
-            or (isinstance(ip, ipaddress.IPv4Address)
-                and ip in ipaddress.ip_network("100.64.0.0/10")))
-
-
-@dataclass(frozen=True)
-class AddressGuard:
-    """The address policy: refuse forbidden addresses unless disabled or explicitly exempted.
-
-    ``exempt`` lists networks that stay reachable with the guard on (a known private CDN; tests
-    use it to let a first hop reach loopback while a redirect to another range is refused).
-    """
-
-    enabled: bool = True
-    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-
-    def allows(self, address: str) -> bool:
-        if not self.enabled:
-            return True
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-        if any(ip in net for net in self.exempt):
-            return True
-        return not is_forbidden_address(ip)
-
-
-class GuardedResolver(AbstractResolver):
-    """Wraps a resolver and refuses a host if any of its addresses is forbidden.
-
-    Refusing when *any* address is forbidden (not only all) stops a name that mixes a public
-    and a private answer from reaching the private one on a retry or a second connection.
-    aiohttp's DNS cache stores this resolver's answers, so cached answers were checked too.
-    """
-
-    def __init__(self, guard: AddressGuard, inner: AbstractResolver | None = None):
-        self.guard = guard
-        self.inner = inner or aiohttp.ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self.inner.resolve(host, port, family)
-        refused = [r["host"] for r in results if not self.guard.allows(r["host"])]
-        if refused:
-            raise BlockedAddressError(f"host {host!r} resolves to refused address(es) {refused}")
-        return results
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 @dataclass(frozen=True)
 class DownloadConfig:
     """Knobs of the downloader; the pipeline parameters set some (:meth:`from_params`)."""
 
     concurrency: int = _DEFAULTS.download_concurrency
-    per_host_limit: int = 32
+    per_host_limit: int = 32        # connections (requests in flight) per host
+    rate_per_host: float = _DEFAULTS.download_rate_per_host  # requests/s per host; 0 = no limit
+    host_failure_limit: int = _DEFAULTS.host_failure_limit   # circuit breaker; 0 = off
+    breaker_cooldown_s: float = 30.0  # an open breaker lets a probe through after this (doubling)
     timeout_s: float = _DEFAULTS.download_timeout_s  # per attempt, redirects and body included
     retries: int = _DEFAULTS.download_retries  # after a timeout, 5xx, 429 or connection error
     backoff_base_s: float = 0.5     # first retry waits about this long, doubling after
@@ -149,6 +91,8 @@ class DownloadConfig:
     max_redirects: int = 5
     max_bytes: int = _DEFAULTS.max_image_bytes
     user_agent: str = DEFAULT_USER_AGENT
+    respect_opt_out: bool = _DEFAULTS.respect_opt_out
+    respect_robots_txt: bool = _DEFAULTS.respect_robots_txt
     allow_private_hosts: bool = _DEFAULTS.allow_private_hosts
     exempt_networks: tuple[str, ...] = ()
     dns_cache_ttl_s: int = 300
@@ -158,7 +102,11 @@ class DownloadConfig:
         """The downloader the pipeline parameters ask for."""
         return cls(concurrency=params.download_concurrency, timeout_s=params.download_timeout_s,
                    retries=params.download_retries, max_bytes=params.max_image_bytes,
+                   rate_per_host=params.download_rate_per_host,
+                   host_failure_limit=params.host_failure_limit,
                    user_agent=params.image_user_agent or DEFAULT_USER_AGENT,
+                   respect_opt_out=params.respect_opt_out,
+                   respect_robots_txt=params.respect_robots_txt,
                    allow_private_hosts=params.allow_private_hosts)
 
     def __post_init__(self) -> None:
@@ -167,12 +115,20 @@ class DownloadConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.retries < 0 or self.max_redirects < 0:
-            raise ValueError("retries and max_redirects must be >= 0")
+        if self.retries < 0 or self.max_redirects < 0 or self.host_failure_limit < 0:
+            raise ValueError("retries, max_redirects and host_failure_limit must be >= 0")
+        if not (0 <= self.rate_per_host < float("inf")) or self.breaker_cooldown_s <= 0:
+            raise ValueError(f"rate_per_host must be >= 0 (got {self.rate_per_host}) and "
+                             f"breaker_cooldown_s > 0 (got {self.breaker_cooldown_s})")
 
     def guard(self) -> AddressGuard:
         return AddressGuard(enabled=not self.allow_private_hosts,
                             exempt=tuple(ipaddress.ip_network(n) for n in self.exempt_networks))
+
+    def host_policy(self) -> HostPolicy:
+        return HostPolicy(failure_limit=self.host_failure_limit, rate=self.rate_per_host,
+                          connections=self.per_host_limit, cooldown_s=self.breaker_cooldown_s,
+                          max_pause_s=self.retry_after_cap_s)
 
 
 @dataclass
@@ -222,77 +178,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _ipv4_number(part: str) -> int | None:
-    """One label of a numeric IPv4 host as the WHATWG URL standard reads it: ``0x`` hex,
-    leading-zero octal or decimal, ASCII only; None if it is not a number."""
-    if part[:2].lower() == "0x":
-        digits, base = part[2:] or "0", 16
-    elif len(part) > 1 and part.startswith("0"):
-        digits, base = part[1:], 8
-    else:
-        digits, base = part, 10
-    if not (digits.isascii() and digits.isalnum()):  # int() would accept '_', signs, spaces
-        return None
-    try:
-        return int(digits, base)
-    except ValueError:
-        return None
+def _host_down(exc: BaseException) -> bool:
+    """Whether an exception of a request says its host is down (for the circuit breaker): a
+    timeout, a refused or reset connection, a failed lookup; not a refused address or URL."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return not isinstance(exc.os_error, BlockedAddressError)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return False
+    return isinstance(exc, (asyncio.TimeoutError, aiohttp.ClientError, OSError))
 
 
-def _host_labels(host: str) -> list[str]:
-    labels = host.split(".")
-    if len(labels) > 1 and labels[-1] == "":
-        labels.pop()  # one trailing dot
-    return labels
+@dataclass(frozen=True)
+class _RobotsVerdict:
+    """A host's robots.txt as this run applies it: ``rules``, and why when they are not the
+    file's (``unreachable``), or the failure that stops its URLs (``refusal``)."""
 
-
-def is_numeric_host(host: str) -> bool:
-    """True when ``host``'s last label is a number: the URL standard then reads the host as an
-    IPv4 address (no DNS name has a numeric top-level label)."""
-    last = _host_labels(host)[-1]
-    return bool(last) and _ipv4_number(last) is not None
-
-
-def parse_numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """The address a numeric host denotes in any of the legacy forms that browsers and
-    ``inet_aton`` accept (``2130706433``, ``0177.0.0.1``, ``127.1``, ``0x7f.1``; WHATWG URL
-    standard, IPv4 parser); None when it is no valid address."""
-    numbers = [_ipv4_number(label) if label else None for label in _host_labels(host)]
-    if len(numbers) > 4 or None in numbers or any(n > 255 for n in numbers[:-1]) \
-            or numbers[-1] >= 256 ** (5 - len(numbers)):
-        return None
-    value = numbers[-1] + sum(n * 256 ** (3 - i) for i, n in enumerate(numbers[:-1]))
-    return ipaddress.IPv4Address(value)
-
-
-def check_url(url: URL, guard: AddressGuard) -> tuple[str, str] | None:
-    """(reason, detail) if ``url`` must not be fetched, checked before every hop; else None.
-
-    Only canonical IP literals and names are fetched. A host in a legacy numeric form (decimal,
-    octal, hex or short IPv4) is never fetched: resolvers disagree on what it means (aiohttp
-    refuses some forms, ``getaddrinfo`` maps others onto an address), so it is refused here,
-    as ``blocked_address`` when the address it denotes is refused, else as ``invalid_url``.
-    """
-    if url.scheme not in ("http", "https"):
-        return UNSUPPORTED_SCHEME, f"scheme {url.scheme!r} (only http/https)"
-    host = url.raw_host
-    if not host:
-        return INVALID_URL, "no host"
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        if not is_numeric_host(host):
-            return None  # a name: GuardedResolver checks its addresses when the connector resolves it
-        address = parse_numeric_ipv4(host)
-        if address is None:
-            return INVALID_URL, f"host {host!r} is numeric but not an IPv4 address"
-        if not guard.allows(str(address)):
-            return BLOCKED_ADDRESS, f"host {host!r} is a numeric form of {address}, which is refused"
-        return INVALID_URL, (f"host {host!r} is a non-canonical numeric form of {address} "
-                             "(only dotted-quad IPv4 hosts are fetched)")
-    if not guard.allows(host):
-        return BLOCKED_ADDRESS, f"address {host} is refused"
-    return None
+    rules: RobotsRules = ALLOW_ALL
+    unreachable: str = ""
+    refusal: tuple[str, str] | None = None
 
 
 class Downloader:
@@ -300,6 +203,7 @@ class Downloader:
 
     Use as ``async with Downloader(config) as d: await d.fetch(url)``. ``resolver`` replaces the
     system DNS resolver (wrapped by the guard either way); tests inject a fixed map.
+    ``hosts`` holds the per-host state (:mod:`.hosts`).
     """
 
     def __init__(self, config: DownloadConfig = DownloadConfig(),
@@ -310,13 +214,16 @@ class Downloader:
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._random = random.Random(seed)
+        self.hosts = Hosts(config.host_policy(), _host_down)
+        self._token = product_token(config.user_agent)
+        self._robots: dict[str, asyncio.Future] = {}   # origin -> its _RobotsVerdict
 
     async def __aenter__(self) -> "Downloader":
         connector = aiohttp.TCPConnector(
             limit=self.config.concurrency, limit_per_host=self.config.per_host_limit,
             resolver=GuardedResolver(self._guard, self._inner_resolver),
             use_dns_cache=True, ttl_dns_cache=self.config.dns_cache_ttl_s)
-        # The per-attempt deadline is enforced with asyncio.wait_for() around the whole attempt.
+        # The per-attempt deadline is enforced with asyncio.wait_for() around each request.
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None),
             headers={"User-Agent": self.config.user_agent, "Accept": "image/*,*/*;q=0.5"},
@@ -340,17 +247,28 @@ class Downloader:
         assert self._session is not None and self._slots is not None, "use 'async with'"
         conditional = {k: v for k, v in (("If-None-Match", etag),
                                          ("If-Modified-Since", last_modified)) if v}
+        read = functools.partial(self._read, conditional=bool(conditional))
+        return await self._fetch(url, conditional, read, robots=True)
+
+    async def _fetch(self, url: str, headers: dict[str, str], read, robots: bool) -> FetchResult:
+        """``url`` with retries: each attempt follows redirects and ends with ``read``."""
         started = time.perf_counter()
         attempts = 0
+        previous: FetchResult | None = None
         while True:
             attempts += 1
-            async with self._slots:
-                attempt = await self._attempt(url, conditional)
+            attempt = await self._attempt(url, headers, read, robots)
             result = attempt.result
+            if previous is not None and result.reason == HOST_UNAVAILABLE:
+                # a retry the breaker refused: the item keeps its last real failure
+                result, attempts = previous, attempts - 1
+                result.detail += f"; not retried: {attempt.result.detail}"
             result.attempts = attempts
-            if result.ok or not attempt.retryable or attempts > self.config.retries:
+            if (result is previous or result.ok or not attempt.retryable
+                    or attempts > self.config.retries):
                 result.elapsed_s = time.perf_counter() - started
                 return result
+            previous = result
             await asyncio.sleep(self._delay(attempts, attempt.retry_after_s))
 
     def _delay(self, attempts: int, retry_after_s: float | None) -> float:
@@ -359,7 +277,7 @@ class Downloader:
         # Exponential backoff with jitter, so retries of one burst do not arrive together.
         return self.config.backoff_base_s * (2 ** (attempts - 1)) * self._random.uniform(0.5, 1.5)
 
-    async def _attempt(self, url: str, conditional: dict[str, str]) -> _Attempt:
+    async def _attempt(self, url: str, headers: dict[str, str], read, robots: bool) -> _Attempt:
         try:
             parsed = URL(url)
         except (ValueError, TypeError) as exc:
@@ -371,8 +289,7 @@ class Downloader:
                                         final_url=hops[-1] if hops else url), retryable=retryable)
 
         try:
-            return await asyncio.wait_for(self._follow(url, parsed, hops, conditional),
-                                          self.config.timeout_s)
+            return await self._follow(url, parsed, hops, headers, read, robots)
         except asyncio.TimeoutError:
             return failed(TIMEOUT, f"no complete response in {self.config.timeout_s}s", True)
         except aiohttp.InvalidURL as exc:  # the client refused the URL: final, not retried
@@ -387,48 +304,132 @@ class Downloader:
             # Reset connections, malformed responses, bad chunked encoding, invalid Location.
             return failed(CONNECTION_ERROR, f"{type(exc).__name__}: {exc}", True)
 
-    async def _follow(self, url: str, current: URL, hops: list[str],
-                      conditional: dict[str, str]) -> _Attempt:
-        """One attempt: request, following redirects by hand so that every hop is checked."""
+    async def _follow(self, url: str, current: URL, hops: list[str], headers: dict[str, str],
+                      read, robots: bool) -> _Attempt:
+        """One attempt: request, following redirects by hand so that every hop is checked.
+
+        Each hop takes a turn on its host (breaker, connections, rate) and a global slot; the
+        attempt's ``timeout_s`` counts the requests themselves, not those waits.
+        """
         seen = {str(current)}
         redirects = 0
+        budget = self.config.timeout_s
         while True:
             hops.append(str(current))
             refused = check_url(current, self._guard)
+            if refused is None and robots and self.config.respect_robots_txt:
+                refused = await self._robots_refusal(current)
             if refused:
                 return _Attempt(FetchResult(url, reason=refused[0], detail=refused[1],
                                             final_url=str(current)))
-            async with self._session.get(current, allow_redirects=False,
-                                         headers=conditional) as resp:
-                if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
-                    target = current.join(URL(resp.headers["Location"]))
-                    if str(target) in seen:
-                        return _Attempt(FetchResult(url, reason=REDIRECT_LOOP, status=resp.status,
-                                                    detail=f"{target} visited before",
-                                                    final_url=str(current)))
-                    redirects += 1
-                    if redirects > self.config.max_redirects:
-                        return _Attempt(FetchResult(
-                            url, reason=TOO_MANY_REDIRECTS, status=resp.status,
-                            detail=f"more than {self.config.max_redirects}",
-                            final_url=str(current)))
-                    seen.add(str(target))
-                    current = target
-                    continue
-                return await self._read(url, current, resp, bool(conditional))
+            async with self.hosts.turn(host_key(current)) as turn:
+                if not turn.refused:
+                    async with self._slots:
+                        await turn.host.space(turn)
+                        if not turn.refused:
+                            sent = time.monotonic()
+                            try:
+                                step = await asyncio.wait_for(
+                                    self._hop(url, current, headers, read, turn), budget)
+                            finally:
+                                budget -= time.monotonic() - sent
+            if turn.refused:
+                return _Attempt(FetchResult(url, reason=HOST_UNAVAILABLE, detail=turn.refused,
+                                            final_url=str(current)))
+            if isinstance(step, _Attempt):
+                return step
+            target = step
+            if str(target) in seen:
+                return _Attempt(FetchResult(url, reason=REDIRECT_LOOP, status=turn.status,
+                                            detail=f"{target} visited before",
+                                            final_url=str(current)))
+            redirects += 1
+            if redirects > self.config.max_redirects:
+                return _Attempt(FetchResult(url, reason=TOO_MANY_REDIRECTS, status=turn.status,
+                                            detail=f"more than {self.config.max_redirects}",
+                                            final_url=str(current)))
+            seen.add(str(target))
+            current = target
 
-    async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse,
+    async def _hop(self, url: str, current: URL, headers: dict[str, str], read,
+                   turn) -> _Attempt | URL:
+        """One request: the redirect's target, or what ``read`` makes of the answer."""
+        async with self._session.get(current, allow_redirects=False, headers=headers) as resp:
+            turn.status = resp.status
+            if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+                return current.join(URL(resp.headers["Location"]))
+            attempt = await read(url, current, resp)
+            if resp.status == 429 or resp.status == 503 and "Retry-After" in resp.headers:
+                turn.host.slow_down(turn, attempt.retry_after_s)
+            return attempt
+
+    async def _robots_refusal(self, url: URL) -> tuple[str, str] | None:
+        """(reason, detail) when the host's robots.txt (fetched once per origin) disallows
+        ``url`` for our product token; else None."""
+        origin = str(url.origin())
+        verdict_task = self._robots.get(origin)
+        if verdict_task is None:
+            verdict_task = self._robots[origin] = asyncio.ensure_future(
+                self._load_robots(url.origin()))
+        verdict: _RobotsVerdict = await asyncio.shield(verdict_task)
+        if verdict.refusal:
+            self._robots.pop(origin, None)  # not a verdict: asked again once the host answers
+            return verdict.refusal
+        path = url.raw_path_qs
+        if verdict.rules.allows(path):
+            return None
+        why = verdict.unreachable or f"rule '{verdict.rules.deciding_rule(path)}'"
+        return ROBOTS_DISALLOWED, (f"{origin}/robots.txt disallows {path} for "
+                                   f"'{self._token or '*'}' ({why})")
+
+    async def _load_robots(self, origin: URL) -> _RobotsVerdict:
+        """Fetch and read a host's robots.txt; RFC 9309 2.3.1: a 4xx means no rules, a host
+        that does not answer (5xx, 429, timeout, connection error) means everything is
+        disallowed; more than ``max_redirects`` redirects count as no rules."""
+        result = await self._fetch(str(origin.with_path("/robots.txt")),
+                                   {"Accept": "text/plain,*/*;q=0.5"}, self._read_robots,
+                                   robots=False)
+        if result.ok:
+            return _RobotsVerdict(RobotsRules.parse(result.body.decode("utf-8", "replace"),
+                                                    self._token))
+        if result.reason == HOST_UNAVAILABLE:
+            return _RobotsVerdict(refusal=(HOST_UNAVAILABLE, result.detail))
+        status = result.status or 0
+        if result.reason in (TIMEOUT, CONNECTION_ERROR) or status >= 500 or status == 429:
+            what = f"HTTP {status}" if result.reason == HTTP_ERROR else result.reason
+            return _RobotsVerdict(DISALLOW_ALL, unreachable=(
+                f"robots.txt unreachable ({what}): RFC 9309 says assume complete disallow"))
+        return _RobotsVerdict(ALLOW_ALL)
+
+    async def _read_robots(self, url: str, current: URL, resp: aiohttp.ClientResponse
+                           ) -> _Attempt:
+        base = dict(url=url, status=resp.status, final_url=str(current))
+        if resp.status == 429 or resp.status >= 500:
+            return _Attempt(FetchResult(**base, reason=HTTP_ERROR), retryable=True,
+                            retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+        if not 200 <= resp.status < 300:
+            return _Attempt(FetchResult(**base, reason=HTTP_ERROR))
+        body, _ = await _read_body(resp, ROBOTS_MAX_BYTES)  # the first 500 KiB are parsed
+        return _Attempt(FetchResult(**base, body=body[:ROBOTS_MAX_BYTES]))
+
+    async def _read(self, url: str, current: URL, resp: aiohttp.ClientResponse, *,
                     conditional: bool) -> _Attempt:
         status = resp.status
         base = dict(url=url, status=status, final_url=str(current))
-        if status == 304 and conditional:  # unasked for, a 304 is an error like any other
-            return _Attempt(FetchResult(**base, not_modified=True))
         if status == 429 or status >= 500:
             return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""),
                             retryable=True,
                             retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
-        if status != 200:
+        # unasked for, a 304 is an error like any other
+        if status != 200 and not (status == 304 and conditional):
             return _Attempt(FetchResult(**base, reason=HTTP_ERROR, detail=resp.reason or ""))
+        if self.config.respect_opt_out:
+            directive = opt_out(resp.headers.getall("X-Robots-Tag", ()), self._token)
+            if directive:
+                return _Attempt(FetchResult(**base, reason=OPTED_OUT,
+                                            detail=f"X-Robots-Tag: {directive}"))
+        if status == 304:
+            return _Attempt(FetchResult(**base, not_modified=True))
         content_type = resp.content_type.lower() if "Content-Type" in resp.headers else ""
         if not content_type.startswith("image/") and content_type not in _BINARY_TYPES:
             return _Attempt(FetchResult(**base, reason=NOT_AN_IMAGE, content_type=content_type,
@@ -437,15 +438,23 @@ class Downloader:
         if resp.content_length is not None and resp.content_length > limit:
             return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
                                         detail=f"Content-Length {resp.content_length} > {limit}"))
-        body = bytearray()
-        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-            body += chunk
-            if len(body) > limit:  # enforced while streaming: a lying or absent length is caught
-                return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
-                                            detail=f"body exceeds {limit} bytes"))
-        return _Attempt(FetchResult(**base, body=bytes(body), content_type=content_type,
+        body, exceeded = await _read_body(resp, limit)
+        if exceeded:  # enforced while streaming: a lying or absent length is caught
+            return _Attempt(FetchResult(**base, reason=TOO_LARGE, content_type=content_type,
+                                        detail=f"body exceeds {limit} bytes"))
+        return _Attempt(FetchResult(**base, body=body, content_type=content_type,
                                     etag=resp.headers.get("ETag"),
                                     last_modified=resp.headers.get("Last-Modified")))
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body in chunks, stopping as soon as it exceeds ``limit``: (bytes read, exceeded)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            return bytes(body), True
+    return bytes(body), False
 
 
 async def fetch_all(urls: Iterable[str], config: DownloadConfig = DownloadConfig(),
@@ -453,22 +462,3 @@ async def fetch_all(urls: Iterable[str], config: DownloadConfig = DownloadConfig
     """Fetch every URL concurrently (bounded by ``config.concurrency``); results in input order."""
     async with Downloader(config, resolver=resolver) as downloader:
         return list(await asyncio.gather(*(downloader.fetch(u) for u in urls)))
-
-
-@dataclass
-class StaticResolver(AbstractResolver):
-    """Resolves names from a fixed map (tests and benchmarks: never touches the network's DNS)."""
-
-    hosts: dict[str, str] = field(default_factory=dict)
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        if host not in self.hosts:
-            raise OSError(f"unknown host {host!r}")
-        address = self.hosts[host]
-        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-        return [{"hostname": host, "host": address, "port": port, "family": fam,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        return None

@@ -81,9 +81,14 @@ class FetchDecodePool:
 
     def __exit__(self, *exc) -> None:
         try:
-            self._loop_thread.run(self._downloader.__aexit__(None, None, None))
+            self._loop_thread.run(self._close_downloader())
         finally:
             self._stop_threads()
+
+    async def _close_downloader(self) -> None:
+        for host, counts in self._downloader.hosts.summary().items():
+            logger.info("image host %s: %s", host, ", ".join(f"{k} {v}" for k, v in counts.items()))
+        await self._downloader.__aexit__(None, None, None)
 
     def _stop_threads(self) -> None:
         self._loop_thread.stop()

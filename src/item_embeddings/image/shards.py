@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 from ..outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS
 from ..storage import (atomic_npy, atomic_path, gcs_client, gcs_prefix, is_gcs_uri,
                        write_json_atomic, write_parquet_atomic)
+from .download import HOST_UNAVAILABLE
+from .hosts import unavailable_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +233,10 @@ def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]
     return {"count": count, "failed_count": failed.num_rows,
             "attempted_count": count + failed.num_rows,
             "failures_by_reason": dict(sorted(by_reason.items())),
+            # hosts whose circuit breaker opened: their items that got no request
+            "unavailable_hosts": unavailable_hosts(failed.column("url").to_pylist(),
+                                                   failed.column("reason").to_pylist(),
+                                                   HOST_UNAVAILABLE),
             "retried_items": retried,
             "encoded_count": sources[ENCODED], "reused_count": sources[REUSED],
             "revalidated_count": sources[REVALIDATED],

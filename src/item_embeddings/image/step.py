@@ -191,8 +191,13 @@ IMAGE_STEP = StepKind(
     logged_params={"model_name": "encoder_name", "pretrained": "pretrained",
                    "max_items": "max_items", "download_concurrency": "download_concurrency",
                    "batch_size": "batch_size", "items_uri": "items_uri",
-                   "image_decode": "image_decode", "previous_uri": "previous_uri", "image_revalidate": "image_revalidate",
-                   "retry_failed_images": "retry_failed_images"},
+                   "image_decode": "image_decode", "previous_uri": "previous_uri",
+                   "image_revalidate": "image_revalidate",
+                   "retry_failed_images": "retry_failed_images",
+                   "download_rate_per_host": "download_rate_per_host",
+                   "host_failure_limit": "host_failure_limit",
+                   "respect_opt_out": "respect_opt_out",
+                   "respect_robots_txt": "respect_robots_txt"},
     versions=("torch", "open-clip-torch", "pillow", "aiohttp", "numpy"))
 
 
@@ -205,7 +210,12 @@ def image_settings(params: PipelineParams, config: DownloadConfig, items_uri: st
         "max_items": params.max_items, "batch_size": params.image_batch_size,
         "download_concurrency": config.concurrency, "download_timeout_s": config.timeout_s,
         "download_retries": config.retries, "max_image_bytes": config.max_bytes,
-        "allow_private_hosts": config.allow_private_hosts, "shard_size": params.shard_size,
+        "allow_private_hosts": config.allow_private_hosts,
+        "download_rate_per_host": config.rate_per_host,
+        "host_failure_limit": config.host_failure_limit,
+        "respect_opt_out": config.respect_opt_out,
+        "respect_robots_txt": config.respect_robots_txt, "user_agent": config.user_agent,
+        "shard_size": params.shard_size,
         "items_uri": items_uri, "id_column": params.id_column,
         "image_url_column": params.image_url_column, "image_decode": params.image_decode,
         "rows": list(rows) if rows is not None else None,
@@ -239,6 +249,8 @@ def _shard_store(settings: dict[str, Any], encoder: ImageEncoder, config: Downlo
         "weights_sha256": encoder.resolved.weights_sha256, "embed_dim": encoder.dim,
         "device_dtype": encoder.dtype, "max_redirects": config.max_redirects,
         "exempt_networks": list(config.exempt_networks), "max_pixels": MAX_PIXELS,
+        "respect_opt_out": config.respect_opt_out,
+        "respect_robots_txt": config.respect_robots_txt,
     })
     store = ShardStore(root, fingerprint(decides), decides)
     store.write_settings()
@@ -427,6 +439,11 @@ def embed_items_images(
                           run.out, encoder.dim, ids_type)
         meta = run.finish_step({**settings, **_encoder_meta(encoder, keys_fp), **totals,
                                 **_run_meta(fetched, store)})
+    if meta["unavailable_hosts"]:
+        logger.warning("image host(s) not answering, their remaining images skipped by the "
+                       "circuit breaker (reason host_unavailable; retried by the next run): %s",
+                       ", ".join(f"{host} ({n} images)" for host, n in
+                                 list(meta["unavailable_hosts"].items())[:5]))
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
                 meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)
     return meta

@@ -352,6 +352,20 @@ def meta_counts(meta: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+def unavailable_hosts_lines(meta: Mapping[str, Any], width: int, shown: int = 5) -> list[str]:
+    """The image hosts whose circuit breaker opened (``unavailable_hosts`` of img_meta.json),
+    named with the images they cost; [] when there are none."""
+    hosts = meta.get("unavailable_hosts")
+    if not isinstance(hosts, Mapping) or not hosts:
+        return []
+    parts = [f"{host} ({n:,d} images)" for host, n in list(hosts.items())[:shown]]
+    if len(hosts) > shown:
+        parts.append(f"and {len(hosts) - shown} more")
+    head = ("image hosts not answering (circuit breaker opened; their other images were not "
+            "requested, reason host_unavailable, and are retried by the next run): ")
+    return _wrap(parts, width, head, "  ")
+
+
 def _wrap(parts: list[str], width: int, first: str, indent: str) -> list[str]:
     """``parts`` joined by ", " into lines of at most ``width`` (a part is never split)."""
     lines, line = [], first
@@ -413,15 +427,19 @@ def summary_lines(tasks: list[TaskRecord], out: Path, placed: Mapping[str, Path]
     order = {meta: i for i, (_, _, meta, _) in enumerate(GROUPS.values())}
     metas = sorted((name for name in placed if name in META_FILES),
                    key=lambda name: (order.get(name, len(order)), name))
+    warnings: list[str] = []
     if metas:
         lines.append("counts (from the meta files):")
         meta_width = max(len(name) for name in metas)
         for name in metas:
             try:
-                counts = meta_counts(json.loads(placed[name].read_text()))
+                meta = json.loads(placed[name].read_text())
+                counts = meta_counts(meta)
+                warnings += unavailable_hosts_lines(meta, width)
             except (OSError, ValueError) as exc:
                 counts = [f"unreadable: {exc}"]
             lines.extend(_wrap(counts, width, f"  {name:<{meta_width}}  ", " " * (meta_width + 4)))
+    lines.extend(warnings)
     total = sum(path.stat().st_size for path in placed.values())
     lines.extend(_wrap(sorted(placed), width, f"files ({len(placed)}, {_size(total)}): ", "  "))
     if QA_REPORT in placed:

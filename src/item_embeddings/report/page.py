@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..config import PipelineParams
+from ..image.hosts import failures_by_host
 from ..outputs import FUSION_CONFIG, KNN_FUSED, KNN_TEXT
 from ..runtime import package_versions
 from ..verify import NORM_TOLERANCE
@@ -35,6 +36,7 @@ SECTIONS = (
     ("run", "Run parameters and versions"),
 )
 MAX_EPOCH_ROWS = 20      # the training table lists every epoch up to this many
+TOP_HOSTS = 10           # image hosts listed with their failures
 
 
 def _e(value: Any) -> str:
@@ -237,7 +239,24 @@ def failures_section(inputs: RunInputs) -> str:
         rows.append((reason, count, f"{100.0 * count / attempted:.1f}%", sample))
     body = _table(("reason", "items", "% of attempted", "first example (id, URL, detail)"),
                   rows)
-    return body + _img(plot_failures(reasons), "image failures by reason")
+    return (body + _img(plot_failures(reasons), "image failures by reason")
+            + failing_hosts(failures))
+
+
+def failing_hosts(failures) -> str:
+    """The image hosts with the most failed items, and why they failed."""
+    if "url" not in failures.column_names:
+        return ""
+    top = failures_by_host(failures.column("url").to_pylist(),
+                           failures.column("reason").to_pylist(), TOP_HOSTS)
+    rows = [(host or "(no host)", count,
+             ", ".join(f"{reason} {n:,}" for reason, n in reasons.items()))
+            for host, count, reasons in top]
+    note = ("host_unavailable: the host stopped answering and its circuit breaker opened, so "
+            "its remaining images were not requested; like every failure they are tried again "
+            "by the next incremental run (retry_failed_images).")
+    return (f"<h3>Hosts with the most failures (top {TOP_HOSTS})</h3>"
+            + _table(("host", "failed items", "reasons"), rows) + _p(note, "note"))
 
 
 def _spread(values: np.ndarray) -> list[Any]:
