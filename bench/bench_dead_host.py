@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import DeadServer, ServerProcess, gradient  # noqa: E402
-
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import embed_items_images, load_image_encoder  # noqa: E402
 

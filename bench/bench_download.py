@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import ServerProcess, make_images  # noqa: E402
-
-from item_embeddings.image.download import DownloadConfig, Downloader
+from item_embeddings.image.download import DownloadConfig, Downloader  # noqa: E402
 from item_embeddings.image.guard import StaticResolver  # noqa: E402
 
 HOSTS = [f"img{i}.bench.test" for i in range(4)]

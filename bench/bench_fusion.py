@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, child_args in runs:
                 r = _child(child_args)
                 print(f"| {n} | {args.image_fraction:.0%} | {name} | {r['wall_s']:.1f} "
-                      f"| {r['process_s']:.1f} | {5 * n / r['wall_s']:.0f} | {r.get('train_s', float('nan')):.1f} "
+                      f"| {r['process_s']:.1f} | {5 * n / r['wall_s']:.0f} | "
+                      f"{r.get('train_s', float('nan')):.1f} "
                       f"| {r['peak_anon_mib']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
     return 0
 

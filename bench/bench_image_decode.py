@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_shard_overhead import upscaled  # noqa: E402
-from image_server import ServerProcess  # noqa: E402
 
+from image_server import ServerProcess  # noqa: E402
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import DECODE_MODES, embed_items_images, load_image_encoder  # noqa: E402
 from item_embeddings.image.download import DownloadConfig  # noqa: E402

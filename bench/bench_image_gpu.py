@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_image_decode import cpu_model, fetch_only  # noqa: E402
 from bench_shard_overhead import upscaled  # noqa: E402
-from image_server import ServerProcess, product_photo  # noqa: E402
 
+from image_server import ServerProcess, product_photo  # noqa: E402
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import embed_items_images, load_image_encoder  # noqa: E402
 from item_embeddings.runtime import GpuUnavailableError, require_cuda  # noqa: E402
@@ -120,7 +120,7 @@ def plain_loop(pixels: list[np.ndarray], device: str, budget: Budget, share_s: f
         model = model.to(memory_format=fmt)
 
         @torch.inference_mode()
-        def encode(batch):
+        def encode(batch, model=model, fmt=fmt):  # this layout's (bound now, not at call)
             x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype).div_(255)
             x = x.sub_(mean).div_(std).contiguous(memory_format=fmt)
             return model.encode_image(x)

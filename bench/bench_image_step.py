@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from image_server import ServerProcess  # noqa: E402
-
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import decode_image, embed_items_images, load_image_encoder  # noqa: E402
 

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import TINY_CONFIG  # noqa: E402
-from image_server import ServerProcess, gradient  # noqa: E402
 from test_text_backends import product_texts  # noqa: E402
 
+from image_server import ServerProcess, gradient  # noqa: E402
 from item_embeddings.config import PipelineParams  # noqa: E402
 from item_embeddings.image import embed_items_images  # noqa: E402
 from item_embeddings.progress import setup_logging  # noqa: E402

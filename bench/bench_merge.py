@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from bench_fusion import PeakMemory, _anon_kib  # same folder: the script's own directory
 
 TEXT_DIM, IMAGE_DIM = 384, 512
@@ -50,8 +49,15 @@ SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_elect
 def make_shards(root: Path, n: int, shards: int, workers: int, image_fraction: float) -> list:
     """Worker folders holding the shard outputs of ``n`` rows; returns the plan's workers."""
     from item_embeddings.fanout import SHARD_DIR, Shard, deal, shard_bounds
-    from item_embeddings.outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
-                                         TXT_ARRAY, TXT_ITEMS, TXT_META)
+    from item_embeddings.outputs import (
+        IMG_ARRAY,
+        IMG_FAILURES,
+        IMG_ITEMS,
+        IMG_META,
+        TXT_ARRAY,
+        TXT_ITEMS,
+        TXT_META,
+    )
     from item_embeddings.storage import atomic_npy, write_json_atomic, write_parquet_atomic
 
     rng = np.random.default_rng(0)

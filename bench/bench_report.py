@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from bench_fusion import PeakMemory, _anon_kib  # same folder: the script's own directory
 
 REASONS = ("http_error", "timeout", "dns_error", "not_an_image", "decode_error")
@@ -41,9 +40,18 @@ def _unit_rows(rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
 def make_run(root: Path, n: int, image_fraction: float, k: int = 10) -> None:
     """A whole synthetic run under ``root``: items.parquet, text/, image/, fused/, knn/."""
     from item_embeddings.fusion.synthetic import write_synthetic_catalogue
-    from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IMG_FAILURES,
-                                         IMG_META, KNN_FUSED, KNN_FUSED_SCORES, KNN_META,
-                                         KNN_TEXT, KNN_TEXT_SCORES)
+    from item_embeddings.outputs import (
+        FUSED_ARRAY,
+        FUSED_ITEMS,
+        FUSION_CONFIG,
+        IMG_FAILURES,
+        IMG_META,
+        KNN_FUSED,
+        KNN_FUSED_SCORES,
+        KNN_META,
+        KNN_TEXT,
+        KNN_TEXT_SCORES,
+    )
     from item_embeddings.storage import atomic_npy, write_json_atomic, write_parquet_atomic
 
     rng = np.random.default_rng(0)

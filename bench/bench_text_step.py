@@ -81,7 +81,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=Path, default=SAMPLE, help="items parquet (speed mode)")
     parser.add_argument("--limit", type=int, default=0, help="use the first N items only")
-    parser.add_argument("--backend", default=None, help="text_backend of the step (default: its default)")
+    parser.add_argument("--backend", default=None,
+                        help="text_backend of the step (default: its default)")
     parser.add_argument("--rss", type=int, nargs="*", metavar="N",
                         help="measure peak RSS of the step at these catalogue sizes")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)

@@ -24,9 +24,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                     FUSION_WEIGHTS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
-                                     KNN_META, TXT_ARRAY, TXT_ITEMS, TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_EXCLUSIONS,
+    FUSION_WEIGHTS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.step import step_run
 from item_embeddings.verify import KNN_SPACES, verify_outputs
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.fanout import WHOLE_TABLE
@@ -129,12 +130,11 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
     staged on its own (:func:`shard_output`), so a retried task keeps the finished shards
     (:func:`pending_shards` leaves them out).
     """
+    from item_embeddings.incremental import pinned_previous
     from item_embeddings.outputs import META_FILES
     from item_embeddings.progress import setup_logging
     from item_embeddings.storage import staged_output_dir
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
-
-    from item_embeddings.incremental import pinned_previous
 
     setup_logging()
     params = PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})

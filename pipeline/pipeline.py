@@ -30,8 +30,9 @@ only reused for the same contents, on submit, schedules and UI reruns alike.
 import copy
 import dataclasses
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 
@@ -116,8 +117,9 @@ def _custom_job(component, display_name: str) -> _Job:
     machine is filled in per task (:func:`_worker_pool_specs`) from pipeline parameters.
     """
     from google_cloud_pipeline_components import _placeholders
-    from google_cloud_pipeline_components.v1.custom_job import \
-        create_custom_training_job_from_component
+    from google_cloud_pipeline_components.v1.custom_job import (
+        create_custom_training_job_from_component,
+    )
 
     op = create_custom_training_job_from_component(
         component, display_name=display_name, timeout=JOB_TIMEOUT,
@@ -304,7 +306,8 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
 
 def compile_pipeline(output: "str | Path", target: str = "vertex", image: str = DEFAULT_IMAGE,
                      gpu_image: str | None = None, pipeline_root: str | None = None) -> Path:
-    """Compile the pipeline to a YAML template at ``output`` (arguments as :func:`build_pipeline`)."""
+    """Compile the pipeline to a YAML template at ``output`` (arguments as
+    :func:`build_pipeline`)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(target, image, gpu_image, pipeline_root),

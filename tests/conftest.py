@@ -97,7 +97,7 @@ def gcs_emulator_host():
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gcp-storage-emulator did not start")
+                    raise RuntimeError("gcp-storage-emulator did not start") from None
                 time.sleep(0.2)
         yield host
     finally:
@@ -110,7 +110,8 @@ def gcs_emulator_host():
 
 @pytest.fixture
 def gcs(gcs_emulator_host, monkeypatch):
-    """A storage client against the emulator, with STORAGE_EMULATOR_HOST set for the code under test."""
+    """A storage client against the emulator, with STORAGE_EMULATOR_HOST set for the code under
+    test."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_host)
     from item_embeddings.storage import gcs_client
 

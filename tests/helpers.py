@@ -20,10 +20,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                     FUSION_WEIGHTS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
-                                     KNN_META, META_FILES, QA_REPORT, TXT_ARRAY, TXT_ITEMS,
-                                     TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_EXCLUSIONS,
+    FUSION_WEIGHTS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_META,
+    META_FILES,
+    QA_REPORT,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 
 # Generated item catalogues (tests never read ../shared).
 

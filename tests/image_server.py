@@ -10,7 +10,8 @@ Routes (``srv.url(path)`` gives the full URL):
   500 rate applied; ``?xrt=<value>`` (repeatable) adds an ``X-Robots-Tag: <value>`` header;
 * ``/robots.txt``: :attr:`ImageServer.robots_txt` (404 when None; ``robots_status`` overrides the
   status; ``robots_location`` makes it a redirect);
-* ``/status/<code>`` (``?retry_after=<s>`` adds a ``Retry-After``); ``/flaky/<key>`` (500 once, then the image); ``/ratelimited/<key>`` (429
+* ``/status/<code>`` (``?retry_after=<s>`` adds a ``Retry-After``); ``/flaky/<key>`` (500 once,
+  then the image); ``/ratelimited/<key>`` (429
   with ``Retry-After: 1`` once, then the image); ``/slow`` (answers after ``slow_s``);
   ``/stall`` (half the body, then silence); ``/big`` (streams past any limit, no length);
   ``/big-declared`` (a huge Content-Length); ``/html`` (a text/html page);
@@ -38,7 +39,7 @@ import email.utils
 import hashlib
 import io
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from aiohttp import web
@@ -347,7 +348,7 @@ class ImageServer:
             await site.start()
             self.port = site._server.sockets[0].getsockname()[1]
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         self._loop_thread.start().run(self._start())
         return self
 
@@ -450,7 +451,7 @@ class DeadServer:
             transport.abort()
         await self._server.wait_closed()
 
-    def __enter__(self) -> "DeadServer":
+    def __enter__(self) -> DeadServer:
         self._loop_thread.start().run(self._start())
         return self
 

@@ -15,7 +15,8 @@ import errno
 import ipaddress
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 LOG_ENV = "ITEM_EMBEDDINGS_TEST_NETWORK_LOG"  # the refusal log; set for the session's processes
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -63,7 +64,8 @@ def _record(what: str) -> str:
 
 
 def take_refusals() -> list[str]:
-    """The refusals logged since the last call (by this process or its subprocesses); clears them."""
+    """The refusals logged since the last call (by this process or its subprocesses); clears
+    them."""
     log = os.environ.get(LOG_ENV)
     if not log or not os.path.exists(log):
         return []

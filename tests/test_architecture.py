@@ -1,4 +1,5 @@
-"""The layers import in one direction only, and no module imports itself back (docs/architecture.md).
+"""The layers import in one direction only, and no module imports itself back
+(docs/architecture.md).
 
 Read from the source files (imports inside functions included), so a lazy import cannot hide a
 cycle or an upward arrow.

@@ -150,7 +150,7 @@ def test_schedule_cli_lifecycle(anonymous, template, capsys):
     assert "schedule '1' not found" in capsys.readouterr().err
 
 
-def test_upload_cli(registry, template, monkeypatch, capsys):  # noqa: F811
+def test_upload_cli(registry, template, monkeypatch, capsys):
     monkeypatch.setattr(google.auth, "default",
                         lambda *a, **k: (Credentials(token="adc-token"), "test-proj"))
     assert main(["upload", "--project", "test-proj", "--region", "us-central1",

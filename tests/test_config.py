@@ -1,7 +1,13 @@
 import pytest
 
-from item_embeddings.config import (PARAM_FIELDS, ConfigError, PipelineParams, load_config_file,
-                                    parse_overrides, resolve_params)
+from item_embeddings.config import (
+    PARAM_FIELDS,
+    ConfigError,
+    PipelineParams,
+    load_config_file,
+    parse_overrides,
+    resolve_params,
+)
 
 
 def test_defaults_match_the_design():
@@ -35,7 +41,8 @@ def test_bad_overrides_are_named(pair, message):
 
 def test_config_file_then_set_then_explicit(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("parameters:\n  text_batch_size: 16\n  experiment: exp-a\n  items_uri: a.parquet\n")
+    cfg.write_text("parameters:\n  text_batch_size: 16\n  experiment: exp-a\n"
+                   "  items_uri: a.parquet\n")
     p = resolve_params(str(cfg), ["experiment=exp-b"], items_uri="b.parquet")
     assert (p.text_batch_size, p.experiment, p.items_uri) == (16, "exp-b", "b.parquet")
     flat = tmp_path / "flat.yaml"

@@ -12,13 +12,19 @@ import time
 import pytest
 from kfp import dsl
 
+from helpers import check_console_of_a_run
 from item_embeddings import runtime
 from item_embeddings.ops.cli import main
-from item_embeddings.ops.console import (RunConsole, TaskRecord, meta_counts, strip_ansi,
-                                         summary_lines)
+from item_embeddings.ops.console import (
+    RunConsole,
+    TaskRecord,
+    meta_counts,
+    strip_ansi,
+    summary_lines,
+)
 from item_embeddings.outputs import IMG_META, KNN_META, QA_REPORT, TXT_META
 from item_embeddings.progress import LOG_FORMAT
-from helpers import check_console_of_a_run
+
 
 # A tiny pipeline for kfp.local: the real shapes of its output, in seconds rather than a minute.
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
@@ -399,11 +405,11 @@ def _unreachable_hub(monkeypatch) -> list:
 
 def test_demo_weights_fall_back_at_once_when_the_hub_is_unreachable(hub_online_mode, monkeypatch,
                                                                     tmp_path, capsys):
+    import open_clip  # noqa: F401 - imported before the clock starts, as the CLI has by then
+
     from item_embeddings.config import PipelineParams
     from item_embeddings.ops.local_commands import _demo_image_weights
     from item_embeddings.ops.local_run import probe_hub
-
-    import open_clip  # noqa: F401 - imported before the clock starts, as the CLI has by then
 
     probes = _unreachable_hub(monkeypatch)
     started = time.monotonic()

@@ -5,9 +5,9 @@ builds and pushes exactly those images."""
 import ast
 import fnmatch
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

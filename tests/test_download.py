@@ -9,15 +9,19 @@ import socket
 import time
 
 import pytest
-
-from item_embeddings.image import download as dl
-from item_embeddings.image import guard as gd
-from item_embeddings.image.download import DownloadConfig, fetch_all, parse_retry_after
-from item_embeddings.image.guard import (AddressGuard, GuardedResolver, StaticResolver, check_url,
-                                         is_forbidden_address)
 from yarl import URL
 
 from image_server import ImageServer, make_images
+from item_embeddings.image import download as dl
+from item_embeddings.image import guard as gd
+from item_embeddings.image.download import DownloadConfig, fetch_all, parse_retry_after
+from item_embeddings.image.guard import (
+    AddressGuard,
+    GuardedResolver,
+    StaticResolver,
+    check_url,
+    is_forbidden_address,
+)
 
 FAST = dict(timeout_s=1.0, retries=2, backoff_base_s=0.01, allow_private_hosts=True)
 

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from item_embeddings.errors import (EXIT_FAILED, EXIT_USAGE, ItemEmbeddingsError,
-                                    MissingFileError, UsageError)
+from item_embeddings.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    ItemEmbeddingsError,
+    MissingFileError,
+    UsageError,
+)
 from item_embeddings.ops.cli import exit_code, main
 
 ROOT = Path(__file__).resolve().parents[1]

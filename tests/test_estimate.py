@@ -11,8 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from item_embeddings.config import ConfigError, PipelineParams
-from item_embeddings.estimate import (BASES, Choices, Rates, count_items, duration, estimate,
-                                      parse_count, shard_work)
+from item_embeddings.estimate import (
+    BASES,
+    Choices,
+    Rates,
+    count_items,
+    duration,
+    estimate,
+    parse_count,
+    shard_work,
+)
 from item_embeddings.fanout import plan_shards
 from item_embeddings.items import ItemsError
 from item_embeddings.ops.cli import main

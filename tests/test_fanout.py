@@ -9,8 +9,15 @@ import pytest
 
 from helpers import catalogue, write_items
 from item_embeddings.config import ConfigError, PipelineParams
-from item_embeddings.fanout import (MergeError, ShardPlan, Shard, WHOLE_TABLE,
-                                    merge_text_shards, plan_shards, worker_shards)
+from item_embeddings.fanout import (
+    WHOLE_TABLE,
+    MergeError,
+    Shard,
+    ShardPlan,
+    merge_text_shards,
+    plan_shards,
+    worker_shards,
+)
 from item_embeddings.image.selection import Selection, iter_selected
 from item_embeddings.items import ItemColumns
 from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META

@@ -10,14 +10,34 @@ import pytest
 import torch
 
 from item_embeddings.config import PipelineParams
-from item_embeddings.fusion import (FusedAdam, FusionInputError, fuse_item_embeddings,
-                                    load_fusion_inputs)
-from item_embeddings.fusion.model import (NORM_WEIGHT, TAU, FusionMLP, init_from_pca,
-                                          load_fusion_model, loss_and_gradients, training_batch)
+from item_embeddings.fusion import (
+    FusedAdam,
+    FusionInputError,
+    fuse_item_embeddings,
+    load_fusion_inputs,
+)
+from item_embeddings.fusion.model import (
+    NORM_WEIGHT,
+    TAU,
+    FusionMLP,
+    init_from_pca,
+    load_fusion_model,
+    loss_and_gradients,
+    training_batch,
+)
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                     FUSION_WEIGHTS as WEIGHTS_FILE, IMG_ARRAY, IMG_ITEMS,
-                                     IMG_META, TXT_ARRAY, TXT_ITEMS)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_EXCLUSIONS,
+    IMG_ARRAY,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+)
+from item_embeddings.outputs import FUSION_WEIGHTS as WEIGHTS_FILE
 from item_embeddings.storage import sha256_file
 
 N = 2400

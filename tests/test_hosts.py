@@ -15,16 +15,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from image_server import DeadServer, ImageServer
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
 from item_embeddings.image import download as dl
 from item_embeddings.image.download import DownloadConfig, Downloader
 from item_embeddings.image.guard import StaticResolver
-from item_embeddings.image.hosts import (MIN_RATE, SLOWED_START_RATE, HostPolicy, Hosts,
-                                         failures_by_host, host_of, unavailable_hosts)
+from item_embeddings.image.hosts import (
+    MIN_RATE,
+    SLOWED_START_RATE,
+    HostPolicy,
+    Hosts,
+    failures_by_host,
+    host_of,
+    unavailable_hosts,
+)
 from item_embeddings.outputs import IMG_FAILURES, IMG_META
-
-from image_server import DeadServer, ImageServer
 
 FAST = dict(timeout_s=1.0, retries=0, backoff_base_s=0.01, allow_private_hosts=True,
             rate_per_host=0.0)
@@ -490,7 +496,8 @@ def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, t
         assert first["unavailable_hosts"] == {f"127.0.0.2:{srv.port}": 9}
         srv.down.clear()
         again = im.embed_items_images(
-            str(items), tmp_path / "B", dataclasses.replace(params, previous_uri=str(tmp_path / "A")),
+            str(items), tmp_path / "B",
+            dataclasses.replace(params, previous_uri=str(tmp_path / "A")),
             encoder=encoder)
         assert srv.host_hits("127.0.0.2") == 3 + 12 and srv.hits["/img/rgb.jpg"] == 1
     assert (again["count"], again["failed_count"], again["reused_count"]) == (13, 0, 1)

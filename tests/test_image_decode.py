@@ -13,12 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, JpegImagePlugin
 
+from image_server import ImageServer, gradient, make_images, product_photo
 from item_embeddings import image as im
 from item_embeddings.config import ConfigError, PipelineParams
 from item_embeddings.image.reuse import encoder_fingerprint
 from item_embeddings.outputs import IMG_ARRAY, IMG_ITEMS, IMG_META
-
-from image_server import ImageServer, gradient, make_images, product_photo
 
 # (width, height) of the generated catalogue photos: landscape, portrait, square, wide, large,
 # and sides that a 1/2 or 1/4 scale does not divide (the reduced image ends in a partial pixel).

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from image_server import ImageServer, make_images
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
 from item_embeddings.image import download as dl
@@ -28,8 +29,6 @@ from item_embeddings.items import ItemsError
 from item_embeddings.outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META
 from item_embeddings.storage import sha256_file
 from item_embeddings.tracking import LocalTracker
-
-from image_server import ImageServer, make_images
 
 FAST = DownloadConfig(timeout_s=0.6, retries=1, backoff_base_s=0.01, allow_private_hosts=True)
 # Keys of img_meta.json that are measurements of one attempt (or where it kept its shards).
@@ -490,8 +489,8 @@ def test_component_keeps_shards_in_the_durable_output_on_gcsfuse(server, tiny_mo
 
 
 def test_component_bad_parameter_fails_before_any_work(tmp_path, tiny_model, monkeypatch):
-    from item_embeddings.config import ConfigError
     import item_embeddings.image.step as image_step
+    from item_embeddings.config import ConfigError
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load")

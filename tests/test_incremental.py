@@ -31,9 +31,19 @@ from item_embeddings.fusion.inputs import FusionInputError
 from item_embeddings.fusion.model import load_fusion_model
 from item_embeddings.image.download import DownloadConfig
 from item_embeddings.incremental import PreviousSetError
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_WEIGHTS,
-                                     IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY,
-                                     TXT_ITEMS, TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_WEIGHTS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.publish import publish_outputs
 from item_embeddings.text import embed_items_text, load_text_encoder
 from item_embeddings.tracking import LocalTracker

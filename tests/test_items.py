@@ -3,8 +3,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import catalogue, write_items
-from item_embeddings.items import (ItemColumns, ItemsError, clean_text, item_text, iter_batches,
-                                   validate_items)
+from item_embeddings.items import (
+    ItemColumns,
+    ItemsError,
+    clean_text,
+    item_text,
+    iter_batches,
+    validate_items,
+)
 
 COLS = ItemColumns()
 
@@ -73,7 +79,8 @@ def test_duplicate_ids_name_values_and_rows(tmp_path):
     cat = catalogue(8)
     cat["asin"][5] = cat["asin"][1]
     path = write_items(tmp_path / "i.parquet", cat)
-    with pytest.raises(ItemsError, match=r"1 duplicated id\(s\), e.g. \['B0000001'\] at rows \[1, 5\]"):
+    with pytest.raises(ItemsError,
+                       match=r"1 duplicated id\(s\), e.g. \['B0000001'\] at rows \[1, 5\]"):
         validate_items(str(path), COLS)
 
 

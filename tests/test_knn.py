@@ -9,13 +9,28 @@ import pytest
 import torch
 
 from item_embeddings.config import PipelineParams
-from item_embeddings.knn import (KnnInputError, build_knn_graph, build_knn_graphs, exact_knn,
-                                 recall_at_k, unit_rows)
+from item_embeddings.knn import (
+    KnnInputError,
+    build_knn_graph,
+    build_knn_graphs,
+    exact_knn,
+    recall_at_k,
+    unit_rows,
+)
 from item_embeddings.knn import graph as knn_graph
 from item_embeddings.knn.synthetic import clustered_unit_vectors
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES,
-                                     KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS,
-                                     TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.storage import write_parquet_atomic
 from item_embeddings.tracking import LocalTracker, list_local_runs
 

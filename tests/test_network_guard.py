@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -61,7 +59,8 @@ def test_loopback_connections_work():
 
 
 def test_aiohttp_connections_go_through_the_guard():
-    """asyncio's non-blocking connect (what aiohttp uses) is refused too; the error is the guard's."""
+    """asyncio's non-blocking connect (what aiohttp uses) is refused too; the error is the
+    guard's."""
 
     async def get():
         async with aiohttp.ClientSession() as session:
@@ -89,7 +88,7 @@ def test_a_swallowed_refusal_still_fails_the_test_and_subprocesses_are_guarded(p
                  "network_guard_site/sitecustomize.py"):
         (pytester.path / name).parent.mkdir(exist_ok=True)
         (pytester.path / name).write_text((TESTS_DIR / name).read_text())
-    pytester.makepyfile(textwrap.dedent(f"""
+    pytester.makepyfile(textwrap.dedent("""
         import socket, subprocess, sys
 
         def test_swallows():
@@ -99,7 +98,8 @@ def test_a_swallowed_refusal_still_fails_the_test_and_subprocesses_are_guarded(p
                 pass
 
         def test_subprocess():
-            code = "import socket\\ntry: socket.create_connection(('10.20.30.41', 80))\\nexcept OSError: pass"
+            code = ("import socket\\ntry: socket.create_connection(('10.20.30.41', 80))\\n"
+                    "except OSError: pass")
             subprocess.run([sys.executable, "-c", code], check=True)
 
         def test_loopback_only():

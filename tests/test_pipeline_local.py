@@ -15,12 +15,28 @@ import pytest
 import yaml
 
 from helpers import catalogue, check_console_of_a_run, write_items
-from item_embeddings.ops.cli import main
 from item_embeddings.config import PARAM_FIELDS, PipelineParams
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_WEIGHTS,
-                                     IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED,
-                                     KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
-                                     MANIFEST, QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META)
+from item_embeddings.ops.cli import main
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_WEIGHTS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    MANIFEST,
+    QA_REPORT,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

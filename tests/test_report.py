@@ -19,10 +19,23 @@ import pytest
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IMG_ARRAY,
-                                     IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_FUSED,
-                                     KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
-                                     QA_REPORT, TXT_ARRAY, TXT_ITEMS)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    QA_REPORT,
+    TXT_ARRAY,
+    TXT_ITEMS,
+)
 from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
 from item_embeddings.report.inputs import MISSING_CATEGORY
 from item_embeddings.sample import make_sample_catalogue
@@ -171,15 +184,15 @@ class Element:
     tag: str
     attrs: dict[str, str]
     text: str = ""
-    children: list["Element"] = field(default_factory=list)
+    children: list[Element] = field(default_factory=list)
 
-    def find_all(self, tag: str) -> list["Element"]:
+    def find_all(self, tag: str) -> list[Element]:
         found = [self] if self.tag == tag else []
         for child in self.children:
             found += child.find_all(tag)
         return found
 
-    def by_class(self, cls: str) -> list["Element"]:
+    def by_class(self, cls: str) -> list[Element]:
         found = [self] if cls in self.attrs.get("class", "").split() else []
         for child in self.children:
             found += child.by_class(cls)

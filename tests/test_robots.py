@@ -7,8 +7,14 @@ import urllib.robotparser
 import pytest
 
 from item_embeddings.image.download import DEFAULT_USER_AGENT
-from item_embeddings.image.robots import (ALLOW_ALL, DISALLOW_ALL, RobotsRules, normalise_path,
-                                          opt_out, product_token)
+from item_embeddings.image.robots import (
+    ALLOW_ALL,
+    DISALLOW_ALL,
+    RobotsRules,
+    normalise_path,
+    opt_out,
+    product_token,
+)
 
 # The example of RFC 9309, section 5.1.
 RFC_EXAMPLE = """\

@@ -1,13 +1,19 @@
-import os
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from item_embeddings import storage
-from item_embeddings.outputs import (FUSED_ARRAY, FUSION_CONFIG, META_FILES, TXT_ARRAY, TXT_ITEMS,
-                                     TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSION_CONFIG,
+    META_FILES,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
@@ -181,8 +187,8 @@ def _gcs_endpoint(fs) -> tuple[str, bool]:
 
 def test_arrow_filesystem_reads_local_paths_and_gcs_objects(gcs, tmp_path, monkeypatch):
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     monkeypatch.setenv("HOME", str(tmp_path))
     fs, path = storage.arrow_filesystem("~/items.parquet")

@@ -10,8 +10,12 @@ from item_embeddings.config import PipelineParams
 from item_embeddings.items import ItemsError, item_text
 from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.storage import sha256_file
-from item_embeddings.text import (MINILM_SHA256, embed_items_text, load_text_encoder,
-                                  resolve_text_model)
+from item_embeddings.text import (
+    MINILM_SHA256,
+    embed_items_text,
+    load_text_encoder,
+    resolve_text_model,
+)
 from item_embeddings.tracking import LocalTracker
 
 

@@ -8,15 +8,20 @@ import random
 
 import numpy as np
 import pytest
-from helpers import catalogue, write_items
 
+from helpers import catalogue, write_items
 from item_embeddings.config import PipelineParams
 from item_embeddings.outputs import TXT_ARRAY, TXT_META
 from item_embeddings.storage import sha256_file
 from item_embeddings.text import embed_items_text, load_text_encoder, resolve_text_model
 from item_embeddings.text.encoders import resolve_backend
-from item_embeddings.text.onnx import (MANIFEST_FILE, MODEL_FILE, ONNX_BACKENDS, OnnxTextEncoder,
-                                       build_fast_model)
+from item_embeddings.text.onnx import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ONNX_BACKENDS,
+    OnnxTextEncoder,
+    build_fast_model,
+)
 from item_embeddings.text.quality import quality_gate
 
 CATEGORIES = {
@@ -62,7 +67,8 @@ def product_texts(n: int, seed: int = 0) -> list[str]:
     texts = []
     for i in range(n):
         kinds, features = CATEGORIES[rng.choice(sorted(CATEGORIES))]
-        title = f"{rng.choice(BRANDS)} {rng.choice(kinds)} {rng.choice('XSGT')}{rng.randint(1, 999)}"
+        model = f"{rng.choice('XSGT')}{rng.randint(1, 999)}"
+        title = f"{rng.choice(BRANDS)} {rng.choice(kinds)} {model}"
         shape = i % 5
         if shape == 0:
             sentences = []  # title only

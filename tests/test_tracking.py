@@ -3,8 +3,15 @@ import re
 
 import pytest
 
-from item_embeddings.tracking import (LocalTracker, NullTracker, VertexTracker, list_local_runs,
-                                      make_tracker, run_name, tracked_run)
+from item_embeddings.tracking import (
+    LocalTracker,
+    NullTracker,
+    VertexTracker,
+    list_local_runs,
+    make_tracker,
+    run_name,
+    tracked_run,
+)
 
 
 def test_run_names_are_vertex_safe():
@@ -36,7 +43,8 @@ def test_local_tracker_records_a_run(tmp_path):
     record = json.loads((tmp_path / "exp" / "embed-text-1.json").read_text())
     assert record["status"] == "COMPLETE" and record["params"] == {"model_name": "m",
                                                                    "batch_size": 8}
-    assert record["metrics"] == {"count": 3.0} and record["artifacts"] == {"text_embeddings": "/x/y"}
+    assert record["metrics"] == {"count": 3.0}
+    assert record["artifacts"] == {"text_embeddings": "/x/y"}
     assert record["start_time"] <= record["end_time"]
     assert [r["run_name"] for r in list_local_runs(tmp_path)] == ["embed-text-1"]
 
@@ -50,7 +58,8 @@ def test_failed_run_is_marked(tmp_path):
 
 
 def test_backend_selection(tmp_path):
-    assert isinstance(make_tracker("auto", experiment="e", tracking_dir=str(tmp_path)), LocalTracker)
+    assert isinstance(make_tracker("auto", experiment="e", tracking_dir=str(tmp_path)),
+                      LocalTracker)
     assert isinstance(make_tracker("auto", experiment="e"), NullTracker)
     # An unresolved KFP placeholder (local runner) is not a project.
     assert isinstance(make_tracker("auto", experiment="e",
@@ -76,7 +85,8 @@ def test_vertex_tracker_drives_the_aiplatform_api(monkeypatch):
     monkeypatch.setattr(aiplatform, "log_params", lambda p: calls.append(("log_params", p)))
     monkeypatch.setattr(aiplatform, "log_metrics", lambda m: calls.append(("log_metrics", m)))
     monkeypatch.setattr(aiplatform, "end_run", lambda state: calls.append(("end_run", state.name)))
-    tracker = make_tracker("vertex", experiment="recsys-dev", project="proj", location="europe-west4")
+    tracker = make_tracker("vertex", experiment="recsys-dev", project="proj",
+                           location="europe-west4")
     with tracked_run(tracker, "embed-text-9"):
         tracker.log_params({"model_name": "m", "batch_size": 128, "shape": [1, 2]})
         tracker.log_metrics({"count": 5})

@@ -11,12 +11,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import make_output_set
 from item_embeddings.ops.cli import main
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS,
-                                     IMG_META, TXT_ARRAY, TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_META,
+)
 from item_embeddings.publish import publish_outputs
 from item_embeddings.verify import verify_outputs
-from helpers import make_output_set
 
 
 @pytest.fixture
@@ -29,7 +37,8 @@ def test_consistent_set_passes(good_set, capsys):
     assert report.ok, report.violations
     text = report.format()
     for expected in ("txt.npy: shape [40, 384], dtype float32", "img.npy: shape [21, 512]",
-                     "items with images: 21", "failed downloads: 5", "http_status: ", "timeout: 1", "fused items: 40",
+                     "items with images: 21", "failed downloads: 5", "http_status: ",
+                     "timeout: 1", "fused items: 40",
                      "no_url_count=14", "all checks passed"):
         assert expected in text, expected
     assert main(["verify", str(good_set)]) == 0

@@ -12,19 +12,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import catalogue, exact_knn, reseal, write_items, write_knn
 from image_server import ImageServer, make_images
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.image import embed_items_images, load_image_encoder
 from item_embeddings.ops.cli import main
-from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
-                                     FUSION_WEIGHTS, GROUPS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS,
-                                     IMG_META, KNN_FUSED, KNN_FUSED_SCORES, KNN_META, KNN_TEXT,
-                                     KNN_TEXT_SCORES, META_FILES, TXT_ARRAY, TXT_ITEMS, TXT_META)
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_EXCLUSIONS,
+    FUSION_WEIGHTS,
+    GROUPS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    META_FILES,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.publish import publish_outputs
 from item_embeddings.storage import place_files
 from item_embeddings.text import embed_items_text, load_text_encoder
-from helpers import catalogue, exact_knn, reseal, write_items, write_knn
 
 N = 24
 K = 4

@@ -20,8 +20,8 @@ from google.cloud.aiplatform.utils import yaml_utils
 from google.cloud.aiplatform_v1.types import schedule as gca_schedule
 from kfp.registry import ApiAuth
 
-from item_embeddings.ops import schedules, vertex
 from item_embeddings.config import PARAM_FIELDS, ConfigError
+from item_embeddings.ops import schedules, vertex
 from vertex_fake import PARENT, PROJECT, REGION, S
 
 SA = "runner@test-proj.iam.gserviceaccount.com"

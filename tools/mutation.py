@@ -1,8 +1,8 @@
 """Mutation testing of one module with that module's own tests (mutmut 3; docs/testing.md).
 
-    tools/mutation.sh publish                                    # a name in tools/mutation_targets.toml
+    tools/mutation.sh publish                                   # a name in mutation_targets.toml
     tools/mutation.sh src/item_embeddings/publish.py tests/test_publish.py
-    tools/mutation.sh pipeline/pipeline.py tests/test_compile.py # components/ and pipeline/ work too
+    tools/mutation.sh pipeline/pipeline.py tests/test_compile.py  # components/, pipeline/ too
 
 mutmut imports the mutated copy of the code from ``mutants/src``, and names a mutant after the
 file's path there. This repository installs ``components/`` and ``pipeline/`` as
@@ -27,9 +27,10 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS_FILE = ROOT / "tools" / "mutation_targets.toml"

@@ -1,3 +1,3 @@
-from .component import merge_images, make_component
+from .component import make_component, merge_images
 
 __all__ = ["merge_images", "make_component"]

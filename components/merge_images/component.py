@@ -1,6 +1,5 @@
 """The image merge component: the workers' shards assembled into the image step's outputs."""
 
-from typing import List
 
 from kfp.dsl import Dataset, Input, Metrics, Output
 
@@ -9,7 +8,7 @@ from item_embeddings.components.shared import as_component, pipeline_inputs
 
 @pipeline_inputs
 def merge_images(
-    image_shards: Input[List[Dataset]],
+    image_shards: Input[list[Dataset]],
     image_embeddings: Output[Dataset],
     metrics: Output[Metrics],
     workers: list,

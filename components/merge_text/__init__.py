@@ -1,3 +1,3 @@
-from .component import merge_text, make_component
+from .component import make_component, merge_text
 
 __all__ = ["merge_text", "make_component"]

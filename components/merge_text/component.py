@@ -1,6 +1,5 @@
 """The text merge component: the workers' shards assembled into the text step's outputs."""
 
-from typing import List
 
 from kfp.dsl import Dataset, Input, Metrics, Output
 
@@ -9,7 +8,7 @@ from item_embeddings.components.shared import as_component, pipeline_inputs
 
 @pipeline_inputs
 def merge_text(
-    text_shards: Input[List[Dataset]],
+    text_shards: Input[list[Dataset]],
     text_embeddings: Output[Dataset],
     metrics: Output[Metrics],
     workers: list,

@@ -1,3 +1,3 @@
-from .component import plan_shards, make_component
+from .component import make_component, plan_shards
 
 __all__ = ["plan_shards", "make_component"]

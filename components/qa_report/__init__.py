@@ -1,3 +1,3 @@
-from .component import qa_report, make_component
+from .component import make_component, qa_report
 
 __all__ = ["qa_report", "make_component"]

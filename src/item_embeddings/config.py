@@ -1,7 +1,8 @@
 """Every pipeline knob, its type, default and meaning — in one place.
 
 The pipeline's parameters, the ``--set name=value`` names of the CLI and the keys of a YAML config
-file are the fields of :class:`PipelineParams`. A rerun from the Vertex AI UI can change any of them.
+file are the fields of :class:`PipelineParams`. A rerun from the Vertex AI UI can change any of
+them.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
 
@@ -75,7 +77,8 @@ class PipelineParams:
     """
 
     # Items input
-    items_uri: str = _param("", "Parquet file or folder of parquet files (local path or gs:// URI).")
+    items_uri: str = _param(
+        "", "Parquet file or folder of parquet files (local path or gs:// URI).")
     id_column: str = _param("asin", "Column with the unique item id.", nonempty=True)
     title_column: str = _param("title", "Column with the item title.", nonempty=True)
     description_column: str = _param(
@@ -105,7 +108,8 @@ class PipelineParams:
     image_machine_type: str = _param("n1-standard-4", "Vertex machine type of the image workers "
                                      "(n1: the T4 attaches to n1 machines).", pattern=MACHINE_TYPE)
     fusion_machine_type: str = _param("e2-standard-4", "Vertex machine type of the fusion step "
-                                      "(memory: its inputs are memory-mapped).", pattern=MACHINE_TYPE)
+                                      "(memory: its inputs are memory-mapped).",
+                                      pattern=MACHINE_TYPE)
     knn_machine_type: str = _param(
         "e2-standard-4", "Vertex machine type of the kNN-graph step (memory: about 3 copies of "
         "the 384-d text vectors, 5 GB per million items; e.g. e2-highmem-8 at 10M).",
@@ -145,7 +149,8 @@ class PipelineParams:
     shard_size: int = _param(10000, "Items per durable image shard (resume unit after "
                                     "preemption).", low=1)
     checkpoint_uri: str = _param(
-        "", "Where finished image shards are kept (local or gs://); empty = inside the step output.")
+        "", "Where finished image shards are kept (local or gs://); empty = inside the step "
+        "output.")
     image_user_agent: str = _param(
         "", "User-Agent of image downloads; empty = the project's default, which names "
         "item-embeddings and where to read about it (add your contact for third-party hosts).")

@@ -47,8 +47,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import ConfigError, PipelineParams
-from .estimate_rates import (BASES, GUESSES, IMAGE_ACCELERATOR, RATES_FILE, Machine, Quantity,
-                             Rates, image_rates, knn_seconds, priced_machine, text_rate)
+from .estimate_rates import (
+    BASES,
+    GUESSES,
+    IMAGE_ACCELERATOR,
+    RATES_FILE,
+    Machine,
+    Quantity,
+    Rates,
+    image_rates,
+    knn_seconds,
+    priced_machine,
+    text_rate,
+)
 
 __all__ = ["BASES", "ESTIMATE_PARAMS", "Choices", "Estimate", "Quantity", "Rates", "Step",
            "count_items", "duration", "estimate", "money", "parse_count", "shard_work"]
@@ -258,7 +269,8 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
-def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column) -> tuple[int, int]:
+def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column
+                ) -> tuple[int, int]:
     """(rows, rows with an http(s) image URL) of an items table (parquet file or folder)."""
     from .image.selection import READ_BATCH_ROWS, usable_url
     from .items import ItemsError, iter_batches, open_items

@@ -46,7 +46,7 @@ class Rates:
         self.used: dict[str, Quantity] = {}
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Rates":
+    def load(cls, path: str | Path | None = None) -> Rates:
         """The packaged rates file, or ``path`` (a copy with your own prices)."""
         if path is None:
             text = resources.files("item_embeddings").joinpath(RATES_FILE).read_text()

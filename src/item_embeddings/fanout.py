@@ -22,9 +22,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +36,7 @@ from .errors import ItemEmbeddingsError
 from .image.selection import usable_url
 from .image.step import IMAGE_STEP
 from .items import ItemColumns, iter_batches, validate_items
-from .outputs import (IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS,
-                      TXT_META)
+from .outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS, TXT_META
 from .storage import atomic_npy, write_parquet_atomic
 from .text.step import TEXT_STEP, text_settings
 from .tracking import ExperimentTracker
@@ -72,7 +72,7 @@ class Shard:
         return {k: _NONE if v is None else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, value: dict[str, Any]) -> "Shard":
+    def from_dict(cls, value: dict[str, Any]) -> Shard:
         """Back from a loop item; KFP carries its numbers as floats (a protobuf Struct)."""
         def number(key):
             return None if value[key] in (None, _NONE) else int(value[key])
@@ -90,7 +90,7 @@ class ShardPlan:
     workers: list[dict[str, Any]]   # {"worker": w, "shards": [shard dicts]}: the loop's items
 
     @classmethod
-    def from_workers(cls, workers: list[dict[str, Any]]) -> "ShardPlan":
+    def from_workers(cls, workers: list[dict[str, Any]]) -> ShardPlan:
         """The plan back from the loop's items (what the merge steps are given)."""
         shards = sorted((s for w in workers for s in worker_shards(w)), key=lambda s: s.index)
         if [s.index for s in shards] != list(range(len(shards))):
@@ -305,6 +305,7 @@ def merge_image_shards(parts: Sequence[str | os.PathLike], plan: ShardPlan,
                     throughput_items_per_sec=encoded / busy if busy > 0 else 0.0,
                     encode_only_items_per_sec=encoded / seconds if seconds > 0 else 0.0)
         if count != meta["count"]:
-            raise MergeError(f"the shards hold {count} image rows, their meta files {meta['count']}")
+            raise MergeError(f"the shards hold {count} image rows, their meta files "
+                             f"{meta['count']}")
         return run.finish_step(meta, versions=MERGE_VERSIONS)
 

@@ -1,4 +1,4 @@
-"""What lets a run reuse an earlier output set (``previous_uri``): content keys and the previous set.
+"""What lets a run reuse an earlier output set (``previous_uri``): content keys, the previous set.
 
 Every text row carries a key: a hash of the encoder's fingerprint and the exact text encoded;
 every image row a key from the image encoder's fingerprint and the URL. A row of a new run whose
@@ -26,9 +26,10 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +39,15 @@ import pyarrow.parquet as pq
 from .errors import UsageError
 from .outputs import GROUPS, MANIFEST
 from .published import PublishedSetError, Resolved, resolve
-from .storage import (is_file_records, is_gcs_uri, list_files, local_folder, read_bytes,
-                      record_problems, split_gcs_uri)
+from .storage import (
+    is_file_records,
+    is_gcs_uri,
+    list_files,
+    local_folder,
+    read_bytes,
+    record_problems,
+    split_gcs_uri,
+)
 
 logger = logging.getLogger(__name__)
 

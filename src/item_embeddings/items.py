@@ -12,9 +12,9 @@ import hashlib
 import html
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +46,7 @@ class ItemColumns:
     image_url: str = _DEFAULTS.image_url_column
 
     @classmethod
-    def from_params(cls, params: PipelineParams) -> "ItemColumns":
+    def from_params(cls, params: PipelineParams) -> ItemColumns:
         return cls(id=params.id_column, title=params.title_column,
                    description=params.description_column, image_url=params.image_url_column)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -27,7 +28,7 @@ class LoopThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
 
-    def start(self) -> "LoopThread":
+    def start(self) -> LoopThread:
         self._thread.start()
         return self
 
@@ -47,7 +48,7 @@ class LoopThread:
         self._thread.join(timeout=timeout)
         self.loop.close()
 
-    def __enter__(self) -> "LoopThread":
+    def __enter__(self) -> LoopThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
-"""Progress for long loops: a tqdm bar on a terminal, periodic log lines elsewhere (Cloud Logging)."""
+"""Progress for long loops: a tqdm bar on a terminal, periodic log lines elsewhere (Cloud
+Logging)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class Progress:
             self._bar.close()
         logger.info("%s (done)", self.status_line())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -34,8 +34,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import ItemEmbeddingsError
 from .outputs import FUSION_CONFIG, IMG_META, MANIFEST, TXT_META

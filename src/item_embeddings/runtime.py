@@ -7,8 +7,8 @@ import importlib.metadata
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from .errors import ItemEmbeddingsError
@@ -17,13 +17,15 @@ HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt; huggingface_hub's own retri
 
 
 def cache_dir() -> Path:
-    """Where downloaded or built models are cached (``ITEM_EMBEDDINGS_CACHE``; the image sets it)."""
+    """Where downloaded or built models are cached (``ITEM_EMBEDDINGS_CACHE``; the image sets
+    it)."""
     return Path(os.environ.get("ITEM_EMBEDDINGS_CACHE",
                                Path.home() / ".cache" / "item_embeddings"))
 
 
 def package_versions(*dists: str) -> dict[str, str]:
-    """Installed versions of ``item-embeddings`` and ``dists`` (the ones present), for meta files."""
+    """Installed versions of ``item-embeddings`` and ``dists`` (the ones present), for meta
+    files."""
     out = {}
     for dist in ("item-embeddings", *dists):
         try:

@@ -70,7 +70,8 @@ def render_sample_image(index: int, size: int = 96) -> tuple[bytes, str]:
     box = (m, m, size - m, size - m)
     fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
     if shape in ("ellipse", "circle"):
-        draw.ellipse(box if shape == "circle" else (m, size // 4, size - m, 3 * size // 4), fill=fill)
+        draw.ellipse(box if shape == "circle" else (m, size // 4, size - m, 3 * size // 4),
+                     fill=fill)
     elif shape == "line":
         draw.line((m, m, size - m, size - m), fill=fill, width=10)
     elif shape == "triangle":
@@ -123,7 +124,7 @@ class SampleImageServer:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
-    def start(self) -> "SampleImageServer":
+    def start(self) -> SampleImageServer:
         self._loop_thread = LoopThread("sample-image-server").start()
         self._loop_thread.run(self._serve())
         return self
@@ -136,7 +137,7 @@ class SampleImageServer:
         self._loop_thread.stop()
         self._loop_thread = None
 
-    def __enter__(self) -> "SampleImageServer":
+    def __enter__(self) -> SampleImageServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

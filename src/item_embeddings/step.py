@@ -29,9 +29,10 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .runtime import package_versions
 from .storage import file_record, write_json_atomic
@@ -70,7 +71,7 @@ class StepKind:
     @contextlib.contextmanager
     def run(self, output_dir: str | Path, settings: Mapping[str, Any], *, run_id: str = "",
             tracker: ExperimentTracker | None = None, artifact_uri: str = "",
-            **more_params: Any) -> Iterator["StepRun"]:
+            **more_params: Any) -> Iterator[StepRun]:
         """:func:`step_run` for this kind of step, logging the parameters of its ``settings``
         (and ``more_params``); finish it with :meth:`StepRun.finish_step`."""
         with step_run(self.name, output_dir, params={**self.params(settings), **more_params},

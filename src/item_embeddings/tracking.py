@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 from .config import ConfigError
 from .storage import write_json_atomic
@@ -192,7 +193,8 @@ def _known(value: str) -> bool:
 
 def make_tracker(backend: str, *, experiment: str, project: str = "", location: str = "",
                  tracking_dir: str = "") -> ExperimentTracker:
-    """Pick the backend. ``auto``: Vertex when a project is known, else local if ``tracking_dir``."""
+    """Pick the backend. ``auto``: Vertex when a project is known, else local if
+    ``tracking_dir``."""
     if backend == "auto":
         backend = "vertex" if _known(project) else ("local" if tracking_dir else "none")
     if backend == "vertex":

@@ -21,8 +21,16 @@ import torch
 
 from ..errors import ItemEmbeddingsError
 from ..items import id_problems
-from ..outputs import (FUSION_EXCLUSIONS, IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META,
-                       TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..outputs import (
+    FUSION_EXCLUSIONS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from .model import unit_rows, usable_rows
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,14 @@ from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS
 from ..step import StepKind
 from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
 from ..tracking import ExperimentTracker
-from .inputs import (SCAN_ROWS, FusionInputError, FusionInputs, fused_row_keys, gather,
-                     load_fusion_inputs)
+from .inputs import (
+    SCAN_ROWS,
+    FusionInputError,
+    FusionInputs,
+    fused_row_keys,
+    gather,
+    load_fusion_inputs,
+)
 from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, load_fusion_model, save_fusion_model
 from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
 

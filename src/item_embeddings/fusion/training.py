@@ -8,9 +8,9 @@ import contextlib
 import copy
 import logging
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,8 +18,7 @@ import torch
 from ..config import PipelineParams
 from ..progress import Progress
 from .inputs import FusionInputs, gather
-from .model import (FusionMLP, TrainingBatch, init_from_pca, loss_and_gradients,
-                    training_batch)
+from .model import FusionMLP, TrainingBatch, init_from_pca, loss_and_gradients, training_batch
 
 logger = logging.getLogger(__name__)
 

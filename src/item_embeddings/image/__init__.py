@@ -19,10 +19,23 @@ Example::
     meta = embed_items_images("items.parquet", "out/images")
 """
 
-from .decoding import (DECODE_ERROR, DECODE_MODES, DECOMPRESSION_BOMB, MAX_PIXELS,
-                       ImageDecodeError, ImageDecoder, decode_image, to_rgb)
-from .encoder import (ImageEncoder, ResolvedImageModel, load_image_encoder, prefetch_pretrained,
-                      resolve_image_model)
+from .decoding import (
+                       DECODE_ERROR,
+                       DECODE_MODES,
+                       DECOMPRESSION_BOMB,
+                       MAX_PIXELS,
+                       ImageDecodeError,
+                       ImageDecoder,
+                       decode_image,
+                       to_rgb,
+)
+from .encoder import (
+                       ImageEncoder,
+                       ResolvedImageModel,
+                       load_image_encoder,
+                       prefetch_pretrained,
+                       resolve_image_model,
+)
 from .selection import usable_url
 from .step import SHARDS_DIR, embed_items_images
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class ImageDecodeError(ItemEmbeddingsError):
         self.detail = detail
 
 
-def to_rgb(img) -> "Image.Image":
+def to_rgb(img) -> Image.Image:
     """First frame, as 8-bit RGB; transparency is composited on white (product photo background)."""
     from PIL import Image
 
@@ -85,7 +86,7 @@ class Reduction:
     resample: int                    # the PIL filter of Resize's interpolation
 
     @classmethod
-    def of(cls, pil_transform: Callable, input_size: tuple[int, int]) -> "Reduction | None":
+    def of(cls, pil_transform: Callable, input_size: tuple[int, int]) -> Reduction | None:
         """The reduction that keeps ``pil_transform``'s geometry; None when its first step is
         not a torchvision ``Resize`` (``fast`` then decodes in full)."""
         from torchvision.transforms import Resize
@@ -145,7 +146,7 @@ def decode_image(body: bytes, pil_transform: Callable, max_pixels: int = MAX_PIX
     except UnidentifiedImageError:
         raise ImageDecodeError(NOT_AN_IMAGE,
                                f"body is not a {'/'.join(ALLOWED_FORMATS)} image") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder error is this item's failure, not a crash
+    except Exception as exc:
         raise ImageDecodeError(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
     arr = np.array(out, dtype=np.uint8)  # a writable copy, independent of the PIL image
     if arr.ndim != 3 or arr.shape[2] != 3:

@@ -31,8 +31,8 @@ import functools
 import ipaddress
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -40,8 +40,15 @@ from yarl import URL
 
 from .. import __version__
 from ..config import PipelineParams
-from .guard import (BLOCKED_ADDRESS, INVALID_URL, UNSUPPORTED_SCHEME, AddressGuard,
-                    BlockedAddressError, GuardedResolver, check_url)
+from .guard import (
+    BLOCKED_ADDRESS,
+    INVALID_URL,
+    UNSUPPORTED_SCHEME,
+    AddressGuard,
+    BlockedAddressError,
+    GuardedResolver,
+    check_url,
+)
 from .hosts import HostPolicy, Hosts, host_key
 from .robots import ALLOW_ALL, DISALLOW_ALL, ROBOTS_MAX_BYTES, RobotsRules, opt_out, product_token
 
@@ -98,7 +105,7 @@ class DownloadConfig:
     dns_cache_ttl_s: int = 300
 
     @classmethod
-    def from_params(cls, params: PipelineParams) -> "DownloadConfig":
+    def from_params(cls, params: PipelineParams) -> DownloadConfig:
         """The downloader the pipeline parameters ask for."""
         return cls(concurrency=params.download_concurrency, timeout_s=params.download_timeout_s,
                    retries=params.download_retries, max_bytes=params.max_image_bytes,
@@ -218,7 +225,7 @@ class Downloader:
         self._token = product_token(config.user_agent)
         self._robots: dict[str, asyncio.Future] = {}   # origin -> its _RobotsVerdict
 
-    async def __aenter__(self) -> "Downloader":
+    async def __aenter__(self) -> Downloader:
         connector = aiohttp.TCPConnector(
             limit=self.config.concurrency, limit_per_host=self.config.per_host_limit,
             resolver=GuardedResolver(self._guard, self._inner_resolver),

@@ -67,7 +67,7 @@ class FetchDecodePool:
         self._downloading = 0
         self._downloads_since = 0.0
 
-    def __enter__(self) -> "FetchDecodePool":
+    def __enter__(self) -> FetchDecodePool:
         self._loop_thread.start()
         try:
             self._downloader = self._loop_thread.run(self._open_downloader(), timeout=None)
@@ -102,7 +102,7 @@ class FetchDecodePool:
     async def _process(self, url: str, etag: str | None, last_modified: str | None) -> Outcome:
         try:
             return await self._fetch_decode(url, etag, last_modified)
-        except Exception as exc:  # noqa: BLE001 - an unforeseen error fails this item, not the run
+        except Exception as exc:
             logger.exception("unexpected error for %s", url)
             return Outcome(None, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", None, 0)
 

@@ -156,12 +156,13 @@ def check_url(url: URL, guard: AddressGuard) -> tuple[str, str] | None:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         if not is_numeric_host(host):
-            return None  # a name: GuardedResolver checks its addresses when the connector resolves it
+            return None  # a name: GuardedResolver checks its addresses when it is resolved
         address = parse_numeric_ipv4(host)
         if address is None:
             return INVALID_URL, f"host {host!r} is numeric but not an IPv4 address"
         if not guard.allows(str(address)):
-            return BLOCKED_ADDRESS, f"host {host!r} is a numeric form of {address}, which is refused"
+            return (BLOCKED_ADDRESS,
+                    f"host {host!r} is a numeric form of {address}, which is refused")
         return INVALID_URL, (f"host {host!r} is a non-canonical numeric form of {address} "
                              "(only dotted-quad IPv4 hosts are fetched)")
     if not guard.allows(host):

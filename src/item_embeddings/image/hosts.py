@@ -27,8 +27,8 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterable
 
 from yarl import URL
 
@@ -74,7 +74,7 @@ class HostPolicy:
 class Turn:
     """One request's turn on a host: ``refused`` says why no request may be sent."""
 
-    host: "HostState"
+    host: HostState
     refused: str = ""
     probe: bool = False
     status: int | None = None       # the answer's status, set by the downloader

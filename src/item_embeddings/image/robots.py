@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 ROBOTS_MAX_BYTES = 500 * 1024        # RFC 9309 2.5: parse at least 500 KiB; we parse that much
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
@@ -72,7 +72,7 @@ class RobotsRule:
     regex: re.Pattern
 
     @classmethod
-    def of(cls, allow: bool, pattern: str) -> "RobotsRule":
+    def of(cls, allow: bool, pattern: str) -> RobotsRule:
         pattern = normalise_path(pattern)
         body, anchored = (pattern[:-1], True) if pattern.endswith("$") else (pattern, False)
         regex = "".join(".*" if ch == "*" else re.escape(ch) for ch in body)
@@ -107,7 +107,7 @@ class RobotsRules:
         return rule is None or rule.allow
 
     @classmethod
-    def parse(cls, text: str, token: str) -> "RobotsRules":
+    def parse(cls, text: str, token: str) -> RobotsRules:
         """The rules of robots.txt ``text`` for product token ``token`` (see the module doc)."""
         groups: list[tuple[list[str], list[RobotsRule]]] = []
         in_rules = True  # a user-agent line after a rule line starts a new group

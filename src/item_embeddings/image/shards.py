@@ -22,8 +22,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +32,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS
-from ..storage import (atomic_npy, atomic_path, gcs_client, gcs_prefix, is_gcs_uri,
-                       write_json_atomic, write_parquet_atomic)
+from ..storage import (
+    atomic_npy,
+    atomic_path,
+    gcs_client,
+    gcs_prefix,
+    is_gcs_uri,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from .download import HOST_UNAVAILABLE
 from .hosts import unavailable_hosts
 

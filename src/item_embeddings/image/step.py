@@ -18,8 +18,9 @@ import concurrent.futures
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +38,19 @@ from .encoder import ImageEncoder, load_image_encoder
 from .fetching import FetchDecodePool, Outcome
 from .reuse import Carried, PreviousImages, encoder_fingerprint, previous_images
 from .selection import Selection, iter_selected
-from .shards import (ENCODED, FAILED, FAILURE_REUSED, REUSED, REVALIDATED, ShardStore, assemble,
-                     content_hash, fingerprint, iter_shards, shard_table)
+from .shards import (
+    ENCODED,
+    FAILED,
+    FAILURE_REUSED,
+    REUSED,
+    REVALIDATED,
+    ShardStore,
+    assemble,
+    content_hash,
+    fingerprint,
+    iter_shards,
+    shard_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +296,7 @@ class _Selected:
 
     @classmethod
     def of(cls, items_uri: str, columns: ItemColumns, params: PipelineParams,
-           rows: tuple[int, int] | None, quota: int | None) -> "_Selected":
+           rows: tuple[int, int] | None, quota: int | None) -> _Selected:
         """A row range takes its quota, the whole table ``max_items`` (0 = no cap)."""
         cap = quota if rows is not None else (params.max_items or None)
         return cls(items_uri, columns, cap, rows, params.shard_size)

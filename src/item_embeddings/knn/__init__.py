@@ -14,8 +14,15 @@ Example::
     print(meta["spaces"]["text"]["recall_at_k"])
 """
 
-from .graph import (KnnGraph, KnnInputError, build_knn_graph, check_vectors, exact_knn,
-                    recall_at_k, unit_rows)
+from .graph import (
+                    KnnGraph,
+                    KnnInputError,
+                    build_knn_graph,
+                    check_vectors,
+                    exact_knn,
+                    recall_at_k,
+                    unit_rows,
+)
 from .step import build_knn_graphs
 
 __all__ = ["KnnGraph", "KnnInputError", "build_knn_graph", "build_knn_graphs", "check_vectors",

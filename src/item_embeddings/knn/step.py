@@ -13,13 +13,30 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import PipelineParams
-from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, KNN_FUSED, KNN_FUSED_SCORES,
-                       KNN_META, KNN_TEXT, KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from ..step import StepKind
 from ..storage import atomic_npy
 from ..tracking import ExperimentTracker
-from .graph import (METHOD_EXACT, KnnGraph, KnnInputError, build_knn_graph, check_vectors,
-                    default_device)
+from .graph import (
+    METHOD_EXACT,
+    KnnGraph,
+    KnnInputError,
+    build_knn_graph,
+    check_vectors,
+    default_device,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,10 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, TextIO
 
 from ..outputs import GROUPS, META_FILES, QA_REPORT
 
@@ -187,7 +188,7 @@ class RunConsole:
         self._running: dict[int, TaskRecord] = {}   # thread -> the task it runs
         self.started = clock()
 
-    def __enter__(self) -> "RunConsole":
+    def __enter__(self) -> RunConsole:
         self._out, self._err = sys.stdout, sys.stderr
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # line-buffered: a run that is killed leaves its log up to the last line

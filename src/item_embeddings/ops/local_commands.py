@@ -12,8 +12,7 @@ from pathlib import Path
 from ..config import ConfigError, PipelineParams, param_description, resolve_params
 from ..errors import EXIT_FAILED
 from ..estimate import ESTIMATE_PARAMS, Choices, Rates, count_items, estimate, parse_count
-from .cli_args import (add_local_caching_option, add_param_options, given_parameters,
-                       params_epilog)
+from .cli_args import add_local_caching_option, add_param_options, given_parameters, params_epilog
 from .console import RunConsole
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -46,8 +45,14 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..progress import setup_logging
     from ..sample import SampleImageServer, write_sample_catalogue
-    from .local_run import (RUN_LOG, check_output_dir, check_params, needs_model_hub, probe_hub,
-                            run_local)
+    from .local_run import (
+        RUN_LOG,
+        check_output_dir,
+        check_params,
+        needs_model_hub,
+        probe_hub,
+        run_local,
+    )
 
     setup_logging()
     # Parameters, then the output directory, are checked before anything is written or served.
@@ -82,7 +87,7 @@ def _demo_image_weights(params: PipelineParams, console: RunConsole,
     try:
         with contextlib.nullcontext() if hub_online else hub_offline():
             prefetch_pretrained(params.image_model, params.image_pretrained)
-    except Exception as exc:  # noqa: BLE001 - any download failure means: not available here
+    except Exception as exc:
         where = "downloaded here" if hub_online else "found in the local cache (hub offline)"
         console.say(f"NOTE: open_clip weights {params.image_pretrained!r} for "
                     f"{params.image_model!r} cannot be {where} ({type(exc).__name__}); this "

@@ -82,7 +82,8 @@ def run_local(params: PipelineParams, output_dir: str | os.PathLike,
               image: str | None = None, enable_caching: bool = True, *,
               console: RunConsole | None = None, hub_online: bool | None = None
               ) -> dict[str, Path]:
-    """Run the pipeline with kfp.local (SubprocessRunner, no venv) and place its files in ``output_dir``.
+    """Run the pipeline with kfp.local (SubprocessRunner, no venv); place its files in
+    ``output_dir``.
 
     The output directory and the items table are checked first, so a bad one fails in seconds
     with a clear message.

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..config import IMAGE_ACCELERATOR, PipelineParams
 from ..storage import split_gcs_uri

@@ -17,13 +17,15 @@ import dataclasses
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..config import PARAM_FIELDS, ConfigError, PipelineParams, check_value, machine_problems
 from ..errors import ItemEmbeddingsError
 from ..pipeline import PIPELINE_NAME
+
 _AR_URL = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/", re.IGNORECASE)
 _AR_HOST = re.compile(r"^https://[\w-]+-kfp\.pkg\.dev/[^/]+/[^/]+/?$")  # .../PROJECT/REPO
 # Artifact Registry tags: lower-case letters, digits, '-', '.', '_' (no leading punctuation).
@@ -65,7 +67,7 @@ def console_url(job_name: str) -> str:
 
 
 @contextlib.contextmanager
-def template_source(template: str | None, images: "Images | None" = None) -> Iterator[str]:
+def template_source(template: str | None, images: Images | None = None) -> Iterator[str]:
     """Yield a template path/URL usable as ``PipelineJob(template_path=...)``.
 
     ``None`` compiles the pipeline into a temporary file (removed afterwards); that needs both

@@ -5,8 +5,8 @@ comes from samples of fixed size, so time after the pass and the page's size do 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

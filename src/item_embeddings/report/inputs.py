@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,9 +18,23 @@ import pyarrow.parquet as pq
 from ..config import PipelineParams
 from ..errors import ItemEmbeddingsError
 from ..items import ItemsError, iter_batches, open_items
-from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IMG_ARRAY, IMG_FAILURES,
-                       IMG_ITEMS, IMG_META, KNN_FUSED, KNN_FUSED_SCORES, KNN_META, KNN_TEXT,
-                       KNN_TEXT_SCORES, TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from ..progress import Progress
 
 MISSING_CATEGORY = "(missing)"

@@ -8,8 +8,9 @@ import datetime
 import html
 import json
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -19,11 +20,26 @@ from ..image.hosts import failures_by_host
 from ..outputs import FUSION_CONFIG, KNN_FUSED, KNN_TEXT
 from ..runtime import package_versions
 from ..verify import NORM_TOLERANCE
-from .analysis import (MAP_ROWS, PAIR_ROWS, SPACES, TOP_NEIGHBOURS, Findings, MapPanel,
-                       Neighbours, SpaceScan)
+from .analysis import (
+    MAP_ROWS,
+    PAIR_ROWS,
+    SPACES,
+    TOP_NEIGHBOURS,
+    Findings,
+    MapPanel,
+    Neighbours,
+    SpaceScan,
+)
 from .inputs import MISSING_CATEGORY, ItemRows, RunInputs
-from .plots import (plot_coverage, plot_failures, plot_maps, plot_neighbour_scores,
-                    plot_norms, plot_pairwise, plot_training)
+from .plots import (
+    plot_coverage,
+    plot_failures,
+    plot_maps,
+    plot_neighbour_scores,
+    plot_norms,
+    plot_pairwise,
+    plot_training,
+)
 
 SECTIONS = (
     ("summary", "Summary and coverage"),

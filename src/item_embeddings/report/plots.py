@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def _short(label: str) -> str:
 
 
 @_drawn
-def plot_coverage(parts: Sequence[tuple[str, int]], total: int) -> "Figure":
+def plot_coverage(parts: Sequence[tuple[str, int]], total: int) -> Figure:
     """One horizontal bar of the items split by image outcome."""
     fig = _figure(10, 1.8)
     ax = fig.add_subplot()
@@ -70,7 +71,7 @@ def plot_coverage(parts: Sequence[tuple[str, int]], total: int) -> "Figure":
 
 
 @_drawn
-def plot_failures(reasons: Sequence[tuple[str, int]]) -> "Figure":
+def plot_failures(reasons: Sequence[tuple[str, int]]) -> Figure:
     fig = _figure(8, 0.45 * len(reasons) + 1.2)
     ax = fig.add_subplot()
     labels = [r for r, _ in reasons][::-1]
@@ -84,7 +85,7 @@ def plot_failures(reasons: Sequence[tuple[str, int]]) -> "Figure":
 
 
 @_drawn
-def plot_norms(norms: dict[str, np.ndarray]) -> "Figure":
+def plot_norms(norms: dict[str, np.ndarray]) -> Figure:
     fig = _figure(12, 2.8)
     axes = fig.subplots(1, len(norms), squeeze=False)[0]
     for ax, (space, values) in zip(axes, norms.items()):
@@ -105,7 +106,7 @@ def plot_norms(norms: dict[str, np.ndarray]) -> "Figure":
 
 
 @_drawn
-def plot_pairwise(cosines: dict[str, np.ndarray]) -> "Figure":
+def plot_pairwise(cosines: dict[str, np.ndarray]) -> Figure:
     fig = _figure(9, 3.6)
     ax = fig.add_subplot()
     for space, values in cosines.items():
@@ -121,7 +122,7 @@ def plot_pairwise(cosines: dict[str, np.ndarray]) -> "Figure":
 
 
 @_drawn
-def plot_maps(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]]) -> "Figure":
+def plot_maps(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]]) -> Figure:
     """The PCA maps side by side; points of the ``legend`` categories coloured, others grey."""
     fig = _figure(5 * len(panels) + 2.5, 5)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -160,7 +161,7 @@ def plot_maps(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]]) -> 
 
 
 @_drawn
-def plot_training(history: Sequence[dict[str, float]]) -> "Figure":
+def plot_training(history: Sequence[dict[str, float]]) -> Figure:
     keys = ("loss", "sim_loss", "norm_loss")
     fig = _figure(12, 3)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -175,7 +176,7 @@ def plot_training(history: Sequence[dict[str, float]]) -> "Figure":
 
 
 @_drawn
-def plot_neighbour_scores(scores: dict[str, np.ndarray], k: int) -> "Figure":
+def plot_neighbour_scores(scores: dict[str, np.ndarray], k: int) -> Figure:
     fig = _figure(6 * len(scores), 3.2)
     axes = fig.subplots(1, len(scores), squeeze=False)[0]
     for ax, (space, values) in zip(axes, scores.items()):

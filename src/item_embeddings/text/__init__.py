@@ -5,7 +5,7 @@ Example::
     from item_embeddings.text import embed_items_text, load_text_encoder
     encoder = load_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
     vectors = encoder.encode(["USB-C cable 2 m", "Noise-cancelling headphones"])  # [2, 384]
-    meta = embed_items_text("items.parquet", "out/text")   # txt.npy, txt_items.parquet, txt_meta.json
+    meta = embed_items_text("items.parquet", "out/text")  # txt.npy, txt_items.parquet, meta
 
 Modules: :mod:`.models` (where a model's files are), :mod:`.encoders` (the encoder interface,
 sentence-transformers backends, backend choice), :mod:`.onnx` (the ONNX backends),

@@ -87,7 +87,8 @@ class SentenceTransformerEncoder:
 def resolve_backend(backend: str, device: str | None = None) -> str:
     """Turn ``auto`` into a concrete backend and reject unknown names and impossible devices."""
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown text_backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown text_backend {backend!r}; expected one of "
+                          f"{', '.join(BACKENDS)}")
     if backend not in ("auto", "torch-fp16"):
         return backend
     if device is None:

@@ -100,7 +100,8 @@ def _pooling_mode(st_model) -> str:
 
 
 def _export_fp32(st_model, pooling: str, path: Path) -> None:
-    """Export transformer + pooling + L2 normalisation as one graph with dynamic batch and length."""
+    """Export transformer + pooling + L2 normalisation as one graph with dynamic batch and
+    length."""
     import torch
 
     transformer = st_model[0].auto_model.eval()
@@ -139,7 +140,8 @@ def _fuse(src: Path, dest: Path, config) -> None:
     """Fuse attention, layer norms and GELU (onnxruntime's transformer optimiser, offline)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = "bert" if config.model_type in ("bert", "roberta", "xlm-roberta", "mpnet") else None
+    bert_like = ("bert", "roberta", "xlm-roberta", "mpnet")
+    model_type = "bert" if config.model_type in bert_like else None
     if model_type is None:
         shutil.copyfile(src, dest)  # an architecture the fuser does not know: run it unfused
         return
@@ -178,7 +180,8 @@ def _quantize_int8(src: Path, dest: Path, intermediate_size: int) -> None:
 
 def build_fast_model(location: str, backend: str, weights_sha256: str | None = None,
                      cache_dir: Path | None = None) -> Path:
-    """Build (or reuse) the ONNX model of ``backend`` for the sentence-transformers model at ``location``.
+    """Build (or reuse) the ONNX model of ``backend`` for the sentence-transformers model at
+    ``location``.
 
     Returns the directory with ``model.onnx``, the tokenizer files and ``fast_model.json``
     (backend, model sha256, weights sha256, max_seq_length, versions). The directory appears

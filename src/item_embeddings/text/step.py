@@ -12,8 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
-from ..incremental import (KeyIndex, PreviousGroup, PreviousSetError, content_keys, fingerprint,
-                           open_previous)
+from ..incremental import (
+    KeyIndex,
+    PreviousGroup,
+    PreviousSetError,
+    content_keys,
+    fingerprint,
+    open_previous,
+)
 from ..items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
 from ..outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
 from ..progress import Progress

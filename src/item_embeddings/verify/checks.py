@@ -10,15 +10,43 @@ import numpy as np
 import pyarrow as pa
 
 from ..items import id_problems
-from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, GROUPS,
-                       IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, KNN_META, MANIFEST,
-                       TXT_ARRAY, TXT_ITEMS, TXT_META)
+from ..outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    FUSION_EXCLUSIONS,
+    GROUPS,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_META,
+    MANIFEST,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from ..published import PublishedSetError, resolve
-from ..storage import (is_file_records, is_gcs_uri, list_files, local_folder, read_bytes,
-                       record_problems, sha256_file)
+from ..storage import (
+    is_file_records,
+    is_gcs_uri,
+    list_files,
+    local_folder,
+    read_bytes,
+    record_problems,
+    sha256_file,
+)
 from .graphs import KNN_FILES, KNN_SPACES, check_graph
-from .report import (EXAMPLES, Report, check_meta, check_values, load_array, load_json,
-                     load_table, meta_fact)
+from .report import (
+    EXAMPLES,
+    Report,
+    check_meta,
+    check_values,
+    load_array,
+    load_json,
+    load_table,
+    meta_fact,
+)
 
 _REQUIRED_EXTRA = {IMG_FAILURES}  # the fusion extras are required when its meta lists them
 # group -> the files it must have, and its meta file

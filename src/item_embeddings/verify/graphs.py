@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..outputs import (FUSED_ARRAY, KNN_FUSED, KNN_FUSED_SCORES, KNN_META, KNN_TEXT,
-                       KNN_TEXT_SCORES, TXT_ARRAY)
+from ..outputs import (
+    FUSED_ARRAY,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    TXT_ARRAY,
+)
 from .report import CHUNK_ROWS, Report, rows_text
 
 SCORE_TOLERANCE = 1e-3  # a kNN score vs the cosine of its two rows, and the [-1, 1] bounds
