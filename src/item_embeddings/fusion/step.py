@@ -22,7 +22,8 @@ from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
 from ..tracking import ExperimentTracker
 from .inputs import (SCAN_ROWS, FusionInputError, FusionInputs, fused_row_keys, gather,
                      load_fusion_inputs)
-from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, load_fusion_model, save_fusion_model
+from .model import NORM_WEIGHT, OBJECTIVE, FusionMLP, load_fusion_model, save_fusion_model
+from .targets import TAU
 from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def fuse_item_embeddings(
                 "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
                                      "warmup_share": WARMUP_SHARE,
                                      "schedule": "warmup-cosine"},
+                "imputation": trained.imputation.summary(),
                 # the objective on a fixed sample: at the start, after each epoch, and of the
                 # kept weights (the best epoch; 0 = the start)
                 "initial_eval_loss": trained.initial_eval_loss,
