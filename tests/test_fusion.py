@@ -14,7 +14,8 @@ from item_embeddings.fusion import (FusedAdam, FusionInputError, fuse_item_embed
                                     load_fusion_inputs)
 from item_embeddings.fusion.model import (NORM_WEIGHT, FusionMLP, init_from_pca,
                                           load_fusion_model, loss_and_gradients)
-from item_embeddings.fusion.targets import TAU, Imputation, no_imputation, training_batch
+from item_embeddings.fusion.targets import (TAU, Imputation, no_imputation,
+                                            target_distribution, training_batch)
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS,
                                      FUSION_WEIGHTS as WEIGHTS_FILE)
@@ -102,24 +103,27 @@ def _pca_128(x: np.ndarray, centre: bool) -> np.ndarray:
 
 def test_fused_space_keeps_neighbourhoods_better_than_pca_128(tmp_path, synthetic):
     """The trained MLP against the linear baseline it starts from: PCA-128 of the (unit-row,
-    masked) concatenation, centred or not, on the share of top-10 neighbours kept.
+    masked) concatenation, centred or not, on the share of top-10 neighbours kept within each
+    group (items with an image against the concatenation's neighbours among them, items
+    without against the text's).
 
-    40 epochs (200 optimiser steps on 2,400 items; a real catalogue gets thousands at the
-    default 5). Here the images carry clusters the text does not have at all, so the objective's
-    cross-group terms (docs/fusion.md) pull against these neighbourhoods more than on real
-    data: data seed 3, training seed 0, the MLP keeps 0.71 of all items' neighbours against
-    0.64 for PCA-128, 0.85 against 0.74 for items with an image, 0.57 against 0.53 for items
-    without (at 20 epochs: 0.67, 0.82, 0.54, short of the margins).
+    Across the groups the objective follows the text space's profile (docs/fusion.md), not the
+    concatenation, whose neighbourhoods are split by photo by construction: a comparison over
+    all items would reward that split. Here the images carry clusters the text does not have at
+    all, the hardest case for keeping both: 80 epochs (376 optimiser steps on 2,400 items; a
+    real catalogue gets thousands at the default 5). Data seed 3, training seed 0: the MLP keeps
+    0.785 against 0.741 for items with an image, 0.600 against 0.532 for items without (at 40
+    epochs 0.774 and 0.547).
     """
     root, cat = synthetic
     fuse_item_embeddings(root / "text", root / "image", tmp_path,
-                         PipelineParams(seed=0, fusion_epochs=40))
+                         PipelineParams(seed=0, fusion_epochs=80))
     fused = np.load(tmp_path / FUSED_ARRAY)
     text, image = _aligned_vectors(root, cat)
     concat = np.concatenate([text, image], axis=1)
     concat /= np.linalg.norm(concat, axis=1, keepdims=True)
     pca = [_pca_128(concat, centre) for centre in (False, True)]
-    for rows, margin in [(np.arange(N), 0.04), (np.flatnonzero(cat.has_image), 0.04),
+    for rows, margin in [(np.flatnonzero(cat.has_image), 0.04),
                          (np.flatnonzero(~cat.has_image), 0.01)]:
         reference = _top_k(concat[rows])
         mlp = _kept_neighbours(_top_k(fused[rows]), reference)
@@ -127,10 +131,13 @@ def test_fused_space_keeps_neighbourhoods_better_than_pca_128(tmp_path, syntheti
         assert mlp >= baseline + margin, (len(rows), mlp, baseline)
 
 
-def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
-    out, meta, cat = fused
-    root, _ = synthetic
-    z = np.load(out / FUSED_ARRAY)
+def test_fused_space_recovers_image_only_and_text_clusters(tmp_path, synthetic):
+    """10 epochs (50 steps): the image-only clusters are ordered within the items with a photo
+    (image-label purity 0.97; 0.86 after the default 5 epochs on these 2,400 items)."""
+    root, cat = synthetic
+    meta = fuse_item_embeddings(root / "text", root / "image", tmp_path,
+                                PipelineParams(seed=0, fusion_epochs=10))
+    z = np.load(tmp_path / FUSED_ARRAY)
     text = np.load(root / "text" / "txt.npy")
     img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
     # Image clusters exist only in the image vectors: the text space cannot see them (chance is
@@ -230,9 +237,9 @@ def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
 
 def _plain_targets(text, image, imputation, tau):
     """The target distribution as docs/fusion.md defines it, one row and one group at a time:
-    the text softmax's mass on each group (items with / without a photo), spread inside the group
-    by the softmax of text + image cosines (both have a photo), text + imputed-photo cosines
-    (one has) or text cosines (neither has)."""
+    the text softmax's probabilities on each group (items with / without a photo), sorted, and
+    handed out in the order of the group's evidence: text + image cosines (both have a photo),
+    text + imputed-photo cosines (one has), text cosines (neither has)."""
     b, m = text.shape[0], image.shape[0]
     photo = torch.zeros(b, image.shape[1], dtype=text.dtype)
     photo[:m] = image
@@ -240,22 +247,21 @@ def _plain_targets(text, image, imputation, tau):
     has = torch.arange(b) < m
     target = torch.zeros(b, b, dtype=text.dtype)
     for i in range(b):
-        others = torch.arange(b) != i
-        text_p = torch.softmax((text[i] @ text.T / tau)[others], dim=0)
+        others = [j for j in range(b) if j != i]
+        text_p = torch.softmax(text[i] @ text[others].T / tau, dim=0)
         for group in (True, False):
-            cand = others & (has == group)
-            if not cand.any():
-                continue
-            mass = text_p[(has == group)[others]].sum()
-            sims = []
-            for j in torch.nonzero(cand).squeeze(1).tolist():
-                pair = text[i] @ text[j]
+            members = [j for j in others if bool(has[j]) == group]
+            evidence = {}
+            for j in members:
+                pair = float(text[i] @ text[j])
                 if has[i] and has[j]:
-                    pair = pair + photo[i] @ photo[j]
+                    pair += float(photo[i] @ photo[j])
                 elif has[i] != has[j]:
-                    pair = pair + (photo[i] @ imputed[j] if has[i] else imputed[i] @ photo[j])
-                sims.append(pair)
-            target[i, cand] = mass * torch.softmax(torch.stack(sims) / tau, dim=0)
+                    pair += float(photo[i] @ imputed[j] if has[i] else imputed[i] @ photo[j])
+                evidence[j] = pair
+            values = sorted((float(text_p[others.index(j)]) for j in members), reverse=True)
+            for rank, j in enumerate(sorted(members, key=lambda j: -evidence[j])):
+                target[i, j] = values[rank]
     return target
 
 
@@ -578,6 +584,15 @@ def test_component_through_python_func(tmp_path, synthetic):
     assert record["metrics"]["count"] == N
     assert record["metrics"]["items_with_images"] == int(cat.has_image.sum())
     assert np.isfinite(record["metrics"]["final_loss"])
+    # the modality mix reaches the experiment run and the Metrics artifact, as fusion_config says
+    mix = json.loads((task_dir / "fused" / FUSION_CONFIG).read_text())["modality_mix"]
+    for space in ("text", "fused"):
+        for group in ("with_photo", "without_photo"):
+            value = mix["photo_share"][space][group]
+            assert record["metrics"][f"photo_share_{space}_{group}"] == pytest.approx(value)
+            assert metrics.metadata[f"fusion_photo_share_{space}_{group}"] == pytest.approx(value)
+    assert record["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])
+    assert metrics.metadata["fusion_photo_share_base"] == pytest.approx(cat.has_image.mean())
     spec = component.component_spec
     assert set(spec.inputs) >= {"text_embeddings", "image_embeddings", "fusion_hidden_dim",
                                 "fusion_output_dim", "fusion_epochs", "fusion_lr",
@@ -637,3 +652,114 @@ def test_training_that_makes_things_worse_keeps_the_start(tmp_path, synthetic):
                                 PipelineParams(fusion_epochs=2), run_id="r1")
     assert good["best_epoch"] >= 1 and good["final_loss"] < good["initial_eval_loss"]
     assert good["final_loss"] == min(h["eval_loss"] for h in good["loss_history"])
+
+
+def test_every_target_row_has_the_text_spaces_photo_share_in_any_top_k():
+    """The targets keep the text softmax's values and only reorder them inside each group
+    (items with / without a photo), so every row's top-k holds exactly as many items with a
+    photo as the text space's top-k, for every k, whatever the photos look like."""
+    torch.manual_seed(1)
+    b, m = 64, 20
+    text = torch.nn.functional.normalize(torch.randn(b, 16), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(m, 12) + 3 * torch.eye(m, 12)[:, :12], dim=1)
+    imputation = Imputation.from_weight(torch.randn(16, 12), torch.randn(12))
+    target, _ = target_distribution(text, image, imputation)
+    text_p, _ = target_distribution(text, image[:0], imputation)  # no photos: the text softmax
+    photo = torch.arange(b) < m
+    for k in (1, 5, 10, 30):
+        ours = photo[target.topk(k, dim=1).indices].sum(dim=1)
+        texts = photo[text_p.topk(k, dim=1).indices].sum(dim=1)
+        assert torch.equal(ours, texts), k
+    # the same values per row and group, in the photos' order within the photo group
+    for row in range(b):
+        for group in (photo, ~photo):
+            group = group & (torch.arange(b) != row)
+            assert torch.allclose(target[row, group].sort().values, text_p[row, group].sort().values)
+    assert not torch.allclose(target, text_p)
+
+
+def test_fused_space_is_comparable_when_photos_show_what_the_text_says(tmp_path):
+    """Photos that show the item's cluster (as product photos show what a title names), a
+    little noisier than the text, for 30% of the items: the fused space's share of photo
+    neighbours stays within 0.10 of the text space's in both groups, and its category purity
+    rises for both groups (the text-only items through the imputed photo). Measured: photo
+    share with / without a photo 0.32 / 0.33 (text) and 0.37 / 0.34 (fused); purity 0.75 ->
+    0.88. The objective before issue 20 gave 0.29 / 0.09 and 0.83 on this catalogue."""
+    cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=N,
+                                    image_fraction=0.3, seed=3, noise=4.0, image_noise=5.0,
+                                    photos_show_text_cluster=True)
+    meta = fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out",
+                                PipelineParams(seed=0, fusion_epochs=20))
+    z, text = np.load(tmp_path / "out" / FUSED_ARRAY), np.load(tmp_path / "text" / "txt.npy")
+    mix = meta["modality_mix"]
+    assert mix["items"] == N and mix["k"] == 10
+    assert mix["base_rate"] == pytest.approx(cat.has_image.mean())
+    assert mix["departure"] <= 0.10, mix
+    for rows in (np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)):
+        fused_purity = _group_purity(z, cat.text_label, rows)
+        assert fused_purity >= _group_purity(text, cat.text_label, rows) + 0.05
+
+
+def _group_purity(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
+    """Label purity of the top-10 neighbours (among all items) of ``rows``."""
+    neighbours = _top_k(vectors).numpy()[rows]
+    return float((labels[neighbours] == labels[rows, None]).mean())
+
+
+def _with_keys(text_dir, image_dir, hide: set[str]) -> None:
+    """Give the synthetic set content keys (as the text and image steps write them) and drop
+    the photos of the ``hide`` items (their rows too)."""
+    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}),
+                   text_dir / "txt_items.parquet")
+    items = pq.read_table(image_dir / "img_items.parquet").to_pydict()
+    img = np.load(image_dir / "img.npy")
+    keep = [k for k, item in enumerate(items["id"]) if item not in hide]
+    np.save(image_dir / "img.npy", img[[items["row"][k] for k in keep]])
+    pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
+                             "url": [items["url"][k] for k in keep],
+                             "row": pa.array(range(len(keep)), pa.int64()),
+                             "key": [f"i-{items['id'][k]}" for k in keep]}),
+                   image_dir / "img_items.parquet")
+    meta = json.loads((image_dir / "img_meta.json").read_text())
+    (image_dir / "img_meta.json").write_text(json.dumps({**meta, "count": len(keep)}))
+
+
+def test_apply_keeps_unchanged_codes_and_moves_an_item_that_gains_a_photo(tmp_path, synthetic):
+    """fusion_mode 'apply' with the previous set's model: unchanged items keep their codes byte
+    for byte; items that had no photo and now have one are fused with it, without retraining,
+    and land among the items of their image cluster (which only the photo shows)."""
+    root, cat = synthetic
+    gain = [i for i in np.flatnonzero(cat.has_image)[::20]]
+    gained = {cat.ids[i] for i in gain}
+    sets = {}
+    for name, hide in (("a", gained), ("b", set())):
+        shutil.copytree(root / "text", tmp_path / name / "text")
+        shutil.copytree(root / "image", tmp_path / name / "image")
+        _with_keys(tmp_path / name / "text", tmp_path / name / "image", hide)
+        sets[name] = tmp_path / name
+    fuse_item_embeddings(sets["a"] / "text", sets["a"] / "image", sets["a"] / "fused",
+                         PipelineParams(seed=0, fusion_epochs=10))
+    meta = fuse_item_embeddings(sets["b"] / "text", sets["b"] / "image", sets["b"] / "fused",
+                                PipelineParams(fusion_mode="apply",
+                                               previous_uri=str(sets["a"] / "fused")))
+    before, after = (np.load(sets[n] / "fused" / FUSED_ARRAY) for n in ("a", "b"))
+    unchanged = np.setdiff1d(np.arange(N), gain)
+    assert (meta["reused_count"], meta["computed_count"]) == (len(unchanged), len(gain))
+    assert after[unchanged].tobytes() == before[unchanged].tobytes()
+    assert (sha256_file(sets["b"] / "fused" / WEIGHTS_FILE)
+            == sha256_file(sets["a"] / "fused" / WEIGHTS_FILE))
+    # what the saved model gives for the items' text and new photo
+    text, image = _aligned_vectors(root, cat)
+    model = load_fusion_model(sets["a"] / "fused")
+    np.testing.assert_allclose(after[gain], model.fuse(text[gain], image[gain]), atol=1e-6)
+    # moved into place: their photo neighbours now share their image cluster
+    photos = np.flatnonzero(cat.has_image)
+    position = {row: k for k, row in enumerate(photos)}
+
+    def image_purity(codes: np.ndarray) -> float:
+        neighbours = _top_k(codes[photos]).numpy()[[position[i] for i in gain]]
+        labels = cat.image_label[photos]
+        return float((labels[neighbours] == cat.image_label[gain][:, None]).mean())
+
+    assert image_purity(before) < 0.3 and image_purity(after) >= 0.8

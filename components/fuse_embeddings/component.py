@@ -39,10 +39,12 @@ def fuse_embeddings(
         text_embeddings: Text step output (txt.npy, txt_items.parquet, txt_meta.json).
         image_embeddings: Image step output (img.npy, img_items.parquet, img_meta.json).
         fused_embeddings: Output directory with the fused vectors, ids, weights and config.
-        metrics: Count, items with images, final loss and training time.
+        metrics: Count, items with images, final loss, training time and the modality mix
+            (photo share of the text and fused neighbours by group).
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.fusion import fuse_item_embeddings
+    from item_embeddings.modality import mix_metrics
     from item_embeddings.storage import local_input_dir
 
     # Training reads random rows: on Vertex the inputs are copied off gcsfuse first.
@@ -53,10 +55,12 @@ def fuse_embeddings(
                                     run_id=step.run_id, tracker=step.tracker,
                                     artifact_uri=step.artifact_uri,
                                     input_uris=(text_embeddings.uri, image_embeddings.uri))
-        step.report(meta, metadata=("count", "output_dim", "items_with_images", "objective"),
+        mix = mix_metrics(meta["modality_mix"])
+        step.report({**meta, **mix},
+                    metadata=("count", "output_dim", "items_with_images", "objective"),
                     metrics=("count", "items_with_images", "image_vectors_excluded",
                              "reused_count", "computed_count", "final_loss", "train_time_sec",
-                             "wall_time_sec"))
+                             "wall_time_sec", *mix))
 
 
 def make_component(base_image: str):

@@ -33,10 +33,12 @@ def knn_graphs(
         text_embeddings: Text step output (txt.npy, txt_items.parquet).
         fused_embeddings: Fusion step output (fused.npy, fused_items.parquet).
         graphs: Output directory with the graphs and knn_meta.json.
-        metrics: Recall@k and search times per space.
+        metrics: Recall@k and search times per space, and the modality mix (photo share
+            of each space's neighbours by group).
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.knn import build_knn_graphs
+    from item_embeddings.modality import mix_metrics
     from item_embeddings.storage import local_input_dir
 
     # Exact search reads rows in blocks: on Vertex the inputs are copied off gcsfuse first.
@@ -48,6 +50,7 @@ def knn_graphs(
                                 artifact_uri=step.artifact_uri)
         per_space = {f"{space}_{key}": values[key] for space, values in meta["spaces"].items()
                      for key in ("recall_at_k", "build_time_sec", "query_time_sec")}
+        per_space.update(mix_metrics(meta["modality_mix"]))
         step.report({**meta, **per_space}, metadata=("count", "k"),
                     metrics=("count", "k", *per_space))
 

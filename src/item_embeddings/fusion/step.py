@@ -16,6 +16,7 @@ import torch
 
 from ..config import PipelineParams
 from ..incremental import KeyIndex, PreviousGroup, open_previous
+from ..modality import mix_metrics, mix_warning, modality_mix, sample_neighbours
 from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS
 from ..step import step_run
 from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
@@ -24,11 +25,13 @@ from .inputs import (SCAN_ROWS, FusionInputError, FusionInputs, fused_row_keys, 
                      load_fusion_inputs)
 from .model import NORM_WEIGHT, OBJECTIVE, FusionMLP, load_fusion_model, save_fusion_model
 from .targets import TAU
-from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
+from .training import (WARMUP_SHARE, check_init, evaluation_sample, torch_threads,
+                       train_fusion_model)
 
 logger = logging.getLogger(__name__)
 
 EXCLUSION_REASON = "non-finite or zero image vector"
+MIX_K = 10              # neighbours per item of the modality mix (the issue's top-10)
 
 
 @torch.no_grad()
@@ -49,6 +52,20 @@ def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path,
                 z, _ = model(*gather(inputs, start + todo))
                 fused[start + todo] = z.numpy()
     return int((rows >= 0).sum())
+
+
+def _sample_mix(inputs: FusionInputs, fused_path: Path, seed: int) -> dict[str, Any]:
+    """The modality mix of the text and fused spaces on the evaluation sample (every item up
+    to EVAL_ITEMS): each sampled item's top-MIX_K neighbours among the sampled items."""
+    rows = np.sort(evaluation_sample(inputs.count, seed))
+    fused = np.load(fused_path, mmap_mode="r")
+    mix = modality_mix({"text": sample_neighbours(inputs.text[rows], MIX_K),
+                        "fused": sample_neighbours(fused[rows], MIX_K)},
+                       inputs.image_row[rows] >= 0)
+    warning = mix_warning(mix)
+    if warning:
+        logger.warning("fusion: %s", warning)
+    return mix
 
 
 def _previous_model(previous: PreviousGroup, inputs: FusionInputs) -> FusionMLP:
@@ -191,6 +208,7 @@ def fuse_item_embeddings(
                 "text_encoder_fingerprint": inputs.text_meta.get("encoder_fingerprint"),
                 "image_encoder_fingerprint": inputs.image_meta.get("encoder_fingerprint")})
         write_time = time.perf_counter() - t0
+        mix = _sample_mix(inputs, run.out / FUSED_ARRAY, params.seed)
         meta = run.finish(FUSION_CONFIG, {
             "fusion_mode": params.fusion_mode,
             **training,
@@ -218,8 +236,9 @@ def fuse_item_embeddings(
             "text_uri": text_uri,
             "image_uri": image_uri,
             "previous_uri": params.previous_uri,
+            "modality_mix": mix,
         }, metrics={"count": inputs.count, "items_with_images": inputs.items_with_images,
-                    "train_time_sec": train_time, "reused_count": reused,
+                    "train_time_sec": train_time, "reused_count": reused, **mix_metrics(mix),
                     **({"final_loss": trained.eval_loss, "best_epoch": trained.best_epoch}
                        if trained else {})},
             versions=("torch", "numpy", "safetensors"))

@@ -222,11 +222,17 @@ class TrainedModel:
                 else self.history[self.best_epoch - 1]["eval_loss"])
 
 
+def evaluation_sample(count: int, seed: int) -> np.ndarray:
+    """The fixed sample of at most EVAL_ITEMS items the objective (and, after training, the
+    modality mix) is measured on, in random order; its own random stream, so training's is
+    left untouched."""
+    return np.random.default_rng([seed, 1]).permutation(count)[:EVAL_ITEMS]
+
+
 def _evaluation_batches(inputs: FusionInputs, imputation: Imputation, batch_size: int,
                         seed: int) -> list[TrainingBatch]:
     """A fixed sample of at most EVAL_ITEMS items in batches, with their targets."""
-    rng = np.random.default_rng([seed, 1])  # its own stream: training's is left untouched
-    idx = rng.permutation(inputs.count)[:EVAL_ITEMS]
+    idx = evaluation_sample(inputs.count, seed)
     bounds = _batch_bounds(len(idx), batch_size)
     return list(_training_batches(inputs, imputation,
                                   (idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])), None))
