@@ -24,7 +24,9 @@ from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IM
                                      KNN_FUSED_SCORES, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
                                      QA_REPORT, TXT_ARRAY, TXT_ITEMS)
 from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
-from item_embeddings.report.inputs import MISSING_CATEGORY
+from item_embeddings.report.inputs import MISSING_CATEGORY, category_label
+from item_embeddings import modality
+from item_embeddings.modality import modality_mix
 from item_embeddings.sample import make_sample_catalogue
 from item_embeddings.text import embed_items_text, load_text_encoder
 
@@ -106,8 +108,10 @@ def write_knn(knn_dir: Path, text_dir: Path, fused_dir: Path, k: int = K,
                       "recall_queries": 1000}
               for space, path in (("text", text_dir / TXT_ARRAY),
                                   ("fused", fused_dir / FUSED_ARRAY))}
+    has_image = pq.read_table(fused_dir / FUSED_ITEMS).column("has_image").to_numpy()
     (knn_dir / KNN_META).write_text(json.dumps({
         "k": k, "count": n, "spaces": spaces, "run_id": "tiny", "wall_time_sec": 0.5,
+        "modality_mix": modality_mix(graphs, has_image),
         "versions": {"item-embeddings": "0.1.0", "numpy": np.__version__}}))
     return graphs
 
@@ -309,6 +313,12 @@ def test_item_data_is_escaped(rendered, tiny_run, tmp_path, monkeypatch):
 def _title_of(tiny_run: TinyRun) -> dict[str, str]:
     table = pq.read_table(tiny_run.items, columns=["asin", "title"]).to_pylist()
     return {r["asin"]: r["title"] or "(no title)" for r in table}
+
+
+def _category_of(tiny_run: TinyRun) -> list[str]:
+    """Each text row's category label, as the report reads it."""
+    return [category_label(c) for c in
+            pq.read_table(tiny_run.items, columns=["main_category"]).column(0).to_pylist()]
 
 
 def _neighbour_rows(page: Page) -> list[tuple[str, list[str], list[str]]]:
@@ -536,3 +546,72 @@ def test_image_rows_map_to_text_rows_by_id():
     with pytest.raises(ReportInputError, match=r"must be an img.npy row in \[0, 1\)"):
         _image_text_rows(pa.table({"id": ["a"], "row": pa.array([1], pa.int64())}), ids,
                          Path(IMG_ITEMS))
+
+
+def _modality_tables(page: Page) -> tuple[list[list[str]], list[list[str]]]:
+    tables = page.section("modality").find_all("table")
+    return table_rows(tables[0]), table_rows(tables[1]) if len(tables) > 1 else []
+
+
+def test_modality_mix_shows_the_graphs_photo_shares_and_purity_by_group(rendered, tiny_run):
+    _, _, page = rendered
+    shares, purity = _modality_tables(page)
+    has_image = pq.read_table(tiny_run.fused / FUSED_ITEMS).column("has_image").to_numpy()
+    categories = _category_of(tiny_run)
+    expected_purity = {}
+    for space in ("text", "fused"):
+        graph = tiny_run.graphs[space]
+        share = has_image[graph].mean(axis=1)
+        same = np.array([[categories[j] == categories[i] for j in row]
+                         for i, row in enumerate(graph)]).mean(axis=1)
+        for group, members in (("with", has_image), ("without", ~has_image)):
+            row = next(r for r in shares if r[0] == f"items {group} a photo")
+            assert int(row[1]) == members.sum()
+            assert float(row[2]) == pytest.approx(has_image.mean(), abs=5e-4)
+            assert float(row[3 if space == "text" else 4]) == pytest.approx(
+                share[members].mean(), abs=5e-4)
+            expected_purity[space, group] = same[members].mean()
+        expected_purity[space, "all"] = same.mean()
+    for row in purity:
+        group = {"all items": "all", "items with a photo": "with",
+                 "items without a photo": "without"}[row[0]]
+        assert float(row[1]) == pytest.approx(expected_purity["text", group], abs=5e-4)
+        assert float(row[2]) == pytest.approx(expected_purity["fused", group], abs=5e-4)
+    assert len(purity) == 3
+    # 16 items without a photo: too few to judge, said so (not a warning)
+    assert "not judged" in page.section("modality").all_text()
+    assert not page.section("modality").by_class("warn")
+
+
+def test_a_fused_space_split_by_photo_is_flagged(tiny_run, tmp_path, monkeypatch):
+    """A fused space that sorts items by whether they have a photo: the section says so in a
+    warning, with both groups' shares, and the summary's check is WARN."""
+    monkeypatch.setattr(modality, "MIN_GROUP_ITEMS", 10)  # the tiny run has 16 without photo
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_run.fused, fused)
+    has_image = pq.read_table(fused / FUSED_ITEMS).column("has_image").to_numpy()
+    text = np.load(tiny_run.text / TXT_ARRAY)[:, :127]
+    np.save(fused / FUSED_ARRAY, _unit(np.hstack([text, 4.0 * has_image[:, None]])))
+    write_knn(tmp_path / "knn", tiny_run.text, fused)
+    write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, fused, tmp_path / "knn",
+                    tmp_path / QA_REPORT, PipelineParams(seed=0), run_id="split")
+    page = Page((tmp_path / QA_REPORT).read_text(encoding="utf-8"))
+    warning = page.section("modality").by_class("warn")
+    assert len(warning) == 1
+    assert "sorts items by whether they have a photo" in warning[0].all_text()
+    assert "items with photo" in warning[0].all_text()
+    checks = table_rows(page.section("summary").find_all("table")[1])
+    [mix_check] = [c for c in checks if c[0].startswith("modality mix")]
+    assert mix_check[2] == "WARN"
+
+
+def test_modality_mix_without_a_graph_comes_from_the_fusion_step(tiny_run, tmp_path):
+    _, text = tiny_run.render(tmp_path, knn=None)
+    page = Page(text)
+    section = page.section("modality").all_text()
+    mix = json.loads((tiny_run.fused / FUSION_CONFIG).read_text())["modality_mix"]
+    assert f"fusion step's {mix['items']} sampled items" in section
+    assert "Category purity by group needs the kNN graphs" in section
+    shares, _ = _modality_tables(page)
+    assert float(shares[0][4]) == pytest.approx(mix["photo_share"]["fused"]["with_photo"],
+                                                abs=5e-4)

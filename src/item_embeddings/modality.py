@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 MIX_TOLERANCE = 0.10    # largest accepted gap between the fused and the text space's shares
+# Fewer items in a group and its share is too noisy to judge (10 neighbours of 20 items: a
+# standard error of about 0.05, half the tolerance).
+MIN_GROUP_ITEMS = 20
 GROUPS = ("with_photo", "without_photo")
 _QUERY_BLOCK = 1024
 
@@ -85,7 +88,7 @@ def mix_warning(mix: Mapping[str, Any] | None) -> str | None:
     """A sentence for operators when the fused space's photo shares depart from the text
     space's by more than the tolerance; None when they do not (or cannot be compared)."""
     gap = departure(mix) if mix else None
-    if gap is None or gap <= MIX_TOLERANCE:
+    if gap is None or gap <= MIX_TOLERANCE or not judged(mix):
         return None
     shares = mix["photo_share"]
     detail = "; ".join(
@@ -95,6 +98,12 @@ def mix_warning(mix: Mapping[str, Any] | None) -> str | None:
     return (f"the fused space sorts items by whether they have a photo: the share of top-"
             f"{mix['k']} neighbours with a photo departs from the text space's by {gap:.2f} "
             f"(more than {MIX_TOLERANCE:.2f}); {detail}")
+
+
+def judged(mix: Mapping[str, Any]) -> bool:
+    """Whether both groups have enough items for their shares to be compared."""
+    return min(mix.get("items_with_photo", 0), mix.get("items_without_photo", 0)) >= \
+        MIN_GROUP_ITEMS
 
 
 def mix_metrics(mix: Mapping[str, Any]) -> dict[str, float]:
