@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -25,6 +27,7 @@ from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, IM
                                      QA_REPORT, TXT_ARRAY, TXT_ITEMS)
 from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
 from item_embeddings.report.inputs import MISSING_CATEGORY, category_label
+import browser
 from item_embeddings import modality
 from item_embeddings.modality import modality_mix
 from item_embeddings.sample import make_sample_catalogue
@@ -615,3 +618,40 @@ def test_modality_mix_without_a_graph_comes_from_the_fusion_step(tiny_run, tmp_p
     shares, _ = _modality_tables(page)
     assert float(shares[0][4]) == pytest.approx(mix["photo_share"]["fused"]["with_photo"],
                                                 abs=5e-4)
+
+
+def test_the_page_in_a_real_browser(rendered, tmp_path):
+    """What people see: the page in headless Chromium (driven over the DevTools protocol on
+    loopback) loads without a console error, every inlined plot decodes, every section is there
+    with its heading, in order, and has a height; the full page renders to a PNG."""
+    summary, _, _ = rendered
+    if browser.find_chromium() is None:
+        message = ("headless Chromium is not installed (Debian: apt-get install chromium; "
+                   "or set CHROMIUM to a binary); .ci/run installs it")
+        if os.environ.get(browser.REQUIRED_ENV) or os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.perf_counter()
+    view = browser.view_page(summary["path"])
+    assert view.console_errors == []
+    assert [(s["id"], s["heading"]) for s in view.sections] == list(SECTIONS)
+    assert all(s["height"] > 0 for s in view.sections), view.sections
+    assert view.nav == [f"#{key}" for key, _ in SECTIONS]
+    assert view.title == "QA report tiny-run"
+    expected = {"summary": 1, "failures": 1, "distributions": 2, "maps": 1, "training": 1,
+                "knn": 1}
+    assert sorted(i["section"] for i in view.images) == sorted(
+        key for key, count in expected.items() for _ in range(count))
+    for image in view.images:  # decoded by the browser, at its own size
+        assert image["complete"] and image["width"] >= 300 and image["height"] >= 100, image
+        assert image["alt"]
+    from PIL import Image
+
+    shot = tmp_path / "qa_report.png"
+    shot.write_bytes(view.screenshot)
+    with Image.open(shot) as png:
+        assert png.format == "PNG" and png.size == view.size
+        assert png.size[0] == 1400 and png.size[1] > 3000   # the whole page, not the viewport
+        low, high = png.convert("L").getextrema()
+        assert high - low > 100                              # something was drawn
+    assert time.perf_counter() - started < 30
