@@ -150,7 +150,7 @@ def _child(args: list[str], src: str | None = None) -> dict:
     return result
 
 
-def _export_src(rev: str, into: Path) -> str:
+def export_src(rev: str, into: Path) -> str:
     """``src/`` of git revision ``rev``, exported under ``into``; returns the import path."""
     dest = into / f"src-{rev}"
     dest.mkdir()
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           "| peak anon MiB | peak RSS MiB | best epoch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        other_src = _export_src(args.compare_rev, Path(tmp)) if args.compare_rev else None
+        other_src = export_src(args.compare_rev, Path(tmp)) if args.compare_rev else None
         for n in args.sizes:
             root = Path(tmp) / str(n)
             write_synthetic_catalogue(root / "text", root / "image", n=n,

@@ -269,9 +269,10 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
         model: The model; its parameters' ``.grad`` are replaced.
         batch: Inputs and targets (:func:`.targets.training_batch`).
         tau: Softmax temperature (as used for the targets).
-        helper: An executor whose thread may compute the stand-in's weight gradient (the text
-            block's product of the rows without an image), the step's largest product, while this thread does the rest of the backward pass; if
-            the thread is still busy when the result is due, this thread computes it itself.
+        helper: An executor whose thread may compute the text block's weight-gradient
+            products (:func:`_text_block_products`), the step's largest, while this thread
+            does the rest of the backward pass; if the thread is still busy when the result is
+            due, this thread computes them itself.
 
     Returns:
         ``loss``, ``sim_loss`` and ``norm_loss`` as floats.
@@ -298,11 +299,10 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     grad_h += z * ((2.0 * NORM_WEIGHT / b) * (norm - 1))
     # ReLU's backward, the op autograd uses (a bool mask multiply is far slower: docs/fusion.md)
     grad_pre = torch.ops.aten.threshold_backward(grad_h @ model.out.weight, hidden, 0)
-    standin_weight_grad = _run_aside(helper, torch.mm, grad_pre[image.shape[0]:].T,
-                                     text[image.shape[0]:])
+    text_products = _run_aside(helper, _text_block_products, grad_pre, text, image.shape[0])
     model.out.weight.grad = grad_h.T @ hidden
     model.out.bias.grad = grad_h.sum(dim=0)
-    _first_layer_gradients(model, grad_pre, text, image, standin_weight_grad)
+    _first_layer_gradients(model, grad_pre, image, text_products)
     loss = sim_loss + NORM_WEIGHT * norm_loss
     return {"loss": loss.item(), "sim_loss": sim_loss.item(), "norm_loss": norm_loss.item()}
 
@@ -320,31 +320,38 @@ def _first_layer(model: FusionMLP, text: torch.Tensor, image: torch.Tensor) -> t
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _first_layer_gradients(model: FusionMLP, grad_pre: torch.Tensor, text: torch.Tensor,
-                           image: torch.Tensor, standin_weight_grad: Callable[[], torch.Tensor]
-                           ) -> None:
+def _text_block_products(grad_pre: torch.Tensor, text: torch.Tensor, m: int
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The text block's weight-gradient products, ``grad_preᵀ · text``, of the rows without an
+    image (the stand-in's gradient) and of the M rows with one; None for an empty part."""
+    return (grad_pre[m:].T @ text[m:] if m < len(text) else None,
+            grad_pre[:m].T @ text[:m] if m else None)
+
+
+def _first_layer_gradients(model: FusionMLP, grad_pre: torch.Tensor, image: torch.Tensor,
+                           text_products: Callable[[], tuple[torch.Tensor | None,
+                                                             torch.Tensor | None]]) -> None:
     """Set the first layer's gradients from ``grad_pre`` (the loss's gradient with respect to
-    the pre-activations, image rows first). ``standin_weight_grad()`` gives the text-block
-    product of the rows without an image (the largest product of the backward pass, maybe
-    computed on another thread): it is the stand-in's weight gradient, and the text block's
-    adds the image rows' product to it."""
+    the pre-activations, image rows first). ``text_products()`` gives
+    :func:`_text_block_products` (the largest products of the backward pass, maybe computed on
+    another thread): the rows without an image give the stand-in's weight gradient, and the
+    text block's is the sum of both."""
     m = image.shape[0]
     model.text_in.bias.grad = grad_pre.sum(dim=0)
     if m:
         grad_image = grad_pre[:m]
         model.image_in.weight.grad = grad_image.T @ image
         model.mask_in.grad = grad_image.sum(dim=0)
-        image_rows_text_grad = grad_image.T @ text[:m]
     else:  # as autograd would: unused parameters get no gradient and Adam leaves them alone
         model.image_in.weight.grad = model.mask_in.grad = None
-    if m < text.shape[0]:
-        standin = standin_weight_grad()
+    standin, image_rows = text_products()
+    if standin is not None:
         model.standin_in.weight.grad = standin
         model.standin_in.bias.grad = grad_pre[m:].sum(dim=0)
-        model.text_in.weight.grad = standin + image_rows_text_grad if m else standin.clone()
+        model.text_in.weight.grad = standin + image_rows if m else standin.clone()
     else:
         model.standin_in.weight.grad = model.standin_in.bias.grad = None
-        model.text_in.weight.grad = image_rows_text_grad
+        model.text_in.weight.grad = image_rows
 
 
 def _run_aside(executor: Executor | None, fn: Callable[..., _T], *args: Any
