@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 EXCLUSION_REASON = "non-finite or zero image vector"
 MIX_K = 10              # neighbours per item of the modality mix (the issue's top-10)
+MIX_ITEMS = 4096        # items of the evaluation sample the modality mix is measured on
 
 
 @torch.no_grad()
@@ -55,9 +56,9 @@ def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path,
 
 
 def _sample_mix(inputs: FusionInputs, fused_path: Path, seed: int) -> dict[str, Any]:
-    """The modality mix of the text and fused spaces on the evaluation sample (every item up
-    to EVAL_ITEMS): each sampled item's top-MIX_K neighbours among the sampled items."""
-    rows = np.sort(evaluation_sample(inputs.count, seed))
+    """The modality mix of the text and fused spaces on the first MIX_ITEMS of the evaluation
+    sample (every item up to that many): each sampled item's top-MIX_K neighbours among them."""
+    rows = np.sort(evaluation_sample(inputs.count, seed)[:MIX_ITEMS])
     fused = np.load(fused_path, mmap_mode="r")
     mix = modality_mix({"text": sample_neighbours(inputs.text[rows], MIX_K),
                         "fused": sample_neighbours(fused[rows], MIX_K)},

@@ -154,9 +154,9 @@ def _ranked_like(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     rows, cols = order.shape
     col_bits = max(1, (cols - 1).bit_length())
     levels = 2 ** (31 - col_bits)
-    # float64: the top level (levels - 1) must not round up into the sign bit
-    quantised = torch.nan_to_num(order.double(), neginf=-4.0).clamp_(-4.0, 4.0).neg_().add_(4.0)
-    keys = quantised.mul_((levels - 1) / 8.0).to(torch.int32).numpy()
+    # 64 levels of headroom: float32 rounding must not carry the top level into the sign bit
+    keys = (order.clamp(-4.0, 4.0).neg_().add_(4.0).mul_((levels - 64) / 8.0)
+            .to(torch.int32).numpy())
     keys <<= col_bits
     keys |= np.arange(cols, dtype=np.int32)
     keys.sort(axis=1)

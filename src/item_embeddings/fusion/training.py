@@ -25,7 +25,7 @@ from .targets import Imputation, TrainingBatch, fit_imputation, training_batch
 logger = logging.getLogger(__name__)
 
 PCA_SAMPLE = 16384      # rows sampled for the principal directions of the initialisation
-IMPUTATION_SAMPLE = 8192  # items with a photo sampled to fit the imputation
+IMPUTATION_SAMPLE = 4096  # items with a photo sampled to fit the imputation
 WARMUP_SHARE = 0.1      # share of all training steps with a linearly rising learning rate
 PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
 # Below this many items one thread is used by default: on such small matrices thread hand-offs
