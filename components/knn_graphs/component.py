@@ -33,7 +33,8 @@ def knn_graphs(
         text_embeddings: Text step output (txt.npy, txt_items.parquet).
         fused_embeddings: Fusion step output (fused.npy, fused_items.parquet).
         graphs: Output directory with the graphs and knn_meta.json.
-        metrics: Recall@k and search times per space.
+        metrics: Recall@k and search times per space, and the modality mix (photo share
+            of each space's neighbours by group).
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.knn import build_knn_graphs

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import PipelineParams
+from ..modality import mix_metrics, mix_summary, mix_warning, photo_share
 from ..outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
@@ -48,7 +49,7 @@ SPACES = {
 
 
 def _space_metrics(meta: dict[str, Any]) -> dict[str, float]:
-    """Per space: recall@k and @j, search times, whether the graph is exact."""
+    """Per space: recall@k and @j, search times, whether the graph is exact; the modality mix."""
     metrics: dict[str, float] = {}
     for space, info in meta["spaces"].items():
         metrics.update({f"{space}_recall_at_{j}": r for j, r in info["recall_at"].items()})
@@ -57,6 +58,7 @@ def _space_metrics(meta: dict[str, Any]) -> dict[str, float]:
                         f"{space}_build_time_sec": info["build_time_sec"],
                         f"{space}_query_time_sec": info["query_time_sec"],
                         f"{space}_exact": float(info["method"] == METHOD_EXACT)})
+    metrics.update(mix_metrics(meta["modality_mix"]))
     return metrics
 
 
@@ -79,6 +81,14 @@ def _open_space(folder: Path, array_file: str, ids_file: str) -> tuple[np.ndarra
         raise KnnInputError(f"{folder / array_file} has shape {vectors.shape} but "
                             f"{folder / ids_file} lists {len(ids)} ids")
     return vectors, ids
+
+
+def _has_image(fused_items: Path) -> np.ndarray:
+    """[N] bool: which items the fusion step fused with an image (all False if not recorded)."""
+    table = pq.read_table(fused_items)
+    if "has_image" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return table.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _run_id(meta_file: Path) -> str | None:
@@ -118,8 +128,10 @@ def build_knn_graphs(
     ``[N, k]`` row indices in ``txt_items.parquet`` order, most similar first),
     ``knn_text_scores.npy`` / ``knn_fused_scores.npy`` (float32 ``[N, k]`` cosine similarities)
     and ``knn_meta.json`` (written last: method, index parameters, times and measured recall of
-    each space). Logs an experiment run ``knn-graph-<run id>`` with ``text_recall_at_k`` and
-    ``fused_recall_at_k`` among its metrics.
+    each space, and the ``modality_mix``: the photo share of each space's neighbours for items
+    with and without a photo, ``modality.py``). Logs an experiment run ``knn-graph-<run id>``
+    with ``text_recall_at_k``, ``fused_recall_at_k`` and the ``photo_share_*`` values among its
+    metrics.
 
     Args:
         text_dir: The text step's output directory (txt.npy, txt_items.parquet).
@@ -146,6 +158,7 @@ def build_knn_graphs(
     opened = {space: _open_space(dirs[space], array, ids)
               for space, (array, ids, _, _) in SPACES.items()}
     ids = opened["text"][1]
+    has_image = _has_image(dirs["fused"] / FUSED_ITEMS)
     if opened["fused"][1] != ids:
         raise KnnInputError(f"{dirs['fused'] / FUSED_ITEMS} does not list the ids of "
                             f"{dirs['text'] / TXT_ITEMS} in the same order")
@@ -164,6 +177,7 @@ def build_knn_graphs(
     with KNN_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
                       artifact_uri=artifact_uri) as run:
         spaces: dict[str, dict[str, Any]] = {}
+        shares: dict[str, dict[str, float | None]] = {}
         for space, (_, _, ids_file, scores_file) in SPACES.items():
             vectors = opened[space][0]
             graph = build_knn_graph(vectors, k,
@@ -171,7 +185,11 @@ def build_knn_graphs(
                                     recall_queries=params.knn_recall_queries, seed=params.seed,
                                     device=device, what=f"{space} vectors", labels=ids)
             _write_graph(graph, run.out, ids_file, scores_file)
+            shares[space] = photo_share(graph.neighbours, has_image)
             spaces[space] = _space_meta(graph, vectors.shape[1])
+        mix = mix_summary(shares, has_image, np.arange(len(ids)), k)
+        if mix_warning(mix):
+            logger.warning("kNN graphs: %s", mix_warning(mix))
         meta = run.finish_step({
             "k": k,
             "k_requested": params.knn_k,
@@ -183,6 +201,7 @@ def build_knn_graphs(
             "fusion_run_id": _run_id(dirs["fused"] / FUSION_CONFIG),
             "text_dir": str(text_dir),
             "fused_dir": str(fused_dir),
+            "modality_mix": mix,
         })
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
                 len(ids), k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],
