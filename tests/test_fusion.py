@@ -241,6 +241,25 @@ def test_deterministic_for_a_seed(tmp_path, synthetic, fused):
     assert sha256_file(tmp_path / "b" / FUSED_ARRAY) != sha256_file(out / FUSED_ARRAY)
 
 
+def test_float_noise_in_a_small_catalogue_does_not_move_the_codes(tmp_path):
+    """Fewer items than input dimensions (36 against 384 + 32): the PCA start uses only the
+    directions the items span. Inputs that differ in the last bits (as a shards=3 run's do)
+    give codes within 1e-5; with the null space's arbitrary basis in the start, 1e-7 of noise
+    decided which ReLU units trained and moved codes by 0.09."""
+    write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=36, image_fraction=0.7,
+                              seed=3)
+    shutil.copytree(tmp_path / "image", tmp_path / "noisy")
+    img = np.load(tmp_path / "image" / IMG_ARRAY)
+    noise = 1e-7 * np.random.default_rng(1).standard_normal(img.shape)
+    np.save(tmp_path / "noisy" / IMG_ARRAY, (img + noise).astype(img.dtype))
+    codes = []
+    for image_dir in ("image", "noisy"):
+        fuse_item_embeddings(tmp_path / "text", tmp_path / image_dir, tmp_path / f"{image_dir}-out",
+                             PipelineParams(seed=0))
+        codes.append(np.load(tmp_path / f"{image_dir}-out" / FUSED_ARRAY))
+    np.testing.assert_allclose(codes[1], codes[0], rtol=0, atol=1e-5)
+
+
 def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
     """num_threads=2 builds targets in a second thread: deterministic, same codes as 1 thread.
 

@@ -39,6 +39,7 @@ _META_KEY = "fusion_model"  # safetensors metadata entry holding the architectur
 OBJECTIVE = "modality-balanced-kl+norm"
 NORM_WEIGHT = 0.01      # weight of the pre-normalisation norm regulariser
 _EPS = 1e-12
+NULL_SPACE_RATIO = 1e-6  # eigenvalues below this share of the largest: directions no item spans
 _MASKED = -1e9          # logit of an item paired with itself
 _LOG2E = 1.4426950408889634
 
@@ -194,6 +195,13 @@ def init_from_pca(model: FusionMLP, second_moment: np.ndarray,
         return 0
     # torch's LAPACK honours torch's thread count; numpy's may spin on every core.
     eigvals, eigvecs = torch.linalg.eigh(torch.from_numpy(second_moment).double())
+    # Only directions the items span: in the null space (a catalogue with fewer items than
+    # dimensions) the basis is whatever rounding makes it, and an item's projection on it is
+    # rounding noise at ReLU's kink, so float-level changes of the input (another shard
+    # layout) would decide which units train. Those units keep their seeded random weights.
+    k = min(k, int((eigvals > NULL_SPACE_RATIO * eigvals.max()).sum()))
+    if k == 0:
+        return 0
     top = eigvecs[:, torch.argsort(eigvals, descending=True, stable=True)[:k]].T  # [k, dim]
     signs = torch.sign(top[torch.arange(k), top.abs().argmax(dim=1)])  # a fixed sign per vector
     p = (top * signs.unsqueeze(1)).float()
