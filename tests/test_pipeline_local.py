@@ -58,7 +58,7 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
                   if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
     # fingerprint, plan, merge text, merge images, QA report, publish (the text, image, fusion
-    # and kNN steps are inside custom jobs; the text machine picker needs no package code)
+    # and kNN steps are inside custom jobs)
     assert len(our_tasks) == 6
     assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
