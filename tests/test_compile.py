@@ -133,6 +133,18 @@ def test_dag_edges(template):
     assert {"qa-report", "knn-graphs", "fuse-embeddings"} <= set(condition["dependentTasks"])
 
 
+def test_the_first_task_gets_the_machine_parameters(template):
+    """The never-cached first task checks the machine pairing of a UI rerun (each job sees
+    only its own machine), so it takes every machine parameter by name."""
+    _, spec = template
+    bound = _root(spec)["fingerprint-inputs"]["inputs"]["parameters"]
+    for name in ("text_machine_type", "text_accelerator", "image_machine_type",
+                 "fusion_machine_type", "knn_machine_type"):
+        assert bound[name] == {"componentInputParameter": name}, name
+    # every other task waits for it: the plan takes its output, the workers the plan's
+    assert "fingerprint-inputs" in _root(spec)["plan-shards"]["dependentTasks"]
+
+
 def test_steps_reading_items_are_cached_by_content(template):
     """The fingerprint task is never cached; the steps that read the items or the previous
     set take its output, so changed contents are a cache miss there."""
