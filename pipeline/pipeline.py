@@ -94,14 +94,12 @@ def _with_param_signature(fn: Callable, summary: str = PIPELINE_SUMMARY,
         return fn(**dict(zip(positional, args)), **kwargs)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    annotations = {name: annotation for name, (annotation, _) in artifacts.items()}
-    annotations |= {f.name: type(f.default) for f in fields}
-    with_params.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, kind, annotation=annotation)
-         for name, (annotation, _) in artifacts.items()]
-        + [inspect.Parameter(f.name, kind, default=f.default, annotation=type(f.default))
-           for f in fields], return_annotation=returns)
-    with_params.__annotations__ = annotations | {"return": returns}
+    parameters = [inspect.Parameter(name, kind, annotation=annotation)
+                  for name, (annotation, _) in artifacts.items()]
+    parameters += [inspect.Parameter(f.name, kind, default=f.default, annotation=type(f.default))
+                   for f in fields]
+    with_params.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+    with_params.__annotations__ = {q.name: q.annotation for q in parameters} | {"return": returns}
     with_params.__name__ = fn.__name__
     with_params.__doc__ = "\n".join(
         [summary, "", "Args:"] + [f"    {name}: {doc}" for name, (_, doc) in artifacts.items()]
