@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import catalogue, exact_knn, reseal, write_items, write_knn
+from helpers import catalogue, exact_knn, reseal, write_items, write_knn, write_report
 from image_server import ImageServer, make_images
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
@@ -59,7 +59,7 @@ def _image_url(srv: ImageServer, i: int) -> str | None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """Two runs (``run-a``, ``run-b``) of the real text, image and fusion steps on the same
-    items, each placed flat like ``run-local`` does, plus exact kNN graphs."""
+    items, each placed flat like ``run-local`` does, plus exact kNN graphs and the QA report."""
     root = tmp_path_factory.mktemp("real-sets")
     config, checkpoint, _ = tiny_model
     params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
@@ -83,7 +83,7 @@ def runs(tmp_path_factory, tiny_model) -> dict[str, Path]:
             for step in ("text", "image", "fusion"):
                 place_files(sorted(p for p in (steps / step).iterdir() if p.is_file()), flat,
                             META_FILES)
-            sets[run_id] = write_knn(flat, k=K, run_id=run_id)
+            sets[run_id] = write_report(write_knn(flat, k=K, run_id=run_id), run_id=run_id)
     return sets
 
 
