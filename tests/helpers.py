@@ -185,6 +185,7 @@ def exact_knn(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_knn(root: Path, k: int = 5, run_id: str = "run-1") -> Path:
     """The kNN graph files of the set in ``root`` (exact search), through the step skeleton."""
+    from item_embeddings.knn.graph import RECALL_PREFIXES
     from item_embeddings.step import step_run
     from item_embeddings.verify import KNN_SPACES
 
@@ -197,7 +198,8 @@ def write_knn(root: Path, k: int = 5, run_id: str = "run-1") -> Path:
             np.save(root / score_name, scores)
             spaces[space] = {"dim": vectors.shape[1], "method": "exact", "index_params": {},
                              "build_time_sec": 0.0, "query_time_sec": 0.0, "recall_at_k": 1.0,
-                             "recall_queries": 0}
+                             "recall_at": {str(j): 1.0 for j in RECALL_PREFIXES if j < k},
+                             "recall_queries": len(idx)}
         run.finish(KNN_META, {"k": k, "count": len(idx), "spaces": spaces}, metrics={})
     return root
 
@@ -213,6 +215,25 @@ def reseal(root: Path) -> None:
             meta["files"] = {name: file_record(root / name) for name in meta["files"]}
             meta_path.write_text(json.dumps(meta))
 
+
+
+def verify_cli(root: Path, capsys) -> tuple[int, str]:
+    """``item-embeddings verify root``: its exit status and what it printed."""
+    from item_embeddings.ops.cli import main
+
+    rc = main(["verify", str(root)])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def refused(root: Path, capsys, *fragments: str) -> str:
+    """Run the CLI on ``root``: exit status 1 and every fragment among the violations."""
+    rc, out = verify_cli(root, capsys)
+    assert rc == 1, out
+    violations = "\n".join(line for line in out.splitlines() if "VIOLATION" in line)
+    for fragment in fragments:
+        assert fragment in violations, (fragment, out)
+    return violations
 
 
 # The console of a local run (ops/console.py).
