@@ -165,3 +165,20 @@ def test_recorded_size_is_checked_before_hashing(good_set):
         fh.write(b"\0")
     _expect(good_set, f"fused_items.parquet: content does not match fusion_config.json "
                       f"(size {size + 1}, recorded {size})")
+
+
+def test_row_blocks_flag_rows_that_are_not_finite_and_measure_the_others():
+    """The block reader verify and the kNN step share: NaN/Inf rows are not finite and get
+    norm 0; finite rows get their L2 norm, inf when their squares overflow float32."""
+    from item_embeddings.blocks import row_blocks
+
+    rows = np.array([[3, 4], [np.nan, 1], [0, 0], [np.inf, 0], [3e38, 3e38], [-6, 8]],
+                    dtype=np.float32)
+    blocks = list(row_blocks(rows, 4))
+    assert [b.start for b in blocks] == [0, 4] and [len(b.rows) for b in blocks] == [4, 2]
+    finite = np.concatenate([b.finite for b in blocks])
+    norms = np.concatenate([b.norms for b in blocks])
+    assert finite.tolist() == [True, False, True, False, True, True]
+    assert norms.tolist() == [5.0, 0.0, 0.0, 0.0, np.inf, 10.0]
+    as64 = next(row_blocks(rows, 6, dtype=np.float64))
+    assert as64.rows.dtype == np.float64 and as64.norms[4] == pytest.approx(3e38 * 2 ** 0.5)

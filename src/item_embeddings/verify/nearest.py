@@ -119,27 +119,34 @@ def _nearer_rows(vectors: np.ndarray, queries: np.ndarray, listed: np.ndarray,
                  kth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query row, exact search of every row of ``vectors``: how many rows it does not
     list (nor itself) have a cosine above ``kth + NEAR_TIE``, and the best of them (cosine,
-    row)."""
+    row; -inf and -1 for a row with none)."""
     q = _unit(vectors[queries])
     s = len(queries)
     count = np.zeros(s, np.int64)
-    best = np.full(s, -np.inf)
+    best = np.full(s, -np.inf, np.float32)
     best_row = np.full(s, -1, np.int64)
     # (sample row, column) of the cells that are no candidate: the row itself, its listed ones
     skip_rows = np.repeat(np.arange(s), listed.shape[1] + 1)
     skip_cols = np.concatenate([queries[:, None], listed], axis=1).ravel()
-    threshold = (kth + NEAR_TIE)[:, None]
+    threshold = (kth + NEAR_TIE).astype(np.float32)[:, None]
     for block in row_blocks(vectors, CHUNK_ROWS, dtype=np.float32):
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            scores = (q @ block.rows.T) / block.norms  # float32 products, as the kNN step's
-        scores[:, block.norms == 0] = -np.inf  # NaN/Inf or zero rows have no direction
+        measured = np.isfinite(block.norms) & (block.norms > 0)
+        scale = np.divide(1, block.norms, out=np.zeros_like(block.norms), where=measured)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scores = q @ block.rows.T  # float32 products, as the kNN step's
+            scores *= scale
+        scores[:, ~measured] = -np.inf  # NaN/Inf or zero rows have no direction
         inside = (skip_cols >= block.start) & (skip_cols < block.start + len(block.rows))
         scores[skip_rows[inside], skip_cols[inside] - block.start] = -np.inf
-        count += (scores > threshold).sum(axis=1)
-        top = scores.argmax(axis=1)
-        top_score = scores[np.arange(s), top]
-        better = top_score > best
-        best[better], best_row[better] = top_score[better], top[better] + block.start
+        found = np.count_nonzero(scores > threshold, axis=1)
+        count += found
+        hit = np.flatnonzero(found)  # (none in a sound graph: the best is only kept for misses)
+        if len(hit):
+            top = scores[hit].argmax(axis=1)
+            top_score = scores[hit, top]
+            better = top_score > best[hit]
+            best[hit[better]], best_row[hit[better]] = (top_score[better],
+                                                        top[better] + block.start)
     return count, best, best_row
 
 
