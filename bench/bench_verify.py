@@ -51,7 +51,8 @@ from item_embeddings.outputs import (
 )
 from item_embeddings.report import write_qa_report
 from item_embeddings.step import step_run
-from item_embeddings.verify import KNN_SPACES
+from item_embeddings.verify import KNN_SPACES, Report
+from item_embeddings.verify.nearest import Recorded, check_nearest, sample_size
 
 CHUNK = 65536
 NOISE = 0.3  # norm of a row's offset from its group's direction: cosine ~0.92 inside a group
@@ -124,6 +125,25 @@ def timed_verify(root: Path, src: str = "") -> float:
     done = subprocess.run([sys.executable, "-c", code, str(root)], env=env, check=True,
                           capture_output=True, text=True)
     return float(done.stdout.split()[-1])
+
+
+def time_sampled_search(root: Path, k: int) -> None:
+    """verify's exact search of a sample, alone per space: its rate, and what the same search
+    would take at 10M rows (the sample shrinks there: ``sample_size``)."""
+    for space, (idx_name, _, source) in KNN_SPACES.items():
+        vectors = np.load(root / source, mmap_mode="r")
+        n, dim = vectors.shape
+        report = Report(str(root))
+        t0 = time.perf_counter()
+        check_nearest(space, np.load(root / idx_name, mmap_mode="r"), vectors,
+                      Recorded("exact", 1.0, 1000), report)
+        seconds = time.perf_counter() - t0
+        assert report.ok, report.violations
+        rate = sample_size(n, dim) * n * dim / seconds
+        at_10m = sample_size(10_000_000, dim) * 10_000_000 * dim / rate
+        print(f"  sampled exact search, {space}: {sample_size(n, dim)} rows x {n:,d} x {dim} in "
+              f"{seconds:.2f} s ({rate / 1e9:.1f} G multiply-adds/s, reading included); at 10M "
+              f"rows: {sample_size(10_000_000, dim)} rows, ~{at_10m:.0f} s at that rate")
 
 
 def write_report(root: Path, ids: pa.Array, knn: bool) -> float:
@@ -233,6 +253,7 @@ def main() -> None:
         seconds = timed_verify(root, src)
         print(f"  verify ({name}), with kNN k={k}: {seconds:.2f} s (kNN checks "
               f"{seconds - without[name]:.2f} s)")
+    time_sampled_search(root, k)
     if not args.dir:
         shutil.rmtree(root)
 
