@@ -1,6 +1,7 @@
 """Compile the pipeline and run it whole with kfp.local, as a new user would."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -58,7 +59,7 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
                   if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
     # fingerprint, plan, merge text, merge images, QA report, publish (the text, image, fusion
-    # and kNN steps are inside custom jobs; the text machine picker needs no package code)
+    # and kNN steps are inside custom jobs)
     assert len(our_tasks) == 6
     assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
@@ -462,6 +463,31 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     assert f"full log: {log}" in err and f"(full log: {log};" in err
     assert "Traceback" in log.read_text() and "executor_input" not in captured.out + err
     assert len((captured.out + err).splitlines()) <= 60
+
+
+def test_machines_a_rerun_cannot_have_stop_the_run_at_its_first_task(tmp_path, capfd):
+    """The pipeline called with parameters the CLI would refuse (as a Vertex UI rerun passes
+    them, no CLI in between): the machine parameters reach the first task, which fails with
+    the pairing named; no other task starts."""
+    from kfp import local
+
+    from item_embeddings.pipeline import build_pipeline
+
+    items = write_items(tmp_path / "items.parquet", catalogue(4))
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=True)
+    params = dict(dataclasses.asdict(PipelineParams(items_uri=str(items))),
+                  text_accelerator="NVIDIA_TESLA_T4", tracking_backend="none")
+    with pytest.raises(RuntimeError, match="fingerprint-inputs"):
+        build_pipeline("local")(**params)
+    captured = capfd.readouterr()
+    out = re.sub(r"\x1b\[[0-9;]*m", "", captured.out + captured.err)  # kfp.local's colours
+    assert ("ConfigError: parameter 'text_accelerator' NVIDIA_TESLA_T4 attaches to n1 machine "
+            "types only, but text_machine_type is 'e2-standard-4'") in out
+    assert re.findall(r"Task '([^']+)' finished with status (\w+)", out) == [
+        ("importer", "SUCCESS"), ("fingerprint-inputs", "FAILURE")]
+    assert "plan-shards" not in out and "embed-" not in out
 
 
 @pytest.mark.slow

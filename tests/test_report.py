@@ -702,3 +702,36 @@ def test_the_page_in_a_real_browser(rendered, tmp_path):
         low, high = png.convert("L").getextrema()
         assert high - low > 100                              # something was drawn
     assert time.perf_counter() - started < 30
+
+
+def test_the_report_records_its_hash_and_the_runs_it_was_made_from(tiny_run, tmp_path):
+    """report_meta.json, beside the page: the page's size and sha256 (what `verify` checks
+    the page against) and the run id of each step output it was made from."""
+    import hashlib
+
+    from item_embeddings.outputs import REPORT_META, TXT_META
+
+    dirs = {}
+    for step, folder, meta_name in (("text", tiny_run.text, TXT_META),
+                                    ("image", tiny_run.image, IMG_META),
+                                    ("fusion", tiny_run.fused, FUSION_CONFIG),
+                                    ("knn", tiny_run.knn, KNN_META)):
+        dirs[step] = Path(shutil.copytree(folder, tmp_path / step))
+        meta = json.loads((dirs[step] / meta_name).read_text())
+        meta["run_id"] = f"{step}-run"
+        (dirs[step] / meta_name).write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = write_qa_report(str(tiny_run.items), dirs["text"], dirs["image"], dirs["fusion"],
+                              dirs["knn"], out / QA_REPORT)
+    page = (out / QA_REPORT).read_bytes()
+    record = json.loads((out / REPORT_META).read_text())
+    assert sorted(p.name for p in out.iterdir()) == [QA_REPORT, REPORT_META]
+    assert record["files"] == {QA_REPORT: {"size": len(page),
+                                           "sha256": hashlib.sha256(page).hexdigest()}}
+    assert {key: record[key] for key in ("run_id", "text_run_id", "image_run_id",
+                                         "fusion_run_id", "knn_run_id", "count")} == {
+        "run_id": "fusion-run", "text_run_id": "text-run", "image_run_id": "image-run",
+        "fusion_run_id": "fusion-run", "knn_run_id": "knn-run", "count": N_ITEMS}
+    assert record["sections"] == summary["sections"] and record["neighbours"] == "graph"
+    assert b"run fusion-run" in page  # the run the page names is the one recorded

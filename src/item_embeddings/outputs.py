@@ -29,6 +29,8 @@ KNN_FUSED_SCORES = "knn_fused_scores.npy"
 KNN_META = "knn_meta.json"
 
 QA_REPORT = "qa_report.html"
+# The report's record: its size and sha256 and the run ids of the groups it was made from
+REPORT_META = "report_meta.json"
 
 # A published set's list of its files with their size and sha256, written last (publish.py)
 MANIFEST = "manifest.json"
@@ -40,4 +42,4 @@ GROUPS = {
     "fusion": (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, (FUSION_WEIGHTS, FUSION_EXCLUSIONS)),
 }
 # every meta file, placed last when a group is copied (its presence = the group is complete)
-META_FILES = frozenset([*(meta for _, _, meta, _ in GROUPS.values()), KNN_META])
+META_FILES = frozenset([*(meta for _, _, meta, _ in GROUPS.values()), KNN_META, REPORT_META])
