@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .outputs import GROUPS
+from .outputs import GROUPS, KNN_GROUP, KNN_META
 from .storage import gcs_client, is_gcs_uri, sha256_file, split_gcs_uri
 
 logger = logging.getLogger(__name__)
@@ -89,21 +89,26 @@ class PreviousGroup:
 
 
 def group_files(group: str) -> tuple[list[str], str]:
-    """(every file of a step's group, its meta file) from :data:`outputs.GROUPS`."""
+    """(every file of a step's group, its meta file) from :data:`outputs.GROUPS` ('knn': the
+    kNN step's graphs and state, :data:`outputs.KNN_GROUP`)."""
+    if group == "knn":
+        return [*KNN_GROUP, KNN_META], KNN_META
     array, ids, meta, extra = GROUPS[group]
     return [array, ids, *extra, meta], meta
 
 
 @contextlib.contextmanager
-def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
-    """The ``group`` ('text', 'image', 'fusion') of the previous set at ``uri``, verified.
+def open_previous(uri: str, group: str, *, optional: bool = False
+                  ) -> Iterator[PreviousGroup | None]:
+    """The ``group`` ('text', 'image', 'fusion', 'knn') of the previous set at ``uri``, verified.
 
-    Yields None when ``uri`` is empty (a full run). A ``gs://`` set is copied to a temporary
-    directory first (only the group's files).
+    Yields None when ``uri`` is empty (a full run), and with ``optional`` when the set lacks
+    some of the group's files (a set without kNN graphs, or made before they kept a state).
+    A ``gs://`` set is copied to a temporary directory first (only the group's files).
 
     Raises:
-        PreviousSetError: the set or the group is missing, incomplete, or a file's size or
-            sha256 differs from what the set recorded.
+        PreviousSetError: the set or the group is missing, incomplete (unless ``optional``), or
+            a file's size or sha256 differs from what the set recorded.
     """
     if not uri:
         yield None
@@ -112,13 +117,13 @@ def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
     if is_gcs_uri(uri):
         with tempfile.TemporaryDirectory(prefix="item-embeddings-previous-") as tmp:
             _download(uri, names, Path(tmp))
-            yield _verified(uri, Path(tmp), group, names, meta_name)
+            yield _verified(uri, Path(tmp), group, names, meta_name, optional)
         return
     root = Path(uri).expanduser()
     if not root.is_dir():
         raise PreviousSetError(f"previous output set not found: {uri} (previous_uri must be an "
                                "earlier run's output folder or publish prefix; empty = full run)")
-    yield _verified(uri, root, group, names, meta_name)
+    yield _verified(uri, root, group, names, meta_name, optional)
 
 
 def previous_fingerprint(uri: str) -> str:
@@ -127,7 +132,7 @@ def previous_fingerprint(uri: str) -> str:
     reuse from it."""
     if not uri:
         return ""
-    metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())]
+    metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())] + [KNN_META]
     digest = hashlib.sha256()
     if is_gcs_uri(uri):
         bucket_name, prefix = split_gcs_uri(uri)
@@ -154,9 +159,13 @@ def _download(uri: str, names: list[str], dest: Path) -> None:
             blob.download_to_filename(str(dest / name))
 
 
-def _verified(uri: str, root: Path, group: str, names: list[str],
-              meta_name: str) -> PreviousGroup:
+def _verified(uri: str, root: Path, group: str, names: list[str], meta_name: str,
+              optional: bool = False) -> PreviousGroup | None:
     missing = [n for n in names if not (root / n).is_file()]
+    if missing and optional:
+        logger.info("previous output set %s has no complete %s outputs (missing %s)", uri, group,
+                    ", ".join(missing))
+        return None
     if missing:
         raise PreviousSetError(f"previous output set {uri} lacks the {group} step's "
                                f"{', '.join(missing)}: incomplete (a killed run, a publish in "

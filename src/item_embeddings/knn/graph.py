@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..progress import Progress
+from .state import IvfState, ivf_state
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ class KnnGraph:
     recall_queries: int
     recall_time_sec: float
     device: str
+    # The next neighbours after the k listed ones ([N, reserve], -1 / -inf where a row has
+    # fewer): what lets an incremental update replace a deleted neighbour without a search.
+    reserve_neighbours: np.ndarray | None = None
+    reserve_scores: np.ndarray | None = None
+    ivf: IvfState | None = None     # the IVF path's lists, kept for an incremental update
+    reused_count: int = 0           # rows whose list an incremental update kept as it was
+    incremental: dict[str, Any] | None = None   # what an incremental update did (None: full)
 
 
 def default_device() -> torch.device:
@@ -175,20 +183,25 @@ def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def exact_knn(x: np.ndarray, k: int, *, queries: np.ndarray | None = None,
-              device: torch.device | None = None, query_block: int = QUERY_BLOCK,
-              db_block: int = DB_BLOCK, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+              database: np.ndarray | None = None, device: torch.device | None = None,
+              query_block: int = QUERY_BLOCK, db_block: int = DB_BLOCK,
+              desc: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product of ``queries`` (row indices; all rows when None)
-    among all other rows of ``x`` (unit rows, as :func:`unit_rows` returns).
+    among all other rows of ``x`` (unit rows, as :func:`unit_rows` returns), or among the
+    rows ``database`` (sorted row indices) only.
 
     Memory holds ``x`` on the device and one ``query_block x db_block`` score block.
 
     Returns:
-        ``(neighbours int64 [Q, k], scores float32 [Q, k])``, ordered as the module says.
+        ``(neighbours int64 [Q, k], scores float32 [Q, k])``, ordered as the module says;
+        -1 / -inf fill the places a ``database`` of fewer than ``k`` other rows leaves.
     """
     device = device or default_device()
-    n = len(x)
-    rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    rows = np.arange(len(x)) if queries is None else np.asarray(queries, dtype=np.int64)
     base = torch.from_numpy(x).to(device)
+    db_rows = None if database is None else torch.from_numpy(
+        np.asarray(database, dtype=np.int64)).to(device)
+    n = len(x) if db_rows is None else len(db_rows)
     out_ids = np.empty((len(rows), k), dtype=np.int64)
     out_scores = np.empty((len(rows), k), dtype=np.float32)
     with Progress(len(rows), desc or "exact kNN", unit="row") as progress:
@@ -198,12 +211,20 @@ def exact_knn(x: np.ndarray, k: int, *, queries: np.ndarray | None = None,
             best = torch.full((len(q_rows), k), -math.inf, device=device)
             best_ids = torch.full((len(q_rows), k), -1, dtype=torch.int64, device=device)
             for d0 in range(0, n, db_block):
-                scores = q @ base[d0:d0 + db_block].T
-                own = ((q_rows >= d0) & (q_rows < d0 + scores.shape[1])).nonzero().flatten()
-                scores[own, q_rows[own] - d0] = -math.inf     # self is never a neighbour
+                if db_rows is None:
+                    scores = q @ base[d0:d0 + db_block].T
+                    own = ((q_rows >= d0) & (q_rows < d0 + scores.shape[1])).nonzero().flatten()
+                    scores[own, q_rows[own] - d0] = -math.inf     # self is never a neighbour
+                    block_ids = None
+                else:
+                    block_ids = db_rows[d0:d0 + db_block]
+                    scores = q @ base[block_ids].T
+                    scores[q_rows[:, None] == block_ids[None, :]] = -math.inf
                 values, cols = _block_topk(scores, k)
+                found = cols + d0 if block_ids is None else block_ids[cols]
+                found[values == -math.inf] = -1
                 best, best_ids = _lexi_topk(torch.cat([best, values], dim=1),
-                                            torch.cat([best_ids, cols + d0], dim=1), k)
+                                            torch.cat([best_ids, found], dim=1), k)
             out_ids[q0:q0 + len(q_rows)] = best_ids.cpu().numpy()
             out_scores[q0:q0 + len(q_rows)] = best.cpu().numpy()
             progress.update(len(q_rows))
@@ -277,8 +298,10 @@ def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = "
 
 
 def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.device,
-             desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], float, float]:
-    """The approximate graph: train and fill an IVF index, tune nprobe, search every row."""
+             desc: str, reserve: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], float, float, IvfState]:
+    """The approximate graph: train and fill an IVF index, tune nprobe for ``k``, search
+    every row for ``k + reserve``."""
     import faiss
 
     n, dim = x.shape
@@ -308,11 +331,11 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
                 {p: round(r, 4) for p, r in tried.items()}, tune_time)
 
     started = time.perf_counter()
-    ids, scores = _ivf_search(index, x, np.arange(n), k, desc=desc)
+    ids, scores = _ivf_search(index, x, np.arange(n), k + reserve, desc=desc)
     unfilled = np.flatnonzero((ids < 0).any(axis=1))
     if len(unfilled):  # probed lists held fewer than k other rows: search those rows exactly
-        ids[unfilled], scores[unfilled] = exact_knn(x, k, queries=unfilled, device=device,
-                                                    desc=f"{desc} unfilled rows")
+        ids[unfilled], scores[unfilled] = exact_knn(x, k + reserve, queries=unfilled,
+                                                    device=device, desc=f"{desc} unfilled rows")
     query_time = time.perf_counter() - started
     params = {"index": f"IVF{nlist},Flat", "metric": "inner_product", "nlist": nlist,
               "nprobe": int(index.nprobe), "train_size": train_size, "spherical_kmeans": True,
@@ -321,13 +344,13 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
               "tune_recall_by_nprobe": {str(p): r for p, r in tried.items()},
               "tune_time_sec": tune_time, "exact_rows": len(unfilled),
               "faiss_threads": faiss.omp_get_max_threads(), "faiss_version": faiss.__version__}
-    return ids, scores, params, build_time, query_time
+    return ids, scores, params, build_time, query_time, ivf_state(index, n)
 
 
 def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
                     recall_queries: int = 1000, seed: int = 0,
                     device: torch.device | None = None, what: str = "vectors",
-                    labels: Sequence[Any] | None = None) -> KnnGraph:
+                    labels: Sequence[Any] | None = None, reserve: int = 0) -> KnnGraph:
     """The ``k`` nearest other rows of every row of ``vectors`` by cosine similarity.
 
     Args:
@@ -340,6 +363,8 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
         device: torch device of exact search (default: the GPU when there is one).
         what: How messages and progress lines name the vectors ("text vectors").
         labels: Item ids of the rows, for error messages.
+        reserve: Also find the next ``reserve`` neighbours of every row (at most N - 1 - k),
+            returned apart from the graph (:attr:`KnnGraph.reserve_neighbours`).
 
     Raises:
         KnnInputError: see :func:`check_vectors`; ``recall_queries`` below 1.
@@ -351,30 +376,53 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
     device = device or default_device()
     n = len(x)
     rng = np.random.default_rng(seed)
+    reserve = max(0, min(reserve, n - 1 - k))
+    ivf = None
     if n <= exact_max_items:
         started = time.perf_counter()
-        ids, scores = exact_knn(x, k, device=device, desc=f"{what} exact kNN")
+        ids, scores = exact_knn(x, k + reserve, device=device, desc=f"{what} exact kNN")
         query_time, build_time = time.perf_counter() - started, 0.0
         method = METHOD_EXACT
         params: dict[str, Any] = {"query_block": QUERY_BLOCK, "db_block": DB_BLOCK,
                                   "torch_threads": torch.get_num_threads()}
     else:
         method = METHOD_IVF
-        ids, scores, params, build_time, query_time = _ivf_knn(x, k, rng, device,
-                                                               f"{what} kNN")
+        ids, scores, params, build_time, query_time, ivf = _ivf_knn(
+            x, k, rng, device, f"{what} kNN", reserve)
     ids, scores = _lexi_order(ids, scores)
+    ids, scores, reserve_ids, reserve_scores = ids[:, :k], scores[:, :k], ids[:, k:], scores[:, k:]
+    recall = measure_recall(x, ids, rng, recall_queries, device=device, what=what)
+    logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
+                what, method, n, k, k, recall.at_k, recall.queries, query_time)
+    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
+                    method=method, index_params=params, build_time_sec=build_time,
+                    query_time_sec=query_time, recall_at_k=recall.at_k,
+                    recall_by_prefix=recall.by_prefix, recall_queries=recall.queries,
+                    recall_time_sec=recall.time_sec, device=str(device),
+                    reserve_neighbours=reserve_ids.astype(np.int32),
+                    reserve_scores=reserve_scores.astype(np.float32), ivf=ivf)
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A graph's recall@k (and @j of its first columns) on a random sample of rows."""
+
+    at_k: float
+    by_prefix: dict[int, float]
+    queries: int
+    time_sec: float
+
+
+def measure_recall(x: np.ndarray, neighbours: np.ndarray, rng: np.random.Generator,
+                   recall_queries: int, *, device: torch.device, what: str) -> Recall:
+    """Recall of ``neighbours`` (the graph of the unit rows ``x``) on ``recall_queries`` rows
+    drawn from ``rng``, against exact search (:func:`recall_at_k`)."""
     started = time.perf_counter()
+    n, k = neighbours.shape
     sample = np.sort(rng.choice(n, min(recall_queries, n), replace=False))
     _, exact_scores = exact_knn(x, k, queries=sample, device=device,
                                 desc=f"{what} recall sample")
-    recall = recall_at_k(x, ids, sample, exact_scores)
-    by_prefix = {j: recall_at_k(x, ids[:, :j], sample, exact_scores[:, :j])
+    by_prefix = {j: recall_at_k(x, neighbours[:, :j], sample, exact_scores[:, :j])
                  for j in RECALL_PREFIXES if j < k}
-    recall_time = time.perf_counter() - started
-    logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
-                what, method, n, k, k, recall, len(sample), query_time)
-    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
-                    method=method, index_params=params, build_time_sec=build_time,
-                    query_time_sec=query_time, recall_at_k=recall, recall_by_prefix=by_prefix,
-                    recall_queries=len(sample),
-                    recall_time_sec=recall_time, device=str(device))
+    return Recall(at_k=recall_at_k(x, neighbours, sample, exact_scores), by_prefix=by_prefix,
+                  queries=len(sample), time_sec=time.perf_counter() - started)
