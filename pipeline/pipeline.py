@@ -250,7 +250,9 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
             text_embeddings=merged_text.outputs["text_embeddings"],
             fused_embeddings=fused.outputs["fused_embeddings"], knn_k=p["knn_k"],
             knn_exact_max_items=p["knn_exact_max_items"],
-            knn_recall_queries=p["knn_recall_queries"], seed=p["seed"], **knn_jobs, **tracking,
+            knn_recall_queries=p["knn_recall_queries"], seed=p["seed"],
+            previous_uri=p["previous_uri"], inputs_fingerprint=fingerprint.output, **knn_jobs,
+            **tracking,
         ).set_display_name("kNN graphs")
         report = report_op(
             items=items.output, text_embeddings=merged_text.outputs["text_embeddings"],
