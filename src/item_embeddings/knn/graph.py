@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -94,9 +97,10 @@ def _name_rows(rows: np.ndarray, labels: Sequence[Any] | None) -> str:
 
 
 def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
-          normalise: bool) -> np.ndarray | None:
+          normalise: bool, scratch: Path | None = None) -> np.ndarray | None:
     """Check ``vectors`` and ``k`` (see :func:`check_vectors`); with ``normalise``, also return
-    the L2-normalised rows, made in the same pass over the (possibly memory-mapped) rows."""
+    the L2-normalised rows, made in the same pass over the (possibly memory-mapped) rows, in
+    memory or (``scratch``) in a memory-mapped file there."""
     if getattr(vectors, "ndim", None) != 2:
         raise KnnInputError(f"{what}: expected a 2-D [N, d] array, got shape "
                             f"{getattr(vectors, 'shape', type(vectors).__name__)}")
@@ -110,7 +114,13 @@ def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
     if k >= n:
         raise KnnInputError(f"{what}: k={k} needs at least {k + 1} items (self is excluded), "
                             f"got {n}")
-    out = np.empty((n, dim), dtype=np.float32) if normalise else None
+    out = None
+    if normalise and scratch is not None:
+        handle, name = tempfile.mkstemp(prefix="unit-rows-", suffix=".npy", dir=scratch)
+        os.close(handle)
+        out = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(n, dim))
+    elif normalise:
+        out = np.empty((n, dim), dtype=np.float32)
     bad_finite: list[np.ndarray] = []
     bad_zero: list[np.ndarray] = []
     for start in range(0, n, CHECK_ROWS):
@@ -149,10 +159,12 @@ def check_vectors(vectors: np.ndarray, k: int, *, what: str = "vectors",
 
 
 def unit_rows(vectors: np.ndarray, k: int, *, what: str = "vectors",
-              labels: Sequence[Any] | None = None) -> np.ndarray:
+              labels: Sequence[Any] | None = None, scratch: Path | None = None) -> np.ndarray:
     """The rows of ``vectors`` L2-normalised into a new float32 array, checked as
-    :func:`check_vectors` does."""
-    return _scan(vectors, k, what, labels, normalise=True)
+    :func:`check_vectors` does. With a ``scratch`` directory the array is a memory-mapped file
+    there: its pages are the kernel's cache, which it can drop and read again, so the copy
+    does not add to the memory a large catalogue needs (docs/knn.md, *Memory*)."""
+    return _scan(vectors, k, what, labels, normalise=True, scratch=scratch)
 
 
 def _lexi_topk(values: torch.Tensor, ids: torch.Tensor, k: int
@@ -285,7 +297,7 @@ def ivf_nlist(n: int) -> int:
 
 def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = ""
                 ) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.empty((len(queries), k), dtype=np.int64)
+    ids = np.empty((len(queries), k), dtype=np.int32)   # N < 2^31: half of int64's memory
     scores = np.empty((len(queries), k), dtype=np.float32)
     with Progress(len(queries), desc or "IVF kNN", unit="row") as progress:
         for start in range(0, len(queries), SEARCH_CHUNK):
@@ -350,7 +362,8 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
 def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
                     recall_queries: int = 1000, seed: int = 0,
                     device: torch.device | None = None, what: str = "vectors",
-                    labels: Sequence[Any] | None = None, reserve: int = 0) -> KnnGraph:
+                    labels: Sequence[Any] | None = None, reserve: int = 0,
+                    scratch: Path | None = None) -> KnnGraph:
     """The ``k`` nearest other rows of every row of ``vectors`` by cosine similarity.
 
     Args:
@@ -365,6 +378,7 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
         labels: Item ids of the rows, for error messages.
         reserve: Also find the next ``reserve`` neighbours of every row (at most N - 1 - k),
             returned apart from the graph (:attr:`KnnGraph.reserve_neighbours`).
+        scratch: A directory for the normalised copy (see :func:`unit_rows`); None: memory.
 
     Raises:
         KnnInputError: see :func:`check_vectors`; ``recall_queries`` below 1.
@@ -372,7 +386,7 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
     if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) \
             or recall_queries < 1:
         raise KnnInputError(f"recall_queries must be a positive integer, got {recall_queries!r}")
-    x = unit_rows(vectors, k, what=what, labels=labels)
+    x = unit_rows(vectors, k, what=what, labels=labels, scratch=scratch)
     device = device or default_device()
     n = len(x)
     rng = np.random.default_rng(seed)
@@ -389,12 +403,14 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
         method = METHOD_IVF
         ids, scores, params, build_time, query_time, ivf = _ivf_knn(
             x, k, rng, device, f"{what} kNN", reserve)
-    ids, scores = _lexi_order(ids, scores)
+    for start in range(0, n, CHECK_ROWS):  # in row blocks: bounded temporaries at 10M rows
+        ids[start:start + CHECK_ROWS], scores[start:start + CHECK_ROWS] = _lexi_order(
+            ids[start:start + CHECK_ROWS], scores[start:start + CHECK_ROWS])
     ids, scores, reserve_ids, reserve_scores = ids[:, :k], scores[:, :k], ids[:, k:], scores[:, k:]
     recall = measure_recall(x, ids, rng, recall_queries, device=device, what=what)
     logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
                 what, method, n, k, k, recall.at_k, recall.queries, query_time)
-    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
+    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores,
                     method=method, index_params=params, build_time_sec=build_time,
                     query_time_sec=query_time, recall_at_k=recall.at_k,
                     recall_by_prefix=recall.by_prefix, recall_queries=recall.queries,

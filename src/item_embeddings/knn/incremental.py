@@ -35,8 +35,8 @@ import pyarrow as pa
 import torch
 
 from ..incremental import KeyIndex
-from .graph import (METHOD_EXACT, METHOD_IVF, KnnGraph, _ivf_search, _lexi_order, exact_knn,
-                    measure_recall)
+from .graph import (DB_BLOCK, METHOD_EXACT, METHOD_IVF, QUERY_BLOCK, KnnGraph, _ivf_search,
+                    _lexi_order, exact_knn, measure_recall)
 from .state import IvfState, SpaceState
 
 logger = logging.getLogger(__name__)
@@ -261,9 +261,12 @@ def _entering(x: np.ndarray, plan: Plan, merge: np.ndarray, width: int, index,
     rows = plan.kept[merge]
     if not len(plan.changed) or not len(rows):
         return np.zeros(0, dtype=np.int64), np.zeros((0, width)), np.zeros((0, width))
-    if index is None:  # every row against the changed rows, exactly
+    if index is None:  # every row against the changed rows, exactly; score blocks of the
+        # usual size (QUERY_BLOCK x DB_BLOCK): few changed rows make tall blocks
+        tall = max(QUERY_BLOCK, QUERY_BLOCK * DB_BLOCK // len(plan.changed))
         cand_ids, cand_scores = exact_knn(x, width, queries=rows, database=plan.changed,
-                                          device=device, desc=f"{desc} against changed rows")
+                                          device=device, query_block=tall,
+                                          desc=f"{desc} against changed rows")
         return merge, cand_ids, cand_scores
     threshold = np.full(len(x), np.inf, dtype=np.float32)
     threshold[rows] = plan.scores[merge, plan.counts[merge] - 1]   # the last member kept

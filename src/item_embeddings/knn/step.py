@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,19 @@ def _open_space(folder: Path, array_file: str, ids_file: str) -> tuple[np.ndarra
         raise KnnInputError(f"{folder / array_file} has shape {vectors.shape} but "
                             f"{folder / ids_file} lists {table.num_rows} ids")
     return vectors, table
+
+
+class _Labels:
+    """Item ids by row for error messages, without a Python list of 10M strings."""
+
+    def __init__(self, ids: pa.Array):
+        self._ids = ids
+
+    def __getitem__(self, row: int):
+        return self._ids[row].as_py()
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @dataclass(frozen=True)
@@ -159,7 +173,7 @@ def _space_meta(graph: KnnGraph, dim: int, rebuild_reason: str | None) -> dict[s
 
 def _space_graph(space: str, vectors: np.ndarray, ids: pa.Array, digests: np.ndarray,
                  previous: PreviousKnn | None, why_full: str | None, params: PipelineParams,
-                 device: torch.device) -> tuple[KnnGraph, str | None]:
+                 device: torch.device, scratch: Path) -> tuple[KnnGraph, str | None]:
     """The graph of one space: updated from ``previous`` when it can be and is cheaper, else
     built in full. Returns it and why it was built in full (None: updated, or no previous)."""
     k, what = params.knn_k, f"{space} vectors"
@@ -177,14 +191,15 @@ def _space_graph(space: str, vectors: np.ndarray, ids: pa.Array, digests: np.nda
             plan = plan_update(prev, prev_of_new, deleted, k, reserve)
             reason = plan_reason(plan, method)
             if reason is None:
-                return update_knn_graph(unit_rows(vectors, k, what=what), k, prev, plan,
+                return update_knn_graph(unit_rows(vectors, k, what=what, scratch=scratch), k,
+                                        prev, plan,
                                         recall_queries=params.knn_recall_queries,
                                         seed=params.seed, device=device, what=what), None
     if reason is not None:
         logger.info("%s: kNN graph built in full: %s", what, reason)
     return build_knn_graph(vectors, k, exact_max_items=params.knn_exact_max_items,
                            recall_queries=params.knn_recall_queries, seed=params.seed,
-                           device=device, what=what, reserve=reserve), reason
+                           device=device, what=what, reserve=reserve, scratch=scratch), reason
 
 
 def build_knn_graphs(
@@ -241,9 +256,8 @@ def build_knn_graphs(
     if not opened["fused"][1].column("id").combine_chunks().equals(ids):
         raise KnnInputError(f"{dirs['fused'] / FUSED_ITEMS} does not list the ids of "
                             f"{dirs['text'] / TXT_ITEMS} in the same order")
-    labels = ids.to_pylist()
     for space, (vectors, _) in opened.items():
-        check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=labels)
+        check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=_Labels(ids))
     fusion = _meta(dirs["fused"] / FUSION_CONFIG)
     content = _content(opened["fused"][1])
     device = device or default_device()
@@ -252,7 +266,8 @@ def build_knn_graphs(
                      artifact="knn_graphs", artifact_uri=artifact_uri,
                      params={"k": params.knn_k, "exact_max_items": params.knn_exact_max_items,
                              "recall_queries": params.knn_recall_queries, "seed": params.seed,
-                             "device": str(device), "previous_uri": params.previous_uri}) as run:
+                             "device": str(device), "previous_uri": params.previous_uri}) as run, \
+            tempfile.TemporaryDirectory(prefix="item-embeddings-knn-") as scratch:
         previous = PreviousKnn.load(group) if group is not None else None
         spaces: dict[str, dict[str, Any]] = {}
         metrics: dict[str, float] = {"count": len(ids), "k": params.knn_k}
@@ -261,7 +276,7 @@ def build_knn_graphs(
             digests = row_digests(vectors)
             graph, reason = _space_graph(space, vectors, ids, digests, previous,
                                          _why_full(space, params, group, fusion), params,
-                                         device)
+                                         device, Path(scratch))
             _write_graph(graph, run.out, ids_file, scores_file)
             SpaceState(digests=digests, reserve_neighbours=graph.reserve_neighbours,
                        reserve_scores=graph.reserve_scores, ivf=graph.ivf
@@ -270,6 +285,7 @@ def build_knn_graphs(
             if previous is not None:
                 spaces[space]["drift"] = _drift(graph, previous, space, ids, content)
             metrics.update(_space_metrics(space, graph, spaces[space]))
+            del graph                       # before the next space's graph is built
         write_parquet_atomic(run.out / KNN_ITEMS, pa.table({"id": ids, "content_digest": content}))
         meta = run.finish(KNN_META, {
             "k": params.knn_k,
