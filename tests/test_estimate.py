@@ -451,3 +451,14 @@ def test_cli_bad_usage_exits_2(tmp_path):
             main(["estimate", *argv])
         assert exc.value.code == 2
     assert main(["estimate", "--items-file", str(path), "--image-fraction", "0.5"]) == 2
+
+
+def test_knn_memory_warning_names_a_machine_that_fits():
+    est = estimate(Choices(items=10_000_000, image_items=3_000_000,
+                           params=PipelineParams(previous_uri="gs://b/e/", fusion_mode="apply",
+                                                 shards=64, max_parallel_shards=32),
+                           changed_fraction=0.02))
+    warning = next(w for w in est.warnings if "the kNN step needs about" in w)
+    needed = float(re.search(r"needs about (\d+) GB", warning).group(1))
+    suggested = re.search(r"set knn_machine_type=(\S+) \((\d+) GB\)", warning)
+    assert suggested and float(suggested.group(2)) >= needed

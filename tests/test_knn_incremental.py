@@ -19,7 +19,7 @@ import pytest
 from item_embeddings.config import PipelineParams
 from item_embeddings.incremental import PreviousSetError
 from item_embeddings.knn import build_knn_graphs, exact_knn, recall_at_k, unit_rows
-from item_embeddings.knn.incremental import RESERVE, match_rows
+from item_embeddings.knn.incremental import RESERVE, match_rows, rows_by_id
 from item_embeddings.knn.state import IvfState, SpaceState, content_digests, row_digests
 from item_embeddings.knn.synthetic import clustered_unit_vectors
 from item_embeddings.outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, KNN_FUSED,
@@ -309,11 +309,11 @@ def test_state_round_trip_and_row_matching(tmp_path):
     exact.save(tmp_path / "e.npz")
     assert SpaceState.load(tmp_path / "e.npz").ivf is None
     digests = np.array([10, 11, 12], np.uint64)
-    rows = match_rows(pa.array(["a", "b", "c"]), pa.array(["c", "x", "a"]), digests,
-                      np.array([12, 11, 99], np.uint64))
+    by_id = rows_by_id(pa.array(["a", "b", "c"]), pa.array(["c", "x", "a"]))
+    assert by_id.tolist() == [2, -1, 0]
+    rows = match_rows(by_id, digests, np.array([12, 11, 99], np.uint64))
     assert rows.tolist() == [2, -1, -1]            # c unchanged, x new, a changed
-    assert match_rows(pa.array([1, 2]), pa.array(["1", "2"]), digests[:2],
-                      digests[:2]).tolist() == [-1, -1]
+    assert rows_by_id(pa.array([1, 2]), pa.array(["1", "2"])).tolist() == [-1, -1]
     assert RESERVE == 8
 
 
@@ -326,3 +326,31 @@ def test_content_digests_follow_the_keys():
     assert (moved == digests).tolist() == [True, True, False, True]
     sliced = content_digests(text.slice(2), image.slice(2))
     np.testing.assert_array_equal(sliced, digests[2:])
+
+
+def test_a_machine_too_small_is_refused_before_any_work(night_one, tmp_path, monkeypatch):
+    from item_embeddings.knn import memory
+
+    cat, _ = night_one
+    inputs = cat.write(tmp_path / "b")
+    need = memory.step_peak_bytes(600, (24, 8), K, RESERVE, ivf=False)
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: int(need * 1.05))
+    with pytest.raises(memory.KnnMemoryError, match=r"600 items .* need about .* GB of memory.*"
+                                                    r"knn_machine_type"):
+        run_knn(inputs, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: need * 2)
+    assert run_knn(inputs, tmp_path / "fits")["count"] == 600
+
+
+def test_the_memory_model_at_catalogue_scale():
+    from item_embeddings.knn.memory import check_memory, machine_memory_bytes, step_peak_bytes
+
+    ten_million = step_peak_bytes(10_000_000, (384, 128), 20, RESERVE, ivf=True)
+    assert 15.4e9 < ten_million < 40e9            # above the IVF index's own 384-d copy
+    assert step_peak_bytes(10_000_000, (384, 128), 20, RESERVE, ivf=False) < ten_million
+    with pytest.raises(Exception, match="10,000,000 items"):
+        check_memory(10_000_000, (384, 128), 20, RESERVE, ivf=True, available=16 * 10 ** 9)
+    assert check_memory(10_000_000, (384, 128), 20, RESERVE, ivf=True,
+                        available=64 * 10 ** 9) == ten_million
+    assert machine_memory_bytes() > 2 ** 30      # this machine's, from cgroup or /proc/meminfo

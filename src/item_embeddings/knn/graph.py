@@ -126,7 +126,8 @@ def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
     for start in range(0, n, CHECK_ROWS):
         chunk = np.asarray(vectors[start:start + CHECK_ROWS])
         finite = np.isfinite(chunk).all(axis=1)
-        norms = np.linalg.norm(np.where(finite[:, None], chunk, 0), axis=1)
+        norms = np.linalg.norm(chunk if finite.all() else np.where(finite[:, None], chunk, 0),
+                               axis=1)
         bad_finite.append(np.flatnonzero(~finite) + start)
         bad_zero.append(np.flatnonzero(finite & (norms == 0)) + start)
         if out is not None:

@@ -63,16 +63,21 @@ class PreviousGraph:
     run_id: str | None
 
 
-def match_rows(previous_ids: pa.Array, ids: pa.Array, previous_digests: np.ndarray,
-               digests: np.ndarray) -> np.ndarray:
-    """int64 [N]: per row of this run, the previous row of the same id whose vector had the
-    same digest; -1 for a new item or a changed vector."""
-    if not previous_ids.type.equals(ids.type):  # e.g. integer ids that became strings
+def rows_by_id(previous_ids: pa.Array, ids: pa.Array) -> np.ndarray:
+    """int64 [N]: per row of this run, the previous row of the same id (-1: a new item; all
+    -1 when the ids changed type, e.g. integers that became strings)."""
+    if not previous_ids.type.equals(ids.type):
         return np.full(len(ids), -1, dtype=np.int64)
-    rows = KeyIndex(previous_ids).rows(ids)
-    same = rows >= 0
-    same[same] = previous_digests[rows[same]] == digests[same]
-    return np.where(same, rows, -1)
+    return KeyIndex(previous_ids).rows(ids)
+
+
+def match_rows(prev_row: np.ndarray, previous_digests: np.ndarray,
+               digests: np.ndarray) -> np.ndarray:
+    """int64 [N]: per row of this run, its previous row (:func:`rows_by_id`) if the vector
+    there had the same digest; -1 for a new item or a changed vector."""
+    same = prev_row >= 0
+    same[same] = previous_digests[prev_row[same]] == digests[same]
+    return np.where(same, prev_row, -1)
 
 
 PLAN_CHUNK = 262144         # rows renumbered at a time (bounded temporaries at 10M rows)
@@ -121,11 +126,14 @@ def plan_update(previous: PreviousGraph, prev_of_new: np.ndarray, deleted: int, 
                              previous.state.reserve_scores[old]], axis=1)[:, :width]
         mapped = np.where(ids >= 0, new_of_prev[np.maximum(ids, 0)], -1)
         valid = mapped >= 0
-        # the members left, moved to the front in their order
-        rows, cols = np.nonzero(valid)
-        place = (np.cumsum(valid, axis=1) - 1)[rows, cols]
-        lists[start + rows, place] = mapped[rows, cols]
-        scores[start + rows, place] = sc[rows, cols]
+        whole = valid.all(axis=1)                     # most rows lost nothing: as they are
+        lists[start + np.flatnonzero(whole), :mapped.shape[1]] = mapped[whole]
+        scores[start + np.flatnonzero(whole), :mapped.shape[1]] = sc[whole]
+        part = np.flatnonzero(~whole)                 # the others: the members left, moved to
+        rows, cols = np.nonzero(valid[part])          # the front in their order
+        place = (np.cumsum(valid[part], axis=1) - 1)[rows, cols]
+        lists[start + part[rows], place] = mapped[part[rows], cols]
+        scores[start + part[rows], place] = sc[part[rows], cols]
         counts[start:start + len(old)] = valid.sum(axis=1)
     return Plan(prev_of_new=prev_of_new, new_of_prev=new_of_prev, changed=changed, kept=kept,
                 lists=lists, scores=scores, counts=counts,

@@ -58,13 +58,15 @@ def machine_memory_bytes() -> int | None:
 
 def check_memory(n: int, dims: tuple[int, ...], k: int, reserve: int, *, ivf: bool,
                  update: bool = False, available: int | None = None) -> int:
-    """Refuse, before any work, a machine too small for the step; returns the estimate.
+    """Refuse, before any work, a machine too small for the step; returns the estimate
+    (with ``update``, of an update or of the full build it may turn into, whichever is more).
 
     Raises:
         KnnMemoryError: the estimated peak (with ``HEADROOM``) exceeds ``available`` (default:
             :func:`machine_memory_bytes`), naming both and what to set.
     """
-    need = step_peak_bytes(n, dims, k, reserve, ivf=ivf, update=update)
+    need = max(step_peak_bytes(n, dims, k, reserve, ivf=ivf, update=mode)
+               for mode in ({False, True} if update else {False}))
     available = machine_memory_bytes() if available is None else available
     if available is not None and need * HEADROOM > available:
         raise KnnMemoryError(

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import PipelineParams
-from ..incremental import KeyIndex, PreviousGroup, open_previous
+from ..incremental import PreviousGroup, open_previous
 from ..outputs import (FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, KNN_FUSED, KNN_FUSED_SCORES,
                        KNN_FUSED_STATE, KNN_ITEMS, KNN_META, KNN_TEXT, KNN_TEXT_SCORES,
                        KNN_TEXT_STATE, TXT_ARRAY, TXT_ITEMS, TXT_META)
@@ -27,7 +27,8 @@ from ..tracking import ExperimentTracker
 from .graph import (METHOD_EXACT, METHOD_IVF, KnnGraph, KnnInputError, build_knn_graph,
                     check_vectors, default_device, unit_rows)
 from .incremental import (RESERVE, PreviousGraph, match_rows, plan_reason, plan_update,
-                          previous_mismatch, top_overlap, update_knn_graph)
+                          previous_mismatch, rows_by_id, top_overlap, update_knn_graph)
+from .memory import check_memory
 from .state import SpaceState, content_digests, row_digests
 
 logger = logging.getLogger(__name__)
@@ -120,13 +121,11 @@ def _why_full(space: str, params: PipelineParams, group: PreviousGroup | None,
     return None
 
 
-def _drift(graph: KnnGraph, previous: PreviousKnn, space: str, ids: pa.Array,
+def _drift(graph: KnnGraph, previous: PreviousKnn, space: str, prev_row: np.ndarray,
            content: np.ndarray) -> dict[str, Any]:
     """Night-over-night drift: for the items whose content is unchanged (same id, same text and
     image keys), the overlap of their first DRIFT_TOP neighbours with the previous run's."""
     top = min(DRIFT_TOP, graph.neighbours.shape[1])
-    prev_row = KeyIndex(previous.ids).rows(ids) if previous.ids.type.equals(ids.type) \
-        else np.full(len(ids), -1, dtype=np.int64)
     has = prev_row >= 0
     unchanged = np.flatnonzero(has & (content != 0)
                                & (content == previous.content[np.where(has, prev_row, 0)]))
@@ -171,9 +170,10 @@ def _space_meta(graph: KnnGraph, dim: int, rebuild_reason: str | None) -> dict[s
             "reused_count": graph.reused_count}
 
 
-def _space_graph(space: str, vectors: np.ndarray, ids: pa.Array, digests: np.ndarray,
-                 previous: PreviousKnn | None, why_full: str | None, params: PipelineParams,
-                 device: torch.device, scratch: Path) -> tuple[KnnGraph, str | None]:
+def _space_graph(space: str, vectors: np.ndarray, digests: np.ndarray,
+                 previous: PreviousKnn | None, prev_row: np.ndarray, why_full: str | None,
+                 params: PipelineParams, device: torch.device,
+                 scratch: Path) -> tuple[KnnGraph, str | None]:
     """The graph of one space: updated from ``previous`` when it can be and is cheaper, else
     built in full. Returns it and why it was built in full (None: updated, or no previous)."""
     k, what = params.knn_k, f"{space} vectors"
@@ -185,10 +185,8 @@ def _space_graph(space: str, vectors: np.ndarray, ids: pa.Array, digests: np.nda
         prev = previous.spaces[space]
         reason = previous_mismatch(prev, method, k, dim)
         if reason is None:
-            prev_of_new = match_rows(previous.ids, ids, prev.state.digests, digests)
-            deleted = int((KeyIndex(ids).rows(previous.ids) < 0).sum()) \
-                if previous.ids.type.equals(ids.type) else len(previous.ids)
-            plan = plan_update(prev, prev_of_new, deleted, k, reserve)
+            plan = plan_update(prev, match_rows(prev_row, prev.state.digests, digests),
+                               len(previous.ids) - int((prev_row >= 0).sum()), k, reserve)
             reason = plan_reason(plan, method)
             if reason is None:
                 return update_knn_graph(unit_rows(vectors, k, what=what, scratch=scratch), k,
@@ -248,6 +246,8 @@ def build_knn_graphs(
             that are not the text ids in the same order, ``knn_k`` not below the item count,
             or NaN/Inf/zero vectors (all raised before the experiment run starts).
         PreviousSetError: the previous set's kNN files do not match what it recorded.
+        KnnMemoryError: the machine has less memory than the step needs for these items
+            (:mod:`.memory`), raised before any work.
     """
     dirs = {"text": Path(text_dir), "fused": Path(fused_dir)}
     opened = {space: _open_space(dirs[space], array, ids)
@@ -258,6 +258,9 @@ def build_knn_graphs(
                             f"{dirs['text'] / TXT_ITEMS} in the same order")
     for space, (vectors, _) in opened.items():
         check_vectors(vectors, params.knn_k, what=f"{space} vectors", labels=_Labels(ids))
+    check_memory(len(ids), tuple(v.shape[1] for v, _ in opened.values()), params.knn_k,
+                 RESERVE, ivf=len(ids) > params.knn_exact_max_items,
+                 update=bool(params.previous_uri))
     fusion = _meta(dirs["fused"] / FUSION_CONFIG)
     content = _content(opened["fused"][1])
     device = device or default_device()
@@ -269,12 +272,13 @@ def build_knn_graphs(
                              "device": str(device), "previous_uri": params.previous_uri}) as run, \
             tempfile.TemporaryDirectory(prefix="item-embeddings-knn-") as scratch:
         previous = PreviousKnn.load(group) if group is not None else None
+        prev_row = rows_by_id(previous.ids, ids) if previous is not None else None
         spaces: dict[str, dict[str, Any]] = {}
         metrics: dict[str, float] = {"count": len(ids), "k": params.knn_k}
         for space, (_, _, ids_file, scores_file, state_file) in SPACES.items():
             vectors = opened[space][0]
             digests = row_digests(vectors)
-            graph, reason = _space_graph(space, vectors, ids, digests, previous,
+            graph, reason = _space_graph(space, vectors, digests, previous, prev_row,
                                          _why_full(space, params, group, fusion), params,
                                          device, Path(scratch))
             _write_graph(graph, run.out, ids_file, scores_file)
@@ -283,7 +287,7 @@ def build_knn_graphs(
                        ).save(run.out / state_file)
             spaces[space] = _space_meta(graph, vectors.shape[1], reason)
             if previous is not None:
-                spaces[space]["drift"] = _drift(graph, previous, space, ids, content)
+                spaces[space]["drift"] = _drift(graph, previous, space, prev_row, content)
             metrics.update(_space_metrics(space, graph, spaces[space]))
             del graph                       # before the next space's graph is built
         write_parquet_atomic(run.out / KNN_ITEMS, pa.table({"id": ids, "content_digest": content}))
