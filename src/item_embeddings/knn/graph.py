@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..progress import Progress
-from .state import IvfState, ivf_state
+from .state import IvfState, fill_ivf, ivf_state, nearest_lists
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,8 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
     index.cp.spherical = True        # unit centroids: assignment by inner product is cosine
     train_size = min(n, TRAIN_POINTS_PER_LIST * nlist)
     index.train(x[np.sort(rng.choice(n, train_size, replace=False))])
-    index.add(x)
+    lists = nearest_lists(index, x)
+    fill_ivf(index, x, lists)
     build_time = time.perf_counter() - started
 
     tune = np.sort(rng.choice(n, min(TUNE_QUERIES, n), replace=False))
@@ -357,7 +358,7 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
               "tune_recall_by_nprobe": {str(p): r for p, r in tried.items()},
               "tune_time_sec": tune_time, "exact_rows": len(unfilled),
               "faiss_threads": faiss.omp_get_max_threads(), "faiss_version": faiss.__version__}
-    return ids, scores, params, build_time, query_time, ivf_state(index, n)
+    return ids, scores, params, build_time, query_time, ivf_state(index, lists)
 
 
 def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,

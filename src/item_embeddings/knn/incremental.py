@@ -37,14 +37,14 @@ import torch
 from ..incremental import KeyIndex
 from .graph import (DB_BLOCK, METHOD_EXACT, METHOD_IVF, QUERY_BLOCK, KnnGraph, _ivf_search,
                     _lexi_order, exact_knn, measure_recall)
-from .state import IvfState, SpaceState
+from .state import IvfState, SpaceState, fill_ivf, ivf_state, nearest_lists
 
 logger = logging.getLogger(__name__)
 
 RESERVE = 8                 # neighbours kept after the k listed ones (docs/knn.md: how chosen)
 # Rebuild in full when the update's work share -- (rows searched + changed rows) / N -- is
 # above this: measured crossovers in docs/knn.md ("When the update rebuilds").
-REBUILD_WORK_SHARE = {METHOD_EXACT: 0.5, METHOD_IVF: 0.5}
+REBUILD_WORK_SHARE = {METHOD_EXACT: 0.8, METHOD_IVF: 0.8}
 RECALL_TARGET = 0.95        # an IVF graph measured below it is rebuilt, not updated
 REVERSE_PROBE_FACTOR = 2    # step 3 scans twice the lists a search probes (docs/knn.md)
 RANGE_CHUNK = 512           # changed rows per range search (bounded result memory)
@@ -189,7 +189,6 @@ def _ivf_index(x: np.ndarray, ivf: IvfState, plan: Plan):
     """An IVF index of all rows on the previous centroids: unchanged rows stay in their list,
     changed rows go to their nearest centroid (no training, no assignment of the others)."""
     import faiss
-    from faiss.contrib.ivf_tools import add_preassigned
 
     nlist, dim = ivf.centroids.shape
     quantizer = faiss.IndexFlatIP(dim)
@@ -199,11 +198,10 @@ def _ivf_index(x: np.ndarray, ivf: IvfState, plan: Plan):
     lists = np.empty(len(x), dtype=np.int64)
     lists[plan.kept] = ivf.lists[plan.prev_of_new[plan.kept]]
     if len(plan.changed):
-        lists[plan.changed] = quantizer.search(x[plan.changed], 1)[1][:, 0]
-    add_preassigned(index, x, lists)
+        lists[plan.changed] = nearest_lists(index, x[plan.changed])
+    fill_ivf(index, x, lists)
     index.nprobe = ivf.nprobe
-    return index, IvfState(centroids=ivf.centroids, lists=lists.astype(np.int32),
-                           nprobe=ivf.nprobe)
+    return index, ivf_state(index, lists)
 
 
 def _reverse_pairs(index, x: np.ndarray, changed: np.ndarray, threshold: np.ndarray,
