@@ -92,7 +92,7 @@ class Night:
         for space, (array, _, _) in SPACES.items():
             np.save(folder / array, self.pools[space][self.rows])
         ids = [f"item{i:08d}" for i in self.ids]
-        keys = [f"{r * 0x9E3779B97F4A7C15 % 2 ** 64:016x}{r:016x}" for r in self.rows]
+        keys = [f"{int(r) * 0x9E3779B97F4A7C15 % 2 ** 64:016x}{int(r):016x}" for r in self.rows]
         write_parquet_atomic(folder / TXT_ITEMS, pa.table({"id": ids}))
         write_parquet_atomic(folder / FUSED_ITEMS, pa.table({
             "id": ids, "text_key": keys, "image_key": pa.nulls(len(ids), pa.string())}))
