@@ -35,5 +35,7 @@ def row_blocks(array: np.ndarray, block_rows: int, dtype=None) -> Iterator[RowBl
     for start in range(0, array.shape[0], block_rows):
         rows = np.asarray(array[start:start + block_rows], dtype=dtype)
         finite = np.isfinite(rows).all(axis=1)
-        norms = np.linalg.norm(np.where(finite[:, None], rows, 0), axis=1)
+        # the usual block is all finite: its norms need no masked copy of the rows
+        norms = np.linalg.norm(rows if finite.all() else np.where(finite[:, None], rows, 0),
+                               axis=1)
         yield RowBlock(start, rows, finite, norms)

@@ -37,7 +37,8 @@ def write_qa_report(items_uri: str, text_dir: str | os.PathLike, image_dir: str 
 
     Returns:
         ``path``, ``size_bytes``, ``sections`` (ids of the page's sections), ``neighbours``
-        ('graph' or 'exact'), ``has_categories`` and ``render_time_sec``.
+        ('graph' or 'exact'), ``has_categories``, ``render_time_sec`` and ``drift`` (per kNN
+        space, the night-over-night drift of knn_meta.json; empty without a previous set).
 
     Raises:
         ReportInputError: a step output is missing or does not line up with the others.
@@ -53,6 +54,10 @@ def write_qa_report(items_uri: str, text_dir: str | os.PathLike, image_dir: str 
     elapsed = time.perf_counter() - started
     logger.info("QA report of %d items: %s (%.2f MB) in %.1fs", findings.inputs.count,
                 output_path, size / 1e6, elapsed)
+    knn = findings.inputs.knn
+    drift = {space: info["drift"] for space, info in (knn.meta if knn else {}).get(
+        "spaces", {}).items() if info.get("drift")}
     return {"path": str(output_path), "size_bytes": size, "sections": [k for k, _ in SECTIONS],
             "neighbours": findings.neighbours.source,
-            "has_categories": findings.items.categories is not None, "render_time_sec": elapsed}
+            "has_categories": findings.items.categories is not None, "render_time_sec": elapsed,
+            "drift": drift}
