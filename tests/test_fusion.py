@@ -715,7 +715,7 @@ def test_fused_space_is_comparable_when_photos_show_what_the_text_says(tmp_path)
                                     photos_show_text_cluster=True)
     meta = fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out",
                                 PipelineParams(seed=0, fusion_epochs=20))
-    z, text = np.load(tmp_path / "out" / FUSED_ARRAY), np.load(tmp_path / "text" / "txt.npy")
+    z, text = np.load(tmp_path / "out" / FUSED_ARRAY), np.load(tmp_path / "text" / TXT_ARRAY)
     mix = meta["modality_mix"]
     assert mix["items"] == N and mix["k"] == 10
     assert mix["base_rate"] == pytest.approx(cat.has_image.mean())
@@ -734,20 +734,20 @@ def _group_purity(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> 
 def _with_keys(text_dir, image_dir, hide: set[str]) -> None:
     """Give the synthetic set content keys (as the text and image steps write them) and drop
     the photos of the ``hide`` items (their rows too)."""
-    ids = pq.read_table(text_dir / "txt_items.parquet").column("id").to_pylist()
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
     pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}),
-                   text_dir / "txt_items.parquet")
-    items = pq.read_table(image_dir / "img_items.parquet").to_pydict()
-    img = np.load(image_dir / "img.npy")
+                   text_dir / TXT_ITEMS)
+    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
+    img = np.load(image_dir / IMG_ARRAY)
     keep = [k for k, item in enumerate(items["id"]) if item not in hide]
-    np.save(image_dir / "img.npy", img[[items["row"][k] for k in keep]])
+    np.save(image_dir / IMG_ARRAY, img[[items["row"][k] for k in keep]])
     pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
                              "url": [items["url"][k] for k in keep],
                              "row": pa.array(range(len(keep)), pa.int64()),
                              "key": [f"i-{items['id'][k]}" for k in keep]}),
-                   image_dir / "img_items.parquet")
-    meta = json.loads((image_dir / "img_meta.json").read_text())
-    (image_dir / "img_meta.json").write_text(json.dumps({**meta, "count": len(keep)}))
+                   image_dir / IMG_ITEMS)
+    meta = json.loads((image_dir / IMG_META).read_text())
+    (image_dir / IMG_META).write_text(json.dumps({**meta, "count": len(keep)}))
 
 
 def test_apply_keeps_unchanged_codes_and_moves_an_item_that_gains_a_photo(tmp_path, synthetic):
