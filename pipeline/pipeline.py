@@ -346,6 +346,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
                       ).set_display_name("Fuse embeddings")
         fused_out = fused.outputs["fused_embeddings"]
         knn = _bind(steps.knn, p, text_embeddings=text_out, fused_embeddings=fused_out,
+                    inputs_fingerprint=fingerprint.output,
                     **_machine(steps, "knn", p, "knn_machine_type"), **runtime
                     ).set_display_name("kNN graphs")
         report = _bind(steps.report, p, items=items, text_embeddings=text_out,

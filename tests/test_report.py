@@ -735,3 +735,31 @@ def test_the_report_records_its_hash_and_the_runs_it_was_made_from(tiny_run, tmp
         "fusion_run_id": "fusion-run", "knn_run_id": "knn-run", "count": N_ITEMS}
     assert record["sections"] == summary["sections"] and record["neighbours"] == "graph"
     assert b"run fusion-run" in page  # the run the page names is the one recorded
+
+
+def test_night_over_night_drift_is_shown_and_returned(tiny_run, tmp_path):
+    """A kNN directory updated from a previous set: the kNN section says so, and the drift
+    table and the returned summary carry the drift figures."""
+    knn = tmp_path / "knn"
+    shutil.copytree(tiny_run.knn, knn)
+    meta = json.loads((knn / KNN_META).read_text())
+    for space, overlap in (("text", 0.97), ("fused", 0.42)):
+        meta["spaces"][space].update({
+            "update": "incremental", "rebuild_reason": None, "recomputed_count": 11,
+            "reused_count": N_ITEMS - 11,
+            "drift": {"items": N_ITEMS - 3, "top": 20, "mean_overlap": overlap,
+                      "identical_share": 0.5, "p10_overlap": 0.35,
+                      "previous_run_id": "night-41"}})
+    (knn / KNN_META).write_text(json.dumps(meta))
+    summary, text = tiny_run.render(tmp_path, knn=knn)
+    assert summary["drift"]["fused"]["mean_overlap"] == 0.42
+    section = Page(text).section("knn")
+    graphs, drift = (table_rows(t) for t in section.find_all("table")[:2])
+    assert [(r[0], r[8], r[9], r[10]) for r in graphs] == \
+        [("text", "incremental", "11", str(N_ITEMS - 11)),
+         ("fused", "incremental", "11", str(N_ITEMS - 11))]
+    assert [r[:3] for r in drift] == [["text", str(N_ITEMS - 3), "0.97"],
+                                      ["fused", str(N_ITEMS - 3), "0.42"]]
+    assert "Night-over-night drift" in section.all_text() and "night-41" in section.all_text()
+    plain, _ = tiny_run.render(tmp_path / "plain")
+    assert plain["drift"] == {}

@@ -15,6 +15,8 @@ def knn_graphs(
     knn_exact_max_items: int,
     knn_recall_queries: int,
     seed: int,
+    previous_uri: str,
+    inputs_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
@@ -27,7 +29,10 @@ def knn_graphs(
 
     Writes `knn_text.npy` / `knn_fused.npy` (int32 [N, k] row indices in `txt_items.parquet`
     order, most similar first, self excluded), `knn_text_scores.npy` / `knn_fused_scores.npy`
-    (float32 [N, k]) and `knn_meta.json` (method, index parameters, times, recall).
+    (float32 [N, k]), the state a later incremental run starts from (`knn_items.parquet`,
+    `knn_*_state.npz`) and `knn_meta.json` (method, index parameters, times, recall, rows
+    recomputed and reused, drift). With `previous_uri`, updates the previous set's graphs
+    instead of searching every item again where that is cheaper (docs/knn.md).
 
     Args:
         text_embeddings: Text step output (txt.npy, txt_items.parquet).

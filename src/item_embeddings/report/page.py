@@ -412,17 +412,43 @@ def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
     for space, info in knn.meta.get("spaces", {}).items():
         rows.append((space, info.get("method"), info.get("dim"), info.get("index_params"),
                      info.get("recall_at_k"), info.get("recall_queries"),
-                     info.get("build_time_sec"), info.get("query_time_sec")))
+                     info.get("build_time_sec"), info.get("query_time_sec"),
+                     info.get("update"), info.get("recomputed_count"), info.get("reused_count"),
+                     info.get("rebuild_reason")))
     body = _p(f"k = {k} neighbours per item over {knn.meta.get('count', 0):,} items; wall time "
               f"{_fmt(knn.meta.get('wall_time_sec'))} s. recall@k is measured against exact "
-              "search on recall_queries random items.")
+              "search on recall_queries random items. An incremental update (previous_uri) "
+              "recomputes only the rows that need it and reuses the others.")
     body += _table(("space", "method", "dim", "index parameters", f"recall@{k}",
-                    "recall queries", "build time (s)", "query time (s)"), rows)
+                    "recall queries", "build time (s)", "query time (s)", "update",
+                    "rows recomputed", "rows reused", "why built in full"), rows)
+    body += drift_table(knn.meta)
     if knn.scores:
         scores = {s: np.asarray(a[sample_rows], np.float32) for s, a in knn.scores.items()}
         body += _img(plot_neighbour_scores(scores, knn.scores[next(iter(knn.scores))].shape[1]),
                      "cosine similarity to the first and k-th neighbour")
     return body
+
+
+def drift_table(knn_meta: dict[str, Any]) -> str:
+    """Night-over-night drift (knn_meta.json with a previous set): how many of the first
+    neighbours of the items whose content did not change are still the same."""
+    drift = {space: info["drift"] for space, info in knn_meta.get("spaces", {}).items()
+             if info.get("drift")}
+    if not drift:
+        return ""
+    top = next(iter(drift.values())).get("top")
+    body = "<h3>Night-over-night drift</h3>" + _p(
+        f"For the items whose content (text and image keys) is unchanged since the previous "
+        f"set (run {_e(next(iter(drift.values())).get('previous_run_id'))}): the share of their "
+        f"first {top} neighbours that were among their first {top} in the previous set. A low "
+        "fused overlap with few changed items means the fusion model moved the neighbourhoods "
+        "(a retrained model), not the catalogue.")
+    return body + _table(
+        ("space", "unchanged items", f"mean top-{top} overlap", "identical lists",
+         "10th percentile"),
+        [(space, d.get("items"), d.get("mean_overlap"), d.get("identical_share"),
+          d.get("p10_overlap")) for space, d in drift.items()])
 
 
 STEP_KEYS = {

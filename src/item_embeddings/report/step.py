@@ -41,7 +41,8 @@ def write_qa_report(items_uri: str, text_dir: str | os.PathLike, image_dir: str 
 
     Returns:
         ``path``, ``size_bytes``, ``sections`` (ids of the page's sections), ``neighbours``
-        ('graph' or 'exact'), ``has_categories`` and ``render_time_sec``.
+        ('graph' or 'exact'), ``has_categories``, ``render_time_sec`` and ``drift`` (per kNN
+        space, the night-over-night drift of knn_meta.json; empty without a previous set).
 
     Raises:
         ReportInputError: a step output is missing or does not line up with the others.
@@ -59,9 +60,12 @@ def write_qa_report(items_uri: str, text_dir: str | os.PathLike, image_dir: str 
     elapsed = time.perf_counter() - started
     logger.info("QA report of %d items: %s (%.2f MB) in %.1fs", findings.inputs.count,
                 output_path, size / 1e6, elapsed)
+    knn = findings.inputs.knn
+    drift = {space: info["drift"] for space, info in (knn.meta if knn else {}).get(
+        "spaces", {}).items() if info.get("drift")}
     summary = {"sections": [k for k, _ in SECTIONS], "neighbours": findings.neighbours.source,
                "has_categories": findings.items.categories is not None,
-               "render_time_sec": elapsed}
+               "render_time_sec": elapsed, "drift": drift}
     write_json_atomic(Path(output_path).with_name(REPORT_META), {
         "run_id": run_id, "count": inputs.count, **summary,
         "text_run_id": inputs.text_meta.get("run_id"),
