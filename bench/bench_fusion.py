@@ -1,4 +1,5 @@
-"""Fusion step speed and memory on a synthetic catalogue, against a plain in-memory baseline.
+"""Fusion step speed and memory on a synthetic catalogue, against a plain in-memory baseline
+and, with ``--compare-rev``, against the step of another git revision in the same run.
 
 The step (``fuse_item_embeddings``, defaults: 5 epochs, batch 512, hidden 256, output 128) runs in
 a child process per size, timed end to end (validation, training, writing: "wall s"; "process s"
@@ -6,18 +7,23 @@ adds the interpreter's start and the imports of torch and the package), with its
 anonymous memory (heap; memory-mapped input pages are file-backed and reclaimable) and peak RSS.
 The baseline is the plain way to write it: load both arrays, materialise the zero-padded
 [N, 897] concatenation in memory and train an ``nn.Sequential`` on dense batches with the same
-objective, epochs and batch size.
+objective, epochs and batch size. ``--compare-rev REV`` exports ``src/`` of that revision
+(``git archive``) and runs its step on the same inputs, alternating with this tree's step
+``--repeat`` times, so both see the same machine load.
 
 Usage::
 
     flock /tmp/bench.lock python bench/bench_fusion.py --sizes 25000 100000 --image-fraction 0.3
     flock /tmp/bench.lock python bench/bench_fusion.py --sizes 100000 --image-fraction 1.0
+    flock /tmp/bench.lock python bench/bench_fusion.py --sizes 500000 --no-baseline \\
+        --compare-rev f52d438 --repeat 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,6 +74,7 @@ def run_step(text_dir: str, image_dir: str, out: str, threads: int) -> dict:
         wall = time.perf_counter() - t0
     return {"wall_s": wall, "load_s": meta["load_time_sec"], "train_s": meta["train_time_sec"],
             "write_s": meta["write_time_sec"], "final_loss": meta["final_loss"],
+            "best_epoch": meta.get("best_epoch"),
             "peak_anon_mib": mem.peak_anon / 1024, "peak_rss_mib": _anon_kib()[1] / 1024}
 
 
@@ -131,14 +138,27 @@ def run_baseline(text_dir: str, image_dir: str, threads: int, epochs: int = 5,
             "peak_rss_mib": _anon_kib()[1] / 1024}
 
 
-def _child(args: list[str]) -> dict:
-    """Run one measurement in a fresh interpreter; ``process_s`` adds its start-up and imports."""
+def _child(args: list[str], src: str | None = None) -> dict:
+    """Run one measurement in a fresh interpreter (importing the package from ``src`` when
+    given); ``process_s`` adds its start-up and imports."""
+    env = dict(os.environ, PYTHONPATH=src) if src else None
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
-                          text=True)
+                          text=True, env=env)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - t0
     return result
+
+
+def export_src(rev: str, into: Path) -> str:
+    """``src/`` of git revision ``rev``, exported under ``into``; returns the import path."""
+    dest = into / f"src-{rev}"
+    dest.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return str(dest / "src")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                              "150k of a 500k catalogue: 0.3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--compare-rev", help="git revision whose step runs on the same inputs")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each step per size, alternating with --compare-rev's")
     parser.add_argument("--work-dir", help="where the synthetic inputs go (default: a temp dir)")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "TEXT", "IMAGE", "OUT"),
                         help=argparse.SUPPRESS)
@@ -163,25 +186,34 @@ def main(argv: list[str] | None = None) -> int:
     from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 
     print("| items | with image | run | wall s | process s | items x epochs / s | train s "
-          "| peak anon MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak anon MiB | peak RSS MiB | best epoch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        other_src = export_src(args.compare_rev, Path(tmp)) if args.compare_rev else None
         for n in args.sizes:
             root = Path(tmp) / str(n)
             write_synthetic_catalogue(root / "text", root / "image", n=n,
                                       image_fraction=args.image_fraction, seed=0)
-            runs = [("step", ["--child", "step", str(root / "text"), str(root / "image"),
-                              str(root / "out"), "--threads", str(args.threads)])]
+
+            def step(root: Path = root) -> list[str]:
+                return ["--child", "step", str(root / "text"), str(root / "image"),
+                        str(root / "out"), "--threads", str(args.threads)]
+
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(("step", step(), None))
+                if other_src:
+                    runs.append((f"step at {args.compare_rev}", step(), other_src))
             if not args.no_baseline:
                 runs.append(("baseline (dense, in memory)",
                              ["--child", "baseline", str(root / "text"), str(root / "image"),
-                              str(root / "out"), "--threads", str(args.threads)]))
-            for name, child_args in runs:
-                r = _child(child_args)
+                              str(root / "out"), "--threads", str(args.threads)], None))
+            for name, child_args, src in runs:
+                r = _child(child_args, src)
                 print(f"| {n} | {args.image_fraction:.0%} | {name} | {r['wall_s']:.1f} "
-                      f"| {r['process_s']:.1f} | {5 * n / r['wall_s']:.0f} | "
-                      f"{r.get('train_s', float('nan')):.1f} "
-                      f"| {r['peak_anon_mib']:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+                      f"| {r['process_s']:.1f} | {5 * n / r['wall_s']:.0f} "
+                      f"| {r.get('train_s', float('nan')):.1f} | {r['peak_anon_mib']:.0f} "
+                      f"| {r['peak_rss_mib']:.0f} | {r.get('best_epoch', '–')} |", flush=True)
     return 0
 
 

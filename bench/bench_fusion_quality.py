@@ -1,29 +1,45 @@
-"""Fusion quality on the real sample: fused MLP vs PCA-128 of the same concatenation.
+"""Fusion quality on the real sample and on a demo run: modality mix, category purity and kept
+neighbourhoods of the fused space against the text space, PCA-128 and the fusion of another git
+revision (``--compare-rev``, run on the same inputs in the same run).
 
 Text side: all-MiniLM-L6-v2 on title + description of the 2,000 real Amazon Electronics items.
-Image side: a documented PROXY, not images (no CLIP weights and no reachable image URL here):
-for the 500 items that have an ``image_url``, MiniLM on the item's own *features* bullets and
-category path (a second, differently worded view of the same product, written independently of
-the title/description), placed in 512-d by a fixed random isometry (cosines unchanged). See
-docs/fusion.md for what this does and does not show.
+Image side, three scenarios on the same items:
 
-Metrics (top-10 cosine neighbours, self excluded):
-* ``overlap_text``: items without images, neighbours among themselves, fused vs text space.
-* ``overlap_concat``: items with images, neighbours among themselves, fused vs [text, image].
-* ``purity_*``: share of those neighbours with the same ``main_category``.
-* Purity difference of the default MLP (first seed) minus each PCA-128, with a paired 95%
-  bootstrap interval over items: whether a gap is more than item-sampling noise.
+* ``proxy``: a documented PROXY, not images (no CLIP weights and no reachable image URL here):
+  for the 500 items that have an ``image_url``, MiniLM on the item's own *features* bullets and
+  category path (a second, differently worded view of the same product), placed in 512-d by a
+  fixed random isometry (cosines unchanged). It carries the category about as well as the text.
+* ``random``: the same 500 items with random unit vectors: photos whose vectors carry nothing.
+* ``proxy-all``: the proxy view for every item that has features or a category path (1,893 of
+  2,000): what full photo coverage would give (an upper bound for ``proxy``).
+
+``--demo-dir`` adds the output folder of ``item-embeddings demo`` (synthetic photos that show
+the category; its ``fused.npy`` as the run wrote it, and the ``--compare-rev`` fusion retrained
+on its inputs).
+
+Metrics (top-10 cosine neighbours among all items, self excluded):
+* ``photo share``: for items with / without an image, the share of their neighbours with one
+  (the modality mix, docs/fusion.md); the fused space should stay within 0.10 of the text's.
+* ``purity``: share of neighbours with the same ``main_category``, all items and per group.
+* ``kept``: within each group (neighbours among the group only), the share of the reference
+  neighbours kept: items with an image against the masked concatenation [text, image], items
+  without against the text space.
+* Purity difference of the fused space minus the text space, with a paired 95% bootstrap
+  interval over items: whether a gap is more than item-sampling noise.
 
 Usage::
 
     flock /tmp/bench.lock python bench/bench_fusion_quality.py \\
-        --items ../shared/data/amazon_electronics_2000.parquet --cache-dir /tmp/fusion_quality
+        --items ../shared/data/amazon_electronics_2000.parquet --cache-dir /tmp/fusion_quality \\
+        --compare-rev f52d438 --demo-dir demo_out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +48,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_fusion import export_src
 
-from item_embeddings.config import PipelineParams
-from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.items import clean_text, item_text
 from item_embeddings.storage import write_json_atomic, write_parquet_atomic
 
@@ -124,85 +139,189 @@ def _pca(x: np.ndarray, k: int, centre: bool) -> np.ndarray:
     return (x - mean) @ vt[:k].T
 
 
-def evaluate(spaces: dict[str, np.ndarray], text: np.ndarray, concat: np.ndarray,
-             has_image: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+TARGET_MIX = 0.10
+
+
+def _proxy_views(items: pa.Table, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(proxy view [N, 512] for every item with features or categories, which items)."""
+    if (cache / "proxy_all.npz").is_file():
+        data = np.load(cache / "proxy_all.npz")
+        return data["image"], data["has"]
+    from item_embeddings.text import load_text_encoder
+
+    rows = items.to_pylist()
+    has = np.array([bool(r["features"] or r["categories"]) for r in rows])
+    views = [clean_text(" > ".join(r["categories"] or []) + ". " + " ".join(r["features"] or []))
+             for r, h in zip(rows, has) if h]
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((512, 384)))
+    image = np.zeros((len(rows), 512), dtype=np.float32)
+    image[has] = load_text_encoder().encode(views) @ q.T.astype(np.float32)
+    np.savez(cache / "proxy_all.npz", image=image, has=has)
+    return image, has
+
+
+def _scenarios(items: pa.Table, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    text, image, has_image = _encode(items, cache)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(image.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    random = np.where(has_image[:, None], noise, 0).astype(np.float32)
+    return {"proxy": (image, has_image), "random": (random, has_image),
+            "proxy-all": _proxy_views(items, cache)}
+
+
+def _fuse(text_dir: Path, image_dir: Path, out: Path, epochs: int, seed: int,
+          src: str | None) -> dict:
+    """The fusion step of this tree, or of ``src`` (another revision's package) in a child."""
+    code = ("import json, sys, logging; logging.disable(logging.WARNING); "
+            "from item_embeddings.config import PipelineParams; "
+            "from item_embeddings.fusion import fuse_item_embeddings; "
+            f"m = fuse_item_embeddings({str(text_dir)!r}, {str(image_dir)!r}, {str(out)!r}, "
+            f"PipelineParams(fusion_epochs={epochs}, seed={seed}), num_threads=1); "
+            "print(json.dumps({'best_epoch': m.get('best_epoch'), "
+            "'train_time_sec': m['train_time_sec']}))")
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _photo_share(nb: np.ndarray, has_image: np.ndarray) -> tuple[float, float]:
+    share = has_image[nb].mean(axis=1)
+    return float(share[has_image].mean()), float(share[~has_image].mean())
+
+
+def measure(spaces: dict[str, np.ndarray], text: np.ndarray, image: np.ndarray,
+            has_image: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per space: photo share and purity by group, and neighbours kept within each group."""
     ti, ii = np.flatnonzero(~has_image), np.flatnonzero(has_image)
+    concat = np.concatenate([text, image], axis=1)
     ref_t, ref_c = _neighbours(text[ti]), _neighbours(concat[ii])
-    out = {"reference (text / concat)": {"overlap_text": 1.0, "overlap_concat": 1.0,
-                                         "purity_text_only": _purity(ref_t, labels[ti]),
-                                         "purity_with_image": _purity(ref_c, labels[ii])}}
+    out = {}
     for name, x in spaces.items():
-        nt, nc = _neighbours(x[ti]), _neighbours(x[ii])
-        out[name] = {"overlap_text": _overlap(nt, ref_t), "overlap_concat": _overlap(nc, ref_c),
-                     "purity_text_only": _purity(nt, labels[ti]),
-                     "purity_with_image": _purity(nc, labels[ii])}
+        nb = _neighbours(x)
+        purity = _item_purity(nb, labels)
+        with_photo, without_photo = _photo_share(nb, has_image)
+        out[name] = {"share_with": with_photo, "share_without": without_photo,
+                     "purity": float(purity.mean()), "purity_with": float(purity[ii].mean()),
+                     "purity_without": float(purity[ti].mean()),
+                     "kept_with": _overlap(_neighbours(x[ii]), ref_c),
+                     "kept_without": _overlap(_neighbours(x[ti]), ref_t)}
     return out
+
+
+def _table(title: str, results: dict[str, dict[str, float]], runs: dict[str, dict]) -> None:
+    print(f"\n#### {title}\n")
+    print("| space | photo share: with / without a photo | purity@10 all | with | without "
+          "| kept@10 with (vs concat) | without (vs text) | best epoch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['share_with']:.3f} / {r['share_without']:.3f} | {r['purity']:.3f} "
+              f"| {r['purity_with']:.3f} | {r['purity_without']:.3f} | {r['kept_with']:.3f} "
+              f"| {r['kept_without']:.3f} | {runs.get(name, {}).get('best_epoch', '–')} |")
+
+
+def _verdicts(results: dict[str, dict[str, float]], fused: str, purity_margin: float) -> str:
+    """The issue's targets for one fused space against the text space and the PCA-128s."""
+    text, r = results["text"], results[fused]
+    gap = max(abs(r["share_with"] - text["share_with"]),
+              abs(r["share_without"] - text["share_without"]))
+    pcas = [v for k, v in results.items() if k.startswith("PCA-128")]
+    kept = all(r[key] >= max(p[key] for p in pcas) for key in ("kept_with", "kept_without"))
+    checks = [(f"photo-share gap {gap:.3f} <= {TARGET_MIX}", gap <= TARGET_MIX),
+              (f"purity {r['purity']:.3f} >= text {text['purity']:.3f} {purity_margin:+.2f}",
+               r["purity"] >= text["purity"] + purity_margin),
+              ("kept >= PCA-128 in both groups", kept)]
+    return "; ".join(f"{what}: {'PASS' if ok else 'FAIL'}" for what, ok in checks)
+
+
+def _demo(demo_dir: Path, compare_src: str | None, compare_rev: str, epochs: int,
+          tmp: Path) -> None:
+    """The demo run's own fused space (and the other revision's, retrained on its inputs)."""
+    ids = pq.read_table(demo_dir / "txt_items.parquet").column("id").to_pylist()
+    text = np.load(demo_dir / "txt.npy")
+    img_items = pq.read_table(demo_dir / "img_items.parquet").to_pydict()
+    img = np.load(demo_dir / "img.npy")
+    index = {item: i for i, item in enumerate(ids)}
+    image = np.zeros((len(ids), img.shape[1]), np.float32)
+    has_image = np.zeros(len(ids), bool)
+    for item, row in zip(img_items["id"], img_items["row"]):
+        image[index[item]], has_image[index[item]] = img[row], True
+    table = pq.read_table(demo_dir / "sample_items.parquet").to_pydict()
+    category = dict(zip(table["asin"], table["main_category"]))
+    labels = np.array([category[i] for i in ids], dtype=object)
+    spaces = {"text": text, "fused (this run)": np.load(demo_dir / "fused.npy")}
+    runs = {}
+    if compare_src:
+        out = tmp / "demo-compare"
+        runs[f"fused at {compare_rev}"] = _fuse(demo_dir, demo_dir, out, epochs, 0, compare_src)
+        spaces[f"fused at {compare_rev}"] = np.load(out / "fused.npy")
+    concat = np.concatenate([text, image / np.maximum(np.linalg.norm(image, axis=1,
+                                                                      keepdims=True), 1e-12)], 1)
+    spaces["PCA-128 uncentred"] = _pca(concat, min(128, len(ids) - 1), False)
+    results = measure(spaces, text, image, has_image, labels)
+    _table(f"demo run {demo_dir} ({len(ids)} items, {int(has_image.sum())} with a photo)",
+           results, runs)
+    print(f"\n{'fused (this run)'}: {_verdicts(results, 'fused (this run)', 0.02)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", default="../shared/data/amazon_electronics_2000.parquet")
     parser.add_argument("--cache-dir", default="/tmp/fusion_quality")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 20, 50])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=["proxy", "random", "proxy-all"])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-rev", help="git revision whose fusion runs on the same inputs")
+    parser.add_argument("--demo-dir", help="output folder of `item-embeddings demo`")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
 
     items = pq.read_table(args.items)
     ids = [str(x) for x in items.column("asin").to_pylist()]
     labels = np.array(items.column("main_category").to_pylist(), dtype=object)
-    text, image, has_image = _encode(items, Path(args.cache_dir))
-    concat = np.concatenate([text, image], axis=1)  # zero image block without an image
-    proxy_vs_text = _overlap(_neighbours(image[has_image]), _neighbours(text[has_image]))
-
-    spaces = {"PCA-128 centred": _pca(concat, 128, True),
-              "PCA-128 uncentred": _pca(concat, 128, False)}
-    runs = {}
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    text = _encode(items, cache)[0]
+    scenarios = _scenarios(items, cache)
+    everything = {}
     with tempfile.TemporaryDirectory() as tmp:
-        text_dir, image_dir = _write_step_inputs(Path(tmp), ids, text, image, has_image)
-        for init in ("pca", "random"):
+        compare_src = export_src(args.compare_rev, Path(tmp)) if args.compare_rev else None
+        for scenario in args.scenarios:
+            image, has_image = scenarios[scenario]
+            root = Path(tmp) / scenario
+            text_dir, image_dir = _write_step_inputs(root, ids, text, image, has_image)
+            concat = np.concatenate([text, image], axis=1)  # zero image block without one
+            spaces = {"text": text, "PCA-128 centred": _pca(concat, 128, True),
+                      "PCA-128 uncentred": _pca(concat, 128, False)}
+            runs = {}
             for epochs in args.epochs:
-                for seed in args.seeds:
-                    name = f"MLP init={init} epochs={epochs} seed={seed}"
-                    meta = fuse_item_embeddings(
-                        text_dir, image_dir, Path(tmp) / name,
-                        PipelineParams(fusion_epochs=epochs, seed=seed), init=init,
-                        num_threads=1)
-                    spaces[name] = np.load(Path(tmp) / name / "fused.npy")
-                    runs[name] = {"final_loss": meta["final_loss"],
-                                  "train_time_sec": meta["train_time_sec"]}
-    results = evaluate(spaces, text, concat, has_image, labels)
-    print(f"items {len(ids)}: {int((~has_image).sum())} without image, {int(has_image.sum())} "
-          f"with proxy image; top-{K} overlap proxy-image vs text space (items with image): "
-          f"{proxy_vs_text:.3f}\n")
-    print(f"| space | overlap@10 text (no image) | overlap@10 concat (image) "
-          f"| purity@10 no image | purity@10 image |  (MLP rows: mean [min, max] over seeds "
-          f"{args.seeds})")
-    print("|---|---|---|---|---|")
-    keys = ("overlap_text", "overlap_concat", "purity_text_only", "purity_with_image")
-    groups: dict[str, list[dict[str, float]]] = {}
-    for name, r in results.items():
-        groups.setdefault(name.split(" seed=")[0], []).append(r)
-    for name, rs in groups.items():
-        cells = []
-        for key in keys:
-            values = [r[key] for r in rs]
-            cells.append(f"{np.mean(values):.3f}" if len(values) == 1 else
-                         f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    mlp = f"MLP init=pca epochs={args.epochs[0]} seed={args.seeds[0]}"
-    print(f"\nPurity difference, {mlp} minus PCA-128 (mean over items, paired 95% bootstrap "
-          f"interval over items):\n")
-    print("| against | no image | image |")
-    print("|---|---|---|")
-    for pca in ("PCA-128 uncentred", "PCA-128 centred"):
-        cells = [purity_difference(spaces[mlp], spaces[pca], np.flatnonzero(side), labels)
-                 for side in (~has_image, has_image)]
-        print(f"| {pca} | " + " | ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                                          for m, lo, hi in cells) + " |")
+                for name, src in (("fused", None), (f"fused at {args.compare_rev}", compare_src)):
+                    if name != "fused" and src is None:
+                        continue
+                    key = f"{name}, {epochs} epochs"
+                    out = root / key.replace(" ", "_").replace(",", "")
+                    runs[key] = _fuse(text_dir, image_dir, out, epochs, args.seed, src)
+                    spaces[key] = np.load(out / "fused.npy")
+            results = measure(spaces, text, image, has_image, labels)
+            everything[scenario] = {"results": results, "runs": runs}
+            _table(f"{scenario}: {int(has_image.sum())} of {len(ids)} items with an image view",
+                   results, runs)
+            margin = -0.01 if scenario == "random" else 0.02
+            print()
+            for key in runs:
+                print(f"* {key}: {_verdicts(results, key, margin)}")
+            fused = f"fused, {args.epochs[0]} epochs"
+            for against in ("text",):
+                m, lo, hi = purity_difference(spaces[fused], spaces[against],
+                                              np.arange(len(ids)), labels)
+                print(f"* purity {fused} minus {against}: {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                      "(paired 95% bootstrap over items)")
+        if args.demo_dir:
+            _demo(Path(args.demo_dir), compare_src, args.compare_rev or "", args.epochs[0],
+                  Path(tmp))
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "runs": runs,
-                                               "proxy_vs_text_overlap": proxy_vs_text}, indent=2))
+        Path(args.json).write_text(json.dumps(everything, indent=2, default=float))
     return 0
 
 

@@ -49,8 +49,6 @@ RUNTIME_INPUTS = {
     "worker": (WHOLE_TABLE, "This worker's shards, from the plan task: row ranges of the "
                             "items table (default: the whole table as one shard)."),
     "workers": ([WHOLE_TABLE], "Every worker's shards: the plan task's output."),
-    "cpu_image": ("", "The CPU steps' container image (set by the pipeline at compile time)."),
-    "gpu_image": ("", "The GPU steps' container image (set by the pipeline at compile time)."),
     "inputs_fingerprint": ("", "Content hash of the items table and the previous output set "
                                "(from the fingerprint task): part of the cache key, so changed "
                                "contents are recomputed."),

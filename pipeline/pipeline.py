@@ -1,8 +1,9 @@
 """The item-embeddings pipeline.
 
-    items ─ fingerprint ─ plan ─┬─ ParallelFor(worker): text shards ∥ image shards ─┐
-                                └──────────────── merge text, merge images ◄──────────┘
-                                      ─ fusion ─ kNN graphs ─ QA report ─ publish (optional)
+    items ─ fingerprint ─ plan ─┬─ text workers (on Vertex: a CPU or a GPU job) ─ merge text ─┐
+                                └─ image workers ──────────────────────────── merge images ─┤
+                        ┌───────────────────────────────────────────────────────────────────┘
+                        └─ fusion ─ kNN graphs ─ QA report ─ publish (optional)
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
@@ -17,7 +18,9 @@ Two compile targets share one DAG:
   ``image_strategy``: SPOT/STANDARD) are pipeline parameters;
   they run as the pipeline's own service account, in its network, with its CMEK key (runtime
   placeholders). The image workers run on a T4 in ``gpu_image`` and fail if the GPU is not
-  usable; the other steps run in the slim ``image``.
+  usable; the other steps run in the slim ``image``. The text workers' job is chosen at compile
+  time, each with a constant image and GPU count (:func:`_text_workers`): a CPU job in ``image``
+  when ``text_accelerator`` is empty, else a one-GPU job in ``gpu_image``.
 * ``local``: for ``kfp.local``, which cannot run the custom-job wrapper: every step is a plain
   task on this machine (the machine parameters are ignored); experiment runs go to the local
   store.
@@ -32,7 +35,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, List, NamedTuple  # noqa: UP035 (KFP reads typing.List[Dataset])
 
 from kfp import compiler, dsl
 
@@ -47,8 +50,7 @@ from item_embeddings.components.merge_text import make_component as make_merge_t
 from item_embeddings.components.plan_shards import make_component as make_plan_shards
 from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.components.qa_report import make_component as make_qa_report
-from item_embeddings.components.text_machine import make_component as make_text_machine
-from item_embeddings.config import PipelineParams, param_description
+from item_embeddings.config import PARAM_FIELDS, param_description
 from item_embeddings.errors import UsageError
 
 PIPELINE_NAME = "item-embeddings"
@@ -73,30 +75,35 @@ class Outputs(NamedTuple):
     report: dsl.Dataset
 
 
-def _docstring() -> str:
-    lines = ["Multimodal item embeddings: text, image and fused vectors for every item, their "
-             "kNN graphs and a QA report.", "", "Args:"]
-    for f in dataclasses.fields(PipelineParams):
-        lines.append(f"    {f.name}: {param_description(f.name)}")
-    return "\n".join(lines)
+PIPELINE_SUMMARY = ("Multimodal item embeddings: text, image and fused vectors for every item, "
+                    "their kNN graphs and a QA report.")
 
 
-def _with_param_signature(fn: Callable) -> Callable:
-    """Give ``fn(**params)`` one typed parameter per PipelineParams field."""
-    fields = dataclasses.fields(PipelineParams)
+def _with_param_signature(fn: Callable, summary: str = PIPELINE_SUMMARY,
+                          names: Sequence[str] = tuple(PARAM_FIELDS),
+                          artifacts: Mapping[str, tuple[Any, str]] | None = None) -> Callable:
+    """Give ``fn(*artifacts, **params)`` one typed parameter per name of ``names`` (fields of
+    PipelineParams, with their defaults and help), after its ``artifacts`` (name -> annotation,
+    help), and a docstring KFP shows as the pipeline's description."""
+    artifacts = artifacts or {}
+    fields = [PARAM_FIELDS[name] for name in names]
     returns = inspect.signature(fn).return_annotation
-    names = [f.name for f in fields]
+    positional = [*artifacts, *names]
 
     def with_params(*args, **kwargs):  # KFP passes the parameters positionally
-        return fn(**dict(zip(names, args)), **kwargs)
+        return fn(**dict(zip(positional, args)), **kwargs)
 
-    with_params.__signature__ = inspect.Signature(
-        [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
-                           annotation=type(f.default)) for f in fields],
-        return_annotation=returns)
-    with_params.__annotations__ = {f.name: type(f.default) for f in fields} | {"return": returns}
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(name, kind, annotation=annotation)
+                  for name, (annotation, _) in artifacts.items()]
+    parameters += [inspect.Parameter(f.name, kind, default=f.default, annotation=type(f.default))
+                   for f in fields]
+    with_params.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+    with_params.__annotations__ = {q.name: q.annotation for q in parameters} | {"return": returns}
     with_params.__name__ = fn.__name__
-    with_params.__doc__ = _docstring()
+    with_params.__doc__ = "\n".join(
+        [summary, "", "Args:"] + [f"    {name}: {doc}" for name, (_, doc) in artifacts.items()]
+        + [f"    {name}: {param_description(name)}" for name in names])
     return with_params
 
 
@@ -130,17 +137,17 @@ def _custom_job(component, display_name: str) -> _Job:
     return _Job(op, pool)
 
 
-def _worker_pool_specs(job: _Job, *, machine_type, accelerator_type="", accelerator_count=0,
-                       image=None) -> list[dict]:
-    """The job's worker pool with its machine (and image) bound to pipeline values at run time.
+def _worker_pool_specs(job: _Job, *, machine_type, accelerator_type="",
+                       accelerator_count: int = 0) -> list[dict]:
+    """The job's worker pool with its machine bound to pipeline values at run time; its image
+    stays the component's own and its GPU count a constant (only ``machine_spec`` placeholders
+    are a path Vertex documents and exercises, kubeflow/pipelines#10883).
 
     GCPC's launcher drops empty fields, so an empty accelerator type with a count of 0 is a CPU
     machine."""
     pool = copy.deepcopy(job.pool)
     pool["machine_spec"] = {"machine_type": machine_type, "accelerator_type": accelerator_type,
                             "accelerator_count": accelerator_count}
-    if image is not None:
-        pool["container_spec"]["image_uri"] = image
     return [pool]
 
 
@@ -156,9 +163,54 @@ def _bind(component, p: Mapping[str, Any], **explicit):
     return component(**{name: p[name] for name in inputs if name in p}, **explicit)
 
 
+def _runtime_inputs(on_vertex: bool) -> dict:
+    """The run-time inputs of the steps that log experiment runs (Vertex's placeholders)."""
+    return dict(project=PROJECT_PLACEHOLDER if on_vertex else "",
+                location=LOCATION_PLACEHOLDER if on_vertex else "")
+
+
+# The text workers' machine inputs (Vertex) besides text_accelerator, which embed-text reads too.
+TEXT_JOB_PARAMS = ("text_machine_type", "text_strategy")
+
+
+def _text_job_machine(job: _Job, p: Mapping[str, Any], *, gpu: bool) -> dict:
+    """The text job's scheduling and machine, from pipeline parameters: on a GPU, one of
+    ``text_accelerator``; else none (a CPU machine)."""
+    on_gpu = dict(accelerator_type=p["text_accelerator"], accelerator_count=1) if gpu else {}
+    return dict(strategy=p["text_strategy"], worker_pool_specs=_worker_pool_specs(
+        job, machine_type=p["text_machine_type"], **on_gpu))
+
+
+def _text_workers_pipeline(component, name: str, runtime: dict, job: _Job | None = None, *,
+                           gpu: bool = False):
+    """The text workers as a pipeline of their own: one ``component`` task per item of the
+    plan, their shards returned collected. A pipeline because ``dsl.OneOf`` (which joins the
+    CPU and GPU branches) takes a task's output, never a ``dsl.Collected``. On Vertex
+    (``job``) each task is that custom job, with its machine from the parameters."""
+    names = [n for n in PARAM_FIELDS if n in component.component_spec.inputs
+             or (job is not None and n in TEXT_JOB_PARAMS)]
+
+    def text_workers(items, workers, **p) -> List[dsl.Dataset]:  # noqa: UP006
+        machine = {} if job is None else _text_job_machine(job, p, gpu=gpu)
+        with dsl.ParallelFor(workers, name="text-workers") as worker:
+            task = _bind(component, p, items=items, worker=worker, **machine, **runtime
+                         ).set_display_name("Embed text")
+            if job is not None:
+                _worker_retries(task)
+        return dsl.Collected(task.outputs["text_shards"])
+
+    text_workers.__name__ = name
+    where = ("on one GPU each, in the GPU image" if gpu else "on CPU machines") if job else ""
+    summary = f"The text workers{' ' + where if where else ''}: one per item of the plan."
+    artifacts = {"items": (dsl.Input[dsl.Dataset], "The items table, from the importer."),
+                 "workers": (list, "The plan's workers (each its shards).")}
+    return dsl.pipeline(name=name.replace("_", "-"))(
+        _with_param_signature(text_workers, summary, names, artifacts))
+
+
 @dataclasses.dataclass
 class _Steps:
-    """The components of one compile target (the four jobs wrapped as custom jobs on Vertex)."""
+    """The components of one compile target (the jobs wrapped as custom jobs on Vertex)."""
 
     fingerprint: Any
     plan: Any
@@ -166,58 +218,67 @@ class _Steps:
     merge_images: Any
     report: Any
     publish: Any
-    embed_text: Any
+    text_workers: Any  # the text workers' pipeline (on Vertex: their CPU jobs)
     embed_images: Any
     fuse: Any
     knn: Any
-    jobs: dict[str, _Job]  # Vertex only: the custom jobs above and their worker pools
-    text_machine: Any = None  # Vertex only: the text workers' image and accelerator count
+    jobs: dict[str, _Job]  # Vertex only: the custom jobs and their worker pools
+    text_workers_gpu: Any = None  # Vertex only: the text workers' GPU jobs
 
     @classmethod
     def make(cls, on_vertex: bool, image: str, gpu_image: str) -> "_Steps":
         plain = dict(fingerprint=make_fingerprint(image), plan=make_plan_shards(image),
                      merge_text=make_merge_text(image), merge_images=make_merge_images(image),
                      report=make_qa_report(image), publish=make_publish_outputs(image))
+        runtime = _runtime_inputs(on_vertex)
         if not on_vertex:  # kfp.local runs every step as a plain task, in one image
-            return cls(**plain, embed_text=make_embed_text(image),
-                       embed_images=make_embed_images(image), fuse=make_fuse_embeddings(image),
-                       knn=make_knn_graphs(image), jobs={})
+            return cls(**plain, text_workers=_text_workers_pipeline(
+                make_embed_text(image), "text_workers", runtime),
+                embed_images=make_embed_images(image), fuse=make_fuse_embeddings(image),
+                knn=make_knn_graphs(image), jobs={})
         jobs = {"embed_text": _custom_job(make_embed_text(image), "embed-text"),
+                "embed_text_gpu": _custom_job(make_embed_text(gpu_image), "embed-text"),
                 "embed_images": _custom_job(make_embed_images(gpu_image), "embed-images"),
                 "fuse": _custom_job(make_fuse_embeddings(image), "fuse-embeddings"),
                 "knn": _custom_job(make_knn_graphs(image), "knn-graphs")}
-        return cls(**plain, **{key: job.op for key, job in jobs.items()}, jobs=jobs,
-                   text_machine=make_text_machine(image))
+        text = {f"text_workers{suffix}": _text_workers_pipeline(
+            jobs[key].op, f"text_workers{suffix}", runtime, jobs[key], gpu=bool(suffix))
+            for key, suffix in (("embed_text", ""), ("embed_text_gpu", "_gpu"))}
+        return cls(**plain, **text, embed_images=jobs["embed_images"].op,
+                   fuse=jobs["fuse"].op, knn=jobs["knn"].op, jobs=jobs)
 
 
-def _worker_machines(steps: _Steps, p: Mapping[str, Any], image: str, gpu_image: str
-                     ) -> tuple[dict, dict]:
-    """The text and image workers' custom-job inputs (Vertex): machine and scheduling from
-    pipeline parameters; the text workers' image and GPU count from the text-machine task."""
-    machine = _bind(steps.text_machine, p, cpu_image=image, gpu_image=gpu_image
-                    ).set_display_name("Text machine")
-    text = dict(strategy=p["text_strategy"], worker_pool_specs=_worker_pool_specs(
-        steps.jobs["embed_text"], machine_type=p["text_machine_type"],
-        accelerator_type=p["text_accelerator"],
-        accelerator_count=machine.outputs["accelerator_count"], image=machine.outputs["image"]))
-    images = dict(strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
-        steps.jobs["embed_images"], machine_type=p["image_machine_type"],
-        accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
-    return text, images
+def _text_workers(steps: _Steps, p: Mapping[str, Any], items, plan):
+    """The text workers' shards, collected. On Vertex their job is chosen at compile time, each
+    with a constant image and GPU count: the CPU job when ``text_accelerator`` is empty, else
+    the GPU job; the merge takes the branch that ran (``dsl.OneOf``). kfp.local cannot select
+    an artifact from branches: it runs the one plain loop (its machine parameters are ignored,
+    and the worker itself uses the local GPU when ``text_accelerator`` is set)."""
+    if steps.text_workers_gpu is None:
+        return _bind(steps.text_workers, p, items=items, workers=plan.output
+                     ).set_display_name("Text workers").output
+    with dsl.If(p["text_accelerator"] == "", name="text-on-cpu"):
+        cpu = _bind(steps.text_workers, p, items=items, workers=plan.output
+                    ).set_display_name("Text workers (CPU)")
+    with dsl.Else(name="text-on-gpu"):
+        gpu = _bind(steps.text_workers_gpu, p, items=items, workers=plan.output
+                    ).set_display_name("Text workers (GPU)")
+    return dsl.OneOf(cpu.output, gpu.output)
 
 
-def _workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
-             on_vertex: bool, image: str, gpu_image: str):
-    """The loop over the plan's workers: one text and one image worker task per loop item.
-    Their cache keys hold the inputs' fingerprint through the loop item (see the plan)."""
-    text_job, image_job = (_worker_machines(steps, p, image, gpu_image) if on_vertex
-                           else ({}, {}))
-    with dsl.ParallelFor(plan.output, name="workers") as worker:
-        text = _bind(steps.embed_text, p, items=items, worker=worker, **text_job, **runtime
-                     ).set_display_name("Embed text")
+def _image_workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
+                   on_vertex: bool):
+    """The loop over the plan's workers: one image worker task per loop item (on Vertex a T4
+    job, Spot by default). Their cache keys hold the inputs' fingerprint through the loop item
+    (see the plan)."""
+    machine = {} if not on_vertex else dict(
+        strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
+            steps.jobs["embed_images"], machine_type=p["image_machine_type"],
+            accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
+    with dsl.ParallelFor(plan.output, name="image-workers") as worker:
         images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=on_vertex,
-                       **image_job, **runtime).set_display_name("Embed images")
-    return text, images
+                       **machine, **runtime).set_display_name("Embed images")
+    return images
 
 
 def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str) -> dict:
@@ -227,11 +288,17 @@ def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str) -> d
     return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=p[parameter]))
 
 
+def _worker_retries(task) -> None:
+    """A worker's retries on Vertex (Spot preemptions): a retried worker resumes from its
+    finished shards."""
+    task.set_retry(WORKER_RETRIES, backoff_duration="60s")
+
+
 def _vertex_policies(workers: Sequence, steps: Sequence, plain: Sequence) -> None:
     """Retries (Spot preemptions of the workers, transient failures of the steps) and the
     plain tasks' resources (the custom jobs have a machine of their own)."""
     for task in workers:
-        task.set_retry(WORKER_RETRIES, backoff_duration="60s")
+        _worker_retries(task)
     for task in steps:
         task.set_retry(STEP_RETRIES)
     for task in plain:
@@ -254,9 +321,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
     on_vertex = target == "vertex"
     gpu_image = gpu_image or image
     steps = _Steps.make(on_vertex, image, gpu_image)
-    # the run-time inputs of the steps that log experiment runs
-    runtime = dict(project=PROJECT_PLACEHOLDER if on_vertex else "",
-                   location=LOCATION_PLACEHOLDER if on_vertex else "")
+    runtime = _runtime_inputs(on_vertex)
 
     def item_embeddings(**p) -> Outputs:
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
@@ -266,11 +331,10 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
         fingerprint.set_caching_options(False)  # it is what tells changed contents apart
         plan = _bind(steps.plan, p, items=items, inputs_fingerprint=fingerprint.output
                      ).set_display_name("Plan shards")
-        text, images = _workers(steps, p, items, plan, runtime, on_vertex=on_vertex,
-                                image=image, gpu_image=gpu_image)
+        text_shards = _text_workers(steps, p, items, plan)
+        images = _image_workers(steps, p, items, plan, runtime, on_vertex=on_vertex)
         merged_text = _bind(steps.merge_text, p, workers=plan.output, **runtime,
-                            text_shards=dsl.Collected(text.outputs["text_shards"])
-                            ).set_display_name("Merge text")
+                            text_shards=text_shards).set_display_name("Merge text")
         merged_images = _bind(steps.merge_images, p, workers=plan.output, **runtime,
                               image_shards=dsl.Collected(images.outputs["image_shards"])
                               ).set_display_name("Merge images")
@@ -282,6 +346,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
                       ).set_display_name("Fuse embeddings")
         fused_out = fused.outputs["fused_embeddings"]
         knn = _bind(steps.knn, p, text_embeddings=text_out, fused_embeddings=fused_out,
+                    inputs_fingerprint=fingerprint.output,
                     **_machine(steps, "knn", p, "knn_machine_type"), **runtime
                     ).set_display_name("kNN graphs")
         report = _bind(steps.report, p, items=items, text_embeddings=text_out,
@@ -289,7 +354,7 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
                        knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
                        ).set_display_name("QA report")
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
-            _vertex_policies(workers=(text, images),
+            _vertex_policies(workers=(images,),
                              steps=(plan, merged_text, merged_images, fused, knn, report),
                              plain=(plan, merged_text, merged_images, report))
         with dsl.If(p["publish_uri"] != "", name="publish-enabled"):

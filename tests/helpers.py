@@ -10,10 +10,13 @@ from __future__ import annotations
 
 # Only light imports at the top: conftest imports this module in every test session; the
 # package's heavier modules are imported by the helpers that use them.
+import atexit
 import json
 import random
 import re
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +91,26 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+_OUTPUT_SETS: dict[tuple, Path] = {}  # made once per test process, then copied
+
+
 def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int = 0,
                     run_id: str = "run-1") -> Path:
     """A consistent output set in the documented layout (docs/outputs.md), each group written
-    through the step skeleton (``step_run``), so its meta file records run id and file hashes."""
+    through the step skeleton (``step_run``), so its meta file records run id and file hashes;
+    with images, also its QA report (``write_report``). Returns ``root``."""
+    key = (n, with_images, seed, run_id)
+    if key not in _OUTPUT_SETS:
+        folder = tempfile.mkdtemp(prefix="item-embeddings-test-set-")
+        atexit.register(shutil.rmtree, folder, True)
+        _OUTPUT_SETS[key] = _make_output_set(Path(folder) / "set", *key)
+    # (bytes copied here: tests replace shutil's copy functions to inject failures)
+    shutil.copytree(_OUTPUT_SETS[key], root, dirs_exist_ok=True,
+                    copy_function=lambda src, dst: Path(dst).write_bytes(Path(src).read_bytes()))
+    return root
+
+
+def _make_output_set(root: Path, n: int, with_images: bool, seed: int, run_id: str) -> Path:
     from item_embeddings.step import step_run
 
     rng = np.random.default_rng(seed)
@@ -136,6 +155,22 @@ def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int
         run.finish(FUSION_CONFIG, {
             "count": n, "items_with_images": len(good) - 1, "output_dim": 128, "hidden_dim": 256,
             "text_run_id": run_id, "image_run_id": run_id}, metrics={})
+    return write_report(root, run_id=run_id)
+
+
+def write_report(root: Path, run_id: str = "run-1") -> Path:
+    """The QA report of the set in ``root`` (``write_qa_report``, with the set's kNN graphs when
+    it has them), over a generated items table of the set's ids."""
+    from item_embeddings.config import PipelineParams
+    from item_embeddings.report import write_qa_report
+
+    ids = pq.read_table(root / TXT_ITEMS).column("id").to_pylist()
+    with tempfile.TemporaryDirectory() as tmp:
+        items = write_items(Path(tmp) / "items.parquet",
+                            {"asin": ids, "title": [f"Item {i}" for i in ids]})
+        knn = root if (root / KNN_META).is_file() else None
+        write_qa_report(str(items), root, root, root, knn, root / QA_REPORT,
+                        PipelineParams(seed=0), run_id=run_id)
     return root
 
 
@@ -150,6 +185,7 @@ def exact_knn(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_knn(root: Path, k: int = 5, run_id: str = "run-1") -> Path:
     """The kNN graph files of the set in ``root`` (exact search), through the step skeleton."""
+    from item_embeddings.knn.graph import RECALL_PREFIXES
     from item_embeddings.step import step_run
     from item_embeddings.verify import KNN_SPACES
 
@@ -162,7 +198,8 @@ def write_knn(root: Path, k: int = 5, run_id: str = "run-1") -> Path:
             np.save(root / score_name, scores)
             spaces[space] = {"dim": vectors.shape[1], "method": "exact", "index_params": {},
                              "build_time_sec": 0.0, "query_time_sec": 0.0, "recall_at_k": 1.0,
-                             "recall_queries": 0}
+                             "recall_at": {str(j): 1.0 for j in RECALL_PREFIXES if j < k},
+                             "recall_queries": len(idx)}
         run.finish(KNN_META, {"k": k, "count": len(idx), "spaces": spaces}, metrics={})
     return root
 
@@ -178,6 +215,25 @@ def reseal(root: Path) -> None:
             meta["files"] = {name: file_record(root / name) for name in meta["files"]}
             meta_path.write_text(json.dumps(meta))
 
+
+
+def verify_cli(root: Path, capsys) -> tuple[int, str]:
+    """``item-embeddings verify root``: its exit status and what it printed."""
+    from item_embeddings.ops.cli import main
+
+    rc = main(["verify", str(root)])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def refused(root: Path, capsys, *fragments: str) -> str:
+    """Run the CLI on ``root``: exit status 1 and every fragment among the violations."""
+    rc, out = verify_cli(root, capsys)
+    assert rc == 1, out
+    violations = "\n".join(line for line in out.splitlines() if "VIOLATION" in line)
+    for fragment in fragments:
+        assert fragment in violations, (fragment, out)
+    return violations
 
 
 # The console of a local run (ops/console.py).

@@ -3,6 +3,7 @@ parameters — read back from the YAML, and the custom jobs built as GCPC's laun
 
 import json
 import re
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -28,11 +29,47 @@ def _root(spec):
     return spec["root"]["dag"]["tasks"]
 
 
+def _component(spec, task):
+    return spec["components"][task["componentRef"]["name"]]
+
+
 def _loop(spec):
-    """The workers' loop task and the tasks inside it."""
+    """The image workers' loop task and the tasks inside it."""
     (name,) = [k for k in _root(spec) if k.startswith("for-loop")]
     loop = _root(spec)[name]
-    return loop, spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    return loop, _component(spec, loop)["dag"]["tasks"]
+
+
+class Branch(NamedTuple):
+    """One branch of the text workers (Vertex): the If/Else task, the text-workers pipeline
+    task inside it, that pipeline's loop and the worker task in the loop."""
+
+    condition: dict
+    workers: dict
+    loop: dict
+    embed: dict
+
+
+def _text_branches(spec) -> dict[str, Branch]:
+    """The text workers' branches by name ('text-on-cpu', 'text-on-gpu')."""
+    (branches,) = [t for k, t in _root(spec).items() if k.startswith("condition-branches")]
+    found = {}
+    for condition in _component(spec, branches)["dag"]["tasks"].values():
+        (workers,) = _component(spec, condition)["dag"]["tasks"].values()
+        (loop,) = _component(spec, workers)["dag"]["tasks"].values()
+        (embed,) = _component(spec, loop)["dag"]["tasks"].values()
+        found[condition["taskInfo"]["name"]] = Branch(condition, workers, loop, embed)
+    return found
+
+
+def _branch_taken(condition: str, values: dict) -> bool:
+    """Evaluate a branch's trigger condition as the backend does, for the simple form the
+    compiler writes here: ``[!(]inputs.parameter_values['pipelinechannel--x'] == ''[)]``."""
+    match = re.fullmatch(r"(!\()?inputs\.parameter_values\['pipelinechannel--([a-z_]+)'\] == "
+                         r"'([^']*)'(\))?", condition)
+    assert match, condition
+    negated, name, literal, _ = match.groups()
+    return (values[name] == literal) != bool(negated)
 
 
 def _producers(task: dict) -> set[str]:
@@ -52,7 +89,7 @@ def test_dag_edges(template):
     # the loop runs one worker per item of the plan's output
     assert loop["parameterIterator"]["items"] == {
         "inputParameter": "pipelinechannel--plan-shards-Output"}
-    assert loop["taskInfo"]["name"] == "workers"
+    assert loop["taskInfo"]["name"] == "image-workers"
     # The loop's width is decided at run time: the plan makes min(shards, max_parallel_shards)
     # loop items from the pipeline parameters (KFP's own ParallelFor parallelism is a
     # compile-time constant, so it is left unset).
@@ -60,16 +97,29 @@ def test_dag_edges(template):
         assert tasks["plan-shards"]["inputs"]["parameters"][name] == {
             "componentInputParameter": name}
     assert "parallelismLimit" not in loop.get("iteratorPolicy", {})
-    assert set(inner) == {"embed-text", "embed-images"}
-    for name in inner:  # each worker reads the items and its own loop item
-        params = inner[name]["inputs"]["parameters"]
-        assert params["worker"] == {
-            "componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item"}
-    # the merges collect the loop's outputs and get the whole plan
-    for merge, key in (("merge-text", "text_shards"), ("merge-images", "image_shards")):
-        art = tasks[merge]["inputs"]["artifacts"][key]["taskOutputArtifact"]
-        assert art["producerTask"] == loop["taskInfo"]["name"] or art["producerTask"].startswith(
-            "for-loop")
+    assert set(inner) == {"embed-images"}
+    assert inner["embed-images"]["inputs"]["parameters"]["worker"] == {  # its own loop item
+        "componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item"}
+    # the text workers: a pipeline per branch, looping over the plan the same way
+    for branch in _text_branches(spec).values():
+        assert branch.workers["inputs"]["parameters"]["workers"] == {
+            "componentInputParameter": "pipelinechannel--plan-shards-Output"}
+        assert branch.workers["inputs"]["artifacts"]["items"] == {
+            "componentInputArtifact": "pipelinechannel--importer-artifact"}
+        assert branch.loop["parameterIterator"]["items"] == {
+            "inputParameter": "pipelinechannel--workers"}
+        assert branch.loop["taskInfo"]["name"] == "text-workers"
+        assert "parallelismLimit" not in branch.loop.get("iteratorPolicy", {})
+        assert branch.embed["inputs"]["parameters"]["worker"] == {
+            "componentInputParameter": "pipelinechannel--workers-loop-item"}
+    # the merges collect the workers' outputs (the text's from the branch that ran) and get
+    # the whole plan
+    images = tasks["merge-images"]["inputs"]["artifacts"]["image_shards"]["taskOutputArtifact"]
+    assert images["producerTask"].startswith("for-loop")
+    text = tasks["merge-text"]["inputs"]["artifacts"]["text_shards"]["taskOutputArtifact"]
+    assert text["producerTask"].startswith("condition-branches")
+    assert "-oneof-" in text["outputArtifactKey"]
+    for merge in ("merge-text", "merge-images"):
         assert tasks[merge]["inputs"]["parameters"]["workers"] == {
             "taskOutputParameter": {"outputParameterKey": "Output",
                                     "producerTask": "plan-shards"}}
@@ -77,9 +127,22 @@ def test_dag_edges(template):
     assert _producers(tasks["knn-graphs"]) == {"merge-text", "fuse-embeddings"}
     assert _producers(tasks["qa-report"]) == {"importer", "merge-text", "merge-images",
                                               "fuse-embeddings", "knn-graphs"}
-    condition = next(t for name, t in tasks.items() if name.startswith("condition"))
+    condition = next(t for name, t in tasks.items()
+                     if name.startswith("condition-") and "triggerPolicy" in t)
     assert "publish_uri" in condition["triggerPolicy"]["condition"]
     assert {"qa-report", "knn-graphs", "fuse-embeddings"} <= set(condition["dependentTasks"])
+
+
+def test_the_first_task_gets_the_machine_parameters(template):
+    """The never-cached first task checks the machine pairing of a UI rerun (each job sees
+    only its own machine), so it takes every machine parameter by name."""
+    _, spec = template
+    bound = _root(spec)["fingerprint-inputs"]["inputs"]["parameters"]
+    for name in ("text_machine_type", "text_accelerator", "image_machine_type",
+                 "fusion_machine_type", "knn_machine_type"):
+        assert bound[name] == {"componentInputParameter": name}, name
+    # every other task waits for it: the plan takes its output, the workers the plan's
+    assert "fingerprint-inputs" in _root(spec)["plan-shards"]["dependentTasks"]
 
 
 def test_steps_reading_items_are_cached_by_content(template):
@@ -95,8 +158,10 @@ def test_steps_reading_items_are_cached_by_content(template):
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
     # the workers get it in their loop item, from the plan (which takes it as an input)
     _, inner = _loop(spec)
-    for name in inner:
-        assert "inputs_fingerprint" not in inner[name]["inputs"]["parameters"]
+    workers = [inner["embed-images"], *(b.embed for b in _text_branches(spec).values())]
+    assert len(workers) == 3
+    for task in workers:
+        assert "inputs_fingerprint" not in task["inputs"]["parameters"]
 
 
 def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template):
@@ -110,16 +175,19 @@ def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template)
         "accelerator_type": "NVIDIA_TESLA_T4", "accelerator_count": 1}
     assert pool["container_spec"]["image_uri"] == GPU_IMAGE
     assert inner["embed-images"]["retryPolicy"]["maxRetryCount"] >= 3
-    text = inner["embed-text"]["inputs"]["parameters"]
-    assert text["strategy"] == {"componentInputParameter": "pipelinechannel--text_strategy"}
-    (pool,) = text["worker_pool_specs"]["runtimeValue"]["constant"]
-    assert pool["machine_spec"] == {
-        "machine_type": "{{$.inputs.parameters['pipelinechannel--text_machine_type']}}",
-        "accelerator_type": "{{$.inputs.parameters['pipelinechannel--text_accelerator']}}",
-        "accelerator_count":
-            "{{$.inputs.parameters['pipelinechannel--text-machine-accelerator_count']}}"}
-    assert pool["container_spec"]["image_uri"] == \
-        "{{$.inputs.parameters['pipelinechannel--text-machine-image']}}"
+    branches = _text_branches(spec)
+    assert set(branches) == {"text-on-cpu", "text-on-gpu"}
+    for name, gpu in (("text-on-cpu", False), ("text-on-gpu", True)):
+        text = branches[name].embed["inputs"]["parameters"]
+        assert text["strategy"] == {"componentInputParameter": "pipelinechannel--text_strategy"}
+        (pool,) = text["worker_pool_specs"]["runtimeValue"]["constant"]
+        assert pool["machine_spec"] == {
+            "machine_type": "{{$.inputs.parameters['pipelinechannel--text_machine_type']}}",
+            "accelerator_type": ("{{$.inputs.parameters['pipelinechannel--text_accelerator']}}"
+                                 if gpu else ""),
+            "accelerator_count": 1 if gpu else 0}, name
+        assert pool["container_spec"]["image_uri"] == (GPU_IMAGE if gpu else IMAGE), name
+        assert branches[name].embed["retryPolicy"]["maxRetryCount"] >= 3, name
     for task, param in [("fuse-embeddings", "fusion_machine_type"),
                         ("knn-graphs", "knn_machine_type")]:
         job = _root(spec)[task]
@@ -128,6 +196,84 @@ def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template)
             f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", task
         assert pool["container_spec"]["image_uri"] == IMAGE
         assert job["retryPolicy"]["maxRetryCount"] >= 1, task
+
+
+def _custom_jobs(spec) -> dict[str, list]:
+    """Every task of the template (in any DAG) with a ``worker_pool_specs`` input, by its
+    component's name, with that input's value."""
+    jobs = {}
+    for dag in [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values()
+                                       if "dag" in c)]:
+        for task in dag["tasks"].values():
+            spec_input = task.get("inputs", {}).get("parameters", {}).get("worker_pool_specs")
+            if spec_input is not None:
+                jobs[task["componentRef"]["name"]] = spec_input
+    return jobs
+
+
+def test_no_custom_job_takes_its_image_or_gpu_count_from_a_task(template):
+    """Vertex substitutes placeholders in a job's ``machine_spec`` (kubeflow/pipelines#10883);
+    one elsewhere in the same structure was seen left as it was (#11504), and a count given
+    as a string is refused by the API. So every job's image is a constant of the template, its
+    GPU count an integer, and what is filled in at run time is a pipeline parameter, never
+    another task's output."""
+    path, spec = template
+    jobs = _custom_jobs(spec)
+    # text on CPU, text on GPU, images, fusion, kNN
+    assert len(jobs) == 5 and "text-machine" not in path.read_text()
+    for name, value in jobs.items():
+        assert set(value) == {"runtimeValue"}, name  # a constant, not a task's output
+        (pool,) = value["runtimeValue"]["constant"]
+        assert pool["container_spec"]["image_uri"] in (IMAGE, GPU_IMAGE), name
+        # a number (the spec's constants are protobuf Struct values: doubles, 1.0), never a
+        # string such as a placeholder: the payload then holds 0 or 1, not "0"
+        count = pool["machine_spec"]["accelerator_count"]
+        assert type(count) in (int, float) and count in (0, 1), name
+        filled = re.findall(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", json.dumps(pool))
+        assert filled and {f.removeprefix("pipelinechannel--") for f in filled} <= {
+            "text_machine_type", "text_accelerator", "image_machine_type",
+            "fusion_machine_type", "knn_machine_type"}, (name, filled)
+    gpu_jobs = [n for n, v in jobs.items()
+                if v["runtimeValue"]["constant"][0]["machine_spec"]["accelerator_count"] == 1]
+    assert sorted(gpu_jobs) == ["comp-embed-images", "comp-embed-text-2"]
+
+
+def test_text_accelerator_picks_the_text_branch_and_the_merge_takes_it(template):
+    """Exactly one branch runs for any ``text_accelerator``: the CPU job when it is empty,
+    the GPU job otherwise; the merge's input is the output of whichever ran (``dsl.OneOf``),
+    each being its text workers' collected shards."""
+    _, spec = template
+    branches = _text_branches(spec)
+    for accelerator in ("", "NVIDIA_TESLA_T4", "NVIDIA_L4"):
+        taken = [name for name, branch in branches.items() if _branch_taken(
+            branch.condition["triggerPolicy"]["condition"], {"text_accelerator": accelerator})]
+        assert taken == ["text-on-gpu" if accelerator else "text-on-cpu"], accelerator
+    (key,) = [k for k in _root(spec) if k.startswith("condition-branches")]
+    oneof = _component(spec, _root(spec)[key])["dag"]["outputs"]["artifacts"]
+    merged = _root(spec)["merge-text"]["inputs"]["artifacts"]["text_shards"]
+    assert merged == {"taskOutputArtifact": {"producerTask": key,
+                                             "outputArtifactKey": next(iter(oneof))}}
+    (selectors,) = [v["artifactSelectors"] for v in oneof.values()]
+    conditions = _component(spec, _root(spec)[key])["dag"]["tasks"]
+    assert sorted(conditions[s["producerSubtask"]]["taskInfo"]["name"] for s in selectors) == [
+        "text-on-cpu", "text-on-gpu"]
+    for selector in selectors:
+        branch = branches[conditions[selector["producerSubtask"]]["taskInfo"]["name"]]
+        # the condition's output is its text-workers pipeline's, which collects its loop's
+        condition = _component(spec, branch.condition)["dag"]
+        (workers_key,) = condition["tasks"]
+        ((output_key, output),) = condition["outputs"]["artifacts"].items()
+        assert selector["outputArtifactKey"] == output_key
+        assert output["artifactSelectors"] == [{"outputArtifactKey": "Output",
+                                                "producerSubtask": workers_key}]
+        (out,) = _component(spec, branch.workers)["dag"]["outputs"]["artifacts"].values()
+        loop_key = out["artifactSelectors"][0]["producerSubtask"]
+        assert _component(spec, branch.workers)["dag"]["tasks"][loop_key] == branch.loop
+        assert _component(spec, branch.workers)["outputDefinitions"]["artifacts"]["Output"][
+            "isArtifactList"] is True
+        (collected,) = _component(spec, branch.loop)["dag"]["outputs"]["artifacts"].values()
+        assert collected["artifactSelectors"] == [{"outputArtifactKey": "text_shards",
+                                                   "producerSubtask": "embed-text"}]
 
 
 def test_plain_steps_resources_and_images(template):
@@ -194,7 +340,15 @@ def test_local_target_has_no_custom_job(tmp_path):
     assert "custom_job" not in path.read_text()
     _, inner = _loop(spec)
     assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
-    assert "text-machine" not in _root(spec)
+    # kfp.local cannot select an artifact from If/Else branches (dsl.OneOf): one plain loop of
+    # text workers, feeding the merge directly
+    assert not any(k.startswith("condition-branches") for k in _root(spec))
+    workers = _root(spec)["text-workers"]
+    (loop,) = _component(spec, workers)["dag"]["tasks"].values()
+    (embed,) = _component(spec, loop)["dag"]["tasks"].values()
+    assert "strategy" not in embed["inputs"]["parameters"]
+    assert _root(spec)["merge-text"]["inputs"]["artifacts"]["text_shards"] == {
+        "taskOutputArtifact": {"producerTask": "text-workers", "outputArtifactKey": "Output"}}
 
 
 def test_unknown_target():
@@ -244,9 +398,8 @@ def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
         nonlocal checked
         for name, task in dag.get("tasks", {}).items():
             component = spec["components"][task["componentRef"]["name"]]
-            if "dag" in component:  # a loop or condition: check the tasks inside
-                walk(component["dag"])
-                continue
+            if "dag" in component:  # a loop, condition or pipeline: check the tasks inside
+                walk(component["dag"])  # (a pipeline's own inputs are checked below)
             bound = task.get("inputs", {}).get("parameters", {})
             for param in component.get("inputDefinitions", {}).get("parameters", {}):
                 if param not in PARAM_FIELDS:
@@ -388,32 +541,35 @@ def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypa
     assert task["inputs"]["parameters"]["require_gpu"] == {"runtimeValue": {"constant": True}}
 
 
-@pytest.mark.parametrize("accelerator", ["", "NVIDIA_TESLA_T4"])
+@pytest.mark.parametrize("accelerator,machine", [("", "n1-standard-8"),
+                                                 ("NVIDIA_TESLA_T4", "n1-standard-8"),
+                                                 ("NVIDIA_L4", "g2-standard-8")])
 def test_text_workers_get_the_machine_a_rerun_asks_for(template, monkeypatch, tmp_path,
-                                                       accelerator):
-    """A UI rerun's text_machine_type / text_accelerator reach the text workers' CustomJob;
-    with a GPU they run in the GPU image, without one in the slim CPU image."""
-    from item_embeddings.components.text_machine import text_machine
-
+                                                       accelerator, machine):
+    """A UI rerun's text_machine_type / text_accelerator reach the text workers' CustomJob
+    of the branch the backend runs for them: with a GPU, one of it in the GPU image; without,
+    none in the slim CPU image."""
     _, spec = template
-    _, inner = _loop(spec)
-    task = inner["embed-text"]
-    machine = text_machine(text_accelerator=accelerator, cpu_image=IMAGE, gpu_image=GPU_IMAGE)
-    values = _task_values(spec, task, {"text_machine_type": "n1-standard-8",
+    values = {"text_accelerator": accelerator}
+    (branch,) = [b for b in _text_branches(spec).values()
+                 if _branch_taken(b.condition["triggerPolicy"]["condition"], values)]
+    task = branch.embed
+    values = _task_values(spec, task, {"text_machine_type": machine,
                                        "text_accelerator": accelerator,
-                                       "text_strategy": "SPOT"})
-    values["pipelinechannel--text-machine-image"] = machine.image
-    values["pipelinechannel--text-machine-accelerator_count"] = machine.accelerator_count
+                                       "text_strategy": "STANDARD"})
     job = _launch(spec, task, task["componentRef"]["name"], values, _runtime(True),
                   monkeypatch, tmp_path)
     (pool,) = job.job_spec.worker_pool_specs
-    assert pool.machine_spec.machine_type == "n1-standard-8"
+    assert pool.machine_spec.machine_type == machine
     assert pool.machine_spec.accelerator_count == (1 if accelerator else 0)
     assert pool.machine_spec.accelerator_type.name == (accelerator or
                                                        "ACCELERATOR_TYPE_UNSPECIFIED")
     assert pool.container_spec.image_uri == (GPU_IMAGE if accelerator else IMAGE)
-    assert job.job_spec.scheduling.strategy.name == "SPOT"
-    assert job.job_spec.service_account == SA
+    assert job.job_spec.scheduling.strategy.name == "STANDARD"
+    assert job.job_spec.service_account == SA and job.job_spec.network == NETWORK
+    # the worker in the job is told about its GPU (it fails at once if torch cannot use it)
+    assert task["inputs"]["parameters"]["text_accelerator"] == {
+        "componentInputParameter": "pipelinechannel--text_accelerator"}
 
 
 @pytest.mark.parametrize("task_name,param", [("fuse-embeddings", "fusion_machine_type"),

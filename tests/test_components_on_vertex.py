@@ -124,3 +124,42 @@ def test_a_gpu_that_cannot_run_kernels_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "ones", ones)
     with pytest.raises(GpuUnavailableError, match="cannot run a CUDA kernel.*Tesla T4.*no kernel"):
         require_cuda("the image step")
+
+
+@pytest.mark.parametrize("machines,message", [
+    ({"text_accelerator": "NVIDIA_TESLA_T4"},
+     "parameter 'text_accelerator' NVIDIA_TESLA_T4 attaches to n1 machine types only, but "
+     "text_machine_type is 'e2-standard-4' (e.g. text_machine_type=n1-standard-4)"),
+    ({"image_machine_type": "e2-standard-8"},
+     "parameter 'image_machine_type' 'e2-standard-8' cannot take the image workers' "
+     "NVIDIA_TESLA_T4"),
+    ({"knn_machine_type": "a2-highgpu-1g"},
+     "parameter 'knn_machine_type' 'a2-highgpu-1g' is a GPU machine type"),
+    ({"fusion_machine_type": "g2-standard-8"},
+     "parameter 'fusion_machine_type' 'g2-standard-8' is a GPU machine type"),
+    ({"text_machine_type": "n1_standard_4"},
+     "parameter 'text_machine_type' must be a Vertex AI machine type"),
+])
+def test_a_rerun_asking_for_machines_vertex_cannot_give_fails_the_first_task(
+        tmp_path, machines, message):
+    """A UI rerun skips the CLI's checks and each custom job sees only its own machine: the
+    first task refuses the pairing, in one line naming the parameters, before it reads
+    anything (so before any worker starts)."""
+    from item_embeddings.components.fingerprint_inputs import fingerprint_inputs
+    from item_embeddings.config import ConfigError
+
+    items = dsl.Dataset(name="items", uri=str(tmp_path / "not-read.parquet"))
+    with pytest.raises(ConfigError) as refused:
+        fingerprint_inputs(items=items, previous_uri="", **machines)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_machines_vertex_can_give_pass_the_first_task(tmp_path):
+    from item_embeddings.components.fingerprint_inputs import fingerprint_inputs
+
+    items = dsl.Dataset(name="items", uri=str(write_items(tmp_path / "i.parquet", catalogue(4))))
+    default = fingerprint_inputs(items=items, previous_uri="")
+    assert fingerprint_inputs(items=items, previous_uri="", text_accelerator="NVIDIA_L4",
+                              text_machine_type="g2-standard-8",
+                              image_machine_type="n1-highmem-8",
+                              knn_machine_type="n2-highmem-32") == default

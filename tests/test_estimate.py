@@ -525,3 +525,14 @@ def test_the_per_host_rate_is_an_assumption_when_it_is_below_the_download_rate()
     assert "download_rate_per_host = 50/s per image worker" in text
     unlimited = estimate(small(download_rate_per_host=0.0), toy()).format()
     assert "download_rate_per_host" not in unlimited
+
+
+def test_knn_memory_warning_names_a_machine_that_fits():
+    est = estimate(Choices(items=10_000_000, image_items=3_000_000,
+                           params=PipelineParams(previous_uri="gs://b/e/", fusion_mode="apply",
+                                                 shards=64, max_parallel_shards=32),
+                           changed_fraction=0.02))
+    warning = next(w for w in est.warnings if "the kNN step needs about" in w)
+    needed = float(re.search(r"needs about (\d+) GB", warning).group(1))
+    suggested = re.search(r"set knn_machine_type=(\S+) \((\d+) GB\)", warning)
+    assert suggested and float(suggested.group(2)) >= needed

@@ -18,14 +18,19 @@ from item_embeddings.fusion import (
 )
 from item_embeddings.fusion.model import (
     NORM_WEIGHT,
-    TAU,
     FusionMLP,
     init_from_pca,
     load_fusion_model,
     loss_and_gradients,
-    training_batch,
 )
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
+from item_embeddings.fusion.targets import (
+    TAU,
+    Imputation,
+    no_imputation,
+    target_distribution,
+    training_batch,
+)
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
@@ -122,23 +127,27 @@ def _pca_128(x: np.ndarray, centre: bool) -> np.ndarray:
 
 def test_fused_space_keeps_neighbourhoods_better_than_pca_128(tmp_path, synthetic):
     """The trained MLP against the linear baseline it starts from: PCA-128 of the (unit-row,
-    masked) concatenation, centred or not, on the share of top-10 neighbours kept.
+    masked) concatenation, centred or not, on the share of top-10 neighbours kept within each
+    group (items with an image against the concatenation's neighbours among them, items
+    without against the text's).
 
-    20 epochs (100 optimiser steps on 2,400 items; a real catalogue gets thousands at the
-    default 5): over data seeds 0-4 x training seeds 0-1 the MLP kept 0.70-0.71 of all items'
-    neighbours against 0.64 for PCA-128, 0.84 against 0.75 for items with an image, 0.55-0.58
-    against 0.53 for items without. The untrained network (fusion_lr x 1e-6: the PCA start)
-    keeps 0.62-0.63 of all and 0.47-0.48 without an image, below PCA, and fails the test.
+    Across the groups the objective follows the text space's profile (docs/fusion.md), not the
+    concatenation, whose neighbourhoods are split by photo by construction: a comparison over
+    all items would reward that split. Here the images carry clusters the text does not have at
+    all, the hardest case for keeping both: 80 epochs (376 optimiser steps on 2,400 items; a
+    real catalogue gets thousands at the default 5). Data seed 3, training seed 0: the MLP keeps
+    0.785 against 0.741 for items with an image, 0.600 against 0.532 for items without (at 40
+    epochs 0.774 and 0.547).
     """
     root, cat = synthetic
     fuse_item_embeddings(root / "text", root / "image", tmp_path,
-                         PipelineParams(seed=0, fusion_epochs=20))
+                         PipelineParams(seed=0, fusion_epochs=80))
     fused = np.load(tmp_path / FUSED_ARRAY)
     text, image = _aligned_vectors(root, cat)
     concat = np.concatenate([text, image], axis=1)
     concat /= np.linalg.norm(concat, axis=1, keepdims=True)
     pca = [_pca_128(concat, centre) for centre in (False, True)]
-    for rows, margin in [(np.arange(N), 0.04), (np.flatnonzero(cat.has_image), 0.04),
+    for rows, margin in [(np.flatnonzero(cat.has_image), 0.04),
                          (np.flatnonzero(~cat.has_image), 0.01)]:
         reference = _top_k(concat[rows])
         mlp = _kept_neighbours(_top_k(fused[rows]), reference)
@@ -146,10 +155,13 @@ def test_fused_space_keeps_neighbourhoods_better_than_pca_128(tmp_path, syntheti
         assert mlp >= baseline + margin, (len(rows), mlp, baseline)
 
 
-def test_fused_space_recovers_image_only_and_text_clusters(fused, synthetic):
-    out, meta, cat = fused
-    root, _ = synthetic
-    z = np.load(out / FUSED_ARRAY)
+def test_fused_space_recovers_image_only_and_text_clusters(tmp_path, synthetic):
+    """10 epochs (50 steps): the image-only clusters are ordered within the items with a photo
+    (image-label purity 0.97; 0.86 after the default 5 epochs on these 2,400 items)."""
+    root, cat = synthetic
+    meta = fuse_item_embeddings(root / "text", root / "image", tmp_path,
+                                PipelineParams(seed=0, fusion_epochs=10))
+    z = np.load(tmp_path / FUSED_ARRAY)
     text = np.load(root / "text" / TXT_ARRAY)
     img, txt = np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)
     # Image clusters exist only in the image vectors: the text space cannot see them (chance is
@@ -188,7 +200,7 @@ def test_output_files_and_config(fused, synthetic):
         "text_dim": 384, "img_dim": 512, "output_dim": 128, "hidden_dim": 256, "count": N,
         "items_with_images": int(cat.has_image.sum()), "run_id": "r1", "epochs": 5, "lr": 1e-3,
         "seed": 0, "batch_size": 512}
-    assert config["objective"] == "neighbourhood-kl+norm"
+    assert config["objective"] == "modality-balanced-kl+norm"
     assert len(config["loss_history"]) == 5 and np.isfinite(config["final_loss"])
     assert config["image_failures"] == 0 and config["image_vectors_excluded"] == 0
     assert config["weights_sha256"] == sha256_file(out / WEIGHTS_FILE)
@@ -229,6 +241,25 @@ def test_deterministic_for_a_seed(tmp_path, synthetic, fused):
     assert sha256_file(tmp_path / "b" / FUSED_ARRAY) != sha256_file(out / FUSED_ARRAY)
 
 
+def test_float_noise_in_a_small_catalogue_does_not_move_the_codes(tmp_path):
+    """Fewer items than input dimensions (36 against 384 + 32): the PCA start uses only the
+    directions the items span. Inputs that differ in the last bits (as a shards=3 run's do)
+    give codes within 1e-5; with the null space's arbitrary basis in the start, 1e-7 of noise
+    decided which ReLU units trained and moved codes by 0.09."""
+    write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=36, image_fraction=0.7,
+                              seed=3)
+    shutil.copytree(tmp_path / "image", tmp_path / "noisy")
+    img = np.load(tmp_path / "image" / IMG_ARRAY)
+    noise = 1e-7 * np.random.default_rng(1).standard_normal(img.shape)
+    np.save(tmp_path / "noisy" / IMG_ARRAY, (img + noise).astype(img.dtype))
+    codes = []
+    for image_dir in ("image", "noisy"):
+        fuse_item_embeddings(tmp_path / "text", tmp_path / image_dir, tmp_path / f"{image_dir}-out",
+                             PipelineParams(seed=0))
+        codes.append(np.load(tmp_path / f"{image_dir}-out" / FUSED_ARRAY))
+    np.testing.assert_allclose(codes[1], codes[0], rtol=0, atol=1e-5)
+
+
 def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
     """num_threads=2 builds targets in a second thread: deterministic, same codes as 1 thread.
 
@@ -247,49 +278,85 @@ def test_target_thread_changes_nothing_but_speed(tmp_path, synthetic, fused):
     assert cosine.min() > 0.9999
 
 
-@pytest.mark.parametrize("image_count", [4, 0])
+def _plain_targets(text, image, imputation, tau):
+    """The target distribution as docs/fusion.md defines it, one row and one group at a time:
+    the text softmax's probabilities on each group (items with / without a photo), sorted, and
+    handed out in the order of the group's evidence: text + image cosines (both have a photo),
+    text + imputed-photo cosines (one has), text cosines (neither has)."""
+    b, m = text.shape[0], image.shape[0]
+    photo = torch.zeros(b, image.shape[1], dtype=text.dtype)
+    photo[:m] = image
+    imputed = text @ imputation.weight + imputation.offset
+    has = torch.arange(b) < m
+    target = torch.zeros(b, b, dtype=text.dtype)
+    for i in range(b):
+        others = [j for j in range(b) if j != i]
+        text_p = torch.softmax(text[i] @ text[others].T / tau, dim=0)
+        for group in (True, False):
+            members = [j for j in others if bool(has[j]) == group]
+            evidence = {}
+            for j in members:
+                pair = float(text[i] @ text[j])
+                if has[i] and has[j]:
+                    pair += float(photo[i] @ photo[j])
+                elif has[i] != has[j]:
+                    pair += float(photo[i] @ imputed[j] if has[i] else imputed[i] @ photo[j])
+                evidence[j] = pair
+            values = sorted((float(text_p[others.index(j)]) for j in members), reverse=True)
+            for rank, j in enumerate(sorted(members, key=lambda j: -evidence[j])):
+                target[i, j] = values[rank]
+    return target
+
+
+@pytest.mark.parametrize("image_count", [4, 0, 12])
 def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_count):
-    """The hand-written loss and gradients equal autograd's on the dense concatenation."""
+    """The targets equal their plain definition, and the hand-written loss and gradients equal
+    autograd's on the dense concatenation [text, image or stand-in, has_image]."""
     torch.manual_seed(0)
     b, pos = 12, torch.arange(image_count)  # a training batch lists its image items first
     text = torch.nn.functional.normalize(torch.randn(b, 6, dtype=torch.float64), dim=1)
     image = torch.nn.functional.normalize(torch.randn(len(pos), 5, dtype=torch.float64), dim=1)
+    imputation = Imputation.from_weight(0.3 * torch.randn(6, 5, dtype=torch.float64),
+                                        0.2 * torch.randn(5, dtype=torch.float64))
     model = FusionMLP(6, 5, hidden_dim=7, output_dim=4).double()
     with torch.no_grad():
-        model.mask_in.normal_()
-    batch = training_batch(text, image)
+        for param in (model.mask_in, model.standin_in.weight, model.standin_in.bias):
+            param.normal_()
+    batch = training_batch(text, image, imputation)
     parts = loss_and_gradients(model, batch)
     grads = {name: None if p.grad is None else p.grad.clone()
              for name, p in model.named_parameters()}
 
-    # the plain definition: cosine in the zero-padded concatenated space, self excluded
+    target = _plain_targets(text, image, imputation, TAU)
+    np.testing.assert_allclose(target.sum(dim=1).numpy(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(batch.target_sym.numpy(), (target + target.T).numpy(),
+                               atol=1e-12)
+    np.testing.assert_allclose(float(batch.target_p_log_p),
+                               float(torch.special.xlogy(target, target).sum()), rtol=1e-12)
+    # the plain model: one Linear over [text, image or 0, has_image] plus, for rows without an
+    # image, the stand-in (a Linear of the text)
     has_image = torch.zeros(b, 1, dtype=torch.float64)
     has_image[pos] = 1
     concat = torch.cat([text, torch.zeros(b, 5, dtype=torch.float64), has_image], dim=1)
     concat[pos, 6:11] = image
-    reference = torch.nn.functional.normalize(concat[:, :11], dim=1)
-    self_mask = torch.eye(b, dtype=torch.bool)
-    log_p = torch.log_softmax((reference @ reference.T / TAU).masked_fill(self_mask, -1e9), dim=1)
-    target = log_p.exp()
-    np.testing.assert_allclose(batch.target_sym.numpy(), (target + target.T).numpy(), atol=1e-12)
-    np.testing.assert_allclose(float(batch.target_p_log_p), float((target * log_p).sum()),
-                               rtol=1e-12)
     weight = torch.cat([model.text_in.weight, model.image_in.weight,
                         model.mask_in.unsqueeze(1)], dim=1)
-    h = torch.nn.functional.linear(
-        torch.relu(torch.nn.functional.linear(concat, weight, model.text_in.bias)),
-        model.out.weight, model.out.bias)
+    pre = (torch.nn.functional.linear(concat, weight, model.text_in.bias)
+           + (1 - has_image) * model.standin_in(text))
+    h = torch.nn.functional.linear(torch.relu(pre), model.out.weight, model.out.bias)
     z = torch.nn.functional.normalize(h, dim=1)
+    self_mask = torch.eye(b, dtype=torch.bool)
     log_q = torch.log_softmax((z @ z.T / TAU).masked_fill(self_mask, -1e9), dim=1)
-    sim = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    sim = (torch.special.xlogy(target, target) - target * log_q).sum(dim=1).mean()
     loss = sim + NORM_WEIGHT * (h.norm(dim=1) - 1).pow(2).mean()
     assert parts["loss"] == pytest.approx(loss.item(), abs=1e-12)
     assert parts["sim_loss"] == pytest.approx(sim.item(), abs=1e-12)
     for p in model.parameters():
         p.grad = None
     loss.backward()
+    unused = {0: ("image_in.weight", "mask_in"), b: ("standin_in.weight", "standin_in.bias")}
     for name, p in model.named_parameters():
-        if name in ("image_in.weight", "mask_in") and not image_count:
+        if name in unused.get(image_count, ()):
             assert grads[name] is None  # unused, as autograd leaves it
             continue
         np.testing.assert_allclose(grads[name].numpy(), p.grad.numpy(), atol=1e-12,
@@ -317,7 +384,7 @@ def test_gradient_is_the_same_whichever_thread_computes_the_text_block():
     text = torch.nn.functional.normalize(torch.randn(64, 12), dim=1)
     image = torch.nn.functional.normalize(torch.randn(20, 10), dim=1)
     model = FusionMLP(12, 10, hidden_dim=16, output_dim=8)
-    batch = training_batch(text, image)
+    batch = training_batch(text, image, no_imputation(12, 10))
 
     def gradients(helper):
         loss = loss_and_gradients(model, batch, helper=helper)
@@ -560,6 +627,15 @@ def test_component_through_python_func(tmp_path, synthetic):
     assert record["metrics"]["count"] == N
     assert record["metrics"]["items_with_images"] == int(cat.has_image.sum())
     assert np.isfinite(record["metrics"]["final_loss"])
+    # the modality mix reaches the experiment run and the Metrics artifact, as fusion_config says
+    mix = json.loads((task_dir / "fused" / FUSION_CONFIG).read_text())["modality_mix"]
+    for space in ("text", "fused"):
+        for group in ("with_photo", "without_photo"):
+            value = mix["photo_share"][space][group]
+            assert record["metrics"][f"photo_share_{space}_{group}"] == pytest.approx(value)
+            assert metrics.metadata[f"fusion_photo_share_{space}_{group}"] == pytest.approx(value)
+    assert record["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])
+    assert metrics.metadata["fusion_photo_share_base"] == pytest.approx(cat.has_image.mean())
     spec = component.component_spec
     assert set(spec.inputs) >= {"text_embeddings", "image_embeddings", "fusion_hidden_dim",
                                 "fusion_output_dim", "fusion_epochs", "fusion_lr",
@@ -597,7 +673,7 @@ def test_training_that_makes_things_worse_keeps_the_start(tmp_path, synthetic):
     """A learning rate far too high scrambles the PCA start: the step keeps the start (epoch
     0) instead of finishing worse than it began; a sane one keeps a trained epoch."""
     from item_embeddings.fusion.model import init_from_pca
-    from item_embeddings.fusion.training import _second_moment
+    from item_embeddings.fusion.training import _fit_imputation, _second_moment
 
     root, _ = synthetic
     bad = fuse_item_embeddings(root / "text", root / "image", tmp_path / "bad",
@@ -609,7 +685,8 @@ def test_training_that_makes_things_worse_keeps_the_start(tmp_path, synthetic):
     inputs = load_fusion_inputs(root / "text", root / "image")
     torch.manual_seed(0)
     start = FusionMLP(384, 512)
-    init_from_pca(start, _second_moment(inputs, np.random.default_rng(0)))
+    imputation = _fit_imputation(inputs, np.random.default_rng([0, 2]))
+    init_from_pca(start, _second_moment(inputs, np.random.default_rng(0), imputation), imputation)
     kept = load_fusion_model(tmp_path / "bad")
     for name, tensor in start.state_dict().items():
         np.testing.assert_array_equal(kept.state_dict()[name].numpy(), tensor.numpy(), name)
@@ -618,3 +695,115 @@ def test_training_that_makes_things_worse_keeps_the_start(tmp_path, synthetic):
                                 PipelineParams(fusion_epochs=2), run_id="r1")
     assert good["best_epoch"] >= 1 and good["final_loss"] < good["initial_eval_loss"]
     assert good["final_loss"] == min(h["eval_loss"] for h in good["loss_history"])
+
+
+def test_every_target_row_has_the_text_spaces_photo_share_in_any_top_k():
+    """The targets keep the text softmax's values and only reorder them inside each group
+    (items with / without a photo), so every row's top-k holds exactly as many items with a
+    photo as the text space's top-k, for every k, whatever the photos look like."""
+    torch.manual_seed(1)
+    b, m = 64, 20
+    text = torch.nn.functional.normalize(torch.randn(b, 16), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(m, 12) + 3 * torch.eye(m, 12)[:, :12], dim=1)
+    imputation = Imputation.from_weight(torch.randn(16, 12), torch.randn(12))
+    target, _ = target_distribution(text, image, imputation)
+    text_p, _ = target_distribution(text, image[:0], imputation)  # no photos: the text softmax
+    photo = torch.arange(b) < m
+    for k in (1, 5, 10, 30):
+        ours = photo[target.topk(k, dim=1).indices].sum(dim=1)
+        texts = photo[text_p.topk(k, dim=1).indices].sum(dim=1)
+        assert torch.equal(ours, texts), k
+    # the same values per row and group, in the photos' order within the photo group
+    for row in range(b):
+        for group in (photo, ~photo):
+            group = group & (torch.arange(b) != row)
+            assert torch.allclose(target[row, group].sort().values,
+                                  text_p[row, group].sort().values)
+    assert not torch.allclose(target, text_p)
+
+
+def test_fused_space_is_comparable_when_photos_show_what_the_text_says(tmp_path):
+    """Photos that show the item's cluster (as product photos show what a title names), a
+    little noisier than the text, for 30% of the items: the fused space's share of photo
+    neighbours stays within 0.10 of the text space's in both groups, and its category purity
+    rises for both groups (the text-only items through the imputed photo). Measured: photo
+    share with / without a photo 0.32 / 0.33 (text) and 0.37 / 0.34 (fused); purity 0.75 ->
+    0.88. The objective before issue 20 gave 0.29 / 0.09 and 0.83 on this catalogue."""
+    cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=N,
+                                    image_fraction=0.3, seed=3, noise=4.0, image_noise=5.0,
+                                    photos_show_text_cluster=True)
+    meta = fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out",
+                                PipelineParams(seed=0, fusion_epochs=20))
+    z, text = np.load(tmp_path / "out" / FUSED_ARRAY), np.load(tmp_path / "text" / TXT_ARRAY)
+    mix = meta["modality_mix"]
+    assert mix["items"] == N and mix["k"] == 10
+    assert mix["base_rate"] == pytest.approx(cat.has_image.mean())
+    assert mix["departure"] <= 0.10, mix
+    for rows in (np.flatnonzero(cat.has_image), np.flatnonzero(~cat.has_image)):
+        fused_purity = _group_purity(z, cat.text_label, rows)
+        assert fused_purity >= _group_purity(text, cat.text_label, rows) + 0.05
+
+
+def _group_purity(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
+    """Label purity of the top-10 neighbours (among all items) of ``rows``."""
+    neighbours = _top_k(vectors).numpy()[rows]
+    return float((labels[neighbours] == labels[rows, None]).mean())
+
+
+def _with_keys(text_dir, image_dir, hide: set[str]) -> None:
+    """Give the synthetic set content keys (as the text and image steps write them) and drop
+    the photos of the ``hide`` items (their rows too)."""
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}),
+                   text_dir / TXT_ITEMS)
+    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
+    img = np.load(image_dir / IMG_ARRAY)
+    keep = [k for k, item in enumerate(items["id"]) if item not in hide]
+    np.save(image_dir / IMG_ARRAY, img[[items["row"][k] for k in keep]])
+    pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
+                             "url": [items["url"][k] for k in keep],
+                             "row": pa.array(range(len(keep)), pa.int64()),
+                             "key": [f"i-{items['id'][k]}" for k in keep]}),
+                   image_dir / IMG_ITEMS)
+    meta = json.loads((image_dir / IMG_META).read_text())
+    (image_dir / IMG_META).write_text(json.dumps({**meta, "count": len(keep)}))
+
+
+def test_apply_keeps_unchanged_codes_and_moves_an_item_that_gains_a_photo(tmp_path, synthetic):
+    """fusion_mode 'apply' with the previous set's model: unchanged items keep their codes byte
+    for byte; items that had no photo and now have one are fused with it, without retraining,
+    and land among the items of their image cluster (which only the photo shows)."""
+    root, cat = synthetic
+    gain = [i for i in np.flatnonzero(cat.has_image)[::20]]
+    gained = {cat.ids[i] for i in gain}
+    sets = {}
+    for name, hide in (("a", gained), ("b", set())):
+        shutil.copytree(root / "text", tmp_path / name / "text")
+        shutil.copytree(root / "image", tmp_path / name / "image")
+        _with_keys(tmp_path / name / "text", tmp_path / name / "image", hide)
+        sets[name] = tmp_path / name
+    fuse_item_embeddings(sets["a"] / "text", sets["a"] / "image", sets["a"] / "fused",
+                         PipelineParams(seed=0, fusion_epochs=10))
+    meta = fuse_item_embeddings(sets["b"] / "text", sets["b"] / "image", sets["b"] / "fused",
+                                PipelineParams(fusion_mode="apply",
+                                               previous_uri=str(sets["a"] / "fused")))
+    before, after = (np.load(sets[n] / "fused" / FUSED_ARRAY) for n in ("a", "b"))
+    unchanged = np.setdiff1d(np.arange(N), gain)
+    assert (meta["reused_count"], meta["computed_count"]) == (len(unchanged), len(gain))
+    assert after[unchanged].tobytes() == before[unchanged].tobytes()
+    assert (sha256_file(sets["b"] / "fused" / WEIGHTS_FILE)
+            == sha256_file(sets["a"] / "fused" / WEIGHTS_FILE))
+    # what the saved model gives for the items' text and new photo
+    text, image = _aligned_vectors(root, cat)
+    model = load_fusion_model(sets["a"] / "fused")
+    np.testing.assert_allclose(after[gain], model.fuse(text[gain], image[gain]), atol=1e-6)
+    # moved into place: their photo neighbours now share their image cluster
+    photos = np.flatnonzero(cat.has_image)
+    position = {row: k for k, row in enumerate(photos)}
+
+    def image_purity(codes: np.ndarray) -> float:
+        neighbours = _top_k(codes[photos]).numpy()[[position[i] for i in gain]]
+        labels = cat.image_label[photos]
+        return float((labels[neighbours] == cat.image_label[gain][:, None]).mean())
+
+    assert image_purity(before) < 0.3 and image_purity(after) >= 0.8

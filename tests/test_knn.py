@@ -290,3 +290,40 @@ def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):
                          tracker=tracker)
     assert list_local_runs(tmp_path / "runs") == []       # no run was started
     assert not (tmp_path / "out").exists()
+
+
+def test_step_records_the_modality_mix_of_both_graphs(tmp_path, caplog):
+    """knn_meta.json, the experiment run and the log carry the photo share of each graph's
+    neighbours for items with and without a photo, computed over every row of the graphs."""
+    n = 600
+    ids = [f"item-{i:05d}" for i in range(n)]
+    has_image = np.arange(n) % 3 == 0
+    text = clustered_unit_vectors(n, 32, topics=12, seed=3)
+    # a fused space split by photo: one extra direction, large for items with a photo
+    fused = np.hstack([text, 3.0 * has_image[:, None].astype(np.float32)])
+    fused /= np.linalg.norm(fused, axis=1, keepdims=True)
+    for folder, array, name in ((tmp_path / "text", text, TXT_ARRAY),
+                                (tmp_path / "fused", fused.astype(np.float32), FUSED_ARRAY)):
+        folder.mkdir()
+        np.save(folder / name, array)
+    write_parquet_atomic(tmp_path / "text" / TXT_ITEMS, pa.table({"id": ids}))
+    write_parquet_atomic(tmp_path / "fused" / FUSED_ITEMS,
+                         pa.table({"id": ids, "has_image": has_image}))
+    tracker = LocalTracker(tmp_path / "runs", "exp")
+    with caplog.at_level("WARNING"):
+        meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                                PipelineParams(knn_k=10), run_id="r1", tracker=tracker)
+    mix = meta["modality_mix"]
+    assert (mix["items"], mix["k"], mix["items_with_photo"]) == (n, 10, int(has_image.sum()))
+    assert mix["base_rate"] == pytest.approx(has_image.mean())
+    for space, graph_file in (("text", KNN_TEXT), ("fused", KNN_FUSED)):
+        share = has_image[np.load(tmp_path / "out" / graph_file)].mean(axis=1)
+        assert mix["photo_share"][space] == pytest.approx(
+            {"with_photo": share[has_image].mean(), "without_photo": share[~has_image].mean()})
+    assert mix["photo_share"]["fused"]["with_photo"] > 0.9
+    assert mix["departure"] > 0.10
+    assert "sorts items by whether they have a photo" in caplog.text
+    [run] = list_local_runs(tmp_path / "runs")
+    assert run["metrics"]["photo_share_fused_with_photo"] == pytest.approx(
+        mix["photo_share"]["fused"]["with_photo"])
+    assert run["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])

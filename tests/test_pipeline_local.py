@@ -1,6 +1,7 @@
 """Compile the pipeline and run it whole with kfp.local, as a new user would."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -58,7 +59,7 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
                   if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
     # fingerprint, plan, merge text, merge images, QA report, publish (the text, image, fusion
-    # and kNN steps are inside custom jobs; the text machine picker needs no package code)
+    # and kNN steps are inside custom jobs)
     assert len(our_tasks) == 6
     assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
     # No pip install at task start: the image carries the package.
@@ -464,6 +465,31 @@ def test_failed_task_is_a_clear_error_without_local_retries(tmp_path, capsys):
     assert len((captured.out + err).splitlines()) <= 60
 
 
+def test_machines_a_rerun_cannot_have_stop_the_run_at_its_first_task(tmp_path, capfd):
+    """The pipeline called with parameters the CLI would refuse (as a Vertex UI rerun passes
+    them, no CLI in between): the machine parameters reach the first task, which fails with
+    the pairing named; no other task starts."""
+    from kfp import local
+
+    from item_embeddings.pipeline import build_pipeline
+
+    items = write_items(tmp_path / "items.parquet", catalogue(4))
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=True)
+    params = dict(dataclasses.asdict(PipelineParams(items_uri=str(items))),
+                  text_accelerator="NVIDIA_TESLA_T4", tracking_backend="none")
+    with pytest.raises(RuntimeError, match="fingerprint-inputs"):
+        build_pipeline("local")(**params)
+    captured = capfd.readouterr()
+    out = re.sub(r"\x1b\[[0-9;]*m", "", captured.out + captured.err)  # kfp.local's colours
+    assert ("ConfigError: parameter 'text_accelerator' NVIDIA_TESLA_T4 attaches to n1 machine "
+            "types only, but text_machine_type is 'e2-standard-4'") in out
+    assert re.findall(r"Task '([^']+)' finished with status (\w+)", out) == [
+        ("importer", "SUCCESS"), ("fingerprint-inputs", "FAILURE")]
+    assert "plan-shards" not in out and "embed-" not in out
+
+
 @pytest.mark.slow
 def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tmp_path, capsys):
     """The nightly flow under kfp.local: ``previous_uri`` = the published set (published back
@@ -544,6 +570,20 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
         if r["asin"] not in changed:
             assert fused[row].tobytes() == prev_fused[prev_ids.index(r["asin"])].tobytes()
 
+    # kNN graphs updated from the published ones: what a full rebuild gives. At 36 items and
+    # k = 20 every list held a deleted or changed item, so no row is reused this night.
+    knn_meta = json.loads((out / KNN_META).read_text())
+    for space, info in knn_meta["spaces"].items():
+        assert (info["method"], info["update"], info["rebuild_reason"]) == \
+            ("exact", "incremental", None), space
+        assert info["recomputed_count"] + info["reused_count"] == n
+        assert info["incremental"]["changed_count"] == len(changed if space == "fused" else
+                                                           changed - {"S000008"})
+        assert info["drift"]["items"] == n - len(changed)
+    assert_knn_is_a_full_rebuild(out, tmp_path / "knn-full")
+    report = (out / QA_REPORT).read_text()
+    assert "Night-over-night drift" in report and "mean top-20 overlap" in report
+
     manifest = json.loads((published / MANIFEST).read_text())
     assert manifest["counts"]["text_count"] == n  # the new set is the published one now
     # the run read the set the pointer named when it started (its first task pinned it)
@@ -551,3 +591,40 @@ def test_incremental_nightly_run_on_a_modified_catalogue(dag_run, tiny_model, tm
     assert manifest["history"][:2] == [manifest["set"], before["set"]]  # before: kept
     assert main(["verify", str(out)]) == 0 and main(["verify", str(published)]) == 0
     assert capsys.readouterr().out.count("all checks passed") == 2
+
+    # The next night, from this run's own output folder: one title changed, rows reused.
+    rows[10]["title"] = "Nightly change: a steel water bottle, 750 ml"
+    items_c = tmp_path / "items_c.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(items)), items_c)
+    assert main(["run-local", "--items", str(items_c), "--output-dir", str(tmp_path / "out-c"),
+                 "--config", str(items.parent / "cfg.yaml"), "--set", "allow_private_hosts=true",
+                 "--previous", str(out), "--set", "fusion_mode=apply"]) == 0
+    knn_meta = json.loads((tmp_path / "out-c" / KNN_META).read_text())
+    for space, info in knn_meta["spaces"].items():
+        assert info["update"] == "incremental" and info["incremental"]["changed_count"] == 1
+        assert info["recomputed_count"] + info["reused_count"] == n
+        assert info["drift"]["items"] == n - 1 and info["drift"]["mean_overlap"] > 0.9
+        # A list is reused unless the changed item was in it last night or is in it now (the
+        # row ids are the same both nights): exactly those rows, and the item's own, are made.
+        graph_file = KNN_TEXT if space == "text" else KNN_FUSED
+        before, now = (np.load(folder / graph_file) == 10 for folder in (out, tmp_path / "out-c"))
+        untouched = ~(before | now).any(axis=1)
+        untouched[10] = False
+        assert info["reused_count"] == untouched.sum(), space
+    # at 36 items the changed item's new fused code may enter every fused list; the text
+    # space's lists are reused
+    assert knn_meta["spaces"]["text"]["reused_count"] > 0
+    assert_knn_is_a_full_rebuild(tmp_path / "out-c", tmp_path / "knn-full-c")
+
+
+def assert_knn_is_a_full_rebuild(out: Path, full: Path) -> None:
+    """The kNN graphs of a run's flat output folder equal a full build on its vectors."""
+    from item_embeddings.knn import build_knn_graphs
+
+    meta = build_knn_graphs(out, out, full, PipelineParams())
+    assert {s["update"] for s in meta["spaces"].values()} == {"full"}
+    for name in ("knn_text", "knn_fused"):
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"),
+                                      np.load(full / f"{name}.npy"))
+        np.testing.assert_allclose(np.load(out / f"{name}_scores.npy"),
+                                   np.load(full / f"{name}_scores.npy"), atol=1e-6)

@@ -101,7 +101,8 @@ def preconditions(bucket, gcs_emulator_host, monkeypatch):
 def _sources(tmp_path: Path, with_images: bool = True) -> list[Path]:
     """Split an output set into the step directories the pipeline hands over."""
     full = make_output_set(tmp_path / "all", with_images=with_images)
-    dirs = {"text": ("txt",), "image": ("img",), "fusion": ("fused", "fusion")}
+    dirs = {"text": ("txt",), "image": ("img",), "fusion": ("fused", "fusion"),
+            "report": ("qa_report", "report_meta")}
     out = []
     for step, prefixes in dirs.items():
         d = tmp_path / step
@@ -179,7 +180,7 @@ def test_local_crash_while_writing_a_set_leaves_the_current_one(tmp_path, monkey
     monkeypatch.setattr(publish_mod.shutil, "copyfile", real_copy)
     manifest = publish_outputs(_sources(tmp_path / "c"), str(dest), run_id="retry")
     assert json.loads((dest / MANIFEST).read_text())["run_id"] == "retry"
-    assert verify_outputs(str(dest)).ok and len(manifest["files"]) == 12
+    assert verify_outputs(str(dest)).ok and len(manifest["files"]) == 14  # report's 2 too
 
 
 def test_publish_errors(tmp_path):
@@ -256,11 +257,9 @@ def test_component_publishes_through_kfp_local(tmp_path):
 
     from item_embeddings.components.publish_outputs import make_component
 
-    text, image, fused = _sources(tmp_path / "steps")
-    knn, report = tmp_path / "steps" / "knn", tmp_path / "steps" / "report"
+    text, image, fused, report = _sources(tmp_path / "steps")
+    knn = tmp_path / "steps" / "knn"
     knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
-    report.mkdir()
-    (report / QA_REPORT).write_text("<html><body><h2>QA</h2></body></html>")
     dest = tmp_path / "published"
     publish_op = make_component("python:3.11")
 
@@ -277,7 +276,7 @@ def test_component_publishes_through_kfp_local(tmp_path):
                pipeline_root=str(tmp_path / "kfp"))
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
-    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 13
+    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 14
     assert QA_REPORT in manifest["files"]
     assert manifest["extra"]["sources"]["text"] == str(text)
     assert verify_outputs(str(dest)).ok
@@ -464,7 +463,7 @@ def test_gcs_pointer_and_set_files_are_never_overwritten(bucket, preconditions, 
 def test_manifest_records_format_uri_time_and_the_counts_present(tmp_path):
     import datetime as dt
 
-    text, image, fused = _sources(tmp_path)
+    text, image, fused, _ = _sources(tmp_path)
     dest = str(tmp_path / "published")
     before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     manifest = publish_outputs([image, fused], dest)  # no text group, no run id

@@ -5,20 +5,25 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+import browser
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from item_embeddings import modality
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
+from item_embeddings.modality import modality_mix
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
@@ -37,7 +42,7 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
 )
 from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
-from item_embeddings.report.inputs import MISSING_CATEGORY
+from item_embeddings.report.inputs import MISSING_CATEGORY, category_label
 from item_embeddings.sample import make_sample_catalogue
 from item_embeddings.text import embed_items_text, load_text_encoder
 
@@ -121,8 +126,10 @@ def write_knn(knn_dir: Path, text_dir: Path, fused_dir: Path, k: int = K,
                       "recall_queries": 1000}
               for space, path in (("text", text_dir / TXT_ARRAY),
                                   ("fused", fused_dir / FUSED_ARRAY))}
+    has_image = pq.read_table(fused_dir / FUSED_ITEMS).column("has_image").to_numpy()
     (knn_dir / KNN_META).write_text(json.dumps({
         "k": k, "count": n, "spaces": spaces, "run_id": "tiny", "wall_time_sec": 0.5,
+        "modality_mix": modality_mix(graphs, has_image),
         "versions": {"item-embeddings": "0.1.0", "numpy": np.__version__}}))
     return graphs
 
@@ -324,6 +331,12 @@ def test_item_data_is_escaped(rendered, tiny_run, tmp_path, monkeypatch):
 def _title_of(tiny_run: TinyRun) -> dict[str, str]:
     table = pq.read_table(tiny_run.items, columns=["asin", "title"]).to_pylist()
     return {r["asin"]: r["title"] or "(no title)" for r in table}
+
+
+def _category_of(tiny_run: TinyRun) -> list[str]:
+    """Each text row's category label, as the report reads it."""
+    return [category_label(c) for c in
+            pq.read_table(tiny_run.items, columns=["main_category"]).column(0).to_pylist()]
 
 
 def _neighbour_rows(page: Page) -> list[tuple[str, list[str], list[str]]]:
@@ -583,3 +596,170 @@ def test_hosts_with_the_most_failures(tiny_run, tmp_path):
     assert first[:2] == ["127.0.0.1:9", str(n - 2)] and second[:2] == ["dead.example:8080", "2"]
     assert second[2] == "host_unavailable 1, timeout 1"
     assert "circuit breaker" in section.all_text()
+
+
+def _modality_tables(page: Page) -> tuple[list[list[str]], list[list[str]]]:
+    tables = page.section("modality").find_all("table")
+    return table_rows(tables[0]), table_rows(tables[1]) if len(tables) > 1 else []
+
+
+def test_modality_mix_shows_the_graphs_photo_shares_and_purity_by_group(rendered, tiny_run):
+    _, _, page = rendered
+    shares, purity = _modality_tables(page)
+    has_image = pq.read_table(tiny_run.fused / FUSED_ITEMS).column("has_image").to_numpy()
+    categories = _category_of(tiny_run)
+    expected_purity = {}
+    for space in ("text", "fused"):
+        graph = tiny_run.graphs[space]
+        share = has_image[graph].mean(axis=1)
+        same = np.array([[categories[j] == categories[i] for j in row]
+                         for i, row in enumerate(graph)]).mean(axis=1)
+        for group, members in (("with", has_image), ("without", ~has_image)):
+            row = next(r for r in shares if r[0] == f"items {group} a photo")
+            assert int(row[1]) == members.sum()
+            assert float(row[2]) == pytest.approx(has_image.mean(), abs=5e-4)
+            assert float(row[3 if space == "text" else 4]) == pytest.approx(
+                share[members].mean(), abs=5e-4)
+            expected_purity[space, group] = same[members].mean()
+        expected_purity[space, "all"] = same.mean()
+    for row in purity:
+        group = {"all items": "all", "items with a photo": "with",
+                 "items without a photo": "without"}[row[0]]
+        assert float(row[1]) == pytest.approx(expected_purity["text", group], abs=5e-4)
+        assert float(row[2]) == pytest.approx(expected_purity["fused", group], abs=5e-4)
+    assert len(purity) == 3
+    # 16 items without a photo: too few to judge, said so (not a warning)
+    assert "not judged" in page.section("modality").all_text()
+    assert not page.section("modality").by_class("warn")
+
+
+def test_a_fused_space_split_by_photo_is_flagged(tiny_run, tmp_path, monkeypatch):
+    """A fused space that sorts items by whether they have a photo: the section says so in a
+    warning, with both groups' shares, and the summary's check is WARN."""
+    monkeypatch.setattr(modality, "MIN_GROUP_ITEMS", 10)  # the tiny run has 16 without photo
+    fused = tmp_path / "fused"
+    shutil.copytree(tiny_run.fused, fused)
+    has_image = pq.read_table(fused / FUSED_ITEMS).column("has_image").to_numpy()
+    text = np.load(tiny_run.text / TXT_ARRAY)[:, :127]
+    np.save(fused / FUSED_ARRAY, _unit(np.hstack([text, 4.0 * has_image[:, None]])))
+    write_knn(tmp_path / "knn", tiny_run.text, fused)
+    write_qa_report(str(tiny_run.items), tiny_run.text, tiny_run.image, fused, tmp_path / "knn",
+                    tmp_path / QA_REPORT, PipelineParams(seed=0), run_id="split")
+    page = Page((tmp_path / QA_REPORT).read_text(encoding="utf-8"))
+    warning = page.section("modality").by_class("warn")
+    assert len(warning) == 1
+    assert "sorts items by whether they have a photo" in warning[0].all_text()
+    assert "items with photo" in warning[0].all_text()
+    checks = table_rows(page.section("summary").find_all("table")[1])
+    [mix_check] = [c for c in checks if c[0].startswith("modality mix")]
+    assert mix_check[2] == "WARN"
+
+
+def test_modality_mix_without_a_graph_comes_from_the_fusion_step(tiny_run, tmp_path):
+    _, text = tiny_run.render(tmp_path, knn=None)
+    page = Page(text)
+    section = page.section("modality").all_text()
+    mix = json.loads((tiny_run.fused / FUSION_CONFIG).read_text())["modality_mix"]
+    assert f"fusion step's {mix['items']} sampled items" in section
+    assert "Category purity by group needs the kNN graphs" in section
+    shares, _ = _modality_tables(page)
+    assert float(shares[0][4]) == pytest.approx(mix["photo_share"]["fused"]["with_photo"],
+                                                abs=5e-4)
+
+
+def test_the_page_in_a_real_browser(rendered, tmp_path):
+    """What people see: the page in headless Chromium (driven over the DevTools protocol on
+    loopback) loads without a console error, every inlined plot decodes, every section is there
+    with its heading, in order, and has a height; the full page renders to a PNG."""
+    summary, _, _ = rendered
+    if browser.find_chromium() is None:
+        message = ("headless Chromium is not installed (Debian: apt-get install chromium; "
+                   "or set CHROMIUM to a binary); .ci/run installs it")
+        if os.environ.get(browser.REQUIRED_ENV) or os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.perf_counter()
+    view = browser.view_page(summary["path"])
+    assert view.console_errors == []
+    assert [(s["id"], s["heading"]) for s in view.sections] == list(SECTIONS)
+    assert all(s["height"] > 0 for s in view.sections), view.sections
+    assert view.nav == [f"#{key}" for key, _ in SECTIONS]
+    assert view.title == "QA report tiny-run"
+    expected = {"summary": 1, "failures": 1, "distributions": 2, "maps": 1, "training": 1,
+                "knn": 1}
+    assert sorted(i["section"] for i in view.images) == sorted(
+        key for key, count in expected.items() for _ in range(count))
+    for image in view.images:  # decoded by the browser, at its own size
+        assert image["complete"] and image["width"] >= 300 and image["height"] >= 100, image
+        assert image["alt"]
+    from PIL import Image
+
+    shot = tmp_path / "qa_report.png"
+    shot.write_bytes(view.screenshot)
+    with Image.open(shot) as png:
+        assert png.format == "PNG" and png.size == view.size
+        assert png.size[0] == 1400 and png.size[1] > 3000   # the whole page, not the viewport
+        low, high = png.convert("L").getextrema()
+        assert high - low > 100                              # something was drawn
+    assert time.perf_counter() - started < 30
+
+
+def test_the_report_records_its_hash_and_the_runs_it_was_made_from(tiny_run, tmp_path):
+    """report_meta.json, beside the page: the page's size and sha256 (what `verify` checks
+    the page against) and the run id of each step output it was made from."""
+    import hashlib
+
+    from item_embeddings.outputs import REPORT_META, TXT_META
+
+    dirs = {}
+    for step, folder, meta_name in (("text", tiny_run.text, TXT_META),
+                                    ("image", tiny_run.image, IMG_META),
+                                    ("fusion", tiny_run.fused, FUSION_CONFIG),
+                                    ("knn", tiny_run.knn, KNN_META)):
+        dirs[step] = Path(shutil.copytree(folder, tmp_path / step))
+        meta = json.loads((dirs[step] / meta_name).read_text())
+        meta["run_id"] = f"{step}-run"
+        (dirs[step] / meta_name).write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = write_qa_report(str(tiny_run.items), dirs["text"], dirs["image"], dirs["fusion"],
+                              dirs["knn"], out / QA_REPORT)
+    page = (out / QA_REPORT).read_bytes()
+    record = json.loads((out / REPORT_META).read_text())
+    assert sorted(p.name for p in out.iterdir()) == [QA_REPORT, REPORT_META]
+    assert record["files"] == {QA_REPORT: {"size": len(page),
+                                           "sha256": hashlib.sha256(page).hexdigest()}}
+    assert {key: record[key] for key in ("run_id", "text_run_id", "image_run_id",
+                                         "fusion_run_id", "knn_run_id", "count")} == {
+        "run_id": "fusion-run", "text_run_id": "text-run", "image_run_id": "image-run",
+        "fusion_run_id": "fusion-run", "knn_run_id": "knn-run", "count": N_ITEMS}
+    assert record["sections"] == summary["sections"] and record["neighbours"] == "graph"
+    assert b"run fusion-run" in page  # the run the page names is the one recorded
+
+
+def test_night_over_night_drift_is_shown_and_returned(tiny_run, tmp_path):
+    """A kNN directory updated from a previous set: the kNN section says so, and the drift
+    table and the returned summary carry the drift figures."""
+    knn = tmp_path / "knn"
+    shutil.copytree(tiny_run.knn, knn)
+    meta = json.loads((knn / KNN_META).read_text())
+    for space, overlap in (("text", 0.97), ("fused", 0.42)):
+        meta["spaces"][space].update({
+            "update": "incremental", "rebuild_reason": None, "recomputed_count": 11,
+            "reused_count": N_ITEMS - 11,
+            "drift": {"items": N_ITEMS - 3, "top": 20, "mean_overlap": overlap,
+                      "identical_share": 0.5, "p10_overlap": 0.35,
+                      "previous_run_id": "night-41"}})
+    (knn / KNN_META).write_text(json.dumps(meta))
+    summary, text = tiny_run.render(tmp_path, knn=knn)
+    assert summary["drift"]["fused"]["mean_overlap"] == 0.42
+    section = Page(text).section("knn")
+    graphs, drift = (table_rows(t) for t in section.find_all("table")[:2])
+    assert [(r[0], r[8], r[9], r[10]) for r in graphs] == \
+        [("text", "incremental", "11", str(N_ITEMS - 11)),
+         ("fused", "incremental", "11", str(N_ITEMS - 11))]
+    assert [r[:3] for r in drift] == [["text", str(N_ITEMS - 3), "0.97"],
+                                      ["fused", str(N_ITEMS - 3), "0.42"]]
+    assert "Night-over-night drift" in section.all_text() and "night-41" in section.all_text()
+    plain, _ = tiny_run.render(tmp_path / "plain")
+    assert plain["drift"] == {}

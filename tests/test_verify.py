@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import make_output_set
+from helpers import exact_knn, make_output_set, refused, reseal, verify_cli, write_report
 from item_embeddings.ops.cli import main
 from item_embeddings.outputs import (
     FUSED_ARRAY,
@@ -20,11 +20,14 @@ from item_embeddings.outputs import (
     IMG_FAILURES,
     IMG_ITEMS,
     IMG_META,
+    MANIFEST,
+    QA_REPORT,
+    REPORT_META,
     TXT_ARRAY,
     TXT_META,
 )
 from item_embeddings.publish import publish_outputs
-from item_embeddings.verify import verify_outputs
+from item_embeddings.verify import Report, verify_outputs
 
 
 @pytest.fixture
@@ -165,3 +168,268 @@ def test_recorded_size_is_checked_before_hashing(good_set):
         fh.write(b"\0")
     _expect(good_set, f"fused_items.parquet: content does not match fusion_config.json "
                       f"(size {size + 1}, recorded {size})")
+
+
+def test_row_blocks_flag_rows_that_are_not_finite_and_measure_the_others():
+    """The block reader verify and the kNN step share: NaN/Inf rows are not finite and get
+    norm 0; finite rows get their L2 norm, inf when their squares overflow float32."""
+    from item_embeddings.blocks import row_blocks
+
+    rows = np.array([[3, 4], [np.nan, 1], [0, 0], [np.inf, 0], [3e38, 3e38], [-6, 8]],
+                    dtype=np.float32)
+    blocks = list(row_blocks(rows, 4))
+    assert [b.start for b in blocks] == [0, 4] and [len(b.rows) for b in blocks] == [4, 2]
+    finite = np.concatenate([b.finite for b in blocks])
+    norms = np.concatenate([b.norms for b in blocks])
+    assert finite.tolist() == [True, False, True, False, True, True]
+    assert norms.tolist() == [5.0, 0.0, 0.0, 0.0, np.inf, 10.0]
+    as64 = next(row_blocks(rows, 6, dtype=np.float64))
+    assert as64.rows.dtype == np.float64 and as64.norms[4] == pytest.approx(3e38 * 2 ** 0.5)
+
+
+# ----------------------------------------------------------------------------- the QA report
+# Each damage passed verify before the report belonged to the set (#22.3).
+
+def test_set_without_its_report_is_refused(good_set, capsys):
+    (good_set / QA_REPORT).unlink()
+    refused(good_set, capsys, "report outputs missing (qa_report.html): the QA report belongs to "
+                             "the set", "report_meta.json lists qa_report.html but it is missing")
+    (good_set / REPORT_META).unlink()
+    violations = refused(good_set, capsys, "report outputs missing (qa_report.html)")
+    assert len(violations.splitlines()) == 1, violations
+
+
+def test_report_without_its_record(good_set, tmp_path, capsys):
+    """A run folder whose report's hash is recorded nowhere is refused with a message that
+    says why; a set published before the report recorded itself (its manifest lists the page)
+    passes, and says that only the manifest records it."""
+    (good_set / REPORT_META).unlink()
+    refused(good_set, capsys, "qa_report.html: no report_meta.json records its size and sha256 "
+                             "(a set written before the report recorded itself, or the record "
+                             "was removed)")
+    published = tmp_path / "published"
+    publish_outputs([good_set], str(published), run_id="old")
+    rc, out = verify_cli(published, capsys)
+    assert rc == 0, out
+    assert "qa_report.html: recorded by manifest.json only (no report_meta.json" in out
+    # the manifest's record is checked as any other: an edited page is refused
+    pointer = json.loads((published / MANIFEST).read_text())
+    page = published / pointer["set"] / QA_REPORT
+    page.write_text(page.read_text().replace("QA report", "QA rep0rt"))
+    refused(published, capsys, "qa_report.html: content does not match manifest.json")
+
+
+def test_report_of_another_run_or_edited_is_refused(good_set, tmp_path, capsys):
+    other = make_output_set(tmp_path / "other", run_id="run-2")
+    for name in (QA_REPORT, REPORT_META):
+        shutil.copyfile(other / name, good_set / name)
+    refused(good_set, capsys, "report_meta.json: text_run_id = 'run-2' but txt_meta.json has "
+                             "run_id 'run-1': groups of different runs",
+            "report_meta.json: fusion_run_id = 'run-2' but fusion_config.json has run_id 'run-1'")
+    write_report(good_set)
+    page = good_set / QA_REPORT
+    page.write_text(page.read_text().replace("items", "itens", 1))
+    refused(good_set, capsys, "qa_report.html: content does not match report_meta.json")
+
+
+@pytest.mark.parametrize("added,shown", [
+    ('<script src="https://cdn.example.com/plot.js"></script>',
+     "<script src='https://cdn.example.com/plot.js'>"),
+    ('<link rel="stylesheet" href="https://fonts.example.com/a.css">',
+     "<link href='https://fonts.example.com/a.css'>"),
+    ('<img src="http://img.example.com/x.png" alt="">', "<img src='http://img.example.com/x.png'>"),
+    ('<img src="plot.png" alt="">', "<img src='plot.png'>"),
+    ('<iframe src="https://example.com/"></iframe>', "<iframe>: another document embedded"),
+    ("<style>h1{background:url(https://x.example.com/b.png)}</style>",
+     "<style> url('https://x.example.com/b.png')"),
+    ("<div style=\"background-image:url('//cdn.example.com/b.png')\"></div>",
+     "<div style> url('//cdn.example.com/b.png')"),
+    ('<script>fetch("https://track.example.com/p")</script>',
+     "<script> text: 'https://track.example.com/p'"),
+    ('<img srcset="data:image/png;base64,iVBO,Rw0K 1x, https://x.example.com/2x.png 2x">',
+     "<img srcset> 'https://x.example.com/2x.png'"),
+])
+def test_report_referencing_outside_itself_is_refused(good_set, capsys, added, shown):
+    page = good_set / QA_REPORT
+    page.write_text(page.read_text().replace("</body>", added + "</body>", 1))
+    reseal(good_set)
+    violations = refused(good_set, capsys, "qa_report.html: ", "reference(s) outside the page "
+                                          "(a QA report is self-contained: data: URIs and "
+                                          f"#anchors only), e.g. {shown}")
+    assert len(violations.splitlines()) == 1, violations
+
+
+def test_inline_data_and_anchors_are_fine_but_not_utf8_is_refused(good_set, capsys):
+    page = good_set / QA_REPORT
+    page.write_text(page.read_text().replace(
+        "</body>", '<img src="data:image/png;base64,iVBORw0KGgo=" alt=""><a href="#maps">maps'
+                   "</a><svg><use href=\"#dot\"/></svg></body>", 1))
+    reseal(good_set)
+    rc, out = verify_cli(good_set, capsys)
+    assert rc == 0, out
+    page.write_bytes(b"\xff\xfe<html>" + page.read_bytes())
+    reseal(good_set)
+    refused(good_set, capsys, "qa_report.html: unreadable as UTF-8 text")
+
+
+def test_report_record_must_cover_the_page(good_set, capsys):
+    meta = json.loads((good_set / REPORT_META).read_text())
+    meta["files"] = {}
+    (good_set / REPORT_META).write_text(json.dumps(meta))
+    refused(good_set, capsys, "report_meta.json: 'files' records no hash of ['qa_report.html']")
+
+
+# ----------------------------------------------------------------------------- the checks' parts
+# The kNN search and the page scan on their own: cases a whole set cannot easily hold.
+
+@pytest.mark.parametrize("html,found", [
+    ('<img src="DATA:image/png;base64,iVBO" alt=""><a href="#maps">maps</a><a href="">top</a>'
+     '<svg><use href="#dot"/></svg><script>let a = 1;</script><meta http-equiv="Content-Type">',
+     []),
+    ('<A HREF="https://example.com/docs">docs</A>', ["<a href='https://example.com/docs'>"]),
+    ('<a href="javascript:alert(1)">x</a>', ["<a href='javascript:alert(1)'>"]),
+    ('<object data="movie.swf"></object>',
+     ["<object>: another document embedded", "<object data='movie.swf'>"]),
+    ('<iframe srcdoc="<p>hi</p>"></iframe>', ["<iframe>: another document embedded"]),
+    ('<form action="https://collect.example.com/"><button formaction="/x">go</button></form>',
+     ["<form action='https://collect.example.com/'>", "<button formaction='/x'>"]),
+    ('<img srcset="data:image/png;base64,AA,BB 1x, big.png 2x,data:,x">',
+     ["<img srcset> 'big.png'"]),
+    ('<p style="color:red; background:URL( &quot;https://x.example/b.png&quot; )">x</p>',
+     ["<p style> url('https://x.example/b.png')"]),
+    ("<style>@import 'https://fonts.example.com/a.css'; .a{b:url(#f)} .c{d:url(data:x)}</style>",
+     ["<style> @import"]),
+    ('<meta http-equiv="Refresh" content="0; url=https://x.example">',
+     ["<meta http-equiv='refresh'>: a redirect"]),
+    ('<script>new WebSocket("wss://live.example.com/s")</script>',
+     ["<script> text: 'wss://live.example.com/s'"]),
+    (f'<img src="https://x.example/{"a" * 100}.png">',
+     [f"<img src='https://x.example/{'a' * 61}…'>"]),
+])
+def test_outside_references_of_a_page(html, found):
+    from item_embeddings.verify.page import outside_references
+
+    assert outside_references(html) == found
+
+
+def _unit_rows(n: int, dim: int, seed: int = 3) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("block_rows", [64, 65536])
+def test_sampled_exact_search_across_blocks(monkeypatch, block_rows):
+    """A seeded sample of 256 of 300 rows searched exactly, in blocks of any size: an exact
+    graph by cosine passes (rows of any length; the row itself and the rows it lists are no
+    candidates in whichever block they fall); every row listing its 2nd..6th nearest misses
+    one, and the message names the rows and an example."""
+    from item_embeddings.verify import nearest
+
+    monkeypatch.setattr(nearest, "CHUNK_ROWS", block_rows)
+    vectors = _unit_rows(300, 16) * np.linspace(0.5, 2, 300, dtype=np.float32)[:, None]
+    idx, scores = exact_knn(vectors, 6)
+    exact = nearest.Recorded("exact", 1.0, 1000)
+    report = Report("set")
+    nearest.check_nearest("fused", idx[:, :5], vectors, exact, report)
+    assert report.ok and report.facts == [
+        "knn_fused.npy: 256 of 300 rows (seeded sample) searched exactly: recall@5 1.0000 "
+        "(recorded 1.0000, method exact)"]
+    report = Report("set")
+    nearest.check_nearest("fused", idx[:, 1:], vectors, exact, report)
+    [violation] = report.violations
+    first = int(violation.split("(rows [")[1].split(",")[0])
+    assert violation == (
+        f"knn_fused.npy: 256 row(s) (rows {violation.split('(rows ')[1].split(']')[0]}]) of 256 "
+        f"sampled do not list their nearest fused.npy rows, though knn_meta.json says the "
+        f"graph is exact (e.g. row {first} lists row {idx[first, 5]} (cosine "
+        f"{scores[first, 5]:.4f}) but not row {idx[first, 0]} (cosine {scores[first, 0]:.4f}))")
+    assert "recall@5 0.8000 (recorded 1.0000, method exact)" in report.facts[0]
+
+
+@pytest.mark.parametrize("recorded,allowed", [(0.85, None), (0.9, "0.0841")])
+def test_sampled_search_of_an_approximate_graph(recorded, allowed):
+    """recall@5 0.8 on the sample (each row misses its nearest): within sampling noise of a
+    recorded 0.85 (1,000 rows), not of 0.9."""
+    from item_embeddings.verify import nearest
+
+    vectors = _unit_rows(300, 16)
+    idx, _ = exact_knn(vectors, 6)
+    report = Report("set")
+    nearest.check_nearest("text", idx[:, 1:], vectors,
+                          nearest.Recorded("ivf-flat", recorded, 1000), report)
+    assert report.facts == [f"knn_text.npy: 256 of 300 rows (seeded sample) searched exactly: "
+                            f"recall@5 0.8000 (recorded {recorded:.4f}, method ivf-flat)"]
+    if allowed is None:
+        assert report.ok
+    else:
+        [violation] = report.violations
+        assert violation.startswith(
+            f"knn_text.npy: recall@5 0.8000 on 256 sampled rows searched exactly, but "
+            f"knn_meta.json records 0.9000 (ivf-flat; sampling noise explains {allowed} "
+            f"less): the graph does not list the nearest txt.npy rows (e.g. row ")
+
+
+def test_sampled_search_skips_rows_it_cannot_judge():
+    """Rows without a direction (NaN, zero) and listed indices out of range are the other
+    checks' violations: the search leaves those rows out and does not count such rows as
+    nearer; an approximate graph without a usable recorded recall is not judged."""
+    from item_embeddings.verify import nearest
+
+    vectors = _unit_rows(200, 8)
+    idx, _ = exact_knn(vectors, 4)
+    vectors[7] = np.nan
+    vectors[8] = 0
+    idx[9, 0] = 200
+    judged = [r for r in range(200) if r not in (7, 8, 9) and not {7, 8} & set(idx[r])]
+    report = Report("set")
+    nearest.check_nearest("text", idx, vectors, nearest.Recorded("exact", None, None), report)
+    assert report.ok and report.facts == [
+        f"knn_text.npy: {len(judged)} of 200 rows (seeded sample) searched exactly: recall@4 "
+        f"1.0000 (recorded ?, method exact)"]
+    report = Report("set")
+    nearest.check_nearest("text", idx[:, ::-1], vectors,
+                          nearest.Recorded("ivf-flat", None, 1000), report)
+    assert report.ok and not report.facts
+    report = Report("set")
+    nearest.check_nearest("text", np.full((200, 4), 300), vectors,
+                          nearest.Recorded("exact", 1.0, 10), report)
+    assert report.ok and not report.facts  # no row to judge
+
+
+@pytest.mark.parametrize("info,k,recorded,violations", [
+    ({"method": "ivf-flat", "recall_at_k": 0.97, "recall_at": {"1": 0.99, "5": 0.98},
+      "recall_queries": 1000}, 10, ("ivf-flat", 0.97, 1000), []),
+    ({"method": "exact", "recall_at_k": 1, "recall_at": {"1": 0}, "recall_queries": 0}, 2,
+     ("exact", 1, None), []),
+    ({"recall_at_k": 0}, 4, ("None", 0, None), []),
+    ({"recall_at_k": 1.0000001, "recall_at": {"0": 0.5, "x": 0.5}}, None, ("None", None, None),
+     ["recall_at_k = 1.0000001 is not a number in [0, 1]"]),
+    ({"recall_at_k": 0.5, "recall_at": {"0": 0.5, "4": 0.5, "3": -0.5}}, 4,
+     ("None", 0.5, None),
+     ["recall_at: '0' is not a column count in [1, 4)", "recall_at: '4' is not a column count",
+      "recall_at['3'] = -0.5 is not a number in [0, 1]"]),
+    ({"recall_at_k": 0.5, "recall_queries": True}, 4, ("None", 0.5, None),
+     ["recall_queries = True is not a row count"]),
+    ({"recall_at_k": 0.5, "recall_queries": 2.5}, 4, ("None", 0.5, None),
+     ["recall_queries = 2.5 is not a row count"]),
+])
+def test_recorded_recall_read_from_the_meta(info, k, recorded, violations):
+    from item_embeddings.verify.nearest import Recorded, recorded_recall
+
+    report = Report("set")
+    assert recorded_recall("fused", info, k, report) == Recorded(*recorded)
+    assert len(report.violations) == len(violations)
+    for got, fragment in zip(report.violations, violations):
+        assert got.startswith(f"knn_meta.json: spaces.fused.{fragment}"), (got, fragment)
+
+
+def test_allowed_shortfall_of_a_recall():
+    from item_embeddings.verify.nearest import Recorded, allowed_shortfall
+
+    # a measured recall of 1 bounds the miss rate at 3/1000 only; no queries: the sample's
+    assert allowed_shortfall(Recorded("ivf-flat", 1.0, 1000), 256) == pytest.approx(0.01532,
+                                                                                  abs=1e-5)
+    assert allowed_shortfall(Recorded("ivf-flat", 0.9, None), 100) == pytest.approx(0.16971,
+                                                                                  abs=1e-5)
+    assert allowed_shortfall(Recorded("ivf-flat", 0.9, 50), 100) == pytest.approx(0.20785,
+                                                                                abs=1e-5)

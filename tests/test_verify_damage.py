@@ -12,12 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import catalogue, exact_knn, reseal, write_items, write_knn
+from helpers import (
+    catalogue,
+    exact_knn,
+    refused,
+    reseal,
+    verify_cli,
+    write_items,
+    write_knn,
+    write_report,
+)
 from image_server import ImageServer, make_images
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import fuse_item_embeddings
 from item_embeddings.image import embed_items_images, load_image_encoder
-from item_embeddings.ops.cli import main
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
@@ -59,7 +67,7 @@ def _image_url(srv: ImageServer, i: int) -> str | None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """Two runs (``run-a``, ``run-b``) of the real text, image and fusion steps on the same
-    items, each placed flat like ``run-local`` does, plus exact kNN graphs."""
+    items, each placed flat like ``run-local`` does, plus exact kNN graphs and the QA report."""
     root = tmp_path_factory.mktemp("real-sets")
     config, checkpoint, _ = tiny_model
     params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
@@ -83,7 +91,7 @@ def runs(tmp_path_factory, tiny_model) -> dict[str, Path]:
             for step in ("text", "image", "fusion"):
                 place_files(sorted(p for p in (steps / step).iterdir() if p.is_file()), flat,
                             META_FILES)
-            sets[run_id] = write_knn(flat, k=K, run_id=run_id)
+            sets[run_id] = write_report(write_knn(flat, k=K, run_id=run_id), run_id=run_id)
     return sets
 
 
@@ -91,22 +99,6 @@ def runs(tmp_path_factory, tiny_model) -> dict[str, Path]:
 def damaged(runs, tmp_path) -> Path:
     """A private copy of run-a's set to damage."""
     return Path(shutil.copytree(runs["run-a"], tmp_path / "set"))
-
-
-def _verify(root: Path, capsys) -> tuple[int, str]:
-    rc = main(["verify", str(root)])
-    captured = capsys.readouterr()
-    return rc, captured.out + captured.err
-
-
-def refused(root: Path, capsys, *fragments: str) -> str:
-    """Run the CLI on ``root``: exit status 1 and every fragment among the violations."""
-    rc, out = _verify(root, capsys)
-    assert rc == 1, out
-    violations = "\n".join(line for line in out.splitlines() if "VIOLATION" in line)
-    for fragment in fragments:
-        assert fragment in violations, (fragment, out)
-    return violations
 
 
 def _delete(root: Path, *names: str) -> None:
@@ -144,7 +136,7 @@ def _edit_meta(path: Path, **changes) -> None:
 
 def test_real_sets_pass_with_hashes_and_run_links(runs, tmp_path, capsys):
     for root in runs.values():
-        rc, out = _verify(root, capsys)
+        rc, out = verify_cli(root, capsys)
         assert rc == 0 and "all checks passed" in out, out
     meta = json.loads((runs["run-a"] / TXT_META).read_text())
     assert set(meta["files"]) == {TXT_ARRAY, TXT_ITEMS}
@@ -156,7 +148,7 @@ def test_real_sets_pass_with_hashes_and_run_links(runs, tmp_path, capsys):
     assert img["count"] > 0 and img["failed_count"] > 0 and img["no_url_count"] > 0
     published = tmp_path / "published"
     publish_outputs([runs["run-a"]], str(published), run_id="run-a")
-    rc, out = _verify(published, capsys)
+    rc, out = verify_cli(published, capsys)
     assert rc == 0, out
 
 

@@ -39,7 +39,8 @@ def fuse_embeddings(
         text_embeddings: Text step output (txt.npy, txt_items.parquet, txt_meta.json).
         image_embeddings: Image step output (img.npy, img_items.parquet, img_meta.json).
         fused_embeddings: Output directory with the fused vectors, ids, weights and config.
-        metrics: Count, items with images, final loss and training time.
+        metrics: Count, items with images, final loss, training time and the modality mix
+            (photo share of the text and fused neighbours by group).
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.fusion import fuse_item_embeddings

@@ -15,6 +15,8 @@ def knn_graphs(
     knn_exact_max_items: int,
     knn_recall_queries: int,
     seed: int,
+    previous_uri: str,
+    inputs_fingerprint: str,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
@@ -27,13 +29,17 @@ def knn_graphs(
 
     Writes `knn_text.npy` / `knn_fused.npy` (int32 [N, k] row indices in `txt_items.parquet`
     order, most similar first, self excluded), `knn_text_scores.npy` / `knn_fused_scores.npy`
-    (float32 [N, k]) and `knn_meta.json` (method, index parameters, times, recall).
+    (float32 [N, k]), the state a later incremental run starts from (`knn_items.parquet`,
+    `knn_*_state.npz`) and `knn_meta.json` (method, index parameters, times, recall, rows
+    recomputed and reused, drift). With `previous_uri`, updates the previous set's graphs
+    instead of searching every item again where that is cheaper (docs/knn.md).
 
     Args:
         text_embeddings: Text step output (txt.npy, txt_items.parquet).
         fused_embeddings: Fusion step output (fused.npy, fused_items.parquet).
         graphs: Output directory with the graphs and knn_meta.json.
-        metrics: Recall@k and search times per space.
+        metrics: Recall@k and search times per space, and the modality mix (photo share
+            of each space's neighbours by group).
     """
     from item_embeddings.components.shared import component_step
     from item_embeddings.knn import build_knn_graphs

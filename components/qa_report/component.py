@@ -22,8 +22,9 @@ def qa_report(
 ):
     """Renders the QA report: counts and coverage per step, image failures by reason, norm and
     similarity distributions, 2-D maps coloured by `category_column`, sample items with their
-    nearest neighbours in the text and fused spaces, the fusion training curve, kNN recall, the
-    run's parameters and versions. Plots are inlined, so the page shows on the run page
+    nearest neighbours in the text and fused spaces, the fusion training curve, kNN recall (and,
+    with a previous set, the night-over-night drift of the neighbours), the run's parameters
+    and versions. Plots are inlined, so the page shows on the run page
     ("View HTML") and opens offline.
 
     Args:
@@ -42,10 +43,14 @@ def qa_report(
     from item_embeddings.report import write_qa_report
 
     with component_step(locals(), report) as step:
-        write_qa_report(items.uri, text_embeddings.path, image_embeddings.path,
-                        fused_embeddings.path, knn_graphs.path, step.out_dir / QA_REPORT,
-                        step.params, run_id=run_id)
+        summary = write_qa_report(items.uri, text_embeddings.path, image_embeddings.path,
+                                  fused_embeddings.path, knn_graphs.path,
+                                  step.out_dir / QA_REPORT, step.params, run_id=run_id)
         shutil.copyfile(step.out_dir / QA_REPORT, html.path)
+        for space, drift in summary["drift"].items():  # night-over-night, with previous_uri
+            if drift.get("mean_overlap") is not None:
+                report.metadata[f"{space}_drift_top{drift['top']}_overlap"] = \
+                    drift["mean_overlap"]
 
 
 def make_component(base_image: str):

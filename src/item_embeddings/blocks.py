@@ -34,6 +34,14 @@ def row_blocks(array: np.ndarray, block_rows: int, dtype=None) -> Iterator[RowBl
     read into memory as ``dtype`` (default: the array's own)."""
     for start in range(0, array.shape[0], block_rows):
         rows = np.asarray(array[start:start + block_rows], dtype=dtype)
-        finite = np.isfinite(rows).all(axis=1)
-        norms = np.linalg.norm(np.where(finite[:, None], rows, 0), axis=1)
+        # One pass for the usual block: a NaN/Inf value makes its row's norm NaN/Inf; only
+        # those rows (and finite ones whose squares overflow) are looked at again.
+        with np.errstate(over="ignore"):
+            norms = np.linalg.norm(rows, axis=1)
+        finite = np.isfinite(norms)
+        odd = np.flatnonzero(~finite)
+        if len(odd):
+            finite[odd] = np.isfinite(rows[odd]).all(axis=1)
+            with np.errstate(over="ignore"):
+                norms[odd] = np.linalg.norm(np.where(finite[odd, None], rows[odd], 0), axis=1)
         yield RowBlock(start, rows, finite, norms)

@@ -196,7 +196,8 @@ class PipelineParams:
     # Incremental runs
     previous_uri: str = _param(
         "", "An earlier output set (folder or gs:// prefix, e.g. the publish prefix) whose "
-        "vectors are reused for unchanged items; empty = full run.")
+        "vectors are reused for unchanged items and whose kNN graphs are updated rather than "
+        "rebuilt; empty = full run.")
     image_revalidate: bool = _param(
         False, "With previous_uri: ask image hosts whether reused images changed (conditional "
         "GET with the recorded ETag/Last-Modified); off = no request for unchanged URLs.")

@@ -422,10 +422,15 @@ def _warnings(r: _Run, images: list[int]) -> list[str]:
             "with more memory")
     knn_gb = n * r.rates.number("knn.peak_bytes_per_item") / 1e9
     if knn_gb > r.knn_m.memory_gb:
+        fits = sorted((r.rates.number(f"machines.{name}.memory_gb"), name)
+                      for name in r.rates.node("machines")
+                      if r.rates.number(f"machines.{name}.memory_gb") >= knn_gb)
         warnings.append(
             f"the kNN step needs about {knn_gb:.0f} GB at {n:,} items (measured peak per item "
             f"at 500k), more than the {r.knn_m.memory_gb:g} GB of knn_machine_type "
-            f"{p.knn_machine_type}: it would run out of memory; pick a high-memory machine")
+            f"{p.knn_machine_type}: the step refuses it before any work; "
+            + (f"set knn_machine_type={fits[0][1]} ({fits[0][0]:g} GB)" if fits else
+               "no machine type in the rates file has that much memory"))
     image_work = deal(images, p.max_parallel_shards)
     busy = sum(any(shards) for shards in image_work)
     if m and busy < len(image_work):

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .outputs import GROUPS, MANIFEST
+from .outputs import GROUPS, KNN_GROUP, KNN_META, MANIFEST
 from .published import PublishedSetError, Resolved, resolve
 from .storage import (
     is_file_records,
@@ -101,22 +101,27 @@ class PreviousGroup:
 
 
 def group_files(group: str) -> tuple[list[str], str]:
-    """(every file of a step's group, its meta file) from :data:`outputs.GROUPS`."""
+    """(every file of a step's group, its meta file) from :data:`outputs.GROUPS` ('knn': the
+    kNN step's graphs and state, :data:`outputs.KNN_GROUP`)."""
+    if group == "knn":
+        return [*KNN_GROUP, KNN_META], KNN_META
     array, ids, meta, extra = GROUPS[group]
     return [array, ids, *extra, meta], meta
 
 
 @contextlib.contextmanager
-def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
-    """The ``group`` ('text', 'image', 'fusion') of the previous set at ``uri``, verified.
+def open_previous(uri: str, group: str, *, optional: bool = False
+                  ) -> Iterator[PreviousGroup | None]:
+    """The ``group`` ('text', 'image', 'fusion', 'knn') of the previous set at ``uri``, verified.
 
-    Yields None when ``uri`` is empty (a full run). A publish prefix is resolved once to the set
-    its pointer names; a ``gs://`` set is copied to a temporary directory first (only the
-    group's files).
+    Yields None when ``uri`` is empty (a full run), and with ``optional`` when the set lacks
+    some of the group's files (a set without kNN graphs, or made before they kept a state).
+    A publish prefix is resolved once to the set its pointer names; a ``gs://`` set is copied
+    to a temporary directory first (only the group's files).
 
     Raises:
-        PreviousSetError: the set or the group is missing, incomplete, or a file's size or
-            sha256 differs from what the set recorded.
+        PreviousSetError: the set or the group is missing, incomplete (unless ``optional``), or
+            a file's size or sha256 differs from what the set recorded.
     """
     if not uri:
         yield None
@@ -124,7 +129,7 @@ def open_previous(uri: str, group: str) -> Iterator[PreviousGroup | None]:
     names, meta_name = group_files(group)
     found = _resolve_existing(uri)
     with local_folder(found.root, names) as root:
-        yield _verified(found, root, group, names, meta_name)
+        yield _verified(found, root, group, names, meta_name, optional)
 
 
 def _resolve_existing(uri: str) -> Resolved:
@@ -197,7 +202,7 @@ def previous_fingerprint(uri: str) -> str:
 def _records_hash(found: Resolved | None) -> str:
     if found is None:
         return ""
-    metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())]
+    metas = [meta for _, (_, _, meta, _) in sorted(GROUPS.items())] + [KNN_META]
     digest = hashlib.sha256()
     digest.update(MANIFEST.encode() + (json.dumps(found.manifest, sort_keys=True).encode()
                                        if found.manifest is not None else b""))
@@ -206,10 +211,14 @@ def _records_hash(found: Resolved | None) -> str:
     return digest.hexdigest()
 
 
-def _verified(found: Resolved, root: Path, group: str, names: list[str],
-              meta_name: str) -> PreviousGroup:
+def _verified(found: Resolved, root: Path, group: str, names: list[str], meta_name: str,
+              optional: bool = False) -> PreviousGroup | None:
     uri = found.uri if not found.pointed else f"{found.uri} (set {found.root})"
     missing = [n for n in names if not (root / n).is_file()]
+    if missing and optional:
+        logger.info("previous output set %s has no complete %s outputs (missing %s)", uri, group,
+                    ", ".join(missing))
+        return None
     if missing:
         raise PreviousSetError(f"previous output set {uri} lacks the {group} step's "
                                f"{', '.join(missing)}: incomplete (a killed run?); nothing is "

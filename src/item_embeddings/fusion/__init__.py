@@ -2,8 +2,9 @@
 
 =================  =====================================================================
 :mod:`.inputs`     both steps' outputs, memory-mapped, checked and joined by id
-:mod:`.model`      the fusion MLP, its objective and hand-written gradient, its weights file
-:mod:`.training`   PCA start, batches with targets built ahead, fused Adam, LR schedule
+:mod:`.targets`    the photo a text predicts (imputation) and the training targets
+:mod:`.model`      the fusion MLP with its stand-in, the loss and its hand-written gradient
+:mod:`.training`   imputation fit, PCA start, batches with targets built ahead, fused Adam
 :mod:`.step`       the step: train, write ``fused.npy`` and its companions
 :mod:`.synthetic`  a generated catalogue with known clusters (tests and benchmarks)
 =================  =====================================================================

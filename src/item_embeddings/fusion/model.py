@@ -1,11 +1,13 @@
-"""The fusion MLP, its training objective, and its weights on disk.
+"""The fusion MLP, its training loss with a hand-written gradient, and its weights on disk.
 
-Model: ``concat(text, image, has_image) -> Linear -> ReLU -> Linear -> L2-normalise``. The first
-Linear is stored as three blocks (text columns + bias, image columns, the has-image column) so a
-batch only multiplies the image block for the rows that have an image; the result is the same as
-one Linear over the zero-padded concatenation, at a fraction of the cost when most items have no
-image. Input rows are L2-normalised on the way in (:func:`unit_rows`, used by the step and by
-:meth:`FusionMLP.fuse`), so new items are treated exactly like the training items.
+Model: ``concat(text, image or stand-in, has_image) -> Linear -> ReLU -> Linear ->
+L2-normalise``. The first Linear is stored in blocks (text columns + bias, image columns, the
+has-image column, and the stand-in for a missing image half: a linear function of the text) so
+a batch only multiplies the image block for the rows that have an image, and a row without one
+multiplies one combined text block. Input rows are L2-normalised on the way in
+(:func:`unit_rows`, used by the step and by :meth:`FusionMLP.fuse`), so new items are treated
+exactly like the training items. The targets the loss compares with are built in
+:mod:`.targets`.
 
 Example::
 
@@ -20,7 +22,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,21 +32,24 @@ from torch import nn
 from ..config import PipelineParams
 from ..outputs import FUSION_WEIGHTS
 from ..storage import atomic_path
+from .targets import TAU, Imputation, TrainingBatch, check_tau
 
 _T = TypeVar("_T")
 _META_KEY = "fusion_model"  # safetensors metadata entry holding the architecture (JSON)
-OBJECTIVE = "neighbourhood-kl+norm"
-TAU = 0.05              # softmax temperature of target and fused similarities
+OBJECTIVE = "modality-balanced-kl+norm"
 NORM_WEIGHT = 0.01      # weight of the pre-normalisation norm regulariser
 _EPS = 1e-12
-_HALF_SQRT2 = 0.5 ** 0.5  # 1 / |[text, image]| for unit text and image
+NULL_SPACE_RATIO = 1e-6  # eigenvalues below this share of the largest: directions no item spans
 _MASKED = -1e9          # logit of an item paired with itself
-_MIN_TAU = 0.025        # exp(-2 / tau) stays a normal float32 (see _shifted_logits)
 _LOG2E = 1.4426950408889634
 
 
 class FusionMLP(nn.Module):
-    """``concat(text, image, has_image)`` -> hidden (ReLU) -> ``output_dim``, unit-length output."""
+    """``concat(text, image or stand-in, has_image)`` -> hidden (ReLU) -> ``output_dim``,
+    unit-length output. The stand-in for a missing image half is a linear function of the
+    text; only its product with the image block matters, so it is stored as that product
+    (``standin_in``, text columns + bias), started from the imputation of the photo
+    (``init_from_pca``) and trained with the rest. Zero, it is the zero image half."""
 
     def __init__(self, text_dim: int, img_dim: int,
                  hidden_dim: int = PipelineParams().fusion_hidden_dim,
@@ -59,6 +64,9 @@ class FusionMLP(nn.Module):
         self.text_in = nn.Linear(self.text_dim, self.hidden_dim)
         self.image_in = nn.Linear(self.img_dim, self.hidden_dim, bias=False)
         self.mask_in = nn.Parameter(torch.zeros(self.hidden_dim))  # weight of the has-image bit
+        self.standin_in = nn.Linear(self.text_dim, self.hidden_dim)  # image block · stand-in
+        nn.init.zeros_(self.standin_in.weight)
+        nn.init.zeros_(self.standin_in.bias)
         self.out = nn.Linear(self.hidden_dim, self.output_dim)
 
     def forward(self, text: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor
@@ -78,12 +86,25 @@ class FusionMLP(nn.Module):
 
     def pre_activation(self, text: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor
                        ) -> torch.Tensor:
-        """The first layer, ``W1 · concat(text, image or 0, has_image) + b1``, [B, hidden_dim]."""
-        hidden = self.text_in(text)
-        if image.shape[0]:  # the has-image column's weight acts as the image block's bias
-            hidden = hidden.index_add_(0, image_pos,
-                                       F.linear(image, self.image_in.weight, self.mask_in))
+        """The first layer, ``W1 · concat(text, image or stand-in, has_image) + b1``,
+        [B, hidden_dim]: rows with an image add the image block (the has-image column's weight
+        as its bias), rows without multiply the text block plus the stand-in's."""
+        without = torch.ones(text.shape[0], dtype=torch.bool)
+        without[image_pos] = False
+        rows = without.nonzero().squeeze(1)
+        hidden = text.new_empty(text.shape[0], self.hidden_dim)
+        hidden[rows] = F.linear(text[rows], *self.standin_layer())
+        if image.shape[0]:
+            hidden[image_pos] = F.linear(text[image_pos], self.text_in.weight,
+                                         self.text_in.bias).addmm_(
+                image, self.image_in.weight.T).add_(self.mask_in)
         return hidden
+
+    def standin_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of the first layer for a row without an image: text block plus the
+        stand-in's (the image block applied to the stand-in)."""
+        return (self.text_in.weight + self.standin_in.weight,
+                self.text_in.bias + self.standin_in.bias)
 
     @torch.no_grad()
     def fuse(self, text: np.ndarray, image: np.ndarray | None = None,
@@ -150,14 +171,18 @@ def usable_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def init_from_pca(model: FusionMLP, second_moment: np.ndarray) -> int:
+def init_from_pca(model: FusionMLP, second_moment: np.ndarray,
+                  imputation: Imputation | None = None) -> int:
     """Start the MLP as the projection on the top principal directions of its input.
 
-    ``second_moment`` is E[x xᵀ] of the (uncentred, unit-row) input ``x = [text, image]``.
-    With k = min(output_dim, hidden_dim // 2) directions P, the hidden layer holds ReLU(Px) and
+    ``second_moment`` is E[x xᵀ] of the (uncentred, unit-row) input ``x = [text, image]``, where
+    an item without an image has its imputed photo (``imputation``) or zero. With
+    k = min(output_dim, hidden_dim // 2) directions P, the hidden layer holds ReLU(Px) and
     ReLU(-Px) and the output layer subtracts them, so the initial code is exactly Px: training
     starts from the linear baseline (PCA) instead of a random projection and refines it. The
-    other hidden units keep their random weights with zero outgoing weights.
+    stand-in of an item without an image starts as its imputed photo, so the start places it
+    where an item with that photo would be. The other hidden units keep their random weights
+    with zero outgoing weights.
 
     Returns:
         k, the number of principal directions used.
@@ -170,13 +195,28 @@ def init_from_pca(model: FusionMLP, second_moment: np.ndarray) -> int:
         return 0
     # torch's LAPACK honours torch's thread count; numpy's may spin on every core.
     eigvals, eigvecs = torch.linalg.eigh(torch.from_numpy(second_moment).double())
+    # Only directions the items span: in the null space (a catalogue with fewer items than
+    # dimensions) the basis is whatever rounding makes it, and an item's projection on it is
+    # rounding noise at ReLU's kink, so float-level changes of the input (another shard
+    # layout) would decide which units train. Those units keep their seeded random weights.
+    k = min(k, int((eigvals > NULL_SPACE_RATIO * eigvals.max()).sum()))
+    if k == 0:
+        return 0
     top = eigvecs[:, torch.argsort(eigvals, descending=True, stable=True)[:k]].T  # [k, dim]
     signs = torch.sign(top[torch.arange(k), top.abs().argmax(dim=1)])  # a fixed sign per vector
     p = (top * signs.unsqueeze(1)).float()
-    model.text_in.weight[:2 * k] = torch.cat([p[:, :model.text_dim], -p[:, :model.text_dim]])
-    model.image_in.weight[:2 * k] = torch.cat([p[:, model.text_dim:], -p[:, model.text_dim:]])
+    p_text, p_image = p[:, :model.text_dim], p[:, model.text_dim:]
+    model.text_in.weight[:2 * k] = torch.cat([p_text, -p_text])
+    model.image_in.weight[:2 * k] = torch.cat([p_image, -p_image])
     model.text_in.bias[:2 * k] = 0
     model.mask_in.zero_()
+    model.standin_in.weight.zero_()
+    model.standin_in.bias.zero_()
+    if imputation is not None:  # P_image · (text @ W + offset)
+        standin = p_image @ imputation.weight.T
+        offset = p_image @ imputation.offset
+        model.standin_in.weight[:2 * k] = torch.cat([standin, -standin])
+        model.standin_in.bias[:2 * k] = torch.cat([offset, -offset])
     model.out.weight.zero_()
     eye = torch.eye(k)
     model.out.weight[:k, :k] = eye
@@ -185,34 +225,6 @@ def init_from_pca(model: FusionMLP, second_moment: np.ndarray) -> int:
         nn.init.normal_(model.out.weight[k:, 2 * k:], std=model.hidden_dim ** -0.5)
     model.out.bias.zero_()
     return k
-
-
-def target_similarity(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Cosine between the batch's items in the masked concatenated space, [B, B].
-
-    ``image`` holds the image vectors of the batch's first M items (the items with an image come
-    first in a training batch; the loss does not depend on the order). The concatenation
-    ``[text, image or 0]`` of unit vectors has norm sqrt(2) with an image and 1 without, so the
-    cosine is (text·text' + image·image') / 2 when both items have an image, text·text' when
-    neither has, and text·text' / sqrt(2) for a mixed pair. Inputs are unit rows.
-    """
-    sim = text @ text.T
-    m = image.shape[0]
-    if m:
-        scale = torch.ones(text.shape[0], dtype=text.dtype)
-        scale[:m] = _HALF_SQRT2  # 1 / |concat| per row
-        sim *= scale.unsqueeze(1) * scale.unsqueeze(0)
-        sim[:m, :m].addmm_(image, image.T, alpha=0.5)
-    return sim
-
-
-class TrainingBatch(NamedTuple):
-    """One minibatch with its fixed targets (no gradient; can be built ahead, off the trainer)."""
-
-    text: torch.Tensor          # [B, text_dim] unit rows, the M items with an image first
-    image: torch.Tensor         # [M, img_dim] unit rows: the images of text's first M rows
-    target_sym: torch.Tensor    # [B, B] P + Pᵀ, P the target neighbour distribution per row
-    target_p_log_p: torch.Tensor  # scalar sum of P * log(P): the KL's constant part
 
 
 def _shifted_logits(similarity: torch.Tensor, tau: float) -> torch.Tensor:
@@ -251,56 +263,32 @@ def _log_likelihood(target_sym: torch.Tensor, logits2: torch.Tensor,
     return torch.dot(target_sym.view(-1), logits2.view(-1)) * (0.5 / _LOG2E) - log_sum_exp
 
 
-def training_batch(text: torch.Tensor, image: torch.Tensor, tau: float = TAU) -> TrainingBatch:
-    """The batch's target distributions: row softmax of concatenated-space cosines / tau.
-
-    Args:
-        text: [B, text_dim] unit rows; the items that have an image come first.
-        image: [M, img_dim] unit rows, the images of ``text[:M]``.
-        tau: Softmax temperature.
-    """
-    _check_tau(tau)
-    logits2 = _shifted_logits(target_similarity(text, image), tau)
-    target_sym, log_sum_exp = _symmetric_softmax(logits2)
-    return TrainingBatch(text, image, target_sym,
-                         _log_likelihood(target_sym, logits2, log_sum_exp))
-
-
-def _check_tau(tau: float) -> None:
-    if tau < _MIN_TAU:
-        raise ValueError(f"tau must be >= {_MIN_TAU} (the softmax uses a fixed shift), got {tau}")
-
-
 @torch.no_grad()
 def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
                        helper: Executor | None = None) -> dict[str, float]:
     """The training objective on one batch; sets every parameter's ``.grad`` to its gradient.
 
     Objective: row mean of KL(P || softmax(z·zᵀ / tau)) with each item's self excluded
-    (P from :func:`training_batch`), plus NORM_WEIGHT * mean((|h| - 1)²) on the code before
+    (P from :func:`.targets.training_batch`), plus NORM_WEIGHT * mean((|h| - 1)²) on the code before
     normalisation. The backward pass is written out instead of left to autograd: it is short,
     and autograd's graph and intermediates cost a sizeable share of a step (docs/fusion.md).
     tests/test_fusion.py checks it against autograd on the plain formula.
 
     Args:
         model: The model; its parameters' ``.grad`` are replaced.
-        batch: Inputs and targets (:func:`training_batch`).
+        batch: Inputs and targets (:func:`.targets.training_batch`).
         tau: Softmax temperature (as used for the targets).
-        helper: An executor whose thread may compute the text block's weight gradient, the
-            step's largest product, while this thread does the rest of the backward pass; if
-            the thread is still busy when the result is due, this thread computes it itself.
+        helper: An executor whose thread may compute the text block's weight-gradient
+            products (:func:`_text_block_products`), the step's largest, while this thread
+            does the rest of the backward pass; if the thread is still busy when the result is
+            due, this thread computes them itself.
 
     Returns:
         ``loss``, ``sim_loss`` and ``norm_loss`` as floats.
     """
-    _check_tau(tau)
+    check_tau(tau)
     text, image, target_sym, target_p_log_p = batch
-    m = image.shape[0]
-    # the first layer (see pre_activation); the items with an image are the first m rows
-    hidden = F.linear(text, model.text_in.weight, model.text_in.bias)
-    if m:
-        hidden[:m] += F.linear(image, model.image_in.weight, model.mask_in)
-    hidden.clamp_min_(0)  # ReLU, in place
+    hidden = _first_layer(model, text, image).clamp_min_(0)  # ReLU, in place
     h = model.out(hidden)
     norm = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(_EPS)
     z = h / norm
@@ -320,9 +308,44 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     grad_h += z * ((2.0 * NORM_WEIGHT / b) * (norm - 1))
     # ReLU's backward, the op autograd uses (a bool mask multiply is far slower: docs/fusion.md)
     grad_pre = torch.ops.aten.threshold_backward(grad_h @ model.out.weight, hidden, 0)
-    text_weight_grad = _run_aside(helper, torch.mm, grad_pre.T, text)
+    text_products = _run_aside(helper, _text_block_products, grad_pre, text, image.shape[0])
     model.out.weight.grad = grad_h.T @ hidden
     model.out.bias.grad = grad_h.sum(dim=0)
+    _first_layer_gradients(model, grad_pre, image, text_products)
+    loss = sim_loss + NORM_WEIGHT * norm_loss
+    return {"loss": loss.item(), "sim_loss": sim_loss.item(), "norm_loss": norm_loss.item()}
+
+
+def _first_layer(model: FusionMLP, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """:meth:`FusionMLP.pre_activation` of a training batch, whose M items with an image are its
+    first M rows: those rows add the image block, the others use the stand-in's layer."""
+    m = image.shape[0]
+    parts = []
+    if m:
+        parts.append(F.linear(text[:m], model.text_in.weight, model.text_in.bias)
+                     .addmm_(image, model.image_in.weight.T).add_(model.mask_in))
+    if m < text.shape[0]:
+        parts.append(F.linear(text[m:], *model.standin_layer()))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _text_block_products(grad_pre: torch.Tensor, text: torch.Tensor, m: int
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The text block's weight-gradient products, ``grad_preᵀ · text``, of the rows without an
+    image (the stand-in's gradient) and of the M rows with one; None for an empty part."""
+    return (grad_pre[m:].T @ text[m:] if m < len(text) else None,
+            grad_pre[:m].T @ text[:m] if m else None)
+
+
+def _first_layer_gradients(model: FusionMLP, grad_pre: torch.Tensor, image: torch.Tensor,
+                           text_products: Callable[[], tuple[torch.Tensor | None,
+                                                             torch.Tensor | None]]) -> None:
+    """Set the first layer's gradients from ``grad_pre`` (the loss's gradient with respect to
+    the pre-activations, image rows first). ``text_products()`` gives
+    :func:`_text_block_products` (the largest products of the backward pass, maybe computed on
+    another thread): the rows without an image give the stand-in's weight gradient, and the
+    text block's is the sum of both."""
+    m = image.shape[0]
     model.text_in.bias.grad = grad_pre.sum(dim=0)
     if m:
         grad_image = grad_pre[:m]
@@ -330,9 +353,14 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
         model.mask_in.grad = grad_image.sum(dim=0)
     else:  # as autograd would: unused parameters get no gradient and Adam leaves them alone
         model.image_in.weight.grad = model.mask_in.grad = None
-    model.text_in.weight.grad = text_weight_grad()
-    loss = sim_loss + NORM_WEIGHT * norm_loss
-    return {"loss": loss.item(), "sim_loss": sim_loss.item(), "norm_loss": norm_loss.item()}
+    standin, image_rows = text_products()
+    if standin is not None:
+        model.standin_in.weight.grad = standin
+        model.standin_in.bias.grad = grad_pre[m:].sum(dim=0)
+        model.text_in.weight.grad = standin + image_rows if m else standin.clone()
+    else:
+        model.standin_in.weight.grad = model.standin_in.bias.grad = None
+        model.text_in.weight.grad = image_rows
 
 
 def _run_aside(executor: Executor | None, fn: Callable[..., _T], *args: Any
@@ -355,7 +383,7 @@ def save_fusion_model(model: FusionMLP, path: str | os.PathLike, extra: dict | N
 
     meta = {"text_dim": model.text_dim, "img_dim": model.img_dim, "hidden_dim": model.hidden_dim,
             "output_dim": model.output_dim, "activation": "relu", "objective": OBJECTIVE,
-            "input": "concat(l2norm(text), l2norm(image) or 0, has_image)"}
+            "input": "concat(l2norm(text), l2norm(image) or stand-in(text), has_image)"}
     meta.update(extra or {})
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # One metadata entry: safetensors writes a map's entries in an unspecified order, and the
@@ -380,7 +408,12 @@ def load_fusion_model(path: str | os.PathLike) -> FusionMLP:
     if missing:
         raise ValueError(f"{path} is not a fusion model: metadata lacks {missing}")
     model = FusionMLP(meta["text_dim"], meta["img_dim"], meta["hidden_dim"], meta["output_dim"])
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    for name, tensor in model.state_dict().items():
+        if name.startswith("standin_in.") and name not in state:
+            # a model from before the stand-in: its missing image half was zero, as is this
+            state[name] = torch.zeros_like(tensor)
+    model.load_state_dict(state)
     model.metadata = meta  # what it was trained on (encoders' fingerprints, run id, seed)
     model.eval()
     return model

@@ -16,6 +16,7 @@ import torch
 
 from ..config import PipelineParams
 from ..incremental import KeyIndex, PreviousGroup, open_previous
+from ..modality import mix_metrics, mix_warning, modality_mix, sample_neighbours
 from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS
 from ..step import StepKind
 from ..storage import atomic_npy, atomic_path, sha256_file, write_parquet_atomic
@@ -28,12 +29,21 @@ from .inputs import (
     gather,
     load_fusion_inputs,
 )
-from .model import NORM_WEIGHT, OBJECTIVE, TAU, FusionMLP, load_fusion_model, save_fusion_model
-from .training import WARMUP_SHARE, check_init, torch_threads, train_fusion_model
+from .model import NORM_WEIGHT, OBJECTIVE, FusionMLP, load_fusion_model, save_fusion_model
+from .targets import TAU
+from .training import (
+    WARMUP_SHARE,
+    check_init,
+    evaluation_sample,
+    torch_threads,
+    train_fusion_model,
+)
 
 logger = logging.getLogger(__name__)
 
 EXCLUSION_REASON = "non-finite or zero image vector"
+MIX_K = 10              # neighbours per item of the modality mix (the issue's top-10)
+MIX_ITEMS = 4096        # items of the evaluation sample the modality mix is measured on
 
 FUSION_STEP = StepKind(
     "fuse-modal", artifact="fused_embeddings", meta_file=FUSION_CONFIG,
@@ -43,7 +53,8 @@ FUSION_STEP = StepKind(
     logged_params={name: name for name in (
         "fusion_mode", "output_dim", "hidden_dim", "epochs", "lr", "batch_size", "seed",
         "objective", "init", "text_uri", "image_uri", "previous_uri")},
-    versions=("torch", "numpy", "safetensors"))
+    versions=("torch", "numpy", "safetensors"),
+    nested_metrics=lambda meta: mix_metrics(meta["modality_mix"]))
 # the settings only training reads (applying takes the previous model as it is)
 TRAINING_SETTINGS = ("epochs", "lr", "batch_size", "seed", "init")
 
@@ -66,6 +77,20 @@ def _write_fused(model: FusionMLP, inputs: FusionInputs, dest: Path,
                 z, _ = model(*gather(inputs, start + todo))
                 fused[start + todo] = z.numpy()
     return int((rows >= 0).sum())
+
+
+def _sample_mix(inputs: FusionInputs, fused_path: Path, seed: int) -> dict[str, Any]:
+    """The modality mix of the text and fused spaces on the first MIX_ITEMS of the evaluation
+    sample (every item up to that many): each sampled item's top-MIX_K neighbours among them."""
+    rows = np.sort(evaluation_sample(inputs.count, seed)[:MIX_ITEMS])
+    fused = np.load(fused_path, mmap_mode="r")
+    mix = modality_mix({"text": sample_neighbours(inputs.text[rows], MIX_K),
+                        "fused": sample_neighbours(fused[rows], MIX_K)},
+                       inputs.image_row[rows] >= 0)
+    warning = mix_warning(mix)
+    if warning:
+        logger.warning("fusion: %s", warning)
+    return mix
 
 
 def _previous_model(previous: PreviousGroup, inputs: FusionInputs) -> FusionMLP:
@@ -122,6 +147,7 @@ def _trained(inputs: FusionInputs, params: PipelineParams, settings: dict[str, A
         **{key: settings[key] for key in TRAINING_SETTINGS},
         "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
                              "warmup_share": WARMUP_SHARE, "schedule": "warmup-cosine"},
+        "imputation": trained.imputation.summary(),
         # the objective on a fixed sample: at the start, after each epoch, and of the kept
         # weights (the best epoch; 0 = the start)
         "initial_eval_loss": trained.initial_eval_loss,
@@ -245,7 +271,8 @@ def fuse_item_embeddings(
             "computed_count": inputs.count - reused, "load_time_sec": load_time,
             "train_time_sec": train_time, "write_time_sec": time.perf_counter() - t0,
             "weights_file": FUSION_WEIGHTS,
-            "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS)})
+            "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS),
+            "modality_mix": _sample_mix(inputs, run.out / FUSED_ARRAY, params.seed)})
     logger.info("fused %d items (%d with images, %d codes reused) in %.1fs (%s %.1fs) -> %s",
                 inputs.count, inputs.items_with_images, reused, meta["wall_time_sec"],
                 "applying" if apply else "training", train_time, run.out)

@@ -2,8 +2,10 @@
 
 Used by the fusion tests and ``bench/bench_fusion.py``. Text vectors carry a text cluster label,
 image vectors an independent image cluster label, so an image cluster is information that only
-the image side has. The image step's files list ids in a different order than the text step and
-``img.npy`` rows in yet another order, as a real join by id must handle.
+the image side has; or, with ``photos_show_text_cluster``, the photo shows the item's text
+cluster (as a product photo shows what the title names), with its own noise. The image step's
+files list ids in a different order than the text step and ``img.npy`` rows in yet another
+order, as a real join by id must handle.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def _noisy(rng: np.random.Generator, centres: np.ndarray, noise: float) -> np.nd
 def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.PathLike, *,
                               n: int = 2000, image_fraction: float = 0.5, text_clusters: int = 8,
                               image_clusters: int = 8, text_dim: int = 384, img_dim: int = 512,
-                              noise: float = 1.0, seed: int = 0,
-                              chunk: int = 50_000) -> SyntheticCatalogue:
+                              noise: float = 1.0, seed: int = 0, chunk: int = 50_000,
+                              photos_show_text_cluster: bool = False,
+                              image_noise: float | None = None) -> SyntheticCatalogue:
     """Write txt.* into ``text_dir`` and img.* (incl. an empty img_failures) into ``image_dir``.
 
     ``noise`` is the norm of the Gaussian noise added to a unit cluster centre (1.0: within-
-    cluster cosine about 0.5, between clusters about 0). Vectors are generated in chunks so a
+    cluster cosine about 0.5, between clusters about 0); ``image_noise`` the photos' (default
+    ``noise``). Vectors are generated in chunks so a
     large catalogue never needs more than one chunk in memory besides the memmaps.
     """
     rng = np.random.default_rng(seed)
@@ -56,10 +60,11 @@ def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.P
     ids = [f"item-{i:07d}" for i in range(n)]
     text_label = rng.integers(0, text_clusters, n)
     has_image = rng.random(n) < image_fraction
-    image_label = np.where(has_image, rng.integers(0, image_clusters, n), -1)
+    image_label = np.where(has_image, text_label if photos_show_text_cluster
+                           else rng.integers(0, image_clusters, n), -1)
 
     t_centres = _unit_centres(seed + 1, text_clusters, text_dim)
-    i_centres = _unit_centres(seed + 2, image_clusters, img_dim)
+    i_centres = _unit_centres(seed + 2, max(image_clusters, text_clusters), img_dim)
     with atomic_npy(text_dir / TXT_ARRAY, (n, text_dim)) as text:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -75,7 +80,8 @@ def write_synthetic_catalogue(text_dir: str | os.PathLike, image_dir: str | os.P
     with atomic_npy(image_dir / IMG_ARRAY, (m, img_dim)) as image:
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
-            image[rows[start:stop]] = _noisy(rng, i_centres[image_label[listed[start:stop]]], noise)
+            image[rows[start:stop]] = _noisy(rng, i_centres[image_label[listed[start:stop]]],
+                                             noise if image_noise is None else image_noise)
     write_parquet_atomic(image_dir / IMG_ITEMS, pa.table({
         "id": [ids[i] for i in listed], "url": [f"http://127.0.0.1/{ids[i]}.jpg" for i in listed],
         "row": pa.array(rows, type=pa.int64())}))

@@ -1,5 +1,6 @@
-"""Training the fusion MLP: the PCA start, shuffled batches with targets built ahead on a second
-thread, a direct fused Adam and a warm-up + cosine learning-rate schedule."""
+"""Training the fusion MLP: the imputation of missing photos, the PCA start, shuffled batches with
+targets built ahead on a second thread, a direct fused Adam and a warm-up + cosine learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import torch
 from ..config import PipelineParams
 from ..progress import Progress
 from .inputs import FusionInputs, gather
-from .model import FusionMLP, TrainingBatch, init_from_pca, loss_and_gradients, training_batch
+from .model import FusionMLP, init_from_pca, loss_and_gradients
+from .targets import Imputation, TrainingBatch, fit_imputation, training_batch
 
 logger = logging.getLogger(__name__)
 
 PCA_SAMPLE = 16384      # rows sampled for the principal directions of the initialisation
+IMPUTATION_SAMPLE = 4096  # items with a photo sampled to fit the imputation
 WARMUP_SHARE = 0.1      # share of all training steps with a linearly rising learning rate
 PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memory they hold)
 # Below this many items one thread is used by default: on such small matrices thread hand-offs
@@ -33,13 +36,26 @@ INITS = ("pca", "random")
 EVAL_ITEMS = 8192       # the fixed sample the objective is measured on after each epoch
 
 
-def _second_moment(inputs: FusionInputs, rng: np.random.Generator) -> np.ndarray:
-    """E[x xᵀ] of the unit-row input x = [text, image or 0] on a sample of rows."""
+def _fit_imputation(inputs: FusionInputs, rng: np.random.Generator) -> Imputation:
+    """The photo each text predicts, fitted on a sample of the items that have one."""
+    with_image = np.flatnonzero(inputs.image_row >= 0)
+    sample = np.sort(rng.choice(with_image, size=min(IMPUTATION_SAMPLE, len(with_image)),
+                                replace=False))
+    text, image, _ = gather(inputs, sample)
+    return fit_imputation(text, image)
+
+
+def _second_moment(inputs: FusionInputs, rng: np.random.Generator,
+                   imputation: Imputation | None = None) -> np.ndarray:
+    """E[x xᵀ] of the unit-row input x = [text, image] on a sample of rows; an item without an
+    image has its imputed photo (or zero without ``imputation``)."""
     sample = np.sort(rng.choice(inputs.count, size=min(PCA_SAMPLE, inputs.count), replace=False))
     text, image, pos = gather(inputs, sample)
     td, idim = inputs.text.shape[1], inputs.image.shape[1]
     x = torch.zeros(len(sample), td + idim)
     x[:, :td] = text
+    if imputation is not None:
+        x[:, td:] = imputation.predict(text)
     x[pos, td:] = image
     return (x.T @ x / len(sample)).numpy()
 
@@ -115,8 +131,9 @@ def _target_thread(threads: int) -> Iterator[ThreadPoolExecutor | None]:
         torch.set_num_threads(trainer_threads)
 
 
-def _training_batches(inputs: FusionInputs, batches: Iterator[np.ndarray],
-                      pool: ThreadPoolExecutor | None) -> Iterator[TrainingBatch]:
+def _training_batches(inputs: FusionInputs, imputation: Imputation,
+                      batches: Iterator[np.ndarray], pool: ThreadPoolExecutor | None
+                      ) -> Iterator[TrainingBatch]:
     """Gathered batches with their targets; with a pool, built ahead on its thread.
 
     The targets do not depend on the model, so the pool's thread gathers rows and computes them
@@ -128,7 +145,7 @@ def _training_batches(inputs: FusionInputs, batches: Iterator[np.ndarray],
         idx = np.sort(idx)
         has_image = inputs.image_row[idx] >= 0
         text, image, _ = gather(inputs, np.concatenate([idx[has_image], idx[~has_image]]))
-        return training_batch(text, image)
+        return training_batch(text, image, imputation)
 
     if pool is None:
         yield from map(prepare, batches)
@@ -196,6 +213,7 @@ class TrainedModel:
     history: list[dict[str, float]]   # per epoch: mean training losses and ``eval_loss``
     initial_eval_loss: float          # the objective of the start (PCA or random), same sample
     best_epoch: int                   # the epoch whose weights were kept; 0 = the start
+    imputation: Imputation            # the photo each text predicts (targets and stand-in start)
 
     @property
     def eval_loss(self) -> float:
@@ -204,14 +222,20 @@ class TrainedModel:
                 else self.history[self.best_epoch - 1]["eval_loss"])
 
 
-def _evaluation_batches(inputs: FusionInputs, batch_size: int, seed: int
-                        ) -> list[TrainingBatch]:
+def evaluation_sample(count: int, seed: int) -> np.ndarray:
+    """The fixed sample of at most EVAL_ITEMS items the objective (and, after training, the
+    modality mix) is measured on, in random order; its own random stream, so training's is
+    left untouched."""
+    return np.random.default_rng([seed, 1]).permutation(count)[:EVAL_ITEMS]
+
+
+def _evaluation_batches(inputs: FusionInputs, imputation: Imputation, batch_size: int,
+                        seed: int) -> list[TrainingBatch]:
     """A fixed sample of at most EVAL_ITEMS items in batches, with their targets."""
-    rng = np.random.default_rng([seed, 1])  # its own stream: training's is left untouched
-    idx = rng.permutation(inputs.count)[:EVAL_ITEMS]
+    idx = evaluation_sample(inputs.count, seed)
     bounds = _batch_bounds(len(idx), batch_size)
-    return list(_training_batches(inputs, (idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])),
-                                  None))
+    return list(_training_batches(inputs, imputation,
+                                  (idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])), None))
 
 
 def _evaluate(model: FusionMLP, batches: list[TrainingBatch]) -> float:
@@ -237,13 +261,14 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     torch.manual_seed(params.seed)
     model = FusionMLP(inputs.text.shape[1], inputs.image.shape[1], params.fusion_hidden_dim,
                       params.fusion_output_dim)
+    imputation = _fit_imputation(inputs, np.random.default_rng([params.seed, 2]))
     if init == "pca":
-        init_from_pca(model, _second_moment(inputs, rng))
+        init_from_pca(model, _second_moment(inputs, rng, imputation), imputation)
     optimizer = FusedAdam(model.parameters())
     total_steps = epochs * _batch_count(inputs.count, batch_size)
     step = 0
     history: list[dict[str, float]] = []
-    evaluation = _evaluation_batches(inputs, batch_size, params.seed)
+    evaluation = _evaluation_batches(inputs, imputation, batch_size, params.seed)
     initial = best = _evaluate(model, evaluation)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     model.train()
@@ -254,7 +279,8 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
         helper = pool if threads == 2 else None
         for epoch in range(1, epochs + 1):
             sums = {"loss": 0.0, "sim_loss": 0.0, "norm_loss": 0.0}
-            for batch in _training_batches(inputs, _batches(inputs.count, batch_size, rng), pool):
+            batches = _batches(inputs.count, batch_size, rng)
+            for batch in _training_batches(inputs, imputation, batches, pool):
                 parts = loss_and_gradients(model, batch, helper=helper)
                 optimizer.step(lr_at(step, total_steps, lr))
                 step += 1
@@ -275,4 +301,4 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
                        history[-1]["eval_loss"])
     model.load_state_dict(best_state)
     model.eval()
-    return TrainedModel(model, history, initial, best_epoch)
+    return TrainedModel(model, history, initial, best_epoch, imputation)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch
 from ..blocks import row_blocks
 from ..errors import ItemEmbeddingsError
 from ..progress import Progress
+from .state import IvfState, fill_ivf, ivf_state, nearest_lists
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,13 @@ class KnnGraph:
     recall_queries: int
     recall_time_sec: float
     device: str
+    # The next neighbours after the k listed ones ([N, reserve], -1 / -inf where a row has
+    # fewer): what lets an incremental update replace a deleted neighbour without a search.
+    reserve_neighbours: np.ndarray | None = None
+    reserve_scores: np.ndarray | None = None
+    ivf: IvfState | None = None     # the IVF path's lists, kept for an incremental update
+    reused_count: int = 0           # rows whose list an incremental update kept as it was
+    incremental: dict[str, Any] | None = None   # what an incremental update did (None: full)
 
 
 def default_device() -> torch.device:
@@ -89,9 +100,10 @@ def _name_rows(rows: np.ndarray, labels: Sequence[Any] | None) -> str:
 
 
 def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
-          normalise: bool) -> np.ndarray | None:
+          normalise: bool, scratch: Path | None = None) -> np.ndarray | None:
     """Check ``vectors`` and ``k`` (see :func:`check_vectors`); with ``normalise``, also return
-    the L2-normalised rows, made in the same pass over the (possibly memory-mapped) rows."""
+    the L2-normalised rows, made in the same pass over the (possibly memory-mapped) rows, in
+    memory or (``scratch``) in a memory-mapped file there."""
     if getattr(vectors, "ndim", None) != 2:
         raise KnnInputError(f"{what}: expected a 2-D [N, d] array, got shape "
                             f"{getattr(vectors, 'shape', type(vectors).__name__)}")
@@ -105,7 +117,13 @@ def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
     if k >= n:
         raise KnnInputError(f"{what}: k={k} needs at least {k + 1} items (self is excluded), "
                             f"got {n}")
-    out = np.empty((n, dim), dtype=np.float32) if normalise else None
+    out = None
+    if normalise and scratch is not None:
+        handle, name = tempfile.mkstemp(prefix="unit-rows-", suffix=".npy", dir=scratch)
+        os.close(handle)
+        out = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(n, dim))
+    elif normalise:
+        out = np.empty((n, dim), dtype=np.float32)
     bad_finite: list[np.ndarray] = []
     bad_zero: list[np.ndarray] = []
     for block in row_blocks(vectors, CHECK_ROWS):
@@ -142,10 +160,12 @@ def check_vectors(vectors: np.ndarray, k: int, *, what: str = "vectors",
 
 
 def unit_rows(vectors: np.ndarray, k: int, *, what: str = "vectors",
-              labels: Sequence[Any] | None = None) -> np.ndarray:
+              labels: Sequence[Any] | None = None, scratch: Path | None = None) -> np.ndarray:
     """The rows of ``vectors`` L2-normalised into a new float32 array, checked as
-    :func:`check_vectors` does."""
-    return _scan(vectors, k, what, labels, normalise=True)
+    :func:`check_vectors` does. With a ``scratch`` directory the array is a memory-mapped file
+    there: its pages are the kernel's cache, which it can drop and read again, so the copy
+    does not add to the memory a large catalogue needs (docs/knn.md, *Memory*)."""
+    return _scan(vectors, k, what, labels, normalise=True, scratch=scratch)
 
 
 def _lexi_topk(values: torch.Tensor, ids: torch.Tensor, k: int
@@ -176,20 +196,25 @@ def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def exact_knn(x: np.ndarray, k: int, *, queries: np.ndarray | None = None,
-              device: torch.device | None = None, query_block: int = QUERY_BLOCK,
-              db_block: int = DB_BLOCK, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+              database: np.ndarray | None = None, device: torch.device | None = None,
+              query_block: int = QUERY_BLOCK, db_block: int = DB_BLOCK,
+              desc: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product of ``queries`` (row indices; all rows when None)
-    among all other rows of ``x`` (unit rows, as :func:`unit_rows` returns).
+    among all other rows of ``x`` (unit rows, as :func:`unit_rows` returns), or among the
+    rows ``database`` (sorted row indices) only.
 
     Memory holds ``x`` on the device and one ``query_block x db_block`` score block.
 
     Returns:
-        ``(neighbours int64 [Q, k], scores float32 [Q, k])``, ordered as the module says.
+        ``(neighbours int64 [Q, k], scores float32 [Q, k])``, ordered as the module says;
+        -1 / -inf fill the places a ``database`` of fewer than ``k`` other rows leaves.
     """
     device = device or default_device()
-    n = len(x)
-    rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    rows = np.arange(len(x)) if queries is None else np.asarray(queries, dtype=np.int64)
     base = torch.from_numpy(x).to(device)
+    db_rows = None if database is None else torch.from_numpy(
+        np.asarray(database, dtype=np.int64)).to(device)
+    n = len(x) if db_rows is None else len(db_rows)
     out_ids = np.empty((len(rows), k), dtype=np.int64)
     out_scores = np.empty((len(rows), k), dtype=np.float32)
     with Progress(len(rows), desc or "exact kNN", unit="row") as progress:
@@ -199,12 +224,20 @@ def exact_knn(x: np.ndarray, k: int, *, queries: np.ndarray | None = None,
             best = torch.full((len(q_rows), k), -math.inf, device=device)
             best_ids = torch.full((len(q_rows), k), -1, dtype=torch.int64, device=device)
             for d0 in range(0, n, db_block):
-                scores = q @ base[d0:d0 + db_block].T
-                own = ((q_rows >= d0) & (q_rows < d0 + scores.shape[1])).nonzero().flatten()
-                scores[own, q_rows[own] - d0] = -math.inf     # self is never a neighbour
+                if db_rows is None:
+                    scores = q @ base[d0:d0 + db_block].T
+                    own = ((q_rows >= d0) & (q_rows < d0 + scores.shape[1])).nonzero().flatten()
+                    scores[own, q_rows[own] - d0] = -math.inf     # self is never a neighbour
+                    block_ids = None
+                else:
+                    block_ids = db_rows[d0:d0 + db_block]
+                    scores = q @ base[block_ids].T
+                    scores[q_rows[:, None] == block_ids[None, :]] = -math.inf
                 values, cols = _block_topk(scores, k)
+                found = cols + d0 if block_ids is None else block_ids[cols]
+                found[values == -math.inf] = -1
                 best, best_ids = _lexi_topk(torch.cat([best, values], dim=1),
-                                            torch.cat([best_ids, cols + d0], dim=1), k)
+                                            torch.cat([best_ids, found], dim=1), k)
             out_ids[q0:q0 + len(q_rows)] = best_ids.cpu().numpy()
             out_scores[q0:q0 + len(q_rows)] = best.cpu().numpy()
             progress.update(len(q_rows))
@@ -265,7 +298,7 @@ def ivf_nlist(n: int) -> int:
 
 def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = ""
                 ) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.empty((len(queries), k), dtype=np.int64)
+    ids = np.empty((len(queries), k), dtype=np.int32)   # N < 2^31: half of int64's memory
     scores = np.empty((len(queries), k), dtype=np.float32)
     with Progress(len(queries), desc or "IVF kNN", unit="row") as progress:
         for start in range(0, len(queries), SEARCH_CHUNK):
@@ -281,16 +314,18 @@ def _ivf_search(index, x: np.ndarray, queries: np.ndarray, k: int, desc: str = "
 class _Search:
     """Every row's neighbours as one search method found them, and how."""
 
-    ids: np.ndarray               # int64 [N, k]
-    scores: np.ndarray            # float32 [N, k]
+    ids: np.ndarray               # [N, k (+ reserve)]: int64 (exact), int32 (IVF)
+    scores: np.ndarray            # float32 [N, k (+ reserve)]
     index_params: dict[str, Any]
     build_time_sec: float
     query_time_sec: float
+    ivf: IvfState | None = None   # the IVF path's lists, kept for an incremental update
 
 
 def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.device,
-             desc: str) -> _Search:
-    """The approximate graph: train and fill an IVF index, tune nprobe, search every row."""
+             desc: str, reserve: int = 0) -> _Search:
+    """The approximate graph: train and fill an IVF index, tune nprobe for ``k``, search
+    every row for ``k + reserve``."""
     import faiss
 
     n, dim = x.shape
@@ -300,7 +335,8 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
     index.cp.spherical = True        # unit centroids: assignment by inner product is cosine
     train_size = min(n, TRAIN_POINTS_PER_LIST * nlist)
     index.train(x[np.sort(rng.choice(n, train_size, replace=False))])
-    index.add(x)
+    lists = nearest_lists(index, x)
+    fill_ivf(index, x, lists)
     build_time = time.perf_counter() - started
 
     tune = np.sort(rng.choice(n, min(TUNE_QUERIES, n), replace=False))
@@ -320,11 +356,11 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
                 {p: round(r, 4) for p, r in tried.items()}, tune_time)
 
     started = time.perf_counter()
-    ids, scores = _ivf_search(index, x, np.arange(n), k, desc=desc)
+    ids, scores = _ivf_search(index, x, np.arange(n), k + reserve, desc=desc)
     unfilled = np.flatnonzero((ids < 0).any(axis=1))
     if len(unfilled):  # probed lists held fewer than k other rows: search those rows exactly
-        ids[unfilled], scores[unfilled] = exact_knn(x, k, queries=unfilled, device=device,
-                                                    desc=f"{desc} unfilled rows")
+        ids[unfilled], scores[unfilled] = exact_knn(x, k + reserve, queries=unfilled,
+                                                    device=device, desc=f"{desc} unfilled rows")
     query_time = time.perf_counter() - started
     params = {"index": f"IVF{nlist},Flat", "metric": "inner_product", "nlist": nlist,
               "nprobe": int(index.nprobe), "train_size": train_size, "spherical_kmeans": True,
@@ -333,13 +369,14 @@ def _ivf_knn(x: np.ndarray, k: int, rng: np.random.Generator, device: torch.devi
               "tune_recall_by_nprobe": {str(p): r for p, r in tried.items()},
               "tune_time_sec": tune_time, "exact_rows": len(unfilled),
               "faiss_threads": faiss.omp_get_max_threads(), "faiss_version": faiss.__version__}
-    return _Search(ids, scores, params, build_time, query_time)
+    return _Search(ids, scores, params, build_time, query_time, ivf_state(index, lists))
 
 
 def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
                     recall_queries: int = 1000, seed: int = 0,
                     device: torch.device | None = None, what: str = "vectors",
-                    labels: Sequence[Any] | None = None) -> KnnGraph:
+                    labels: Sequence[Any] | None = None, reserve: int = 0,
+                    scratch: Path | None = None) -> KnnGraph:
     """The ``k`` nearest other rows of every row of ``vectors`` by cosine similarity.
 
     Args:
@@ -352,6 +389,9 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
         device: torch device of exact search (default: the GPU when there is one).
         what: How messages and progress lines name the vectors ("text vectors").
         labels: Item ids of the rows, for error messages.
+        reserve: Also find the next ``reserve`` neighbours of every row (at most N - 1 - k),
+            returned apart from the graph (:attr:`KnnGraph.reserve_neighbours`).
+        scratch: A directory for the normalised copy (see :func:`unit_rows`); None: memory.
 
     Raises:
         KnnInputError: see :func:`check_vectors`; ``recall_queries`` below 1.
@@ -359,34 +399,58 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
     if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) \
             or recall_queries < 1:
         raise KnnInputError(f"recall_queries must be a positive integer, got {recall_queries!r}")
-    x = unit_rows(vectors, k, what=what, labels=labels)
+    x = unit_rows(vectors, k, what=what, labels=labels, scratch=scratch)
     device = device or default_device()
     n = len(x)
     rng = np.random.default_rng(seed)
+    reserve = max(0, min(reserve, n - 1 - k))
     if n <= exact_max_items:
         method = METHOD_EXACT
         started = time.perf_counter()
-        ids, scores = exact_knn(x, k, device=device, desc=f"{what} exact kNN")
+        ids, scores = exact_knn(x, k + reserve, device=device, desc=f"{what} exact kNN")
         search = _Search(ids, scores, {"query_block": QUERY_BLOCK, "db_block": DB_BLOCK,
                                        "torch_threads": torch.get_num_threads()},
                          build_time_sec=0.0, query_time_sec=time.perf_counter() - started)
     else:
         method = METHOD_IVF
-        search = _ivf_knn(x, k, rng, device, f"{what} kNN")
-    ids, scores = _lexi_order(search.ids, search.scores)
+        search = _ivf_knn(x, k, rng, device, f"{what} kNN", reserve)
+    ids, scores = search.ids, search.scores
+    for start in range(0, n, CHECK_ROWS):  # in row blocks: bounded temporaries at 10M rows
+        ids[start:start + CHECK_ROWS], scores[start:start + CHECK_ROWS] = _lexi_order(
+            ids[start:start + CHECK_ROWS], scores[start:start + CHECK_ROWS])
+    ids, scores, reserve_ids, reserve_scores = ids[:, :k], scores[:, :k], ids[:, k:], scores[:, k:]
+    recall = measure_recall(x, ids, rng, recall_queries, device=device, what=what)
+    logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
+                what, method, n, k, k, recall.at_k, recall.queries, search.query_time_sec)
+    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores,
+                    method=method, index_params=search.index_params,
+                    build_time_sec=search.build_time_sec, query_time_sec=search.query_time_sec,
+                    recall_at_k=recall.at_k, recall_by_prefix=recall.by_prefix,
+                    recall_queries=recall.queries, recall_time_sec=recall.time_sec,
+                    device=str(device), reserve_neighbours=reserve_ids.astype(np.int32),
+                    reserve_scores=reserve_scores.astype(np.float32), ivf=search.ivf)
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A graph's recall@k (and @j of its first columns) on a random sample of rows."""
+
+    at_k: float
+    by_prefix: dict[int, float]
+    queries: int
+    time_sec: float
+
+
+def measure_recall(x: np.ndarray, neighbours: np.ndarray, rng: np.random.Generator,
+                   recall_queries: int, *, device: torch.device, what: str) -> Recall:
+    """Recall of ``neighbours`` (the graph of the unit rows ``x``) on ``recall_queries`` rows
+    drawn from ``rng``, against exact search (:func:`recall_at_k`)."""
     started = time.perf_counter()
+    n, k = neighbours.shape
     sample = np.sort(rng.choice(n, min(recall_queries, n), replace=False))
     _, exact_scores = exact_knn(x, k, queries=sample, device=device,
                                 desc=f"{what} recall sample")
-    recall = recall_at_k(x, ids, sample, exact_scores)
-    by_prefix = {j: recall_at_k(x, ids[:, :j], sample, exact_scores[:, :j])
+    by_prefix = {j: recall_at_k(x, neighbours[:, :j], sample, exact_scores[:, :j])
                  for j in RECALL_PREFIXES if j < k}
-    recall_time = time.perf_counter() - started
-    logger.info("%s: %s kNN of %d rows, k=%d: recall@%d %.4f on %d queries, search %.1fs",
-                what, method, n, k, k, recall, len(sample), search.query_time_sec)
-    return KnnGraph(neighbours=ids.astype(np.int32), scores=scores.astype(np.float32),
-                    method=method, index_params=search.index_params,
-                    build_time_sec=search.build_time_sec, query_time_sec=search.query_time_sec,
-                    recall_at_k=recall, recall_by_prefix=by_prefix,
-                    recall_queries=len(sample),
-                    recall_time_sec=recall_time, device=str(device))
+    return Recall(at_k=recall_at_k(x, neighbours, sample, exact_scores), by_prefix=by_prefix,
+                  queries=len(sample), time_sec=time.perf_counter() - started)

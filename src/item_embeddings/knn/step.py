@@ -1,54 +1,80 @@
-"""The kNN graph step: every item's nearest items in the text space and in the fused space."""
+"""The kNN graph step: every item's nearest items in the text space and in the fused space,
+built in full or updated from the previous run's graphs (``previous_uri``)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from ..config import PipelineParams
+from ..incremental import PreviousGroup, open_previous
+from ..modality import mix_metrics, mix_summary, mix_warning, photo_share
 from ..outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
     FUSION_CONFIG,
     KNN_FUSED,
     KNN_FUSED_SCORES,
+    KNN_FUSED_STATE,
+    KNN_ITEMS,
     KNN_META,
     KNN_TEXT,
     KNN_TEXT_SCORES,
+    KNN_TEXT_STATE,
     TXT_ARRAY,
     TXT_ITEMS,
     TXT_META,
 )
 from ..step import StepKind
-from ..storage import atomic_npy
+from ..storage import atomic_npy, write_parquet_atomic
 from ..tracking import ExperimentTracker
 from .graph import (
     METHOD_EXACT,
+    METHOD_IVF,
     KnnGraph,
     KnnInputError,
     build_knn_graph,
     check_vectors,
     default_device,
+    unit_rows,
 )
+from .incremental import (
+    RESERVE,
+    PreviousGraph,
+    match_rows,
+    plan_reason,
+    plan_update,
+    previous_mismatch,
+    rows_by_id,
+    top_overlap,
+    update_knn_graph,
+)
+from .memory import check_memory
+from .state import SpaceState, content_digests, row_digests
 
 logger = logging.getLogger(__name__)
 
-# space -> (input array, its id file, neighbour file, score file)
+# space -> (input array, its id file, neighbour file, score file, state file)
 SPACES = {
-    "text": (TXT_ARRAY, TXT_ITEMS, KNN_TEXT, KNN_TEXT_SCORES),
-    "fused": (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES),
+    "text": (TXT_ARRAY, TXT_ITEMS, KNN_TEXT, KNN_TEXT_SCORES, KNN_TEXT_STATE),
+    "fused": (FUSED_ARRAY, FUSED_ITEMS, KNN_FUSED, KNN_FUSED_SCORES, KNN_FUSED_STATE),
 }
+DRIFT_TOP = 20              # night-over-night drift: overlap of the first 20 neighbours
 
 
 def _space_metrics(meta: dict[str, Any]) -> dict[str, float]:
-    """Per space: recall@k and @j, search times, whether the graph is exact."""
+    """Per space: recall@k and @j, search times, whether the graph is exact, the rows
+    recomputed and reused, the night-over-night drift (with a previous set); the modality mix."""
     metrics: dict[str, float] = {}
     for space, info in meta["spaces"].items():
         metrics.update({f"{space}_recall_at_{j}": r for j, r in info["recall_at"].items()})
@@ -56,7 +82,13 @@ def _space_metrics(meta: dict[str, Any]) -> dict[str, float]:
                         f"{space}_time_sec": info["build_time_sec"] + info["query_time_sec"],
                         f"{space}_build_time_sec": info["build_time_sec"],
                         f"{space}_query_time_sec": info["query_time_sec"],
-                        f"{space}_exact": float(info["method"] == METHOD_EXACT)})
+                        f"{space}_exact": float(info["method"] == METHOD_EXACT),
+                        f"{space}_recomputed_count": info["recomputed_count"],
+                        f"{space}_reused_count": info["reused_count"]})
+        drift = info.get("drift") or {}
+        if drift.get("mean_overlap") is not None:
+            metrics[f"{space}_drift_top{drift['top']}_overlap"] = drift["mean_overlap"]
+    metrics.update(mix_metrics(meta["modality_mix"]))
     return metrics
 
 
@@ -64,26 +96,112 @@ KNN_STEP = StepKind("knn-graph", artifact="knn_graphs", meta_file=KNN_META,
                     metric_keys=("count", "k"),
                     logged_params={"k": "k", "exact_max_items": "exact_max_items",
                                    "recall_queries": "recall_queries", "seed": "seed",
-                                   "device": "device"},
+                                   "device": "device", "previous_uri": "previous_uri"},
                     versions=("numpy", "torch", "faiss-cpu"), nested_metrics=_space_metrics)
 
 
-def _open_space(folder: Path, array_file: str, ids_file: str) -> tuple[np.ndarray, list]:
-    """The memory-mapped array of a step's output and its ids, checked to have as many rows."""
+def _open_space(folder: Path, array_file: str, ids_file: str) -> tuple[np.ndarray, pa.Table]:
+    """The memory-mapped array of a step's output and its id table, checked to have as many
+    rows."""
     for name in (array_file, ids_file):
         if not (folder / name).is_file():
             raise KnnInputError(f"{folder / name} not found")
     vectors = np.load(folder / array_file, mmap_mode="r")
-    ids = pq.read_table(folder / ids_file, columns=["id"]).column("id").to_pylist()
-    if vectors.ndim != 2 or len(vectors) != len(ids):
+    table = pq.read_table(folder / ids_file)
+    if vectors.ndim != 2 or len(vectors) != table.num_rows:
         raise KnnInputError(f"{folder / array_file} has shape {vectors.shape} but "
-                            f"{folder / ids_file} lists {len(ids)} ids")
-    return vectors, ids
+                            f"{folder / ids_file} lists {table.num_rows} ids")
+    return vectors, table
 
 
-def _run_id(meta_file: Path) -> str | None:
-    """The run id in an input step's meta file (None when the file is absent)."""
-    return json.loads(meta_file.read_text()).get("run_id") if meta_file.is_file() else None
+def _has_image(fused_items: pa.Table) -> np.ndarray:
+    """[N] bool: which items the fusion step fused with an image (all False if not recorded)."""
+    if "has_image" not in fused_items.column_names:
+        return np.zeros(fused_items.num_rows, dtype=bool)
+    return fused_items.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
+
+
+class _Labels:
+    """Item ids by row for error messages, without a Python list of 10M strings."""
+
+    def __init__(self, ids: pa.Array):
+        self._ids = ids
+
+    def __getitem__(self, row: int):
+        return self._ids[row].as_py()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+@dataclass(frozen=True)
+class PreviousKnn:
+    """The previous run's graphs of both spaces (verified), for an incremental update."""
+
+    uri: str
+    ids: pa.Array                   # the ids of its rows
+    content: np.ndarray             # their content digests (state.content_digests)
+    spaces: dict[str, PreviousGraph]
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, group: PreviousGroup) -> PreviousKnn:
+        items = group.table(KNN_ITEMS)
+        spaces = {}
+        for space, (_, _, ids_file, scores_file, state_file) in SPACES.items():
+            info = group.meta["spaces"][space]
+            spaces[space] = PreviousGraph(
+                neighbours=group.array(ids_file), scores=group.array(scores_file),
+                state=SpaceState.load(group.dir / state_file), method=info["method"],
+                recall_at_k=info.get("recall_at_k"), index_params=info.get("index_params", {}),
+                run_id=group.meta.get("run_id"))
+        return cls(uri=group.uri, ids=items.column("id").combine_chunks(),
+                   content=items.column("content_digest").to_numpy(), spaces=spaces,
+                   meta=group.meta)
+
+
+def _meta(meta_file: Path) -> dict[str, Any]:
+    """An input step's meta file ({} when the file is absent)."""
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def _content(fused_items: pa.Table) -> np.ndarray:
+    """Each item's content digest, from the keys fusion records (0s without them)."""
+    if {"text_key", "image_key"} <= set(fused_items.column_names):
+        return content_digests(fused_items.column("text_key"), fused_items.column("image_key"))
+    return np.zeros(fused_items.num_rows, dtype=np.uint64)
+
+
+def _why_full(space: str, params: PipelineParams, group: PreviousGroup | None,
+              fusion: dict[str, Any]) -> str | None:
+    """Why a space is built in full before looking at its rows (None: it may be updated)."""
+    if not params.previous_uri:
+        return None                 # a full run, nothing to say
+    if group is None:
+        return (f"the previous set {params.previous_uri} has no kNN graphs with an update state "
+                "(none, or made by an earlier version)")
+    before, now = group.meta.get("fusion_weights_sha256"), fusion.get("weights_sha256")
+    if space == "fused" and before and now and before != now:
+        return (f"the fusion model is not the previous run's (fusion_mode="
+                f"{fusion.get('fusion_mode')}: retrained), so every fused vector is new")
+    return None
+
+
+def _drift(graph: KnnGraph, previous: PreviousKnn, space: str, prev_row: np.ndarray,
+           content: np.ndarray) -> dict[str, Any]:
+    """Night-over-night drift: for the items whose content is unchanged (same id, same text and
+    image keys), the overlap of their first DRIFT_TOP neighbours with the previous run's."""
+    top = min(DRIFT_TOP, graph.neighbours.shape[1])
+    has = prev_row >= 0
+    unchanged = np.flatnonzero(has & (content != 0)
+                               & (content == previous.content[np.where(has, prev_row, 0)]))
+    overlap = top_overlap(graph.neighbours, previous.spaces[space].neighbours, prev_row,
+                          unchanged, top)
+    return {"items": len(unchanged), "top": top,
+            "mean_overlap": float(overlap.mean()) if len(overlap) else None,
+            "identical_share": float((overlap == 1).mean()) if len(overlap) else None,
+            "p10_overlap": float(np.quantile(overlap, 0.1)) if len(overlap) else None,
+            "previous_run_id": previous.meta.get("run_id")}
 
 
 def _write_graph(graph: KnnGraph, out: Path, ids_file: str, scores_file: str) -> None:
@@ -92,13 +210,68 @@ def _write_graph(graph: KnnGraph, out: Path, ids_file: str, scores_file: str) ->
             target[:] = array
 
 
-def _space_meta(graph: KnnGraph, dim: int) -> dict[str, Any]:
+def _space_meta(graph: KnnGraph, dim: int, rebuild_reason: str | None) -> dict[str, Any]:
     return {"dim": dim, "method": graph.method, "index_params": graph.index_params,
             "build_time_sec": graph.build_time_sec, "query_time_sec": graph.query_time_sec,
             "recall_at_k": graph.recall_at_k,
             "recall_at": {str(j): r for j, r in graph.recall_by_prefix.items()},
             "recall_queries": graph.recall_queries,
-            "recall_time_sec": graph.recall_time_sec, "device": graph.device}
+            "recall_time_sec": graph.recall_time_sec, "device": graph.device,
+            "update": "incremental" if graph.incremental is not None else "full",
+            "rebuild_reason": rebuild_reason, "incremental": graph.incremental,
+            "recomputed_count": len(graph.neighbours) - graph.reused_count,
+            "reused_count": graph.reused_count}
+
+
+def _space_graph(space: str, vectors: np.ndarray, digests: np.ndarray, k: int,
+                 previous: PreviousKnn | None, prev_row: np.ndarray, why_full: str | None,
+                 params: PipelineParams, device: torch.device,
+                 scratch: Path) -> tuple[KnnGraph, str | None]:
+    """The graph of one space: updated from ``previous`` when it can be and is cheaper, else
+    built in full. Returns it and why it was built in full (None: updated, or no previous)."""
+    what = f"{space} vectors"
+    n, dim = vectors.shape
+    reserve = max(0, min(RESERVE, n - 1 - k))
+    method = METHOD_EXACT if n <= params.knn_exact_max_items else METHOD_IVF
+    reason = why_full
+    if reason is None and previous is not None:
+        prev = previous.spaces[space]
+        reason = previous_mismatch(prev, method, k, dim)
+        if reason is None:
+            plan = plan_update(prev, match_rows(prev_row, prev.state.digests, digests),
+                               len(previous.ids) - int((prev_row >= 0).sum()), k, reserve)
+            reason = plan_reason(plan, method)
+            if reason is None:
+                return update_knn_graph(unit_rows(vectors, k, what=what, scratch=scratch), k,
+                                        prev, plan,
+                                        recall_queries=params.knn_recall_queries,
+                                        seed=params.seed, device=device, what=what), None
+    if reason is not None:
+        logger.info("%s: kNN graph built in full: %s", what, reason)
+    return build_knn_graph(vectors, k, exact_max_items=params.knn_exact_max_items,
+                           recall_queries=params.knn_recall_queries, seed=params.seed,
+                           device=device, what=what, reserve=reserve, scratch=scratch), reason
+
+
+def _open_inputs(dirs: dict[str, Path], knn_k: int
+                 ) -> tuple[dict[str, tuple[np.ndarray, pa.Table]], pa.Array, int]:
+    """Both spaces' vectors and id tables, checked; the item ids (the same in both, in the same
+    order); the k this catalogue allows (``knn_k``, or N - 1 for a smaller one)."""
+    opened = {space: _open_space(dirs[space], array, ids)
+              for space, (array, ids, *_) in SPACES.items()}
+    ids = opened["text"][1].column("id").combine_chunks()
+    if not opened["fused"][1].column("id").combine_chunks().equals(ids):
+        raise KnnInputError(f"{dirs['fused'] / FUSED_ITEMS} does not list the ids of "
+                            f"{dirs['text'] / TXT_ITEMS} in the same order")
+    # k neighbours need k + 1 items (self is excluded): a smaller catalogue gets them all
+    k = max(1, min(knn_k, len(ids) - 1))
+    if k < knn_k:
+        logger.warning("knn_k lowered to %d for %d items: a graph of k neighbours needs k + 1 "
+                       "items (self excluded); knn_meta.json records k=%d, k_requested=%d",
+                       k, len(ids), k, knn_k)
+    for space, (vectors, _) in opened.items():
+        check_vectors(vectors, k, what=f"{space} vectors", labels=_Labels(ids))
+    return opened, ids, k
 
 
 def build_knn_graphs(
@@ -116,17 +289,26 @@ def build_knn_graphs(
 
     Writes into ``output_dir``, each atomically: ``knn_text.npy`` / ``knn_fused.npy`` (int32
     ``[N, k]`` row indices in ``txt_items.parquet`` order, most similar first),
-    ``knn_text_scores.npy`` / ``knn_fused_scores.npy`` (float32 ``[N, k]`` cosine similarities)
-    and ``knn_meta.json`` (written last: method, index parameters, times and measured recall of
-    each space). Logs an experiment run ``knn-graph-<run id>`` with ``text_recall_at_k`` and
-    ``fused_recall_at_k`` among its metrics.
+    ``knn_text_scores.npy`` / ``knn_fused_scores.npy`` (float32 ``[N, k]`` cosine similarities),
+    what the next run's update starts from (``knn_items.parquet``, ``knn_text_state.npz``,
+    ``knn_fused_state.npz``) and ``knn_meta.json`` (written last: per space the method, index
+    parameters, times, measured recall, ``recomputed_count`` / ``reused_count`` and, with a
+    previous set, the night-over-night drift; the ``modality_mix``: the photo share of each
+    space's neighbours for items with and without a photo, ``modality.py``). Logs an
+    experiment run ``knn-graph-<run id>`` with ``text_recall_at_k``, ``fused_recall_at_k`` and
+    the ``photo_share_*`` values among its metrics.
+
+    With ``previous_uri``, each space's graph is updated from the previous set's (docs/knn.md,
+    *Incremental update*) unless that set has none, the space's vectors or settings changed
+    too much, or a full rebuild is cheaper; ``knn_meta.json`` says which and why.
 
     Args:
         text_dir: The text step's output directory (txt.npy, txt_items.parquet).
-        fused_dir: The fusion step's output directory (fused.npy, fused_items.parquet).
+        fused_dir: The fusion step's output directory (fused.npy, fused_items.parquet,
+            fusion_config.json).
         output_dir: Directory for the outputs (created).
         params: Pipeline parameters; this step reads ``knn_k``, ``knn_exact_max_items``,
-            ``knn_recall_queries`` and ``seed``.
+            ``knn_recall_queries``, ``seed`` and ``previous_uri``.
         run_id: Identifier of the pipeline run (a fresh one when empty).
         tracker: Experiment tracker; none logs nothing.
         artifact_uri: The output's durable URI for the experiment run; default ``output_dir``.
@@ -141,37 +323,49 @@ def build_knn_graphs(
             vectors (all raised before the experiment run starts). A ``knn_k`` not below the
             item count N is lowered to N - 1 (a warning; ``knn_meta.json`` records ``k`` and
             ``k_requested``).
+        PreviousSetError: the previous set's kNN files do not match what it recorded.
+        KnnMemoryError: the machine has less memory than the step needs for these items
+            (:mod:`.memory`), raised before any work.
     """
     dirs = {"text": Path(text_dir), "fused": Path(fused_dir)}
-    opened = {space: _open_space(dirs[space], array, ids)
-              for space, (array, ids, _, _) in SPACES.items()}
-    ids = opened["text"][1]
-    if opened["fused"][1] != ids:
-        raise KnnInputError(f"{dirs['fused'] / FUSED_ITEMS} does not list the ids of "
-                            f"{dirs['text'] / TXT_ITEMS} in the same order")
-    # k neighbours need k + 1 items (self is excluded): a smaller catalogue gets them all
-    k = max(1, min(params.knn_k, len(ids) - 1))
-    if k < params.knn_k:
-        logger.warning("knn_k lowered to %d for %d items: a graph of k neighbours needs k + 1 "
-                       "items (self excluded); knn_meta.json records k=%d, k_requested=%d",
-                       k, len(ids), k, params.knn_k)
-    for space, (vectors, _) in opened.items():
-        check_vectors(vectors, k, what=f"{space} vectors", labels=ids)
+    opened, ids, k = _open_inputs(dirs, params.knn_k)
+    has_image = _has_image(opened["fused"][1])
+    check_memory(len(ids), tuple(v.shape[1] for v, _ in opened.values()), k,
+                 RESERVE, ivf=len(ids) > params.knn_exact_max_items,
+                 update=bool(params.previous_uri))
+    fusion = _meta(dirs["fused"] / FUSION_CONFIG)
+    content = _content(opened["fused"][1])
     device = device or default_device()
     settings = {"k": k, "exact_max_items": params.knn_exact_max_items,
                 "recall_queries": params.knn_recall_queries, "seed": params.seed,
-                "device": str(device)}
-    with KNN_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
-                      artifact_uri=artifact_uri) as run:
+                "device": str(device), "previous_uri": params.previous_uri}
+    with open_previous(params.previous_uri, "knn", optional=True) as group, \
+            KNN_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                         artifact_uri=artifact_uri) as run, \
+            tempfile.TemporaryDirectory(prefix="item-embeddings-knn-") as scratch:
+        previous = PreviousKnn.load(group) if group is not None else None
+        prev_row = rows_by_id(previous.ids, ids) if previous is not None else None
         spaces: dict[str, dict[str, Any]] = {}
-        for space, (_, _, ids_file, scores_file) in SPACES.items():
+        shares: dict[str, dict[str, float | None]] = {}
+        for space, (_, _, ids_file, scores_file, state_file) in SPACES.items():
             vectors = opened[space][0]
-            graph = build_knn_graph(vectors, k,
-                                    exact_max_items=params.knn_exact_max_items,
-                                    recall_queries=params.knn_recall_queries, seed=params.seed,
-                                    device=device, what=f"{space} vectors", labels=ids)
+            digests = row_digests(vectors)
+            graph, reason = _space_graph(space, vectors, digests, k, previous, prev_row,
+                                         _why_full(space, params, group, fusion), params,
+                                         device, Path(scratch))
             _write_graph(graph, run.out, ids_file, scores_file)
-            spaces[space] = _space_meta(graph, vectors.shape[1])
+            SpaceState(digests=digests, reserve_neighbours=graph.reserve_neighbours,
+                       reserve_scores=graph.reserve_scores, ivf=graph.ivf
+                       ).save(run.out / state_file)
+            shares[space] = photo_share(graph.neighbours, has_image)
+            spaces[space] = _space_meta(graph, vectors.shape[1], reason)
+            if previous is not None:
+                spaces[space]["drift"] = _drift(graph, previous, space, prev_row, content)
+            del graph                       # before the next space's graph is built
+        write_parquet_atomic(run.out / KNN_ITEMS, pa.table({"id": ids, "content_digest": content}))
+        mix = mix_summary(shares, has_image, np.arange(len(ids)), k)
+        if mix_warning(mix):
+            logger.warning("kNN graphs: %s", mix_warning(mix))
         meta = run.finish_step({
             "k": k,
             "k_requested": params.knn_k,
@@ -179,10 +373,14 @@ def build_knn_graphs(
             "spaces": spaces,
             "exact_max_items": params.knn_exact_max_items,
             "seed": params.seed,
-            "text_run_id": _run_id(dirs["text"] / TXT_META),
-            "fusion_run_id": _run_id(dirs["fused"] / FUSION_CONFIG),
+            "reserve": RESERVE,
+            "previous_uri": params.previous_uri,
+            "text_run_id": _meta(dirs["text"] / TXT_META).get("run_id"),
+            "fusion_run_id": fusion.get("run_id"),
+            "fusion_weights_sha256": fusion.get("weights_sha256"),
             "text_dir": str(text_dir),
             "fused_dir": str(fused_dir),
+            "modality_mix": mix,
         })
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
                 len(ids), k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],

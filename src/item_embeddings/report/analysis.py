@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import PipelineParams
+from ..modality import mix_warning, purity_by_group
 from ..outputs import KNN_FUSED, KNN_TEXT
 from ..progress import Progress
 from ..verify import NORM_TOLERANCE
@@ -23,6 +24,7 @@ TOP_NEIGHBOURS = 5       # neighbours shown per item and space
 TOP_CATEGORIES = 9       # coloured categories of the maps (tab10 without its grey); others grey
 SPACES = ("text", "image", "fused")
 CHUNK_ROWS = 32768       # rows per read of an array (64 MiB at 512 float32 columns)
+MIX_QUERIES = 2000       # sampled items whose graph neighbours give the purity by group
 
 
 @dataclass
@@ -190,6 +192,41 @@ class MapPanel:
 
 
 @dataclass
+class ModalityMix:
+    """The modality mix shown: photo shares by group (modality.py) and, with categories and a
+    kNN graph, the category purity of each space's neighbours by group."""
+
+    mix: dict | None                    # modality.modality_mix's dict, None if not recorded
+    source: str                         # "graph", "fusion sample" or "none"
+    purity: dict[str, dict] | None      # space -> {"all", "with_photo", "without_photo"}
+    purity_items: int                   # sampled items the purity is measured on
+    warning: str | None                 # modality.mix_warning of ``mix``
+
+
+def modality_rows(inputs: RunInputs, params: PipelineParams) -> np.ndarray:
+    """The items whose graph neighbours the purity by group is measured on (sorted; none
+    without a graph of both spaces)."""
+    knn = inputs.knn
+    if knn is None or set(knn.neighbours) != {"text", "fused"}:
+        return np.empty(0, np.int64)
+    return _sample(np.random.default_rng([params.seed, 3]), inputs.count, MIX_QUERIES)
+
+
+def modality_mix_of(inputs: RunInputs, items: ItemRows, rows: np.ndarray) -> ModalityMix:
+    """The kNN step's mix (every item) or else the fusion step's (its sample), and the purity by
+    group of the graph neighbours of ``rows`` when the items table has categories."""
+    knn_mix = inputs.knn.meta.get("modality_mix") if inputs.knn is not None else None
+    mix = knn_mix or inputs.fusion_meta.get("modality_mix")
+    source = "graph" if knn_mix else "fusion sample" if mix else "none"
+    purity = None
+    if items.categories is not None and len(rows):
+        purity = {space: purity_by_group(np.asarray(inputs.knn.neighbours[space][rows]),
+                                         items.categories, inputs.has_image, rows)
+                  for space in ("text", "fused")}
+    return ModalityMix(mix, source, purity, len(rows), mix_warning(mix))
+
+
+@dataclass
 class Findings:
     """Everything the page shows about one run."""
 
@@ -202,6 +239,7 @@ class Findings:
     queries: np.ndarray                # rows of the neighbour table's items
     neighbours: Neighbours
     text_sample: np.ndarray            # sampled rows of the text (and fused) space
+    modality: ModalityMix
 
 
 def analyse_run(inputs: RunInputs, items_uri: str, params: PipelineParams) -> Findings:
@@ -220,7 +258,16 @@ def analyse_run(inputs: RunInputs, items_uri: str, params: PipelineParams) -> Fi
     found = pick_neighbours(inputs, scans, queries)
     sample_text_rows = {"text": text_sample, "fused": text_sample,
                         "image": inputs.image_text_rows[image_sample]}
-    shown = np.unique(np.concatenate([queries, *sample_text_rows.values(),
+    mix_rows = modality_rows(inputs, params)
+    mix_neighbours = [np.asarray(inputs.knn.neighbours[s][mix_rows]).ravel()
+                      for s in ("text", "fused")] if len(mix_rows) else []
+    for space, graph in zip(("text", "fused"), mix_neighbours):
+        bad = (graph < -1) | (graph >= n)
+        if bad.any():
+            raise ReportInputError(f"{KNN_TEXT if space == 'text' else KNN_FUSED} holds row "
+                                   f"{graph[bad][0]} outside [0, {n})")
+    shown = np.unique(np.concatenate([queries, *sample_text_rows.values(), mix_rows,
+                                      *mix_neighbours,
                                       *(r.ravel() for r in found.rows.values())]))
     items = read_item_rows(items_uri, params, shown[shown >= 0], inputs.ids)
     panels = []
@@ -234,4 +281,5 @@ def analyse_run(inputs: RunInputs, items_uri: str, params: PipelineParams) -> Fi
         inputs=inputs, items=items, scans=scans,
         cosines={s: pairwise_cosines(scans[s].sample, rng) for s in SPACES}, panels=panels,
         legend=category_legend(panels[0].labels) if items.categories is not None else [],
-        queries=queries, neighbours=found, text_sample=text_sample)
+        queries=queries, neighbours=found, text_sample=text_sample,
+        modality=modality_mix_of(inputs, items, mix_rows))

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from ..config import PipelineParams
 from ..image.hosts import failures_by_host
+from ..modality import GROUPS, MIN_GROUP_ITEMS, MIX_TOLERANCE, judged
 from ..outputs import FUSION_CONFIG, KNN_FUSED, KNN_TEXT
 from ..runtime import package_versions
 from ..verify import NORM_TOLERANCE
@@ -27,6 +28,7 @@ from .analysis import (
     TOP_NEIGHBOURS,
     Findings,
     MapPanel,
+    ModalityMix,
     Neighbours,
     SpaceScan,
 )
@@ -47,6 +49,7 @@ SECTIONS = (
     ("distributions", "Distributions per space"),
     ("maps", "2-D maps per space"),
     ("neighbours", "Neighbours: text vs fused"),
+    ("modality", "Modality mix"),
     ("training", "Fusion training curve"),
     ("knn", "kNN graph and recall"),
     ("run", "Run parameters and versions"),
@@ -179,6 +182,69 @@ def neighbours_section(inputs: RunInputs, items: ItemRows, queries: np.ndarray,
     how = (f"{len(queries)} items drawn at random (seeded). Bold neighbours are in both lists; "
            "the grey number is the cosine similarity; [brackets] hold the category.")
     return _p(source) + _p(how, "note") + table
+
+
+GROUP_NAMES = {"with_photo": "items with a photo", "without_photo": "items without a photo"}
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.3f}"
+
+
+def modality_section(found: ModalityMix, items: ItemRows) -> str:
+    """Per group, the share of neighbours with a photo in each space against the base rate,
+    and the category purity of each group's neighbours."""
+    mix = found.mix
+    if mix is None:
+        return _p(f"Neither knn_meta.json nor {FUSION_CONFIG} records a modality mix (outputs "
+                  "of a version before it was measured).")
+    shares = mix.get("photo_share", {})
+    where = (f"every item's top-{mix.get('k')} neighbours in the kNN graphs"
+             if found.source == "graph" else
+             f"the top-{mix.get('k')} neighbours of the fusion step's {mix.get('items'):,} "
+             "sampled items among themselves (no kNN graph)")
+    body = _p(f"Share of neighbours that have a photo, for items with and without one, from "
+              f"{where}. A space that ranks items by what they are gives both groups about the "
+              "base rate (or, where photos go with some kinds of item, the text space's "
+              "shares); a space split by photos gives the first group far more and the second "
+              f"far less. The fused space should stay within {MIX_TOLERANCE:.2f} of the text "
+              "space in both groups.")
+    counts = {"with_photo": mix.get("items_with_photo"),
+              "without_photo": mix.get("items_without_photo")}
+    rows = []
+    for group in GROUPS:
+        text, fused = (shares.get(s, {}).get(group) for s in ("text", "fused"))
+        gap = None if text is None or fused is None else fused - text
+        rows.append((GROUP_NAMES[group], counts[group], mix.get("base_rate"), text, fused,
+                     _signed(gap)))
+    body += _table(("group", "items", "base rate (share of items with a photo)",
+                    "photo share: text space", "photo share: fused space", "fused − text"),
+                   rows)
+    if found.warning:
+        body += f'<p class="warn">WARNING: {_e(found.warning)}</p>'
+    elif not judged(mix):
+        body += _p(f"Largest gap {_signed(mix.get('departure'))}; not judged: a group has "
+                   f"fewer than {MIN_GROUP_ITEMS} items, too few for a stable share.", "info")
+    elif mix.get("departure") is not None:
+        body += _p(f"Largest gap {_signed(mix.get('departure'))}: within "
+                   f"{MIX_TOLERANCE:.2f}.", "ok")
+    if items.categories is None:
+        return body + _p(f"Category purity by group needs the items table's "
+                         f"{items.category_column!r} column (parameter category_column).",
+                         "note")
+    if found.purity is None:
+        return body + _p("Category purity by group needs the kNN graphs.", "note")
+    body += "<h3>Category purity by group</h3>" + _p(
+        f"Share of neighbours with the item's own {items.category_column!r}, over "
+        f"{found.purity_items:,} items drawn at random (seeded) and their kNN graph "
+        "neighbours.")
+    purity_rows = [(GROUP_NAMES.get(group, "all items"),
+                    *(found.purity[s].get(group) for s in ("text", "fused")),
+                    _signed(None if found.purity["text"].get(group) is None
+                            else found.purity["fused"][group] - found.purity["text"][group]))
+                   for group in ("all", *GROUPS)]
+    return body + _table(("group", "purity: text space", "purity: fused space",
+                          "fused − text"), purity_rows)
 
 
 def _image_counts(inputs: RunInputs) -> dict[str, int | None]:
@@ -346,17 +412,43 @@ def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
     for space, info in knn.meta.get("spaces", {}).items():
         rows.append((space, info.get("method"), info.get("dim"), info.get("index_params"),
                      info.get("recall_at_k"), info.get("recall_queries"),
-                     info.get("build_time_sec"), info.get("query_time_sec")))
+                     info.get("build_time_sec"), info.get("query_time_sec"),
+                     info.get("update"), info.get("recomputed_count"), info.get("reused_count"),
+                     info.get("rebuild_reason")))
     body = _p(f"k = {k} neighbours per item over {knn.meta.get('count', 0):,} items; wall time "
               f"{_fmt(knn.meta.get('wall_time_sec'))} s. recall@k is measured against exact "
-              "search on recall_queries random items.")
+              "search on recall_queries random items. An incremental update (previous_uri) "
+              "recomputes only the rows that need it and reuses the others.")
     body += _table(("space", "method", "dim", "index parameters", f"recall@{k}",
-                    "recall queries", "build time (s)", "query time (s)"), rows)
+                    "recall queries", "build time (s)", "query time (s)", "update",
+                    "rows recomputed", "rows reused", "why built in full"), rows)
+    body += drift_table(knn.meta)
     if knn.scores:
         scores = {s: np.asarray(a[sample_rows], np.float32) for s, a in knn.scores.items()}
         body += _img(plot_neighbour_scores(scores, knn.scores[next(iter(knn.scores))].shape[1]),
                      "cosine similarity to the first and k-th neighbour")
     return body
+
+
+def drift_table(knn_meta: dict[str, Any]) -> str:
+    """Night-over-night drift (knn_meta.json with a previous set): how many of the first
+    neighbours of the items whose content did not change are still the same."""
+    drift = {space: info["drift"] for space, info in knn_meta.get("spaces", {}).items()
+             if info.get("drift")}
+    if not drift:
+        return ""
+    top = next(iter(drift.values())).get("top")
+    body = "<h3>Night-over-night drift</h3>" + _p(
+        f"For the items whose content (text and image keys) is unchanged since the previous "
+        f"set (run {_e(next(iter(drift.values())).get('previous_run_id'))}): the share of their "
+        f"first {top} neighbours that were among their first {top} in the previous set. A low "
+        "fused overlap with few changed items means the fusion model moved the neighbourhoods "
+        "(a retrained model), not the catalogue.")
+    return body + _table(
+        ("space", "unchanged items", f"mean top-{top} overlap", "identical lists",
+         "10th percentile"),
+        [(space, d.get("items"), d.get("mean_overlap"), d.get("identical_share"),
+          d.get("p10_overlap")) for space, d in drift.items()])
 
 
 STEP_KEYS = {
@@ -418,7 +510,8 @@ def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict
     return body
 
 
-def _checks(inputs: RunInputs, scans: dict[str, SpaceScan], found: Neighbours) -> list[Check]:
+def _checks(inputs: RunInputs, scans: dict[str, SpaceScan], found: Neighbours,
+            modality: ModalityMix) -> list[Check]:
     checks = []
     for space in SPACES:
         bad = scans[space].off_unit + scans[space].nonfinite
@@ -436,6 +529,13 @@ def _checks(inputs: RunInputs, scans: dict[str, SpaceScan], found: Neighbours) -
         if said is not None:
             checks.append(Check(f"{name}: meta file count = rows", f"{said:,} vs {found_count:,}",
                                 "ok" if said == found_count else "warn"))
+    if modality.mix is not None and modality.mix.get("departure") is not None:
+        status = ("warn" if modality.warning else "ok" if judged(modality.mix) else "info")
+        checks.append(Check("modality mix: fused vs text photo share of neighbours",
+                            f"largest gap {modality.mix['departure']:.3f} (tolerance "
+                            f"{MIX_TOLERANCE:.2f}" + ("" if judged(modality.mix) else
+                                                      f"; a group under {MIN_GROUP_ITEMS} "
+                                                      "items: not judged") + ")", status))
     for space, (shared, compared) in found.exact_overlap.items():
         checks.append(Check(f"kNN {space} graph vs exact top-{TOP_NEIGHBOURS} on the sample "
                             "items", f"{shared} of {compared} shared", "info"))
@@ -449,11 +549,13 @@ def render_page(findings: Findings, params: PipelineParams, *, run_id: str, item
     found = findings.neighbours
     run_id = run_id or inputs.fusion_meta.get("run_id", "")
     body = "".join([
-        _section("summary", summary_section(inputs, scans, _checks(inputs, scans, found))),
+        _section("summary", summary_section(inputs, scans,
+                                            _checks(inputs, scans, found, findings.modality))),
         _section("failures", failures_section(inputs)),
         _section("distributions", distributions_section(scans, findings.cosines)),
         _section("maps", maps_section(findings.panels, findings.legend, items)),
         _section("neighbours", neighbours_section(inputs, items, findings.queries, found)),
+        _section("modality", modality_section(findings.modality, items)),
         _section("training", training_section(inputs.fusion_meta)),
         _section("knn", knn_section(inputs, findings.text_sample)),
         _section("run", run_section(inputs, params,

@@ -22,6 +22,8 @@ from ..outputs import (
     IMG_META,
     KNN_META,
     MANIFEST,
+    QA_REPORT,
+    REPORT_META,
     TXT_ARRAY,
     TXT_ITEMS,
     TXT_META,
@@ -37,6 +39,8 @@ from ..storage import (
     sha256_file,
 )
 from .graphs import KNN_FILES, KNN_SPACES, check_graph
+from .nearest import check_nearest, recorded_recall
+from .page import check_page
 from .report import (
     EXAMPLES,
     Report,
@@ -53,6 +57,12 @@ _REQUIRED_EXTRA = {IMG_FAILURES}  # the fusion extras are required when its meta
 _GROUP_FILES = {**{group: [arr, ids, meta, *(e for e in extra if e in _REQUIRED_EXTRA)]
                    for group, (arr, ids, meta, extra) in GROUPS.items()}, "knn": list(KNN_FILES)}
 _GROUP_META = {**{group: meta for group, (_, _, meta, _) in GROUPS.items()}, "knn": KNN_META}
+# meta file -> its keys that name the run of another group, and that group's meta file
+_RUN_LINKS = {
+    FUSION_CONFIG: (("text_run_id", TXT_META), ("image_run_id", IMG_META)),
+    REPORT_META: (("text_run_id", TXT_META), ("image_run_id", IMG_META),
+                  ("fusion_run_id", FUSION_CONFIG), ("knn_run_id", KNN_META)),
+}
 
 
 def verify_outputs(dir_or_uri: str) -> Report:
@@ -132,7 +142,8 @@ class _SetCheck:
                     for group, names in _GROUP_FILES.items()}
         for group, meta_name in _GROUP_META.items():
             if complete[group]:
-                self._read_meta(meta_name, group)
+                self._read_meta(meta_name, _GROUP_FILES[group])
+        self._read_report_record(listed)
         self._check_run_links()
         if complete["text"]:
             self._verify_text()
@@ -141,6 +152,8 @@ class _SetCheck:
             self._verify_fusion(img_ids)
         if complete["knn"]:
             self._verify_knn()
+        if QA_REPORT in self.present:
+            check_page(self.root / QA_REPORT, self.report)
 
     # -- completeness and provenance
 
@@ -158,7 +171,7 @@ class _SetCheck:
                       f"text, image and fusion outputs of one run")
         return False
 
-    def _read_meta(self, meta_name: str, group: str) -> None:
+    def _read_meta(self, meta_name: str, group_files: list[str]) -> None:
         meta = load_json(self.root / meta_name, self.report)
         if meta is None:
             return
@@ -172,7 +185,7 @@ class _SetCheck:
                       f"step): the alignment of its files cannot be proven")
             return
         if self._check_records(meta_name, records):
-            data_files = [n for n in _GROUP_FILES[group] if n != meta_name]
+            data_files = [n for n in group_files if n != meta_name]
             unrecorded = [n for n in data_files if n not in records]
             if unrecorded:
                 self.fail(f"{meta_name}: 'files' records no hash of {unrecorded}")
@@ -190,16 +203,34 @@ class _SetCheck:
             self._sha256[path.name] = sha256_file(path)
         return self._sha256[path.name]
 
+    def _read_report_record(self, listed: set[str] | None) -> None:
+        """The QA report belongs to the set: it is there, and ``report_meta.json`` records its
+        size and sha256 (the manifest's record is accepted for a set published before the
+        report recorded itself)."""
+        if QA_REPORT not in self.present:
+            self.fail(f"report outputs missing ({QA_REPORT}): the QA report belongs to the set "
+                      f"(the report step writes it, and {REPORT_META}, with the other outputs)")
+        if REPORT_META in self.present:
+            self._read_meta(REPORT_META, [QA_REPORT, REPORT_META])
+        elif QA_REPORT in self.present and listed is not None and QA_REPORT in listed:
+            self.report.facts.append(f"{QA_REPORT}: recorded by {MANIFEST} only (no "
+                                     f"{REPORT_META}: published before the report recorded "
+                                     f"itself), so the runs it was made from are not checked")
+        elif QA_REPORT in self.present:
+            self.fail(f"{QA_REPORT}: no {REPORT_META} records its size and sha256 (a set written "
+                      f"before the report recorded itself, or the record was removed): it "
+                      f"cannot be shown to be this set's report; run the QA report step again")
+
     def _check_run_links(self) -> None:
-        """The fusion step must have been made from the text and image outputs of this set."""
-        fusion = self.metas.get(FUSION_CONFIG)
-        if fusion is None:
-            return
-        for key, meta_name in (("text_run_id", TXT_META), ("image_run_id", IMG_META)):
-            upstream = self.metas.get(meta_name)
-            if upstream is not None and fusion.get(key) != upstream.get("run_id"):
-                self.fail(f"{FUSION_CONFIG}: {key} = {fusion.get(key)!r} but {meta_name} has "
-                          f"run_id {upstream.get('run_id')!r}: groups of different runs")
+        """The fusion step, and the QA report, must have been made from the outputs of the
+        groups of this set."""
+        for owner, links in _RUN_LINKS.items():
+            meta = self.metas.get(owner)
+            for key, meta_name in links if meta is not None else ():
+                upstream = self.metas.get(meta_name)
+                if upstream is not None and meta.get(key) != upstream.get("run_id"):
+                    self.fail(f"{owner}: {key} = {meta.get(key)!r} but {meta_name} has "
+                              f"run_id {upstream.get('run_id')!r}: groups of different runs")
 
     def _check_manifest(self) -> set[str] | None:
         """Check sizes and hashes of the listed files; return their names (None: no manifest)."""
@@ -380,12 +411,14 @@ class _SetCheck:
             idx = self._array(idx_name, np.int32)
             scores = self._array(score_name, np.float32)
             vectors = self.arrays.get(source)
+            recorded = None
             if spaces is not None:
                 info = spaces[space]
                 self.report.facts.append(meta_fact(f"{KNN_META} {space}", info))
                 if vectors is not None and info.get("dim") != vectors.shape[1]:
                     self.fail(f"{KNN_META}: spaces.{space}.dim = {info.get('dim')!r} but "
                               f"{source} has {vectors.shape[1]} columns")
+                recorded = recorded_recall(space, info, k, self.report)
             if idx is None or scores is None or n is None or k is None:
                 continue
             shapes_ok = True
@@ -396,3 +429,5 @@ class _SetCheck:
                     shapes_ok = False
             if shapes_ok:
                 check_graph(space, idx, scores, vectors, self.report)
+                if recorded is not None and vectors is not None and len(vectors) == n:
+                    check_nearest(space, idx, vectors, recorded, self.report)

@@ -79,3 +79,4 @@ def check_graph(space: str, idx: np.ndarray, scores: np.ndarray, vectors: np.nda
     for key, rows in bad.items():
         if rows:
             report.fail(messages[key].format(rows_text(rows)))
+

@@ -1,0 +1,367 @@
+"""Incremental kNN graphs (issue #23): with ``previous_uri`` the kNN step updates the previous
+set's graphs; on the exact path the result is a full rebuild's, on the IVF path its recall is.
+
+Core level: ``build_knn_graphs`` on generated step outputs (the kfp.local nightly run in
+test_pipeline_local.py covers the pipeline parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from item_embeddings.config import PipelineParams
+from item_embeddings.incremental import PreviousSetError
+from item_embeddings.knn import build_knn_graphs, exact_knn, recall_at_k, unit_rows
+from item_embeddings.knn.incremental import RESERVE, match_rows, rows_by_id
+from item_embeddings.knn.state import IvfState, SpaceState, content_digests, row_digests
+from item_embeddings.knn.synthetic import clustered_unit_vectors
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    KNN_FUSED,
+    KNN_FUSED_SCORES,
+    KNN_ITEMS,
+    KNN_META,
+    KNN_TEXT,
+    KNN_TEXT_SCORES,
+    KNN_TEXT_STATE,
+    TXT_ARRAY,
+    TXT_ITEMS,
+)
+from item_embeddings.storage import write_parquet_atomic
+
+K = 10
+GRAPHS = {"text": (KNN_TEXT, KNN_TEXT_SCORES), "fused": (KNN_FUSED, KNN_FUSED_SCORES)}
+
+
+class Catalogue:
+    """Items with a text and a fused vector and content keys; a night is a copy with edits."""
+
+    def __init__(self, n: int, seed: int = 0, spare: int = 400, text_dim: int = 24,
+                 fused_dim: int = 8):
+        self.pool_text = clustered_unit_vectors(n + spare, text_dim, topics=6, seed=seed)
+        self.pool_fused = clustered_unit_vectors(n + spare, fused_dim, topics=6, seed=seed + 1)
+        self.next_spare = n
+        self.ids = [f"item{i:05d}" for i in range(n)]
+        self.text = self.pool_text[:n].copy()
+        self.fused = self.pool_fused[:n].copy()
+        self.keys = [f"{hash(('k', i)) & (2 ** 64 - 1):016x}{i:016x}" for i in range(n)]
+        self.weights = "weights-1"
+
+    def _spare(self) -> int:
+        self.next_spare += 1
+        return self.next_spare - 1
+
+    def change(self, rows) -> None:
+        """New text (and so new fused) vectors and keys for ``rows``."""
+        for row in rows:
+            spare = self._spare()
+            self.text[row], self.fused[row] = self.pool_text[spare], self.pool_fused[spare]
+            self.keys[row] = f"{spare:032x}"
+
+    def delete(self, rows) -> None:
+        keep = np.setdiff1d(np.arange(len(self.ids)), rows)
+        self.ids = [self.ids[i] for i in keep]
+        self.keys = [self.keys[i] for i in keep]
+        self.text, self.fused = self.text[keep], self.fused[keep]
+
+    def insert(self, at: int, count: int) -> None:
+        rows = [self._spare() for _ in range(count)]
+        self.ids[at:at] = [f"new{r:05d}" for r in rows]
+        self.keys[at:at] = [f"{r:032x}" for r in rows]
+        self.text = np.insert(self.text, at, self.pool_text[rows], axis=0)
+        self.fused = np.insert(self.fused, at, self.pool_fused[rows], axis=0)
+
+    def write(self, folder: Path) -> Path:
+        """The text and fusion steps' files the kNN step reads, in one folder."""
+        folder.mkdir(parents=True)
+        np.save(folder / TXT_ARRAY, self.text.astype(np.float32))
+        np.save(folder / FUSED_ARRAY, self.fused.astype(np.float32))
+        write_parquet_atomic(folder / TXT_ITEMS, pa.table({"id": self.ids, "key": self.keys}))
+        write_parquet_atomic(folder / FUSED_ITEMS, pa.table({
+            "id": self.ids, "has_image": [False] * len(self.ids), "text_key": self.keys,
+            "image_key": pa.nulls(len(self.ids), pa.string())}))
+        (folder / FUSION_CONFIG).write_text(json.dumps({
+            "run_id": "fusion-run", "fusion_mode": "apply", "weights_sha256": self.weights}))
+        return folder
+
+
+def run_knn(inputs: Path, out: Path, previous: Path | None = None, **params) -> dict:
+    settings = PipelineParams(**{"knn_k": K, "knn_recall_queries": 200,
+                                 "previous_uri": str(previous) if previous else "", **params})
+    return build_knn_graphs(inputs, inputs, out, settings)
+
+
+def assert_same_graphs(a: Path, b: Path) -> None:
+    for space, (ids_file, scores_file) in GRAPHS.items():
+        np.testing.assert_array_equal(np.load(a / ids_file), np.load(b / ids_file), err_msg=space)
+        np.testing.assert_allclose(np.load(a / scores_file), np.load(b / scores_file), atol=1e-6)
+
+
+def check_counts(meta: dict, n: int) -> None:
+    for space, info in meta["spaces"].items():
+        assert info["recomputed_count"] + info["reused_count"] == n, space
+
+
+@pytest.fixture()
+def night_one(tmp_path):
+    """A 600-item catalogue and its graphs (exact), as the previous set."""
+    cat = Catalogue(600)
+    meta = run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a")
+    assert {s["update"] for s in meta["spaces"].values()} == {"full"}
+    return cat, tmp_path / "knn-a"
+
+
+def test_exact_update_equals_a_full_rebuild(night_one, tmp_path):
+    cat, previous = night_one
+    cat.change([3, 50, 51, 400])
+    cat.delete([7, 8, 120, 599])
+    cat.insert(10, 3)            # new items inside the table: later rows move, order is kept
+    cat.insert(len(cat.ids), 2)
+    inputs = cat.write(tmp_path / "b")
+    meta = run_knn(inputs, tmp_path / "inc", previous)
+    run_knn(inputs, tmp_path / "full")
+    assert_same_graphs(tmp_path / "inc", tmp_path / "full")
+    n = len(cat.ids)
+    check_counts(meta, n)
+    for info in meta["spaces"].values():
+        done = info["incremental"]
+        assert info["update"] == "incremental" and info["rebuild_reason"] is None
+        assert (done["changed_count"], done["deleted_count"]) == (4 + 5, 4)
+        assert done["searched_count"] >= 9 and done["completed_from_reserve_count"] > 0
+        assert 0 < info["reused_count"] < n - 9
+        assert info["recall_at_k"] == 1.0
+    assert pq.read_table(tmp_path / "inc" / KNN_ITEMS).column("id").to_pylist() == cat.ids
+    # the experiment-run metrics and the files the meta pins
+    assert set(meta["files"]) >= {KNN_ITEMS, KNN_TEXT_STATE, KNN_TEXT, KNN_FUSED_SCORES}
+
+
+def test_successive_nights_stay_equal_when_reserves_run_out(night_one, tmp_path):
+    """Three updates in a row, one deleting a row's 9 nearest neighbours (more than its
+    reserve of 8 can replace): that row is searched again, and every night equals a rebuild."""
+    cat, previous = night_one
+    rng = np.random.default_rng(3)
+    for night in range(3):
+        if night == 1:
+            x = unit_rows(cat.text, K)
+            nearest, _ = exact_knn(x, K, queries=np.array([42]))
+            cat.delete(nearest[0, :9])
+        else:
+            cat.change(rng.choice(len(cat.ids), 12, replace=False))
+            cat.delete(rng.choice(len(cat.ids), 6, replace=False))
+        inputs = cat.write(tmp_path / f"in{night}")
+        meta = run_knn(inputs, tmp_path / f"inc{night}", previous)
+        run_knn(inputs, tmp_path / f"full{night}")
+        assert_same_graphs(tmp_path / f"inc{night}", tmp_path / f"full{night}")
+        check_counts(meta, len(cat.ids))
+        assert {s["update"] for s in meta["spaces"].values()} == {"incremental"}
+        if night == 1:
+            assert meta["spaces"]["text"]["incremental"]["reserve_exhausted_count"] >= 1
+        previous = tmp_path / f"inc{night}"
+
+
+def test_ties_among_duplicate_items_follow_the_full_rebuild(tmp_path):
+    """Vectors whose dot products are exact in float32 (many equal scores): the update keeps
+    the smaller row first and breaks ties at the k-th place as a rebuild does."""
+    base = np.zeros((6, 8), dtype=np.float32)
+    for row, cols in enumerate([(0, 1, 2, 3), (0, 1, 2, 4), (0, 1, 5, 6), (4, 5, 6, 7),
+                                (1, 3, 5, 7), (0, 2, 4, 6)]):
+        base[row, list(cols)] = 0.5
+    cat = Catalogue(90)
+    pick = np.random.default_rng(0).integers(0, 6, 90 + 400)
+    cat.pool_text = cat.pool_fused = base[pick]
+    cat.text, cat.fused = cat.pool_text[:90].copy(), cat.pool_fused[:90].copy()
+    run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a")
+    cat.change([5, 6, 60])
+    cat.delete([0, 33])
+    cat.insert(40, 2)
+    inputs = cat.write(tmp_path / "b")
+    meta = run_knn(inputs, tmp_path / "inc", tmp_path / "knn-a")
+    run_knn(inputs, tmp_path / "full")
+    assert meta["spaces"]["text"]["update"] == "incremental"
+    for ids_file, scores_file in GRAPHS.values():
+        np.testing.assert_array_equal(np.load(tmp_path / "inc" / ids_file),
+                                      np.load(tmp_path / "full" / ids_file))
+        np.testing.assert_array_equal(np.load(tmp_path / "inc" / scores_file),
+                                      np.load(tmp_path / "full" / scores_file))
+
+
+def test_ivf_update_matches_the_full_rebuilds_recall(tmp_path):
+    cat = Catalogue(20000, spare=600, text_dim=32, fused_dim=16)
+    ivf = dict(knn_exact_max_items=0)
+    first = run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a", **ivf)
+    rng = np.random.default_rng(1)
+    cat.change(rng.choice(20000, 200, replace=False))
+    cat.delete(rng.choice(20000, 100, replace=False))
+    cat.insert(5000, 100)
+    inputs = cat.write(tmp_path / "b")
+    meta = run_knn(inputs, tmp_path / "inc", tmp_path / "knn-a", **ivf)
+    run_knn(inputs, tmp_path / "full", **ivf)
+    check_counts(meta, 20000)
+    sample = np.sort(rng.choice(20000, 2000, replace=False))
+    for space, (ids_file, _) in GRAPHS.items():
+        info = meta["spaces"][space]
+        assert (info["method"], info["update"]) == ("ivf-flat", "incremental")
+        assert info["index_params"]["nprobe"] == first["spaces"][space]["index_params"]["nprobe"]
+        assert info["incremental"]["reverse_nprobe"] == 2 * info["incremental"]["nprobe"]
+        assert info["recomputed_count"] < 20000 // 2
+        x = unit_rows((cat.text if space == "text" else cat.fused).astype(np.float32), K)
+        _, exact = exact_knn(x, K, queries=sample)
+        updated = recall_at_k(x, np.load(tmp_path / "inc" / ids_file), sample, exact)
+        rebuilt = recall_at_k(x, np.load(tmp_path / "full" / ids_file), sample, exact)
+        assert updated >= rebuilt - 0.01, (space, updated, rebuilt)
+        assert info["recall_at_k"] > 0.9
+
+
+def test_a_retrained_fusion_model_rebuilds_the_fused_graph(night_one, tmp_path, caplog):
+    cat, previous = night_one
+    cat.fused = clustered_unit_vectors(len(cat.ids), 8, topics=6, seed=9)  # a new model's codes
+    cat.weights = "weights-2"
+    inputs = cat.write(tmp_path / "b")
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        meta = run_knn(inputs, tmp_path / "inc", previous)
+    fused, text = meta["spaces"]["fused"], meta["spaces"]["text"]
+    assert fused["update"] == "full" and "retrained" in fused["rebuild_reason"]
+    assert (fused["recomputed_count"], fused["reused_count"]) == (600, 0)
+    assert "fused vectors: kNN graph built in full: the fusion model is not the previous" \
+        in caplog.text
+    # nothing changed in the text space: every row reused
+    assert (text["update"], text["recomputed_count"], text["reused_count"]) == \
+        ("incremental", 0, 600)
+    # drift: the same items (content unchanged), their fused neighbours moved
+    assert text["drift"]["items"] == fused["drift"]["items"] == 600
+    assert text["drift"]["mean_overlap"] == 1.0 and text["drift"]["identical_share"] == 1.0
+    assert fused["drift"]["mean_overlap"] < 0.5
+
+
+def test_above_the_threshold_a_full_rebuild_is_cheaper(night_one, tmp_path):
+    cat, previous = night_one
+    cat.change(range(0, 600, 2))
+    meta = run_knn(cat.write(tmp_path / "b"), tmp_path / "out", previous)
+    for info in meta["spaces"].values():
+        assert info["update"] == "full" and "a full rebuild is cheaper" in info["rebuild_reason"]
+        assert info["reused_count"] == 0
+
+
+def test_settings_or_order_that_change_the_graph_rebuild(night_one, tmp_path):
+    cat, previous = night_one
+    inputs = cat.write(tmp_path / "same")
+    meta = run_knn(inputs, tmp_path / "k", previous, knn_k=K + 1)
+    assert "k is 11 now and was 10" in meta["spaces"]["text"]["rebuild_reason"]
+    meta = run_knn(inputs, tmp_path / "ivf", previous, knn_exact_max_items=100)
+    assert "the graph is ivf-flat now and was exact" in meta["spaces"]["fused"]["rebuild_reason"]
+    order = np.random.default_rng(0).permutation(len(cat.ids))
+    cat.ids = [cat.ids[i] for i in order]
+    cat.keys = [cat.keys[i] for i in order]
+    cat.text, cat.fused = cat.text[order], cat.fused[order]
+    inputs = cat.write(tmp_path / "shuffled")
+    meta = run_knn(inputs, tmp_path / "reordered", previous)
+    assert "relative order" in meta["spaces"]["text"]["rebuild_reason"]
+    run_knn(inputs, tmp_path / "full")
+    assert_same_graphs(tmp_path / "reordered", tmp_path / "full")
+
+
+def test_a_previous_set_without_state_rebuilds_and_a_damaged_one_is_refused(night_one,
+                                                                          tmp_path):
+    cat, previous = night_one
+    inputs = cat.write(tmp_path / "b")
+    older = tmp_path / "older"
+    shutil.copytree(previous, older)
+    (older / KNN_TEXT_STATE).unlink()
+    meta = run_knn(inputs, tmp_path / "out", older)
+    assert {s["update"] for s in meta["spaces"].values()} == {"full"}
+    assert "no kNN graphs with an update state" in meta["spaces"]["text"]["rebuild_reason"]
+    assert "drift" not in meta["spaces"]["text"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(previous, damaged)
+    graph = np.load(damaged / KNN_FUSED)
+    graph[0, 0] = graph[0, 1]
+    np.save(damaged / KNN_FUSED, graph)
+    with pytest.raises(PreviousSetError, match="knn_fused.npy: content does not match"):
+        run_knn(inputs, tmp_path / "refused", damaged)
+    assert not (tmp_path / "refused" / KNN_META).exists()
+
+
+def test_row_digests_tell_every_changed_row():
+    x = clustered_unit_vectors(300, 16, seed=0)
+    digests = row_digests(x)
+    assert len(np.unique(digests)) == 300
+    np.testing.assert_array_equal(row_digests(x.copy()), digests)
+    changed = x.copy()
+    changed[5, 3] = np.nextafter(changed[5, 3], 2)        # one bit of one value
+    changed[9] = -changed[9]                               # every sign
+    changed[11, [0, 1]] = changed[11, [1, 0]]              # two values swapped
+    differ = np.flatnonzero(row_digests(changed) != digests)
+    assert differ.tolist() == [5, 9, 11]
+    odd = clustered_unit_vectors(50, 7, seed=1)
+    assert row_digests(odd).shape == (50,) and len(np.unique(row_digests(odd))) == 50
+
+
+def test_state_round_trip_and_row_matching(tmp_path):
+    state = SpaceState(digests=np.arange(4, dtype=np.uint64),
+                       reserve_neighbours=np.array([[1], [2], [3], [-1]], np.int32),
+                       reserve_scores=np.array([[0.5], [0.4], [0.3], [-np.inf]], np.float32),
+                       ivf=IvfState(centroids=np.eye(2, 3, dtype=np.float32),
+                                    lists=np.array([0, 1, 1, 0], np.int32), nprobe=2))
+    state.save(tmp_path / "s.npz")
+    loaded = SpaceState.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(loaded.reserve_scores, state.reserve_scores)
+    np.testing.assert_array_equal(loaded.ivf.lists, state.ivf.lists)
+    assert loaded.ivf.nprobe == 2
+    exact = SpaceState(state.digests, state.reserve_neighbours, state.reserve_scores, None)
+    exact.save(tmp_path / "e.npz")
+    assert SpaceState.load(tmp_path / "e.npz").ivf is None
+    digests = np.array([10, 11, 12], np.uint64)
+    by_id = rows_by_id(pa.array(["a", "b", "c"]), pa.array(["c", "x", "a"]))
+    assert by_id.tolist() == [2, -1, 0]
+    rows = match_rows(by_id, digests, np.array([12, 11, 99], np.uint64))
+    assert rows.tolist() == [2, -1, -1]            # c unchanged, x new, a changed
+    assert rows_by_id(pa.array([1, 2]), pa.array(["1", "2"])).tolist() == [-1, -1]
+    assert RESERVE == 8
+
+
+def test_content_digests_follow_the_keys():
+    text = pa.array(["0123456789abcdef" * 2, None, "ffffffffffffffff" + "0" * 16, "abc"])
+    image = pa.array([None, "aa", "1" * 32, None])
+    digests = content_digests(text, image)
+    assert digests[1] == 0 and (digests[[0, 2, 3]] % 2 == 1).all()
+    moved = content_digests(text, pa.array([None, "aa", "2" * 32, None]))
+    assert (moved == digests).tolist() == [True, True, False, True]
+    sliced = content_digests(text.slice(2), image.slice(2))
+    np.testing.assert_array_equal(sliced, digests[2:])
+
+
+def test_a_machine_too_small_is_refused_before_any_work(night_one, tmp_path, monkeypatch):
+    from item_embeddings.knn import memory
+
+    cat, _ = night_one
+    inputs = cat.write(tmp_path / "b")
+    need = memory.step_peak_bytes(600, (24, 8), K, RESERVE, ivf=False)
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: int(need * 1.05))
+    with pytest.raises(memory.KnnMemoryError, match=r"600 items .* need about .* GB of memory.*"
+                                                    r"knn_machine_type"):
+        run_knn(inputs, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: need * 2)
+    assert run_knn(inputs, tmp_path / "fits")["count"] == 600
+
+
+def test_the_memory_model_at_catalogue_scale():
+    from item_embeddings.knn.memory import check_memory, machine_memory_bytes, step_peak_bytes
+
+    ten_million = step_peak_bytes(10_000_000, (384, 128), 20, RESERVE, ivf=True)
+    assert 15.4e9 < ten_million < 40e9            # above the IVF index's own 384-d copy
+    assert step_peak_bytes(10_000_000, (384, 128), 20, RESERVE, ivf=False) < ten_million
+    with pytest.raises(Exception, match="10,000,000 items"):
+        check_memory(10_000_000, (384, 128), 20, RESERVE, ivf=True, available=16 * 10 ** 9)
+    assert check_memory(10_000_000, (384, 128), 20, RESERVE, ivf=True,
+                        available=64 * 10 ** 9) == ten_million
+    assert machine_memory_bytes() > 2 ** 30      # this machine's, from cgroup or /proc/meminfo
