@@ -25,6 +25,7 @@ from item_embeddings.fusion.model import (
 )
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 from item_embeddings.fusion.targets import (
+    PRESERVE_WEIGHT,
     TAU,
     Imputation,
     no_imputation,
@@ -329,10 +330,18 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
 
     target = _plain_targets(text, image, imputation, TAU)
     np.testing.assert_allclose(target.sum(dim=1).numpy(), 1.0, atol=1e-12)
-    np.testing.assert_allclose(batch.target_sym.numpy(), (target + target.T).numpy(),
+    # the preservation term's target: P within the anchor's own group, renormalised
+    own_group = (torch.arange(b) < image_count).unsqueeze(1) == (torch.arange(b) < image_count)
+    own_group &= own_group.sum(dim=1, keepdim=True) >= 2  # a group with a pair
+    own = torch.where(own_group, target, 0.0)
+    own = own / own.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    combined = target + PRESERVE_WEIGHT * own
+    np.testing.assert_allclose(batch.target_sym.numpy(), (combined + combined.T).numpy(),
                                atol=1e-12)
     np.testing.assert_allclose(float(batch.target_p_log_p),
-                               float(torch.special.xlogy(target, target).sum()), rtol=1e-12)
+                               float(torch.special.xlogy(target, target).sum()
+                                     + PRESERVE_WEIGHT * torch.special.xlogy(own, own).sum()),
+                               rtol=1e-12)
     # the plain model: one Linear over [text, image or 0, has_image] plus, for rows without an
     # image, the stand-in (a Linear of the text)
     has_image = torch.zeros(b, 1, dtype=torch.float64)
@@ -347,7 +356,10 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
     z = torch.nn.functional.normalize(h, dim=1)
     self_mask = torch.eye(b, dtype=torch.bool)
     log_q = torch.log_softmax((z @ z.T / TAU).masked_fill(self_mask, -1e9), dim=1)
-    sim = (torch.special.xlogy(target, target) - target * log_q).sum(dim=1).mean()
+    log_q_own = torch.log_softmax((z @ z.T / TAU).masked_fill(~own_group | self_mask, -1e9),
+                                  dim=1)
+    sim = ((torch.special.xlogy(target, target) - target * log_q).sum(dim=1).mean()
+           + PRESERVE_WEIGHT * (torch.special.xlogy(own, own) - own * log_q_own).sum(dim=1).mean())
     loss = sim + NORM_WEIGHT * (h.norm(dim=1) - 1).pow(2).mean()
     assert parts["loss"] == pytest.approx(loss.item(), abs=1e-12)
     assert parts["sim_loss"] == pytest.approx(sim.item(), abs=1e-12)
