@@ -71,7 +71,8 @@ def toy() -> Rates:
 
 def small(items=1000, image_items=400, changed_fraction=1.0, **params) -> Choices:
     base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10,
-                download_concurrency=64)  # 64 in flight / 0.064 s: 1000 downloads/s
+                download_concurrency=64,  # 64 in flight / 0.064 s: 1000 downloads/s
+                download_rate_per_host=0.0)  # no per-host bound (tested on its own below)
     return Choices(items, image_items, PipelineParams(**{**base, **params}),
                    changed_fraction=changed_fraction)
 
@@ -364,12 +365,14 @@ URLS = ["http://cdn.example/a.jpg", "https://cdn.example/b.jpg", "  https://c.ex
 def test_count_items_file_and_folder(tmp_path):
     table = pa.table({"asin": [f"A{i}" for i in range(len(URLS))], "image_url": URLS})
     pq.write_table(table, tmp_path / "one.parquet")
-    assert count_items(str(tmp_path / "one.parquet")) == (7, 3)
+    assert count_items(str(tmp_path / "one.parquet"))[:2] == (7, 3)
+    # 2 of the 3 usable URLs on cdn.example (the host as the downloader counts it)
+    assert count_items(str(tmp_path / "one.parquet")).largest_host_share == pytest.approx(2 / 3)
     folder = tmp_path / "folder"
     folder.mkdir()
     pq.write_table(table, folder / "part-0.parquet")
     pq.write_table(table, folder / "part-1.parquet")
-    assert count_items(str(folder)) == (14, 6)
+    assert count_items(str(folder))[:2] == (14, 6)
     with pytest.raises(ItemsError, match="no column 'img'"):
         count_items(str(tmp_path / "one.parquet"), "img")
 
@@ -422,7 +425,9 @@ def test_packaged_rates_image_worker_target():
     is needed for it (exact with 128 in flight is CPU-bound); n1-standard-8 with 512 downloads
     in flight makes it GPU-bound."""
     def worker(**params) -> tuple[str, float]:
-        return estimate(Choices(100_000, 100_000, PipelineParams(**params))).image_worker()
+        # images spread over many hosts: the per-host rate is not what bounds these machines
+        return estimate(Choices(100_000, 100_000, PipelineParams(**params),
+                                largest_host_share=0.01)).image_worker()
 
     before = worker(image_decode="exact", download_concurrency=64)
     now = worker()
@@ -433,18 +438,27 @@ def test_packaged_rates_image_worker_target():
 
 
 def test_cli_table_and_json(capsys):
-    assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4"]) == 0
+    assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
+                 "--largest-host-share", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
     assert re.search(r"^text workers\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
     assert "assumptions:" in out and "measured rates and published prices used" in out
-    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, CPU "
-                     r"1,0\d\d, T4 1,474\)$", out, re.M)
+    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, "
+                     r"per-host rate 1,000, CPU 1,0\d\d, T4 1,474\)$", out, re.M)
+    # by default the images are on one host: the per-host rate (50/s) bounds the worker
+    assert main(["estimate", "--items", "200k", "--shards", "4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^image worker: 50 images/s, bound by per-host rate \(downloads 512, "
+                     r"per-host rate 50, CPU 1,0\d\d, T4 1,474\)$", out, re.M)
+    assert "100% of the URLs on the largest host" in out
+    assert "raise download_rate_per_host (or set 0) when the images are on your own CDN" in out
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
-                 "--json"]) == 0
+                 "--largest-host-share", "0.05", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    direct = estimate(Choices(200_000, 100_000, PipelineParams(shards=4)))
+    direct = estimate(Choices(200_000, 100_000, PipelineParams(shards=4),
+                              largest_host_share=0.05))
     assert data["total"]["cost_usd"] == pytest.approx(direct.cost_usd)
     assert data["total"]["wall_s"] == pytest.approx(direct.wall_s)
     assert [s["step"] for s in data["steps"]][:4] == ["fingerprint inputs", "plan shards",
@@ -453,7 +467,7 @@ def test_cli_table_and_json(capsys):
     assert data["image_worker"]["bound_by"] == "downloads"
     # the image worker's knobs are options of their own
     assert main(["estimate", "--items", "200k", "--image-decode", "exact",
-                 "--download-concurrency", "64", "--json"]) == 0
+                 "--download-concurrency", "64", "--largest-host-share", "0.05", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["choices"]["params"]["image_decode"] == "exact"
     assert data["image_worker"]["stages_images_per_s"]["downloads"] == pytest.approx(256)
@@ -521,7 +535,52 @@ def test_cli_bad_usage_exits_2(tmp_path):
 
 def test_the_per_host_rate_is_an_assumption_when_it_is_below_the_download_rate():
     # the toy rates download 1000 images/s: the default 50 per host is named, 0 (no limit) not
-    text = estimate(small(), toy()).format()
+    text = estimate(small(download_rate_per_host=50.0), toy()).format()
     assert "download_rate_per_host = 50/s per image worker" in text
     unlimited = estimate(small(download_rate_per_host=0.0), toy()).format()
     assert "download_rate_per_host" not in unlimited
+
+
+@pytest.mark.parametrize("share, rate, expected, bound", [
+    (1.0, 50.0, 50, "per-host rate"),    # one host: 50 requests/s is 50 images/s
+    (0.25, 50.0, 200, "per-host rate"),  # a quarter on the largest host: 50 / 0.25
+    (0.01, 50.0, 1000, "downloads"),     # many hosts: 5,000 > 1,000 in flight / 0.064 s
+    (1.0, 0.0, 1000, "downloads"),       # no per-host limit
+])
+def test_the_per_host_rate_bounds_the_downloads_by_the_largest_hosts_share(share, rate,
+                                                                           expected, bound):
+    """An image worker sends the host holding ``share`` of the URLs at most ``rate``
+    requests/s: the downloads run at min(in flight / latency, rate / share); the image loop's
+    time, the printed bound and the JSON follow."""
+    rates = toy()
+    rates.data["image"]["decode_cpu_s_per_image"]["fast"] = q(0.001)  # CPU 4,000/s
+    choices = Choices(1000, 400, PipelineParams(
+        max_items=0, shards=2, image_strategy="STANDARD", download_concurrency=64,
+        download_rate_per_host=rate), largest_host_share=share)
+    est = estimate(choices, rates)
+    assert est.image_worker() == (bound, pytest.approx(expected))
+    assert rows(est)["image workers"].task_s == pytest.approx(135 + 5 + 200 / expected + 0.4096)
+    assert f"image worker: {expected:,} images/s, bound by {bound}" in est.format()
+    data = est.to_dict()
+    assert data["image_worker"]["bound_by"] == bound
+    assert data["choices"]["largest_host_share"] == share
+    assert ("per-host rate" in data["image_worker"]["stages_images_per_s"]) == (rate > 0)
+
+
+def test_the_largest_hosts_share_is_measured_in_the_items_file(tmp_path, capsys):
+    path = tmp_path / "items.parquet"
+    urls = [f"https://cdn.example/{i}.jpg" for i in range(6)] + [
+        f"https://img{i}.example/{i}.jpg" for i in range(4)] + ["http://cdn.example:8080/x.jpg"]
+    pq.write_table(pa.table({"asin": [f"A{i}" for i in range(len(urls))], "image_url": urls}),
+                   path)
+    assert main(["estimate", "--items-file", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # cdn.example holds 6 of 11 (cdn.example:8080 is another host, as the downloader counts it)
+    assert data["choices"]["largest_host_share"] == pytest.approx(6 / 11)
+    assert data["image_worker"]["stages_images_per_s"]["per-host rate"] == pytest.approx(
+        50 * 11 / 6)
+    assert "measured in the items file" in " ".join(data["assumptions"])
+    assert main(["estimate", "--items-file", str(path), "--largest-host-share", "0.5"]) == 2
+    assert "--largest-host-share goes with --items N" in capsys.readouterr().err
+    assert main(["estimate", "--items", "100", "--largest-host-share", "0"]) == 2
+    assert "largest host share must be in (0, 1], got 0" in capsys.readouterr().err

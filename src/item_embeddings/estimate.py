@@ -42,15 +42,17 @@ total (critical path) ...
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import ConfigError, PipelineParams
 from .estimate_rates import (
     BASES,
     GUESSES,
     IMAGE_ACCELERATOR,
+    PER_HOST,
     RATES_FILE,
     Machine,
     Quantity,
@@ -93,10 +95,14 @@ STRUCTURAL_ASSUMPTIONS = (
     "their count is not known here and not modelled.",
     "An image worker's downloads, its CPU (decoding as image_decode asks, plus the downloads' "
     "own CPU, on every vCPU) and its T4 overlap: the slowest sets its rate. Downloads keep "
-    "download_concurrency requests in flight, each taking the assumed latency; a catalogue on "
-    "fewer than download_concurrency / 32 hosts has fewer in flight (32 connections per host), "
-    "which is not modelled.",
+    "download_concurrency requests in flight, each taking the assumed latency, and keep to "
+    "each host's request rate (below, when one is set); a catalogue on fewer than "
+    "download_concurrency / 32 hosts has fewer in flight (32 connections per host), which is "
+    "not modelled.",
 )
+# Without a catalogue to measure (--items-file), the share of the image URLs on the largest
+# host: a catalogue served from its own CDN, one host, is the common case.
+DEFAULT_LARGEST_HOST_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,12 +115,21 @@ class Choices:
         params: The run's pipeline parameters (validated when built).
         changed_fraction: Share of the items whose text or image changed since the previous
             set (an incremental run from ``previous_uri``); 1 = a full run.
+        largest_host_share: Share of the image URLs on their most frequent host (measured by
+            :func:`count_items`); None = :data:`DEFAULT_LARGEST_HOST_SHARE`.
     """
 
     items: int
     image_items: int
     params: PipelineParams = field(default_factory=PipelineParams)
     changed_fraction: float = 1.0
+    largest_host_share: float | None = None
+
+    @property
+    def host_share(self) -> float:
+        """The largest host's share of the image URLs the estimate uses."""
+        return (DEFAULT_LARGEST_HOST_SHARE if self.largest_host_share is None
+                else self.largest_host_share)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first unusable choice."""
@@ -124,6 +139,8 @@ class Choices:
              f"image items must be between 0 and items ({self.items}), got {self.image_items}"),
             (0 < self.changed_fraction <= 1,
              f"changed fraction must be in (0, 1], got {self.changed_fraction}"),
+            (0 < self.host_share <= 1,
+             f"largest host share must be in (0, 1], got {self.host_share}"),
             (not self.incremental or bool(self.params.previous_uri),
              "an incremental run (changed fraction < 1) reuses the set at previous_uri: set "
              "previous_uri"),
@@ -148,7 +165,8 @@ class Choices:
         run = (f"incremental run, {self.changed_fraction:.1%} of the items changed"
                if self.incremental else "full run")
         return (f"{self.items:,} items, {self.image_items:,} with an image URL, "
-                f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
+                f"{self.selected_images:,} image items after max_items={p.max_items:,}, "
+                f"{self.host_share:.0%} of the URLs on the largest host; {run}; "
                 f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
                 f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
                 f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
@@ -197,6 +215,7 @@ class Estimate:
         c = self.choices
         choices = {"items": c.items, "image_items": c.image_items,
                    "selected_images": c.selected_images, "changed_fraction": c.changed_fraction,
+                   "largest_host_share": c.host_share,
                    "params": {name: getattr(c.params, name) for name in ESTIMATE_PARAMS}}
         return {"choices": choices,
                 "steps": [asdict(s) for s in self.steps],
@@ -269,9 +288,19 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+class ItemCounts(NamedTuple):
+    """What :func:`count_items` counts in an items table."""
+
+    items: int
+    image_items: int                   # rows with an http(s) image URL
+    largest_host_share: float | None   # share of those URLs on their most frequent host
+
+
 def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column
-                ) -> tuple[int, int]:
-    """(rows, rows with an http(s) image URL) of an items table (parquet file or folder)."""
+                ) -> ItemCounts:
+    """Rows, rows with an http(s) image URL, and the largest host's share of those URLs (the
+    host as the downloader counts it, ``image/hosts.py``) of an items table (file or folder)."""
+    from .image.hosts import host_of
     from .image.selection import READ_BATCH_ROWS, usable_url
     from .items import ItemsError, iter_batches, open_items
 
@@ -281,10 +310,14 @@ def count_items(uri: str, image_url_column: str = PipelineParams().image_url_col
                          f"{', '.join(names)}); name the image URL column with "
                          "--image-url-column")
     rows = with_url = 0
+    hosts: collections.Counter = collections.Counter()
     for batch in iter_batches(uri, [image_url_column], READ_BATCH_ROWS):
         rows += batch.num_rows
-        with_url += sum(usable_url(v) is not None for v in batch.column(0).to_pylist())
-    return rows, with_url
+        urls = [url for v in batch.column(0).to_pylist() if (url := usable_url(v)) is not None]
+        with_url += len(urls)
+        hosts.update(host_of(url) for url in urls)
+    largest = max(hosts.values()) / with_url if with_url else None
+    return ItemCounts(rows, with_url, largest)
 
 
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
@@ -372,7 +405,8 @@ def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: li
         "image": _worker_loop(
             "image workers", r.image_m, c, image_work,
             r.vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-            r.read_s, min(image_rates(rates, p, r.image_m).values()), r.img_bytes, r.copy_bps),
+            r.read_s, min(image_rates(rates, p, r.image_m, c.host_share).values()), r.img_bytes,
+            r.copy_bps),
     }
     steps["text_merge"] = merge("text merge", n, r.txt_bytes)
     steps["image_merge"] = merge("image merge", m, r.img_bytes)
@@ -437,6 +471,21 @@ def _warnings(r: _Run, images: list[int]) -> list[str]:
     return warnings
 
 
+def _per_host_assumption(c: Choices, stages: dict[str, float]) -> str:
+    """How the per-host rate enters the image worker's rate (the bound, or not)."""
+    p = c.params
+    measured = ("measured in the items file" if c.largest_host_share is not None else
+                "the default, one host: a catalogue on its own CDN; --items-file measures it, "
+                "--largest-host-share sets it")
+    binds = ("so it bounds the downloads: raise download_rate_per_host (or set 0) when the "
+             "images are on your own CDN (docs/images.md)"
+             if stages[PER_HOST] < stages["downloads"] else "above the downloads' rate")
+    return (f"The largest image host holds {c.host_share:.0%} of the image URLs ({measured}); "
+            f"one image worker sends it at most download_rate_per_host = "
+            f"{p.download_rate_per_host:g}/s per image worker, so it downloads at most "
+            f"{stages[PER_HOST]:,.0f} images/s: {binds}.")
+
+
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     """The expected wall time and cost of each step and of the run (see the module doc)."""
     c, p = choices, choices.params
@@ -474,15 +523,11 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
                  + (_output_bytes(r) if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
     warnings = _warnings(r, images)
-    stages = image_rates(rates, p, r.image_m)
+    stages = image_rates(rates, p, r.image_m, c.host_share)
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
-                   *([f"Images come from several hosts: the images of one host download at "
-                      f"most download_rate_per_host = {p.download_rate_per_host:g}/s per image "
-                      "worker (docs/images.md)."]
-                     if 0 < p.download_rate_per_host < stages["downloads"]
-                     else []),
+                   *([_per_host_assumption(c, stages)] if PER_HOST in stages else []),
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
     steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
                             "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
