@@ -1,8 +1,13 @@
 """The item-embeddings pipeline.
 
-    items ─ fingerprint ─ plan ─┬─ ParallelFor(worker): text shards ∥ image shards ─┐
-                                └──────────────── merge text, merge images ◄──────────┘
-                                      ─ fusion ─ kNN graphs ─ QA report ─ publish (optional)
+    items ─ fingerprint and plan ─┬─ ParallelFor(text workers): text shards ──┐
+                                  └─ ParallelFor(image workers): image shards ─┴─ fusion
+                                      (merges the shards first) ─ kNN graphs ─ QA report
+                                      (publishes when publish_uri is set)
+
+Five tasks in a row, one per role; no task only moves files (the merges run in the fusion
+task, publishing in the report task), so a run starts as few machines one after another as
+its roles need.
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
@@ -11,10 +16,12 @@ only artifacts and run-time inputs are passed by hand.
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
-  placeholders). The text and image workers, fusion and the kNN graphs run as Vertex custom jobs
-  whose machine (``text_machine_type``, ``text_accelerator``, ``image_machine_type``,
-  ``fusion_machine_type``, ``knn_machine_type``) and scheduling (``text_strategy``,
-  ``image_strategy``: SPOT/STANDARD) are pipeline parameters;
+  placeholders). Every task runs as a Vertex custom job: the text and image workers, fusion and
+  the kNN graphs on machines (``text_machine_type``, ``text_accelerator``,
+  ``image_machine_type``, ``fusion_machine_type``, ``knn_machine_type``) and scheduling
+  (``text_strategy``, ``image_strategy``: SPOT/STANDARD) that are pipeline parameters, the first
+  task and the report on an e2-standard-4; all of them on the persistent resource
+  ``persistent_resource_id`` when one is given (warm machines instead of one started per task);
   they run as the pipeline's own service account, in its network, with its CMEK key (runtime
   placeholders). The image workers run on a T4 in ``gpu_image`` and fail if the GPU is not
   usable; the other steps run in the slim ``image``.
@@ -42,10 +49,6 @@ from item_embeddings.components.embed_text import make_component as make_embed_t
 from item_embeddings.components.fingerprint_inputs import make_component as make_fingerprint
 from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
 from item_embeddings.components.knn_graphs import make_component as make_knn_graphs
-from item_embeddings.components.merge_images import make_component as make_merge_images
-from item_embeddings.components.merge_text import make_component as make_merge_text
-from item_embeddings.components.plan_shards import make_component as make_plan_shards
-from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.components.qa_report import make_component as make_qa_report
 from item_embeddings.components.text_machine import make_component as make_text_machine
 from item_embeddings.config import PipelineParams, param_description
@@ -56,9 +59,9 @@ TARGETS = ("vertex", "local")
 PROJECT_PLACEHOLDER = "{{$.pipeline_google_cloud_project_id}}"
 LOCATION_PLACEHOLDER = "{{$.pipeline_google_cloud_location}}"
 
-# Vertex resources. The machines of the custom jobs are pipeline parameters; these are the
-# plain tasks' (fingerprint, plan, merges, report, publish) and the jobs' fixed parts.
-CPU_STEP_CPU, CPU_STEP_MEMORY = "4", "15G"
+# Vertex resources. The machines of the workers, fusion and kNN are pipeline parameters; the
+# first task and the report take this one (4 vCPU, 16 GB).
+SMALL_MACHINE = "e2-standard-4"
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"
 JOB_TIMEOUT = "86400s"
 STEP_RETRIES = 2
@@ -158,35 +161,30 @@ def _bind(component, p: Mapping[str, Any], **explicit):
 
 @dataclasses.dataclass
 class _Steps:
-    """The components of one compile target (the four jobs wrapped as custom jobs on Vertex)."""
+    """The components of one compile target (each wrapped as a custom job on Vertex)."""
 
     fingerprint: Any
-    plan: Any
-    merge_text: Any
-    merge_images: Any
-    report: Any
-    publish: Any
     embed_text: Any
     embed_images: Any
     fuse: Any
     knn: Any
+    report: Any
     jobs: dict[str, _Job]  # Vertex only: the custom jobs above and their worker pools
     text_machine: Any = None  # Vertex only: the text workers' image and accelerator count
 
     @classmethod
     def make(cls, on_vertex: bool, image: str, gpu_image: str) -> "_Steps":
-        plain = dict(fingerprint=make_fingerprint(image), plan=make_plan_shards(image),
-                     merge_text=make_merge_text(image), merge_images=make_merge_images(image),
-                     report=make_qa_report(image), publish=make_publish_outputs(image))
+        made = dict(fingerprint=make_fingerprint(image), embed_text=make_embed_text(image),
+                    embed_images=make_embed_images(gpu_image if on_vertex else image),
+                    fuse=make_fuse_embeddings(image), knn=make_knn_graphs(image),
+                    report=make_qa_report(image))
         if not on_vertex:  # kfp.local runs every step as a plain task, in one image
-            return cls(**plain, embed_text=make_embed_text(image),
-                       embed_images=make_embed_images(image), fuse=make_fuse_embeddings(image),
-                       knn=make_knn_graphs(image), jobs={})
-        jobs = {"embed_text": _custom_job(make_embed_text(image), "embed-text"),
-                "embed_images": _custom_job(make_embed_images(gpu_image), "embed-images"),
-                "fuse": _custom_job(make_fuse_embeddings(image), "fuse-embeddings"),
-                "knn": _custom_job(make_knn_graphs(image), "knn-graphs")}
-        return cls(**plain, **{key: job.op for key, job in jobs.items()}, jobs=jobs,
+            return cls(**made, jobs={})
+        names = {"fingerprint": "fingerprint-inputs", "embed_text": "embed-text",
+                 "embed_images": "embed-images", "fuse": "fuse-embeddings",
+                 "knn": "knn-graphs", "report": "qa-report"}
+        jobs = {key: _custom_job(made[key], name) for key, name in names.items()}
+        return cls(**{key: job.op for key, job in jobs.items()}, jobs=jobs,
                    text_machine=make_text_machine(image))
 
 
@@ -208,34 +206,36 @@ def _worker_machines(steps: _Steps, p: Mapping[str, Any], image: str, gpu_image:
 
 def _workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
              on_vertex: bool, image: str, gpu_image: str):
-    """The loop over the plan's workers: one text and one image worker task per loop item.
-    Their cache keys hold the inputs' fingerprint through the loop item (see the plan)."""
+    """The two worker loops: a text worker per item of the plan's ``workers``, an image
+    worker per item of its ``image_workers`` (only the workers with images to embed: no T4
+    starts for nothing). Their cache keys hold the inputs' fingerprint through the loop item."""
     text_job, image_job = (_worker_machines(steps, p, image, gpu_image) if on_vertex
                            else ({}, {}))
-    with dsl.ParallelFor(plan.output, name="workers") as worker:
+    with dsl.ParallelFor(plan.outputs["workers"], name="text-workers") as worker:
         text = _bind(steps.embed_text, p, items=items, worker=worker, **text_job, **runtime
                      ).set_display_name("Embed text")
+    with dsl.ParallelFor(plan.outputs["image_workers"], name="image-workers") as worker:
         images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=on_vertex,
                        **image_job, **runtime).set_display_name("Embed images")
     return text, images
 
 
-def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str) -> dict:
-    """A CPU custom job's machine, from a pipeline parameter (Vertex; nothing locally)."""
+def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str | None = None
+             ) -> dict:
+    """A CPU custom job's machine: a pipeline parameter's, or the small machine (Vertex;
+    nothing locally)."""
     if key not in steps.jobs:
         return {}
-    return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=p[parameter]))
+    machine = p[parameter] if parameter else SMALL_MACHINE
+    return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=machine))
 
 
-def _vertex_policies(workers: Sequence, steps: Sequence, plain: Sequence) -> None:
-    """Retries (Spot preemptions of the workers, transient failures of the steps) and the
-    plain tasks' resources (the custom jobs have a machine of their own)."""
+def _vertex_policies(workers: Sequence, steps: Sequence) -> None:
+    """Retries: Spot preemptions of the workers, transient failures of the steps."""
     for task in workers:
         task.set_retry(WORKER_RETRIES, backoff_duration="60s")
     for task in steps:
         task.set_retry(STEP_RETRIES)
-    for task in plain:
-        task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
 
 
 def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
@@ -261,42 +261,31 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
     def item_embeddings(**p) -> Outputs:
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
                              reimport=False).set_display_name("Items").output
-        fingerprint = _bind(steps.fingerprint, p, items=items
-                            ).set_display_name("Fingerprint inputs")
-        fingerprint.set_caching_options(False)  # it is what tells changed contents apart
-        plan = _bind(steps.plan, p, items=items, inputs_fingerprint=fingerprint.output
-                     ).set_display_name("Plan shards")
+        plan = _bind(steps.fingerprint, p, items=items, **_machine(steps, "fingerprint", p)
+                     ).set_display_name("Fingerprint and plan")
+        plan.set_caching_options(False)  # it is what tells changed contents apart
         text, images = _workers(steps, p, items, plan, runtime, on_vertex=on_vertex,
                                 image=image, gpu_image=gpu_image)
-        merged_text = _bind(steps.merge_text, p, workers=plan.output, **runtime,
-                            text_shards=dsl.Collected(text.outputs["text_shards"])
-                            ).set_display_name("Merge text")
-        merged_images = _bind(steps.merge_images, p, workers=plan.output, **runtime,
-                              image_shards=dsl.Collected(images.outputs["image_shards"])
-                              ).set_display_name("Merge images")
-        text_out = merged_text.outputs["text_embeddings"]
-        image_out = merged_images.outputs["image_embeddings"]
-        fused = _bind(steps.fuse, p, text_embeddings=text_out, image_embeddings=image_out,
-                      inputs_fingerprint=fingerprint.output,
+        fused = _bind(steps.fuse, p, text_shards=dsl.Collected(text.outputs["text_shards"]),
+                      image_shards=dsl.Collected(images.outputs["image_shards"]),
+                      workers=plan.outputs["workers"], image_workers=plan.outputs["image_workers"],
+                      previous_set=plan.outputs["previous_set"],
+                      inputs_fingerprint=plan.outputs["fingerprint"],
                       **_machine(steps, "fuse", p, "fusion_machine_type"), **runtime
                       ).set_display_name("Fuse embeddings")
+        text_out = fused.outputs["text_embeddings"]
+        image_out = fused.outputs["image_embeddings"]
         fused_out = fused.outputs["fused_embeddings"]
         knn = _bind(steps.knn, p, text_embeddings=text_out, fused_embeddings=fused_out,
                     **_machine(steps, "knn", p, "knn_machine_type"), **runtime
                     ).set_display_name("kNN graphs")
         report = _bind(steps.report, p, items=items, text_embeddings=text_out,
                        image_embeddings=image_out, fused_embeddings=fused_out,
-                       knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-                       ).set_display_name("QA report")
+                       knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                       **_machine(steps, "report", p)).set_display_name("QA report")
+        report.set_caching_options(False)  # it publishes: a side effect, not a result to reuse
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
-            _vertex_policies(workers=(text, images),
-                             steps=(plan, merged_text, merged_images, fused, knn, report),
-                             plain=(plan, merged_text, merged_images, report))
-        with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
-            _bind(steps.publish, p, text_embeddings=text_out, image_embeddings=image_out,
-                  fused_embeddings=fused_out, knn_graphs=knn.outputs["graphs"],
-                  report=report.outputs["report"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                  ).set_display_name("Publish outputs").set_caching_options(False)
+            _vertex_policies(workers=(text, images), steps=(plan, fused, knn, report))
         return Outputs(text_out, image_out, fused_out, knn.outputs["graphs"],
                        report.outputs["report"])
 

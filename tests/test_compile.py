@@ -28,11 +28,18 @@ def _root(spec):
     return spec["root"]["dag"]["tasks"]
 
 
-def _loop(spec):
-    """The workers' loop task and the tasks inside it."""
-    (name,) = [k for k in _root(spec) if k.startswith("for-loop")]
-    loop = _root(spec)[name]
-    return loop, spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+def _loop(spec, task: str = "embed-images"):
+    """The workers' loop that runs ``task`` and the tasks inside it."""
+    for name in (k for k in _root(spec) if k.startswith("for-loop")):
+        loop = _root(spec)[name]
+        inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+        if task in inner:
+            return loop, inner
+    raise KeyError(task)
+
+
+def _output(task: str, key: str) -> dict:
+    return {"taskOutputParameter": {"outputParameterKey": key, "producerTask": task}}
 
 
 def _producers(task: dict) -> set[str]:
@@ -47,61 +54,88 @@ def test_dag_edges(template):
     assert tasks["importer"]["inputs"]["parameters"]["uri"] == {
         "componentInputParameter": "items_uri"}
     assert _producers(tasks["fingerprint-inputs"]) == {"importer"}
-    assert _producers(tasks["plan-shards"]) == {"importer"}
-    loop, inner = _loop(spec)
-    # the loop runs one worker per item of the plan's output
-    assert loop["parameterIterator"]["items"] == {
-        "inputParameter": "pipelinechannel--plan-shards-Output"}
-    assert loop["taskInfo"]["name"] == "workers"
-    # The loop's width is decided at run time: the plan makes min(shards, max_parallel_shards)
-    # loop items from the pipeline parameters (KFP's own ParallelFor parallelism is a
-    # compile-time constant, so it is left unset).
-    for name in ("shards", "max_parallel_shards"):
-        assert tasks["plan-shards"]["inputs"]["parameters"][name] == {
+    # The loops' widths are decided at run time: the first task plans min(shards with work,
+    # max_parallel_shards) workers per step from the pipeline parameters (KFP's own
+    # ParallelFor parallelism is a compile-time constant, so it is left unset).
+    for name in ("shards", "max_parallel_shards", "max_items"):
+        assert tasks["fingerprint-inputs"]["inputs"]["parameters"][name] == {
             "componentInputParameter": name}
-    assert "parallelismLimit" not in loop.get("iteratorPolicy", {})
-    assert set(inner) == {"embed-text", "embed-images"}
-    for name in inner:  # each worker reads the items and its own loop item
-        params = inner[name]["inputs"]["parameters"]
-        assert params["worker"] == {
-            "componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item"}
-    # the merges collect the loop's outputs and get the whole plan
-    for merge, key in (("merge-text", "text_shards"), ("merge-images", "image_shards")):
-        art = tasks[merge]["inputs"]["artifacts"][key]["taskOutputArtifact"]
-        assert art["producerTask"] == loop["taskInfo"]["name"] or art["producerTask"].startswith(
-            "for-loop")
-        assert tasks[merge]["inputs"]["parameters"]["workers"] == {
-            "taskOutputParameter": {"outputParameterKey": "Output",
-                                    "producerTask": "plan-shards"}}
-    assert _producers(tasks["fuse-embeddings"]) == {"merge-text", "merge-images"}
-    assert _producers(tasks["knn-graphs"]) == {"merge-text", "fuse-embeddings"}
-    assert _producers(tasks["qa-report"]) == {"importer", "merge-text", "merge-images",
-                                              "fuse-embeddings", "knn-graphs"}
-    condition = next(t for name, t in tasks.items() if name.startswith("condition"))
-    assert "publish_uri" in condition["triggerPolicy"]["condition"]
-    assert {"qa-report", "knn-graphs", "fuse-embeddings"} <= set(condition["dependentTasks"])
+    for task, key, loop_name in (("embed-text", "workers", "text-workers"),
+                                 ("embed-images", "image_workers", "image-workers")):
+        loop, inner = _loop(spec, task)
+        # each loop runs one worker per item of its own list of the plan: the image loop only
+        # the workers that have images to embed
+        assert loop["parameterIterator"]["items"] == {
+            "inputParameter": f"pipelinechannel--fingerprint-inputs-{key}"}
+        assert loop["taskInfo"]["name"] == loop_name
+        assert "parallelismLimit" not in loop.get("iteratorPolicy", {})
+        assert set(inner) == {task}
+        assert inner[task]["inputs"]["parameters"]["worker"] == {
+            "componentInputParameter": f"pipelinechannel--fingerprint-inputs-{key}-loop-item"}
+        # fusion collects the loop's outputs (it merges them) and gets that loop's plan
+        fuse = tasks["fuse-embeddings"]["inputs"]
+        shards = "text_shards" if task == "embed-text" else "image_shards"
+        art = fuse["artifacts"][shards]["taskOutputArtifact"]
+        assert art["producerTask"] in (loop["taskInfo"]["name"],
+                                       next(k for k, t in tasks.items() if t is loop))
+        assert fuse["parameters"][key] == _output("fingerprint-inputs", key)
+    assert tasks["fuse-embeddings"]["inputs"]["parameters"]["previous_set"] == _output(
+        "fingerprint-inputs", "previous_set")
+    assert _producers(tasks["knn-graphs"]) == {"fuse-embeddings"}
+    assert _producers(tasks["qa-report"]) == {"importer", "fuse-embeddings", "knn-graphs"}
+    # no task of its own to merge or to publish: the report publishes
+    assert not {"merge-text", "merge-images", "plan-shards", "publish-outputs"} & set(tasks)
+    assert not [name for name in tasks if name.startswith("condition")]
+    assert tasks["qa-report"]["inputs"]["parameters"]["publish_uri"] == {
+        "componentInputParameter": "publish_uri"}
+
+
+def _tasks_in_a_row(spec) -> list[str]:
+    """The longest chain of root tasks, each waiting for the one before (importer and the
+    text-machine lookup left out: they start no worker machine of the path)."""
+    tasks = _root(spec)
+    skip = {"importer", "text-machine"}
+
+    def chain(name):
+        before = [chain(d) for d in tasks[name].get("dependentTasks", []) if d not in skip]
+        return max(before, key=len, default=[]) + [name]
+
+    return max((chain(name) for name in tasks if name not in skip), key=len)
+
+
+def test_five_tasks_in_a_row_one_per_role(template):
+    """Issue 23.4: fingerprint and plan are one task, the merges run in the fusion task and
+    publishing in the report task, so the critical path starts five machines one after
+    another: plan, the workers (text and image side by side), fusion, kNN, report."""
+    _, spec = template
+    chain = _tasks_in_a_row(spec)
+    assert len(chain) == 5, chain
+    assert chain[0] == "fingerprint-inputs" and chain[1].startswith("for-loop")
+    assert chain[2:] == ["fuse-embeddings", "knn-graphs", "qa-report"]
 
 
 def test_steps_reading_items_are_cached_by_content(template):
-    """The fingerprint task is never cached; the steps that read the items or the previous
-    set take its output, so changed contents are a cache miss there."""
+    """The first task (fingerprint and plan) is never cached; the steps that read the items or
+    the previous set take its fingerprint, so changed contents are a cache miss there. The
+    report, which publishes, is never cached either."""
     _, spec = template
     tasks = _root(spec)
     assert tasks["fingerprint-inputs"]["cachingOptions"] == {}  # = enableCache false
-    fingerprint = {"taskOutputParameter": {"outputParameterKey": "Output",
-                                           "producerTask": "fingerprint-inputs"}}
-    for name in ("plan-shards", "fuse-embeddings"):
-        assert tasks[name]["inputs"]["parameters"]["inputs_fingerprint"] == fingerprint, name
-        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    # the workers get it in their loop item, from the plan (which takes it as an input)
-    _, inner = _loop(spec)
-    for name in inner:
-        assert "inputs_fingerprint" not in inner[name]["inputs"]["parameters"]
+    assert tasks["qa-report"]["cachingOptions"] == {}
+    assert tasks["fuse-embeddings"]["inputs"]["parameters"]["inputs_fingerprint"] == _output(
+        "fingerprint-inputs", "fingerprint")
+    assert tasks["fuse-embeddings"]["cachingOptions"] == {"enableCache": True}
+    # the workers get it in their loop item, from the plan
+    for task in ("embed-text", "embed-images"):
+        _, inner = _loop(spec, task)
+        assert "inputs_fingerprint" not in inner[task]["inputs"]["parameters"]
 
 
 def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template):
     _, spec = template
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
+    _, text_loop = _loop(spec, "embed-text")
+    inner = {**inner, **text_loop}
     images = inner["embed-images"]["inputs"]["parameters"]
     assert images["strategy"] == {"componentInputParameter": "pipelinechannel--image_strategy"}
     (pool,) = images["worker_pool_specs"]["runtimeValue"]["constant"]
@@ -130,17 +164,22 @@ def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template)
         assert job["retryPolicy"]["maxRetryCount"] >= 1, task
 
 
-def test_plain_steps_resources_and_images(template):
+def test_the_first_task_and_the_report_are_custom_jobs_on_a_small_machine(template):
+    """No plain task is left on the path: the first task and the report run as custom jobs
+    too (so a persistent resource serves them as well), on an e2-standard-4, in the CPU image,
+    nothing pip-installed at start."""
     _, spec = template
     executors = spec["deploymentSpec"]["executors"]
-    for name in ("plan-shards", "merge-text", "merge-images", "qa-report"):
-        container = executors[f"exec-{name}"]["container"]
-        assert container["image"] == IMAGE, name
-        assert container["resources"]["cpuLimit"] == 4
-        assert container["resources"]["memoryLimit"] == 15
-        assert not any("pip install" in c for c in container["command"])
-    assert executors["exec-fingerprint-inputs"]["container"]["image"] == IMAGE
-    assert _root(spec)["merge-text"]["retryPolicy"]["maxRetryCount"] == 2
+    for name in ("fingerprint-inputs", "qa-report"):
+        task = _root(spec)[name]
+        (pool,) = task["inputs"]["parameters"]["worker_pool_specs"]["runtimeValue"]["constant"]
+        assert pool["machine_spec"] == {"machine_type": "e2-standard-4",
+                                        "accelerator_type": "", "accelerator_count": 0}, name
+        assert pool["container_spec"]["image_uri"] == IMAGE, name
+        assert not any("pip install" in c for c in pool["container_spec"]["command"]
+                       + pool["container_spec"]["args"])
+        assert task["retryPolicy"]["maxRetryCount"] == 2, name
+    assert "exec-merge-text" not in executors and "exec-plan-shards" not in executors
 
 
 def test_parameters_and_defaults(template):
@@ -160,7 +199,7 @@ def test_parameters_and_defaults(template):
 
 def test_project_and_location_come_from_runtime_placeholders(template):
     _, spec = template
-    merge = _root(spec)["merge-text"]["inputs"]["parameters"]
+    merge = _root(spec)["fuse-embeddings"]["inputs"]["parameters"]
     assert merge["project"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_project_id}}"
     assert merge["location"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_location}}"
 
@@ -192,7 +231,7 @@ def test_local_target_has_no_custom_job(tmp_path):
     path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
     spec = yaml.safe_load(path.read_text())
     assert "custom_job" not in path.read_text()
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
     assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
     assert "text-machine" not in _root(spec)
 
@@ -204,7 +243,7 @@ def test_unknown_target():
 
 # Vertex-only knobs, ignored by kfp.local (documented): the machines and scheduling of the jobs.
 VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_machine_type",
-               "fusion_machine_type", "knn_machine_type"}
+               "fusion_machine_type", "knn_machine_type", "persistent_resource_id"}
 
 
 @pytest.mark.parametrize("target", ["vertex", "local"])
@@ -263,7 +302,7 @@ def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
 
 def test_a_parameter_is_never_passed_by_hand():
     """The pipeline binds parameters by name only: passing one explicitly is refused."""
-    from item_embeddings.components.plan_shards import make_component
+    from item_embeddings.components.fingerprint_inputs import make_component
     from item_embeddings.pipeline.pipeline import _bind
 
     with pytest.raises(TypeError, match=r"bound by name, not passed: \['shards'\]"):
@@ -373,7 +412,7 @@ def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypa
     """The image workers' CustomJob, with the pipeline's runtime placeholders resolved as
     Vertex resolves them (empty when the run sets none)."""
     _, spec = template
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
     task = inner["embed-images"]
     job = _launch(spec, task, task["componentRef"]["name"], _task_values(spec, task),
                   _runtime(configured), monkeypatch, tmp_path)
@@ -396,7 +435,7 @@ def test_text_workers_get_the_machine_a_rerun_asks_for(template, monkeypatch, tm
     from item_embeddings.components.text_machine import text_machine
 
     _, spec = template
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-text")
     task = inner["embed-text"]
     machine = text_machine(text_accelerator=accelerator, cpu_image=IMAGE, gpu_image=GPU_IMAGE)
     values = _task_values(spec, task, {"text_machine_type": "n1-standard-8",
@@ -432,3 +471,27 @@ def test_cpu_steps_get_the_machine_a_rerun_asks_for(template, monkeypatch, tmp_p
     assert pool.machine_spec.accelerator_count == 0
     assert pool.container_spec.image_uri == IMAGE
     assert job.job_spec.service_account == SA and job.job_spec.network == NETWORK
+
+
+@pytest.mark.parametrize("resource", ["", "warm-pool-1"])
+def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeypatch, tmp_path,
+                                                               resource):
+    """persistent_resource_id (a pipeline parameter: a UI rerun or a schedule can set it)
+    reaches the CustomJob of every task, as GCPC's launcher builds it: the first task, both
+    workers, fusion, kNN and the report run on the warm machines; empty = started on demand."""
+    from item_embeddings.components.text_machine import text_machine
+
+    _, spec = template
+    tasks = {name: _root(spec)[name]
+             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
+    tasks.update({name: _loop(spec, name)[1][name] for name in ("embed-text", "embed-images")})
+    machine = text_machine(text_accelerator="", cpu_image=IMAGE, gpu_image=GPU_IMAGE)
+    for name, task in tasks.items():
+        values = _task_values(spec, task, {"persistent_resource_id": resource})
+        values["pipelinechannel--text-machine-image"] = machine.image
+        values["pipelinechannel--text-machine-accelerator_count"] = machine.accelerator_count
+        (tmp_path / name).mkdir()  # a fresh gcp_resources file: the launcher creates a job
+        job = _launch(spec, task, task["componentRef"]["name"], values, _runtime(True),
+                      monkeypatch, tmp_path / name)
+        assert job.job_spec.persistent_resource_id == resource, name
+        assert job.job_spec.service_account == SA, name  # the job keeps the pipeline's identity

@@ -524,21 +524,26 @@ def test_a_run_reads_the_set_its_first_task_pinned(sets, tmp_path):
 
     from item_embeddings.components.embed_text import embed_text
     from item_embeddings.components.fingerprint_inputs import fingerprint_inputs
-    from item_embeddings.fanout import WHOLE_TABLE
     from item_embeddings.incremental import pinned_previous
 
     prefix = tmp_path / "published"
     a = publish_outputs([sets["A"]], str(prefix), run_id="A")
     items = dsl.Dataset(name="items", uri=str(sets["items_b"]))
-    fingerprint = fingerprint_inputs(items=items, previous_uri=str(prefix))
+    plan = fingerprint_inputs(items=items, previous_uri=str(prefix))
+    fingerprint = plan.fingerprint
     assert pinned_previous(fingerprint) == str(prefix / a["set"]).rstrip("/")
+    # what it verified travels with every worker: the set it pinned, each file's version
+    (worker,) = plan.workers
+    assert worker["inputs_fingerprint"] == fingerprint
+    assert worker["previous"] == plan.previous_set
+    assert plan.previous_set["root"] == pinned_previous(fingerprint)
+    assert TXT_ARRAY in plan.previous_set["files"]
     publish_outputs([sets["inc"]], str(prefix), run_id="inc")  # another run, meanwhile
-    assert fingerprint_inputs(items=items, previous_uri=str(prefix)) != fingerprint
+    assert fingerprint_inputs(items=items, previous_uri=str(prefix)).fingerprint != fingerprint
     task = tmp_path / "root" / "item-embeddings-pin" / "embed-text"
     shards = dsl.Dataset(name="text_shards", uri=str(task / "text_shards"), metadata={})
     embed_text(items=items, text_shards=shards, previous_uri=str(prefix), text_backend="torch",
-               worker={**WHOLE_TABLE, "inputs_fingerprint": fingerprint}, text_batch_size=16,
-               tracking_backend="none")
+               worker=worker, text_batch_size=16, tracking_backend="none")
     meta = read_meta(task / "text_shards" / "shard-00000", TXT_META)
     assert meta["previous_uri"] == pinned_previous(fingerprint)
     inc = read_meta(sets["inc"], TXT_META)  # what reading set A gives (the newer set: all)
