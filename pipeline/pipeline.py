@@ -205,19 +205,56 @@ def _worker_machines(steps: _Steps, p: Mapping[str, Any], image: str, gpu_image:
 
 
 def _workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
-             on_vertex: bool, image: str, gpu_image: str):
+             local_loops: tuple | None, image: str, gpu_image: str):
     """The two worker loops: a text worker per item of the plan's ``workers``, an image
     worker per item of its ``image_workers`` (only the workers with images to embed: no T4
-    starts for nothing). Their cache keys hold the inputs' fingerprint through the loop item."""
-    text_job, image_job = (_worker_machines(steps, p, image, gpu_image) if on_vertex
-                           else ({}, {}))
+    starts for nothing). Their cache keys hold the inputs' fingerprint through the loop item.
+    Returns (the text task, the image task, their shard outputs collected); the tasks are None
+    locally."""
+    if local_loops:
+        text_loop, image_loop = local_loops
+        text = _bind(text_loop, p, loop_items=plan.outputs["workers"], items=items
+                     ).set_display_name("Embed text")
+        images = _bind(image_loop, p, loop_items=plan.outputs["image_workers"], items=items
+                       ).set_display_name("Embed images")
+        return None, None, text.output, images.output
+    text_job, image_job = _worker_machines(steps, p, image, gpu_image)
     with dsl.ParallelFor(plan.outputs["workers"], name="text-workers") as worker:
         text = _bind(steps.embed_text, p, items=items, worker=worker, **text_job, **runtime
                      ).set_display_name("Embed text")
     with dsl.ParallelFor(plan.outputs["image_workers"], name="image-workers") as worker:
-        images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=on_vertex,
+        images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=True,
                        **image_job, **runtime).set_display_name("Embed images")
-    return text, images
+    return (text, images, dsl.Collected(text.outputs["text_shards"]),
+            dsl.Collected(images.outputs["image_shards"]))
+
+
+def _local_loop(component, name: str, output: str, explicit: dict):
+    """A loop of ``component`` over its ``loop_items`` input, as a small pipeline of its own
+    returning the workers' ``output`` collected. kfp.local (2.17.3) iterates only over a task's
+    single output named ``Output`` or over a pipeline's input, not over one of several named
+    outputs; wrapped so, the local DAG runs the same tasks with the same edges as Vertex's."""
+    fields = {f.name: f for f in dataclasses.fields(PipelineParams)}
+    names = [n for n in component.component_spec.inputs if n in fields]
+
+    def loop(loop_items, items, *args):  # KFP passes the inputs positionally
+        q = dict(zip(names, args))
+        with dsl.ParallelFor(loop_items, name=name) as worker:
+            task = _bind(component, q, items=items, worker=worker, **explicit)
+        return dsl.Collected(task.outputs[output])
+
+    loop.__signature__ = inspect.Signature(
+        [inspect.Parameter("loop_items", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           annotation=list),
+         inspect.Parameter("items", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           annotation=dsl.Input[dsl.Dataset]),
+         *(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             default=fields[n].default, annotation=type(fields[n].default))
+           for n in names)],
+        return_annotation=list[dsl.Dataset])
+    loop.__name__ = name.replace("-", "_")
+    loop.__doc__ = f"The {name} loop (kfp.local)."
+    return dsl.pipeline(name=name)(loop)
 
 
 def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str | None = None
@@ -258,16 +295,22 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
     runtime = dict(project=PROJECT_PLACEHOLDER if on_vertex else "",
                    location=LOCATION_PLACEHOLDER if on_vertex else "")
 
+    # built outside the pipeline's own context (KFP refuses a pipeline defined inside another)
+    local_loops = None if on_vertex else (
+        _local_loop(steps.embed_text, "text-workers", "text_shards", runtime),
+        _local_loop(steps.embed_images, "image-workers", "image_shards",
+                    dict(runtime, require_gpu=False)))
+
     def item_embeddings(**p) -> Outputs:
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
                              reimport=False).set_display_name("Items").output
         plan = _bind(steps.fingerprint, p, items=items, **_machine(steps, "fingerprint", p)
                      ).set_display_name("Fingerprint and plan")
         plan.set_caching_options(False)  # it is what tells changed contents apart
-        text, images = _workers(steps, p, items, plan, runtime, on_vertex=on_vertex,
-                                image=image, gpu_image=gpu_image)
-        fused = _bind(steps.fuse, p, text_shards=dsl.Collected(text.outputs["text_shards"]),
-                      image_shards=dsl.Collected(images.outputs["image_shards"]),
+        text, images, text_shards, image_shards = _workers(
+            steps, p, items, plan, runtime, local_loops=local_loops, image=image,
+            gpu_image=gpu_image)
+        fused = _bind(steps.fuse, p, text_shards=text_shards, image_shards=image_shards,
                       workers=plan.outputs["workers"], image_workers=plan.outputs["image_workers"],
                       previous_set=plan.outputs["previous_set"],
                       inputs_fingerprint=plan.outputs["fingerprint"],

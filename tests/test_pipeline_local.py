@@ -61,9 +61,11 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     # first task, both workers, fusion, kNN and the report, in our images, nothing installed
     # at task start (the image carries the package).
     assert our_tasks == []
-    payloads = [json.loads(c["args"][c["args"].index("--payload") + 1]) for c in containers
-                if "--payload" in c.get("args", [])]
-    pools = [p["job_spec"]["worker_pool_specs"] for p in payloads]
+    jobs = [c for c in containers if "--payload" in c.get("args", [])]
+    assert len(jobs) == 6
+    pools = [c["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+             for c in spec["components"].values()
+             if "worker_pool_specs" in c.get("inputDefinitions", {}).get("parameters", {})]
     assert len(pools) == 6
     images = {s[0]["container_spec"]["image_uri"] for s in pools}
     assert images >= {"example.com/img:1", "example.com/gpu:1"}

@@ -124,12 +124,16 @@ class VerifiedSet:
     files: dict[str, dict[str, Any]]   # name -> {"size", "sha256", "version"}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "root": self.root, "files": self.files}
+        """As a task's output: versions as strings, because KFP carries numbers as floats and
+        a generation or an mtime in nanoseconds does not survive a float."""
+        return {"uri": self.uri, "root": self.root,
+                "files": {name: {**e, "version": str(e["version"])}
+                          for name, e in self.files.items()}}
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any] | None) -> VerifiedSet | None:
-        """Back from a task's output or a loop item (None or {} when there was no set); KFP
-        carries numbers as floats."""
+        """Back from :meth:`as_dict` through a task's output or a loop item (None or {} when
+        there was no set)."""
         if not value or not value.get("root"):
             return None
         files = {name: {"size": int(e["size"]), "sha256": str(e["sha256"]),

@@ -129,7 +129,11 @@ def _fused_codes(verified, rows: Callable, sample: np.ndarray) -> list[str]:
         weights = f"{tmp}/{FUSION_WEIGHTS}"
         with open(weights, "wb") as dst:
             dst.write(src.read())
-        expected = load_fusion_model(weights).fuse(rows(TXT_ARRAY, sample), image, has)
+        try:
+            model = load_fusion_model(weights)
+        except Exception as exc:  # whatever the loader raises, the set is damaged
+            return [f"{FUSION_WEIGHTS} cannot be read as a fusion model: {exc}"]
+        expected = model.fuse(rows(TXT_ARRAY, sample), image, has)
     off = np.abs(expected - rows(FUSED_ARRAY, sample)).max(axis=1) > CODE_TOLERANCE
     if not off.any():
         return []
