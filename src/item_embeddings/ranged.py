@@ -31,6 +31,7 @@ from .storage import gcs_client, is_gcs_uri, split_gcs_uri
 # Rows closer than this many bytes are read in one request (a request costs about as much as
 # reading a megabyte more).
 COALESCE_BYTES = 1 << 20
+READ_BUFFER = 64 << 10  # a gs:// object's read-ahead (larger reads go straight through)
 _NPY_HEADER_MAX = 1 << 16  # an .npy header is at most 64 KiB (format 2.0 allows more; unused)
 
 
@@ -101,9 +102,10 @@ class _PinnedObject(io.RawIOBase):
 
 
 def open_pinned(uri: str, version: FileVersion) -> BinaryIO:
-    """The file opened for reading at ``version`` (a ``gs://`` object by ranged reads)."""
+    """The file opened for reading at ``version`` (a ``gs://`` object by ranged reads; a small
+    buffer, so that a reader seeking to the parts it wants, parquet's, fetches only those)."""
     if is_gcs_uri(uri):
-        return io.BufferedReader(_PinnedObject(uri, version), buffer_size=4 << 20)
+        return io.BufferedReader(_PinnedObject(uri, version), buffer_size=READ_BUFFER)
     return open(Path(uri).expanduser(), "rb")
 
 
@@ -131,8 +133,12 @@ class NpyLayout:
 
 def npy_layout(uri: str, version: FileVersion) -> NpyLayout:
     """The layout of a C-ordered ``.npy`` file, from its header."""
-    with open_pinned(uri, version) as fh:
-        head = io.BytesIO(fh.read(min(version.size, _NPY_HEADER_MAX)))
+    if is_gcs_uri(uri):
+        head = io.BytesIO(_PinnedObject(uri, version).read_range(
+            0, min(version.size, _NPY_HEADER_MAX)))
+    else:
+        with open(Path(uri).expanduser(), "rb") as fh:
+            head = io.BytesIO(fh.read(min(version.size, _NPY_HEADER_MAX)))
     major, _ = np.lib.format.read_magic(head)
     reader = (np.lib.format.read_array_header_1_0 if major == 1
               else np.lib.format.read_array_header_2_0)
