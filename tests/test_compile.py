@@ -29,12 +29,15 @@ def _root(spec):
 
 
 def _loop(spec, task: str = "embed-images"):
-    """The workers' loop that runs ``task`` and the tasks inside it."""
-    for name in (k for k in _root(spec) if k.startswith("for-loop")):
-        loop = _root(spec)[name]
-        inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-        if task in inner:
-            return loop, inner
+    """The workers' loop that runs ``task`` and the tasks inside it (in the root DAG on
+    Vertex; locally inside the loop's own small pipeline)."""
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    for dag in dags:
+        for name in (k for k in dag["tasks"] if k.startswith("for-loop")):
+            loop = dag["tasks"][name]
+            inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+            if task in inner:
+                return loop, inner
     raise KeyError(task)
 
 
