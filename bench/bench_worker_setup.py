@@ -14,8 +14,9 @@ its shards one after another, ``worker.WorkerSetup``), three ways in one run:
 
 Each way runs twice: a full run (no previous set) and an incremental one that reuses every row
 of a previous set written beforehand (``previous_uri``). Real models: all-MiniLM-L6-v2 (text,
-torch) and a randomly initialised open_clip ViT-B-32 (``pretrained='none'``: the real compute
-cost). Target (issue #23.3): ``N shards, set up once`` <= 2x ``one shard``.
+torch) and a randomly initialised open_clip ViT-B-32 (the real compute cost; saved as a
+checkpoint, as every shard must load the same weights). Target (issue #23.3): ``N shards, set
+up once`` <= 2x ``one shard``.
 
     flock /tmp/bench.lock python bench/bench_worker_setup.py --items 120 --shards 30
 """
@@ -87,11 +88,17 @@ def main() -> None:
     if not photos:
         sys.exit(f"no images in {DATA / 'abo_images'}")
     bodies = {Path(f).name: (Path(f).read_bytes(), "image/jpeg") for f in photos[:args.items]}
-    base = dict(image_model="ViT-B-32", image_pretrained="none", allow_private_hosts=True,
-                text_backend="torch", max_items=0, max_parallel_shards=1)
     results: dict[str, dict] = {}
     with ServerProcess(bodies, latency_s=args.latency) as port, \
             tempfile.TemporaryDirectory() as tmp:
+        import open_clip
+        import torch
+
+        checkpoint = Path(tmp) / "vit-b-32-random.pt"
+        torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), checkpoint)
+        base = dict(image_model="ViT-B-32", image_pretrained=str(checkpoint),
+                    allow_private_hosts=True, text_backend="torch", max_items=0,
+                    max_parallel_shards=1)
         items = Path(tmp) / "items.parquet"
         catalogue(items, args.items, port, list(bodies))
         previous = Path(tmp) / "previous"  # a set every later run reuses whole
