@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=120)
     p.add_argument("--shards", type=int, default=30)
     p.add_argument("--latency", type=float, default=0.05, help="per image request, s")
+    p.add_argument("--runs", nargs="+", default=["full", "incremental"],
+                   choices=["full", "incremental"])
     args = p.parse_args()
 
     photos = sorted(glob.glob(str(DATA / "abo_images" / "*.jpg")))
@@ -105,6 +107,8 @@ def main() -> None:
         for embed in (embed_items_text, embed_items_images):
             embed(str(items), previous, PipelineParams(**base), run_id="previous")
         for run, previous_uri in (("full", ""), ("incremental", str(previous))):
+            if run not in args.runs:
+                continue
             ways = {
                 "one shard": (1, True),
                 f"{args.shards} shards, set up once": (args.shards, True),

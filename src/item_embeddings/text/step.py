@@ -79,8 +79,10 @@ def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
         previous.table(TXT_ITEMS, ["key"]).column("key"))), previous
 
 
-# Reused rows whose text is encoded again and compared (seeded, per shard): a row that another
-# item's vector took (rows swapped, records rewritten to match) fails the comparison.
+# Reused rows whose text is encoded again and compared (seeded; at most this many per opened
+# previous set, i.e. per worker: the check is about the set, and a worker's many small shards
+# must not each pay it): a row that another item's vector took (rows swapped, records
+# rewritten to match) fails the comparison.
 REUSE_CHECK_ROWS = 16
 REUSE_MIN_COSINE = {True: 0.999, False: 0.99}  # exact backend / an approximation (int8, fp16)
 _UNTRUSTED = "text-reuse-untrusted"  # set on an opened previous group that failed the check
@@ -88,14 +90,17 @@ _UNTRUSTED = "text-reuse-untrusted"  # set on an opened previous group that fail
 
 def _check_reused(done: _Encoded, array: np.ndarray, encoder: TextEncoder, exact: bool,
                   previous: PreviousGroup, seed: int) -> None:
-    """Encode a seeded sample of the reused rows again; when one is not what this encoder
-    makes of its text, encode every reused row again (nothing is reused from that set by this
-    worker any more) and say so."""
-    if not done.reused_at:
+    """Encode a seeded sample of the reused rows again (until the worker has checked
+    :data:`REUSE_CHECK_ROWS` of this set's rows); when one is not what this encoder makes of its
+    text, encode every reused row again (nothing is reused from that set by this worker any
+    more) and say so."""
+    checked = previous.cached("text-reuse-checked", lambda: [0])  # rows, over the worker
+    budget = min(REUSE_CHECK_ROWS - checked[0], len(done.reused_at))
+    if budget <= 0:
         return
+    checked[0] += budget
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(done.reused_at), size=min(REUSE_CHECK_ROWS, len(done.reused_at)),
-                        replace=False)
+    picked = rng.choice(len(done.reused_at), size=budget, replace=False)
     rows = np.array(done.reused_at, dtype=np.int64)[picked]
     fresh = encoder.encode([done.reused_texts[i] for i in picked])
     cosines = np.einsum("ij,ij->i", fresh.astype(np.float64), array[rows].astype(np.float64))
