@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.05, help="per image request, s")
     p.add_argument("--runs", nargs="+", default=["full", "incremental"],
                    choices=["full", "incremental"])
+    p.add_argument("--skip-per-shard", action="store_true",
+                   help="leave out way 3 (slow: an encoder load per shard)")
     args = p.parse_args()
 
     photos = sorted(glob.glob(str(DATA / "abo_images" / "*.jpg")))
@@ -114,6 +116,8 @@ def main() -> None:
                 f"{args.shards} shards, set up once": (args.shards, True),
                 f"{args.shards} shards, set up per shard": (args.shards, False),
             }
+            if args.skip_per_shard:
+                ways.pop(f"{args.shards} shards, set up per shard")
             for way, (shards, once) in ways.items():
                 params = PipelineParams(**base, shards=shards, previous_uri=previous_uri)
                 seconds = run_worker(items, Path(tmp) / f"{run}-{shards}-{once}", params,
