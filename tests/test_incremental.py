@@ -537,6 +537,36 @@ def test_swapped_text_rows_are_encoded_again_and_the_log_says_why(sets, text_enc
                                np.load(sets["full"] / TXT_ARRAY), atol=1e-5)
 
 
+def test_a_worker_checks_a_bounded_sample_of_reused_rows_whatever_its_shards(sets, text_encoder,
+                                                                             tmp_path):
+    """The re-encoding check is about the set, not the shard: a worker running many shards
+    encodes REUSE_CHECK_ROWS reused rows again in all, not that many per shard."""
+    from item_embeddings.fanout import plan_shards, worker_shards
+    from item_embeddings.text.step import REUSE_CHECK_ROWS
+    from item_embeddings.worker import WorkerSetup
+
+    encoded: list[int] = []
+    real = text_encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    params = PipelineParams(previous_uri=str(sets["A"]), text_batch_size=16, shards=8,
+                            max_parallel_shards=1)
+    (worker,) = plan_shards(str(sets["items_b"]), params).workers
+    text_encoder.encode = counting
+    try:
+        with WorkerSetup() as setup:
+            metas = [embed_items_text(str(sets["items_b"]), tmp_path / s.dirname, params,
+                                      rows=s.rows, encoder=text_encoder, setup=setup)
+                     for s in worker_shards(worker)]
+    finally:
+        text_encoder.encode = real
+    assert len(metas) == 8 and sum(m["reused_count"] for m in metas) > 2 * REUSE_CHECK_ROWS
+    assert sum(encoded) == sum(m["encoded_count"] for m in metas) + REUSE_CHECK_ROWS
+
+
 def test_a_manifest_in_a_run_folder_never_overrides_the_meta_files(sets, text_encoder,
                                                                     tmp_path):
     """A manifest.json dropped into a run's folder that records a replaced txt.npy as it now
