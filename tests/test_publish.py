@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from google.cloud.storage import Blob
 
-from helpers import make_output_set
+from helpers import make_output_set, write_items, write_knn
 from item_embeddings import publish as publish_mod
 from item_embeddings.outputs import QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.publish import LOCK_FILE, MANIFEST, PublishError, publish_outputs
@@ -252,33 +252,45 @@ def test_gcs_failure_while_uploading_leaves_the_current_set(bucket, tmp_path, mo
 
 
 def test_component_publishes_through_kfp_local(tmp_path):
-    """The KFP component end to end in kfp.local (importers hand it three step directories)."""
+    """The QA report component publishes (no task of its own only copies files): end to end
+    in kfp.local, importers handing it the items and the four step directories."""
     from kfp import dsl, local
 
-    from item_embeddings.components.publish_outputs import make_component
+    from item_embeddings.components.qa_report import make_component
 
-    text, image, fused, report = _sources(tmp_path / "steps")
-    knn = tmp_path / "steps" / "knn"
-    knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
+    full = write_knn(make_output_set(tmp_path / "all"))
+    items = write_items(tmp_path / "items.parquet", {
+        "asin": [f"B{i:05d}" for i in range(40)], "title": [f"item {i}" for i in range(40)],
+        "description": ["a thing"] * 40, "image_url": [None] * 40})
+    steps = {"text": ("txt",), "image": ("img",), "fused": ("fused", "fusion"), "knn": ("knn",)}
+    dirs = {}
+    for step, prefixes in steps.items():
+        dirs[step] = tmp_path / "steps" / step
+        dirs[step].mkdir(parents=True)
+        for f in full.iterdir():
+            if f.name.startswith(prefixes):
+                f.rename(dirs[step] / f.name)
     dest = tmp_path / "published"
-    publish_op = make_component("python:3.11")
+    report_op = make_component("python:3.11")
 
     @dsl.pipeline(name="publish-test")
     def pipe(publish_uri: str) -> str:
         imported = [dsl.importer(artifact_uri=str(d), artifact_class=dsl.Dataset).output
-                    for d in (text, image, fused, knn, report)]
-        return publish_op(text_embeddings=imported[0], image_embeddings=imported[1],
-                          fused_embeddings=imported[2], knn_graphs=imported[3],
-                          report=imported[4], publish_uri=publish_uri,
-                          run_id="local-1").output
+                    for d in (items, *dirs.values())]
+        return report_op(items=imported[0], text_embeddings=imported[1],
+                         image_embeddings=imported[2], fused_embeddings=imported[3],
+                         knn_graphs=imported[4], publish_uri=publish_uri,
+                         run_id="local-1").outputs["Output"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(tmp_path / "kfp"))
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
-    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 14
+    # text 3, image 4, fused 5, kNN 5 files and the report the task just rendered with its
+    # record (report_meta.json)
+    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 19
     assert QA_REPORT in manifest["files"]
-    assert manifest["extra"]["sources"]["text"] == str(text)
+    assert manifest["extra"]["sources"]["text"] == str(dirs["text"])
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.
     assert pipe(publish_uri="").output == ""

@@ -154,15 +154,16 @@ def _task_caching(spec) -> dict[str, bool]:
     return found
 
 
-NEVER_CACHED = {"fingerprint-inputs", "publish-outputs"}
+NEVER_CACHED = {"fingerprint-inputs", "qa-report"}
 
 
 @pytest.mark.parametrize("enable", [True, False, None])
 def test_caching_flag_never_caches_the_fingerprint_or_publish(fake, real_template, enable):
     """submit and schedule create through the SDK's real PipelineJob (transport intercepted):
-    --caching turns on every step but Fingerprint inputs and Publish outputs, which stay
-    uncached (else a schedule re-serves old vectors); --no-caching turns everything off; no
-    flag keeps the template's own settings, the same two off."""
+    --caching turns on every step but Fingerprint inputs and the QA report (which publishes),
+    which stay uncached (else a schedule re-serves old vectors or skips a publish);
+    --no-caching turns everything off; no flag keeps the template's own settings, the same two
+    off."""
     values = {"items_uri": "gs://d/items/", "publish_uri": "gs://d/out/"}
     _submit(real_template, parameter_values=values, enable_caching=enable)
     schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=real_template,

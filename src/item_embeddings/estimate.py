@@ -6,20 +6,29 @@ those, or ``assumed``), its source and its date; the estimate prints the ones it
 
 The model follows the DAG (``pipeline/pipeline.py``) and its fan-out (``fanout.plan_shards``):
 
-* every task pays a fixed part: VM start and image pull (assumed), interpreter start and the
-  step's imports, its model load (measured); the inputs' fingerprint and the plan run first;
-* the items are cut into ``shards`` row ranges dealt to ``min(shards, max_parallel_shards)``
-  worker tasks per loop, worker ``w`` running shards ``w, w + W, ...`` one after another: a
-  worker pays its fixed part once, then per shard its row range, the encoding at the step's
-  rate on its machine and the copy of the shard's output to Cloud Storage; a loop lasts as long
-  as its busiest worker. The image cap (``max_items``) is global: the first ``max_items`` URL
-  rows in input order, so with the cap the image work sits in the first shards;
-* a merge task per loop reads the shard outputs, concatenates and hashes them (measured merge
-  rate) and writes the result; text and image loops run side by side; fusion waits for both
-  merges (time linear in items x epochs), then the kNN graphs (measured at 100k and 500k, the
-  exact search up to ``knn_exact_max_items``), the QA report and publishing;
+* every task pays a fixed part: VM start and image pull (assumed; on a persistent resource,
+  ``persistent_resource_id``, the assumed start on a warm node instead), interpreter start and
+  the step's imports, its model load (measured). Five tasks run one after another, one per
+  role: the first task (the inputs' fingerprint, the previous set verified once, the plan), the
+  text and image workers side by side, fusion (which merges the shards first), the kNN graphs,
+  the QA report (which publishes);
+* the items are cut into ``shards`` row ranges; the text workers get the shards with rows, the
+  image workers only the shards with images to embed (``fanout.deal_by_work``), at most
+  ``max_parallel_shards`` each: a worker pays its fixed part once, then per shard its row
+  range, the encoding at the step's rate on its machine and the copy of the shard's output to
+  Cloud Storage; a loop lasts as long as its busiest worker. The image cap (``max_items``) is
+  global: the first ``max_items`` URL rows in input order, so with the cap the image work sits
+  in the first shards and fewer image workers start;
+* fusion reads the shard outputs, concatenates and hashes them (measured merge rate), writes
+  the merged files, then fuses (time linear in items x epochs); the kNN graphs (measured at
+  100k and 500k, the exact search up to ``knn_exact_max_items``), the QA report and publishing
+  follow;
 * an incremental run (``changed_fraction`` < 1, with ``previous_uri``) encodes only the changed
-  items' text and images; fusion with ``fusion_mode=apply`` computes only their codes;
+  items' text and images; its first task hashes the previous set once, and each worker reads
+  the previous keys once and per shard only its reused rows; fusion with
+  ``fusion_mode=apply`` computes only the changed codes; the kNN graphs recompute the rows
+  that need it (``knn.incremental_share`` of the full compute at the changed share it is
+  stated for, scaled linearly, a rebuild at most);
 * cost = each task's duration x its machine's (and accelerator's) price per hour, Spot or
   standard, plus the pipeline run fee.
 
@@ -28,29 +37,29 @@ Example (500,000 items on eight shards):
 >>> from item_embeddings.config import PipelineParams
 >>> from item_embeddings.estimate import Choices, estimate
 >>> print(estimate(Choices(500_000, 500_000, PipelineParams(shards=8))).format())
-500,000 items, 500,000 with an image URL, 150,000 image items after max_items=150,000; full run; ...
+500,000 items, 500,000 with an image URL, 150,000 image items after max_items=150,000, ...
 <BLANKLINE>
 step                   machine                                 tasks  items/task      task ...
-fingerprint inputs     e2-standard-4 (standard)                    1     500,000 ...
-...
+fingerprint and plan   e2-standard-4 (standard)                    1     500,000 ...
 text workers           e2-standard-4 (standard)                    8      62,500 ...
-...
-image workers          n1-standard-4 + NVIDIA_TESLA_T4 (Spot)      8      62,500 ...
+image workers          n1-standard-4 + NVIDIA_TESLA_T4 (Spot)      3      62,500 ...
 ...
 total (critical path) ...
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import ConfigError, PipelineParams
 from .estimate_rates import (
     BASES,
     GUESSES,
     IMAGE_ACCELERATOR,
+    PER_HOST,
     RATES_FILE,
     Machine,
     Quantity,
@@ -73,17 +82,24 @@ ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_a
                    "text_strategy", "text_backend", "image_machine_type", "image_strategy",
                    "max_items", "image_decode", "download_concurrency", "fusion_machine_type",
                    "fusion_epochs", "fusion_mode",
-                   "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri")
+                   "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri",
+                   "persistent_resource_id")
 APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
                     "costed as one training epoch over them (an upper bound).")
 STRUCTURAL_ASSUMPTIONS = (
     "Image URLs are spread evenly over the rows; the max_items cap takes the first URL rows in "
-    "input order, so the capped image work sits in the first shards (dealt round-robin to the "
-    "workers).",
-    "The 'Fingerprint inputs' task reads object metadata only (with items on gs://): its fixed "
-    "part. 'Plan shards' reads the id and URL columns once (measured validation rate).",
+    "input order, so the capped image work sits in the first shards, dealt to as many image "
+    "workers as have images (largest first).",
+    "The first task fingerprints the items from object metadata (with items on gs://), reads "
+    "the id and URL columns once to plan (measured validation rate) and, with previous_uri, "
+    "reads and hashes every file of the previous set once, HASH_THREADS files at a time each at "
+    "the copy rate.",
     "Each task is billed per second of its whole duration, VM start and image pull included; "
     "waiting in a queue before a VM is assigned is neither billed nor modelled.",
+    "With persistent_resource_id the tasks run on the resource's warm machines: each pays the "
+    "assumed start on a warm node instead of a VM start, and the run is charged the machine "
+    "time its tasks take (the resource bills every node while it runs, busy or not: the idle "
+    "time between runs is the team's choice to keep it warm, not a cost of this run).",
     "Spot preemptions are not modelled (a preempted worker resumes from its last finished "
     "shard: a preemption costs a VM start plus the unfinished shard).",
     "CPU rates were measured on 2 vCPUs and are scaled linearly to the machine's vCPUs (text "
@@ -93,10 +109,14 @@ STRUCTURAL_ASSUMPTIONS = (
     "their count is not known here and not modelled.",
     "An image worker's downloads, its CPU (decoding as image_decode asks, plus the downloads' "
     "own CPU, on every vCPU) and its T4 overlap: the slowest sets its rate. Downloads keep "
-    "download_concurrency requests in flight, each taking the assumed latency; a catalogue on "
-    "fewer than download_concurrency / 32 hosts has fewer in flight (32 connections per host), "
-    "which is not modelled.",
+    "download_concurrency requests in flight, each taking the assumed latency, and keep to "
+    "each host's request rate (below, when one is set); a catalogue on fewer than "
+    "download_concurrency / 32 hosts has fewer in flight (32 connections per host), which is "
+    "not modelled.",
 )
+# Without a catalogue to measure (--items-file), the share of the image URLs on the largest
+# host: a catalogue served from its own CDN, one host, is the common case.
+DEFAULT_LARGEST_HOST_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,12 +129,21 @@ class Choices:
         params: The run's pipeline parameters (validated when built).
         changed_fraction: Share of the items whose text or image changed since the previous
             set (an incremental run from ``previous_uri``); 1 = a full run.
+        largest_host_share: Share of the image URLs on their most frequent host (measured by
+            :func:`count_items`); None = :data:`DEFAULT_LARGEST_HOST_SHARE`.
     """
 
     items: int
     image_items: int
     params: PipelineParams = field(default_factory=PipelineParams)
     changed_fraction: float = 1.0
+    largest_host_share: float | None = None
+
+    @property
+    def host_share(self) -> float:
+        """The largest host's share of the image URLs the estimate uses."""
+        return (DEFAULT_LARGEST_HOST_SHARE if self.largest_host_share is None
+                else self.largest_host_share)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first unusable choice."""
@@ -124,6 +153,8 @@ class Choices:
              f"image items must be between 0 and items ({self.items}), got {self.image_items}"),
             (0 < self.changed_fraction <= 1,
              f"changed fraction must be in (0, 1], got {self.changed_fraction}"),
+            (0 < self.host_share <= 1,
+             f"largest host share must be in (0, 1], got {self.host_share}"),
             (not self.incremental or bool(self.params.previous_uri),
              "an incremental run (changed fraction < 1) reuses the set at previous_uri: set "
              "previous_uri"),
@@ -148,13 +179,16 @@ class Choices:
         run = (f"incremental run, {self.changed_fraction:.1%} of the items changed"
                if self.incremental else "full run")
         return (f"{self.items:,} items, {self.image_items:,} with an image URL, "
-                f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
+                f"{self.selected_images:,} image items after max_items={p.max_items:,}, "
+                f"{self.host_share:.0%} of the URLs on the largest host; {run}; "
                 f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
                 f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
                 f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
                 f"download_concurrency={p.download_concurrency}, fusion_mode={p.fusion_mode}, "
                 f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
-                f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}")
+                f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}, machines="
+                + (f"persistent resource {p.persistent_resource_id}"
+                   if p.persistent_resource_id else "started per task"))
 
 
 @dataclass(frozen=True)
@@ -197,6 +231,7 @@ class Estimate:
         c = self.choices
         choices = {"items": c.items, "image_items": c.image_items,
                    "selected_images": c.selected_images, "changed_fraction": c.changed_fraction,
+                   "largest_host_share": c.host_share,
                    "params": {name: getattr(c.params, name) for name in ESTIMATE_PARAMS}}
         return {"choices": choices,
                 "steps": [asdict(s) for s in self.steps],
@@ -269,9 +304,19 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+class ItemCounts(NamedTuple):
+    """What :func:`count_items` counts in an items table."""
+
+    items: int
+    image_items: int                   # rows with an http(s) image URL
+    largest_host_share: float | None   # share of those URLs on their most frequent host
+
+
 def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column
-                ) -> tuple[int, int]:
-    """(rows, rows with an http(s) image URL) of an items table (parquet file or folder)."""
+                ) -> ItemCounts:
+    """Rows, rows with an http(s) image URL, and the largest host's share of those URLs (the
+    host as the downloader counts it, ``image/hosts.py``) of an items table (file or folder)."""
+    from .image.hosts import host_of
     from .image.selection import READ_BATCH_ROWS, usable_url
     from .items import ItemsError, iter_batches, open_items
 
@@ -281,10 +326,14 @@ def count_items(uri: str, image_url_column: str = PipelineParams().image_url_col
                          f"{', '.join(names)}); name the image URL column with "
                          "--image-url-column")
     rows = with_url = 0
+    hosts: collections.Counter = collections.Counter()
     for batch in iter_batches(uri, [image_url_column], READ_BATCH_ROWS):
         rows += batch.num_rows
-        with_url += sum(usable_url(v) is not None for v in batch.column(0).to_pylist())
-    return rows, with_url
+        urls = [url for v in batch.column(0).to_pylist() if (url := usable_url(v)) is not None]
+        with_url += len(urls)
+        hosts.update(host_of(url) for url in urls)
+    largest = max(hosts.values()) / with_url if with_url else None
+    return ItemCounts(rows, with_url, largest)
 
 
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
@@ -302,12 +351,15 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
 
 def _worker_loop(name: str, machine: Machine, c: Choices, workers: list[list[int]],
                  fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
-                 copy_bps: float) -> Step:
+                 copy_bps: float, reused_bytes_per_item: float = 0.0) -> Step:
     """The worker tasks of one loop, given each worker's shards (their items), which it runs
-    one after another."""
+    one after another; an incremental run reads each shard's reused rows of the previous set
+    (``reused_bytes_per_item`` each, only those rows)."""
     width = len(workers)
+    reused = 1 - c.changed_fraction
     durations = [fixed_s + sum(per_shard_s + round(items * c.changed_fraction) / rate
-                               + items * out_bytes_per_item / copy_bps for items in shards)
+                               + items * (out_bytes_per_item + reused * reused_bytes_per_item)
+                               / copy_bps for items in shards)
                  for shards in workers]
     busiest = max(range(width), key=lambda w: durations[w])
     hours = sum(durations) / 3600
@@ -331,7 +383,7 @@ class _Run:
     fusion_m: Machine
     knn_m: Machine
     small_m: Machine
-    vm_s: float           # a task's VM start and image pull
+    vm_s: float           # a task's VM start and image pull (or start on a persistent resource)
     copy_bps: float       # to and from Cloud Storage
     read_s: float         # a worker's read of its row range, per shard
     txt_bytes: float      # per item of each output, its id file included
@@ -344,56 +396,86 @@ class _Run:
         """The fixed part of a small task: VM start, interpreter and imports."""
         return self.vm_s + self.rates.number("imports_s.fusion")
 
+    @property
+    def previous(self) -> bool:
+        """Whether the run reads a previous set (``previous_uri``)."""
+        return bool(self.c.params.previous_uri)
+
+
+def _dealt(counts: list[int], dealt: list[list[int]]) -> list[list[int]]:
+    """Each worker's shards as their item counts."""
+    return [[counts[i] for i in shards] for shards in dealt]
+
+
+def _first_task(r: _Run) -> Step:
+    """Fingerprint, the previous set verified once (every file read and hashed, HASH_THREADS
+    at a time), the plan."""
+    from .incremental import HASH_THREADS
+
+    n = r.c.items
+    verify_s = _output_bytes(r) / (r.copy_bps * HASH_THREADS) if r.previous else 0.0
+    return _single("fingerprint and plan", r.small_m, n,
+                   r.small_fixed + n / r.rates.number("plan.rows_per_s") + verify_s)
+
+
+def _knn_compute_s(r: _Run) -> float:
+    """Both graphs' compute; an incremental run's share of it (a rebuild at most)."""
+    c, p = r.c, r.c.params
+    full = sum(knn_seconds(r.rates, c.items, space, p.knn_exact_max_items, r.knn_m)
+               for space in ("text_384", "fused_128"))
+    if not (r.previous and c.incremental):
+        return full
+    share = r.rates.number("knn.incremental_share") * c.changed_fraction / r.rates.number(
+        "knn.incremental_at_changed")
+    return full * min(1.0, share)
+
 
 def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: list[int]
            ) -> dict[str, Step]:
     """Every step's row, in DAG order."""
-    from .fanout import deal
+    from .fanout import deal_by_rows, deal_by_work
 
     c, p, rates = r.c, r.c.params, r.rates
     n, m = c.items, c.selected_images
-    small_fixed = r.small_fixed
-    merge_bps = rates.number("merge.bytes_per_s")
-    text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
+    key_bytes = rates.number("storage.previous_key_bytes_per_item") if r.previous else 0.0
 
-    def merge(name: str, count: int, row_bytes: float) -> Step:
-        data = count * row_bytes  # read from the workers' outputs, merged, written back
-        return _single(name, r.small_m, count,
-                       small_fixed + 2 * data / r.copy_bps + data / merge_bps)
+    def worker_fixed(step: str, load: str) -> float:
+        # the encoder loaded once, the previous keys read once (n of them, whatever the shard)
+        return (r.vm_s + rates.number(f"imports_s.{step}") + rates.number(load)
+                + n * key_bytes / r.copy_bps)
 
     steps = {
-        "fingerprint": _single("fingerprint inputs", r.small_m, n, small_fixed),
-        "plan": _single("plan shards", r.small_m, n,
-                        small_fixed + n / rates.number("plan.rows_per_s")),
+        "plan": _first_task(r),
         "text": _worker_loop(
-            "text workers", r.text_m, c, text_work,
-            r.vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
-            r.read_s, text_per_s, r.txt_bytes, r.copy_bps),
+            "text workers", r.text_m, c, _dealt(rows, deal_by_rows(rows, p.max_parallel_shards)),
+            worker_fixed("text", f"text.load_s.{backend}"), r.read_s, text_per_s, r.txt_bytes,
+            r.copy_bps, r.txt_bytes if r.previous else 0.0),
         "image": _worker_loop(
-            "image workers", r.image_m, c, image_work,
-            r.vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-            r.read_s, min(image_rates(rates, p, r.image_m).values()), r.img_bytes, r.copy_bps),
+            "image workers", r.image_m, c,
+            _dealt(images, deal_by_work(images, p.max_parallel_shards)),
+            worker_fixed("image", "image.load_s"), r.read_s,
+            min(image_rates(rates, p, r.image_m, c.host_share).values()), r.img_bytes,
+            r.copy_bps, r.img_bytes if r.previous else 0.0),
     }
-    steps["text_merge"] = merge("text merge", n, r.txt_bytes)
-    steps["image_merge"] = merge("image merge", m, r.img_bytes)
+    merged = n * r.txt_bytes + m * r.img_bytes  # read from the shards, merged, written back
     fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
     epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
     steps["fusion"] = _single(
         "fusion", r.fusion_m, n, r.vm_s + rates.number("imports_s.fusion")
-        + (n * r.txt_bytes + m * r.img_bytes + n * r.fused_bytes) / r.copy_bps
+        + 2 * merged / r.copy_bps + merged / rates.number("merge.bytes_per_s")
+        + n * r.fused_bytes / r.copy_bps
         + fused_rows * epochs / rates.number("fusion.item_epochs_per_s"))
+    previous_graphs = n * r.knn_bytes if r.previous and c.incremental else 0.0
     steps["knn"] = _single(
         "kNN graphs", r.knn_m, n, r.vm_s + rates.number("imports_s.knn")
-        + (n * r.txt_bytes + n * r.fused_bytes + n * r.knn_bytes) / r.copy_bps
-        + sum(knn_seconds(rates, n, space, p.knn_exact_max_items, r.knn_m)
-              for space in ("text_384", "fused_128")))
+        + (n * r.txt_bytes + n * r.fused_bytes + n * r.knn_bytes + previous_graphs) / r.copy_bps
+        + _knn_compute_s(r))
+    publish_s = _output_bytes(r) / r.copy_bps if p.publish_uri else 0.0
     steps["report"] = _single(
-        "QA report", r.small_m, n, small_fixed + rates.number("report.fixed_s")
-        + n * rates.number("report.s_per_item")
-        + (n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes) / r.copy_bps)
-    if p.publish_uri:
-        steps["publish"] = _single("publish", r.small_m, n,
-                                   small_fixed + _output_bytes(r) / r.copy_bps)
+        "QA report", r.small_m, n,  # publishing included (publish_uri set)
+        r.small_fixed + rates.number("report.fixed_s") + n * rates.number("report.s_per_item")
+        + (n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes) / r.copy_bps
+        + publish_s)
     steps["fee"] = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
                         rates.number("prices.pipeline_run_usd"))
     return steps
@@ -404,10 +486,8 @@ def _output_bytes(r: _Run) -> float:
     return n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes
 
 
-def _warnings(r: _Run, images: list[int]) -> list[str]:
+def _warnings(r: _Run) -> list[str]:
     """What would make the estimate, or the run, go wrong with these choices."""
-    from .fanout import deal
-
     c, p = r.c, r.c.params
     n, m = c.items, c.selected_images
     warnings = []
@@ -431,15 +511,22 @@ def _warnings(r: _Run, images: list[int]) -> list[str]:
             f"{p.knn_machine_type}: the step refuses it before any work; "
             + (f"set knn_machine_type={fits[0][1]} ({fits[0][0]:g} GB)" if fits else
                "no machine type in the rates file has that much memory"))
-    image_work = deal(images, p.max_parallel_shards)
-    busy = sum(any(shards) for shards in image_work)
-    if m and busy < len(image_work):
-        warnings.append(
-            f"the max_items cap puts the {m:,} selected images in the first "
-            f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
-            f"{busy} of the {len(image_work)} image workers encode; more shards than "
-            "max_parallel_shards (several per worker) spread them over more workers")
     return warnings
+
+
+def _per_host_assumption(c: Choices, stages: dict[str, float]) -> str:
+    """How the per-host rate enters the image worker's rate (the bound, or not)."""
+    p = c.params
+    measured = ("measured in the items file" if c.largest_host_share is not None else
+                "the default, one host: a catalogue on its own CDN; --items-file measures it, "
+                "--largest-host-share sets it")
+    binds = ("so it bounds the downloads: raise download_rate_per_host (or set 0) when the "
+             "images are on your own CDN (docs/images.md)"
+             if stages[PER_HOST] < stages["downloads"] else "above the downloads' rate")
+    return (f"The largest image host holds {c.host_share:.0%} of the image URLs ({measured}); "
+            f"one image worker sends it at most download_rate_per_host = "
+            f"{p.download_rate_per_host:g}/s per image worker, so it downloads at most "
+            f"{stages[PER_HOST]:,.0f} images/s: {binds}.")
 
 
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
@@ -448,7 +535,8 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     c.check()
     rates = rates or Rates.load()
     rates.used.clear()  # the quantities of this estimate only
-    vm_s = rates.number("task.vm_start_s")
+    vm_s = rates.number("task.persistent_resource_start_s" if p.persistent_resource_id
+                        else "task.vm_start_s")
     copy_bps = rates.number("storage.copy_bytes_per_s")
     id_bytes = rates.number("rows.id_file_bytes_per_item")
     read_s = rates.number("rows.range_read_s")
@@ -467,30 +555,22 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
              2 * p.knn_k * KNN_ID_BYTES)
     rows, images = shard_work(c)
     s = _steps(r, backend, text_per_s, rows, images)
-    wall = (s["fingerprint"].wall_s + s["plan"].wall_s
-            + max(s["text"].wall_s + s["text_merge"].wall_s,
-                  s["image"].wall_s + s["image_merge"].wall_s)
-            + s["fusion"].wall_s + s["knn"].wall_s + s["report"].wall_s
-            + (s["publish"].wall_s if "publish" in s else 0.0))
+    wall = (s["plan"].wall_s + max(s["text"].wall_s, s["image"].wall_s)
+            + s["fusion"].wall_s + s["knn"].wall_s + s["report"].wall_s)
     # The pipeline root keeps the shard outputs, the merged ones, the fused set and the graphs;
     # publishing adds a copy of every output.
     n, m = c.items, c.selected_images
     stored_gb = (2 * (n * r.txt_bytes + m * r.img_bytes) + n * (r.fused_bytes + r.knn_bytes)
                  + (_output_bytes(r) if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
-    warnings = _warnings(r, images)
-    stages = image_rates(rates, p, r.image_m)
+    warnings = _warnings(r)
+    stages = image_rates(rates, p, r.image_m, c.host_share)
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
-                   *([f"Images come from several hosts: the images of one host download at "
-                      f"most download_rate_per_host = {p.download_rate_per_host:g}/s per image "
-                      "worker (docs/images.md)."]
-                     if 0 < p.download_rate_per_host < stages["downloads"]
-                     else []),
+                   *([_per_host_assumption(c, stages)] if PER_HOST in stages else []),
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
-    steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
-                            "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
+    steps = [s[k] for k in ("plan", "text", "image", "fusion", "knn", "report", "fee")]
     return Estimate(c, steps, wall, sum(step.cost_usd for step in steps), stored_gb,
                     storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings,
                     stages)
