@@ -367,7 +367,10 @@ def _set_groups(present: set[str]) -> dict[str, tuple[list[str], str]]:
     """Group -> (its files, its meta file), for every group whose meta file the set holds."""
     groups = {group: group_files(group) for group in GROUPS if group_files(group)[1] in present}
     if KNN_META in present:  # the graphs: checked against the vectors they were built on
-        groups["knn"] = ([KNN_TEXT, KNN_TEXT_SCORES, KNN_FUSED, KNN_FUSED_SCORES, KNN_META],
+        graphs = (KNN_TEXT, KNN_TEXT_SCORES, KNN_FUSED, KNN_FUSED_SCORES)
+        # and their state where the set has it (a set made before it was kept has none; its
+        # meta file says which files it wrote, and they must all be there)
+        groups["knn"] = ([*(n for n in KNN_GROUP if n in graphs or n in present), KNN_META],
                          KNN_META)
     return groups
 
