@@ -653,8 +653,8 @@ def test_a_run_from_another_prefix_or_without_text_publishes_over_a_current_set(
     moved = _sources(tmp_path / "moved")
     _started_from(moved[0], str(other / elsewhere["set"]))
     assert publish_outputs(moved, str(dest), run_id="moved")["run_id"] == "moved"
-    _text, image, fused = _sources(tmp_path / "no-text")
-    assert publish_outputs([image, fused], str(dest), run_id="images")["run_id"] == "images"
+    _text, *others = _sources(tmp_path / "no-text")
+    assert publish_outputs(others, str(dest), run_id="images")["run_id"] == "images"
 
 
 def test_a_flat_set_appearing_while_publishing_is_a_lost_race(tmp_path, monkeypatch):
