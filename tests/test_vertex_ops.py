@@ -126,11 +126,13 @@ def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
     # Every pipeline parameter of the real template is a PipelineParams field.
     declared = set(spec["root"]["inputDefinitions"]["parameters"])
     assert declared == set(PARAM_FIELDS)
+    # Every task is a custom job (its own machine): the executors run GCPC's launcher, and
+    # both project images are inside the jobs' worker pool specs.
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
               if "container" in e}
-    assert image in images
+    assert images and all("google-cloud-pipeline-components" in i for i in images), images
     job_spec = type(create["pipeline_job"]).to_json(create["pipeline_job"])
-    assert gpu_image in job_spec  # inside the T4 custom job's worker pool spec
+    assert image in job_spec and gpu_image in job_spec
     assert create["pipeline_job"].runtime_config.parameter_values["seed"] == 7
 
 
