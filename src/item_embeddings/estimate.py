@@ -49,18 +49,19 @@ total (critical path) ...
 
 from __future__ import annotations
 
-import collections
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
-from .config import ConfigError, PipelineParams
+from .estimate_inputs import (
+    ESTIMATE_PARAMS,
+    Choices,
+    count_items,
+    parse_count,
+)
 from .estimate_rates import (
     BASES,
     GUESSES,
     IMAGE_ACCELERATOR,
     PER_HOST,
-    RATES_FILE,
     Machine,
     Quantity,
     Rates,
@@ -69,6 +70,7 @@ from .estimate_rates import (
     priced_machine,
     text_rate,
 )
+from .estimate_table import Estimate, Step, duration, money
 
 __all__ = ["BASES", "ESTIMATE_PARAMS", "Choices", "Estimate", "Quantity", "Rates", "Step",
            "count_items", "duration", "estimate", "money", "parse_count", "shard_work"]
@@ -77,13 +79,6 @@ TEXT_DIM = 384     # all-MiniLM-L6-v2
 IMAGE_DIM = 512    # open_clip ViT-B-32
 FLOAT_BYTES = 4
 KNN_ID_BYTES = 4 + 4  # int32 neighbour + float32 score per listed pair
-# The pipeline parameters the estimate depends on (the CLI's shortcut options).
-ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
-                   "text_strategy", "text_backend", "image_machine_type", "image_strategy",
-                   "max_items", "image_decode", "download_concurrency", "fusion_machine_type",
-                   "fusion_epochs", "fusion_mode",
-                   "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri",
-                   "persistent_resource_id")
 APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
                     "costed as one training epoch over them (an upper bound).")
 STRUCTURAL_ASSUMPTIONS = (
@@ -114,226 +109,6 @@ STRUCTURAL_ASSUMPTIONS = (
     "download_concurrency / 32 hosts has fewer in flight (32 connections per host), which is "
     "not modelled.",
 )
-# Without a catalogue to measure (--items-file), the share of the image URLs on the largest
-# host: a catalogue served from its own CDN, one host, is the common case.
-DEFAULT_LARGEST_HOST_SHARE = 1.0
-
-
-@dataclass(frozen=True)
-class Choices:
-    """What the estimate is for: the catalogue and the run's pipeline parameters.
-
-    Args:
-        items: Rows of the items table.
-        image_items: Rows with an http(s) image URL, before the ``max_items`` cap.
-        params: The run's pipeline parameters (validated when built).
-        changed_fraction: Share of the items whose text or image changed since the previous
-            set (an incremental run from ``previous_uri``); 1 = a full run.
-        largest_host_share: Share of the image URLs on their most frequent host (measured by
-            :func:`count_items`); None = :data:`DEFAULT_LARGEST_HOST_SHARE`.
-    """
-
-    items: int
-    image_items: int
-    params: PipelineParams = field(default_factory=PipelineParams)
-    changed_fraction: float = 1.0
-    largest_host_share: float | None = None
-
-    @property
-    def host_share(self) -> float:
-        """The largest host's share of the image URLs the estimate uses."""
-        return (DEFAULT_LARGEST_HOST_SHARE if self.largest_host_share is None
-                else self.largest_host_share)
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` naming the first unusable choice."""
-        checks = (
-            (self.items >= 1, f"items must be >= 1, got {self.items}"),
-            (0 <= self.image_items <= self.items,
-             f"image items must be between 0 and items ({self.items}), got {self.image_items}"),
-            (0 < self.changed_fraction <= 1,
-             f"changed fraction must be in (0, 1], got {self.changed_fraction}"),
-            (0 < self.host_share <= 1,
-             f"largest host share must be in (0, 1], got {self.host_share}"),
-            (not self.incremental or bool(self.params.previous_uri),
-             "an incremental run (changed fraction < 1) reuses the set at previous_uri: set "
-             "previous_uri"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @property
-    def incremental(self) -> bool:
-        return self.changed_fraction < 1
-
-    @property
-    def selected_images(self) -> int:
-        """Image items after the ``max_items`` cap (0 = no cap)."""
-        cap = self.params.max_items
-        return min(self.image_items, cap) if cap else self.image_items
-
-    def describe(self) -> str:
-        """One line: the catalogue and the parameters the estimate depends on."""
-        p = self.params
-        run = (f"incremental run, {self.changed_fraction:.1%} of the items changed"
-               if self.incremental else "full run")
-        return (f"{self.items:,} items, {self.image_items:,} with an image URL, "
-                f"{self.selected_images:,} image items after max_items={p.max_items:,}, "
-                f"{self.host_share:.0%} of the URLs on the largest host; {run}; "
-                f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
-                f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
-                f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
-                f"download_concurrency={p.download_concurrency}, fusion_mode={p.fusion_mode}, "
-                f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
-                f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}, machines="
-                + (f"persistent resource {p.persistent_resource_id}"
-                   if p.persistent_resource_id else "started per task"))
-
-
-@dataclass(frozen=True)
-class Step:
-    """One row of the estimate: a step's tasks, their duration and what they cost."""
-
-    step: str
-    machine: str
-    tasks: int
-    items_per_task: int
-    task_s: float
-    wall_s: float
-    machine_hours: float
-    cost_usd: float
-
-
-@dataclass
-class Estimate:
-    """The steps' rows, the run's totals, and what the numbers rest on."""
-
-    choices: Choices
-    steps: list[Step]
-    wall_s: float
-    cost_usd: float
-    storage_gb: float
-    storage_usd_month: float
-    assumptions: list[str] = field(default_factory=list)
-    rates_used: list[Quantity] = field(default_factory=list)
-    rates_origin: str = RATES_FILE
-    warnings: list[str] = field(default_factory=list)
-    image_rates: dict[str, float] = field(default_factory=dict)  # images/s per worker stage
-
-    def image_worker(self) -> tuple[str, float]:
-        """(the stage that bounds an image worker, its images/s)."""
-        bound = min(self.image_rates, key=self.image_rates.get)
-        return bound, self.image_rates[bound]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything as plain JSON-able data (``estimate --json``)."""
-        c = self.choices
-        choices = {"items": c.items, "image_items": c.image_items,
-                   "selected_images": c.selected_images, "changed_fraction": c.changed_fraction,
-                   "largest_host_share": c.host_share,
-                   "params": {name: getattr(c.params, name) for name in ESTIMATE_PARAMS}}
-        return {"choices": choices,
-                "steps": [asdict(s) for s in self.steps],
-                "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
-                          "machine_hours": sum(s.machine_hours for s in self.steps)},
-                "storage": {"gb": self.storage_gb, "usd_per_month": self.storage_usd_month},
-                "image_worker": {"images_per_s": self.image_worker()[1],
-                                 "bound_by": self.image_worker()[0],
-                                 "stages_images_per_s": self.image_rates},
-                "warnings": self.warnings,
-                "assumptions": self.assumptions,
-                "rates_used": [asdict(q) for q in self.rates_used],
-                "rates_file": self.rates_origin}
-
-    def format(self) -> str:
-        """The table, the warnings, the assumptions and the rates used, as text."""
-        c = self.choices
-        header = ("step", "machine", "tasks", "items/task", "task", "wall", "machine-h", "cost")
-        rows = [(s.step, s.machine, str(s.tasks) if s.tasks else "",
-                 f"{s.items_per_task:,}" if s.tasks else "",
-                 duration(s.task_s) if s.tasks else "", duration(s.wall_s) if s.tasks else "",
-                 f"{s.machine_hours:.2f}" if s.tasks else "", money(s.cost_usd))
-                for s in self.steps]
-        rows.append(("total (critical path)", "", "", "", "", duration(self.wall_s),
-                     f"{sum(s.machine_hours for s in self.steps):.2f}", money(self.cost_usd)))
-        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-        numeric = {2, 3, 4, 5, 6, 7}
-        lines = [c.describe(), ""]
-        for row in (header, *rows):
-            lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                                   for i, (v, w) in enumerate(zip(row, widths))).rstrip())
-        bound, rate = self.image_worker()
-        stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.image_rates.items())
-        lines += ["", f"image worker: {rate:,.0f} images/s, bound by {bound} ({stages})",
-                  f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
-                  f"{money(self.storage_usd_month)} per month until deleted", ""]
-        if self.warnings:
-            lines += ["warnings:", *(f"  ! {w}" for w in self.warnings), ""]
-        lines += [
-                  "assumptions:", *(f"  - {a}" for a in self.assumptions), "",
-                  f"measured rates and published prices used ({self.rates_origin}):",
-                  *(f"  - {q.line()}" for q in self.rates_used if q.basis not in GUESSES)]
-        return "\n".join(lines)
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``10.0 min`` or ``3 h 05 min``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def money(usd: float) -> str:
-    """Dollars: three decimals below $1, cents above."""
-    return f"${usd:.3f}" if usd < 1 else f"${usd:,.2f}"
-
-
-def parse_count(text: str) -> int:
-    """``"500000"``, ``"500_000"``, ``"500k"`` or ``"10M"`` -> an int (ConfigError otherwise)."""
-    match = re.fullmatch(r"\s*(\d[\d_]*(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise ConfigError(f"expected a count such as 500000, 500k or 10M, got {text!r}")
-    scale = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
-    value = float(match.group(1).replace("_", "")) * scale
-    if not value.is_integer():
-        raise ConfigError(f"expected a whole number of items, got {text!r}")
-    return int(value)
-
-
-class ItemCounts(NamedTuple):
-    """What :func:`count_items` counts in an items table."""
-
-    items: int
-    image_items: int                   # rows with an http(s) image URL
-    largest_host_share: float | None   # share of those URLs on their most frequent host
-
-
-def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column
-                ) -> ItemCounts:
-    """Rows, rows with an http(s) image URL, and the largest host's share of those URLs (the
-    host as the downloader counts it, ``image/hosts.py``) of an items table (file or folder)."""
-    from .image.hosts import host_of
-    from .image.selection import READ_BATCH_ROWS, usable_url
-    from .items import ItemsError, iter_batches, open_items
-
-    names = open_items(uri).schema.names
-    if image_url_column not in names:
-        raise ItemsError(f"items table {uri} has no column {image_url_column!r} (columns: "
-                         f"{', '.join(names)}); name the image URL column with "
-                         "--image-url-column")
-    rows = with_url = 0
-    hosts: collections.Counter = collections.Counter()
-    for batch in iter_batches(uri, [image_url_column], READ_BATCH_ROWS):
-        rows += batch.num_rows
-        urls = [url for v in batch.column(0).to_pylist() if (url := usable_url(v)) is not None]
-        with_url += len(urls)
-        hosts.update(host_of(url) for url in urls)
-    largest = max(hosts.values()) / with_url if with_url else None
-    return ItemCounts(rows, with_url, largest)
 
 
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
