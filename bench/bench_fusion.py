@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -142,11 +143,15 @@ def _child(args: list[str], src: str | None = None) -> dict:
     """Run one measurement in a fresh interpreter (importing the package from ``src`` when
     given); ``process_s`` adds its start-up and imports."""
     env = dict(os.environ, PYTHONPATH=src) if src else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
                           text=True, env=env)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - t0
+    # CPU time of the child (user + system, all threads): on a shared machine it follows the
+    # work done far more closely than wall time does
+    result["cpu_s"] = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
     return result
 
 
@@ -185,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 
-    print("| items | with image | run | wall s | process s | items x epochs / s | train s "
-          "| peak anon MiB | peak RSS MiB | best epoch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| items | with image | run | wall s | process s | process CPU s | items x epochs / s "
+          "| train s | peak anon MiB | peak RSS MiB | best epoch | load after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         other_src = export_src(args.compare_rev, Path(tmp)) if args.compare_rev else None
         for n in args.sizes:
@@ -211,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, child_args, src in runs:
                 r = _child(child_args, src)
                 print(f"| {n} | {args.image_fraction:.0%} | {name} | {r['wall_s']:.1f} "
-                      f"| {r['process_s']:.1f} | {5 * n / r['wall_s']:.0f} "
+                      f"| {r['process_s']:.1f} | {r['cpu_s']:.1f} | {5 * n / r['wall_s']:.0f} "
                       f"| {r.get('train_s', float('nan')):.1f} | {r['peak_anon_mib']:.0f} "
-                      f"| {r['peak_rss_mib']:.0f} | {r.get('best_epoch', '–')} |", flush=True)
+                      f"| {r['peak_rss_mib']:.0f} | {r.get('best_epoch', '–')} "
+                      f"| {os.getloadavg()[0]:.1f} |", flush=True)
     return 0
 
 

@@ -210,6 +210,40 @@ def measure(spaces: dict[str, np.ndarray], text: np.ndarray, image: np.ndarray,
     return out
 
 
+def evidence_bounds(text: np.ndarray, image: np.ndarray, has_image: np.ndarray,
+                    labels: np.ndarray, weights: tuple[float, ...] = (0.5, 1.0, 2.0)
+                    ) -> dict[str, float]:
+    """Purity@10 that the evidence itself reaches, without any model (what a fusion of it can
+    hope for): per image-evidence weight w, (1) the targets' own top-10 (the text's number of
+    photo items at every item, each group ordered by t·t' + w · (photo or imputed photo)
+    cosines, text-only pairs by the text) and (2) all pairs ranked by t·t' + w · v·v', v the
+    photo or, without one, the photo the text predicts (no constraint on the mix)."""
+    import torch
+
+    from item_embeddings.fusion.targets import fit_imputation
+
+    t = text / np.linalg.norm(text, axis=1, keepdims=True)
+    v = np.zeros_like(image)
+    v[has_image] = image[has_image] / np.linalg.norm(image[has_image], axis=1, keepdims=True)
+    imputation = fit_imputation(torch.from_numpy(t[has_image]), torch.from_numpy(v[has_image]))
+    v = np.where(has_image[:, None], v, imputation.predict(torch.from_numpy(t)).numpy())
+    text_sim, image_sim = t @ t.T, v @ v.T
+    np.fill_diagonal(text_sim, -np.inf)
+    photos = has_image[np.argsort(-text_sim, axis=1)[:, :K]].sum(axis=1)
+    out = {}
+    for w in weights:
+        evidence = text_sim + w * image_sim
+        out[f"evidence, w={w}"] = _purity(np.argsort(-evidence, axis=1)[:, :K], labels)
+        evidence[np.ix_(~has_image, ~has_image)] = text_sim[np.ix_(~has_image, ~has_image)]
+        rows = []
+        for i in range(len(t)):
+            order = np.argsort(-evidence[i], kind="stable")
+            with_photo, without = order[has_image[order]], order[~has_image[order]]
+            rows.append(np.concatenate([with_photo[:photos[i]], without[:K - photos[i]]]))
+        out[f"targets' top-10, w={w}"] = _purity(np.array(rows), labels)
+    return out
+
+
 def _table(title: str, results: dict[str, dict[str, float]], runs: dict[str, dict]) -> None:
     print(f"\n#### {title}\n")
     print("| space | photo share: with / without a photo | purity@10 all | with | without "
@@ -311,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
             for key in runs:
                 print(f"* {key}: {_verdicts(results, key, margin)}")
+            bounds = evidence_bounds(text, image, has_image, labels)
+            print("* purity@10 of the evidence itself (no model; text "
+                  f"{results['text']['purity']:.4f}): "
+                  + "; ".join(f"{k} {v:.4f}" for k, v in bounds.items()))
+            everything[scenario]["evidence_bounds"] = bounds
             fused = f"fused, {args.epochs[0]} epochs"
             for against in ("text",):
                 m, lo, hi = purity_difference(spaces[fused], spaces[against],

@@ -5,6 +5,7 @@
   once for the pipeline, the components and the core;
 * :func:`component_step`: the parameters, the experiment tracker and the run id of a step, its
   output staged off gcsfuse on Vertex, and its ``Metrics`` output;
+* :func:`run_worker`: a fan-out worker's shards, run in turn with what is set up once;
 * :func:`as_component`: the KFP component of a function, in the project's image.
 
 A component then reads::
@@ -48,7 +49,11 @@ RUNTIME_INPUTS = {
                            "the pipeline)."),
     "worker": (WHOLE_TABLE, "This worker's shards, from the plan task: row ranges of the "
                             "items table (default: the whole table as one shard)."),
-    "workers": ([WHOLE_TABLE], "Every worker's shards: the plan task's output."),
+    "workers": ([WHOLE_TABLE], "Every text worker's shards: the plan task's output."),
+    "image_workers": ([WHOLE_TABLE], "Every image worker's shards: the plan task's output."),
+    "previous_set": ({}, "What the first task verified of the previous output set (its files' "
+                         "sizes, sha256 and versions): the step checks only that they are "
+                         "unchanged."),
     "inputs_fingerprint": ("", "Content hash of the items table and the previous output set "
                                "(from the fingerprint task): part of the cache key, so changed "
                                "contents are recomputed."),
@@ -162,6 +167,27 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
         return
     with staged_output_dir(output.path, META_FILES) as out_dir:
         yield step(out_dir)
+
+
+def run_worker(step: ComponentStep, worker: Mapping[str, Any], output, meta_name: str,
+               run_shard: Callable[..., Any]) -> None:
+    """Run a worker's shards that an earlier attempt did not place, one after another, each
+    staged and placed as ``<output>/shard-NNNNN``: ``run_shard(shard, out_dir, setup=...,
+    tracker=..., run_id=..., artifact_uri=...)``. One :class:`~item_embeddings.worker.WorkerSetup`
+    serves every shard (the encoder loaded and the previous set opened once, checked against
+    what the first task verified). A shard logs an experiment run of its own only with
+    ``log_shard_runs``; otherwise its detail reaches the step's run through the merge."""
+    from item_embeddings.fanout import worker_shards
+    from item_embeddings.incremental import VerifiedSet
+    from item_embeddings.worker import WorkerSetup
+
+    tracker = step.tracker if step.params.log_shard_runs else NullTracker()
+    with WorkerSetup(VerifiedSet.from_dict(worker.get("previous"))) as setup:
+        for shard in pending_shards(output, worker_shards(worker), meta_name):
+            with shard_output(output, shard) as out_dir:
+                run_shard(shard, out_dir, setup=setup, tracker=tracker,
+                          run_id=f"{step.run_id}-{shard.dirname}",
+                          artifact_uri=f"{output.uri}/{shard.dirname}")
 
 
 def pending_shards(output, shards: Iterable, meta_name: str) -> Iterator:

@@ -1,9 +1,13 @@
 """The item-embeddings pipeline.
 
-    items ─ fingerprint ─ plan ─┬─ text workers (on Vertex: a CPU or a GPU job) ─ merge text ─┐
-                                └─ image workers ──────────────────────────── merge images ─┤
-                        ┌───────────────────────────────────────────────────────────────────┘
-                        └─ fusion ─ kNN graphs ─ QA report ─ publish (optional)
+    items ─ fingerprint and plan ─┬─ text workers (on Vertex: a CPU or a GPU job) ──┐
+                                  └─ ParallelFor(image workers): image shards ───┴─ fusion
+                                      (merges the shards first) ─ kNN graphs ─ QA report
+                                      (publishes when publish_uri is set)
+
+Five tasks in a row, one per role; no task only moves files (the merges run in the fusion
+task, publishing in the report task), so a run starts as few machines one after another as
+its roles need.
 
 Its parameters are generated from :class:`item_embeddings.config.PipelineParams`, so every knob
 (with its default and description) is a pipeline parameter that a Vertex AI UI rerun can change.
@@ -12,10 +16,12 @@ only artifacts and run-time inputs are passed by hand.
 Two compile targets share one DAG:
 
 * ``vertex``: experiment runs go to Vertex AI Experiments (project/location from the runtime
-  placeholders). The text and image workers, fusion and the kNN graphs run as Vertex custom jobs
-  whose machine (``text_machine_type``, ``text_accelerator``, ``image_machine_type``,
-  ``fusion_machine_type``, ``knn_machine_type``) and scheduling (``text_strategy``,
-  ``image_strategy``: SPOT/STANDARD) are pipeline parameters;
+  placeholders). Every task runs as a Vertex custom job: the text and image workers, fusion and
+  the kNN graphs on machines (``text_machine_type``, ``text_accelerator``,
+  ``image_machine_type``, ``fusion_machine_type``, ``knn_machine_type``) and scheduling
+  (``text_strategy``, ``image_strategy``: SPOT/STANDARD) that are pipeline parameters, the first
+  task and the report on an e2-standard-4; all of them on the persistent resource
+  ``persistent_resource_id`` when one is given (warm machines instead of one started per task);
   they run as the pipeline's own service account, in its network, with its CMEK key (runtime
   placeholders). The image workers run on a T4 in ``gpu_image`` and fail if the GPU is not
   usable; the other steps run in the slim ``image``. The text workers' job is chosen at compile
@@ -45,10 +51,6 @@ from item_embeddings.components.embed_text import make_component as make_embed_t
 from item_embeddings.components.fingerprint_inputs import make_component as make_fingerprint
 from item_embeddings.components.fuse_embeddings import make_component as make_fuse_embeddings
 from item_embeddings.components.knn_graphs import make_component as make_knn_graphs
-from item_embeddings.components.merge_images import make_component as make_merge_images
-from item_embeddings.components.merge_text import make_component as make_merge_text
-from item_embeddings.components.plan_shards import make_component as make_plan_shards
-from item_embeddings.components.publish_outputs import make_component as make_publish_outputs
 from item_embeddings.components.qa_report import make_component as make_qa_report
 from item_embeddings.config import PARAM_FIELDS, param_description
 from item_embeddings.errors import UsageError
@@ -58,9 +60,9 @@ TARGETS = ("vertex", "local")
 PROJECT_PLACEHOLDER = "{{$.pipeline_google_cloud_project_id}}"
 LOCATION_PLACEHOLDER = "{{$.pipeline_google_cloud_location}}"
 
-# Vertex resources. The machines of the custom jobs are pipeline parameters; these are the
-# plain tasks' (fingerprint, plan, merges, report, publish) and the jobs' fixed parts.
-CPU_STEP_CPU, CPU_STEP_MEMORY = "4", "15G"
+# Vertex resources. The machines of the workers, fusion and kNN are pipeline parameters; the
+# first task and the report take this one (4 vCPU, 16 GB).
+SMALL_MACHINE = "e2-standard-4"
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"
 JOB_TIMEOUT = "86400s"
 STEP_RETRIES = 2
@@ -181,111 +183,123 @@ def _text_job_machine(job: _Job, p: Mapping[str, Any], *, gpu: bool) -> dict:
         job, machine_type=p["text_machine_type"], **on_gpu))
 
 
-def _text_workers_pipeline(component, name: str, runtime: dict, job: _Job | None = None, *,
-                           gpu: bool = False):
-    """The text workers as a pipeline of their own: one ``component`` task per item of the
-    plan, their shards returned collected. A pipeline because ``dsl.OneOf`` (which joins the
-    CPU and GPU branches) takes a task's output, never a ``dsl.Collected``. On Vertex
-    (``job``) each task is that custom job, with its machine from the parameters."""
+def _workers_pipeline(component, name: str, output: str, runtime: dict,
+                      job: _Job | None = None, *, gpu: bool = False):
+    """Workers as a pipeline of their own: one ``component`` task per item of its ``workers``
+    input, their ``output`` returned collected. A pipeline because ``dsl.OneOf`` (which joins
+    the CPU and GPU text branches) takes a task's output, never a ``dsl.Collected``, and
+    kfp.local iterates over a pipeline's input but not over one of a task's several named
+    outputs. On Vertex (``job``: the text workers) each task is that custom job, with its
+    machine from the parameters."""
     names = [n for n in PARAM_FIELDS if n in component.component_spec.inputs
              or (job is not None and n in TEXT_JOB_PARAMS)]
+    loop_name = name.removesuffix("_gpu").replace("_", "-")
 
-    def text_workers(items, workers, **p) -> List[dsl.Dataset]:  # noqa: UP006
+    def workers_loop(items, workers, **p) -> List[dsl.Dataset]:  # noqa: UP006
         machine = {} if job is None else _text_job_machine(job, p, gpu=gpu)
-        with dsl.ParallelFor(workers, name="text-workers") as worker:
+        with dsl.ParallelFor(workers, name=loop_name) as worker:
             task = _bind(component, p, items=items, worker=worker, **machine, **runtime
-                         ).set_display_name("Embed text")
+                         ).set_display_name(f"Embed {loop_name.split('-')[0]}")
             if job is not None:
                 _worker_retries(task)
-        return dsl.Collected(task.outputs["text_shards"])
+        return dsl.Collected(task.outputs[output])
 
-    text_workers.__name__ = name
+    workers_loop.__name__ = name
     where = ("on one GPU each, in the GPU image" if gpu else "on CPU machines") if job else ""
-    summary = f"The text workers{' ' + where if where else ''}: one per item of the plan."
+    summary = (f"The {loop_name.replace('-', ' ')}{' ' + where if where else ''}: one per item "
+               "of the plan.")
     artifacts = {"items": (dsl.Input[dsl.Dataset], "The items table, from the importer."),
                  "workers": (list, "The plan's workers (each its shards).")}
     return dsl.pipeline(name=name.replace("_", "-"))(
-        _with_param_signature(text_workers, summary, names, artifacts))
+        _with_param_signature(workers_loop, summary, names, artifacts))
 
 
 @dataclasses.dataclass
 class _Steps:
-    """The components of one compile target (the jobs wrapped as custom jobs on Vertex)."""
+    """The components of one compile target (each wrapped as a custom job on Vertex)."""
 
     fingerprint: Any
-    plan: Any
-    merge_text: Any
-    merge_images: Any
-    report: Any
-    publish: Any
     text_workers: Any  # the text workers' pipeline (on Vertex: their CPU jobs)
-    embed_images: Any
+    embed_images: Any  # on Vertex the image worker's job; locally the image workers' pipeline
     fuse: Any
     knn: Any
+    report: Any
     jobs: dict[str, _Job]  # Vertex only: the custom jobs and their worker pools
     text_workers_gpu: Any = None  # Vertex only: the text workers' GPU jobs
 
     @classmethod
     def make(cls, on_vertex: bool, image: str, gpu_image: str) -> "_Steps":
-        plain = dict(fingerprint=make_fingerprint(image), plan=make_plan_shards(image),
-                     merge_text=make_merge_text(image), merge_images=make_merge_images(image),
-                     report=make_qa_report(image), publish=make_publish_outputs(image))
+        made = dict(fingerprint=make_fingerprint(image), embed_text=make_embed_text(image),
+                    embed_images=make_embed_images(gpu_image if on_vertex else image),
+                    fuse=make_fuse_embeddings(image), knn=make_knn_graphs(image),
+                    report=make_qa_report(image))
         runtime = _runtime_inputs(on_vertex)
         if not on_vertex:  # kfp.local runs every step as a plain task, in one image
-            return cls(**plain, text_workers=_text_workers_pipeline(
-                make_embed_text(image), "text_workers", runtime),
-                embed_images=make_embed_images(image), fuse=make_fuse_embeddings(image),
-                knn=make_knn_graphs(image), jobs={})
-        jobs = {"embed_text": _custom_job(make_embed_text(image), "embed-text"),
-                "embed_text_gpu": _custom_job(make_embed_text(gpu_image), "embed-text"),
-                "embed_images": _custom_job(make_embed_images(gpu_image), "embed-images"),
-                "fuse": _custom_job(make_fuse_embeddings(image), "fuse-embeddings"),
-                "knn": _custom_job(make_knn_graphs(image), "knn-graphs")}
-        text = {f"text_workers{suffix}": _text_workers_pipeline(
-            jobs[key].op, f"text_workers{suffix}", runtime, jobs[key], gpu=bool(suffix))
-            for key, suffix in (("embed_text", ""), ("embed_text_gpu", "_gpu"))}
-        return cls(**plain, **text, embed_images=jobs["embed_images"].op,
-                   fuse=jobs["fuse"].op, knn=jobs["knn"].op, jobs=jobs)
+            return cls(
+                fingerprint=made["fingerprint"], fuse=made["fuse"], knn=made["knn"],
+                report=made["report"], jobs={},
+                text_workers=_workers_pipeline(made["embed_text"], "text_workers", "text_shards",
+                                               runtime),
+                embed_images=_workers_pipeline(made["embed_images"], "image_workers",
+                                               "image_shards", dict(runtime, require_gpu=False)))
+        made["embed_text_gpu"] = make_embed_text(gpu_image)
+        names = {"fingerprint": "fingerprint-inputs", "embed_text": "embed-text",
+                 "embed_text_gpu": "embed-text", "embed_images": "embed-images",
+                 "fuse": "fuse-embeddings", "knn": "knn-graphs", "report": "qa-report"}
+        jobs = {key: _custom_job(made[key], name) for key, name in names.items()}
+        text = {f"text_workers{suffix}": _workers_pipeline(
+            jobs[key].op, f"text_workers{suffix}", "text_shards", runtime, jobs[key],
+            gpu=bool(suffix)) for key, suffix in (("embed_text", ""), ("embed_text_gpu", "_gpu"))}
+        return cls(**{key: jobs[key].op for key in ("fingerprint", "embed_images", "fuse", "knn",
+                                                    "report")}, **text, jobs=jobs)
 
 
 def _text_workers(steps: _Steps, p: Mapping[str, Any], items, plan):
     """The text workers' shards, collected. On Vertex their job is chosen at compile time, each
     with a constant image and GPU count: the CPU job when ``text_accelerator`` is empty, else
-    the GPU job; the merge takes the branch that ran (``dsl.OneOf``). kfp.local cannot select
+    the GPU job; fusion (which merges the shards) takes the branch that ran
+    (``dsl.OneOf``). kfp.local cannot select
     an artifact from branches: it runs the one plain loop (its machine parameters are ignored,
     and the worker itself uses the local GPU when ``text_accelerator`` is set)."""
     if steps.text_workers_gpu is None:
-        return _bind(steps.text_workers, p, items=items, workers=plan.output
+        return _bind(steps.text_workers, p, items=items, workers=plan.outputs["workers"]
                      ).set_display_name("Text workers").output
     with dsl.If(p["text_accelerator"] == "", name="text-on-cpu"):
-        cpu = _bind(steps.text_workers, p, items=items, workers=plan.output
+        cpu = _bind(steps.text_workers, p, items=items, workers=plan.outputs["workers"]
                     ).set_display_name("Text workers (CPU)")
     with dsl.Else(name="text-on-gpu"):
-        gpu = _bind(steps.text_workers_gpu, p, items=items, workers=plan.output
+        gpu = _bind(steps.text_workers_gpu, p, items=items, workers=plan.outputs["workers"]
                     ).set_display_name("Text workers (GPU)")
     return dsl.OneOf(cpu.output, gpu.output)
 
 
 def _image_workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: dict, *,
                    on_vertex: bool):
-    """The loop over the plan's workers: one image worker task per loop item (on Vertex a T4
-    job, Spot by default). Their cache keys hold the inputs' fingerprint through the loop item
-    (see the plan)."""
-    machine = {} if not on_vertex else dict(
-        strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
-            steps.jobs["embed_images"], machine_type=p["image_machine_type"],
-            accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
-    with dsl.ParallelFor(plan.output, name="image-workers") as worker:
-        images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=on_vertex,
+    """An image worker per item of the plan's ``image_workers`` (only the workers with images
+    to embed: no T4 starts for nothing; on Vertex a T4 job, Spot by default). Their cache keys
+    hold the inputs' fingerprint through the loop item. Returns (the loop's task, None
+    locally; the shards collected)."""
+    if not on_vertex:  # kfp.local: the loop in a pipeline of its own (see _workers_pipeline)
+        loop = _bind(steps.embed_images, p, items=items, workers=plan.outputs["image_workers"]
+                     ).set_display_name("Image workers")
+        return None, loop.output
+    machine = dict(strategy=p["image_strategy"], worker_pool_specs=_worker_pool_specs(
+        steps.jobs["embed_images"], machine_type=p["image_machine_type"],
+        accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
+    with dsl.ParallelFor(plan.outputs["image_workers"], name="image-workers") as worker:
+        images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=True,
                        **machine, **runtime).set_display_name("Embed images")
-    return images
+    return images, dsl.Collected(images.outputs["image_shards"])
 
 
-def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str) -> dict:
-    """A CPU custom job's machine, from a pipeline parameter (Vertex; nothing locally)."""
+def _machine(steps: _Steps, key: str, p: Mapping[str, Any], parameter: str | None = None
+             ) -> dict:
+    """A CPU custom job's machine: a pipeline parameter's, or the small machine (Vertex;
+    nothing locally)."""
     if key not in steps.jobs:
         return {}
-    return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=p[parameter]))
+    machine = p[parameter] if parameter else SMALL_MACHINE
+    return dict(worker_pool_specs=_worker_pool_specs(steps.jobs[key], machine_type=machine))
 
 
 def _worker_retries(task) -> None:
@@ -294,15 +308,12 @@ def _worker_retries(task) -> None:
     task.set_retry(WORKER_RETRIES, backoff_duration="60s")
 
 
-def _vertex_policies(workers: Sequence, steps: Sequence, plain: Sequence) -> None:
-    """Retries (Spot preemptions of the workers, transient failures of the steps) and the
-    plain tasks' resources (the custom jobs have a machine of their own)."""
+def _vertex_policies(workers: Sequence, steps: Sequence) -> None:
+    """Retries: Spot preemptions of the workers, transient failures of the steps."""
     for task in workers:
         _worker_retries(task)
     for task in steps:
         task.set_retry(STEP_RETRIES)
-    for task in plain:
-        task.set_cpu_limit(CPU_STEP_CPU).set_memory_limit(CPU_STEP_MEMORY)
 
 
 def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
@@ -326,42 +337,32 @@ def build_pipeline(target: str = "vertex", image: str = DEFAULT_IMAGE,
     def item_embeddings(**p) -> Outputs:
         items = dsl.importer(artifact_uri=p["items_uri"], artifact_class=dsl.Dataset,
                              reimport=False).set_display_name("Items").output
-        fingerprint = _bind(steps.fingerprint, p, items=items
-                            ).set_display_name("Fingerprint inputs")
-        fingerprint.set_caching_options(False)  # it is what tells changed contents apart
-        plan = _bind(steps.plan, p, items=items, inputs_fingerprint=fingerprint.output
-                     ).set_display_name("Plan shards")
+        plan = _bind(steps.fingerprint, p, items=items, **_machine(steps, "fingerprint", p)
+                     ).set_display_name("Fingerprint and plan")
+        plan.set_caching_options(False)  # it is what tells changed contents apart
         text_shards = _text_workers(steps, p, items, plan)
-        images = _image_workers(steps, p, items, plan, runtime, on_vertex=on_vertex)
-        merged_text = _bind(steps.merge_text, p, workers=plan.output, **runtime,
-                            text_shards=text_shards).set_display_name("Merge text")
-        merged_images = _bind(steps.merge_images, p, workers=plan.output, **runtime,
-                              image_shards=dsl.Collected(images.outputs["image_shards"])
-                              ).set_display_name("Merge images")
-        text_out = merged_text.outputs["text_embeddings"]
-        image_out = merged_images.outputs["image_embeddings"]
-        fused = _bind(steps.fuse, p, text_embeddings=text_out, image_embeddings=image_out,
-                      inputs_fingerprint=fingerprint.output,
+        images, image_shards = _image_workers(steps, p, items, plan, runtime,
+                                              on_vertex=on_vertex)
+        fingerprint = plan.outputs["fingerprint"]
+        fused = _bind(steps.fuse, p, text_shards=text_shards, image_shards=image_shards,
+                      workers=plan.outputs["workers"], image_workers=plan.outputs["image_workers"],
+                      previous_set=plan.outputs["previous_set"], inputs_fingerprint=fingerprint,
                       **_machine(steps, "fuse", p, "fusion_machine_type"), **runtime
                       ).set_display_name("Fuse embeddings")
+        text_out = fused.outputs["text_embeddings"]
+        image_out = fused.outputs["image_embeddings"]
         fused_out = fused.outputs["fused_embeddings"]
         knn = _bind(steps.knn, p, text_embeddings=text_out, fused_embeddings=fused_out,
-                    inputs_fingerprint=fingerprint.output,
+                    inputs_fingerprint=fingerprint,
                     **_machine(steps, "knn", p, "knn_machine_type"), **runtime
                     ).set_display_name("kNN graphs")
         report = _bind(steps.report, p, items=items, text_embeddings=text_out,
                        image_embeddings=image_out, fused_embeddings=fused_out,
-                       knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-                       ).set_display_name("QA report")
+                       knn_graphs=knn.outputs["graphs"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                       **_machine(steps, "report", p)).set_display_name("QA report")
+        report.set_caching_options(False)  # it publishes: a side effect, not a result to reuse
         if on_vertex:  # locally a failure is a bug to see at once, not a preemption to retry
-            _vertex_policies(workers=(images,),
-                             steps=(plan, merged_text, merged_images, fused, knn, report),
-                             plain=(plan, merged_text, merged_images, report))
-        with dsl.If(p["publish_uri"] != "", name="publish-enabled"):
-            _bind(steps.publish, p, text_embeddings=text_out, image_embeddings=image_out,
-                  fused_embeddings=fused_out, knn_graphs=knn.outputs["graphs"],
-                  report=report.outputs["report"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                  ).set_display_name("Publish outputs").set_caching_options(False)
+            _vertex_policies(workers=(images,), steps=(plan, fused, knn, report))
         return Outputs(text_out, image_out, fused_out, knn.outputs["graphs"],
                        report.outputs["report"])
 

@@ -33,11 +33,21 @@ def _component(spec, task):
     return spec["components"][task["componentRef"]["name"]]
 
 
-def _loop(spec):
-    """The image workers' loop task and the tasks inside it."""
-    (name,) = [k for k in _root(spec) if k.startswith("for-loop")]
-    loop = _root(spec)[name]
-    return loop, _component(spec, loop)["dag"]["tasks"]
+def _loop(spec, task: str = "embed-images"):
+    """The workers' loop that runs ``task`` and the tasks inside it (in the root DAG on
+    Vertex; locally inside the loop's own small pipeline)."""
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    for dag in dags:
+        for name in (k for k in dag["tasks"] if k.startswith("for-loop")):
+            loop = dag["tasks"][name]
+            inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+            if task in inner:
+                return loop, inner
+    raise KeyError(task)
+
+
+def _output(task: str, key: str) -> dict:
+    return {"taskOutputParameter": {"outputParameterKey": key, "producerTask": task}}
 
 
 class Branch(NamedTuple):
@@ -84,26 +94,27 @@ def test_dag_edges(template):
     assert tasks["importer"]["inputs"]["parameters"]["uri"] == {
         "componentInputParameter": "items_uri"}
     assert _producers(tasks["fingerprint-inputs"]) == {"importer"}
-    assert _producers(tasks["plan-shards"]) == {"importer"}
-    loop, inner = _loop(spec)
-    # the loop runs one worker per item of the plan's output
-    assert loop["parameterIterator"]["items"] == {
-        "inputParameter": "pipelinechannel--plan-shards-Output"}
-    assert loop["taskInfo"]["name"] == "image-workers"
-    # The loop's width is decided at run time: the plan makes min(shards, max_parallel_shards)
-    # loop items from the pipeline parameters (KFP's own ParallelFor parallelism is a
-    # compile-time constant, so it is left unset).
-    for name in ("shards", "max_parallel_shards"):
-        assert tasks["plan-shards"]["inputs"]["parameters"][name] == {
+    # The loops' widths are decided at run time: the first task plans min(shards with work,
+    # max_parallel_shards) workers per step from the pipeline parameters (KFP's own
+    # ParallelFor parallelism is a compile-time constant, so it is left unset).
+    for name in ("shards", "max_parallel_shards", "max_items"):
+        assert tasks["fingerprint-inputs"]["inputs"]["parameters"][name] == {
             "componentInputParameter": name}
+    fuse = tasks["fuse-embeddings"]["inputs"]
+    loop, inner = _loop(spec, "embed-images")
+    # the image loop runs one worker per item of its own list of the plan: only the workers
+    # that have images to embed
+    assert loop["parameterIterator"]["items"] == {
+        "inputParameter": "pipelinechannel--fingerprint-inputs-image_workers"}
+    assert loop["taskInfo"]["name"] == "image-workers"
     assert "parallelismLimit" not in loop.get("iteratorPolicy", {})
     assert set(inner) == {"embed-images"}
-    assert inner["embed-images"]["inputs"]["parameters"]["worker"] == {  # its own loop item
-        "componentInputParameter": "pipelinechannel--plan-shards-Output-loop-item"}
-    # the text workers: a pipeline per branch, looping over the plan the same way
+    assert inner["embed-images"]["inputs"]["parameters"]["worker"] == {
+        "componentInputParameter": "pipelinechannel--fingerprint-inputs-image_workers-loop-item"}
+    # the text workers: a pipeline per branch, looping over the plan's workers the same way
     for branch in _text_branches(spec).values():
         assert branch.workers["inputs"]["parameters"]["workers"] == {
-            "componentInputParameter": "pipelinechannel--plan-shards-Output"}
+            "componentInputParameter": "pipelinechannel--fingerprint-inputs-workers"}
         assert branch.workers["inputs"]["artifacts"]["items"] == {
             "componentInputArtifact": "pipelinechannel--importer-artifact"}
         assert branch.loop["parameterIterator"]["items"] == {
@@ -112,25 +123,53 @@ def test_dag_edges(template):
         assert "parallelismLimit" not in branch.loop.get("iteratorPolicy", {})
         assert branch.embed["inputs"]["parameters"]["worker"] == {
             "componentInputParameter": "pipelinechannel--workers-loop-item"}
-    # the merges collect the workers' outputs (the text's from the branch that ran) and get
-    # the whole plan
-    images = tasks["merge-images"]["inputs"]["artifacts"]["image_shards"]["taskOutputArtifact"]
+    # fusion collects the loops' outputs (it merges them; the text's from the branch that
+    # ran) and gets each loop's plan
+    images = fuse["artifacts"]["image_shards"]["taskOutputArtifact"]
     assert images["producerTask"].startswith("for-loop")
-    text = tasks["merge-text"]["inputs"]["artifacts"]["text_shards"]["taskOutputArtifact"]
+    text = fuse["artifacts"]["text_shards"]["taskOutputArtifact"]
     assert text["producerTask"].startswith("condition-branches")
     assert "-oneof-" in text["outputArtifactKey"]
-    for merge in ("merge-text", "merge-images"):
-        assert tasks[merge]["inputs"]["parameters"]["workers"] == {
-            "taskOutputParameter": {"outputParameterKey": "Output",
-                                    "producerTask": "plan-shards"}}
-    assert _producers(tasks["fuse-embeddings"]) == {"merge-text", "merge-images"}
-    assert _producers(tasks["knn-graphs"]) == {"merge-text", "fuse-embeddings"}
-    assert _producers(tasks["qa-report"]) == {"importer", "merge-text", "merge-images",
-                                              "fuse-embeddings", "knn-graphs"}
-    condition = next(t for name, t in tasks.items()
-                     if name.startswith("condition-") and "triggerPolicy" in t)
-    assert "publish_uri" in condition["triggerPolicy"]["condition"]
-    assert {"qa-report", "knn-graphs", "fuse-embeddings"} <= set(condition["dependentTasks"])
+    for key in ("workers", "image_workers", "previous_set"):
+        assert fuse["parameters"][key] == _output("fingerprint-inputs", key)
+    assert _producers(tasks["knn-graphs"]) == {"fuse-embeddings"}
+    assert _producers(tasks["qa-report"]) == {"importer", "fuse-embeddings", "knn-graphs"}
+    # no task of its own to merge or to publish: the report publishes; the only condition is
+    # the text workers' choice of job
+    assert not {"merge-text", "merge-images", "plan-shards", "publish-outputs"} & set(tasks)
+    assert [name for name in tasks if name.startswith("condition")] == [
+        text["producerTask"]]
+    assert tasks["qa-report"]["inputs"]["parameters"]["publish_uri"] == {
+        "componentInputParameter": "publish_uri"}
+
+
+def _tasks_in_a_row(spec) -> list[str]:
+    """The longest chain of root tasks, each waiting for the one before (the importer left
+    out: it starts no worker machine of the path)."""
+    tasks = _root(spec)
+    skip = {"importer"}
+
+    def chain(name):
+        before = [chain(d) for d in tasks[name].get("dependentTasks", []) if d not in skip]
+        return max(before, key=len, default=[]) + [name]
+
+    return max((chain(name) for name in tasks if name not in skip), key=len)
+
+
+def test_five_tasks_in_a_row_one_per_role(template):
+    """Issue 23.4: fingerprint and plan are one task, the merges run in the fusion task and
+    publishing in the report task, so the critical path starts five machines one after
+    another: plan, the workers (text and image side by side), fusion, kNN, report."""
+    _, spec = template
+    chain = _tasks_in_a_row(spec)
+    assert len(chain) == 5, chain
+    assert chain[0] == "fingerprint-inputs"
+    assert chain[1].startswith(("for-loop", "condition-branches"))
+    assert chain[2:] == ["fuse-embeddings", "knn-graphs", "qa-report"]
+    # the text workers' branches and the image loop stand side by side after the first task
+    for name, task in _root(spec).items():
+        if name.startswith(("for-loop", "condition-branches")):
+            assert set(task["dependentTasks"]) - {"importer"} == {"fingerprint-inputs"}, name
 
 
 def test_the_first_task_gets_the_machine_parameters(template):
@@ -141,23 +180,26 @@ def test_the_first_task_gets_the_machine_parameters(template):
     for name in ("text_machine_type", "text_accelerator", "image_machine_type",
                  "fusion_machine_type", "knn_machine_type"):
         assert bound[name] == {"componentInputParameter": name}, name
-    # every other task waits for it: the plan takes its output, the workers the plan's
-    assert "fingerprint-inputs" in _root(spec)["plan-shards"]["dependentTasks"]
+    # every other task waits for it: the workers and fusion take its plan
+    for name, task in _root(spec).items():
+        if name.startswith(("for-loop", "condition-branches")) or name == "fuse-embeddings":
+            assert "fingerprint-inputs" in task["dependentTasks"], name
 
 
 def test_steps_reading_items_are_cached_by_content(template):
-    """The fingerprint task is never cached; the steps that read the items or the previous
-    set take its output, so changed contents are a cache miss there."""
+    """The first task (fingerprint and plan) is never cached; the steps that read the items or
+    the previous set take its fingerprint, so changed contents are a cache miss there. The
+    report, which publishes, is never cached either."""
     _, spec = template
     tasks = _root(spec)
     assert tasks["fingerprint-inputs"]["cachingOptions"] == {}  # = enableCache false
-    fingerprint = {"taskOutputParameter": {"outputParameterKey": "Output",
-                                           "producerTask": "fingerprint-inputs"}}
-    for name in ("plan-shards", "fuse-embeddings"):
-        assert tasks[name]["inputs"]["parameters"]["inputs_fingerprint"] == fingerprint, name
+    assert tasks["qa-report"]["cachingOptions"] == {}
+    for name in ("fuse-embeddings", "knn-graphs"):
+        assert tasks[name]["inputs"]["parameters"]["inputs_fingerprint"] == _output(
+            "fingerprint-inputs", "fingerprint"), name
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    # the workers get it in their loop item, from the plan (which takes it as an input)
-    _, inner = _loop(spec)
+    # the workers get it in their loop item, from the plan
+    _, inner = _loop(spec, "embed-images")
     workers = [inner["embed-images"], *(b.embed for b in _text_branches(spec).values())]
     assert len(workers) == 3
     for task in workers:
@@ -166,7 +208,9 @@ def test_steps_reading_items_are_cached_by_content(template):
 
 def test_every_worker_is_a_custom_job_with_its_machine_from_parameters(template):
     _, spec = template
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
+    _, text_loop = _loop(spec, "embed-text")
+    inner = {**inner, **text_loop}
     images = inner["embed-images"]["inputs"]["parameters"]
     assert images["strategy"] == {"componentInputParameter": "pipelinechannel--image_strategy"}
     (pool,) = images["worker_pool_specs"]["runtimeValue"]["constant"]
@@ -219,8 +263,8 @@ def test_no_custom_job_takes_its_image_or_gpu_count_from_a_task(template):
     another task's output."""
     path, spec = template
     jobs = _custom_jobs(spec)
-    # text on CPU, text on GPU, images, fusion, kNN
-    assert len(jobs) == 5 and "text-machine" not in path.read_text()
+    # the first task, text on CPU, text on GPU, images, fusion, kNN, the report
+    assert len(jobs) == 7 and "text-machine" not in path.read_text()
     for name, value in jobs.items():
         assert set(value) == {"runtimeValue"}, name  # a constant, not a task's output
         (pool,) = value["runtimeValue"]["constant"]
@@ -230,9 +274,11 @@ def test_no_custom_job_takes_its_image_or_gpu_count_from_a_task(template):
         count = pool["machine_spec"]["accelerator_count"]
         assert type(count) in (int, float) and count in (0, 1), name
         filled = re.findall(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", json.dumps(pool))
-        assert filled and {f.removeprefix("pipelinechannel--") for f in filled} <= {
+        assert {f.removeprefix("pipelinechannel--") for f in filled} <= {
             "text_machine_type", "text_accelerator", "image_machine_type",
             "fusion_machine_type", "knn_machine_type"}, (name, filled)
+        # the first task and the report: the small machine, a constant
+        assert filled or pool["machine_spec"]["machine_type"] == "e2-standard-4", name
     gpu_jobs = [n for n, v in jobs.items()
                 if v["runtimeValue"]["constant"][0]["machine_spec"]["accelerator_count"] == 1]
     assert sorted(gpu_jobs) == ["comp-embed-images", "comp-embed-text-2"]
@@ -250,7 +296,7 @@ def test_text_accelerator_picks_the_text_branch_and_the_merge_takes_it(template)
         assert taken == ["text-on-gpu" if accelerator else "text-on-cpu"], accelerator
     (key,) = [k for k in _root(spec) if k.startswith("condition-branches")]
     oneof = _component(spec, _root(spec)[key])["dag"]["outputs"]["artifacts"]
-    merged = _root(spec)["merge-text"]["inputs"]["artifacts"]["text_shards"]
+    merged = _root(spec)["fuse-embeddings"]["inputs"]["artifacts"]["text_shards"]
     assert merged == {"taskOutputArtifact": {"producerTask": key,
                                              "outputArtifactKey": next(iter(oneof))}}
     (selectors,) = [v["artifactSelectors"] for v in oneof.values()]
@@ -276,17 +322,22 @@ def test_text_accelerator_picks_the_text_branch_and_the_merge_takes_it(template)
                                                    "producerSubtask": "embed-text"}]
 
 
-def test_plain_steps_resources_and_images(template):
+def test_the_first_task_and_the_report_are_custom_jobs_on_a_small_machine(template):
+    """No plain task is left on the path: the first task and the report run as custom jobs
+    too (so a persistent resource serves them as well), on an e2-standard-4, in the CPU image,
+    nothing pip-installed at start."""
     _, spec = template
     executors = spec["deploymentSpec"]["executors"]
-    for name in ("plan-shards", "merge-text", "merge-images", "qa-report"):
-        container = executors[f"exec-{name}"]["container"]
-        assert container["image"] == IMAGE, name
-        assert container["resources"]["cpuLimit"] == 4
-        assert container["resources"]["memoryLimit"] == 15
-        assert not any("pip install" in c for c in container["command"])
-    assert executors["exec-fingerprint-inputs"]["container"]["image"] == IMAGE
-    assert _root(spec)["merge-text"]["retryPolicy"]["maxRetryCount"] == 2
+    for name in ("fingerprint-inputs", "qa-report"):
+        task = _root(spec)[name]
+        (pool,) = task["inputs"]["parameters"]["worker_pool_specs"]["runtimeValue"]["constant"]
+        assert pool["machine_spec"] == {"machine_type": "e2-standard-4",
+                                        "accelerator_type": "", "accelerator_count": 0}, name
+        assert pool["container_spec"]["image_uri"] == IMAGE, name
+        assert not any("pip install" in c for c in pool["container_spec"]["command"]
+                       + pool["container_spec"]["args"])
+        assert task["retryPolicy"]["maxRetryCount"] == 2, name
+    assert "exec-merge-text" not in executors and "exec-plan-shards" not in executors
 
 
 def test_parameters_and_defaults(template):
@@ -306,7 +357,7 @@ def test_parameters_and_defaults(template):
 
 def test_project_and_location_come_from_runtime_placeholders(template):
     _, spec = template
-    merge = _root(spec)["merge-text"]["inputs"]["parameters"]
+    merge = _root(spec)["fuse-embeddings"]["inputs"]["parameters"]
     assert merge["project"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_project_id}}"
     assert merge["location"]["runtimeValue"]["constant"] == "{{$.pipeline_google_cloud_location}}"
 
@@ -338,16 +389,16 @@ def test_local_target_has_no_custom_job(tmp_path):
     path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
     spec = yaml.safe_load(path.read_text())
     assert "custom_job" not in path.read_text()
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
     assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
     # kfp.local cannot select an artifact from If/Else branches (dsl.OneOf): one plain loop of
-    # text workers, feeding the merge directly
+    # text workers, feeding fusion (which merges) directly
     assert not any(k.startswith("condition-branches") for k in _root(spec))
     workers = _root(spec)["text-workers"]
     (loop,) = _component(spec, workers)["dag"]["tasks"].values()
     (embed,) = _component(spec, loop)["dag"]["tasks"].values()
     assert "strategy" not in embed["inputs"]["parameters"]
-    assert _root(spec)["merge-text"]["inputs"]["artifacts"]["text_shards"] == {
+    assert _root(spec)["fuse-embeddings"]["inputs"]["artifacts"]["text_shards"] == {
         "taskOutputArtifact": {"producerTask": "text-workers", "outputArtifactKey": "Output"}}
 
 
@@ -358,7 +409,7 @@ def test_unknown_target():
 
 # Vertex-only knobs, ignored by kfp.local (documented): the machines and scheduling of the jobs.
 VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_machine_type",
-               "fusion_machine_type", "knn_machine_type"}
+               "fusion_machine_type", "knn_machine_type", "persistent_resource_id"}
 
 
 @pytest.mark.parametrize("target", ["vertex", "local"])
@@ -416,7 +467,7 @@ def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
 
 def test_a_parameter_is_never_passed_by_hand():
     """The pipeline binds parameters by name only: passing one explicitly is refused."""
-    from item_embeddings.components.plan_shards import make_component
+    from item_embeddings.components.fingerprint_inputs import make_component
     from item_embeddings.pipeline.pipeline import _bind
 
     with pytest.raises(TypeError, match=r"bound by name, not passed: \['shards'\]"):
@@ -526,7 +577,7 @@ def test_t4_job_runs_as_the_pipelines_identity_in_its_network(template, monkeypa
     """The image workers' CustomJob, with the pipeline's runtime placeholders resolved as
     Vertex resolves them (empty when the run sets none)."""
     _, spec = template
-    _, inner = _loop(spec)
+    _, inner = _loop(spec, "embed-images")
     task = inner["embed-images"]
     job = _launch(spec, task, task["componentRef"]["name"], _task_values(spec, task),
                   _runtime(configured), monkeypatch, tmp_path)
@@ -588,3 +639,25 @@ def test_cpu_steps_get_the_machine_a_rerun_asks_for(template, monkeypatch, tmp_p
     assert pool.machine_spec.accelerator_count == 0
     assert pool.container_spec.image_uri == IMAGE
     assert job.job_spec.service_account == SA and job.job_spec.network == NETWORK
+
+
+@pytest.mark.parametrize("resource", ["", "warm-pool-1"])
+def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeypatch, tmp_path,
+                                                               resource):
+    """persistent_resource_id (a pipeline parameter: a UI rerun or a schedule can set it)
+    reaches the CustomJob of every task, as GCPC's launcher builds it: the first task, both
+    workers, fusion, kNN and the report run on the warm machines; empty = started on demand."""
+    _, spec = template
+    tasks = {name: _root(spec)[name]
+             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
+    tasks["embed-images"] = _loop(spec, "embed-images")[1]["embed-images"]
+    tasks.update({f"embed-text ({name})": branch.embed
+                  for name, branch in _text_branches(spec).items()})
+    assert len(tasks) == 7
+    for name, task in tasks.items():
+        values = _task_values(spec, task, {"persistent_resource_id": resource})
+        (tmp_path / name).mkdir()  # a fresh gcp_resources file: the launcher creates a job
+        job = _launch(spec, task, task["componentRef"]["name"], values, _runtime(True),
+                      monkeypatch, tmp_path / name)
+        assert job.job_spec.persistent_resource_id == resource, name
+        assert job.job_spec.service_account == SA, name  # the job keeps the pipeline's identity

@@ -12,7 +12,7 @@ from kfp.dsl.types import artifact_types
 from helpers import catalogue, write_items
 from item_embeddings import storage
 from item_embeddings.config import PipelineParams
-from item_embeddings.outputs import FUSION_CONFIG, TXT_ARRAY, TXT_META
+from item_embeddings.outputs import FUSED_ARRAY, FUSION_CONFIG, TXT_ARRAY, TXT_META
 from item_embeddings.runtime import GpuUnavailableError, require_cuda
 
 
@@ -26,74 +26,88 @@ def vertex_mount(tmp_path, monkeypatch):
     return mount
 
 
-def test_text_steps_log_the_gs_artifacts_not_the_staging_dirs(vertex_mount, gcs, tmp_path):
-    """A text worker and the text merge on Vertex: files staged locally, then copied to the
-    gcsfuse artifact; the experiment runs name the gs:// URIs; the worker's finished shard is
-    durable (a retried worker skips it)."""
-    from item_embeddings.components.embed_text import embed_text
-    from item_embeddings.components.merge_text import merge_text
+def _plan_on_gcs(gcs, tmp_path, server):
+    """Items on the emulator's gs:// (12 items, images on the loopback host) and a plan of 2
+    shards on one worker per step."""
     from item_embeddings.fanout import plan_shards
 
     bucket = gcs.create_bucket(f"b-{uuid.uuid4().hex[:8]}")
-    local_items = write_items(tmp_path / "items.parquet", catalogue(12))
+    cat = catalogue(12)
+    names = ["rgb.jpg", "palette.png", "rgba.png"]
+    cat["image_url"] = [server.url(f"img/{names[i % 3]}") if i % 4 else None for i in range(12)]
+    local_items = write_items(tmp_path / "items.parquet", cat)
     bucket.blob("items/items.parquet").upload_from_filename(str(local_items))
     items_uri = f"gs://{bucket.name}/items/items.parquet"
-    root = f"gs://{bucket.name}/root/123/item-embeddings-run7"
     plan = plan_shards(items_uri, PipelineParams(shards=2, max_parallel_shards=1))
-    shards = dsl.Dataset(name="text_shards", uri=f"{root}/embed-text_1/text_shards", metadata={})
-    call = dict(items=dsl.Dataset(name="items", uri=items_uri), text_shards=shards,
-                worker={**plan.workers[0], "inputs_fingerprint": "f00d"}, text_backend="torch",
-                text_batch_size=8, tracking_backend="local",
-                tracking_dir=str(tmp_path / "runs"))
-    embed_text(**call)
-    runs = tmp_path / "runs" / "recsys-dev"
-    record = json.loads((runs / "embed-text-item-embeddings-run7-shard-00001.json").read_text())
-    assert record["artifacts"] == {"text_embeddings": f"{shards.uri}/shard-00001"}
-    assert record["params"]["items_uri"] == items_uri
-    assert shards.metadata["inputs_fingerprint"] == "f00d"
-    placed = [vertex_mount / shards.uri[len("gs://"):] / f"shard-0000{i}" / TXT_META
-              for i in (0, 1)]
-    before = [p.stat().st_mtime_ns for p in placed]
-    embed_text(**call)  # a retried worker: both shards were placed, nothing is redone
-    assert [p.stat().st_mtime_ns for p in placed] == before
-    assert sorted(p.name for p in runs.glob("embed-text-*shard*.json")) == [
-        "embed-text-item-embeddings-run7-shard-00000.json",
-        "embed-text-item-embeddings-run7-shard-00001.json"]
-    assert json.loads((runs / "embed-text-item-embeddings-run7-shard-00000.json").read_text())[
-        "status"] == "COMPLETE"
-
-    out_uri = f"{root}/merge-text_2/text_embeddings"
-    output = dsl.Dataset(name="text_embeddings", uri=out_uri, metadata={})
-    merge_text(text_shards=[shards], text_embeddings=output,
-               metrics=dsl.Metrics(name="metrics", uri=f"{root}/merge-text_2/metrics"),
-               workers=plan.workers, tracking_backend="local",
-               tracking_dir=str(tmp_path / "runs"))
-    on_mount = vertex_mount / out_uri[len("gs://"):]
-    assert np.load(on_mount / TXT_ARRAY).shape == (12, 384)  # staged, then copied
-    assert json.loads((on_mount / TXT_META).read_text())["items_uri"] == items_uri
-    record = json.loads((runs / "embed-text-item-embeddings-run7.json").read_text())
-    assert record["artifacts"] == {"text_embeddings": out_uri}
+    return bucket, items_uri, plan
 
 
-def test_fusion_records_its_inputs_gs_uris(vertex_mount, tmp_path):
+def test_workers_and_fusion_log_the_gs_artifacts_not_the_staging_dirs(vertex_mount, gcs,
+                                                                      tmp_path, tiny_model):
+    """A text and an image worker, then fusion (which merges their shards first), on Vertex:
+    files staged locally, then copied to the gcsfuse artifacts; the experiment runs name the
+    gs:// URIs; the workers' finished shards are durable (a retried worker skips them). A shard
+    logs a run of its own only with log_shard_runs."""
+    from image_server import ImageServer
+    from item_embeddings.components.embed_images import embed_images
+    from item_embeddings.components.embed_text import embed_text
     from item_embeddings.components.fuse_embeddings import fuse_embeddings
-    from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 
-    def artifact(name):
-        uri = f"gs://bucket/root/9/item-embeddings-run8/{name}_1/{name}"
-        return uri, vertex_mount / uri[len("gs://"):]
+    config, checkpoint, _ = tiny_model
+    runs = tmp_path / "runs" / "recsys-dev"
+    tracking = dict(tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+    with ImageServer() as server:
+        bucket, items_uri, plan = _plan_on_gcs(gcs, tmp_path, server)
+        root = f"gs://{bucket.name}/root/123/item-embeddings-run7"
+        items = dsl.Dataset(name="items", uri=items_uri)
+        shards = dsl.Dataset(name="text_shards", uri=f"{root}/embed-text_1/text_shards",
+                             metadata={})
+        call = dict(items=items, text_shards=shards, text_backend="torch", text_batch_size=8,
+                    worker={**plan.workers[0], "inputs_fingerprint": "f00d"}, **tracking)
+        embed_text(**call)
+        assert not list(runs.glob("*shard*.json"))  # by default no run per shard
+        assert shards.metadata["inputs_fingerprint"] == "f00d"
+        placed = [vertex_mount / shards.uri[len("gs://"):] / f"shard-0000{i}" / TXT_META
+                  for i in (0, 1)]
+        before = [p.stat().st_mtime_ns for p in placed]
+        embed_text(**call, log_shard_runs=True)  # a retried worker: both placed, none redone
+        assert [p.stat().st_mtime_ns for p in placed] == before
+        assert not list(runs.glob("embed-text-*shard*.json"))
+        image_shards = dsl.Dataset(name="image_shards",
+                                   uri=f"{root}/embed-images_1/image_shards", metadata={})
+        embed_images(items=items, image_shards=image_shards, image_model=str(config),
+                     image_pretrained=str(checkpoint), download_retries=0,
+                     allow_private_hosts=True, worker=plan.image_workers[0],
+                     log_shard_runs=True, **tracking)
+    record = json.loads((runs / "embed-image-item-embeddings-run7-shard-00001.json").read_text())
+    assert record["artifacts"] == {"image_embeddings": f"{image_shards.uri}/shard-00001"}
+    assert record["params"]["items_uri"] == items_uri and record["status"] == "COMPLETE"
 
-    text_uri, text_dir = artifact("text")
-    image_uri, image_dir = artifact("image")
-    write_synthetic_catalogue(text_dir, image_dir, n=60, seed=1)
-    fused_uri, fused_dir = artifact("fused")
-    fuse_embeddings(text_embeddings=dsl.Dataset(name="t", uri=text_uri),
-                    image_embeddings=dsl.Dataset(name="i", uri=image_uri),
-                    fused_embeddings=dsl.Dataset(name="fused", uri=fused_uri, metadata={}),
-                    metrics=dsl.Metrics(name="m", uri=fused_uri + "-metrics"),
-                    fusion_epochs=1, tracking_backend="none")
-    config = json.loads((fused_dir / FUSION_CONFIG).read_text())
-    assert (config["text_uri"], config["image_uri"]) == (text_uri, image_uri)
+    outputs = {name: dsl.Dataset(name=name, uri=f"{root}/fuse-embeddings_2/{name}",
+                                 metadata={})
+               for name in ("text_embeddings", "image_embeddings", "fused_embeddings")}
+    metrics = dsl.Metrics(name="metrics", uri=f"{root}/fuse-embeddings_2/metrics")
+    fuse_embeddings(text_shards=[shards], image_shards=[image_shards], **outputs,
+                    metrics=metrics, workers=plan.workers, image_workers=plan.image_workers,
+                    fusion_epochs=1, **tracking)
+    on_mount = {name: vertex_mount / a.uri[len("gs://"):] for name, a in outputs.items()}
+    assert np.load(on_mount["text_embeddings"] / TXT_ARRAY).shape == (12, 384)  # staged, copied
+    assert json.loads((on_mount["text_embeddings"] / TXT_META).read_text())["items_uri"] == \
+        items_uri
+    assert np.load(on_mount["fused_embeddings"] / FUSED_ARRAY).shape == (12, 128)
+    fusion = json.loads((on_mount["fused_embeddings"] / FUSION_CONFIG).read_text())
+    # fusion read the merged files where the merges wrote them, and names their gs:// URIs
+    assert (fusion["text_uri"], fusion["image_uri"]) == (outputs["text_embeddings"].uri,
+                                                         outputs["image_embeddings"].uri)
+    for step, output in (("embed-text", "text_embeddings"), ("embed-image", "image_embeddings"),
+                         ("fuse-modal", "fused_embeddings")):
+        record = json.loads((runs / f"{step}-item-embeddings-run7.json").read_text())
+        assert list(record["artifacts"].values()) == [outputs[output].uri], step
+    # one Metrics artifact holds the three steps' metrics, each under its prefix, the shard
+    # detail included
+    assert {"text_count", "image_count", "fusion_count"} <= set(metrics.metadata)
+    assert metrics.metadata["text_fanout_shards"] == metrics.metadata["image_fanout_shards"] == 2
+    assert metrics.metadata["text_shard_wall_time_max_sec"] > 0
 
 
 def test_image_step_on_a_gpu_machine_without_a_usable_gpu_fails_before_any_work(tmp_path):

@@ -120,6 +120,17 @@ RUN = [
     "item-embeddings estimate --items 10M --max-items 0 --shards 64 --max-parallel-shards 32 "
     "--fusion-machine-type e2-highmem-8 --knn-machine-type e2-highmem-8 --set "
     "publish_uri=gs://b/embeddings/",
+    "item-embeddings estimate --items 10M --shards 64 --max-parallel-shards 32 --changed-fraction "
+    "0.02 --knn-machine-type e2-highmem-8 --set previous_uri=gs://b/embeddings/ --set "
+    "fusion_mode=apply",
+    "item-embeddings estimate --items 10M --shards 64 --max-parallel-shards 32 --changed-fraction "
+    "0.02 --knn-machine-type e2-highmem-8 --set previous_uri=gs://b/embeddings/ --set "
+    "fusion_mode=apply --set publish_uri=gs://b/embeddings/",
+    "item-embeddings estimate --items 500k --shards 16 --changed-fraction 0.02 --set "
+    "previous_uri=gs://b/embeddings/ --set fusion_mode=apply --set publish_uri=gs://b/embeddings/",
+    "item-embeddings estimate --items 500k --shards 16 --changed-fraction 0.02 --set "
+    "previous_uri=gs://b/embeddings/ --set fusion_mode=apply --set publish_uri=gs://b/embeddings/ "
+    "--set persistent_resource_id=nightly-pool",
 ]
 ADAPT = {
     # 120 sample items take a minute or more on 2 cores; 12 show every part of the demo.

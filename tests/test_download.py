@@ -48,6 +48,7 @@ def fetch(urls, resolver=None, **config):
     "224.0.0.1", "0.0.0.0", "100.64.0.1", "240.0.0.1", "255.255.255.255",
     "::1", "fe80::1", "fc00::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
     "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "ff02::1", "::",
+    "::2",                                      # reserved (::/8), though not private
 ])
 def test_forbidden_addresses(address):
     assert is_forbidden_address(address)
@@ -56,7 +57,8 @@ def test_forbidden_addresses(address):
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111",
-                                     "::ffff:93.184.216.34"])
+                                     "::ffff:93.184.216.34",
+                                     "64:ff9b::808:808"])  # NAT64 of 8.8.8.8: judged as it
 def test_public_addresses_allowed(address):
     assert not is_forbidden_address(address)
     assert AddressGuard().allows(address)
@@ -102,6 +104,47 @@ def test_check_url_refuses_before_any_connection(url, reason):
     assert check_url(URL(url), AddressGuard())[0] == reason
 
 
+def test_check_url_says_why():
+    guard = AddressGuard()
+    assert check_url(URL("http:///nohost.jpg"), guard) == (dl.INVALID_URL, "no host")
+    assert check_url(URL("http://134744072/a.jpg"), guard) == (
+        dl.INVALID_URL, "host '134744072' is a non-canonical numeric form of 8.8.8.8 (only "
+                        "dotted-quad IPv4 hosts are fetched)")
+    # an IPv6 literal with a zone id (even one holding '%') is judged by its address
+    for zone in ("a%25b", "a%25b%25c"):
+        assert check_url(URL(f"http://[fe80::1%25{zone}]/x.jpg"), guard)[0] == dl.BLOCKED_ADDRESS
+    assert gd.parse_numeric_ipv4("١٢٧.0.0.1") is None  # digits, but not ASCII ones
+    assert not gd.is_numeric_host("")
+
+
+def test_guarded_resolver_asks_for_the_address_family_it_is_asked_for():
+    asked = []
+
+    class Recording(StaticResolver):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            asked.append((host, port, family))
+            return await super().resolve(host, port, family)
+
+    async def run():
+        return await GuardedResolver(AddressGuard(), Recording({"v6.test": "2606:4700::1111"})
+                                     ).resolve("v6.test", 443, socket.AF_INET6)
+
+    [answer] = asyncio.run(run())
+    assert asked == [("v6.test", 443, socket.AF_INET6)]
+    assert (answer["host"], answer["port"], answer["family"]) == (
+        "2606:4700::1111", 443, socket.AF_INET6)
+
+
+def test_names_resolve_through_the_injected_resolver(server, images):
+    """A host name reaches the loopback server only through the resolver given (the
+    system's DNS is never asked); an unknown name is a DNS error naming the host."""
+    url = f"http://images.test:{server.port}/img/rgb.jpg"
+    [ok, unknown] = fetch([url, f"http://other.test:{server.port}/img/rgb.jpg"],
+                          resolver=StaticResolver({"images.test": "127.0.0.1"}))
+    assert ok.ok and ok.body == images["rgb.jpg"][0]
+    assert unknown.reason == dl.DNS_ERROR and "other.test" in unknown.detail
+
+
 def test_check_url_leaves_names_to_the_resolver():
     assert check_url(URL("https://images.example.com/a.jpg"), AddressGuard()) is None
     assert check_url(URL("https://1e2.example/a.jpg"), AddressGuard()) is None  # 'example': a name
@@ -119,6 +162,10 @@ NUMERIC_HOSTS = [
     ("10.1", "10.0.0.1"),
     ("2852039166", "169.254.169.254"),  # the metadata server
     ("134744072", "8.8.8.8"),           # a public address, still not canonical
+    ("10.1.2", "10.1.0.2"),             # three labels: the last fills two octets
+    ("255.0x1", "255.0.0.1"),           # 255 is the largest label before the last
+    ("0x7f.0x.0x.1", "127.0.0.1"),      # a bare '0x' is 0
+    ("1.", "0.0.0.1"),                  # one label and a trailing dot
 ]
 
 
@@ -133,7 +180,9 @@ def test_numeric_hosts_are_classified_up_front(host, address):
 
 
 @pytest.mark.parametrize("host", ["1.2.3.4.5", "999.1.1.1", "08.1.1.1", "4294967296",
-                                  "1.16777216", "example.123"])
+                                  "1.16777216", "example.123", "1.2.3.4.0", "256.1", "1.256.1",
+                                  "1_0.0.0.1",     # int() reads '1_0'; an address does not
+                                  ])
 def test_numeric_hosts_that_are_no_address_are_invalid(host):
     assert gd.parse_numeric_ipv4(host) is None
     for guard in (AddressGuard(), AddressGuard(enabled=False)):

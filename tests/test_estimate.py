@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -39,7 +40,7 @@ def machine(vcpus, on_demand, spot, cpu_kind="avx2", memory_gb=16):
 TOY = {
     "cpu": {"measured_vcpus": q(2)},
     "task": {"vm_start_s": q(100), "small_task_machine_type": q("e2-standard-4")},
-    "storage": {"copy_bytes_per_s": q(1e6)},
+    "storage": {"copy_bytes_per_s": q(1e6), "previous_key_bytes_per_item": q(0)},
     "merge": {"bytes_per_s": q(1e6)},
     "imports_s": {"text": q(10), "image": q(20), "fusion": q(5), "knn": q(5)},
     "rows": {"range_read_s": q(5), "id_file_bytes_per_item": q(0)},
@@ -53,7 +54,8 @@ TOY = {
     "fusion": {"item_epochs_per_s": q(1000)},
     "knn": {"exact_items": q(1000), "exact_s": {"text_384": q(4), "fused_128": q(2)},
             "ivf_items": q(1000), "ivf_s": {"text_384": q(8), "fused_128": q(4)},
-            "ivf_exponent": q(1), "peak_bytes_per_item": q(1000)},
+            "ivf_exponent": q(1), "peak_bytes_per_item": q(1000),
+            "incremental_share": q(0.15), "incremental_at_changed": q(0.02)},
     "report": {"fixed_s": q(1), "s_per_item": q(0.001)},
     "accelerators": {"NVIDIA_TESLA_T4": {
         "machine_families": q(["n1"]), "on_demand_usd_per_hour": q(3.0),
@@ -71,7 +73,8 @@ def toy() -> Rates:
 
 def small(items=1000, image_items=400, changed_fraction=1.0, **params) -> Choices:
     base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10,
-                download_concurrency=64)  # 64 in flight / 0.064 s: 1000 downloads/s
+                download_concurrency=64,  # 64 in flight / 0.064 s: 1000 downloads/s
+                download_rate_per_host=0.0)  # no per-host bound (tested on its own below)
     return Choices(items, image_items, PipelineParams(**{**base, **params}),
                    changed_fraction=changed_fraction)
 
@@ -90,42 +93,76 @@ def test_hand_checked_case():
     assert (text.tasks, text.items_per_task) == (2, 500)
     assert text.task_s == text.wall_s == pytest.approx(113 + 5 + 31.25 + 0.768)
     assert text.cost_usd == pytest.approx(2 * 150.018 / 3600 * 1.0)
-    # merge: a small task (VM 100 + imports 5), reads and writes 1000 x 1536 B at the copy
-    # rate, merges them at the merge rate.
-    assert r["text merge"].task_s == pytest.approx(105 + 3 * 1.536)
     # image workers: 200 URL rows per shard; 135 s fixed; 5 s range, 200 images at min(GPU
     # 1000/s, decode 4 vCPUs / 0.1 s = 40/s, downloads 1000/s) = 40/s: 5 s; output 0.4096 s.
     assert r["image workers"].task_s == pytest.approx(135 + 5 + 5 + 0.4096)
     assert r["image workers"].cost_usd == pytest.approx(2 * 145.4096 / 3600 * 5.0)
-    assert r["image merge"].task_s == pytest.approx(105 + 3 * 0.8192)
-    # fusion: 105 s fixed; inputs (1000 x 1536 + 400 x 2048 B) and output 1000 x 512 B copied:
-    # 2.8672 s; 1000 items x 2 epochs at 1000 item-epochs/s: 2 s.
-    assert r["fusion"].task_s == pytest.approx(109.8672)
+    # fusion merges first (no task only moves files): the shards' 1000 x 1536 + 400 x 2048 B
+    # read and the merged files written at the copy rate (2 x 2.3552 s), merged at the merge
+    # rate (2.3552 s); then fused: 105 s fixed, output 1000 x 512 B copied (0.512 s), 1000
+    # items x 2 epochs at 1000 item-epochs/s (2 s).
+    assert r["fusion"].task_s == pytest.approx(105 + 3 * 2.3552 + 0.512 + 2)
+    assert not any("merge" in step for step in r)
     # kNN: 105 s fixed; text, fused and graph rows copied: 2.208 s; exact search (1000 items
     # <= knn_exact_max_items), as measured at 1000 items (4 + 2 s on 2 vCPUs) on 4 vCPUs: 3 s.
     assert r["kNN graphs"].task_s == pytest.approx(105 + 2.208 + 3)
     # report: 105 s fixed + 1 s + 1000 x 1 ms + every output read (3.0272 s).
     assert r["QA report"].task_s == pytest.approx(105 + 1 + 1 + 3.0272)
-    assert r["fingerprint inputs"].task_s == 105  # a small task's fixed part only
-    assert r["plan shards"].task_s == pytest.approx(105 + 1)  # 1000 rows at 1000 rows/s
-    assert "publish" not in r  # publish_uri empty
+    # the first task: a small task's fixed part, then the plan: 1000 rows at 1000 rows/s
+    assert r["fingerprint and plan"].task_s == pytest.approx(105 + 1)
     assert r["pipeline run fee"].cost_usd == 0.03
-    # Critical path: fingerprint, plan, the slower of text (150.018 + 109.608) and image
-    # (145.4096 + 107.4576), fusion, kNN, report.
-    assert est.wall_s == pytest.approx(105 + 106 + 150.018 + 109.608 + 109.8672 + 110.208
-                                       + 110.0272)
+    # Critical path, five tasks one per role: the first task, the slower of text (150.018)
+    # and image (145.4096), fusion, kNN, report.
+    assert est.wall_s == pytest.approx(106 + 150.018 + 114.5776 + 110.208 + 110.0272)
     assert est.cost_usd == pytest.approx(sum(s.cost_usd for s in est.steps))
-    small_tasks = 105 + 106 + 109.608 + 107.4576 + 109.8672 + 110.208 + 110.0272
+    small_tasks = 106 + 114.5776 + 110.208 + 110.0272
     assert est.cost_usd == pytest.approx(
         small_tasks / 3600 + 2 * 150.018 / 3600 + 2 * 145.4096 / 3600 * 5 + 0.03)
 
 
 def test_publish_copies_every_output():
     with_pub = estimate(small(publish_uri="gs://b/set"), toy())
-    # VM 100 + imports 5; txt, fused and graph rows of 1000 items + 400 image rows.
-    assert rows(with_pub)["publish"].task_s == pytest.approx(105 + 3.0272)
     without = estimate(small(), toy())
-    assert with_pub.wall_s - without.wall_s == pytest.approx(105 + 3.0272)  # last, alone
+    # the report task publishes: txt, fused and graph rows of 1000 items + 400 image rows
+    assert rows(with_pub)["QA report"].task_s - rows(without)["QA report"].task_s == \
+        pytest.approx(3.0272)
+    assert with_pub.wall_s - without.wall_s == pytest.approx(3.0272)  # no task of its own
+    assert len(with_pub.steps) == len(without.steps)
+
+
+def test_a_persistent_resource_replaces_each_tasks_vm_start():
+    rates = toy()
+    rates.data["task"]["persistent_resource_start_s"] = q(10)
+    started = estimate(small(), rates)
+    warm = estimate(small(persistent_resource_id="nightly-pool"), rates)
+    # five tasks in a row, each 100 - 10 s shorter; every worker too
+    assert started.wall_s - warm.wall_s == pytest.approx(5 * 90)
+    for a, b in zip(started.steps[:-1], warm.steps[:-1]):
+        assert a.task_s - b.task_s == pytest.approx(90), a.step
+    assert "persistent resource nightly-pool" in warm.format()
+    assert "task.persistent_resource_start_s" in {q.path for q in warm.rates_used}
+
+
+def test_an_incremental_run_reads_the_previous_set_once_and_only_its_reused_rows():
+    rates = toy()
+    rates.data["storage"]["previous_key_bytes_per_item"] = q(40)
+    full = rows(estimate(small(), rates))
+    night = rows(estimate(small(changed_fraction=0.02, previous_uri="gs://b/prev/"), rates))
+    # the first task reads and hashes the previous set once: every output, 4 files at a time
+    assert night["fingerprint and plan"].task_s - full["fingerprint and plan"].task_s == \
+        pytest.approx(3.0272 / 4)
+    # a text worker: 1000 keys x 40 B once (0.04 s); per shard of 500 rows, 10 encoded and 490
+    # reused rows read (490 x 1536 B)
+    text = night["text workers"]
+    assert text.task_s == pytest.approx(113 + 0.04 + 5 + 10 / 16 + (500 * 1536 + 490 * 1536)
+                                        / 1e6)
+    # kNN: 2 % changed is where the incremental share is stated: 15 % of the compute, plus
+    # the previous graphs read (1000 x 160 B)
+    assert night["kNN graphs"].task_s == pytest.approx(105 + 2.208 + 0.16 + 0.15 * 3)
+    at_10 = rows(estimate(small(changed_fraction=0.10, previous_uri="gs://b/prev/"), rates))
+    assert at_10["kNN graphs"].task_s == pytest.approx(105 + 2.208 + 0.16 + 0.75 * 3)
+    rebuild = rows(estimate(small(changed_fraction=0.5, previous_uri="gs://b/prev/"), rates))
+    assert rebuild["kNN graphs"].task_s == pytest.approx(105 + 2.208 + 0.16 + 3)  # at most
 
 
 def test_shard_work_is_what_the_plan_deals_out(tmp_path):
@@ -148,12 +185,13 @@ def test_the_image_cap_is_global_and_sits_in_the_first_shards():
     est = estimate(small(max_items=100), toy())
     r = rows(est)
     assert r["image workers"].items_per_task == 100  # shard 0: the first 100 URL rows
-    assert r["image workers"].task_s == pytest.approx(135 + 5 + 100 / 40 + 0.2048)
-    # the idle worker still starts, reads its range and finds nothing to encode
-    assert r["image workers"].cost_usd == pytest.approx(
-        (142.7048 + 140) / 3600 * 5.0)
-    assert r["text workers"].items_per_task == 500
-    assert any("1 of the 2 image workers encode" in w for w in est.warnings)
+    # only the machines that have work: one image worker, which also writes the empty shard
+    # (its row range read)
+    assert r["image workers"].tasks == 1
+    assert r["image workers"].task_s == pytest.approx(135 + 5 + 100 / 40 + 0.2048 + 5)
+    assert r["image workers"].cost_usd == pytest.approx(147.7048 / 3600 * 5.0)
+    assert r["text workers"].items_per_task == 500 and r["text workers"].tasks == 2
+    assert not any("image workers" in w for w in est.warnings)
 
 
 def test_workers_run_their_shards_one_after_another():
@@ -267,14 +305,17 @@ def test_incremental_run_encodes_only_the_changed_items():
     full = rows(estimate(small(previous_uri="gs://b/prev"), toy()))
     incr = rows(estimate(small(changed_fraction=0.1, previous_uri="gs://b/prev",
                                fusion_mode="apply"), toy()))
-    # 50 of each shard's 500 rows encoded; the whole shard's output is still written
-    assert incr["text workers"].task_s == pytest.approx(113 + 5 + 50 / 16 + 0.768)
-    assert incr["image workers"].task_s == pytest.approx(135 + 5 + 20 / 40 + 0.4096)
-    # fusion apply: the 100 changed codes, one pass (costed as an epoch)
-    assert incr["fusion"].task_s == pytest.approx(105 + 2.8672 + 100 / 1000)
-    assert full["fusion"].task_s == pytest.approx(105 + 2.8672 + 2)
-    # the kNN graphs and the report cover every item either way
-    assert incr["kNN graphs"].task_s == full["kNN graphs"].task_s
+    # 50 of each shard's 500 rows encoded, the 450 others read from the previous set (450 x
+    # 1536 B: 0.6912 s); the whole shard's output is still written
+    assert incr["text workers"].task_s == pytest.approx(113 + 5 + 50 / 16 + 0.768 + 0.6912)
+    assert incr["image workers"].task_s == pytest.approx(135 + 5 + 20 / 40 + 0.4096
+                                                         + 180 * 2048 / 1e6)
+    # fusion apply: the 100 changed codes, one pass (costed as an epoch), after the merges
+    assert incr["fusion"].task_s == pytest.approx(105 + 3 * 2.3552 + 0.512 + 100 / 1000)
+    assert full["fusion"].task_s == pytest.approx(105 + 3 * 2.3552 + 0.512 + 2)
+    # the report covers every item either way; the kNN graphs recompute a share (below)
+    assert incr["QA report"].task_s == full["QA report"].task_s
+    assert incr["kNN graphs"].task_s < full["kNN graphs"].task_s
     with pytest.raises(ConfigError, match="set previous_uri"):
         estimate(small(changed_fraction=0.1), toy())
 
@@ -364,12 +405,14 @@ URLS = ["http://cdn.example/a.jpg", "https://cdn.example/b.jpg", "  https://c.ex
 def test_count_items_file_and_folder(tmp_path):
     table = pa.table({"asin": [f"A{i}" for i in range(len(URLS))], "image_url": URLS})
     pq.write_table(table, tmp_path / "one.parquet")
-    assert count_items(str(tmp_path / "one.parquet")) == (7, 3)
+    assert count_items(str(tmp_path / "one.parquet"))[:2] == (7, 3)
+    # 2 of the 3 usable URLs on cdn.example (the host as the downloader counts it)
+    assert count_items(str(tmp_path / "one.parquet")).largest_host_share == pytest.approx(2 / 3)
     folder = tmp_path / "folder"
     folder.mkdir()
     pq.write_table(table, folder / "part-0.parquet")
     pq.write_table(table, folder / "part-1.parquet")
-    assert count_items(str(folder)) == (14, 6)
+    assert count_items(str(folder))[:2] == (14, 6)
     with pytest.raises(ItemsError, match="no column 'img'"):
         count_items(str(tmp_path / "one.parquet"), "img")
 
@@ -422,7 +465,9 @@ def test_packaged_rates_image_worker_target():
     is needed for it (exact with 128 in flight is CPU-bound); n1-standard-8 with 512 downloads
     in flight makes it GPU-bound."""
     def worker(**params) -> tuple[str, float]:
-        return estimate(Choices(100_000, 100_000, PipelineParams(**params))).image_worker()
+        # images spread over many hosts: the per-host rate is not what bounds these machines
+        return estimate(Choices(100_000, 100_000, PipelineParams(**params),
+                                largest_host_share=0.01)).image_worker()
 
     before = worker(image_decode="exact", download_concurrency=64)
     now = worker()
@@ -433,27 +478,37 @@ def test_packaged_rates_image_worker_target():
 
 
 def test_cli_table_and_json(capsys):
-    assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4"]) == 0
+    assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
+                 "--largest-host-share", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "200,000 items, 100,000 with an image URL" in out
     assert re.search(r"^text workers\s+e2-standard-4 \(standard\)\s+4\s+50,000", out, re.M)
     assert "assumptions:" in out and "measured rates and published prices used" in out
-    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, CPU "
-                     r"1,0\d\d, T4 1,474\)$", out, re.M)
+    assert re.search(r"^image worker: 512 images/s, bound by downloads \(downloads 512, "
+                     r"per-host rate 1,000, CPU 1,0\d\d, T4 1,474\)$", out, re.M)
+    # by default the images are on one host: the per-host rate (50/s) bounds the worker
+    assert main(["estimate", "--items", "200k", "--shards", "4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^image worker: 50 images/s, bound by per-host rate \(downloads 512, "
+                     r"per-host rate 50, CPU 1,0\d\d, T4 1,474\)$", out, re.M)
+    assert "100% of the URLs on the largest host" in out
+    assert "raise download_rate_per_host (or set 0) when the images are on your own CDN" in out
 
     assert main(["estimate", "--items", "200k", "--image-fraction", "0.5", "--shards", "4",
-                 "--json"]) == 0
+                 "--largest-host-share", "0.05", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    direct = estimate(Choices(200_000, 100_000, PipelineParams(shards=4)))
+    direct = estimate(Choices(200_000, 100_000, PipelineParams(shards=4),
+                              largest_host_share=0.05))
     assert data["total"]["cost_usd"] == pytest.approx(direct.cost_usd)
     assert data["total"]["wall_s"] == pytest.approx(direct.wall_s)
-    assert [s["step"] for s in data["steps"]][:4] == ["fingerprint inputs", "plan shards",
-                                                      "text workers", "text merge"]
+    assert [s["step"] for s in data["steps"]] == ["fingerprint and plan", "text workers",
+                                                  "image workers", "fusion", "kNN graphs",
+                                                  "QA report", "pipeline run fee"]
     assert data["choices"]["params"]["shards"] == 4
     assert data["image_worker"]["bound_by"] == "downloads"
     # the image worker's knobs are options of their own
     assert main(["estimate", "--items", "200k", "--image-decode", "exact",
-                 "--download-concurrency", "64", "--json"]) == 0
+                 "--download-concurrency", "64", "--largest-host-share", "0.05", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["choices"]["params"]["image_decode"] == "exact"
     assert data["image_worker"]["stages_images_per_s"]["downloads"] == pytest.approx(256)
@@ -478,7 +533,11 @@ def test_cli_takes_the_runs_config_file_and_overrides(tmp_path, capsys):
     assert data["choices"]["params"]["shards"] == 12
     assert data["choices"]["params"]["max_parallel_shards"] == 6
     steps = {s["step"]: s for s in data["steps"]}
-    assert steps["text workers"]["tasks"] == 6 and "publish" in steps
+    assert steps["text workers"]["tasks"] == 6
+    assert data["choices"]["params"]["publish_uri"] == "gs://b/prev"  # the report publishes
+    unpublished = estimate(Choices(1_000_000, 1_000_000, dataclasses.replace(
+        params, publish_uri=""), changed_fraction=0.02))
+    assert steps["QA report"]["task_s"] > rows(unpublished)["QA report"].task_s
     assert "Spot" in steps["text workers"]["machine"]
 
 
@@ -521,7 +580,7 @@ def test_cli_bad_usage_exits_2(tmp_path):
 
 def test_the_per_host_rate_is_an_assumption_when_it_is_below_the_download_rate():
     # the toy rates download 1000 images/s: the default 50 per host is named, 0 (no limit) not
-    text = estimate(small(), toy()).format()
+    text = estimate(small(download_rate_per_host=50.0), toy()).format()
     assert "download_rate_per_host = 50/s per image worker" in text
     unlimited = estimate(small(download_rate_per_host=0.0), toy()).format()
     assert "download_rate_per_host" not in unlimited
@@ -536,3 +595,48 @@ def test_knn_memory_warning_names_a_machine_that_fits():
     needed = float(re.search(r"needs about (\d+) GB", warning).group(1))
     suggested = re.search(r"set knn_machine_type=(\S+) \((\d+) GB\)", warning)
     assert suggested and float(suggested.group(2)) >= needed
+
+
+@pytest.mark.parametrize("share, rate, expected, bound", [
+    (1.0, 50.0, 50, "per-host rate"),    # one host: 50 requests/s is 50 images/s
+    (0.25, 50.0, 200, "per-host rate"),  # a quarter on the largest host: 50 / 0.25
+    (0.01, 50.0, 1000, "downloads"),     # many hosts: 5,000 > 1,000 in flight / 0.064 s
+    (1.0, 0.0, 1000, "downloads"),       # no per-host limit
+])
+def test_the_per_host_rate_bounds_the_downloads_by_the_largest_hosts_share(share, rate,
+                                                                           expected, bound):
+    """An image worker sends the host holding ``share`` of the URLs at most ``rate``
+    requests/s: the downloads run at min(in flight / latency, rate / share); the image loop's
+    time, the printed bound and the JSON follow."""
+    rates = toy()
+    rates.data["image"]["decode_cpu_s_per_image"]["fast"] = q(0.001)  # CPU 4,000/s
+    choices = Choices(1000, 400, PipelineParams(
+        max_items=0, shards=2, image_strategy="STANDARD", download_concurrency=64,
+        download_rate_per_host=rate), largest_host_share=share)
+    est = estimate(choices, rates)
+    assert est.image_worker() == (bound, pytest.approx(expected))
+    assert rows(est)["image workers"].task_s == pytest.approx(135 + 5 + 200 / expected + 0.4096)
+    assert f"image worker: {expected:,} images/s, bound by {bound}" in est.format()
+    data = est.to_dict()
+    assert data["image_worker"]["bound_by"] == bound
+    assert data["choices"]["largest_host_share"] == share
+    assert ("per-host rate" in data["image_worker"]["stages_images_per_s"]) == (rate > 0)
+
+
+def test_the_largest_hosts_share_is_measured_in_the_items_file(tmp_path, capsys):
+    path = tmp_path / "items.parquet"
+    urls = [f"https://cdn.example/{i}.jpg" for i in range(6)] + [
+        f"https://img{i}.example/{i}.jpg" for i in range(4)] + ["http://cdn.example:8080/x.jpg"]
+    pq.write_table(pa.table({"asin": [f"A{i}" for i in range(len(urls))], "image_url": urls}),
+                   path)
+    assert main(["estimate", "--items-file", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # cdn.example holds 6 of 11 (cdn.example:8080 is another host, as the downloader counts it)
+    assert data["choices"]["largest_host_share"] == pytest.approx(6 / 11)
+    assert data["image_worker"]["stages_images_per_s"]["per-host rate"] == pytest.approx(
+        50 * 11 / 6)
+    assert "measured in the items file" in " ".join(data["assumptions"])
+    assert main(["estimate", "--items-file", str(path), "--largest-host-share", "0.5"]) == 2
+    assert "--largest-host-share goes with --items N" in capsys.readouterr().err
+    assert main(["estimate", "--items", "100", "--largest-host-share", "0"]) == 2
+    assert "largest host share must be in (0, 1], got 0" in capsys.readouterr().err

@@ -55,6 +55,26 @@ def test_the_image_cap_selects_the_items_one_run_selects(tmp_path):
     assert [s.image_quota for s in plan.shards][-1] == 0  # the cap is used up before the end
 
 
+def test_image_workers_start_only_where_the_capped_images_are(tmp_path):
+    """The cap puts every selected image in the first shards: only that many image workers
+    (one T4 each) start, dealt by their image rows; every shard still has one image worker
+    (an empty one writes empty outputs, so the merge finds every shard), and the text
+    workers are one per shard with rows."""
+    items, _ = _items(tmp_path, 40)
+    plan = plan_shards(str(items), PipelineParams(shards=8, max_parallel_shards=6, max_items=9))
+    quotas = [s.image_quota for s in plan.shards]
+    with_images = [s.index for s in plan.shards if s.image_quota]
+    assert 1 <= len(with_images) < 6 and quotas[-1] == 0
+    assert len(plan.image_workers) == len(with_images)
+    dealt = [[s.index for s in worker_shards(w)] for w in plan.image_workers]
+    assert sorted(i for shards in dealt for i in shards) == list(range(8))
+    # each image worker has exactly one shard with images, the largest first
+    assert sorted(sum(1 for i in shards if quotas[i]) for shards in dealt) == \
+        [1] * len(with_images)
+    assert len(plan.workers) == 6  # text: min(shards with rows, max_parallel_shards)
+    assert ShardPlan.from_workers(plan.image_workers).shards == plan.shards
+
+
 def _three_items_in_five_shards(tmp_path):
     """Worker output of 3 items in 5 shards (two empty), the plan, and the merged meta."""
     items, cat = _items(tmp_path, 3)

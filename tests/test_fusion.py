@@ -25,6 +25,7 @@ from item_embeddings.fusion.model import (
 )
 from item_embeddings.fusion.synthetic import write_synthetic_catalogue
 from item_embeddings.fusion.targets import (
+    PRESERVE_WEIGHT,
     TAU,
     Imputation,
     no_imputation,
@@ -41,6 +42,7 @@ from item_embeddings.outputs import (
     IMG_META,
     TXT_ARRAY,
     TXT_ITEMS,
+    TXT_META,
 )
 from item_embeddings.outputs import FUSION_WEIGHTS as WEIGHTS_FILE
 from item_embeddings.storage import sha256_file
@@ -329,10 +331,18 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
 
     target = _plain_targets(text, image, imputation, TAU)
     np.testing.assert_allclose(target.sum(dim=1).numpy(), 1.0, atol=1e-12)
-    np.testing.assert_allclose(batch.target_sym.numpy(), (target + target.T).numpy(),
+    # the preservation term's target: P within the anchor's own group, renormalised
+    own_group = (torch.arange(b) < image_count).unsqueeze(1) == (torch.arange(b) < image_count)
+    own_group &= own_group.sum(dim=1, keepdim=True) >= 2  # a group with a pair
+    own = torch.where(own_group, target, 0.0)
+    own = own / own.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    combined = target + PRESERVE_WEIGHT * own
+    np.testing.assert_allclose(batch.target_sym.numpy(), (combined + combined.T).numpy(),
                                atol=1e-12)
     np.testing.assert_allclose(float(batch.target_p_log_p),
-                               float(torch.special.xlogy(target, target).sum()), rtol=1e-12)
+                               float(torch.special.xlogy(target, target).sum()
+                                     + PRESERVE_WEIGHT * torch.special.xlogy(own, own).sum()),
+                               rtol=1e-12)
     # the plain model: one Linear over [text, image or 0, has_image] plus, for rows without an
     # image, the stand-in (a Linear of the text)
     has_image = torch.zeros(b, 1, dtype=torch.float64)
@@ -347,7 +357,10 @@ def test_objective_and_its_gradient_match_autograd_on_the_plain_formula(image_co
     z = torch.nn.functional.normalize(h, dim=1)
     self_mask = torch.eye(b, dtype=torch.bool)
     log_q = torch.log_softmax((z @ z.T / TAU).masked_fill(self_mask, -1e9), dim=1)
-    sim = (torch.special.xlogy(target, target) - target * log_q).sum(dim=1).mean()
+    log_q_own = torch.log_softmax((z @ z.T / TAU).masked_fill(~own_group | self_mask, -1e9),
+                                  dim=1)
+    sim = ((torch.special.xlogy(target, target) - target * log_q).sum(dim=1).mean()
+           + PRESERVE_WEIGHT * (torch.special.xlogy(own, own) - own * log_q_own).sum(dim=1).mean())
     loss = sim + NORM_WEIGHT * (h.norm(dim=1) - 1).pow(2).mean()
     assert parts["loss"] == pytest.approx(loss.item(), abs=1e-12)
     assert parts["sim_loss"] == pytest.approx(sim.item(), abs=1e-12)
@@ -600,15 +613,34 @@ def test_component_through_python_func(tmp_path, synthetic):
     from kfp import dsl
 
     from item_embeddings.components.fuse_embeddings import fuse_embeddings, make_component
+    from item_embeddings.fanout import WHOLE_TABLE
+    from item_embeddings.image.download import DownloadConfig
+    from item_embeddings.image.step import image_settings
+    from item_embeddings.text.step import text_settings
 
     root, cat = synthetic
     task_dir = tmp_path / "Run_42" / "fuse-embeddings"
+    # one worker's single shard of each step: the whole synthetic outputs
+    params = PipelineParams()
+    recorded_by = {  # what a worker records beyond the synthetic outputs' meta
+        "text": {**text_settings(params, "items.parquet"), "text_backend": "torch"},
+        "image": {**image_settings(params, DownloadConfig.from_params(params), "items.parquet"),
+                  "total_rows": N, "encoded_this_attempt": int(cat.has_image.sum())}}
+    for step, meta in (("text", TXT_META), ("image", IMG_META)):
+        shard = tmp_path / f"{step}_shards" / "shard-00000"
+        shutil.copytree(root / step, shard)
+        written = json.loads((shard / meta).read_text())
+        (shard / meta).write_text(json.dumps({**recorded_by[step], **written,
+                                              "encode_time_sec": 1.0}))
     fused = dsl.Dataset(uri=str(task_dir / "fused"))
     metrics = dsl.Metrics(uri=str(task_dir / "metrics"))
     component = make_component("example.invalid/item-embeddings:test")
     component.python_func(
-        text_embeddings=dsl.Dataset(uri=str(root / "text")),
-        image_embeddings=dsl.Dataset(uri=str(root / "image")),
+        text_shards=[dsl.Dataset(uri=str(tmp_path / "text_shards"))],
+        image_shards=[dsl.Dataset(uri=str(tmp_path / "image_shards"))],
+        text_embeddings=dsl.Dataset(uri=str(task_dir / "text")),
+        image_embeddings=dsl.Dataset(uri=str(task_dir / "image")),
+        workers=[WHOLE_TABLE], image_workers=[WHOLE_TABLE], previous_set={},
         fused_embeddings=fused, metrics=metrics, fusion_epochs=2, fusion_output_dim=64,
         tracking_backend="local", tracking_dir=str(tmp_path / "runs"), experiment="exp")
     assert component.python_func is fuse_embeddings
@@ -619,7 +651,10 @@ def test_component_through_python_func(tmp_path, synthetic):
     assert (metrics.metadata["fusion_reused_count"], metrics.metadata["fusion_computed_count"]) \
         == (0, N)
     assert metrics.metadata["fusion_items_with_images"] == int(cat.has_image.sum())
-    assert all(k.startswith("fusion_") for k in metrics.metadata)
+    # the task's Metrics hold the merged text and image steps' metrics too, each prefixed
+    assert all(k.startswith(("fusion_", "text_", "image_")) for k in metrics.metadata)
+    assert metrics.metadata["text_count"] == N
+    assert metrics.metadata["image_count"] == int(cat.has_image.sum())
     record = json.loads((tmp_path / "runs" / "exp" / "fuse-modal-run-42.json").read_text())
     assert record["status"] == "COMPLETE"
     assert {k: record["params"][k] for k in ("output_dim", "hidden_dim", "epochs", "lr")} == {
@@ -637,10 +672,12 @@ def test_component_through_python_func(tmp_path, synthetic):
     assert record["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])
     assert metrics.metadata["fusion_photo_share_base"] == pytest.approx(cat.has_image.mean())
     spec = component.component_spec
-    assert set(spec.inputs) >= {"text_embeddings", "image_embeddings", "fusion_hidden_dim",
-                                "fusion_output_dim", "fusion_epochs", "fusion_lr",
-                                "fusion_batch_size", "seed"}
-    assert set(spec.outputs) == {"fused_embeddings", "metrics"}
+    assert set(spec.inputs) >= {"text_shards", "image_shards", "workers", "image_workers",
+                                "previous_set", "fusion_hidden_dim", "fusion_output_dim",
+                                "fusion_epochs", "fusion_lr", "fusion_batch_size", "seed"}
+    # the merges run here: the text and image outputs are this task's too
+    assert set(spec.outputs) == {"text_embeddings", "image_embeddings", "fused_embeddings",
+                                 "metrics"}
 
 
 def test_component_bad_parameter_fails_before_reading_inputs(tmp_path):
@@ -652,8 +689,11 @@ def test_component_bad_parameter_fails_before_reading_inputs(tmp_path):
     task_dir = tmp_path / "run" / "fuse-embeddings"
     with pytest.raises(ConfigError, match="'fusion_epochs' must be >= 1 and <= 10000, got 0"):
         fuse_embeddings(  # the input directories do not even exist
-            text_embeddings=dsl.Dataset(uri=str(tmp_path / "text")),
-            image_embeddings=dsl.Dataset(uri=str(tmp_path / "image")),
+            text_shards=[dsl.Dataset(uri=str(tmp_path / "text"))],
+            image_shards=[dsl.Dataset(uri=str(tmp_path / "image"))],
+            text_embeddings=dsl.Dataset(uri=str(task_dir / "text")),
+            image_embeddings=dsl.Dataset(uri=str(task_dir / "image")),
+            workers=[], image_workers=[], previous_set={},
             fused_embeddings=dsl.Dataset(uri=str(task_dir / "fused")),
             metrics=dsl.Metrics(uri=str(task_dir / "metrics")), fusion_epochs=0,
             tracking_backend="none")

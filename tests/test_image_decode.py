@@ -199,7 +199,9 @@ def test_image_decode_from_the_component_to_the_vectors(tiny_model, tiny, photos
     from kfp.dsl import Dataset, Metrics
 
     from item_embeddings.components.embed_images import embed_images
-    from item_embeddings.components.merge_images import merge_images
+    from item_embeddings.fanout import WHOLE_TABLE, ShardPlan, merge_image_shards
+    from item_embeddings.image.step import IMAGE_STEP
+    from item_embeddings.tracking import write_metrics_artifact
 
     config, checkpoint, _ = tiny_model
     names = [f"p{i}.jpg" for i in range(len(photos))]
@@ -212,7 +214,7 @@ def test_image_decode_from_the_component_to_the_vectors(tiny_model, tiny, photos
                          image_shards=Dataset(name="image_shards", uri=str(task / "ds")),
                          image_model=str(config), image_pretrained=str(checkpoint),
                          download_retries=0, allow_private_hosts=True, tracking_backend="local",
-                         tracking_dir=str(tmp_path / "runs"), **chosen)
+                         tracking_dir=str(tmp_path / "runs"), log_shard_runs=True, **chosen)
             shard = task / "ds" / "shard-00000"
             meta = json.loads((shard / IMG_META).read_text())
             assert meta["image_decode"] == mode and meta["count"] == len(photos)
@@ -230,9 +232,10 @@ def test_image_decode_from_the_component_to_the_vectors(tiny_model, tiny, photos
 
             merged = Dataset(name="image_embeddings", uri=str(task.parent / "merge" / "ds"))
             metrics = Metrics(name="metrics", uri=str(task.parent / "merge" / "metrics"))
-            merge_images(image_shards=[Dataset(name="image_shards", uri=str(task / "ds"))],
-                         image_embeddings=merged, metrics=metrics, tracking_backend="none")
+            merge_image_shards([str(task / "ds")], ShardPlan.from_workers([WHOLE_TABLE]),
+                               merged.path, PipelineParams())
             merged_meta = json.loads((Path(merged.path) / IMG_META).read_text())
+            write_metrics_artifact(metrics, "image", IMAGE_STEP.metrics(merged_meta))
             for key in ("download_wall_s", "decode_cpu_s", "encode_wall_s"):
                 assert merged_meta[key] == meta[key]
                 assert metrics.metadata[f"image_{key}"] == meta[key]

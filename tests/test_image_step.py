@@ -395,13 +395,16 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
 
 # ----------------------------------------------------------------------------- the component
 
-def test_worker_and_merge_components_write_outputs_and_metrics(server, tiny_model, tmp_path):
-    """The image worker (one shard: the whole table) and the merge step, as the pipeline runs
-    them: the merged files are the step's outputs, with the step's Metrics."""
+def test_worker_component_and_the_merge_write_outputs_and_metrics(server, tiny_model, tmp_path):
+    """The image worker (one shard: the whole table) and the merge (which the fusion task runs
+    first), as the pipeline runs them: the merged files are the step's outputs, with the step's
+    metrics on the Metrics artifact and its experiment run."""
     from kfp.dsl import Dataset, Metrics
 
     from item_embeddings.components.embed_images import embed_images
-    from item_embeddings.components.merge_images import merge_images
+    from item_embeddings.fanout import WHOLE_TABLE, ShardPlan, merge_image_shards
+    from item_embeddings.image.step import IMAGE_STEP
+    from item_embeddings.tracking import LocalTracker, write_metrics_artifact
 
     config, checkpoint, _ = tiny_model
     items = items_with_urls(tmp_path / "items.parquet",  # integer ids are kept as integers
@@ -412,18 +415,21 @@ def test_worker_and_merge_components_write_outputs_and_metrics(server, tiny_mode
     embed_images(items=Dataset(name="items", uri=str(items)), image_shards=shards,
                  image_model=str(config), image_pretrained=str(checkpoint),
                  download_retries=0, allow_private_hosts=True, tracking_backend="local",
-                 tracking_dir=str(tmp_path / "runs"), image_user_agent="test-agent/1")
+                 tracking_dir=str(tmp_path / "runs"), image_user_agent="test-agent/1",
+                 log_shard_runs=True)
     assert "test-agent/1" in server.user_agents
     assert (tmp_path / "runs" / "recsys-dev" /
             "embed-image-item-embeddings-comp-shard-00000.json").is_file()
     merge_dir = tmp_path / "item-embeddings-comp" / "merge-images"
-    dataset = Dataset(name="image_embeddings", uri=str(merge_dir / "ds"))
     metrics = Metrics(name="metrics", uri=str(merge_dir / "metrics"))
-    merge_images(image_shards=[shards], image_embeddings=dataset, metrics=metrics,
-                 tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
-    assert dataset.metadata["count"] == 1 and dataset.metadata["embed_dim"] == 32
+    meta = merge_image_shards([shards.path], ShardPlan.from_workers([WHOLE_TABLE]),
+                              merge_dir / "ds", PipelineParams(), run_id="item-embeddings-comp",
+                              tracker=LocalTracker(tmp_path / "runs", "recsys-dev"))
+    write_metrics_artifact(metrics, "image", IMAGE_STEP.metrics(meta))
+    assert meta["count"] == 1 and meta["embed_dim"] == 32
     assert metrics.metadata["image_count"] == 1 and metrics.metadata["image_failed_count"] == 1
     assert metrics.metadata["image_no_url_count"] == 1
+    assert metrics.metadata["image_fanout_shards"] == 1
     assert all(k.startswith("image_") for k in metrics.metadata)
     assert (tmp_path / "runs" / "recsys-dev" / "embed-image-item-embeddings-comp.json").is_file()
     assert pq.read_table(merge_dir / "ds" / IMG_ITEMS).column("id").to_pylist() == [10]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import TINY_CONFIG, catalogue, write_items
+from helpers import TINY_CONFIG, catalogue, make_output_set, reseal, write_items, write_knn
 from image_server import ImageServer, gradient
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
@@ -40,6 +40,8 @@ from item_embeddings.outputs import (
     IMG_FAILURES,
     IMG_ITEMS,
     IMG_META,
+    KNN_TEXT_SCORES,
+    MANIFEST,
     TXT_ARRAY,
     TXT_ITEMS,
     TXT_META,
@@ -485,6 +487,138 @@ def test_a_missing_previous_set_is_an_error(sets, text_encoder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------ rows moved, records rewritten
+
+def _swap_text_rows(root: Path, pairs) -> None:
+    """Swap rows of txt.npy and rewrite every recorded size and sha256 to match: the hashes
+    alone then bless a set whose items carry each other's vectors."""
+    vectors = np.load(root / TXT_ARRAY)
+    for i, j in pairs:
+        vectors[[i, j]] = vectors[[j, i]]
+    np.save(root / TXT_ARRAY, vectors)
+    reseal(root)
+
+
+def test_two_swapped_text_rows_with_rewritten_records_are_refused_by_the_first_task(sets,
+                                                                                     tmp_path):
+    """The run's first task checks the groups against each other: the fused codes are the
+    fusion model applied to the text and image rows (every row of a set this small: 48 <=
+    SAMPLE_ROWS), so two swapped text rows cannot hide behind rewritten hashes."""
+    from item_embeddings.incremental import verify_previous_set
+    from item_embeddings.previous_checks import SAMPLE_ROWS
+
+    previous = tmp_path / "previous"
+    shutil.copytree(sets["A"], previous, ignore=shutil.ignore_patterns("img_shards"))
+    assert verify_previous_set(str(previous)).root == str(previous)  # intact: accepted
+    assert N <= SAMPLE_ROWS
+    _swap_text_rows(previous, [(3, 30)])
+    with pytest.raises(PreviousSetError, match=r"fused.npy does not match the fusion model "
+                       r"applied to txt.npy and img.npy at 2 of 48 sampled rows \(e.g. rows "
+                       r"\[3, 30\]"):
+        verify_previous_set(str(previous))
+
+
+def test_swapped_text_rows_are_encoded_again_and_the_log_says_why(sets, text_encoder, tmp_path,
+                                                                   caplog):
+    """A text step handed such a set (no first task: hashes only) encodes a seeded sample of
+    the rows it would reuse again; they are not what the encoder makes of their texts, so it
+    falls back to encoding every row, says so, and its vectors are the full run's."""
+    previous = tmp_path / "previous"
+    shutil.copytree(sets["A"], previous, ignore=shutil.ignore_patterns("img_shards"))
+    _swap_text_rows(previous, [(i, N - 1 - i) for i in range(N // 2)])  # every row moved
+    params = PipelineParams(previous_uri=str(previous), text_batch_size=16)
+    with caplog.at_level(logging.WARNING, logger="item_embeddings.text.step"):
+        meta = embed_items_text(str(sets["items_b"]), tmp_path / "out", params,
+                                encoder=text_encoder)
+    assert "not what this encoder makes of their texts" in caplog.text
+    assert "every row is encoded again" in caplog.text
+    assert meta["reused_count"] == 0 and meta["encoded_count"] == len(sets["b"]["asin"])
+    np.testing.assert_allclose(np.load(tmp_path / "out" / TXT_ARRAY),
+                               np.load(sets["full"] / TXT_ARRAY), atol=1e-5)
+
+
+def test_a_worker_checks_a_bounded_sample_of_reused_rows_whatever_its_shards(sets, text_encoder,
+                                                                             tmp_path):
+    """The re-encoding check is about the set, not the shard: a worker running many shards
+    encodes REUSE_CHECK_ROWS reused rows again in all, not that many per shard."""
+    from item_embeddings.fanout import plan_shards, worker_shards
+    from item_embeddings.text.step import REUSE_CHECK_ROWS
+    from item_embeddings.worker import WorkerSetup
+
+    encoded: list[int] = []
+    real = text_encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    params = PipelineParams(previous_uri=str(sets["A"]), text_batch_size=16, shards=8,
+                            max_parallel_shards=1)
+    (worker,) = plan_shards(str(sets["items_b"]), params).workers
+    text_encoder.encode = counting
+    try:
+        with WorkerSetup() as setup:
+            metas = [embed_items_text(str(sets["items_b"]), tmp_path / s.dirname, params,
+                                      rows=s.rows, encoder=text_encoder, setup=setup)
+                     for s in worker_shards(worker)]
+    finally:
+        text_encoder.encode = real
+    assert len(metas) == 8 and sum(m["reused_count"] for m in metas) > 2 * REUSE_CHECK_ROWS
+    assert sum(encoded) == sum(m["encoded_count"] for m in metas) + REUSE_CHECK_ROWS
+
+
+def test_a_manifest_in_a_run_folder_never_overrides_the_meta_files(sets, text_encoder,
+                                                                    tmp_path):
+    """A manifest.json dropped into a run's folder that records a replaced txt.npy as it now
+    is: the text step's meta still records the original, and the set is refused."""
+    from item_embeddings.publish import build_manifest
+
+    previous = tmp_path / "previous"
+    shutil.copytree(sets["A"], previous, ignore=shutil.ignore_patterns("img_shards"))
+    _flip_byte(previous / TXT_ARRAY)
+    files = {f.name: f for f in previous.iterdir() if f.is_file()}
+    (previous / MANIFEST).write_text(json.dumps(build_manifest(
+        files, publish_uri=str(previous), run_id="forged")))
+    with pytest.raises(PreviousSetError, match=r"txt.npy: content does not match "
+                                               r"txt_meta.json"):
+        embed_items_text(str(sets["items_b"]), tmp_path / "out",
+                         PipelineParams(previous_uri=str(previous)), encoder=text_encoder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_knn_scores_must_be_the_cosines_of_the_rows_they_link(tmp_path):
+    """A set whose graph lists real rows with scores that are not their cosines (records
+    rewritten) is refused before anything is reused."""
+    from item_embeddings.incremental import verify_previous_set
+
+    root = write_knn(make_output_set(tmp_path / "set"))
+    for fusion_file in [*root.glob("fused*"), *root.glob("fusion*")]:
+        fusion_file.unlink()  # the helper's fusion weights are not a model: text, image, kNN
+    assert verify_previous_set(str(root)).root == str(root)
+    scores = np.load(root / KNN_TEXT_SCORES)
+    scores[5] = scores[5][::-1].copy()  # still real numbers in [-1, 1], no longer the cosines
+    np.save(root / KNN_TEXT_SCORES, scores)
+    reseal(root)
+    with pytest.raises(PreviousSetError, match=r"knn_text.npy does not match txt.npy .*row 5 "
+                                               r"lists row \d+ with score"):
+        verify_previous_set(str(root))
+
+
+def test_a_verified_set_survives_kfp_numbers(tmp_path, sets):
+    """What the first task verified travels as a task output, where KFP turns numbers into
+    floats: a file's version (an mtime in nanoseconds, a generation) must come back exact, or
+    every worker would take the set for changed."""
+    from item_embeddings.incremental import VerifiedSet, open_previous, verify_previous_set
+
+    verified = verify_previous_set(str(sets["A"]))
+    floated = json.loads(json.dumps(verified.as_dict()),
+                         parse_int=float)  # what a loop item gives back
+    back = VerifiedSet.from_dict(floated)
+    assert back == verified
+    with open_previous(str(sets["A"]), "text", verified=back) as previous:
+        assert previous.shape(TXT_ARRAY)[0] == N
+
+
 # ----------------------------------------------------------------------------- published on gs://
 
 def test_previous_set_published_on_gcs(sets, server, gcs, text_encoder, image_encoder,
@@ -524,21 +658,26 @@ def test_a_run_reads_the_set_its_first_task_pinned(sets, tmp_path):
 
     from item_embeddings.components.embed_text import embed_text
     from item_embeddings.components.fingerprint_inputs import fingerprint_inputs
-    from item_embeddings.fanout import WHOLE_TABLE
     from item_embeddings.incremental import pinned_previous
 
     prefix = tmp_path / "published"
     a = publish_outputs([sets["A"]], str(prefix), run_id="A")
     items = dsl.Dataset(name="items", uri=str(sets["items_b"]))
-    fingerprint = fingerprint_inputs(items=items, previous_uri=str(prefix))
+    plan = fingerprint_inputs(items=items, previous_uri=str(prefix))
+    fingerprint = plan.fingerprint
     assert pinned_previous(fingerprint) == str(prefix / a["set"]).rstrip("/")
+    # what it verified travels with every worker: the set it pinned, each file's version
+    (worker,) = plan.workers
+    assert worker["inputs_fingerprint"] == fingerprint
+    assert worker["previous"] == plan.previous_set
+    assert plan.previous_set["root"] == pinned_previous(fingerprint)
+    assert TXT_ARRAY in plan.previous_set["files"]
     publish_outputs([sets["inc"]], str(prefix), run_id="inc")  # another run, meanwhile
-    assert fingerprint_inputs(items=items, previous_uri=str(prefix)) != fingerprint
+    assert fingerprint_inputs(items=items, previous_uri=str(prefix)).fingerprint != fingerprint
     task = tmp_path / "root" / "item-embeddings-pin" / "embed-text"
     shards = dsl.Dataset(name="text_shards", uri=str(task / "text_shards"), metadata={})
     embed_text(items=items, text_shards=shards, previous_uri=str(prefix), text_backend="torch",
-               worker={**WHOLE_TABLE, "inputs_fingerprint": fingerprint}, text_batch_size=16,
-               tracking_backend="none")
+               worker=worker, text_batch_size=16, tracking_backend="none")
     meta = read_meta(task / "text_shards" / "shard-00000", TXT_META)
     assert meta["previous_uri"] == pinned_previous(fingerprint)
     inc = read_meta(sets["inc"], TXT_META)  # what reading set A gives (the newer set: all)

@@ -55,16 +55,24 @@ def test_compile_writes_yaml_that_kfp_loads(tmp_path):
     assert set(params) == set(PARAM_FIELDS)
     assert params["text_batch_size"]["defaultValue"] == 128
     assert params["id_column"]["defaultValue"] == "asin"
-    containers = [e["container"] for e in spec["deploymentSpec"]["executors"].values()
-                  if "container" in e]
+    executors = spec["deploymentSpec"]["executors"]
+    containers = [e["container"] for e in executors.values() if "container" in e]
     our_tasks = [c for c in containers if "item_embeddings" in " ".join(c.get("command", []))]
-    # fingerprint, plan, merge text, merge images, QA report, publish (the text, image, fusion
-    # and kNN steps are inside custom jobs)
-    assert len(our_tasks) == 6
-    assert {c["image"] for c in our_tasks} == {"example.com/img:1"}
-    # No pip install at task start: the image carries the package.
-    assert not any("pip install" in " ".join(c["command"]) for c in our_tasks)
-    text_inputs = spec["root"]["dag"]["tasks"]["merge-text"]["inputs"]["parameters"]
+    # Every step is inside a custom job: the first task, the text workers (a CPU and a GPU
+    # job), the image workers, fusion, kNN and the report, in our images, nothing installed
+    # at task start (the image carries the package).
+    assert our_tasks == []
+    jobs = [c for c in containers if "--payload" in c.get("args", [])]
+    assert len(jobs) == 7
+    pools = [c["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+             for c in spec["components"].values()
+             if "worker_pool_specs" in c.get("inputDefinitions", {}).get("parameters", {})]
+    assert len(pools) == 7
+    images = {s[0]["container_spec"]["image_uri"] for s in pools}
+    assert images >= {"example.com/img:1", "example.com/gpu:1"}
+    for specs in pools:
+        assert not any("pip install" in c for c in specs[0]["container_spec"]["command"])
+    text_inputs = spec["root"]["dag"]["tasks"]["fuse-embeddings"]["inputs"]["parameters"]
     assert text_inputs["project"]["runtimeValue"]["constant"] == \
         "{{$.pipeline_google_cloud_project_id}}"
 
@@ -77,25 +85,30 @@ def test_compile_py_is_the_cli_compile(tmp_path):
 
 
 def test_component_python_func(tmp_path, items_path):
-    """The text worker (no plan: the whole table as one shard) and the merge, called as
-    plain Python functions."""
+    """The text worker (no plan: the whole table as one shard), called as a plain Python
+    function, and its shard merged as the fusion task merges it."""
     from kfp import dsl
 
     from item_embeddings.components.embed_text import embed_text
-    from item_embeddings.components.merge_text import merge_text
+    from item_embeddings.fanout import WHOLE_TABLE, ShardPlan, merge_text_shards
+    from item_embeddings.text.step import TEXT_STEP
+    from item_embeddings.tracking import LocalTracker, write_metrics_artifact
 
     task_dir = tmp_path / "item-embeddings-20261125" / "embed-text"
     shards = dsl.Dataset(name="text_shards", uri=str(task_dir / "text_shards"), metadata={})
     embed_text(items=dsl.Dataset(name="items", uri=str(items_path)), text_shards=shards,
-               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+               text_batch_size=32, tracking_backend="local", tracking_dir=str(tmp_path / "runs"),
+               log_shard_runs=True)
     assert np.load(task_dir / "text_shards" / "shard-00000" / TXT_ARRAY).shape == (40, 384)
-    data = dsl.Dataset(name="text_embeddings", uri=str(task_dir / "text_embeddings"), metadata={})
     metrics = dsl.Metrics(name="metrics", uri=str(task_dir / "metrics"), metadata={})
-    merge_text(text_shards=[shards], text_embeddings=data, metrics=metrics,
-               tracking_backend="local", tracking_dir=str(tmp_path / "runs"))
+    meta = merge_text_shards([shards.path], ShardPlan.from_workers([WHOLE_TABLE]),
+                             task_dir / "text_embeddings", PipelineParams(),
+                             run_id="item-embeddings-20261125",
+                             tracker=LocalTracker(tmp_path / "runs", "recsys-dev"))
+    write_metrics_artifact(metrics, "text", TEXT_STEP.metrics(meta))
     assert np.load(task_dir / "text_embeddings" / TXT_ARRAY).shape == (40, 384)
     assert metrics.metadata["text_count"] == 40
-    assert data.metadata["embed_dim"] == 384
+    assert meta["embed_dim"] == 384
     runs = tmp_path / "runs" / "recsys-dev"
     assert (runs / "embed-text-item-embeddings-20261125.json").exists()
     assert (runs / "embed-text-item-embeddings-20261125-shard-00000.json").exists()
@@ -169,14 +182,13 @@ def test_run_local_whole_dag(dag_run, capsys):
     assert "<h2" in (out / QA_REPORT).read_text()
     runs = sorted(p.name.split("-item-embeddings")[0] + ("-shard" if "-shard-" in p.name else "")
                   for p in (out / "runs" / "test-exp").glob("*.json"))
-    # each step's run, and one run per shard of each worker (one shard here)
-    assert runs == ["embed-image", "embed-image-shard", "embed-text", "embed-text-shard",
-                    "fuse-modal", "knn-graph"]
+    # each step's run, none per shard (log_shard_runs is off): the list a user reads
+    assert runs == ["embed-image", "embed-text", "fuse-modal", "knn-graph"]
     for record in (out / "runs" / "test-exp").glob("*.json"):
         assert json.loads(record.read_text())["status"] == "COMPLETE"
     assert main(["runs", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out
-    assert table.count("COMPLETE") == 6
+    assert table.count("COMPLETE") == 4
 
 
 # How far a shards=3 run's floats may be from a shards=1 run's (docs/operations.md, *Many
@@ -217,8 +229,8 @@ def test_each_steps_metrics_artifact_holds_its_experiment_runs_metrics(dag_run):
     _, out, _, _, _ = dag_run
     runs = out / "runs" / "test-exp"
     logged = {}
-    for task, prefix, run_name in (("merge-text", "text", "embed-text"),
-                                   ("merge-images", "image", "embed-image"),
+    for task, prefix, run_name in (("fuse-embeddings", "text", "embed-text"),
+                                   ("fuse-embeddings", "image", "embed-image"),
                                    ("fuse-embeddings", "fusion", "fuse-modal"),
                                    ("knn-graphs", "knn", "knn-graph")):
         (path,) = [p for p in runs.glob(f"{run_name}-item-embeddings-*.json")
@@ -226,13 +238,18 @@ def test_each_steps_metrics_artifact_holds_its_experiment_runs_metrics(dag_run):
         record = json.loads(path.read_text())
         pipeline_run = record["run_name"][len(run_name) + 1:]
         artifact = json.loads((out / ".kfp" / pipeline_run / task / "metrics").read_text())
-        assert artifact == {f"{prefix}_{k}": v for k, v in record["metrics"].items()}, task
+        # the fusion task's Metrics holds the merges' metrics too, each under its prefix
+        mine = {k: v for k, v in artifact.items() if k.startswith(f"{prefix}_")}
+        assert mine == {f"{prefix}_{k}": v for k, v in record["metrics"].items()}, task
         logged[run_name] = set(record["metrics"])
     # counts that once reached the Metrics artifact only, and times the run only
     assert {"count", "attempted_count", "no_url_count", "failed_count"} <= logged["embed-image"]
     assert {"count", "image_vectors_excluded", "computed_count", "wall_time_sec",
             "best_epoch"} <= logged["fuse-modal"]
     assert {"text_recall_at_k", "text_build_time_sec", "fused_exact"} <= logged["knn-graph"]
+    # the shard detail is in the steps' runs (no run per shard by default)
+    assert {"fanout_shards", "shard_wall_time_max_sec"} <= logged["embed-text"]
+    assert {"fanout_shards", "shard_wall_time_max_sec"} <= logged["embed-image"]
 
 
 @pytest.mark.slow
@@ -330,7 +347,7 @@ def test_editing_a_placed_file_cannot_poison_the_cache(dag_run, capsys):
     assert main(["run-local", "--items", str(items), "--output-dir", str(out),
                  "--config", str(items.parent / "cfg.yaml"),
                  "--set", "allow_private_hosts=true"]) == 0
-    assert "merge-text: reused from the cache of an earlier run" in capsys.readouterr().out
+    assert "fuse-embeddings: reused from the cache of an earlier run" in capsys.readouterr().out
     for name, data in good.items():
         assert (out / name).read_bytes() == data, name
     assert main(["verify", str(out)]) == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from google.cloud.storage import Blob
 
-from helpers import make_output_set
+from helpers import make_output_set, write_items, write_knn
 from item_embeddings import publish as publish_mod
 from item_embeddings.outputs import QA_REPORT, TXT_ARRAY, TXT_ITEMS, TXT_META
 from item_embeddings.publish import LOCK_FILE, MANIFEST, PublishError, publish_outputs
@@ -252,33 +252,45 @@ def test_gcs_failure_while_uploading_leaves_the_current_set(bucket, tmp_path, mo
 
 
 def test_component_publishes_through_kfp_local(tmp_path):
-    """The KFP component end to end in kfp.local (importers hand it three step directories)."""
+    """The QA report component publishes (no task of its own only copies files): end to end
+    in kfp.local, importers handing it the items and the four step directories."""
     from kfp import dsl, local
 
-    from item_embeddings.components.publish_outputs import make_component
+    from item_embeddings.components.qa_report import make_component
 
-    text, image, fused, report = _sources(tmp_path / "steps")
-    knn = tmp_path / "steps" / "knn"
-    knn.mkdir()  # an empty kNN folder: a set without graphs (verify accepts it)
+    full = write_knn(make_output_set(tmp_path / "all"))
+    items = write_items(tmp_path / "items.parquet", {
+        "asin": [f"B{i:05d}" for i in range(40)], "title": [f"item {i}" for i in range(40)],
+        "description": ["a thing"] * 40, "image_url": [None] * 40})
+    steps = {"text": ("txt",), "image": ("img",), "fused": ("fused", "fusion"), "knn": ("knn",)}
+    dirs = {}
+    for step, prefixes in steps.items():
+        dirs[step] = tmp_path / "steps" / step
+        dirs[step].mkdir(parents=True)
+        for f in full.iterdir():
+            if f.name.startswith(prefixes):
+                f.rename(dirs[step] / f.name)
     dest = tmp_path / "published"
-    publish_op = make_component("python:3.11")
+    report_op = make_component("python:3.11")
 
     @dsl.pipeline(name="publish-test")
     def pipe(publish_uri: str) -> str:
         imported = [dsl.importer(artifact_uri=str(d), artifact_class=dsl.Dataset).output
-                    for d in (text, image, fused, knn, report)]
-        return publish_op(text_embeddings=imported[0], image_embeddings=imported[1],
-                          fused_embeddings=imported[2], knn_graphs=imported[3],
-                          report=imported[4], publish_uri=publish_uri,
-                          run_id="local-1").output
+                    for d in (items, *dirs.values())]
+        return report_op(items=imported[0], text_embeddings=imported[1],
+                         image_embeddings=imported[2], fused_embeddings=imported[3],
+                         knn_graphs=imported[4], publish_uri=publish_uri,
+                         run_id="local-1").outputs["Output"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(tmp_path / "kfp"))
     assert pipe(publish_uri=str(dest)).output == str(dest / MANIFEST)
     manifest = json.loads((dest / MANIFEST).read_text())
-    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 14
+    # text 3, image 4, fused 5, kNN 5 files and the report the task just rendered with its
+    # record (report_meta.json)
+    assert manifest["run_id"] == "local-1" and len(manifest["files"]) == 19
     assert QA_REPORT in manifest["files"]
-    assert manifest["extra"]["sources"]["text"] == str(text)
+    assert manifest["extra"]["sources"]["text"] == str(dirs["text"])
     assert verify_outputs(str(dest)).ok
     # Empty publish_uri = publishing off: nothing happens, "" comes back.
     assert pipe(publish_uri="").output == ""
@@ -556,6 +568,263 @@ def test_gcs_publish_requests(bucket, tmp_path, monkeypatch):
     assert f"ifGenerationMatch={generation}" in pointer_url
     blob = bucket.get_blob(f"embeddings/wire/{MANIFEST}")
     assert blob.content_type == "application/json"
+    own = bucket.get_blob(f"embeddings/wire/{manifest['set']}{MANIFEST}")
+    assert own.content_type == "application/json"  # the set's manifest reads as JSON too
     assert blob.download_as_bytes().decode() == json.dumps(manifest, indent=2,
                                                            sort_keys=True) + "\n"
     assert manifest["history"] == [manifest["set"], first["set"]]
+
+
+# ----------------------------------------------------------------------- names, logs, messages
+
+
+@pytest.mark.parametrize("run_id, part", [
+    ("  Nightly run #3!", "Nightly-run-3"),       # other characters become one '-', ends trimmed
+    ("X-ray_2", "X-ray_2"),
+    ("a" * 60, "a" * 48),                          # at most 48 characters of the run id
+    ("///", "run"),                                # nothing left: "run"
+])
+def test_set_names_carry_the_utc_time_and_a_readable_run_id(tmp_path, monkeypatch, run_id, part):
+    import datetime as dt
+    import re
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")  # a machine whose local time is not UTC
+    time.tzset()
+    try:
+        before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
+        manifest = publish_outputs(_sources(tmp_path, with_images=False),
+                                   str(tmp_path / "dest"), run_id=run_id)
+        after = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    match = re.fullmatch(rf"{SETS_DIR}/(\d{{8}}T\d{{6}}Z)-(.+)-([0-9a-f]{{8}})/", manifest["set"])
+    assert match, manifest["set"]
+    assert before <= dt.datetime.strptime(match[1], "%Y%m%dT%H%M%SZ") <= after
+    assert match[2] == part
+
+
+def test_publish_logs_what_it_published(tmp_path, caplog):
+    sources = _sources(tmp_path, with_images=False)
+    dest = str(tmp_path / "dest")
+    with caplog.at_level("INFO", logger=publish_mod.__name__):
+        manifest = publish_outputs(sources, dest, run_id="r")
+    size = sum(f["size"] for f in manifest["files"].values())
+    assert [r.getMessage() for r in caplog.records if r.name == publish_mod.__name__] == [
+        f"published {len(manifest['files'])} files ({size:,d} bytes) to {dest} as "
+        f"{manifest['set'].rstrip('/')}"]
+
+
+def test_publish_creates_missing_parent_folders(tmp_path):
+    dest = tmp_path / "a" / "b" / "published"
+    manifest = publish_outputs(_sources(tmp_path, with_images=False), str(dest))
+    assert resolve(str(dest)).manifest == manifest
+
+
+def _refusal_tail() -> str:
+    return "(publish to one prefix from one run at a time; docs/operations.md, Publishing)"
+
+
+def _started_from(source: Path, previous_uri: str) -> None:
+    meta_path = source / TXT_META
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()),
+                                     "previous_uri": previous_uri}))
+
+
+def test_refusals_name_the_prefix_the_sets_and_where_to_read_more(tmp_path, monkeypatch):
+    dest = tmp_path / "published"
+    s0 = publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="s0")
+    s1 = publish_outputs(_sources(tmp_path / "1"), str(dest), run_id="s1")
+    late = _sources(tmp_path / "late")
+    _started_from(late[0], str(dest / s0["set"]))
+    with pytest.raises(PublishError) as exc:
+        publish_outputs(late, str(dest), run_id="late")
+    assert str(exc.value) == (
+        f"{dest} now names set {dest / s1['set'].rstrip('/')}, not {dest / s0['set']} that this "
+        "run started from: another run published meanwhile; not replacing a newer set with one "
+        f"made from an older one {_refusal_tail()}")
+
+    won = {}
+    _during_first(monkeypatch, publish_mod.shutil, "copyfile", lambda: won.update(
+        publish_outputs(_sources(tmp_path / "a"), str(dest), run_id="a")))
+    with pytest.raises(PublishError) as exc:
+        publish_outputs(_sources(tmp_path / "b"), str(dest), run_id="b")
+    assert str(exc.value) == (
+        f"another run published to {dest} while this one was publishing (it now names "
+        f"{dest / won['set'].rstrip('/')}); this run's set was removed, the other's stays "
+        f"current {_refusal_tail()}")
+
+
+def test_a_run_from_another_prefix_or_without_text_publishes_over_a_current_set(tmp_path):
+    """Only a run made from a set of this prefix is checked against its pointer: one that read
+    its previous set elsewhere, or one without a text step (nothing recorded), publishes."""
+    dest, other = tmp_path / "published", tmp_path / "other"
+    elsewhere = publish_outputs(_sources(tmp_path / "e"), str(other), run_id="e")
+    publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="s0")
+    moved = _sources(tmp_path / "moved")
+    _started_from(moved[0], str(other / elsewhere["set"]))
+    assert publish_outputs(moved, str(dest), run_id="moved")["run_id"] == "moved"
+    _text, *others = _sources(tmp_path / "no-text")
+    assert publish_outputs(others, str(dest), run_id="images")["run_id"] == "images"
+
+
+def test_a_flat_set_appearing_while_publishing_is_a_lost_race(tmp_path, monkeypatch):
+    """An older version publishes flat (files beside manifest.json, no set folder) to a new
+    prefix while this run copies its set: the pointer is not overwritten."""
+    dest = tmp_path / "published"
+    flat = make_output_set(tmp_path / "flat", with_images=False)
+
+    def publish_flat():
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in flat.iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+        (dest / MANIFEST).write_text(json.dumps({"format": 1, "files": {
+            f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in flat.iterdir()}}))
+
+    _during_first(monkeypatch, publish_mod.shutil, "copyfile", publish_flat)
+    with pytest.raises(PublishError, match="another run published"):
+        publish_outputs(_sources(tmp_path / "b"), str(dest), run_id="b")
+    assert json.loads((dest / MANIFEST).read_text())["format"] == 1
+    assert not any((dest / SETS_DIR).iterdir())
+
+
+# ----------------------------------------------------------------------------- upgrades, pruning
+
+
+def _flat_manifest(files: dict[str, bytes]) -> dict:
+    import hashlib
+
+    return {"format": 1, "run_id": "flat", "files": {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in files.items()}}
+
+
+def test_a_flat_prefix_of_an_older_version_is_replaced_by_a_set(tmp_path):
+    """A prefix an older version published flat: the new set becomes current and the flat
+    files go; a name that is no plain file name of the prefix (a path) is never deleted, and a
+    listed file already gone is no error."""
+    dest = tmp_path / "published"
+    dest.mkdir()
+    flat = {TXT_ARRAY: b"old vectors", TXT_ITEMS: b"old ids", QA_REPORT: b"<html></html>"}
+    for name, data in flat.items():
+        (dest / name).write_bytes(data)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the prefix's")
+    listed = {**flat, "gone.bin": b"x", "../outside.txt": b"not the prefix's", MANIFEST: b"{}"}
+    (dest / MANIFEST).write_text(json.dumps(_flat_manifest(listed)))
+    manifest = publish_outputs(_sources(tmp_path, with_images=False), str(dest), run_id="new")
+    assert {p.name for p in dest.iterdir()} == {MANIFEST, SETS_DIR, LOCK_FILE}
+    assert outside.read_text() == "not the prefix's"
+    assert resolve(str(dest)).manifest == manifest and manifest["history"] == [manifest["set"]]
+
+
+def test_a_pointer_without_history_keeps_the_set_it_named(tmp_path):
+    """A pointer written before pointers carried a history: the set it named is kept as the
+    one before the new set."""
+    dest = tmp_path / "published"
+    first = publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="r0")
+    (dest / MANIFEST).write_text(json.dumps({k: v for k, v in first.items() if k != "history"}))
+    second = publish_outputs(_sources(tmp_path / "1"), str(dest), run_id="r1")
+    assert second["history"] == [second["set"], first["set"]]
+    assert verify_outputs(str(dest / first["set"])).ok
+
+
+def test_leftovers_are_removed_only_when_a_day_older_than_the_new_set(tmp_path):
+    """A set folder no pointer named is removed when its time is more than a day before the
+    new set's (to the second); a younger one may be a publish under way."""
+    import datetime as dt
+
+    dest = tmp_path / "published"
+    publish_outputs(_sources(tmp_path / "0"), str(dest), run_id="r0")
+    day_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    stamps = {(day_ago + dt.timedelta(seconds=s)).strftime("%Y%m%dT%H%M%SZ")
+              for s in range(-3, 40)}
+    stamps.add((day_ago + dt.timedelta(hours=12)).strftime("%Y%m%dT%H%M%SZ"))
+    for stamp in stamps:
+        (dest / SETS_DIR / f"{stamp}-left-00000000").mkdir()
+    current = publish_outputs(_sources(tmp_path / "1"), str(dest), run_id="r1")
+    new = dt.datetime.strptime(current["set"].split("/")[1][:16], "%Y%m%dT%H%M%SZ")
+    names = {p.name for p in (dest / SETS_DIR).iterdir()}
+    for stamp in stamps:
+        kept = dt.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ") >= new - dt.timedelta(days=1)
+        assert (f"{stamp}-left-00000000" in names) is kept, (stamp, current["set"])
+    assert any(n.startswith(new.strftime("%Y%m%dT%H%M%SZ")) for n in names)
+
+
+# ----------------------------------------------------------------------------- gs:// protocol
+
+
+def test_gcs_run_made_from_an_older_set_is_refused(bucket, tmp_path):
+    uri = f"gs://{BUCKET}/embeddings/older"
+    s0 = publish_outputs(_sources(tmp_path / "0"), uri, run_id="s0")
+    s1 = publish_outputs(_sources(tmp_path / "1"), uri, run_id="s1")
+    late = _sources(tmp_path / "late")
+    _started_from(late[0], f"{uri}/{s0['set']}")  # as recorded: with its trailing '/'
+    with pytest.raises(PublishError) as exc:
+        publish_outputs(late, uri, run_id="late")
+    assert str(exc.value).startswith(
+        f"{uri} now names set {uri}/{s1['set'].rstrip('/')}, not {uri}/{s0['set']} that")
+    assert resolve(uri).manifest == s1
+    _started_from(late[0], f"{uri}/{s1['set']}")  # made from the current set: published
+    assert publish_outputs(late, uri, run_id="late")["run_id"] == "late"
+
+
+def test_gcs_flat_prefix_is_replaced_and_old_sets_pruned(bucket, tmp_path):
+    """gs:// as locally: the flat files of an older version go, the sets beyond KEEP_SETS and
+    a leftover older than a day are removed, the kept ones stay whole."""
+    prefix = "embeddings/prune/"
+    uri = f"gs://{BUCKET}/{prefix}".rstrip("/")
+    flat = {TXT_ARRAY: b"old vectors", TXT_ITEMS: b"old ids"}
+    for name, data in flat.items():
+        bucket.blob(prefix + name).upload_from_string(data)
+    bucket.blob(prefix + MANIFEST).upload_from_string(
+        json.dumps(_flat_manifest({**flat, "sub/keep.bin": b"k"})))
+    bucket.blob(prefix + "sub/keep.bin").upload_from_string(b"k")
+    leftover = f"{prefix}{SETS_DIR}/20200101T000000Z-killed-00000000/{TXT_ARRAY}"
+    bucket.blob(leftover).upload_from_string(b"half")
+    published = [publish_outputs(_sources(tmp_path / str(i), with_images=False), uri,
+                                 run_id=f"r{i}") for i in range(KEEP_SETS + 1)]
+    assert _blobs(bucket, prefix) == sorted(
+        [MANIFEST, "sub/keep.bin", *(f"{m['set']}{n}" for m in published[1:]
+                                     for n in [*m["files"], MANIFEST])])
+    assert resolve(uri).manifest == published[-1]
+
+
+def test_gcs_leftovers_that_cannot_be_deleted_are_logged(bucket, tmp_path, monkeypatch, caplog):
+    """A failed publish removes its set; a file it cannot delete is named in a warning and
+    the publish's own error is what the caller sees."""
+    uri = f"gs://{BUCKET}/embeddings/undeletable"
+    real_upload, real_delete = Blob.upload_from_filename, Blob.delete
+
+    def upload(self, filename, **kw):
+        if self.name.endswith(TXT_ITEMS):
+            raise ConnectionError("network lost")
+        return real_upload(self, filename, **kw)
+
+    def delete(self, *args, **kwargs):
+        if self.name.endswith(TXT_ARRAY):
+            raise PermissionError("403 no delete permission")
+        return real_delete(self, *args, **kwargs)
+
+    monkeypatch.setattr(Blob, "upload_from_filename", upload)
+    monkeypatch.setattr(Blob, "delete", delete)
+    with caplog.at_level("WARNING", logger=publish_mod.__name__), \
+            pytest.raises(ConnectionError, match="network lost"):
+        publish_outputs(_sources(tmp_path, with_images=False), uri, run_id="r")
+    (left,) = [n for n in _blobs(bucket, "embeddings/undeletable/")]
+    assert left.endswith(TXT_ARRAY)
+    assert [r.getMessage() for r in caplog.records if r.name == publish_mod.__name__] == [
+        f"could not delete embeddings/undeletable/{left}: 403 no delete permission"]
+
+
+def test_files_beside_the_pointer_of_a_sets_prefix_are_left_alone(tmp_path):
+    """Only a prefix published flat has its files beside the pointer removed: in a prefix of
+    sets, a file there that happens to share a name with the set's files is not the set's."""
+    dest = tmp_path / "published"
+    publish_outputs(_sources(tmp_path / "0", with_images=False), str(dest), run_id="r0")
+    (dest / QA_REPORT).write_text("the operator's copy")
+    (dest / TXT_ARRAY).write_bytes(b"not a published file")
+    publish_outputs(_sources(tmp_path / "1", with_images=False), str(dest), run_id="r1")
+    assert (dest / QA_REPORT).read_text() == "the operator's copy"
+    assert (dest / TXT_ARRAY).read_bytes() == b"not a published file"

@@ -152,3 +152,41 @@ def test_default_user_agent_names_the_project():
 ])
 def test_x_robots_tag_opt_out(values, found):
     assert opt_out(values, "item-embeddings") == found
+
+
+def test_edges_of_parsing_and_matching():
+    # a byte order mark before the first line does not hide it
+    assert not RobotsRules.parse("\ufeffUser-agent: *\nDisallow: /\n", "x").allows("/a")
+    # a robot without a product token obeys the '*' group, not every group
+    text = "User-agent: foobot\nDisallow: /\n\nUser-agent: *\nDisallow: /private\n"
+    rules = RobotsRules.parse(text, "")
+    assert rules.allows("/public") and not rules.allows("/private/x")
+    # an empty path is the root; the deciding rule reads as the file wrote it
+    assert not DISALLOW_ALL.allows("") and str(DISALLOW_ALL.deciding_rule("")) == "Disallow: /"
+    # DEL and control characters are encoded like spaces; '~' stays, printable ASCII too
+    assert normalise_path("/a\x7fb\x1fc~d") == "/a%7Fb%1Fc~d"
+    assert product_token("  item-embeddings/0.1 (+https://x)") == "item-embeddings"
+
+
+def test_lines_with_colons_hashes_and_odd_agents():
+    text = ("User-agent: (no product token)\nDisallow: /\n\n"   # matches no robot; no crash
+            "User-agent: *\n"
+            "Disallow: /x:y  # a colon in a path # and two hashes\n"
+            "Disallow: /private\n"
+            "Allow: /\n")                                      # shorter: /private still wins
+    rules = RobotsRules.parse(text, "item-embeddings")
+    assert not rules.allows("/x:y/z") and rules.allows("/x")
+    assert str(rules.deciding_rule("/x:y/z")) == "Disallow: /x:y"
+    assert not rules.allows("/private/a") and rules.allows("/public")
+    # /robots.txt with any query is robots.txt
+    assert DISALLOW_ALL.allows("/robots.txt?x=1") and DISALLOW_ALL.allows("/robots.txt?a=1?b")
+    # '!' and the other printable ASCII characters stay as they are
+    assert normalise_path("/a!b") == "/a!b"
+
+
+@pytest.mark.parametrize("values,found", [
+    (["noindex,noai"], "noai"),                                     # no space after the comma
+    (["otherbot: unavailable_after: 25 Jun 2010 15:00:00 PST, noai"], None),  # still otherbot's
+])
+def test_x_robots_tag_lists_without_spaces_and_valued_directives(values, found):
+    assert opt_out(values, "item-embeddings") == found

@@ -45,7 +45,7 @@ def test_place_files_puts_the_meta_last_and_replaces_an_old_one(tmp_path, monkey
     placed = storage.place_files(sorted(src.iterdir()), dest, META_FILES)
     assert [name for name, _ in order][-1] == TXT_META
     assert not any(meta_present for _, meta_present in order)  # old meta gone before data moved
-    assert set(placed) == {TXT_ARRAY, TXT_ITEMS, TXT_META}
+    assert placed == {name: dest / name for name in (TXT_ARRAY, TXT_ITEMS, TXT_META)}
     assert (dest / TXT_META).read_text() == TXT_META
     # copies, not links: writing into a placed file leaves its source as it was
     for name in placed:
@@ -118,7 +118,11 @@ def test_a_set_is_read_the_same_way_wherever_it_is(where, tmp_path, request):
             bucket.blob(f"sets/set/{name}").upload_from_string(data)
         bucket.blob("sets/set-2/d.txt").upload_from_string(b"neighbour")
         uri = f"gs://{bucket.name}/sets/set/"
+        # before any read: pyarrow's C++ client talks to the emulator only (_gcs_endpoint)
+        host = os.environ["STORAGE_EMULATOR_HOST"].split("://")[1]
+        assert _gcs_endpoint(storage.arrow_filesystem(uri)[0]) == (host, True)
     assert storage.list_files(uri) == ["a.json", "b.npy"]
+    assert storage.list_files(f"{uri.rstrip('/')}-missing") == []  # no folder: no files
     assert storage.read_bytes(f"{uri.rstrip('/')}/a.json") == b'{"x": 1}'
     assert storage.read_bytes(f"{uri.rstrip('/')}/missing.json") is None
     with storage.local_folder(uri, ["b.npy", "missing.json"]) as folder:
@@ -147,6 +151,12 @@ def test_record_problems_names_each_file_that_is_not_as_recorded(tmp_path):
         "written, or from another run",
         "c.npy: content does not match m.json (size 3, recorded 2): changed after it was "
         "written, or from another run"]
+    # a file as recorded does not end the check: the ones after it are still compared
+    (tmp_path / "b.npy").write_bytes(b"bbbb")
+    files["a.npy"] = tmp_path / "a.npy"
+    assert storage.record_problems(files, records, "m.json") == [
+        "c.npy: content does not match m.json (size 3, recorded 2): changed after it was "
+        "written, or from another run"]
     assert storage.record_problems(files, {"a.npy": "x"}, "m.json") == [
         "m.json: 'files' is not a mapping of file name to size and sha256"]
 
@@ -157,6 +167,8 @@ def test_record_problems_names_each_file_that_is_not_as_recorded(tmp_path):
 def test_gcs_uris_split_into_bucket_and_object_path():
     assert storage.is_gcs_uri("gs://b/x") and not storage.is_gcs_uri("/data/gs://b")
     assert storage.split_gcs_uri("gs://bucket/models/clip/") == ("bucket", "models/clip/")
+    assert storage.gcs_prefix("gs://bucket/v2/X") == ("bucket", "v2/X/")  # names kept verbatim
+    assert storage.gcs_prefix("gs://bucket//X//") == ("bucket", "X/")
     with pytest.raises(ValueError) as exc:
         storage.split_gcs_uri("/data/items.parquet")
     assert str(exc.value) == "not a gs:// URI: '/data/items.parquet'"

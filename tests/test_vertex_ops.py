@@ -126,11 +126,13 @@ def test_submit_compiles_the_real_pipeline_on_the_fly(fake):
     # Every pipeline parameter of the real template is a PipelineParams field.
     declared = set(spec["root"]["inputDefinitions"]["parameters"])
     assert declared == set(PARAM_FIELDS)
+    # Every task is a custom job (its own machine): the executors run GCPC's launcher, and
+    # both project images are inside the jobs' worker pool specs.
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
               if "container" in e}
-    assert image in images
+    assert images and all("google-cloud-pipeline-components" in i for i in images), images
     job_spec = type(create["pipeline_job"]).to_json(create["pipeline_job"])
-    assert gpu_image in job_spec  # inside the T4 custom job's worker pool spec
+    assert image in job_spec and gpu_image in job_spec
     assert create["pipeline_job"].runtime_config.parameter_values["seed"] == 7
 
 
@@ -154,15 +156,16 @@ def _task_caching(spec) -> dict[str, bool]:
     return found
 
 
-NEVER_CACHED = {"fingerprint-inputs", "publish-outputs"}
+NEVER_CACHED = {"fingerprint-inputs", "qa-report"}
 
 
 @pytest.mark.parametrize("enable", [True, False, None])
 def test_caching_flag_never_caches_the_fingerprint_or_publish(fake, real_template, enable):
     """submit and schedule create through the SDK's real PipelineJob (transport intercepted):
-    --caching turns on every step but Fingerprint inputs and Publish outputs, which stay
-    uncached (else a schedule re-serves old vectors); --no-caching turns everything off; no
-    flag keeps the template's own settings, the same two off."""
+    --caching turns on every step but Fingerprint inputs and the QA report (which publishes),
+    which stay uncached (else a schedule re-serves old vectors or skips a publish);
+    --no-caching turns everything off; no flag keeps the template's own settings, the same two
+    off."""
     values = {"items_uri": "gs://d/items/", "publish_uri": "gs://d/out/"}
     _submit(real_template, parameter_values=values, enable_caching=enable)
     schedules.create_schedule(vertex.RunSettings(PROJECT, REGION, values, template=real_template,

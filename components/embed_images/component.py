@@ -32,6 +32,7 @@ def embed_images(
     previous_uri: str,
     image_revalidate: bool,
     retry_failed_images: bool,
+    log_shard_runs: bool,
     require_gpu: bool,
     experiment: str,
     tracking_backend: str,
@@ -44,10 +45,11 @@ def embed_images(
 
     For each shard (a row range of the items and its share of the `max_items` cap, from the
     plan) writes a folder `shard-NNNNN` with `img.npy` ([M, 512] float32, L2-normalised),
-    `img_items.parquet`, `img_failures.parquet` and `img_meta.json`; the merge step assembles
-    them. Finished chunks of `shard_size` images are kept durably, so a task restarted after a
-    Spot preemption resumes where it stopped; on a GPU machine the task fails at once if torch
-    cannot use the GPU.
+    `img_items.parquet`, `img_failures.parquet` and `img_meta.json`; the fusion step merges
+    them. The encoder is loaded and the previous set opened once for all the worker's shards.
+    Finished chunks of `shard_size` images are kept durably, so a task restarted after a Spot
+    preemption resumes where it stopped; on a GPU machine the task fails at once if torch cannot
+    use the GPU.
 
     Args:
         items: The items table (parquet file or folder, local or gs://), from the importer.
@@ -55,8 +57,7 @@ def embed_images(
     """
     import dataclasses
 
-    from item_embeddings.components.shared import component_step, pending_shards, shard_output
-    from item_embeddings.fanout import worker_shards
+    from item_embeddings.components.shared import component_step, run_worker
     from item_embeddings.image import SHARDS_DIR, embed_items_images
     from item_embeddings.outputs import IMG_META
     from item_embeddings.runtime import require_cuda
@@ -67,12 +68,12 @@ def embed_images(
         # staging directory: a task retried after a preemption finds them.
         params = dataclasses.replace(
             step.params, checkpoint_uri=checkpoint_uri or f"{image_shards.path}/{SHARDS_DIR}")
-        for shard in pending_shards(image_shards, worker_shards(worker), IMG_META):
-            with shard_output(image_shards, shard) as out_dir:
-                embed_items_images(items.uri, out_dir, params,
-                                   run_id=f"{step.run_id}-{shard.dirname}", tracker=step.tracker,
-                                   rows=shard.rows, quota=shard.image_quota, device=device,
-                                   artifact_uri=f"{image_shards.uri}/{shard.dirname}")
+
+        def run_shard(shard, out_dir, **each):
+            embed_items_images(items.uri, out_dir, params, rows=shard.rows,
+                               quota=shard.image_quota, device=device, **each)
+
+        run_worker(step, worker, image_shards, IMG_META, run_shard)
 
 
 def make_component(base_image: str):

@@ -18,6 +18,7 @@ def embed_text(
     text_backend: str,
     text_accelerator: str,
     previous_uri: str,
+    log_shard_runs: bool,
     experiment: str,
     tracking_backend: str,
     tracking_dir: str,
@@ -28,28 +29,28 @@ def embed_text(
 
     For each shard (a row range of the items, from the plan) writes a folder `shard-NNNNN`
     with `txt.npy` ([rows, 384] float32, L2-normalised, input row order), `txt_items.parquet`
-    and `txt_meta.json`; the merge step assembles them. A retried task keeps the shards an
-    earlier attempt finished. On a GPU machine (`text_accelerator` set) the task fails at once
-    if torch cannot use the GPU.
+    and `txt_meta.json`; the fusion step merges them. The encoder is loaded and the previous
+    set opened once for all the worker's shards; a retried task keeps the shards an earlier
+    attempt finished. On a GPU machine (`text_accelerator` set) the task fails at once if torch
+    cannot use the GPU.
 
     Args:
         items: The items table (parquet file or folder, local or gs://), from the importer.
         text_shards: Output directory with one folder per shard.
     """
-    from item_embeddings.components.shared import component_step, pending_shards, shard_output
-    from item_embeddings.fanout import worker_shards
+    from item_embeddings.components.shared import component_step, run_worker
     from item_embeddings.outputs import TXT_META
     from item_embeddings.runtime import require_cuda
     from item_embeddings.text import embed_items_text
 
     with component_step(locals(), text_shards, stage=False) as step:
         device = require_cuda("the text step") if text_accelerator else None
-        for shard in pending_shards(text_shards, worker_shards(worker), TXT_META):
-            with shard_output(text_shards, shard) as out_dir:
-                embed_items_text(items.uri, out_dir, step.params,
-                                 run_id=f"{step.run_id}-{shard.dirname}", tracker=step.tracker,
-                                 rows=shard.rows, device=device,
-                                 artifact_uri=f"{text_shards.uri}/{shard.dirname}")
+
+        def run_shard(shard, out_dir, **each):
+            embed_items_text(items.uri, out_dir, step.params, rows=shard.rows, device=device,
+                             **each)
+
+        run_worker(step, worker, text_shards, TXT_META, run_shard)
 
 
 def make_component(base_image: str):

@@ -49,6 +49,9 @@ TEXT_ACCELERATORS = {  # GPU -> (machine types with one of it, in words, an exam
 # Machine families that come with their GPUs attached: they cannot run without them.
 _GPU_FAMILIES = ("a2", "a3", "a4", "a4x", "g2", "g4")
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image workers' GPU (pipeline.py attaches it)
+# Vertex AI persistent resource IDs: lower-case letters, digits and '-', a letter first, not '-'
+# last, at most 63 (gcloud ai persistent-resources create --persistent-resource-id); or empty.
+PERSISTENT_RESOURCE_ID = r"([a-z]([a-z0-9-]{0,61}[a-z0-9])?)?"
 # Vertex AI Experiments names: lower-case letters, digits and hyphens, a letter or digit first;
 # at most 64 here (Vertex allows 128), because the experiment and each of its run names share
 # 121 characters: the rest is left to the steps' run names (tracking.run_name).
@@ -114,6 +117,11 @@ class PipelineParams:
         "e2-standard-4", "Vertex machine type of the kNN-graph step (memory: about 3 copies of "
         "the 384-d text vectors, 5 GB per million items; e.g. e2-highmem-8 at 10M).",
         pattern=MACHINE_TYPE)
+    persistent_resource_id: str = _param(
+        "", "A Vertex AI persistent resource (its ID, in the run's project and region) whose "
+        "warm machines run every job of the pipeline instead of starting one each; its resource "
+        "pools must offer the machine types the run asks for; empty = machines on demand.",
+        pattern=PERSISTENT_RESOURCE_ID)
     # Text step
     text_model: str = _param(
         DEFAULT_TEXT_MODEL,
@@ -215,6 +223,10 @@ class PipelineParams:
         "(vertex when a Google Cloud project is known, else local when tracking_dir is set).",
         choices=TRACKING_BACKENDS)
     tracking_dir: str = _param("", "Root of the local experiment store (local runs).")
+    log_shard_runs: bool = _param(
+        False, "Also log one experiment run per shard of the text and image workers "
+        "(<step>-<run>-shard-NNNNN); off: only the steps' runs, whose metrics hold the shard "
+        "detail (fanout_shards, shard_wall_time_max_sec).")
 
     def __post_init__(self) -> None:
         problems = [problem for name in PARAM_FIELDS
@@ -251,7 +263,10 @@ def allowed_values(name: str) -> str:
         words.append({EXPERIMENT_NAME: "lower-case letters, digits and '-', starting with a "
                                        "letter or digit, at most 64",
                       MACHINE_TYPE: "a Vertex AI machine type such as e2-standard-4 "
-                                    "(family-series-size)"}.get(allowed["pattern"],
+                                    "(family-series-size)",
+                      PERSISTENT_RESOURCE_ID: "empty or a persistent resource ID: lower-case "
+                                              "letters, digits and '-', a letter first, at "
+                                              "most 63"}.get(allowed["pattern"],
                                                                 f"matching {allowed['pattern']}"))
     if "nonempty" in allowed:
         words.append("not empty")

@@ -6,20 +6,29 @@ those, or ``assumed``), its source and its date; the estimate prints the ones it
 
 The model follows the DAG (``pipeline/pipeline.py``) and its fan-out (``fanout.plan_shards``):
 
-* every task pays a fixed part: VM start and image pull (assumed), interpreter start and the
-  step's imports, its model load (measured); the inputs' fingerprint and the plan run first;
-* the items are cut into ``shards`` row ranges dealt to ``min(shards, max_parallel_shards)``
-  worker tasks per loop, worker ``w`` running shards ``w, w + W, ...`` one after another: a
-  worker pays its fixed part once, then per shard its row range, the encoding at the step's
-  rate on its machine and the copy of the shard's output to Cloud Storage; a loop lasts as long
-  as its busiest worker. The image cap (``max_items``) is global: the first ``max_items`` URL
-  rows in input order, so with the cap the image work sits in the first shards;
-* a merge task per loop reads the shard outputs, concatenates and hashes them (measured merge
-  rate) and writes the result; text and image loops run side by side; fusion waits for both
-  merges (time linear in items x epochs), then the kNN graphs (measured at 100k and 500k, the
-  exact search up to ``knn_exact_max_items``), the QA report and publishing;
+* every task pays a fixed part: VM start and image pull (assumed; on a persistent resource,
+  ``persistent_resource_id``, the assumed start on a warm node instead), interpreter start and
+  the step's imports, its model load (measured). Five tasks run one after another, one per
+  role: the first task (the inputs' fingerprint, the previous set verified once, the plan), the
+  text and image workers side by side, fusion (which merges the shards first), the kNN graphs,
+  the QA report (which publishes);
+* the items are cut into ``shards`` row ranges; the text workers get the shards with rows, the
+  image workers only the shards with images to embed (``fanout.deal_by_work``), at most
+  ``max_parallel_shards`` each: a worker pays its fixed part once, then per shard its row
+  range, the encoding at the step's rate on its machine and the copy of the shard's output to
+  Cloud Storage; a loop lasts as long as its busiest worker. The image cap (``max_items``) is
+  global: the first ``max_items`` URL rows in input order, so with the cap the image work sits
+  in the first shards and fewer image workers start;
+* fusion reads the shard outputs, concatenates and hashes them (measured merge rate), writes
+  the merged files, then fuses (time linear in items x epochs); the kNN graphs (measured at
+  100k and 500k, the exact search up to ``knn_exact_max_items``), the QA report and publishing
+  follow;
 * an incremental run (``changed_fraction`` < 1, with ``previous_uri``) encodes only the changed
-  items' text and images; fusion with ``fusion_mode=apply`` computes only their codes;
+  items' text and images; its first task hashes the previous set once, and each worker reads
+  the previous keys once and per shard only its reused rows; fusion with
+  ``fusion_mode=apply`` computes only the changed codes; the kNN graphs recompute the rows
+  that need it (``knn.incremental_share`` of the full compute at the changed share it is
+  stated for, scaled linearly, a rebuild at most);
 * cost = each task's duration x its machine's (and accelerator's) price per hour, Spot or
   standard, plus the pipeline run fee.
 
@@ -28,30 +37,31 @@ Example (500,000 items on eight shards):
 >>> from item_embeddings.config import PipelineParams
 >>> from item_embeddings.estimate import Choices, estimate
 >>> print(estimate(Choices(500_000, 500_000, PipelineParams(shards=8))).format())
-500,000 items, 500,000 with an image URL, 150,000 image items after max_items=150,000; full run; ...
+500,000 items, 500,000 with an image URL, 150,000 image items after max_items=150,000, ...
 <BLANKLINE>
 step                   machine                                 tasks  items/task      task ...
-fingerprint inputs     e2-standard-4 (standard)                    1     500,000 ...
-...
+fingerprint and plan   e2-standard-4 (standard)                    1     500,000 ...
 text workers           e2-standard-4 (standard)                    8      62,500 ...
-...
-image workers          n1-standard-4 + NVIDIA_TESLA_T4 (Spot)      8      62,500 ...
+image workers          n1-standard-4 + NVIDIA_TESLA_T4 (Spot)      3      62,500 ...
 ...
 total (critical path) ...
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .config import ConfigError, PipelineParams
+from .estimate_inputs import (
+    ESTIMATE_PARAMS,
+    Choices,
+    count_items,
+    parse_count,
+)
 from .estimate_rates import (
     BASES,
     GUESSES,
     IMAGE_ACCELERATOR,
-    RATES_FILE,
+    PER_HOST,
     Machine,
     Quantity,
     Rates,
@@ -60,6 +70,7 @@ from .estimate_rates import (
     priced_machine,
     text_rate,
 )
+from .estimate_table import Estimate, Step, duration, money
 
 __all__ = ["BASES", "ESTIMATE_PARAMS", "Choices", "Estimate", "Quantity", "Rates", "Step",
            "count_items", "duration", "estimate", "money", "parse_count", "shard_work"]
@@ -68,22 +79,22 @@ TEXT_DIM = 384     # all-MiniLM-L6-v2
 IMAGE_DIM = 512    # open_clip ViT-B-32
 FLOAT_BYTES = 4
 KNN_ID_BYTES = 4 + 4  # int32 neighbour + float32 score per listed pair
-# The pipeline parameters the estimate depends on (the CLI's shortcut options).
-ESTIMATE_PARAMS = ("shards", "max_parallel_shards", "text_machine_type", "text_accelerator",
-                   "text_strategy", "text_backend", "image_machine_type", "image_strategy",
-                   "max_items", "image_decode", "download_concurrency", "fusion_machine_type",
-                   "fusion_epochs", "fusion_mode",
-                   "knn_machine_type", "knn_k", "knn_exact_max_items", "publish_uri")
 APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in one pass, "
                     "costed as one training epoch over them (an upper bound).")
 STRUCTURAL_ASSUMPTIONS = (
     "Image URLs are spread evenly over the rows; the max_items cap takes the first URL rows in "
-    "input order, so the capped image work sits in the first shards (dealt round-robin to the "
-    "workers).",
-    "The 'Fingerprint inputs' task reads object metadata only (with items on gs://): its fixed "
-    "part. 'Plan shards' reads the id and URL columns once (measured validation rate).",
+    "input order, so the capped image work sits in the first shards, dealt to as many image "
+    "workers as have images (largest first).",
+    "The first task fingerprints the items from object metadata (with items on gs://), reads "
+    "the id and URL columns once to plan (measured validation rate) and, with previous_uri, "
+    "reads and hashes every file of the previous set once, HASH_THREADS files at a time each at "
+    "the copy rate.",
     "Each task is billed per second of its whole duration, VM start and image pull included; "
     "waiting in a queue before a VM is assigned is neither billed nor modelled.",
+    "With persistent_resource_id the tasks run on the resource's warm machines: each pays the "
+    "assumed start on a warm node instead of a VM start, and the run is charged the machine "
+    "time its tasks take (the resource bills every node while it runs, busy or not: the idle "
+    "time between runs is the team's choice to keep it warm, not a cost of this run).",
     "Spot preemptions are not modelled (a preempted worker resumes from its last finished "
     "shard: a preemption costs a VM start plus the unfinished shard).",
     "CPU rates were measured on 2 vCPUs and are scaled linearly to the machine's vCPUs (text "
@@ -93,198 +104,11 @@ STRUCTURAL_ASSUMPTIONS = (
     "their count is not known here and not modelled.",
     "An image worker's downloads, its CPU (decoding as image_decode asks, plus the downloads' "
     "own CPU, on every vCPU) and its T4 overlap: the slowest sets its rate. Downloads keep "
-    "download_concurrency requests in flight, each taking the assumed latency; a catalogue on "
-    "fewer than download_concurrency / 32 hosts has fewer in flight (32 connections per host), "
-    "which is not modelled.",
+    "download_concurrency requests in flight, each taking the assumed latency, and keep to "
+    "each host's request rate (below, when one is set); a catalogue on fewer than "
+    "download_concurrency / 32 hosts has fewer in flight (32 connections per host), which is "
+    "not modelled.",
 )
-
-
-@dataclass(frozen=True)
-class Choices:
-    """What the estimate is for: the catalogue and the run's pipeline parameters.
-
-    Args:
-        items: Rows of the items table.
-        image_items: Rows with an http(s) image URL, before the ``max_items`` cap.
-        params: The run's pipeline parameters (validated when built).
-        changed_fraction: Share of the items whose text or image changed since the previous
-            set (an incremental run from ``previous_uri``); 1 = a full run.
-    """
-
-    items: int
-    image_items: int
-    params: PipelineParams = field(default_factory=PipelineParams)
-    changed_fraction: float = 1.0
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` naming the first unusable choice."""
-        checks = (
-            (self.items >= 1, f"items must be >= 1, got {self.items}"),
-            (0 <= self.image_items <= self.items,
-             f"image items must be between 0 and items ({self.items}), got {self.image_items}"),
-            (0 < self.changed_fraction <= 1,
-             f"changed fraction must be in (0, 1], got {self.changed_fraction}"),
-            (not self.incremental or bool(self.params.previous_uri),
-             "an incremental run (changed fraction < 1) reuses the set at previous_uri: set "
-             "previous_uri"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @property
-    def incremental(self) -> bool:
-        return self.changed_fraction < 1
-
-    @property
-    def selected_images(self) -> int:
-        """Image items after the ``max_items`` cap (0 = no cap)."""
-        cap = self.params.max_items
-        return min(self.image_items, cap) if cap else self.image_items
-
-    def describe(self) -> str:
-        """One line: the catalogue and the parameters the estimate depends on."""
-        p = self.params
-        run = (f"incremental run, {self.changed_fraction:.1%} of the items changed"
-               if self.incremental else "full run")
-        return (f"{self.items:,} items, {self.image_items:,} with an image URL, "
-                f"{self.selected_images:,} image items after max_items={p.max_items:,}; {run}; "
-                f"shards={p.shards}, max_parallel_shards={p.max_parallel_shards}, "
-                f"text_backend={p.text_backend}, text_strategy={p.text_strategy}, "
-                f"image_strategy={p.image_strategy}, image_decode={p.image_decode}, "
-                f"download_concurrency={p.download_concurrency}, fusion_mode={p.fusion_mode}, "
-                f"fusion_epochs={p.fusion_epochs}, knn_k={p.knn_k}, "
-                f"publish={'on' if p.publish_uri else 'off (publish_uri empty)'}")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One row of the estimate: a step's tasks, their duration and what they cost."""
-
-    step: str
-    machine: str
-    tasks: int
-    items_per_task: int
-    task_s: float
-    wall_s: float
-    machine_hours: float
-    cost_usd: float
-
-
-@dataclass
-class Estimate:
-    """The steps' rows, the run's totals, and what the numbers rest on."""
-
-    choices: Choices
-    steps: list[Step]
-    wall_s: float
-    cost_usd: float
-    storage_gb: float
-    storage_usd_month: float
-    assumptions: list[str] = field(default_factory=list)
-    rates_used: list[Quantity] = field(default_factory=list)
-    rates_origin: str = RATES_FILE
-    warnings: list[str] = field(default_factory=list)
-    image_rates: dict[str, float] = field(default_factory=dict)  # images/s per worker stage
-
-    def image_worker(self) -> tuple[str, float]:
-        """(the stage that bounds an image worker, its images/s)."""
-        bound = min(self.image_rates, key=self.image_rates.get)
-        return bound, self.image_rates[bound]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything as plain JSON-able data (``estimate --json``)."""
-        c = self.choices
-        choices = {"items": c.items, "image_items": c.image_items,
-                   "selected_images": c.selected_images, "changed_fraction": c.changed_fraction,
-                   "params": {name: getattr(c.params, name) for name in ESTIMATE_PARAMS}}
-        return {"choices": choices,
-                "steps": [asdict(s) for s in self.steps],
-                "total": {"wall_s": self.wall_s, "cost_usd": self.cost_usd,
-                          "machine_hours": sum(s.machine_hours for s in self.steps)},
-                "storage": {"gb": self.storage_gb, "usd_per_month": self.storage_usd_month},
-                "image_worker": {"images_per_s": self.image_worker()[1],
-                                 "bound_by": self.image_worker()[0],
-                                 "stages_images_per_s": self.image_rates},
-                "warnings": self.warnings,
-                "assumptions": self.assumptions,
-                "rates_used": [asdict(q) for q in self.rates_used],
-                "rates_file": self.rates_origin}
-
-    def format(self) -> str:
-        """The table, the warnings, the assumptions and the rates used, as text."""
-        c = self.choices
-        header = ("step", "machine", "tasks", "items/task", "task", "wall", "machine-h", "cost")
-        rows = [(s.step, s.machine, str(s.tasks) if s.tasks else "",
-                 f"{s.items_per_task:,}" if s.tasks else "",
-                 duration(s.task_s) if s.tasks else "", duration(s.wall_s) if s.tasks else "",
-                 f"{s.machine_hours:.2f}" if s.tasks else "", money(s.cost_usd))
-                for s in self.steps]
-        rows.append(("total (critical path)", "", "", "", "", duration(self.wall_s),
-                     f"{sum(s.machine_hours for s in self.steps):.2f}", money(self.cost_usd)))
-        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-        numeric = {2, 3, 4, 5, 6, 7}
-        lines = [c.describe(), ""]
-        for row in (header, *rows):
-            lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                                   for i, (v, w) in enumerate(zip(row, widths))).rstrip())
-        bound, rate = self.image_worker()
-        stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.image_rates.items())
-        lines += ["", f"image worker: {rate:,.0f} images/s, bound by {bound} ({stages})",
-                  f"storage: {self.storage_gb:.2f} GB of outputs and intermediates, "
-                  f"{money(self.storage_usd_month)} per month until deleted", ""]
-        if self.warnings:
-            lines += ["warnings:", *(f"  ! {w}" for w in self.warnings), ""]
-        lines += [
-                  "assumptions:", *(f"  - {a}" for a in self.assumptions), "",
-                  f"measured rates and published prices used ({self.rates_origin}):",
-                  *(f"  - {q.line()}" for q in self.rates_used if q.basis not in GUESSES)]
-        return "\n".join(lines)
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``10.0 min`` or ``3 h 05 min``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def money(usd: float) -> str:
-    """Dollars: three decimals below $1, cents above."""
-    return f"${usd:.3f}" if usd < 1 else f"${usd:,.2f}"
-
-
-def parse_count(text: str) -> int:
-    """``"500000"``, ``"500_000"``, ``"500k"`` or ``"10M"`` -> an int (ConfigError otherwise)."""
-    match = re.fullmatch(r"\s*(\d[\d_]*(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise ConfigError(f"expected a count such as 500000, 500k or 10M, got {text!r}")
-    scale = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
-    value = float(match.group(1).replace("_", "")) * scale
-    if not value.is_integer():
-        raise ConfigError(f"expected a whole number of items, got {text!r}")
-    return int(value)
-
-
-def count_items(uri: str, image_url_column: str = PipelineParams().image_url_column
-                ) -> tuple[int, int]:
-    """(rows, rows with an http(s) image URL) of an items table (parquet file or folder)."""
-    from .image.selection import READ_BATCH_ROWS, usable_url
-    from .items import ItemsError, iter_batches, open_items
-
-    names = open_items(uri).schema.names
-    if image_url_column not in names:
-        raise ItemsError(f"items table {uri} has no column {image_url_column!r} (columns: "
-                         f"{', '.join(names)}); name the image URL column with "
-                         "--image-url-column")
-    rows = with_url = 0
-    for batch in iter_batches(uri, [image_url_column], READ_BATCH_ROWS):
-        rows += batch.num_rows
-        with_url += sum(usable_url(v) is not None for v in batch.column(0).to_pylist())
-    return rows, with_url
 
 
 def shard_work(c: Choices) -> tuple[list[int], list[int]]:
@@ -302,12 +126,15 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
 
 def _worker_loop(name: str, machine: Machine, c: Choices, workers: list[list[int]],
                  fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
-                 copy_bps: float) -> Step:
+                 copy_bps: float, reused_bytes_per_item: float = 0.0) -> Step:
     """The worker tasks of one loop, given each worker's shards (their items), which it runs
-    one after another."""
+    one after another; an incremental run reads each shard's reused rows of the previous set
+    (``reused_bytes_per_item`` each, only those rows)."""
     width = len(workers)
+    reused = 1 - c.changed_fraction
     durations = [fixed_s + sum(per_shard_s + round(items * c.changed_fraction) / rate
-                               + items * out_bytes_per_item / copy_bps for items in shards)
+                               + items * (out_bytes_per_item + reused * reused_bytes_per_item)
+                               / copy_bps for items in shards)
                  for shards in workers]
     busiest = max(range(width), key=lambda w: durations[w])
     hours = sum(durations) / 3600
@@ -331,7 +158,7 @@ class _Run:
     fusion_m: Machine
     knn_m: Machine
     small_m: Machine
-    vm_s: float           # a task's VM start and image pull
+    vm_s: float           # a task's VM start and image pull (or start on a persistent resource)
     copy_bps: float       # to and from Cloud Storage
     read_s: float         # a worker's read of its row range, per shard
     txt_bytes: float      # per item of each output, its id file included
@@ -344,56 +171,86 @@ class _Run:
         """The fixed part of a small task: VM start, interpreter and imports."""
         return self.vm_s + self.rates.number("imports_s.fusion")
 
+    @property
+    def previous(self) -> bool:
+        """Whether the run reads a previous set (``previous_uri``)."""
+        return bool(self.c.params.previous_uri)
+
+
+def _dealt(counts: list[int], dealt: list[list[int]]) -> list[list[int]]:
+    """Each worker's shards as their item counts."""
+    return [[counts[i] for i in shards] for shards in dealt]
+
+
+def _first_task(r: _Run) -> Step:
+    """Fingerprint, the previous set verified once (every file read and hashed, HASH_THREADS
+    at a time), the plan."""
+    from .incremental import HASH_THREADS
+
+    n = r.c.items
+    verify_s = _output_bytes(r) / (r.copy_bps * HASH_THREADS) if r.previous else 0.0
+    return _single("fingerprint and plan", r.small_m, n,
+                   r.small_fixed + n / r.rates.number("plan.rows_per_s") + verify_s)
+
+
+def _knn_compute_s(r: _Run) -> float:
+    """Both graphs' compute; an incremental run's share of it (a rebuild at most)."""
+    c, p = r.c, r.c.params
+    full = sum(knn_seconds(r.rates, c.items, space, p.knn_exact_max_items, r.knn_m)
+               for space in ("text_384", "fused_128"))
+    if not (r.previous and c.incremental):
+        return full
+    share = r.rates.number("knn.incremental_share") * c.changed_fraction / r.rates.number(
+        "knn.incremental_at_changed")
+    return full * min(1.0, share)
+
 
 def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: list[int]
            ) -> dict[str, Step]:
     """Every step's row, in DAG order."""
-    from .fanout import deal
+    from .fanout import deal_by_rows, deal_by_work
 
     c, p, rates = r.c, r.c.params, r.rates
     n, m = c.items, c.selected_images
-    small_fixed = r.small_fixed
-    merge_bps = rates.number("merge.bytes_per_s")
-    text_work, image_work = deal(rows, p.max_parallel_shards), deal(images, p.max_parallel_shards)
+    key_bytes = rates.number("storage.previous_key_bytes_per_item") if r.previous else 0.0
 
-    def merge(name: str, count: int, row_bytes: float) -> Step:
-        data = count * row_bytes  # read from the workers' outputs, merged, written back
-        return _single(name, r.small_m, count,
-                       small_fixed + 2 * data / r.copy_bps + data / merge_bps)
+    def worker_fixed(step: str, load: str) -> float:
+        # the encoder loaded once, the previous keys read once (n of them, whatever the shard)
+        return (r.vm_s + rates.number(f"imports_s.{step}") + rates.number(load)
+                + n * key_bytes / r.copy_bps)
 
     steps = {
-        "fingerprint": _single("fingerprint inputs", r.small_m, n, small_fixed),
-        "plan": _single("plan shards", r.small_m, n,
-                        small_fixed + n / rates.number("plan.rows_per_s")),
+        "plan": _first_task(r),
         "text": _worker_loop(
-            "text workers", r.text_m, c, text_work,
-            r.vm_s + rates.number("imports_s.text") + rates.number(f"text.load_s.{backend}"),
-            r.read_s, text_per_s, r.txt_bytes, r.copy_bps),
+            "text workers", r.text_m, c, _dealt(rows, deal_by_rows(rows, p.max_parallel_shards)),
+            worker_fixed("text", f"text.load_s.{backend}"), r.read_s, text_per_s, r.txt_bytes,
+            r.copy_bps, r.txt_bytes if r.previous else 0.0),
         "image": _worker_loop(
-            "image workers", r.image_m, c, image_work,
-            r.vm_s + rates.number("imports_s.image") + rates.number("image.load_s"),
-            r.read_s, min(image_rates(rates, p, r.image_m).values()), r.img_bytes, r.copy_bps),
+            "image workers", r.image_m, c,
+            _dealt(images, deal_by_work(images, p.max_parallel_shards)),
+            worker_fixed("image", "image.load_s"), r.read_s,
+            min(image_rates(rates, p, r.image_m, c.host_share).values()), r.img_bytes,
+            r.copy_bps, r.img_bytes if r.previous else 0.0),
     }
-    steps["text_merge"] = merge("text merge", n, r.txt_bytes)
-    steps["image_merge"] = merge("image merge", m, r.img_bytes)
+    merged = n * r.txt_bytes + m * r.img_bytes  # read from the shards, merged, written back
     fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
     epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
     steps["fusion"] = _single(
         "fusion", r.fusion_m, n, r.vm_s + rates.number("imports_s.fusion")
-        + (n * r.txt_bytes + m * r.img_bytes + n * r.fused_bytes) / r.copy_bps
+        + 2 * merged / r.copy_bps + merged / rates.number("merge.bytes_per_s")
+        + n * r.fused_bytes / r.copy_bps
         + fused_rows * epochs / rates.number("fusion.item_epochs_per_s"))
+    previous_graphs = n * r.knn_bytes if r.previous and c.incremental else 0.0
     steps["knn"] = _single(
         "kNN graphs", r.knn_m, n, r.vm_s + rates.number("imports_s.knn")
-        + (n * r.txt_bytes + n * r.fused_bytes + n * r.knn_bytes) / r.copy_bps
-        + sum(knn_seconds(rates, n, space, p.knn_exact_max_items, r.knn_m)
-              for space in ("text_384", "fused_128")))
+        + (n * r.txt_bytes + n * r.fused_bytes + n * r.knn_bytes + previous_graphs) / r.copy_bps
+        + _knn_compute_s(r))
+    publish_s = _output_bytes(r) / r.copy_bps if p.publish_uri else 0.0
     steps["report"] = _single(
-        "QA report", r.small_m, n, small_fixed + rates.number("report.fixed_s")
-        + n * rates.number("report.s_per_item")
-        + (n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes) / r.copy_bps)
-    if p.publish_uri:
-        steps["publish"] = _single("publish", r.small_m, n,
-                                   small_fixed + _output_bytes(r) / r.copy_bps)
+        "QA report", r.small_m, n,  # publishing included (publish_uri set)
+        r.small_fixed + rates.number("report.fixed_s") + n * rates.number("report.s_per_item")
+        + (n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes) / r.copy_bps
+        + publish_s)
     steps["fee"] = Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0,
                         rates.number("prices.pipeline_run_usd"))
     return steps
@@ -404,10 +261,8 @@ def _output_bytes(r: _Run) -> float:
     return n * (r.txt_bytes + r.fused_bytes + r.knn_bytes) + m * r.img_bytes
 
 
-def _warnings(r: _Run, images: list[int]) -> list[str]:
+def _warnings(r: _Run) -> list[str]:
     """What would make the estimate, or the run, go wrong with these choices."""
-    from .fanout import deal
-
     c, p = r.c, r.c.params
     n, m = c.items, c.selected_images
     warnings = []
@@ -431,15 +286,22 @@ def _warnings(r: _Run, images: list[int]) -> list[str]:
             f"{p.knn_machine_type}: the step refuses it before any work; "
             + (f"set knn_machine_type={fits[0][1]} ({fits[0][0]:g} GB)" if fits else
                "no machine type in the rates file has that much memory"))
-    image_work = deal(images, p.max_parallel_shards)
-    busy = sum(any(shards) for shards in image_work)
-    if m and busy < len(image_work):
-        warnings.append(
-            f"the max_items cap puts the {m:,} selected images in the first "
-            f"{max(i for i, count in enumerate(images) if count) + 1} of {p.shards} shards: "
-            f"{busy} of the {len(image_work)} image workers encode; more shards than "
-            "max_parallel_shards (several per worker) spread them over more workers")
     return warnings
+
+
+def _per_host_assumption(c: Choices, stages: dict[str, float]) -> str:
+    """How the per-host rate enters the image worker's rate (the bound, or not)."""
+    p = c.params
+    measured = ("measured in the items file" if c.largest_host_share is not None else
+                "the default, one host: a catalogue on its own CDN; --items-file measures it, "
+                "--largest-host-share sets it")
+    binds = ("so it bounds the downloads: raise download_rate_per_host (or set 0) when the "
+             "images are on your own CDN (docs/images.md)"
+             if stages[PER_HOST] < stages["downloads"] else "above the downloads' rate")
+    return (f"The largest image host holds {c.host_share:.0%} of the image URLs ({measured}); "
+            f"one image worker sends it at most download_rate_per_host = "
+            f"{p.download_rate_per_host:g}/s per image worker, so it downloads at most "
+            f"{stages[PER_HOST]:,.0f} images/s: {binds}.")
 
 
 def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
@@ -448,7 +310,8 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
     c.check()
     rates = rates or Rates.load()
     rates.used.clear()  # the quantities of this estimate only
-    vm_s = rates.number("task.vm_start_s")
+    vm_s = rates.number("task.persistent_resource_start_s" if p.persistent_resource_id
+                        else "task.vm_start_s")
     copy_bps = rates.number("storage.copy_bytes_per_s")
     id_bytes = rates.number("rows.id_file_bytes_per_item")
     read_s = rates.number("rows.range_read_s")
@@ -467,30 +330,22 @@ def estimate(choices: Choices, rates: Rates | None = None) -> Estimate:
              2 * p.knn_k * KNN_ID_BYTES)
     rows, images = shard_work(c)
     s = _steps(r, backend, text_per_s, rows, images)
-    wall = (s["fingerprint"].wall_s + s["plan"].wall_s
-            + max(s["text"].wall_s + s["text_merge"].wall_s,
-                  s["image"].wall_s + s["image_merge"].wall_s)
-            + s["fusion"].wall_s + s["knn"].wall_s + s["report"].wall_s
-            + (s["publish"].wall_s if "publish" in s else 0.0))
+    wall = (s["plan"].wall_s + max(s["text"].wall_s, s["image"].wall_s)
+            + s["fusion"].wall_s + s["knn"].wall_s + s["report"].wall_s)
     # The pipeline root keeps the shard outputs, the merged ones, the fused set and the graphs;
     # publishing adds a copy of every output.
     n, m = c.items, c.selected_images
     stored_gb = (2 * (n * r.txt_bytes + m * r.img_bytes) + n * (r.fused_bytes + r.knn_bytes)
                  + (_output_bytes(r) if p.publish_uri else 0)) / 1e9
     storage_usd = stored_gb * rates.number("prices.storage_usd_per_gb_month")
-    warnings = _warnings(r, images)
-    stages = image_rates(rates, p, r.image_m)
+    warnings = _warnings(r)
+    stages = image_rates(rates, p, r.image_m, c.host_share)
     assumptions = [*STRUCTURAL_ASSUMPTIONS,
                    *([APPLY_ASSUMPTION] if p.fusion_mode == "apply" else []),
                    f"Text backend {p.text_backend!r} runs as {backend!r} on {text_m.label}.",
-                   *([f"Images come from several hosts: the images of one host download at "
-                      f"most download_rate_per_host = {p.download_rate_per_host:g}/s per image "
-                      "worker (docs/images.md)."]
-                     if 0 < p.download_rate_per_host < stages["downloads"]
-                     else []),
+                   *([_per_host_assumption(c, stages)] if PER_HOST in stages else []),
                    *(q.line() for q in rates.used.values() if q.basis in GUESSES)]
-    steps = [s[k] for k in ("fingerprint", "plan", "text", "text_merge", "image",
-                            "image_merge", "fusion", "knn", "report", "publish", "fee") if k in s]
+    steps = [s[k] for k in ("plan", "text", "image", "fusion", "knn", "report", "fee")]
     return Estimate(c, steps, wall, sum(step.cost_usd for step in steps), stored_gb,
                     storage_usd, assumptions, list(rates.used.values()), rates.origin, warnings,
                     stages)

@@ -15,6 +15,7 @@ RATES_FILE = "estimate_rates.json"
 BASES = ("measured", "list price", "published", "derived", "assumed")
 GUESSES = ("derived", "assumed")  # listed with the assumptions
 IMAGE_ACCELERATOR = "NVIDIA_TESLA_T4"  # the image step always runs with one
+PER_HOST = "per-host rate"  # the image worker stage that download_rate_per_host bounds
 
 
 @dataclass(frozen=True)
@@ -155,16 +156,22 @@ def text_rate(rates: Rates, p: PipelineParams, machine: Machine) -> tuple[str, f
                                machine)
 
 
-def image_rates(rates: Rates, p: PipelineParams, machine: Machine) -> dict[str, float]:
+def image_rates(rates: Rates, p: PipelineParams, machine: Machine,
+                largest_host_share: float = 1.0) -> dict[str, float]:
     """Images/s of an image worker's stages, which overlap (the slowest sets its rate):
-    downloads (``download_concurrency`` in flight), the CPU (decoding as ``image_decode`` asks
-    and the downloads' own CPU, one decode thread per vCPU) and the T4."""
+    downloads (``download_concurrency`` in flight), the per-host rate (``download_rate_per_host``
+    requests/s to the host holding ``largest_host_share`` of the image URLs caps the whole
+    stream at rate / share; absent when the rate is 0, no limit), the CPU (decoding as
+    ``image_decode`` asks and the downloads' own CPU, one decode thread per vCPU) and the T4."""
     cpu_s = (rates.number(f"image.decode_cpu_s_per_image.{p.image_decode}")
              + rates.number("image.download_cpu_s_per_image"))
-    return {"downloads": p.download_concurrency / rates.number("image.download_latency_s"),
-            "CPU": machine.vcpus / cpu_s,
-            "T4": gpu_items_per_s(rates, IMAGE_ACCELERATOR,
-                                  rates.number("image.gflop_per_image"))}
+    stages = {"downloads": p.download_concurrency / rates.number("image.download_latency_s")}
+    if p.download_rate_per_host > 0:
+        stages[PER_HOST] = p.download_rate_per_host / largest_host_share
+    stages.update({"CPU": machine.vcpus / cpu_s,
+                   "T4": gpu_items_per_s(rates, IMAGE_ACCELERATOR,
+                                         rates.number("image.gflop_per_image"))})
+    return stages
 
 
 def knn_seconds(rates: Rates, n: int, space: str, exact_max: int, machine: Machine) -> float:

@@ -1,18 +1,25 @@
 """Fan-out: the catalogue cut into ``shards`` contiguous row ranges, spread over worker tasks.
 
 A planning step cuts the items table (in input row order) into ``shards`` ranges of near-equal
-size and hands them to at most ``max_parallel_shards`` workers (worker ``w`` gets shards
-``w, w + P, w + 2P, ...``), so the parameter bounds how many machines run at once even though
-KFP's own loop parallelism is fixed at compile time. The image cap ``max_items`` applies to the
-whole catalogue: the plan gives each shard the number of its URL rows that a single run would
-select (the first ``max_items`` usable URLs in input order), so the same items are embedded.
+size and hands them to at most ``max_parallel_shards`` workers per step, so the parameter bounds
+how many machines run at once even though KFP's own loop parallelism is fixed at compile time.
+The image cap ``max_items`` applies to the whole catalogue: the plan gives each shard the number
+of its URL rows that a single run would select (the first ``max_items`` usable URLs in input
+order), so the same items are embedded.
 
-Merge steps then concatenate the shards' outputs in shard order: the files a single run writes.
+Each step gets only the machines that have work: the text workers are one per shard with rows
+(worker ``w`` of ``W`` gets shards ``w, w + W, ...``); the image workers one per shard with
+images to embed, at most ``max_parallel_shards``, the shards dealt by their image rows (largest
+first, to the worker with the fewest so far), so with the cap filling the first shards few T4
+machines start; shards without work ride along with the others (they write empty outputs).
+
+Merges then concatenate the shards' outputs in shard order: the files a single run writes.
 
 Example::
 
     plan = plan_shards("items.parquet", PipelineParams(shards=4, max_parallel_shards=2))
     plan.workers[0]  # {"worker": 0, "shards": [{"index": 0, "start": 0, ...}, {"index": 2, ...}]}
+    plan.image_workers  # the image step's workers, dealt by image rows
 """
 
 from __future__ import annotations
@@ -83,11 +90,12 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Every shard, and which worker runs which."""
+    """Every shard, and which worker of each step runs which."""
 
     rows: int | None          # None: the plan's last shard runs to the end of the table
     shards: list[Shard]
-    workers: list[dict[str, Any]]   # {"worker": w, "shards": [shard dicts]}: the loop's items
+    workers: list[dict[str, Any]]   # {"worker": w, "shards": [shard dicts]}: the text loop's items
+    image_workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # image loop's
 
     @classmethod
     def from_workers(cls, workers: list[dict[str, Any]]) -> ShardPlan:
@@ -153,6 +161,54 @@ def deal(shards: Sequence[Any], max_parallel_shards: int) -> list[list[Any]]:
     return [list(shards[w::width]) for w in range(width)]
 
 
+def _with_idle(dealt: list[list[Any]], idle: Sequence[Any]) -> list[list[Any]]:
+    """``dealt`` with the ``idle`` shards added round-robin (a step needs every shard's
+    output, even an empty one)."""
+    for i, shard in enumerate(idle):
+        dealt[i % len(dealt)].append(shard)
+    return dealt
+
+
+def deal_by_rows(rows: Sequence[int], max_parallel_shards: int) -> list[list[int]]:
+    """Shard numbers per text worker: one worker per shard with rows (at most
+    ``max_parallel_shards``, at least one), dealt round-robin (their rows differ by one at
+    most); shards without rows (more shards than rows) ride along.
+
+    >>> deal_by_rows([0, 1, 0, 1, 1], max_parallel_shards=5)
+    [[1, 0], [3, 2], [4]]
+    """
+    working = [i for i, n in enumerate(rows) if n > 0]
+    return _with_idle(deal(working, max_parallel_shards) or [[]],
+                      [i for i, n in enumerate(rows) if n <= 0])
+
+
+def deal_by_work(work: Sequence[int], max_parallel_shards: int) -> list[list[int]]:
+    """Shard numbers per image worker: one worker per shard with images to embed (at most
+    ``max_parallel_shards``, at least one), the shards dealt largest first to the worker with
+    the fewest images so far (ties: shard order, then the lower worker); shards without images
+    ride along round-robin.
+
+    >>> deal_by_work([40, 40, 20, 0, 0, 0], max_parallel_shards=4)
+    [[0, 3], [1, 4], [2, 5]]
+    >>> deal_by_work([10, 0, 0, 7, 7], max_parallel_shards=2)
+    [[0, 1], [3, 4, 2]]
+    """
+    working = sorted((i for i, n in enumerate(work) if n > 0), key=lambda i: (-work[i], i))
+    width = max(1, min(len(working), max_parallel_shards))
+    dealt: list[list[int]] = [[] for _ in range(width)]
+    loads = [0] * width
+    for i in working:
+        w = min(range(width), key=lambda w: (loads[w], w))
+        dealt[w].append(i)
+        loads[w] += work[i]
+    return _with_idle(dealt, [i for i, n in enumerate(work) if n <= 0])
+
+
+def _loop_items(shards: Sequence[Shard], dealt: list[list[int]]) -> list[dict[str, Any]]:
+    return [{"worker": w, "shards": [shards[i].as_dict() for i in sorted(mine)]}
+            for w, mine in enumerate(dealt)]
+
+
 def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
     """Cut the items into ``params.shards`` ranges and give them to the workers.
 
@@ -162,11 +218,13 @@ def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
     columns = ItemColumns.from_params(params)
     n = validate_items(items_uri, columns, need_image_url=True).num_rows
     bounds = shard_bounds(n, params.shards)
-    quotas = image_quotas(_url_rows_per_shard(items_uri, columns, bounds), params.max_items)
+    urls = _url_rows_per_shard(items_uri, columns, bounds)
+    quotas = image_quotas(urls, params.max_items)
     shards = [Shard(i, bounds[i], bounds[i + 1], quota) for i, quota in enumerate(quotas)]
-    workers = [{"worker": w, "shards": [s.as_dict() for s in dealt]}
-               for w, dealt in enumerate(deal(shards, params.max_parallel_shards))]
-    return ShardPlan(n, shards, workers)
+    rows = [bounds[i + 1] - bounds[i] for i in range(params.shards)]
+    images = [u if q is None else q for u, q in zip(urls, quotas)]
+    return ShardPlan(n, shards, _loop_items(shards, deal_by_rows(rows, params.max_parallel_shards)),
+                     _loop_items(shards, deal_by_work(images, params.max_parallel_shards)))
 
 
 def worker_shards(worker: dict[str, Any]) -> Iterator[Shard]:
@@ -229,6 +287,8 @@ def _merged_meta(metas: list[dict[str, Any]], sums: Sequence[str]) -> dict[str, 
     for key in sums:
         if key in merged:
             merged[key] = sum(m.get(key) or 0 for m in metas)
+    # the shards' own detail, for the step's experiment run (a shard logs none by default)
+    merged["shard_wall_time_max_sec"] = max(m.get("wall_time_sec") or 0.0 for m in metas)
     return merged
 
 

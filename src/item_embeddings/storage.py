@@ -333,14 +333,15 @@ def is_file_records(records: Any) -> bool:
     return isinstance(records, dict) and all(isinstance(e, dict) for e in records.values())
 
 
-def record_problems(files: Mapping[str, Path], records: Any, owner: str, *,
+def record_problems(files: Mapping[str, Any], records: Any, owner: str, *,
                     required: Iterable[str] = (),
-                    sha256: Callable[[Path], str] = sha256_file) -> list[str]:
-    """What differs between the available ``files`` (name -> path) and the ``records`` of
-    their size and sha256 that ``owner`` (a meta file, a manifest) wrote: a recorded file
-    missing or not as recorded, a ``required`` name without a record. Empty when all is as
-    recorded. The one check of recorded files: ``verify`` reports the problems, a run that
-    reuses a previous set refuses it on any."""
+                    sha256: Callable[[Any], str] = sha256_file,
+                    size: Callable[[Any], int] = lambda path: path.stat().st_size) -> list[str]:
+    """What differs between the available ``files`` (name -> path, or what ``size`` and
+    ``sha256`` take) and the ``records`` of their size and sha256 that ``owner`` (a meta file,
+    a manifest) wrote: a recorded file missing or not as recorded, a ``required`` name without a
+    record. Empty when all is as recorded. The one check of recorded files: ``verify`` reports
+    the problems, a run that reuses a previous set refuses it on any."""
     if not is_file_records(records):
         return [f"{owner}: 'files' is not a mapping of file name to size and sha256"]
     problems = [f"{owner} records no size and sha256 of {name}: it cannot be verified"
@@ -349,9 +350,9 @@ def record_problems(files: Mapping[str, Path], records: Any, owner: str, *,
         if name not in files:
             problems.append(f"{owner} lists {name} but it is missing")
             continue
-        size = files[name].stat().st_size
-        if size != entry.get("size"):
-            differs = f"size {size}, recorded {entry.get('size')!r}"
+        actual = size(files[name])
+        if actual != entry.get("size"):
+            differs = f"size {actual}, recorded {entry.get('size')!r}"
         elif sha256(files[name]) != entry.get("sha256"):
             differs = "same size, sha256 differs"
         else:

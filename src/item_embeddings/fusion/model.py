@@ -32,7 +32,7 @@ from torch import nn
 from ..config import PipelineParams
 from ..outputs import FUSION_WEIGHTS
 from ..storage import atomic_path
-from .targets import TAU, Imputation, TrainingBatch, check_tau
+from .targets import TAU, Imputation, TrainingBatch, check_tau, group_blocks
 
 _T = TypeVar("_T")
 _META_KEY = "fusion_model"  # safetensors metadata entry holding the architecture (JSON)
@@ -238,27 +238,44 @@ def _shifted_logits(similarity: torch.Tensor, tau: float) -> torch.Tensor:
     return similarity.fill_diagonal_(_MASKED)
 
 
-def _symmetric_softmax(logits2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row softmax Q of a symmetric matrix of base-2 logits, returned as ``Q + Qᵀ``.
+def _symmetric_softmax(logits2: torch.Tensor, m: int, preserve: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax Q of a symmetric matrix of base-2 logits, with the preservation term's
+    own-group softmax Q_own (rows of the M first items over those items, the others over the
+    others), returned as ``C + Cᵀ`` with ``C = Q + preserve * Q_own``.
 
     With E = 2^logits (symmetric) and row sums s, Q = E / s per row, so ``Q + Qᵀ`` is
-    ``E * (1/s_i + 1/s_j)``: no transposed pass over the matrix.
+    ``E * (1/s_i + 1/s_j)``: no transposed pass over the matrix. Q_own is E / s_own on the two
+    diagonal blocks, so there the factor is ``a_i + a_j`` with ``a = 1/s + preserve/s_own``.
 
     Returns:
-        (Q + Qᵀ, Σ_rows ln s): the second is the sum of the rows' natural log-sum-exp.
+        (C + Cᵀ, Σ_rows ln s + preserve Σ_rows ln s_own): natural log-sum-exps.
     """
     e = torch.exp2(logits2)
     row_sum = e.sum(dim=1, keepdim=True)
     inverse = row_sum.reciprocal()
-    return e.mul_(inverse + inverse.T), row_sum.log_().sum()
+    log_sum_exp = row_sum.log_().sum()
+    own = inverse.clone()
+    if preserve:
+        for group in group_blocks(e.shape[0], m):
+            own_sum = e[group, group].sum(dim=1, keepdim=True)
+            own[group] += preserve * own_sum.reciprocal()
+            log_sum_exp += preserve * own_sum.log_().sum()
+    groups = [g for g in (slice(0, m), slice(m, e.shape[0])) if g.stop > g.start]
+    for rows in groups:
+        for cols in groups:
+            factor = own if rows == cols else inverse
+            e[rows, cols].mul_(factor[rows] + factor[cols].T)
+    return e, log_sum_exp
 
 
 def _log_likelihood(target_sym: torch.Tensor, logits2: torch.Tensor,
                     log_sum_exp: torch.Tensor) -> torch.Tensor:
-    """Σ_ij P_ij · ln Q_ij, with Q the row softmax of the symmetric ``logits2``.
+    """Σ_ij P_ij · ln Q_ij (+ preserve Σ P_own ln Q_own), Q the row softmax of the symmetric
+    ``logits2`` (Q_own its own-group softmax; ``target_sym`` = T + Tᵀ, T = P + preserve P_own).
 
-    ln Q_ij = logits2_ij / log2(e) - lse_i and P's rows sum to 1; by symmetry of the logits,
-    Σ P_ij logits_ij is half of Σ (P + Pᵀ)_ij logits_ij.
+    ln Q_ij = logits2_ij / log2(e) - lse_i and the rows of P (of P_own) sum to 1; by symmetry of
+    the logits, Σ T_ij logits_ij is half of Σ (T + Tᵀ)_ij logits_ij.
     """
     return torch.dot(target_sym.view(-1), logits2.view(-1)) * (0.5 / _LOG2E) - log_sum_exp
 
@@ -269,7 +286,9 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     """The training objective on one batch; sets every parameter's ``.grad`` to its gradient.
 
     Objective: row mean of KL(P || softmax(z·zᵀ / tau)) with each item's self excluded
-    (P from :func:`.targets.training_batch`), plus NORM_WEIGHT * mean((|h| - 1)²) on the code before
+    (P from :func:`.targets.training_batch`), plus ``batch.preserve`` times the row mean of the
+    same KL conditioned on the anchor's own group (items with an image, or without), plus
+    NORM_WEIGHT * mean((|h| - 1)²) on the code before
     normalisation. The backward pass is written out instead of left to autograd: it is short,
     and autograd's graph and intermediates cost a sizeable share of a step (docs/fusion.md).
     tests/test_fusion.py checks it against autograd on the plain formula.
@@ -287,7 +306,7 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
         ``loss``, ``sim_loss`` and ``norm_loss`` as floats.
     """
     check_tau(tau)
-    text, image, target_sym, target_p_log_p = batch
+    text, image, target_sym, target_p_log_p, preserve = batch
     hidden = _first_layer(model, text, image).clamp_min_(0)  # ReLU, in place
     h = model.out(hidden)
     norm = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(_EPS)
@@ -296,7 +315,7 @@ def loss_and_gradients(model: FusionMLP, batch: TrainingBatch, tau: float = TAU,
     # (z·zᵀ - 1) / tau in base 2, straight out of the matrix product (see _shifted_logits)
     logits2 = torch.addmm(z.new_tensor(-_LOG2E / tau), z * (_LOG2E / tau), z.T)
     logits2.fill_diagonal_(_MASKED)
-    q_sym, log_sum_exp = _symmetric_softmax(logits2)
+    q_sym, log_sum_exp = _symmetric_softmax(logits2, image.shape[0], preserve)
     sim_loss = (target_p_log_p - _log_likelihood(target_sym, logits2, log_sum_exp)) / b
     norm_loss = (norm - 1).pow(2).mean()
 

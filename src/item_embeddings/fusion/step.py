@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from ..config import PipelineParams
-from ..incremental import KeyIndex, PreviousGroup, open_previous
+from ..incremental import KeyIndex, PreviousGroup, VerifiedSet, open_previous
 from ..modality import mix_metrics, mix_warning, modality_mix, sample_neighbours
 from ..outputs import FUSED_ARRAY, FUSED_ITEMS, FUSION_CONFIG, FUSION_EXCLUSIONS, FUSION_WEIGHTS
 from ..step import StepKind
@@ -209,6 +209,7 @@ def fuse_item_embeddings(
     input_uris: tuple[str, str] | None = None,
     num_threads: int | None = None,
     init: str = "pca",
+    verified: VerifiedSet | None = None,
 ) -> dict[str, Any]:
     """Fuse every item's text and image vectors into one ``fusion_output_dim`` code.
 
@@ -238,6 +239,8 @@ def fuse_item_embeddings(
             torch's current setting). Outputs are byte-identical for the same inputs, seed and
             thread count.
         init: 'pca' (start from the linear PCA projection) or 'random'.
+        verified: What the run's first task verified of the previous set (its files are then
+            only checked to be unchanged, not hashed again).
 
     Returns:
         The metadata written to ``fusion_config.json``.
@@ -253,7 +256,8 @@ def fuse_item_embeddings(
     inputs = load_fusion_inputs(text_dir, image_dir)
     load_time = time.perf_counter() - started
     settings = fusion_settings(params, init, *(input_uris or (str(text_dir), str(image_dir))))
-    with open_previous(params.previous_uri if apply else "", "fusion") as previous, \
+    with open_previous(params.previous_uri if apply else "", "fusion",
+                       verified=verified) as previous, \
             FUSION_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
                             artifact_uri=artifact_uri) as run, \
             torch_threads(num_threads, inputs.count) as threads:

@@ -26,6 +26,10 @@ import numpy as np
 import torch
 
 TAU = 0.05              # softmax temperature of target and fused similarities
+# Weight of the preservation term: per anchor, the KL between the target's and the fused space's
+# distributions *conditioned on the anchor's own group* (items with a photo, items without), so
+# the order inside each group is kept however little mass the group gets (docs/fusion.md).
+PRESERVE_WEIGHT = 1.0
 _MIN_TAU = 0.025        # exp2(-2 log2(e) / tau) of the text softmax stays a normal float32
 # Ridge strengths tried for the imputation, per sampled item (lambda = alpha * n): from almost
 # unregularised to so strong that the prediction is the mean photo (what random image vectors
@@ -129,8 +133,9 @@ class TrainingBatch(NamedTuple):
 
     text: torch.Tensor          # [B, text_dim] unit rows, the M items with an image first
     image: torch.Tensor         # [M, img_dim] unit rows: the images of text's first M rows
-    target_sym: torch.Tensor    # [B, B] P + Pᵀ, P the target neighbour distribution per row
-    target_p_log_p: torch.Tensor  # scalar sum of P * log(P): the KL's constant part
+    target_sym: torch.Tensor    # [B, B] T + Tᵀ with T = P + PRESERVE_WEIGHT * P_own
+    target_p_log_p: torch.Tensor  # scalar: Σ P log P + preserve Σ P_own log P_own (a constant)
+    preserve: float = PRESERVE_WEIGHT  # the preservation term's weight the targets were built with
 
 
 def check_tau(tau: float) -> None:
@@ -183,7 +188,7 @@ def target_distribution(text: torch.Tensor, image: torch.Tensor, imputation: Imp
     check_tau(tau)
     b, m = text.shape[0], image.shape[0]
     scale = _LOG2E / tau
-    text_sim = text @ text.T
+    text_sim = _gram(text)
     # the text softmax in base 2; cosines are at most 1, so a fixed shift needs no max pass
     logits = text_sim.mul(scale).sub_(scale).fill_diagonal_(_SELF)
     target = torch.exp2(logits)
@@ -207,9 +212,36 @@ def target_distribution(text: torch.Tensor, image: torch.Tensor, imputation: Imp
     return target, p_log_p
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ xᵀ`` from three quarters of the product: the lower-left block is the transposed
+    upper-right one (the batch's largest target product; docs/fusion.md, *Threads*)."""
+    b, h = x.shape[0], x.shape[0] // 2
+    out = x.new_empty(b, b)
+    torch.mm(x[:h], x.T, out=out[:h])
+    out[h:, h:] = x[h:] @ x[h:].T
+    out[h:, :h] = out[:h, h:].T
+    return out
+
+
+def group_blocks(b: int, m: int) -> tuple[slice, ...]:
+    """The batch's groups that have a pair (the M items with a photo first, then the others)."""
+    return tuple(g for g in (slice(0, m), slice(m, b)) if g.stop - g.start >= 2)
+
+
 def training_batch(text: torch.Tensor, image: torch.Tensor, imputation: Imputation,
-                   tau: float = TAU) -> TrainingBatch:
-    """The batch with its targets: ``P + Pᵀ`` and ``Σ P log P`` of :func:`target_distribution`."""
+                   tau: float = TAU, preserve: float = PRESERVE_WEIGHT) -> TrainingBatch:
+    """The batch with its targets ``T + Tᵀ``, ``T = P + preserve * P_own``, and the objective's
+    constant part.
+
+    P is :func:`target_distribution`'s; ``P_own`` is P restricted to the anchor's own group
+    (items with a photo, or without) and renormalised: the target of the preservation term.
+    """
     target, p_log_p = target_distribution(text, image, imputation, tau)
+    if preserve:
+        for group in group_blocks(text.shape[0], image.shape[0]):
+            block = target[group, group]
+            own = block / block.sum(dim=1, keepdim=True)
+            p_log_p = p_log_p + preserve * torch.special.xlogy(own, own).sum()
+            block.add_(own, alpha=preserve)
     # (a transposed copy, then a plain add, is about twice as fast as adding the transpose)
-    return TrainingBatch(text, image, target.T.contiguous().add_(target), p_log_p)
+    return TrainingBatch(text, image, target.T.contiguous().add_(target), p_log_p, preserve)

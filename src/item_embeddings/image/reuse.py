@@ -50,32 +50,34 @@ class Carried:
     """What an item takes from the previous set (one of the two fields is set)."""
 
     vector_row: int = -1                # the previous img.npy row to reuse
+    vector: np.ndarray | None = None    # its vector, read with the rest of the shard's
     failure: dict[str, Any] | None = None  # the previous failure row to carry over
     etag: str | None = None
     last_modified: str | None = None
 
 
 class PreviousImages:
-    """The previous image outputs, indexed by key."""
+    """The previous image outputs, indexed by key (the index built once per opened set); the
+    vectors of a shard's reused items are read together, only those rows."""
 
     def __init__(self, previous: PreviousGroup, encoder_fp: str, dim: int, *,
                  revalidate: bool, retry_failed: bool):
         self.uri = previous.uri
         self.revalidate = revalidate
-        self.vectors = previous.array(IMG_ARRAY)
-        if self.vectors.shape[1:] != (dim,):
+        self._previous = previous
+        shape = previous.shape(IMG_ARRAY)
+        if shape[1:] != (dim,):
             raise PreviousSetError(f"previous image vectors at {previous.uri} are "
-                                   f"{self.vectors.shape}, expected [M, {dim}]")
-        items = previous.table(IMG_ITEMS)
-        self._items = KeyIndex(items.column("key"))
-        self._rows = items.column("row").to_numpy()
-        self._etags = items.column("etag").to_pylist()
-        self._last_modified = items.column("last_modified").to_pylist()
-        self._failures = None if retry_failed else previous.table(IMG_FAILURES)
+                                   f"{list(shape)}, expected [M, {dim}]")
+        self._items, self._rows, self._etags, self._last_modified = previous.cached(
+            "image-keys", lambda: _indexed_items(previous))
+        self._failures = None if retry_failed else previous.cached(
+            "image-failures", lambda: previous.table(IMG_FAILURES))
         self._failed = KeyIndex(self._failures.column("key")) if self._failures else None
 
     def carried(self, keys: pa.Array) -> list[Carried | None]:
-        """Per key: what to take from the previous set, None to fetch as new."""
+        """Per key: what to take from the previous set, None to fetch as new. The vectors of
+        the items that carry one are read now (one batch of ranged reads)."""
         hits = self._items.rows(keys)
         failed = self._failed.rows(keys) if self._failed else np.full(len(keys), -1)
         out: list[Carried | None] = []
@@ -87,10 +89,17 @@ class PreviousImages:
                 out.append(Carried(failure=self._failures.slice(int(fail), 1).to_pylist()[0]))
             else:
                 out.append(None)
+        reused = [c for c in out if c is not None and c.failure is None]
+        rows = np.array([c.vector_row for c in reused], np.int64)
+        for c, vector in zip(reused, self._previous.rows(IMG_ARRAY, rows)):
+            c.vector = vector  # a copy of the bytes of the previous set
         return out
 
-    def vector(self, row: int) -> np.ndarray:
-        return np.array(self.vectors[row])  # a copy: the bytes of the previous set
+
+def _indexed_items(previous: PreviousGroup) -> tuple[KeyIndex, np.ndarray, list, list]:
+    items = previous.table(IMG_ITEMS, ["key", "row", "etag", "last_modified"])
+    return (KeyIndex(items.column("key")), items.column("row").to_numpy(),
+            items.column("etag").to_pylist(), items.column("last_modified").to_pylist())
 
 
 def previous_images(previous: PreviousGroup | None, encoder_fp: str, dim: int, *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import time
@@ -26,12 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
-from ..incremental import PreviousGroup, content_keys, open_previous
+from ..incremental import PreviousGroup, content_keys
 from ..items import ItemColumns, ItemsError, id_type, validate_items
 from ..outputs import IMG_META
 from ..progress import Progress
 from ..step import StepKind
 from ..tracking import ExperimentTracker
+from ..worker import WorkerSetup
 from .decoding import MAX_PIXELS
 from .download import DownloadConfig
 from .encoder import ImageEncoder, load_image_encoder
@@ -71,7 +73,7 @@ class _ShardWork:
     vectors: list[np.ndarray | None] = field(default_factory=list)
     pending: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (position, pixels)
 
-    def add(self, outcome: Outcome, previous: PreviousImages | None) -> None:
+    def add(self, outcome: Outcome) -> None:
         """Record the next item's outcome (items arrive in input order)."""
         position = len(self.vectors)
         carried = self.carried[position]
@@ -87,7 +89,7 @@ class _ShardWork:
                        source=FAILURE_REUSED)
         elif carried is not None and (outcome.not_modified or outcome.status is None
                                       and outcome.reason is None):
-            vector = previous.vector(carried.vector_row)
+            vector = carried.vector
             row["source"] = REVALIDATED if outcome.not_modified else REUSED
             row["etag"], row["last_modified"] = carried.etag, carried.last_modified
         elif outcome.pixels is not None:
@@ -163,7 +165,7 @@ def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: Shard
         work, position, future = in_flight.popleft()
         outcome: Outcome = future.result()
         refill()
-        work.add(outcome, previous)
+        work.add(outcome)
         if len(work.pending) == batch_size:
             _encode_pending(work, encoder, stats)
         progress.update(1)
@@ -199,7 +201,7 @@ IMAGE_STEP = StepKind(
     metric_keys=("count", "failed_count", "attempted_count", "no_url_count", "encoded_count",
                  "reused_count", "revalidated_count", "failures_reused_count",
                  "encode_time_sec", "throughput_items_per_sec", "download_wall_s",
-                 "decode_cpu_s", "encode_wall_s"),
+                 "decode_cpu_s", "encode_wall_s", "fanout_shards", "shard_wall_time_max_sec"),
     logged_params={"model_name": "encoder_name", "pretrained": "pretrained",
                    "max_items": "max_items", "download_concurrency": "download_concurrency",
                    "batch_size": "batch_size", "items_uri": "items_uri",
@@ -391,6 +393,7 @@ def embed_items_images(
     download_config: DownloadConfig | None = None,
     decode_workers: int | None = None,
     resolver=None,
+    setup: WorkerSetup | None = None,
 ) -> dict[str, Any]:
     """Download, decode and embed the image of every selected item; write the image step's outputs.
 
@@ -422,6 +425,8 @@ def embed_items_images(
         download_config: Full downloader settings instead of the parameters' (tests).
         decode_workers: Decode threads (default min(8, CPUs)).
         resolver: DNS resolver for the downloader (tests; wrapped by the guard).
+        setup: What a fan-out worker made for an earlier shard and keeps for the next (the
+            encoder, the opened previous set, the validated table); default: made for this call.
 
     Returns:
         The metadata written to ``img_meta.json``.
@@ -430,32 +435,51 @@ def embed_items_images(
         ItemsError: the items table is unusable (raised before the model loads).
         PreviousSetError: ``previous_uri`` is set but that set is missing or damaged.
     """
-    columns = ItemColumns.from_params(params)
-    summary = validate_items(items_uri, columns, need_text=False, need_image_url=True)
-    ids_type = id_type(summary.schema.field(columns.id).type)
-    summary.row_range(rows)  # a shard outside the table is refused before any model loads
-    config = download_config or DownloadConfig.from_params(params)
-    settings = image_settings(params, config, items_uri, rows, quota)
-    selected = _Selected.of(items_uri, columns, params, rows, quota)
-    with open_previous(params.previous_uri, "image") as previous_group, \
-            IMAGE_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
-                           artifact_uri=artifact_uri) as run:
-        if encoder is None:
-            encoder = load_image_encoder(params.image_model, params.image_pretrained, device)
-        keys_fp, previous = _reusable(previous_group, encoder, params)
-        store = _shard_store(settings, encoder, config, previous_group if previous else None,
-                             params.checkpoint_uri or str(run.out / SHARDS_DIR))
-        fetched = _embed_shards(selected, store, encoder, config, params, ids_type, previous,
-                                keys_fp, decode_workers, resolver)
-        totals = assemble(store, selected.shards(Selection()), fetched.stats.embedded_per_shard,
-                          run.out, encoder.dim, ids_type)
-        meta = run.finish_step({**settings, **_encoder_meta(encoder, keys_fp), **totals,
-                                **_run_meta(fetched, store)})
+    with contextlib.ExitStack() as stack:
+        setup = setup or stack.enter_context(WorkerSetup())
+        meta = _embed_images(items_uri, output_dir, params, setup, run_id=run_id,
+                             tracker=tracker, artifact_uri=artifact_uri, rows=rows, quota=quota,
+                             device=device, encoder=encoder, download_config=download_config,
+                             decode_workers=decode_workers, resolver=resolver)
     if meta["unavailable_hosts"]:
         logger.warning("image host(s) not answering, their remaining images skipped by the "
                        "circuit breaker (reason host_unavailable; retried by the next run): %s",
                        ", ".join(f"{host} ({n} images)" for host, n in
                                  list(meta["unavailable_hosts"].items())[:5]))
     logger.info("embedded %d images (%d failed, %d without URL) in %.1fs -> %s", meta["count"],
-                meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], run.out)
+                meta["failed_count"], meta["no_url_count"], meta["wall_time_sec"], output_dir)
     return meta
+
+
+def _embed_images(items_uri: str, output_dir: str | os.PathLike, params: PipelineParams,
+                  setup: WorkerSetup, *, run_id: str, tracker: ExperimentTracker | None,
+                  artifact_uri: str, rows: tuple[int, int] | None, quota: int | None,
+                  device: str | None, encoder: ImageEncoder | None,
+                  download_config: DownloadConfig | None, decode_workers: int | None,
+                  resolver) -> dict[str, Any]:
+    """:func:`embed_items_images` with the worker's ``setup``."""
+    columns = ItemColumns.from_params(params)
+    summary = setup.once(("validated-urls", items_uri, columns), lambda: validate_items(
+        items_uri, columns, need_text=False, need_image_url=True))
+    ids_type = id_type(summary.schema.field(columns.id).type)
+    summary.row_range(rows)  # a shard outside the table is refused before any model loads
+    config = download_config or DownloadConfig.from_params(params)
+    settings = image_settings(params, config, items_uri, rows, quota)
+    selected = _Selected.of(items_uri, columns, params, rows, quota)
+    previous_group = (setup.previous(params.previous_uri, "image") if params.previous_uri
+                      else None)
+    with IMAGE_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                        artifact_uri=artifact_uri) as run:
+        encoder = encoder or setup.once(
+            ("image-encoder", params.image_model, params.image_pretrained, device),
+            lambda: load_image_encoder(params.image_model, params.image_pretrained, device))
+        keys_fp, previous = setup.once(("image-reuse", previous_group, encoder),
+                                       lambda: _reusable(previous_group, encoder, params))
+        store = _shard_store(settings, encoder, config, previous_group if previous else None,
+                             params.checkpoint_uri or str(run.out / SHARDS_DIR))
+        fetched = _embed_shards(selected, store, encoder, config, params, ids_type, previous,
+                                keys_fp, decode_workers, resolver)
+        totals = assemble(store, selected.shards(Selection()), fetched.stats.embedded_per_shard,
+                          run.out, encoder.dim, ids_type)
+        return run.finish_step({**settings, **_encoder_meta(encoder, keys_fp), **totals,
+                                **_run_meta(fetched, store)})

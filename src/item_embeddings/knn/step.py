@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -274,6 +274,44 @@ def _open_inputs(dirs: dict[str, Path], knn_k: int
     return opened, ids, k
 
 
+class _Previous(NamedTuple):
+    """The previous set's kNN state, and where this run's rows were in it."""
+
+    knn: PreviousKnn | None
+    row: np.ndarray | None      # per row of this run, its row in the previous set (-1: new)
+    content: np.ndarray         # this run's content digests (drift is over unchanged items)
+
+
+def _write_space(space: str, vectors: np.ndarray, k: int, why_full: str | None,
+                 params: PipelineParams, previous: _Previous, device: torch.device,
+                 scratch: Path, out: Path, has_image: np.ndarray
+                 ) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """Build (or update) one space's graph and write its files and state: returns its
+    ``knn_meta.json`` entry and the photo share of its neighbours by group."""
+    _, _, ids_file, scores_file, state_file = SPACES[space]
+    digests = row_digests(vectors)
+    graph, reason = _space_graph(space, vectors, digests, k, previous.knn, previous.row,
+                                 why_full, params, device, scratch)
+    _write_graph(graph, out, ids_file, scores_file)
+    SpaceState(digests=digests, reserve_neighbours=graph.reserve_neighbours,
+               reserve_scores=graph.reserve_scores, ivf=graph.ivf).save(out / state_file)
+    meta = _space_meta(graph, vectors.shape[1], reason)
+    if previous.knn is not None:
+        meta["drift"] = _drift(graph, previous.knn, space, previous.row, previous.content)
+    return meta, photo_share(graph.neighbours, has_image)
+
+
+def _provenance(params: PipelineParams, text_dir: str | os.PathLike,
+                fused_dir: str | os.PathLike, fusion: dict[str, Any]) -> dict[str, Any]:
+    """What ``knn_meta.json`` records of the settings and the inputs the graphs came from."""
+    return {"exact_max_items": params.knn_exact_max_items, "seed": params.seed,
+            "reserve": RESERVE, "previous_uri": params.previous_uri,
+            "text_run_id": _meta(Path(text_dir) / TXT_META).get("run_id"),
+            "fusion_run_id": fusion.get("run_id"),
+            "fusion_weights_sha256": fusion.get("weights_sha256"),
+            "text_dir": str(text_dir), "fused_dir": str(fused_dir)}
+
+
 def build_knn_graphs(
     text_dir: str | os.PathLike,
     fused_dir: str | os.PathLike,
@@ -287,16 +325,12 @@ def build_knn_graphs(
 ) -> dict[str, Any]:
     """Write the ``knn_k`` nearest other items of every item, in the text and fused spaces.
 
-    Writes into ``output_dir``, each atomically: ``knn_text.npy`` / ``knn_fused.npy`` (int32
-    ``[N, k]`` row indices in ``txt_items.parquet`` order, most similar first),
-    ``knn_text_scores.npy`` / ``knn_fused_scores.npy`` (float32 ``[N, k]`` cosine similarities),
-    what the next run's update starts from (``knn_items.parquet``, ``knn_text_state.npz``,
-    ``knn_fused_state.npz``) and ``knn_meta.json`` (written last: per space the method, index
-    parameters, times, measured recall, ``recomputed_count`` / ``reused_count`` and, with a
-    previous set, the night-over-night drift; the ``modality_mix``: the photo share of each
-    space's neighbours for items with and without a photo, ``modality.py``). Logs an
-    experiment run ``knn-graph-<run id>`` with ``text_recall_at_k``, ``fused_recall_at_k`` and
-    the ``photo_share_*`` values among its metrics.
+    Writes into ``output_dir``, each atomically (docs/outputs.md): ``knn_text.npy`` /
+    ``knn_fused.npy`` (int32 ``[N, k]`` rows of ``txt_items.parquet``, most similar first), their
+    ``*_scores.npy`` (float32 cosines), what the next run's update starts from
+    (``knn_items.parquet``, ``knn_*_state.npz``) and, last, ``knn_meta.json`` (per space method,
+    times, recall, recomputed/reused counts, drift; the ``modality_mix``). Logs an experiment
+    run ``knn-graph-<run id>``.
 
     With ``previous_uri``, each space's graph is updated from the previous set's (docs/knn.md,
     *Incremental update*) unless that set has none, the space's vectors or settings changed
@@ -347,41 +381,18 @@ def build_knn_graphs(
         prev_row = rows_by_id(previous.ids, ids) if previous is not None else None
         spaces: dict[str, dict[str, Any]] = {}
         shares: dict[str, dict[str, float | None]] = {}
-        for space, (_, _, ids_file, scores_file, state_file) in SPACES.items():
-            vectors = opened[space][0]
-            digests = row_digests(vectors)
-            graph, reason = _space_graph(space, vectors, digests, k, previous, prev_row,
-                                         _why_full(space, params, group, fusion), params,
-                                         device, Path(scratch))
-            _write_graph(graph, run.out, ids_file, scores_file)
-            SpaceState(digests=digests, reserve_neighbours=graph.reserve_neighbours,
-                       reserve_scores=graph.reserve_scores, ivf=graph.ivf
-                       ).save(run.out / state_file)
-            shares[space] = photo_share(graph.neighbours, has_image)
-            spaces[space] = _space_meta(graph, vectors.shape[1], reason)
-            if previous is not None:
-                spaces[space]["drift"] = _drift(graph, previous, space, prev_row, content)
-            del graph                       # before the next space's graph is built
+        for space in SPACES:  # one graph in memory at a time
+            spaces[space], shares[space] = _write_space(
+                space, opened[space][0], k, _why_full(space, params, group, fusion), params,
+                _Previous(previous, prev_row, content), device, Path(scratch), run.out,
+                has_image)
         write_parquet_atomic(run.out / KNN_ITEMS, pa.table({"id": ids, "content_digest": content}))
         mix = mix_summary(shares, has_image, np.arange(len(ids)), k)
         if mix_warning(mix):
             logger.warning("kNN graphs: %s", mix_warning(mix))
-        meta = run.finish_step({
-            "k": k,
-            "k_requested": params.knn_k,
-            "count": len(ids),
-            "spaces": spaces,
-            "exact_max_items": params.knn_exact_max_items,
-            "seed": params.seed,
-            "reserve": RESERVE,
-            "previous_uri": params.previous_uri,
-            "text_run_id": _meta(dirs["text"] / TXT_META).get("run_id"),
-            "fusion_run_id": fusion.get("run_id"),
-            "fusion_weights_sha256": fusion.get("weights_sha256"),
-            "text_dir": str(text_dir),
-            "fused_dir": str(fused_dir),
-            "modality_mix": mix,
-        })
+        meta = run.finish_step({"k": k, "k_requested": params.knn_k, "count": len(ids),
+                                "spaces": spaces, "modality_mix": mix,
+                                **_provenance(params, text_dir, fused_dir, fusion)})
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
                 len(ids), k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],
                 spaces["fused"]["recall_at_k"], run.out)

@@ -135,11 +135,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    host_share = args.largest_host_share
     if args.items_file:
-        if args.image_fraction is not None:
-            raise ConfigError("--image-fraction goes with --items N; with --items-file the "
-                              "image URLs are counted")
-        items, image_items = count_items(args.items_file, args.image_url_column)
+        for option, given in (("--image-fraction", args.image_fraction),
+                              ("--largest-host-share", host_share)):
+            if given is not None:
+                raise ConfigError(f"{option} goes with --items N; with --items-file the image "
+                                  "URLs and their hosts are counted")
+        items, image_items, host_share = count_items(args.items_file, args.image_url_column)
     else:
         items = parse_count(args.items)
         fraction = 1.0 if args.image_fraction is None else args.image_fraction
@@ -148,7 +151,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         image_items = round(items * fraction)
     params = resolve_params(args.config, args.overrides,
                             **{name: getattr(args, name) for name in ESTIMATE_PARAMS})
-    choices = Choices(items, image_items, params, changed_fraction=args.changed_fraction)
+    choices = Choices(items, image_items, params, changed_fraction=args.changed_fraction,
+                      largest_host_share=host_share)
     result = estimate(choices, Rates.load(args.rates))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
@@ -251,6 +255,10 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
                            "an http(s) image URL are counted")
     p.add_argument("--image-fraction", type=float, metavar="F",
                    help="with --items: share of items with an image URL (default 1)")
+    p.add_argument("--largest-host-share", type=float, metavar="F",
+                   help="with --items: share of the image URLs on their most frequent host "
+                        "(default 1: one host, a catalogue on its own CDN); it bounds the "
+                        "downloads at download_rate_per_host / F images/s per image worker")
     p.add_argument("--image-url-column", default=defaults.image_url_column, metavar="NAME",
                    help=f"with --items-file (default {defaults.image_url_column})")
     p.add_argument("--changed-fraction", type=float, default=1.0, metavar="F",

@@ -222,8 +222,8 @@ def _set_caching(job, enable: bool | None) -> None:
     schedule copies into every run it starts).
 
     Off turns every task off. On turns on the tasks the template compiled cached and never the
-    ones it compiled uncached: *Fingerprint inputs*, whose fresh hash of the items is what
-    keeps cached steps from serving old contents, and *Publish outputs*. The SDK's
+    ones it compiled uncached: *Fingerprint and plan*, whose fresh hash of the items is what
+    keeps cached steps from serving old contents, and the *QA report*, which publishes. The SDK's
     ``PipelineJob(enable_caching=True)`` would cache those too, and a nightly schedule would
     re-serve old vectors. None keeps the template as it is.
     """

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
-import html
-import json
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +13,7 @@ import pyarrow.compute as pc
 
 from ..config import PipelineParams
 from ..image.hosts import failures_by_host
-from ..modality import GROUPS, MIN_GROUP_ITEMS, MIX_TOLERANCE, judged
+from ..modality import MIN_GROUP_ITEMS, MIX_TOLERANCE, judged
 from ..outputs import FUSION_CONFIG, KNN_FUSED, KNN_TEXT
 from ..runtime import package_versions
 from ..verify import NORM_TOLERANCE
@@ -32,12 +28,13 @@ from .analysis import (
     Neighbours,
     SpaceScan,
 )
+from .graph_sections import knn_section, modality_section
+from .html import CSS, Check, checks_table, esc, fmt_cell, html_figure, html_p, html_table
 from .inputs import MISSING_CATEGORY, ItemRows, RunInputs
 from .plots import (
     plot_coverage,
     plot_failures,
     plot_maps,
-    plot_neighbour_scores,
     plot_norms,
     plot_pairwise,
     plot_training,
@@ -58,87 +55,16 @@ MAX_EPOCH_ROWS = 20      # the training table lists every epoch up to this many
 TOP_HOSTS = 10           # image hosts listed with their failures
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any) -> str:
-    """A value for a table cell (escaped)."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if not np.isfinite(value):
-            return _e(value)
-        return f"{value:,.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-    if isinstance(value, (dict, list)):
-        return _e(json.dumps(value, sort_keys=True, default=str))
-    return _e(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
-    """An HTML table; every header and cell is escaped (cells formatted by :func:`_fmt`)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    attr = f' class="{cls}"' if cls else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}"></figure>'
-
-
-def _p(text: str, cls: str = "") -> str:
-    attr = f' class="{cls}"' if cls else ""
-    return f"<p{attr}>{_e(text)}</p>"
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-margin:0 auto;max-width:1400px;padding:0 24px 48px;color:#222;line-height:1.45}
-h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:40px}
-table{border-collapse:collapse;margin:12px 0;font-size:14px}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
-figure{margin:12px 0}img{max-width:100%;height:auto}
-nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 18px}
-.meta,.note{color:#555}.note{font-style:italic}
-.ok{color:#1a7f37;font-weight:600}.warn{color:#b3261e;font-weight:600}.info{color:#555}
-table.neighbours td{width:33%}table.neighbours ol{margin:0;padding-left:22px}
-.cat{color:#777;font-size:12px}.score{color:#777;font-size:12px}.both{font-weight:600}
-.id{color:#777;font-size:12px;font-family:ui-monospace,monospace}
-"""
-
-
-@dataclass
-class Check:
-    name: str
-    value: str
-    status: str   # "ok", "warn" or "info"
-
-
-def _checks_table(checks: Sequence[Check]) -> str:
-    rows = "".join(f'<tr><td>{_e(c.name)}</td><td>{_e(c.value)}</td>'
-                   f'<td class="{c.status}">{c.status.upper()}</td></tr>' for c in checks)
-    return ("<table><thead><tr><th>check</th><th>found</th><th>result</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>")
-
-
 def _section(key: str, body: str) -> str:
     title = dict(SECTIONS)[key]
-    return f'<section id="{key}"><h2>{_e(title)}</h2>\n{body}\n</section>\n'
+    return f'<section id="{key}"><h2>{esc(title)}</h2>\n{body}\n</section>\n'
 
 
 def _title_html(items: ItemRows, row: int) -> str:
     title = items.titles.get(row)
-    text = f"{_e(title)}" if title else '<span class="note">(no title)</span>'
+    text = f"{esc(title)}" if title else '<span class="note">(no title)</span>'
     if items.categories is not None:
-        text += f' <span class="cat">[{_e(items.categories.get(row, MISSING_CATEGORY))}]</span>'
+        text += f' <span class="cat">[{esc(items.categories.get(row, MISSING_CATEGORY))}]</span>'
     return text
 
 
@@ -171,7 +97,7 @@ def neighbours_section(inputs: RunInputs, items: ItemRows, queries: np.ndarray,
         image = "with image" if inputs.has_image[row] else "no image"
         rows.append(
             f"<tr><td>{_title_html(items, row)}<br>"
-            f"<span class=\"id\">{_e(inputs.ids[row].as_py())}</span> "
+            f"<span class=\"id\">{esc(inputs.ids[row].as_py())}</span> "
             f"<span class=\"cat\">{image}; {len(shared)} of {TOP_NEIGHBOURS} shared</span></td>"
             f"<td>{_neighbour_list(items, text, found.scores['text'][q], shared)}</td>"
             f"<td>{_neighbour_list(items, fused, found.scores['fused'][q], shared)}</td></tr>")
@@ -181,70 +107,7 @@ def neighbours_section(inputs: RunInputs, items: ItemRows, queries: np.ndarray,
              f"<tbody>{''.join(rows)}</tbody></table>")
     how = (f"{len(queries)} items drawn at random (seeded). Bold neighbours are in both lists; "
            "the grey number is the cosine similarity; [brackets] hold the category.")
-    return _p(source) + _p(how, "note") + table
-
-
-GROUP_NAMES = {"with_photo": "items with a photo", "without_photo": "items without a photo"}
-
-
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.3f}"
-
-
-def modality_section(found: ModalityMix, items: ItemRows) -> str:
-    """Per group, the share of neighbours with a photo in each space against the base rate,
-    and the category purity of each group's neighbours."""
-    mix = found.mix
-    if mix is None:
-        return _p(f"Neither knn_meta.json nor {FUSION_CONFIG} records a modality mix (outputs "
-                  "of a version before it was measured).")
-    shares = mix.get("photo_share", {})
-    where = (f"every item's top-{mix.get('k')} neighbours in the kNN graphs"
-             if found.source == "graph" else
-             f"the top-{mix.get('k')} neighbours of the fusion step's {mix.get('items'):,} "
-             "sampled items among themselves (no kNN graph)")
-    body = _p(f"Share of neighbours that have a photo, for items with and without one, from "
-              f"{where}. A space that ranks items by what they are gives both groups about the "
-              "base rate (or, where photos go with some kinds of item, the text space's "
-              "shares); a space split by photos gives the first group far more and the second "
-              f"far less. The fused space should stay within {MIX_TOLERANCE:.2f} of the text "
-              "space in both groups.")
-    counts = {"with_photo": mix.get("items_with_photo"),
-              "without_photo": mix.get("items_without_photo")}
-    rows = []
-    for group in GROUPS:
-        text, fused = (shares.get(s, {}).get(group) for s in ("text", "fused"))
-        gap = None if text is None or fused is None else fused - text
-        rows.append((GROUP_NAMES[group], counts[group], mix.get("base_rate"), text, fused,
-                     _signed(gap)))
-    body += _table(("group", "items", "base rate (share of items with a photo)",
-                    "photo share: text space", "photo share: fused space", "fused − text"),
-                   rows)
-    if found.warning:
-        body += f'<p class="warn">WARNING: {_e(found.warning)}</p>'
-    elif not judged(mix):
-        body += _p(f"Largest gap {_signed(mix.get('departure'))}; not judged: a group has "
-                   f"fewer than {MIN_GROUP_ITEMS} items, too few for a stable share.", "info")
-    elif mix.get("departure") is not None:
-        body += _p(f"Largest gap {_signed(mix.get('departure'))}: within "
-                   f"{MIX_TOLERANCE:.2f}.", "ok")
-    if items.categories is None:
-        return body + _p(f"Category purity by group needs the items table's "
-                         f"{items.category_column!r} column (parameter category_column).",
-                         "note")
-    if found.purity is None:
-        return body + _p("Category purity by group needs the kNN graphs.", "note")
-    body += "<h3>Category purity by group</h3>" + _p(
-        f"Share of neighbours with the item's own {items.category_column!r}, over "
-        f"{found.purity_items:,} items drawn at random (seeded) and their kNN graph "
-        "neighbours.")
-    purity_rows = [(GROUP_NAMES.get(group, "all items"),
-                    *(found.purity[s].get(group) for s in ("text", "fused")),
-                    _signed(None if found.purity["text"].get(group) is None
-                            else found.purity["fused"][group] - found.purity["text"][group]))
-                   for group in ("all", *GROUPS)]
-    return body + _table(("group", "purity: text space", "purity: fused space",
-                          "fused − text"), purity_rows)
+    return html_p(source) + html_p(how, "note") + table
 
 
 def _image_counts(inputs: RunInputs) -> dict[str, int | None]:
@@ -286,21 +149,22 @@ def summary_section(inputs: RunInputs, scans: dict[str, SpaceScan], checks: Sequ
                      share(inputs.knn.meta.get("count"), n),
                      f"k = {inputs.knn.meta.get('k')}, spaces: "
                      f"{', '.join(inputs.knn.meta.get('spaces', {}))}"))
-    body = _table(("count", "items", "share", "note"), rows)
+    body = html_table(("count", "items", "share", "note"), rows)
     parts = [("embedded", img["embedded"]), ("failed", img["failed"])]
     parts += [(label, img[key]) for label, key in (("no URL", "no_url"), ("capped", "capped"))
               if img[key] is not None]
     known = sum(v for _, v in parts)
     if total > known:
         parts.append(("not accounted for", total - known))
-    body += _img(plot_coverage(parts, total), "image outcome of every item")
-    return body + "<h3>Checks</h3>" + _checks_table(checks)
+    body += html_figure(plot_coverage(parts, total), "image outcome of every item")
+    return body + "<h3>Checks</h3>" + checks_table(checks)
 
 
 def failures_section(inputs: RunInputs) -> str:
     failures = inputs.failures
     if failures.num_rows == 0:
-        return _p("No image failed: every attempted image was downloaded, decoded and embedded.")
+        return html_p("No image failed: every attempted image was downloaded, decoded and "
+                      "embedded.")
     counts = pc.value_counts(failures.column("reason").combine_chunks())
     reasons = sorted(((str(r), int(c)) for r, c in zip(counts.field("values").to_pylist(),
                                                        counts.field("counts").to_pylist())),
@@ -319,9 +183,9 @@ def failures_section(inputs: RunInputs) -> str:
             example.get("id"), example.get("url") or "", f"HTTP {status}" if status else "",
             detail) if part)
         rows.append((reason, count, f"{100.0 * count / attempted:.1f}%", sample))
-    body = _table(("reason", "items", "% of attempted", "first example (id, URL, detail)"),
-                  rows)
-    return (body + _img(plot_failures(reasons), "image failures by reason")
+    body = html_table(("reason", "items", "% of attempted", "first example (id, URL, detail)"),
+                      rows)
+    return (body + html_figure(plot_failures(reasons), "image failures by reason")
             + failing_hosts(failures))
 
 
@@ -338,7 +202,7 @@ def failing_hosts(failures) -> str:
             "its remaining images were not requested; like every failure they are tried again "
             "by the next incremental run (retry_failed_images).")
     return (f"<h3>Hosts with the most failures (top {TOP_HOSTS})</h3>"
-            + _table(("host", "failed items", "reasons"), rows) + _p(note, "note"))
+            + html_table(("host", "failed items", "reasons"), rows) + html_p(note, "note"))
 
 
 def _spread(values: np.ndarray) -> list[Any]:
@@ -358,14 +222,14 @@ def distributions_section(scans: dict[str, SpaceScan], cosines: dict[str, np.nda
                      float(finite.max()) if len(finite) else None,
                      scan.off_unit, scan.nonfinite, len(cosines[space]),
                      *_spread(cosines[space])])
-    body = _p(f"Norms are of every row; pairwise cosines of up to {PAIR_ROWS:,} rows sampled "
-              f"per space (every pair). Vectors are L2-normalised: every norm should be 1 "
-              f"within {NORM_TOLERANCE:g}.")
-    body += _table(("space", "rows", "dim", "min norm", "max norm",
-                    f"|norm − 1| > {NORM_TOLERANCE:g}", "non-finite rows", "pairs",
-                    "cosine mean", "p5", "median", "p95"), rows)
-    body += _img(plot_norms({s: scans[s].norms for s in SPACES}), "L2 norm per space")
-    return body + _img(plot_pairwise(cosines), "pairwise cosine similarity per space")
+    body = html_p(f"Norms are of every row; pairwise cosines of up to {PAIR_ROWS:,} rows sampled "
+                  f"per space (every pair). Vectors are L2-normalised: every norm should be 1 "
+                  f"within {NORM_TOLERANCE:g}.")
+    body += html_table(("space", "rows", "dim", "min norm", "max norm",
+                        f"|norm − 1| > {NORM_TOLERANCE:g}", "non-finite rows", "pairs",
+                        "cosine mean", "p5", "median", "p95"), rows)
+    body += html_figure(plot_norms({s: scans[s].norms for s in SPACES}), "L2 norm per space")
+    return body + html_figure(plot_pairwise(cosines), "pairwise cosine similarity per space")
 
 
 def maps_section(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]],
@@ -376,79 +240,31 @@ def maps_section(panels: Sequence[MapPanel], legend: Sequence[tuple[str, int]],
     else:
         note = (f"Coloured by {items.category_column!r}: the {len(legend)} most frequent "
                 "categories among the sampled items, all others grey.")
-    body = _p(f"Up to {MAP_ROWS:,} items sampled per space (seeded), projected on the two "
-              "principal axes of the sample (PCA). Items of one category should gather.")
-    body += _p(note, "note")
-    body += _img(plot_maps(panels, legend), "2-D PCA map of sampled items per space")
+    body = html_p(f"Up to {MAP_ROWS:,} items sampled per space (seeded), projected on the two "
+                  "principal axes of the sample (PCA). Items of one category should gather.")
+    body += html_p(note, "note")
+    body += html_figure(plot_maps(panels, legend), "2-D PCA map of sampled items per space")
     if legend:
-        body += _table(("category", "sampled items"), legend)
+        body += html_table(("category", "sampled items"), legend)
     return body
 
 
 def training_section(meta: dict[str, Any]) -> str:
     history = meta.get("loss_history") or []
     if not history:
-        return _p(f"{FUSION_CONFIG} has no loss_history.")
-    body = _p(f"{len(history)} epoch(s), objective {meta.get('objective', '–')}, "
-              f"lr {meta.get('lr', '–')}, batch size {meta.get('batch_size', '–')}, "
-              f"seed {meta.get('seed', '–')}; train time {_fmt(meta.get('train_time_sec'))} s. "
-              "Loss is sim_loss + norm_weight × norm_loss; it should fall and settle.")
-    body += _img(plot_training(history), "fusion training loss per epoch")
+        return html_p(f"{FUSION_CONFIG} has no loss_history.")
+    body = html_p(f"{len(history)} epoch(s), objective {meta.get('objective', '–')}, "
+                  f"lr {meta.get('lr', '–')}, batch size {meta.get('batch_size', '–')}, "
+                  f"seed {meta.get('seed', '–')}; train time "
+                  f"{fmt_cell(meta.get('train_time_sec'))} s. Loss is sim_loss + norm_weight × "
+                  "norm_loss; it should fall and settle.")
+    body += html_figure(plot_training(history), "fusion training loss per epoch")
     shown = list(enumerate(history, 1))
     if len(shown) > MAX_EPOCH_ROWS:
         shown = shown[:MAX_EPOCH_ROWS // 2] + shown[-MAX_EPOCH_ROWS // 2:]
-    return body + _table(("epoch", "loss", "sim_loss", "norm_loss"),
-                         [(e, h.get("loss"), h.get("sim_loss"), h.get("norm_loss"))
-                          for e, h in shown])
-
-
-def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
-    knn = inputs.knn
-    if knn is None:
-        return _p("No kNN graph (no knn_meta.json in the kNN directory, or none given): no "
-                  "recall figures. The neighbour table above is exact (brute force).")
-    k = knn.meta.get("k")
-    rows = []
-    for space, info in knn.meta.get("spaces", {}).items():
-        rows.append((space, info.get("method"), info.get("dim"), info.get("index_params"),
-                     info.get("recall_at_k"), info.get("recall_queries"),
-                     info.get("build_time_sec"), info.get("query_time_sec"),
-                     info.get("update"), info.get("recomputed_count"), info.get("reused_count"),
-                     info.get("rebuild_reason")))
-    body = _p(f"k = {k} neighbours per item over {knn.meta.get('count', 0):,} items; wall time "
-              f"{_fmt(knn.meta.get('wall_time_sec'))} s. recall@k is measured against exact "
-              "search on recall_queries random items. An incremental update (previous_uri) "
-              "recomputes only the rows that need it and reuses the others.")
-    body += _table(("space", "method", "dim", "index parameters", f"recall@{k}",
-                    "recall queries", "build time (s)", "query time (s)", "update",
-                    "rows recomputed", "rows reused", "why built in full"), rows)
-    body += drift_table(knn.meta)
-    if knn.scores:
-        scores = {s: np.asarray(a[sample_rows], np.float32) for s, a in knn.scores.items()}
-        body += _img(plot_neighbour_scores(scores, knn.scores[next(iter(knn.scores))].shape[1]),
-                     "cosine similarity to the first and k-th neighbour")
-    return body
-
-
-def drift_table(knn_meta: dict[str, Any]) -> str:
-    """Night-over-night drift (knn_meta.json with a previous set): how many of the first
-    neighbours of the items whose content did not change are still the same."""
-    drift = {space: info["drift"] for space, info in knn_meta.get("spaces", {}).items()
-             if info.get("drift")}
-    if not drift:
-        return ""
-    top = next(iter(drift.values())).get("top")
-    body = "<h3>Night-over-night drift</h3>" + _p(
-        f"For the items whose content (text and image keys) is unchanged since the previous "
-        f"set (run {_e(next(iter(drift.values())).get('previous_run_id'))}): the share of their "
-        f"first {top} neighbours that were among their first {top} in the previous set. A low "
-        "fused overlap with few changed items means the fusion model moved the neighbourhoods "
-        "(a retrained model), not the catalogue.")
-    return body + _table(
-        ("space", "unchanged items", f"mean top-{top} overlap", "identical lists",
-         "10th percentile"),
-        [(space, d.get("items"), d.get("mean_overlap"), d.get("identical_share"),
-          d.get("p10_overlap")) for space, d in drift.items()])
+    return body + html_table(("epoch", "loss", "sim_loss", "norm_loss"),
+                             [(e, h.get("loss"), h.get("sim_loss"), h.get("norm_loss"))
+                              for e, h in shown])
 
 
 STEP_KEYS = {
@@ -484,8 +300,8 @@ def _image_stages(meta: dict[str, Any]) -> str:
     note = (f"image_decode = {meta.get('image_decode', 'exact')}; {encoded:,} images encoded "
             "(the last attempt of each shard; seconds summed over the shards). The stages "
             "overlap: the one nearest the whole processing time bounds the step.")
-    return ("<h3>Image step: where the time went</h3>" + _p(note, "note")
-            + _table(("stage", "seconds", "ms per image", "measured as"), rows))
+    return ("<h3>Image step: where the time went</h3>" + html_p(note, "note")
+            + html_table(("stage", "seconds", "ms per image", "measured as"), rows))
 
 
 def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict[str, str]
@@ -497,16 +313,16 @@ def run_section(inputs: RunInputs, params: PipelineParams, render_versions: dict
               "; ".join(f"{key} = {metas[step][key]}" for key in STEP_KEYS[step][2:]
                         if key in metas[step]))
              for step in metas]
-    body = "<h3>Steps</h3>" + _table(("step", "run id", "wall time (s)", "details"), steps)
+    body = "<h3>Steps</h3>" + html_table(("step", "run id", "wall time (s)", "details"), steps)
     body += _image_stages(inputs.image_meta)
     versions = {**{s: m.get("versions") or {} for s, m in metas.items()},
                 "report": render_versions}
     packages = sorted({p for v in versions.values() for p in v})
-    body += "<h3>Versions</h3>" + _table(
-        ("package", *versions), [(p, *(v.get(p) for v in versions.values())) for p in packages])
-    body += "<h3>Parameters</h3>" + _table(
-        ("parameter", "value"), [(f.name, getattr(params, f.name))
-                                 for f in dataclasses.fields(params)])
+    body += "<h3>Versions</h3>" + html_table(
+            ("package", *versions), [(p, *(v.get(p) for v in versions.values())) for p in packages])
+    body += "<h3>Parameters</h3>" + html_table(
+            ("parameter", "value"), [(f.name, getattr(params, f.name))
+                                     for f in dataclasses.fields(params)])
     return body
 
 
@@ -563,9 +379,9 @@ def render_page(findings: Findings, params: PipelineParams, *, run_id: str, item
     ])
     elapsed = time.perf_counter() - started
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    nav = "".join(f'<li><a href="#{key}">{_e(title)}</a></li>' for key, title in SECTIONS)
+    nav = "".join(f'<li><a href="#{key}">{esc(title)}</a></li>' for key, title in SECTIONS)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>QA report {_e(run_id)}</title><style>{CSS}</style></head><body>\n"
-            f"<h1>QA report</h1><p class=\"meta\">run {_e(run_id or '–')} · "
+            f"<title>QA report {esc(run_id)}</title><style>{CSS}</style></head><body>\n"
+            f"<h1>QA report</h1><p class=\"meta\">run {esc(run_id or '–')} · "
             f"{inputs.count:,} items · written {now} in {elapsed:.1f} s · items "
-            f"{_e(items_uri)}</p><nav><ul>{nav}</ul></nav>\n{body}</body></html>\n")
+            f"{esc(items_uri)}</p><nav><ul>{nav}</ul></nav>\n{body}</body></html>\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,7 +19,6 @@ from ..incremental import (
     PreviousSetError,
     content_keys,
     fingerprint,
-    open_previous,
 )
 from ..items import ItemColumns, batch_texts, id_type, iter_batches, validate_items
 from ..outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
@@ -26,6 +26,7 @@ from ..progress import Progress
 from ..step import StepKind
 from ..storage import atomic_npy, write_parquet_atomic
 from ..tracking import ExperimentTracker
+from ..worker import WorkerSetup
 from .encoders import APPROXIMATE_BACKENDS, TextEncoder, load_text_encoder
 from .quality import check_backend_on_sample
 
@@ -57,8 +58,9 @@ def encoder_fingerprint(encoder: TextEncoder) -> str:
 
 
 def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
-              ) -> tuple[KeyIndex, np.ndarray] | None:
-    """The previous set's key index and vectors, if they come from this very encoder."""
+              ) -> tuple[KeyIndex, PreviousGroup] | None:
+    """The previous set's key index (built once per opened set) and its group, if its vectors
+    come from this very encoder."""
     if previous is None:
         return None
     if previous.meta.get("encoder_fingerprint") != encoder_fp:
@@ -67,17 +69,61 @@ def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
                        previous.uri, previous.meta.get("encoder_name"),
                        previous.meta.get("text_backend"))
         return None
-    vectors = previous.array(TXT_ARRAY)
-    if vectors.shape[1:] != (dim,):
-        raise PreviousSetError(f"previous text vectors at {previous.uri} are {vectors.shape}, "
+    shape = previous.shape(TXT_ARRAY)
+    if shape[1:] != (dim,):
+        raise PreviousSetError(f"previous text vectors at {previous.uri} are {list(shape)}, "
                                f"expected [N, {dim}]")
-    return KeyIndex(previous.table(TXT_ITEMS).column("key")), vectors
+    if previous.cached(_UNTRUSTED, lambda: False):
+        return None
+    return previous.cached("text-keys", lambda: KeyIndex(
+        previous.table(TXT_ITEMS, ["key"]).column("key"))), previous
+
+
+# Reused rows whose text is encoded again and compared (seeded; at most this many per opened
+# previous set, i.e. per worker: the check is about the set, and a worker's many small shards
+# must not each pay it): a row that another item's vector took (rows swapped, records
+# rewritten to match) fails the comparison.
+REUSE_CHECK_ROWS = 16
+REUSE_MIN_COSINE = {True: 0.999, False: 0.99}  # exact backend / an approximation (int8, fp16)
+_UNTRUSTED = "text-reuse-untrusted"  # set on an opened previous group that failed the check
+
+
+def _check_reused(done: _Encoded, array: np.ndarray, encoder: TextEncoder, exact: bool,
+                  previous: PreviousGroup, seed: int) -> None:
+    """Encode a seeded sample of the reused rows again (until the worker has checked
+    :data:`REUSE_CHECK_ROWS` of this set's rows); when one is not what this encoder makes of its
+    text, encode every reused row again (nothing is reused from that set by this worker any
+    more) and say so."""
+    checked = previous.cached("text-reuse-checked", lambda: [0])  # rows, over the worker
+    budget = min(REUSE_CHECK_ROWS - checked[0], len(done.reused_at))
+    if budget <= 0:
+        return
+    checked[0] += budget
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(done.reused_at), size=budget, replace=False)
+    rows = np.array(done.reused_at, dtype=np.int64)[picked]
+    fresh = encoder.encode([done.reused_texts[i] for i in picked])
+    cosines = np.einsum("ij,ij->i", fresh.astype(np.float64), array[rows].astype(np.float64))
+    bad = np.flatnonzero(cosines < REUSE_MIN_COSINE[exact])
+    if not bad.size:
+        return
+    previous.cached(_UNTRUSTED, lambda: True)
+    logger.warning("previous text vectors at %s are not what this encoder makes of their texts "
+                   "at %d of %d sampled reused rows (rows %s, cosines %s): the set's rows do not "
+                   "belong to its items (moved, or the file replaced with its records); nothing "
+                   "is reused from it, every row is encoded again", previous.uri, bad.size,
+                   len(rows), rows[bad][:3].tolist(), np.round(cosines[bad][:3], 4).tolist())
+    t0 = time.perf_counter()
+    every = np.array(done.reused_at, dtype=np.int64)
+    array[every] = encoder.encode(done.reused_texts)
+    done.encode_time += time.perf_counter() - t0
+    done.reused = 0
 
 
 TEXT_STEP = StepKind(
     "embed-text", artifact="text_embeddings", meta_file=TXT_META,
     metric_keys=("count", "reused_count", "encoded_count", "encode_time_sec",
-                 "throughput_items_per_sec"),
+                 "throughput_items_per_sec", "fanout_shards", "shard_wall_time_max_sec"),
     logged_params={"model_name": "encoder_name", "batch_size": "batch_size",
                    "text_backend": "text_backend", "items_uri": "items_uri",
                    "previous_uri": "previous_uri"},
@@ -109,11 +155,13 @@ class _Encoded:
     null_description: int = 0
     reused: int = 0
     encode_time: float = 0.0
+    reused_at: list[int] = field(default_factory=list)     # rows taken from the previous set
+    reused_texts: list[str] = field(default_factory=list)  # and their texts
 
 
 def _encode_rows(items_uri: str, columns: ItemColumns, rows: tuple[int, int] | None,
                  array: np.ndarray, encoder: TextEncoder, encoder_fp: str,
-                 reusable: tuple[KeyIndex, np.ndarray] | None,
+                 reusable: tuple[KeyIndex, PreviousGroup] | None,
                  progress: Progress) -> _Encoded:
     """Fill ``array`` with every row's vector, in input order: the previous set's vector when
     the row's key is there (byte-identical copies), the encoder's otherwise."""
@@ -129,8 +177,10 @@ def _encode_rows(items_uri: str, columns: ItemColumns, rows: tuple[int, int] | N
                          else np.full(len(texts), -1, dtype=np.int64))
         hit = np.flatnonzero(previous_rows >= 0)
         if hit.size:
-            array[done.rows + hit] = reusable[1][previous_rows[hit]]
+            array[done.rows + hit] = reusable[1].rows(TXT_ARRAY, previous_rows[hit])
             done.reused += hit.size
+            done.reused_at += (done.rows + hit).tolist()
+            done.reused_texts += [texts[i] for i in hit]
         todo = np.flatnonzero(previous_rows < 0)
         if todo.size:
             t0 = time.perf_counter()
@@ -177,6 +227,7 @@ def embed_items_text(
     rows: tuple[int, int] | None = None,
     device: str | None = None,
     encoder: TextEncoder | None = None,
+    setup: WorkerSetup | None = None,
 ) -> dict[str, Any]:
     """Embed every item's title + description and write the text step's outputs.
 
@@ -200,6 +251,8 @@ def embed_items_text(
         device: Where the encoder runs ('cuda', 'cpu'); default CUDA when available.
         encoder: An already-loaded encoder (tests, benchmarks); loaded from the parameters if
             None.
+        setup: What a fan-out worker made for an earlier shard and keeps for the next (the
+            encoder, the opened previous set, the validated table); default: made for this call.
 
     Returns:
         The metadata written to ``txt_meta.json``.
@@ -208,20 +261,36 @@ def embed_items_text(
         ItemsError: the items table is unusable (raised before the model loads).
         PreviousSetError: ``previous_uri`` is set but that set is missing or damaged.
     """
+    with contextlib.ExitStack() as stack:
+        setup = setup or stack.enter_context(WorkerSetup())
+        return _embed_rows(items_uri, output_dir, params, setup, run_id=run_id, tracker=tracker,
+                           artifact_uri=artifact_uri, rows=rows, device=device,
+                           encoder=encoder)
+
+
+def _embed_rows(items_uri: str, output_dir: str | os.PathLike, params: PipelineParams,
+                setup: WorkerSetup, *, run_id: str, tracker: ExperimentTracker | None,
+                artifact_uri: str, rows: tuple[int, int] | None, device: str | None,
+                encoder: TextEncoder | None) -> dict[str, Any]:
+    """:func:`embed_items_text` with the worker's ``setup``."""
     columns = ItemColumns.from_params(params)
-    summary = validate_items(items_uri, columns)  # before any model loads
+    summary = setup.once(("validated", items_uri, columns), lambda: validate_items(
+        items_uri, columns))  # before any model loads
     ids_type = id_type(summary.schema.field(columns.id).type)
     start, stop = summary.row_range(rows)
     n = stop - start
     settings = text_settings(params, items_uri, None if rows is None else (start, stop))
-    with open_previous(params.previous_uri, "text") as previous, \
-            TEXT_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
-                          artifact_uri=artifact_uri) as run:
-        if encoder is None:
-            encoder = load_text_encoder(params.text_model, batch_size=params.text_batch_size,
-                                        device=device, backend=params.text_backend)
+    previous = setup.previous(params.previous_uri, "text") if params.previous_uri else None
+    with TEXT_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
+                       artifact_uri=artifact_uri) as run:
+        encoder = encoder or setup.once(
+            ("text-encoder", params.text_model, params.text_batch_size, params.text_backend,
+             device), lambda: load_text_encoder(params.text_model,
+                                                batch_size=params.text_batch_size,
+                                                device=device, backend=params.text_backend))
         exact = encoder.backend not in APPROXIMATE_BACKENDS
-        gate = None if exact else _gate_on_catalogue(items_uri, columns, params, encoder)
+        gate = None if exact else setup.once(("text-gate", items_uri, encoder), lambda: (
+            _gate_on_catalogue(items_uri, columns, params, encoder)))
         described = _encoder_meta(encoder, exact, gate)
         reusable = _reusable(previous, described["encoder_fingerprint"], encoder.dim)
         with atomic_npy(run.out / TXT_ARRAY, (n, encoder.dim)) as array, \
@@ -230,6 +299,8 @@ def embed_items_text(
                                 described["encoder_fingerprint"], reusable, progress)
             if done.rows != n:
                 raise RuntimeError(f"read {done.rows} rows from {items_uri}, expected {n}")
+            if reusable:
+                _check_reused(done, array, encoder, exact, previous, seed=start)
         # an empty shard still writes the table's id type: the shards' files must concatenate
         write_parquet_atomic(run.out / TXT_ITEMS, pa.table(
             {"id": pa.concat_arrays([pa.array([], ids_type)]

@@ -1,3 +1,0 @@
-from .component import make_component, plan_shards
-
-__all__ = ["plan_shards", "make_component"]

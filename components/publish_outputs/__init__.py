@@ -1,3 +1,0 @@
-from .component import make_component, publish_outputs
-
-__all__ = ["make_component", "publish_outputs"]
