@@ -2,6 +2,7 @@
 (the single-run files; missing, duplicated or unplanned shards refused)."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,13 +15,22 @@ from item_embeddings.fanout import (
     MergeError,
     Shard,
     ShardPlan,
+    merge_image_shards,
     merge_text_shards,
     plan_shards,
     worker_shards,
 )
 from item_embeddings.image.selection import Selection, iter_selected
 from item_embeddings.items import ItemColumns
-from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
+from item_embeddings.outputs import (
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.text import embed_items_text
 
 
@@ -181,3 +191,88 @@ def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path):
     (alone / whole.dirname).mkdir(parents=True)
     (alone / whole.dirname / TXT_META).write_text(json.dumps({"rows": None}))
     assert list(pending_shards(SimpleNamespace(path=str(alone)), [whole], TXT_META)) == []
+
+
+def _image_shards(tmp_path, tiny_model):
+    """Nine items (one without a URL, a 404 and an HTML page among them) in three shards with
+    a cap of six images, each shard run by the real image step against a loopback host; and
+    the same items run whole."""
+    import pyarrow as pa
+
+    from image_server import ImageServer, make_images
+    from item_embeddings.image import embed_items_images, load_image_encoder
+    from item_embeddings.image.download import DownloadConfig
+
+    config, checkpoint, _ = tiny_model
+    params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint), shards=3,
+                            max_parallel_shards=3, max_items=6, image_batch_size=2)
+    encoder = load_image_encoder(str(config), str(checkpoint))
+    download = DownloadConfig(timeout_s=2.0, retries=0, allow_private_hosts=True)
+    paths = ["img/rgb.jpg", "status/404", None, "img/grey.jpg", "img/photo.webp", "html",
+             "img/palette.png", "img/rgba.png", "img/cmyk.jpg"]
+    with ImageServer(make_images()) as server:
+        urls = [server.url(p) if p else None for p in paths]
+        items = tmp_path / "items.parquet"
+        pq.write_table(pa.table({"asin": [f"item-{i}" for i in range(9)],
+                                 "title": ["a title"] * 9, "description": [["words"]] * 9,
+                                 "image_url": pa.array(urls, pa.string())}), items)
+        plan = plan_shards(str(items), params)
+        part = tmp_path / "worker"
+        for shard in plan.shards:
+            embed_items_images(str(items), part / shard.dirname, params, rows=shard.rows,
+                               quota=shard.image_quota, encoder=encoder,
+                               download_config=download)
+        whole = embed_items_images(str(items), tmp_path / "whole", params, encoder=encoder,
+                                   download_config=download)
+    return part, plan, params, whole
+
+
+def test_merged_image_shards_are_the_files_one_run_writes(tmp_path, tiny_model):
+    """The image merge (the fusion task's first step) gives the whole run's vectors, items
+    (rows renumbered across shards), failures and counts; the rates are the workers'."""
+    part, plan, params, whole = _image_shards(tmp_path, tiny_model)
+    assert [s.image_quota for s in plan.shards] == [2, 3, 1]
+    from item_embeddings.tracking import LocalTracker
+
+    merged_dir = tmp_path / "merged"
+    tracker = LocalTracker(tmp_path / "runs", "fanout")
+    meta = merge_image_shards([part], ShardPlan.from_workers(plan.image_workers), merged_dir,
+                              params, tracker=tracker)  # no run id: a fresh one
+    out, ref = merged_dir, tmp_path / "whole"
+    np.testing.assert_allclose(np.load(out / IMG_ARRAY), np.load(ref / IMG_ARRAY), atol=1e-6)
+    assert pq.read_table(out / IMG_ITEMS).to_pylist() == pq.read_table(ref / IMG_ITEMS).to_pylist()
+    assert pq.read_table(out / IMG_ITEMS).column("row").to_pylist() == [0, 1, 2, 3]
+    failures = pq.read_table(out / IMG_FAILURES).to_pylist()
+    assert [(r["id"], r["reason"]) for r in failures] == \
+        [(r["id"], r["reason"]) for r in pq.read_table(ref / IMG_FAILURES).to_pylist()]
+    for key in ("count", "failed_count", "attempted_count", "no_url_count", "capped_count",
+                "total_rows", "failures_by_reason", "unavailable_hosts", "max_items",
+                "embed_dim", "encoder_fingerprint", "encoder_name"):
+        assert meta[key] == whole[key], key
+    assert (meta["count"], meta["failed_count"], meta["capped_count"]) == (4, 2, 2)
+    assert meta["fanout_shards"] == 3 and meta["rows"] == [0, 9]
+    assert re.fullmatch(r"[0-9a-f]{12}", meta["run_id"])
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "fanout").iterdir()]
+    assert record["run_name"] == f"embed-image-{meta['run_id']}"
+    assert record["artifacts"] == {"image_embeddings": str(merged_dir)}  # where it was written
+    assert record["metrics"]["count"] == 4 and record["metrics"]["fanout_shards"] == 3
+    assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
+    shard_metas = [json.loads((part / s.dirname / IMG_META).read_text()) for s in plan.shards]
+    # a worker's rate (their images over their time) lies between the fastest and the slowest
+    rates = [m["throughput_items_per_sec"] for m in shard_metas if m["encoded_this_attempt"]]
+    assert min(rates) * 0.999 <= meta["throughput_items_per_sec"] <= max(rates) * 1.001
+    assert meta["encode_only_items_per_sec"] == pytest.approx(
+        4 / sum(m["encode_time_sec"] for m in shard_metas))
+    assert meta["encode_time_sec"] == pytest.approx(sum(m["encode_time_sec"]
+                                                        for m in shard_metas))
+    assert meta["shard_wall_time_max_sec"] == max(m["wall_time_sec"] for m in shard_metas)
+    # a shard whose meta file counts other rows than its arrays hold is refused
+    meta_file = part / plan.shards[1].dirname / IMG_META
+    meta_file.write_text(json.dumps({**shard_metas[1], "count": 5}))
+    with pytest.raises(MergeError, match=r"the shards hold 4 image rows, their meta files 7$"):
+        merge_image_shards([part], plan, tmp_path / "m2", params)
+    # one made with another encoder is refused, naming the setting
+    meta_file.write_text(json.dumps({**shard_metas[1], "encoder_fingerprint": "other"}))
+    with pytest.raises(MergeError, match=r"the shards disagree on 'encoder_fingerprint'"):
+        merge_image_shards([part], plan, tmp_path / "m3", params)
+    assert not (tmp_path / "m2" / IMG_META).exists() and not (tmp_path / "m3").exists()
