@@ -256,6 +256,12 @@ def test_merged_image_shards_are_the_files_one_run_writes(tmp_path, tiny_model):
     assert record["run_name"] == f"embed-image-{meta['run_id']}"
     assert record["artifacts"] == {"image_embeddings": str(merged_dir)}  # where it was written
     assert record["metrics"]["count"] == 4 and record["metrics"]["fanout_shards"] == 3
+    assert record["params"]["shards"] == 3 and record["status"] == "COMPLETE"
+    # as the fusion task calls it: its run id and the artifact's durable URI
+    merge_image_shards([part], plan, tmp_path / "again", params, tracker=tracker, run_id="r2",
+                       artifact_uri="gs://bucket/run/image_embeddings")
+    record = json.loads((tmp_path / "runs" / "fanout" / "embed-image-r2.json").read_text())
+    assert record["artifacts"] == {"image_embeddings": "gs://bucket/run/image_embeddings"}
     assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
     shard_metas = [json.loads((part / s.dirname / IMG_META).read_text()) for s in plan.shards]
     # a worker's rate (their images over their time) lies between the fastest and the slowest
