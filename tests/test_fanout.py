@@ -96,8 +96,15 @@ def _three_items_in_five_shards(tmp_path):
     part = tmp_path / "worker"
     for shard in plan.shards:
         embed_items_text(str(items), part / shard.dirname, rows=shard.rows, encoder=encoder)
-    meta = merge_text_shards([part], plan, tmp_path / "merged", PipelineParams())
+    from item_embeddings.tracking import LocalTracker
+
+    tracker = LocalTracker(tmp_path / "runs", "fanout")
+    meta = merge_text_shards([part], plan, tmp_path / "merged", PipelineParams(), run_id="t1",
+                             tracker=tracker)
     assert meta["count"] == 3 and meta["fanout_shards"] == 5
+    record = json.loads((tmp_path / "runs" / "fanout" / "embed-text-t1.json").read_text())
+    assert record["params"]["items_uri"] == str(items) and record["params"]["shards"] == 5
+    assert set(meta["versions"]) == {"item-embeddings", "numpy", "pyarrow"}  # no encoder
     assert pq.read_table(tmp_path / "merged" / TXT_ITEMS).column("id").to_pylist() == \
         cat["asin"]
     whole = embed_items_text(str(items), tmp_path / "whole", encoder=encoder)
@@ -272,6 +279,15 @@ def test_merged_image_shards_are_the_files_one_run_writes(tmp_path, tiny_model):
     assert meta["encode_time_sec"] == pytest.approx(sum(m["encode_time_sec"]
                                                         for m in shard_metas))
     assert meta["shard_wall_time_max_sec"] == max(m["wall_time_sec"] for m in shard_metas)
+    assert set(meta["versions"]) == {"item-embeddings", "numpy", "pyarrow"}  # no model
+    # hosts the workers gave up on: summed, the most failures first, then by name
+    for shard, hosts in ((plan.shards[0], {"b.example": 3, "a.example": 1}),
+                         (plan.shards[2], {"c.example": 5, "a.example": 2})):
+        meta_file = part / shard.dirname / IMG_META
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()),
+                                         "unavailable_hosts": hosts}))
+    hosts = merge_image_shards([part], plan, tmp_path / "hosts", params)["unavailable_hosts"]
+    assert list(hosts.items()) == [("c.example", 5), ("a.example", 3), ("b.example", 3)]
     # a shard whose meta file counts other rows than its arrays hold is refused
     meta_file = part / plan.shards[1].dirname / IMG_META
     meta_file.write_text(json.dumps({**shard_metas[1], "count": 5}))
