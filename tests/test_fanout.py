@@ -114,9 +114,25 @@ def _three_items_in_five_shards(tmp_path):
 
 
 def test_more_shards_than_items_gives_empty_shards_that_merge(tmp_path):
-    _, _, meta, whole = _three_items_in_five_shards(tmp_path)
+    part, plan, meta, whole = _three_items_in_five_shards(tmp_path)
     for key in ("count", "empty_text_count", "null_title_count", "encoder_fingerprint"):
         assert meta[key] == whole[key], key
+    assert meta["rows"] == [0, 3] and meta["batch_size"] == PipelineParams().text_batch_size
+    assert meta["throughput_items_per_sec"] == pytest.approx(3 / meta["encode_time_sec"])
+    # an incremental run: the rate counts the rows encoded, not those reused
+    metas = {s.dirname: json.loads((part / s.dirname / TXT_META).read_text())
+             for s in plan.shards}
+    for name, reused in (("shard-00001", 1), ("shard-00003", 0), ("shard-00004", 1)):
+        metas[name].update(encoded_count=1 - reused, reused_count=reused)
+        (part / name / TXT_META).write_text(json.dumps(metas[name]))
+    again = merge_text_shards([part], plan, tmp_path / "again", PipelineParams())
+    assert (again["encoded_count"], again["reused_count"]) == (1, 2)
+    assert again["throughput_items_per_sec"] == pytest.approx(1 / again["encode_time_sec"])
+    for name, shard_meta in metas.items():  # every row reused: nothing encoded, no time
+        shard_meta.update(encoded_count=0, reused_count=shard_meta["count"], encode_time_sec=0.0)
+        (part / name / TXT_META).write_text(json.dumps(shard_meta))
+    reused = merge_text_shards([part], plan, tmp_path / "reused", PipelineParams())
+    assert (reused["throughput_items_per_sec"], reused["reused_count"]) == (0.0, 3)
 
 
 def test_merge_refuses_missing_duplicated_and_unplanned_shards(tmp_path):
