@@ -148,7 +148,7 @@ def test_merge_refuses_missing_duplicated_and_unplanned_shards(tmp_path):
         merge_text_shards([part, other], plan, tmp_path / "m2", PipelineParams())
     shutil.copytree(part / "shard-00001", part / "shard-00007")
     (part / "shard-00003" / TXT_META).write_text(json.dumps({}))
-    with pytest.raises(MergeError):
+    with pytest.raises(MergeError, match=r"^shard folder\(s\) \[7\] are not in the plan$"):
         merge_text_shards([part], plan, tmp_path / "m3", PipelineParams())
     assert not (tmp_path / "m1" / TXT_META).exists()
 
