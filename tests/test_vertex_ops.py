@@ -457,6 +457,10 @@ def test_template_and_image_refusals_word_for_word(fake, template, tmp_path):
                               "like projects/P/locations/L/keyRings/R/cryptoKeys/K")
     with pytest.raises(ConfigError, match=rf"^template {re.escape(template)}: .*fusion_epochs"):
         _submit(template, parameter_values={"items_uri": "gs://x", "fusion_epochs": 3})
+    with pytest.raises(ConfigError) as no_items:
+        _submit(template, parameter_values={"text_batch_size": 8})
+    assert str(no_items.value) == ("items_uri is required: pass --set items_uri=gs://... or put "
+                                   "it in --config")
     assert [n for n in fake.names() if n == "create_pipeline_job"] == ["create_pipeline_job"]
     assert vertex.is_registry_url("HTTPS://us-central1-KFP.pkg.dev/p/r/pkg/v1")
     assert not vertex.is_registry_url(" https://us-central1-kfp.pkg.dev/p/r/pkg/v1")
@@ -512,3 +516,13 @@ def test_upload_urls_defaults_and_refusals_word_for_word(registry, template):
         vertex.upload_template(host, template=template, auth=ApiAuth("tok"))
     assert str(denied.value).startswith(f"upload to {host} failed: 403")
     assert len(registry.seen) == 2
+
+
+def test_upload_compiles_the_pipeline_now_with_the_images_given(registry):
+    host = vertex.registry_host(REGION, PROJECT, "pipelines")
+    result = vertex.upload_template(host, images=vertex.Images(cpu="r/cpu:1", gpu="r/gpu:1"),
+                                    tags=["v2"], auth=ApiAuth("t"))
+    (req,) = registry.seen
+    body = req.body.decode("latin-1")
+    assert "pipelineInfo" in body and "r/cpu:1" in body and "r/gpu:1" in body
+    assert result.tag_urls == {"v2": f"{host}/item-embeddings/v2"}
