@@ -2,6 +2,7 @@
 (the single-run files; missing, duplicated or unplanned shards refused)."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,13 +15,22 @@ from item_embeddings.fanout import (
     MergeError,
     Shard,
     ShardPlan,
+    merge_image_shards,
     merge_text_shards,
     plan_shards,
     worker_shards,
 )
 from item_embeddings.image.selection import Selection, iter_selected
 from item_embeddings.items import ItemColumns
-from item_embeddings.outputs import TXT_ARRAY, TXT_ITEMS, TXT_META
+from item_embeddings.outputs import (
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
 from item_embeddings.text import embed_items_text
 
 
@@ -86,8 +96,15 @@ def _three_items_in_five_shards(tmp_path):
     part = tmp_path / "worker"
     for shard in plan.shards:
         embed_items_text(str(items), part / shard.dirname, rows=shard.rows, encoder=encoder)
-    meta = merge_text_shards([part], plan, tmp_path / "merged", PipelineParams())
+    from item_embeddings.tracking import LocalTracker
+
+    tracker = LocalTracker(tmp_path / "runs", "fanout")
+    meta = merge_text_shards([part], plan, tmp_path / "merged", PipelineParams(), run_id="t1",
+                             tracker=tracker)
     assert meta["count"] == 3 and meta["fanout_shards"] == 5
+    record = json.loads((tmp_path / "runs" / "fanout" / "embed-text-t1.json").read_text())
+    assert record["params"]["items_uri"] == str(items) and record["params"]["shards"] == 5
+    assert set(meta["versions"]) == {"item-embeddings", "numpy", "pyarrow"}  # no encoder
     assert pq.read_table(tmp_path / "merged" / TXT_ITEMS).column("id").to_pylist() == \
         cat["asin"]
     whole = embed_items_text(str(items), tmp_path / "whole", encoder=encoder)
@@ -97,9 +114,25 @@ def _three_items_in_five_shards(tmp_path):
 
 
 def test_more_shards_than_items_gives_empty_shards_that_merge(tmp_path):
-    _, _, meta, whole = _three_items_in_five_shards(tmp_path)
+    part, plan, meta, whole = _three_items_in_five_shards(tmp_path)
     for key in ("count", "empty_text_count", "null_title_count", "encoder_fingerprint"):
         assert meta[key] == whole[key], key
+    assert meta["rows"] == [0, 3] and meta["batch_size"] == PipelineParams().text_batch_size
+    assert meta["throughput_items_per_sec"] == pytest.approx(3 / meta["encode_time_sec"])
+    # an incremental run: the rate counts the rows encoded, not those reused
+    metas = {s.dirname: json.loads((part / s.dirname / TXT_META).read_text())
+             for s in plan.shards}
+    for name, reused in (("shard-00001", 1), ("shard-00003", 0), ("shard-00004", 1)):
+        metas[name].update(encoded_count=1 - reused, reused_count=reused)
+        (part / name / TXT_META).write_text(json.dumps(metas[name]))
+    again = merge_text_shards([part], plan, tmp_path / "again", PipelineParams())
+    assert (again["encoded_count"], again["reused_count"]) == (1, 2)
+    assert again["throughput_items_per_sec"] == pytest.approx(1 / again["encode_time_sec"])
+    for name, shard_meta in metas.items():  # every row reused: nothing encoded, no time
+        shard_meta.update(encoded_count=0, reused_count=shard_meta["count"], encode_time_sec=0.0)
+        (part / name / TXT_META).write_text(json.dumps(shard_meta))
+    reused = merge_text_shards([part], plan, tmp_path / "reused", PipelineParams())
+    assert (reused["throughput_items_per_sec"], reused["reused_count"]) == (0.0, 3)
 
 
 def test_merge_refuses_missing_duplicated_and_unplanned_shards(tmp_path):
@@ -115,7 +148,7 @@ def test_merge_refuses_missing_duplicated_and_unplanned_shards(tmp_path):
         merge_text_shards([part, other], plan, tmp_path / "m2", PipelineParams())
     shutil.copytree(part / "shard-00001", part / "shard-00007")
     (part / "shard-00003" / TXT_META).write_text(json.dumps({}))
-    with pytest.raises(MergeError):
+    with pytest.raises(MergeError, match=r"^shard folder\(s\) \[7\] are not in the plan$"):
         merge_text_shards([part], plan, tmp_path / "m3", PipelineParams())
     assert not (tmp_path / "m1" / TXT_META).exists()
 
@@ -181,3 +214,103 @@ def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path):
     (alone / whole.dirname).mkdir(parents=True)
     (alone / whole.dirname / TXT_META).write_text(json.dumps({"rows": None}))
     assert list(pending_shards(SimpleNamespace(path=str(alone)), [whole], TXT_META)) == []
+
+
+def _image_shards(tmp_path, tiny_model):
+    """Nine items (one without a URL, a 404 and an HTML page among them) in three shards with
+    a cap of six images, each shard run by the real image step against a loopback host; and
+    the same items run whole."""
+    import pyarrow as pa
+
+    from image_server import ImageServer, make_images
+    from item_embeddings.image import embed_items_images, load_image_encoder
+    from item_embeddings.image.download import DownloadConfig
+
+    config, checkpoint, _ = tiny_model
+    params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint), shards=3,
+                            max_parallel_shards=3, max_items=6, image_batch_size=2)
+    encoder = load_image_encoder(str(config), str(checkpoint))
+    download = DownloadConfig(timeout_s=2.0, retries=0, allow_private_hosts=True)
+    paths = ["img/rgb.jpg", "status/404", None, "img/grey.jpg", "img/photo.webp", "html",
+             "img/palette.png", "img/rgba.png", "img/cmyk.jpg"]
+    with ImageServer(make_images()) as server:
+        urls = [server.url(p) if p else None for p in paths]
+        items = tmp_path / "items.parquet"
+        pq.write_table(pa.table({"asin": [f"item-{i}" for i in range(9)],
+                                 "title": ["a title"] * 9, "description": [["words"]] * 9,
+                                 "image_url": pa.array(urls, pa.string())}), items)
+        plan = plan_shards(str(items), params)
+        part = tmp_path / "worker"
+        for shard in plan.shards:
+            embed_items_images(str(items), part / shard.dirname, params, rows=shard.rows,
+                               quota=shard.image_quota, encoder=encoder,
+                               download_config=download)
+        whole = embed_items_images(str(items), tmp_path / "whole", params, encoder=encoder,
+                                   download_config=download)
+    return part, plan, params, whole
+
+
+def test_merged_image_shards_are_the_files_one_run_writes(tmp_path, tiny_model):
+    """The image merge (the fusion task's first step) gives the whole run's vectors, items
+    (rows renumbered across shards), failures and counts; the rates are the workers'."""
+    part, plan, params, whole = _image_shards(tmp_path, tiny_model)
+    assert [s.image_quota for s in plan.shards] == [2, 3, 1]
+    from item_embeddings.tracking import LocalTracker
+
+    merged_dir = tmp_path / "merged"
+    tracker = LocalTracker(tmp_path / "runs", "fanout")
+    meta = merge_image_shards([part], ShardPlan.from_workers(plan.image_workers), merged_dir,
+                              params, tracker=tracker)  # no run id: a fresh one
+    out, ref = merged_dir, tmp_path / "whole"
+    np.testing.assert_allclose(np.load(out / IMG_ARRAY), np.load(ref / IMG_ARRAY), atol=1e-6)
+    assert pq.read_table(out / IMG_ITEMS).to_pylist() == pq.read_table(ref / IMG_ITEMS).to_pylist()
+    assert pq.read_table(out / IMG_ITEMS).column("row").to_pylist() == [0, 1, 2, 3]
+    failures = pq.read_table(out / IMG_FAILURES).to_pylist()
+    assert [(r["id"], r["reason"]) for r in failures] == \
+        [(r["id"], r["reason"]) for r in pq.read_table(ref / IMG_FAILURES).to_pylist()]
+    for key in ("count", "failed_count", "attempted_count", "no_url_count", "capped_count",
+                "total_rows", "failures_by_reason", "unavailable_hosts", "max_items",
+                "embed_dim", "encoder_fingerprint", "encoder_name"):
+        assert meta[key] == whole[key], key
+    assert (meta["count"], meta["failed_count"], meta["capped_count"]) == (4, 2, 2)
+    assert meta["fanout_shards"] == 3 and meta["rows"] == [0, 9]
+    assert re.fullmatch(r"[0-9a-f]{12}", meta["run_id"])
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "fanout").iterdir()]
+    assert record["run_name"] == f"embed-image-{meta['run_id']}"
+    assert record["artifacts"] == {"image_embeddings": str(merged_dir)}  # where it was written
+    assert record["metrics"]["count"] == 4 and record["metrics"]["fanout_shards"] == 3
+    assert record["params"]["shards"] == 3 and record["status"] == "COMPLETE"
+    # as the fusion task calls it: its run id and the artifact's durable URI
+    merge_image_shards([part], plan, tmp_path / "again", params, tracker=tracker, run_id="r2",
+                       artifact_uri="gs://bucket/run/image_embeddings")
+    record = json.loads((tmp_path / "runs" / "fanout" / "embed-image-r2.json").read_text())
+    assert record["artifacts"] == {"image_embeddings": "gs://bucket/run/image_embeddings"}
+    assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
+    shard_metas = [json.loads((part / s.dirname / IMG_META).read_text()) for s in plan.shards]
+    # a worker's rate (their images over their time) lies between the fastest and the slowest
+    rates = [m["throughput_items_per_sec"] for m in shard_metas if m["encoded_this_attempt"]]
+    assert min(rates) * 0.999 <= meta["throughput_items_per_sec"] <= max(rates) * 1.001
+    assert meta["encode_only_items_per_sec"] == pytest.approx(
+        4 / sum(m["encode_time_sec"] for m in shard_metas))
+    assert meta["encode_time_sec"] == pytest.approx(sum(m["encode_time_sec"]
+                                                        for m in shard_metas))
+    assert meta["shard_wall_time_max_sec"] == max(m["wall_time_sec"] for m in shard_metas)
+    assert set(meta["versions"]) == {"item-embeddings", "numpy", "pyarrow"}  # no model
+    # hosts the workers gave up on: summed, the most failures first, then by name
+    for shard, hosts in ((plan.shards[0], {"b.example": 3, "a.example": 1}),
+                         (plan.shards[2], {"c.example": 5, "a.example": 2})):
+        meta_file = part / shard.dirname / IMG_META
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()),
+                                         "unavailable_hosts": hosts}))
+    hosts = merge_image_shards([part], plan, tmp_path / "hosts", params)["unavailable_hosts"]
+    assert list(hosts.items()) == [("c.example", 5), ("a.example", 3), ("b.example", 3)]
+    # a shard whose meta file counts other rows than its arrays hold is refused
+    meta_file = part / plan.shards[1].dirname / IMG_META
+    meta_file.write_text(json.dumps({**shard_metas[1], "count": 5}))
+    with pytest.raises(MergeError, match=r"the shards hold 4 image rows, their meta files 7$"):
+        merge_image_shards([part], plan, tmp_path / "m2", params)
+    # one made with another encoder is refused, naming the setting
+    meta_file.write_text(json.dumps({**shard_metas[1], "encoder_fingerprint": "other"}))
+    with pytest.raises(MergeError, match=r"the shards disagree on 'encoder_fingerprint'"):
+        merge_image_shards([part], plan, tmp_path / "m3", params)
+    assert not (tmp_path / "m2" / IMG_META).exists() and not (tmp_path / "m3").exists()

@@ -383,3 +383,148 @@ def test_upload_refuses_a_template_with_the_placeholder_image(registry, tmp_path
     vertex.upload_template(host, template=str(good), auth=ApiAuth("t"))
     assert len(registry.seen) == 1
 
+
+
+def _console(job_id: str) -> str:
+    return (f"https://console.cloud.google.com/vertex-ai/locations/{REGION}/pipelines/runs/"
+            f"{job_id}?project={PROJECT}")
+
+
+def test_submit_result_and_request_defaults(fake, template):
+    """What submit prints (the run's console link) and what it sends when only the template,
+    the parameters and the root are given: the default display name, no labels, no CMEK."""
+    result = _submit(template, job_id="item-embeddings-t2")
+    assert result.dashboard_uri == _console("item-embeddings-t2")
+    assert (result.job_id, result.template) == ("item-embeddings-t2", template)
+    assert result.state == "PIPELINE_STATE_PENDING"
+    (_, create), = [c for c in fake.calls if c[0] == "create_pipeline_job"]
+    job = create["pipeline_job"]
+    assert job.display_name == "item-embeddings"
+    assert dict(job.labels) == {} and job.encryption_spec.kms_key_name == ""
+    assert job.service_account == "" and job.network == ""
+    _submit(template, display_name="nightly-run", job_id="item-embeddings-t3")
+    assert [c for c in fake.calls if c[0] == "create_pipeline_job"][1][1][
+        "pipeline_job"].display_name == "nightly-run"
+
+
+def test_waiting_reports_the_end_of_a_run_word_for_word(fake, template):
+    fake.job_states = [S.PIPELINE_STATE_RUNNING, S.PIPELINE_STATE_FAILED]
+    with pytest.raises(vertex.PipelineRunFailed) as failed:
+        _submit(template, wait=True, poll_interval_s=0, job_id="j-failed")
+    assert str(failed.value) == (f"pipeline run {PARENT}/pipelineJobs/j-failed ended "
+                                 "PIPELINE_STATE_FAILED: embed-images: out of memory (see "
+                                 f"{_console('j-failed')})")
+    fake.job_states = [S.PIPELINE_STATE_CANCELLED]  # no error message: none is shown
+    with pytest.raises(vertex.PipelineRunFailed) as cancelled:
+        _submit(template, wait=True, poll_interval_s=0, job_id="j-cancelled")
+    assert str(cancelled.value) == (f"pipeline run {PARENT}/pipelineJobs/j-cancelled ended "
+                                    f"PIPELINE_STATE_CANCELLED (see {_console('j-cancelled')})")
+    fake.job_states = [S.PIPELINE_STATE_RUNNING] * 50
+    with pytest.raises(vertex.VertexOpsError) as waited:
+        _submit(template, wait=True, poll_interval_s=0.01, timeout_s=0.05, job_id="j-slow")
+    assert str(waited.value) == (f"gave up waiting after 0.05s; run {PARENT}/pipelineJobs/j-slow"
+                                 f" is still PIPELINE_STATE_RUNNING (see {_console('j-slow')})")
+    # each state is reported once while waiting, however many polls see it
+    fake.job_states = [S.PIPELINE_STATE_RUNNING] * 3 + [S.PIPELINE_STATE_SUCCEEDED]
+    seen = []
+    result = _submit(template, wait=True, poll_interval_s=0, on_state=seen.append, job_id="j-ok")
+    assert seen == ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED"]
+    assert result.state == "PIPELINE_STATE_SUCCEEDED"
+    assert result.dashboard_uri == _console("j-ok")
+
+
+def test_template_and_image_refusals_word_for_word(fake, template, tmp_path):
+    with pytest.raises(ConfigError) as missing:
+        _submit(None, images=vertex.Images(gpu="r/g:1"))
+    assert str(missing.value) == (
+        "compiling the pipeline for Vertex needs --image URI (the project's Dockerfile and "
+        "Dockerfile.gpu built and pushed to your registry, e.g. with cloudbuild.yaml), or pass "
+        "--template FILE_OR_URL of a compiled template")
+    with pytest.raises(ConfigError) as both:
+        _submit(template, images=vertex.Images(gpu="r/g:1"))
+    assert str(both.value) == ("--image/--gpu-image are for compiling the pipeline now; a "
+                               "--template already names its images")
+    _submit(template, images=vertex.Images(pipeline_root="gs://b/root"))  # no image: accepted
+    with pytest.raises(ConfigError) as http:
+        _submit("http://example.com/t.yaml")
+    assert str(http.value) == ("template 'http://example.com/t.yaml': expected a local file, a "
+                               "gs:// file or an Artifact Registry URL "
+                               "https://REGION-kfp.pkg.dev/PROJECT/REPO/PACKAGE/TAG")
+    with pytest.raises(ConfigError) as absent:
+        _submit(str(tmp_path))  # a folder is not a template file
+    assert str(absent.value) == f"template file not found: {tmp_path}"
+    with pytest.raises(ConfigError) as key:
+        _submit(template, encryption_key="projects/p/keyRings/r/cryptoKeys/k")
+    assert str(key.value) == ("encryption key 'projects/p/keyRings/r/cryptoKeys/k' must look "
+                              "like projects/P/locations/L/keyRings/R/cryptoKeys/K")
+    with pytest.raises(ConfigError, match=rf"^template {re.escape(template)}: .*fusion_epochs"):
+        _submit(template, parameter_values={"items_uri": "gs://x", "fusion_epochs": 3})
+    with pytest.raises(ConfigError) as no_items:
+        _submit(template, parameter_values={"text_batch_size": 8})
+    assert str(no_items.value) == ("items_uri is required: pass --set items_uri=gs://... or put "
+                                   "it in --config")
+    assert [n for n in fake.names() if n == "create_pipeline_job"] == ["create_pipeline_job"]
+    assert vertex.is_registry_url("HTTPS://us-central1-KFP.pkg.dev/p/r/pkg/v1")
+    assert not vertex.is_registry_url(" https://us-central1-kfp.pkg.dev/p/r/pkg/v1")
+    assert not vertex.is_registry_url("https://evil.com/us-kfp.pkg.dev/p/r/pkg/v1")
+
+
+def test_labels_follow_google_clouds_rules():
+    key63, value63 = "k" + "a" * 62, "v" * 63
+    assert vertex.parse_labels(["team=recsys", "env=", f"{key63}={value63}", "a_b-1=x-9_z",
+                                "team=ads"]) == {"team": "ads", "env": "", key63: value63,
+                                                 "a_b-1": "x-9_z"}
+    for pair in ("team", "=x"):
+        with pytest.raises(ConfigError) as bad:
+            vertex.parse_labels([pair])
+        assert str(bad.value) == f"--label expects key=value, got {pair!r}"
+    for pair in ("Team=x", "1team=x", "team=X", "t.m=x", "team=a.b", f"{key63}x=v",
+                 f"k={value63}v", "team=x y", "_t=x"):
+        with pytest.raises(ConfigError) as bad:
+            vertex.parse_labels([pair])
+        assert str(bad.value) == (
+            f"invalid labels: {pair!r} (keys: lower-case letter first, then lower-case letters, "
+            "digits, '_' or '-', at most 63; values the same, may be empty or start with any of "
+            "them)")
+    assert len(vertex.parse_labels([f"k{i}=v" for i in range(64)])) == 64
+    with pytest.raises(ConfigError) as many:
+        vertex.parse_labels([f"k{i}=v" for i in range(65)])
+    assert str(many.value) == "invalid labels: 65 given, at most 64 allowed"
+
+
+def test_upload_urls_defaults_and_refusals_word_for_word(registry, template):
+    host = vertex.registry_host(REGION, PROJECT, "pipelines")
+    assert host == f"https://{REGION}-kfp.pkg.dev/{PROJECT}/pipelines"
+    result = vertex.upload_template(host + "/", template=template, auth=ApiAuth("tok"))
+    (req,) = registry.seen
+    assert req.url == host  # the trailing slash is dropped
+    assert 'name="tags"' in req.body.decode("latin-1")
+    assert result.version == f"sha256:{'ab' * 32}"
+    assert result.tag_urls == {"latest": f"{host}/item-embeddings/latest"}  # the default tag
+    assert result.version_url == f"{host}/item-embeddings/sha256:{'ab' * 32}"
+    with pytest.raises(ConfigError) as url:
+        vertex.upload_template(host, template=f"{host}/item-embeddings/v1", auth=ApiAuth("t"))
+    assert str(url.value) == "upload needs a local template file (or none, to compile now)"
+    with pytest.raises(ConfigError) as tag:
+        vertex.upload_template(host, template=template, tags=["ok", "-x", "A"], auth=ApiAuth("t"))
+    assert str(tag.value) == ("invalid tag(s) ['-x', 'A']: use lower-case letters, digits, '.', "
+                              "'_', '-'")
+    with pytest.raises(ConfigError) as bad_host:
+        vertex.upload_template(host + "/extra", template=template, auth=ApiAuth("t"))
+    assert str(bad_host.value) == (f"registry host '{host}/extra' must look like "
+                                   "https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY")
+    registry.status = 403
+    with pytest.raises(vertex.VertexOpsError) as denied:
+        vertex.upload_template(host, template=template, auth=ApiAuth("tok"))
+    assert str(denied.value).startswith(f"upload to {host} failed: 403")
+    assert len(registry.seen) == 2
+
+
+def test_upload_compiles_the_pipeline_now_with_the_images_given(registry):
+    host = vertex.registry_host(REGION, PROJECT, "pipelines")
+    result = vertex.upload_template(host, images=vertex.Images(cpu="r/cpu:1", gpu="r/gpu:1"),
+                                    tags=["v2"], auth=ApiAuth("t"))
+    (req,) = registry.seen
+    body = req.body.decode("latin-1")
+    assert "pipelineInfo" in body and "r/cpu:1" in body and "r/gpu:1" in body
+    assert result.tag_urls == {"v2": f"{host}/item-embeddings/v2"}
