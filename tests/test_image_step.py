@@ -535,3 +535,73 @@ def test_component_defaults_match_pipeline_params():
               if name in PARAM_FIELDS and name != "items_uri"}  # items_uri: required here
     assert len(shared) >= 17
     assert shared == {name: PARAM_FIELDS[name].default for name in shared}
+
+
+# ----------------------------------------------------------------------------- fetch and decode
+
+class _BrokenDecoder:
+    """A decoder that fails in a way no one foresaw (a bug, not a bad image)."""
+
+    def timed(self, body):
+        raise RuntimeError(f"boom after {len(body)} bytes")
+
+
+def test_fetch_decode_pool_outcomes_and_where_the_time_went(encoder, server, images, caplog):
+    from item_embeddings.image.fetching import FetchDecodePool
+
+    caplog.set_level("INFO")
+    config = dataclass_replace(FAST, retries=0, timeout_s=0.3)
+    rgb = images["rgb.jpg"][0]
+    started = time.perf_counter()
+    with FetchDecodePool(config, encoder.decoder(), decode_workers=2) as pool:
+        slow = [pool.submit(server.url(f"slow?i={i}")) for i in range(3)]  # 0.3 s each, at once
+        good, bad, missing = (pool.submit(server.url(p)).result(timeout=30) for p in
+                              ("img/rgb.jpg", "img/notimage.jpg", "status/404"))
+        unchanged = pool.submit(server.url("img/rgb.jpg"), etag=good.etag,
+                                last_modified=good.last_modified).result(timeout=30)
+        changed = pool.submit(server.url("img/rgb.jpg"), etag='"old"',
+                              last_modified="Mon, 01 Jan 2024 00:00:00 GMT").result(timeout=30)
+        slowed = pool.submit(server.url("status/429?retry_after=0")).result(timeout=30)
+        timed_out = [f.result(timeout=30) for f in slow]
+        counted = (pool.downloaded_bytes, pool.download_wall_s, pool.download_time,
+                   pool.decode_cpu_s)
+    wall = time.perf_counter() - started
+    assert good.pixels is not None and good.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(good.pixels, encoder.decoder()(rgb))
+    assert (good.reason, good.detail, good.status, good.attempts, good.not_modified) == (
+        None, "", 200, 1, False)
+    assert good.etag and good.etag == changed.etag and good.last_modified
+    assert (bad.pixels, bad.reason, bad.status, bad.attempts) == (None, dl.NOT_AN_IMAGE, 200, 1)
+    assert bad.detail and bad.etag is None
+    assert (missing.pixels, missing.reason, missing.detail, missing.status, missing.attempts) == (
+        None, dl.HTTP_ERROR, "Not Found", 404, 1)
+    assert (unchanged.pixels, unchanged.reason, unchanged.status, unchanged.not_modified) == (
+        None, None, 304, True)
+    assert (unchanged.etag, unchanged.last_modified) == (good.etag, good.last_modified)
+    assert changed.pixels is not None and not changed.not_modified
+    assert slowed.reason == dl.HTTP_ERROR and slowed.status == 429
+    assert [(o.reason, o.attempts) for o in timed_out] == [(dl.TIMEOUT, 1)] * 3
+    downloaded, download_wall, download_time, decode_cpu = counted
+    # the bodies read: two good images and the page that is not one (not the 304)
+    assert downloaded == 2 * len(rgb) + len(images["notimage.jpg"][0])
+    # three 0.3 s timeouts side by side count once in the wall time, thrice in the sum
+    assert 0.3 <= download_wall <= wall and download_time >= 0.9
+    assert download_wall < download_time - 0.3
+    assert 0 < decode_cpu < wall
+    # on exit, the hosts that were slowed or cut off are logged with their counts
+    assert (f"image host 127.0.0.1:{server.port}: requests 9, breaker_opened 0, refused 0, "
+            "last_failure timeout, slowed 1, rate 25.0") in caplog.text  # half of FAST's 50/s
+
+
+def test_fetch_decode_pool_an_unforeseen_error_is_one_items_failure(server, caplog):
+    from item_embeddings.image.fetching import INTERNAL_ERROR, FetchDecodePool
+
+    with FetchDecodePool(FAST, _BrokenDecoder(), decode_workers=1) as pool:
+        broken = pool.submit(server.url("img/rgb.jpg")).result(timeout=30)
+        other = pool.submit(server.url("status/404")).result(timeout=30)
+    assert (broken.pixels, broken.reason, broken.status, broken.attempts) == (
+        None, INTERNAL_ERROR, None, 0)
+    assert broken.detail.startswith("RuntimeError: boom after ")
+    assert other.reason == dl.HTTP_ERROR           # the next item is fetched as usual
+    assert f"unexpected error for {server.url('img/rgb.jpg')}" in caplog.text
+    assert "Traceback" in caplog.text and "RuntimeError: boom" in caplog.text
