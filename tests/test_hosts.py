@@ -27,6 +27,7 @@ from item_embeddings.image.hosts import (
     SLOWED_START_RATE,
     HostPolicy,
     Hosts,
+    Turn,
     failures_by_host,
     host_of,
     unavailable_hosts,
@@ -661,5 +662,16 @@ def test_urls_without_a_host_count_under_no_host_and_the_table_keeps_ten():
     assert [row[:2] for row in table] == [(f"h{i:02d}.test", 12 - i) for i in range(10)]
     assert failures_by_host([None, "bad"], ["invalid_url", None]) == [
         ("", 2, {"invalid_url": 1, "None": 1})]
-    assert unavailable_hosts(["http://b.test/1", "http://a.test/2"], ["x", "x"], "x") == {
-        "a.test": 1, "b.test": 1}
+    # img_meta.json lists them most items first, then by name
+    urls = ["http://c.test/1", "http://b.test/1", "http://a.test/2", "http://c.test/2",
+            "http://d.test/1"]
+    assert list(unavailable_hosts(urls, ["x", "x", "x", "x", "y"], "x").items()) == [
+        ("c.test", 2), ("a.test", 1), ("b.test", 1)]
+
+
+def test_summary_rounds_the_rate_to_three_decimals():
+    clock = Clock()
+    hosts = Hosts(HostPolicy(rate=0.375), is_down=lambda exc: True, clock=clock)
+    turn = Turn(hosts["h"], status=429, sent_at=clock.now)
+    hosts["h"].slow_down(turn, None)                 # 0.1875 requests/s
+    assert hosts.summary()["h"]["rate"] == 0.188
