@@ -602,6 +602,7 @@ def test_fetch_decode_pool_outcomes_and_where_the_time_went(server, images, capl
     assert 0.3 <= download_wall <= wall and download_time >= 0.9
     assert download_wall < download_time - 0.3
     assert later_wall >= download_wall + 0.3     # the busy periods add up
+    assert download_time - download_wall < 1.2   # about 0.6 s: two of the timeouts overlapped
     assert 0 < decode_cpu < wall
     # on exit, the hosts that were slowed or cut off are logged with their counts
     assert (f"image host 127.0.0.1:{server.port}: requests 11, breaker_opened 0, refused 0, "
@@ -681,7 +682,7 @@ def test_fetch_decode_pool_decodes_on_up_to_eight_named_threads(server, monkeypa
         return threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)    # a large machine: 8 decode threads
-    gate = _Gate(meet=8)
+    gate = _Gate(meet=8, hold_s=0.2)                    # busy while the next 8 arrive
     assert "download-loop" in decode(gate, None, 16)
     assert len(gate.names) == 8 and all(n.startswith("decode_") for n in gate.names)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
