@@ -171,6 +171,7 @@ class ImageServer:
         self.not_modified: collections.Counter = collections.Counter()
         self.times: dict[str, list[float]] = collections.defaultdict(list)
         self.user_agents: set[str] = set()
+        self.accepts: dict[str, set[str]] = collections.defaultdict(set)  # path -> Accept seen
         self.in_flight = self.max_in_flight = 0
         self._seen: set[str] = set()
         self._random = random.Random(seed)
@@ -320,6 +321,7 @@ class ImageServer:
         self.times[request.path].append(self._loop.time())
         self.host_times[request.host].append(self._loop.time())
         self.user_agents.add(request.headers.get("User-Agent", ""))
+        self.accepts[request.path].add(request.headers.get("Accept", ""))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

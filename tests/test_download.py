@@ -353,3 +353,172 @@ def test_concurrency_is_bounded_and_overlapping():
         assert all(r.ok for r in results) and srv.hits["/img/rgb.jpg"] == 20
         # Counted by the server: 5 requests at once (overlapping, not sequential), never more.
         assert srv.max_in_flight == 5
+
+
+# ----------------------------------------------------------------------------- settings, headers
+
+@pytest.mark.parametrize("field,value,message", [
+    ("concurrency", 0, "concurrency must be >= 1, got 0"),
+    ("per_host_limit", 0, "per_host_limit must be >= 1, got 0"),
+    ("max_bytes", 0, "max_bytes must be >= 1, got 0"),
+    ("timeout_s", 0.0, "timeout_s must be > 0, got 0.0"),
+    ("retries", -1, "retries, max_redirects and host_failure_limit must be >= 0"),
+    ("max_redirects", -1, "retries, max_redirects and host_failure_limit must be >= 0"),
+    ("host_failure_limit", -1, "retries, max_redirects and host_failure_limit must be >= 0"),
+    ("rate_per_host", -0.5, r"rate_per_host must be >= 0 \(got -0.5\) and breaker_cooldown_s > 0"
+                            r" \(got 30.0\)"),
+    ("rate_per_host", float("inf"), r"rate_per_host must be >= 0 \(got inf\)"),
+    ("breaker_cooldown_s", 0.0, r"rate_per_host must be >= 0 \(got 50.0\) and "
+                                r"breaker_cooldown_s > 0 \(got 0.0\)"),
+])
+def test_config_refuses_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        DownloadConfig(**{field: value})
+
+
+def test_config_accepts_the_smallest_values():
+    config = DownloadConfig(concurrency=1, per_host_limit=1, max_bytes=1, timeout_s=0.001,
+                            retries=0, max_redirects=0, host_failure_limit=0, rate_per_host=0.0,
+                            breaker_cooldown_s=0.001)
+    assert config.concurrency == 1 and config.max_redirects == 0
+
+
+def test_config_from_pipeline_parameters():
+    from item_embeddings.config import PipelineParams
+    from item_embeddings.image.hosts import HostPolicy
+
+    params = PipelineParams(download_concurrency=7, download_timeout_s=3.5, download_retries=4,
+                            max_image_bytes=12345, download_rate_per_host=2.5,
+                            host_failure_limit=6, image_user_agent="acme-bot/2 (+ops@acme)",
+                            respect_opt_out=False, respect_robots_txt=True,
+                            allow_private_hosts=True)
+    config = DownloadConfig.from_params(params)
+    assert (config.concurrency, config.timeout_s, config.retries, config.max_bytes,
+            config.rate_per_host, config.host_failure_limit, config.user_agent,
+            config.respect_opt_out, config.respect_robots_txt, config.allow_private_hosts) == (
+        7, 3.5, 4, 12345, 2.5, 6, "acme-bot/2 (+ops@acme)", False, True, True)
+    assert config.guard().allows("127.0.0.1")
+    assert not DownloadConfig.from_params(PipelineParams()).guard().allows("127.0.0.1")
+    default = DownloadConfig.from_params(PipelineParams(image_user_agent=""))
+    assert default.user_agent == dl.DEFAULT_USER_AGENT
+    # the per-host limits the downloader applies: 32 connections, a 30 s cool-down doubling
+    # up to 10 min, Retry-After pauses capped at 10 s
+    assert config.host_policy() == HostPolicy(failure_limit=6, rate=2.5, connections=32,
+                                              cooldown_s=30.0, max_pause_s=10.0)
+
+
+def test_requests_say_what_they_accept(server):
+    server.robots_txt = "User-agent: *\nAllow: /\n"
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert result.ok and result.content_type == "image/jpeg"
+    assert server.accepts["/img/rgb.jpg"] == {"image/*,*/*;q=0.5"}
+    assert server.accepts["/robots.txt"] == {"text/plain,*/*;q=0.5"}
+
+
+def test_a_proxy_in_the_environment_is_not_used(server, monkeypatch):
+    from image_server import DeadServer
+
+    with DeadServer("127.0.0.2") as proxy:
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.2:{proxy.port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        [result] = fetch([server.url("img/rgb.jpg")], timeout_s=0.5, retries=0)
+        assert proxy.requests == 0
+    assert result.ok and server.hits["/img/rgb.jpg"] == 1
+
+
+def test_conditional_fetch_of_an_unchanged_image(server):
+    [first] = fetch([server.url("img/rgb.jpg")])
+    assert first.ok and first.etag and first.last_modified
+    assert not first.not_modified
+
+    async def again(**validators):
+        async with dl.Downloader(DownloadConfig(**FAST)) as d:
+            return await d.fetch(server.url("img/rgb.jpg"), **validators)
+
+    for validators in (dict(etag=first.etag), dict(last_modified=first.last_modified)):
+        result = asyncio.run(again(**validators))
+        assert (result.not_modified, result.body, result.status, result.reason) == (
+            True, None, 304, None)
+    changed = asyncio.run(again(etag='"another"'))
+    assert changed.ok and not changed.not_modified and changed.body == first.body
+    assert server.conditional["/img/rgb.jpg"] == 3 and server.not_modified["/img/rgb.jpg"] == 2
+
+
+def test_a_body_of_exactly_max_bytes_is_kept(server):
+    url = server.url("big?chunks=1")  # 65536 bytes, chunked: no Content-Length
+    [at_limit] = fetch([url], max_bytes=65536)
+    [over] = fetch([url], max_bytes=65535)
+    assert at_limit.ok and len(at_limit.body) == 65536
+    assert (over.reason, over.detail) == (dl.TOO_LARGE, "body exceeds 65535 bytes")
+    [declared] = fetch([server.url("big-declared")], max_bytes=2 * 1024 * 1024)
+    assert declared.ok and len(declared.body) == 2 * 1024 * 1024
+
+
+def test_what_a_failure_says(server):
+    html, missing, busy = fetch([server.url("html"), server.url("img/nothing.jpg"),
+                                 server.url("status/503")], retries=0)
+    assert (html.reason, html.detail, html.content_type) == (
+        dl.NOT_AN_IMAGE, "content type 'text/html'", "text/html")
+    assert html.final_url == server.url("html")
+    assert (missing.reason, missing.status, missing.detail) == (dl.HTTP_ERROR, 404, "Not Found")
+    assert (busy.reason, busy.status, busy.detail) == (dl.HTTP_ERROR, 503, "Service Unavailable")
+    [slow] = fetch([server.url("slow")], timeout_s=0.2, retries=0)
+    assert slow.detail == "no complete response in 0.2s" and slow.final_url == server.url("slow")
+    assert 0.2 <= slow.elapsed_s < 1.0
+    [loop] = fetch([server.url("loop/a")])
+    assert loop.detail == f"{server.url('loop/a')} visited before"
+    assert loop.final_url == server.url("loop/b")
+    [chain] = fetch([server.url("chain/3")], max_redirects=2)
+    assert (chain.reason, chain.detail) == (dl.TOO_MANY_REDIRECTS, "more than 2")
+    assert chain.final_url == server.url("chain/1")
+    [ok] = fetch([server.url("chain/2")], max_redirects=2)
+    assert ok.ok and ok.final_url == server.url("chain/0") and ok.status == 200
+
+
+def test_a_503_without_retry_after_does_not_slow_the_host(server):
+    async def run():
+        async with dl.Downloader(DownloadConfig(**{**FAST, "retries": 0})) as d:
+            await d.fetch(server.url("status/503"))
+            plain = d.hosts.summary()
+            await d.fetch(server.url("status/503?retry_after=0"))
+            return plain, d.hosts.summary()
+
+    plain, asked = asyncio.run(run())
+    assert plain == {}
+    assert asked[f"127.0.0.1:{server.port}"]["slowed"] == 1
+
+
+def test_robots_refusal_names_the_file_the_path_and_the_robot(server):
+    server.robots_txt = "User-agent: *\nDisallow: /img/\n"
+    [named] = fetch([server.url("img/rgb.jpg?v=1")], respect_robots_txt=True,
+                    user_agent="acme-bot/1.0")
+    assert named.detail == (f"http://127.0.0.1:{server.port}/robots.txt disallows "
+                            "/img/rgb.jpg?v=1 for 'acme-bot' (rule 'Disallow: /img/')")
+    [anonymous] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True,
+                        user_agent="(no product token)")
+    assert anonymous.detail.endswith("for '*' (rule 'Disallow: /img/')")
+
+
+@pytest.mark.parametrize("status", [401, 403, 410])
+def test_robots_txt_answered_4xx_means_no_rules(server, status):
+    server.robots_txt, server.robots_status = "User-agent: *\nDisallow: /\n", status
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert result.ok and server.hits["/robots.txt"] == 1
+
+
+def test_robots_txt_behind_too_many_redirects_means_no_rules(server):
+    server.robots_location = server.url("chain/9")
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True, max_redirects=3)
+    assert result.ok and server.hits["/robots.txt"] == 1 and server.hits["/img/rgb.jpg"] == 1
+
+
+def test_robots_txt_beyond_500_kib_is_cut(server):
+    rules = "User-agent: *\nDisallow: /img/rgb.jpg\n"
+    server.robots_txt = "#" * (500 * 1024 - 1) + "\n" + rules  # the rules start past 500 KiB
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert result.ok
+    server.robots_txt = "#" * (500 * 1024 - 1 - len(rules)) + "\n" + rules  # they end at it
+    [refused] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert refused.reason == dl.ROBOTS_DISALLOWED

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import time
 
@@ -26,6 +27,7 @@ from item_embeddings.image.hosts import (
     SLOWED_START_RATE,
     HostPolicy,
     Hosts,
+    Turn,
     failures_by_host,
     host_of,
     unavailable_hosts,
@@ -502,3 +504,174 @@ def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, t
         assert srv.host_hits("127.0.0.2") == 3 + 12 and srv.hits["/img/rgb.jpg"] == 1
     assert (again["count"], again["failed_count"], again["reused_count"]) == (13, 0, 1)
     assert again["unavailable_hosts"] == {}
+
+
+# ------------------------------------------------------------------------ what an operator reads
+
+def _fail_timeout(hosts: Hosts, key: str) -> None:
+    """One turn on ``key`` that ends in a timeout (the downloader's asyncio.TimeoutError)."""
+    async def go():
+        async with hosts.turn(key) as turn:
+            await turn.host.space(turn)
+            raise asyncio.TimeoutError
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(go())
+
+
+def test_default_policy_trips_after_20_failures_for_30_s_and_logs_each_change(caplog):
+    caplog.set_level(logging.INFO, logger="item_embeddings.image.hosts")
+    clock = Clock()
+    hosts = Hosts(HostPolicy(), is_down=lambda exc: True, clock=clock)
+    for _ in range(19):
+        assert _run_turn(hosts, "h", raise_down=True) == "failed"
+    assert not hosts["h"].open and hosts.summary() == {}
+    _fail_timeout(hosts, "h")                                 # the 20th in a row
+    assert caplog.messages[-1] == (
+        "image host h is not answering: 20 failures in a row (last: timeout); its URLs fail at "
+        "once as host_unavailable for 30 s, then one probe request")
+    refusal = ("host h is not answering (20 failures in a row, last: timeout): circuit breaker "
+               "open, no request sent")
+    assert _run_turn(hosts, "h", status=200) == refusal
+    clock.now += 29.9
+    assert _run_turn(hosts, "h", status=200) == refusal
+    clock.now += 0.1                                          # 30 s: the probe, which fails
+    assert _run_turn(hosts, "h", raise_down=True) == "failed"
+    assert caplog.messages[-1] == (
+        "image host h is not answering: the probe failed too (Down); its URLs fail at once as "
+        "host_unavailable for 60 s, then one probe request")
+    clock.now += 60                                           # the next probe is answered
+    assert _run_turn(hosts, "h", status=404) == ""
+    assert caplog.messages[-1] == "image host h answers again: circuit breaker closed"
+    assert hosts.summary() == {"h": {"requests": 22, "breaker_opened": 2, "refused": 2,
+                                     "last_failure": "Down", "slowed": 0, "rate": 0.0}}
+    for _ in range(20):                                       # closed: the cool-down is 30 s again
+        _run_turn(hosts, "h", raise_down=True)
+    assert caplog.messages[-1].endswith("for 30 s, then one probe request")
+
+
+def test_default_cooldown_cap_is_ten_minutes(caplog):
+    caplog.set_level(logging.INFO, logger="item_embeddings.image.hosts")
+    clock = Clock()
+    hosts = Hosts(HostPolicy(failure_limit=1, cooldown_s=400), is_down=lambda exc: True,
+                  clock=clock)
+    assert _run_turn(hosts, "h", raise_down=True) == "failed"
+    clock.now += 400
+    assert _run_turn(hosts, "h", raise_down=True) == "failed"   # the probe: 800 s, capped
+    assert caplog.messages[-1].endswith("for 600 s, then one probe request")
+    clock.now += 599.9
+    assert "circuit breaker open" in _run_turn(hosts, "h", status=200)
+    clock.now += 0.1
+    assert _run_turn(hosts, "h", status=200) == "" and not hosts["h"].open
+
+
+def test_exceptions_that_are_not_the_hosts_fault_do_not_count():
+    hosts = Hosts(HostPolicy(failure_limit=2), is_down=lambda exc: False, clock=Clock())
+    for _ in range(5):
+        assert _run_turn(hosts, "h", raise_down=True) == "failed"
+    assert not hosts["h"].open and hosts["h"].failures == 0
+    assert hosts["h"].summary()["last_failure"] == ""
+
+
+def test_default_policy_holds_32_connections_per_host():
+    hosts = Hosts(HostPolicy(), is_down=lambda exc: True, clock=Clock())
+
+    async def hold() -> tuple[int, int]:
+        inside = {"a": 0, "b": 0}
+        release = asyncio.Event()
+
+        async def one(key):
+            async with hosts.turn(key) as turn:
+                await turn.host.space(turn)
+                inside[key] += 1
+                await release.wait()
+                turn.status = 200
+
+        tasks = [asyncio.ensure_future(one(k)) for k in ("a", "b") for _ in range(40)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        counts = (inside["a"], inside["b"])
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return counts
+
+    assert asyncio.run(hold()) == (32, 32)          # per host: the other host is not held up
+    assert hosts["a"].requests == 40 and hosts.summary() == {}
+
+
+def test_default_pause_cap_and_the_slow_down_log_line(caplog):
+    caplog.set_level(logging.INFO, logger="item_embeddings.image.hosts")
+    clock = Clock()
+    hosts = Hosts(HostPolicy(), is_down=lambda exc: True, clock=clock)
+    host = hosts["h"]
+
+    async def answered(status: int, delay: float | None) -> None:
+        async with hosts.turn("h") as turn:
+            await host.space(turn)
+            turn.status = status
+            host.slow_down(turn, delay)
+
+    asyncio.run(answered(429, 30.0))
+    assert host.paused_until == pytest.approx(clock.now + 10)
+    assert caplog.messages[-1] == ("image host h asked to slow down (HTTP 429, Retry-After 30 s): "
+                                   "10 requests/s from now on")
+    assert hosts.summary() == {"h": {"requests": 1, "breaker_opened": 0, "refused": 0,
+                                     "last_failure": "", "slowed": 1, "rate": 10.0}}
+    clock.now += 20
+    asyncio.run(answered(503, 0.5))
+    assert host.paused_until == pytest.approx(clock.now + 0.5)
+    assert caplog.messages[-1] == ("image host h asked to slow down (HTTP 503, Retry-After 0.5 s): "
+                                   "5 requests/s from now on")
+    clock.now += 20
+    asyncio.run(answered(429, None))
+    assert caplog.messages[-1] == ("image host h asked to slow down (HTTP 429): "
+                                   "2.5 requests/s from now on")
+    assert hosts.summary()["h"]["rate"] == 2.5
+
+
+def test_a_rate_limited_host_is_paced_on_its_clock(monkeypatch):
+    clock = Clock()
+    hosts = Hosts(HostPolicy(rate=4.0), is_down=lambda exc: True, clock=clock)
+    host = hosts["h"]
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):       # the fake clock moves by what the host waits
+        waits.append(round(seconds, 6))
+        clock.now += seconds
+        await real_sleep(0)
+
+    async def paced():
+        for _ in range(3):
+            async with hosts.turn("h") as turn:
+                await host.space(turn)
+                turn.status = 200
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(paced())
+    assert waits == [0.25, 0.25] and host.requests == 3
+    assert host.summary()["rate"] == 4.0
+
+
+def test_urls_without_a_host_count_under_no_host_and_the_table_keeps_ten():
+    for url in ("http://[::1", "http://a.test:99999/x", None, "", "/relative/x.jpg"):
+        assert host_of(url) == ""
+    urls = [f"http://h{i:02d}.test/x" for i in range(12) for _ in range(12 - i)] + [None]
+    reasons = ["timeout"] * (len(urls) - 1) + [None]
+    table = failures_by_host(urls, reasons)
+    assert [row[:2] for row in table] == [(f"h{i:02d}.test", 12 - i) for i in range(10)]
+    assert failures_by_host([None, "bad"], ["invalid_url", None]) == [
+        ("", 2, {"invalid_url": 1, "None": 1})]
+    # img_meta.json lists them most items first, then by name
+    urls = ["http://c.test/1", "http://b.test/1", "http://a.test/2", "http://c.test/2",
+            "http://d.test/1"]
+    assert list(unavailable_hosts(urls, ["x", "x", "x", "x", "y"], "x").items()) == [
+        ("c.test", 2), ("a.test", 1), ("b.test", 1)]
+
+
+def test_summary_rounds_the_rate_to_three_decimals():
+    clock = Clock()
+    hosts = Hosts(HostPolicy(rate=0.375), is_down=lambda exc: True, clock=clock)
+    turn = Turn(hosts["h"], status=429, sent_at=clock.now)
+    hosts["h"].slow_down(turn, None)                 # 0.1875 requests/s
+    assert hosts.summary()["h"]["rate"] == 0.188

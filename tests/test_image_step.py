@@ -535,3 +535,181 @@ def test_component_defaults_match_pipeline_params():
               if name in PARAM_FIELDS and name != "items_uri"}  # items_uri: required here
     assert len(shared) >= 17
     assert shared == {name: PARAM_FIELDS[name].default for name in shared}
+
+
+# ----------------------------------------------------------------------------- fetch and decode
+
+class _BrokenDecoder:
+    """A decoder that fails in a way no one foresaw (a bug, not a bad image)."""
+
+    def timed(self, body):
+        raise RuntimeError(f"boom after {len(body)} bytes")
+
+
+def _small_decoder():
+    """A decoder without a model: every pixel decoded, resized to 8 x 8."""
+    from item_embeddings.image.decoding import ImageDecoder
+
+    return ImageDecoder(lambda img: img.resize((8, 8)), (8, 8), mode="exact")
+
+
+def test_fetch_decode_pool_outcomes_and_where_the_time_went(server, images, caplog):
+    from item_embeddings.image.fetching import FetchDecodePool
+
+    caplog.set_level("INFO")
+    config = dataclass_replace(FAST, retries=0, timeout_s=0.3)
+    rgb = images["rgb.jpg"][0]
+    decoder = _small_decoder()
+    started = time.perf_counter()
+    with FetchDecodePool(config, decoder, decode_workers=2) as pool:
+        slow = [pool.submit(server.url(f"slow?i={i}")) for i in range(3)]  # 0.3 s each, at once
+        good, bad, missing = (pool.submit(server.url(p)).result(timeout=30) for p in
+                              ("img/rgb.jpg", "img/notimage.jpg", "status/404"))
+        unchanged = pool.submit(server.url("img/rgb.jpg"), etag=good.etag,
+                                last_modified=good.last_modified).result(timeout=30)
+        changed = pool.submit(server.url("img/rgb.jpg"), etag='"old"',
+                              last_modified="Mon, 01 Jan 2024 00:00:00 GMT").result(timeout=30)
+        by_date = pool.submit(server.url("img/rgb.jpg"),
+                              last_modified=good.last_modified).result(timeout=30)
+        slowed = pool.submit(server.url("status/429?retry_after=0")).result(timeout=30)
+        timed_out = [f.result(timeout=30) for f in slow]
+        counted = (pool.downloaded_bytes, pool.download_wall_s, pool.download_time,
+                   pool.decode_cpu_s)
+        pool.submit(server.url("slow?i=later")).result(timeout=30)  # another busy period
+        later_wall = pool.download_wall_s
+    wall = time.perf_counter() - started
+    assert good.pixels is not None and good.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(good.pixels, decoder(rgb))
+    assert (good.reason, good.detail, good.status, good.attempts, good.not_modified) == (
+        None, "", 200, 1, False)
+    assert good.etag and good.etag == changed.etag and good.last_modified
+    assert (bad.pixels, bad.reason, bad.status, bad.attempts) == (None, dl.NOT_AN_IMAGE, 200, 1)
+    assert bad.detail and bad.etag is None
+    assert (missing.pixels, missing.reason, missing.detail, missing.status, missing.attempts) == (
+        None, dl.HTTP_ERROR, "Not Found", 404, 1)
+    assert (unchanged.pixels, unchanged.reason, unchanged.status, unchanged.not_modified) == (
+        None, None, 304, True)
+    assert (unchanged.etag, unchanged.last_modified) == (good.etag, good.last_modified)
+    assert (unchanged.detail, unchanged.attempts) == ("", 1)
+    assert (by_date.pixels, by_date.status, by_date.not_modified) == (None, 304, True)
+    assert changed.pixels is not None and not changed.not_modified
+    assert slowed.reason == dl.HTTP_ERROR and slowed.status == 429
+    assert [(o.reason, o.attempts) for o in timed_out] == [(dl.TIMEOUT, 1)] * 3
+    downloaded, download_wall, download_time, decode_cpu = counted
+    # the bodies read: two good images and the page that is not one (not the 304)
+    assert downloaded == 2 * len(rgb) + len(images["notimage.jpg"][0])
+    # three 0.3 s timeouts side by side count once in the wall time, thrice in the sum
+    assert 0.3 <= download_wall <= wall and download_time >= 0.9
+    assert download_wall < download_time - 0.3
+    assert later_wall >= download_wall + 0.3     # the busy periods add up
+    assert download_time - download_wall < 1.2   # about 0.6 s: two of the timeouts overlapped
+    assert 0 < decode_cpu < wall
+    # on exit, the hosts that were slowed or cut off are logged with their counts
+    assert (f"image host 127.0.0.1:{server.port}: requests 11, breaker_opened 0, refused 0, "
+            "last_failure timeout, slowed 1, rate 25.0") in caplog.messages  # half of 50/s
+
+
+def test_fetch_decode_pool_an_unforeseen_error_is_one_items_failure(server, caplog):
+    from item_embeddings.image.fetching import INTERNAL_ERROR, FetchDecodePool
+
+    with FetchDecodePool(FAST, _BrokenDecoder(), decode_workers=1) as pool:
+        broken = pool.submit(server.url("img/rgb.jpg")).result(timeout=30)
+        other = pool.submit(server.url("status/404")).result(timeout=30)
+    assert (broken.pixels, broken.reason, broken.status, broken.attempts) == (
+        None, INTERNAL_ERROR, None, 0)
+    assert broken.detail.startswith("RuntimeError: boom after ")
+    assert other.reason == dl.HTTP_ERROR           # the next item is fetched as usual
+    assert f"unexpected error for {server.url('img/rgb.jpg')}" in caplog.messages
+    assert "Traceback" in caplog.text and "RuntimeError: boom" in caplog.text
+
+
+def test_fetch_decode_pool_resolves_names_with_the_given_resolver(server):
+    from item_embeddings.image.fetching import FetchDecodePool
+    from item_embeddings.image.guard import StaticResolver
+
+    class Counting(StaticResolver):
+        calls = 0
+
+        async def resolve(self, host, *args, **kwargs):
+            Counting.calls += 1
+            return await super().resolve(host, *args, **kwargs)
+
+    resolver = Counting({"localhost": "127.0.0.1"})
+    with FetchDecodePool(FAST, _small_decoder(), decode_workers=1, resolver=resolver) as pool:
+        outcome = pool.submit(server.url("img/rgb.jpg", host="localhost")).result(timeout=30)
+    assert outcome.pixels is not None and Counting.calls == 1
+
+
+class _Gate:
+    """A decoder that records the threads it runs on and how many run at once; with ``meet``,
+    each waits (bounded) until that many are decoding together."""
+
+    def __init__(self, meet: int = 0, hold_s: float = 0.0):
+        import threading
+
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(meet, timeout=10) if meet else None
+        self._hold_s = hold_s
+        self.names: set[str] = set()
+        self.active = self.most = self.calls = 0
+
+    def timed(self, body):
+        import threading
+
+        with self._lock:
+            self.names.add(threading.current_thread().name)
+            self.calls += 1
+            self.active += 1
+            self.most = max(self.most, self.active)
+        if self._barrier is not None:
+            self._barrier.wait()
+        time.sleep(self._hold_s)
+        with self._lock:
+            self.active -= 1
+        return np.zeros((1, 1, 3), np.uint8), None, 0.0
+
+
+def test_fetch_decode_pool_decodes_on_up_to_eight_named_threads(server, monkeypatch):
+    import threading
+
+    from item_embeddings.image.fetching import FetchDecodePool
+
+    def decode(gate: _Gate, workers: int | None, items: int) -> set[str]:
+        with FetchDecodePool(FAST, gate, decode_workers=workers) as pool:
+            threads = {t.name for t in threading.enumerate()}
+            futures = [pool.submit(server.url(f"img/rgb.jpg?w={i}")) for i in range(items)]
+            assert all(f.result(timeout=30).pixels is not None for f in futures)
+        return threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)    # a large machine: 8 decode threads
+    gate = _Gate(meet=8, hold_s=0.2)                    # busy while the next 8 arrive
+    assert "download-loop" in decode(gate, None, 16)
+    assert len(gate.names) == 8 and all(n.startswith("decode_") for n in gate.names)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    gate = _Gate(meet=3)
+    decode(gate, None, 6)
+    assert len(gate.names) == 3
+    gate = _Gate(meet=2)
+    decode(gate, 2, 4)                                  # decode_workers when given
+    assert len(gate.names) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one thread
+    gate = _Gate(hold_s=0.2)
+    decode(gate, None, 3)
+    assert gate.most == 1 and len(gate.names) == 1
+
+
+def test_fetch_decode_pool_exit_waits_for_the_running_decode_and_drops_the_queued(server):
+    from item_embeddings.image.fetching import FetchDecodePool
+
+    gate = _Gate(hold_s=0.3)
+    with FetchDecodePool(FAST, gate, decode_workers=1) as pool:
+        futures = [pool.submit(server.url(f"img/rgb.jpg?q={i}")) for i in range(5)]
+        for _ in range(200):                     # until the first decode has started
+            if gate.calls:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)                          # the other downloads have ended meanwhile
+    assert gate.calls and gate.active == 0       # the running decode finished before exit
+    assert gate.calls < 5                        # the queued ones were not decoded
+    assert not all(f.done() and not f.cancelled() and f.result().pixels is not None
+                   for f in futures)
