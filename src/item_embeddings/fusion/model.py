@@ -191,8 +191,6 @@ def init_from_pca(model: FusionMLP, second_moment: np.ndarray,
     if second_moment.shape != (dim, dim):
         raise ValueError(f"second moment must be [{dim}, {dim}], got {list(second_moment.shape)}")
     k = min(model.output_dim, model.hidden_dim // 2, dim)
-    if k == 0:
-        return 0
     # torch's LAPACK honours torch's thread count; numpy's may spin on every core.
     eigvals, eigvecs = torch.linalg.eigh(torch.from_numpy(second_moment).double())
     # Only directions the items span: in the null space (a catalogue with fewer items than

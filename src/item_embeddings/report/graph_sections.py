@@ -97,7 +97,7 @@ def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
     body += html_table(("space", "method", "dim", "index parameters", f"recall@{k}",
                         "recall queries", "build time (s)", "query time (s)", "update",
                         "rows recomputed", "rows reused", "why built in full"), rows)
-    body += drift_table(knn.meta)
+    body += drift_table(knn.drift)
     if knn.scores:
         scores = {s: np.asarray(a[sample_rows], np.float32) for s, a in knn.scores.items()}
         width = knn.scores[next(iter(knn.scores))].shape[1]
@@ -106,11 +106,9 @@ def knn_section(inputs: RunInputs, sample_rows: np.ndarray) -> str:
     return body
 
 
-def drift_table(knn_meta: dict[str, Any]) -> str:
-    """Night-over-night drift (knn_meta.json with a previous set): how many of the first
-    neighbours of the items whose content did not change are still the same."""
-    drift = {space: info["drift"] for space, info in knn_meta.get("spaces", {}).items()
-             if info.get("drift")}
+def drift_table(drift: dict[str, dict[str, Any]]) -> str:
+    """Night-over-night drift (:attr:`KnnGraph.drift`): how many of the first neighbours of
+    the items whose content did not change are still the same."""
     if not drift:
         return ""
     top = next(iter(drift.values())).get("top")

@@ -80,6 +80,13 @@ class KnnGraph:
     neighbours: dict[str, np.ndarray]   # space -> [N, k] int32 rows (memory-mapped)
     scores: dict[str, np.ndarray]       # space -> [N, k] float32 (memory-mapped)
 
+    @property
+    def drift(self) -> dict[str, dict[str, Any]]:
+        """Per space, the night-over-night drift knn_meta.json records (graphs updated from a
+        previous set); empty otherwise."""
+        return {space: info["drift"] for space, info in self.meta.get("spaces", {}).items()
+                if info.get("drift")}
+
 
 @dataclass
 class RunInputs:

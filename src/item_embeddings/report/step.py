@@ -60,9 +60,7 @@ def write_qa_report(items_uri: str, text_dir: str | os.PathLike, image_dir: str 
     elapsed = time.perf_counter() - started
     logger.info("QA report of %d items: %s (%.2f MB) in %.1fs", findings.inputs.count,
                 output_path, size / 1e6, elapsed)
-    knn = findings.inputs.knn
-    drift = {space: info["drift"] for space, info in (knn.meta if knn else {}).get(
-        "spaces", {}).items() if info.get("drift")}
+    drift = inputs.knn.drift if inputs.knn is not None else {}
     summary = {"sections": [k for k, _ in SECTIONS], "neighbours": findings.neighbours.source,
                "has_categories": findings.items.categories is not None,
                "render_time_sec": elapsed, "drift": drift}
