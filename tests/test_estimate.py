@@ -14,11 +14,16 @@ import pytest
 from item_embeddings.config import ConfigError, PipelineParams
 from item_embeddings.estimate import (
     BASES,
+    ESTIMATE_PARAMS,
     Choices,
+    Estimate,
+    Quantity,
     Rates,
+    Step,
     count_items,
     duration,
     estimate,
+    money,
     parse_count,
     shard_work,
 )
@@ -395,7 +400,79 @@ def test_parse_count():
 def test_duration():
     assert duration(42) == "42 s"
     assert duration(600) == "10.0 min"
+    assert duration(89.4) == "89 s" and duration(90) == "1.5 min"
     assert duration(3 * 3600 + 5 * 60) == "3 h 05 min"
+    assert duration(89 * 60 + 59) == "90.0 min" and duration(90 * 60) == "1 h 30 min"
+
+
+def test_money():
+    assert money(0.0304) == "$0.030" and money(0.999) == "$0.999"
+    assert money(1.0) == "$1.00" and money(1234.567) == "$1,234.57"
+
+
+def _hand_built_estimate() -> Estimate:
+    rate = Quantity("text.cpu_items_per_s", 8, "items/s", "measured", "bench_text.py",
+                    "2026-12-01")
+    guess = Quantity("vm.start_s", 300, "s", "assumed", "Vertex docs", "2026-11-01")
+    return Estimate(
+        small(), [Step("text workers", "e2-standard-4 (standard)", 2, 500, 150.0, 150.0,
+                       0.0833, 0.0417),
+                  Step("pipeline run fee", "", 0, 0, 0.0, 0.0, 0.0, 0.03)],
+        wall_s=150.0, cost_usd=0.0717, storage_gb=1.25, storage_usd_month=0.025,
+        assumptions=["vm start assumed"], rates_used=[rate, guess], rates_origin="toy.json",
+        warnings=["fusion outgrows memory"], image_rates={"downloads": 1000.0, "CPU": 640.5})
+
+
+def test_the_table_as_printed():
+    """What `item-embeddings estimate` prints, line by line: the catalogue, the right-aligned
+    numeric columns, the total, the image worker's bound, storage, warnings, assumptions and
+    the measured rates (guesses are listed as assumptions, not as rates)."""
+    est = _hand_built_estimate()
+    assert est.format().split("\n") == [
+        est.choices.describe(),
+        "",
+        "step                   machine                   tasks  items/task     task     wall"
+        "  machine-h    cost",
+        "text workers           e2-standard-4 (standard)      2         500  2.5 min  2.5 min"
+        "       0.08  $0.042",
+        "pipeline run fee                                                                     "
+        "            $0.030",
+        "total (critical path)                                                        2.5 min"
+        "       0.08  $0.072",
+        "",
+        "image worker: 640 images/s, bound by CPU (downloads 1,000, CPU 640)",
+        "storage: 1.25 GB of outputs and intermediates, $0.025 per month until deleted",
+        "",
+        "warnings:",
+        "  ! fusion outgrows memory",
+        "",
+        "assumptions:",
+        "  - vm start assumed",
+        "",
+        "measured rates and published prices used (toy.json):",
+        "  - text.cpu_items_per_s = 8 items/s [measured, 2026-12-01] bench_text.py",
+    ]
+
+
+def test_the_json_as_printed():
+    est = _hand_built_estimate()
+    data = est.to_dict()
+    assert data["choices"] == {"items": 1000, "image_items": 400, "selected_images": 400,
+                               "changed_fraction": 1.0, "largest_host_share": 1.0,
+                               "params": {name: getattr(est.choices.params, name)
+                                          for name in ESTIMATE_PARAMS}}
+    assert data["steps"][0] == {"step": "text workers", "machine": "e2-standard-4 (standard)",
+                                "tasks": 2, "items_per_task": 500, "task_s": 150.0,
+                                "wall_s": 150.0, "machine_hours": 0.0833, "cost_usd": 0.0417}
+    assert data["total"] == {"wall_s": 150.0, "cost_usd": 0.0717, "machine_hours": 0.0833}
+    assert data["storage"] == {"gb": 1.25, "usd_per_month": 0.025}
+    assert data["image_worker"] == {"images_per_s": 640.5, "bound_by": "CPU",
+                                    "stages_images_per_s": {"downloads": 1000.0, "CPU": 640.5}}
+    assert data["warnings"] == ["fusion outgrows memory"]
+    assert data["assumptions"] == ["vm start assumed"]
+    assert [q["path"] for q in data["rates_used"]] == ["text.cpu_items_per_s", "vm.start_s"]
+    assert data["rates_file"] == "toy.json"
+    json.dumps(data)  # plain JSON-able data
 
 
 URLS = ["http://cdn.example/a.jpg", "https://cdn.example/b.jpg", "  https://c.example/x  ", None,

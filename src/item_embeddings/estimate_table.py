@@ -74,9 +74,9 @@ class Estimate:
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
         numeric = {2, 3, 4, 5, 6, 7}
         lines = [c.describe(), ""]
-        for row in (header, *rows):
+        for row in (header, *rows):  # starts with a step name, ends with a cost: no padding
             lines.append("  ".join(v.rjust(w) if i in numeric else v.ljust(w)
-                                   for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+                                   for i, (v, w) in enumerate(zip(row, widths))))
         bound, rate = self.image_worker()
         stages = ", ".join(f"{k} {v:,.0f}" for k, v in self.image_rates.items())
         lines += ["", f"image worker: {rate:,.0f} images/s, bound by {bound} ({stages})",
