@@ -1,13 +1,7 @@
 import pytest
 
-from item_embeddings.config import (
-    PARAM_FIELDS,
-    ConfigError,
-    PipelineParams,
-    load_config_file,
-    parse_overrides,
-    resolve_params,
-)
+from item_embeddings.config import PARAM_FIELDS, ConfigError, PipelineParams
+from item_embeddings.param_sources import load_config_file, parse_overrides, resolve_params
 
 
 def test_defaults_match_the_design():
