@@ -3,6 +3,7 @@
 * :func:`pipeline_inputs`: a component's inputs named like pipeline parameters get their default
   and their description from :class:`~item_embeddings.config.PipelineParams`, so each is stated
   once for the pipeline, the components and the core;
+* :func:`pipeline_params`: a component's typed parameters, from its inputs;
 * :func:`component_step`: the parameters, the experiment tracker and the run id of a step, its
   output staged off gcsfuse on Vertex, and its ``Metrics`` output;
 * :func:`run_worker`: a fan-out worker's shards, run in turn with what is set up once;

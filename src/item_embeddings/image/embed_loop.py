@@ -1,4 +1,5 @@
-"""The image step's loop: every selected item through fetch, decode and encode, shard by shard.
+"""The image step's loop (:func:`run_shards`): every selected item fetched, decoded and encoded,
+shard by shard.
 
 A window of items is in flight at a time (each fetched, revalidated, or taken from the previous
 set without a request); outcomes are consumed in input order, so the rows of a shard and the
