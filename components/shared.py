@@ -3,9 +3,12 @@
 * :func:`pipeline_inputs`: a component's inputs named like pipeline parameters get their default
   and their description from :class:`~item_embeddings.config.PipelineParams`, so each is stated
   once for the pipeline, the components and the core;
+* :func:`pipeline_params`: a component's typed parameters, from its inputs;
 * :func:`component_step`: the parameters, the experiment tracker and the run id of a step, its
   output staged off gcsfuse on Vertex, and its ``Metrics`` output;
 * :func:`run_worker`: a fan-out worker's shards, run in turn with what is set up once;
+* :func:`merge_worker_shards`: the text and image workers' shards merged into the two steps'
+  outputs, each reported as its step;
 * :func:`as_component`: the KFP component of a function, in the project's image.
 
 A component then reads::
@@ -34,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
-from item_embeddings.fanout import WHOLE_TABLE
+from item_embeddings.fanout import WHOLE_TABLE, ShardPlan, merge_image_shards, merge_text_shards
+from item_embeddings.image.step import IMAGE_STEP
 from item_embeddings.step import StepKind
+from item_embeddings.text.step import TEXT_STEP
 from item_embeddings.tracking import ExperimentTracker, NullTracker
 
 # Component inputs that are not pipeline parameters, with their defaults: the pipeline binds
@@ -97,6 +102,12 @@ def as_component(fn: Callable, base_image: str):
     return dsl.component(fn, base_image=base_image, install_kfp_package=False)
 
 
+def pipeline_params(inputs: Mapping[str, Any]) -> PipelineParams:
+    """The typed parameters of a component's ``inputs`` (its ``locals()``): those named like a
+    pipeline parameter, the others at their defaults."""
+    return PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})
+
+
 @dataclass
 class ComponentStep:
     """A core step as one component runs it."""
@@ -140,7 +151,7 @@ def component_step(inputs: Mapping[str, Any], output, metrics=None, prefix: str 
     from item_embeddings.tracking import make_tracker, run_id_from_output_uri
 
     setup_logging()
-    params = PipelineParams(**{k: v for k, v in inputs.items() if k in PARAM_FIELDS})
+    params = pipeline_params(inputs)
     tracker = (make_tracker(inputs["tracking_backend"], experiment=inputs["experiment"],
                             project=inputs["project"], location=inputs["location"],
                             tracking_dir=inputs["tracking_dir"])
@@ -188,6 +199,23 @@ def run_worker(step: ComponentStep, worker: Mapping[str, Any], output, meta_name
                 run_shard(shard, out_dir, setup=setup, tracker=tracker,
                           run_id=f"{step.run_id}-{shard.dirname}",
                           artifact_uri=f"{output.uri}/{shard.dirname}")
+
+
+def merge_worker_shards(text: ComponentStep, text_shards: Sequence, workers: Sequence,
+                        image: ComponentStep, image_shards: Sequence,
+                        image_workers: Sequence) -> None:
+    """Merge the text and image workers' outputs (``*_shards``, as their loops collected them)
+    into the ``text`` and ``image`` steps' outputs, checked against the plan's ``workers`` and
+    ``image_workers``, and report each as its step (its meta on the artifact, its metrics)."""
+    for merged, merge, shards, plan, kind, metadata in (
+            (text, merge_text_shards, text_shards, workers, TEXT_STEP,
+             ("count", "embed_dim", "encoder_name", "text_backend")),
+            (image, merge_image_shards, image_shards, image_workers, IMAGE_STEP,
+             ("count", "embed_dim", "encoder_name"))):
+        meta = merge([p.path for p in shards], ShardPlan.from_workers(plan), merged.out_dir,
+                     merged.params, run_id=merged.run_id, tracker=merged.tracker,
+                     artifact_uri=merged.artifact_uri)
+        merged.report(meta, kind, metadata=metadata)
 
 
 def pending_shards(output, shards: Iterable, meta_name: str) -> Iterator:

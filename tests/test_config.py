@@ -1,13 +1,7 @@
 import pytest
 
-from item_embeddings.config import (
-    PARAM_FIELDS,
-    ConfigError,
-    PipelineParams,
-    load_config_file,
-    parse_overrides,
-    resolve_params,
-)
+from item_embeddings.config import PARAM_FIELDS, ConfigError, PipelineParams
+from item_embeddings.param_sources import load_config_file, parse_overrides, resolve_params
 
 
 def test_defaults_match_the_design():
@@ -37,6 +31,54 @@ def test_overrides_are_typed():
 def test_bad_overrides_are_named(pair, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         parse_overrides([pair])
+
+
+@pytest.mark.parametrize("text, value", [(t, True) for t in ("1", "true", "Yes", "ON")]
+                         + [(t, False) for t in ("0", "False", "no", "Off")])
+def test_set_spells_true_and_false_as_people_do(text, value):
+    assert parse_overrides([f"respect_opt_out={text}"]) == {"respect_opt_out": value}
+
+
+def test_set_values_are_what_follows_the_first_equals_sign():
+    assert parse_overrides(["image_user_agent=bot (see a=b)", "shard_size=1_000"]) == {
+        "image_user_agent": "bot (see a=b)", "shard_size": 1000}
+
+
+def test_an_unknown_name_gets_the_three_closest_or_the_list_only():
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(["download_rate=3"])
+    assert str(err.value) == (
+        "unknown parameter 'download_rate' (did you mean download_retries, "
+        "download_rate_per_host, download_timeout_s?); run 'item-embeddings params' for the list")
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(["zzzzqq=3"])
+    assert str(err.value) == ("unknown parameter 'zzzzqq'; run 'item-embeddings params' for "
+                              "the list")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("previous_uri:", "parameter 'previous_uri' expects a string, got None (null); quote it in "
+                      "YAML, or write '' for empty"),
+    ("previous_uri: 123", "parameter 'previous_uri' expects a string, got 123 (int); quote it "
+                          "in YAML, or write '' for empty"),
+    ("seed: 2.5", "parameter 'seed' expects int, got 2.5"),
+    ("seed: true", "parameter 'seed' expects int, got True"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path, line, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config_file(cfg)
+    assert str(err.value) == message
+
+
+def test_a_config_file_takes_whole_floats_for_ints_and_names_bad_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 3.0\n")
+    assert load_config_file(cfg) == {"seed": 3}
+    cfg.write_text("seed: [\n")
+    with pytest.raises(ConfigError, match=f"config file {cfg} is not valid YAML: while parsing"):
+        load_config_file(cfg)
 
 
 def test_config_file_then_set_then_explicit(tmp_path):

@@ -14,7 +14,8 @@ from yarl import URL
 from image_server import ImageServer, make_images
 from item_embeddings.image import download as dl
 from item_embeddings.image import guard as gd
-from item_embeddings.image.download import DownloadConfig, fetch_all, parse_retry_after
+from item_embeddings.image.download import fetch_all, parse_retry_after
+from item_embeddings.image.download_config import DEFAULT_USER_AGENT, DownloadConfig
 from item_embeddings.image.guard import (
     AddressGuard,
     GuardedResolver,
@@ -400,7 +401,7 @@ def test_config_from_pipeline_parameters():
     assert config.guard().allows("127.0.0.1")
     assert not DownloadConfig.from_params(PipelineParams()).guard().allows("127.0.0.1")
     default = DownloadConfig.from_params(PipelineParams(image_user_agent=""))
-    assert default.user_agent == dl.DEFAULT_USER_AGENT
+    assert default.user_agent == DEFAULT_USER_AGENT
     # the per-host limits the downloader applies: 32 connections, a 30 s cool-down doubling
     # up to 10 min, Retry-After pauses capped at 10 s
     assert config.host_policy() == HostPolicy(failure_limit=6, rate=2.5, connections=32,

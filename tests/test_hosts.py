@@ -20,7 +20,8 @@ from image_server import DeadServer, ImageServer
 from item_embeddings import image as im
 from item_embeddings.config import PipelineParams
 from item_embeddings.image import download as dl
-from item_embeddings.image.download import DownloadConfig, Downloader
+from item_embeddings.image.download import Downloader
+from item_embeddings.image.download_config import DEFAULT_USER_AGENT, DownloadConfig
 from item_embeddings.image.guard import StaticResolver
 from item_embeddings.image.hosts import (
     MIN_RATE,
@@ -438,8 +439,8 @@ def test_component_breaker_and_opt_out_parameters(tiny_model, tmp_path, caplog):
                          dl.OPTED_OUT: 1}
     assert meta["unavailable_hosts"] == {dead_host: 40 - requests}
     assert (meta["count"], meta["host_failure_limit"], meta["respect_opt_out"]) == (2, 3, True)
-    assert meta["user_agent"] == dl.DEFAULT_USER_AGENT
-    assert good.user_agents == {dl.DEFAULT_USER_AGENT}
+    assert meta["user_agent"] == DEFAULT_USER_AGENT
+    assert good.user_agents == {DEFAULT_USER_AGENT}
     opted = failures.filter(pc.equal(failures.column("reason"), dl.OPTED_OUT)).to_pylist()
     assert opted[0]["id"] == "item-001" and opted[0]["detail"] == "X-Robots-Tag: noai"
     # the log names the host: when its breaker opened, and its counts at the end

@@ -6,7 +6,7 @@ import urllib.robotparser
 
 import pytest
 
-from item_embeddings.image.download import DEFAULT_USER_AGENT
+from item_embeddings.image.download_config import DEFAULT_USER_AGENT
 from item_embeddings.image.robots import (
     ALLOW_ALL,
     DISALLOW_ALL,

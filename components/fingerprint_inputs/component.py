@@ -67,27 +67,19 @@ def fingerprint_inputs(
     """
     import collections
 
-    from item_embeddings.config import PipelineParams, check_machines
+    from item_embeddings.components.shared import pipeline_params
+    from item_embeddings.config import check_machines
     from item_embeddings.fanout import plan_shards
-    from item_embeddings.incremental import (
-        inputs_fingerprint,
-        pinned_previous,
-        verify_previous_set,
-    )
+    from item_embeddings.incremental import inputs_fingerprint, pinned_previous, verify_previous_set
     from item_embeddings.items import items_fingerprint
     from item_embeddings.progress import setup_logging
 
     setup_logging()
-    check_machines(PipelineParams(
-        text_machine_type=text_machine_type, text_accelerator=text_accelerator,
-        image_machine_type=image_machine_type, fusion_machine_type=fusion_machine_type,
-        knn_machine_type=knn_machine_type))
+    params = pipeline_params(locals())
+    check_machines(params)
     fingerprint = inputs_fingerprint(items_fingerprint(items.uri), previous_uri)
     verified = verify_previous_set(pinned_previous(fingerprint) or previous_uri)
-    plan = plan_shards(items.uri, PipelineParams(
-        shards=shards, max_parallel_shards=max_parallel_shards, id_column=id_column,
-        title_column=title_column, description_column=description_column,
-        image_url_column=image_url_column, max_items=max_items))
+    plan = plan_shards(items.uri, params)
     previous = verified.as_dict() if verified else {}
     # Carried in the loop items rather than as task outputs into the loops: kfp.local resolves
     # another task's output inside a ParallelFor body to the loop item.

@@ -63,13 +63,10 @@ def fuse_embeddings(
         metrics: The text, image and fusion steps' metrics (prefixed text_, image_, fusion_),
             with the modality mix (photo share of the text and fused neighbours by group).
     """
-    from item_embeddings.components.shared import component_step
-    from item_embeddings.fanout import ShardPlan, merge_image_shards, merge_text_shards
+    from item_embeddings.components.shared import component_step, merge_worker_shards
     from item_embeddings.fusion import fuse_item_embeddings
     from item_embeddings.fusion.step import FUSION_STEP
-    from item_embeddings.image.step import IMAGE_STEP
     from item_embeddings.incremental import VerifiedSet
-    from item_embeddings.text.step import TEXT_STEP
 
     # Each output is written on local disk and placed on its artifact (gcsfuse on Vertex) at
     # the end: fusion reads the merged files where the merges wrote them.
@@ -77,15 +74,7 @@ def fuse_embeddings(
     with component_step(inputs, text_embeddings, metrics, "text") as text, \
             component_step(inputs, image_embeddings, metrics, "image") as image, \
             component_step(inputs, fused_embeddings, metrics, "fusion") as step:
-        for merged, merge, shards, plan, kind, metadata in (
-                (text, merge_text_shards, text_shards, workers, TEXT_STEP,
-                 ("count", "embed_dim", "encoder_name", "text_backend")),
-                (image, merge_image_shards, image_shards, image_workers, IMAGE_STEP,
-                 ("count", "embed_dim", "encoder_name"))):
-            meta = merge([p.path for p in shards], ShardPlan.from_workers(plan), merged.out_dir,
-                         merged.params, run_id=merged.run_id, tracker=merged.tracker,
-                         artifact_uri=merged.artifact_uri)
-            merged.report(meta, kind, metadata=metadata)
+        merge_worker_shards(text, text_shards, workers, image, image_shards, image_workers)
         meta = fuse_item_embeddings(text.out_dir, image.out_dir, step.out_dir, step.params,
                                     run_id=step.run_id, tracker=step.tracker,
                                     artifact_uri=step.artifact_uri,

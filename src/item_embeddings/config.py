@@ -1,8 +1,8 @@
 """Every pipeline knob, its type, default and meaning — in one place.
 
 The pipeline's parameters, the ``--set name=value`` names of the CLI and the keys of a YAML config
-file are the fields of :class:`PipelineParams`. A rerun from the Vertex AI UI can change any of
-them.
+file are the fields of :class:`PipelineParams` (read from the user by ``param_sources``). A rerun
+from the Vertex AI UI can change any of them.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -342,105 +340,6 @@ def check_machines(params: PipelineParams) -> None:
     problems = machine_problems(params)
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-def _coerce(name: str, value: Any) -> Any:
-    kind = type(PARAM_FIELDS[name].default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in {"1", "true", "yes", "on"}:
-            return True
-        if text in {"0", "false", "no", "off"}:
-            return False
-        raise ConfigError(f"parameter {name!r} expects true/false, got {value!r}")
-    if kind is str and not isinstance(value, str):
-        # YAML reads `previous_uri: 123` as a number and `publish_uri:` as null: str() would
-        # turn them into "123" and "None", paths nobody meant.
-        raise ConfigError(f"parameter {name!r} expects a string, got {value!r} "
-                          f"({'null' if value is None else type(value).__name__}); quote it in "
-                          "YAML, or write '' for empty")
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"parameter {name!r} expects {kind.__name__}, got {value!r}")
-    try:
-        if kind is int and isinstance(value, str):
-            return int(value.replace("_", ""))
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"parameter {name!r} expects {kind.__name__}, got {value!r}") from None
-
-
-def _check_name(name: str) -> None:
-    if name not in PARAM_FIELDS:
-        import difflib
-
-        close = difflib.get_close_matches(name, PARAM_FIELDS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown parameter {name!r}{hint}; "
-                          "run 'item-embeddings params' for the list")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set`` pairs as parameter values, typed and validated.
-
-    >>> parse_overrides(["text_batch_size=64", "image_strategy=STANDARD"])
-    {'text_batch_size': 64, 'image_strategy': 'STANDARD'}
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ConfigError(f"--set expects name=value, got {pair!r}")
-        _check_name(name)
-        out[name] = _coerce(name, value)
-    return out
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file of parameters: either a flat mapping or one under a ``parameters:`` key."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if isinstance(data, Mapping) and "parameters" in data:
-        data = data["parameters"] or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping of parameter: value")
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        _check_name(str(name))
-        out[str(name)] = _coerce(str(name), value)
-    return out
-
-
-def given_params(config_file: str | None = None, overrides: list[str] | None = None,
-                 **explicit: Any) -> dict[str, Any]:
-    """The parameters a user set: the config file, then ``--set`` overrides, then explicit
-    keyword values (None = not given); typed and validated, later ones winning."""
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(load_config_file(config_file))
-    values.update(parse_overrides(overrides or []))
-    for name, value in explicit.items():
-        if value is not None:
-            _check_name(name)
-            values[name] = _coerce(name, value)
-    return values
-
-
-def resolve_params(config_file: str | None = None, overrides: list[str] | None = None,
-                   **explicit: Any) -> PipelineParams:
-    """Every parameter: the defaults, updated by :func:`given_params`."""
-    return PipelineParams(**given_params(config_file, overrides, **explicit))
 
 
 def param_description(name: str) -> str:

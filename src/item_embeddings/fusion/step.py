@@ -158,10 +158,12 @@ def _trained(inputs: FusionInputs, params: PipelineParams, settings: dict[str, A
 
 
 def _write_outputs(model: FusionMLP, inputs: FusionInputs, out: Path, run_id: str,
-                   params: PipelineParams, previous: PreviousGroup | None) -> int:
+                   params: PipelineParams, previous: PreviousGroup | None) -> dict[str, Any]:
     """Write the fused codes, their ids and keys, the exclusions and the weights (with
     ``previous``, the codes of unchanged items and the weights are copied from that set).
-    Returns how many codes were copied."""
+    Returns what the meta file records of them: the codes copied and computed, the time the
+    writes took, the weights file and its sha256."""
+    started = time.perf_counter()
     reused = _write_fused(model, inputs, out / FUSED_ARRAY,
                           _reusable_rows(previous, inputs) if previous else None)
     no_keys = pa.nulls(inputs.count, pa.string())
@@ -180,7 +182,9 @@ def _write_outputs(model: FusionMLP, inputs: FusionInputs, out: Path, run_id: st
             "run_id": run_id, "seed": params.seed,
             "text_encoder_fingerprint": inputs.text_meta.get("encoder_fingerprint"),
             "image_encoder_fingerprint": inputs.image_meta.get("encoder_fingerprint")})
-    return reused
+    return {"reused_count": reused, "computed_count": inputs.count - reused,
+            "write_time_sec": time.perf_counter() - started, "weights_file": FUSION_WEIGHTS,
+            "weights_sha256": sha256_file(out / FUSION_WEIGHTS)}
 
 
 def _inputs_meta(model: FusionMLP, inputs: FusionInputs) -> dict[str, Any]:
@@ -265,19 +269,14 @@ def fuse_item_embeddings(
         model, training = (_applied(previous, inputs) if apply
                            else _trained(inputs, params, settings))
         train_time = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        reused = _write_outputs(model, inputs, run.out, run.run_id, params, previous)
+        written = _write_outputs(model, inputs, run.out, run.run_id, params, previous)
         meta = run.finish_step({
             **{key: settings[key] for key in ("fusion_mode", "objective", "text_uri",
                                               "image_uri", "previous_uri")},
-            **training, **_inputs_meta(model, inputs), "normalized": True,
-            "torch_threads": threads, "reused_count": reused,
-            "computed_count": inputs.count - reused, "load_time_sec": load_time,
-            "train_time_sec": train_time, "write_time_sec": time.perf_counter() - t0,
-            "weights_file": FUSION_WEIGHTS,
-            "weights_sha256": sha256_file(run.out / FUSION_WEIGHTS),
+            **training, **_inputs_meta(model, inputs), **written, "normalized": True,
+            "torch_threads": threads, "load_time_sec": load_time, "train_time_sec": train_time,
             "modality_mix": _sample_mix(inputs, run.out / FUSED_ARRAY, params.seed)})
     logger.info("fused %d items (%d with images, %d codes reused) in %.1fs (%s %.1fs) -> %s",
-                inputs.count, inputs.items_with_images, reused, meta["wall_time_sec"],
+                inputs.count, inputs.items_with_images, meta["reused_count"], meta["wall_time_sec"],
                 "applying" if apply else "training", train_time, run.out)
     return meta

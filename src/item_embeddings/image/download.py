@@ -6,9 +6,10 @@ bad item: every outcome is a :class:`FetchResult`, either a body or a failure re
 requests in flight, and each host has its own connections, request rate and circuit breaker
 (:mod:`.hosts`), so a dead or busy host costs its own URLs, not the run's.
 
-Politeness: an honest User-Agent (:data:`DEFAULT_USER_AGENT`), ``X-Robots-Tag`` ``noai`` /
-``noimageai`` honoured (``respect_opt_out``) and, when asked (``respect_robots_txt``), robots.txt
-(RFC 9309, :mod:`.robots`), fetched once per host through the same guard.
+Politeness: an honest User-Agent (:data:`.download_config.DEFAULT_USER_AGENT`),
+``X-Robots-Tag`` ``noai`` / ``noimageai`` honoured (``respect_opt_out``) and, when asked
+(``respect_robots_txt``), robots.txt (RFC 9309, :mod:`.robots`), fetched once per host through
+the same guard.
 
 Safety (an SSRF guard): only http/https URLs are fetched, redirects are followed by hand (at most
 ``max_redirects``) so every hop is checked, and unless ``allow_private_hosts`` is set no
@@ -28,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
-import ipaddress
 import random
 import time
 from collections.abc import Iterable
@@ -38,26 +38,18 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from .. import __version__
-from ..config import PipelineParams
+from .download_config import DownloadConfig
 from .guard import (
     BLOCKED_ADDRESS,
     INVALID_URL,
     UNSUPPORTED_SCHEME,
-    AddressGuard,
     BlockedAddressError,
     GuardedResolver,
     check_url,
 )
-from .hosts import HostPolicy, Hosts, host_key
+from .hosts import Hosts, host_key
 from .robots import ALLOW_ALL, DISALLOW_ALL, ROBOTS_MAX_BYTES, RobotsRules, opt_out, product_token
 
-_DEFAULTS = PipelineParams()
-
-# Who we are and where a webmaster reads what we fetch and how to opt out (docs/images.md,
-# "Politeness"); a deployment adds its own contact with ``image_user_agent``.
-DEFAULT_USER_AGENT = (f"item-embeddings/{__version__} (catalogue image embeddings; about this "
-                      "robot and its opt-outs: the item-embeddings docs, images.md#politeness)")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK_BYTES = 64 * 1024
 
@@ -81,61 +73,6 @@ FAILURE_REASONS = (UNSUPPORTED_SCHEME, INVALID_URL, BLOCKED_ADDRESS, DNS_ERROR, 
 # image/* (text/html error pages, JSON) is rejected before the body is read.
 _BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream",
                            "application/binary", ""})
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    """Knobs of the downloader; the pipeline parameters set some (:meth:`from_params`)."""
-
-    concurrency: int = _DEFAULTS.download_concurrency
-    per_host_limit: int = 32        # connections (requests in flight) per host
-    rate_per_host: float = _DEFAULTS.download_rate_per_host  # requests/s per host; 0 = no limit
-    host_failure_limit: int = _DEFAULTS.host_failure_limit   # circuit breaker; 0 = off
-    breaker_cooldown_s: float = 30.0  # an open breaker lets a probe through after this (doubling)
-    timeout_s: float = _DEFAULTS.download_timeout_s  # per attempt, redirects and body included
-    retries: int = _DEFAULTS.download_retries  # after a timeout, 5xx, 429 or connection error
-    backoff_base_s: float = 0.5     # first retry waits about this long, doubling after
-    retry_after_cap_s: float = 10.0
-    max_redirects: int = 5
-    max_bytes: int = _DEFAULTS.max_image_bytes
-    user_agent: str = DEFAULT_USER_AGENT
-    respect_opt_out: bool = _DEFAULTS.respect_opt_out
-    respect_robots_txt: bool = _DEFAULTS.respect_robots_txt
-    allow_private_hosts: bool = _DEFAULTS.allow_private_hosts
-    exempt_networks: tuple[str, ...] = ()
-    dns_cache_ttl_s: int = 300
-
-    @classmethod
-    def from_params(cls, params: PipelineParams) -> DownloadConfig:
-        """The downloader the pipeline parameters ask for."""
-        return cls(concurrency=params.download_concurrency, timeout_s=params.download_timeout_s,
-                   retries=params.download_retries, max_bytes=params.max_image_bytes,
-                   rate_per_host=params.download_rate_per_host,
-                   host_failure_limit=params.host_failure_limit,
-                   user_agent=params.image_user_agent or DEFAULT_USER_AGENT,
-                   respect_opt_out=params.respect_opt_out,
-                   respect_robots_txt=params.respect_robots_txt,
-                   allow_private_hosts=params.allow_private_hosts)
-
-    def __post_init__(self) -> None:
-        for name in ("concurrency", "per_host_limit", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.retries < 0 or self.max_redirects < 0 or self.host_failure_limit < 0:
-            raise ValueError("retries, max_redirects and host_failure_limit must be >= 0")
-        if not (0 <= self.rate_per_host < float("inf")) or self.breaker_cooldown_s <= 0:
-            raise ValueError(f"rate_per_host must be >= 0 (got {self.rate_per_host}) and "
-                             f"breaker_cooldown_s > 0 (got {self.breaker_cooldown_s})")
-
-    def guard(self) -> AddressGuard:
-        return AddressGuard(enabled=not self.allow_private_hosts,
-                            exempt=tuple(ipaddress.ip_network(n) for n in self.exempt_networks))
-
-    def host_policy(self) -> HostPolicy:
-        return HostPolicy(failure_limit=self.host_failure_limit, rate=self.rate_per_host,
-                          connections=self.per_host_limit, cooldown_s=self.breaker_cooldown_s,
-                          max_pause_s=self.retry_after_cap_s)
 
 
 @dataclass

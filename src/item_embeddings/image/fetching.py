@@ -18,7 +18,8 @@ import numpy as np
 
 from ..loop_thread import LoopThread
 from .decoding import ImageDecoder
-from .download import DownloadConfig, Downloader, FetchResult
+from .download import Downloader, FetchResult
+from .download_config import DownloadConfig
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 Stages overlap (the split of rom1504/img2dataset): the main thread reads the selection
 (:mod:`.selection`) and encodes (:mod:`.encoder`); an asyncio loop in a background thread
 downloads and a thread pool decodes (:mod:`.fetching`). A window of at most
-``4 * max(concurrency, batch size)`` items in flight bounds memory whatever the number of items.
-Results are consumed in input order, so encoder batches (and hence every float of the output) do
-not depend on download timing.
+``4 * max(concurrency, batch size)`` items in flight (:mod:`.embed_loop`) bounds memory whatever
+the number of items. Results are consumed in input order, so encoder batches (and hence every
+float of the output) do not depend on download timing.
 
 Work is cut into shards (:mod:`.shards`); a restarted attempt skips finished shards and writes
 the same files as an uninterrupted run.
@@ -13,21 +13,18 @@ the same files as an uninterrupted run.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineParams
-from ..incremental import PreviousGroup, content_keys
+from ..incremental import PreviousGroup
 from ..items import ItemColumns, ItemsError, id_type, validate_items
 from ..outputs import IMG_META
 from ..progress import Progress
@@ -35,165 +32,17 @@ from ..step import StepKind
 from ..tracking import ExperimentTracker
 from ..worker import WorkerSetup
 from .decoding import MAX_PIXELS
-from .download import DownloadConfig
+from .download_config import DownloadConfig
+from .embed_loop import EmbedStats, run_shards
 from .encoder import ImageEncoder, load_image_encoder
-from .fetching import FetchDecodePool, Outcome
-from .reuse import Carried, PreviousImages, encoder_fingerprint, previous_images
+from .fetching import FetchDecodePool
+from .reuse import PreviousImages, encoder_fingerprint, previous_images
 from .selection import Selection, iter_selected
-from .shards import (
-    ENCODED,
-    FAILED,
-    FAILURE_REUSED,
-    REUSED,
-    REVALIDATED,
-    ShardStore,
-    assemble,
-    content_hash,
-    fingerprint,
-    iter_shards,
-    shard_table,
-)
+from .shards import ShardStore, assemble, fingerprint, iter_shards
 
 logger = logging.getLogger(__name__)
 
 SHARDS_DIR = "img_shards"  # default checkpoint root, inside the step's output
-
-
-@dataclass
-class _ShardWork:
-    """A shard being filled: its items and, in input order, their outcomes."""
-
-    index: int
-    content_sha256: str
-    ids: list[Any]
-    urls: list[str]
-    keys: pa.Array
-    carried: list[Carried | None]        # per item: what the previous set gives it
-    columns: dict[str, list] = field(default_factory=lambda: collections.defaultdict(list))
-    vectors: list[np.ndarray | None] = field(default_factory=list)
-    pending: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (position, pixels)
-
-    def add(self, outcome: Outcome) -> None:
-        """Record the next item's outcome (items arrive in input order)."""
-        position = len(self.vectors)
-        carried = self.carried[position]
-        row = {"id": self.ids[position], "url": self.urls[position],
-               "key": self.keys[position].as_py(), "reason": outcome.reason,
-               "detail": outcome.detail, "http_status": outcome.status,
-               "attempts": outcome.attempts, "etag": outcome.etag,
-               "last_modified": outcome.last_modified}
-        vector = None
-        if carried is not None and carried.failure is not None:
-            row.update({k: carried.failure[k] for k in ("reason", "detail", "http_status",
-                                                        "attempts")},
-                       source=FAILURE_REUSED)
-        elif carried is not None and (outcome.not_modified or outcome.status is None
-                                      and outcome.reason is None):
-            vector = carried.vector
-            row["source"] = REVALIDATED if outcome.not_modified else REUSED
-            row["etag"], row["last_modified"] = carried.etag, carried.last_modified
-        elif outcome.pixels is not None:
-            self.pending.append((position, outcome.pixels))
-            row["source"] = ENCODED
-        else:
-            row["source"] = FAILED
-        for name, value in row.items():
-            self.columns[name].append(value)
-        self.vectors.append(vector)
-
-    def table(self, id_type: pa.DataType, dim: int) -> pa.Table:
-        return shard_table(self.columns, self.vectors, id_type, dim)
-
-
-@dataclass
-class _Stats:
-    embedded_per_shard: dict[int, int] = field(default_factory=dict)
-    encoded: int = 0
-    encode_time: float = 0.0
-    resumed_shards: int = 0
-    computed_shards: int = 0
-
-
-def _encode_pending(work: _ShardWork, encoder: ImageEncoder, stats: _Stats) -> None:
-    if not work.pending:
-        return
-    t0 = time.perf_counter()
-    vectors = encoder.encode(np.stack([pixels for _, pixels in work.pending]))
-    stats.encode_time += time.perf_counter() - t0
-    stats.encoded += len(work.pending)
-    for (position, _), vector in zip(work.pending, vectors):
-        work.vectors[position] = vector
-    work.pending.clear()
-
-
-_NO_REQUEST = Outcome(None, None, "", None, 0)  # an item served from the previous set
-
-
-def _start(work: _ShardWork, position: int, pool: FetchDecodePool,
-           previous: PreviousImages | None) -> concurrent.futures.Future:
-    """Fetch the item, revalidate it, or (no request) take it from the previous set."""
-    carried = work.carried[position]
-    url = work.urls[position]
-    if carried is None:
-        return pool.submit(url)
-    if (carried.failure is None and previous.revalidate
-            and (carried.etag or carried.last_modified)):
-        return pool.submit(url, carried.etag, carried.last_modified)
-    done: concurrent.futures.Future = concurrent.futures.Future()
-    done.set_result(_NO_REQUEST)
-    return done
-
-
-def _run_shards(shards: Iterator[tuple[int, list[Any], list[str]]], store: ShardStore,
-                pool: FetchDecodePool, encoder: ImageEncoder, *, batch_size: int,
-                window: int, id_type: pa.DataType, progress: Progress, stats: _Stats,
-                keys_fp: str, previous: PreviousImages | None) -> int:
-    """Compute every unfinished shard; returns the number of shards."""
-    in_flight: collections.deque = collections.deque()  # (work, position, future), input order
-    work_iter = _pending_items(shards, store, progress, stats, keys_fp, previous)
-
-    def refill() -> None:
-        while len(in_flight) < window:
-            nxt = next(work_iter, None)
-            if nxt is None:
-                return
-            work, position = nxt
-            in_flight.append((work, position, _start(work, position, pool, previous)))
-
-    refill()
-    while in_flight:
-        work, position, future = in_flight.popleft()
-        outcome: Outcome = future.result()
-        refill()
-        work.add(outcome)
-        if len(work.pending) == batch_size:
-            _encode_pending(work, encoder, stats)
-        progress.update(1)
-        if position == len(work.ids) - 1:  # last item of the shard: finish and store it
-            _encode_pending(work, encoder, stats)
-            store.save(work.index, work.content_sha256, work.table(id_type, encoder.dim))
-            stats.embedded_per_shard[work.index] = sum(v is not None for v in work.vectors)
-            stats.computed_shards += 1
-    return stats.computed_shards + stats.resumed_shards
-
-
-def _pending_items(shards, store: ShardStore, progress: Progress, stats: _Stats, keys_fp: str,
-                   previous: PreviousImages | None) -> Iterator[tuple[_ShardWork, int]]:
-    """(shard, position) of every item of the shards not finished by an earlier attempt."""
-    for index, ids, urls in shards:
-        digest = content_hash(index, ids, urls)
-        done = store.load(index, digest, len(ids))
-        if done is not None:
-            stats.embedded_per_shard[index] = done.column("reason").null_count
-            stats.resumed_shards += 1
-            progress.update(len(ids))
-            logger.info("shard %d (%d items) already done; skipped", index, len(ids))
-            continue
-        keys = content_keys(keys_fp, urls)
-        carried = previous.carried(keys) if previous else [None] * len(ids)
-        work = _ShardWork(index, digest, ids, urls, keys, carried)
-        for position in range(len(ids)):
-            yield work, position
 
 
 IMAGE_STEP = StepKind(
@@ -276,7 +125,7 @@ class _Fetched:
     """What one pass of fetching and encoding did."""
 
     shards: int
-    stats: _Stats
+    stats: EmbedStats
     selection: Selection
     seconds: float
     download_time: float
@@ -329,12 +178,12 @@ def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
     counting = Selection()
     for _ in selected.shards(counting):
         pass  # a cheap first pass (two columns) gives the progress total
-    stats, selection = _Stats(), Selection()
+    stats, selection = EmbedStats(), Selection()
     started = time.perf_counter()
     with FetchDecodePool(config, encoder.decoder(params.image_decode), decode_workers,
                          resolver=resolver) as pool, \
             Progress(counting.selected, "embed-image") as progress:
-        shards = _run_shards(
+        shards = run_shards(
             selected.shards(selection), store, pool, encoder, batch_size=params.image_batch_size,
             window=4 * max(config.concurrency, params.image_batch_size), id_type=ids_type,
             progress=progress, stats=stats, keys_fp=keys_fp, previous=previous)

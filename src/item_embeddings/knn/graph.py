@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..blocks import row_blocks
-from ..errors import ItemEmbeddingsError
 from ..progress import Progress
 from .state import IvfState, fill_ivf, ivf_state, nearest_lists
+from .vectors import CHECK_ROWS, KnnInputError, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +39,6 @@ METHOD_IVF = "ivf-flat"
 # (512 x 65536 was the fastest of five shapes of that size measured, docs/knn.md).
 QUERY_BLOCK = 512
 DB_BLOCK = 65536
-CHECK_ROWS = 65536          # rows validated and normalised at a time
-EXAMPLE_ROWS = 5            # bad rows named in an error message
 # A returned neighbour counts as a hit when its true score is within this of the exact k-th
 # best score, so a different choice among (near-)equal scores is not a miss.
 RECALL_TOLERANCE = 1e-5
@@ -57,10 +52,6 @@ NPROBES = (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192
 TRAIN_POINTS_PER_LIST = 64  # k-means sample: faiss asks for 30..256 points per centroid
 SEARCH_CHUNK = 16384        # queries per faiss search call (progress, bounded result memory)
 RECALL_PREFIXES = (1, 5, 10, 15)  # consumers read the first columns: their recall is measured too
-
-
-class KnnInputError(ItemEmbeddingsError, ValueError):
-    """Vectors or ``k`` that no kNN graph can be built from; the message names the rows."""
 
 
 @dataclass(frozen=True)
@@ -90,82 +81,6 @@ class KnnGraph:
 def default_device() -> torch.device:
     """The GPU when torch sees one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _name_rows(rows: np.ndarray, labels: Sequence[Any] | None) -> str:
-    shown = [f"{labels[r]!r} (row {r})" if labels is not None else f"row {r}"
-             for r in rows[:EXAMPLE_ROWS].tolist()]
-    more = f" and {len(rows) - EXAMPLE_ROWS} more" if len(rows) > EXAMPLE_ROWS else ""
-    return ", ".join(shown) + more
-
-
-def _scan(vectors: np.ndarray, k: int, what: str, labels: Sequence[Any] | None,
-          normalise: bool, scratch: Path | None = None) -> np.ndarray | None:
-    """Check ``vectors`` and ``k`` (see :func:`check_vectors`); with ``normalise``, also return
-    the L2-normalised rows, made in the same pass over the (possibly memory-mapped) rows, in
-    memory or (``scratch``) in a memory-mapped file there."""
-    if getattr(vectors, "ndim", None) != 2:
-        raise KnnInputError(f"{what}: expected a 2-D [N, d] array, got shape "
-                            f"{getattr(vectors, 'shape', type(vectors).__name__)}")
-    if vectors.dtype != np.float32:
-        raise KnnInputError(f"{what}: expected float32 rows, got {vectors.dtype}")
-    n, dim = vectors.shape
-    if n == 0 or dim == 0:
-        raise KnnInputError(f"{what}: the set is empty (shape {vectors.shape})")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise KnnInputError(f"k must be a positive integer, got {k!r}")
-    if k >= n:
-        raise KnnInputError(f"{what}: k={k} needs at least {k + 1} items (self is excluded), "
-                            f"got {n}")
-    out = None
-    if normalise and scratch is not None:
-        handle, name = tempfile.mkstemp(prefix="unit-rows-", suffix=".npy", dir=scratch)
-        os.close(handle)
-        out = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(n, dim))
-    elif normalise:
-        out = np.empty((n, dim), dtype=np.float32)
-    bad_finite: list[np.ndarray] = []
-    bad_zero: list[np.ndarray] = []
-    for block in row_blocks(vectors, CHECK_ROWS):
-        bad_finite.append(np.flatnonzero(~block.finite) + block.start)
-        bad_zero.append(np.flatnonzero(block.finite & (block.norms == 0)) + block.start)
-        if out is not None:
-            out[block.start:block.start + len(block.rows)] = (
-                block.rows / np.where(block.norms > 0, block.norms, 1)[:, None])
-    problems = []
-    for rows, kind in ((np.concatenate(bad_finite), "NaN or Inf values"),
-                       (np.concatenate(bad_zero), "all zeros (no direction)")):
-        if len(rows):
-            problems.append(f"{len(rows)} rows with {kind}: {_name_rows(rows, labels)}")
-    if problems:
-        raise KnnInputError(f"{what}: " + "; ".join(problems))
-    return out
-
-
-def check_vectors(vectors: np.ndarray, k: int, *, what: str = "vectors",
-                  labels: Sequence[Any] | None = None) -> None:
-    """Check that a kNN graph with ``k`` neighbours can be built from ``vectors``.
-
-    Args:
-        vectors: ``[N, d]`` float32 (a memory map is read in chunks).
-        k: Neighbours wanted per row (self excluded), so ``1 <= k < N``.
-        what: How error messages name the vectors ("text vectors").
-        labels: Item ids of the rows, used in error messages only.
-
-    Raises:
-        KnnInputError: not 2-D, not float32, empty, ``k`` out of range, or rows that are
-            NaN/Inf or zero (examples named, by id when ``labels`` are given).
-    """
-    _scan(vectors, k, what, labels, normalise=False)
-
-
-def unit_rows(vectors: np.ndarray, k: int, *, what: str = "vectors",
-              labels: Sequence[Any] | None = None, scratch: Path | None = None) -> np.ndarray:
-    """The rows of ``vectors`` L2-normalised into a new float32 array, checked as
-    :func:`check_vectors` does. With a ``scratch`` directory the array is a memory-mapped file
-    there: its pages are the kernel's cache, which it can drop and read again, so the copy
-    does not add to the memory a large catalogue needs (docs/knn.md, *Memory*)."""
-    return _scan(vectors, k, what, labels, normalise=True, scratch=scratch)
 
 
 def _lexi_topk(values: torch.Tensor, ids: torch.Tensor, k: int
@@ -394,7 +309,7 @@ def build_knn_graph(vectors: np.ndarray, k: int, *, exact_max_items: int,
         scratch: A directory for the normalised copy (see :func:`unit_rows`); None: memory.
 
     Raises:
-        KnnInputError: see :func:`check_vectors`; ``recall_queries`` below 1.
+        KnnInputError: see :func:`~.vectors.check_vectors`; ``recall_queries`` below 1.
     """
     if isinstance(recall_queries, bool) or not isinstance(recall_queries, int) \
             or recall_queries < 1:

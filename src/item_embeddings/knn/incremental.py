@@ -311,7 +311,7 @@ def update_knn_graph(x: np.ndarray, k: int, previous: PreviousGraph, plan: Plan,
     """This run's graph from the previous one and ``plan`` (see the module doc).
 
     Args:
-        x: This run's unit rows (:func:`~.graph.unit_rows`).
+        x: This run's unit rows (:func:`~.vectors.unit_rows`).
         k: Neighbours per row (as the previous graph).
         previous: The previous graph of the same space.
         plan: :func:`plan_update` of this run's rows against ``previous``.

@@ -38,16 +38,7 @@ from ..outputs import (
 from ..step import StepKind
 from ..storage import atomic_npy, write_parquet_atomic
 from ..tracking import ExperimentTracker
-from .graph import (
-    METHOD_EXACT,
-    METHOD_IVF,
-    KnnGraph,
-    KnnInputError,
-    build_knn_graph,
-    check_vectors,
-    default_device,
-    unit_rows,
-)
+from .graph import METHOD_EXACT, METHOD_IVF, KnnGraph, build_knn_graph, default_device
 from .incremental import (
     RESERVE,
     PreviousGraph,
@@ -61,6 +52,7 @@ from .incremental import (
 )
 from .memory import check_memory
 from .state import SpaceState, content_digests, row_digests
+from .vectors import KnnInputError, check_vectors, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +245,12 @@ def _space_graph(space: str, vectors: np.ndarray, digests: np.ndarray, k: int,
                            device=device, what=what, reserve=reserve, scratch=scratch), reason
 
 
-def _open_inputs(dirs: dict[str, Path], knn_k: int
+def _open_inputs(dirs: dict[str, Path], params: PipelineParams
                  ) -> tuple[dict[str, tuple[np.ndarray, pa.Table]], pa.Array, int]:
     """Both spaces' vectors and id tables, checked; the item ids (the same in both, in the same
-    order); the k this catalogue allows (``knn_k``, or N - 1 for a smaller one)."""
+    order); the k this catalogue allows (``knn_k``, or N - 1 for a smaller one). Refuses, before
+    any work, inputs the step cannot use and a machine with less memory than it needs."""
+    knn_k = params.knn_k
     opened = {space: _open_space(dirs[space], array, ids)
               for space, (array, ids, *_) in SPACES.items()}
     ids = opened["text"][1].column("id").combine_chunks()
@@ -271,6 +265,9 @@ def _open_inputs(dirs: dict[str, Path], knn_k: int
                        k, len(ids), k, knn_k)
     for space, (vectors, _) in opened.items():
         check_vectors(vectors, k, what=f"{space} vectors", labels=_Labels(ids))
+    check_memory(len(ids), tuple(v.shape[1] for v, _ in opened.values()), k,
+                 RESERVE, ivf=len(ids) > params.knn_exact_max_items,
+                 update=bool(params.previous_uri))
     return opened, ids, k
 
 
@@ -299,6 +296,16 @@ def _write_space(space: str, vectors: np.ndarray, k: int, why_full: str | None,
     if previous.knn is not None:
         meta["drift"] = _drift(graph, previous.knn, space, previous.row, previous.content)
     return meta, photo_share(graph.neighbours, has_image)
+
+
+def _graph_mix(shares: dict[str, dict[str, float | None]], has_image: np.ndarray, k: int
+               ) -> dict[str, Any]:
+    """The modality mix of both graphs over every item, from the photo share of each space's
+    neighbours by group (``shares``); a warning when it is off."""
+    mix = mix_summary(shares, has_image, np.arange(len(has_image)), k)
+    if mix_warning(mix):
+        logger.warning("kNN graphs: %s", mix_warning(mix))
+    return mix
 
 
 def _provenance(params: PipelineParams, text_dir: str | os.PathLike,
@@ -362,11 +369,8 @@ def build_knn_graphs(
             (:mod:`.memory`), raised before any work.
     """
     dirs = {"text": Path(text_dir), "fused": Path(fused_dir)}
-    opened, ids, k = _open_inputs(dirs, params.knn_k)
+    opened, ids, k = _open_inputs(dirs, params)
     has_image = _has_image(opened["fused"][1])
-    check_memory(len(ids), tuple(v.shape[1] for v, _ in opened.values()), k,
-                 RESERVE, ivf=len(ids) > params.knn_exact_max_items,
-                 update=bool(params.previous_uri))
     fusion = _meta(dirs["fused"] / FUSION_CONFIG)
     content = _content(opened["fused"][1])
     device = device or default_device()
@@ -387,11 +391,8 @@ def build_knn_graphs(
                 _Previous(previous, prev_row, content), device, Path(scratch), run.out,
                 has_image)
         write_parquet_atomic(run.out / KNN_ITEMS, pa.table({"id": ids, "content_digest": content}))
-        mix = mix_summary(shares, has_image, np.arange(len(ids)), k)
-        if mix_warning(mix):
-            logger.warning("kNN graphs: %s", mix_warning(mix))
         meta = run.finish_step({"k": k, "k_requested": params.knn_k, "count": len(ids),
-                                "spaces": spaces, "modality_mix": mix,
+                                "spaces": spaces, "modality_mix": _graph_mix(shares, has_image, k),
                                 **_provenance(params, text_dir, fused_dir, fusion)})
     logger.info("kNN graphs of %d items (k=%d) in %.1fs: recall@k text %.4f, fused %.4f -> %s",
                 len(ids), k, meta["wall_time_sec"], spaces["text"]["recall_at_k"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import given_params, param_help
+from ..config import param_help
+from ..param_sources import given_params
 
 
 def params_epilog() -> str:

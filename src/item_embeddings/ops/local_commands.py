@@ -9,9 +9,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import ConfigError, PipelineParams, param_description, resolve_params
+from ..config import ConfigError, PipelineParams, param_description
 from ..errors import EXIT_FAILED
 from ..estimate import ESTIMATE_PARAMS, Choices, Rates, count_items, estimate, parse_count
+from ..param_sources import resolve_params
 from .cli_args import add_local_caching_option, add_param_options, given_parameters, params_epilog
 from .console import RunConsole
 
