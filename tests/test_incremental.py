@@ -763,7 +763,8 @@ def test_an_image_worker_reads_nothing_for_its_shards_without_images(sets, tiny_
         assert (f"rows [{s.start}, {s.stop}): no image to select ({s.stop - s.start - s.url_rows} "
                 f"rows without a URL, {s.url_rows} URL rows beyond the max_items cap): empty "
                 "outputs written, nothing read") in caplog.text
-    # a worker given only shards without images opens nothing of the previous set
+    # a worker given only shards without images (a catalogue without any) reads none of their
+    # rows and opens nothing of the previous set; it validates the table once, as every worker
     reads.clear()
     alone = run_worker({"worker": 0, "shards": [s.as_dict() for s in shards[1:3]]}, "alone")
     assert reads == [] and len(list(alone.glob("shard-*"))) == 2
