@@ -215,6 +215,8 @@ def test_a_worker_reads_the_previous_keys_of_its_own_step_once():
         pytest.approx(1000 * 100 / 1e6)
     assert keyed["image workers"].task_s - unkeyed["image workers"].task_s == \
         pytest.approx(100 * 100 / 1e6)
+    full = small(max_items=100)  # no previous set: no keys to read
+    assert rows(estimate(full, Rates(data, "toy"))) == rows(estimate(full, toy()))
 
 
 def test_the_nightly_target_at_10m_items_is_met_with_publishing():

@@ -129,7 +129,7 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
 
 def _worker_loop(name: str, machine: Machine, c: Choices, workers: list[list[int]],
                  fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
-                 copy_bps: float, reused_bytes_per_item: float = 0.0) -> Step:
+                 copy_bps: float, reused_bytes_per_item: float) -> Step:
     """The worker tasks of one loop, given each worker's shards (their items), which it runs
     one after another; an incremental run reads each shard's reused rows of the previous set
     (``reused_bytes_per_item`` each, only those rows)."""
@@ -180,11 +180,11 @@ class _Run:
         return bool(self.c.params.previous_uri)
 
 
-def _dealt(counts: list[int], dealt: list[list[int]], *, skip_empty: bool = False
-           ) -> list[list[int]]:
-    """Each worker's shards as their item counts; ``skip_empty``: without the shards of no
-    items, which the worker writes from the plan's counts, reading nothing (image shards)."""
-    return [[counts[i] for i in shards if counts[i] or not skip_empty] for shards in dealt]
+def _dealt(counts: list[int], dealt: list[list[int]]) -> list[list[int]]:
+    """Each worker's shards with items, as their item counts: a shard without any costs its
+    worker nothing (an image shard without images is written from the plan's counts, reading
+    nothing; a text shard without rows, more shards than rows, has no rows to read)."""
+    return [[counts[i] for i in shards if counts[i]] for shards in dealt]
 
 
 def _first_task(r: _Run) -> Step:
@@ -233,7 +233,7 @@ def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: li
             r.copy_bps, r.txt_bytes if r.previous else 0.0),
         "image": _worker_loop(
             "image workers", r.image_m, c,
-            _dealt(images, deal_by_work(images, p.max_parallel_shards), skip_empty=True),
+            _dealt(images, deal_by_work(images, p.max_parallel_shards)),
             worker_fixed("image", "image.load_s", m), r.read_s,
             min(image_rates(rates, p, r.image_m, c.host_share).values()), r.img_bytes,
             r.copy_bps, r.img_bytes if r.previous else 0.0),
