@@ -47,6 +47,8 @@ def test_plan_is_deterministic_contiguous_and_balanced(tmp_path):
     assert [(s.start, s.stop) for s in plan.shards] == [(0, 4), (4, 9), (9, 13), (13, 18),
                                                          (18, 23)]
     assert plan.rows == 23 and all(s.image_quota is None for s in plan.shards)
+    assert [s.image_rows for s in plan.shards] == [s.url_rows for s in plan.shards] == \
+        [2, 4, 2, 4, 3]  # no cap: every URL row (every third row has none)
     # two workers: 0 runs shards 0, 2, 4 and 1 runs 1, 3
     assert [[s.index for s in worker_shards(w)] for w in plan.workers] == [[0, 2, 4], [1, 3]]
     assert ShardPlan.from_workers(plan.workers).shards == plan.shards
@@ -70,9 +72,14 @@ def test_image_workers_start_only_where_the_capped_images_are(tmp_path):
     (one T4 each) start, dealt by their image rows; every shard still has one image worker
     (an empty one writes empty outputs, so the merge finds every shard), and the text
     workers are one per shard with rows."""
-    items, _ = _items(tmp_path, 40)
+    items, cat = _items(tmp_path, 40)
     plan = plan_shards(str(items), PipelineParams(shards=8, max_parallel_shards=6, max_items=9))
     quotas = [s.image_quota for s in plan.shards]
+    # each shard's URL rows, counted by the plan: a worker reads nothing of a shard without
+    # images to select (its quota used up), yet records its counts
+    assert [s.url_rows for s in plan.shards] == [
+        sum(u is not None for u in cat["image_url"][s.start:s.stop]) for s in plan.shards]
+    assert [s.image_rows for s in plan.shards] == quotas
     with_images = [s.index for s in plan.shards if s.image_quota]
     assert 1 <= len(with_images) < 6 and quotas[-1] == 0
     assert len(plan.image_workers) == len(with_images)
@@ -170,6 +177,10 @@ def test_a_worker_without_a_plan_runs_the_whole_table():
     # loop items come back from KFP with float numbers
     assert Shard.from_dict({"index": 2.0, "start": 10.0, "stop": 20.0, "image_quota": -1}) == \
         Shard(2, 10, 20, None)
+    assert shard.image_rows is None  # not counted: the step reads the table
+    counted = Shard(2, 10, 20, None, 7)  # no cap: every URL row is selected
+    assert Shard.from_dict(json.loads(json.dumps(counted.as_dict()))) == counted
+    assert (counted.image_rows, Shard(2, 10, 20, 0, 7).image_rows) == (7, 0)
 
 
 @pytest.mark.parametrize("rows", [(20, 24), (5, 4), (-1, 3)])

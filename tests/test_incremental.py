@@ -686,6 +686,111 @@ def test_a_run_reads_the_set_its_first_task_pinned(sets, tmp_path):
     assert meta["encoded_count"] > 0
 
 
+
+def _read_log(monkeypatch) -> list[tuple[tuple[int, int] | None, str]]:
+    """(rows of the shard being embedded, what was read) for every read an image worker makes
+    of the items' row ranges and of the previous set (opened, its arrays and tables)."""
+    from item_embeddings import image as image_pkg
+    from item_embeddings import worker
+    from item_embeddings.image import selection
+    from item_embeddings.incremental import PreviousGroup
+
+    reads: list[tuple[tuple[int, int] | None, str]] = []
+    shard: list[tuple[int, int] | None] = [None]
+
+    def logged(what, real):
+        def call(*args, **kwargs):
+            reads.append((shard[0], what))
+            return real(*args, **kwargs)
+        return call
+
+    real_embed = image_pkg.embed_items_images
+
+    def embed(*args, **kwargs):
+        shard[0] = kwargs["rows"]
+        return real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(image_pkg, "embed_items_images", embed)
+    monkeypatch.setattr(selection, "iter_batches", logged("item rows", selection.iter_batches))
+    monkeypatch.setattr(worker, "open_previous", logged("previous opened", worker.open_previous))
+    for method in ("rows", "table", "shape"):
+        monkeypatch.setattr(PreviousGroup, method,
+                            logged(f"previous {method}", getattr(PreviousGroup, method)))
+    return reads
+
+
+def test_an_image_worker_reads_nothing_for_its_shards_without_images(sets, tiny_model, tmp_path,
+                                                                     monkeypatch, caplog):
+    """With the cap, every selected image sits in the first shard: the one image worker (the
+    component, as the pipeline hands it the plan's loop item) reads the items' rows and the
+    previous set for that shard only, logs each other shard as having nothing to select, and
+    writes the files and counts that reading those shards gives, merged alike."""
+    from kfp import dsl
+
+    from item_embeddings.components.embed_images import embed_images
+    from item_embeddings.fanout import ShardPlan, merge_image_shards, plan_shards, worker_shards
+
+    config, checkpoint, _ = tiny_model
+    items = str(sets["items_b"])
+    params = image_params(tiny_model, previous_uri=str(sets["A"]), max_items=4, shards=6,
+                          max_parallel_shards=3, download_retries=0, download_timeout_s=5.0,
+                          allow_private_hosts=True)
+    plan = plan_shards(items, params)
+    (worker,) = plan.image_workers  # one T4 for the four images
+    shards = list(worker_shards(worker))
+    assert [s.image_rows for s in shards] == [4, 0, 0, 0, 0, 0]
+    assert [s.url_rows for s in shards][1:] == [sum(u is not None for u in sets["b"]["image_url"]
+                                                    [s.start:s.stop]) for s in shards[1:]]
+
+    def run_worker(loop_item, name):
+        out = tmp_path / name / "ds"
+        embed_images(items=dsl.Dataset(name="items", uri=items),
+                     image_shards=dsl.Dataset(name="image_shards", uri=str(out)),
+                     worker=loop_item, image_model=str(config),
+                     image_pretrained=str(checkpoint), image_batch_size=params.image_batch_size,
+                     shard_size=params.shard_size, max_items=params.max_items,
+                     previous_uri=params.previous_uri, download_retries=0,
+                     download_timeout_s=5.0, allow_private_hosts=True, tracking_backend="none")
+        return out
+
+    reads = _read_log(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="item_embeddings.image.step"):
+        out = run_worker(worker, "worker")
+    first = shards[0].rows
+    assert {what for _, what in reads} >= {"item rows", "previous opened", "previous rows"}
+    assert {rows for rows, _ in reads} == {first}  # nothing read for shards 1 to 5
+    for s in shards[1:]:
+        assert (f"rows [{s.start}, {s.stop}): no image to select ({s.stop - s.start - s.url_rows} "
+                f"rows without a URL, {s.url_rows} URL rows beyond the max_items cap): empty "
+                "outputs written, nothing read") in caplog.text
+    # a worker given only shards without images (a catalogue without any) reads none of their
+    # rows and opens nothing of the previous set; it validates the table once, as every worker
+    reads.clear()
+    alone = run_worker({"worker": 0, "shards": [s.as_dict() for s in shards[1:3]]}, "alone")
+    assert reads == [] and len(list(alone.glob("shard-*"))) == 2
+
+    reference = tmp_path / "reference"  # each shard read and selected, as before the plan counted
+    for s in shards:
+        im.embed_items_images(items, reference / s.dirname, params, rows=s.rows,
+                              quota=s.image_quota)
+    for s in shards:
+        made, ref = out / s.dirname, reference / s.dirname
+        assert stable(read_meta(made, IMG_META)) == stable(read_meta(ref, IMG_META)), s
+        for name in (IMG_ITEMS, IMG_FAILURES):
+            assert table(made, name).equals(table(ref, name), check_metadata=True), (s, name)
+        if s.image_rows == 0:
+            assert (made / IMG_ARRAY).read_bytes() == (ref / IMG_ARRAY).read_bytes()
+            assert read_meta(made, IMG_META)["checkpoint_location"] is None  # nothing kept
+        np.testing.assert_allclose(np.load(made / IMG_ARRAY), np.load(ref / IMG_ARRAY),
+                                   atol=1e-6)
+    merged = [merge_image_shards([d], ShardPlan.from_workers([worker]), tmp_path / f"m-{d.name}",
+                                 params) for d in (out, reference)]
+    assert ({k: v for k, v in stable(merged[0]).items() if k != "shard_wall_time_max_sec"}
+            == {k: v for k, v in stable(merged[1]).items() if k != "shard_wall_time_max_sec"})
+    assert merged[0]["capped_count"] == sum(s.url_rows for s in shards) - 4
+    assert merged[0]["count"] + merged[0]["failed_count"] == 4
+
+
 # ----------------------------------------------------------------------------- fusion apply
 
 def test_fusion_apply_keeps_unchanged_codes_and_the_weights(sets):

@@ -71,7 +71,8 @@ def embed_images(
 
         def run_shard(shard, out_dir, **each):
             embed_items_images(items.uri, out_dir, params, rows=shard.rows,
-                               quota=shard.image_quota, device=device, **each)
+                               quota=shard.image_quota, url_rows=shard.url_rows,
+                               device=device, **each)
 
         run_worker(step, worker, image_shards, IMG_META, run_shard)
 

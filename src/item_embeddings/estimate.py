@@ -18,7 +18,9 @@ The model follows the DAG (``pipeline/pipeline.py``) and its fan-out (``fanout.p
   range, the encoding at the step's rate on its machine and the copy of the shard's output to
   Cloud Storage; a loop lasts as long as its busiest worker. The image cap (``max_items``) is
   global: the first ``max_items`` URL rows in input order, so with the cap the image work sits
-  in the first shards and fewer image workers start;
+  in the first shards and fewer image workers start; the shards left without images ride
+  along and cost nothing (the plan counts their URL rows, so the worker reads neither their
+  rows nor the previous set for them);
 * fusion reads the shard outputs, concatenates and hashes them (measured merge rate), writes
   the merged files, then fuses (time linear in items x epochs); the kNN graphs (measured at
   100k and 500k, the exact search up to ``knn_exact_max_items``), the QA report and publishing
@@ -84,7 +86,8 @@ APPLY_ASSUMPTION = ("fusion_mode=apply: the changed items' codes are computed in
 STRUCTURAL_ASSUMPTIONS = (
     "Image URLs are spread evenly over the rows; the max_items cap takes the first URL rows in "
     "input order, so the capped image work sits in the first shards, dealt to as many image "
-    "workers as have images (largest first).",
+    "workers as have images (largest first); a shard without images reads nothing and writes "
+    "four small files (their latency is not modelled).",
     "The first task fingerprints the items from object metadata (with items on gs://), reads "
     "the id and URL columns once to plan (measured validation rate) and, with previous_uri, "
     "reads and hashes every file of the previous set once, HASH_THREADS files at a time each at "
@@ -126,7 +129,7 @@ def shard_work(c: Choices) -> tuple[list[int], list[int]]:
 
 def _worker_loop(name: str, machine: Machine, c: Choices, workers: list[list[int]],
                  fixed_s: float, per_shard_s: float, rate: float, out_bytes_per_item: float,
-                 copy_bps: float, reused_bytes_per_item: float = 0.0) -> Step:
+                 copy_bps: float, reused_bytes_per_item: float) -> Step:
     """The worker tasks of one loop, given each worker's shards (their items), which it runs
     one after another; an incremental run reads each shard's reused rows of the previous set
     (``reused_bytes_per_item`` each, only those rows)."""
@@ -178,8 +181,10 @@ class _Run:
 
 
 def _dealt(counts: list[int], dealt: list[list[int]]) -> list[list[int]]:
-    """Each worker's shards as their item counts."""
-    return [[counts[i] for i in shards] for shards in dealt]
+    """Each worker's shards with items, as their item counts: a shard without any costs its
+    worker nothing (an image shard without images is written from the plan's counts, reading
+    nothing; a text shard without rows, more shards than rows, has no rows to read)."""
+    return [[counts[i] for i in shards if counts[i]] for shards in dealt]
 
 
 def _first_task(r: _Run) -> Step:
@@ -214,21 +219,22 @@ def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: li
     n, m = c.items, c.selected_images
     key_bytes = rates.number("storage.previous_key_bytes_per_item") if r.previous else 0.0
 
-    def worker_fixed(step: str, load: str) -> float:
-        # the encoder loaded once, the previous keys read once (n of them, whatever the shard)
+    def worker_fixed(step: str, load: str, keys: int) -> float:
+        # the encoder loaded once, the previous keys read once (the previous set's rows of
+        # that step: every item's text, the selected images), whatever the shard
         return (r.vm_s + rates.number(f"imports_s.{step}") + rates.number(load)
-                + n * key_bytes / r.copy_bps)
+                + keys * key_bytes / r.copy_bps)
 
     steps = {
         "plan": _first_task(r),
         "text": _worker_loop(
             "text workers", r.text_m, c, _dealt(rows, deal_by_rows(rows, p.max_parallel_shards)),
-            worker_fixed("text", f"text.load_s.{backend}"), r.read_s, text_per_s, r.txt_bytes,
+            worker_fixed("text", f"text.load_s.{backend}", n), r.read_s, text_per_s, r.txt_bytes,
             r.copy_bps, r.txt_bytes if r.previous else 0.0),
         "image": _worker_loop(
             "image workers", r.image_m, c,
             _dealt(images, deal_by_work(images, p.max_parallel_shards)),
-            worker_fixed("image", "image.load_s"), r.read_s,
+            worker_fixed("image", "image.load_s", m), r.read_s,
             min(image_rates(rates, p, r.image_m, c.host_share).values()), r.img_bytes,
             r.copy_bps, r.img_bytes if r.previous else 0.0),
     }

@@ -11,7 +11,8 @@ Each step gets only the machines that have work: the text workers are one per sh
 (worker ``w`` of ``W`` gets shards ``w, w + W, ...``); the image workers one per shard with
 images to embed, at most ``max_parallel_shards``, the shards dealt by their image rows (largest
 first, to the worker with the fewest so far), so with the cap filling the first shards few T4
-machines start; shards without work ride along with the others (they write empty outputs).
+machines start; shards without work ride along with the others: the plan records each shard's
+URL rows, so a shard with no image to select writes empty outputs without reading anything.
 
 Merges then concatenate the shards' outputs in shard order: the files a single run writes.
 
@@ -54,7 +55,7 @@ SHARD_DIR = "shard-{:05d}"  # a worker's output holds one such folder per shard 
 _NONE = -1  # loop items are protobuf Structs, which hold no nulls: -1 stands for None
 # A worker given no plan (a component called on its own) runs the whole table as shard 0.
 WHOLE_TABLE = {"worker": 0, "shards": [{"index": 0, "start": 0, "stop": _NONE,
-                                        "image_quota": _NONE}]}
+                                        "image_quota": _NONE, "url_rows": _NONE}]}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Shard:
     start: int
     stop: int | None          # None: the whole table (a worker run without a plan)
     image_quota: int | None   # URL rows of this shard the image step selects (None: no cap)
+    url_rows: int | None = None  # rows of this shard with a usable image URL (None: not counted)
 
     @property
     def dirname(self) -> str:
@@ -75,6 +77,12 @@ class Shard:
         """The row range for the steps; None for the whole table (``max_items`` applies)."""
         return None if self.stop is None else (self.start, self.stop)
 
+    @property
+    def image_rows(self) -> int | None:
+        """The rows the image step selects here (its quota, or every URL row without a cap);
+        None when not counted (a worker run without a plan)."""
+        return self.url_rows if self.image_quota is None else self.image_quota
+
     def as_dict(self) -> dict[str, Any]:
         return {k: _NONE if v is None else v for k, v in dataclasses.asdict(self).items()}
 
@@ -82,10 +90,10 @@ class Shard:
     def from_dict(cls, value: dict[str, Any]) -> Shard:
         """Back from a loop item; KFP carries its numbers as floats (a protobuf Struct)."""
         def number(key):
-            return None if value[key] in (None, _NONE) else int(value[key])
+            return None if value.get(key, _NONE) in (None, _NONE) else int(value[key])
 
         return cls(int(value["index"]), int(value["start"]), number("stop"),
-                   number("image_quota"))
+                   number("image_quota"), number("url_rows"))
 
 
 @dataclass(frozen=True)
@@ -220,9 +228,10 @@ def plan_shards(items_uri: str, params: PipelineParams) -> ShardPlan:
     bounds = shard_bounds(n, params.shards)
     urls = _url_rows_per_shard(items_uri, columns, bounds)
     quotas = image_quotas(urls, params.max_items)
-    shards = [Shard(i, bounds[i], bounds[i + 1], quota) for i, quota in enumerate(quotas)]
+    shards = [Shard(i, bounds[i], bounds[i + 1], quota, url_rows)
+              for i, (quota, url_rows) in enumerate(zip(quotas, urls))]
     rows = [bounds[i + 1] - bounds[i] for i in range(params.shards)]
-    images = [u if q is None else q for u, q in zip(urls, quotas)]
+    images = [s.image_rows for s in shards]
     return ShardPlan(n, shards, _loop_items(shards, deal_by_rows(rows, params.max_parallel_shards)),
                      _loop_items(shards, deal_by_work(images, params.max_parallel_shards)))
 

@@ -199,13 +199,14 @@ def iter_shards(selected: Iterator[tuple[Any, str]], shard_size: int
         yield index, ids, urls
 
 
-def assemble(store: ShardStore, shards: Iterator[tuple[int, list[Any], list[str]]],
+def assemble(store: ShardStore | None, shards: Iterator[tuple[int, list[Any], list[str]]],
              embedded_per_shard: dict[int, int], out: Path, dim: int,
              id_type: pa.DataType) -> dict[str, Any]:
     """Stream the finished shards into img.npy, img_items.parquet and img_failures.parquet.
 
     One shard's embeddings are in memory at a time; ``embedded_per_shard`` (known from the run)
-    sizes img.npy up front. Returns the counts for the meta file.
+    sizes img.npy up front (no shards, no store: the empty files). Returns the counts for the
+    meta file.
     """
     count = sum(embedded_per_shard.values())
     kept, failures = [], []

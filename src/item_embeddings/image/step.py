@@ -158,15 +158,35 @@ class _Selected:
                            self.shard_size)
 
 
-def _reusable(previous_group: PreviousGroup | None, encoder: ImageEncoder,
-              params: PipelineParams) -> tuple[str, PreviousImages | None]:
-    """The encoder's fingerprint (part of every image row's key), and the previous set's images
-    if that set comes from this very encoder."""
-    keys_fp = encoder_fingerprint(encoder, params.image_decode)
-    return keys_fp, previous_images(previous_group, keys_fp, encoder.dim,
-                                    revalidate=params.image_revalidate,
-                                    retry_failed=params.retry_failed_images,
-                                    decode=params.image_decode)
+def _reusable(previous_group: PreviousGroup | None, encoder: ImageEncoder, keys_fp: str,
+              params: PipelineParams) -> PreviousImages | None:
+    """The previous set's images if that set comes from this very encoder (``keys_fp``)."""
+    return previous_images(previous_group, keys_fp, encoder.dim,
+                           revalidate=params.image_revalidate,
+                           retry_failed=params.retry_failed_images, decode=params.image_decode)
+
+
+def _nothing_to_select(rows: tuple[int, int] | None, quota: int | None,
+                       url_rows: int | None) -> bool:
+    """Whether the plan gives this row range no image to select (its quota is used up, or it
+    holds no URL): then nothing of the items or the previous set needs reading."""
+    if rows is None or url_rows is None:
+        return False
+    return (url_rows if quota is None else quota) == 0
+
+
+def _planned_empty(out, rows: tuple[int, int], url_rows: int, dim: int,
+                   ids_type: pa.DataType) -> dict[str, Any]:
+    """A row range without images to select: the empty files and the counts a pass over it
+    would give (its URL rows, as the plan counted them, are all beyond the cap), read from
+    nothing."""
+    counts = Selection(total_rows=rows[1] - rows[0], no_url_count=rows[1] - rows[0] - url_rows,
+                       capped_count=url_rows)
+    logger.info("rows [%d, %d): no image to select (%d rows without a URL, %d URL rows beyond "
+                "the max_items cap): empty outputs written, nothing read", *rows,
+                counts.no_url_count, url_rows)
+    return {**assemble(None, iter(()), {}, out, dim, ids_type),
+            **_run_meta(_Fetched(0, _Stats(), counts, 0.0, 0.0, 0, 0.0, 0.0), None)}
 
 
 def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
@@ -203,9 +223,9 @@ def _encoder_meta(encoder: ImageEncoder, keys_fp: str) -> dict[str, Any]:
             "encoder_fingerprint": keys_fp}
 
 
-def _run_meta(fetched: _Fetched, store: ShardStore) -> dict[str, Any]:
+def _run_meta(fetched: _Fetched, store: ShardStore | None) -> dict[str, Any]:
     """What the meta file records of this attempt: selection counts, shards and rates
-    (shards finished by an earlier attempt are not re-timed)."""
+    (shards finished by an earlier attempt are not re-timed); no store: nothing to keep."""
     stats, selection = fetched.stats, fetched.selection
     return {
         "no_url_count": selection.no_url_count, "capped_count": selection.capped_count,
@@ -223,7 +243,8 @@ def _run_meta(fetched: _Fetched, store: ShardStore) -> dict[str, Any]:
         "encode_wall_s": round(stats.encode_time, 3),
         "downloaded_bytes": fetched.downloaded_bytes,
         "shards": fetched.shards, "resumed_shards": stats.resumed_shards,
-        "checkpoint_location": store.location, "fingerprint": store.fingerprint,
+        "checkpoint_location": store.location if store else None,
+        "fingerprint": store.fingerprint if store else None,
     }
 
 
@@ -237,6 +258,7 @@ def embed_items_images(
     artifact_uri: str = "",
     rows: tuple[int, int] | None = None,
     quota: int | None = None,
+    url_rows: int | None = None,
     device: str | None = None,
     encoder: ImageEncoder | None = None,
     download_config: DownloadConfig | None = None,
@@ -269,6 +291,9 @@ def embed_items_images(
         quota: With ``rows``: how many of the range's URL rows to select (the range's share of
             the catalogue-wide ``max_items``; None = no cap). Without ``rows``, ``max_items``
             applies.
+        url_rows: With ``rows``: how many of the range's rows have a usable URL, as the plan
+            counted them; when the range then has no image to select (a quota of 0, or no
+            URL), its empty outputs are written without reading the items or the previous set.
         device: Where the encoder runs ('cuda', 'cpu'); default CUDA when available.
         encoder: An already-loaded encoder (tests, benchmarks).
         download_config: Full downloader settings instead of the parameters' (tests).
@@ -288,8 +313,9 @@ def embed_items_images(
         setup = setup or stack.enter_context(WorkerSetup())
         meta = _embed_images(items_uri, output_dir, params, setup, run_id=run_id,
                              tracker=tracker, artifact_uri=artifact_uri, rows=rows, quota=quota,
-                             device=device, encoder=encoder, download_config=download_config,
-                             decode_workers=decode_workers, resolver=resolver)
+                             url_rows=url_rows, device=device, encoder=encoder,
+                             download_config=download_config, decode_workers=decode_workers,
+                             resolver=resolver)
     if meta["unavailable_hosts"]:
         logger.warning("image host(s) not answering, their remaining images skipped by the "
                        "circuit breaker (reason host_unavailable; retried by the next run): %s",
@@ -303,7 +329,7 @@ def embed_items_images(
 def _embed_images(items_uri: str, output_dir: str | os.PathLike, params: PipelineParams,
                   setup: WorkerSetup, *, run_id: str, tracker: ExperimentTracker | None,
                   artifact_uri: str, rows: tuple[int, int] | None, quota: int | None,
-                  device: str | None, encoder: ImageEncoder | None,
+                  url_rows: int | None, device: str | None, encoder: ImageEncoder | None,
                   download_config: DownloadConfig | None, decode_workers: int | None,
                   resolver) -> dict[str, Any]:
     """:func:`embed_items_images` with the worker's ``setup``."""
@@ -315,15 +341,23 @@ def _embed_images(items_uri: str, output_dir: str | os.PathLike, params: Pipelin
     config = download_config or DownloadConfig.from_params(params)
     settings = image_settings(params, config, items_uri, rows, quota)
     selected = _Selected.of(items_uri, columns, params, rows, quota)
-    previous_group = (setup.previous(params.previous_uri, "image") if params.previous_uri
-                      else None)
+    empty = _nothing_to_select(rows, quota, url_rows)
+    previous_group = (setup.previous(params.previous_uri, "image")
+                      if params.previous_uri and not empty else None)
     with IMAGE_STEP.run(output_dir, settings, run_id=run_id, tracker=tracker,
                         artifact_uri=artifact_uri) as run:
         encoder = encoder or setup.once(
             ("image-encoder", params.image_model, params.image_pretrained, device),
             lambda: load_image_encoder(params.image_model, params.image_pretrained, device))
-        keys_fp, previous = setup.once(("image-reuse", previous_group, encoder),
-                                       lambda: _reusable(previous_group, encoder, params))
+        # part of every image row's key (and of the meta file, which the merge checks equal)
+        keys_fp = setup.once(("image-fingerprint", encoder, params.image_decode),
+                             lambda: encoder_fingerprint(encoder, params.image_decode))
+        if empty:
+            return run.finish_step({**settings, **_encoder_meta(encoder, keys_fp),
+                                    **_planned_empty(run.out, rows, url_rows, encoder.dim,
+                                                     ids_type)})
+        previous = setup.once(("image-reuse", previous_group, keys_fp),
+                              lambda: _reusable(previous_group, encoder, keys_fp, params))
         store = _shard_store(settings, encoder, config, previous_group if previous else None,
                              params.checkpoint_uri or str(run.out / SHARDS_DIR))
         fetched = _embed_shards(selected, store, encoder, config, params, ids_type, previous,
