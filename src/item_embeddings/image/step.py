@@ -186,7 +186,7 @@ def _planned_empty(out, rows: tuple[int, int], url_rows: int, dim: int,
                 "the max_items cap): empty outputs written, nothing read", *rows,
                 counts.no_url_count, url_rows)
     return {**assemble(None, iter(()), {}, out, dim, ids_type),
-            **_run_meta(_Fetched(0, _Stats(), counts, 0.0, 0.0, 0, 0.0, 0.0), None)}
+            **_run_meta(_Fetched(0, EmbedStats(), counts, 0.0, 0.0, 0, 0.0, 0.0), None)}
 
 
 def _embed_shards(selected: _Selected, store: ShardStore, encoder: ImageEncoder,
