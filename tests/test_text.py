@@ -200,6 +200,10 @@ def test_custom_column_names(tmp_path, encoder):
                             PipelineParams(id_column="item_id", title_column="name",
                                            description_column="body"), encoder=encoder)
     assert meta["count"] == 6
+    # what the step was asked for, as the meta file records it
+    assert (meta["id_column"], meta["items_uri"], meta["batch_size"], meta["previous_uri"],
+            meta["encoder_name"]) == ("item_id", str(path), PipelineParams().text_batch_size, "",
+                                      PipelineParams().text_model)
     assert pq.read_table(tmp_path / "out" / TXT_ITEMS).column("id").to_pylist() == list(range(6))
 
 
@@ -502,3 +506,38 @@ def test_a_shard_writes_its_rows_and_an_empty_shard_the_tables_id_type(tmp_path,
     assert table.schema.field("key").type == pa.string()
     assert np.load(tmp_path / "empty" / TXT_ARRAY).shape == (0, 384)
     assert (empty["count"], empty["throughput_items_per_sec"], empty["rows"]) == (0, 0.0, [6, 6])
+
+
+def test_rows_read_in_several_batches_give_the_outputs_and_counts_of_one(text_sets, encoder,
+                                                                         tmp_path, monkeypatch):
+    """A catalogue larger than one read batch (4096 rows; 7 here): every count and every row,
+    reused ones included, as one batch gives them."""
+    import item_embeddings.text.step as text_step
+
+    monkeypatch.setattr(text_step, "READ_BATCH_ROWS", 7)
+    whole = json.loads((text_sets["A"] / TXT_META).read_text())
+    items_a = write_items(tmp_path / "a.parquet", catalogue(N_A))
+    meta = embed_items_text(str(items_a), tmp_path / "a", encoder=encoder)
+    counts = ("count", "empty_text_count", "null_title_count", "null_description_count")
+    assert [meta[k] for k in counts] == [whole[k] for k in counts]
+    assert meta["null_title_count"] > 0 and meta["null_description_count"] > 0
+    np.testing.assert_allclose(np.load(tmp_path / "a" / TXT_ARRAY),
+                               np.load(text_sets["A"] / TXT_ARRAY), atol=1e-5)
+    inc = embed_items_text(str(text_sets["items_b"]), tmp_path / "inc",
+                           PipelineParams(previous_uri=str(text_sets["A"])), encoder=encoder)
+    assert (inc["reused_count"], inc["encoded_count"]) == (22, 3)
+    np.testing.assert_allclose(np.load(tmp_path / "inc" / TXT_ARRAY),
+                               np.load(text_sets["full"] / TXT_ARRAY), atol=1e-5)
+
+
+# The fingerprint of MiniLM (torch, float32, 256 tokens) on each kind of device: the keys of every
+# text row derive from it, so a change means an incremental run reuses nothing from a set an
+# earlier release wrote. Change it only on purpose (and say so in the release notes).
+MINILM_FINGERPRINTS = {
+    "cpu": "1a4833c5db9bda76dd5add6f25cb2c967b045c8265d8634fec2d68ac36af0da2",
+    "cuda": "5c936e214ebd03d9552b9f61824bd510ba554fb0538a1e1d9ce0b47698d1d665"}
+
+
+def test_the_recorded_encoder_fingerprint_is_the_one_earlier_releases_wrote(text_sets):
+    meta = json.loads((text_sets["A"] / TXT_META).read_text())
+    assert meta["encoder_fingerprint"] == MINILM_FINGERPRINTS[meta["device"].split(":")[0]]
