@@ -89,6 +89,7 @@ def test_meta_file_and_local_experiment_run(tmp_path, items_path, encoder):
     assert run["params"]["batch_size"] == 16
     assert run["metrics"]["count"] == 40.0
     assert run["metrics"]["throughput_items_per_sec"] > 0 and run["end_time"]
+    assert run["artifacts"] == {"text_embeddings": str(tmp_path / "out")}  # no artifact_uri
 
 
 def _duplicate_id(cat):
