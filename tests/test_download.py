@@ -233,6 +233,8 @@ def test_parse_retry_after():
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert 28 <= parse_retry_after(date, now=now) <= 31
     assert parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0
+    # as the downloader calls it, on the clock
+    assert 28 <= parse_retry_after(email.utils.formatdate(time.time() + 30, usegmt=True)) <= 31
 
 
 # ----------------------------------------------------------------------------- real downloads
@@ -504,6 +506,13 @@ def test_robots_refusal_names_the_file_the_path_and_the_robot(server):
 @pytest.mark.parametrize("status", [401, 403, 410])
 def test_robots_txt_answered_4xx_means_no_rules(server, status):
     server.robots_txt, server.robots_status = "User-agent: *\nDisallow: /\n", status
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert result.ok and server.hits["/robots.txt"] == 1
+
+
+def test_robots_txt_answered_300_without_location_means_no_rules(server):
+    """Only a 2xx answer is a robots.txt: the body of a 300 without a Location is not read."""
+    server.robots_txt, server.robots_status = "User-agent: *\nDisallow: /\n", 300
     [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
     assert result.ok and server.hits["/robots.txt"] == 1
 
