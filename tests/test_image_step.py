@@ -205,7 +205,7 @@ EXPECTED = {  # path -> failure reason (None: embedded)
 NO_URL = [None, "", "ftp://example.com/a.jpg", "not a url"]
 
 
-def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
+def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path, caplog):
     config, checkpoint, _ = tiny_model
     paths = list(EXPECTED)
     urls = [server.url(p) for p in paths]
@@ -213,13 +213,17 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
     items = items_with_urls(tmp_path / "items.parquet", urls)
     ids = [f"item-{i:03d}" for i in range(len(urls))]
     tracker = LocalTracker(tmp_path / "runs", "recsys-test")
-    meta = im.embed_items_images(
-        str(items), tmp_path / "out",
-        PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
-                       image_batch_size=3, shard_size=5),
-        download_config=dataclass_replace(FAST, max_bytes=1024 * 1024), run_id="run-42",
-        tracker=tracker, encoder=encoder)
+    with caplog.at_level(logging.INFO, logger="item_embeddings.image.step"):
+        meta = im.embed_items_images(
+            str(items), tmp_path / "out",
+            PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                           image_batch_size=3, shard_size=5),
+            download_config=dataclass_replace(FAST, max_bytes=1024 * 1024), run_id="run-42",
+            tracker=tracker, encoder=encoder)
     out = tmp_path / "out"
+    assert caplog.messages[-1] == (
+        f"embedded {meta['count']} images ({meta['failed_count']} failed, 4 without URL) in "
+        f"{meta['wall_time_sec']:.1f}s -> {out}")
 
     embedded = pq.read_table(out / IMG_ITEMS).to_pylist()
     failures = pq.read_table(out / IMG_FAILURES).to_pylist()
@@ -269,6 +273,10 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
         assert key in meta
     assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
     assert meta["shards"] == 5 and meta["resumed_shards"] == 0 and meta["embed_dim"] == 32
+    assert meta["weights_sha256"] == sha256_file(checkpoint)
+    assert meta["encode_time_sec"] > 0 and meta["encoded_this_attempt"] == meta["count"]
+    assert meta["encode_only_items_per_sec"] == pytest.approx(
+        meta["count"] / meta["encode_time_sec"])
     record = json.loads((tmp_path / "runs" / "recsys-test" / "embed-image-run-42.json").read_text())
     assert record["status"] == "COMPLETE"
     assert {"model_name", "max_items", "download_concurrency",
@@ -485,11 +493,14 @@ def test_a_resumed_run_recomputes_damaged_or_foreign_shards_and_says_why(
     ids[5] = "renamed"  # the same URL under another id: its shard is made again
     items_with_urls(items, urls, ids)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="item_embeddings.image.shards"):
+    with caplog.at_level(logging.WARNING, logger="item_embeddings.image.shards"), \
+            caplog.at_level(logging.INFO, logger="item_embeddings.image.step"):
         renamed = im.embed_items_images(str(items), tmp_path / "o3", **common)
     assert renamed["resumed_shards"] == 2
-    assert caplog.messages == [f"shard 2 at {location} was made from other items or settings; "
-                               "recomputing it"]
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("shards")] == [
+        f"shard 2 at {location} was made from other items or settings; recomputing it"]
+    assert [r.getMessage() for r in caplog.records if "already done" in r.getMessage()] == [
+        "shard 0 (2 items) already done; skipped", "shard 1 (2 items) already done; skipped"]
     assert pq.read_table(tmp_path / "o3" / IMG_ITEMS).column("id").to_pylist() == ids
 
 
