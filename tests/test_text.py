@@ -301,6 +301,11 @@ def text_sets(tmp_path_factory, encoder):
     return {"A": root / "A", "full": root / "full", "items_b": items_b, "b": _catalogue_b()}
 
 
+def _step_messages(caplog) -> list[str]:
+    """What the text step logged (other loggers' lines left out)."""
+    return [r.getMessage() for r in caplog.records if r.name == "item_embeddings.text.step"]
+
+
 def _reusable_rows(sets) -> list[int]:
     """B's rows whose text is unchanged from A (their vectors can be reused)."""
     return [i for i, item_id in enumerate(sets["b"]["asin"])
@@ -349,7 +354,7 @@ def test_previous_vectors_of_another_encoder_are_not_reused_and_the_log_says_who
         got = embed_items_text(str(text_sets["items_b"]), tmp_path / "out",
                                PipelineParams(previous_uri=str(previous)), encoder=counting)
     assert (got["reused_count"], got["encoded_count"], counting.texts) == (0, 25, 25)
-    assert caplog.messages == [
+    assert _step_messages(caplog) == [
         f"previous text outputs at {previous} were made by another text encoder "
         "(acme/other-model, backend onnx): everything is encoded again, nothing is reused"]
 
@@ -391,7 +396,7 @@ def test_swapped_previous_rows_are_encoded_again_and_the_log_names_them(text_set
     assert meta["encode_time_sec"] >= 0.1
     out = np.load(tmp_path / "out" / TXT_ARRAY)
     np.testing.assert_allclose(out, np.load(text_sets["full"] / TXT_ARRAY), atol=1e-5)
-    (message,) = caplog.messages
+    (message,) = _step_messages(caplog)
     found = re.fullmatch(
         rf"previous text vectors at {re.escape(str(previous))} are not what this encoder makes "
         r"of their texts at (\d+) of 16 sampled reused rows \(rows \[(.*)\], cosines \[(.*)\]\): "
@@ -427,11 +432,11 @@ def test_a_worker_checks_sixteen_reused_rows_in_all_and_stops_reusing_an_untrust
                                       params, rows=(start, stop), encoder=counting, setup=setup)
                      for start, stop in shards]
         if name == "good":
-            assert [m["reused_count"] for m in metas] == [8, 8, 6] and not caplog.messages
+            assert [m["reused_count"] for m in metas] == [8, 8, 6] and not _step_messages(caplog)
             assert counting.texts == 3 + 16  # checked: 8, 8, then none left
         else:
             assert [m["reused_count"] for m in metas] == [0, 0, 0]
-            assert len(caplog.messages) == 1  # the first shard's check, once
+            assert len(_step_messages(caplog)) == 1  # the first shard's check, once
             assert counting.texts == (1 + 8 + 8) + 8 + 8  # new, check, again; then no reuse
         assert [m["rows"] for m in metas] == [list(s) for s in shards]
 
@@ -472,8 +477,8 @@ def test_an_approximate_backend_is_gated_on_this_catalogue_first(tmp_path, items
     assert gate["passed"] and gate["sample"] == len(distinct) == 40
     assert 0.99 < gate["cosine_min"] <= gate["cosine_mean"] < 0.9999
     assert gate["top10_overlap"] > 0.9
-    assert caplog.messages[0] == (f"text_backend onnx-int8 passes the quality gate on 40 texts: "
-                                  f"{gate}")
+    assert _step_messages(caplog)[0] == (
+        f"text_backend onnx-int8 passes the quality gate on 40 texts: {gate}")
     run = json.loads((tmp_path / "runs" / "exp" / "embed-text-g.json").read_text())
     assert run["metrics"]["gate_cosine_mean"] == gate["cosine_mean"]
 
@@ -500,7 +505,7 @@ def test_a_shard_writes_its_rows_and_an_empty_shard_the_tables_id_type(tmp_path,
                                np.load(tmp_path / "whole" / TXT_ARRAY)[4:9], atol=1e-5)
     assert shard["throughput_items_per_sec"] == pytest.approx(5 / shard["encode_time_sec"])
     assert re.fullmatch(rf"embedded 5 items in \d+\.\ds \(\d+\.\d items/s\) -> "
-                        rf"{re.escape(str(tmp_path / 'shard'))}", caplog.messages[-1])
+                        rf"{re.escape(str(tmp_path / 'shard'))}", _step_messages(caplog)[-1])
     empty = embed_items_text(str(path), tmp_path / "empty", params, rows=(6, 6), encoder=encoder)
     table = pq.read_table(tmp_path / "empty" / TXT_ITEMS)
     assert table.num_rows == 0 and table.schema.field("id").type == pa.int64()
