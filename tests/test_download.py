@@ -234,6 +234,8 @@ def test_parse_retry_after():
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert 28 <= parse_retry_after(date, now=now) <= 31
     assert parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0
+    # as the downloader calls it, on the clock
+    assert 28 <= parse_retry_after(email.utils.formatdate(time.time() + 30, usegmt=True)) <= 31
 
 
 # ----------------------------------------------------------------------------- real downloads
@@ -321,6 +323,55 @@ def test_connection_refused_is_a_reason():
         port = s.getsockname()[1]  # closed again before the fetch: nothing listens there
     [result] = fetch([f"http://127.0.0.1:{port}/x.jpg"], retries=1)
     assert result.reason == dl.CONNECTION_ERROR and result.attempts == 2
+
+
+def test_an_answer_that_is_not_http_is_a_connection_error_naming_what_was_wrong():
+    """A host that answers garbage: a connection error, retried, whose detail names the
+    exception and what aiohttp found (what img_failures.parquet shows an operator)."""
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(2):  # the attempt and its one retry
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        [result] = fetch([f"http://127.0.0.1:{port}/x.jpg"], retries=1)
+        thread.join(10)
+    assert (result.reason, result.attempts) == (dl.CONNECTION_ERROR, 2)
+    assert result.detail.startswith("ClientResponseError: 400, message=") \
+        and "NOT HTTP AT ALL" in result.detail, result.detail
+
+
+def test_a_host_name_is_looked_up_again_only_after_dns_cache_ttl_s(server, monkeypatch):
+    """One lookup per host name per dns_cache_ttl_s (300 s), on aiohttp's clock (not its own
+    default of 10 s)."""
+    import aiohttp.connector
+
+    clock = [1000.0]
+    monkeypatch.setattr(aiohttp.connector, "monotonic", lambda: clock[0])
+    resolver = CountingResolver({"images.test": "127.0.0.1"})
+    url = f"http://images.test:{server.port}/img/rgb.jpg"
+
+    async def run() -> list[int]:
+        calls = []
+        async with dl.Downloader(DownloadConfig(**FAST), resolver=resolver) as downloader:
+            for step in (0, 60, 250):  # at 0 s, 60 s, 310 s
+                clock[0] += step
+                assert (await downloader.fetch(url)).ok
+                calls.append(resolver.calls)
+        return calls
+
+    assert asyncio.run(run()) == [1, 1, 2]
 
 
 def test_guard_refuses_loopback_before_connecting(server):
@@ -505,6 +556,13 @@ def test_robots_refusal_names_the_file_the_path_and_the_robot(server):
 @pytest.mark.parametrize("status", [401, 403, 410])
 def test_robots_txt_answered_4xx_means_no_rules(server, status):
     server.robots_txt, server.robots_status = "User-agent: *\nDisallow: /\n", status
+    [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
+    assert result.ok and server.hits["/robots.txt"] == 1
+
+
+def test_robots_txt_answered_300_without_location_means_no_rules(server):
+    """Only a 2xx answer is a robots.txt: the body of a 300 without a Location is not read."""
+    server.robots_txt, server.robots_status = "User-agent: *\nDisallow: /\n", 300
     [result] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
     assert result.ok and server.hits["/robots.txt"] == 1
 

@@ -482,7 +482,7 @@ def test_component_refuses_bad_values_before_any_work(tiny_model, tmp_path, name
     assert not (tmp_path / "task").exists()
 
 
-def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, tmp_path):
+def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, tmp_path, caplog):
     config, checkpoint, _ = tiny_model
     encoder = im.load_image_encoder(str(config), str(checkpoint))
     params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
@@ -493,7 +493,11 @@ def test_images_of_an_unavailable_host_are_retried_by_the_next_run(tiny_model, t
                                            for i in range(12)]
         items = _items(tmp_path / "items.parquet", urls)
         srv.down.add("127.0.0.2")
-        first = im.embed_items_images(str(items), tmp_path / "A", params, encoder=encoder)
+        with caplog.at_level(logging.WARNING, logger="item_embeddings.image.step"):
+            first = im.embed_items_images(str(items), tmp_path / "A", params, encoder=encoder)
+        assert caplog.messages[-1] == (
+            "image host(s) not answering, their remaining images skipped by the circuit breaker "
+            f"(reason host_unavailable; retried by the next run): 127.0.0.2:{srv.port} (9 images)")
         assert srv.host_hits("127.0.0.2") == 3 and first["count"] == 1
         assert first["failures_by_reason"] == {dl.HTTP_ERROR: 3, dl.HOST_UNAVAILABLE: 9}
         assert first["unavailable_hosts"] == {f"127.0.0.2:{srv.port}": 9}

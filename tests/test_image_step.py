@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -111,6 +112,16 @@ def test_gs_checkpoint_and_gs_shards(tiny_model, server, tmp_path, gcs, monkeypa
     names = sorted(b.name for b in gcs.list_blobs(name, prefix="ckpt/"))
     assert [n.rsplit("/", 1)[1] for n in names] == ["settings.json", "shard-00000.parquet",
                                                      "shard-00001.parquet"]
+    assert first["checkpoint_location"] == f"gs://{name}/ckpt/{first['fingerprint'][:16]}"
+    blobs = {b.name.rsplit("/", 1)[1]: b for b in gcs.list_blobs(name, prefix="ckpt/")}
+    assert blobs["settings.json"].content_type == "application/json"
+    assert blobs["shard-00000.parquet"].content_type == "application/octet-stream"
+    text = blobs["settings.json"].download_as_text()
+    payload = json.loads(text)
+    assert payload["fingerprint"] == first["fingerprint"]
+    assert text == json.dumps(payload, indent=2, sort_keys=True)  # for people to read
+    # the same prefix written with a trailing slash: the same shards
+    kwargs["params"] = dataclass_replace(kwargs["params"], checkpoint_uri=f"gs://{name}/ckpt/")
     second = im.embed_items_images(str(items), tmp_path / "b", **kwargs)
     assert (first["count"], second["resumed_shards"]) == (3, 2)
     assert _outputs(tmp_path / "a") == _outputs(tmp_path / "b")
@@ -194,7 +205,7 @@ EXPECTED = {  # path -> failure reason (None: embedded)
 NO_URL = [None, "", "ftp://example.com/a.jpg", "not a url"]
 
 
-def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
+def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path, caplog):
     config, checkpoint, _ = tiny_model
     paths = list(EXPECTED)
     urls = [server.url(p) for p in paths]
@@ -202,13 +213,17 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
     items = items_with_urls(tmp_path / "items.parquet", urls)
     ids = [f"item-{i:03d}" for i in range(len(urls))]
     tracker = LocalTracker(tmp_path / "runs", "recsys-test")
-    meta = im.embed_items_images(
-        str(items), tmp_path / "out",
-        PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
-                       image_batch_size=3, shard_size=5),
-        download_config=dataclass_replace(FAST, max_bytes=1024 * 1024), run_id="run-42",
-        tracker=tracker, encoder=encoder)
+    with caplog.at_level(logging.INFO, logger="item_embeddings.image.step"):
+        meta = im.embed_items_images(
+            str(items), tmp_path / "out",
+            PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                           image_batch_size=3, shard_size=5),
+            download_config=dataclass_replace(FAST, max_bytes=1024 * 1024), run_id="run-42",
+            tracker=tracker, encoder=encoder)
     out = tmp_path / "out"
+    assert caplog.messages[-1] == (
+        f"embedded {meta['count']} images ({meta['failed_count']} failed, 4 without URL) in "
+        f"{meta['wall_time_sec']:.1f}s -> {out}")
 
     embedded = pq.read_table(out / IMG_ITEMS).to_pylist()
     failures = pq.read_table(out / IMG_FAILURES).to_pylist()
@@ -234,6 +249,9 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
     assert all(r["detail"] for r in failures)
     expected_reasons = collections.Counter(r for r in EXPECTED.values() if r)
     assert meta["failures_by_reason"] == dict(expected_reasons)
+    assert list(meta["failures_by_reason"]) == sorted(expected_reasons)
+    # items that needed a second attempt: failures, and the two embedded on their retry
+    assert meta["retried_items"] == sum(r["attempts"] > 1 for r in failures) + 2
 
     # img.npy is aligned with img_items (input order), float32, unit length, and holds the
     # encoder's vector of each image.
@@ -255,6 +273,10 @@ def test_step_end_to_end(encoder, server, images, tiny_model, tmp_path):
         assert key in meta
     assert json.loads((out / IMG_META).read_text()) == json.loads(json.dumps(meta))
     assert meta["shards"] == 5 and meta["resumed_shards"] == 0 and meta["embed_dim"] == 32
+    assert meta["weights_sha256"] == sha256_file(checkpoint)
+    assert meta["encode_time_sec"] > 0 and meta["encoded_this_attempt"] == meta["count"]
+    assert meta["encode_only_items_per_sec"] == pytest.approx(
+        meta["count"] / meta["encode_time_sec"])
     record = json.loads((tmp_path / "runs" / "recsys-test" / "embed-image-run-42.json").read_text())
     assert record["status"] == "COMPLETE"
     assert {"model_name", "max_items", "download_concurrency",
@@ -391,6 +413,115 @@ def test_changed_inputs_do_not_reuse_stale_shards(encoder, server, tiny_model, t
     (Path(meta["checkpoint_location"]) / "shard-00000.parquet").write_bytes(b"garbage")
     assert im.embed_items_images(str(items), tmp_path / "o5", **common)["resumed_shards"] == 2
     assert _outputs(tmp_path / "o4") == _outputs(tmp_path / "o5")
+
+
+def _shard_files(location: Path) -> dict[str, pa.Table]:
+    return {p.name: pq.read_table(p) for p in sorted(location.glob("shard-*.parquet"))}
+
+
+def test_shards_are_kept_under_their_fingerprint_with_what_they_are_made_from(
+        encoder, server, tiny_model, tmp_path):
+    """What an operator finds in checkpoint_uri: a folder named after the fingerprint of the
+    settings, settings.json saying what they are, and one parquet file per shard holding every
+    item of it (its vector, or its failure), marked with the fingerprint."""
+    from item_embeddings.image.shards import SHARD_FORMAT
+
+    config, checkpoint, _ = tiny_model
+    names = ["img/rgb.jpg", "status/404", "img/photo.webp", "img/anim.gif", "html"]
+    items = items_with_urls(tmp_path / "items.parquet", [server.url(n) for n in names])
+    params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                            shard_size=2, checkpoint_uri=str(tmp_path / "ckpt") + "/")
+    meta = im.embed_items_images(str(items), tmp_path / "out", params, download_config=FAST,
+                                 encoder=encoder)
+    location = tmp_path / "ckpt" / meta["fingerprint"][:16]
+    assert meta["checkpoint_location"] == str(location) and meta["shards"] == 3
+    assert sorted(p.name for p in location.iterdir()) == [
+        "settings.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    recorded = json.loads((location / "settings.json").read_text())
+    assert (recorded["format"], recorded["fingerprint"]) == (SHARD_FORMAT, meta["fingerprint"])
+    assert recorded["settings"]["shard_size"] == 2
+    assert recorded["settings"]["resolved_model"] == "tiny-vit-test"
+
+    shards = _shard_files(location)
+    assert [t.num_rows for t in shards.values()] == [2, 2, 1]
+    table = pa.concat_tables(t.replace_schema_metadata(None) for t in shards.values())
+    assert table.column_names == ["id", "url", "key", "source", "reason", "detail",
+                                  "http_status", "attempts", "etag", "last_modified",
+                                  "embedding"]
+    for shard in shards.values():
+        assert shard.schema.metadata[b"fingerprint"] == meta["fingerprint"].encode()
+        assert shard.schema.metadata[b"format"] == SHARD_FORMAT.encode()
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == [f"item-{i:03d}" for i in range(5)]
+    assert [r["source"] for r in rows] == ["encoded", "failed", "encoded", "encoded", "failed"]
+    assert [r["reason"] for r in rows] == [None, dl.HTTP_ERROR, None, None, dl.NOT_AN_IMAGE]
+    assert rows[1]["embedding"] is None and rows[4]["embedding"] is None
+    vectors = np.load(tmp_path / "out" / IMG_ARRAY)
+    np.testing.assert_array_equal(
+        np.array([r["embedding"] for r in rows if r["embedding"] is not None], np.float32),
+        vectors)
+
+
+def test_a_resumed_run_recomputes_damaged_or_foreign_shards_and_says_why(
+        encoder, server, tiny_model, tmp_path, caplog):
+    """Resume trusts a shard only if it is whole, made from these settings and these items:
+    a corrupt file, one with rows missing and one whose item changed id (same URL) are made
+    again, with a log line each; the outputs are a fresh run's."""
+    config, checkpoint, _ = tiny_model
+    urls = [server.url(n) for n in ("img/rgb.jpg", "img/photo.webp", "img/anim.gif",
+                                    "img/cmyk.jpg", "img/grey.jpg", "img/palette.png")]
+    items = items_with_urls(tmp_path / "items.parquet", urls)
+    params = PipelineParams(image_model=str(config), image_pretrained=str(checkpoint),
+                            shard_size=2, checkpoint_uri=str(tmp_path / "ckpt"))
+    common = dict(params=params, download_config=FAST, encoder=encoder)
+    meta = im.embed_items_images(str(items), tmp_path / "o1", **common)
+    location = Path(meta["checkpoint_location"])
+    (location / "shard-00000.parquet").write_bytes(b"garbage")
+    one = pq.read_table(location / "shard-00001.parquet")
+    pq.write_table(one.slice(0, 1), location / "shard-00001.parquet")  # metadata kept
+    with caplog.at_level(logging.WARNING, logger="item_embeddings.image.shards"):
+        again = im.embed_items_images(str(items), tmp_path / "o2", **common)
+    assert again["resumed_shards"] == 1
+    (unreadable, other) = [r.getMessage() for r in caplog.records if r.name.endswith("shards")]
+    assert unreadable.startswith(f"shard 0 at {location} is unreadable (")
+    assert unreadable.endswith("); recomputing it")
+    assert other == (f"shard 1 at {location} was made from other items or settings; "
+                     "recomputing it")
+    assert _outputs(tmp_path / "o1") == _outputs(tmp_path / "o2")
+
+    ids = [f"item-{i:03d}" for i in range(6)]
+    ids[5] = "renamed"  # the same URL under another id: its shard is made again
+    items_with_urls(items, urls, ids)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="item_embeddings.image.shards"), \
+            caplog.at_level(logging.INFO, logger="item_embeddings.image.step"):
+        renamed = im.embed_items_images(str(items), tmp_path / "o3", **common)
+    assert renamed["resumed_shards"] == 2
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("shards")] == [
+        f"shard 2 at {location} was made from other items or settings; recomputing it"]
+    assert [r.getMessage() for r in caplog.records if "already done" in r.getMessage()] == [
+        "shard 0 (2 items) already done; skipped", "shard 1 (2 items) already done; skipped"]
+    assert pq.read_table(tmp_path / "o3" / IMG_ITEMS).column("id").to_pylist() == ids
+
+
+def test_a_run_without_any_image_url_writes_empty_tables_with_their_columns(encoder, tiny_model,
+                                                                            tmp_path):
+    config, checkpoint, _ = tiny_model
+    items = items_with_urls(tmp_path / "items.parquet", [None, "", "not a url"])
+    meta = im.embed_items_images(str(items), tmp_path / "out", PipelineParams(
+        image_model=str(config), image_pretrained=str(checkpoint)), download_config=FAST,
+        encoder=encoder)
+    assert (meta["count"], meta["failed_count"], meta["attempted_count"], meta["shards"]) == \
+        (0, 0, 0, 0)
+    assert meta["failures_by_reason"] == {} and meta["unavailable_hosts"] == {}
+    embedded = pq.read_table(tmp_path / "out" / IMG_ITEMS)
+    failed = pq.read_table(tmp_path / "out" / IMG_FAILURES)
+    assert embedded.num_rows == failed.num_rows == 0
+    assert embedded.column_names == ["id", "url", "key", "etag", "last_modified", "row"]
+    assert failed.column_names == ["id", "url", "reason", "detail", "http_status", "attempts",
+                                   "key"]
+    assert embedded.schema.field("id").type == failed.schema.field("id").type == pa.string()
+    assert np.load(tmp_path / "out" / IMG_ARRAY).shape == (0, 32)
 
 
 # ----------------------------------------------------------------------------- the component

@@ -73,7 +73,7 @@ def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
     if shape[1:] != (dim,):
         raise PreviousSetError(f"previous text vectors at {previous.uri} are {list(shape)}, "
                                f"expected [N, {dim}]")
-    if previous.cached(_UNTRUSTED, lambda: False):
+    if previous.cached(_UNTRUSTED, lambda: [False])[0]:
         return None
     return previous.cached("text-keys", lambda: KeyIndex(
         previous.table(TXT_ITEMS, ["key"]).column("key"))), previous
@@ -85,7 +85,7 @@ def _reusable(previous: PreviousGroup | None, encoder_fp: str, dim: int
 # rewritten to match) fails the comparison.
 REUSE_CHECK_ROWS = 16
 REUSE_MIN_COSINE = {True: 0.999, False: 0.99}  # exact backend / an approximation (int8, fp16)
-_UNTRUSTED = "text-reuse-untrusted"  # set on an opened previous group that failed the check
+_UNTRUSTED = "text-reuse-untrusted"  # [True] on an opened previous group that failed the check
 
 
 def _check_reused(done: _Encoded, array: np.ndarray, encoder: TextEncoder, exact: bool,
@@ -107,7 +107,7 @@ def _check_reused(done: _Encoded, array: np.ndarray, encoder: TextEncoder, exact
     bad = np.flatnonzero(cosines < REUSE_MIN_COSINE[exact])
     if not bad.size:
         return
-    previous.cached(_UNTRUSTED, lambda: True)
+    previous.cached(_UNTRUSTED, lambda: [False])[0] = True  # a flag the worker's shards share
     logger.warning("previous text vectors at %s are not what this encoder makes of their texts "
                    "at %d of %d sampled reused rows (rows %s, cosines %s): the set's rows do not "
                    "belong to its items (moved, or the file replaced with its records); nothing "
