@@ -312,6 +312,188 @@ def test_outside_references_of_a_page(html, found):
     assert outside_references(html) == found
 
 
+@pytest.mark.parametrize("attribute", [
+    "src", "href", "xlink:href", "data", "poster", "action", "formaction", "background",
+    "manifest", "codebase", "cite", "longdesc", "ping", "lowsrc", "dynsrc", "archive", "classid",
+    "profile", "usemap"])
+def test_every_attribute_that_loads_or_links_is_named(attribute):
+    from item_embeddings.verify.page import outside_references
+
+    assert outside_references(f'<p {attribute}="https://x.example/a">x</p><a href>top</a>') == [
+        f"<p {attribute}='https://x.example/a'>"]
+
+
+@pytest.mark.parametrize("html,found", [
+    *((f"<{tag}></{tag}>", [f"<{tag}>: another document embedded"])
+      for tag in ("iframe", "frame", "frameset", "object", "embed", "applet", "portal")),
+    ('<link rel="preload" as="image" imagesrcset="a.png 1x, data:,x 2x">',
+     ["<link imagesrcset> 'a.png'"]),
+    ('<img srcset="a.png, b.png 2x,c.png">',
+     ["<img srcset> 'a.png'", "<img srcset> 'b.png'", "<img srcset> 'c.png'"]),
+    ('<script>get("ftp://f.example/a"); open("ws://w.example/s");'
+     ' get("HTTP://H.example/p)")</script>',
+     ["<script> text: 'ftp://f.example/a'", "<script> text: 'ws://w.example/s'",
+      "<script> text: 'HTTP://H.example/p'"]),
+    ("<style>.a{b:url(\n  'https://x.example/b.png'\n)} @IMPORT url(#f);</style>",
+     ["<style> url('https://x.example/b.png')", "<style> @import"]),
+    # references of every kind add up, in page order (a srcset URL may end in any letter)
+    ('<a href="https://x.example/">x</a><img srcset="a/X, b.png 2x"><script>go("https://x'
+     '.example/s")</script><script>let a;</script>',
+     ["<a href='https://x.example/'>", "<img srcset> 'a/X'", "<img srcset> 'b.png'",
+      "<script> text: 'https://x.example/s'"]),
+    # text outside <style> and <script> loads nothing, even after them
+    ("<style>.a{}</style>url(https://x.example/b.png) see https://x.example/docs"
+     "<script>let a;</script>https://x.example/", []),
+    ('<img src=" #top "><img src="data:,x"><img src="https://x.example/a\n   b.png">',
+     ["<img src='https://x.example/a b.png'>"]),
+    (f'<img src="https://x.example/{"a" * 62}">', [f"<img src='https://x.example/{'a' * 62}'>"]),
+    (f'<img src="https://x.example/{"a" * 63}">',
+     [f"<img src='https://x.example/{'a' * 61}…'>"]),
+])
+def test_outside_references_of_each_kind(html, found):
+    """What the page scan names, as the violation shows it: each element that embeds another
+    document, image candidates, the URL schemes a script reaches, CSS across lines and in any
+    letter case; a reference is shown whole up to 80 characters, with its whitespace folded."""
+    from item_embeddings.verify.page import outside_references
+
+    assert outside_references(html) == found
+
+
+def test_page_violation_counts_every_reference_and_shows_five(tmp_path):
+    from item_embeddings.verify.page import check_page
+
+    page = tmp_path / QA_REPORT
+    page.write_text("".join(f'<img src="https://x.example/{i}.png">' for i in range(7)))
+    report = Report("set")
+    check_page(page, report)
+    assert report.violations == [
+        "qa_report.html: 7 reference(s) outside the page (a QA report is self-contained: data: "
+        "URIs and #anchors only), e.g. " + "; ".join(
+            f"<img src='https://x.example/{i}.png'>" for i in range(5))]
+    page.write_text('<p>A QA report <a href="#top">top</a></p>')
+    report = Report("set")
+    check_page(page, report)
+    assert report.ok and not report.facts
+    page.write_bytes(b"\xff<p>")
+    check_page(page, report)
+    page.unlink()
+    page.mkdir()
+    check_page(page, report)
+    assert report.violations == [
+        "qa_report.html: unreadable as UTF-8 text: 'utf-8' codec can't decode byte 0xff in "
+        "position 0: invalid start byte",
+        f"qa_report.html: unreadable as UTF-8 text: [Errno 21] Is a directory: '{page}'"]
+
+
+def test_report_lists_facts_then_violations():
+    report = Report("gs://b/set")
+    report.facts.append("txt.npy: shape [2, 4], dtype float32")
+    assert report.ok and report.format() == (
+        "output set: gs://b/set\n  txt.npy: shape [2, 4], dtype float32\nall checks passed")
+    report.fail("a")
+    report.fail("b")
+    assert not report.ok and report.format() == (
+        "output set: gs://b/set\n  txt.npy: shape [2, 4], dtype float32\n2 violation(s):\n"
+        "  VIOLATION: a\n  VIOLATION: b")
+
+
+def test_readers_turn_damaged_files_into_violations(tmp_path):
+    """JSON, parquet and .npy files that cannot be used are violations naming the file and
+    what is wrong, never a traceback; a float64 array is a violation but still read."""
+    from item_embeddings.verify.report import load_array, load_json, load_table
+
+    report = Report("set")
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "cut.json").write_text('{"a": ')
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert load_json(tmp_path / "list.json", report) is None
+    assert load_json(tmp_path / "cut.json", report) is None
+    assert load_json(tmp_path / "gone.json", report) is None
+    assert load_json(tmp_path / "ok.json", report) == {"a": 1}
+    assert report.violations[0] == "list.json: expected a JSON object"
+    assert report.violations[1].startswith("cut.json: unreadable JSON: Expecting value")
+    assert report.violations[2].startswith("gone.json: unreadable JSON: [Errno 2]")
+    assert len(report.violations) == 3
+
+    report = Report("set")
+    columns = {"id": "id", "url": "str", "row": "int", "ok": "bool"}
+    good = pa.table({"id": pa.array(["a"], pa.large_string()), "url": pa.array(["u"]),
+                     "row": pa.array([0], pa.int16()), "ok": [True]})
+    pq.write_table(good, tmp_path / "good.parquet")
+    assert load_table(tmp_path / "good.parquet", columns, report).equals(good)
+    pq.write_table(good.drop(["row"]), tmp_path / "short.parquet")
+    assert load_table(tmp_path / "short.parquet", columns, report) is None
+    pq.write_table(pa.table({"id": [1.5], "url": [2], "row": ["0"], "ok": [1]}),
+                   tmp_path / "types.parquet")
+    assert load_table(tmp_path / "types.parquet", columns, report) is None
+    (tmp_path / "text.parquet").write_text("id,url")
+    assert load_table(tmp_path / "text.parquet", columns, report) is None
+    assert report.violations[:5] == [
+        "short.parquet: missing column(s) ['row'] (has ['id', 'url', 'ok'])",
+        "types.parquet: column 'id' has type double, expected string or integer ids",
+        "types.parquet: column 'url' has type int64, expected a string type",
+        "types.parquet: column 'row' has type string, expected an integer type",
+        "types.parquet: column 'ok' has type int64, expected bool"]
+    assert report.violations[5].startswith("text.parquet: unreadable parquet: ")
+    assert len(report.violations) == 6
+    pq.write_table(pa.table({"id": [7], "url": pa.array(["u"], pa.large_string())}),
+                   tmp_path / "ints.parquet")
+    assert load_table(tmp_path / "ints.parquet", {"id": "id", "url": "str"}, report) is not None
+    assert len(report.violations) == 6
+
+    report = Report("set")
+    np.save(tmp_path / "a64.npy", np.eye(2))
+    np.save(tmp_path / "flat.npy", np.zeros(3, np.float32))
+    np.save(tmp_path / "ints.npy", np.zeros((2, 3), np.int32))
+    np.save(tmp_path / "objects.npy", np.array([[None]], dtype=object))
+    assert load_array(tmp_path / "a64.npy", report).tolist() == [[1, 0], [0, 1]]
+    assert load_array(tmp_path / "flat.npy", report) is None
+    assert load_array(tmp_path / "ints.npy", report) is None
+    assert load_array(tmp_path / "ints.npy", report, np.int32).shape == (2, 3)
+    assert load_array(tmp_path / "objects.npy", report) is None
+    assert report.facts == ["a64.npy: shape [2, 2], dtype float64",
+                            "flat.npy: shape [3], dtype float32",
+                            "ints.npy: shape [2, 3], dtype int32",
+                            "ints.npy: shape [2, 3], dtype int32"]
+    assert report.violations[:3] == ["a64.npy: expected float32, got float64",
+                                     "flat.npy: expected a 2-D array, got shape [3]",
+                                     "ints.npy: expected float32, got int32"]
+    assert report.violations[3].startswith("objects.npy: unreadable .npy: ")
+    assert len(report.violations) == 4
+
+
+@pytest.mark.parametrize("block_rows", [3, 65536])
+def test_row_values_and_meta_fields_checked_as_reported(monkeypatch, block_rows):
+    """NaN/Inf rows and rows off unit norm (by more than 0.001) are named by row, the first five
+    shown, in blocks of any size; a meta field missing or disagreeing with the data is named."""
+    from item_embeddings.verify import report as verify_report
+    from item_embeddings.verify.report import check_meta, check_values, meta_fact, rows_text
+
+    monkeypatch.setattr(verify_report, "CHUNK_ROWS", block_rows)
+    rows = np.tile(np.array([[0.6, 0.8]], np.float32), (16, 1))
+    rows[[1, 3, 5, 7, 9, 11]] = np.nan
+    rows[13, 1] = np.inf
+    rows[2] *= 1.0009   # within the tolerance
+    rows[4] *= 1.0011
+    rows[6] *= 0.9989
+    rows[8] = 0
+    report = Report("set")
+    check_values("fused.npy", rows, report)
+    assert report.violations == [
+        "fused.npy: 7 row(s) with NaN/Inf (rows [1, 3, 5, 7, 9])",
+        "fused.npy: 3 row(s) not unit-norm (tolerance 0.001; rows [4, 6, 8])"]
+    report = Report("set")
+    check_values("fused.npy", rows[[0, 2]], report)
+    assert report.ok
+    check_meta("img_meta.json", {"count": 3, "embed_dim": 512, "extra": 1},
+               {"count": 3, "embed_dim": 32, "failed_count": 0}, report)
+    assert report.violations == ["img_meta.json: embed_dim = 512 but the data says 32",
+                                 "img_meta.json: field 'failed_count' missing"]
+    assert meta_fact("knn_meta.json", {"k": 5, "spaces": {}, "files": [], "count": 2.5,
+                                       "a": "x"}) == "knn_meta.json: a=x, count=2.5, k=5"
+    assert rows_text(list(range(9))) == "9 row(s) (rows [0, 1, 2, 3, 4])"
+
+
 def _unit_rows(n: int, dim: int, seed: int = 3) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -396,6 +578,28 @@ def test_sampled_search_skips_rows_it_cannot_judge():
     assert report.ok and not report.facts  # no row to judge
 
 
+@pytest.mark.parametrize("angle,misses", [(-0.3, False), (-0.30002, False), (-0.3003, True)])
+def test_sampled_search_takes_equal_cosines_as_a_tie(angle, misses):
+    """Row 0 lists row 2 though row 1 is as near (cosine equal, or less than 1e-5 apart): no
+    miss; 9e-5 nearer is a miss, named with both cosines."""
+    from item_embeddings.verify import nearest
+
+    angles = np.array([0, 0.3, angle, 1.5, 1.6, 3.0, 3.1])
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    idx, scores = exact_knn(vectors, 1)
+    assert idx[0, 0] == 1
+    idx[0, 0] = 2
+    report = Report("set")
+    nearest.check_nearest("text", idx, vectors, nearest.Recorded("exact", 1.0, 10), report)
+    assert report.facts == ["knn_text.npy: 7 of 7 rows (seeded sample) searched exactly: "
+                            f"recall@1 {6 / 7 if misses else 1:.4f} (recorded 1.0000, method "
+                            f"exact)"]
+    assert report.violations == ([
+        f"knn_text.npy: 1 row(s) (rows [0]) of 7 sampled do not list their nearest txt.npy "
+        f"rows, though knn_meta.json says the graph is exact (e.g. row 0 lists row 2 (cosine "
+        f"{np.cos(angle):.4f}) but not row 1 (cosine {np.cos(0.3):.4f}))"] if misses else [])
+
+
 @pytest.mark.parametrize("info,k,recorded,violations", [
     ({"method": "ivf-flat", "recall_at_k": 0.97, "recall_at": {"1": 0.99, "5": 0.98},
       "recall_queries": 1000}, 10, ("ivf-flat", 0.97, 1000), []),
@@ -412,6 +616,16 @@ def test_sampled_search_skips_rows_it_cannot_judge():
      ["recall_queries = True is not a row count"]),
     ({"recall_at_k": 0.5, "recall_queries": 2.5}, 4, ("None", 0.5, None),
      ["recall_queries = 2.5 is not a row count"]),
+    ({"method": "ivf-pq", "recall_at_k": True, "recall_at": [0.9], "recall_queries": -1}, 4,
+     ("ivf-pq", None, None),
+     ["recall_at_k = True is not a number in [0, 1]",
+      "recall_at = [0.9] is not a mapping of column count to recall",
+      "recall_queries = -1 is not a row count"]),
+    ({"recall_at_k": "0.9", "recall_at": {"x": 1, "3": 1.0}}, 4, ("None", None, None),
+     ["recall_at_k = '0.9' is not a number in [0, 1]",
+      "recall_at: 'x' is not a column count in [1, 4)"]),
+    ({"recall_at_k": float("nan"), "recall_at": {"1": None}}, 2, ("None", None, None),
+     ["recall_at_k = nan is not a number in [0, 1]", "recall_at['1'] = None is not a number"]),
 ])
 def test_recorded_recall_read_from_the_meta(info, k, recorded, violations):
     from item_embeddings.verify.nearest import Recorded, recorded_recall
@@ -421,6 +635,50 @@ def test_recorded_recall_read_from_the_meta(info, k, recorded, violations):
     assert len(report.violations) == len(violations)
     for got, fragment in zip(report.violations, violations):
         assert got.startswith(f"knn_meta.json: spaces.fused.{fragment}"), (got, fragment)
+
+
+@pytest.mark.parametrize("block_rows", [5, 65536])
+def test_graph_checks_name_each_damaged_row(monkeypatch, block_rows):
+    """Each rule of a kNN graph, checked in blocks of any size, on rows of any length: the
+    violation names the file, the rows and the rule, word for word; scores within the tolerance
+    of their cosine, a cosine of 1 (two equal rows) and ties in order pass."""
+    from item_embeddings.verify import graphs
+
+    monkeypatch.setattr(graphs, "CHUNK_ROWS", block_rows)
+    vectors = _unit_rows(14, 4) * np.linspace(0.5, 2, 14, dtype=np.float32)[:, None]
+    vectors[13] = vectors[12] * 3  # the same direction: cosine 1
+    idx, scores = exact_knn(vectors, 3)
+    idx[1, 2] = 14                                   # outside [0, 14)
+    idx[2, 0], scores[2, 0] = 2, 1.0                 # itself (its true cosine)
+    idx[3, 1], scores[3, 1] = idx[3, 0], scores[3, 0]  # twice (a tie: in order)
+    scores[4, 2] = np.nan
+    scores[5] = 1.5                                  # outside [-1, 1], and not the cosine
+    idx[6, :2], scores[6, :2] = idx[6, 1::-1].copy(), scores[6, 1::-1].copy()
+    scores[7] -= 0.0011                              # just past the tolerance
+    scores[8] += 0.0009                              # within it
+    scores[9] = [-1.2, -1.3, -1.4]                   # below -1, and not the cosine
+    assert scores[12, 0] == pytest.approx(1.0, abs=1e-6) and idx[12, 0] == 13
+    report = Report("set")
+    graphs.check_graph("text", idx, scores, vectors, report)
+    assert report.violations == [
+        "knn_text.npy: 1 row(s) (rows [1]) with neighbour indices outside [0, 14)",
+        "knn_text.npy: 1 row(s) (rows [2]) listing the item itself as its neighbour",
+        "knn_text.npy: 1 row(s) (rows [3]) listing a neighbour twice",
+        "knn_text_scores.npy: 1 row(s) (rows [4]) with NaN/Inf scores",
+        "knn_text_scores.npy: 2 row(s) (rows [5, 9]) with scores outside [-1, 1] "
+        "(tolerance 0.001)",
+        "knn_text_scores.npy: 1 row(s) (rows [6]) not sorted most similar first",
+        "knn_text_scores.npy: 3 row(s) (rows [5, 7, 9]) whose scores are not the cosine of the "
+        "txt.npy rows they link (tolerance 0.001): built from other vectors, or rows moved"]
+    # without the rows (txt.npy missing, or of another length) the cosines are not checked
+    for other in (None, vectors[:-1]):
+        report = Report("set")
+        graphs.check_graph("fused", idx, scores, other, report)
+        assert len(report.violations) == 6 and report.violations[-1] == (
+            "knn_fused_scores.npy: 1 row(s) (rows [6]) not sorted most similar first")
+    report = Report("set")
+    graphs.check_graph("fused", *exact_knn(vectors, 3), vectors, report)
+    assert report.ok and not report.facts
 
 
 def test_allowed_shortfall_of_a_recall():
