@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -446,20 +447,28 @@ def test_readers_turn_damaged_files_into_violations(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros(3, np.float32))
     np.save(tmp_path / "ints.npy", np.zeros((2, 3), np.int32))
     np.save(tmp_path / "objects.npy", np.array([[None]], dtype=object))
+    np.save(tmp_path / "ints64.npy", np.zeros((2, 3), np.int64))
+    # a pickle is not read (unpickling runs code): not even one of an array
+    (tmp_path / "pickled.npy").write_bytes(pickle.dumps(np.eye(2, dtype=np.float32)))
     assert load_array(tmp_path / "a64.npy", report).tolist() == [[1, 0], [0, 1]]
     assert load_array(tmp_path / "flat.npy", report) is None
     assert load_array(tmp_path / "ints.npy", report) is None
     assert load_array(tmp_path / "ints.npy", report, np.int32).shape == (2, 3)
     assert load_array(tmp_path / "objects.npy", report) is None
+    assert load_array(tmp_path / "ints64.npy", report, np.int32).shape == (2, 3)
+    assert load_array(tmp_path / "pickled.npy", report) is None
     assert report.facts == ["a64.npy: shape [2, 2], dtype float64",
                             "flat.npy: shape [3], dtype float32",
                             "ints.npy: shape [2, 3], dtype int32",
-                            "ints.npy: shape [2, 3], dtype int32"]
+                            "ints.npy: shape [2, 3], dtype int32",
+                            "ints64.npy: shape [2, 3], dtype int64"]
     assert report.violations[:3] == ["a64.npy: expected float32, got float64",
                                      "flat.npy: expected a 2-D array, got shape [3]",
                                      "ints.npy: expected float32, got int32"]
     assert report.violations[3].startswith("objects.npy: unreadable .npy: ")
-    assert len(report.violations) == 4
+    assert report.violations[4] == "ints64.npy: expected int32, got int64"
+    assert report.violations[5].startswith("pickled.npy: unreadable .npy: ")
+    assert "pickle" in report.violations[5] and len(report.violations) == 6
 
 
 @pytest.mark.parametrize("block_rows", [3, 65536])
@@ -477,14 +486,21 @@ def test_row_values_and_meta_fields_checked_as_reported(monkeypatch, block_rows)
     rows[4] *= 1.0011
     rows[6] *= 0.9989
     rows[8] = 0
+    rows[[10, 12, 14]] *= 2
     report = Report("set")
     check_values("fused.npy", rows, report)
     assert report.violations == [
         "fused.npy: 7 row(s) with NaN/Inf (rows [1, 3, 5, 7, 9])",
-        "fused.npy: 3 row(s) not unit-norm (tolerance 0.001; rows [4, 6, 8])"]
+        "fused.npy: 6 row(s) not unit-norm (tolerance 0.001; rows [4, 6, 8, 10, 12])"]
     report = Report("set")
     check_values("fused.npy", rows[[0, 2]], report)
     assert report.ok
+    # a float16 array (a dtype violation) is measured in float64 all the same: this row's
+    # norm is 1.00137, though float16 arithmetic would round it to 1.00098
+    check_values("txt.npy", np.array([[0.6006, 0.8013]], np.float16), report)
+    assert report.violations == [
+        "txt.npy: 1 row(s) not unit-norm (tolerance 0.001; rows [0])"]
+    report = Report("set")
     check_meta("img_meta.json", {"count": 3, "embed_dim": 512, "extra": 1},
                {"count": 3, "embed_dim": 32, "failed_count": 0}, report)
     assert report.violations == ["img_meta.json: embed_dim = 512 but the data says 32",
@@ -648,37 +664,48 @@ def test_graph_checks_name_each_damaged_row(monkeypatch, block_rows):
     vectors = _unit_rows(14, 4) * np.linspace(0.5, 2, 14, dtype=np.float32)[:, None]
     vectors[13] = vectors[12] * 3  # the same direction: cosine 1
     idx, scores = exact_knn(vectors, 3)
+    assert scores[12, 0] == pytest.approx(1.0, abs=1e-6) and idx[12, 0] == 13
+    assert idx[10].tolist() == [12, 13, 7]
+    scores[0] -= 0.0011                              # just past the tolerance (the first row)
     idx[1, 2] = 14                                   # outside [0, 14)
     idx[2, 0], scores[2, 0] = 2, 1.0                 # itself (its true cosine)
     idx[3, 1], scores[3, 1] = idx[3, 0], scores[3, 0]  # twice (a tie: in order)
+    idx[10, 2], scores[10, 2] = 13, scores[10, 1]    # twice, not the smallest index
     scores[4, 2] = np.nan
     scores[5] = 1.5                                  # outside [-1, 1], and not the cosine
     idx[6, :2], scores[6, :2] = idx[6, 1::-1].copy(), scores[6, 1::-1].copy()
-    scores[7] -= 0.0011                              # just past the tolerance
-    scores[8] += 0.0009                              # within it
+    scores[7] -= 0.0011
+    scores[8] += 0.0009                              # within the tolerance
     scores[9] = [-1.2, -1.3, -1.4]                   # below -1, and not the cosine
-    assert scores[12, 0] == pytest.approx(1.0, abs=1e-6) and idx[12, 0] == 13
+    scores[12, 0] = np.float32(1.001)                # the float32 just above 1 + 0.001
     report = Report("set")
     graphs.check_graph("text", idx, scores, vectors, report)
     assert report.violations == [
         "knn_text.npy: 1 row(s) (rows [1]) with neighbour indices outside [0, 14)",
         "knn_text.npy: 1 row(s) (rows [2]) listing the item itself as its neighbour",
-        "knn_text.npy: 1 row(s) (rows [3]) listing a neighbour twice",
+        "knn_text.npy: 2 row(s) (rows [3, 10]) listing a neighbour twice",
         "knn_text_scores.npy: 1 row(s) (rows [4]) with NaN/Inf scores",
-        "knn_text_scores.npy: 2 row(s) (rows [5, 9]) with scores outside [-1, 1] "
+        "knn_text_scores.npy: 3 row(s) (rows [5, 9, 12]) with scores outside [-1, 1] "
         "(tolerance 0.001)",
         "knn_text_scores.npy: 1 row(s) (rows [6]) not sorted most similar first",
-        "knn_text_scores.npy: 3 row(s) (rows [5, 7, 9]) whose scores are not the cosine of the "
-        "txt.npy rows they link (tolerance 0.001): built from other vectors, or rows moved"]
+        "knn_text_scores.npy: 5 row(s) (rows [0, 5, 7, 9, 12]) whose scores are not the cosine "
+        "of the txt.npy rows they link (tolerance 0.001): built from other vectors, or rows "
+        "moved"]
     # without the rows (txt.npy missing, or of another length) the cosines are not checked
     for other in (None, vectors[:-1]):
         report = Report("set")
         graphs.check_graph("fused", idx, scores, other, report)
         assert len(report.violations) == 6 and report.violations[-1] == (
             "knn_fused_scores.npy: 1 row(s) (rows [6]) not sorted most similar first")
-    report = Report("set")
-    graphs.check_graph("fused", *exact_knn(vectors, 3), vectors, report)
-    assert report.ok and not report.facts
+    for rows in (vectors, _unit_rows(8, 96)):  # k x dim above 256: fewer rows gathered at once
+        report = Report("set")
+        graphs.check_graph("fused", *exact_knn(rows, 3), rows, report)
+        assert report.ok and not report.facts
+    report = Report("set")  # a set of one item: its one neighbour can only be out of range
+    graphs.check_graph("text", np.array([[1]], np.int32), np.array([[0.5]], np.float32),
+                       vectors[:1], report)
+    assert report.violations == [
+        "knn_text.npy: 1 row(s) (rows [0]) with neighbour indices outside [0, 1)"]
 
 
 def test_allowed_shortfall_of_a_recall():
