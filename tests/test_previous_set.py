@@ -84,6 +84,7 @@ def test_keys_are_the_first_128_bits_of_the_encoders_fingerprint_and_the_content
         hashlib.sha256(f"{fp}\x1f{c}".encode()).hexdigest()[:32] for c in ("a red kettle", "ü")]
     # the separator keeps (fingerprint, content) pairs apart
     assert content_keys("ab", ["c"]) != content_keys("a", ["bc"])
+    assert content_keys(fp, []).type == pa.string()  # the key column of an empty shard
 
 
 def test_key_index_finds_the_first_previous_row_of_each_key():
@@ -190,6 +191,27 @@ def test_damaged_records_are_refused_naming_each_problem(previous):
             pass
 
 
+def test_a_meta_file_must_record_every_file_of_its_step(previous, tmp_path):
+    meta = json.loads((previous / IMG_META).read_text())
+    del meta["files"][IMG_FAILURES]
+    (previous / IMG_META).write_text(json.dumps(meta))
+    with pytest.raises(PreviousSetError) as exc:
+        verify_previous_set(str(previous))
+    assert str(exc.value) == (f"previous output set {previous}: img_meta.json records no size "
+                              "and sha256 of img_failures.parquet: it cannot be verified; "
+                              "nothing is reused")
+    # published, the manifest records it: the meta file must all the same
+    prefix = tmp_path / "pub"
+    manifest = publish_outputs([previous], str(prefix), run_id="r1")
+    with pytest.raises(PreviousSetError) as exc:
+        with open_previous(str(prefix), "image"):
+            pass
+    assert str(exc.value) == (f"previous output set {prefix} (set "
+                              f"{Path(prefix, manifest['set'])}): img_meta.json records no "
+                              "size and sha256 of img_failures.parquet: it cannot be verified; "
+                              "nothing is reused")
+
+
 def test_a_manifest_must_agree_with_the_meta_files(previous, tmp_path):
     """A published set's manifest is checked too; it never stands in for a meta file."""
     prefix = tmp_path / "pub"
@@ -253,6 +275,7 @@ def test_a_group_the_set_lacks_is_none_when_optional(previous, caplog):
 
 def test_the_first_task_verifies_the_set_once_for_every_step(previous, caplog):
     assert verify_previous_set("") is None
+    previous = previous.rename(previous.with_name("setX"))  # (any folder name)
     caplog.set_level(logging.INFO, logger="item_embeddings.incremental")
     verified = verify_previous_set(str(previous))
     assert _verified_names(verified) == sorted(TEXT + IMAGE + GRAPHS + [KNN_META])
@@ -332,6 +355,10 @@ def test_inputs_fingerprint_follows_the_records_and_pins_a_published_set(previou
     assert pinned[64] == ":" and pinned_previous(pinned) == str(Path(prefix, manifest["set"]))
     assert pinned_previous(pinned[:64] + "x/y") == ""
     published = previous_fingerprint(str(prefix))
+    # the same manifest written with its keys in another order: the same records
+    pointer = json.loads((prefix / MANIFEST).read_text())
+    (prefix / MANIFEST).write_text(json.dumps(dict(reversed(pointer.items()))))
+    assert previous_fingerprint(str(prefix)) == published
     # the manifest counts: the same meta files under another manifest differ
     pointer = json.loads((prefix / MANIFEST).read_text())
     pointer["published_at"] = "2000-01-01T00:00:00+00:00"
@@ -349,6 +376,8 @@ def test_a_set_on_cloud_storage_is_read_from_the_verified_versions(previous, gcs
     assert str(exc.value) == (f"previous output set {root}/{TXT_ARRAY} is an object, a file "
                               "(previous_uri must be an earlier run's output folder or publish "
                               "prefix)")
+    with pytest.raises(PreviousSetError, match="is an object, a file"):
+        check_previous_set(f"{root}/{TXT_ARRAY}/")  # a trailing slash does not hide it
     check_previous_set(prefix + "/")
     verified = verify_previous_set(prefix)
     assert verified.root == root and verified.names(prefix + "/")

@@ -567,18 +567,23 @@ def test_sampled_search_of_an_approximate_graph(recorded, allowed):
             f"less): the graph does not list the nearest txt.npy rows (e.g. row ")
 
 
+@pytest.mark.filterwarnings("error")  # and verify prints no numpy warning about them
 def test_sampled_search_skips_rows_it_cannot_judge():
-    """Rows without a direction (NaN, zero) and listed indices out of range are the other
-    checks' violations: the search leaves those rows out and does not count such rows as
-    nearer; an approximate graph without a usable recorded recall is not judged."""
+    """Rows without a direction (NaN, Inf, zero, too small to measure) and listed indices out
+    of range are the other checks' violations: the search leaves those rows out and does not
+    count such rows as nearer; an approximate graph without a usable recorded recall is not
+    judged."""
     from item_embeddings.verify import nearest
 
     vectors = _unit_rows(200, 8)
     idx, _ = exact_knn(vectors, 4)
     vectors[7] = np.nan
     vectors[8] = 0
+    vectors[10] = [np.inf, -np.inf, 1, 1, 1, 1, 1, 1]
+    vectors[11] = 1e-45  # subnormal: its squares are 0
     idx[9, 0] = 200
-    judged = [r for r in range(200) if r not in (7, 8, 9) and not {7, 8} & set(idx[r])]
+    bad = {7, 8, 10, 11}
+    judged = [r for r in range(200) if r not in bad | {9} and not bad & set(idx[r])]
     report = Report("set")
     nearest.check_nearest("text", idx, vectors, nearest.Recorded("exact", None, None), report)
     assert report.ok and report.facts == [
@@ -592,6 +597,37 @@ def test_sampled_search_skips_rows_it_cannot_judge():
     nearest.check_nearest("text", np.full((200, 4), 300), vectors,
                           nearest.Recorded("exact", 1.0, 10), report)
     assert report.ok and not report.facts  # no row to judge
+
+
+def test_sampled_search_is_seeded_and_names_the_worst_row(monkeypatch):
+    """Rows that miss 0 to 4 of their 5 nearest, searched in blocks of 64 rows: the example is
+    a row that misses the most, with the nearest row it does not list; the same graph gets the
+    same report every time (a seeded sample). A graph recorded with recall 0 may miss all."""
+    from item_embeddings.verify import nearest
+
+    monkeypatch.setattr(nearest, "CHUNK_ROWS", 64)
+    vectors = _unit_rows(2000, 8)
+    exact, scores = exact_knn(vectors, 10)
+    missing = (np.arange(2000) + 1) % 5  # row i lists its (m + 1)-th to (m + 5)-th nearest
+    idx = np.stack([exact[i, m:m + 5] for i, m in enumerate(missing)])
+    reports = []
+    for _ in range(2):
+        report = Report("set")
+        nearest.check_nearest("text", idx, vectors, nearest.Recorded("exact", 1.0, 100), report)
+        reports.append(report)
+    assert reports[0] == reports[1]
+    [violation] = reports[0].violations
+    row = int(violation.split("e.g. row ")[1].split(" ")[0])
+    assert missing[row] == 4 and violation.endswith(
+        f"(e.g. row {row} lists row {exact[row, 8]} (cosine {scores[row, 8]:.4f}) but not row "
+        f"{exact[row, 0]} (cosine {scores[row, 0]:.4f}))")
+    assert violation.startswith("knn_text.npy: ") and " of 256 sampled do not list" in violation
+    report = Report("set")
+    nearest.check_nearest("text", exact[:, 5:], vectors, nearest.Recorded("ivf-flat", 0.0, 100),
+                          report)
+    assert report.ok and report.facts == [
+        "knn_text.npy: 256 of 2000 rows (seeded sample) searched exactly: recall@5 0.0000 "
+        "(recorded 0.0000, method ivf-flat)"]
 
 
 @pytest.mark.parametrize("angle,misses", [(-0.3, False), (-0.30002, False), (-0.3003, True)])
