@@ -115,6 +115,10 @@ def test_a_folder_without_a_complete_set_is_refused_in_one_line(previous, tmp_pa
     assert str(exc.value) == (f"previous output set {empty} is empty or not found "
                               "(previous_uri must be an earlier run's output folder or publish "
                               "prefix)")
+    # the first task's fingerprint refuses it the same way (before any step reads it)
+    for uri in (empty, previous):
+        with pytest.raises(PreviousSetError, match=r"is empty or not found|lacks txt_meta\.json"):
+            inputs_fingerprint("items", str(uri))
 
 
 def test_a_file_or_a_missing_folder_is_refused_by_every_entry(tmp_path):
@@ -298,11 +302,13 @@ def test_the_first_task_verifies_the_set_once_for_every_step(previous, caplog):
         assert group.verified is verified
     assert not caplog.records  # nothing hashed again
     np.save(previous / TXT_ARRAY, np.load(previous / TXT_ARRAY))  # rewritten: a new version
+    (previous / TXT_ITEMS).write_bytes((previous / TXT_ITEMS).read_bytes())
     with pytest.raises(PreviousSetError) as exc:
         with open_previous(str(previous), "text", verified=verified):
             pass
-    assert str(exc.value) == (f"previous output set {previous}: txt.npy changed since this run "
-                              "verified it (the text step's files): nothing is reused")
+    assert str(exc.value) == (f"previous output set {previous}: txt.npy, txt_items.parquet "
+                              "changed since this run verified it (the text step's files): "
+                              "nothing is reused")
     # another location, or a group it did not verify: verified here
     with open_previous(str(previous), "image", verified=VerifiedSet(
             "elsewhere", "/elsewhere", verified.files)) as group:
@@ -388,6 +394,12 @@ def test_a_set_on_cloud_storage_is_read_from_the_verified_versions(previous, gcs
         for name in IMAGE:
             assert (local / name).read_bytes() == (previous / name).read_bytes()
         np.testing.assert_array_equal(group.array(IMG_ARRAY), np.load(previous / IMG_ARRAY))
+        # rows and columns read by ranges of the verified generation
+        np.testing.assert_array_equal(group.rows(IMG_ARRAY, np.array([3, 0])),
+                                      np.load(previous / IMG_ARRAY)[[3, 0]])
+        assert group.shape(IMG_ARRAY) == (21, 512)
+        assert group.table(IMG_ITEMS, ["url"]).equals(
+            pq.read_table(previous / IMG_ITEMS, columns=["url"]))
     assert not local.exists()  # the copy goes with the group
     with pytest.raises(PreviousSetError) as exc:
         check_previous_set(f"gs://{bucket.name}/nothing")
