@@ -235,6 +235,24 @@ def test_a_manifest_must_agree_with_the_meta_files(previous, tmp_path):
                               "nothing is reused")
     with open_previous(str(prefix), "image") as group:  # the manifest's other records hold
         assert group.meta["count"] == 21
+    # a manifest that does not list a file leaves its record to the meta file
+    del records["files"][IMG_FAILURES]
+    (prefix / MANIFEST).write_text(json.dumps(records))
+    with open_previous(str(prefix), "image") as group:
+        assert group.meta["count"] == 21
+
+
+def test_a_step_handed_the_verified_prefix_does_not_hash_it_again(previous, tmp_path, caplog):
+    """However previous_uri is spelled (a trailing slash or not), the steps know the prefix the
+    first task verified: nothing is resolved or hashed again."""
+    prefix = tmp_path / "pubX"
+    publish_outputs([previous], str(prefix), run_id="r1")
+    verified = verify_previous_set(f"{prefix}/")
+    caplog.set_level(logging.INFO, logger="item_embeddings.incremental")
+    for uri in (str(prefix), f"{prefix}/"):
+        with open_previous(uri, "text", verified=verified) as group:
+            assert group.verified is verified
+    assert not caplog.records
 
 
 # ----------------------------------------------------------------------------- what a step reads
@@ -315,10 +333,21 @@ def test_the_first_task_verifies_the_set_once_for_every_step(previous, caplog):
         assert group.verified.root == str(previous)
 
 
-def test_a_set_without_graphs_or_image_is_verified_for_what_it_holds(previous):
-    for name in [*GRAPHS, KNN_META]:
+def test_a_set_without_graphs_is_verified_for_what_it_holds(previous):
+    (previous / KNN_TEXT).unlink()
+    with pytest.raises(PreviousSetError) as exc:
+        verify_previous_set(str(previous))
+    assert str(exc.value) == (f"previous output set {previous} lacks the knn step's "
+                              "knn_text.npy: incomplete (a killed run?); nothing is reused")
+    for name in [*GRAPHS[1:], KNN_META]:
         (previous / name).unlink()
     assert _verified_names(verify_previous_set(str(previous))) == sorted(TEXT + IMAGE)
+    for name in IMAGE:  # the text and image steps' files are required, whatever the metas say
+        (previous / name).unlink()
+    with pytest.raises(PreviousSetError, match="lacks img.npy, img_items.parquet, "
+                                               "img_failures.parquet, img_meta.json: not a "
+                                               "complete output set"):
+        verify_previous_set(str(previous))
 
 
 def test_graphs_that_do_not_match_their_vectors_are_refused(previous):
@@ -384,6 +413,9 @@ def test_a_set_on_cloud_storage_is_read_from_the_verified_versions(previous, gcs
                               "prefix)")
     with pytest.raises(PreviousSetError, match="is an object, a file"):
         check_previous_set(f"{root}/{TXT_ARRAY}/")  # a trailing slash does not hide it
+    bucket.blob("X").upload_from_string(b"x")  # (any object name)
+    with pytest.raises(PreviousSetError, match="is an object, a file"):
+        check_previous_set(f"gs://{bucket.name}/X")
     check_previous_set(prefix + "/")
     verified = verify_previous_set(prefix)
     assert verified.root == root and verified.names(prefix + "/")

@@ -21,6 +21,7 @@ from item_embeddings.outputs import (
     IMG_FAILURES,
     IMG_ITEMS,
     IMG_META,
+    KNN_META,
     MANIFEST,
     QA_REPORT,
     REPORT_META,
@@ -488,25 +489,25 @@ def test_row_values_and_meta_fields_checked_as_reported(monkeypatch, block_rows)
     rows[8] = 0
     rows[[10, 12, 14]] *= 2
     report = Report("set")
-    check_values("fused.npy", rows, report)
+    check_values(FUSED_ARRAY, rows, report)
     assert report.violations == [
         "fused.npy: 7 row(s) with NaN/Inf (rows [1, 3, 5, 7, 9])",
         "fused.npy: 6 row(s) not unit-norm (tolerance 0.001; rows [4, 6, 8, 10, 12])"]
     report = Report("set")
-    check_values("fused.npy", rows[[0, 2]], report)
+    check_values(FUSED_ARRAY, rows[[0, 2]], report)
     assert report.ok
     # a float16 array (a dtype violation) is measured in float64 all the same: this row's
     # norm is 1.00137, though float16 arithmetic would round it to 1.00098
-    check_values("txt.npy", np.array([[0.6006, 0.8013]], np.float16), report)
+    check_values(TXT_ARRAY, np.array([[0.6006, 0.8013]], np.float16), report)
     assert report.violations == [
         "txt.npy: 1 row(s) not unit-norm (tolerance 0.001; rows [0])"]
     report = Report("set")
-    check_meta("img_meta.json", {"count": 3, "embed_dim": 512, "extra": 1},
+    check_meta(IMG_META, {"count": 3, "embed_dim": 512, "extra": 1},
                {"count": 3, "embed_dim": 32, "failed_count": 0}, report)
     assert report.violations == ["img_meta.json: embed_dim = 512 but the data says 32",
                                  "img_meta.json: field 'failed_count' missing"]
-    assert meta_fact("knn_meta.json", {"k": 5, "spaces": {}, "files": [], "count": 2.5,
-                                       "a": "x"}) == "knn_meta.json: a=x, count=2.5, k=5"
+    assert meta_fact(KNN_META, {"k": 5, "spaces": {}, "files": [], "count": 2.5,
+                                "a": "x"}) == "knn_meta.json: a=x, count=2.5, k=5"
     assert rows_text(list(range(9))) == "9 row(s) (rows [0, 1, 2, 3, 4])"
 
 
