@@ -95,11 +95,12 @@ _OUTPUT_SETS: dict[tuple, Path] = {}  # made once per test process, then copied
 
 
 def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int = 0,
-                    run_id: str = "run-1") -> Path:
+                    run_id: str = "run-1", with_report: bool = True) -> Path:
     """A consistent output set in the documented layout (docs/outputs.md), each group written
     through the step skeleton (``step_run``), so its meta file records run id and file hashes;
-    with images, also its QA report (``write_report``). Returns ``root``."""
-    key = (n, with_images, seed, run_id)
+    with images, also its QA report (``write_report``; 20 s, hence ``with_report``). Returns
+    ``root``."""
+    key = (n, with_images, seed, run_id, with_report)
     if key not in _OUTPUT_SETS:
         folder = tempfile.mkdtemp(prefix="item-embeddings-test-set-")
         atexit.register(shutil.rmtree, folder, True)
@@ -110,7 +111,8 @@ def make_output_set(root: Path, n: int = 40, with_images: bool = True, seed: int
     return root
 
 
-def _make_output_set(root: Path, n: int, with_images: bool, seed: int, run_id: str) -> Path:
+def _make_output_set(root: Path, n: int, with_images: bool, seed: int, run_id: str,
+                     with_report: bool) -> Path:
     from item_embeddings.step import step_run
 
     rng = np.random.default_rng(seed)
@@ -155,7 +157,7 @@ def _make_output_set(root: Path, n: int, with_images: bool, seed: int, run_id: s
         run.finish(FUSION_CONFIG, {
             "count": n, "items_with_images": len(good) - 1, "output_dim": 128, "hidden_dim": 256,
             "text_run_id": run_id, "image_run_id": run_id}, metrics={})
-    return write_report(root, run_id=run_id)
+    return write_report(root, run_id=run_id) if with_report else root
 
 
 def write_report(root: Path, run_id: str = "run-1") -> Path:

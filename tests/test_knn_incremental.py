@@ -365,3 +365,75 @@ def test_the_memory_model_at_catalogue_scale():
     assert check_memory(10_000_000, (384, 128), 20, RESERVE, ivf=True,
                         available=64 * 10 ** 9) == ten_million
     assert machine_memory_bytes() > 2 ** 30      # this machine's, from cgroup or /proc/meminfo
+
+
+class _Files:
+    """``Path`` for memory.py over a fixed set of files (the others cannot be read)."""
+
+    files: dict[str, str] = {}
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read_text(self) -> str:
+        if self.path not in self.files:
+            raise FileNotFoundError(self.path)
+        return self.files[self.path]
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"/sys/fs/cgroup/memory.max": "8589934592\n",
+      "/proc/meminfo": "MemTotal:       16384000 kB\nMemFree:  1 kB\n"}, 8589934592),
+    ({"/sys/fs/cgroup/memory.max": "max\n",
+      "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+      "/proc/meminfo": "MemFree:  1 kB\nMemTotal:       16384000 kB\n"}, 16384000 * 1024),
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "4294967296\n",
+      "/proc/meminfo": "MemTotal:       16384000 kB\n"}, 4294967296),
+    ({"/sys/fs/cgroup/memory.max": "2147483648"}, 2147483648),
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
+    ({}, None),
+])
+def test_the_memory_a_step_may_use_is_the_smallest_limit(monkeypatch, files, expected):
+    """The cgroup limit (v2, or v1) when it is below the machine's memory; 'max' or v1's huge
+    number is no limit; nothing readable: unknown, and the step is not refused."""
+    from item_embeddings.knn import memory
+
+    monkeypatch.setattr(_Files, "files", files)
+    monkeypatch.setattr(memory, "Path", _Files)
+    assert memory.machine_memory_bytes() == expected
+    if expected is None:
+        assert memory.check_memory(10 ** 9, (384,), 20, RESERVE, ivf=True) > 10 ** 12
+
+
+def test_the_memory_refusal_names_the_estimate_and_the_machine():
+    """What the step refuses with, word for word, for the IVF and exact paths and an update
+    (which may turn into a full build: the larger of the two counts)."""
+    from item_embeddings.knn.memory import KnnMemoryError, check_memory, step_peak_bytes
+
+    fixed = 1000 * 2 ** 20
+    ivf = step_peak_bytes(2_000_000, (128, 384), 20, 10, ivf=True)
+    assert ivf == fixed + 2_000_000 * (4 * 384 + 24 + 24 * 30)
+    exact = step_peak_bytes(2_000_000, (384, 128), 20, 10, ivf=False)
+    assert exact == fixed + 2_000_000 * 24 * 30
+    update = step_peak_bytes(2_000_000, (384, 128), 20, 10, ivf=True, update=True)
+    assert update == fixed + 2_000_000 * (4 * 384 + 24 + 40 * 30)
+    for kwargs, gb in [({"ivf": True}, "6.4"), ({"ivf": True, "update": True}, "7.6"),
+                       ({"ivf": False}, "2.9")]:
+        with pytest.raises(KnnMemoryError) as exc:
+            check_memory(2_000_000, (384, 128), 20, 10, available=2 * 10 ** 9, **kwargs)
+        assert str(exc.value) == (
+            f"the kNN graphs of 2,000,000 items (384-d, k=20) need about {gb} GB of memory, "
+            "and this machine has 2.0 GB: set knn_machine_type to a machine with more memory "
+            "(`item-embeddings estimate` names one; docs/knn.md, Memory)")
+    assert check_memory(2_000_000, (384, 128), 20, 10, ivf=True, update=True,
+                        available=10 ** 10) == update
+    # gigabytes of 10^9 bytes, to one decimal (3.350000002 and 2.75 round up)
+    with pytest.raises(KnnMemoryError) as exc:
+        check_memory(77_686_145, (2,), 1, 0, ivf=False, available=2_750_000_000)
+    assert str(exc.value).startswith("the kNN graphs of 77,686,145 items (2-d, k=1) need about "
+                                     "3.4 GB of memory, and this machine has 2.8 GB: ")
+    # 15 % headroom above the estimate
+    assert check_memory(2_000_000, (384, 128), 20, 10, ivf=True,
+                        available=int(ivf * 1.15) + 1) == ivf
+    with pytest.raises(KnnMemoryError):
+        check_memory(2_000_000, (384, 128), 20, 10, ivf=True, available=int(ivf * 1.14))
