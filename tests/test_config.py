@@ -272,6 +272,11 @@ def test_machines_vertex_pairs_are_taken(kw):
     (dict(text_machine_type="a2-highgpu-1g"),
      "parameter 'text_machine_type' 'a2-highgpu-1g' is a GPU machine type, which does not run "
      "without its GPUs; this step takes a CPU machine type (e.g. e2-standard-4)"),
+    (dict(fusion_machine_type="g2-standard-8", text_machine_type="a3-highgpu-1g"),
+     "parameter 'text_machine_type' 'a3-highgpu-1g' is a GPU machine type, which does not run "
+     "without its GPUs; this step takes a CPU machine type (e.g. e2-standard-4); parameter "
+     "'fusion_machine_type' 'g2-standard-8' is a GPU machine type, which does not run without "
+     "its GPUs; this step takes a CPU machine type (e.g. e2-standard-4)"),
     (dict(image_machine_type="n1-ultramem-40"),
      "parameter 'image_machine_type' 'n1-ultramem-40' cannot take the image workers' "
      "NVIDIA_TESLA_T4: it attaches to n1 machine types only (e.g. n1-standard-4)"),
