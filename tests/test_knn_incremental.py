@@ -8,6 +8,7 @@ test_pipeline_local.py covers the pipeline parameter).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -437,3 +438,122 @@ def test_the_memory_refusal_names_the_estimate_and_the_machine():
                         available=int(ivf * 1.15) + 1) == ivf
     with pytest.raises(KnnMemoryError):
         check_memory(2_000_000, (384, 128), 20, 10, ivf=True, available=int(ivf * 1.14))
+
+
+def test_row_digests_tell_rows_whose_values_moved():
+    """Values moved to other places of the row (whole 64-bit words swapped, or 32-bit values
+    of an odd dimension): the same values, another vector, so another digest."""
+    x = clustered_unit_vectors(40, 16, seed=4)
+    moved = x.copy()
+    moved[3, [0, 1, 2, 3]] = moved[3, [2, 3, 0, 1]]        # two 64-bit words swapped
+    assert np.flatnonzero(row_digests(moved) != row_digests(x)).tolist() == [3]
+    odd = clustered_unit_vectors(40, 7, seed=5)
+    moved = odd.copy()
+    moved[6, [0, 4]] = moved[6, [4, 0]]
+    assert np.flatnonzero(row_digests(moved) != row_digests(odd)).tolist() == [6]
+
+
+def test_fill_ivf_puts_every_row_once_in_its_nearest_list():
+    """The IVF index an update searches: each row in the list of its nearest centroid (found
+    with nprobe=1 as its own nearest row), each list as long as its rows, and the state kept
+    for the next run in the types the state file records (float32 centroids, int32 lists)."""
+    import faiss
+
+    from item_embeddings.knn.state import fill_ivf, ivf_state, nearest_lists
+
+    x = clustered_unit_vectors(500, 16, topics=6, seed=2)
+    centroids = np.ascontiguousarray(x[::63][:8])
+    quantizer = faiss.IndexFlatIP(16)
+    quantizer.add(centroids)
+    index = faiss.IndexIVFFlat(quantizer, 16, 8, faiss.METRIC_INNER_PRODUCT)
+    index.referenced_objects = [quantizer]
+    lists = nearest_lists(index, x)
+    np.testing.assert_array_equal(lists, np.argmax(x @ centroids.T, axis=1))
+    fill_ivf(index, x, lists)
+    assert index.ntotal == 500
+    invlists = faiss.downcast_InvertedLists(index.invlists)
+    sizes = [invlists.list_size(i) for i in range(8)]
+    assert sizes == np.bincount(lists, minlength=8).tolist()
+    index.nprobe = 1
+    _, found = index.search(x, 1)
+    assert found[:, 0].tolist() == list(range(500))
+    state = ivf_state(index, lists)
+    assert state.centroids.dtype == np.float32 and state.lists.dtype == np.int32
+    np.testing.assert_array_equal(state.centroids, centroids)
+    np.testing.assert_array_equal(state.lists, lists)
+    assert state.nprobe == 1
+
+
+def test_the_update_records_what_it_did(night_one, tmp_path, caplog):
+    """knn_meta.json's ``incremental`` record and the log line of an exact update: the counts
+    add up to the rows, the previous run is named, the times are measured."""
+    cat, previous = night_one
+    first = json.loads((previous / KNN_META).read_text())
+    cat.change([3, 50, 400])
+    cat.delete([7, 8])
+    inputs = cat.write(tmp_path / "b")
+    with caplog.at_level("INFO", logger="item_embeddings.knn"):
+        meta = run_knn(inputs, tmp_path / "inc", previous)
+    n = len(cat.ids)
+    for space, info in meta["spaces"].items():
+        done = info["incremental"]
+        assert set(done) == {
+            "previous_run_id", "changed_count", "deleted_count", "searched_count",
+            "reserve_exhausted_count", "completed_from_reserve_count", "entered_count",
+            "reserve", "work_share", "rebuild_work_share", "search_time_sec",
+            "merge_time_sec"}, space
+        assert done["previous_run_id"] == first["run_id"]
+        assert done["reserve"] == RESERVE and done["rebuild_work_share"] == 0.8
+        assert done["entered_count"] == (n - done["searched_count"] - info["reused_count"]
+                                         - done["completed_from_reserve_count"]) > 0
+        assert done["search_time_sec"] > 0 and done["merge_time_sec"] > 0
+        assert info["query_time_sec"] >= done["search_time_sec"] + done["merge_time_sec"]
+        assert (f"{space} vectors: updated {n - info['reused_count']} rows of {n} "
+                f"({done['changed_count']} changed, {done['searched_count']} searched, "
+                f"{done['completed_from_reserve_count']} completed from the reserve, "
+                f"{done['entered_count']} with changed rows entering), "
+                f"{info['reused_count']} reused; recall@{K} 1.0000") in caplog.text
+
+
+def test_an_ivf_update_takes_the_nearest_of_many_new_near_duplicates(tmp_path, caplog):
+    """30 new items next to one kept item (more than its k + reserve): the update lists that
+    item's 10 nearest of them, as an exact search does, and logs the rows entering lists; the
+    meta names the run that tuned the index."""
+    cat = Catalogue(2000, text_dim=24)
+    ivf = dict(knn_exact_max_items=0)
+    first = run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a", **ivf)
+    cat.insert(1000, 30)
+    noise = np.random.default_rng(7).normal(size=(30, cat.text.shape[1])).astype(np.float32)
+    near = cat.text[100] + 0.02 * noise
+    cat.text[1000:1030] = near / np.linalg.norm(near, axis=1, keepdims=True)
+    inputs = cat.write(tmp_path / "b")
+    with caplog.at_level("INFO", logger="item_embeddings.knn"):
+        meta = run_knn(inputs, tmp_path / "inc", tmp_path / "knn-a", **ivf)
+    info = meta["spaces"]["text"]
+    assert (info["method"], info["update"]) == ("ivf-flat", "incremental")
+    assert info["index_params"]["tuned_by_run"] == first["run_id"]
+    x = unit_rows(cat.text.astype(np.float32), K)
+    exact, _ = exact_knn(x, K, queries=np.array([100]))
+    assert np.load(tmp_path / "inc" / KNN_TEXT)[100].tolist() == exact[0].tolist()
+    assert set(exact[0].tolist()) <= set(range(1000, 1030))
+    entered = [int(m) for m in re.findall(r"^.*text vectors: (\d+) changed rows enter \d+ lists",
+                                          caplog.text, re.M)]
+    assert len(entered) == 1 and 10 <= entered[0] <= 30
+
+
+def test_a_row_left_with_exactly_k_members_still_takes_a_new_neighbour(night_one, tmp_path):
+    """An item loses its whole reserve (8 deleted items) and a new item is its nearest: the
+    item is not searched (k members left) but the new item enters its list as in a rebuild."""
+    cat, previous = night_one
+    reserve = np.load(previous / KNN_TEXT_STATE)["reserve_neighbours"][42]
+    cat.delete(reserve)
+    cat.insert(300, 1)
+    near = cat.text[cat.ids.index("item00042")] + 0.01 * cat.text[300]
+    cat.text[300] = near / np.linalg.norm(near)
+    inputs = cat.write(tmp_path / "b")
+    meta = run_knn(inputs, tmp_path / "inc", previous)
+    run_knn(inputs, tmp_path / "full")
+    assert_same_graphs(tmp_path / "inc", tmp_path / "full")
+    text = meta["spaces"]["text"]
+    assert text["update"] == "incremental" and text["incremental"]["deleted_count"] == 8
+    assert np.load(tmp_path / "inc" / KNN_TEXT)[cat.ids.index("item00042"), 0] == 300
