@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from .config import PipelineParams
 from .errors import ItemEmbeddingsError
-from .image.selection import usable_url
+from .image.selection import rows_to_select, usable_url
 from .image.step import IMAGE_STEP
 from .items import ItemColumns, iter_batches, validate_items
 from .outputs import IMG_ARRAY, IMG_FAILURES, IMG_ITEMS, IMG_META, TXT_ARRAY, TXT_ITEMS, TXT_META
@@ -81,7 +81,7 @@ class Shard:
     def image_rows(self) -> int | None:
         """The rows the image step selects here (its quota, or every URL row without a cap);
         None when not counted (a worker run without a plan)."""
-        return self.url_rows if self.image_quota is None else self.image_quota
+        return rows_to_select(self.image_quota, self.url_rows)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: _NONE if v is None else v for k, v in dataclasses.asdict(self).items()}

@@ -32,6 +32,16 @@ def usable_url(value: Any) -> str | None:
     return url
 
 
+def rows_to_select(quota: int | None, url_rows: int | None) -> int | None:
+    """The rows the image step selects in a row range: its quota under ``max_items``, else
+    every row with a usable URL (None: not counted).
+
+    >>> rows_to_select(None, 7), rows_to_select(0, 7), rows_to_select(None, None)
+    (7, 0, None)
+    """
+    return url_rows if quota is None else quota
+
+
 def iter_selected(items_uri: str, columns: ItemColumns, cap: int | None,
                   selection: Selection, rows: tuple[int, int] | None = None
                   ) -> Iterator[tuple[Any, str]]:

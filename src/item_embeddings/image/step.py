@@ -37,7 +37,7 @@ from .embed_loop import EmbedStats, run_shards
 from .encoder import ImageEncoder, load_image_encoder
 from .fetching import FetchDecodePool
 from .reuse import PreviousImages, encoder_fingerprint, previous_images
-from .selection import Selection, iter_selected
+from .selection import Selection, iter_selected, rows_to_select
 from .shards import ShardStore, assemble, fingerprint, iter_shards
 
 logger = logging.getLogger(__name__)
@@ -170,9 +170,8 @@ def _nothing_to_select(rows: tuple[int, int] | None, quota: int | None,
                        url_rows: int | None) -> bool:
     """Whether the plan gives this row range no image to select (its quota is used up, or it
     holds no URL): then nothing of the items or the previous set needs reading."""
-    if rows is None or url_rows is None:
-        return False
-    return (url_rows if quota is None else quota) == 0
+    # _planned_empty derives the counts from url_rows: without it, read the rows as before
+    return rows is not None and url_rows is not None and rows_to_select(quota, url_rows) == 0
 
 
 def _planned_empty(out, rows: tuple[int, int], url_rows: int, dim: int,
