@@ -146,6 +146,14 @@ def test_a_published_set_is_read_as_its_manifest_lists_it(plain_set, tmp_path, c
     assert _violations(published) == []
     assert ("files not in the manifest (ignored by readers): ['notes.txt']"
             in _facts(published))
+    # A manifest that lists no files is a set without files.
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({"run_id": "r1"}))
+    assert _violations(published) == [
+        "no text outputs (txt.npy, txt_items.parquet, txt_meta.json): not an item-embeddings "
+        "output set"]
+    assert _facts(published)[1] == "manifest.json: run_id='r1', published_at=, 0 files"
+    (root / MANIFEST).write_text(json.dumps(manifest))
     # A file the manifest does not list is not part of the set, even when it is there.
     manifest = json.loads((root / MANIFEST).read_text())
     del manifest["files"][IMG_FAILURES]
@@ -394,11 +402,13 @@ def test_image_rows_outside_the_array_or_shared(plain_set):
     items["row"][2] = None
     items["row"][3] = items["row"][4]
     items["row"][5] = items["row"][6]
+    items["row"][7] = None  # two ids without a row do not share one
+    items["row"][8] = 100
     _rewrite(plain_set / IMG_ITEMS, pa.table(items), reseal_root=plain_set)
     violations = _violations(plain_set)
     shared = sorted([items["row"][4], items["row"][6]])
     assert violations == [
-        "img_items.parquet: 3 row index(es) outside img.npy [0, 21), e.g. [-1, 21, None]",
+        "img_items.parquet: 5 row index(es) outside img.npy [0, 21), e.g. [-1, 21, None]",
         f"img_items.parquet: several ids point at the same img.npy row (rows {shared})",
     ]
 
@@ -435,6 +445,17 @@ def test_image_ids_rows_meta_and_failures_agree(plain_set):
     assert "failed downloads: 6 (http_status: 4, timeout: 2)" in _facts(plain_set)
     _edit_json(plain_set / IMG_META, attempted_count=25)
     assert "img_meta.json: attempted_count = 25 but the data says 26" in _violations(plain_set)
+
+
+def test_ids_both_embedded_and_failed_show_three(plain_set):
+    items = pq.read_table(plain_set / IMG_ITEMS).to_pydict()
+    failures = pq.read_table(plain_set / IMG_FAILURES)
+    failed = failures.column("id").to_pylist()
+    items["id"][:4] = failed[:4]
+    _rewrite(plain_set / IMG_ITEMS, pa.table(items), reseal_root=plain_set)
+    violations = _violations(plain_set)
+    assert (f"4 id(s) are both in img_items.parquet and img_failures.parquet, e.g. "
+            f"{sorted(failed[:4])[:3]}") in violations, violations
 
 
 def test_image_meta_without_optional_counts_is_not_held_to_them(plain_set):
@@ -675,7 +696,11 @@ def test_a_set_on_cloud_storage(plain_set, gcs):
     pointer = publish_outputs([plain_set], published, run_id="r1")
     bucket.blob(f"pub/{pointer['set']}stray.bin").upload_from_string(b"x")
     assert _violations(published) == []
-    assert not any("stray.bin" in f for f in _facts(published))
+    root = f"{published}/{pointer['set'].rstrip('/')}"
+    assert _facts(published) == [
+        f"publish prefix: its pointer names the set {root}",
+        f"manifest.json: run_id='r1', published_at={pointer['published_at']}, "
+        f"{len(pointer['files'])} files", *SET_FACTS]  # the stray file not even fetched
     manifest = dict(pointer, files={**pointer["files"], "../up.npy": {"size": 1, "sha256": ""},
                                     "": {"size": 1, "sha256": ""},
                                     "a/b.npy": {"size": 1, "sha256": ""},
@@ -705,3 +730,32 @@ def test_a_copied_set_without_a_manifest_on_cloud_storage_is_read_whole(plain_se
     uri = _upload(bucket, plain_set, "run", names={TXT_ARRAY, TXT_ITEMS, TXT_META})
     assert _violations(uri)[0].startswith("image outputs missing")
     shutil.rmtree(plain_set)
+
+
+@pytest.mark.parametrize("prefix", ["runX", "run ", "run\t"])
+def test_a_set_on_cloud_storage_under_any_prefix_name(plain_set, gcs, prefix):
+    """Object names may end in any character: the set's files are found under the prefix as
+    it is spelled (not one with its last letters or spaces stripped)."""
+    bucket = gcs.create_bucket(f"verify-checks-names-{ord(prefix[-1])}")
+    uri = _upload(bucket, plain_set, prefix)
+    _upload(bucket, plain_set, prefix.rstrip("X \t"), names={TXT_META})  # a decoy beside it
+    (plain_set / MANIFEST).write_text(json.dumps({"run_id": "mine", "files": {}}))
+    _upload(bucket, plain_set, prefix.rstrip("X \t"), names={MANIFEST})
+    assert _violations(uri) == []
+    assert _facts(uri)[0] == "manifest.json: none (not a published set)"
+
+
+def test_a_published_set_on_cloud_storage_whose_own_manifest_is_damaged(plain_set, gcs):
+    bucket = gcs.create_bucket("verify-checks-manifest")
+    published = f"gs://{bucket.name}/pub"
+    pointer = publish_outputs([plain_set], published, run_id="r1")
+    own = bucket.blob(f"pub/{pointer['set']}{MANIFEST}")
+    own.upload_from_string(b"{not json")  # fetched alone, and reported unreadable
+    violations = _violations(published)
+    assert len(violations) == 2, violations
+    assert violations[0].startswith("manifest.json: unreadable JSON: "), violations
+    assert violations[1] == ("no text outputs (txt.npy, txt_items.parquet, txt_meta.json): not "
+                             "an item-embeddings output set")
+    own.upload_from_string(json.dumps({"run_id": "r1"}))  # lists no files: nothing to read
+    root = f"{published}/{pointer['set'].rstrip('/')}"
+    assert _violations(published) == [f"nothing found under {root}"]
