@@ -759,3 +759,16 @@ def test_a_published_set_on_cloud_storage_whose_own_manifest_is_damaged(plain_se
     own.upload_from_string(json.dumps({"run_id": "r1"}))  # lists no files: nothing to read
     root = f"{published}/{pointer['set'].rstrip('/')}"
     assert _violations(published) == [f"nothing found under {root}"]
+
+
+def test_the_recorded_recall_of_each_space_is_checked(plain_set):
+    meta = json.loads((plain_set / KNN_META).read_text())
+    assert meta["spaces"]["text"]["recall_at"] == {"1": 1.0}
+    meta["spaces"]["text"]["recall_at_k"] = 1.5
+    meta["spaces"]["fused"]["recall_at"] = {"1": 1.0, "3": 1.0}  # k = 3: columns 1 and 2 only
+    (plain_set / KNN_META).write_text(json.dumps(meta))
+    reseal(plain_set)
+    assert _violations(plain_set) == [
+        "knn_meta.json: spaces.text.recall_at_k = 1.5 is not a number in [0, 1]",
+        "knn_meta.json: spaces.fused.recall_at: '3' is not a column count in [1, 3)",
+    ]
