@@ -658,6 +658,65 @@ def test_a_rate_limited_host_is_paced_on_its_clock(monkeypatch):
     assert host.summary()["rate"] == 4.0
 
 
+def test_requests_that_get_their_slot_late_are_still_sent_1_over_rate_apart(monkeypatch):
+    """Two requests paced 0.25 s apart both wait for a global slot that frees a second later:
+    the second is still sent 0.25 s after the first (the spacing of sent requests), and its
+    wait for its place came before it asked for a slot."""
+    clock = Clock()
+    hosts = Hosts(HostPolicy(rate=4.0), is_down=lambda exc: True, clock=clock)
+    host = hosts["h"]
+    waits, sent = [], []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):       # the fake clock moves by what the host waits
+        waits.append(round(seconds, 6))
+        clock.now += seconds
+        await real_sleep(0)
+
+    async def one(slot_free: asyncio.Event):
+        async with hosts.turn("h") as turn:
+            await slot_free.wait()  # the downloader's global slot, busy with other hosts
+            await host.space(turn)
+            sent.append(turn.sent_at)
+            turn.status = 200
+
+    async def main():
+        slot_free = asyncio.Event()
+        tasks = [asyncio.ensure_future(one(slot_free)) for _ in range(2)]
+        for _ in range(5):
+            await real_sleep(0)
+        clock.now += 1.0
+        slot_free.set()
+        await asyncio.gather(*tasks)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(main())
+    assert sent == [101.25, 101.5] and waits == [0.25, 0.25]
+    assert host.requests == 2
+
+
+def test_a_paced_host_waits_for_its_turn_without_holding_a_global_slot():
+    """With one global slot (the downloader's ``concurrency``), the requests a rate-limited host
+    must delay wait outside it: another host's request is sent before them, not after."""
+    hosts = Hosts(HostPolicy(rate=20.0), is_down=lambda exc: True)
+    order = []
+
+    async def one(key: str, slots: asyncio.Semaphore):
+        async with hosts.turn(key) as turn:       # as Downloader: turn, global slot, space
+            async with slots:
+                await turn.host.space(turn)
+                order.append(key)
+                turn.status = 200
+
+    async def main():
+        slots = asyncio.Semaphore(1)
+        await asyncio.wait_for(asyncio.gather(*(one("slow", slots) for _ in range(4)),
+                                              one("fast", slots)), 5)
+
+    asyncio.run(main())  # the slow host's last request 3 x 50 ms after its first
+    assert order == ["slow", "fast", "slow", "slow", "slow"]
+
+
 def test_urls_without_a_host_count_under_no_host_and_the_table_keeps_ten():
     for url in ("http://[::1", "http://a.test:99999/x", None, "", "/relative/x.jpg"):
         assert host_of(url) == ""
