@@ -695,26 +695,35 @@ def test_requests_that_get_their_slot_late_are_still_sent_1_over_rate_apart(monk
     assert host.requests == 2
 
 
-def test_a_paced_host_waits_for_its_turn_without_holding_a_global_slot():
-    """With one global slot (the downloader's ``concurrency``), the requests a rate-limited host
-    must delay wait outside it: another host's request is sent before them, not after."""
-    hosts = Hosts(HostPolicy(rate=20.0), is_down=lambda exc: True)
-    order = []
+@pytest.mark.parametrize("why,slow_requests,order", [
+    ("rate", 4, ["slow", "fast", "slow", "slow", "slow"]),          # 20/s: 50 ms apart
+    ("retry-after", 2, ["fast", "slow", "slow"]),                   # paused for 0.2 s
+])
+def test_a_paced_host_waits_for_its_turn_without_holding_a_global_slot(why, slow_requests,
+                                                                         order):
+    """With one global slot (the downloader's ``concurrency``), the requests a rate-limited or
+    paused host must delay wait outside it: another host's request is sent before them, not
+    after."""
+    hosts = Hosts(HostPolicy(rate=20.0 if why == "rate" else 0.0), is_down=lambda exc: True)
+    if why == "retry-after":  # a 429 with Retry-After 0.2 s (and 10 requests/s from then on)
+        hosts["slow"].slow_down(Turn(hosts["slow"], status=429, sent_at=0.0), 0.2)
+    sent = []
 
     async def one(key: str, slots: asyncio.Semaphore):
         async with hosts.turn(key) as turn:       # as Downloader: turn, global slot, space
             async with slots:
                 await turn.host.space(turn)
-                order.append(key)
+                sent.append(key)
                 turn.status = 200
 
     async def main():
         slots = asyncio.Semaphore(1)
-        await asyncio.wait_for(asyncio.gather(*(one("slow", slots) for _ in range(4)),
+        await asyncio.wait_for(asyncio.gather(*(one("slow", slots)
+                                                for _ in range(slow_requests)),
                                               one("fast", slots)), 5)
 
-    asyncio.run(main())  # the slow host's last request 3 x 50 ms after its first
-    assert order == ["slow", "fast", "slow", "slow", "slow"]
+    asyncio.run(main())  # at most 0.3 s
+    assert sent == order
 
 
 def test_urls_without_a_host_count_under_no_host_and_the_table_keeps_ten():
