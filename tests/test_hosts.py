@@ -695,6 +695,34 @@ def test_requests_that_get_their_slot_late_are_still_sent_1_over_rate_apart(monk
     assert host.requests == 2
 
 
+def test_a_request_waiting_for_a_slot_when_its_host_asks_for_a_pause_waits_it_out(monkeypatch):
+    """A request already past its pacing (waiting for a global slot) when an answer of the same
+    host says 429 with Retry-After 5 s is not sent before those 5 s are over."""
+    clock = Clock()
+    hosts = Hosts(HostPolicy(), is_down=lambda exc: True, clock=clock)
+    host = hosts["h"]
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        waits.append(round(seconds, 6))
+        clock.now += seconds
+        await real_sleep(0)
+
+    async def main():
+        async with hosts.turn("h") as first:
+            await host.space(first)
+            async with hosts.turn("h") as second:   # paced; its global slot not yet free
+                first.status = 429
+                host.slow_down(first, 5.0)          # the first answer: 429, Retry-After 5 s
+                await host.space(second)
+                second.status = 200
+        return first.sent_at, second.sent_at
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    assert asyncio.run(main()) == (100.0, 105.0) and waits == [5.0]
+
+
 @pytest.mark.parametrize("why,slow_requests,order", [
     ("rate", 4, ["slow", "fast", "slow", "slow", "slow"]),          # 20/s: 50 ms apart
     ("retry-after", 2, ["fast", "slow", "slow"]),                   # paused for 0.2 s
