@@ -772,3 +772,15 @@ def test_the_recorded_recall_of_each_space_is_checked(plain_set):
         "knn_meta.json: spaces.text.recall_at_k = 1.5 is not a number in [0, 1]",
         "knn_meta.json: spaces.fused.recall_at: '3' is not a column count in [1, 3)",
     ]
+
+
+@pytest.mark.parametrize("name", [KNN_TEXT, KNN_TEXT_SCORES])
+def test_a_graph_file_that_cannot_be_read_stops_that_space_only(plain_set, name):
+    (plain_set / name).write_bytes(b"\x93NUMPY broken")
+    reseal(plain_set)
+    violations = _violations(plain_set)
+    assert len(violations) == 1 and violations[0].startswith(f"{name}: unreadable .npy: "), \
+        violations
+    facts = _facts(plain_set)
+    assert not any(f.startswith("knn_text.npy: 40 of 40") for f in facts), facts
+    assert any(f.startswith("knn_fused.npy: 40 of 40") for f in facts), facts
