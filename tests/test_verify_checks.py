@@ -118,6 +118,7 @@ def test_a_whole_set_lists_its_facts_in_order_and_passes(plain_set, capsys):
     assert _facts(plain_set) == ["manifest.json: none (not a published set)", *SET_FACTS]
     rc, out = verify_cli(plain_set, capsys)
     assert rc == 0 and out.rstrip().endswith("all checks passed"), out
+    assert f"output set: {plain_set}\n  manifest.json: none (not a published set)\n" in out, out
 
 
 def test_a_set_without_graphs_says_so_and_passes(plain_set):
