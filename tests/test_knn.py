@@ -2,6 +2,9 @@
 and the step's files and experiment run."""
 
 import json
+import tracemalloc
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +16,14 @@ from item_embeddings.knn import (
     KnnInputError,
     build_knn_graph,
     build_knn_graphs,
+    check_vectors,
     exact_knn,
     recall_at_k,
     unit_rows,
 )
 from item_embeddings.knn import graph as knn_graph
 from item_embeddings.knn.synthetic import clustered_unit_vectors
+from item_embeddings.knn.vectors import CHECK_ROWS
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
@@ -195,6 +200,89 @@ def test_nan_inf_and_zero_rows_are_named():
     assert "1 rows with all zeros (no direction): 'item-40' (row 40)" in text
     with pytest.raises(KnnInputError, match="recall_queries"):
         build_knn_graph(clustered_unit_vectors(50, 8), 5, exact_max_items=100, recall_queries=0)
+
+
+def test_bad_rows_are_named_by_row_without_labels_and_counted_past_five():
+    x = clustered_unit_vectors(50, 8, seed=8)
+    x[[2, 4, 6, 8, 10, 12, 14]] = np.nan
+    with pytest.raises(KnnInputError) as err:
+        build_knn_graph(x, 5, exact_max_items=100)
+    assert str(err.value) == ("vectors: 7 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10 and 2 more")
+    x[[12, 14]] = 1.0                                     # exactly five: no "and ... more"
+    with pytest.raises(KnnInputError) as err:
+        check_vectors(x, 5)
+    assert str(err.value) == ("vectors: 5 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10")
+    x[30] = 0                     # both kinds in one message; no warning about the zero row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KnnInputError) as err:
+            unit_rows(x, 5)
+    assert str(err.value) == ("vectors: 5 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10; 1 rows with all zeros (no direction): row 30")
+
+
+def test_bad_rows_past_the_first_block_are_named_by_their_own_row():
+    x = np.ones((CHECK_ROWS + 10, 2), np.float32)
+    x[CHECK_ROWS + 3] = np.inf
+    x[CHECK_ROWS + 5] = 0
+    with pytest.raises(KnnInputError) as err:
+        check_vectors(x, 5)
+    assert str(err.value) == (f"vectors: 1 rows with NaN or Inf values: row {CHECK_ROWS + 3}; "
+                              f"1 rows with all zeros (no direction): row {CHECK_ROWS + 5}")
+
+
+@pytest.mark.parametrize("vectors,k,message", [
+    ([[1.0, 0.0], [0.0, 1.0]], 1, "vectors: expected a 2-D [N, d] array, got shape list"),
+    (np.ones(4, np.float32), 1, "vectors: expected a 2-D [N, d] array, got shape (4,)"),
+    (np.ones((5, 4), np.float64), 1, "vectors: expected float32 rows, got float64"),
+    (np.ones((5, 0), np.float32), 1, "vectors: the set is empty (shape (5, 0))"),
+    (np.ones((5, 4), np.float32), True, "k must be a positive integer, got True"),
+    (np.ones((5, 4), np.float32), 2.0, "k must be a positive integer, got 2.0"),
+    (np.ones((5, 4), np.float32), 5, "vectors: k=5 needs at least 6 items (self is excluded), "
+                                     "got 5"),
+])
+def test_refusals_word_for_word(vectors, k, message):
+    for check in (check_vectors, unit_rows):
+        with pytest.raises(KnnInputError) as err:
+            check(vectors, k)
+        assert str(err.value) == message
+
+
+def test_one_dimension_and_a_numpy_k_are_accepted():
+    x = np.array([[1.0], [-2.0], [3.0], [-0.5]], np.float32)
+    graph = build_knn_graph(x, np.int64(1), exact_max_items=100)
+    np.testing.assert_array_equal(graph.neighbours[:, 0], [2, 3, 0, 1])
+    np.testing.assert_array_equal(graph.scores[:, 0], [1.0, 1.0, 1.0, 1.0])
+
+
+def test_unit_rows_go_to_a_file_in_scratch_only_when_asked(tmp_path):
+    x = clustered_unit_vectors(300, 8, seed=3) * 7
+    in_memory = unit_rows(x, 5)
+    assert not isinstance(in_memory, np.memmap) and in_memory.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(in_memory, axis=1), 1.0, rtol=1e-6)
+    on_disk = unit_rows(x, 5, scratch=tmp_path)
+    assert isinstance(on_disk, np.memmap) and on_disk.dtype == np.float32
+    [written] = tmp_path.iterdir()
+    assert written.name.startswith("unit-rows-") and written.suffix == ".npy"
+    assert Path(on_disk.filename) == written
+    np.testing.assert_array_equal(np.load(written), in_memory)
+
+
+def test_checking_a_memory_mapped_array_reads_no_copy_of_it(tmp_path):
+    """The check reads blocks of CHECK_ROWS rows: at 4.6 blocks its peak stays near one block's
+    temporaries, well below the array's size (a normalised copy would be the array's size)."""
+    rows = np.random.default_rng(4).standard_normal((300_000, 8)).astype(np.float32)  # 9.6 MB
+    np.save(tmp_path / "x.npy", rows)
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        check_vectors(x, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * x.nbytes
 
 
 def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
