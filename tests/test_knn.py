@@ -1,6 +1,7 @@
 """kNN graphs: exact search against brute force, ties, the faiss path and its recall, bad inputs,
 and the step's files and experiment run."""
 
+import functools
 import json
 import tracemalloc
 import warnings
@@ -36,6 +37,7 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
     TXT_META,
 )
+from item_embeddings.progress import Progress
 from item_embeddings.storage import write_parquet_atomic
 from item_embeddings.tracking import LocalTracker, list_local_runs
 
@@ -142,9 +144,32 @@ def test_recall_counts_an_equally_good_choice_among_ties():
     assert recall_at_k(x, swapped, np.arange(60), exact_scores) == 1.0
 
 
-def test_approximate_path_reaches_its_recall():
+def test_approximate_path_reaches_its_recall(caplog, monkeypatch):
+    # every progress update logs its line (as one every 30 s does in Cloud Logging)
+    monkeypatch.setattr(knn_graph, "Progress",
+                        functools.partial(Progress, log_every_s=0.0, use_bar=False))
     x = clustered_unit_vectors(4000, 32, topics=40, seed=6)
-    graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1)
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1,
+                                what="text vectors")
+    params = graph.index_params
+    assert {key: params[key] for key in ("index", "metric", "nlist", "train_size",
+                                         "spherical_kmeans", "tune_queries",
+                                         "tune_recall_target", "exact_rows")} == {
+        "index": "IVF102,Flat", "metric": "inner_product", "nlist": 102, "train_size": 4000,
+        "spherical_kmeans": True, "tune_queries": 1000, "tune_recall_target": 0.965,
+        "exact_rows": 0}
+    assert {"kmeans_iterations", "tune_recall_by_nprobe", "tune_time_sec", "faiss_threads",
+            "faiss_version"} < set(params)
+    tried = {int(p): round(r, 4) for p, r in params["tune_recall_by_nprobe"].items()}
+    assert (f"text vectors kNN: IVF102 nprobe={params['nprobe']} (tuning recall {tried}) in "
+            in caplog.text)
+    assert (f"text vectors: ivf-flat kNN of 4000 rows, k=10: recall@10 "
+            f"{graph.recall_at_k:.4f} on 500 queries, search " in caplog.text)
+    for line in ("text vectors kNN tuning sample: 1000/1000 rows",
+                 f"text vectors kNN tuning nprobe={params['nprobe']}: 1000/1000 rows",
+                 "text vectors kNN: 4000/4000 rows", "text vectors recall sample: 500/500 rows"):
+        assert line in caplog.text
     assert graph.method == "ivf-flat"
     assert graph.index_params["nprobe"] < graph.index_params["nlist"]  # not a disguised scan
     assert graph.neighbours.shape == (4000, 10) and graph.neighbours.dtype == np.int32
@@ -167,7 +192,10 @@ def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch):
     monkeypatch.setattr(knn_graph, "NPROBES", (1,))
     monkeypatch.setattr(knn_graph, "TUNE_RECALL", 0.0)
     x = clustered_unit_vectors(2000, 16, topics=200, size_sigma=2.0, seed=7)
-    graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100)
+    # the device asked for is the one used, the unfilled rows' exact search included
+    monkeypatch.setattr(knn_graph, "default_device", lambda: pytest.fail("default device"))
+    graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100,
+                            device=torch.device("cpu"))
     assert graph.index_params["nprobe"] == 1
     assert graph.index_params["exact_rows"] > 0
     assert (graph.neighbours >= 0).all()
