@@ -38,6 +38,7 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
 )
 from item_embeddings.storage import write_parquet_atomic
+from item_embeddings.tracking import LocalTracker, list_local_runs
 
 K = 10
 GRAPHS = {"text": (KNN_TEXT, KNN_TEXT_SCORES), "fused": (KNN_FUSED, KNN_FUSED_SCORES)}
@@ -95,10 +96,11 @@ class Catalogue:
         return folder
 
 
-def run_knn(inputs: Path, out: Path, previous: Path | None = None, **params) -> dict:
+def run_knn(inputs: Path, out: Path, previous: Path | None = None, tracker=None,
+            **params) -> dict:
     settings = PipelineParams(**{"knn_k": K, "knn_recall_queries": 200,
                                  "previous_uri": str(previous) if previous else "", **params})
-    return build_knn_graphs(inputs, inputs, out, settings)
+    return build_knn_graphs(inputs, inputs, out, settings, tracker=tracker)
 
 
 def assert_same_graphs(a: Path, b: Path) -> None:
@@ -492,10 +494,17 @@ def test_the_update_records_what_it_did(night_one, tmp_path, caplog):
     cat.change([3, 50, 400])
     cat.delete([7, 8])
     inputs = cat.write(tmp_path / "b")
+    tracker = LocalTracker(tmp_path / "runs", "exp")
     with caplog.at_level("INFO", logger="item_embeddings.knn"):
-        meta = run_knn(inputs, tmp_path / "inc", previous)
+        meta = run_knn(inputs, tmp_path / "inc", previous, tracker=tracker)
     n = len(cat.ids)
+    [run] = list_local_runs(tmp_path / "runs")
     for space, info in meta["spaces"].items():
+        # drift: the items kept with their content (not the 3 changed), against the previous run
+        drift = info["drift"]
+        assert (drift["items"], drift["top"], drift["previous_run_id"]) == (
+            n - 3, K, first["run_id"]), space
+        assert run["metrics"][f"{space}_drift_top{K}_overlap"] == drift["mean_overlap"]
         done = info["incremental"]
         assert set(done) == {
             "previous_run_id", "changed_count", "deleted_count", "searched_count",
