@@ -23,11 +23,13 @@ from item_embeddings.knn import (
     unit_rows,
 )
 from item_embeddings.knn import graph as knn_graph
+from item_embeddings.knn.incremental import RESERVE
 from item_embeddings.knn.synthetic import clustered_unit_vectors
 from item_embeddings.knn.vectors import CHECK_ROWS
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
+    FUSION_CONFIG,
     KNN_FUSED,
     KNN_FUSED_SCORES,
     KNN_META,
@@ -327,13 +329,18 @@ def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
 
 
 @pytest.mark.parametrize("exact_max_items,method", [(100_000, "exact"), (1000, "ivf-flat")])
-def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
+def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method, caplog):
     _write_inputs(tmp_path / "text", tmp_path / "fused", 2500)
+    (tmp_path / "fused" / FUSION_CONFIG).write_text(json.dumps(
+        {"run_id": "fusion-run", "weights_sha256": "ab" * 32}))
     tracker = LocalTracker(tmp_path / "runs", "exp")
     params = PipelineParams(knn_k=12, knn_exact_max_items=exact_max_items,
-                            knn_recall_queries=300)
-    meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out", params,
-                            run_id="r1", tracker=tracker)
+                            knn_recall_queries=300, seed=5)
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out", params,
+                                run_id="r1", tracker=tracker)
+    for space in ("text", "fused"):     # the graph's own log line names its space
+        assert f"{space} vectors: {method} kNN of 2500 rows, k=12: recall@12 " in caplog.text
     out = tmp_path / "out"
     for ids_file, scores_file in ((KNN_TEXT, KNN_TEXT_SCORES), (KNN_FUSED, KNN_FUSED_SCORES)):
         ids = np.load(out / ids_file)
@@ -345,7 +352,13 @@ def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
     written = json.loads((out / KNN_META).read_text())
     assert written == json.loads(json.dumps(meta))
     assert (written["k"], written["count"], written["run_id"]) == (12, 2500, "r1")
-    assert written["text_run_id"] == "text-run" and written["fusion_run_id"] is None
+    assert {key: written[key] for key in (
+        "text_run_id", "fusion_run_id", "fusion_weights_sha256", "text_dir", "fused_dir",
+        "exact_max_items", "seed", "reserve", "previous_uri")} == {
+        "text_run_id": "text-run", "fusion_run_id": "fusion-run",
+        "fusion_weights_sha256": "ab" * 32,
+        "text_dir": str(tmp_path / "text"), "fused_dir": str(tmp_path / "fused"),
+        "exact_max_items": exact_max_items, "seed": 5, "reserve": RESERVE, "previous_uri": ""}
     for space, dim in (("text", 48), ("fused", 16)):
         info = written["spaces"][space]
         assert info["dim"] == dim and info["method"] == method
@@ -372,6 +385,7 @@ def test_a_catalogue_smaller_than_k_plus_one_gets_k_lowered(tmp_path, caplog):
                                 PipelineParams(knn_k=40))
     assert "knn_k lowered to 39 for 40 items" in caplog.text
     assert (meta["k"], meta["k_requested"], meta["count"]) == (39, 40, 40)
+    assert meta["fusion_run_id"] is None and meta["fusion_weights_sha256"] is None  # no config
     assert np.load(tmp_path / "out" / KNN_TEXT).shape == (40, 39)
     assert (np.sort(np.load(tmp_path / "out" / KNN_FUSED), axis=1) ==
             [[j for j in range(40) if j != i] for i in range(40)]).all()  # all the others

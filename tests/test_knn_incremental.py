@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from item_embeddings.config import PipelineParams
 from item_embeddings.incremental import PreviousSetError
 from item_embeddings.knn import build_knn_graphs, exact_knn, recall_at_k, unit_rows
+from item_embeddings.knn import graph as knn_graph
 from item_embeddings.knn.incremental import RESERVE, match_rows, rows_by_id
 from item_embeddings.knn.state import IvfState, SpaceState, content_digests, row_digests
 from item_embeddings.knn.synthetic import clustered_unit_vectors
@@ -96,11 +98,11 @@ class Catalogue:
         return folder
 
 
-def run_knn(inputs: Path, out: Path, previous: Path | None = None, tracker=None,
+def run_knn(inputs: Path, out: Path, previous: Path | None = None, tracker=None, device=None,
             **params) -> dict:
     settings = PipelineParams(**{"knn_k": K, "knn_recall_queries": 200,
                                  "previous_uri": str(previous) if previous else "", **params})
-    return build_knn_graphs(inputs, inputs, out, settings, tracker=tracker)
+    return build_knn_graphs(inputs, inputs, out, settings, tracker=tracker, device=device)
 
 
 def assert_same_graphs(a: Path, b: Path) -> None:
@@ -566,3 +568,21 @@ def test_a_row_left_with_exactly_k_members_still_takes_a_new_neighbour(night_one
     text = meta["spaces"]["text"]
     assert text["update"] == "incremental" and text["incremental"]["deleted_count"] == 8
     assert np.load(tmp_path / "inc" / KNN_TEXT)[cat.ids.index("item00042"), 0] == 300
+
+
+def test_a_catalogue_smaller_than_k_plus_reserve_updates_with_the_rows_it_has(tmp_path,
+                                                                             monkeypatch):
+    """15 items, k=10: 4 other rows are left for the reserve (not RESERVE); the update records
+    that and equals a full rebuild. The device asked for is the one the update searches on."""
+    cat = Catalogue(15)
+    run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a")
+    cat.change([3])
+    inputs = cat.write(tmp_path / "b")
+    monkeypatch.setattr(knn_graph, "default_device", lambda: pytest.fail("default device"))
+    meta = run_knn(inputs, tmp_path / "inc", tmp_path / "knn-a", device=torch.device("cpu"))
+    monkeypatch.undo()
+    run_knn(inputs, tmp_path / "full")
+    assert_same_graphs(tmp_path / "inc", tmp_path / "full")
+    for info in meta["spaces"].values():
+        assert (info["update"], info["incremental"]["reserve"]) == ("incremental", 15 - 1 - K)
+    assert SpaceState.load(tmp_path / "inc" / KNN_TEXT_STATE).reserve_neighbours.shape == (15, 4)
