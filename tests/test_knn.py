@@ -1,7 +1,6 @@
 """kNN graphs: exact search against brute force, ties, the faiss path and its recall, bad inputs,
 and the step's files and experiment run."""
 
-import functools
 import json
 import tracemalloc
 import warnings
@@ -39,7 +38,6 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
     TXT_META,
 )
-from item_embeddings.progress import Progress
 from item_embeddings.storage import write_parquet_atomic
 from item_embeddings.tracking import LocalTracker, list_local_runs
 
@@ -146,10 +144,7 @@ def test_recall_counts_an_equally_good_choice_among_ties():
     assert recall_at_k(x, swapped, np.arange(60), exact_scores) == 1.0
 
 
-def test_approximate_path_reaches_its_recall(caplog, monkeypatch):
-    # every progress update logs its line (as one every 30 s does in Cloud Logging)
-    monkeypatch.setattr(knn_graph, "Progress",
-                        functools.partial(Progress, log_every_s=0.0, use_bar=False))
+def test_approximate_path_reaches_its_recall(caplog):
     x = clustered_unit_vectors(4000, 32, topics=40, seed=6)
     with caplog.at_level("INFO", logger="item_embeddings"):
         graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1,
@@ -168,7 +163,7 @@ def test_approximate_path_reaches_its_recall(caplog, monkeypatch):
             in caplog.text)
     assert (f"text vectors: ivf-flat kNN of 4000 rows, k=10: recall@10 "
             f"{graph.recall_at_k:.4f} on 500 queries, search " in caplog.text)
-    for line in ("text vectors kNN tuning sample: 1000/1000 rows",
+    for line in ("text vectors kNN tuning sample: 1000/1000 rows",   # the progress lines
                  f"text vectors kNN tuning nprobe={params['nprobe']}: 1000/1000 rows",
                  "text vectors kNN: 4000/4000 rows", "text vectors recall sample: 500/500 rows"):
         assert line in caplog.text
@@ -189,16 +184,23 @@ def test_approximate_path_reaches_its_recall(caplog, monkeypatch):
             graph.neighbours]), atol=1e-5)
 
 
-def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch):
+def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch, caplog):
     # one probed list of about 39 rows (nlist = N / 39) and k = 60: most rows are unfilled
     monkeypatch.setattr(knn_graph, "NPROBES", (1,))
     monkeypatch.setattr(knn_graph, "TUNE_RECALL", 0.0)
+    monkeypatch.setattr(knn_graph, "TUNE_QUERIES", 997)
     x = clustered_unit_vectors(2000, 16, topics=200, size_sigma=2.0, seed=7)
     # the device asked for is the one used, the unfilled rows' exact search included
     monkeypatch.setattr(knn_graph, "default_device", lambda: pytest.fail("default device"))
-    graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100,
-                            device=torch.device("cpu"))
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100,
+                                device=torch.device("cpu"))
     assert graph.index_params["nprobe"] == 1
+    # the tuning recall is logged to 4 decimals (997 queries x 60: not exact at 4)
+    [(nprobe, recall)] = graph.index_params["tune_recall_by_nprobe"].items()
+    assert round(recall, 4) != round(recall, 5)
+    assert (f"vectors kNN: IVF{graph.index_params['nlist']} nprobe=1 (tuning recall "
+            f"{{1: {round(recall, 4)}}}) in ") in caplog.text
     assert graph.index_params["exact_rows"] > 0
     assert (graph.neighbours >= 0).all()
     assert not (graph.neighbours == np.arange(2000)[:, None]).any()
@@ -389,6 +391,17 @@ def test_a_catalogue_smaller_than_k_plus_one_gets_k_lowered(tmp_path, caplog):
     assert np.load(tmp_path / "out" / KNN_TEXT).shape == (40, 39)
     assert (np.sort(np.load(tmp_path / "out" / KNN_FUSED), axis=1) ==
             [[j for j in range(40) if j != i] for i in range(40)]).all()  # all the others
+
+
+def test_fused_items_without_has_image_count_as_items_without_a_photo(tmp_path):
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
+    write_parquet_atomic(tmp_path / "fused" / FUSED_ITEMS,
+                         pa.table({"id": [f"item-{i:05d}" for i in range(40)]}))
+    meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                            PipelineParams(knn_k=5))
+    mix = meta["modality_mix"]
+    assert (mix["items"], mix["items_with_photo"], mix["items_without_photo"]) == (40, 0, 40)
+    assert mix["photo_share"]["fused"] == {"with_photo": None, "without_photo": 0.0}
 
 
 def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):

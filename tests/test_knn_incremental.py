@@ -357,6 +357,13 @@ def test_a_machine_too_small_is_refused_before_any_work(night_one, tmp_path, mon
     assert not (tmp_path / "refused").exists()
     monkeypatch.setattr(memory, "machine_memory_bytes", lambda: need * 2)
     assert run_knn(inputs, tmp_path / "fits")["count"] == 600
+    # above knn_exact_max_items the IVF path's estimate is the one checked (a little more)
+    need_ivf = memory.step_peak_bytes(600, (24, 8), K, RESERVE, ivf=True)
+    assert need_ivf > need
+    monkeypatch.setattr(memory, "machine_memory_bytes",
+                        lambda: int(need_ivf * memory.HEADROOM) - 1)
+    with pytest.raises(memory.KnnMemoryError, match=r"600 items .* need about"):
+        run_knn(inputs, tmp_path / "refused-ivf", knn_exact_max_items=100)
 
 
 def test_the_memory_model_at_catalogue_scale():
