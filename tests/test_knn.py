@@ -2,6 +2,9 @@
 and the step's files and experiment run."""
 
 import json
+import tracemalloc
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,15 +16,19 @@ from item_embeddings.knn import (
     KnnInputError,
     build_knn_graph,
     build_knn_graphs,
+    check_vectors,
     exact_knn,
     recall_at_k,
     unit_rows,
 )
 from item_embeddings.knn import graph as knn_graph
+from item_embeddings.knn.incremental import RESERVE
 from item_embeddings.knn.synthetic import clustered_unit_vectors
+from item_embeddings.knn.vectors import CHECK_ROWS
 from item_embeddings.outputs import (
     FUSED_ARRAY,
     FUSED_ITEMS,
+    FUSION_CONFIG,
     KNN_FUSED,
     KNN_FUSED_SCORES,
     KNN_META,
@@ -137,9 +144,29 @@ def test_recall_counts_an_equally_good_choice_among_ties():
     assert recall_at_k(x, swapped, np.arange(60), exact_scores) == 1.0
 
 
-def test_approximate_path_reaches_its_recall():
+def test_approximate_path_reaches_its_recall(caplog):
     x = clustered_unit_vectors(4000, 32, topics=40, seed=6)
-    graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1)
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        graph = build_knn_graph(x, 10, exact_max_items=1000, recall_queries=500, seed=1,
+                                what="text vectors")
+    params = graph.index_params
+    assert {key: params[key] for key in ("index", "metric", "nlist", "train_size",
+                                         "spherical_kmeans", "tune_queries",
+                                         "tune_recall_target", "exact_rows")} == {
+        "index": "IVF102,Flat", "metric": "inner_product", "nlist": 102, "train_size": 4000,
+        "spherical_kmeans": True, "tune_queries": 1000, "tune_recall_target": 0.965,
+        "exact_rows": 0}
+    assert {"kmeans_iterations", "tune_recall_by_nprobe", "tune_time_sec", "faiss_threads",
+            "faiss_version"} < set(params)
+    tried = {int(p): round(r, 4) for p, r in params["tune_recall_by_nprobe"].items()}
+    assert (f"text vectors kNN: IVF102 nprobe={params['nprobe']} (tuning recall {tried}) in "
+            in caplog.text)
+    assert (f"text vectors: ivf-flat kNN of 4000 rows, k=10: recall@10 "
+            f"{graph.recall_at_k:.4f} on 500 queries, search " in caplog.text)
+    for line in ("text vectors kNN tuning sample: 1000/1000 rows",   # the progress lines
+                 f"text vectors kNN tuning nprobe={params['nprobe']}: 1000/1000 rows",
+                 "text vectors kNN: 4000/4000 rows", "text vectors recall sample: 500/500 rows"):
+        assert line in caplog.text
     assert graph.method == "ivf-flat"
     assert graph.index_params["nprobe"] < graph.index_params["nlist"]  # not a disguised scan
     assert graph.neighbours.shape == (4000, 10) and graph.neighbours.dtype == np.int32
@@ -157,13 +184,23 @@ def test_approximate_path_reaches_its_recall():
             graph.neighbours]), atol=1e-5)
 
 
-def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch):
+def test_rows_the_index_cannot_fill_are_searched_exactly(monkeypatch, caplog):
     # one probed list of about 39 rows (nlist = N / 39) and k = 60: most rows are unfilled
     monkeypatch.setattr(knn_graph, "NPROBES", (1,))
     monkeypatch.setattr(knn_graph, "TUNE_RECALL", 0.0)
+    monkeypatch.setattr(knn_graph, "TUNE_QUERIES", 997)
     x = clustered_unit_vectors(2000, 16, topics=200, size_sigma=2.0, seed=7)
-    graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100)
+    # the device asked for is the one used, the unfilled rows' exact search included
+    monkeypatch.setattr(knn_graph, "default_device", lambda: pytest.fail("default device"))
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        graph = build_knn_graph(x, 60, exact_max_items=100, recall_queries=100,
+                                device=torch.device("cpu"))
     assert graph.index_params["nprobe"] == 1
+    # the tuning recall is logged to 4 decimals (997 queries x 60: not exact at 4)
+    [(nprobe, recall)] = graph.index_params["tune_recall_by_nprobe"].items()
+    assert round(recall, 4) != round(recall, 5)
+    assert (f"vectors kNN: IVF{graph.index_params['nlist']} nprobe=1 (tuning recall "
+            f"{{1: {round(recall, 4)}}}) in ") in caplog.text
     assert graph.index_params["exact_rows"] > 0
     assert (graph.neighbours >= 0).all()
     assert not (graph.neighbours == np.arange(2000)[:, None]).any()
@@ -197,6 +234,89 @@ def test_nan_inf_and_zero_rows_are_named():
         build_knn_graph(clustered_unit_vectors(50, 8), 5, exact_max_items=100, recall_queries=0)
 
 
+def test_bad_rows_are_named_by_row_without_labels_and_counted_past_five():
+    x = clustered_unit_vectors(50, 8, seed=8)
+    x[[2, 4, 6, 8, 10, 12, 14]] = np.nan
+    with pytest.raises(KnnInputError) as err:
+        build_knn_graph(x, 5, exact_max_items=100)
+    assert str(err.value) == ("vectors: 7 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10 and 2 more")
+    x[[12, 14]] = 1.0                                     # exactly five: no "and ... more"
+    with pytest.raises(KnnInputError) as err:
+        check_vectors(x, 5)
+    assert str(err.value) == ("vectors: 5 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10")
+    x[30] = 0                     # both kinds in one message; no warning about the zero row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KnnInputError) as err:
+            unit_rows(x, 5)
+    assert str(err.value) == ("vectors: 5 rows with NaN or Inf values: row 2, row 4, row 6, "
+                              "row 8, row 10; 1 rows with all zeros (no direction): row 30")
+
+
+def test_bad_rows_past_the_first_block_are_named_by_their_own_row():
+    x = np.ones((CHECK_ROWS + 10, 2), np.float32)
+    x[CHECK_ROWS + 3] = np.inf
+    x[CHECK_ROWS + 5] = 0
+    with pytest.raises(KnnInputError) as err:
+        check_vectors(x, 5)
+    assert str(err.value) == (f"vectors: 1 rows with NaN or Inf values: row {CHECK_ROWS + 3}; "
+                              f"1 rows with all zeros (no direction): row {CHECK_ROWS + 5}")
+
+
+@pytest.mark.parametrize("vectors,k,message", [
+    ([[1.0, 0.0], [0.0, 1.0]], 1, "vectors: expected a 2-D [N, d] array, got shape list"),
+    (np.ones(4, np.float32), 1, "vectors: expected a 2-D [N, d] array, got shape (4,)"),
+    (np.ones((5, 4), np.float64), 1, "vectors: expected float32 rows, got float64"),
+    (np.ones((5, 0), np.float32), 1, "vectors: the set is empty (shape (5, 0))"),
+    (np.ones((5, 4), np.float32), True, "k must be a positive integer, got True"),
+    (np.ones((5, 4), np.float32), 2.0, "k must be a positive integer, got 2.0"),
+    (np.ones((5, 4), np.float32), 5, "vectors: k=5 needs at least 6 items (self is excluded), "
+                                     "got 5"),
+])
+def test_refusals_word_for_word(vectors, k, message):
+    for check in (check_vectors, unit_rows):
+        with pytest.raises(KnnInputError) as err:
+            check(vectors, k)
+        assert str(err.value) == message
+
+
+def test_one_dimension_and_a_numpy_k_are_accepted():
+    x = np.array([[1.0], [-2.0], [3.0], [-0.5]], np.float32)
+    graph = build_knn_graph(x, np.int64(1), exact_max_items=100)
+    np.testing.assert_array_equal(graph.neighbours[:, 0], [2, 3, 0, 1])
+    np.testing.assert_array_equal(graph.scores[:, 0], [1.0, 1.0, 1.0, 1.0])
+
+
+def test_unit_rows_go_to_a_file_in_scratch_only_when_asked(tmp_path):
+    x = clustered_unit_vectors(300, 8, seed=3) * 7
+    in_memory = unit_rows(x, 5)
+    assert not isinstance(in_memory, np.memmap) and in_memory.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(in_memory, axis=1), 1.0, rtol=1e-6)
+    on_disk = unit_rows(x, 5, scratch=tmp_path)
+    assert isinstance(on_disk, np.memmap) and on_disk.dtype == np.float32
+    [written] = tmp_path.iterdir()
+    assert written.name.startswith("unit-rows-") and written.suffix == ".npy"
+    assert Path(on_disk.filename) == written
+    np.testing.assert_array_equal(np.load(written), in_memory)
+
+
+def test_checking_a_memory_mapped_array_reads_no_copy_of_it(tmp_path):
+    """The check reads blocks of CHECK_ROWS rows: at 4.6 blocks its peak stays near one block's
+    temporaries, well below the array's size (a normalised copy would be the array's size)."""
+    rows = np.random.default_rng(4).standard_normal((300_000, 8)).astype(np.float32)  # 9.6 MB
+    np.save(tmp_path / "x.npy", rows)
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        check_vectors(x, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * x.nbytes
+
+
 def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
     ids = [f"item-{i:05d}" for i in range(n)]
     text_dir.mkdir(parents=True, exist_ok=True)
@@ -211,13 +331,18 @@ def _write_inputs(text_dir, fused_dir, n, *, fused_ids=None):
 
 
 @pytest.mark.parametrize("exact_max_items,method", [(100_000, "exact"), (1000, "ivf-flat")])
-def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
+def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method, caplog):
     _write_inputs(tmp_path / "text", tmp_path / "fused", 2500)
+    (tmp_path / "fused" / FUSION_CONFIG).write_text(json.dumps(
+        {"run_id": "fusion-run", "weights_sha256": "ab" * 32}))
     tracker = LocalTracker(tmp_path / "runs", "exp")
     params = PipelineParams(knn_k=12, knn_exact_max_items=exact_max_items,
-                            knn_recall_queries=300)
-    meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out", params,
-                            run_id="r1", tracker=tracker)
+                            knn_recall_queries=300, seed=5)
+    with caplog.at_level("INFO", logger="item_embeddings"):
+        meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out", params,
+                                run_id="r1", tracker=tracker)
+    for space in ("text", "fused"):     # the graph's own log line names its space
+        assert f"{space} vectors: {method} kNN of 2500 rows, k=12: recall@12 " in caplog.text
     out = tmp_path / "out"
     for ids_file, scores_file in ((KNN_TEXT, KNN_TEXT_SCORES), (KNN_FUSED, KNN_FUSED_SCORES)):
         ids = np.load(out / ids_file)
@@ -229,7 +354,13 @@ def test_step_writes_graphs_meta_and_run(tmp_path, exact_max_items, method):
     written = json.loads((out / KNN_META).read_text())
     assert written == json.loads(json.dumps(meta))
     assert (written["k"], written["count"], written["run_id"]) == (12, 2500, "r1")
-    assert written["text_run_id"] == "text-run" and written["fusion_run_id"] is None
+    assert {key: written[key] for key in (
+        "text_run_id", "fusion_run_id", "fusion_weights_sha256", "text_dir", "fused_dir",
+        "exact_max_items", "seed", "reserve", "previous_uri")} == {
+        "text_run_id": "text-run", "fusion_run_id": "fusion-run",
+        "fusion_weights_sha256": "ab" * 32,
+        "text_dir": str(tmp_path / "text"), "fused_dir": str(tmp_path / "fused"),
+        "exact_max_items": exact_max_items, "seed": 5, "reserve": RESERVE, "previous_uri": ""}
     for space, dim in (("text", 48), ("fused", 16)):
         info = written["spaces"][space]
         assert info["dim"] == dim and info["method"] == method
@@ -256,9 +387,21 @@ def test_a_catalogue_smaller_than_k_plus_one_gets_k_lowered(tmp_path, caplog):
                                 PipelineParams(knn_k=40))
     assert "knn_k lowered to 39 for 40 items" in caplog.text
     assert (meta["k"], meta["k_requested"], meta["count"]) == (39, 40, 40)
+    assert meta["fusion_run_id"] is None and meta["fusion_weights_sha256"] is None  # no config
     assert np.load(tmp_path / "out" / KNN_TEXT).shape == (40, 39)
     assert (np.sort(np.load(tmp_path / "out" / KNN_FUSED), axis=1) ==
             [[j for j in range(40) if j != i] for i in range(40)]).all()  # all the others
+
+
+def test_fused_items_without_has_image_count_as_items_without_a_photo(tmp_path):
+    _write_inputs(tmp_path / "text", tmp_path / "fused", 40)
+    write_parquet_atomic(tmp_path / "fused" / FUSED_ITEMS,
+                         pa.table({"id": [f"item-{i:05d}" for i in range(40)]}))
+    meta = build_knn_graphs(tmp_path / "text", tmp_path / "fused", tmp_path / "out",
+                            PipelineParams(knn_k=5))
+    mix = meta["modality_mix"]
+    assert (mix["items"], mix["items_with_photo"], mix["items_without_photo"]) == (40, 0, 40)
+    assert mix["photo_share"]["fused"] == {"with_photo": None, "without_photo": 0.0}
 
 
 def test_step_refuses_inconsistent_inputs_before_the_run(tmp_path):

@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from item_embeddings.config import PipelineParams
 from item_embeddings.incremental import PreviousSetError
 from item_embeddings.knn import build_knn_graphs, exact_knn, recall_at_k, unit_rows
+from item_embeddings.knn import graph as knn_graph
 from item_embeddings.knn.incremental import RESERVE, match_rows, rows_by_id
 from item_embeddings.knn.state import IvfState, SpaceState, content_digests, row_digests
 from item_embeddings.knn.synthetic import clustered_unit_vectors
@@ -38,6 +40,7 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
 )
 from item_embeddings.storage import write_parquet_atomic
+from item_embeddings.tracking import LocalTracker, list_local_runs
 
 K = 10
 GRAPHS = {"text": (KNN_TEXT, KNN_TEXT_SCORES), "fused": (KNN_FUSED, KNN_FUSED_SCORES)}
@@ -95,10 +98,11 @@ class Catalogue:
         return folder
 
 
-def run_knn(inputs: Path, out: Path, previous: Path | None = None, **params) -> dict:
+def run_knn(inputs: Path, out: Path, previous: Path | None = None, tracker=None, device=None,
+            **params) -> dict:
     settings = PipelineParams(**{"knn_k": K, "knn_recall_queries": 200,
                                  "previous_uri": str(previous) if previous else "", **params})
-    return build_knn_graphs(inputs, inputs, out, settings)
+    return build_knn_graphs(inputs, inputs, out, settings, tracker=tracker, device=device)
 
 
 def assert_same_graphs(a: Path, b: Path) -> None:
@@ -353,6 +357,13 @@ def test_a_machine_too_small_is_refused_before_any_work(night_one, tmp_path, mon
     assert not (tmp_path / "refused").exists()
     monkeypatch.setattr(memory, "machine_memory_bytes", lambda: need * 2)
     assert run_knn(inputs, tmp_path / "fits")["count"] == 600
+    # above knn_exact_max_items the IVF path's estimate is the one checked (a little more)
+    need_ivf = memory.step_peak_bytes(600, (24, 8), K, RESERVE, ivf=True)
+    assert need_ivf > need
+    monkeypatch.setattr(memory, "machine_memory_bytes",
+                        lambda: int(need_ivf * memory.HEADROOM) - 1)
+    with pytest.raises(memory.KnnMemoryError, match=r"600 items .* need about"):
+        run_knn(inputs, tmp_path / "refused-ivf", knn_exact_max_items=100)
 
 
 def test_the_memory_model_at_catalogue_scale():
@@ -492,10 +503,17 @@ def test_the_update_records_what_it_did(night_one, tmp_path, caplog):
     cat.change([3, 50, 400])
     cat.delete([7, 8])
     inputs = cat.write(tmp_path / "b")
+    tracker = LocalTracker(tmp_path / "runs", "exp")
     with caplog.at_level("INFO", logger="item_embeddings.knn"):
-        meta = run_knn(inputs, tmp_path / "inc", previous)
+        meta = run_knn(inputs, tmp_path / "inc", previous, tracker=tracker)
     n = len(cat.ids)
+    [run] = list_local_runs(tmp_path / "runs")
     for space, info in meta["spaces"].items():
+        # drift: the items kept with their content (not the 3 changed), against the previous run
+        drift = info["drift"]
+        assert (drift["items"], drift["top"], drift["previous_run_id"]) == (
+            n - 3, K, first["run_id"]), space
+        assert run["metrics"][f"{space}_drift_top{K}_overlap"] == drift["mean_overlap"]
         done = info["incremental"]
         assert set(done) == {
             "previous_run_id", "changed_count", "deleted_count", "searched_count",
@@ -557,3 +575,21 @@ def test_a_row_left_with_exactly_k_members_still_takes_a_new_neighbour(night_one
     text = meta["spaces"]["text"]
     assert text["update"] == "incremental" and text["incremental"]["deleted_count"] == 8
     assert np.load(tmp_path / "inc" / KNN_TEXT)[cat.ids.index("item00042"), 0] == 300
+
+
+def test_a_catalogue_smaller_than_k_plus_reserve_updates_with_the_rows_it_has(tmp_path,
+                                                                             monkeypatch):
+    """15 items, k=10: 4 other rows are left for the reserve (not RESERVE); the update records
+    that and equals a full rebuild. The device asked for is the one the update searches on."""
+    cat = Catalogue(15)
+    run_knn(cat.write(tmp_path / "a"), tmp_path / "knn-a")
+    cat.change([3])
+    inputs = cat.write(tmp_path / "b")
+    monkeypatch.setattr(knn_graph, "default_device", lambda: pytest.fail("default device"))
+    meta = run_knn(inputs, tmp_path / "inc", tmp_path / "knn-a", device=torch.device("cpu"))
+    monkeypatch.undo()
+    run_knn(inputs, tmp_path / "full")
+    assert_same_graphs(tmp_path / "inc", tmp_path / "full")
+    for info in meta["spaces"].values():
+        assert (info["update"], info["incremental"]["reserve"]) == ("incremental", 15 - 1 - K)
+    assert SpaceState.load(tmp_path / "inc" / KNN_TEXT_STATE).reserve_neighbours.shape == (15, 4)
