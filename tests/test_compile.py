@@ -5,8 +5,15 @@ import json
 import re
 from typing import NamedTuple
 
+import google.auth
 import pytest
 import yaml
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform
+from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
+from google.cloud.aiplatform_v1.types import custom_job as gca_custom_job
+from google.cloud.aiplatform_v1.types import job_state
+from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.pipeline import compile_pipeline
@@ -18,11 +25,26 @@ NETWORK = "projects/123/global/networks/vpc"
 KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"
 
 
+# Each target is compiled once for the whole file (a second apiece): the tests read the same
+# template, and a mutation run of pipeline/pipeline.py stays short per mutant.
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
-    compile_pipeline(path, target="vertex", image=IMAGE, gpu_image=GPU_IMAGE)
+    compile_pipeline(path, image=IMAGE, gpu_image=GPU_IMAGE)  # the default target: Vertex
     return path, yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def local_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "local.yaml"
+    compile_pipeline(path, target="local", image=IMAGE)
+    return path, yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(params=["vertex", "local"])
+def either_template(request, template, local_template):
+    """The spec of each target, and the target."""
+    return {"vertex": template, "local": local_template}[request.param][1], request.param
 
 
 def _root(spec):
@@ -363,9 +385,6 @@ def test_project_and_location_come_from_runtime_placeholders(template):
 
 
 def test_vertex_accepts_the_template_offline(template):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import aiplatform
-
     path, _ = template
     job = aiplatform.PipelineJob(
         display_name="item-embeddings-test", template_path=str(path),
@@ -385,9 +404,8 @@ def test_vertex_accepts_the_template_offline(template):
                                parameter_values={"no_such_param": 1})
 
 
-def test_local_target_has_no_custom_job(tmp_path):
-    path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
-    spec = yaml.safe_load(path.read_text())
+def test_local_target_has_no_custom_job(local_template):
+    path, spec = local_template
     assert "custom_job" not in path.read_text()
     _, inner = _loop(spec, "embed-images")
     assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
@@ -412,10 +430,9 @@ VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_ma
                "fusion_machine_type", "knn_machine_type", "persistent_resource_id"}
 
 
-@pytest.mark.parametrize("target", ["vertex", "local"])
-def test_every_parameter_reaches_a_task(tmp_path, target):
+def test_every_parameter_reaches_a_task(either_template):
     """No knob is silently ignored: each pipeline parameter feeds some task (or the importer)."""
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", target=target).read_text())
+    spec, target = either_template
     used = set()
 
     def walk(dag):
@@ -437,12 +454,11 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
 
 
 
-@pytest.mark.parametrize("target", ["vertex", "local"])
-def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
+def test_every_input_named_like_a_parameter_is_bound_to_it(either_template):
     """In every task (the loop's and the condition's included), each component input that has
     a pipeline parameter's name takes that parameter: an input left unbound would silently run
     with its default whatever the run sets."""
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", target=target).read_text())
+    spec, _ = either_template
     checked, wrong = 0, []
 
     def walk(dag):
@@ -511,13 +527,6 @@ def _resolve_nested(value, values):
 def _launch(spec, task, component_name, values, runtime, monkeypatch, tmp_path):
     """The CustomJob GCPC's launcher creates for ``task`` (the job's payload filled in with
     ``values``, then Vertex's runtime placeholders with ``runtime``)."""
-    import google.auth
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
-    from google.cloud.aiplatform_v1.types import custom_job as gca_custom_job
-    from google.cloud.aiplatform_v1.types import job_state
-    from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
-
     comp = spec["components"][component_name]
     executor = spec["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
     filled = {k: v.get("defaultValue") for k, v in comp["inputDefinitions"]["parameters"].items()}
@@ -648,11 +657,7 @@ def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeyp
     reaches the CustomJob of every task, as GCPC's launcher builds it: the first task, both
     workers, fusion, kNN and the report run on the warm machines; empty = started on demand."""
     _, spec = template
-    tasks = {name: _root(spec)[name]
-             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
-    tasks["embed-images"] = _loop(spec, "embed-images")[1]["embed-images"]
-    tasks.update({f"embed-text ({name})": branch.embed
-                  for name, branch in _text_branches(spec).items()})
+    tasks = _job_tasks(spec)
     assert len(tasks) == 7
     for name, task in tasks.items():
         values = _task_values(spec, task, {"persistent_resource_id": resource})
@@ -661,3 +666,107 @@ def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeyp
                       monkeypatch, tmp_path / name)
         assert job.job_spec.persistent_resource_id == resource, name
         assert job.job_spec.service_account == SA, name  # the job keeps the pipeline's identity
+
+
+def _job_tasks(spec) -> dict[str, dict]:
+    """The task of each custom job: the first task, both text workers, the image worker,
+    fusion, kNN and the report."""
+    tasks = {name: _root(spec)[name]
+             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
+    tasks["embed-images"] = _loop(spec, "embed-images")[1]["embed-images"]
+    tasks.update({f"embed-text ({name})": branch.embed
+                  for name, branch in _text_branches(spec).items()})
+    return tasks
+
+
+def test_every_job_is_named_after_its_step_and_stopped_after_a_day(template, monkeypatch,
+                                                                    tmp_path):
+    """The CustomJob each task starts, as the console's list of custom jobs shows it: named
+    after its step, and stopped by Vertex after 24 hours (not GCPC's 7 days: a stuck worker
+    on a GPU costs a day at most)."""
+    import datetime as dt
+
+    _, spec = template
+    for name, task in _job_tasks(spec).items():
+        (tmp_path / name).mkdir()
+        job = _launch(spec, task, task["componentRef"]["name"], _task_values(spec, task),
+                      _runtime(True), monkeypatch, tmp_path / name)
+        assert job.display_name == name.partition(" ")[0], name
+        assert job.job_spec.scheduling.timeout == dt.timedelta(hours=24), name
+
+
+def _run_graph(spec, dag=None, path=()) -> dict[str, tuple]:
+    """Every task of the template (in loops, conditions and the workers' pipelines too) by the
+    path of display names the run's graph shows, with its retry policy and caching option."""
+    found = {}
+    for task in (spec["root"]["dag"] if dag is None else dag)["tasks"].values():
+        # the branches' group has no display name of its own: the compiler numbers it
+        key = (*path, re.sub(r"^condition-branches-\d+$", "condition-branches",
+                             task["taskInfo"]["name"]))
+        found["/".join(key)] = (task.get("retryPolicy"), task.get("cachingOptions"))
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            found.update(_run_graph(spec, component["dag"], key))
+    return found
+
+
+def _retries(count: int, backoff: str) -> dict:
+    """A compiled retry policy (KFP's own backoff factor and cap)."""
+    return {"maxRetryCount": count, "backoffDuration": backoff, "backoffFactor": 2.0,
+            "backoffMaxDuration": "3600s"}
+
+
+CACHED = {"enableCache": True}
+NOT_CACHED = {}  # what the compiler writes for enableCache false
+
+
+def test_each_task_as_the_run_graph_shows_it(template, local_template):
+    """The names a user reads in the run's graph, and each task's retries and caching: on
+    Vertex the workers retry five times a minute apart (Spot preemptions; a retried worker
+    resumes from its finished shards), the steps twice at once (transient failures); the
+    first task and the report (it publishes) are never cached. Locally nothing is retried
+    (a failure is a bug to see at once), and caching is the same."""
+    workers = _retries(5, "60s")
+    steps = _retries(2, "0s")
+    expected = {
+        "Items": (None, CACHED), "Fingerprint and plan": (steps, NOT_CACHED),
+        "image-workers": (None, None), "image-workers/Embed images": (workers, CACHED),
+        "condition-branches": (None, None),
+        "Fuse embeddings": (steps, CACHED), "kNN graphs": (steps, CACHED),
+        "QA report": (steps, NOT_CACHED)}
+    for branch, label in (("text-on-cpu", "CPU"), ("text-on-gpu", "GPU")):
+        # each branch runs its text workers' pipeline, which holds their loop
+        workers_pipeline = f"condition-branches/{branch}/Text workers ({label})"
+        expected |= {f"condition-branches/{branch}": (None, None),
+                     workers_pipeline: (None, CACHED),
+                     f"{workers_pipeline}/text-workers": (None, None),
+                     f"{workers_pipeline}/text-workers/Embed text": (workers, CACHED)}
+    assert _run_graph(template[1]) == expected
+    assert _run_graph(local_template[1]) == {
+        "Items": (None, CACHED), "Fingerprint and plan": (None, NOT_CACHED),
+        "Text workers": (None, CACHED), "Text workers/text-workers": (None, None),
+        "Text workers/text-workers/Embed text": (None, CACHED),
+        "Image workers": (None, CACHED), "Image workers/image-workers": (None, None),
+        "Image workers/image-workers/Embed images": (None, CACHED),
+        "Fuse embeddings": (None, CACHED), "kNN graphs": (None, CACHED),
+        "QA report": (None, NOT_CACHED)}
+
+
+def test_parameter_types_and_the_runs_outputs(either_template):
+    """Each parameter has its PipelineParams type (what the Vertex UI's form accepts), and a
+    run lists its five outputs, each from the task that writes it."""
+    spec, _ = either_template
+    kinds = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: p["parameterType"] for name, p in params.items()} == {
+        name: kinds[type(field.default)] for name, field in PARAM_FIELDS.items()}
+    outputs = spec["root"]["dag"]["outputs"]["artifacts"]
+    assert {name: out["artifactSelectors"] for name, out in outputs.items()} == {
+        name: [{"outputArtifactKey": key, "producerSubtask": task}]
+        for name, task, key in [("text_embeddings", "fuse-embeddings", "text_embeddings"),
+                                ("image_embeddings", "fuse-embeddings", "image_embeddings"),
+                                ("fused_embeddings", "fuse-embeddings", "fused_embeddings"),
+                                ("knn_graphs", "knn-graphs", "graphs"),
+                                ("report", "qa-report", "report")]}
+    assert set(spec["root"]["outputDefinitions"]["artifacts"]) == set(outputs)
+
