@@ -1,8 +1,10 @@
 """The compiled Vertex template: DAG edges, fan-out, machines, Spot, identity, caching and
 parameters — read back from the YAML, and the custom jobs built as GCPC's launcher builds them."""
 
+import inspect
 import json
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 import google.auth
@@ -769,4 +771,43 @@ def test_parameter_types_and_the_runs_outputs(either_template):
                                 ("knn_graphs", "knn-graphs", "graphs"),
                                 ("report", "qa-report", "report")]}
     assert set(spec["root"]["outputDefinitions"]["artifacts"]) == set(outputs)
+
+
+COMPONENTS = ("embed_images", "embed_text", "fingerprint_inputs", "fuse_embeddings",
+              "knn_graphs", "qa_report")
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_a_component_compiles_with_the_pipelines_defaults_and_help(name, tmp_path):
+    """A component used on its own (compiled, or called through ``python_func``): every input
+    named like a pipeline parameter has PipelineParams' default and help, every runtime input
+    its own, in the image given, nothing pip-installed. The module is executed afresh, as a new
+    process imports it (its inputs are completed when it is imported)."""
+    import importlib.util
+
+    from kfp import compiler
+
+    from item_embeddings.components import shared
+
+    source = Path(shared.__file__).parent / name / "component.py"
+    module_spec = importlib.util.spec_from_file_location(f"fresh_{name}", source)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    component = module.make_component(IMAGE)
+    path = tmp_path / f"{name}.yaml"
+    compiler.Compiler().compile(component, str(path))
+    spec = yaml.safe_load(path.read_text())
+    (executor,) = spec["deploymentSpec"]["executors"].values()
+    assert executor["container"]["image"] == IMAGE
+    assert not any("pip install" in c for c in executor["container"]["command"])
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = PipelineParams()
+    want = {n: (getattr(defaults, n), param_description(n)) for n in params if n in PARAM_FIELDS}
+    want |= {n: shared.RUNTIME_INPUTS[n] for n in params if n in shared.RUNTIME_INPUTS}
+    assert {n: (p.get("defaultValue"), p["description"]) for n, p in params.items()} == want
+    function = component.python_func
+    signature = inspect.signature(function)
+    assert {n: q.default for n, q in signature.parameters.items() if n in want} == {
+        n: default for n, (default, _) in want.items()}
+    assert len(want) >= 5  # (the parameters of each component were seen)
 
