@@ -25,14 +25,16 @@ GPU_IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings-gpu:1.2.3"
 SA = "runner@proj.iam.gserviceaccount.com"
 NETWORK = "projects/123/global/networks/vpc"
 KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"
+ROOT = "gs://bucket/pipeline-root"
 
 
 # Each target is compiled once for the whole file (a second apiece): the tests read the same
 # template, and a mutation run of pipeline/pipeline.py stays short per mutant.
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
-    compile_pipeline(path, image=IMAGE, gpu_image=GPU_IMAGE)  # the default target: Vertex
+    # the default target (Vertex), written into folders that do not exist yet
+    path = tmp_path_factory.mktemp("tpl") / "new" / "folder" / "item_embeddings.yaml"
+    compile_pipeline(path, image=IMAGE, gpu_image=GPU_IMAGE, pipeline_root=ROOT)
     return path, yaml.safe_load(path.read_text())
 
 
@@ -810,4 +812,47 @@ def test_a_component_compiles_with_the_pipelines_defaults_and_help(name, tmp_pat
     assert {n: q.default for n, q in signature.parameters.items() if n in want} == {
         n: default for n, (default, _) in want.items()}
     assert len(want) >= 5  # (the parameters of each component were seen)
+
+
+def test_the_template_names_the_pipeline_its_purpose_and_its_root(template):
+    """What the Vertex AI console shows of a pipeline before any run: its name, its description
+    and the default root of its runs' artifacts (the compile option)."""
+    _, spec = template
+    assert spec["pipelineInfo"] == {
+        "name": "item-embeddings",
+        "description": "Multimodal item embeddings: text, image and fused vectors for every "
+                       "item, their kNN graphs and a QA report."}
+    assert spec["defaultPipelineRoot"] == ROOT
+
+
+def _runtime_constants(spec, dag=None) -> dict[str, dict]:
+    """The constant run-time inputs (project, location, run id, require_gpu) of each task that
+    has any, by its task name."""
+    found = {}
+    for name, task in (spec["root"]["dag"] if dag is None else dag)["tasks"].items():
+        bound = task.get("inputs", {}).get("parameters", {})
+        constants = {k: bound[k]["runtimeValue"]["constant"] for k in
+                     ("project", "location", "run_id", "require_gpu") if k in bound}
+        if constants:
+            found[name] = constants
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            found.update(_runtime_constants(spec, component["dag"]))
+    return found
+
+
+def test_run_time_inputs_of_each_target(either_template):
+    """On Vertex the steps that log experiment runs get the run's project and location (the
+    runtime placeholders) and the image worker must find its GPU; locally they get none (the
+    local store) and no GPU is required. The report reads the run's name either way."""
+    spec, target = either_template
+    if target == "vertex":
+        where = {"project": "{{$.pipeline_google_cloud_project_id}}",
+                 "location": "{{$.pipeline_google_cloud_location}}"}
+    else:
+        where = {"project": "", "location": ""}
+    assert _runtime_constants(spec) == {
+        "fuse-embeddings": where, "knn-graphs": where, "embed-text": where,
+        "embed-images": {**where, "require_gpu": target == "vertex"},
+        "qa-report": {"run_id": "{{$.pipeline_job_name}}"}}
 
