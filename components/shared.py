@@ -91,7 +91,8 @@ def pipeline_inputs(fn: Callable) -> Callable:
                             "first) nor a pipeline parameter nor a runtime input")
     fn.__defaults__ = tuple(defaults)
     # the entries end the Args section: KFP reads no input's help after a Returns section
-    args, returns_header, returns = inspect.cleandoc(fn.__doc__ or "").partition("\nReturns:")
+    args, returns_header, returns = inspect.cleandoc(fn.__doc__ or "Args:").partition(
+        "\nReturns:")
     fn.__doc__ = "\n".join([args.rstrip(), *docs, returns_header.strip() + returns]).rstrip() + "\n"
     return fn
 

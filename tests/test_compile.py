@@ -856,3 +856,51 @@ def test_run_time_inputs_of_each_target(either_template):
         "embed-images": {**where, "require_gpu": target == "vertex"},
         "qa-report": {"run_id": "{{$.pipeline_job_name}}"}}
 
+
+def test_pipeline_inputs_completes_a_functions_defaults_and_help():
+    """What a new component gets from ``@pipeline_inputs``: its parameter inputs' defaults, and
+    their help at the end of its Args section (before Returns, after which KFP reads no input's
+    help; a function without a docstring gets the section); an input that is neither a pipeline
+    parameter nor a runtime input is refused by name."""
+    from kfp.dsl import Dataset, Input
+
+    from item_embeddings.components.shared import RUNTIME_INPUTS, pipeline_inputs
+
+    seed = f"    seed: {param_description('seed')}"
+    run_id = f"    run_id: {RUNTIME_INPUTS['run_id'][1]}"
+
+    def answer(items: Input[Dataset], seed: int, run_id: str) -> str:
+        """Answers.
+
+        Args:
+            items: The items.
+
+        Returns:
+            The answer.
+        """
+
+    def quiet(items: Input[Dataset], seed: int, run_id: str):
+        """Says nothing.
+
+        Args:
+            items: The items.
+        """
+
+    def bare(seed: int, run_id: str):
+        pass
+
+    assert pipeline_inputs(answer).__defaults__ == (PipelineParams().seed, "")
+    assert answer.__doc__ == "\n".join(["Answers.", "", "Args:", "    items: The items.", seed,
+                                        run_id, "Returns:", "    The answer.", ""])
+    assert pipeline_inputs(quiet).__doc__ == "\n".join(
+        ["Says nothing.", "", "Args:", "    items: The items.", seed, run_id, ""])
+    assert pipeline_inputs(bare).__doc__ == "\n".join(["Args:", seed, run_id, ""])
+
+    def stray(items: Input[Dataset], seed: int, colour: str):
+        """Paints."""
+
+    with pytest.raises(TypeError) as refused:
+        pipeline_inputs(stray)
+    assert str(refused.value) == ("stray: input 'colour' is neither an artifact (those come "
+                                  "first) nor a pipeline parameter nor a runtime input")
+
