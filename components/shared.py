@@ -90,7 +90,10 @@ def pipeline_inputs(fn: Callable) -> Callable:
             raise TypeError(f"{fn.__name__}: input {p.name!r} is neither an artifact (those come "
                             "first) nor a pipeline parameter nor a runtime input")
     fn.__defaults__ = tuple(defaults)
-    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "").rstrip() + "\n" + "\n".join(docs) + "\n"
+    # the entries end the Args section: KFP reads no input's help after a Returns section
+    args, returns_header, returns = inspect.cleandoc(fn.__doc__ or "Args:").partition(
+        "\nReturns:")
+    fn.__doc__ = "\n".join([args.rstrip(), *docs, returns_header.strip() + returns]).rstrip() + "\n"
     return fn
 
 

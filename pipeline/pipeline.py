@@ -116,8 +116,8 @@ class _Job(NamedTuple):
     pool: dict
 
 
-def _custom_job(component, display_name: str) -> _Job:
-    """``component`` as a Vertex custom job (GCPC's wrapper).
+def _custom_job(component) -> _Job:
+    """``component`` as a Vertex custom job (GCPC's wrapper), named after the component.
 
     The wrapper would run the job as the Vertex custom-code service agent, outside the user's
     VPC and without CMEK; the runtime placeholders give it the pipeline job's own service
@@ -131,7 +131,7 @@ def _custom_job(component, display_name: str) -> _Job:
     )
 
     op = create_custom_training_job_from_component(
-        component, display_name=display_name, timeout=JOB_TIMEOUT,
+        component, timeout=JOB_TIMEOUT,
         service_account=_placeholders.SERVICE_ACCOUNT_PLACEHOLDER,
         network=_placeholders.NETWORK_PLACEHOLDER,
         encryption_spec_key_name=_placeholders.ENCRYPTION_SPEC_KMS_KEY_NAME_PLACEHOLDER)
@@ -173,6 +173,8 @@ def _runtime_inputs(on_vertex: bool) -> dict:
 
 # The text workers' machine inputs (Vertex) besides text_accelerator, which embed-text reads too.
 TEXT_JOB_PARAMS = ("text_machine_type", "text_strategy")
+# The worker task of each kind of shards, as the run's graph names it (on Vertex and locally).
+WORKER_TASKS = {"text_shards": "Embed text", "image_shards": "Embed images"}
 
 
 def _text_job_machine(job: _Job, p: Mapping[str, Any], *, gpu: bool) -> dict:
@@ -199,15 +201,14 @@ def _workers_pipeline(component, name: str, output: str, runtime: dict,
         machine = {} if job is None else _text_job_machine(job, p, gpu=gpu)
         with dsl.ParallelFor(workers, name=loop_name) as worker:
             task = _bind(component, p, items=items, worker=worker, **machine, **runtime
-                         ).set_display_name(f"Embed {loop_name.split('-')[0]}")
+                         ).set_display_name(WORKER_TASKS[output])
             if job is not None:
                 _worker_retries(task)
         return dsl.Collected(task.outputs[output])
 
     workers_loop.__name__ = name
-    where = ("on one GPU each, in the GPU image" if gpu else "on CPU machines") if job else ""
-    summary = (f"The {loop_name.replace('-', ' ')}{' ' + where if where else ''}: one per item "
-               "of the plan.")
+    # (a nested pipeline's description is not compiled into the template: its inputs' are)
+    summary = "Workers: one per item of the plan."
     artifacts = {"items": (dsl.Input[dsl.Dataset], "The items table, from the importer."),
                  "workers": (list, "The plan's workers (each its shards).")}
     return dsl.pipeline(name=name.replace("_", "-"))(
@@ -243,10 +244,7 @@ class _Steps:
                 embed_images=_workers_pipeline(made["embed_images"], "image_workers",
                                                "image_shards", dict(runtime, require_gpu=False)))
         made["embed_text_gpu"] = make_embed_text(gpu_image)
-        names = {"fingerprint": "fingerprint-inputs", "embed_text": "embed-text",
-                 "embed_text_gpu": "embed-text", "embed_images": "embed-images",
-                 "fuse": "fuse-embeddings", "knn": "knn-graphs", "report": "qa-report"}
-        jobs = {key: _custom_job(made[key], name) for key, name in names.items()}
+        jobs = {key: _custom_job(component) for key, component in made.items()}
         text = {f"text_workers{suffix}": _workers_pipeline(
             jobs[key].op, f"text_workers{suffix}", "text_shards", runtime, jobs[key],
             gpu=bool(suffix)) for key, suffix in (("embed_text", ""), ("embed_text_gpu", "_gpu"))}
@@ -288,7 +286,7 @@ def _image_workers(steps: _Steps, p: Mapping[str, Any], items, plan, runtime: di
         accelerator_type=IMAGE_ACCELERATOR, accelerator_count=1))
     with dsl.ParallelFor(plan.outputs["image_workers"], name="image-workers") as worker:
         images = _bind(steps.embed_images, p, items=items, worker=worker, require_gpu=True,
-                       **machine, **runtime).set_display_name("Embed images")
+                       **machine, **runtime).set_display_name(WORKER_TASKS["image_shards"])
     return images, dsl.Collected(images.outputs["image_shards"])
 
 

@@ -1,12 +1,21 @@
 """The compiled Vertex template: DAG edges, fan-out, machines, Spot, identity, caching and
 parameters — read back from the YAML, and the custom jobs built as GCPC's launcher builds them."""
 
+import inspect
 import json
 import re
+from pathlib import Path
 from typing import NamedTuple
 
+import google.auth
 import pytest
 import yaml
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform
+from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
+from google.cloud.aiplatform_v1.types import custom_job as gca_custom_job
+from google.cloud.aiplatform_v1.types import job_state
+from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
 
 from item_embeddings.config import PARAM_FIELDS, PipelineParams, param_description
 from item_embeddings.pipeline import compile_pipeline
@@ -16,13 +25,30 @@ GPU_IMAGE = "europe-docker.pkg.dev/proj/repo/item-embeddings-gpu:1.2.3"
 SA = "runner@proj.iam.gserviceaccount.com"
 NETWORK = "projects/123/global/networks/vpc"
 KEY = "projects/proj/locations/europe-west4/keyRings/r/cryptoKeys/k"
+ROOT = "gs://bucket/pipeline-root"
+
+
+# Each target is compiled once for the whole file (a second apiece): the tests read the same
+# template, and a mutation run of pipeline/pipeline.py stays short per mutant.
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    # the default target (Vertex), written into folders that do not exist yet
+    path = tmp_path_factory.mktemp("tpl") / "new" / "folder" / "item_embeddings.yaml"
+    compile_pipeline(path, image=IMAGE, gpu_image=GPU_IMAGE, pipeline_root=ROOT)
+    return path, yaml.safe_load(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tpl") / "item_embeddings.yaml"
-    compile_pipeline(path, target="vertex", image=IMAGE, gpu_image=GPU_IMAGE)
+def local_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "local.yaml"
+    compile_pipeline(path, target="local", image=IMAGE)
     return path, yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(params=["vertex", "local"])
+def either_template(request, template, local_template):
+    """The spec of each target, and the target."""
+    return {"vertex": template, "local": local_template}[request.param][1], request.param
 
 
 def _root(spec):
@@ -363,9 +389,6 @@ def test_project_and_location_come_from_runtime_placeholders(template):
 
 
 def test_vertex_accepts_the_template_offline(template):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import aiplatform
-
     path, _ = template
     job = aiplatform.PipelineJob(
         display_name="item-embeddings-test", template_path=str(path),
@@ -385,9 +408,8 @@ def test_vertex_accepts_the_template_offline(template):
                                parameter_values={"no_such_param": 1})
 
 
-def test_local_target_has_no_custom_job(tmp_path):
-    path = compile_pipeline(tmp_path / "local.yaml", target="local", image=IMAGE)
-    spec = yaml.safe_load(path.read_text())
+def test_local_target_has_no_custom_job(local_template):
+    path, spec = local_template
     assert "custom_job" not in path.read_text()
     _, inner = _loop(spec, "embed-images")
     assert "strategy" not in inner["embed-images"]["inputs"]["parameters"]
@@ -412,10 +434,9 @@ VERTEX_ONLY = {"image_strategy", "text_strategy", "text_machine_type", "image_ma
                "fusion_machine_type", "knn_machine_type", "persistent_resource_id"}
 
 
-@pytest.mark.parametrize("target", ["vertex", "local"])
-def test_every_parameter_reaches_a_task(tmp_path, target):
+def test_every_parameter_reaches_a_task(either_template):
     """No knob is silently ignored: each pipeline parameter feeds some task (or the importer)."""
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", target=target).read_text())
+    spec, target = either_template
     used = set()
 
     def walk(dag):
@@ -437,12 +458,11 @@ def test_every_parameter_reaches_a_task(tmp_path, target):
 
 
 
-@pytest.mark.parametrize("target", ["vertex", "local"])
-def test_every_input_named_like_a_parameter_is_bound_to_it(tmp_path, target):
+def test_every_input_named_like_a_parameter_is_bound_to_it(either_template):
     """In every task (the loop's and the condition's included), each component input that has
     a pipeline parameter's name takes that parameter: an input left unbound would silently run
     with its default whatever the run sets."""
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml", target=target).read_text())
+    spec, _ = either_template
     checked, wrong = 0, []
 
     def walk(dag):
@@ -511,13 +531,6 @@ def _resolve_nested(value, values):
 def _launch(spec, task, component_name, values, runtime, monkeypatch, tmp_path):
     """The CustomJob GCPC's launcher creates for ``task`` (the job's payload filled in with
     ``values``, then Vertex's runtime placeholders with ``runtime``)."""
-    import google.auth
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
-    from google.cloud.aiplatform_v1.types import custom_job as gca_custom_job
-    from google.cloud.aiplatform_v1.types import job_state
-    from google_cloud_pipeline_components.container.v1.custom_job import remote_runner
-
     comp = spec["components"][component_name]
     executor = spec["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
     filled = {k: v.get("defaultValue") for k, v in comp["inputDefinitions"]["parameters"].items()}
@@ -648,11 +661,7 @@ def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeyp
     reaches the CustomJob of every task, as GCPC's launcher builds it: the first task, both
     workers, fusion, kNN and the report run on the warm machines; empty = started on demand."""
     _, spec = template
-    tasks = {name: _root(spec)[name]
-             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
-    tasks["embed-images"] = _loop(spec, "embed-images")[1]["embed-images"]
-    tasks.update({f"embed-text ({name})": branch.embed
-                  for name, branch in _text_branches(spec).items()})
+    tasks = _job_tasks(spec)
     assert len(tasks) == 7
     for name, task in tasks.items():
         values = _task_values(spec, task, {"persistent_resource_id": resource})
@@ -661,3 +670,237 @@ def test_every_job_runs_on_the_persistent_resource_a_run_names(template, monkeyp
                       monkeypatch, tmp_path / name)
         assert job.job_spec.persistent_resource_id == resource, name
         assert job.job_spec.service_account == SA, name  # the job keeps the pipeline's identity
+
+
+def _job_tasks(spec) -> dict[str, dict]:
+    """The task of each custom job: the first task, both text workers, the image worker,
+    fusion, kNN and the report."""
+    tasks = {name: _root(spec)[name]
+             for name in ("fingerprint-inputs", "fuse-embeddings", "knn-graphs", "qa-report")}
+    tasks["embed-images"] = _loop(spec, "embed-images")[1]["embed-images"]
+    tasks.update({f"embed-text ({name})": branch.embed
+                  for name, branch in _text_branches(spec).items()})
+    return tasks
+
+
+def test_every_job_is_named_after_its_step_and_stopped_after_a_day(template, monkeypatch,
+                                                                    tmp_path):
+    """The CustomJob each task starts, as the console's list of custom jobs shows it: named
+    after its step, and stopped by Vertex after 24 hours (not GCPC's 7 days: a stuck worker
+    on a GPU costs a day at most)."""
+    import datetime as dt
+
+    _, spec = template
+    for name, task in _job_tasks(spec).items():
+        (tmp_path / name).mkdir()
+        job = _launch(spec, task, task["componentRef"]["name"], _task_values(spec, task),
+                      _runtime(True), monkeypatch, tmp_path / name)
+        assert job.display_name == name.partition(" ")[0], name
+        assert job.job_spec.scheduling.timeout == dt.timedelta(hours=24), name
+
+
+def _run_graph(spec, dag=None, path=()) -> dict[str, tuple]:
+    """Every task of the template (in loops, conditions and the workers' pipelines too) by the
+    path of display names the run's graph shows, with its retry policy and caching option."""
+    found = {}
+    for task in (spec["root"]["dag"] if dag is None else dag)["tasks"].values():
+        # the branches' group has no display name of its own: the compiler numbers it
+        key = (*path, re.sub(r"^condition-branches-\d+$", "condition-branches",
+                             task["taskInfo"]["name"]))
+        found["/".join(key)] = (task.get("retryPolicy"), task.get("cachingOptions"))
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            found.update(_run_graph(spec, component["dag"], key))
+    return found
+
+
+def _retries(count: int, backoff: str) -> dict:
+    """A compiled retry policy (KFP's own backoff factor and cap)."""
+    return {"maxRetryCount": count, "backoffDuration": backoff, "backoffFactor": 2.0,
+            "backoffMaxDuration": "3600s"}
+
+
+CACHED = {"enableCache": True}
+NOT_CACHED = {}  # what the compiler writes for enableCache false
+
+
+def test_each_task_as_the_run_graph_shows_it(template, local_template):
+    """The names a user reads in the run's graph, and each task's retries and caching: on
+    Vertex the workers retry five times a minute apart (Spot preemptions; a retried worker
+    resumes from its finished shards), the steps twice at once (transient failures); the
+    first task and the report (it publishes) are never cached. Locally nothing is retried
+    (a failure is a bug to see at once), and caching is the same."""
+    workers = _retries(5, "60s")
+    steps = _retries(2, "0s")
+    expected = {
+        "Items": (None, CACHED), "Fingerprint and plan": (steps, NOT_CACHED),
+        "image-workers": (None, None), "image-workers/Embed images": (workers, CACHED),
+        "condition-branches": (None, None),
+        "Fuse embeddings": (steps, CACHED), "kNN graphs": (steps, CACHED),
+        "QA report": (steps, NOT_CACHED)}
+    for branch, label in (("text-on-cpu", "CPU"), ("text-on-gpu", "GPU")):
+        # each branch runs its text workers' pipeline, which holds their loop
+        workers_pipeline = f"condition-branches/{branch}/Text workers ({label})"
+        expected |= {f"condition-branches/{branch}": (None, None),
+                     workers_pipeline: (None, CACHED),
+                     f"{workers_pipeline}/text-workers": (None, None),
+                     f"{workers_pipeline}/text-workers/Embed text": (workers, CACHED)}
+    assert _run_graph(template[1]) == expected
+    assert _run_graph(local_template[1]) == {
+        "Items": (None, CACHED), "Fingerprint and plan": (None, NOT_CACHED),
+        "Text workers": (None, CACHED), "Text workers/text-workers": (None, None),
+        "Text workers/text-workers/Embed text": (None, CACHED),
+        "Image workers": (None, CACHED), "Image workers/image-workers": (None, None),
+        "Image workers/image-workers/Embed images": (None, CACHED),
+        "Fuse embeddings": (None, CACHED), "kNN graphs": (None, CACHED),
+        "QA report": (None, NOT_CACHED)}
+
+
+def test_parameter_types_and_the_runs_outputs(either_template):
+    """Each parameter has its PipelineParams type (what the Vertex UI's form accepts), and a
+    run lists its five outputs, each from the task that writes it."""
+    spec, _ = either_template
+    kinds = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: p["parameterType"] for name, p in params.items()} == {
+        name: kinds[type(field.default)] for name, field in PARAM_FIELDS.items()}
+    outputs = spec["root"]["dag"]["outputs"]["artifacts"]
+    assert {name: out["artifactSelectors"] for name, out in outputs.items()} == {
+        name: [{"outputArtifactKey": key, "producerSubtask": task}]
+        for name, task, key in [("text_embeddings", "fuse-embeddings", "text_embeddings"),
+                                ("image_embeddings", "fuse-embeddings", "image_embeddings"),
+                                ("fused_embeddings", "fuse-embeddings", "fused_embeddings"),
+                                ("knn_graphs", "knn-graphs", "graphs"),
+                                ("report", "qa-report", "report")]}
+    assert set(spec["root"]["outputDefinitions"]["artifacts"]) == set(outputs)
+
+
+COMPONENTS = ("embed_images", "embed_text", "fingerprint_inputs", "fuse_embeddings",
+              "knn_graphs", "qa_report")
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_a_component_compiles_with_the_pipelines_defaults_and_help(name, tmp_path):
+    """A component used on its own (compiled, or called through ``python_func``): every input
+    named like a pipeline parameter has PipelineParams' default and help, every runtime input
+    its own, in the image given, nothing pip-installed. The module is executed afresh, as a new
+    process imports it (its inputs are completed when it is imported)."""
+    import importlib.util
+
+    from kfp import compiler
+
+    from item_embeddings.components import shared
+
+    source = Path(shared.__file__).parent / name / "component.py"
+    module_spec = importlib.util.spec_from_file_location(f"fresh_{name}", source)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    component = module.make_component(IMAGE)
+    path = tmp_path / f"{name}.yaml"
+    compiler.Compiler().compile(component, str(path))
+    spec = yaml.safe_load(path.read_text())
+    (executor,) = spec["deploymentSpec"]["executors"].values()
+    assert executor["container"]["image"] == IMAGE
+    assert not any("pip install" in c for c in executor["container"]["command"])
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = PipelineParams()
+    want = {n: (getattr(defaults, n), param_description(n)) for n in params if n in PARAM_FIELDS}
+    want |= {n: shared.RUNTIME_INPUTS[n] for n in params if n in shared.RUNTIME_INPUTS}
+    assert {n: (p.get("defaultValue"), p["description"]) for n, p in params.items()} == want
+    function = component.python_func
+    signature = inspect.signature(function)
+    assert {n: q.default for n, q in signature.parameters.items() if n in want} == {
+        n: default for n, (default, _) in want.items()}
+    assert len(want) >= 5  # (the parameters of each component were seen)
+
+
+def test_the_template_names_the_pipeline_its_purpose_and_its_root(template):
+    """What the Vertex AI console shows of a pipeline before any run: its name, its description
+    and the default root of its runs' artifacts (the compile option)."""
+    _, spec = template
+    assert spec["pipelineInfo"] == {
+        "name": "item-embeddings",
+        "description": "Multimodal item embeddings: text, image and fused vectors for every "
+                       "item, their kNN graphs and a QA report."}
+    assert spec["defaultPipelineRoot"] == ROOT
+
+
+def _runtime_constants(spec, dag=None) -> dict[str, dict]:
+    """The constant run-time inputs (project, location, run id, require_gpu) of each task that
+    has any, by its task name."""
+    found = {}
+    for name, task in (spec["root"]["dag"] if dag is None else dag)["tasks"].items():
+        bound = task.get("inputs", {}).get("parameters", {})
+        constants = {k: bound[k]["runtimeValue"]["constant"] for k in
+                     ("project", "location", "run_id", "require_gpu") if k in bound}
+        if constants:
+            found[name] = constants
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            found.update(_runtime_constants(spec, component["dag"]))
+    return found
+
+
+def test_run_time_inputs_of_each_target(either_template):
+    """On Vertex the steps that log experiment runs get the run's project and location (the
+    runtime placeholders) and the image worker must find its GPU; locally they get none (the
+    local store) and no GPU is required. The report reads the run's name either way."""
+    spec, target = either_template
+    if target == "vertex":
+        where = {"project": "{{$.pipeline_google_cloud_project_id}}",
+                 "location": "{{$.pipeline_google_cloud_location}}"}
+    else:
+        where = {"project": "", "location": ""}
+    assert _runtime_constants(spec) == {
+        "fuse-embeddings": where, "knn-graphs": where, "embed-text": where,
+        "embed-images": {**where, "require_gpu": target == "vertex"},
+        "qa-report": {"run_id": "{{$.pipeline_job_name}}"}}
+
+
+def test_pipeline_inputs_completes_a_functions_defaults_and_help():
+    """What a new component gets from ``@pipeline_inputs``: its parameter inputs' defaults, and
+    their help at the end of its Args section (before Returns, after which KFP reads no input's
+    help; a function without a docstring gets the section); an input that is neither a pipeline
+    parameter nor a runtime input is refused by name."""
+    from kfp.dsl import Dataset, Input
+
+    from item_embeddings.components.shared import RUNTIME_INPUTS, pipeline_inputs
+
+    seed = f"    seed: {param_description('seed')}"
+    run_id = f"    run_id: {RUNTIME_INPUTS['run_id'][1]}"
+
+    def answer(items: Input[Dataset], seed: int, run_id: str) -> str:
+        """Answers.
+
+        Args:
+            items: The items.
+
+        Returns:
+            The answer.
+        """
+
+    def quiet(items: Input[Dataset], seed: int, run_id: str):
+        """Says nothing.
+
+        Args:
+            items: The items.
+        """
+
+    def bare(seed: int, run_id: str):
+        pass
+
+    assert pipeline_inputs(answer).__defaults__ == (PipelineParams().seed, "")
+    assert answer.__doc__ == "\n".join(["Answers.", "", "Args:", "    items: The items.", seed,
+                                        run_id, "Returns:", "    The answer.", ""])
+    assert pipeline_inputs(quiet).__doc__ == "\n".join(
+        ["Says nothing.", "", "Args:", "    items: The items.", seed, run_id, ""])
+    assert pipeline_inputs(bare).__doc__ == "\n".join(["Args:", seed, run_id, ""])
+
+    def stray(items: Input[Dataset], seed: int, colour: str):
+        """Paints."""
+
+    with pytest.raises(TypeError) as refused:
+        pipeline_inputs(stray)
+    assert str(refused.value) == ("stray: input 'colour' is neither an artifact (those come "
+                                  "first) nor a pipeline parameter nor a runtime input")
+

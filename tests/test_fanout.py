@@ -2,6 +2,7 @@
 (the single-run files; missing, duplicated or unplanned shards refused)."""
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -205,10 +206,10 @@ def test_a_shard_outside_the_table_is_refused_by_both_steps(tmp_path, rows, monk
     assert not (tmp_path / "txt").exists() and not (tmp_path / "img").exists()
 
 
-def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path):
-    """A shard is left out only when an earlier attempt placed it whole for the same rows: a
-    folder without its meta file (killed while copying) or with other rows (another plan) is
-    run again."""
+def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path, caplog):
+    """A shard is left out only when an earlier attempt placed it whole for the same rows (the
+    log says so): a folder without its meta file (killed while copying) or with other rows
+    (another plan) is run again."""
     from types import SimpleNamespace
 
     from item_embeddings.components.shared import pending_shards
@@ -219,7 +220,11 @@ def test_a_retried_worker_runs_only_the_shards_not_placed_whole(tmp_path):
         (tmp_path / shard.dirname).mkdir()
         (tmp_path / shard.dirname / TXT_META).write_text(json.dumps({"rows": rows}))
     (tmp_path / shards[3].dirname).mkdir()  # 3: no meta file, the copy did not finish
-    assert [s.index for s in pending_shards(output, shards, TXT_META)] == [1, 2, 3]
+    with caplog.at_level(logging.INFO, logger="item_embeddings.components.shared"):
+        assert [s.index for s in pending_shards(output, shards, TXT_META)] == [1, 2, 3]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("item_embeddings.components.shared",
+         f"{shards[0].dirname} was placed by an earlier attempt: skipped")]
     whole = Shard(0, 0, None, None)  # a worker without a plan: the whole table, rows None
     alone = tmp_path / "alone"
     (alone / whole.dirname).mkdir(parents=True)

@@ -43,11 +43,22 @@ PACKAGE_DIRS = {"src/item_embeddings": f"src/{PACKAGE}",
 # Statuses mutmut gives a mutant that no test failed on; everything else is a kill.
 NOT_KILLED = ("survived", "no tests", "skipped", "not checked", "check was interrupted by user")
 # Each test process of a mutant gets its own pytest basetemp (two run at once).
-BASETEMP_PLUGIN = '''"""pytest plugin of tools/mutation.py: one basetemp per test process."""
+BASETEMP_PLUGIN = '''"""pytest plugin of tools/mutation.py: one basetemp per test process, and
+mutmut's test selection seeing through shared fixtures."""
 import os
 import shutil
 
 import pytest
+
+# mutmut's stats run gives a test the functions called between the previous test's teardown
+# and its own: what a module- or session-scoped fixture calls (a template compiled once for a
+# whole test file) would count for the first test using it only, and a mutant there would run
+# that one test. Each test using the fixture is given the fixture's calls too.
+_FIXTURE_CALLS = {}
+
+
+def _collecting_stats():
+    return os.environ.get("MUTANT_UNDER_TEST") == "stats"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -57,6 +68,32 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(config.option.basetemp, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope == "function" or not _collecting_stats():
+        yield
+        return
+    from mutmut.state import state
+
+    outer, state()._stats = state()._stats, set()
+    try:
+        yield
+    finally:
+        _FIXTURE_CALLS[fixturedef] = calls = state()._stats
+        state()._stats = outer | calls
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    if not _collecting_stats():
+        return
+    from mutmut.state import state
+
+    for fixturedefs in item._fixtureinfo.name2fixturedefs.values():
+        for fixturedef in fixturedefs:
+            state()._stats.update(_FIXTURE_CALLS.get(fixturedef, ()))
 '''
 
 
