@@ -1,0 +1,516 @@
+"""The QA report as its reader sees it, section by section, on a run written without models.
+
+tests/test_report.py renders the report from the real text and fusion steps (a model loaded,
+about 15 s of setup). Here the steps' files are written directly in the format of
+docs/outputs.md, with chosen values (counts, times, a 25-epoch loss history), so every number
+and sentence the page shows can be checked word for word, and a render takes a few seconds:
+these are the tests `tools/mutation.sh report-*` runs against each mutant (docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from report_run import Page, decode_png, table_rows, unit, write_image_outputs, write_knn
+
+from item_embeddings.config import PipelineParams
+from item_embeddings.modality import modality_mix
+from item_embeddings.outputs import (
+    FUSED_ARRAY,
+    FUSED_ITEMS,
+    FUSION_CONFIG,
+    IMG_ARRAY,
+    IMG_FAILURES,
+    IMG_ITEMS,
+    IMG_META,
+    KNN_FUSED_SCORES,
+    KNN_META,
+    KNN_TEXT_SCORES,
+    QA_REPORT,
+    REPORT_META,
+    TXT_ARRAY,
+    TXT_ITEMS,
+    TXT_META,
+)
+from item_embeddings.report import SECTIONS, write_qa_report
+from item_embeddings.sample import make_sample_catalogue
+
+N = 48
+EPOCHS = 25
+TEXT_DIM, FUSED_DIM = 24, 16
+ITEMS_NAME = "items.parquet"
+
+
+@dataclass
+class QuickRun:
+    root: Path
+    items: Path
+    text: Path
+    image: Path
+    fused: Path
+    knn: Path
+    table: pa.Table
+    graphs: dict[str, np.ndarray]
+
+    def dirs(self, **changed: Path | None) -> dict[str, Path | None]:
+        dirs = {"text_dir": self.text, "image_dir": self.image, "fused_dir": self.fused,
+                "knn_dir": self.knn}
+        return {**dirs, **{f"{k}_dir": v for k, v in changed.items()}}
+
+    def write(self, out: Path, items: Path | None = None, params: PipelineParams | None = None,
+              run_id: str = "view-run", **changed: Path | None) -> tuple[dict, str]:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = write_qa_report(str(items or self.items), output_path=out / QA_REPORT,
+                                  params=params or PipelineParams(seed=0), run_id=run_id,
+                                  **self.dirs(**changed))
+        return summary, (out / QA_REPORT).read_text(encoding="utf-8")
+
+
+def _write_text_outputs(text_dir: Path, table: pa.Table) -> None:
+    """The text step's files: a vector near its category's centre per item."""
+    rng = np.random.default_rng(1)
+    categories = [str(c) for c in table.column("main_category").to_pylist()]
+    centres = dict(zip(sorted(set(categories)), unit(rng.standard_normal((8, TEXT_DIM)))))
+    vectors = unit(np.stack([centres[c] for c in categories])
+                   + 0.3 * rng.standard_normal((len(categories), TEXT_DIM)))
+    text_dir.mkdir(parents=True)
+    np.save(text_dir / TXT_ARRAY, vectors)
+    pq.write_table(pa.table({"id": table.column("asin")}), text_dir / TXT_ITEMS)
+    (text_dir / TXT_META).write_text(json.dumps({
+        "count": N, "empty_text_count": 2, "embed_dim": TEXT_DIM, "run_id": "text-run",
+        "wall_time_sec": 3.25, "encoder_name": "minilm-test", "text_backend": "torch",
+        "device": "cpu", "dtype": "float32", "throughput_items_per_sec": 96.0,
+        "versions": {"item-embeddings": "0.1.0", "torch": "2.5.0"}}))
+
+
+def _write_fusion_outputs(fused_dir: Path, text_dir: Path, image_dir: Path) -> None:
+    """The fusion step's files: the text vector's first columns plus the photo's when there is
+    one, a 25-epoch loss history and the modality mix of its sample."""
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
+    img_ids = set(pq.read_table(image_dir / IMG_ITEMS).column("id").to_pylist())
+    has_image = np.array([i in img_ids for i in ids])
+    text = np.load(text_dir / TXT_ARRAY)
+    fused = unit(text[:, :FUSED_DIM] + 0.5 * has_image[:, None])
+    fused_dir.mkdir(parents=True)
+    np.save(fused_dir / FUSED_ARRAY, fused)
+    pq.write_table(pa.table({"id": ids, "has_image": has_image}), fused_dir / FUSED_ITEMS)
+    sims = fused @ fused.T
+    np.fill_diagonal(sims, -np.inf)
+    mix = modality_mix({"text": np.argsort(-(text @ text.T - 9 * np.eye(N)), 1)[:, :5],
+                        "fused": np.argsort(-sims, 1)[:, :5]}, has_image)
+    (fused_dir / FUSION_CONFIG).write_text(json.dumps({
+        "count": N, "items_with_images": int(has_image.sum()), "image_vectors_excluded": 1,
+        "run_id": "fusion-run", "wall_time_sec": 7.5, "objective": "contrastive",
+        "epochs": EPOCHS, "hidden_dim": 32, "output_dim": FUSED_DIM, "final_loss": 0.125,
+        "lr": 0.003, "batch_size": 16, "seed": 0, "train_time_sec": 6.25,
+        "loss_history": [{"loss": 1.0 / e, "sim_loss": 0.5 / e, "norm_loss": 0.001 * e}
+                         for e in range(1, EPOCHS + 1)],
+        "modality_mix": mix, "versions": {"item-embeddings": "0.1.0", "torch": "2.5.1"}}))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> QuickRun:
+    root = tmp_path_factory.mktemp("quick")
+    table = make_sample_catalogue(N, image_base_url="http://127.0.0.1:9")
+    titles = table.column("title").to_pylist()
+    titles[5] = None
+    table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles))
+    items = root / ITEMS_NAME
+    pq.write_table(table, items)
+    run = QuickRun(root, items, root / "text", root / "image", root / "fused", root / "knn",
+                   table, {})
+    _write_text_outputs(run.text, table)
+    write_image_outputs(run.image, table)
+    _write_fusion_outputs(run.fused, run.text, run.image)
+    run.graphs = write_knn(run.knn, run.text, run.fused)
+    return run
+
+
+_VIEWS: dict[Path, tuple[dict, str, Page]] = {}
+
+
+def view(run: QuickRun) -> tuple[dict, str, Page]:
+    """The quick run's report (returned summary, text, parsed page), rendered once by the first
+    test that reads it: in that test's call, not in a fixture, because mutmut's timeout allows
+    for the time of the calls only (docs/testing.md)."""
+    if run.root not in _VIEWS:
+        summary, text = run.write(run.root / "report", run_id="")
+        _VIEWS[run.root] = summary, text, Page(text)
+    return _VIEWS[run.root]
+
+
+def _rows(page: Page, section: str, index: int = 0) -> list[list[str]]:
+    return table_rows(page.section(section).find_all("table")[index])
+
+
+def _leaves(element) -> list[str]:
+    if element.tag == "#text":
+        return [element.text]
+    return [t for child in element.children for t in _leaves(child)]
+
+
+def _text(page: Page, section: str) -> str:
+    """A section's text as read: its pieces in order, each run of white space one space."""
+    return " ".join(" ".join(_leaves(page.section(section))).split())
+
+
+def _catalogue_numbers(quick: QuickRun) -> dict[str, int]:
+    urls = quick.table.column("image_url").to_pylist()
+    attempted = sum(1 for u in urls if u)
+    return {"attempted": attempted, "no_url": N - attempted, "failed": 4,
+            "embedded": attempted - 4}
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+def test_title_line_and_navigation(quick):
+    summary, text, page = view(quick)
+    assert page.root.find_all("title")[0].all_text() == "QA report fusion-run"
+    meta = " ".join(page.root.by_class("meta")[0].all_text().split())
+    assert meta.startswith(f"run fusion-run · {N} items · written ")
+    assert meta.endswith(f" s · items {quick.items}")
+    assert [a.attrs["href"] for a in page.root.find_all("nav")[0].find_all("a")] == [
+        f"#{key}" for key, _ in SECTIONS]
+    assert [a.all_text() for a in page.root.find_all("nav")[0].find_all("a")] == [
+        title for _, title in SECTIONS]
+    assert [h.all_text() for h in page.root.find_all("h2")] == [t for _, t in SECTIONS]
+    assert text.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">')
+
+
+def test_summary_counts_every_item_by_outcome(quick):
+    page = view(quick)[2]
+    n = _catalogue_numbers(quick)
+    rows = _rows(page, "summary")
+
+    def pct(v: int) -> str:
+        return f"{100 * v / N:.1f}%"
+
+    assert rows == [
+        ["items (text step)", str(N), "100.0%", "every item, embedded from title + description"],
+        ["items with empty text", "2", pct(2), "embedded as the empty string"],
+        ["image: embedded", str(n["embedded"]), pct(n["embedded"]), "with-image coverage"],
+        ["image: failed", "4", pct(4), "see the next section"],
+        ["image: no URL", str(n["no_url"]), pct(n["no_url"]), "not attempted"],
+        ["image: beyond the max_items cap", "0", "0.0%", "max_items = 150000"],
+        ["fused", str(N), "100.0%", "every text item"],
+        ["fused with an image vector", str(n["embedded"]), pct(n["embedded"]),
+         "1 unusable image vector(s) excluded"],
+        ["kNN graph rows", str(N), "100.0%", "k = 8, spaces: text, fused"],
+    ]
+    decode_png(page.section("summary").find_all("img")[0].attrs["src"])
+    assert page.section("summary").find_all("img")[0].attrs["alt"] == (
+        "image outcome of every item")
+
+
+def test_checks_compare_each_meta_count_with_the_rows(quick):
+    page = view(quick)[2]
+    n = _catalogue_numbers(quick)
+    checks = _rows(page, "summary", 1)
+    mix = json.loads((quick.knn / KNN_META).read_text())["modality_mix"]
+    assert checks == [
+        ["text vectors L2-normalised and finite", f"0 of {N} rows off", "OK"],
+        ["image vectors L2-normalised and finite", f"0 of {n['embedded']} rows off", "OK"],
+        ["fused vectors L2-normalised and finite", f"0 of {N} rows off", "OK"],
+        ["text: meta file count = rows", f"{N} vs {N}", "OK"],
+        ["image: meta file count = rows", f"{n['embedded']} vs {n['embedded']}", "OK"],
+        ["fused: meta file count = rows", f"{N} vs {N}", "OK"],
+        ["fused with image: meta file count = rows", f"{n['embedded']} vs {n['embedded']}",
+         "OK"],
+        ["image failures: meta file count = rows", "4 vs 4", "OK"],
+        ["modality mix: fused vs text photo share of neighbours",
+         f"largest gap {mix['departure']:.3f} (tolerance 0.10; a group under 20 items: "
+         "not judged)", "INFO"],
+        ["kNN text graph vs exact top-5 on the sample items", "60 of 60 shared", "INFO"],
+        ["kNN fused graph vs exact top-5 on the sample items", "60 of 60 shared", "INFO"],
+    ]
+    cells = page.section("summary").find_all("table")[1].find_all("td")
+    assert {c.attrs.get("class") for c in cells[2::3]} == {"ok", "info"}
+
+
+def test_failures_by_reason_with_a_first_example_and_the_failing_hosts(quick):
+    page = view(quick)[2]
+    n = _catalogue_numbers(quick)
+    urls = quick.table.column("image_url").to_pylist()
+    attempted = n["attempted"]
+    assert _rows(page, "failures") == [
+        ["http_error", "2", f"{200 / attempted:.1f}%", f"S000000 {urls[0]} HTTP 404 Not Found"],
+        ["decode_error", "1", f"{100 / attempted:.1f}%",
+         f"S000004 {urls[4]} <script>alert('detail')</script>"],
+        ["timeout", "1", f"{100 / attempted:.1f}%", f"S000002 {urls[2]} no answer in 5 s"],
+    ]
+    assert _rows(page, "failures", 1) == [
+        ["127.0.0.1:9", "4", "http_error 2, timeout 1, decode_error 1"]]
+    text = _text(page, "failures")
+    assert "Hosts with the most failures (top 10)" in text
+    assert ("host_unavailable: the host stopped answering and its circuit breaker opened, so "
+            "its remaining images were not requested; like every failure they are tried again "
+            "by the next incremental run (retry_failed_images).") in text
+    [image] = page.section("failures").find_all("img")
+    assert image.attrs["alt"] == "image failures by reason"
+    decode_png(image.attrs["src"])
+
+
+def _cosine_stats(array: np.ndarray) -> list[str]:
+    x = unit(array.astype(np.float64))
+    sims = (x @ x.T)[np.triu_indices(len(x), 1)]
+    p5, p50, p95 = np.percentile(sims, (5, 50, 95))
+    return [f"{len(sims):,}", *(f"{v:.4g}" for v in (sims.mean(), p5, p50, p95))]
+
+
+def test_distributions_show_every_space_norms_and_pairwise_cosines(quick):
+    page = view(quick)[2]
+    rows = _rows(page, "distributions")
+    arrays = {"text": np.load(quick.text / TXT_ARRAY), "image": np.load(quick.image / IMG_ARRAY),
+              "fused": np.load(quick.fused / FUSED_ARRAY)}
+    assert [r[:7] for r in rows] == [
+        [space, str(len(a)), str(a.shape[1]), "1", "1", "0", "0"] for space, a in arrays.items()]
+    for row, array in zip(rows, arrays.values()):
+        assert row[7:9] + row[10:] == [s for i, s in enumerate(_cosine_stats(array)) if i != 2]
+        assert float(row[9]) == pytest.approx(float(_cosine_stats(array)[2]), abs=2e-4)
+    assert _text(page, "distributions").startswith(
+        "Distributions per space Norms are of every row; pairwise cosines of up to 2,000 rows "
+        "sampled per space (every pair). Vectors are L2-normalised: every norm should be 1 "
+        "within 0.001.")
+    header = [th.all_text() for th in page.section("distributions").find_all("th")]
+    assert header == ["space", "rows", "dim", "min norm", "max norm", "|norm − 1| > 0.001",
+                      "non-finite rows", "pairs", "cosine mean", "p5", "median", "p95"]
+    images = page.section("distributions").find_all("img")
+    assert [i.attrs["alt"] for i in images] == ["L2 norm per space",
+                                                "pairwise cosine similarity per space"]
+    for image in images:
+        decode_png(image.attrs["src"])
+
+
+def test_maps_legend_counts_the_sampled_categories(quick):
+    page = view(quick)[2]
+    categories = quick.table.column("main_category").to_pylist()
+    counts = {c: categories.count(c) for c in set(categories)}
+    assert _rows(page, "maps") == [[c, str(counts[c])] for c in sorted(counts)]
+    assert _text(page, "maps").startswith(
+        "2-D maps per space Up to 5,000 items sampled per space (seeded), projected on the two "
+        "principal axes of the sample (PCA). Items of one category should gather. Coloured by "
+        f"'main_category': the {len(counts)} most frequent categories among the sampled items, "
+        "all others grey.")
+    [image] = page.section("maps").find_all("img")
+    assert image.attrs["alt"] == "2-D PCA map of sampled items per space"
+
+
+def _graph_scores(quick: QuickRun, space: str) -> np.ndarray:
+    return np.load(quick.knn / (KNN_FUSED_SCORES if space == "fused" else KNN_TEXT_SCORES))
+
+
+def test_neighbour_table_lists_titles_categories_and_cosines(quick):
+    page = view(quick)[2]
+    ids = quick.table.column("asin").to_pylist()
+    titles = quick.table.column("title").to_pylist()
+    categories = quick.table.column("main_category").to_pylist()
+    has_image = pq.read_table(quick.fused / FUSED_ITEMS).column("has_image").to_pylist()
+    table = page.section("neighbours").by_class("neighbours")[0]
+    assert [th.all_text() for th in table.find_all("th")] == [
+        "item", "top-5 in the text space", "top-5 in the fused space"]
+    rows = table.find_all("tr")[1:]
+    assert len(rows) == 12
+    for tr in rows:
+        first, *lists = [c for c in tr.children if c.tag == "td"]
+        row = ids.index(first.by_class("id")[0].all_text())
+        top = {s: quick.graphs[s][row][:5] for s in ("text", "fused")}
+        shared = set(top["text"]) & set(top["fused"])
+        assert " ".join(first.all_text().split()) == (
+            f"{titles[row] or '(no title)'} [{categories[row]}]{ids[row]} "
+            f"{'with image' if has_image[row] else 'no image'}; {len(shared)} of 5 shared")
+        for space, cell in zip(("text", "fused"), lists):
+            scores = _graph_scores(quick, space)[row][:5]
+            entries = cell.find_all("li")
+            assert [" ".join(li.all_text().split()) for li in entries] == [
+                f"{titles[r] or '(no title)'} [{categories[r]}] {s:.3f}"
+                for r, s in zip(top[space], scores)]
+            assert [li.attrs.get("class") == "both" for li in entries] == [
+                r in shared for r in top[space]]
+    assert _text(page, "neighbours").startswith(
+        "Neighbours: text vs fused Neighbours are read from the kNN graph (knn_text.npy, "
+        "knn_fused.npy). On these items the graph shares 60 of the 60 exact top-5 text "
+        "neighbours and 60 of the 60 exact top-5 fused neighbours. 12 items drawn at random "
+        "(seeded). Bold neighbours are in both lists; the grey number is the cosine "
+        "similarity; [brackets] hold the category.")
+
+
+def test_modality_mix_table_and_purity_by_group(quick):
+    page = view(quick)[2]
+    mix = json.loads((quick.knn / KNN_META).read_text())["modality_mix"]
+    shares = mix["photo_share"]
+    assert _rows(page, "modality") == [
+        [name, str(mix[f"items_{group}"]), f"{mix['base_rate']:.4g}",
+         f"{shares['text'][group]:.4g}", f"{shares['fused'][group]:.4g}",
+         f"{shares['fused'][group] - shares['text'][group]:+.3f}"]
+        for name, group in (("items with a photo", "with_photo"),
+                            ("items without a photo", "without_photo"))]
+    has_image = pq.read_table(quick.fused / FUSED_ITEMS).column("has_image").to_numpy()
+    categories = np.array(quick.table.column("main_category").to_pylist())
+    expected = []
+    for name, members in (("all items", np.ones(N, bool)), ("items with a photo", has_image),
+                          ("items without a photo", ~has_image)):
+        purity = [(categories[quick.graphs[s]] == categories[:, None]).mean(1)[members].mean()
+                  for s in ("text", "fused")]
+        expected.append([name, *(f"{p:.4g}" for p in purity), f"{purity[1] - purity[0]:+.3f}"])
+    assert _rows(page, "modality", 1) == expected
+    section = _text(page, "modality")
+    assert section.startswith(
+        "Modality mix Share of neighbours that have a photo, for items with and without one, "
+        "from every item's top-8 neighbours in the kNN graphs. A space that ranks items by what "
+        "they are gives both groups about the base rate")
+    assert "The fused space should stay within 0.10 of the text space in both groups." in section
+    assert (f"Largest gap {mix['departure']:+.3f}; not judged: a group has fewer than 20 items, "
+            "too few for a stable share.") in section
+    assert (f"Share of neighbours with the item's own 'main_category', over {N} items drawn at "
+            "random (seeded) and their kNN graph neighbours.") in section
+    assert not page.section("modality").by_class("warn")
+
+
+def test_training_curve_lists_the_first_and_last_ten_epochs(quick):
+    page = view(quick)[2]
+    epochs = list(range(1, 11)) + list(range(16, EPOCHS + 1))
+    assert _rows(page, "training") == [
+        [str(e), f"{1 / e:.4g}", f"{0.5 / e:.4g}", f"{0.001 * e:.4g}"] for e in epochs]
+    assert _text(page, "training").startswith(
+        "Fusion training curve 25 epoch(s), objective contrastive, lr 0.003, batch size 16, "
+        "seed 0; train time 6.25 s. Loss is sim_loss + norm_weight × norm_loss; it should fall "
+        "and settle.")
+    [image] = page.section("training").find_all("img")
+    assert image.attrs["alt"] == "fusion training loss per epoch"
+
+
+def test_knn_section_lists_each_graph(quick):
+    page = view(quick)[2]
+    assert _rows(page, "knn") == [
+        ["text", "exact", str(TEXT_DIM), '{"metric": "ip"}', "0.9871", "1,000", "0.01", "0.02",
+         "–", "–", "–", "–"],
+        ["fused", "exact", str(FUSED_DIM), '{"metric": "ip"}', "0.9123", "1,000", "0.01",
+         "0.02", "–", "–", "–", "–"]]
+    assert _text(page, "knn").startswith(
+        f"kNN graph and recall k = 8 neighbours per item over {N} items; wall time 0.5 s. "
+        "recall@k is measured against exact search on recall_queries random items.")
+    assert [th.all_text() for th in page.section("knn").find_all("th")][4] == "recall@8"
+    [image] = page.section("knn").find_all("img")
+    assert image.attrs["alt"] == "cosine similarity to the first and k-th neighbour"
+
+
+def test_run_section_steps_stages_versions_and_every_parameter(quick):
+    page = view(quick)[2]
+    assert _rows(page, "run") == [
+        ["text", "text-run", "3.25", "encoder_name = minilm-test; text_backend = torch; "
+         "device = cpu; dtype = float32; throughput_items_per_sec = 96.0"],
+        ["image", "tiny", "–", "throughput_items_per_sec = 200.0"],
+        ["fusion", "fusion-run", "7.5", "objective = contrastive; epochs = 25; hidden_dim = 32; "
+         "output_dim = 16; final_loss = 0.125"],
+        ["knn", "tiny", "0.5", "k = 8"]]
+    assert _rows(page, "run", 1) == [
+        ["downloads", "1.5", "3.75", "wall-clock s with a download in flight"],
+        ["decoding, resize and crop", "1.2", "3", "CPU s, summed over the decode threads"],
+        ["encoding", "1.9", "4.75", "wall-clock s in the encoder"],
+        ["the whole processing", "2", "5", "wall-clock s from the first download to the last "
+         "batch"]]
+    assert ("image_decode = fast; 400 images encoded (the last attempt of each shard; seconds "
+            "summed over the shards).") in _text(page, "run")
+    versions = _rows(page, "run", 2)
+    assert [th.all_text() for th in page.section("run").find_all("table")[2].find_all("th")] == [
+        "package", "text", "image", "fusion", "knn", "report"]
+    assert [r[0] for r in versions] == sorted(r[0] for r in versions)
+    rows = {r[0]: r[1:] for r in versions}
+    assert rows["torch"] == ["2.5.0", "–", "2.5.1", "–", "–"]
+    assert rows["item-embeddings"] == ["0.1.0"] * 4 + [rows["item-embeddings"][4]]
+    assert rows["matplotlib"][:4] == ["–"] * 4 and rows["matplotlib"][4] != "–"
+    assert rows["pyarrow"][4] == pa.__version__ and rows["numpy"][4] == np.__version__
+    params = dict(_rows(page, "run", 3))
+    defaults = PipelineParams(seed=0)
+    assert list(params) == list(vars(defaults))
+    assert params["category_column"] == "main_category" and params["seed"] == "0"
+    assert params["max_items"] == f"{defaults.max_items:,}"
+    assert params["allow_private_hosts"] == "false" and params["items_uri"] == ""
+
+
+def test_the_report_step_writes_the_page_and_its_record(quick):
+    summary, text, _ = view(quick)
+    out = quick.root / "report"
+    page = (out / QA_REPORT).read_bytes()
+    assert page.decode("utf-8") == text
+    assert sorted(p.name for p in out.iterdir()) == [QA_REPORT, REPORT_META]
+    record = json.loads((out / REPORT_META).read_text())
+    assert record["files"] == {QA_REPORT: {"size": len(page),
+                                           "sha256": hashlib.sha256(page).hexdigest()}}
+    assert {k: record[k] for k in ("run_id", "count", "text_run_id", "image_run_id",
+                                   "fusion_run_id", "knn_run_id", "neighbours",
+                                   "has_categories", "drift", "sections")} == {
+        "run_id": "fusion-run", "count": N, "text_run_id": "text-run", "image_run_id": "tiny",
+        "fusion_run_id": "fusion-run", "knn_run_id": "tiny", "neighbours": "graph",
+        "has_categories": True, "drift": {}, "sections": [k for k, _ in SECTIONS]}
+    assert record["render_time_sec"] == summary["render_time_sec"] > 0
+    assert summary == {"path": str(out / QA_REPORT), "size_bytes": len(page),
+                       **{k: record[k] for k in ("sections", "neighbours", "has_categories",
+                                                 "render_time_sec", "drift")}}
+
+
+def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
+    """One render of a run that lacks what the quick run has: no kNN graph, no failure file
+    (while image_meta.json counts 5 failures and 1,000 images), no category column, damaged
+    fused rows; and the step's log line."""
+    image = Path(shutil.copytree(quick.image, tmp_path / "image"))
+    (image / IMG_FAILURES).unlink()
+    meta = json.loads((image / IMG_META).read_text())
+    (image / IMG_META).write_text(json.dumps({**meta, "failed_count": 5, "count": 1000}))
+    fused = Path(shutil.copytree(quick.fused, tmp_path / "fused"))
+    array = np.load(fused / FUSED_ARRAY)
+    array[1] *= 2.0
+    array[3] = np.inf
+    np.save(fused / FUSED_ARRAY, array)
+    caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
+    summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
+                                params=PipelineParams(seed=0, category_column="kind"))
+    page = Page(text)
+    size = (tmp_path / "out" / QA_REPORT).stat().st_size
+    [message] = [r.getMessage() for r in caplog.records if r.name == "item_embeddings.report.step"]
+    assert message.startswith(f"QA report of {N} items: {tmp_path / 'out' / QA_REPORT} "
+                              f"({size / 1e6:.2f} MB) in ")
+    assert message.endswith("s") and float(message.rsplit(" in ", 1)[1][:-1]) > 0
+    assert summary["neighbours"] == "exact" and summary["drift"] == {}
+    assert not summary["has_categories"]
+    # checks: counts that disagree and rows off unit length are warned
+    checks = {r[0]: r[1:] for r in _rows(page, "summary", 1)}
+    assert checks["image failures: meta file count = rows"] == ["5 vs 0", "WARN"]
+    assert checks["image: meta file count = rows"] == ["1,000 vs 32", "WARN"]
+    assert checks["fused vectors L2-normalised and finite"] == [f"2 of {N} rows off", "WARN"]
+    assert not any(name.startswith("kNN") for name in checks)
+    assert not any(r[0].startswith("kNN") for r in _rows(page, "summary"))
+    dist = {r[0]: r for r in _rows(page, "distributions")}
+    assert dist["fused"][4:7] == ["2", "1", "1"]
+    # no failures file
+    assert _text(page, "failures") == (
+        "Image failures by reason No image failed: every attempted image was downloaded, "
+        "decoded and embedded.")
+    # no category column
+    assert ("The items table has no 'kind' column (parameter category_column): the maps are "
+            "drawn in one colour.") in _text(page, "maps")
+    assert not page.section("maps").find_all("table")
+    assert "[" not in _text(page, "neighbours").split("category.", 1)[1]
+    # no graph: exact neighbours, the fusion step's modality mix
+    assert (f"No kNN graph was given: neighbours are exact, found by brute force over all {N} "
+            "items.") in _text(page, "neighbours")
+    assert _text(page, "knn") == (
+        "kNN graph and recall No kNN graph (no knn_meta.json in the kNN directory, or none "
+        "given): no recall figures. The neighbour table above is exact (brute force).")
+    assert [r[0] for r in _rows(page, "run")] == ["text", "image", "fusion"]
+    mix = json.loads((quick.fused / FUSION_CONFIG).read_text())["modality_mix"]
+    section = _text(page, "modality")
+    assert (f"from the top-5 neighbours of the fusion step's {mix['items']} sampled items among "
+            "themselves (no kNN graph).") in section
+    assert section.endswith("Category purity by group needs the items table's 'kind' column "
+                            "(parameter category_column).")
