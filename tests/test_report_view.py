@@ -10,6 +10,7 @@ these are the tests `tools/mutation.sh report-*` runs against each mutant (docs/
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -23,6 +24,7 @@ import pytest
 from report_run import Page, decode_png, table_rows, unit, write_image_outputs, write_knn
 
 from item_embeddings.config import PipelineParams
+from item_embeddings.items import ItemsError
 from item_embeddings.modality import modality_mix
 from item_embeddings.outputs import (
     FUSED_ARRAY,
@@ -32,8 +34,10 @@ from item_embeddings.outputs import (
     IMG_FAILURES,
     IMG_ITEMS,
     IMG_META,
+    KNN_FUSED,
     KNN_FUSED_SCORES,
     KNN_META,
+    KNN_TEXT,
     KNN_TEXT_SCORES,
     QA_REPORT,
     REPORT_META,
@@ -41,7 +45,18 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
     TXT_META,
 )
-from item_embeddings.report import SECTIONS, write_qa_report
+from item_embeddings.report import SECTIONS, ReportInputError, write_qa_report
+from item_embeddings.report.analysis import MapPanel
+from item_embeddings.report.inputs import MISSING_CATEGORY, category_label
+from item_embeddings.report.plots import (
+    plot_coverage,
+    plot_failures,
+    plot_maps,
+    plot_neighbour_scores,
+    plot_norms,
+    plot_pairwise,
+    plot_training,
+)
 from item_embeddings.sample import make_sample_catalogue
 
 N = 48
@@ -514,3 +529,244 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
             "themselves (no kNN graph).") in section
     assert section.endswith("Category purity by group needs the items table's 'kind' column "
                             "(parameter category_column).")
+
+
+def _copy_run(quick: QuickRun, tmp_path: Path) -> QuickRun:
+    root = Path(shutil.copytree(quick.root, tmp_path / "run", ignore=shutil.ignore_patterns(
+        "report")))
+    return QuickRun(root, root / ITEMS_NAME, root / "text", root / "image", root / "fused",
+                    root / "knn", quick.table, quick.graphs)
+
+
+def _refused(run: QuickRun, tmp_path: Path, error=ReportInputError, **kwargs) -> str:
+    with pytest.raises(error) as caught:
+        run.write(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out" / QA_REPORT).exists()
+    return str(caught.value)
+
+
+def test_step_files_that_are_missing_or_do_not_line_up_are_named(quick, tmp_path):
+    run = _copy_run(quick, tmp_path)
+    text, image, fused, knn = run.text, run.image, run.fused, run.knn
+    (text / TXT_META).rename(text / "meta.bak")
+    assert _refused(run, tmp_path) == (f"{text / TXT_META} not found (the step's meta file is "
+                                       "written last: did the step finish?)")
+    (text / "meta.bak").rename(text / TXT_META)
+    (image / IMG_META).write_text("{not json")
+    assert _refused(run, tmp_path).startswith(f"{image / IMG_META} is not valid JSON: ")
+    shutil.copy(quick.image / IMG_META, image / IMG_META)
+    pq.write_table(pq.read_table(fused / FUSED_ITEMS).drop_columns(["has_image"]),
+                   fused / FUSED_ITEMS)
+    assert _refused(run, tmp_path) == f"{fused / FUSED_ITEMS} has no column(s) has_image"
+    ids = quick.table.column("asin").to_pylist()
+    for listed in (ids[1:] + ids[:1], ids[:-1]):
+        pq.write_table(pa.table({"id": listed, "has_image": [True] * len(listed)}),
+                       fused / FUSED_ITEMS)
+        assert _refused(run, tmp_path) == (f"{fused / FUSED_ITEMS} does not list the ids of "
+                                           f"{text / TXT_ITEMS} in the same order")
+    shutil.copy(quick.fused / FUSED_ITEMS, fused / FUSED_ITEMS)
+    (text / TXT_ITEMS).rename(text / "items.bak")
+    assert _refused(run, tmp_path) == f"{text / TXT_ITEMS} not found"
+    (text / "items.bak").rename(text / TXT_ITEMS)
+    np.save(fused / FUSED_ARRAY, np.load(quick.fused / FUSED_ARRAY)[1:])
+    assert _refused(run, tmp_path) == (f"{fused / FUSED_ARRAY} has shape ({N - 1}, {FUSED_DIM}),"
+                                       f" but {FUSED_ITEMS} lists {N} rows")
+    np.save(fused / FUSED_ARRAY, np.load(quick.fused / FUSED_ARRAY)[:, 0])
+    assert _refused(run, tmp_path) == (f"{fused / FUSED_ARRAY} has shape ({N},), but "
+                                       f"{FUSED_ITEMS} lists {N} rows")
+    (fused / FUSED_ARRAY).unlink()
+    assert _refused(run, tmp_path) == f"{fused / FUSED_ARRAY} not found"
+    shutil.copy(quick.fused / FUSED_ARRAY, fused / FUSED_ARRAY)
+    rows = pq.read_table(quick.image / IMG_ITEMS)
+    m = rows.num_rows
+    for bad in (m, -1):
+        pq.write_table(rows.set_column(2, "row", pa.array([bad] + list(range(1, m)), pa.int64())),
+                       image / IMG_ITEMS)
+        assert _refused(run, tmp_path) == (f"{image / IMG_ITEMS}: 'row' must be an img.npy row "
+                                           f"in [0, {m})")
+    shutil.copy(quick.image / IMG_ITEMS, image / IMG_ITEMS)
+    meta = json.loads((quick.knn / KNN_META).read_text())
+    (knn / KNN_META).write_text(json.dumps({**meta, "count": N + 1}))
+    assert _refused(run, tmp_path) == (f"{knn / KNN_META} count is {N + 1}, but {TXT_ITEMS} "
+                                       f"lists {N} items (a graph of another run?)")
+    shutil.copy(quick.knn / KNN_META, knn / KNN_META)
+    np.save(knn / KNN_FUSED_SCORES, np.load(quick.knn / KNN_FUSED_SCORES)[:, 1:])
+    assert _refused(run, tmp_path) == (f"{knn / KNN_FUSED_SCORES} has shape ({N}, 7), "
+                                       f"{KNN_FUSED} ({N}, 8)")
+    shutil.copy(quick.knn / KNN_FUSED_SCORES, knn / KNN_FUSED_SCORES)
+    # a row outside the table: among the neighbours shown (column 3) or only among those the
+    # modality mix reads (column 6, beyond the top 5)
+    for graph_file in (KNN_TEXT, KNN_FUSED):
+        for column, bad in ((3, N), (3, -2), (6, N), (6, -2)):
+            graph = np.load(quick.knn / graph_file)
+            graph[:, column] = bad
+            np.save(knn / graph_file, graph)
+            assert _refused(run, tmp_path) == (f"{graph_file} holds row {bad} outside "
+                                               f"[0, {N})")
+        shutil.copy(quick.knn / graph_file, knn / graph_file)
+
+
+def test_an_items_table_other_than_the_one_embedded_is_named(quick, tmp_path):
+    run = _copy_run(quick, tmp_path)
+    ids = quick.table.column("asin").to_pylist()
+    swapped = ids[:]
+    swapped[20], swapped[21] = ids[21], ids[20]
+    table = quick.table.set_column(0, "asin", pa.array(swapped))
+    other = tmp_path / "other.parquet"
+    pq.write_table(table, other, row_group_size=7)  # read in several batches
+    assert _refused(run, tmp_path, items=other) == (
+        f"items table {other} row 20 has id {ids[21]!r}, but {TXT_ITEMS} row 20 is "
+        f"{ids[20]!r}: the report needs the table the run embedded")
+    longer = pa.concat_tables([quick.table, quick.table.slice(0, 1)])
+    pq.write_table(longer, other, row_group_size=7)
+    assert _refused(run, tmp_path, items=other) == (
+        f"items table {other} has {N + 1} rows, {TXT_ITEMS} {N}: the report needs the table "
+        "the run embedded")
+    pq.write_table(quick.table.drop_columns(["title"]), other)
+    assert _refused(run, tmp_path, ItemsError, items=other) == (
+        f"items table {other} has no column 'title'; columns present: asin, description, "
+        "image_url, main_category")
+    assert _refused(run, tmp_path, ItemsError, items=other,
+                    params=PipelineParams(seed=0, id_column="sku")).startswith(
+        f"items table {other} has no column 'sku'; columns present: ")
+
+
+def test_category_labels_as_the_legend_shows_them():
+    assert category_label(["Electronics", None, "Cables"]) == "Electronics > Cables"
+    assert category_label(("A",)) == "A"
+    assert category_label([]) == category_label([None]) == MISSING_CATEGORY == "(missing)"
+    assert category_label("  Cables ") == "Cables"
+    assert category_label("   ") == category_label(None) == "(missing)"
+    assert category_label(7) == "7"
+
+
+# The figures: what each plot shows (titles, axis labels, legend entries, bars, points, colours),
+# read from the matplotlib figure the page's PNG is drawn from.
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def _hex(colour) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(colour)
+
+
+def test_coverage_and_failure_bars():
+    fig = plot_coverage.__wrapped__([("embedded", 30), ("failed", 5), ("no URL", 15)], 50)
+    [ax] = fig.axes
+    assert _legend(fig) == ["embedded: 30 (60.0%)", "failed: 5 (10.0%)", "no URL: 15 (30.0%)"]
+    assert [(p.get_x(), p.get_width()) for p in ax.patches] == [(0, 60), (60, 10), (70, 30)]
+    assert [_hex(p.get_facecolor()) for p in ax.patches] == ["#2ca02c", "#d62728", "#9e9e9e"]
+    assert ax.get_xlim() == (0, 100) and ax.get_xlabel() == "% of items"
+    assert list(ax.get_yticks()) == []
+    assert fig.legends[0]._ncols == 3
+    empty = plot_coverage.__wrapped__([("embedded", 0)], 0)
+    assert _legend(empty) == ["embedded: 0 (0.0%)"]
+
+    fig = plot_failures.__wrapped__([("http_error", 1200), ("timeout", 3)])
+    [ax] = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["timeout", "http_error"]
+    assert [p.get_width() for p in ax.patches] == [3, 1200]
+    assert [t.get_text() for t in ax.texts] == ["3", "1,200"]
+    assert ax.get_title() == "Image failures by reason" and ax.get_xlabel() == "items"
+    assert fig.get_size_inches()[1] == pytest.approx(0.45 * 2 + 1.2)
+
+
+def test_norm_and_pairwise_histograms():
+    norms = {"text": np.array([1.0, 1.0, np.nan], np.float32),
+             "image": np.array([np.inf], np.float32),
+             "fused": np.array([0.5, 1.0, 1.5], np.float32)}
+    fig = plot_norms.__wrapped__(norms)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["text: L2 norm of 3 rows",
+                                               "image: L2 norm of 1 rows",
+                                               "fused: L2 norm of 3 rows"]
+    assert [ax.get_xlabel() for ax in axes] == ["norm − 1"] * 3
+    assert axes[0].get_ylabel() == "rows"
+    assert [t.get_text() for t in axes[1].texts] == ["no vectors"] and not axes[1].patches
+    heights = [p.get_height() for p in axes[0].patches]
+    assert len(heights) == 60 and sum(heights) == 2
+    assert axes[0].patches[0].get_x() == pytest.approx(-1e-6)
+    assert axes[2].patches[0].get_x() == pytest.approx(-0.5)
+    assert axes[2].patches[-1].get_x() + axes[2].patches[-1].get_width() == pytest.approx(0.5)
+    assert _hex(axes[2].patches[0].get_facecolor()) == "#2ca02c"
+    assert axes[0].xaxis.get_ticklabels()[0].get_rotation() == 20
+
+    cosines = {"text": np.array([0.5, -0.5, 0.25]), "image": np.array([]),
+               "fused": np.array([0.9])}
+    fig = plot_pairwise.__wrapped__(cosines)
+    [ax] = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["text (3 pairs)",
+                                                                   "fused (1 pairs)"]
+    assert ax.get_xlim() == (-1, 1) and ax.get_title() == "Pairwise cosine similarity per space"
+    assert ax.get_xlabel() == "cosine similarity of two random items"
+    assert ax.get_ylabel() == "density"
+    assert [_hex(p.get_edgecolor()) for p in ax.patches] == ["#1f77b4", "#2ca02c"]
+
+
+def test_maps_colour_the_legend_categories_and_grey_the_others():
+    coords = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [3.0, 1.0]])
+    long = "A category name that is longer than forty characters"
+    panels = [MapPanel("text", coords, ["a", long, "other", "a"], np.array([0.6, 0.25])),
+              MapPanel("fused", np.zeros((0, 2)), [], np.zeros(2))]
+    fig = plot_maps.__wrapped__(panels, [("a", 2), (long, 1)])
+    text, fused = fig.axes
+    assert text.get_title() == "text: 4 sampled items"
+    assert text.get_xlabel() == "PC1 (60.0% of variance)" and text.get_ylabel() == "PC2 (25.0%)"
+    grey, shown = text.collections
+    np.testing.assert_array_equal(grey.get_offsets(), [[2.0, 2.0]])
+    np.testing.assert_array_equal(shown.get_offsets(), coords[[0, 1, 3]])
+    assert [_hex(c) for c in grey.get_facecolors()] == ["#c8c8c8"]
+    assert [_hex(c) for c in shown.get_facecolors()] == ["#1f77b4", "#ff7f0e", "#1f77b4"]
+    assert list(shown.get_sizes()) == [30.0]
+    assert [t.get_text() for t in fused.texts] == ["no vectors"]
+    short = long[:39] + "…"
+    assert _legend(fig) == ["a (2)", f"{short} (1)", "other categories"]
+    assert fig.legends[0].get_title().get_text() == "category (sampled items)"
+    assert [_hex(h.get_color()) for h in fig.legends[0].legend_handles] == [
+        "#1f77b4", "#ff7f0e", "#c8c8c8"]
+
+    many = MapPanel("image", np.arange(2000.0).reshape(1000, 2), [""] * 1000, np.zeros(2))
+    fig = plot_maps.__wrapped__([many], [])
+    [ax] = fig.axes
+    [points] = [c for c in ax.collections if len(c.get_offsets())]
+    assert {_hex(c) for c in points.get_facecolors()} == {"#ff7f0e"}
+    assert list(points.get_sizes()) == [20.0] and not fig.legends
+
+
+def test_training_and_neighbour_score_plots():
+    history = [{"loss": 1.0, "sim_loss": 0.5, "norm_loss": 0.1},
+               {"loss": 0.5, "sim_loss": 0.25}]
+    fig = plot_training.__wrapped__(history)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "sim_loss", "norm_loss"]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch"] * 3
+    assert fig.axes[0].get_ylabel() == "mean loss over the epoch"
+    lines = [ax.lines[0] for ax in fig.axes]
+    assert [list(line.get_xdata()) for line in lines] == [[1, 2]] * 3
+    np.testing.assert_array_equal(lines[2].get_ydata(), [0.1, np.nan])
+    assert list(lines[0].get_ydata()) == [1.0, 0.5]
+
+    scores = {"text": np.array([[0.9, 0.5, 0.1], [0.8, np.nan, 0.2]], np.float32),
+              "fused": np.array([[0.7, 0.6, 0.4]], np.float32)}
+    fig = plot_neighbour_scores.__wrapped__(scores, 8)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "text: cosine to the graph's neighbours (2 sampled items)",
+        "fused: cosine to the graph's neighbours (1 sampled items)"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "1st neighbour", "neighbour 8"]
+    assert fig.axes[0].get_xlabel() == "cosine similarity" and fig.axes[0].get_ylabel() == "items"
+    first, last = fig.axes[0].patches
+    assert first.get_xy()[:, 0].min() == pytest.approx(0.8)
+    assert last.get_xy()[:, 0].max() == pytest.approx(0.2)
+
+
+def test_a_plot_is_a_png_that_reads_dollars_as_text():
+    png = plot_failures([("$\\bogus{5}$ reason", 2)])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"Software" not in png
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (8 * 80, round((0.45 + 1.2) * 80))
