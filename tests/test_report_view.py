@@ -46,8 +46,9 @@ from item_embeddings.outputs import (
     TXT_META,
 )
 from item_embeddings.report import SECTIONS, ReportInputError, write_qa_report
-from item_embeddings.report.analysis import MapPanel
-from item_embeddings.report.inputs import MISSING_CATEGORY, category_label
+from item_embeddings.report.analysis import MapPanel, ModalityMix
+from item_embeddings.report.graph_sections import modality_section
+from item_embeddings.report.inputs import MISSING_CATEGORY, ItemRows, category_label
 from item_embeddings.report.plots import (
     plot_coverage,
     plot_failures,
@@ -63,6 +64,11 @@ N = 48
 EPOCHS = 25
 TEXT_DIM, FUSED_DIM = 24, 16
 ITEMS_NAME = "items.parquet"
+# A modality mix of groups large enough to judge, the fused space split by photos.
+SPLIT_MIX = {"items_with_photo": 24, "items_without_photo": 24, "base_rate": 0.5,
+             "photo_share": {"text": {"with_photo": 0.5, "without_photo": 0.5},
+                             "fused": {"with_photo": 0.9, "without_photo": 0.2}},
+             "departure": 0.4}
 
 
 @dataclass
@@ -487,6 +493,9 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
     array[1] *= 2.0
     array[3] = np.inf
     np.save(fused / FUSED_ARRAY, array)
+    config = json.loads((fused / FUSION_CONFIG).read_text())
+    config["modality_mix"] = {**config["modality_mix"], **SPLIT_MIX}
+    (fused / FUSION_CONFIG).write_text(json.dumps(config))
     caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
     summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
                                 params=PipelineParams(seed=0, category_column="kind"))
@@ -523,10 +532,19 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
         "kNN graph and recall No kNN graph (no knn_meta.json in the kNN directory, or none "
         "given): no recall figures. The neighbour table above is exact (brute force).")
     assert [r[0] for r in _rows(page, "run")] == ["text", "image", "fusion"]
-    mix = json.loads((quick.fused / FUSION_CONFIG).read_text())["modality_mix"]
+    mix = config["modality_mix"]
     section = _text(page, "modality")
     assert (f"from the top-5 neighbours of the fusion step's {mix['items']} sampled items among "
             "themselves (no kNN graph).") in section
+    # the fusion step's mix: a fused space split by photos is warned
+    [warning] = page.section("modality").by_class("warn")
+    assert " ".join(warning.all_text().split()) == (
+        "WARNING: the fused space sorts items by whether they have a photo: the share of top-5 "
+        "neighbours with a photo departs from the text space's by 0.40 (more than 0.10); items "
+        "with photo: 0.50 in the text space, 0.90 in the fused space; items without photo: 0.50 "
+        "in the text space, 0.20 in the fused space")
+    assert checks["modality mix: fused vs text photo share of neighbours"] == [
+        "largest gap 0.400 (tolerance 0.10)", "WARN"]
     assert section.endswith("Category purity by group needs the items table's 'kind' column "
                             "(parameter category_column).")
 
@@ -770,3 +788,59 @@ def test_a_plot_is_a_png_that_reads_dollars_as_text():
 
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == (8 * 80, round((0.45 + 1.2) * 80))
+
+
+def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path):
+    """A kNN directory updated incrementally: the update columns, the drift table, values
+    shown as the page formats them (small, not-a-number, a dict), and a mix within tolerance."""
+    run = _copy_run(quick, tmp_path)
+    meta = json.loads((quick.knn / KNN_META).read_text())
+    meta["spaces"]["text"].update({
+        "update": "incremental", "rebuild_reason": None, "recomputed_count": 11,
+        "reused_count": 37, "drift": {"items": 45, "top": 20, "mean_overlap": 0.97,
+                                      "identical_share": 0.5, "p10_overlap": 0.35,
+                                      "previous_run_id": "night-<41>"}})
+    meta["spaces"]["fused"].update({
+        "update": "full", "rebuild_reason": "encoder changed", "build_time_sec": 0.000123,
+        "query_time_sec": float("nan"), "recall_at_k": 1.0,
+        "index_params": {"nlist": 4, "metric": "ip"},
+        "drift": {"items": 45, "top": 20, "mean_overlap": 0.42, "identical_share": 0.0,
+                  "p10_overlap": 0.1, "previous_run_id": "night-<41>"}})
+    meta["modality_mix"] = {**meta["modality_mix"], **SPLIT_MIX,
+                            "photo_share": {"text": {"with_photo": 0.5, "without_photo": 0.5},
+                                            "fused": {"with_photo": 0.45,
+                                                      "without_photo": 0.53}},
+                            "departure": 0.05}
+    (run.knn / KNN_META).write_text(json.dumps(meta))
+    summary, text = run.write(tmp_path / "out")
+    page = Page(text)
+    assert summary["drift"] == {s: meta["spaces"][s]["drift"] for s in ("text", "fused")}
+    assert _rows(page, "knn") == [
+        ["text", "exact", str(TEXT_DIM), '{"metric": "ip"}', "0.9871", "1,000", "0.01", "0.02",
+         "incremental", "11", "37", "–"],
+        ["fused", "exact", str(FUSED_DIM), '{"metric": "ip", "nlist": 4}', "1", "1,000",
+         "1.230e-04", "nan", "full", "–", "–", "encoder changed"]]
+    assert _rows(page, "knn", 1) == [["text", "45", "0.97", "0.5", "0.35"],
+                                     ["fused", "45", "0.42", "0", "0.1"]]
+    assert [th.all_text() for th in page.section("knn").find_all("table")[1].find_all("th")] == [
+        "space", "unchanged items", "mean top-20 overlap", "identical lists", "10th percentile"]
+    section = _text(page, "knn")
+    assert ("Night-over-night drift For the items whose content (text and image keys) is "
+            "unchanged since the previous set (run night-<41>): the share of their first 20 "
+            "neighbours that were among their first 20 in the previous set.") in section
+    assert "night-&lt;41&gt;" in text and "&amp;lt;" not in text  # escaped once, read as it is
+    modality = _text(page, "modality")
+    assert "Largest gap +0.050: within 0.10." in modality
+    assert page.section("modality").by_class("ok") and not page.section("modality").by_class(
+        "warn")
+    assert _rows(page, "modality")[0][3:] == ["0.5", "0.45", "-0.050"]
+    checks = {r[0]: r[1:] for r in _rows(page, "summary", 1)}
+    assert checks["modality mix: fused vs text photo share of neighbours"] == [
+        "largest gap 0.050 (tolerance 0.10)", "OK"]
+
+
+def test_a_run_that_recorded_no_modality_mix_says_so():
+    items = ItemRows(titles={}, categories=None, category_column="main_category")
+    assert modality_section(ModalityMix(None, "none", None, 0, None), items) == (
+        "<p>Neither knn_meta.json nor fusion_config.json records a modality mix (outputs of a "
+        "version before it was measured).</p>")
