@@ -46,9 +46,15 @@ from item_embeddings.outputs import (
     TXT_META,
 )
 from item_embeddings.report import SECTIONS, ReportInputError, write_qa_report
-from item_embeddings.report.analysis import MapPanel, ModalityMix
+from item_embeddings.report.analysis import MapPanel, ModalityMix, Neighbours
 from item_embeddings.report.graph_sections import modality_section
-from item_embeddings.report.inputs import MISSING_CATEGORY, ItemRows, category_label
+from item_embeddings.report.inputs import (
+    MISSING_CATEGORY,
+    ItemRows,
+    category_label,
+    load_run_inputs,
+)
+from item_embeddings.report.page import failing_hosts, neighbours_section
 from item_embeddings.report.plots import (
     plot_coverage,
     plot_failures,
@@ -156,19 +162,6 @@ def quick(tmp_path_factory) -> QuickRun:
     return run
 
 
-_VIEWS: dict[Path, tuple[dict, str, Page]] = {}
-
-
-def view(run: QuickRun) -> tuple[dict, str, Page]:
-    """The quick run's report (returned summary, text, parsed page), rendered once by the first
-    test that reads it: in that test's call, not in a fixture, because mutmut's timeout allows
-    for the time of the calls only (docs/testing.md)."""
-    if run.root not in _VIEWS:
-        summary, text = run.write(run.root / "report", run_id="")
-        _VIEWS[run.root] = summary, text, Page(text)
-    return _VIEWS[run.root]
-
-
 def _rows(page: Page, section: str, index: int = 0) -> list[list[str]]:
     return table_rows(page.section(section).find_all("table")[index])
 
@@ -194,8 +187,31 @@ def _catalogue_numbers(quick: QuickRun) -> dict[str, int]:
 # ------------------------------------------------------------------------------ the tests
 
 
-def test_title_line_and_navigation(quick):
-    summary, text, page = view(quick)
+Rendered = tuple[dict, str, Page]  # write_qa_report's summary, the page's text, the page
+
+
+def test_the_report_as_read_section_by_section(quick):
+    """The quick run's page, every section read as its reader sees it. One test renders it and
+    runs every check: mutmut runs against a mutant only the tests that called its function,
+    and a render shared between tests (a fixture, a cache) counts for the first of them only."""
+    summary, text = quick.write(quick.root / "report", run_id="")
+    rendered = summary, text, Page(text)
+    _title_line_and_navigation(quick, rendered)
+    _summary_counts_every_item_by_outcome(quick, rendered)
+    _checks_compare_each_meta_count_with_the_rows(quick, rendered)
+    _failures_by_reason_and_failing_hosts(quick, rendered)
+    _distributions_per_space(quick, rendered)
+    _maps_legend_counts_the_sampled_categories(quick, rendered)
+    _neighbour_table_titles_and_cosines(quick, rendered)
+    _modality_mix_table_and_purity_by_group(quick, rendered)
+    _training_curve_first_and_last_ten(quick, rendered)
+    _knn_section_lists_each_graph(quick, rendered)
+    _run_steps_stages_versions_params(quick, rendered)
+    _the_report_step_writes_the_page_and_its_record(quick, rendered)
+
+
+def _title_line_and_navigation(quick: QuickRun, rendered: Rendered) -> None:
+    summary, text, page = rendered
     assert page.root.find_all("title")[0].all_text() == "QA report fusion-run"
     meta = " ".join(page.root.by_class("meta")[0].all_text().split())
     assert meta.startswith(f"run fusion-run · {N} items · written ")
@@ -208,8 +224,8 @@ def test_title_line_and_navigation(quick):
     assert text.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">')
 
 
-def test_summary_counts_every_item_by_outcome(quick):
-    page = view(quick)[2]
+def _summary_counts_every_item_by_outcome(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     n = _catalogue_numbers(quick)
     rows = _rows(page, "summary")
 
@@ -233,8 +249,8 @@ def test_summary_counts_every_item_by_outcome(quick):
         "image outcome of every item")
 
 
-def test_checks_compare_each_meta_count_with_the_rows(quick):
-    page = view(quick)[2]
+def _checks_compare_each_meta_count_with_the_rows(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     n = _catalogue_numbers(quick)
     checks = _rows(page, "summary", 1)
     mix = json.loads((quick.knn / KNN_META).read_text())["modality_mix"]
@@ -258,8 +274,8 @@ def test_checks_compare_each_meta_count_with_the_rows(quick):
     assert {c.attrs.get("class") for c in cells[2::3]} == {"ok", "info"}
 
 
-def test_failures_by_reason_with_a_first_example_and_the_failing_hosts(quick):
-    page = view(quick)[2]
+def _failures_by_reason_and_failing_hosts(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     n = _catalogue_numbers(quick)
     urls = quick.table.column("image_url").to_pylist()
     attempted = n["attempted"]
@@ -271,6 +287,11 @@ def test_failures_by_reason_with_a_first_example_and_the_failing_hosts(quick):
     ]
     assert _rows(page, "failures", 1) == [
         ["127.0.0.1:9", "4", "http_error 2, timeout 1, decode_error 1"]]
+    hosts_table = page.section("failures").find_all("table")[1]
+    assert [th.all_text() for th in hosts_table.find_all("th")] == ["host", "failed items",
+                                                                    "reasons"]
+    [note] = page.section("failures").by_class("note")
+    assert note.tag == "p" and note.all_text().startswith("host_unavailable: ")
     text = _text(page, "failures")
     assert "Hosts with the most failures (top 10)" in text
     assert ("host_unavailable: the host stopped answering and its circuit breaker opened, so "
@@ -288,8 +309,8 @@ def _cosine_stats(array: np.ndarray) -> list[str]:
     return [f"{len(sims):,}", *(f"{v:.4g}" for v in (sims.mean(), p5, p50, p95))]
 
 
-def test_distributions_show_every_space_norms_and_pairwise_cosines(quick):
-    page = view(quick)[2]
+def _distributions_per_space(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     rows = _rows(page, "distributions")
     arrays = {"text": np.load(quick.text / TXT_ARRAY), "image": np.load(quick.image / IMG_ARRAY),
               "fused": np.load(quick.fused / FUSED_ARRAY)}
@@ -312,8 +333,8 @@ def test_distributions_show_every_space_norms_and_pairwise_cosines(quick):
         decode_png(image.attrs["src"])
 
 
-def test_maps_legend_counts_the_sampled_categories(quick):
-    page = view(quick)[2]
+def _maps_legend_counts_the_sampled_categories(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     categories = quick.table.column("main_category").to_pylist()
     counts = {c: categories.count(c) for c in set(categories)}
     assert _rows(page, "maps") == [[c, str(counts[c])] for c in sorted(counts)]
@@ -330,8 +351,8 @@ def _graph_scores(quick: QuickRun, space: str) -> np.ndarray:
     return np.load(quick.knn / (KNN_FUSED_SCORES if space == "fused" else KNN_TEXT_SCORES))
 
 
-def test_neighbour_table_lists_titles_categories_and_cosines(quick):
-    page = view(quick)[2]
+def _neighbour_table_titles_and_cosines(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     ids = quick.table.column("asin").to_pylist()
     titles = quick.table.column("title").to_pylist()
     categories = quick.table.column("main_category").to_pylist()
@@ -365,8 +386,8 @@ def test_neighbour_table_lists_titles_categories_and_cosines(quick):
         "similarity; [brackets] hold the category.")
 
 
-def test_modality_mix_table_and_purity_by_group(quick):
-    page = view(quick)[2]
+def _modality_mix_table_and_purity_by_group(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     mix = json.loads((quick.knn / KNN_META).read_text())["modality_mix"]
     shares = mix["photo_share"]
     assert _rows(page, "modality") == [
@@ -397,8 +418,8 @@ def test_modality_mix_table_and_purity_by_group(quick):
     assert not page.section("modality").by_class("warn")
 
 
-def test_training_curve_lists_the_first_and_last_ten_epochs(quick):
-    page = view(quick)[2]
+def _training_curve_first_and_last_ten(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     epochs = list(range(1, 11)) + list(range(16, EPOCHS + 1))
     assert _rows(page, "training") == [
         [str(e), f"{1 / e:.4g}", f"{0.5 / e:.4g}", f"{0.001 * e:.4g}"] for e in epochs]
@@ -410,8 +431,8 @@ def test_training_curve_lists_the_first_and_last_ten_epochs(quick):
     assert image.attrs["alt"] == "fusion training loss per epoch"
 
 
-def test_knn_section_lists_each_graph(quick):
-    page = view(quick)[2]
+def _knn_section_lists_each_graph(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     assert _rows(page, "knn") == [
         ["text", "exact", str(TEXT_DIM), '{"metric": "ip"}', "0.9871", "1,000", "0.01", "0.02",
          "–", "–", "–", "–"],
@@ -425,8 +446,8 @@ def test_knn_section_lists_each_graph(quick):
     assert image.attrs["alt"] == "cosine similarity to the first and k-th neighbour"
 
 
-def test_run_section_steps_stages_versions_and_every_parameter(quick):
-    page = view(quick)[2]
+def _run_steps_stages_versions_params(quick: QuickRun, rendered: Rendered) -> None:
+    page = rendered[2]
     assert _rows(page, "run") == [
         ["text", "text-run", "3.25", "encoder_name = minilm-test; text_backend = torch; "
          "device = cpu; dtype = float32; throughput_items_per_sec = 96.0"],
@@ -459,8 +480,8 @@ def test_run_section_steps_stages_versions_and_every_parameter(quick):
     assert params["allow_private_hosts"] == "false" and params["items_uri"] == ""
 
 
-def test_the_report_step_writes_the_page_and_its_record(quick):
-    summary, text, _ = view(quick)
+def _the_report_step_writes_the_page_and_its_record(quick: QuickRun, rendered: Rendered) -> None:
+    summary, text, _ = rendered
     out = quick.root / "report"
     page = (out / QA_REPORT).read_bytes()
     assert page.decode("utf-8") == text
@@ -844,3 +865,47 @@ def test_a_run_that_recorded_no_modality_mix_says_so():
     assert modality_section(ModalityMix(None, "none", None, 0, None), items) == (
         "<p>Neither knn_meta.json nor fusion_config.json records a modality mix (outputs of a "
         "version before it was measured).</p>")
+
+
+def test_failing_hosts_lists_the_ten_with_the_most_failures():
+    urls = [f"http://h{i:02d}.example/{j}.jpg" for i in range(12) for j in range(12 - i)]
+    urls += [None, "not a url"]
+    reasons = ["timeout"] * (len(urls) - 3) + ["http_error", "no_url", "bad_url"]
+    page = Page(failing_hosts(pa.table({"url": urls, "reason": reasons})))
+    rows = table_rows(page.root.find_all("table")[0])
+    assert [r[:2] for r in rows] == [[f"h{i:02d}.example", str(12 - i)] for i in range(10)]
+    assert rows[0][2] == "timeout 12"
+    assert page.root.find_all("h3")[0].all_text() == "Hosts with the most failures (top 10)"
+    bad = Page(failing_hosts(pa.table({"url": [None, "x", "http://a.example/1"],
+                                       "reason": ["no_url", "bad_url", "timeout"]})))
+    assert table_rows(bad.root.find_all("table")[0]) == [
+        ["(no host)", "2", "no_url 1, bad_url 1"], ["a.example", "1", "timeout 1"]]
+    assert failing_hosts(pa.table({"id": ["a"], "reason": ["timeout"]})) == ""
+
+
+def test_neighbour_lists_mark_shared_rows_including_row_0_and_skip_padding(quick):
+    inputs = load_run_inputs(quick.text, quick.image, quick.fused, None)
+    titles = dict(enumerate(quick.table.column("title").to_pylist()))
+    items = ItemRows(titles=titles, categories=None, category_column="main_category")
+    rows = {"text": np.array([[0, 2, 3, -1, -1], [-1] * 5]),
+            "fused": np.array([[3, 0, 4, 5, -1], [0, 1, -1, -1, -1]])}
+    scores = {"text": np.array([[0.9, 0.8, 0.7, -np.inf, -np.inf], [-np.inf] * 5]),
+              "fused": np.array([[0.95, 0.85, 0.75, 0.65, -np.inf],
+                                 [0.5, 0.25, -np.inf, -np.inf, -np.inf]])}
+    queries = np.array([1, 5])
+    found = Neighbours("exact", rows, scores, {})
+    page = Page(neighbours_section(inputs, items, queries, found))
+    first, second = page.root.find_all("tr")[1:]
+    text_cell, fused_cell = [c for c in first.children if c.tag == "td"][1:]
+    assert [(li.all_text().strip(), li.attrs.get("class")) for li in text_cell.find_all("li")] == [
+        (f"{titles[0]} 0.900", "both"), (f"{titles[2]} 0.800", None),
+        (f"{titles[3]} 0.700", "both")]
+    assert [li.attrs.get("class") for li in fused_cell.find_all("li")] == [
+        "both", "both", None, None]
+    assert "2 of 5 shared" in first.all_text()
+    cells = [c for c in second.children if c.tag == "td"]
+    assert " ".join(" ".join(_leaves(cells[0])).split()) == (
+        f"(no title) {quick.table.column('asin')[5]} with image; 0 of 5 shared")
+    assert cells[1].all_text() == "none" and cells[1].by_class("note")
+    assert [li.all_text().strip() for li in cells[2].find_all("li")] == [
+        f"{titles[0]} 0.500", f"{titles[1]} 0.250"]
