@@ -45,9 +45,10 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
     TXT_META,
 )
-from item_embeddings.report import SECTIONS, ReportInputError, write_qa_report
+from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
 from item_embeddings.report.analysis import MapPanel, ModalityMix, Neighbours
 from item_embeddings.report.graph_sections import modality_section
+from item_embeddings.report.html import CSS
 from item_embeddings.report.inputs import (
     MISSING_CATEGORY,
     ItemRows,
@@ -152,7 +153,7 @@ def quick(tmp_path_factory) -> QuickRun:
     titles[5] = None
     table = table.set_column(table.schema.get_field_index("title"), "title", pa.array(titles))
     items = root / ITEMS_NAME
-    pq.write_table(table, items)
+    pq.write_table(table, items, row_group_size=10)  # read in several batches
     run = QuickRun(root, items, root / "text", root / "image", root / "fused", root / "knn",
                    table, {})
     _write_text_outputs(run.text, table)
@@ -361,7 +362,10 @@ def _neighbour_table_titles_and_cosines(quick: QuickRun, rendered: Rendered) -> 
     assert [th.all_text() for th in table.find_all("th")] == [
         "item", "top-5 in the text space", "top-5 in the fused space"]
     rows = table.find_all("tr")[1:]
-    assert len(rows) == 12
+    rng = np.random.default_rng(0)  # the report's seed: its map sample first, then the items
+    rng.choice(N, N, replace=False)
+    drawn = np.sort(rng.choice(N, 12, replace=False))
+    assert [tr.by_class("id")[0].all_text() for tr in rows] == [ids[r] for r in drawn]
     for tr in rows:
         first, *lists = [c for c in tr.children if c.tag == "td"]
         row = ids.index(first.by_class("id")[0].all_text())
@@ -518,6 +522,7 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
     config["modality_mix"] = {**config["modality_mix"], **SPLIT_MIX}
     (fused / FUSION_CONFIG).write_text(json.dumps(config))
     caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
+    caplog.set_level(logging.INFO, logger="item_embeddings")  # the progress lines
     summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
                                 params=PipelineParams(seed=0, category_column="kind"))
     page = Page(text)
@@ -526,6 +531,12 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
     assert message.startswith(f"QA report of {N} items: {tmp_path / 'out' / QA_REPORT} "
                               f"({size / 1e6:.2f} MB) in ")
     assert message.endswith("s") and float(message.rsplit(" in ", 1)[1][:-1]) > 0
+    progress = [r.getMessage().split(" (")[0] for r in caplog.records
+                if r.name == "item_embeddings" and r.getMessage().startswith("qa report")]
+    assert progress == [f"qa report: text: {N}/{N} items", "qa report: image: 32/32 items",
+                        f"qa report: fused: {N}/{N} items",
+                        f"qa report: items table: {N}/{N} items"]
+    assert json.loads((tmp_path / "out" / REPORT_META).read_text())["knn_run_id"] is None
     assert summary["neighbours"] == "exact" and summary["drift"] == {}
     assert not summary["has_categories"]
     # checks: counts that disagree and rows off unit length are warned
@@ -811,9 +822,12 @@ def test_a_plot_is_a_png_that_reads_dollars_as_text():
         assert image.size == (8 * 80, round((0.45 + 1.2) * 80))
 
 
-def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path):
+def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path, monkeypatch):
     """A kNN directory updated incrementally: the update columns, the drift table, values
-    shown as the page formats them (small, not-a-number, a dict), and a mix within tolerance."""
+    shown as the page formats them (small, not-a-number, a dict), and a mix within tolerance;
+    fewer pairs and purity items than the run has rows, so both are samples."""
+    monkeypatch.setattr(analysis, "PAIR_ROWS", 20)
+    monkeypatch.setattr(analysis, "MIX_QUERIES", 10)
     run = _copy_run(quick, tmp_path)
     meta = json.loads((quick.knn / KNN_META).read_text())
     meta["spaces"]["text"].update({
@@ -850,7 +864,17 @@ def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path):
             "unchanged since the previous set (run night-<41>): the share of their first 20 "
             "neighbours that were among their first 20 in the previous set.") in section
     assert "night-&lt;41&gt;" in text and "&amp;lt;" not in text  # escaped once, read as it is
+    assert [r[7] for r in _rows(page, "distributions")] == ["190"] * 3  # 20 rows: every pair
+    mix_rows = np.sort(np.random.default_rng([0, 3]).choice(N, 10, replace=False))
+    has_image = pq.read_table(quick.fused / FUSED_ITEMS).column("has_image").to_numpy()[mix_rows]
+    categories = np.array(quick.table.column("main_category").to_pylist())
+    purity = [(categories[quick.graphs[s][mix_rows]] == categories[mix_rows, None]).mean(1)
+              for s in ("text", "fused")]
+    assert [r[1:3] for r in _rows(page, "modality", 1)] == [
+        [f"{p[members].mean():.4g}" for p in purity]
+        for members in (np.ones(10, bool), has_image, ~has_image)]
     modality = _text(page, "modality")
+    assert "over 10 items drawn at random (seeded)" in modality
     assert "Largest gap +0.050: within 0.10." in modality
     assert page.section("modality").by_class("ok") and not page.section("modality").by_class(
         "warn")
@@ -909,3 +933,81 @@ def test_neighbour_lists_mark_shared_rows_including_row_0_and_skip_padding(quick
     assert cells[1].all_text() == "none" and cells[1].by_class("note")
     assert [li.all_text().strip() for li in cells[2].find_all("li")] == [
         f"{titles[0]} 0.500", f"{titles[1]} 0.250"]
+
+
+def test_the_page_style_keeps_its_rules():
+    """What the reader sees of the styles: warnings red and bold, passes green, notes grey and
+    italic, tables with borders, shared neighbours bold (the browser test sees the layout)."""
+    rules = {}
+    for rule in CSS.replace("\n", "").split("}"):
+        if rule:
+            selector, declarations = rule.split("{")
+            rules[selector] = dict(d.split(":", 1) for d in declarations.split(";"))
+    assert list(rules) == ["body", "h1", "h2", "table", "th,td", "th", "td", "figure", "img",
+                           "nav ul", ".meta,.note", ".note", ".ok", ".warn", ".info",
+                           "table.neighbours td", "table.neighbours ol", ".cat", ".score",
+                           ".both", ".id"]
+    assert rules[".warn"] == {"color": "#b3261e", "font-weight": "600"}
+    assert rules[".ok"] == {"color": "#1a7f37", "font-weight": "600"}
+    assert rules[".note"] == {"font-style": "italic"} and rules[".meta,.note"] == {
+        "color": "#555"}
+    assert rules[".both"] == {"font-weight": "600"}
+    assert rules["th,td"]["border"] == "1px solid #ddd"
+    assert rules["table"] == {"border-collapse": "collapse", "margin": "12px 0",
+                              "font-size": "14px"}
+    assert rules["img"] == {"max-width": "100%", "height": "auto"}
+    assert rules["body"]["max-width"] == "1400px"
+
+
+def test_pca_of_a_few_rows_and_its_signs():
+    x = np.array([[-2.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, np.nan]], np.float32)
+    coords, keep, share = analysis.pca_2d(x)
+    assert keep.tolist() == [True] * 4 + [False]
+    np.testing.assert_allclose(coords[:, 0], [-2, -1, 1, 2], atol=1e-12)  # largest loading +
+    np.testing.assert_allclose(share, [1, 0], atol=1e-12)
+    flipped, _, _ = analysis.pca_2d(-x)
+    np.testing.assert_allclose(flipped[:, 0], [2, 1, -1, -2], atol=1e-12)
+    one, keep, share = analysis.pca_2d(x[:1])
+    assert one.shape == (1, 2) and not one.any() and share.tolist() == [0, 0]
+    same, _, share = analysis.pca_2d(np.ones((3, 4), np.float32))
+    assert same.shape == (3, 2) and share.tolist() == [0, 0]
+    line, _, share = analysis.pca_2d(np.array([[0.0], [1.0], [3.0]], np.float32))
+    assert line.shape == (3, 2) and not line[:, 1].any()
+    np.testing.assert_allclose(share, [1, 0])
+
+
+def test_exact_neighbours_of_a_table_smaller_than_five_rows():
+    """Four rows: three neighbours each, and the query itself as -1 (never shown)."""
+    x = unit(np.array([[1, 0], [1, 0.1], [0, 1], [1, 0.2]], np.float32))
+    scan = analysis.scan_space(x, np.array([0, 3]), np.array([0, 2]), "test")
+    assert scan.exact_rows.tolist() == [[1, 3, 2, -1], [3, 1, 0, -1]]
+    assert np.isneginf(scan.exact_scores[:, 3]).all()
+    np.testing.assert_allclose(scan.exact_scores[0, :3], x[0] @ x[[1, 3, 2]].T, rtol=1e-6)
+    np.testing.assert_array_equal(scan.sample, x[[0, 3]])
+    assert scan.count == 4 and scan.dim == 2 and scan.off_unit == 0 and scan.nonfinite == 0
+    plain = analysis.scan_space(x, np.array([1]), None, "test")
+    assert plain.exact_rows is None and plain.exact_scores is None
+
+
+def test_category_legend_most_frequent_first_ties_alphabetical():
+    labels = ["b", "a", "c", "b", "a", "d"] + [f"x{i}" for i in range(10)]
+    assert analysis.category_legend(labels) == [
+        ("a", 2), ("b", 2), ("c", 1), ("d", 1), ("x0", 1), ("x1", 1), ("x2", 1), ("x3", 1),
+        ("x4", 1)]
+    assert analysis.category_legend([]) == []
+
+
+def test_a_graph_of_one_space_is_not_used_for_the_neighbour_table(quick, tmp_path):
+    run = _copy_run(quick, tmp_path)
+    meta = json.loads((quick.knn / KNN_META).read_text())
+    del meta["spaces"]["fused"]
+    (run.knn / KNN_META).write_text(json.dumps(meta))
+    (run.knn / KNN_FUSED).unlink()
+    params = PipelineParams(seed=0)
+    inputs = load_run_inputs(run.text, run.image, run.fused, run.knn)
+    assert set(inputs.knn.neighbours) == {"text"}
+    findings = analysis.analyse_run(inputs, str(run.items), params)
+    assert findings.neighbours.source == "exact" and findings.neighbours.exact_overlap == {}
+    assert findings.modality.purity is None and findings.modality.purity_items == 0
+    np.testing.assert_array_equal(findings.neighbours.rows["text"],
+                                  findings.scans["text"].exact_rows)
