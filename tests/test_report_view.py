@@ -45,7 +45,14 @@ from item_embeddings.outputs import (
     TXT_ITEMS,
     TXT_META,
 )
-from item_embeddings.report import SECTIONS, ReportInputError, analysis, write_qa_report
+from item_embeddings.report import (
+    SECTIONS,
+    ReportInputError,
+    analysis,
+    graph_sections,
+    write_qa_report,
+)
+from item_embeddings.report import page as page_module
 from item_embeddings.report.analysis import MapPanel, ModalityMix, Neighbours
 from item_embeddings.report.graph_sections import modality_section
 from item_embeddings.report.html import CSS
@@ -55,7 +62,7 @@ from item_embeddings.report.inputs import (
     category_label,
     load_run_inputs,
 )
-from item_embeddings.report.page import failing_hosts, neighbours_section
+from item_embeddings.report.page import failing_hosts, neighbours_section, training_section
 from item_embeddings.report.plots import (
     plot_coverage,
     plot_failures,
@@ -191,12 +198,30 @@ def _catalogue_numbers(quick: QuickRun) -> dict[str, int]:
 Rendered = tuple[dict, str, Page]  # write_qa_report's summary, the page's text, the page
 
 
-def test_the_report_as_read_section_by_section(quick):
+def _spy_on_plots(monkeypatch) -> dict[str, tuple]:
+    """Record what each figure of the page is drawn from (the figures themselves are checked
+    by the plot tests below), calling the real plot."""
+    drawn: dict[str, tuple] = {}
+    for module, name in ((page_module, "plot_coverage"), (page_module, "plot_failures"),
+                         (page_module, "plot_norms"), (page_module, "plot_pairwise"),
+                         (page_module, "plot_maps"), (page_module, "plot_training"),
+                         (graph_sections, "plot_neighbour_scores")):
+        def spy(*args, _plot=getattr(module, name), _name=name):
+            drawn[_name] = args
+            return _plot(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return drawn
+
+
+def test_the_report_as_read_section_by_section(quick, monkeypatch):
     """The quick run's page, every section read as its reader sees it. One test renders it and
     runs every check: mutmut runs against a mutant only the tests that called its function,
     and a render shared between tests (a fixture, a cache) counts for the first of them only."""
+    drawn = _spy_on_plots(monkeypatch)
     summary, text = quick.write(quick.root / "report", run_id="")
     rendered = summary, text, Page(text)
+    _what_the_figures_show(quick, drawn)
     _title_line_and_navigation(quick, rendered)
     _summary_counts_every_item_by_outcome(quick, rendered)
     _checks_compare_each_meta_count_with_the_rows(quick, rendered)
@@ -209,6 +234,44 @@ def test_the_report_as_read_section_by_section(quick):
     _knn_section_lists_each_graph(quick, rendered)
     _run_steps_stages_versions_params(quick, rendered)
     _the_report_step_writes_the_page_and_its_record(quick, rendered)
+
+
+def _what_the_figures_show(quick: QuickRun, drawn: dict[str, tuple]) -> None:
+    n = _catalogue_numbers(quick)
+    assert drawn["plot_coverage"] == ([("embedded", n["embedded"]), ("failed", 4),
+                                       ("no URL", n["no_url"]), ("capped", 0)], N)
+    assert drawn["plot_failures"] == ([("http_error", 2), ("decode_error", 1), ("timeout", 1)],)
+    arrays = {"text": np.load(quick.text / TXT_ARRAY), "image": np.load(quick.image / IMG_ARRAY),
+              "fused": np.load(quick.fused / FUSED_ARRAY)}
+    [norms] = drawn["plot_norms"]
+    assert list(norms) == list(arrays)
+    for space, array in arrays.items():
+        np.testing.assert_allclose(norms[space], np.linalg.norm(array, axis=1), rtol=1e-6)
+    [cosines] = drawn["plot_pairwise"]
+    assert {s: len(c) for s, c in cosines.items()} == {"text": N * (N - 1) // 2,
+                                                        "image": 32 * 31 // 2,
+                                                        "fused": N * (N - 1) // 2}
+    panels, legend = drawn["plot_maps"]
+    categories = quick.table.column("main_category").to_pylist()
+    ids = quick.table.column("asin").to_pylist()
+    img = pq.read_table(quick.image / IMG_ITEMS).to_pylist()
+    category_of_img_row = {r["row"]: categories[ids.index(r["id"])] for r in img}
+    assert [p.space for p in panels] == ["text", "image", "fused"]
+    assert panels[0].labels == panels[2].labels == categories
+    assert panels[1].labels == [category_of_img_row[r] for r in range(len(img))]
+    assert [p.coords.shape for p in panels] == [(N, 2), (len(img), 2), (N, 2)]
+    for p, array in zip(panels, arrays.values()):  # every row sampled, in row order
+        coords, _, share = analysis.pca_2d(array)
+        np.testing.assert_allclose(p.coords, coords)
+        np.testing.assert_allclose(p.share, share)
+    assert legend == sorted(((c, categories.count(c)) for c in set(categories)),
+                            key=lambda lc: (-lc[1], lc[0]))
+    [history] = drawn["plot_training"]
+    assert history == json.loads((quick.fused / FUSION_CONFIG).read_text())["loss_history"]
+    scores, k = drawn["plot_neighbour_scores"]
+    assert k == 8 and list(scores) == ["text", "fused"]
+    np.testing.assert_array_equal(scores["text"], np.load(quick.knn / KNN_TEXT_SCORES))
+    np.testing.assert_array_equal(scores["fused"], np.load(quick.knn / KNN_FUSED_SCORES))
 
 
 def _title_line_and_navigation(quick: QuickRun, rendered: Rendered) -> None:
@@ -505,14 +568,17 @@ def _the_report_step_writes_the_page_and_its_record(quick: QuickRun, rendered: R
                                                  "render_time_sec", "drift")}}
 
 
-def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
+def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, monkeypatch):
     """One render of a run that lacks what the quick run has: no kNN graph, no failure file
     (while image_meta.json counts 5 failures and 1,000 images), no category column, damaged
     fused rows; and the step's log line."""
     image = Path(shutil.copytree(quick.image, tmp_path / "image"))
     (image / IMG_FAILURES).unlink()
     meta = json.loads((image / IMG_META).read_text())
+    for key in ("download_wall_s", "decode_cpu_s", "encode_wall_s", "max_items"):
+        del meta[key]
     (image / IMG_META).write_text(json.dumps({**meta, "failed_count": 5, "count": 1000}))
+    drawn = _spy_on_plots(monkeypatch)
     fused = Path(shutil.copytree(quick.fused, tmp_path / "fused"))
     array = np.load(fused / FUSED_ARRAY)
     array[1] *= 2.0
@@ -548,6 +614,14 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog):
     assert not any(r[0].startswith("kNN") for r in _rows(page, "summary"))
     dist = {r[0]: r for r in _rows(page, "distributions")}
     assert dist["fused"][4:7] == ["2", "1", "1"]
+    # 4 items failed, but no file lists them: the coverage bar shows them unaccounted for
+    assert drawn["plot_coverage"] == ([("embedded", 32), ("failed", 0), ("no URL", 12),
+                                       ("capped", 0), ("not accounted for", 4)], N)
+    assert "plot_failures" not in drawn
+    assert _rows(page, "summary")[5] == ["image: beyond the max_items cap", "0", "0.0%",
+                                         "max_items = –"]
+    assert "Image step: where the time went" not in _text(page, "run")
+    assert len(page.section("run").find_all("table")) == 3
     # no failures file
     assert _text(page, "failures") == (
         "Image failures by reason No image failed: every attempted image was downloaded, "
@@ -847,6 +921,10 @@ def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path, mo
                                                       "without_photo": 0.53}},
                             "departure": 0.05}
     (run.knn / KNN_META).write_text(json.dumps(meta))
+    image_meta = json.loads((quick.image / IMG_META).read_text())
+    del image_meta["decode_cpu_s"], image_meta["image_decode"]
+    (run.image / IMG_META).write_text(json.dumps(
+        {**image_meta, "encoded_this_attempt": 0, "throughput_items_per_sec": 0}))
     summary, text = run.write(tmp_path / "out")
     page = Page(text)
     assert summary["drift"] == {s: meta["spaces"][s]["drift"] for s in ("text", "fused")}
@@ -863,6 +941,12 @@ def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path, mo
     assert ("Night-over-night drift For the items whose content (text and image keys) is "
             "unchanged since the previous set (run night-<41>): the share of their first 20 "
             "neighbours that were among their first 20 in the previous set.") in section
+    assert _rows(page, "run", 1) == [
+        ["downloads", "1.5", "–", "wall-clock s with a download in flight"],
+        ["encoding", "1.9", "–", "wall-clock s in the encoder"],
+        ["the whole processing", "–", "–", "wall-clock s from the first download to the last "
+         "batch"]]
+    assert "image_decode = exact; 0 images encoded" in _text(page, "run")
     assert "night-&lt;41&gt;" in text and "&amp;lt;" not in text  # escaped once, read as it is
     assert [r[7] for r in _rows(page, "distributions")] == ["190"] * 3  # 20 rows: every pair
     mix_rows = np.sort(np.random.default_rng([0, 3]).choice(N, 10, replace=False))
@@ -1011,3 +1095,16 @@ def test_a_graph_of_one_space_is_not_used_for_the_neighbour_table(quick, tmp_pat
     assert findings.modality.purity is None and findings.modality.purity_items == 0
     np.testing.assert_array_equal(findings.neighbours.rows["text"],
                                   findings.scans["text"].exact_rows)
+
+
+def test_training_section_of_a_fusion_step_without_history():
+    assert training_section({"loss_history": []}) == (
+        "<p>fusion_config.json has no loss_history.</p>")
+    page = Page(training_section({"loss_history": [{"loss": 0.5}]}))
+    assert page.root.find_all("p")[0].all_text() == (
+        "1 epoch(s), objective –, lr –, batch size –, seed –; train time – s. Loss is "
+        "sim_loss + norm_weight × norm_loss; it should fall and settle.")
+    assert table_rows(page.root.find_all("table")[0]) == [["1", "0.5", "–", "–"]]
+    many = Page(training_section({"loss_history": [{"loss": e} for e in range(1, 22)]}))
+    assert [r[0] for r in table_rows(many.root.find_all("table")[0])] == [
+        str(e) for e in (*range(1, 11), *range(12, 22))]
