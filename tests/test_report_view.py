@@ -708,7 +708,17 @@ def test_step_files_that_are_missing_or_do_not_line_up_are_named(quick, tmp_path
                        image / IMG_ITEMS)
         assert _refused(run, tmp_path) == (f"{image / IMG_ITEMS}: 'row' must be an img.npy row "
                                            f"in [0, {m})")
+    for unknown in (["zz"], [f"z{i}" for i in range(7)]):
+        listed = rows.column("id").to_pylist()
+        listed[-len(unknown):] = unknown
+        pq.write_table(rows.set_column(0, "id", pa.array(listed)), image / IMG_ITEMS)
+        assert _refused(run, tmp_path) == (f"{len(unknown)} id(s) of {image / IMG_ITEMS} are "
+                                           f"not in {TXT_ITEMS}, e.g. {unknown[:5]}")
     shutil.copy(quick.image / IMG_ITEMS, image / IMG_ITEMS)
+    np.save(knn / KNN_TEXT, np.load(quick.knn / KNN_TEXT)[1:])
+    assert _refused(run, tmp_path) == (f"{knn / KNN_TEXT} has shape ({N - 1}, 8), but "
+                                       f"{TXT_ITEMS} lists {N} rows")
+    shutil.copy(quick.knn / KNN_TEXT, knn / KNN_TEXT)
     meta = json.loads((quick.knn / KNN_META).read_text())
     (knn / KNN_META).write_text(json.dumps({**meta, "count": N + 1}))
     assert _refused(run, tmp_path) == (f"{knn / KNN_META} count is {N + 1}, but {TXT_ITEMS} "
