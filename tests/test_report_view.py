@@ -472,6 +472,11 @@ def _modality_mix_table_and_purity_by_group(quick: QuickRun, rendered: Rendered)
                   for s in ("text", "fused")]
         expected.append([name, *(f"{p:.4g}" for p in purity), f"{purity[1] - purity[0]:+.3f}"])
     assert _rows(page, "modality", 1) == expected
+    headers = [[th.all_text() for th in t.find_all("th")]
+               for t in page.section("modality").find_all("table")]
+    assert headers == [["group", "items", "base rate (share of items with a photo)",
+                        "photo share: text space", "photo share: fused space", "fused − text"],
+                       ["group", "purity: text space", "purity: fused space", "fused − text"]]
     section = _text(page, "modality")
     assert section.startswith(
         "Modality mix Share of neighbours that have a photo, for items with and without one, "
@@ -584,7 +589,7 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     drawn = _spy_on_plots(monkeypatch)
     fused = Path(shutil.copytree(quick.fused, tmp_path / "fused"))
     array = np.load(fused / FUSED_ARRAY)
-    array[1] *= 2.0
+    array[1] *= 0.5  # a row the neighbour table shows (seed 0), off unit length
     array[3] = np.inf
     np.save(fused / FUSED_ARRAY, array)
     config = json.loads((fused / FUSION_CONFIG).read_text())
@@ -616,7 +621,28 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     assert not any(name.startswith("kNN") for name in checks)
     assert not any(r[0].startswith("kNN") for r in _rows(page, "summary"))
     dist = {r[0]: r for r in _rows(page, "distributions")}
-    assert dist["fused"][4:7] == ["2", "1", "1"]
+    assert dist["fused"][3:7] == ["0.5", "1", "1", "1"]
+    # without a graph, every item's neighbours are the exact ones: cosines, whatever the norms
+    titles = [t or "(no title)" for t in quick.table.column("title").to_pylist()]
+    ids = quick.table.column("asin").to_pylist()
+    with np.errstate(all="ignore"):
+        units = {"text": unit(np.load(quick.text / TXT_ARRAY)), "fused": array / np.linalg.norm(
+            array, axis=1, keepdims=True)}
+    table = page.section("neighbours").by_class("neighbours")[0]
+    shown = set()
+    for tr in table.find_all("tr")[1:]:
+        first, *lists = [c for c in tr.children if c.tag == "td"]
+        row = ids.index(first.by_class("id")[0].all_text())
+        shown.add(row)
+        for space, cell in zip(("text", "fused"), lists):
+            sims = np.nan_to_num(units[space] @ units[space][row], nan=-np.inf)
+            sims[row] = -np.inf
+            top = [r for r in np.argsort(-sims, kind="stable")[:5] if np.isfinite(sims[r])]
+            assert [" ".join(li.all_text().split()) for li in cell.find_all("li")] == [
+                f"{titles[r]} {sims[r]:.3f}" for r in top]
+            if not top:
+                assert cell.all_text() == "none"
+    assert {1, 3} <= shown
     # 4 items failed, but no file lists them: the coverage bar shows them unaccounted for
     assert drawn["plot_coverage"] == ([("embedded", 32), ("failed", 0), ("no URL", 12),
                                        ("capped", 0), ("not accounted for", 4)], N)
@@ -986,6 +1012,18 @@ def test_a_run_that_recorded_no_modality_mix_says_so():
     assert modality_section(ModalityMix(None, "none", None, 0, None), items) == (
         "<p>Neither knn_meta.json nor fusion_config.json records a modality mix (outputs of a "
         "version before it was measured).</p>")
+    # categories but no graph: the purity by group cannot be measured, said so
+    mix = {"items": 10, "k": 5, "base_rate": 0.5, "items_with_photo": 5,
+           "items_without_photo": 5, "photo_share": {}, "departure": None}
+    with_categories = ItemRows(titles={}, categories={0: "a"}, category_column="main_category")
+    page = Page(modality_section(ModalityMix(mix, "fusion sample", None, 0, None),
+                                 with_categories))
+    assert page.root.find_all("p")[-1].all_text() == (
+        "Category purity by group needs the kNN graphs.")
+    assert page.root.find_all("p")[-1].attrs["class"] == "note"
+    assert table_rows(page.root.find_all("table")[0]) == [
+        ["items with a photo", "5", "0.5", "–", "–", "–"],
+        ["items without a photo", "5", "0.5", "–", "–", "–"]]
 
 
 def test_failing_hosts_lists_the_ten_with_the_most_failures():
