@@ -1159,3 +1159,43 @@ def test_training_section_of_a_fusion_step_without_history():
     many = Page(training_section({"loss_history": [{"loss": e} for e in range(1, 22)]}))
     assert [r[0] for r in table_rows(many.root.find_all("table")[0])] == [
         str(e) for e in (*range(1, 11), *range(12, 22))]
+
+
+def _inside(inner, outer) -> bool:
+    return (inner.x0 >= outer.x0 - 0.5 and inner.y0 >= outer.y0 - 0.5
+            and inner.x1 <= outer.x1 + 0.5 and inner.y1 <= outer.y1 + 0.5)
+
+
+def test_legends_and_labels_stay_clear_of_the_plots():
+    """Laid out as drawn: each legend beside its axes (below the coverage bar, right of the
+    maps), not over the points, and every axis label inside the picture."""
+    coords = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    forty = "c" * 40
+    figures = {
+        "coverage": plot_coverage.__wrapped__([("embedded", 30), ("failed", 5),
+                                               ("no URL", 15)], 50),
+        "maps": plot_maps.__wrapped__([MapPanel("text", coords, ["a", forty, "b"],
+                                                np.array([0.5, 0.3]))],
+                                      [("a", 1), (forty, 1)]),
+    }
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for name, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)  # what savefig draws the PNG with
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        whole = fig.bbox
+        [legend] = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert _inside(box, whole), name
+        for ax in fig.axes:
+            axes_box = ax.get_window_extent(renderer)
+            assert not axes_box.overlaps(box), name
+            for label in (ax.xaxis.label, ax.yaxis.label, ax.title):
+                if label.get_text():
+                    assert _inside(label.get_window_extent(renderer), whole), (name, label)
+        if name == "coverage":
+            assert box.y1 <= axes_box.y0
+        else:
+            assert box.x0 >= axes_box.x1
+    assert _legend(figures["maps"]) == ["a (1)", f"{forty} (1)", "other categories"]
