@@ -334,6 +334,11 @@ def _checks_compare_each_meta_count_with_the_rows(quick: QuickRun, rendered: Ren
         ["kNN text graph vs exact top-5 on the sample items", "60 of 60 shared", "INFO"],
         ["kNN fused graph vs exact top-5 on the sample items", "60 of 60 shared", "INFO"],
     ]
+    text = _text(page, "summary")
+    assert text.startswith("Summary and coverage count items share note items (text step) ")
+    assert " 1 unusable image vector(s) excluded kNN graph rows " in text
+    assert " k = 8, spaces: text, fused Checks check found result text vectors " in text
+    assert text.endswith(" 60 of 60 shared INFO")
     cells = page.section("summary").find_all("table")[1].find_all("td")
     assert {c.attrs.get("class") for c in cells[2::3]} == {"ok", "info"}
 
