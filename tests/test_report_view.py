@@ -102,11 +102,13 @@ class QuickRun:
         return {**dirs, **{f"{k}_dir": v for k, v in changed.items()}}
 
     def write(self, out: Path, items: Path | None = None, params: PipelineParams | None = None,
-              run_id: str = "view-run", **changed: Path | None) -> tuple[dict, str]:
+              run_id: str | None = "view-run", **changed: Path | None) -> tuple[dict, str]:
+        """Write the report into ``out`` (``run_id`` None: the step's default)."""
         out.mkdir(parents=True, exist_ok=True)
+        named = {} if run_id is None else {"run_id": run_id}
         summary = write_qa_report(str(items or self.items), output_path=out / QA_REPORT,
-                                  params=params or PipelineParams(seed=0), run_id=run_id,
-                                  **self.dirs(**changed))
+                                  params=params or PipelineParams(seed=0),
+                                  **self.dirs(**changed), **named)
         return summary, (out / QA_REPORT).read_text(encoding="utf-8")
 
 
@@ -276,6 +278,9 @@ def _what_the_figures_show(quick: QuickRun, drawn: dict[str, tuple]) -> None:
 
 def _title_line_and_navigation(quick: QuickRun, rendered: Rendered) -> None:
     summary, text, page = rendered
+    for table in page.root.find_all("table"):  # nothing but its cells, header first
+        cells = [c.all_text() for c in table.find_all("th") + table.find_all("td")]
+        assert "".join("".join(_leaves(table)).split()) == "".join("".join(cells).split())
     assert page.root.find_all("title")[0].all_text() == "QA report fusion-run"
     meta = " ".join(page.root.by_class("meta")[0].all_text().split())
     assert meta.startswith(f"run fusion-run · {N} items · written ")
@@ -602,9 +607,10 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     (fused / FUSION_CONFIG).write_text(json.dumps(config))
     caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
     caplog.set_level(logging.INFO, logger="item_embeddings")  # the progress lines
-    summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
+    summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None, run_id=None,
                                 params=PipelineParams(seed=0, category_column="kind"))
     page = Page(text)
+    assert page.root.find_all("title")[0].all_text() == "QA report fusion-run"  # the default
     size = (tmp_path / "out" / QA_REPORT).stat().st_size
     [message] = [r.getMessage() for r in caplog.records if r.name == "item_embeddings.report.step"]
     assert message.startswith(f"QA report of {N} items: {tmp_path / 'out' / QA_REPORT} "
@@ -969,8 +975,14 @@ def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path, mo
     del image_meta["decode_cpu_s"], image_meta["image_decode"]
     (run.image / IMG_META).write_text(json.dumps(
         {**image_meta, "encoded_this_attempt": 0, "throughput_items_per_sec": 0}))
-    summary, text = run.write(tmp_path / "out")
+    config = json.loads((quick.fused / FUSION_CONFIG).read_text())
+    del config["run_id"]  # a run id neither given nor recorded
+    (run.fused / FUSION_CONFIG).write_text(json.dumps(config))
+    summary, text = run.write(tmp_path / "out", run_id="")
     page = Page(text)
+    assert page.root.find_all("title")[0].all_text() == "QA report "
+    assert page.root.by_class("meta")[0].all_text().startswith(f"run – · {N} items · ")
+    assert json.loads((tmp_path / "out" / REPORT_META).read_text())["run_id"] == ""
     assert summary["drift"] == {s: meta["spaces"][s]["drift"] for s in ("text", "fused")}
     assert _rows(page, "knn") == [
         ["text", "exact", str(TEXT_DIM), '{"metric": "ip"}', "0.9871", "1,000", "0.01", "0.02",
