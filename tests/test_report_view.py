@@ -607,10 +607,12 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     (fused / FUSION_CONFIG).write_text(json.dumps(config))
     caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
     caplog.set_level(logging.INFO, logger="item_embeddings")  # the progress lines
-    summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None, run_id=None,
+    summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
+                                run_id="night-42",
                                 params=PipelineParams(seed=0, category_column="kind"))
     page = Page(text)
-    assert page.root.find_all("title")[0].all_text() == "QA report fusion-run"  # the default
+    assert page.root.find_all("title")[0].all_text() == "QA report night-42"  # as given
+    assert json.loads((tmp_path / "out" / REPORT_META).read_text())["run_id"] == "night-42"
     size = (tmp_path / "out" / QA_REPORT).stat().st_size
     [message] = [r.getMessage() for r in caplog.records if r.name == "item_embeddings.report.step"]
     assert message.startswith(f"QA report of {N} items: {tmp_path / 'out' / QA_REPORT} "
@@ -978,7 +980,7 @@ def test_graphs_updated_from_a_previous_set_with_their_drift(quick, tmp_path, mo
     config = json.loads((quick.fused / FUSION_CONFIG).read_text())
     del config["run_id"]  # a run id neither given nor recorded
     (run.fused / FUSION_CONFIG).write_text(json.dumps(config))
-    summary, text = run.write(tmp_path / "out", run_id="")
+    summary, text = run.write(tmp_path / "out", run_id=None)  # the step's default
     page = Page(text)
     assert page.root.find_all("title")[0].all_text() == "QA report "
     assert page.root.by_class("meta")[0].all_text().startswith(f"run – · {N} items · ")
