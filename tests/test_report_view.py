@@ -586,6 +586,7 @@ def _the_report_step_writes_the_page_and_its_record(quick: QuickRun, rendered: R
                                                  "render_time_sec", "drift")}}
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an infinite row is reported, not warned
 def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, monkeypatch):
     """One render of a run that lacks what the quick run has: no kNN graph, no failure file
     (while image_meta.json counts 5 failures and 1,000 images), no category column, damaged
