@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,7 +222,9 @@ def test_the_report_as_read_section_by_section(quick, monkeypatch):
     runs every check: mutmut runs against a mutant only the tests that called its function,
     and a render shared between tests (a fixture, a cache) counts for the first of them only."""
     drawn = _spy_on_plots(monkeypatch)
+    started = time.perf_counter()
     summary, text = quick.write(quick.root / "report", run_id="")
+    assert 0 < summary["render_time_sec"] < time.perf_counter() - started
     rendered = summary, text, Page(text)
     _what_the_figures_show(quick, drawn)
     _title_line_and_navigation(quick, rendered)
@@ -608,6 +611,7 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     (fused / FUSION_CONFIG).write_text(json.dumps(config))
     caplog.set_level(logging.INFO, logger="item_embeddings.report.step")
     caplog.set_level(logging.INFO, logger="item_embeddings")  # the progress lines
+    started = time.perf_counter()
     summary, text = quick.write(tmp_path / "out", image=image, fused=fused, knn=None,
                                 run_id="night-42",
                                 params=PipelineParams(seed=0, category_column="kind"))
@@ -618,7 +622,8 @@ def test_a_run_without_graph_failures_or_categories(quick, tmp_path, caplog, mon
     [message] = [r.getMessage() for r in caplog.records if r.name == "item_embeddings.report.step"]
     assert message.startswith(f"QA report of {N} items: {tmp_path / 'out' / QA_REPORT} "
                               f"({size / 1e6:.2f} MB) in ")
-    assert message.endswith("s") and float(message.rsplit(" in ", 1)[1][:-1]) > 0
+    assert message.endswith("s")
+    assert 0 < float(message.rsplit(" in ", 1)[1][:-1]) < time.perf_counter() - started + 0.05
     progress = [r.getMessage().split(" (")[0] for r in caplog.records
                 if r.name == "item_embeddings" and r.getMessage().startswith("qa report")]
     assert progress == [f"qa report: text: {N}/{N} items", "qa report: image: 32/32 items",
