@@ -68,7 +68,8 @@ def scan_space(array: np.ndarray, sample_rows: np.ndarray, query_rows: np.ndarra
     queries = None
     if query_rows is not None:
         queries = np.asarray(array[query_rows], np.float32)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        with np.errstate(invalid="ignore"):  # a non-finite row: NaN cosines, dropped below
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         best_scores = np.empty((len(query_rows), 0), np.float32)
         best_rows = np.empty((len(query_rows), 0), np.int64)
     with Progress(n, desc) as progress, np.errstate(all="ignore"):

@@ -114,7 +114,7 @@ def drift_table(drift: dict[str, dict[str, Any]]) -> str:
     top = next(iter(drift.values())).get("top")
     body = "<h3>Night-over-night drift</h3>" + html_p(
         f"For the items whose content (text and image keys) is unchanged since the previous "
-        f"set (run {esc(next(iter(drift.values())).get('previous_run_id'))}): the share of "
+        f"set (run {next(iter(drift.values())).get('previous_run_id')}): the share of "
         f"their first {top} neighbours that were among their first {top} in the previous set. "
         "A low fused overlap with few changed items means the fusion model moved the "
         "neighbourhoods (a retrained model), not the catalogue.")

@@ -36,13 +36,12 @@ def fmt_cell(value: Any) -> str:
     return esc(value)
 
 
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
+def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """An HTML table; every header and cell is escaped (cells formatted by :func:`fmt_cell`)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{fmt_cell(c)}</td>" for c in row) + "</tr>"
                    for row in rows)
-    attr = f' class="{cls}"' if cls else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def html_figure(png: bytes, alt: str) -> str:
