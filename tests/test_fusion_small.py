@@ -83,6 +83,8 @@ HISTORY = [(2.6740262, 2.6738317, 0.019443745, 2.3323371),
            (2.4256142, 2.4254264, 0.018784315, 2.2334007),
            (2.5282329, 2.5280472, 0.018560279, 2.2132640)]
 INITIAL = 2.5062970
+# the training objective per epoch of 130 items in batches of 64, 64 and 2
+LAST_BATCH_OF_TWO = [2.4319158, 2.2551215, 2.1355203]
 FIRST_ROWS = [[-0.50248265, -0.29178226, -0.44347894, -0.6195791, 0.21993247, 0.04634042,
                -0.05608528, 0.16780716],
               [-0.6405529, 0.06167622, -0.21731311, 0.01723245, -0.39117053, -0.22367443,
@@ -152,6 +154,9 @@ def test_a_small_run_records_its_training_and_writes_the_same_codes(tmp_path, ca
         "fusion epoch 1/3: loss 2.67403, objective on the evaluation sample 2.33234",
         "fusion epoch 2/3: loss 2.42561, objective on the evaluation sample 2.23340",
         "fusion epoch 3/3: loss 2.52823, objective on the evaluation sample 2.21326"]
+    assert [m for name, _, m in messages if name == "item_embeddings"
+            and m.startswith("fuse-train")][-1].startswith(
+        "fuse-train: 720/720 items (100.0%), ")  # 3 epochs of 240 items
     step_lines = [(level, m) for name, level, m in messages
                   if name == "item_embeddings.fusion.step"]
     assert step_lines[0][0] == logging.WARNING and step_lines[0][1].startswith(
@@ -370,11 +375,16 @@ def test_the_model_refuses_bad_shapes_and_rows_with_their_numbers(tmp_path):
 
 
 def test_a_weights_file_is_loaded_from_its_folder_or_itself_or_refused(tmp_path, catalogue):
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     _fuse(catalogue, tmp_path / "out")
     weights = tmp_path / "out" / FUSION_WEIGHTS
     by_file, by_dir = load_fusion_model(weights), load_fusion_model(tmp_path / "out")
+    with safe_open(str(weights), framework="pt") as fh:  # what a safetensors reader lists
+        recorded = fh.metadata()
+    assert list(recorded) == ["fusion_model"]
+    assert list(json.loads(recorded["fusion_model"])) == sorted(by_dir.metadata)
     for name, tensor in by_dir.state_dict().items():
         assert torch.equal(tensor, by_file.state_dict()[name]), name
     with pytest.raises(FileNotFoundError, match=f"^no fusion weights at {tmp_path / 'x.st'}$"):
@@ -422,3 +432,133 @@ def test_two_threads_build_targets_aside_and_give_the_same_codes_each_time(tmp_p
         assert sha256_file(tmp_path / "a" / file) == sha256_file(tmp_path / "b" / file)
     np.testing.assert_allclose(np.load(tmp_path / "a" / FUSED_ARRAY),
                                np.load(tmp_path / "one" / FUSED_ARRAY), atol=1e-5)
+
+
+def test_the_imputation_fusion_config_records(tmp_path):
+    """What ``fusion_config.json`` says of the photo each text predicts: too few photos to fit
+    (under 10) impute the mean photo; photos that show the text's cluster are predicted well
+    (a weak ridge, most of their variance explained)."""
+    params = PipelineParams(seed=0, **SMALL)
+    few = write_synthetic_catalogue(tmp_path / "t1", tmp_path / "i1", n=N, image_fraction=0.03,
+                                    text_clusters=4, image_clusters=4, text_dim=TEXT_DIM,
+                                    img_dim=IMG_DIM, seed=5)
+    meta = fuse_item_embeddings(tmp_path / "t1", tmp_path / "i1", tmp_path / "o1", params)
+    assert int(few.has_image.sum()) == 9
+    assert meta["imputation"] == {"ridge_alpha": None, "cv_r2": None, "items": 9, "rank": 1,
+                                  "kept": 1.0}
+    assert meta["initial_eval_loss"] == pytest.approx(1.4127120, rel=1e-5)
+    assert meta["final_loss"] == pytest.approx(1.3404339, rel=1e-4)
+    write_synthetic_catalogue(tmp_path / "t2", tmp_path / "i2", n=N, image_fraction=0.5,
+                              text_clusters=4, image_clusters=4, text_dim=TEXT_DIM,
+                              img_dim=IMG_DIM, seed=5, noise=0.5, image_noise=0.5,
+                              photos_show_text_cluster=True)
+    meta = fuse_item_embeddings(tmp_path / "t2", tmp_path / "i2", tmp_path / "o2", params)
+    assert meta["imputation"] == {"ridge_alpha": 0.01, "items": 128, "rank": 16, "kept": 1.0,
+                                  "cv_r2": pytest.approx(0.7011599, abs=1e-5)}
+    assert meta["initial_eval_loss"] == pytest.approx(0.4391187, rel=1e-5)
+    assert meta["final_loss"] == pytest.approx(0.4260147, rel=1e-4)
+
+
+def test_an_imputation_keeps_rank_64_and_says_how_much_it_kept():
+    from item_embeddings.fusion.targets import fit_imputation
+
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(300, 80), dim=1)
+    image = torch.nn.functional.normalize(text[:, :70] + 0.5 * torch.randn(300, 70), dim=1)
+    imputation = fit_imputation(text, image)
+    assert imputation.summary() == {"ridge_alpha": 0.1, "items": 300, "rank": 64,
+                                    "cv_r2": pytest.approx(0.0053979, abs=1e-5),
+                                    "kept": pytest.approx(0.9987109, abs=1e-6)}
+    singular = torch.linalg.svdvals(imputation.weight.double())
+    assert int((singular > 1e-6 * singular[0]).sum()) == 64
+
+
+def test_a_temperature_below_the_fixed_shifts_floor_is_refused():
+    from item_embeddings.fusion.model import loss_and_gradients
+    from item_embeddings.fusion.targets import no_imputation, target_distribution, training_batch
+
+    text = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    for call in (lambda tau: target_distribution(text, image, no_imputation(4, 3), tau),
+                 lambda tau: loss_and_gradients(FusionMLP(4, 3, 5, 2), training_batch(
+                     text, image, no_imputation(4, 3)), tau)):
+        with pytest.raises(ValueError) as error:
+            call(0.0249)
+        assert str(error.value) == ("tau must be >= 0.025 (the softmax uses a fixed shift), "
+                                    "got 0.0249")
+        call(0.025)
+
+
+def test_the_step_runs_one_torch_thread_below_20000_items_unless_told():
+    from item_embeddings.fusion.training import torch_threads
+
+    torch.set_num_threads(2)
+    for asked, count, used in ((None, 19_999, 1), (None, 20_000, 2), (3, 10, 3), (1, 10**6, 1)):
+        with torch_threads(asked, count) as threads:
+            assert threads == used == torch.get_num_threads(), (asked, count)
+        assert torch.get_num_threads() == 2
+
+
+def test_a_last_batch_of_one_item_joins_the_one_before(tmp_path):
+    """129 items in batches of 64: the last item alone would have no pair to compare with (a
+    NaN objective); it trains with the batch before it."""
+    write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=129, text_clusters=4,
+                              image_clusters=4, text_dim=TEXT_DIM, img_dim=IMG_DIM, seed=5)
+    meta = fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "out",
+                                PipelineParams(seed=0, **SMALL))
+    assert all(np.isfinite(list(h.values())).all() for h in meta["loss_history"])
+    assert np.isfinite(meta["initial_eval_loss"]) and meta["best_epoch"] == 3
+    assert np.isfinite(np.load(tmp_path / "out" / FUSED_ARRAY)).all()
+    # a last batch of two items trains as a batch of its own (the objective, pinned)
+    write_synthetic_catalogue(tmp_path / "text2", tmp_path / "image2", n=130, text_clusters=4,
+                              image_clusters=4, text_dim=TEXT_DIM, img_dim=IMG_DIM, seed=5)
+    meta = fuse_item_embeddings(tmp_path / "text2", tmp_path / "image2", tmp_path / "out2",
+                                PipelineParams(seed=0, **SMALL))
+    assert [h["loss"] for h in meta["loss_history"]] == pytest.approx(LAST_BATCH_OF_TWO,
+                                                                       rel=1e-4)
+
+
+def test_catalogues_over_one_scan_chunk_are_checked_and_fused_row_by_row(tmp_path):
+    """8,300 items (more than the 8,192 rows read or fused at a time): a bad text row in the
+    second chunk is named; an unusable photo there is excluded; 'apply' copies the unchanged
+    codes and fuses the changed items of both chunks into their own rows."""
+    n, dims = 8300, {"text_dim": 8, "img_dim": 6, "text_clusters": 4, "image_clusters": 4}
+    cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=n, seed=2, **dims)
+    params = PipelineParams(seed=0, fusion_epochs=1, fusion_batch_size=1024,
+                            fusion_hidden_dim=16, fusion_output_dim=4)
+    photos = np.flatnonzero(cat.has_image)
+    gain = np.concatenate([photos[:3], photos[-3:]])
+    assert gain[-1] > 8192
+    _with_keys(tmp_path / "text", tmp_path / "image", {cat.ids[i] for i in gain})
+    fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "a", params)
+
+    write_synthetic_catalogue(tmp_path / "text-b", tmp_path / "image-b", n=n, seed=2, **dims)
+    _with_keys(tmp_path / "text-b", tmp_path / "image-b")
+    items = pq.read_table(tmp_path / "image-b" / IMG_ITEMS).to_pydict()
+    row_of = dict(zip(items["id"], items["row"]))
+    img = np.load(tmp_path / "image-b" / IMG_ARRAY)
+    broken = photos[-10]  # a photo in the second chunk of the text order that cannot be used
+    img[row_of[cat.ids[broken]]] = np.nan
+    np.save(tmp_path / "image-b" / IMG_ARRAY, img)
+    meta = fuse_item_embeddings(tmp_path / "text-b", tmp_path / "image-b", tmp_path / "b",
+                                PipelineParams(fusion_mode="apply",
+                                               previous_uri=str(tmp_path / "a")))
+    assert meta["image_vectors_excluded"] == 1
+    assert pq.read_table(tmp_path / "b" / FUSION_EXCLUSIONS).column("id").to_pylist() == [
+        cat.ids[broken]]
+    changed = np.append(gain, broken)
+    unchanged = np.setdiff1d(np.arange(n), changed)
+    assert (meta["reused_count"], meta["computed_count"]) == (len(unchanged), len(changed))
+    before, after = np.load(tmp_path / "a" / FUSED_ARRAY), np.load(tmp_path / "b" / FUSED_ARRAY)
+    assert after[unchanged].tobytes() == before[unchanged].tobytes()
+    model = load_fusion_model(tmp_path / "a")
+    text = np.load(tmp_path / "text-b" / TXT_ARRAY)
+    np.testing.assert_allclose(after[gain], model.fuse(
+        text[gain], img[[row_of[cat.ids[i]] for i in gain]]), atol=1e-6)
+    np.testing.assert_allclose(after[broken], model.fuse(text[[broken]])[0], atol=1e-6)
+
+    text[8195, 1] = np.inf
+    np.save(tmp_path / "text-b" / TXT_ARRAY, text)
+    with pytest.raises(FusionInputError, match=r"^1 text vector\(s\) in .* are non-finite or "
+                       r"zero, e.g. ids \['item-0008195'\]$"):
+        fuse_item_embeddings(tmp_path / "text-b", tmp_path / "image-b", tmp_path / "c")
