@@ -11,6 +11,7 @@ change to them is a change of the fusion algorithm, which those measurements dep
 import json
 import logging
 import shutil
+from importlib import metadata
 
 import numpy as np
 import pyarrow as pa
@@ -138,7 +139,7 @@ def test_a_small_run_records_its_training_and_writes_the_same_codes(tmp_path, ca
     assert items.column_names == ["id", "has_image", "text_key", "image_key"]
     assert items.column("id").to_pylist() == cat.ids
     assert items.column("has_image").to_pylist() == cat.has_image.tolist()
-    assert items.column("text_key").null_count == N
+    assert items.column("text_key").null_count == items.column("image_key").null_count == N
     exclusions = pq.read_table(out / FUSION_EXCLUSIONS)
     assert exclusions.num_rows == 0 and exclusions.schema.field("id").type == pa.string()
 
@@ -239,9 +240,23 @@ def test_the_tracker_records_the_settings_and_the_metrics(tmp_path, catalogue):
     tracker = LocalTracker(tmp_path / "runs", "exp")
     meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "out",
                                 PipelineParams(seed=0, **SMALL), run_id="r-small",
-                                tracker=tracker, input_uris=("gs://b/text", "gs://b/image"))
+                                tracker=tracker, input_uris=("gs://b/text", "gs://b/image"),
+                                artifact_uri="gs://b/run/fused")
     record = json.loads((tmp_path / "runs" / "exp" / "fuse-modal-r-small.json").read_text())
     assert record["status"] == "COMPLETE"
+    assert record["artifacts"] == {"fused_embeddings": "gs://b/run/fused"}
+    assert set(meta["versions"]) == {"item-embeddings", "torch", "numpy", "safetensors"}
+    assert meta["versions"]["safetensors"] == metadata.version("safetensors")
+    mix = meta["modality_mix"]
+    assert set(record["metrics"]) == {
+        "count", "items_with_images", "image_vectors_excluded", "reused_count",
+        "computed_count", "final_loss", "best_epoch", "train_time_sec", "wall_time_sec",
+        "photo_share_base", "photo_share_departure", "photo_share_text_with_photo",
+        "photo_share_text_without_photo", "photo_share_fused_with_photo",
+        "photo_share_fused_without_photo"}
+    assert record["metrics"]["photo_share_fused_without_photo"] == pytest.approx(
+        mix["photo_share"]["fused"]["without_photo"])
+    assert record["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])
     assert record["params"] == {
         "fusion_mode": "train", "output_dim": 8, "hidden_dim": 32, "epochs": 3, "lr": 1e-3,
         "batch_size": 64, "seed": 0, "objective": "modality-balanced-kl+norm", "init": "pca",
@@ -544,6 +559,7 @@ def test_catalogues_over_one_scan_chunk_are_checked_and_fused_row_by_row(tmp_pat
                                 PipelineParams(fusion_mode="apply",
                                                previous_uri=str(tmp_path / "a")))
     assert meta["image_vectors_excluded"] == 1
+    assert meta["modality_mix"]["items"] == 4096  # the mix's sample, at most 4,096 items
     assert pq.read_table(tmp_path / "b" / FUSION_EXCLUSIONS).column("id").to_pylist() == [
         cat.ids[broken]]
     changed = np.append(gain, broken)
@@ -562,3 +578,20 @@ def test_catalogues_over_one_scan_chunk_are_checked_and_fused_row_by_row(tmp_pat
     with pytest.raises(FusionInputError, match=r"^1 text vector\(s\) in .* are non-finite or "
                        r"zero, e.g. ids \['item-0008195'\]$"):
         fuse_item_embeddings(tmp_path / "text-b", tmp_path / "image-b", tmp_path / "c")
+
+
+def test_apply_without_content_keys_fuses_every_item_and_train_ignores_the_previous_set(
+        tmp_path, catalogue):
+    """Sets written before content keys existed: 'apply' cannot tell unchanged items, so it
+    fuses every item with the previous model. 'train' with a previous_uri trains afresh."""
+    text_dir, image_dir, cat = catalogue
+    _fuse(catalogue, tmp_path / "a")
+    meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "b", PipelineParams(
+        fusion_mode="apply", previous_uri=str(tmp_path / "a")))
+    assert (meta["reused_count"], meta["computed_count"]) == (0, N)
+    np.testing.assert_allclose(np.load(tmp_path / "b" / FUSED_ARRAY),
+                               np.load(tmp_path / "a" / FUSED_ARRAY), atol=1e-6)
+    again = _fuse(catalogue, tmp_path / "c", previous_uri=str(tmp_path / "a"))
+    assert again["previous_uri"] == str(tmp_path / "a") and again["reused_count"] == 0
+    assert "applied_from" not in again and again["best_epoch"] == 3
+    assert sha256_file(tmp_path / "c" / FUSED_ARRAY) == sha256_file(tmp_path / "a" / FUSED_ARRAY)
