@@ -595,3 +595,100 @@ def test_apply_without_content_keys_fuses_every_item_and_train_ignores_the_previ
     assert again["previous_uri"] == str(tmp_path / "a") and again["reused_count"] == 0
     assert "applied_from" not in again and again["best_epoch"] == 3
     assert sha256_file(tmp_path / "c" / FUSED_ARRAY) == sha256_file(tmp_path / "a" / FUSED_ARRAY)
+
+
+def _write_npy(path, array):
+    np.save(path, array)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t, i: (t / "txt_meta.json").write_text("{not json"),
+     r"^{t}/txt_meta.json is not valid JSON: Expecting property name enclosed in double quotes: "
+     r"line 1 column 2 \(char 1\)$"),
+    (lambda t, i: (t / "txt.npy").unlink(), r"^missing {t}/txt.npy$"),
+    (lambda t, i: (i / "img_items.parquet").unlink(), r"^missing {i}/img_items.parquet$"),
+    (lambda t, i: (t / "txt.npy").write_bytes(b"\x93NUMPY garbage"),
+     r"^{t}/txt.npy is not a readable .npy file: "),
+    (lambda t, i: _write_npy(t / "txt.npy", np.ones((N, 24))),
+     r"^{t}/txt.npy must be a 2-D float32 array, got shape \[240, 24\] dtype float64$"),
+    (lambda t, i: _write_npy(i / "img.npy", np.ones(5, np.float32)),
+     r"^{i}/img.npy must be a 2-D float32 array, got shape \[5\] dtype float32$"),
+    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").drop(["row"]),
+                                 i / "img_items.parquet"),
+     r"^{i}/img_items.parquet has no column\(s\) \['row'\]; columns present: \['id', 'url'\]$"),
+    (lambda t, i: (t / "txt_meta.json").write_text(json.dumps({"embed_dim": 24, "count": 7})),
+     r"^count mismatch: {t}/txt.npy has 240 rows, txt_items.parquet 240, txt_meta.json "
+     r"count 7$"),
+    (lambda t, i: (i / "img_meta.json").write_text(json.dumps({"embed_dim": 16, "count": 7})),
+     r"^count mismatch: {i}/img.npy has 128 rows, img_items.parquet 128, img_meta.json "
+     r"count 7$"),
+    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
+        2, "row", pa.array([k + 0.5 for k in range(128)])), i / "img_items.parquet"),
+     r"^img_items.parquet column 'row' must be non-null integers, got double with 0 null\(s\)$"),
+    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
+        2, "row", pa.array([None] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+     r"^img_items.parquet column 'row' must be non-null integers, got int64 with 1 null\(s\)$"),
+    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
+        2, "row", pa.array([-1] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+     r"^img_items.parquet: 1 row index\(es\) outside img.npy \[0, 128\), e.g. ids "
+     r"\['item-\d+'\]$"),
+    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
+        2, "row", pa.array([128] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+     r"^img_items.parquet: 1 row index\(es\) outside img.npy \[0, 128\)"),
+])
+def test_damaged_inputs_are_refused_word_for_word(tmp_path, catalogue, damage, message):
+    text_dir, image_dir, _ = catalogue
+    damage(text_dir, image_dir)
+    with pytest.raises(FusionInputError, match=message.format(t=text_dir, i=image_dir)):
+        fuse_item_embeddings(text_dir, image_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_item_is_refused_and_two_are_fused(tmp_path):
+    for n in (1, 2):
+        write_synthetic_catalogue(tmp_path / f"t{n}", tmp_path / f"i{n}", n=n, text_dim=4,
+                                  img_dim=3, image_fraction=1.0, seed=1)
+    with pytest.raises(FusionInputError) as error:
+        fuse_item_embeddings(tmp_path / "t1", tmp_path / "i1", tmp_path / "o1")
+    assert str(error.value) == (f"{tmp_path / 't1' / TXT_ARRAY} has 1 item(s); fusion needs "
+                                "at least 2")
+    meta = fuse_item_embeddings(tmp_path / "t2", tmp_path / "i2", tmp_path / "o2",
+                                PipelineParams(fusion_output_dim=2, fusion_hidden_dim=4))
+    assert meta["count"] == 2 and np.load(tmp_path / "o2" / FUSED_ARRAY).shape == (2, 2)
+
+
+def test_what_the_inputs_record_failures_exclusions_and_keys(tmp_path, catalogue, caplog):
+    from item_embeddings.fusion import load_fusion_inputs
+    from item_embeddings.fusion.inputs import fused_row_keys
+
+    text_dir, image_dir, cat = catalogue
+    assert load_fusion_inputs(text_dir, image_dir).image_failures == 0
+    pq.write_table(pa.table({"id": ["x", "y"], "url": ["u", "v"]}),
+                   image_dir / "img_failures.parquet")
+    assert load_fusion_inputs(text_dir, image_dir).image_failures == 2
+    (image_dir / "img_failures.parquet").unlink()
+    assert load_fusion_inputs(text_dir, image_dir).image_failures is None
+    # keys: only when both steps wrote them; an item without a usable photo has none
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}), text_dir / TXT_ITEMS)
+    inputs = load_fusion_inputs(text_dir, image_dir)
+    assert inputs.text_keys is None and inputs.image_keys is None and inputs.row_keys() is None
+    items = pq.read_table(image_dir / IMG_ITEMS)
+    listed = items.column("id").to_pylist()
+    pq.write_table(items.append_column("key", pa.array([f"i-{i}" for i in listed])),
+                   image_dir / IMG_ITEMS)
+    img = np.load(image_dir / IMG_ARRAY)
+    img[items.column("row").to_pylist()[:6]] = 0  # six photos that cannot be used
+    np.save(image_dir / IMG_ARRAY, img)
+    caplog.set_level(logging.WARNING, logger="item_embeddings")
+    inputs = load_fusion_inputs(text_dir, image_dir)
+    assert [r.getMessage() for r in caplog.records] == [
+        "6 image vector(s) are non-finite or zero; fused as items without an image (listed in "
+        f"fusion_exclusions.parquet), e.g. {listed[:5]}"]
+    assert inputs.excluded_ids == listed[:6] and inputs.items_with_images == 122
+    keys = inputs.row_keys().to_pylist()
+    has = {item: k < 0 for item, k in zip(ids, inputs.image_row)}
+    assert keys == [f"t-{i}|-" if has[i] else f"t-{i}|i-{i}" for i in ids]
+    assert fused_row_keys(pa.array(["a", "b"]), pa.array([None, "c"])).to_pylist() == [
+        "a|-", "b|c"]
+    assert fused_row_keys(pa.array(["a"]), None) is None
