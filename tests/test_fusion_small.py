@@ -433,12 +433,12 @@ def test_two_threads_build_targets_aside_and_give_the_same_codes_each_time(tmp_p
     """num_threads=2: the targets are built on a second thread and the text block's gradient
     products may be computed there; the codes are byte-identical from run to run, equal to the
     one-thread run's up to rounding, and the caller's thread count is restored."""
-    one = _fuse(catalogue, tmp_path / "one")
+    one = _fuse(catalogue, tmp_path / "one", fusion_epochs=1)
     text_dir, image_dir, _ = catalogue
     for name in ("a", "b"):
         meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / name,
-                                    PipelineParams(seed=0, **SMALL), run_id="r-small",
-                                    num_threads=2)
+                                    PipelineParams(seed=0, **{**SMALL, "fusion_epochs": 1}),
+                                    run_id="r-small", num_threads=2)
         assert meta["torch_threads"] == 2
         assert torch.get_num_threads() == 1
         assert [h["eval_loss"] for h in meta["loss_history"]] == pytest.approx(
@@ -539,8 +539,8 @@ def test_catalogues_over_one_scan_chunk_are_checked_and_fused_row_by_row(tmp_pat
     codes and fuses the changed items of both chunks into their own rows."""
     n, dims = 8300, {"text_dim": 8, "img_dim": 6, "text_clusters": 4, "image_clusters": 4}
     cat = write_synthetic_catalogue(tmp_path / "text", tmp_path / "image", n=n, seed=2, **dims)
-    params = PipelineParams(seed=0, fusion_epochs=1, fusion_batch_size=1024,
-                            fusion_hidden_dim=16, fusion_output_dim=4)
+    params = PipelineParams(seed=0, fusion_epochs=1, fusion_batch_size=256,
+                            fusion_hidden_dim=8, fusion_output_dim=4)
     photos = np.flatnonzero(cat.has_image)
     gain = np.concatenate([photos[:3], photos[-3:]])
     assert gain[-1] > 8192
