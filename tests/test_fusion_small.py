@@ -692,3 +692,14 @@ def test_what_the_inputs_record_failures_exclusions_and_keys(tmp_path, catalogue
     assert fused_row_keys(pa.array(["a", "b"]), pa.array([None, "c"])).to_pylist() == [
         "a|-", "b|c"]
     assert fused_row_keys(pa.array(["a"]), None) is None
+
+
+def test_meta_files_without_a_count_are_read_by_their_arrays(tmp_path, catalogue):
+    """``count`` in txt_meta.json / img_meta.json is checked when it is there; a meta file
+    without one (only ``embed_dim``) is not refused."""
+    text_dir, image_dir, _ = catalogue
+    for meta_file in (text_dir / "txt_meta.json", image_dir / "img_meta.json"):
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "count"}))
+    meta = _fuse(catalogue, tmp_path / "out")
+    assert (meta["count"], meta["items_with_images"]) == (N, 128)
