@@ -703,3 +703,22 @@ def test_meta_files_without_a_count_are_read_by_their_arrays(tmp_path, catalogue
         meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "count"}))
     meta = _fuse(catalogue, tmp_path / "out")
     assert (meta["count"], meta["items_with_images"]) == (N, 128)
+
+
+def test_the_synthetic_catalogue_is_written_like_the_steps_outputs(tmp_path):
+    """bench/bench_fusion.py writes it into folders that may not exist yet or hold an earlier
+    catalogue; its img_failures.parquet has the image step's columns and types."""
+    from item_embeddings.image.shards import shard_schema
+
+    text_dir, image_dir = tmp_path / "a" / "text", tmp_path / "b" / "c" / "image"
+    for seed in (1, 2):
+        cat = write_synthetic_catalogue(text_dir, image_dir, n=20, text_dim=4, img_dim=3,
+                                        seed=seed)
+    assert pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist() == cat.ids
+    failures = pq.read_table(image_dir / "img_failures.parquet")
+    assert failures.num_rows == 0
+    step = shard_schema(pa.string(), 3)
+    assert [(f.name, f.type) for f in failures.schema] == [
+        (name, step.field(name).type) for name in ("id", "url", "reason", "http_status",
+                                                   "attempts")]
+    assert pq.read_table(image_dir / IMG_ITEMS).schema.field("row").type == pa.int64()
