@@ -722,3 +722,51 @@ def test_the_synthetic_catalogue_is_written_like_the_steps_outputs(tmp_path):
         (name, step.field(name).type) for name in ("id", "url", "reason", "http_status",
                                                    "attempts")]
     assert pq.read_table(image_dir / IMG_ITEMS).schema.field("row").type == pa.int64()
+
+
+def test_without_a_regression_the_missing_photo_is_the_mean_photo_or_zero():
+    from item_embeddings.fusion.targets import no_imputation
+
+    plain = no_imputation(4, 3)
+    assert plain.summary() == {"ridge_alpha": None, "cv_r2": None, "items": 0, "rank": 1,
+                               "kept": 1.0}
+    text = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    assert torch.equal(plain.predict(text), torch.zeros(5, 3))
+    mean = torch.tensor([0.5, -0.25, 1.0], dtype=torch.float64)
+    with_mean = no_imputation(4, 3, mean, items=7)
+    assert with_mean.summary()["items"] == 7 and with_mean.offset.dtype == torch.float32
+    np.testing.assert_array_equal(with_mean.predict(text).numpy(),
+                                  np.tile(mean.float().numpy(), (5, 1)))
+
+
+@pytest.mark.parametrize("preserve", [0.0, 0.5])
+def test_the_preservation_weight_a_batch_is_built_with_is_the_one_its_loss_uses(preserve):
+    """training_batch(..., preserve=w): the objective is KL(P || Q) plus w times the KL within
+    the anchor's own group, row means (docs/fusion.md); w = 0 leaves the plain KL."""
+    from item_embeddings.fusion.model import loss_and_gradients
+    from item_embeddings.fusion.targets import Imputation, target_distribution, training_batch
+
+    torch.manual_seed(3)
+    b, m = 10, 4
+    text = torch.nn.functional.normalize(torch.randn(b, 6, dtype=torch.float64), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(m, 5, dtype=torch.float64), dim=1)
+    imputation = Imputation.from_weight(0.3 * torch.randn(6, 5, dtype=torch.float64),
+                                        0.2 * torch.randn(5, dtype=torch.float64))
+    batch = training_batch(text, image, imputation, preserve=preserve)
+    assert batch.preserve == preserve
+    model = FusionMLP(6, 5, hidden_dim=7, output_dim=4).double()
+    parts = loss_and_gradients(model, batch)
+
+    target, _ = target_distribution(text, image, imputation)
+    with torch.no_grad():
+        z, _ = model(text, image, torch.arange(m))
+    logits = (z @ z.T / 0.05).fill_diagonal_(-torch.inf)
+    own = (torch.arange(b) < m).unsqueeze(1) == (torch.arange(b) < m)
+    own_target = torch.where(own, target, 0.0)
+    own_target = own_target / own_target.sum(dim=1, keepdim=True)
+    kl = (torch.special.xlogy(target, target)
+          - target * torch.log_softmax(logits, dim=1).nan_to_num(neginf=0.0)).sum(dim=1).mean()
+    own_logits = logits.masked_fill(~own, -torch.inf)
+    own_kl = (torch.special.xlogy(own_target, own_target) - own_target * torch.log_softmax(
+        own_logits, dim=1).nan_to_num(neginf=0.0)).sum(dim=1).mean()
+    assert parts["sim_loss"] == pytest.approx(float(kl + preserve * own_kl), abs=1e-9)
