@@ -770,3 +770,41 @@ def test_the_preservation_weight_a_batch_is_built_with_is_the_one_its_loss_uses(
     own_kl = (torch.special.xlogy(own_target, own_target) - own_target * torch.log_softmax(
         own_logits, dim=1).nan_to_num(neginf=0.0)).sum(dim=1).mean()
     assert parts["sim_loss"] == pytest.approx(float(kl + preserve * own_kl), abs=1e-9)
+
+
+def test_the_model_records_both_encoders_and_apply_trusts_only_what_was_verified(
+        tmp_path, catalogue):
+    """The weights name the text and image encoders they were trained on (an 'apply' with the
+    same encoders fuses). Handed what the run's first task verified, 'apply' checks that the
+    files are still those versions instead of hashing them: a weights file rewritten since
+    (the same bytes, a new version) is refused."""
+    import os
+
+    from item_embeddings.incremental import PreviousSetError, VerifiedSet
+    from item_embeddings.ranged import file_version
+
+    text_dir, image_dir, _ = catalogue
+    for folder, meta_file, fingerprint in ((text_dir, "txt_meta.json", "txt-fp"),
+                                           (image_dir, "img_meta.json", "img-fp")):
+        meta = json.loads((folder / meta_file).read_text())
+        (folder / meta_file).write_text(json.dumps({**meta, "encoder_fingerprint": fingerprint}))
+    _fuse(catalogue, tmp_path / "a")
+    metadata = load_fusion_model(tmp_path / "a").metadata
+    assert (metadata["text_encoder_fingerprint"], metadata["image_encoder_fingerprint"]) == (
+        "txt-fp", "img-fp")
+    root = tmp_path / "a"
+    names = [FUSED_ARRAY, FUSED_ITEMS, FUSION_EXCLUSIONS, FUSION_WEIGHTS, FUSION_CONFIG]
+    files = {}
+    for name in names:
+        version = file_version(str(root / name))
+        files[name] = {"size": version.size, "sha256": sha256_file(root / name),
+                       "version": version.version}
+    verified = VerifiedSet(str(root), str(root), files)
+    apply = PipelineParams(fusion_mode="apply", previous_uri=str(root))
+    meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "b", apply, verified=verified)
+    assert meta["computed_count"] == N
+    stat = (root / FUSION_WEIGHTS).stat()
+    os.utime(root / FUSION_WEIGHTS, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(PreviousSetError, match=f"^previous output set {root}: "
+                       f"{FUSION_WEIGHTS} changed since this run verified it"):
+        fuse_item_embeddings(text_dir, image_dir, tmp_path / "c", apply, verified=verified)
