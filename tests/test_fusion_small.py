@@ -722,6 +722,18 @@ def test_the_synthetic_catalogue_is_written_like_the_steps_outputs(tmp_path):
         (name, step.field(name).type) for name in ("id", "url", "reason", "http_status",
                                                    "attempts")]
     assert pq.read_table(image_dir / IMG_ITEMS).schema.field("row").type == pa.int64()
+    m = int(cat.has_image.sum())
+    assert json.loads((image_dir / IMG_META).read_text()) == {"embed_dim": 3, "count": m,
+                                                              "run_id": "synthetic"}
+    assert json.loads((text_dir / "txt_meta.json").read_text()) == {
+        "embed_dim": 4, "count": 20, "run_id": "synthetic", "normalized": True}
+    # the default seed is 0
+    write_synthetic_catalogue(tmp_path / "d" / "text", tmp_path / "d" / "image", n=20,
+                              text_dim=4, img_dim=3)
+    write_synthetic_catalogue(tmp_path / "z" / "text", tmp_path / "z" / "image", n=20,
+                              text_dim=4, img_dim=3, seed=0)
+    for name in ("text/" + TXT_ARRAY, "image/" + IMG_ARRAY):
+        assert sha256_file(tmp_path / "d" / name) == sha256_file(tmp_path / "z" / name)
 
 
 def test_without_a_regression_the_missing_photo_is_the_mean_photo_or_zero():
