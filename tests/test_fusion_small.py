@@ -34,10 +34,12 @@ from item_embeddings.outputs import (
     FUSION_EXCLUSIONS,
     FUSION_WEIGHTS,
     IMG_ARRAY,
+    IMG_FAILURES,
     IMG_ITEMS,
     IMG_META,
     TXT_ARRAY,
     TXT_ITEMS,
+    TXT_META,
 )
 from item_embeddings.storage import sha256_file
 from item_embeddings.tracking import LocalTracker
@@ -337,7 +339,7 @@ def test_apply_refuses_a_model_of_other_dimensions_or_encoders(tmp_path, catalog
     assert str(error.value) == (
         f"fusion_mode 'apply': the fusion model at {tmp_path / 'a'} takes text/image vectors "
         f"of {TEXT_DIM}/{IMG_DIM} dimensions, these inputs have {TEXT_DIM}/{IMG_DIM + 1}")
-    for side, meta_file in (("text", "txt_meta.json"), ("image", "img_meta.json")):
+    for side, meta_file in (("text", TXT_META), ("image", IMG_META)):
         folder = text_dir if side == "text" else image_dir
         meta = json.loads((folder / meta_file).read_text())
         (folder / meta_file).write_text(json.dumps({**meta, "encoder_fingerprint": "other"}))
@@ -602,38 +604,38 @@ def _write_npy(path, array):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda t, i: (t / "txt_meta.json").write_text("{not json"),
+    (lambda t, i: (t / TXT_META).write_text("{not json"),
      r"^{t}/txt_meta.json is not valid JSON: Expecting property name enclosed in double quotes: "
      r"line 1 column 2 \(char 1\)$"),
-    (lambda t, i: (t / "txt.npy").unlink(), r"^missing {t}/txt.npy$"),
-    (lambda t, i: (i / "img_items.parquet").unlink(), r"^missing {i}/img_items.parquet$"),
-    (lambda t, i: (t / "txt.npy").write_bytes(b"\x93NUMPY garbage"),
+    (lambda t, i: (t / TXT_ARRAY).unlink(), r"^missing {t}/txt.npy$"),
+    (lambda t, i: (i / IMG_ITEMS).unlink(), r"^missing {i}/img_items.parquet$"),
+    (lambda t, i: (t / TXT_ARRAY).write_bytes(b"\x93NUMPY garbage"),
      r"^{t}/txt.npy is not a readable .npy file: "),
-    (lambda t, i: _write_npy(t / "txt.npy", np.ones((N, 24))),
+    (lambda t, i: _write_npy(t / TXT_ARRAY, np.ones((N, 24))),
      r"^{t}/txt.npy must be a 2-D float32 array, got shape \[240, 24\] dtype float64$"),
-    (lambda t, i: _write_npy(i / "img.npy", np.ones(5, np.float32)),
+    (lambda t, i: _write_npy(i / IMG_ARRAY, np.ones(5, np.float32)),
      r"^{i}/img.npy must be a 2-D float32 array, got shape \[5\] dtype float32$"),
-    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").drop(["row"]),
-                                 i / "img_items.parquet"),
+    (lambda t, i: pq.write_table(pq.read_table(i / IMG_ITEMS).drop(["row"]),
+                                 i / IMG_ITEMS),
      r"^{i}/img_items.parquet has no column\(s\) \['row'\]; columns present: \['id', 'url'\]$"),
-    (lambda t, i: (t / "txt_meta.json").write_text(json.dumps({"embed_dim": 24, "count": 7})),
+    (lambda t, i: (t / TXT_META).write_text(json.dumps({"embed_dim": 24, "count": 7})),
      r"^count mismatch: {t}/txt.npy has 240 rows, txt_items.parquet 240, txt_meta.json "
      r"count 7$"),
-    (lambda t, i: (i / "img_meta.json").write_text(json.dumps({"embed_dim": 16, "count": 7})),
+    (lambda t, i: (i / IMG_META).write_text(json.dumps({"embed_dim": 16, "count": 7})),
      r"^count mismatch: {i}/img.npy has 128 rows, img_items.parquet 128, img_meta.json "
      r"count 7$"),
-    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
-        2, "row", pa.array([k + 0.5 for k in range(128)])), i / "img_items.parquet"),
+    (lambda t, i: pq.write_table(pq.read_table(i / IMG_ITEMS).set_column(
+        2, "row", pa.array([k + 0.5 for k in range(128)])), i / IMG_ITEMS),
      r"^img_items.parquet column 'row' must be non-null integers, got double with 0 null\(s\)$"),
-    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
-        2, "row", pa.array([None] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+    (lambda t, i: pq.write_table(pq.read_table(i / IMG_ITEMS).set_column(
+        2, "row", pa.array([None] + list(range(1, 128)), pa.int64())), i / IMG_ITEMS),
      r"^img_items.parquet column 'row' must be non-null integers, got int64 with 1 null\(s\)$"),
-    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
-        2, "row", pa.array([-1] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+    (lambda t, i: pq.write_table(pq.read_table(i / IMG_ITEMS).set_column(
+        2, "row", pa.array([-1] + list(range(1, 128)), pa.int64())), i / IMG_ITEMS),
      r"^img_items.parquet: 1 row index\(es\) outside img.npy \[0, 128\), e.g. ids "
      r"\['item-\d+'\]$"),
-    (lambda t, i: pq.write_table(pq.read_table(i / "img_items.parquet").set_column(
-        2, "row", pa.array([128] + list(range(1, 128)), pa.int64())), i / "img_items.parquet"),
+    (lambda t, i: pq.write_table(pq.read_table(i / IMG_ITEMS).set_column(
+        2, "row", pa.array([128] + list(range(1, 128)), pa.int64())), i / IMG_ITEMS),
      r"^img_items.parquet: 1 row index\(es\) outside img.npy \[0, 128\)"),
 ])
 def test_damaged_inputs_are_refused_word_for_word(tmp_path, catalogue, damage, message):
@@ -664,9 +666,9 @@ def test_what_the_inputs_record_failures_exclusions_and_keys(tmp_path, catalogue
     text_dir, image_dir, cat = catalogue
     assert load_fusion_inputs(text_dir, image_dir).image_failures == 0
     pq.write_table(pa.table({"id": ["x", "y"], "url": ["u", "v"]}),
-                   image_dir / "img_failures.parquet")
+                   image_dir / IMG_FAILURES)
     assert load_fusion_inputs(text_dir, image_dir).image_failures == 2
-    (image_dir / "img_failures.parquet").unlink()
+    (image_dir / IMG_FAILURES).unlink()
     assert load_fusion_inputs(text_dir, image_dir).image_failures is None
     # keys: only when both steps wrote them; an item without a usable photo has none
     ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
@@ -698,7 +700,7 @@ def test_meta_files_without_a_count_are_read_by_their_arrays(tmp_path, catalogue
     """``count`` in txt_meta.json / img_meta.json is checked when it is there; a meta file
     without one (only ``embed_dim``) is not refused."""
     text_dir, image_dir, _ = catalogue
-    for meta_file in (text_dir / "txt_meta.json", image_dir / "img_meta.json"):
+    for meta_file in (text_dir / TXT_META, image_dir / IMG_META):
         meta = json.loads(meta_file.read_text())
         meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "count"}))
     meta = _fuse(catalogue, tmp_path / "out")
@@ -715,7 +717,7 @@ def test_the_synthetic_catalogue_is_written_like_the_steps_outputs(tmp_path):
         cat = write_synthetic_catalogue(text_dir, image_dir, n=20, text_dim=4, img_dim=3,
                                         seed=seed)
     assert pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist() == cat.ids
-    failures = pq.read_table(image_dir / "img_failures.parquet")
+    failures = pq.read_table(image_dir / IMG_FAILURES)
     assert failures.num_rows == 0
     step = shard_schema(pa.string(), 3)
     assert [(f.name, f.type) for f in failures.schema] == [
@@ -725,7 +727,7 @@ def test_the_synthetic_catalogue_is_written_like_the_steps_outputs(tmp_path):
     m = int(cat.has_image.sum())
     assert json.loads((image_dir / IMG_META).read_text()) == {"embed_dim": 3, "count": m,
                                                               "run_id": "synthetic"}
-    assert json.loads((text_dir / "txt_meta.json").read_text()) == {
+    assert json.loads((text_dir / TXT_META).read_text()) == {
         "embed_dim": 4, "count": 20, "run_id": "synthetic", "normalized": True}
     # the default seed is 0
     write_synthetic_catalogue(tmp_path / "d" / "text", tmp_path / "d" / "image", n=20,
@@ -796,8 +798,8 @@ def test_the_model_records_both_encoders_and_apply_trusts_only_what_was_verified
     from item_embeddings.ranged import file_version
 
     text_dir, image_dir, _ = catalogue
-    for folder, meta_file, fingerprint in ((text_dir, "txt_meta.json", "txt-fp"),
-                                           (image_dir, "img_meta.json", "img-fp")):
+    for folder, meta_file, fingerprint in ((text_dir, TXT_META, "txt-fp"),
+                                           (image_dir, IMG_META, "img-fp")):
         meta = json.loads((folder / meta_file).read_text())
         (folder / meta_file).write_text(json.dumps({**meta, "encoder_fingerprint": fingerprint}))
     _fuse(catalogue, tmp_path / "a")
