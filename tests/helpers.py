@@ -292,3 +292,21 @@ def check_console_of_a_run(console: str, out_dir) -> None:
     text = log.read_text()
     assert text.count("Got executor_input:") >= 4 and "executor_input" not in console
     assert "Wrote executor output file" in text and "Wrote executor output" not in console
+
+
+def with_content_keys(text_dir: Path, image_dir: Path, hide=()) -> None:
+    """Give a synthetic set content keys, as the text and image steps write them (``t-<id>``,
+    ``i-<id>``), and drop the photos of the ``hide`` items (their image rows too)."""
+    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
+    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}), text_dir / TXT_ITEMS)
+    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
+    keep = [k for k, item in enumerate(items["id"]) if item not in hide]
+    img = np.load(image_dir / IMG_ARRAY)
+    np.save(image_dir / IMG_ARRAY, img[[items["row"][k] for k in keep]])
+    pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
+                             "url": [items["url"][k] for k in keep],
+                             "row": pa.array(range(len(keep)), pa.int64()),
+                             "key": [f"i-{items['id'][k]}" for k in keep]}),
+                   image_dir / IMG_ITEMS)
+    meta = json.loads((image_dir / IMG_META).read_text())
+    (image_dir / IMG_META).write_text(json.dumps({**meta, "count": len(keep)}))

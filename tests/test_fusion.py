@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import with_content_keys
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import (
     FusedAdam,
@@ -790,24 +791,6 @@ def _group_purity(vectors: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> 
     return float((labels[neighbours] == labels[rows, None]).mean())
 
 
-def _with_keys(text_dir, image_dir, hide: set[str]) -> None:
-    """Give the synthetic set content keys (as the text and image steps write them) and drop
-    the photos of the ``hide`` items (their rows too)."""
-    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
-    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}),
-                   text_dir / TXT_ITEMS)
-    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
-    img = np.load(image_dir / IMG_ARRAY)
-    keep = [k for k, item in enumerate(items["id"]) if item not in hide]
-    np.save(image_dir / IMG_ARRAY, img[[items["row"][k] for k in keep]])
-    pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
-                             "url": [items["url"][k] for k in keep],
-                             "row": pa.array(range(len(keep)), pa.int64()),
-                             "key": [f"i-{items['id'][k]}" for k in keep]}),
-                   image_dir / IMG_ITEMS)
-    meta = json.loads((image_dir / IMG_META).read_text())
-    (image_dir / IMG_META).write_text(json.dumps({**meta, "count": len(keep)}))
-
 
 def test_apply_keeps_unchanged_codes_and_moves_an_item_that_gains_a_photo(tmp_path, synthetic):
     """fusion_mode 'apply' with the previous set's model: unchanged items keep their codes byte
@@ -820,7 +803,7 @@ def test_apply_keeps_unchanged_codes_and_moves_an_item_that_gains_a_photo(tmp_pa
     for name, hide in (("a", gained), ("b", set())):
         shutil.copytree(root / "text", tmp_path / name / "text")
         shutil.copytree(root / "image", tmp_path / name / "image")
-        _with_keys(tmp_path / name / "text", tmp_path / name / "image", hide)
+        with_content_keys(tmp_path / name / "text", tmp_path / name / "image", hide)
         sets[name] = tmp_path / name
     fuse_item_embeddings(sets["a"] / "text", sets["a"] / "image", sets["a"] / "fused",
                          PipelineParams(seed=0, fusion_epochs=10))

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import with_content_keys
 from item_embeddings.config import PipelineParams
 from item_embeddings.fusion import (
     FusionInputError,
@@ -270,28 +271,12 @@ def test_the_tracker_records_the_settings_and_the_metrics(tmp_path, catalogue):
     assert (meta["text_uri"], meta["image_uri"]) == ("gs://b/text", "gs://b/image")
 
 
-def _with_keys(text_dir, image_dir, hide=()):
-    """Content keys as the text and image steps write them; the ``hide`` items lose their photo."""
-    ids = pq.read_table(text_dir / TXT_ITEMS).column("id").to_pylist()
-    pq.write_table(pa.table({"id": ids, "key": [f"t-{i}" for i in ids]}), text_dir / TXT_ITEMS)
-    items = pq.read_table(image_dir / IMG_ITEMS).to_pydict()
-    keep = [k for k, item in enumerate(items["id"]) if item not in hide]
-    img = np.load(image_dir / IMG_ARRAY)
-    np.save(image_dir / IMG_ARRAY, img[[items["row"][k] for k in keep]])
-    pq.write_table(pa.table({"id": [items["id"][k] for k in keep],
-                             "url": [items["url"][k] for k in keep],
-                             "row": pa.array(range(len(keep)), pa.int64()),
-                             "key": [f"i-{items['id'][k]}" for k in keep]}),
-                   image_dir / IMG_ITEMS)
-    meta = json.loads((image_dir / IMG_META).read_text())
-    (image_dir / IMG_META).write_text(json.dumps({**meta, "count": len(keep)}))
-
 
 def test_apply_reuses_unchanged_codes_and_fuses_the_rest_with_the_same_model(tmp_path,
                                                                              catalogue, caplog):
     text_dir, image_dir, cat = catalogue
     gain = np.flatnonzero(cat.has_image)[::10]
-    _with_keys(text_dir, image_dir, {cat.ids[i] for i in gain})
+    with_content_keys(text_dir, image_dir, {cat.ids[i] for i in gain})
     first = _fuse(catalogue, tmp_path / "a")
     assert first["reused_count"] == 0
     keyed = pq.read_table(tmp_path / "a" / FUSED_ITEMS).to_pydict()
@@ -301,7 +286,7 @@ def test_apply_reuses_unchanged_codes_and_fuses_the_rest_with_the_same_model(tmp
     write_synthetic_catalogue(tmp_path / "text-b", image_dir, n=N, image_fraction=0.5,
                               text_clusters=4, image_clusters=4, text_dim=TEXT_DIM,
                               img_dim=IMG_DIM, seed=5)
-    _with_keys(tmp_path / "text-b", image_dir)  # every photo, the text as before
+    with_content_keys(tmp_path / "text-b", image_dir)  # every photo, the text as before
     caplog.set_level(logging.INFO, logger="item_embeddings")
     meta = fuse_item_embeddings(text_dir, image_dir, tmp_path / "b", PipelineParams(
         fusion_mode="apply", previous_uri=str(tmp_path / "a"), **SMALL), run_id="r-b")
@@ -546,11 +531,11 @@ def test_catalogues_over_one_scan_chunk_are_checked_and_fused_row_by_row(tmp_pat
     photos = np.flatnonzero(cat.has_image)
     gain = np.concatenate([photos[:3], photos[-3:]])
     assert gain[-1] > 8192
-    _with_keys(tmp_path / "text", tmp_path / "image", {cat.ids[i] for i in gain})
+    with_content_keys(tmp_path / "text", tmp_path / "image", {cat.ids[i] for i in gain})
     fuse_item_embeddings(tmp_path / "text", tmp_path / "image", tmp_path / "a", params)
 
     write_synthetic_catalogue(tmp_path / "text-b", tmp_path / "image-b", n=n, seed=2, **dims)
-    _with_keys(tmp_path / "text-b", tmp_path / "image-b")
+    with_content_keys(tmp_path / "text-b", tmp_path / "image-b")
     items = pq.read_table(tmp_path / "image-b" / IMG_ITEMS).to_pydict()
     row_of = dict(zip(items["id"], items["row"]))
     img = np.load(tmp_path / "image-b" / IMG_ARRAY)
