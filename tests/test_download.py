@@ -581,3 +581,13 @@ def test_robots_txt_beyond_500_kib_is_cut(server):
     server.robots_txt = "#" * (500 * 1024 - 1 - len(rules)) + "\n" + rules  # they end at it
     [refused] = fetch([server.url("img/rgb.jpg")], respect_robots_txt=True)
     assert refused.reason == dl.ROBOTS_DISALLOWED
+
+
+def test_each_per_host_setting_reaches_the_host_policy():
+    """What the downloader is given per host is what its host tracker enforces."""
+    from item_embeddings.image.hosts import HostPolicy
+
+    config = DownloadConfig(host_failure_limit=3, rate_per_host=2.5, per_host_limit=4,
+                            breaker_cooldown_s=7.0, retry_after_cap_s=9.0)
+    assert config.host_policy() == HostPolicy(failure_limit=3, rate=2.5, connections=4,
+                                              cooldown_s=7.0, max_pause_s=9.0)

@@ -303,8 +303,8 @@ def _graph_mix(shares: dict[str, dict[str, float | None]], has_image: np.ndarray
     """The modality mix of both graphs over every item, from the photo share of each space's
     neighbours by group (``shares``); a warning when it is off."""
     mix = mix_summary(shares, has_image, np.arange(len(has_image)), k)
-    if mix_warning(mix):
-        logger.warning("kNN graphs: %s", mix_warning(mix))
+    if warning := mix_warning(mix):
+        logger.warning("kNN graphs: %s", warning)
     return mix
 
 
