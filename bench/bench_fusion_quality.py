@@ -171,14 +171,17 @@ def _scenarios(items: pa.Table, cache: Path) -> dict[str, tuple[np.ndarray, np.n
 
 
 def _fuse(text_dir: Path, image_dir: Path, out: Path, epochs: int, seed: int,
-          src: str | None) -> dict:
-    """The fusion step of this tree, or of ``src`` (another revision's package) in a child."""
+          src: str | None, min_steps: int | None = None) -> dict:
+    """The fusion step of this tree, or of ``src`` (another revision's package) in a child;
+    ``min_steps``: this tree's ``fusion_min_steps`` (None: its default)."""
+    steps = "" if min_steps is None or src else f", fusion_min_steps={min_steps}"
     code = ("import json, sys, logging; logging.disable(logging.WARNING); "
             "from item_embeddings.config import PipelineParams; "
             "from item_embeddings.fusion import fuse_item_embeddings; "
             f"m = fuse_item_embeddings({str(text_dir)!r}, {str(image_dir)!r}, {str(out)!r}, "
-            f"PipelineParams(fusion_epochs={epochs}, seed={seed}), num_threads=1); "
+            f"PipelineParams(fusion_epochs={epochs}, seed={seed}{steps}), num_threads=1); "
             "print(json.dumps({'best_epoch': m.get('best_epoch'), "
+            "'epochs_trained': m.get('epochs_trained', len(m.get('loss_history', []))), "
             "'train_time_sec': m['train_time_sec']}))")
     env = dict(os.environ, PYTHONPATH=src) if src else None
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
@@ -247,12 +250,18 @@ def evidence_bounds(text: np.ndarray, image: np.ndarray, has_image: np.ndarray,
 def _table(title: str, results: dict[str, dict[str, float]], runs: dict[str, dict]) -> None:
     print(f"\n#### {title}\n")
     print("| space | photo share: with / without a photo | purity@10 all | with | without "
-          "| kept@10 with (vs concat) | without (vs text) | best epoch |")
+          "| kept@10 with (vs concat) | without (vs text) | best / trained epochs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['share_with']:.3f} / {r['share_without']:.3f} | {r['purity']:.3f} "
               f"| {r['purity_with']:.3f} | {r['purity_without']:.3f} | {r['kept_with']:.3f} "
-              f"| {r['kept_without']:.3f} | {runs.get(name, {}).get('best_epoch', '–')} |")
+              f"| {r['kept_without']:.3f} | {_epochs(runs.get(name))} |")
+
+
+def _epochs(run: dict | None) -> str:
+    """'best / trained' epochs of a fused run ('epochs' asks for fewer where fusion_min_steps
+    adds some: a small catalogue)."""
+    return f"{run['best_epoch']} / {run['epochs_trained']}" if run else "–"
 
 
 def _verdicts(results: dict[str, dict[str, float]], fused: str, purity_margin: float) -> str:
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="+", default=["proxy", "random", "proxy-all"])
     parser.add_argument("--epochs", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-steps", type=int,
+                        help="fusion_min_steps of this tree's runs (default: the parameter's)")
     parser.add_argument("--compare-rev", help="git revision whose fusion runs on the same inputs")
     parser.add_argument("--demo-dir", help="output folder of `item-embeddings demo`")
     parser.add_argument("--json", help="write the results here too")
@@ -335,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     key = f"{name}, {epochs} epochs"
                     out = root / key.replace(" ", "_").replace(",", "")
-                    runs[key] = _fuse(text_dir, image_dir, out, epochs, args.seed, src)
+                    runs[key] = _fuse(text_dir, image_dir, out, epochs, args.seed, src,
+                                      args.min_steps)
                     spaces[key] = np.load(out / "fused.npy")
             results = measure(spaces, text, image, has_image, labels)
             everything[scenario] = {"results": results, "runs": runs}

@@ -77,7 +77,8 @@ def toy() -> Rates:
 
 
 def small(items=1000, image_items=400, changed_fraction=1.0, **params) -> Choices:
-    base = dict(max_items=0, shards=2, fusion_epochs=2, image_strategy="STANDARD", knn_k=10,
+    base = dict(max_items=0, shards=2, fusion_epochs=2, fusion_min_steps=0,  # (tested below)
+                image_strategy="STANDARD", knn_k=10,
                 download_concurrency=64,  # 64 in flight / 0.064 s: 1000 downloads/s
                 download_rate_per_host=0.0)  # no per-host bound (tested on its own below)
     return Choices(items, image_items, PipelineParams(**{**base, **params}),
@@ -345,6 +346,17 @@ def test_text_on_a_gpu():
     # onnx runs on the machine's CPU even with a GPU attached
     onnx = rows(estimate(small(**gpu, text_backend="onnx"), toy()))["text workers"]
     assert onnx.task_s == pytest.approx(113 + 5 + 31.25 + 0.768)
+
+
+def test_a_small_catalogue_is_costed_with_the_epochs_fusion_min_steps_adds():
+    # 1000 items at batch 512 are 2 steps an epoch: fusion_min_steps 200 makes 2 epochs 100
+    # (100,000 item-epochs at 1000/s: 100 s instead of 2 s); 500,000 items make 977 steps an
+    # epoch, far above it, and are costed with fusion_epochs
+    fusion = rows(estimate(small(fusion_min_steps=200), toy()))["fusion"]
+    assert fusion.task_s == pytest.approx(105 + 3 * 2.3552 + 0.512 + 100)
+    big = dict(items=500_000, image_items=0)
+    assert rows(estimate(small(fusion_min_steps=200, **big), toy()))["fusion"].task_s == \
+        rows(estimate(small(**big), toy()))["fusion"].task_s
 
 
 def test_incremental_run_encodes_only_the_changed_items():

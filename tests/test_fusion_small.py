@@ -46,8 +46,9 @@ from item_embeddings.storage import sha256_file
 from item_embeddings.tracking import LocalTracker
 
 N, TEXT_DIM, IMG_DIM = 240, 24, 16
-SMALL = {"fusion_epochs": 3, "fusion_batch_size": 64, "fusion_hidden_dim": 32,
-         "fusion_output_dim": 8}
+# exactly fusion_epochs (fusion_min_steps 0): the pinned numbers below are of 3 epochs
+SMALL = {"fusion_epochs": 3, "fusion_min_steps": 0, "fusion_batch_size": 64,
+         "fusion_hidden_dim": 32, "fusion_output_dim": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -238,6 +239,25 @@ def test_a_random_start_and_more_epochs_record_what_they_did(tmp_path, catalogue
     assert _purity(fused, cat.text_label, np.flatnonzero(~cat.has_image)) >= 0.8
 
 
+def test_a_catalogue_too_small_for_fusion_min_steps_trains_more_epochs(tmp_path, catalogue,
+                                                                       caplog):
+    """240 items at batch 64 are 4 steps an epoch: fusion_min_steps 100 turns the 3 epochs asked
+    for into 25 (100 steps), recorded, said once, and logged every second epoch (at most about
+    LOGGED_EPOCHS lines)."""
+    caplog.set_level(logging.INFO, logger="item_embeddings")
+    meta = _fuse(catalogue, tmp_path / "out", fusion_min_steps=100)
+    assert (meta["epochs"], meta["min_steps"], meta["epochs_trained"]) == (3, 100, 25)
+    assert len(meta["loss_history"]) == 25 and meta["best_epoch"] == 25
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("item_embeddings")]
+    assert "fusion: 240 items make 4 steps an epoch; training 25 epochs instead of 3 for " \
+           "fusion_min_steps=100" in messages
+    logged = [int(m.split()[2].split("/")[0]) for m in messages if m.startswith("fusion epoch ")]
+    assert logged == [*range(2, 25, 2), 25]
+    # a catalogue with enough steps in its epochs trains exactly fusion_epochs
+    assert _fuse(catalogue, tmp_path / "enough", fusion_min_steps=12)["epochs_trained"] == 3
+    assert _fuse(catalogue, tmp_path / "one more", fusion_min_steps=13)["epochs_trained"] == 4
+
+
 def test_the_tracker_records_the_settings_and_the_metrics(tmp_path, catalogue):
     text_dir, image_dir, _ = catalogue
     tracker = LocalTracker(tmp_path / "runs", "exp")
@@ -253,20 +273,21 @@ def test_the_tracker_records_the_settings_and_the_metrics(tmp_path, catalogue):
     mix = meta["modality_mix"]
     assert set(record["metrics"]) == {
         "count", "items_with_images", "image_vectors_excluded", "reused_count",
-        "computed_count", "final_loss", "best_epoch", "train_time_sec", "wall_time_sec",
-        "photo_share_base", "photo_share_departure", "photo_share_text_with_photo",
+        "computed_count", "final_loss", "best_epoch", "epochs_trained", "train_time_sec",
+        "wall_time_sec", "photo_share_base", "photo_share_departure", "photo_share_text_with_photo",
         "photo_share_text_without_photo", "photo_share_fused_with_photo",
         "photo_share_fused_without_photo"}
     assert record["metrics"]["photo_share_fused_without_photo"] == pytest.approx(
         mix["photo_share"]["fused"]["without_photo"])
     assert record["metrics"]["photo_share_departure"] == pytest.approx(mix["departure"])
     assert record["params"] == {
-        "fusion_mode": "train", "output_dim": 8, "hidden_dim": 32, "epochs": 3, "lr": 1e-3,
-        "batch_size": 64, "seed": 0, "objective": "modality-balanced-kl+norm", "init": "pca",
+        "fusion_mode": "train", "output_dim": 8, "hidden_dim": 32, "epochs": 3, "min_steps": 0,
+        "lr": 1e-3, "batch_size": 64, "seed": 0, "objective": "modality-balanced-kl+norm",
+        "init": "pca",
         "text_uri": "gs://b/text", "image_uri": "gs://b/image", "previous_uri": ""}
     for key in ("count", "items_with_images", "image_vectors_excluded", "reused_count",
-                "computed_count", "final_loss", "best_epoch", "train_time_sec",
-                "wall_time_sec"):
+                "computed_count", "final_loss", "best_epoch", "epochs_trained",
+                "train_time_sec", "wall_time_sec"):
         assert record["metrics"][key] == pytest.approx(meta[key]), key
     assert (meta["text_uri"], meta["image_uri"]) == ("gs://b/text", "gs://b/image")
 

@@ -137,7 +137,8 @@ def dag_run(tmp_path_factory, tiny_model):
         cfg.write_text(f"text_batch_size: 8\nexperiment: test-exp\ntext_backend: torch\n"
                        f"image_model: {config}\nimage_pretrained: {checkpoint}\n"
                        "image_batch_size: 8\nshard_size: 10\ndownload_retries: 0\n"
-                       f"fusion_epochs: 2\npublish_uri: {root / 'published'}\n")
+                       f"fusion_epochs: 2\nfusion_min_steps: 12\n"
+                       f"publish_uri: {root / 'published'}\n")
         out = root / "out"
         console, errors = io.StringIO(), io.StringIO()
         with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(console), \
@@ -155,7 +156,7 @@ def dag_run(tmp_path_factory, tiny_model):
 
 @pytest.mark.slow
 def test_run_local_whole_dag(dag_run, capsys):
-    _, out, urls, _, _ = dag_run
+    _, out, urls, _, console = dag_run
     n = 36
     expected = {TXT_ARRAY, TXT_ITEMS, TXT_META, IMG_ARRAY, IMG_ITEMS,
                 IMG_FAILURES, IMG_META, FUSED_ARRAY, FUSED_ITEMS,
@@ -178,6 +179,16 @@ def test_run_local_whole_dag(dag_run, capsys):
     fused_items = pq.read_table(out / FUSED_ITEMS)
     assert fused_items.column("id").to_pylist() == ids
     assert sum(fused_items.column("has_image").to_pylist()) == img.shape[0]
+    # fusion_min_steps from the config file reached the step: 36 items are one batch, so the
+    # 2 epochs asked for became 12 (recorded in the config and the experiment run)
+    fusion = json.loads((out / FUSION_CONFIG).read_text())
+    assert (fusion["epochs"], fusion["min_steps"], fusion["epochs_trained"]) == (2, 12, 12)
+    assert len(fusion["loss_history"]) == 12
+    assert ("fuse-embeddings | fusion: 36 items make 1 step an epoch; training 12 epochs instead "
+            "of 2 for fusion_min_steps=12") in console
+    (fuse_run,) = (out / "runs" / "test-exp").glob("fuse-modal-*.json")
+    fuse_record = json.loads(fuse_run.read_text())
+    assert fuse_record["params"]["min_steps"] == fuse_record["metrics"]["epochs_trained"] == 12
     assert np.load(out / KNN_TEXT).shape == (n, 20)
     assert "<h2" in (out / QA_REPORT).read_text()
     runs = sorted(p.name.split("-item-embeddings")[0] + ("-shard" if "-shard-" in p.name else "")

@@ -512,6 +512,9 @@ def _training_curve_first_and_last_ten(quick: QuickRun, rendered: Rendered) -> N
         "Fusion training curve 25 epoch(s), objective contrastive, lr 0.003, batch size 16, "
         "seed 0; train time 6.25 s. Loss is sim_loss + norm_weight × norm_loss; it should fall "
         "and settle.")
+    assert _text(page, "training").endswith(
+        "Epochs 11-15 are left out of the table (they are in the figure and in "
+        "fusion_config.json).")
     [image] = page.section("training").find_all("img")
     assert image.attrs["alt"] == "fusion training loss per epoch"
 
@@ -1184,6 +1187,16 @@ def test_training_section_of_a_fusion_step_without_history():
     many = Page(training_section({"loss_history": [{"loss": e} for e in range(1, 22)]}))
     assert [r[0] for r in table_rows(many.root.find_all("table")[0])] == [
         str(e) for e in (*range(1, 11), *range(12, 22))]
+    assert many.root.find_all("p")[-1].all_text() == (
+        "Epochs 11-11 are left out of the table (they are in the figure and in "
+        "fusion_config.json).")
+    # 5 asked for, 50 trained for fusion_min_steps (a small catalogue)
+    raised = Page(training_section({"loss_history": [{"loss": 1.0}] * 50, "epochs": 5,
+                                    "min_steps": 200, "objective": "o"}))
+    assert raised.root.find_all("p")[0].all_text().startswith(
+        "50 epoch(s) (5 asked for; more to reach fusion_min_steps 200), objective o, lr –")
+    five = Page(training_section({"loss_history": [{"loss": 1.0}] * 5, "epochs": 5}))
+    assert five.root.find_all("p")[0].all_text().startswith("5 epoch(s), objective –")
 
 
 def _inside(inner, outer) -> bool:

@@ -24,6 +24,7 @@ def fuse_embeddings(
     fusion_hidden_dim: int,
     fusion_output_dim: int,
     fusion_epochs: int,
+    fusion_min_steps: int,
     fusion_lr: float,
     fusion_batch_size: int,
     seed: int,

@@ -181,6 +181,10 @@ class PipelineParams:
     fusion_hidden_dim: int = _param(256, "Hidden width of the fusion MLP.", low=1, high=65536)
     fusion_output_dim: int = _param(128, "Dimension of the fused embedding.", low=1, high=65536)
     fusion_epochs: int = _param(5, "Training epochs of the fusion MLP.", low=1, high=10000)
+    fusion_min_steps: int = _param(
+        200, "Fewest optimiser steps of the fusion MLP: a catalogue too small for that many in "
+        "fusion_epochs trains more epochs (2,000 items at batch 512: 50 epochs); 0 = exactly "
+        "fusion_epochs.", low=0, high=100_000)
     fusion_lr: float = _param(1e-3, "Learning rate of the fusion MLP.", above=0, high=10)
     fusion_batch_size: int = _param(
         512, "Mini-batch size of the fusion MLP (its objective holds a few batch x batch float32 "
@@ -241,6 +245,27 @@ class PipelineParams:
                             "model is applied)")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def fusion_batches_per_epoch(self, count: int) -> int:
+        """Optimiser steps of one fusion epoch over ``count`` items: batches of
+        ``fusion_batch_size``, a last batch of one item joined to the one before (it has no pair).
+
+        >>> PipelineParams().fusion_batches_per_epoch(1025)   # 512 + 513
+        2
+        """
+        return max(1, count // self.fusion_batch_size + (count % self.fusion_batch_size > 1))
+
+    def fusion_epochs_for(self, count: int) -> int:
+        """Epochs the fusion MLP trains on ``count`` items: ``fusion_epochs``, or more where
+        these would make fewer than ``fusion_min_steps`` optimiser steps (a small catalogue).
+
+        >>> PipelineParams().fusion_epochs_for(2000)      # 4 steps an epoch: 50 make 200
+        50
+        >>> PipelineParams().fusion_epochs_for(500_000)   # 977 steps an epoch
+        5
+        """
+        steps = self.fusion_batches_per_epoch(count)
+        return max(self.fusion_epochs, -(-self.fusion_min_steps // steps))
 
 
 PARAM_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(PipelineParams)}

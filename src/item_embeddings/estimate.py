@@ -240,7 +240,7 @@ def _steps(r: _Run, backend: str, text_per_s: float, rows: list[int], images: li
     }
     merged = n * r.txt_bytes + m * r.img_bytes  # read from the shards, merged, written back
     fused_rows = round(n * c.changed_fraction) if p.fusion_mode == "apply" else n
-    epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs  # apply: one forward pass
+    epochs = 1 if p.fusion_mode == "apply" else p.fusion_epochs_for(n)  # apply: one pass
     steps["fusion"] = _single(
         "fusion", r.fusion_m, n, r.vm_s + rates.number("imports_s.fusion")
         + 2 * merged / r.copy_bps + merged / rates.number("merge.bytes_per_s")

@@ -48,15 +48,15 @@ MIX_ITEMS = 4096        # items of the evaluation sample the modality mix is mea
 FUSION_STEP = StepKind(
     "fuse-modal", artifact="fused_embeddings", meta_file=FUSION_CONFIG,
     metric_keys=("count", "items_with_images", "image_vectors_excluded", "reused_count",
-                 "computed_count", "final_loss", "best_epoch", "train_time_sec",
+                 "computed_count", "final_loss", "best_epoch", "epochs_trained", "train_time_sec",
                  "wall_time_sec"),
     logged_params={name: name for name in (
-        "fusion_mode", "output_dim", "hidden_dim", "epochs", "lr", "batch_size", "seed",
-        "objective", "init", "text_uri", "image_uri", "previous_uri")},
+        "fusion_mode", "output_dim", "hidden_dim", "epochs", "min_steps", "lr", "batch_size",
+        "seed", "objective", "init", "text_uri", "image_uri", "previous_uri")},
     versions=("torch", "numpy", "safetensors"),
     nested_metrics=lambda meta: mix_metrics(meta["modality_mix"]))
 # the settings only training reads (applying takes the previous model as it is)
-TRAINING_SETTINGS = ("epochs", "lr", "batch_size", "seed", "init")
+TRAINING_SETTINGS = ("epochs", "min_steps", "lr", "batch_size", "seed", "init")
 
 
 @torch.no_grad()
@@ -127,7 +127,8 @@ def fusion_settings(params: PipelineParams, init: str, text_uri: str, image_uri:
     """What the fusion step is asked to do, by the names its meta file records them under."""
     return {"fusion_mode": params.fusion_mode, "output_dim": params.fusion_output_dim,
             "hidden_dim": params.fusion_hidden_dim, "epochs": params.fusion_epochs,
-            "lr": params.fusion_lr, "batch_size": params.fusion_batch_size, "seed": params.seed,
+            "min_steps": params.fusion_min_steps, "lr": params.fusion_lr,
+            "batch_size": params.fusion_batch_size, "seed": params.seed,
             "objective": OBJECTIVE, "init": init, "text_uri": text_uri, "image_uri": image_uri,
             "previous_uri": params.previous_uri}
 
@@ -145,6 +146,8 @@ def _trained(inputs: FusionInputs, params: PipelineParams, settings: dict[str, A
     trained = train_fusion_model(inputs, params, settings["init"])
     return trained.model, {
         **{key: settings[key] for key in TRAINING_SETTINGS},
+        # more than ``epochs`` where the catalogue is too small for ``min_steps`` steps in those
+        "epochs_trained": len(trained.history),
         "objective_params": {"tau": TAU, "norm_weight": NORM_WEIGHT,
                              "warmup_share": WARMUP_SHARE, "schedule": "warmup-cosine"},
         "imputation": trained.imputation.summary(),

@@ -34,6 +34,7 @@ PREFETCH_BATCHES = 2    # batches prepared ahead of the trainer (bounds the memo
 SINGLE_THREAD_BELOW_ITEMS = 20_000
 INITS = ("pca", "random")
 EVAL_ITEMS = 8192       # the fixed sample the objective is measured on after each epoch
+LOGGED_EPOCHS = 20      # at most about this many per-epoch log lines (a small catalogue runs many)
 
 
 def _fit_imputation(inputs: FusionInputs, rng: np.random.Generator) -> Imputation:
@@ -65,10 +66,6 @@ def _batch_bounds(n: int, batch_size: int) -> list[int]:
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:  # a last batch of one item has no pair
         del bounds[-2]
     return bounds
-
-
-def _batch_count(n: int, batch_size: int) -> int:
-    return len(_batch_bounds(n, batch_size)) - 1
 
 
 def lr_at(step: int, total_steps: int, lr: float) -> float:
@@ -247,7 +244,8 @@ def _evaluate(model: FusionMLP, batches: list[TrainingBatch]) -> float:
 
 def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelineParams(),
                        init: str = "pca") -> TrainedModel:
-    """Train the MLP on every item for ``fusion_epochs`` full passes and keep the best weights.
+    """Train the MLP on every item for ``fusion_epochs`` full passes (more on a catalogue too
+    small for ``fusion_min_steps`` steps in those) and keep the best weights.
 
     Each batch is a random set of items, gathered from the memmaps in row order. ``params``
     gives the ``fusion_*`` settings and the ``seed``; ``init`` is 'pca' (start from the linear
@@ -256,7 +254,14 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     worse than it started (docs/fusion.md).
     """
     check_init(init)
-    epochs, lr, batch_size = params.fusion_epochs, params.fusion_lr, params.fusion_batch_size
+    lr, batch_size = params.fusion_lr, params.fusion_batch_size
+    epochs = params.fusion_epochs_for(inputs.count)
+    total_steps = epochs * params.fusion_batches_per_epoch(inputs.count)
+    if epochs > params.fusion_epochs:
+        per_epoch = total_steps // epochs
+        logger.info("fusion: %d items make %d step%s an epoch; training %d epochs instead of %d "
+                    "for fusion_min_steps=%d", inputs.count, per_epoch, "s"[:per_epoch != 1],
+                    epochs, params.fusion_epochs, params.fusion_min_steps)
     rng = np.random.default_rng(params.seed)
     torch.manual_seed(params.seed)
     model = FusionMLP(inputs.text.shape[1], inputs.image.shape[1], params.fusion_hidden_dim,
@@ -265,7 +270,6 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     if init == "pca":
         init_from_pca(model, _second_moment(inputs, rng, imputation), imputation)
     optimizer = FusedAdam(model.parameters())
-    total_steps = epochs * _batch_count(inputs.count, batch_size)
     step = 0
     history: list[dict[str, float]] = []
     evaluation = _evaluation_batches(inputs, imputation, batch_size, params.seed)
@@ -293,8 +297,9 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
             if current < best:
                 best, best_epoch = current, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            logger.info("fusion epoch %d/%d: loss %.5f, objective on the evaluation sample %.5f",
-                        epoch, epochs, history[-1]["loss"], current)
+            if epoch % -(-epochs // LOGGED_EPOCHS) == 0 or epoch == epochs:
+                logger.info("fusion epoch %d/%d: loss %.5f, objective on the evaluation sample "
+                            "%.5f", epoch, epochs, history[-1]["loss"], current)
     if best_epoch != epochs:
         logger.warning("fusion: epoch %d had the lowest objective (%.5f, start %.5f, last "
                        "%.5f); keeping its weights", best_epoch, best, initial,

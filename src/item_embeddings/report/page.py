@@ -253,18 +253,26 @@ def training_section(meta: dict[str, Any]) -> str:
     history = meta.get("loss_history") or []
     if not history:
         return html_p(f"{FUSION_CONFIG} has no loss_history.")
-    body = html_p(f"{len(history)} epoch(s), objective {meta.get('objective', '–')}, "
+    asked = meta.get("epochs")
+    # fusion_min_steps: a small catalogue trains more epochs than it was asked for
+    raised = (f" ({asked} asked for; more to reach fusion_min_steps {meta.get('min_steps')})"
+              if isinstance(asked, int) and len(history) > asked else "")
+    body = html_p(f"{len(history)} epoch(s){raised}, objective {meta.get('objective', '–')}, "
                   f"lr {meta.get('lr', '–')}, batch size {meta.get('batch_size', '–')}, "
                   f"seed {meta.get('seed', '–')}; train time "
                   f"{fmt_cell(meta.get('train_time_sec'))} s. Loss is sim_loss + norm_weight × "
                   "norm_loss; it should fall and settle.")
     body += html_figure(plot_training(history), "fusion training loss per epoch")
     shown = list(enumerate(history, 1))
+    left_out = ""
     if len(shown) > MAX_EPOCH_ROWS:
-        shown = shown[:MAX_EPOCH_ROWS // 2] + shown[-MAX_EPOCH_ROWS // 2:]
+        half = MAX_EPOCH_ROWS // 2
+        left_out = html_p(f"Epochs {half + 1}-{len(shown) - half} are left out of the table "
+                          f"(they are in the figure and in {FUSION_CONFIG}).", "note")
+        shown = shown[:half] + shown[-half:]
     return body + html_table(("epoch", "loss", "sim_loss", "norm_loss"),
                              [(e, h.get("loss"), h.get("sim_loss"), h.get("norm_loss"))
-                              for e, h in shown])
+                              for e, h in shown]) + left_out
 
 
 STEP_KEYS = {
