@@ -185,6 +185,14 @@ def target_distribution(text: torch.Tensor, image: torch.Tensor, imputation: Imp
         imputation: The photo each text predicts (for mixed pairs).
         tau: Softmax temperature.
     """
+    target, p_log_p, _ = _targets(text, image, imputation, tau)
+    return target, p_log_p
+
+
+def _targets(text: torch.Tensor, image: torch.Tensor, imputation: Imputation,
+             tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`target_distribution`'s P and ``Σ P log P``, and per row [B] the part of that sum
+    over the row's own group (items with a photo, or without)."""
     check_tau(tau)
     b, m = text.shape[0], image.shape[0]
     scale = _LOG2E / tau
@@ -194,9 +202,18 @@ def target_distribution(text: torch.Tensor, image: torch.Tensor, imputation: Imp
     target = torch.exp2(logits)
     row_sum = target.sum(dim=1, keepdim=True)
     target /= row_sum
-    p_log_p = (torch.linalg.vecdot(target, logits, dim=1) * _LN2 - row_sum.squeeze(1).log()).sum()
+    log_sum = row_sum.squeeze(1).log()
+    p_log_p = (torch.linalg.vecdot(target, logits, dim=1) * _LN2 - log_sum).sum()
+    # P log P = P (logits ln 2 - log row_sum), summed over each row's own group here, before
+    # the ranking: it permutes values only within a group's block, so the sums stay (and no
+    # log of B² values is taken for the preservation term)
+    own = logits.new_empty(b)
+    for rows in (slice(0, m), slice(m, b)):
+        block = target[rows, rows]
+        own[rows] = (torch.linalg.vecdot(block, logits[rows, rows], dim=1) * _LN2
+                     - block.sum(dim=1) * log_sum[rows])
     if m == 0:
-        return target, p_log_p
+        return target, p_log_p, own
     # evidence of two photos: text + image cosines
     both = text_sim[:m, :m].addmm(image, image.T).fill_diagonal_(-torch.inf)
     target[:m, :m] = _ranked_like(both, target[:m, :m])
@@ -209,7 +226,7 @@ def target_distribution(text: torch.Tensor, image: torch.Tensor, imputation: Imp
                                       target[:m, m:])
         target[m:, :m] = _ranked_like(torch.addmm(text_sim[m:, :m], texts, photos.T)
                                       .add_(offset.T), target[m:, :m])
-    return target, p_log_p
+    return target, p_log_p, own
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -236,12 +253,13 @@ def training_batch(text: torch.Tensor, image: torch.Tensor, imputation: Imputati
     P is :func:`target_distribution`'s; ``P_own`` is P restricted to the anchor's own group
     (items with a photo, or without) and renormalised: the target of the preservation term.
     """
-    target, p_log_p = target_distribution(text, image, imputation, tau)
+    target, p_log_p, own_p_log_p = _targets(text, image, imputation, tau)
     if preserve:
         for group in group_blocks(text.shape[0], image.shape[0]):
             block = target[group, group]
-            own = block / block.sum(dim=1, keepdim=True)
-            p_log_p = p_log_p + preserve * torch.special.xlogy(own, own).sum()
-            block.add_(own, alpha=preserve)
+            mass = block.sum(dim=1)
+            # P_own = P / mass on the group: Σ P_own log P_own = Σ P log P / mass - log mass
+            p_log_p = p_log_p + preserve * (own_p_log_p[group] / mass - mass.log()).sum()
+            block.mul_((preserve / mass).add_(1.0).unsqueeze(1))  # P + preserve * P_own
     # (a transposed copy, then a plain add, is about twice as fast as adding the transpose)
     return TrainingBatch(text, image, target.T.contiguous().add_(target), p_log_p, preserve)
