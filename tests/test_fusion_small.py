@@ -258,6 +258,18 @@ def test_a_catalogue_too_small_for_fusion_min_steps_trains_more_epochs(tmp_path,
     assert _fuse(catalogue, tmp_path / "one more", fusion_min_steps=13)["epochs_trained"] == 4
 
 
+def test_the_steps_an_epoch_are_the_batches_training_draws():
+    """PipelineParams.fusion_batches_per_epoch (what fusion_min_steps and the estimate count) is
+    the number of batches an epoch of training draws, for every size and remainder."""
+    from item_embeddings.fusion.training import _batch_bounds
+
+    for batch_size in (2, 3, 64, 512):
+        params = PipelineParams(fusion_batch_size=batch_size)
+        for count in (*range(2, 140), 511, 512, 513, 514, 1024, 1025, 1026, 2000):
+            assert params.fusion_batches_per_epoch(count) == \
+                len(_batch_bounds(count, batch_size)) - 1, (batch_size, count)
+
+
 def test_the_tracker_records_the_settings_and_the_metrics(tmp_path, catalogue):
     text_dir, image_dir, _ = catalogue
     tracker = LocalTracker(tmp_path / "runs", "exp")

@@ -252,6 +252,10 @@ class PipelineParams:
 
         >>> PipelineParams().fusion_batches_per_epoch(1025)   # 512 + 513
         2
+        >>> PipelineParams().fusion_batches_per_epoch(1026)   # 512 + 512 + 2
+        3
+        >>> PipelineParams().fusion_batches_per_epoch(120)    # one batch, smaller than the size
+        1
         """
         return max(1, count // self.fusion_batch_size + (count % self.fusion_batch_size > 1))
 
