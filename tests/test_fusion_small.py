@@ -258,6 +258,31 @@ def test_a_catalogue_too_small_for_fusion_min_steps_trains_more_epochs(tmp_path,
     assert _fuse(catalogue, tmp_path / "one more", fusion_min_steps=13)["epochs_trained"] == 4
 
 
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_mixed_pairs_are_ordered_by_the_photo_the_other_text_predicts(m):
+    """For an item with a photo, the text-only items get its text softmax's values in the order
+    of t·t' + v·v̂' (v̂' the photo the other item's text predicts), and the other way round:
+    also with a single photo in the batch."""
+    from item_embeddings.fusion.targets import Imputation, target_distribution
+
+    gen = torch.Generator().manual_seed(m)
+    b = 9
+    text = torch.nn.functional.normalize(torch.randn(b, 6, generator=gen), dim=1)
+    image = torch.nn.functional.normalize(torch.randn(m, 5, generator=gen), dim=1)
+    imputation = Imputation.from_weight(torch.randn(6, 5, generator=gen),
+                                        0.3 * torch.randn(5, generator=gen))
+    target, _ = target_distribution(text, image, imputation)
+    softmax = torch.softmax((text @ text.T / 0.05).fill_diagonal_(-torch.inf), dim=1)
+    mixed = text[:m] @ text[m:].T + image @ imputation.predict(text[m:]).T   # [m, b - m]
+    for rows, cols, evidence in ((slice(0, m), slice(m, b), mixed),
+                                 (slice(m, b), slice(0, m), mixed.T)):
+        got, text_values = target[rows, cols], softmax[rows, cols]
+        # the same values, each row's largest on the column with the most evidence, and so on
+        torch.testing.assert_close(got.sort(dim=1).values, text_values.sort(dim=1).values)
+        assert torch.equal(got.argsort(dim=1, descending=True),
+                           evidence.argsort(dim=1, descending=True))
+
+
 def test_the_steps_an_epoch_are_the_batches_training_draws():
     """PipelineParams.fusion_batches_per_epoch (what fusion_min_steps and the estimate count) is
     the number of batches an epoch of training draws, for every size and remainder."""
