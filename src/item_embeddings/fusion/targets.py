@@ -219,13 +219,13 @@ def _targets(text: torch.Tensor, image: torch.Tensor, imputation: Imputation,
     target[:m, :m] = _ranked_like(both, target[:m, :m])
     if m < b:
         # mixed pairs: text cosine + the photo's cosine with the photo the other text predicts,
-        # v · (t A Bᵀ + o) = (v B) · (t A) + v · o, in both orientations (no transposed reads)
+        # v · (t A Bᵀ + o) = (v B) · (t A) + v · o: one product, the same evidence for the
+        # text-only anchors as its transposed copy
         photos, texts = image @ imputation.image_factor, text[m:] @ imputation.text_factor
         offset = (image @ imputation.offset).unsqueeze(1)
-        target[:m, m:] = _ranked_like(torch.addmm(text_sim[:m, m:], photos, texts.T).add_(offset),
-                                      target[:m, m:])
-        target[m:, :m] = _ranked_like(torch.addmm(text_sim[m:, :m], texts, photos.T)
-                                      .add_(offset.T), target[m:, :m])
+        mixed = torch.addmm(text_sim[:m, m:], photos, texts.T).add_(offset)
+        target[:m, m:] = _ranked_like(mixed, target[:m, m:])
+        target[m:, :m] = _ranked_like(mixed.T.contiguous(), target[m:, :m])
     return target, p_log_p, own
 
 
