@@ -1190,6 +1190,14 @@ def test_training_section_of_a_fusion_step_without_history():
     assert many.root.find_all("p")[-1].all_text() == (
         "Epochs 11-11 are left out of the table (they are in the figure and in "
         "fusion_config.json).")
+    assert many.root.find_all("p")[-1].attrs["class"] == "note"
+    assert [th.all_text() for th in many.root.find_all("th")] == [
+        "epoch", "loss", "sim_loss", "norm_loss"]
+    # up to MAX_EPOCH_ROWS (20) every epoch is listed and nothing is said to be left out
+    twenty = training_section({"loss_history": [{"loss": e} for e in range(1, 21)]})
+    assert [r[0] for r in table_rows(Page(twenty).root.find_all("table")[0])] == [
+        str(e) for e in range(1, 21)]
+    assert twenty.endswith("</table>") and len(Page(twenty).root.find_all("p")) == 1
     # 5 asked for, 50 trained for fusion_min_steps (a small catalogue)
     raised = Page(training_section({"loss_history": [{"loss": 1.0}] * 50, "epochs": 5,
                                     "min_steps": 200, "objective": "o"}))
