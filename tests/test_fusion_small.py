@@ -283,6 +283,18 @@ def test_mixed_pairs_are_ordered_by_the_photo_the_other_text_predicts(m):
                            evidence.argsort(dim=1, descending=True))
 
 
+def test_training_called_as_the_package_exports_it_starts_from_pca(catalogue):
+    """train_fusion_model(inputs, params), without init: the PCA start (the step's objective
+    before training, pinned above), the epochs asked for."""
+    from item_embeddings.fusion import load_fusion_inputs, train_fusion_model
+
+    text_dir, image_dir, _ = catalogue
+    trained = train_fusion_model(load_fusion_inputs(text_dir, image_dir),
+                                 PipelineParams(seed=0, **SMALL))
+    assert trained.initial_eval_loss == pytest.approx(INITIAL, abs=1e-4)
+    assert len(trained.history) == 3 and trained.best_epoch == 3
+
+
 def test_the_steps_an_epoch_are_the_batches_training_draws():
     """PipelineParams.fusion_batches_per_epoch (what fusion_min_steps and the estimate count) is
     the number of batches an epoch of training draws, for every size and remainder."""
