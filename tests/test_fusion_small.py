@@ -256,6 +256,11 @@ def test_a_catalogue_too_small_for_fusion_min_steps_trains_more_epochs(tmp_path,
     # a catalogue with enough steps in its epochs trains exactly fusion_epochs
     assert _fuse(catalogue, tmp_path / "enough", fusion_min_steps=12)["epochs_trained"] == 3
     assert _fuse(catalogue, tmp_path / "one more", fusion_min_steps=13)["epochs_trained"] == 4
+    caplog.clear()
+    assert _fuse(catalogue, tmp_path / "one batch", fusion_batch_size=512,
+                 fusion_min_steps=4)["epochs_trained"] == 4
+    assert "fusion: 240 items make 1 step an epoch; training 4 epochs instead of 3 for " \
+           "fusion_min_steps=4" in [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
