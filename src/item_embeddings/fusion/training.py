@@ -255,10 +255,10 @@ def train_fusion_model(inputs: FusionInputs, params: PipelineParams = PipelinePa
     """
     check_init(init)
     lr, batch_size = params.fusion_lr, params.fusion_batch_size
+    per_epoch = params.fusion_batches_per_epoch(inputs.count)
     epochs = params.fusion_epochs_for(inputs.count)
-    total_steps = epochs * params.fusion_batches_per_epoch(inputs.count)
+    total_steps = epochs * per_epoch
     if epochs > params.fusion_epochs:
-        per_epoch = total_steps // epochs
         logger.info("fusion: %d items make %d step%s an epoch; training %d epochs instead of %d "
                     "for fusion_min_steps=%d", inputs.count, per_epoch, "s"[:per_epoch != 1],
                     epochs, params.fusion_epochs, params.fusion_min_steps)
