@@ -465,7 +465,9 @@ def test_step_records_the_modality_mix_of_both_graphs(tmp_path, caplog):
             {"with_photo": share[has_image].mean(), "without_photo": share[~has_image].mean()})
     assert mix["photo_share"]["fused"]["with_photo"] > 0.9
     assert mix["departure"] > 0.10
-    assert "sorts items by whether they have a photo" in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if "sorts items" in r.getMessage()]
+    assert warning.startswith("kNN graphs: the fused space sorts items by whether they have a "
+                              "photo: ")
     [run] = list_local_runs(tmp_path / "runs")
     assert run["metrics"]["photo_share_fused_with_photo"] == pytest.approx(
         mix["photo_share"]["fused"]["with_photo"])
